@@ -1,0 +1,206 @@
+//! `/v1/jobs`: submit, fetch, list, cancel and retry fusion jobs.
+
+use axum::Json;
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use serde::Deserialize;
+use serde_json::{Value, json};
+use uuid::Uuid;
+
+use super::error::ApiError;
+use super::{ApiJson, AppState, request, view};
+use crate::job::{Job, JobStatus, ListFilter, NewJob};
+use crate::store::{CancelOutcome, Enqueued, RetryOutcome};
+
+const IDEMPOTENCY_HEADER: &str = "idempotency-key";
+
+pub async fn submit(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    ApiJson(body): ApiJson<Value>,
+) -> Result<Response, ApiError> {
+    let parsed = request::parse(&body, &state.config)?;
+    let key = idempotency_key(&headers)?;
+    let now = state.clock.now_ms();
+    let new = NewJob {
+        id: Uuid::now_v7(),
+        spec: parsed.spec,
+        metadata: parsed.metadata,
+        priority: parsed.priority,
+        max_attempts: state.config.jobs.max_attempts,
+        deadline_at: parsed.deadline_seconds.map(|s| now + s as i64 * 1000),
+        request_hash: key.as_ref().map(|_| request::request_hash(&body)),
+        idempotency_key: key,
+        created_at: now,
+    };
+    let (job, replayed) = match state.store.enqueue(new).await? {
+        Enqueued::Created(job) => (job, false),
+        Enqueued::Existing(job) => (job, true),
+        Enqueued::KeyReused(job) => {
+            return Err(ApiError::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "idempotency_key_reused",
+                format!(
+                    "this Idempotency-Key was already used for job {} with a different request",
+                    job.id
+                ),
+            ));
+        }
+    };
+    let steps = if replayed {
+        state.store.get_steps(job.id).await?
+    } else {
+        vec![]
+    };
+    let mut resp = (StatusCode::ACCEPTED, Json(view::full(&job, &steps))).into_response();
+    let location = HeaderValue::from_str(&format!("/v1/jobs/{}", job.id)).expect("ascii");
+    resp.headers_mut().insert(header::LOCATION, location);
+    if replayed {
+        resp.headers_mut()
+            .insert("idempotent-replayed", HeaderValue::from_static("true"));
+    }
+    Ok(resp)
+}
+
+fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
+    let Some(v) = headers.get(IDEMPOTENCY_HEADER) else {
+        return Ok(None);
+    };
+    match v.to_str() {
+        Ok(s) if !s.is_empty() && s.len() <= 255 => Ok(Some(s.to_string())),
+        _ => Err(ApiError::bad_request(
+            "invalid_idempotency_key",
+            "Idempotency-Key must be 1 to 255 visible ASCII characters",
+        )),
+    }
+}
+
+pub fn parse_id(raw: &str) -> Result<Uuid, ApiError> {
+    Uuid::parse_str(raw)
+        .map_err(|_| ApiError::bad_request("invalid_job_id", format!("`{raw}` is not a job id")))
+}
+
+async fn load(state: &AppState, id: Uuid) -> Result<Job, ApiError> {
+    state
+        .store
+        .get_job(id)
+        .await?
+        .ok_or_else(|| ApiError::not_found(format!("no job with id {id}")))
+}
+
+pub async fn get(
+    State(state): State<AppState>,
+    Path(raw): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    let id = parse_id(&raw)?;
+    let job = load(&state, id).await?;
+    let steps = state.store.get_steps(id).await?;
+    Ok(Json(view::full(&job, &steps)))
+}
+
+#[derive(Debug, Deserialize)]
+pub struct ListQuery {
+    status: Option<String>,
+    limit: Option<u32>,
+    /// Cursor: the `next_cursor` of the previous page.
+    after: Option<String>,
+}
+
+const MAX_PAGE: u32 = 100;
+
+pub async fn list(
+    State(state): State<AppState>,
+    query: Result<Query<ListQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Json<Value>, ApiError> {
+    let Query(q) = query?;
+    let status = q
+        .status
+        .as_deref()
+        .map(|s| {
+            JobStatus::parse(s).ok_or_else(|| {
+                ApiError::bad_request(
+                    "invalid_status",
+                    format!(
+                        "unknown status `{s}`; expected one of queued, running, succeeded, \
+                         failed, cancelled"
+                    ),
+                )
+            })
+        })
+        .transpose()?;
+    let limit = q.limit.unwrap_or(20);
+    if !(1..=MAX_PAGE).contains(&limit) {
+        return Err(ApiError::bad_request(
+            "invalid_limit",
+            format!("`limit` must be from 1 to {MAX_PAGE}"),
+        ));
+    }
+    let before = q.after.as_deref().map(parse_id).transpose()?;
+    let mut jobs = state
+        .store
+        .list_jobs(&ListFilter {
+            status,
+            limit: limit + 1,
+            before,
+        })
+        .await?;
+    let has_more = jobs.len() > limit as usize;
+    jobs.truncate(limit as usize);
+    let next_cursor = if has_more {
+        jobs.last().map(|j| j.id)
+    } else {
+        None
+    };
+    Ok(Json(json!({
+        "object": "list",
+        "data": jobs.iter().map(view::summary).collect::<Vec<_>>(),
+        "has_more": has_more,
+        "next_cursor": next_cursor,
+    })))
+}
+
+pub async fn cancel(
+    State(state): State<AppState>,
+    Path(raw): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    let id = parse_id(&raw)?;
+    match state.store.cancel(id, state.clock.now_ms()).await? {
+        CancelOutcome::Cancelled { job, was_running } => {
+            if was_running && let Some(w) = &state.worker {
+                w.stop_local(id);
+            }
+            let steps = state.store.get_steps(id).await?;
+            Ok(Json(view::full(&job, &steps)))
+        }
+        CancelOutcome::AlreadyFinal(job) => Err(ApiError::conflict(
+            "job_already_final",
+            format!(
+                "job {id} is already {} and cannot be cancelled",
+                job.status.as_str()
+            ),
+        )),
+        CancelOutcome::NotFound => Err(ApiError::not_found(format!("no job with id {id}"))),
+    }
+}
+
+pub async fn retry(
+    State(state): State<AppState>,
+    Path(raw): Path<String>,
+) -> Result<Response, ApiError> {
+    let id = parse_id(&raw)?;
+    match state.store.retry_failed(id, state.clock.now_ms()).await? {
+        RetryOutcome::Requeued(job) => {
+            let steps = state.store.get_steps(id).await?;
+            Ok((StatusCode::ACCEPTED, Json(view::full(&job, &steps))).into_response())
+        }
+        RetryOutcome::NotFailed(job) => Err(ApiError::conflict(
+            "job_not_failed",
+            format!(
+                "job {id} is {}; only failed jobs can be retried",
+                job.status.as_str()
+            ),
+        )),
+        RetryOutcome::NotFound => Err(ApiError::not_found(format!("no job with id {id}"))),
+    }
+}

@@ -1,0 +1,385 @@
+//! Parse, don't validate: an OpenAI chat-completions body (plus job fields) becomes a `JobSpec`
+//! here, with presets resolved, or a 400 that says exactly what is wrong.
+
+use serde_json::{Map, Value};
+use sha2::{Digest, Sha256};
+
+use super::error::ApiError;
+use crate::MAX_PANEL;
+use crate::config::FusionConfig;
+use crate::job::JobSpec;
+
+/// A parsed job request.
+#[derive(Debug, Clone, PartialEq)]
+pub struct JobRequest {
+    pub spec: JobSpec,
+    pub metadata: Value,
+    pub priority: i32,
+    pub deadline_seconds: Option<u64>,
+}
+
+const ROLES: [&str; 5] = ["system", "developer", "user", "assistant", "tool"];
+const MAX_METADATA_BYTES: usize = 16 * 1024;
+const PLUGIN_FIELDS: [&str; 6] = [
+    "id",
+    "model",
+    "analysis_models",
+    "min_panel",
+    "panel_timeout_ms",
+    "deadline_seconds",
+];
+
+fn bad(message: impl Into<String>) -> ApiError {
+    ApiError::bad_request("invalid_request", message)
+}
+
+/// Hash of the request, to tell a true repeat under an idempotency key from a reused key.
+pub fn request_hash(body: &Value) -> String {
+    let digest = Sha256::digest(body.to_string().as_bytes());
+    digest.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+pub fn parse(body: &Value, config: &FusionConfig) -> Result<JobRequest, ApiError> {
+    let obj = body
+        .as_object()
+        .ok_or_else(|| bad("the request body must be a JSON object"))?;
+    let model = match obj.get("model") {
+        Some(Value::String(m)) if !m.trim().is_empty() => m.trim().to_string(),
+        Some(_) => return Err(bad("`model` must be a non-empty string")),
+        None => return Err(bad("`model` is required")),
+    };
+    let messages = parse_messages(obj.get("messages"))?;
+    if obj.get("stream").and_then(Value::as_bool) == Some(true) {
+        return Err(bad(
+            "`stream: true` is not supported on /v1/jobs: poll GET /v1/jobs/{id} instead",
+        ));
+    }
+    let plugin = parse_plugins(obj.get("plugins"))?;
+
+    let (mut panel, mut analyst) = if model == "fusion" {
+        let p = &config.presets[&config.default_preset];
+        (p.panel.clone(), p.analyst.clone())
+    } else if let Some(name) = model.strip_prefix("fusion/") {
+        let p = config.presets.get(name).ok_or_else(|| {
+            let mut known: Vec<&str> = config.presets.keys().map(String::as_str).collect();
+            known.sort_unstable();
+            ApiError::bad_request(
+                "unknown_preset",
+                format!(
+                    "unknown preset `{name}`; known presets: {}",
+                    known.join(", ")
+                ),
+            )
+        })?;
+        (p.panel.clone(), p.analyst.clone())
+    } else if plugin.is_some() {
+        let p = &config.presets[&config.default_preset];
+        (p.panel.clone(), model.clone())
+    } else {
+        return Err(ApiError::bad_request(
+            "model_not_fusion",
+            format!(
+                "model `{model}` is not a fusion model: use `fusion`, `fusion/<preset>`, or add \
+                 `plugins: [{{\"id\": \"fusion\", \"analysis_models\": [...]}}]`"
+            ),
+        ));
+    };
+    let mut min_panel = config.jobs.min_panel;
+    let mut panel_timeout_ms = None;
+    let mut deadline_seconds = config.jobs.deadline_seconds;
+    if let Some(plugin) = plugin {
+        if let Some(v) = plugin.get("analysis_models") {
+            panel = string_list(v, "plugins[fusion].analysis_models")?;
+        }
+        if let Some(v) = plugin.get("model") {
+            analyst = model_name(v, "plugins[fusion].model")?;
+        }
+        if let Some(v) = plugin.get("min_panel") {
+            min_panel = int_in(v, "plugins[fusion].min_panel", 1, MAX_PANEL as i64)? as u32;
+        }
+        if let Some(v) = plugin.get("panel_timeout_ms") {
+            panel_timeout_ms =
+                Some(int_in(v, "plugins[fusion].panel_timeout_ms", 1, 86_400_000)? as u64);
+        }
+        if let Some(v) = plugin.get("deadline_seconds") {
+            deadline_seconds =
+                Some(int_in(v, "plugins[fusion].deadline_seconds", 1, 7 * 86_400)? as u64);
+        }
+    }
+    if panel.is_empty() {
+        return Err(ApiError::bad_request(
+            "panel_empty",
+            "the panel needs at least one model",
+        ));
+    }
+    if panel.len() > MAX_PANEL {
+        return Err(ApiError::bad_request(
+            "panel_too_large",
+            format!(
+                "the panel has {} models; at most {MAX_PANEL} are allowed",
+                panel.len()
+            ),
+        ));
+    }
+    if min_panel as usize > panel.len() {
+        return Err(bad(format!(
+            "`min_panel` is {min_panel} but the panel has only {} models",
+            panel.len()
+        )));
+    }
+    let temperature = match obj.get("temperature") {
+        None | Some(Value::Null) => None,
+        Some(v) => match v.as_f64() {
+            Some(t) if (0.0..=2.0).contains(&t) => Some(t),
+            _ => return Err(bad("`temperature` must be a number from 0 to 2")),
+        },
+    };
+    let max_tokens = obj
+        .get("max_completion_tokens")
+        .or_else(|| obj.get("max_tokens"))
+        .filter(|v| !v.is_null());
+    let max_completion_tokens = max_tokens
+        .map(|v| int_in(v, "max_completion_tokens", 1, 1_000_000).map(|n| n as u32))
+        .transpose()?;
+    let metadata = match obj.get("metadata") {
+        None | Some(Value::Null) => Value::Object(Map::new()),
+        Some(v @ Value::Object(_)) => {
+            if v.to_string().len() > MAX_METADATA_BYTES {
+                return Err(bad(format!(
+                    "`metadata` must be at most {MAX_METADATA_BYTES} bytes"
+                )));
+            }
+            v.clone()
+        }
+        Some(_) => return Err(bad("`metadata` must be a JSON object")),
+    };
+    let priority = match obj.get("priority") {
+        None | Some(Value::Null) => 0,
+        Some(v) => int_in(v, "priority", -1000, 1000)? as i32,
+    };
+    Ok(JobRequest {
+        spec: JobSpec {
+            model,
+            messages,
+            panel,
+            analyst,
+            temperature,
+            max_completion_tokens,
+            min_panel,
+            panel_timeout_ms,
+        },
+        metadata,
+        priority,
+        deadline_seconds,
+    })
+}
+
+fn parse_messages(v: Option<&Value>) -> Result<Vec<Value>, ApiError> {
+    let list = match v {
+        Some(Value::Array(list)) => list,
+        Some(_) => return Err(bad("`messages` must be an array")),
+        None => return Err(bad("`messages` is required")),
+    };
+    if list.is_empty() {
+        return Err(ApiError::bad_request(
+            "empty_messages",
+            "`messages` must not be empty",
+        ));
+    }
+    for (i, m) in list.iter().enumerate() {
+        let role = m.get("role").and_then(Value::as_str).ok_or_else(|| {
+            bad(format!(
+                "`messages[{i}]` must be an object with a string `role`"
+            ))
+        })?;
+        if !ROLES.contains(&role) {
+            return Err(bad(format!(
+                "`messages[{i}].role` is `{role}`; expected one of {}",
+                ROLES.join(", ")
+            )));
+        }
+        match m.get("content") {
+            Some(Value::String(_) | Value::Array(_)) => {}
+            Some(Value::Null) | None if role == "assistant" => {}
+            _ => {
+                return Err(bad(format!(
+                    "`messages[{i}].content` must be a string or an array of content parts"
+                )));
+            }
+        }
+    }
+    Ok(list.clone())
+}
+
+/// The fusion plugin's object, if the request has one; other plugins are refused.
+fn parse_plugins(v: Option<&Value>) -> Result<Option<&Map<String, Value>>, ApiError> {
+    let list = match v {
+        None | Some(Value::Null) => return Ok(None),
+        Some(Value::Array(list)) => list,
+        Some(_) => return Err(bad("`plugins` must be an array")),
+    };
+    let mut fusion = None;
+    for (i, p) in list.iter().enumerate() {
+        let obj = p
+            .as_object()
+            .ok_or_else(|| bad(format!("`plugins[{i}]` must be an object")))?;
+        match obj.get("id").and_then(Value::as_str) {
+            Some("fusion") => {}
+            Some(other) => {
+                return Err(bad(format!(
+                    "unsupported plugin `{other}`: only the `fusion` plugin is supported"
+                )));
+            }
+            None => return Err(bad(format!("`plugins[{i}].id` must be a string"))),
+        }
+        if let Some(unknown) = obj.keys().find(|k| !PLUGIN_FIELDS.contains(&k.as_str())) {
+            return Err(bad(format!(
+                "unknown field `{unknown}` in the fusion plugin; known fields: {}",
+                PLUGIN_FIELDS.join(", ")
+            )));
+        }
+        if fusion.replace(obj).is_some() {
+            return Err(bad("only one fusion plugin may be given"));
+        }
+    }
+    Ok(fusion)
+}
+
+fn model_name(v: &Value, field: &str) -> Result<String, ApiError> {
+    match v.as_str().map(str::trim) {
+        Some(m) if !m.is_empty() && m.len() <= 200 => Ok(m.to_string()),
+        _ => Err(bad(format!(
+            "`{field}` must be a model name (1 to 200 characters)"
+        ))),
+    }
+}
+
+fn string_list(v: &Value, field: &str) -> Result<Vec<String>, ApiError> {
+    let list = v
+        .as_array()
+        .ok_or_else(|| bad(format!("`{field}` must be an array of model names")))?;
+    if list.len() > MAX_PANEL {
+        return Err(ApiError::bad_request(
+            "panel_too_large",
+            format!(
+                "`{field}` has {} models; at most {MAX_PANEL} are allowed",
+                list.len()
+            ),
+        ));
+    }
+    list.iter()
+        .enumerate()
+        .map(|(i, m)| model_name(m, &format!("{field}[{i}]")))
+        .collect()
+}
+
+fn int_in(v: &Value, field: &str, min: i64, max: i64) -> Result<i64, ApiError> {
+    match v.as_i64() {
+        Some(n) if (min..=max).contains(&n) => Ok(n),
+        _ => Err(bad(format!(
+            "`{field}` must be an integer from {min} to {max}"
+        ))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::FileConfig;
+    use serde_json::json;
+
+    fn config() -> FusionConfig {
+        FileConfig::default().resolve(&|_| None).unwrap()
+    }
+
+    fn msgs() -> Value {
+        json!([{"role": "user", "content": "hi"}])
+    }
+
+    fn err(body: Value) -> (&'static str, String) {
+        let e = parse(&body, &config()).unwrap_err();
+        (e.code, e.message)
+    }
+
+    #[test]
+    fn resolves_presets_and_plugins() {
+        let cfg = config();
+        let r = parse(&json!({"model": "fusion/budget", "messages": msgs()}), &cfg).unwrap();
+        assert_eq!(r.spec.panel, cfg.presets["budget"].panel);
+        let r = parse(
+            &json!({"model": "openai/gpt-4o", "messages": msgs(), "plugins": [
+                {"id": "fusion", "model": "a/analyst", "analysis_models": ["x", "x", "y"], "min_panel": 2}
+            ], "temperature": 0.7, "max_tokens": 100, "metadata": {"k": 1}, "priority": 5}),
+            &cfg,
+        )
+        .unwrap();
+        assert_eq!(r.spec.panel, vec!["x", "x", "y"]);
+        assert_eq!(r.spec.analyst, "a/analyst");
+        assert_eq!(r.spec.min_panel, 2);
+        assert_eq!(r.spec.temperature, Some(0.7));
+        assert_eq!(r.spec.max_completion_tokens, Some(100));
+        assert_eq!(r.priority, 5);
+    }
+
+    #[test]
+    fn says_precisely_what_is_wrong() {
+        assert_eq!(err(json!([])).0, "invalid_request");
+        assert_eq!(err(json!({"messages": msgs()})).1, "`model` is required");
+        assert_eq!(
+            err(json!({"model": "fusion", "messages": []})).0,
+            "empty_messages"
+        );
+        assert_eq!(
+            err(json!({"model": "fusion/nope", "messages": msgs()})).0,
+            "unknown_preset"
+        );
+        assert_eq!(
+            err(json!({"model": "gpt-4o", "messages": msgs()})).0,
+            "model_not_fusion"
+        );
+        let nine: Vec<&str> = vec!["m"; 9];
+        assert_eq!(
+            err(json!({"model": "fusion", "messages": msgs(),
+                       "plugins": [{"id": "fusion", "analysis_models": nine}]}))
+            .0,
+            "panel_too_large"
+        );
+        assert!(
+            err(json!({"model": "fusion", "messages": [{"role": "robot", "content": "x"}]}))
+                .1
+                .contains("messages[0].role")
+        );
+        assert!(
+            err(json!({"model": "fusion", "messages": msgs(), "temperature": 3}))
+                .1
+                .contains("temperature")
+        );
+        assert!(
+            err(json!({"model": "fusion", "messages": msgs(), "plugins": [{"id": "web"}]}))
+                .1
+                .contains("unsupported plugin")
+        );
+        assert!(
+            err(json!({"model": "fusion", "messages": msgs(),
+                          "plugins": [{"id": "fusion", "analysis_modls": []}]}))
+            .1
+            .contains("analysis_modls")
+        );
+        assert!(
+            err(json!({"model": "fusion", "messages": msgs(), "metadata": [1]}))
+                .1
+                .contains("metadata")
+        );
+    }
+
+    #[test]
+    fn hashes_are_stable_and_distinct() {
+        let a = json!({"model": "fusion", "messages": msgs()});
+        let b = json!({"messages": msgs(), "model": "fusion"});
+        assert_eq!(request_hash(&a), request_hash(&b));
+        assert_ne!(
+            request_hash(&a),
+            request_hash(&json!({"model": "fusion/budget"}))
+        );
+    }
+}

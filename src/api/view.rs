@@ -1,0 +1,91 @@
+//! The JSON a client sees for a job: the job row and its checkpoints folded into one object
+//! (panel side by side, the analysis, the final `chat.completion`, usage summed over all steps).
+
+use serde_json::{Value, json};
+
+use crate::job::{Job, Step, StepKey, Usage};
+
+fn secs(ms: Option<i64>) -> Value {
+    ms.map_or(Value::Null, |ms| json!(ms / 1000))
+}
+
+/// The short form used in lists.
+pub fn summary(job: &Job) -> Value {
+    json!({
+        "id": job.id,
+        "object": "fusion.job",
+        "status": job.status.as_str(),
+        "model": job.spec.model,
+        "created_at": job.created_at / 1000,
+        "started_at": secs(job.started_at),
+        "finished_at": secs(job.finished_at),
+        "attempt": job.attempt,
+        "priority": job.priority,
+        "failure_reason": job.failure_reason,
+        "error": job.error,
+        "metadata": job.metadata,
+    })
+}
+
+/// The full form: summary plus panel, analysis, result and usage.
+pub fn full(job: &Job, steps: &[Step]) -> Value {
+    let mut usage = Usage::default();
+    for s in steps {
+        usage.add(&s.usage);
+    }
+    let panel: Vec<Value> = job
+        .spec
+        .panel
+        .iter()
+        .enumerate()
+        .map(
+            |(i, model)| match steps.iter().find(|s| s.key == StepKey::Panel(i as u32)) {
+                Some(s) => json!({
+                    "index": i,
+                    "model": model,
+                    "status": if s.ok { "succeeded" } else { "failed" },
+                    "content": s.content,
+                    "usage": s.usage,
+                    "latency_ms": s.latency_ms,
+                    "error": s.error,
+                    "error_code": s.error_code,
+                    "status_code": s.status_code,
+                }),
+                None => json!({
+                    "index": i,
+                    "model": model,
+                    "status": if job.status.is_final() { "not_run" } else { "pending" },
+                    "content": null,
+                    "usage": null,
+                    "latency_ms": null,
+                    "error": null,
+                    "error_code": null,
+                    "status_code": null,
+                }),
+            },
+        )
+        .collect();
+    let analysis = steps.iter().find(|s| s.key == StepKey::Analysis);
+    let mut view = summary(job);
+    let obj = view.as_object_mut().expect("summary is an object");
+    obj.insert("analyst".into(), json!(job.spec.analyst));
+    obj.insert("panel".into(), Value::Array(panel));
+    obj.insert(
+        "analysis".into(),
+        analysis
+            .filter(|s| s.ok)
+            .and_then(|s| s.data.clone())
+            .unwrap_or(Value::Null),
+    );
+    obj.insert(
+        "analysis_error".into(),
+        json!(
+            analysis
+                .filter(|s| !s.ok)
+                .and_then(|s| s.error_code.clone())
+        ),
+    );
+    obj.insert("result".into(), job.result.clone().unwrap_or(Value::Null));
+    obj.insert("usage".into(), json!(usage));
+    view
+}

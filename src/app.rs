@@ -1,0 +1,154 @@
+//! Wiring: build the store, upstream client, pipeline, worker and HTTP server from settings, and
+//! run them until a shutdown signal. `Application::build` binds the listener first so tests can
+//! ask for port 0 and read the real port back.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::api::{self, AppState};
+use crate::clock::{SharedClock, SystemClock};
+use crate::config::FusionConfig;
+use crate::fusion::Pipeline;
+use crate::store::{self, Store};
+use crate::upstream::Upstream;
+use crate::worker::{Worker, WorkerConfig};
+
+/// What to run in this process.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub database_url: String,
+    /// `None`: workers only, no HTTP server.
+    pub listen: Option<String>,
+    pub fusion: FusionConfig,
+    /// `None`: no workers (API only).
+    pub worker: Option<WorkerConfig>,
+}
+
+pub struct Application {
+    addr: Option<SocketAddr>,
+    listener: Option<TcpListener>,
+    state: AppState,
+    worker: Option<Arc<Worker>>,
+}
+
+/// Open the store and apply migrations, retrying while the database is starting up.
+pub async fn open_store(url: &str) -> anyhow::Result<Arc<dyn Store>> {
+    let mut failures = 0;
+    loop {
+        let attempt = async {
+            let store = store::connect(url).await?;
+            store.migrate().await?;
+            Ok::<_, store::StoreError>(store)
+        };
+        match attempt.await {
+            Ok(store) => return Ok(store),
+            Err(e @ store::StoreError::UnsupportedUrl(_)) => return Err(e.into()),
+            Err(e) if failures < 10 => {
+                failures += 1;
+                tracing::warn!(error = %e, url = %store::redact_url(url), "database not ready; retrying");
+                tokio::time::sleep(Duration::from_millis(500 * failures)).await;
+            }
+            Err(e) => {
+                return Err(e).with_context(|| {
+                    format!("Failed to open the database {}", store::redact_url(url))
+                });
+            }
+        }
+    }
+}
+
+impl Application {
+    pub async fn build(settings: Settings) -> anyhow::Result<Application> {
+        let clock: SharedClock = Arc::new(SystemClock);
+        let store = open_store(&settings.database_url).await?;
+        let upstream = Arc::new(Upstream::new(settings.fusion.upstream.clone())?);
+        let pipeline = Arc::new(Pipeline {
+            upstream,
+            retry: settings.fusion.retry.clone(),
+            analysis_attempts: settings.fusion.jobs.analysis_attempts,
+            clock: clock.clone(),
+        });
+        let worker = settings
+            .worker
+            .map(|cfg| Worker::new(store.clone(), pipeline, clock.clone(), cfg));
+        let state = AppState {
+            store,
+            config: Arc::new(settings.fusion),
+            clock,
+            worker: worker.clone(),
+        };
+        let (addr, listener) = match &settings.listen {
+            Some(listen) => {
+                let listener = TcpListener::bind(listen)
+                    .await
+                    .with_context(|| format!("Failed to listen on {listen}"))?;
+                (Some(listener.local_addr()?), Some(listener))
+            }
+            None => (None, None),
+        };
+        Ok(Application {
+            addr,
+            listener,
+            state,
+            worker,
+        })
+    }
+
+    /// The bound port, when serving HTTP.
+    pub fn port(&self) -> Option<u16> {
+        self.addr.map(|a| a.port())
+    }
+
+    pub fn store(&self) -> Arc<dyn Store> {
+        self.state.store.clone()
+    }
+
+    /// Serve and work until `shutdown` fires; then stop accepting, drain, release.
+    pub async fn run(self, shutdown: CancellationToken) -> anyhow::Result<()> {
+        let worker = self.worker.map(|w| tokio::spawn(w.run(shutdown.clone())));
+        if let Some(listener) = self.listener {
+            tracing::info!(addr = ?self.addr, "listening");
+            let app = api::router(self.state);
+            let stop = shutdown.clone();
+            axum::serve(listener, app)
+                .with_graceful_shutdown(async move { stop.cancelled().await })
+                .await
+                .context("HTTP server failed")?;
+        } else {
+            shutdown.cancelled().await;
+        }
+        if let Some(w) = worker {
+            w.await.context("worker task panicked")?;
+        }
+        Ok(())
+    }
+}
+
+/// Fires on SIGTERM or Ctrl-C.
+pub fn shutdown_signal() -> CancellationToken {
+    let token = CancellationToken::new();
+    let t = token.clone();
+    tokio::spawn(async move {
+        let ctrl_c = tokio::signal::ctrl_c();
+        #[cfg(unix)]
+        {
+            let mut term =
+                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+                    .expect("install SIGTERM handler");
+            tokio::select! {
+                _ = ctrl_c => {}
+                _ = term.recv() => {}
+            }
+        }
+        #[cfg(not(unix))]
+        let _ = ctrl_c.await;
+        tracing::info!("shutdown requested");
+        t.cancel();
+    });
+    token
+}

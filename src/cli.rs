@@ -1,0 +1,94 @@
+//! Command-line interface: `serve`, `worker`, `migrate`. Every flag has an environment fallback.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::worker::WorkerConfig;
+
+#[derive(Debug, Parser)]
+#[command(name = "fusion", version, about = "Durable multi-model fusion service")]
+pub struct Cli {
+    /// Database URL: sqlite://PATH (created if missing) or postgres://…
+    #[arg(
+        long,
+        env = "DATABASE_URL",
+        default_value = "sqlite://fusion.db",
+        global = true
+    )]
+    pub database_url: String,
+    /// Optional TOML file with providers, presets, limits and prices.
+    #[arg(long, env = "FUSION_CONFIG", global = true)]
+    pub config: Option<PathBuf>,
+    #[command(subcommand)]
+    pub command: Option<Command>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the HTTP API and the workers in one process (the default).
+    Serve(ServeArgs),
+    /// Run workers only (scale-out against Postgres).
+    Worker(WorkerArgs),
+    /// Apply database migrations and exit.
+    Migrate,
+}
+
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    /// Address to listen on.
+    #[arg(long, env = "FUSION_LISTEN", default_value = "127.0.0.1:8080")]
+    pub listen: String,
+    #[command(flatten)]
+    pub worker: WorkerArgs,
+}
+
+#[derive(Debug, Args, Clone)]
+pub struct WorkerArgs {
+    /// Jobs run at once by this process.
+    #[arg(long, env = "FUSION_CONCURRENCY", default_value_t = 32)]
+    pub concurrency: u32,
+    /// Seconds a claimed job is held without a heartbeat before another worker may take it.
+    #[arg(long, env = "FUSION_LEASE_SECONDS", default_value_t = 30)]
+    pub lease_seconds: u64,
+    /// Fallback poll for new jobs, in milliseconds.
+    #[arg(long, env = "FUSION_POLL_MS", default_value_t = 1000)]
+    pub poll_ms: u64,
+    /// On SIGTERM, seconds running jobs may go on before their leases are released.
+    #[arg(long, env = "FUSION_SHUTDOWN_GRACE_SECONDS", default_value_t = 30)]
+    pub shutdown_grace_seconds: u64,
+}
+
+impl Default for ServeArgs {
+    fn default() -> Self {
+        ServeArgs::parse_from_env_defaults()
+    }
+}
+
+impl ServeArgs {
+    fn parse_from_env_defaults() -> ServeArgs {
+        #[derive(Parser)]
+        struct Wrapper {
+            #[command(flatten)]
+            serve: ServeArgs,
+        }
+        Wrapper::parse_from(["fusion"]).serve
+    }
+}
+
+impl WorkerArgs {
+    pub fn to_config(&self) -> anyhow::Result<WorkerConfig> {
+        anyhow::ensure!(self.concurrency >= 1, "--concurrency must be at least 1");
+        anyhow::ensure!(
+            self.lease_seconds >= 1,
+            "--lease-seconds must be at least 1"
+        );
+        Ok(WorkerConfig {
+            concurrency: self.concurrency,
+            lease: Duration::from_secs(self.lease_seconds),
+            poll_interval: Duration::from_millis(self.poll_ms.max(10)),
+            shutdown_grace: Duration::from_secs(self.shutdown_grace_seconds),
+        })
+    }
+}

@@ -1,0 +1,297 @@
+//! Settings: the optional `fusion.toml` (providers, presets, limits, prices) merged with flags and
+//! environment variables (which win). Provider keys are read from the environment only, never
+//! from the file, and never printed.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::time::Duration;
+
+use anyhow::Context;
+use serde::Deserialize;
+
+use crate::upstream::{ApiKey, Price, Provider, RetryPolicy, UpstreamConfig};
+
+/// The file, as written by a user. Every field is optional.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    #[serde(default)]
+    pub upstream: UpstreamSection,
+    #[serde(default)]
+    pub providers: HashMap<String, ProviderSection>,
+    #[serde(default)]
+    pub presets: HashMap<String, Preset>,
+    /// The preset behind the bare model name `fusion`.
+    pub default_preset: Option<String>,
+    #[serde(default)]
+    pub jobs: JobsSection,
+    #[serde(default)]
+    pub retry: RetrySection,
+    #[serde(default)]
+    pub prices: HashMap<String, Price>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpstreamSection {
+    pub base_url: Option<String>,
+    /// Name of the environment variable holding the default provider's key.
+    pub api_key_env: Option<String>,
+    pub timeout_seconds: Option<u64>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProviderSection {
+    pub base_url: String,
+    pub api_key_env: Option<String>,
+}
+
+/// A named panel and analyst, addressed as `fusion/NAME`.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Preset {
+    pub panel: Vec<String>,
+    pub analyst: String,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JobsSection {
+    pub min_panel: Option<u32>,
+    pub deadline_seconds: Option<u64>,
+    pub max_attempts: Option<i32>,
+    pub analysis_attempts: Option<u32>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RetrySection {
+    pub max_attempts: Option<u32>,
+    pub base_ms: Option<u64>,
+    pub cap_ms: Option<u64>,
+    pub jitter: Option<f64>,
+}
+
+/// Defaults applied to every job unless the request says otherwise.
+#[derive(Debug, Clone)]
+pub struct JobDefaults {
+    pub min_panel: u32,
+    /// `None`: no deadline.
+    pub deadline_seconds: Option<u64>,
+    /// Claims (including lease expiries) before a job fails with `lease_expired`.
+    pub max_attempts: i32,
+    pub analysis_attempts: u32,
+}
+
+/// Everything resolved: what the rest of the program reads.
+#[derive(Debug, Clone)]
+pub struct FusionConfig {
+    pub upstream: UpstreamConfig,
+    pub presets: HashMap<String, Preset>,
+    pub default_preset: String,
+    pub jobs: JobDefaults,
+    pub retry: RetryPolicy,
+}
+
+pub const DEFAULT_UPSTREAM_URL: &str = "https://openrouter.ai/api/v1";
+
+/// Built-in presets (OpenRouter slugs); a config file may replace or add to them.
+pub fn builtin_presets() -> HashMap<String, Preset> {
+    let preset = |panel: &[&str], analyst: &str| Preset {
+        panel: panel.iter().map(|s| s.to_string()).collect(),
+        analyst: analyst.to_string(),
+    };
+    HashMap::from([
+        (
+            "quality".to_string(),
+            preset(
+                &[
+                    "anthropic/claude-opus-4.6",
+                    "openai/gpt-5.2",
+                    "google/gemini-3-pro-preview",
+                ],
+                "anthropic/claude-opus-4.6",
+            ),
+        ),
+        (
+            "budget".to_string(),
+            preset(
+                &[
+                    "google/gemini-3-flash-preview",
+                    "moonshotai/kimi-k2.6",
+                    "deepseek/deepseek-v4-pro",
+                ],
+                "google/gemini-3-flash-preview",
+            ),
+        ),
+        (
+            "fast".to_string(),
+            preset(
+                &["google/gemini-3-flash-preview", "openai/gpt-5-mini"],
+                "google/gemini-3-flash-preview",
+            ),
+        ),
+    ])
+}
+
+impl FileConfig {
+    pub fn load(path: &Path) -> anyhow::Result<FileConfig> {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("Failed to read config file {}", path.display()))?;
+        toml::from_str(&text).with_context(|| format!("Invalid config file {}", path.display()))
+    }
+
+    /// Resolve against the environment (`env` is a lookup so tests need not touch the process's).
+    pub fn resolve(self, env: &dyn Fn(&str) -> Option<String>) -> anyhow::Result<FusionConfig> {
+        let key_from = |var: &str| env(var).and_then(ApiKey::new);
+        let default_key = match &self.upstream.api_key_env {
+            Some(var) => key_from(var),
+            None => key_from("FUSION_UPSTREAM_API_KEY").or_else(|| key_from("OPENROUTER_API_KEY")),
+        };
+        let base_url = env("FUSION_UPSTREAM_URL")
+            .or(self.upstream.base_url)
+            .unwrap_or_else(|| DEFAULT_UPSTREAM_URL.to_string());
+        check_url(&base_url).context("Invalid upstream base URL")?;
+        let timeout_seconds = match env("FUSION_UPSTREAM_TIMEOUT_SECONDS") {
+            Some(v) => v
+                .parse()
+                .context("FUSION_UPSTREAM_TIMEOUT_SECONDS must be a number")?,
+            None => self.upstream.timeout_seconds.unwrap_or(600),
+        };
+        let mut providers = HashMap::new();
+        for (name, p) in self.providers {
+            check_url(&p.base_url)
+                .with_context(|| format!("Invalid base_url of provider {name}"))?;
+            let api_key = p.api_key_env.as_deref().and_then(key_from);
+            providers.insert(
+                name.clone(),
+                Provider {
+                    name,
+                    base_url: p.base_url,
+                    api_key,
+                },
+            );
+        }
+        let mut presets = builtin_presets();
+        for (name, preset) in self.presets {
+            anyhow::ensure!(
+                (1..=crate::MAX_PANEL).contains(&preset.panel.len()),
+                "preset {name} must have 1 to {} panel models",
+                crate::MAX_PANEL
+            );
+            presets.insert(name, preset);
+        }
+        let default_preset = self.default_preset.unwrap_or_else(|| "quality".to_string());
+        anyhow::ensure!(
+            presets.contains_key(&default_preset),
+            "default_preset `{default_preset}` is not a preset"
+        );
+        let defaults = RetryPolicy::default();
+        let retry = RetryPolicy {
+            max_attempts: self
+                .retry
+                .max_attempts
+                .unwrap_or(defaults.max_attempts)
+                .max(1),
+            base: self
+                .retry
+                .base_ms
+                .map_or(defaults.base, Duration::from_millis),
+            cap: self
+                .retry
+                .cap_ms
+                .map_or(defaults.cap, Duration::from_millis),
+            jitter_fraction: self
+                .retry
+                .jitter
+                .unwrap_or(defaults.jitter_fraction)
+                .clamp(0.0, 1.0),
+            jitter: defaults.jitter,
+        };
+        Ok(FusionConfig {
+            upstream: UpstreamConfig {
+                default: Provider {
+                    name: "default".into(),
+                    base_url,
+                    api_key: default_key,
+                },
+                providers,
+                timeout: Duration::from_secs(timeout_seconds.max(1)),
+                prices: self.prices,
+            },
+            presets,
+            default_preset,
+            jobs: JobDefaults {
+                min_panel: self.jobs.min_panel.unwrap_or(1).max(1),
+                deadline_seconds: self.jobs.deadline_seconds,
+                max_attempts: self.jobs.max_attempts.unwrap_or(10).max(1),
+                analysis_attempts: self.jobs.analysis_attempts.unwrap_or(3).max(1),
+            },
+            retry,
+        })
+    }
+}
+
+fn check_url(url: &str) -> anyhow::Result<()> {
+    let parsed = reqwest::Url::parse(url).with_context(|| format!("`{url}` is not a URL"))?;
+    anyhow::ensure!(
+        matches!(parsed.scheme(), "http" | "https"),
+        "`{url}` must be http or https"
+    );
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> impl Fn(&str) -> Option<String> {
+        let map: HashMap<String, String> = pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        move |k| map.get(k).cloned()
+    }
+
+    #[test]
+    fn env_overrides_the_file_and_keys_fall_back() {
+        let file: FileConfig = toml::from_str(
+            r#"
+            default_preset = "budget"
+            [upstream]
+            base_url = "http://file.example/v1"
+            [providers.ollama]
+            base_url = "http://127.0.0.1:11434/v1"
+            [presets.tiny]
+            panel = ["a", "a"]
+            analyst = "b"
+            "#,
+        )
+        .unwrap();
+        let cfg = file
+            .resolve(&env(&[
+                ("FUSION_UPSTREAM_URL", "http://env.example/v1"),
+                ("OPENROUTER_API_KEY", "sk-or"),
+            ]))
+            .unwrap();
+        assert_eq!(cfg.upstream.default.base_url, "http://env.example/v1");
+        assert!(cfg.upstream.default.api_key.is_some());
+        assert!(cfg.upstream.providers.contains_key("ollama"));
+        assert_eq!(cfg.presets["tiny"].panel.len(), 2);
+        assert!(cfg.presets.contains_key("quality"));
+        assert_eq!(cfg.default_preset, "budget");
+        assert!(!format!("{cfg:?}").contains("sk-or"));
+    }
+
+    #[test]
+    fn rejects_bad_files() {
+        let bad: Result<FileConfig, _> = toml::from_str("[upstream]\nbase_urll = \"x\"");
+        assert!(bad.is_err());
+        let file: FileConfig = toml::from_str("default_preset = \"nope\"").unwrap();
+        assert!(file.resolve(&env(&[])).is_err());
+        let file: FileConfig =
+            toml::from_str("[presets.big]\npanel = []\nanalyst = \"a\"").unwrap();
+        assert!(file.resolve(&env(&[])).is_err());
+    }
+}

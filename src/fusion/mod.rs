@@ -1,0 +1,404 @@
+//! The fusion workflow: `panel[i]` in parallel, then `analysis`, then `final`. Each finished step
+//! is handed to a `Checkpoints` sink before the next starts, and steps already checkpointed are
+//! reused, never called again. Knows nothing of SQL or HTTP servers: the worker supplies the sink.
+
+pub mod analysis;
+pub mod prompts;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use futures::StreamExt;
+use futures::stream::FuturesUnordered;
+use serde_json::{Value, json};
+use tokio_util::sync::CancellationToken;
+
+use crate::clock::SharedClock;
+use crate::job::{Job, JobSpec, Step, StepKey, Usage};
+use crate::upstream::{CallError, CompletionRequest, ErrorKind, RetryPolicy, Upstream};
+use analysis::Analysis;
+use prompts::PanelAnswer;
+
+/// The sink was unable to keep a step: the lease is gone or the database is out of reach.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Lost;
+
+#[async_trait]
+pub trait Checkpoints: Send + Sync {
+    async fn save(&self, step: &Step) -> Result<(), Lost>;
+}
+
+/// How a run of the workflow ended.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Outcome {
+    /// The final `chat.completion` object.
+    Succeeded(Value),
+    Failed {
+        reason: String,
+        error: String,
+    },
+    /// Cancelled, or the lease was lost: write nothing more.
+    Stopped,
+}
+
+pub struct Pipeline {
+    pub upstream: Arc<Upstream>,
+    pub retry: RetryPolicy,
+    /// Tries at a valid analysis (each may itself retry transport errors).
+    pub analysis_attempts: u32,
+    pub clock: SharedClock,
+}
+
+/// Run `f`, or give up with `Outcome::Stopped` when the sink loses the lease.
+macro_rules! save_or_stop {
+    ($ckpt:expr, $step:expr) => {
+        if $ckpt.save(&$step).await.is_err() {
+            return Outcome::Stopped;
+        }
+    };
+}
+
+impl Pipeline {
+    /// Run what remains of `job`, given the steps already checkpointed.
+    pub async fn run(
+        &self,
+        job: &Job,
+        done: Vec<Step>,
+        ckpt: &dyn Checkpoints,
+        cancel: &CancellationToken,
+    ) -> Outcome {
+        let spec = &job.spec;
+        let mut panel: Vec<Option<Step>> = vec![None; spec.panel.len()];
+        let mut analysis_step = None;
+        let mut final_step = None;
+        for step in done {
+            match step.key {
+                StepKey::Panel(i) if (i as usize) < panel.len() => panel[i as usize] = Some(step),
+                StepKey::Panel(_) => {}
+                StepKey::Analysis => analysis_step = Some(step),
+                StepKey::Final => final_step = Some(step),
+            }
+        }
+
+        if panel.iter().any(Option::is_none)
+            && let Some(stop) = self
+                .run_panel(spec, job.attempt, &mut panel, ckpt, cancel)
+                .await
+        {
+            return stop;
+        }
+        let panel: Vec<Step> = panel.into_iter().flatten().collect();
+        let answers: Vec<PanelAnswer<'_>> = panel
+            .iter()
+            .filter(|s| s.ok)
+            .map(|s| PanelAnswer {
+                model: &s.model,
+                content: s.content.as_deref().unwrap_or_default(),
+            })
+            .collect();
+        if let Some(failed) = quorum_failure(spec, &panel, answers.len()) {
+            return failed;
+        }
+
+        let analysis_step = match analysis_step {
+            Some(s) => s,
+            None => {
+                let Some(s) = self.run_analysis(spec, job.attempt, &answers, cancel).await else {
+                    return Outcome::Stopped;
+                };
+                save_or_stop!(ckpt, s);
+                s
+            }
+        };
+        let analysis: Option<Analysis> = analysis_step
+            .data
+            .as_ref()
+            .filter(|_| analysis_step.ok)
+            .and_then(|d| serde_json::from_value(d.clone()).ok());
+
+        let final_step = match final_step {
+            Some(s) if s.ok => s,
+            _ => {
+                let messages = prompts::final_messages(&spec.messages, &answers, analysis.as_ref());
+                let req = CompletionRequest {
+                    messages,
+                    temperature: Some(0.0),
+                    max_completion_tokens: spec.max_completion_tokens,
+                    response_format: None,
+                };
+                let Some(s) = self
+                    .call_step(StepKey::Final, &spec.analyst, &req, job.attempt, cancel)
+                    .await
+                else {
+                    return Outcome::Stopped;
+                };
+                save_or_stop!(ckpt, s);
+                s
+            }
+        };
+        if !final_step.ok {
+            return Outcome::Failed {
+                reason: final_step
+                    .error_code
+                    .clone()
+                    .unwrap_or("upstream_error".into()),
+                error: format!(
+                    "the final answer could not be written: {}",
+                    final_step.error.as_deref().unwrap_or("unknown error")
+                ),
+            };
+        }
+
+        let mut usage = Usage::default();
+        for s in panel.iter().chain([&analysis_step, &final_step]) {
+            usage.add(&s.usage);
+        }
+        let finish_reason = final_step
+            .data
+            .as_ref()
+            .and_then(|d| d.get("finish_reason"))
+            .cloned()
+            .unwrap_or(json!("stop"));
+        Outcome::Succeeded(json!({
+            "id": format!("fusion-{}", job.id),
+            "object": "chat.completion",
+            "created": self.clock.now_ms() / 1000,
+            "model": spec.model,
+            "choices": [{
+                "index": 0,
+                "message": {"role": "assistant", "content": final_step.content},
+                "finish_reason": finish_reason,
+            }],
+            "usage": usage,
+        }))
+    }
+
+    /// Call every missing panel member in parallel, checkpointing each as it lands. Returns
+    /// `Some(Stopped)` when the run must stop.
+    async fn run_panel(
+        &self,
+        spec: &JobSpec,
+        attempt: i32,
+        panel: &mut [Option<Step>],
+        ckpt: &dyn Checkpoints,
+        cancel: &CancellationToken,
+    ) -> Option<Outcome> {
+        let mut pending = FuturesUnordered::new();
+        for (i, slot) in panel.iter().enumerate() {
+            if slot.is_some() {
+                continue;
+            }
+            let model = &spec.panel[i];
+            let req = CompletionRequest {
+                messages: spec.messages.clone(),
+                temperature: spec.temperature,
+                max_completion_tokens: spec.max_completion_tokens,
+                response_format: None,
+            };
+            pending.push(async move {
+                let key = StepKey::Panel(i as u32);
+                (i, self.call_step(key, model, &req, attempt, cancel).await)
+            });
+        }
+        let mut ok = panel.iter().flatten().filter(|s| s.ok).count() as u32;
+        let mut grace: Option<std::pin::Pin<Box<tokio::time::Sleep>>> = None;
+        while !pending.is_empty() {
+            if grace.is_none()
+                && ok >= spec.min_panel
+                && let Some(ms) = spec.panel_timeout_ms
+            {
+                grace = Some(Box::pin(tokio::time::sleep(Duration::from_millis(ms))));
+            }
+            let grace_over = async {
+                match grace.as_mut() {
+                    Some(sleep) => sleep.await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                next = pending.next() => {
+                    let Some((i, step)) = next else { break };
+                    let step = step?;
+                    if ckpt.save(&step).await.is_err() {
+                        return Some(Outcome::Stopped);
+                    }
+                    ok += u32::from(step.ok);
+                    panel[i] = Some(step);
+                }
+                _ = grace_over => break,
+            }
+        }
+        drop(pending);
+        // Members still out when the grace period ended are recorded as timed out.
+        for (i, slot) in panel.iter_mut().enumerate() {
+            if slot.is_none() {
+                let step = Step {
+                    error_code: Some("panel_timeout".into()),
+                    error: Some(format!(
+                        "no answer within panel_timeout_ms after {} panel answers",
+                        spec.min_panel
+                    )),
+                    ..self.failed_step(StepKey::Panel(i as u32), &spec.panel[i], attempt)
+                };
+                if ckpt.save(&step).await.is_err() {
+                    return Some(Outcome::Stopped);
+                }
+                *slot = Some(step);
+            }
+        }
+        None
+    }
+
+    /// Ask for the analysis, feeding back why a reply was rejected, a bounded number of times.
+    /// `None` means cancelled.
+    async fn run_analysis(
+        &self,
+        spec: &JobSpec,
+        attempt: i32,
+        answers: &[PanelAnswer<'_>],
+        cancel: &CancellationToken,
+    ) -> Option<Step> {
+        let mut req = CompletionRequest {
+            messages: prompts::analysis_messages(&spec.messages, answers),
+            temperature: Some(0.0),
+            max_completion_tokens: None,
+            response_format: Some(analysis::response_format()),
+        };
+        let mut usage = Usage::default();
+        let mut latency_ms = 0;
+        let mut last_problem = None;
+        for _ in 0..self.analysis_attempts.max(1) {
+            match self
+                .upstream
+                .complete_with_retries(&spec.analyst, &req, &self.retry, cancel)
+                .await
+            {
+                Ok(c) => {
+                    usage.add(&c.usage);
+                    latency_ms += c.latency_ms;
+                    match analysis::parse(&c.content) {
+                        Ok(a) => {
+                            return Some(Step {
+                                ok: true,
+                                data: serde_json::to_value(a).ok(),
+                                usage,
+                                latency_ms,
+                                ..self.failed_step(StepKey::Analysis, &spec.analyst, attempt)
+                            });
+                        }
+                        Err(e) => {
+                            req.messages
+                                .extend(prompts::analysis_correction(&c.content, &e.to_string()));
+                            last_problem = Some((e.code().to_string(), e.to_string(), None));
+                        }
+                    }
+                }
+                Err(CallError::Cancelled) => return None,
+                Err(CallError::Upstream(e)) => {
+                    let code = if e.kind == ErrorKind::Empty {
+                        "analysis_empty"
+                    } else {
+                        "analysis_upstream_error"
+                    };
+                    last_problem = Some((code.to_string(), e.message.clone(), e.status));
+                    break;
+                }
+            }
+        }
+        let (code, error, status) = last_problem.unwrap_or_default();
+        Some(Step {
+            usage,
+            latency_ms,
+            error_code: Some(code),
+            error: Some(error),
+            status_code: status.map(i32::from),
+            ..self.failed_step(StepKey::Analysis, &spec.analyst, attempt)
+        })
+    }
+
+    /// One step that is a single (retried) call; `None` means cancelled.
+    async fn call_step(
+        &self,
+        key: StepKey,
+        model: &str,
+        req: &CompletionRequest,
+        attempt: i32,
+        cancel: &CancellationToken,
+    ) -> Option<Step> {
+        match self
+            .upstream
+            .complete_with_retries(model, req, &self.retry, cancel)
+            .await
+        {
+            Ok(c) => Some(Step {
+                ok: true,
+                content: Some(c.content),
+                data: c.finish_reason.map(|f| json!({ "finish_reason": f })),
+                usage: c.usage,
+                latency_ms: c.latency_ms,
+                ..self.failed_step(key, model, attempt)
+            }),
+            Err(CallError::Cancelled) => None,
+            Err(CallError::Upstream(e)) => Some(Step {
+                error_code: Some(e.code().to_string()),
+                error: Some(e.message.clone()),
+                status_code: e.status.map(i32::from),
+                ..self.failed_step(key, model, attempt)
+            }),
+        }
+    }
+
+    /// A step with no output, to fill in.
+    fn failed_step(&self, key: StepKey, model: &str, attempt: i32) -> Step {
+        Step {
+            key,
+            model: model.to_string(),
+            ok: false,
+            content: None,
+            data: None,
+            usage: Usage::default(),
+            latency_ms: 0,
+            error_code: None,
+            error: None,
+            status_code: None,
+            attempt,
+            created_at: self.clock.now_ms(),
+        }
+    }
+}
+
+/// The job's failure when too few panel members answered.
+fn quorum_failure(spec: &JobSpec, panel: &[Step], answered: usize) -> Option<Outcome> {
+    if answered as u32 >= spec.min_panel.max(1) {
+        return None;
+    }
+    let errors: Vec<&Step> = panel.iter().filter(|s| !s.ok).collect();
+    let detail = errors
+        .iter()
+        .map(|s| format!("{}: {}", s.model, s.error.as_deref().unwrap_or("failed")))
+        .collect::<Vec<_>>()
+        .join("; ");
+    let reason = if answered == 0 {
+        // When every member failed the same typed way, say that; otherwise the generic reason.
+        let first = errors.first().and_then(|s| s.error_code.as_deref());
+        match first {
+            Some(code @ ("rate_limited" | "invalid_model"))
+                if errors.iter().all(|s| s.error_code.as_deref() == Some(code)) =>
+            {
+                code.to_string()
+            }
+            _ => "all_panels_failed".to_string(),
+        }
+    } else {
+        "insufficient_quorum".to_string()
+    };
+    Some(Outcome::Failed {
+        error: format!(
+            "{answered} of {} panel members answered, {} needed: {detail}",
+            panel.len(),
+            spec.min_panel.max(1)
+        ),
+        reason,
+    })
+}

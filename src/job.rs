@@ -1,0 +1,242 @@
+//! Domain types of a fusion job: what was asked (`JobSpec`), where it stands (`Job`, `JobStatus`),
+//! and what each step produced (`Step`). Plain data: no SQL, no HTTP, no upstream calls here.
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use uuid::Uuid;
+
+/// Where a job stands. Each variant says who moves a job in and who moves it out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum JobStatus {
+    /// In: `enqueue`, a retryable failure (`retry_later`), lease expiry (`rescue_expired`), a
+    /// graceful shutdown (`release`), a manual retry. Out: `claim` (to running), `cancel`.
+    Queued,
+    /// In: `claim`. Out: the lease holder (`complete`, `fail`, `retry_later`, `release`),
+    /// `cancel`, or `rescue_expired` when the holder stopped renewing its lease.
+    Running,
+    /// Final. In: the lease holder's `complete`. Out: never.
+    Succeeded,
+    /// In: the lease holder's `fail`, or `rescue_expired` once attempts are used up. Out: a
+    /// manual retry.
+    Failed,
+    /// Final. In: `cancel` from queued or running. Out: never.
+    Cancelled,
+}
+
+impl JobStatus {
+    pub const ALL: [JobStatus; 5] = [
+        JobStatus::Queued,
+        JobStatus::Running,
+        JobStatus::Succeeded,
+        JobStatus::Failed,
+        JobStatus::Cancelled,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            JobStatus::Queued => "queued",
+            JobStatus::Running => "running",
+            JobStatus::Succeeded => "succeeded",
+            JobStatus::Failed => "failed",
+            JobStatus::Cancelled => "cancelled",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<JobStatus> {
+        JobStatus::ALL.into_iter().find(|st| st.as_str() == s)
+    }
+
+    pub fn is_final(self) -> bool {
+        matches!(
+            self,
+            JobStatus::Succeeded | JobStatus::Failed | JobStatus::Cancelled
+        )
+    }
+}
+
+/// A validated fusion request: everything a worker needs to run the job, resolved at submit time
+/// (presets expanded) so that a later config change cannot alter a queued job.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct JobSpec {
+    /// The model name the caller asked for (`fusion`, `fusion/budget`, or a plugin's host model);
+    /// echoed back in the result.
+    pub model: String,
+    /// The OpenAI chat messages, kept as sent.
+    pub messages: Vec<Value>,
+    /// Panel models, 1 to 8, repeats allowed.
+    pub panel: Vec<String>,
+    /// The model that writes the analysis and the final answer.
+    pub analyst: String,
+    /// Panel sampling temperature; the analyst always runs at 0.
+    pub temperature: Option<f64>,
+    pub max_completion_tokens: Option<u32>,
+    /// How many panel answers the job needs to go on.
+    pub min_panel: u32,
+    /// After `min_panel` answers, how long to wait for the rest.
+    pub panel_timeout_ms: Option<u64>,
+}
+
+/// A job as the store keeps it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Job {
+    pub id: Uuid,
+    pub status: JobStatus,
+    pub spec: JobSpec,
+    pub metadata: Value,
+    pub priority: i32,
+    /// How many times a worker has claimed the job; the fence token of the current lease.
+    pub attempt: i32,
+    pub max_attempts: i32,
+    /// Not claimable before this instant (unix ms): set by retry backoff.
+    pub run_at: i64,
+    /// Overall deadline (unix ms) after which the job fails with `deadline_exceeded`.
+    pub deadline_at: Option<i64>,
+    pub lease_owner: Option<String>,
+    pub lease_expires_at: Option<i64>,
+    pub idempotency_key: Option<String>,
+    pub request_hash: Option<String>,
+    pub created_at: i64,
+    pub started_at: Option<i64>,
+    pub finished_at: Option<i64>,
+    pub failure_reason: Option<String>,
+    pub error: Option<String>,
+    /// The final `chat.completion` object once succeeded.
+    pub result: Option<Value>,
+}
+
+impl Job {
+    /// The fence token a worker presents with every write while it holds this job.
+    pub fn lease(&self) -> Option<Lease> {
+        Some(Lease {
+            job_id: self.id,
+            attempt: self.attempt,
+            owner: self.lease_owner.clone()?,
+        })
+    }
+}
+
+/// What `enqueue` is given.
+#[derive(Debug, Clone)]
+pub struct NewJob {
+    pub id: Uuid,
+    pub spec: JobSpec,
+    pub metadata: Value,
+    pub priority: i32,
+    pub max_attempts: i32,
+    pub deadline_at: Option<i64>,
+    pub idempotency_key: Option<String>,
+    /// Hash of the request body, to tell a true repeat from a reused idempotency key.
+    pub request_hash: Option<String>,
+    pub created_at: i64,
+}
+
+/// Proof of holding a job: every worker write must match all three fields and `running`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Lease {
+    pub job_id: Uuid,
+    pub attempt: i32,
+    pub owner: String,
+}
+
+/// Tokens and money spent by one call, or summed over many.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+pub struct Usage {
+    pub prompt_tokens: i64,
+    pub completion_tokens: i64,
+    pub total_tokens: i64,
+    pub cost: f64,
+}
+
+impl Usage {
+    pub fn add(&mut self, other: &Usage) {
+        self.prompt_tokens += other.prompt_tokens;
+        self.completion_tokens += other.completion_tokens;
+        self.total_tokens += other.total_tokens;
+        self.cost += other.cost;
+    }
+}
+
+/// Which step of the fixed fusion workflow a checkpoint belongs to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum StepKey {
+    Panel(u32),
+    Analysis,
+    Final,
+}
+
+impl StepKey {
+    pub fn to_db(self) -> String {
+        match self {
+            StepKey::Panel(i) => format!("panel:{i}"),
+            StepKey::Analysis => "analysis".to_string(),
+            StepKey::Final => "final".to_string(),
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<StepKey> {
+        match s {
+            "analysis" => Some(StepKey::Analysis),
+            "final" => Some(StepKey::Final),
+            _ => s.strip_prefix("panel:")?.parse().ok().map(StepKey::Panel),
+        }
+    }
+}
+
+/// The checkpoint of one finished step: written once, never run again.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Step {
+    pub key: StepKey,
+    pub model: String,
+    /// Whether the step produced its output; a failed step is recorded with its error.
+    pub ok: bool,
+    pub content: Option<String>,
+    /// Structured output: the analysis object for the analysis step.
+    pub data: Option<Value>,
+    pub usage: Usage,
+    pub latency_ms: i64,
+    /// Typed failure code (`rate_limited`, `analysis_not_valid_json`, …) when not ok.
+    pub error_code: Option<String>,
+    pub error: Option<String>,
+    /// Upstream HTTP status of the failure, when there was one.
+    pub status_code: Option<i32>,
+    /// The job attempt that wrote it.
+    pub attempt: i32,
+    pub created_at: i64,
+}
+
+/// Filter for listing jobs, newest first.
+#[derive(Debug, Clone, Default)]
+pub struct ListFilter {
+    pub status: Option<JobStatus>,
+    pub limit: u32,
+    /// Only jobs with an id lower than this (ids are time-ordered UUIDv7).
+    pub before: Option<Uuid>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn step_keys_round_trip() {
+        for key in [
+            StepKey::Panel(0),
+            StepKey::Panel(7),
+            StepKey::Analysis,
+            StepKey::Final,
+        ] {
+            assert_eq!(StepKey::parse(&key.to_db()), Some(key));
+        }
+        assert_eq!(StepKey::parse("panel:x"), None);
+        assert_eq!(StepKey::parse("other"), None);
+    }
+
+    #[test]
+    fn statuses_round_trip() {
+        for st in JobStatus::ALL {
+            assert_eq!(JobStatus::parse(st.as_str()), Some(st));
+        }
+        assert_eq!(JobStatus::parse("done"), None);
+    }
+}

@@ -1,0 +1,25 @@
+//! fusion: a durable multi-model deliberation service. A request goes to a panel of models in
+//! parallel, an analyst compares their answers, and a final answer is written from that
+//! analysis — every step a checkpoint in SQLite or Postgres, so runs survive crashes and retries.
+//!
+//! # Layout
+//! - `api/` — HTTP endpoints (axum); requests become domain values at the edge.
+//! - `store/` — the durable queue: one trait, SQLite and Postgres implementations.
+//! - `worker/` — claims jobs, holds leases, runs the pipeline, writes outcomes.
+//! - `fusion/` — the workflow (panel → analysis → final), its prompts and analysis schema.
+//! - `upstream/` — OpenAI-compatible calls, error classification, retries.
+//! - `job.rs` — the domain types every layer shares; `config.rs`, `clock.rs`, `app.rs` wiring.
+
+pub mod api;
+pub mod app;
+pub mod cli;
+pub mod clock;
+pub mod config;
+pub mod fusion;
+pub mod job;
+pub mod store;
+pub mod upstream;
+pub mod worker;
+
+/// The largest panel a job may ask for.
+pub const MAX_PANEL: usize = 8;

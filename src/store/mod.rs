@@ -1,0 +1,183 @@
+//! The durable queue: one `Store` trait shaped by what the API and the workers need, with one
+//! implementation per database (`sqlite.rs`, `postgres.rs`), chosen once from the URL scheme.
+//!
+//! Every write a worker makes goes through a `Lease` and is fenced on
+//! `(id, attempt, lease_owner, status = running)`: a worker that lost its job can change nothing.
+//! The store knows nothing of LLMs; times are unix milliseconds passed in by the caller, so lease
+//! logic is testable without sleeping.
+
+/// The columns of a job row, in the order each backend's `job_from_row` reads them (a macro so that queries
+/// stay `&'static str` via `concat!`).
+macro_rules! job_columns {
+    () => {
+        "id, status, spec, metadata, priority, attempt, max_attempts, run_at, deadline_at, \
+         lease_owner, lease_expires_at, idempotency_key, request_hash, created_at, started_at, \
+         finished_at, failure_reason, error, result"
+    };
+}
+
+pub mod postgres;
+pub mod sqlite;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use serde_json::Value;
+use tokio::sync::Notify;
+use uuid::Uuid;
+
+use crate::job::{Job, JobStatus, Lease, ListFilter, NewJob, Step};
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("database error: {0}")]
+    Database(#[from] sqlx::Error),
+    #[error("migration failed: {0}")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+    #[error("corrupt row: {0}")]
+    Corrupt(String),
+    #[error("unsupported database url `{0}`: use sqlite://PATH or postgres://…")]
+    UnsupportedUrl(String),
+}
+
+pub type Result<T, E = StoreError> = std::result::Result<T, E>;
+
+/// What `enqueue` did.
+#[derive(Debug, Clone)]
+pub enum Enqueued {
+    Created(Job),
+    /// The idempotency key was seen before with the same request: the earlier job.
+    Existing(Job),
+    /// The idempotency key was seen before with a different request.
+    KeyReused(Job),
+}
+
+/// What `cancel` did.
+#[derive(Debug, Clone)]
+pub enum CancelOutcome {
+    /// The job was queued or running and is now cancelled; `was_running` tells whether a worker
+    /// must be told to stop.
+    Cancelled {
+        job: Job,
+        was_running: bool,
+    },
+    /// Already final: nothing changed.
+    AlreadyFinal(Job),
+    NotFound,
+}
+
+/// What a manual retry did.
+#[derive(Debug, Clone)]
+pub enum RetryOutcome {
+    Requeued(Job),
+    /// Only failed jobs can be retried.
+    NotFailed(Job),
+    NotFound,
+}
+
+/// A job held by a worker whose lease was just renewed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Held {
+    pub id: Uuid,
+    pub attempt: i32,
+}
+
+#[async_trait]
+pub trait Store: Send + Sync + 'static {
+    /// Apply this backend's migrations.
+    async fn migrate(&self) -> Result<()>;
+    /// Cheap round trip, for `/readyz`.
+    async fn ping(&self) -> Result<()>;
+    /// Insert a queued job, or find the earlier one under the same idempotency key.
+    async fn enqueue(&self, job: NewJob) -> Result<Enqueued>;
+    async fn get_job(&self, id: Uuid) -> Result<Option<Job>>;
+    /// Every checkpoint of a job, in step order.
+    async fn get_steps(&self, id: Uuid) -> Result<Vec<Step>>;
+    async fn list_jobs(&self, filter: &ListFilter) -> Result<Vec<Job>>;
+    async fn cancel(&self, id: Uuid, now: i64) -> Result<CancelOutcome>;
+    /// Put a failed job back in the queue; its successful checkpoints are kept and reused, its
+    /// failed steps are forgotten so they run again.
+    async fn retry_failed(&self, id: Uuid, now: i64) -> Result<RetryOutcome>;
+
+    /// Atomically move up to `limit` runnable queued jobs to running under `owner`, highest
+    /// priority first. No job is ever handed to two claimers.
+    async fn claim(&self, owner: &str, limit: u32, now: i64, lease: Duration) -> Result<Vec<Job>>;
+    /// Extend the lease of every job `owner` holds; returns the jobs it still holds.
+    async fn heartbeat(&self, owner: &str, now: i64, lease: Duration) -> Result<Vec<Held>>;
+    /// Requeue running jobs whose lease expired (or fail them once attempts are used up);
+    /// returns how many were touched.
+    async fn rescue_expired(&self, now: i64) -> Result<u64>;
+
+    /// Write one step checkpoint; false when fenced out (the lease is gone).
+    async fn save_step(&self, lease: &Lease, step: &Step) -> Result<bool>;
+    async fn complete(&self, lease: &Lease, result: &Value, now: i64) -> Result<bool>;
+    async fn fail(&self, lease: &Lease, reason: &str, error: &str, now: i64) -> Result<bool>;
+    /// Back to queued until `run_at`, keeping checkpoints (a retryable failure).
+    async fn retry_later(
+        &self,
+        lease: &Lease,
+        run_at: i64,
+        reason: &str,
+        error: &str,
+    ) -> Result<bool>;
+    /// Back to queued now without spending the attempt (graceful shutdown).
+    async fn release(&self, lease: &Lease) -> Result<bool>;
+
+    /// Woken whenever work may be available (an enqueue in this process, or — on Postgres — a
+    /// NOTIFY from any process).
+    fn wakeups(&self) -> Arc<Notify>;
+}
+
+/// Open the store named by `url` (`sqlite://…` or `postgres://…`).
+pub async fn connect(url: &str) -> Result<Arc<dyn Store>> {
+    if url.starts_with("sqlite:") {
+        Ok(Arc::new(sqlite::SqliteStore::connect(url).await?))
+    } else if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+        Ok(Arc::new(postgres::PgStore::connect(url).await?))
+    } else {
+        Err(StoreError::UnsupportedUrl(redact_url(url)))
+    }
+}
+
+/// The URL with any password replaced, for logs and errors.
+pub fn redact_url(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme_end), Some(at)) if at > scheme_end => {
+            let userinfo = &url[scheme_end + 3..at];
+            match userinfo.find(':') {
+                Some(colon) => format!(
+                    "{}{}:***{}",
+                    &url[..scheme_end + 3],
+                    &userinfo[..colon],
+                    &url[at..]
+                ),
+                None => url.to_string(),
+            }
+        }
+        _ => url.to_string(),
+    }
+}
+
+pub(crate) fn status_from_db(s: &str) -> Result<JobStatus> {
+    JobStatus::parse(s).ok_or_else(|| StoreError::Corrupt(format!("unknown job status `{s}`")))
+}
+
+pub(crate) fn ms(d: Duration) -> i64 {
+    i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn redacts_passwords_only() {
+        assert_eq!(
+            redact_url("postgres://u:secret@h:5432/db"),
+            "postgres://u:***@h:5432/db"
+        );
+        assert_eq!(redact_url("postgres://u@h/db"), "postgres://u@h/db");
+        assert_eq!(redact_url("sqlite://fusion.db"), "sqlite://fusion.db");
+    }
+}

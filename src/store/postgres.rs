@@ -1,0 +1,466 @@
+//! The scale-out store: Postgres. Claims use `FOR UPDATE SKIP LOCKED` so any number of worker
+//! processes on any number of hosts share one queue; a trigger NOTIFYs `fusion_jobs` whenever a
+//! job becomes queued and a listener task turns that into in-process wake-ups.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use serde_json::Value;
+use sqlx::Row;
+use sqlx::postgres::{PgListener, PgPool, PgPoolOptions, PgRow};
+use sqlx::types::Json;
+use tokio::sync::Notify;
+use uuid::Uuid;
+
+use super::{
+    CancelOutcome, Enqueued, Held, Result, RetryOutcome, Store, StoreError, ms, status_from_db,
+};
+use crate::job::{Job, JobStatus, Lease, ListFilter, NewJob, Step, StepKey, Usage};
+
+pub struct PgStore {
+    pool: PgPool,
+    wakeups: Arc<Notify>,
+}
+
+const CHANNEL: &str = "fusion_jobs";
+
+impl PgStore {
+    pub async fn connect(url: &str) -> Result<PgStore> {
+        let pool = PgPoolOptions::new()
+            .max_connections(16)
+            .acquire_timeout(Duration::from_secs(10))
+            .connect(url)
+            .await?;
+        let wakeups = Arc::new(Notify::new());
+        tokio::spawn(listen(pool.clone(), wakeups.clone()));
+        Ok(PgStore { pool, wakeups })
+    }
+
+    pub fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+
+    async fn fetch_job(&self, id: Uuid) -> Result<Option<Job>> {
+        let row = sqlx::query(concat!(
+            "SELECT ",
+            job_columns!(),
+            " FROM jobs WHERE id = $1"
+        ))
+        .bind(id)
+        .fetch_optional(&self.pool)
+        .await?;
+        row.map(|r| job_from_row(&r)).transpose()
+    }
+}
+
+/// Forward NOTIFYs to the in-process wake-up; reconnects on its own after connection loss.
+async fn listen(pool: PgPool, wakeups: Arc<Notify>) {
+    let mut failures = 0u32;
+    loop {
+        let mut listener = match PgListener::connect_with(&pool).await {
+            Ok(l) => l,
+            Err(e) => {
+                failures += 1;
+                tracing::warn!(error = %e, "LISTEN connection failed; polling meanwhile");
+                tokio::time::sleep(crate::worker::backoff(failures)).await;
+                continue;
+            }
+        };
+        if let Err(e) = listener.listen(CHANNEL).await {
+            failures += 1;
+            tracing::warn!(error = %e, "LISTEN failed; polling meanwhile");
+            tokio::time::sleep(crate::worker::backoff(failures)).await;
+            continue;
+        }
+        failures = 0;
+        loop {
+            match listener.try_recv().await {
+                Ok(Some(_)) => wakeups.notify_one(),
+                // The connection dropped and will be re-established; wake in case we missed one.
+                Ok(None) => wakeups.notify_one(),
+                Err(e) => {
+                    tracing::warn!(error = %e, "LISTEN connection lost");
+                    break;
+                }
+            }
+        }
+        if pool.is_closed() {
+            return;
+        }
+    }
+}
+
+static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/postgres");
+
+#[async_trait]
+impl Store for PgStore {
+    async fn migrate(&self) -> Result<()> {
+        MIGRATOR.run(&self.pool).await?;
+        Ok(())
+    }
+
+    async fn ping(&self) -> Result<()> {
+        sqlx::query("SELECT 1").execute(&self.pool).await?;
+        Ok(())
+    }
+
+    async fn enqueue(&self, job: NewJob) -> Result<Enqueued> {
+        let inserted = sqlx::query(concat!(
+            "INSERT INTO jobs (id, status, spec, metadata, priority, attempt, max_attempts, \
+             run_at, deadline_at, idempotency_key, request_hash, created_at) \
+             VALUES ($1, 'queued', $2, $3, $4, 0, $5, $6, $7, $8, $9, $6) \
+             ON CONFLICT (idempotency_key) DO NOTHING RETURNING ",
+            job_columns!()
+        ))
+        .bind(job.id)
+        .bind(Json(&job.spec))
+        .bind(Json(&job.metadata))
+        .bind(job.priority)
+        .bind(job.max_attempts)
+        .bind(job.created_at)
+        .bind(job.deadline_at)
+        .bind(&job.idempotency_key)
+        .bind(&job.request_hash)
+        .fetch_optional(&self.pool)
+        .await?;
+        if let Some(row) = inserted {
+            self.wakeups.notify_one();
+            return Ok(Enqueued::Created(job_from_row(&row)?));
+        }
+        let row = sqlx::query(concat!(
+            "SELECT ",
+            job_columns!(),
+            " FROM jobs WHERE idempotency_key = $1"
+        ))
+        .bind(&job.idempotency_key)
+        .fetch_one(&self.pool)
+        .await?;
+        let existing = job_from_row(&row)?;
+        Ok(if existing.request_hash == job.request_hash {
+            Enqueued::Existing(existing)
+        } else {
+            Enqueued::KeyReused(existing)
+        })
+    }
+
+    async fn get_job(&self, id: Uuid) -> Result<Option<Job>> {
+        self.fetch_job(id).await
+    }
+
+    async fn get_steps(&self, id: Uuid) -> Result<Vec<Step>> {
+        let rows = sqlx::query(
+            "SELECT step, model, ok, content, data, prompt_tokens, completion_tokens, cost, \
+             latency_ms, error_code, error, status_code, attempt, created_at \
+             FROM steps WHERE job_id = $1",
+        )
+        .bind(id)
+        .fetch_all(&self.pool)
+        .await?;
+        let mut steps = rows.iter().map(step_from_row).collect::<Result<Vec<_>>>()?;
+        steps.sort_by_key(|s| s.key);
+        Ok(steps)
+    }
+
+    async fn list_jobs(&self, filter: &ListFilter) -> Result<Vec<Job>> {
+        let rows = sqlx::query(concat!(
+            "SELECT ",
+            job_columns!(),
+            " FROM jobs WHERE ($1::text IS NULL OR status = $1) \
+             AND ($2::uuid IS NULL OR id < $2) ORDER BY id DESC LIMIT $3"
+        ))
+        .bind(filter.status.map(JobStatus::as_str))
+        .bind(filter.before)
+        .bind(i64::from(filter.limit))
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(job_from_row).collect()
+    }
+
+    async fn cancel(&self, id: Uuid, now: i64) -> Result<CancelOutcome> {
+        // Lock the row so the status we report is the one we changed.
+        let mut tx = self.pool.begin().await?;
+        let row = sqlx::query(concat!(
+            "SELECT ",
+            job_columns!(),
+            " FROM jobs WHERE id = $1 FOR UPDATE"
+        ))
+        .bind(id)
+        .fetch_optional(&mut *tx)
+        .await?;
+        let Some(row) = row else {
+            return Ok(CancelOutcome::NotFound);
+        };
+        let before = job_from_row(&row)?;
+        if before.status.is_final() {
+            return Ok(CancelOutcome::AlreadyFinal(before));
+        }
+        let row = sqlx::query(concat!(
+            "UPDATE jobs SET status = 'cancelled', finished_at = $2, \
+             failure_reason = 'cancelled', error = 'cancelled by request', \
+             lease_owner = NULL, lease_expires_at = NULL WHERE id = $1 RETURNING ",
+            job_columns!()
+        ))
+        .bind(id)
+        .bind(now)
+        .fetch_one(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(CancelOutcome::Cancelled {
+            job: job_from_row(&row)?,
+            was_running: before.status == JobStatus::Running,
+        })
+    }
+
+    async fn retry_failed(&self, id: Uuid, now: i64) -> Result<RetryOutcome> {
+        let mut tx = self.pool.begin().await?;
+        let done = sqlx::query(
+            "UPDATE jobs SET status = 'queued', run_at = $2, finished_at = NULL, \
+             failure_reason = NULL, error = NULL, result = NULL, \
+             max_attempts = greatest(max_attempts, attempt + 1) \
+             WHERE id = $1 AND status = 'failed'",
+        )
+        .bind(id)
+        .bind(now)
+        .execute(&mut *tx)
+        .await?;
+        if done.rows_affected() == 1 {
+            sqlx::query("DELETE FROM steps WHERE job_id = $1 AND NOT ok")
+                .bind(id)
+                .execute(&mut *tx)
+                .await?;
+        }
+        tx.commit().await?;
+        let Some(job) = self.fetch_job(id).await? else {
+            return Ok(RetryOutcome::NotFound);
+        };
+        Ok(if done.rows_affected() == 1 {
+            RetryOutcome::Requeued(job)
+        } else {
+            RetryOutcome::NotFailed(job)
+        })
+    }
+
+    async fn claim(&self, owner: &str, limit: u32, now: i64, lease: Duration) -> Result<Vec<Job>> {
+        let rows = sqlx::query(concat!(
+            "WITH next AS (SELECT id FROM jobs WHERE status = 'queued' AND run_at <= $3 \
+                           ORDER BY priority DESC, run_at, id LIMIT $4 FOR UPDATE SKIP LOCKED) \
+             UPDATE jobs SET status = 'running', attempt = jobs.attempt + 1, lease_owner = $1, \
+             lease_expires_at = $2, started_at = coalesce(jobs.started_at, $3) \
+             FROM next WHERE jobs.id = next.id RETURNING ",
+            "jobs.id, jobs.status, jobs.spec, jobs.metadata, jobs.priority, jobs.attempt, \
+             jobs.max_attempts, jobs.run_at, jobs.deadline_at, jobs.lease_owner, \
+             jobs.lease_expires_at, jobs.idempotency_key, jobs.request_hash, jobs.created_at, \
+             jobs.started_at, jobs.finished_at, jobs.failure_reason, jobs.error, jobs.result"
+        ))
+        .bind(owner)
+        .bind(now + ms(lease))
+        .bind(now)
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await?;
+        let mut jobs = rows.iter().map(job_from_row).collect::<Result<Vec<_>>>()?;
+        jobs.sort_by(|a, b| b.priority.cmp(&a.priority).then(a.run_at.cmp(&b.run_at)));
+        Ok(jobs)
+    }
+
+    async fn heartbeat(&self, owner: &str, now: i64, lease: Duration) -> Result<Vec<Held>> {
+        let rows = sqlx::query(
+            "UPDATE jobs SET lease_expires_at = $1 WHERE status = 'running' AND lease_owner = $2 \
+             RETURNING id, attempt",
+        )
+        .bind(now + ms(lease))
+        .bind(owner)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|r| {
+                Ok(Held {
+                    id: r.try_get("id")?,
+                    attempt: r.try_get("attempt")?,
+                })
+            })
+            .collect()
+    }
+
+    async fn rescue_expired(&self, now: i64) -> Result<u64> {
+        let failed = sqlx::query(
+            "UPDATE jobs SET status = 'failed', finished_at = $1, failure_reason = 'lease_expired', \
+             error = 'the worker holding the job stopped renewing its lease on every attempt', \
+             lease_owner = NULL, lease_expires_at = NULL \
+             WHERE status = 'running' AND lease_expires_at < $1 AND attempt >= max_attempts",
+        )
+        .bind(now)
+        .execute(&self.pool)
+        .await?
+        .rows_affected();
+        let requeued = sqlx::query(
+            "UPDATE jobs SET status = 'queued', run_at = $1, lease_owner = NULL, \
+             lease_expires_at = NULL WHERE status = 'running' AND lease_expires_at < $1",
+        )
+        .bind(now)
+        .execute(&self.pool)
+        .await?
+        .rows_affected();
+        Ok(failed + requeued)
+    }
+
+    async fn save_step(&self, lease: &Lease, step: &Step) -> Result<bool> {
+        let done = sqlx::query(
+            "INSERT INTO steps (job_id, step, model, ok, content, data, prompt_tokens, \
+             completion_tokens, cost, latency_ms, error_code, error, status_code, attempt, \
+             created_at) \
+             SELECT $1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15 \
+             WHERE EXISTS (SELECT 1 FROM jobs WHERE id = $1 AND status = 'running' \
+                           AND attempt = $14 AND lease_owner = $16) \
+             ON CONFLICT (job_id, step) DO NOTHING",
+        )
+        .bind(lease.job_id)
+        .bind(step.key.to_db())
+        .bind(&step.model)
+        .bind(step.ok)
+        .bind(&step.content)
+        .bind(step.data.as_ref().map(Json))
+        .bind(step.usage.prompt_tokens)
+        .bind(step.usage.completion_tokens)
+        .bind(step.usage.cost)
+        .bind(step.latency_ms)
+        .bind(&step.error_code)
+        .bind(&step.error)
+        .bind(step.status_code)
+        .bind(lease.attempt)
+        .bind(step.created_at)
+        .bind(&lease.owner)
+        .execute(&self.pool)
+        .await?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    async fn complete(&self, lease: &Lease, result: &Value, now: i64) -> Result<bool> {
+        let done = sqlx::query(
+            "UPDATE jobs SET status = 'succeeded', result = $4, finished_at = $5, \
+             lease_owner = NULL, lease_expires_at = NULL, failure_reason = NULL, error = NULL \
+             WHERE id = $1 AND attempt = $2 AND lease_owner = $3 AND status = 'running'",
+        )
+        .bind(lease.job_id)
+        .bind(lease.attempt)
+        .bind(&lease.owner)
+        .bind(Json(result))
+        .bind(now)
+        .execute(&self.pool)
+        .await?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    async fn fail(&self, lease: &Lease, reason: &str, error: &str, now: i64) -> Result<bool> {
+        let done = sqlx::query(
+            "UPDATE jobs SET status = 'failed', failure_reason = $4, error = $5, finished_at = $6, \
+             lease_owner = NULL, lease_expires_at = NULL \
+             WHERE id = $1 AND attempt = $2 AND lease_owner = $3 AND status = 'running'",
+        )
+        .bind(lease.job_id)
+        .bind(lease.attempt)
+        .bind(&lease.owner)
+        .bind(reason)
+        .bind(error)
+        .bind(now)
+        .execute(&self.pool)
+        .await?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    async fn retry_later(
+        &self,
+        lease: &Lease,
+        run_at: i64,
+        reason: &str,
+        error: &str,
+    ) -> Result<bool> {
+        let done = sqlx::query(
+            "UPDATE jobs SET status = 'queued', run_at = $4, failure_reason = $5, error = $6, \
+             lease_owner = NULL, lease_expires_at = NULL \
+             WHERE id = $1 AND attempt = $2 AND lease_owner = $3 AND status = 'running'",
+        )
+        .bind(lease.job_id)
+        .bind(lease.attempt)
+        .bind(&lease.owner)
+        .bind(run_at)
+        .bind(reason)
+        .bind(error)
+        .execute(&self.pool)
+        .await?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    async fn release(&self, lease: &Lease) -> Result<bool> {
+        let done = sqlx::query(
+            "UPDATE jobs SET status = 'queued', attempt = attempt - 1, lease_owner = NULL, \
+             lease_expires_at = NULL \
+             WHERE id = $1 AND attempt = $2 AND lease_owner = $3 AND status = 'running'",
+        )
+        .bind(lease.job_id)
+        .bind(lease.attempt)
+        .bind(&lease.owner)
+        .execute(&self.pool)
+        .await?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    fn wakeups(&self) -> Arc<Notify> {
+        self.wakeups.clone()
+    }
+}
+
+fn job_from_row(r: &PgRow) -> Result<Job> {
+    let spec: Json<Value> = r.try_get("spec")?;
+    let result: Option<Json<Value>> = r.try_get("result")?;
+    Ok(Job {
+        id: r.try_get("id")?,
+        status: status_from_db(r.try_get("status")?)?,
+        spec: serde_json::from_value(spec.0)
+            .map_err(|e| StoreError::Corrupt(format!("bad job spec: {e}")))?,
+        metadata: r.try_get::<Json<Value>, _>("metadata")?.0,
+        priority: r.try_get("priority")?,
+        attempt: r.try_get("attempt")?,
+        max_attempts: r.try_get("max_attempts")?,
+        run_at: r.try_get("run_at")?,
+        deadline_at: r.try_get("deadline_at")?,
+        lease_owner: r.try_get("lease_owner")?,
+        lease_expires_at: r.try_get("lease_expires_at")?,
+        idempotency_key: r.try_get("idempotency_key")?,
+        request_hash: r.try_get("request_hash")?,
+        created_at: r.try_get("created_at")?,
+        started_at: r.try_get("started_at")?,
+        finished_at: r.try_get("finished_at")?,
+        failure_reason: r.try_get("failure_reason")?,
+        error: r.try_get("error")?,
+        result: result.map(|j| j.0),
+    })
+}
+
+fn step_from_row(r: &PgRow) -> Result<Step> {
+    let key: String = r.try_get("step")?;
+    let data: Option<Json<Value>> = r.try_get("data")?;
+    let prompt_tokens: i64 = r.try_get("prompt_tokens")?;
+    let completion_tokens: i64 = r.try_get("completion_tokens")?;
+    Ok(Step {
+        key: StepKey::parse(&key)
+            .ok_or_else(|| StoreError::Corrupt(format!("bad step `{key}`")))?,
+        model: r.try_get("model")?,
+        ok: r.try_get("ok")?,
+        content: r.try_get("content")?,
+        data: data.map(|j| j.0),
+        usage: Usage {
+            prompt_tokens,
+            completion_tokens,
+            total_tokens: prompt_tokens + completion_tokens,
+            cost: r.try_get("cost")?,
+        },
+        latency_ms: r.try_get("latency_ms")?,
+        error_code: r.try_get("error_code")?,
+        error: r.try_get("error")?,
+        status_code: r.try_get("status_code")?,
+        attempt: r.try_get("attempt")?,
+        created_at: r.try_get("created_at")?,
+    })
+}

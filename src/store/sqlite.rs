@@ -1,0 +1,460 @@
+//! The embedded default store: SQLite in WAL mode. Writers serialise, so every write here is a
+//! single statement (claim is one `UPDATE … RETURNING`) and a busy timeout absorbs contention from
+//! other processes sharing the file. Wake-ups are in-process only; other processes fall back to
+//! polling.
+
+use std::str::FromStr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use serde_json::Value;
+use sqlx::Row;
+use sqlx::sqlite::{
+    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteRow,
+    SqliteSynchronous,
+};
+use tokio::sync::Notify;
+use uuid::Uuid;
+
+use super::{
+    CancelOutcome, Enqueued, Held, Result, RetryOutcome, Store, StoreError, ms, status_from_db,
+};
+use crate::job::{Job, JobStatus, Lease, ListFilter, NewJob, Step, StepKey, Usage};
+
+pub struct SqliteStore {
+    pool: SqlitePool,
+    wakeups: Arc<Notify>,
+}
+
+impl SqliteStore {
+    pub async fn connect(url: &str) -> Result<SqliteStore> {
+        let options = SqliteConnectOptions::from_str(url)?
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            // WAL + NORMAL: a power loss may drop the last transactions, never corrupt the file.
+            .synchronous(SqliteSynchronous::Normal)
+            .busy_timeout(Duration::from_secs(10))
+            .foreign_keys(true);
+        let pool = SqlitePoolOptions::new()
+            .max_connections(8)
+            .connect_with(options)
+            .await?;
+        Ok(SqliteStore {
+            pool,
+            wakeups: Arc::new(Notify::new()),
+        })
+    }
+
+    async fn fetch_job(&self, sql: &'static str, id: Uuid) -> Result<Option<Job>> {
+        let row = sqlx::query(sql)
+            .bind(id.to_string())
+            .fetch_optional(&self.pool)
+            .await?;
+        row.map(|r| job_from_row(&r)).transpose()
+    }
+
+    async fn fenced(
+        &self,
+        sql: &'static str,
+        lease: &Lease,
+        binds: FenceBinds<'_>,
+    ) -> Result<bool> {
+        let mut q = sqlx::query(sql);
+        for b in binds.0 {
+            q = match b {
+                Bind::I(v) => q.bind(*v),
+                Bind::S(v) => q.bind(*v),
+                Bind::J(v) => q.bind(v.to_string()),
+            };
+        }
+        let done = q
+            .bind(lease.job_id.to_string())
+            .bind(lease.attempt)
+            .bind(&lease.owner)
+            .execute(&self.pool)
+            .await?;
+        Ok(done.rows_affected() == 1)
+    }
+}
+
+/// Values bound before the fence parameters of a lease-fenced update.
+struct FenceBinds<'a>(&'a [Bind<'a>]);
+enum Bind<'a> {
+    I(i64),
+    S(&'a str),
+    J(&'a Value),
+}
+
+static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite");
+
+#[async_trait]
+impl Store for SqliteStore {
+    async fn migrate(&self) -> Result<()> {
+        MIGRATOR.run(&self.pool).await?;
+        Ok(())
+    }
+
+    async fn ping(&self) -> Result<()> {
+        sqlx::query("SELECT 1").execute(&self.pool).await?;
+        Ok(())
+    }
+
+    async fn enqueue(&self, job: NewJob) -> Result<Enqueued> {
+        let spec =
+            serde_json::to_string(&job.spec).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+        let inserted = sqlx::query(concat!(
+            "INSERT INTO jobs (id, status, spec, metadata, priority, attempt, max_attempts, \
+                 run_at, deadline_at, idempotency_key, request_hash, created_at) \
+                 VALUES (?, 'queued', ?, ?, ?, 0, ?, ?, ?, ?, ?, ?) \
+                 ON CONFLICT (idempotency_key) DO NOTHING RETURNING ",
+            job_columns!()
+        ))
+        .bind(job.id.to_string())
+        .bind(spec)
+        .bind(job.metadata.to_string())
+        .bind(job.priority)
+        .bind(job.max_attempts)
+        .bind(job.created_at)
+        .bind(job.deadline_at)
+        .bind(&job.idempotency_key)
+        .bind(&job.request_hash)
+        .bind(job.created_at)
+        .fetch_optional(&self.pool)
+        .await?;
+        if let Some(row) = inserted {
+            self.wakeups.notify_one();
+            return Ok(Enqueued::Created(job_from_row(&row)?));
+        }
+        let row = sqlx::query(concat!(
+            "SELECT ",
+            job_columns!(),
+            " FROM jobs WHERE idempotency_key = ?"
+        ))
+        .bind(&job.idempotency_key)
+        .fetch_one(&self.pool)
+        .await?;
+        let existing = job_from_row(&row)?;
+        Ok(if existing.request_hash == job.request_hash {
+            Enqueued::Existing(existing)
+        } else {
+            Enqueued::KeyReused(existing)
+        })
+    }
+
+    async fn get_job(&self, id: Uuid) -> Result<Option<Job>> {
+        self.fetch_job(
+            concat!("SELECT ", job_columns!(), " FROM jobs WHERE id = ?"),
+            id,
+        )
+        .await
+    }
+
+    async fn get_steps(&self, id: Uuid) -> Result<Vec<Step>> {
+        let rows = sqlx::query(
+            "SELECT step, model, ok, content, data, prompt_tokens, completion_tokens, cost, \
+             latency_ms, error_code, error, status_code, attempt, created_at \
+             FROM steps WHERE job_id = ?",
+        )
+        .bind(id.to_string())
+        .fetch_all(&self.pool)
+        .await?;
+        let mut steps = rows.iter().map(step_from_row).collect::<Result<Vec<_>>>()?;
+        steps.sort_by_key(|s| s.key);
+        Ok(steps)
+    }
+
+    async fn list_jobs(&self, filter: &ListFilter) -> Result<Vec<Job>> {
+        let rows = sqlx::query(concat!(
+            "SELECT ",
+            job_columns!(),
+            " FROM jobs WHERE (?1 IS NULL OR status = ?1) AND (?2 IS NULL OR id < ?2) \
+                 ORDER BY id DESC LIMIT ?3"
+        ))
+        .bind(filter.status.map(JobStatus::as_str))
+        .bind(filter.before.map(|id| id.to_string()))
+        .bind(i64::from(filter.limit))
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(job_from_row).collect()
+    }
+
+    async fn cancel(&self, id: Uuid, now: i64) -> Result<CancelOutcome> {
+        // Compare-and-set on the status read just before, so a claim racing with the cancel is
+        // either seen (was_running) or makes the update miss and the loop read again.
+        loop {
+            let Some(before) = self.get_job(id).await? else {
+                return Ok(CancelOutcome::NotFound);
+            };
+            if before.status.is_final() {
+                return Ok(CancelOutcome::AlreadyFinal(before));
+            }
+            let row = sqlx::query(concat!(
+                "UPDATE jobs SET status = 'cancelled', finished_at = ?, \
+                 failure_reason = 'cancelled', error = 'cancelled by request', \
+                 lease_owner = NULL, lease_expires_at = NULL \
+                 WHERE id = ? AND status = ? AND attempt = ? RETURNING ",
+                job_columns!()
+            ))
+            .bind(now)
+            .bind(id.to_string())
+            .bind(before.status.as_str())
+            .bind(before.attempt)
+            .fetch_optional(&self.pool)
+            .await?;
+            if let Some(row) = row {
+                return Ok(CancelOutcome::Cancelled {
+                    job: job_from_row(&row)?,
+                    was_running: before.status == JobStatus::Running,
+                });
+            }
+        }
+    }
+
+    async fn retry_failed(&self, id: Uuid, now: i64) -> Result<RetryOutcome> {
+        let mut tx = self.pool.begin().await?;
+        let done = sqlx::query(
+            "UPDATE jobs SET status = 'queued', run_at = ?, finished_at = NULL, \
+             failure_reason = NULL, error = NULL, result = NULL, \
+             max_attempts = max(max_attempts, attempt + 1) \
+             WHERE id = ? AND status = 'failed'",
+        )
+        .bind(now)
+        .bind(id.to_string())
+        .execute(&mut *tx)
+        .await?;
+        if done.rows_affected() == 1 {
+            sqlx::query("DELETE FROM steps WHERE job_id = ? AND ok = 0")
+                .bind(id.to_string())
+                .execute(&mut *tx)
+                .await?;
+        }
+        tx.commit().await?;
+        let Some(job) = self.get_job(id).await? else {
+            return Ok(RetryOutcome::NotFound);
+        };
+        if done.rows_affected() == 1 {
+            self.wakeups.notify_one();
+            Ok(RetryOutcome::Requeued(job))
+        } else {
+            Ok(RetryOutcome::NotFailed(job))
+        }
+    }
+
+    async fn claim(&self, owner: &str, limit: u32, now: i64, lease: Duration) -> Result<Vec<Job>> {
+        let rows = sqlx::query(concat!(
+            "UPDATE jobs SET status = 'running', attempt = attempt + 1, lease_owner = ?1, \
+             lease_expires_at = ?2, started_at = coalesce(started_at, ?3) \
+             WHERE id IN (SELECT id FROM jobs WHERE status = 'queued' AND run_at <= ?3 \
+                          ORDER BY priority DESC, run_at, id LIMIT ?4) \
+             RETURNING ",
+            job_columns!()
+        ))
+        .bind(owner)
+        .bind(now + ms(lease))
+        .bind(now)
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await?;
+        let mut jobs = rows.iter().map(job_from_row).collect::<Result<Vec<_>>>()?;
+        jobs.sort_by(|a, b| b.priority.cmp(&a.priority).then(a.run_at.cmp(&b.run_at)));
+        Ok(jobs)
+    }
+
+    async fn heartbeat(&self, owner: &str, now: i64, lease: Duration) -> Result<Vec<Held>> {
+        let rows = sqlx::query(
+            "UPDATE jobs SET lease_expires_at = ? WHERE status = 'running' AND lease_owner = ? \
+             RETURNING id, attempt",
+        )
+        .bind(now + ms(lease))
+        .bind(owner)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|r| {
+                Ok(Held {
+                    id: parse_id(&r.try_get::<String, _>("id")?)?,
+                    attempt: r.try_get("attempt")?,
+                })
+            })
+            .collect()
+    }
+
+    async fn rescue_expired(&self, now: i64) -> Result<u64> {
+        let failed = sqlx::query(
+            "UPDATE jobs SET status = 'failed', finished_at = ?1, failure_reason = 'lease_expired', \
+             error = 'the worker holding the job stopped renewing its lease on every attempt', \
+             lease_owner = NULL, lease_expires_at = NULL \
+             WHERE status = 'running' AND lease_expires_at < ?1 AND attempt >= max_attempts",
+        )
+        .bind(now)
+        .execute(&self.pool)
+        .await?
+        .rows_affected();
+        let requeued = sqlx::query(
+            "UPDATE jobs SET status = 'queued', run_at = ?1, lease_owner = NULL, \
+             lease_expires_at = NULL WHERE status = 'running' AND lease_expires_at < ?1",
+        )
+        .bind(now)
+        .execute(&self.pool)
+        .await?
+        .rows_affected();
+        if requeued > 0 {
+            self.wakeups.notify_one();
+        }
+        Ok(failed + requeued)
+    }
+
+    async fn save_step(&self, lease: &Lease, step: &Step) -> Result<bool> {
+        let done = sqlx::query(
+            "INSERT INTO steps (job_id, step, model, ok, content, data, prompt_tokens, \
+             completion_tokens, cost, latency_ms, error_code, error, status_code, attempt, \
+             created_at) \
+             SELECT ?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15 \
+             WHERE EXISTS (SELECT 1 FROM jobs WHERE id = ?1 AND status = 'running' \
+                           AND attempt = ?14 AND lease_owner = ?16) \
+             ON CONFLICT (job_id, step) DO NOTHING",
+        )
+        .bind(lease.job_id.to_string())
+        .bind(step.key.to_db())
+        .bind(&step.model)
+        .bind(step.ok)
+        .bind(&step.content)
+        .bind(step.data.as_ref().map(Value::to_string))
+        .bind(step.usage.prompt_tokens)
+        .bind(step.usage.completion_tokens)
+        .bind(step.usage.cost)
+        .bind(step.latency_ms)
+        .bind(&step.error_code)
+        .bind(&step.error)
+        .bind(step.status_code)
+        .bind(lease.attempt)
+        .bind(step.created_at)
+        .bind(&lease.owner)
+        .execute(&self.pool)
+        .await?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    async fn complete(&self, lease: &Lease, result: &Value, now: i64) -> Result<bool> {
+        self.fenced(
+            "UPDATE jobs SET status = 'succeeded', result = ?, finished_at = ?, \
+             lease_owner = NULL, lease_expires_at = NULL, failure_reason = NULL, error = NULL \
+             WHERE id = ? AND attempt = ? AND lease_owner = ? AND status = 'running'",
+            lease,
+            FenceBinds(&[Bind::J(result), Bind::I(now)]),
+        )
+        .await
+    }
+
+    async fn fail(&self, lease: &Lease, reason: &str, error: &str, now: i64) -> Result<bool> {
+        self.fenced(
+            "UPDATE jobs SET status = 'failed', failure_reason = ?, error = ?, finished_at = ?, \
+             lease_owner = NULL, lease_expires_at = NULL \
+             WHERE id = ? AND attempt = ? AND lease_owner = ? AND status = 'running'",
+            lease,
+            FenceBinds(&[Bind::S(reason), Bind::S(error), Bind::I(now)]),
+        )
+        .await
+    }
+
+    async fn retry_later(
+        &self,
+        lease: &Lease,
+        run_at: i64,
+        reason: &str,
+        error: &str,
+    ) -> Result<bool> {
+        self.fenced(
+            "UPDATE jobs SET status = 'queued', run_at = ?, failure_reason = ?, error = ?, \
+             lease_owner = NULL, lease_expires_at = NULL \
+             WHERE id = ? AND attempt = ? AND lease_owner = ? AND status = 'running'",
+            lease,
+            FenceBinds(&[Bind::I(run_at), Bind::S(reason), Bind::S(error)]),
+        )
+        .await
+    }
+
+    async fn release(&self, lease: &Lease) -> Result<bool> {
+        let released = self
+            .fenced(
+                "UPDATE jobs SET status = 'queued', attempt = attempt - 1, lease_owner = NULL, \
+                 lease_expires_at = NULL \
+                 WHERE id = ? AND attempt = ? AND lease_owner = ? AND status = 'running'",
+                lease,
+                FenceBinds(&[]),
+            )
+            .await?;
+        if released {
+            self.wakeups.notify_one();
+        }
+        Ok(released)
+    }
+
+    fn wakeups(&self) -> Arc<Notify> {
+        self.wakeups.clone()
+    }
+}
+
+fn parse_id(s: &str) -> Result<Uuid> {
+    Uuid::parse_str(s).map_err(|e| StoreError::Corrupt(format!("bad job id `{s}`: {e}")))
+}
+
+fn parse_json(s: &str) -> Result<Value> {
+    serde_json::from_str(s).map_err(|e| StoreError::Corrupt(format!("bad JSON column: {e}")))
+}
+
+fn job_from_row(r: &SqliteRow) -> Result<Job> {
+    let spec: String = r.try_get("spec")?;
+    let metadata: String = r.try_get("metadata")?;
+    let result: Option<String> = r.try_get("result")?;
+    Ok(Job {
+        id: parse_id(&r.try_get::<String, _>("id")?)?,
+        status: status_from_db(&r.try_get::<String, _>("status")?)?,
+        spec: serde_json::from_str(&spec)
+            .map_err(|e| StoreError::Corrupt(format!("bad job spec: {e}")))?,
+        metadata: parse_json(&metadata)?,
+        priority: r.try_get("priority")?,
+        attempt: r.try_get("attempt")?,
+        max_attempts: r.try_get("max_attempts")?,
+        run_at: r.try_get("run_at")?,
+        deadline_at: r.try_get("deadline_at")?,
+        lease_owner: r.try_get("lease_owner")?,
+        lease_expires_at: r.try_get("lease_expires_at")?,
+        idempotency_key: r.try_get("idempotency_key")?,
+        request_hash: r.try_get("request_hash")?,
+        created_at: r.try_get("created_at")?,
+        started_at: r.try_get("started_at")?,
+        finished_at: r.try_get("finished_at")?,
+        failure_reason: r.try_get("failure_reason")?,
+        error: r.try_get("error")?,
+        result: result.as_deref().map(parse_json).transpose()?,
+    })
+}
+
+fn step_from_row(r: &SqliteRow) -> Result<Step> {
+    let key: String = r.try_get("step")?;
+    let data: Option<String> = r.try_get("data")?;
+    let prompt_tokens: i64 = r.try_get("prompt_tokens")?;
+    let completion_tokens: i64 = r.try_get("completion_tokens")?;
+    Ok(Step {
+        key: StepKey::parse(&key)
+            .ok_or_else(|| StoreError::Corrupt(format!("bad step `{key}`")))?,
+        model: r.try_get("model")?,
+        ok: r.try_get("ok")?,
+        content: r.try_get("content")?,
+        data: data.as_deref().map(parse_json).transpose()?,
+        usage: Usage {
+            prompt_tokens,
+            completion_tokens,
+            total_tokens: prompt_tokens + completion_tokens,
+            cost: r.try_get("cost")?,
+        },
+        latency_ms: r.try_get("latency_ms")?,
+        error_code: r.try_get("error_code")?,
+        error: r.try_get("error")?,
+        status_code: r.try_get("status_code")?,
+        attempt: r.try_get("attempt")?,
+        created_at: r.try_get("created_at")?,
+    })
+}

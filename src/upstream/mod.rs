@@ -1,0 +1,432 @@
+//! Calls to OpenAI-compatible chat-completion servers (OpenRouter by default, any base URL by
+//! configuration). Routes `provider:model` names, classifies every failure once into retryable or
+//! fatal, and turns the upstream `usage` into tokens and cost. Never stores or logs a key.
+
+mod retry;
+
+pub use retry::{CallError, Jitter, RetryPolicy};
+
+use std::collections::HashMap;
+use std::fmt;
+use std::time::{Duration, Instant, SystemTime};
+
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+use crate::job::Usage;
+
+/// A provider key, kept out of `Debug` and logs.
+#[derive(Clone)]
+pub struct ApiKey(String);
+
+impl ApiKey {
+    pub fn new(key: String) -> Option<ApiKey> {
+        let key = key.trim().to_string();
+        (!key.is_empty()).then_some(ApiKey(key))
+    }
+}
+
+impl fmt::Debug for ApiKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("ApiKey(***)")
+    }
+}
+
+/// One OpenAI-compatible endpoint.
+#[derive(Debug, Clone)]
+pub struct Provider {
+    pub name: String,
+    /// Base URL up to and including `/v1` (the path `/chat/completions` is appended).
+    pub base_url: String,
+    pub api_key: Option<ApiKey>,
+}
+
+/// Price per million tokens, used when the upstream does not report `usage.cost`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Deserialize)]
+pub struct Price {
+    pub prompt: f64,
+    pub completion: f64,
+}
+
+#[derive(Debug, Clone)]
+pub struct UpstreamConfig {
+    pub default: Provider,
+    pub providers: HashMap<String, Provider>,
+    /// Limit on one whole call, connection to last byte.
+    pub timeout: Duration,
+    pub prices: HashMap<String, Price>,
+}
+
+/// What is sent for one completion.
+#[derive(Debug, Clone, Default)]
+pub struct CompletionRequest {
+    pub messages: Vec<Value>,
+    pub temperature: Option<f64>,
+    pub max_completion_tokens: Option<u32>,
+    pub response_format: Option<Value>,
+}
+
+/// A successful completion.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Completion {
+    pub content: String,
+    pub finish_reason: Option<String>,
+    pub usage: Usage,
+    pub latency_ms: i64,
+}
+
+/// How a call failed; the one place that decides what may be retried.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorKind {
+    /// 429.
+    RateLimited,
+    /// 408, or our own per-call timeout.
+    Timeout,
+    /// Could not connect, or the connection was reset.
+    Connect,
+    /// 409 or 5xx.
+    Server,
+    /// The body was cut off or was not a chat completion.
+    BadBody,
+    /// 401 / 403.
+    Auth,
+    /// 404: the model (or endpoint) does not exist.
+    NotFound,
+    /// 400 / 422 and any other 4xx: the request itself is wrong.
+    Rejected,
+    /// A well-formed completion with no content.
+    Empty,
+}
+
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[error("{message}")]
+pub struct UpstreamError {
+    pub kind: ErrorKind,
+    pub status: Option<u16>,
+    pub retry_after: Option<Duration>,
+    pub message: String,
+}
+
+impl UpstreamError {
+    fn new(kind: ErrorKind, status: Option<u16>, message: impl Into<String>) -> Self {
+        UpstreamError {
+            kind,
+            status,
+            retry_after: None,
+            message: message.into(),
+        }
+    }
+
+    pub fn retryable(&self) -> bool {
+        matches!(
+            self.kind,
+            ErrorKind::RateLimited
+                | ErrorKind::Timeout
+                | ErrorKind::Connect
+                | ErrorKind::Server
+                | ErrorKind::BadBody
+        )
+    }
+
+    /// The typed failure code recorded on a step and used as a job's `failure_reason`.
+    pub fn code(&self) -> &'static str {
+        match self.kind {
+            ErrorKind::RateLimited => "rate_limited",
+            ErrorKind::NotFound => "invalid_model",
+            ErrorKind::Timeout => "upstream_timeout",
+            ErrorKind::Auth => "upstream_auth",
+            ErrorKind::Empty => "empty_completion",
+            _ => "upstream_error",
+        }
+    }
+
+    /// Classify an HTTP status.
+    pub fn from_status(status: u16, body: &str, retry_after: Option<Duration>) -> Self {
+        let kind = match status {
+            429 => ErrorKind::RateLimited,
+            408 => ErrorKind::Timeout,
+            409 | 500..=599 => ErrorKind::Server,
+            401 | 403 => ErrorKind::Auth,
+            404 => ErrorKind::NotFound,
+            _ => ErrorKind::Rejected,
+        };
+        let detail = upstream_message(body);
+        UpstreamError {
+            kind,
+            status: Some(status),
+            retry_after,
+            message: format!("upstream answered {status}: {detail}"),
+        }
+    }
+}
+
+/// The upstream's own error message, or the start of its body.
+fn upstream_message(body: &str) -> String {
+    let parsed: Option<Value> = serde_json::from_str(body).ok();
+    let msg = parsed
+        .as_ref()
+        .and_then(|v| v.pointer("/error/message").or_else(|| v.get("error")))
+        .and_then(Value::as_str)
+        .map(str::to_string)
+        .unwrap_or_else(|| body.chars().take(300).collect());
+    if msg.is_empty() {
+        "(empty body)".into()
+    } else {
+        msg
+    }
+}
+
+/// `Retry-After` as seconds or an HTTP date.
+pub fn parse_retry_after(value: &str, now: SystemTime) -> Option<Duration> {
+    let value = value.trim();
+    if let Ok(secs) = value.parse::<f64>() {
+        return (secs.is_finite() && secs >= 0.0).then(|| Duration::from_secs_f64(secs));
+    }
+    let at = httpdate::parse_http_date(value).ok()?;
+    Some(at.duration_since(now).unwrap_or(Duration::ZERO))
+}
+
+#[derive(Debug)]
+pub struct Upstream {
+    http: reqwest::Client,
+    config: UpstreamConfig,
+}
+
+#[derive(Deserialize)]
+struct WireResponse {
+    choices: Vec<WireChoice>,
+    #[serde(default)]
+    usage: Option<WireUsage>,
+}
+
+#[derive(Deserialize)]
+struct WireChoice {
+    message: WireMessage,
+    #[serde(default)]
+    finish_reason: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct WireMessage {
+    #[serde(default)]
+    content: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct WireUsage {
+    #[serde(default)]
+    prompt_tokens: i64,
+    #[serde(default)]
+    completion_tokens: i64,
+    #[serde(default)]
+    cost: Option<f64>,
+}
+
+impl Upstream {
+    pub fn new(config: UpstreamConfig) -> anyhow::Result<Upstream> {
+        let http = reqwest::Client::builder()
+            .timeout(config.timeout)
+            .connect_timeout(Duration::from_secs(10).min(config.timeout))
+            .pool_max_idle_per_host(256)
+            .build()?;
+        Ok(Upstream { http, config })
+    }
+
+    /// The provider that serves `model` and the model name to send it: `NAME:model` addresses a
+    /// configured provider; anything else (including OpenRouter's `vendor/model:variant`) goes to
+    /// the default provider unchanged.
+    pub fn route<'a>(&'a self, model: &'a str) -> (&'a Provider, &'a str) {
+        if let Some((prefix, rest)) = model.split_once(':')
+            && let Some(p) = self.config.providers.get(prefix)
+        {
+            return (p, rest);
+        }
+        (&self.config.default, model)
+    }
+
+    /// One call, no retries.
+    pub async fn complete(
+        &self,
+        model: &str,
+        req: &CompletionRequest,
+    ) -> Result<Completion, UpstreamError> {
+        let (provider, upstream_model) = self.route(model);
+        let mut body = json!({
+            "model": upstream_model,
+            "messages": req.messages,
+            "stream": false,
+        });
+        if let Some(t) = req.temperature {
+            body["temperature"] = json!(t);
+        }
+        if let Some(m) = req.max_completion_tokens {
+            body["max_completion_tokens"] = json!(m);
+        }
+        if let Some(rf) = &req.response_format {
+            body["response_format"] = rf.clone();
+        }
+        let url = format!(
+            "{}/chat/completions",
+            provider.base_url.trim_end_matches('/')
+        );
+        let started = Instant::now();
+        let mut call = self.http.post(&url).json(&body);
+        if let Some(key) = &provider.api_key {
+            call = call.bearer_auth(&key.0);
+        }
+        let resp = call.send().await.map_err(transport_error)?;
+        let status = resp.status().as_u16();
+        let retry_after = resp
+            .headers()
+            .get(reqwest::header::RETRY_AFTER)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| parse_retry_after(v, SystemTime::now()));
+        let text = resp.text().await.map_err(transport_error)?;
+        if !(200..300).contains(&status) {
+            return Err(UpstreamError::from_status(status, &text, retry_after));
+        }
+        let wire: WireResponse = serde_json::from_str(&text).map_err(|e| {
+            UpstreamError::new(
+                ErrorKind::BadBody,
+                Some(status),
+                format!("upstream body is not a chat completion: {e}"),
+            )
+        })?;
+        let latency_ms = i64::try_from(started.elapsed().as_millis()).unwrap_or(i64::MAX);
+        let choice = wire.choices.into_iter().next().ok_or_else(|| {
+            UpstreamError::new(
+                ErrorKind::Empty,
+                Some(status),
+                "upstream returned no choices",
+            )
+        })?;
+        let content = choice.message.content.unwrap_or_default();
+        if content.trim().is_empty() {
+            return Err(UpstreamError::new(
+                ErrorKind::Empty,
+                Some(status),
+                "upstream returned an empty completion",
+            ));
+        }
+        let usage = self.usage(model, wire.usage);
+        Ok(Completion {
+            content,
+            finish_reason: choice.finish_reason,
+            usage,
+            latency_ms,
+        })
+    }
+
+    fn usage(&self, model: &str, wire: Option<WireUsage>) -> Usage {
+        let Some(u) = wire else {
+            return Usage::default();
+        };
+        let cost = u.cost.unwrap_or_else(|| {
+            self.config.prices.get(model).map_or(0.0, |p| {
+                (u.prompt_tokens as f64 * p.prompt + u.completion_tokens as f64 * p.completion)
+                    / 1_000_000.0
+            })
+        });
+        Usage {
+            prompt_tokens: u.prompt_tokens,
+            completion_tokens: u.completion_tokens,
+            total_tokens: u.prompt_tokens + u.completion_tokens,
+            cost,
+        }
+    }
+}
+
+fn transport_error(e: reqwest::Error) -> UpstreamError {
+    let kind = if e.is_timeout() {
+        ErrorKind::Timeout
+    } else if e.is_connect() {
+        ErrorKind::Connect
+    } else if e.is_body() || e.is_decode() {
+        ErrorKind::BadBody
+    } else {
+        // Resets and other transport failures mid-request.
+        ErrorKind::Connect
+    };
+    let mut msg = e.to_string();
+    let mut source = std::error::Error::source(&e);
+    while let Some(s) = source {
+        msg.push_str(": ");
+        msg.push_str(&s.to_string());
+        source = s.source();
+    }
+    UpstreamError::new(kind, None, format!("upstream call failed: {msg}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn classifies_statuses_once() {
+        for (status, retryable, code) in [
+            (429, true, "rate_limited"),
+            (408, true, "upstream_timeout"),
+            (409, true, "upstream_error"),
+            (500, true, "upstream_error"),
+            (503, true, "upstream_error"),
+            (400, false, "upstream_error"),
+            (401, false, "upstream_auth"),
+            (403, false, "upstream_auth"),
+            (404, false, "invalid_model"),
+            (422, false, "upstream_error"),
+        ] {
+            let e = UpstreamError::from_status(status, "", None);
+            assert_eq!(e.retryable(), retryable, "status {status}");
+            assert_eq!(e.code(), code, "status {status}");
+        }
+    }
+
+    #[test]
+    fn reads_upstream_error_messages() {
+        let e = UpstreamError::from_status(400, r#"{"error":{"message":"bad model"}}"#, None);
+        assert_eq!(e.message, "upstream answered 400: bad model");
+    }
+
+    #[test]
+    fn parses_retry_after_both_forms() {
+        let now = httpdate::parse_http_date("Sun, 06 Nov 1994 08:49:37 GMT").unwrap();
+        assert_eq!(parse_retry_after("7", now), Some(Duration::from_secs(7)));
+        assert_eq!(
+            parse_retry_after("Sun, 06 Nov 1994 08:49:47 GMT", now),
+            Some(Duration::from_secs(10))
+        );
+        assert_eq!(
+            parse_retry_after("Sun, 06 Nov 1994 08:49:00 GMT", now),
+            Some(Duration::ZERO)
+        );
+        assert_eq!(parse_retry_after("soon", now), None);
+        assert_eq!(parse_retry_after("-1", now), None);
+    }
+
+    #[test]
+    fn routes_named_providers_only() {
+        let p = |n: &str| Provider {
+            name: n.into(),
+            base_url: format!("http://{n}"),
+            api_key: None,
+        };
+        let up = Upstream::new(UpstreamConfig {
+            default: p("default"),
+            providers: HashMap::from([("ollama".to_string(), p("ollama"))]),
+            timeout: Duration::from_secs(1),
+            prices: HashMap::new(),
+        })
+        .unwrap();
+        assert_eq!(up.route("ollama:llama3.2").0.name, "ollama");
+        assert_eq!(up.route("ollama:llama3.2").1, "llama3.2");
+        let (prov, model) = up.route("deepseek/deepseek-r1:free");
+        assert_eq!(
+            (prov.name.as_str(), model),
+            ("default", "deepseek/deepseek-r1:free")
+        );
+        assert_eq!(
+            format!("{:?}", ApiKey::new("sk-123".into()).unwrap()),
+            "ApiKey(***)"
+        );
+    }
+}

@@ -1,0 +1,328 @@
+//! Workers: claim jobs from the store, run the fusion pipeline on each under a lease, and write
+//! the outcome. Three loops per process: the dispatcher (claims while there is capacity, woken by
+//! the store or a slow poll), the heartbeat (renews every lease this process holds in one query,
+//! and stops any job it no longer holds), and the rescuer (requeues jobs whose lease expired).
+//! Never talks HTTP to clients; never decides what a step does (that is `fusion`).
+
+mod checkpoint;
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use uuid::Uuid;
+
+use crate::clock::SharedClock;
+use crate::fusion::{Outcome, Pipeline};
+use crate::job::Job;
+use crate::store::{Store, StoreError};
+use checkpoint::{LeaseCheckpoints, with_db_retries};
+
+#[derive(Debug, Clone)]
+pub struct WorkerConfig {
+    /// Jobs run at once by this process.
+    pub concurrency: u32,
+    /// How long a claim holds a job without a heartbeat.
+    pub lease: Duration,
+    /// Fallback poll when no wake-up arrives (other processes on SQLite, missed NOTIFYs).
+    pub poll_interval: Duration,
+    /// On shutdown, how long running jobs may go on before their leases are handed back.
+    pub shutdown_grace: Duration,
+}
+
+impl Default for WorkerConfig {
+    fn default() -> Self {
+        WorkerConfig {
+            concurrency: 32,
+            lease: Duration::from_secs(30),
+            poll_interval: Duration::from_secs(1),
+            shutdown_grace: Duration::from_secs(30),
+        }
+    }
+}
+
+/// A job this process is running, and the switch that stops it.
+struct Running {
+    attempt: i32,
+    stop: CancellationToken,
+}
+
+pub struct Worker {
+    store: Arc<dyn Store>,
+    pipeline: Arc<Pipeline>,
+    clock: SharedClock,
+    config: WorkerConfig,
+    /// Unique per process start: the `lease_owner` of every job it claims.
+    owner: String,
+    running: Mutex<HashMap<Uuid, Running>>,
+    /// Set once shutdown's grace period is over: stopped jobs are then released, not abandoned.
+    releasing: AtomicBool,
+}
+
+impl Worker {
+    pub fn new(
+        store: Arc<dyn Store>,
+        pipeline: Arc<Pipeline>,
+        clock: SharedClock,
+        config: WorkerConfig,
+    ) -> Arc<Worker> {
+        let host = std::env::var("HOSTNAME").unwrap_or_else(|_| "host".into());
+        Arc::new(Worker {
+            store,
+            pipeline,
+            clock,
+            config,
+            owner: format!("{host}:{}:{}", std::process::id(), Uuid::now_v7()),
+            running: Mutex::new(HashMap::new()),
+            releasing: AtomicBool::new(false),
+        })
+    }
+
+    pub fn owner(&self) -> &str {
+        &self.owner
+    }
+
+    /// Stop a job if this process is running it (after a cancel): its in-flight upstream calls
+    /// are dropped at once.
+    pub fn stop_local(&self, id: Uuid) {
+        if let Some(r) = self.running.lock().expect("running map").get(&id) {
+            r.stop.cancel();
+        }
+    }
+
+    /// Claim up to `limit` jobs and run them to the end. The building block of `run`, and a way
+    /// for tests to drive the queue without sleeping.
+    pub async fn run_once(self: &Arc<Self>, limit: u32) -> Result<usize, StoreError> {
+        let jobs = self
+            .store
+            .claim(&self.owner, limit, self.clock.now_ms(), self.config.lease)
+            .await?;
+        let n = jobs.len();
+        futures::future::join_all(jobs.into_iter().map(|job| self.clone().execute(job))).await;
+        Ok(n)
+    }
+
+    /// Run until `shutdown` fires, then drain within the grace period and release what is left.
+    pub async fn run(self: Arc<Self>, shutdown: CancellationToken) {
+        let tracker = TaskTracker::new();
+        let background = CancellationToken::new();
+        let heartbeat = tokio::spawn(self.clone().heartbeat_loop(background.clone()));
+        let rescuer = tokio::spawn(self.clone().rescue_loop(background.clone()));
+
+        self.dispatch_loop(&tracker, &shutdown).await;
+
+        tracker.close();
+        if tokio::time::timeout(self.config.shutdown_grace, tracker.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                jobs = self.running.lock().expect("running map").len(),
+                "grace period over: releasing the jobs still running"
+            );
+            self.releasing.store(true, Ordering::SeqCst);
+            for r in self.running.lock().expect("running map").values() {
+                r.stop.cancel();
+            }
+            tracker.wait().await;
+        }
+        background.cancel();
+        let _ = tokio::join!(heartbeat, rescuer);
+    }
+
+    async fn dispatch_loop(self: &Arc<Self>, tracker: &TaskTracker, shutdown: &CancellationToken) {
+        let capacity = Arc::new(Semaphore::new(self.config.concurrency.max(1) as usize));
+        let wakeups = self.store.wakeups();
+        let mut failures = 0u32;
+        loop {
+            let mut permits = tokio::select! {
+                _ = shutdown.cancelled() => return,
+                p = capacity.clone().acquire_owned() => p.expect("semaphore never closes"),
+            };
+            let extra = capacity.available_permits() as u32;
+            if extra > 0
+                && let Ok(more) = capacity.clone().try_acquire_many_owned(extra)
+            {
+                permits.merge(more);
+            }
+            let wanted = permits.num_permits() as u32;
+            let claimed = self
+                .store
+                .claim(&self.owner, wanted, self.clock.now_ms(), self.config.lease)
+                .await;
+            let idle = match claimed {
+                Ok(jobs) => {
+                    failures = 0;
+                    let got = jobs.len();
+                    for job in jobs {
+                        let permit = permits.split(1).expect("one permit per claimed job");
+                        tracker.spawn(self.clone().execute_holding(job, permit));
+                    }
+                    if got > 0 {
+                        continue;
+                    }
+                    self.config.poll_interval
+                }
+                Err(e) => {
+                    failures += 1;
+                    tracing::warn!(error = %e, "claim failed; backing off");
+                    backoff(failures)
+                }
+            };
+            drop(permits);
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = wakeups.notified() => {}
+                _ = tokio::time::sleep(idle) => {}
+            }
+        }
+    }
+
+    async fn execute_holding(self: Arc<Self>, job: Job, _permit: OwnedSemaphorePermit) {
+        self.execute(job).await;
+    }
+
+    /// Run one claimed job and write its outcome, fenced on its lease.
+    async fn execute(self: Arc<Self>, job: Job) {
+        let Some(lease) = job.lease() else {
+            tracing::error!(job = %job.id, "claimed job has no lease owner");
+            return;
+        };
+        let stop = CancellationToken::new();
+        self.running.lock().expect("running map").insert(
+            job.id,
+            Running {
+                attempt: job.attempt,
+                stop: stop.clone(),
+            },
+        );
+        let span = tracing::info_span!("job", id = %job.id, attempt = job.attempt);
+        let _enter = span.enter();
+        drop(_enter);
+
+        let outcome = self.run_pipeline(&job, &lease, &stop).await;
+        let now = self.clock.now_ms();
+        let written = match &outcome {
+            Outcome::Succeeded(result) => {
+                with_db_retries(&stop, || self.store.complete(&lease, result, now)).await
+            }
+            Outcome::Failed { reason, error } => {
+                with_db_retries(&stop, || self.store.fail(&lease, reason, error, now)).await
+            }
+            Outcome::Stopped if self.releasing.load(Ordering::SeqCst) => {
+                with_db_retries(&CancellationToken::new(), || self.store.release(&lease)).await
+            }
+            Outcome::Stopped => Some(false),
+        };
+        match (&outcome, written) {
+            (Outcome::Succeeded(_), Some(true)) => tracing::info!(job = %job.id, "job succeeded"),
+            (Outcome::Failed { reason, .. }, Some(true)) => {
+                tracing::info!(job = %job.id, reason, "job failed")
+            }
+            (Outcome::Stopped, _) => tracing::info!(job = %job.id, "job stopped"),
+            (_, _) => tracing::warn!(job = %job.id, "outcome not written: the lease was lost"),
+        }
+        self.running.lock().expect("running map").remove(&job.id);
+    }
+
+    async fn run_pipeline(
+        &self,
+        job: &Job,
+        lease: &crate::job::Lease,
+        stop: &CancellationToken,
+    ) -> Outcome {
+        let deadline_passed = || Outcome::Failed {
+            reason: "deadline_exceeded".into(),
+            error: "the job did not finish before its deadline".into(),
+        };
+        let remaining = job.deadline_at.map(|d| d - self.clock.now_ms());
+        if remaining.is_some_and(|r| r <= 0) {
+            return deadline_passed();
+        }
+        let Some(done) = with_db_retries(stop, || self.store.get_steps(job.id)).await else {
+            return Outcome::Stopped;
+        };
+        let ckpt = LeaseCheckpoints {
+            store: self.store.as_ref(),
+            lease,
+            stop,
+        };
+        let run = self.pipeline.run(job, done, &ckpt, stop);
+        match remaining {
+            Some(r) => tokio::time::timeout(Duration::from_millis(r as u64), run)
+                .await
+                .unwrap_or_else(|_| deadline_passed()),
+            None => run.await,
+        }
+    }
+
+    async fn heartbeat_loop(self: Arc<Self>, stop: CancellationToken) {
+        let every = self.config.lease / 3;
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = tokio::time::sleep(every) => {}
+            }
+            self.heartbeat().await;
+        }
+    }
+
+    /// Renew every lease at once; any job no longer held (cancelled elsewhere, or rescued after a
+    /// stall) is stopped so it writes nothing more.
+    pub async fn heartbeat(&self) {
+        let snapshot: Vec<(Uuid, i32)> = self
+            .running
+            .lock()
+            .expect("running map")
+            .iter()
+            .map(|(id, r)| (*id, r.attempt))
+            .collect();
+        if snapshot.is_empty() {
+            return;
+        }
+        let held = match self
+            .store
+            .heartbeat(&self.owner, self.clock.now_ms(), self.config.lease)
+            .await
+        {
+            Ok(held) => held,
+            Err(e) => {
+                tracing::warn!(error = %e, "heartbeat failed");
+                return;
+            }
+        };
+        let running = self.running.lock().expect("running map");
+        for (id, attempt) in snapshot {
+            if !held.iter().any(|h| h.id == id && h.attempt == attempt)
+                && let Some(r) = running.get(&id)
+            {
+                tracing::info!(job = %id, "lease lost or job cancelled: stopping it");
+                r.stop.cancel();
+            }
+        }
+    }
+
+    async fn rescue_loop(self: Arc<Self>, stop: CancellationToken) {
+        let every = (self.config.lease / 2).min(Duration::from_secs(1));
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = tokio::time::sleep(every) => {}
+            }
+            match self.store.rescue_expired(self.clock.now_ms()).await {
+                Ok(0) => {}
+                Ok(n) => tracing::info!(jobs = n, "rescued jobs whose lease expired"),
+                Err(e) => tracing::warn!(error = %e, "rescue failed"),
+            }
+        }
+    }
+}
+
+/// Exponential backoff for database failures: 100 ms doubling to 5 s.
+pub(crate) fn backoff(failures: u32) -> Duration {
+    Duration::from_millis(100u64.saturating_mul(1 << failures.min(6))).min(Duration::from_secs(5))
+}
