@@ -1,0 +1,67 @@
+//! Bad input gets a precise 4xx with the shared error body, never a 500.
+
+use serde_json::{Value, json};
+
+use crate::helpers::{Options, spawn_app_with};
+
+async fn expect_error(resp: reqwest::Response, status: u16, code: &str) -> String {
+    assert_eq!(resp.status(), status);
+    let body: Value = resp.json().await.unwrap();
+    assert_eq!(body["error"]["code"], code, "{body:#}");
+    assert!(body["error"]["type"].is_string());
+    body["error"]["message"].as_str().unwrap().to_string()
+}
+
+#[tokio::test]
+async fn bad_requests_are_4xx_with_precise_messages() {
+    let app = spawn_app_with(Options {
+        workers: false,
+        ..Options::default()
+    })
+    .await;
+    let url = format!("{}/v1/jobs", app.address);
+    let raw = |body: &'static str| {
+        app.client
+            .post(&url)
+            .header("content-type", "application/json")
+            .body(body)
+            .send()
+    };
+    expect_error(raw("{not json").await.unwrap(), 400, "invalid_json").await;
+    let no_type = app.client.post(&url).body("{}").send().await.unwrap();
+    expect_error(no_type, 400, "invalid_content_type").await;
+
+    let msgs = json!([{"role": "user", "content": "hi"}]);
+    let cases = [
+        (json!({"model": "fusion/unknown", "messages": msgs}), "unknown_preset", "unknown"),
+        (json!({"model": "fusion", "messages": []}), "empty_messages", "messages"),
+        (json!({"model": "fusion"}), "invalid_request", "`messages` is required"),
+        (json!({"model": "gpt-4o", "messages": msgs}), "model_not_fusion", "gpt-4o"),
+        (
+            json!({"model": "fusion", "messages": msgs,
+                   "plugins": [{"id": "fusion", "analysis_models": ["a","b","c","d","e","f","g","h","i"]}]}),
+            "panel_too_large",
+            "at most 8",
+        ),
+        (
+            json!({"model": "fusion", "messages": msgs, "priority": "high"}),
+            "invalid_request",
+            "priority",
+        ),
+    ];
+    for (body, code, needle) in cases {
+        let msg = expect_error(app.submit(&body).await, 400, code).await;
+        assert!(msg.contains(needle), "`{msg}` should mention `{needle}`");
+    }
+
+    let get = |path: String| app.client.get(format!("{}{path}", app.address)).send();
+    let unknown = uuid::Uuid::now_v7();
+    expect_error(get(format!("/v1/jobs/{unknown}")).await.unwrap(), 404, "not_found").await;
+    expect_error(get("/v1/jobs/nope".into()).await.unwrap(), 400, "invalid_job_id").await;
+    expect_error(get("/v1/jobs?status=done".into()).await.unwrap(), 400, "invalid_status").await;
+    expect_error(get("/v1/jobs?limit=0".into()).await.unwrap(), 400, "invalid_limit").await;
+    expect_error(get("/v1/jobs?limit=x".into()).await.unwrap(), 400, "invalid_query").await;
+    expect_error(get("/v2/nothing".into()).await.unwrap(), 404, "not_found").await;
+    expect_error(app.post(&format!("/v1/jobs/{unknown}/cancel")).await, 404, "not_found").await;
+    expect_error(app.post(&format!("/v1/jobs/{unknown}/retry")).await, 404, "not_found").await;
+}

@@ -1,0 +1,186 @@
+//! A scripted fake OpenAI-compatible upstream (an axum app on 127.0.0.1:0). Models are scripted
+//! by name, per kind of call (panel, analysis, final): latency, HTTP failures, hangs, bad JSON.
+//! Every request is counted so tests can assert exactly how often upstream was called.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::Json;
+use axum::extract::State;
+use axum::http::{HeaderMap, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::post;
+use serde_json::{Value, json};
+
+/// Which step a request belongs to, told from its shape.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Kind {
+    Panel,
+    Analysis,
+    Final,
+}
+
+/// What the fake answers to one call.
+#[derive(Debug, Clone)]
+pub enum Reply {
+    /// The default answer for the kind (panel text, a valid analysis, a final answer).
+    Ok,
+    /// This exact content.
+    Text(String),
+    /// Wait, then answer as the inner reply.
+    Delay(u64, Box<Reply>),
+    /// An HTTP error status with an OpenAI-style body.
+    Status(u16),
+    /// 429 with `Retry-After: N` seconds.
+    RateLimited(u64),
+    /// Never answer.
+    Hang,
+}
+
+pub const VALID_ANALYSIS: &str = r#"{"consensus":["the sky is blue"],"contradictions":[{"topic":"why","stances":[{"model":"m1","stance":"scattering"},{"model":"m2","stance":"reflection"}]}],"partial_coverage":[{"models":["m1"],"point":"sunsets"}],"unique_insights":[{"model":"m1","insight":"Rayleigh"}],"blind_spots":["other planets"]}"#;
+
+#[derive(Default)]
+struct FakeState {
+    /// Replies in order per (model, kind); the last one repeats.
+    scripts: HashMap<(String, Kind), Vec<Reply>>,
+    /// Calls received per (model, kind), in order.
+    calls: HashMap<(String, Kind), u32>,
+    /// Calls answered with 200 per (model, kind).
+    ok: HashMap<(String, Kind), u32>,
+    /// The bodies received, in order.
+    bodies: Vec<Value>,
+}
+
+#[derive(Clone)]
+pub struct FakeUpstream {
+    pub addr: SocketAddr,
+    state: Arc<Mutex<FakeState>>,
+}
+
+impl FakeUpstream {
+    pub async fn start() -> FakeUpstream {
+        let state = Arc::new(Mutex::new(FakeState::default()));
+        let app = axum::Router::new()
+            .route("/v1/chat/completions", post(completions))
+            .with_state(state.clone());
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+        FakeUpstream { addr, state }
+    }
+
+    pub fn base_url(&self) -> String {
+        format!("http://{}/v1", self.addr)
+    }
+
+    /// Script the replies `model` gives to calls of `kind`.
+    pub fn script(&self, model: &str, kind: Kind, replies: Vec<Reply>) {
+        self.state
+            .lock()
+            .unwrap()
+            .scripts
+            .insert((model.to_string(), kind), replies);
+    }
+
+    pub fn calls(&self, model: &str, kind: Kind) -> u32 {
+        let s = self.state.lock().unwrap();
+        *s.calls.get(&(model.to_string(), kind)).unwrap_or(&0)
+    }
+
+    pub fn ok_calls(&self, model: &str, kind: Kind) -> u32 {
+        let s = self.state.lock().unwrap();
+        *s.ok.get(&(model.to_string(), kind)).unwrap_or(&0)
+    }
+
+    pub fn total_calls(&self) -> u32 {
+        self.state.lock().unwrap().calls.values().sum()
+    }
+
+    pub fn bodies(&self) -> Vec<Value> {
+        self.state.lock().unwrap().bodies.clone()
+    }
+}
+
+fn kind_of(body: &Value) -> Kind {
+    if body.get("response_format").is_some() {
+        return Kind::Analysis;
+    }
+    let first = body.pointer("/messages/0/content").and_then(Value::as_str);
+    if first.is_some_and(|c| c.starts_with("You have been provided with responses")) {
+        Kind::Final
+    } else {
+        Kind::Panel
+    }
+}
+
+async fn completions(
+    State(state): State<Arc<Mutex<FakeState>>>,
+    Json(body): Json<Value>,
+) -> Response {
+    let model = body["model"].as_str().unwrap_or_default().to_string();
+    let kind = kind_of(&body);
+    let reply = {
+        let mut s = state.lock().unwrap();
+        s.bodies.push(body.clone());
+        let n = s.calls.entry((model.clone(), kind)).or_default();
+        let index = *n as usize;
+        *n += 1;
+        match s.scripts.get(&(model.clone(), kind)) {
+            Some(list) if !list.is_empty() => list[index.min(list.len() - 1)].clone(),
+            _ => Reply::Ok,
+        }
+    };
+    let resp = respond(reply, &model, kind).await;
+    if resp.status() == StatusCode::OK {
+        *state.lock().unwrap().ok.entry((model, kind)).or_default() += 1;
+    }
+    resp
+}
+
+async fn respond(reply: Reply, model: &str, kind: Kind) -> Response {
+    let mut reply = reply;
+    loop {
+        match reply {
+            Reply::Delay(ms, inner) => {
+                tokio::time::sleep(Duration::from_millis(ms)).await;
+                reply = *inner;
+            }
+            Reply::Hang => std::future::pending::<()>().await,
+            Reply::Status(code) => {
+                let status = StatusCode::from_u16(code).unwrap();
+                let body = json!({"error": {"message": format!("scripted {code}"), "code": code}});
+                return (status, Json(body)).into_response();
+            }
+            Reply::RateLimited(secs) => {
+                let mut headers = HeaderMap::new();
+                headers.insert("retry-after", HeaderValue::from(secs));
+                let body = json!({"error": {"message": "slow down", "code": 429}});
+                return (StatusCode::TOO_MANY_REQUESTS, headers, Json(body)).into_response();
+            }
+            Reply::Ok => {
+                let text = match kind {
+                    Kind::Panel => format!("panel answer from {model}"),
+                    Kind::Analysis => VALID_ANALYSIS.to_string(),
+                    Kind::Final => "the fused final answer".to_string(),
+                };
+                return completion(model, &text);
+            }
+            Reply::Text(text) => return completion(model, &text),
+        }
+    }
+}
+
+fn completion(model: &str, content: &str) -> Response {
+    Json(json!({
+        "id": "chatcmpl-fake",
+        "object": "chat.completion",
+        "created": 0,
+        "model": model,
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": content},
+                     "finish_reason": "stop"}],
+        "usage": {"prompt_tokens": 10, "completion_tokens": 5, "total_tokens": 15, "cost": 0.001},
+    }))
+    .into_response()
+}

@@ -1,0 +1,156 @@
+//! Spawning the real application on port 0 against a fresh database and the fake upstream.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use fusion::app::{Application, Settings};
+use fusion::config::FileConfig;
+use fusion::store::Store;
+use fusion::worker::WorkerConfig;
+use serde_json::{Value, json};
+use tokio_util::sync::CancellationToken;
+
+use crate::fake_upstream::FakeUpstream;
+
+pub struct TestApp {
+    pub address: String,
+    pub client: reqwest::Client,
+    pub store: Arc<dyn Store>,
+    pub fake: FakeUpstream,
+    shutdown: CancellationToken,
+    _dir: tempfile::TempDir,
+}
+
+impl Drop for TestApp {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+    }
+}
+
+/// Options for `spawn_app_with`.
+pub struct Options {
+    /// Run in-process workers (false: API only, jobs stay queued).
+    pub workers: bool,
+    pub toml: &'static str,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options {
+            workers: true,
+            toml: "",
+        }
+    }
+}
+
+pub async fn spawn_app() -> TestApp {
+    spawn_app_with(Options::default()).await
+}
+
+/// Fast retries so failure tests finish quickly.
+const TEST_TOML: &str = r#"
+[retry]
+base_ms = 10
+cap_ms = 50
+max_attempts = 3
+"#;
+
+pub async fn spawn_app_with(opts: Options) -> TestApp {
+    let fake = FakeUpstream::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let toml = format!("{TEST_TOML}\n{}", opts.toml);
+    let file: FileConfig = toml::from_str(&toml).expect("test config");
+    let fake_url = fake.base_url();
+    let fusion = file
+        .resolve(&|k| (k == "FUSION_UPSTREAM_URL").then(|| fake_url.clone()))
+        .unwrap();
+    let settings = Settings {
+        database_url: format!("sqlite://{}", dir.path().join("fusion.db").display()),
+        listen: Some("127.0.0.1:0".into()),
+        fusion,
+        worker: opts.workers.then(|| WorkerConfig {
+            concurrency: 8,
+            lease: Duration::from_secs(5),
+            poll_interval: Duration::from_millis(50),
+            shutdown_grace: Duration::from_secs(1),
+        }),
+    };
+    let app = Application::build(settings).await.unwrap();
+    let address = format!("http://127.0.0.1:{}", app.port().unwrap());
+    let store = app.store();
+    let shutdown = CancellationToken::new();
+    tokio::spawn(app.run(shutdown.clone()));
+    TestApp {
+        address,
+        client: reqwest::Client::new(),
+        store,
+        fake,
+        shutdown,
+        _dir: dir,
+    }
+}
+
+pub fn body_with_panel(panel: &[&str], analyst: &str) -> Value {
+    json!({
+        "model": "fusion",
+        "messages": [{"role": "user", "content": "Why is the sky blue?"}],
+        "plugins": [{"id": "fusion", "model": analyst, "analysis_models": panel}],
+    })
+}
+
+impl TestApp {
+    pub async fn submit(&self, body: &Value) -> reqwest::Response {
+        self.client
+            .post(format!("{}/v1/jobs", self.address))
+            .json(body)
+            .send()
+            .await
+            .unwrap()
+    }
+
+    /// Submit and return the job id, asserting 202.
+    pub async fn submit_ok(&self, body: &Value) -> String {
+        let resp = self.submit(body).await;
+        assert_eq!(resp.status(), 202, "{}", resp.text().await.unwrap());
+        let job: Value = resp.json().await.unwrap();
+        job["id"].as_str().unwrap().to_string()
+    }
+
+    pub async fn get_job(&self, id: &str) -> Value {
+        let resp = self
+            .client
+            .get(format!("{}/v1/jobs/{id}", self.address))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 200);
+        resp.json().await.unwrap()
+    }
+
+    /// Poll until the job is in a final state (or panic after `secs`).
+    pub async fn wait_final(&self, id: &str, secs: u64) -> Value {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(secs);
+        loop {
+            let job = self.get_job(id).await;
+            if matches!(
+                job["status"].as_str(),
+                Some("succeeded" | "failed" | "cancelled")
+            ) {
+                return job;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "job {id} not final after {secs}s: {job:#}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    pub async fn post(&self, path: &str) -> reqwest::Response {
+        self.client
+            .post(format!("{}{path}", self.address))
+            .send()
+            .await
+            .unwrap()
+    }
+}

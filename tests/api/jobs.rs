@@ -1,0 +1,206 @@
+//! Submit → poll → succeeded, idempotency, listing and cancellation.
+
+use std::time::Duration;
+
+use serde_json::{Value, json};
+
+use crate::fake_upstream::{Kind, Reply};
+use crate::helpers::{Options, body_with_panel, spawn_app, spawn_app_with};
+
+#[tokio::test]
+async fn a_job_runs_panel_analysis_and_final_once_each() {
+    let app = spawn_app().await;
+    let body = body_with_panel(&["m1", "m2", "m1"], "judge");
+    let resp = app.submit(&body).await;
+    assert_eq!(resp.status(), 202);
+    let location = resp.headers()["location"].to_str().unwrap().to_string();
+    let job: Value = resp.json().await.unwrap();
+    assert_eq!(location, format!("/v1/jobs/{}", job["id"].as_str().unwrap()));
+    assert_eq!(job["status"], "queued");
+
+    let id = job["id"].as_str().unwrap().to_string();
+    let job = app.wait_final(&id, 10).await;
+    assert_eq!(job["status"], "succeeded", "{job:#}");
+    let steps = app.store.get_steps(id.parse().unwrap()).await.unwrap();
+    assert_eq!(steps.len(), 5, "three panel checkpoints, the analysis and the final");
+    assert!(steps.iter().all(|s| s.ok && s.attempt == 1));
+    // A panel may repeat a model: m1 is asked twice, m2 once; the analyst twice (two steps).
+    assert_eq!(app.fake.calls("m1", Kind::Panel), 2);
+    assert_eq!(app.fake.calls("m2", Kind::Panel), 1);
+    assert_eq!(app.fake.calls("judge", Kind::Analysis), 1);
+    assert_eq!(app.fake.calls("judge", Kind::Final), 1);
+    assert_eq!(app.fake.total_calls(), 5);
+
+    let panel = job["panel"].as_array().unwrap();
+    assert_eq!(panel.len(), 3);
+    for (i, (p, model)) in panel.iter().zip(["m1", "m2", "m1"]).enumerate() {
+        assert_eq!(p["index"], i);
+        assert_eq!(p["model"], model);
+        assert_eq!(p["status"], "succeeded");
+        assert_eq!(p["content"], format!("panel answer from {model}"));
+        assert_eq!(p["usage"]["total_tokens"], 15);
+        assert!(p["latency_ms"].as_i64().unwrap() >= 0);
+    }
+    assert_eq!(job["analysis"]["consensus"], json!(["the sky is blue"]));
+    assert_eq!(job["analysis_error"], Value::Null);
+    let result = &job["result"];
+    assert_eq!(result["object"], "chat.completion");
+    assert_eq!(result["model"], "fusion");
+    assert_eq!(result["choices"][0]["message"]["content"], "the fused final answer");
+    assert_eq!(result["choices"][0]["finish_reason"], "stop");
+    // Five calls of 10 + 5 tokens and $0.001 each.
+    for usage in [&job["usage"], &result["usage"]] {
+        assert_eq!(usage["prompt_tokens"], 50);
+        assert_eq!(usage["completion_tokens"], 25);
+        assert_eq!(usage["total_tokens"], 75);
+        assert!((usage["cost"].as_f64().unwrap() - 0.005).abs() < 1e-9);
+    }
+    assert_eq!(job["attempt"], 1);
+    assert!(job["started_at"].is_i64() && job["finished_at"].is_i64());
+    assert_eq!(job["failure_reason"], Value::Null);
+}
+
+#[tokio::test]
+async fn the_analyst_sees_every_answer_and_the_final_sees_the_analysis() {
+    let app = spawn_app().await;
+    let id = app.submit_ok(&body_with_panel(&["m1", "m2"], "judge")).await;
+    app.wait_final(&id, 10).await;
+    let bodies = app.fake.bodies();
+    let analysis = bodies.iter().find(|b| b.get("response_format").is_some()).unwrap();
+    assert_eq!(analysis["response_format"]["type"], "json_schema");
+    assert_eq!(analysis["temperature"], 0.0);
+    let prompt = analysis["messages"][1]["content"].as_str().unwrap();
+    assert!(prompt.contains("panel answer from m1") && prompt.contains("panel answer from m2"));
+    assert!(prompt.contains("Why is the sky blue?"));
+    let last = bodies.last().unwrap();
+    let system = last["messages"][0]["content"].as_str().unwrap();
+    assert!(system.contains("Rayleigh"), "final prompt lacks the analysis: {system}");
+    assert_eq!(last["messages"][1]["content"], "Why is the sky blue?");
+}
+
+#[tokio::test]
+async fn presets_resolve_from_the_config() {
+    let app = spawn_app_with(Options {
+        toml: "[presets.tiny]\npanel = [\"p1\", \"p2\"]\nanalyst = \"a1\"\n",
+        ..Options::default()
+    })
+    .await;
+    let id = app
+        .submit_ok(&json!({"model": "fusion/tiny", "messages": [{"role": "user", "content": "hi"}]}))
+        .await;
+    let job = app.wait_final(&id, 10).await;
+    assert_eq!(job["status"], "succeeded");
+    assert_eq!(job["result"]["model"], "fusion/tiny");
+    assert_eq!(app.fake.calls("p1", Kind::Panel), 1);
+    assert_eq!(app.fake.calls("p2", Kind::Panel), 1);
+    assert_eq!(app.fake.calls("a1", Kind::Final), 1);
+}
+
+#[tokio::test]
+async fn an_idempotency_key_returns_the_same_job() {
+    let app = spawn_app_with(Options {
+        workers: false,
+        ..Options::default()
+    })
+    .await;
+    let body = body_with_panel(&["m1"], "judge");
+    let post = |b: &Value, key: &str| {
+        app.client
+            .post(format!("{}/v1/jobs", app.address))
+            .header("Idempotency-Key", key)
+            .json(b)
+            .send()
+    };
+    let first: Value = post(&body, "k1").await.unwrap().json().await.unwrap();
+    let again = post(&body, "k1").await.unwrap();
+    assert_eq!(again.status(), 202);
+    assert_eq!(again.headers()["idempotent-replayed"], "true");
+    let again: Value = again.json().await.unwrap();
+    assert_eq!(first["id"], again["id"]);
+    let other = post(&body_with_panel(&["m2"], "judge"), "k1").await.unwrap();
+    assert_eq!(other.status(), 422);
+    let err: Value = other.json().await.unwrap();
+    assert_eq!(err["error"]["code"], "idempotency_key_reused");
+    let fresh: Value = post(&body, "k2").await.unwrap().json().await.unwrap();
+    assert_ne!(fresh["id"], first["id"]);
+}
+
+#[tokio::test]
+async fn jobs_are_listed_newest_first_with_a_status_filter_and_cursor() {
+    let app = spawn_app_with(Options {
+        workers: false,
+        ..Options::default()
+    })
+    .await;
+    let mut ids = Vec::new();
+    for i in 0..5 {
+        let mut body = body_with_panel(&["m1"], "judge");
+        body["metadata"] = json!({"n": i});
+        ids.push(app.submit_ok(&body).await);
+    }
+    let cancelled = app.post(&format!("/v1/jobs/{}/cancel", ids[0])).await;
+    assert_eq!(cancelled.status(), 200);
+
+    let page = |q: String| {
+        let c = app.client.clone();
+        let url = format!("{}/v1/jobs?{q}", app.address);
+        async move { c.get(url).send().await.unwrap().json::<Value>().await.unwrap() }
+    };
+    let first = page("limit=2".into()).await;
+    let got: Vec<&str> = first["data"].as_array().unwrap().iter().map(|j| j["id"].as_str().unwrap()).collect();
+    assert_eq!(got, vec![ids[4].as_str(), ids[3].as_str()]);
+    assert_eq!(first["has_more"], true);
+    let cursor = first["next_cursor"].as_str().unwrap();
+    let second = page(format!("limit=2&after={cursor}")).await;
+    let got: Vec<&str> = second["data"].as_array().unwrap().iter().map(|j| j["id"].as_str().unwrap()).collect();
+    assert_eq!(got, vec![ids[2].as_str(), ids[1].as_str()]);
+
+    let queued = page("status=queued&limit=100".into()).await;
+    assert_eq!(queued["data"].as_array().unwrap().len(), 4);
+    assert_eq!(queued["has_more"], false);
+    let only_cancelled = page("status=cancelled".into()).await;
+    assert_eq!(only_cancelled["data"][0]["id"], ids[0].as_str());
+    assert_eq!(only_cancelled["data"][0]["metadata"], json!({"n": 0}));
+}
+
+#[tokio::test]
+async fn cancelling_a_running_job_stops_its_upstream_calls() {
+    let app = spawn_app().await;
+    app.fake.script("slow", Kind::Panel, vec![Reply::Hang]);
+    let id = app.submit_ok(&body_with_panel(&["fast", "slow"], "judge")).await;
+    // Wait until the fast member is checkpointed while the slow one hangs.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let job = app.get_job(&id).await;
+        if job["panel"][0]["status"] == "succeeded" {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{job:#}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let resp = app.post(&format!("/v1/jobs/{id}/cancel")).await;
+    assert_eq!(resp.status(), 200);
+    let job: Value = resp.json().await.unwrap();
+    assert_eq!(job["status"], "cancelled");
+    assert_eq!(job["failure_reason"], "cancelled");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let job = app.get_job(&id).await;
+    assert_eq!(job["status"], "cancelled");
+    assert_eq!(job["panel"][1]["status"], "not_run", "nothing is written after a cancel");
+    assert_eq!(app.fake.calls("judge", Kind::Analysis), 0);
+    assert_eq!(app.fake.total_calls(), 2);
+
+    let again = app.post(&format!("/v1/jobs/{id}/cancel")).await;
+    assert_eq!(again.status(), 409);
+    let err: Value = again.json().await.unwrap();
+    assert_eq!(err["error"]["code"], "job_already_final");
+}
+
+#[tokio::test]
+async fn health_and_readiness_answer() {
+    let app = spawn_app().await;
+    for path in ["/healthz", "/readyz"] {
+        let resp = app.client.get(format!("{}{path}", app.address)).send().await.unwrap();
+        assert_eq!(resp.status(), 200, "{path}");
+    }
+}

@@ -1,0 +1,8 @@
+//! Behaviour tests: the real server on port 0 against a scripted fake upstream.
+
+mod errors;
+mod fake_upstream;
+mod helpers;
+mod jobs;
+mod pipeline_faults;
+mod restart;

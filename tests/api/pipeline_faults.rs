@@ -1,0 +1,139 @@
+//! Partial panels, failing analysts and failing final steps end in the documented states with
+//! exact upstream call counts.
+
+use serde_json::Value;
+
+use crate::fake_upstream::{Kind, Reply};
+use crate::helpers::{body_with_panel, spawn_app};
+
+#[tokio::test]
+async fn a_failed_panel_member_is_recorded_and_the_job_goes_on() {
+    let app = spawn_app().await;
+    app.fake.script("gone", Kind::Panel, vec![Reply::Status(404)]);
+    let id = app.submit_ok(&body_with_panel(&["ok1", "gone"], "judge")).await;
+    let job = app.wait_final(&id, 10).await;
+    assert_eq!(job["status"], "succeeded", "{job:#}");
+    let failed = &job["panel"][1];
+    assert_eq!(failed["status"], "failed");
+    assert_eq!(failed["status_code"], 404);
+    assert_eq!(failed["error_code"], "invalid_model");
+    assert!(failed["error"].as_str().unwrap().contains("404"));
+    // 404 is fatal: asked once, never retried.
+    assert_eq!(app.fake.calls("gone", Kind::Panel), 1);
+    let analysis = app.fake.bodies().into_iter().find(|b| b.get("response_format").is_some()).unwrap();
+    assert!(!analysis["messages"][1]["content"].as_str().unwrap().contains("from gone"));
+}
+
+#[tokio::test]
+async fn a_server_error_is_retried_until_it_succeeds() {
+    let app = spawn_app().await;
+    app.fake.script("flaky", Kind::Panel, vec![Reply::Status(500), Reply::Status(503), Reply::Ok]);
+    let id = app.submit_ok(&body_with_panel(&["flaky"], "judge")).await;
+    let job = app.wait_final(&id, 10).await;
+    assert_eq!(job["status"], "succeeded", "{job:#}");
+    assert_eq!(app.fake.calls("flaky", Kind::Panel), 3);
+    assert_eq!(app.fake.ok_calls("flaky", Kind::Panel), 1);
+}
+
+#[tokio::test]
+async fn when_every_member_fails_the_job_fails_with_a_typed_reason() {
+    let app = spawn_app().await;
+    app.fake.script("a", Kind::Panel, vec![Reply::Status(404)]);
+    app.fake.script("b", Kind::Panel, vec![Reply::Status(400)]);
+    let id = app.submit_ok(&body_with_panel(&["a", "b"], "judge")).await;
+    let job = app.wait_final(&id, 10).await;
+    assert_eq!(job["status"], "failed");
+    assert_eq!(job["failure_reason"], "all_panels_failed");
+    assert_eq!(job["result"], Value::Null);
+    assert_eq!(app.fake.calls("judge", Kind::Analysis), 0);
+
+    let id = app.submit_ok(&body_with_panel(&["a", "a"], "judge")).await;
+    let job = app.wait_final(&id, 10).await;
+    assert_eq!(job["failure_reason"], "invalid_model");
+}
+
+#[tokio::test]
+async fn invalid_analysis_json_is_retried_then_the_job_succeeds_without_it() {
+    let app = spawn_app().await;
+    app.fake.script("judge", Kind::Analysis, vec![Reply::Text("I think they all agree.".into())]);
+    let id = app.submit_ok(&body_with_panel(&["m1", "m2"], "judge")).await;
+    let job = app.wait_final(&id, 10).await;
+    assert_eq!(job["status"], "succeeded", "{job:#}");
+    assert_eq!(job["analysis"], Value::Null);
+    assert_eq!(job["analysis_error"], "analysis_not_valid_json");
+    // The default three tries, each told why the previous one was rejected.
+    assert_eq!(app.fake.calls("judge", Kind::Analysis), 3);
+    let last = app.fake.bodies().into_iter().filter(|b| b.get("response_format").is_some()).last().unwrap();
+    let feedback = last["messages"].as_array().unwrap().last().unwrap()["content"].as_str().unwrap().to_string();
+    assert!(feedback.contains("not valid JSON"), "{feedback}");
+    assert_eq!(app.fake.calls("judge", Kind::Final), 1);
+    assert!(job["result"]["choices"][0]["message"]["content"].is_string());
+}
+
+#[tokio::test]
+async fn a_schema_mismatch_that_is_fixed_on_the_second_try_is_kept() {
+    let app = spawn_app().await;
+    app.fake.script(
+        "judge",
+        Kind::Analysis,
+        vec![Reply::Text("```json\n{\"consensus\": []}\n```".into()), Reply::Ok],
+    );
+    let id = app.submit_ok(&body_with_panel(&["m1"], "judge")).await;
+    let job = app.wait_final(&id, 10).await;
+    assert_eq!(job["status"], "succeeded");
+    assert_eq!(job["analysis_error"], Value::Null);
+    assert_eq!(job["analysis"]["blind_spots"][0], "other planets");
+    assert_eq!(app.fake.calls("judge", Kind::Analysis), 2);
+}
+
+#[tokio::test]
+async fn a_failing_final_step_fails_the_job_and_a_retry_reuses_every_checkpoint() {
+    let app = spawn_app().await;
+    app.fake.script("judge", Kind::Final, vec![Reply::Status(401), Reply::Ok]);
+    let id = app.submit_ok(&body_with_panel(&["m1", "m2"], "judge")).await;
+    let job = app.wait_final(&id, 10).await;
+    assert_eq!(job["status"], "failed");
+    assert_eq!(job["failure_reason"], "upstream_auth");
+
+    let resp = app.post(&format!("/v1/jobs/{id}/retry")).await;
+    assert_eq!(resp.status(), 202);
+    let job = app.wait_final(&id, 10).await;
+    assert_eq!(job["status"], "succeeded", "{job:#}");
+    assert_eq!(job["attempt"], 2);
+    // Only the final step ran again.
+    assert_eq!(app.fake.calls("m1", Kind::Panel), 1);
+    assert_eq!(app.fake.calls("m2", Kind::Panel), 1);
+    assert_eq!(app.fake.calls("judge", Kind::Analysis), 1);
+    assert_eq!(app.fake.calls("judge", Kind::Final), 2);
+
+    let again = app.post(&format!("/v1/jobs/{id}/retry")).await;
+    assert_eq!(again.status(), 409);
+}
+
+#[tokio::test]
+async fn a_429_waits_out_its_retry_after() {
+    let app = spawn_app().await;
+    app.fake.script("busy", Kind::Panel, vec![Reply::RateLimited(1), Reply::Ok]);
+    let started = std::time::Instant::now();
+    let id = app.submit_ok(&body_with_panel(&["busy"], "judge")).await;
+    let job = app.wait_final(&id, 10).await;
+    assert_eq!(job["status"], "succeeded", "{job:#}");
+    assert_eq!(app.fake.calls("busy", Kind::Panel), 2);
+    // The test config's backoff cap is 50 ms: only Retry-After explains a wait of a second.
+    assert!(started.elapsed() >= std::time::Duration::from_secs(1));
+}
+
+#[tokio::test]
+async fn after_min_panel_answers_late_members_are_cut_off_by_the_panel_timeout() {
+    let app = spawn_app().await;
+    app.fake.script("late", Kind::Panel, vec![Reply::Delay(5_000, Box::new(Reply::Ok))]);
+    let mut body = body_with_panel(&["quick", "late"], "judge");
+    body["plugins"][0]["min_panel"] = 1.into();
+    body["plugins"][0]["panel_timeout_ms"] = 200.into();
+    let id = app.submit_ok(&body).await;
+    let job = app.wait_final(&id, 4).await;
+    assert_eq!(job["status"], "succeeded", "{job:#}");
+    assert_eq!(job["panel"][0]["status"], "succeeded");
+    assert_eq!(job["panel"][1]["status"], "failed");
+    assert_eq!(job["panel"][1]["error_code"], "panel_timeout");
+}
