@@ -33,10 +33,26 @@ async fn bad_requests_are_4xx_with_precise_messages() {
 
     let msgs = json!([{"role": "user", "content": "hi"}]);
     let cases = [
-        (json!({"model": "fusion/unknown", "messages": msgs}), "unknown_preset", "unknown"),
-        (json!({"model": "fusion", "messages": []}), "empty_messages", "messages"),
-        (json!({"model": "fusion"}), "invalid_request", "`messages` is required"),
-        (json!({"model": "gpt-4o", "messages": msgs}), "model_not_fusion", "gpt-4o"),
+        (
+            json!({"model": "fusion/unknown", "messages": msgs}),
+            "unknown_preset",
+            "unknown",
+        ),
+        (
+            json!({"model": "fusion", "messages": []}),
+            "empty_messages",
+            "messages",
+        ),
+        (
+            json!({"model": "fusion"}),
+            "invalid_request",
+            "`messages` is required",
+        ),
+        (
+            json!({"model": "gpt-4o", "messages": msgs}),
+            "model_not_fusion",
+            "gpt-4o",
+        ),
         (
             json!({"model": "fusion", "messages": msgs,
                    "plugins": [{"id": "fusion", "analysis_models": ["a","b","c","d","e","f","g","h","i"]}]}),
@@ -56,12 +72,47 @@ async fn bad_requests_are_4xx_with_precise_messages() {
 
     let get = |path: String| app.client.get(format!("{}{path}", app.address)).send();
     let unknown = uuid::Uuid::now_v7();
-    expect_error(get(format!("/v1/jobs/{unknown}")).await.unwrap(), 404, "not_found").await;
-    expect_error(get("/v1/jobs/nope".into()).await.unwrap(), 400, "invalid_job_id").await;
-    expect_error(get("/v1/jobs?status=done".into()).await.unwrap(), 400, "invalid_status").await;
-    expect_error(get("/v1/jobs?limit=0".into()).await.unwrap(), 400, "invalid_limit").await;
-    expect_error(get("/v1/jobs?limit=x".into()).await.unwrap(), 400, "invalid_query").await;
+    expect_error(
+        get(format!("/v1/jobs/{unknown}")).await.unwrap(),
+        404,
+        "not_found",
+    )
+    .await;
+    expect_error(
+        get("/v1/jobs/nope".into()).await.unwrap(),
+        400,
+        "invalid_job_id",
+    )
+    .await;
+    expect_error(
+        get("/v1/jobs?status=done".into()).await.unwrap(),
+        400,
+        "invalid_status",
+    )
+    .await;
+    expect_error(
+        get("/v1/jobs?limit=0".into()).await.unwrap(),
+        400,
+        "invalid_limit",
+    )
+    .await;
+    expect_error(
+        get("/v1/jobs?limit=x".into()).await.unwrap(),
+        400,
+        "invalid_query",
+    )
+    .await;
     expect_error(get("/v2/nothing".into()).await.unwrap(), 404, "not_found").await;
-    expect_error(app.post(&format!("/v1/jobs/{unknown}/cancel")).await, 404, "not_found").await;
-    expect_error(app.post(&format!("/v1/jobs/{unknown}/retry")).await, 404, "not_found").await;
+    expect_error(
+        app.post(&format!("/v1/jobs/{unknown}/cancel")).await,
+        404,
+        "not_found",
+    )
+    .await;
+    expect_error(
+        app.post(&format!("/v1/jobs/{unknown}/retry")).await,
+        404,
+        "not_found",
+    )
+    .await;
 }

@@ -15,14 +15,21 @@ async fn a_job_runs_panel_analysis_and_final_once_each() {
     assert_eq!(resp.status(), 202);
     let location = resp.headers()["location"].to_str().unwrap().to_string();
     let job: Value = resp.json().await.unwrap();
-    assert_eq!(location, format!("/v1/jobs/{}", job["id"].as_str().unwrap()));
+    assert_eq!(
+        location,
+        format!("/v1/jobs/{}", job["id"].as_str().unwrap())
+    );
     assert_eq!(job["status"], "queued");
 
     let id = job["id"].as_str().unwrap().to_string();
     let job = app.wait_final(&id, 10).await;
     assert_eq!(job["status"], "succeeded", "{job:#}");
     let steps = app.store.get_steps(id.parse().unwrap()).await.unwrap();
-    assert_eq!(steps.len(), 5, "three panel checkpoints, the analysis and the final");
+    assert_eq!(
+        steps.len(),
+        5,
+        "three panel checkpoints, the analysis and the final"
+    );
     assert!(steps.iter().all(|s| s.ok && s.attempt == 1));
     // A panel may repeat a model: m1 is asked twice, m2 once; the analyst twice (two steps).
     assert_eq!(app.fake.calls("m1", Kind::Panel), 2);
@@ -46,7 +53,10 @@ async fn a_job_runs_panel_analysis_and_final_once_each() {
     let result = &job["result"];
     assert_eq!(result["object"], "chat.completion");
     assert_eq!(result["model"], "fusion");
-    assert_eq!(result["choices"][0]["message"]["content"], "the fused final answer");
+    assert_eq!(
+        result["choices"][0]["message"]["content"],
+        "the fused final answer"
+    );
     assert_eq!(result["choices"][0]["finish_reason"], "stop");
     // Five calls of 10 + 5 tokens and $0.001 each.
     for usage in [&job["usage"], &result["usage"]] {
@@ -63,10 +73,15 @@ async fn a_job_runs_panel_analysis_and_final_once_each() {
 #[tokio::test]
 async fn the_analyst_sees_every_answer_and_the_final_sees_the_analysis() {
     let app = spawn_app().await;
-    let id = app.submit_ok(&body_with_panel(&["m1", "m2"], "judge")).await;
+    let id = app
+        .submit_ok(&body_with_panel(&["m1", "m2"], "judge"))
+        .await;
     app.wait_final(&id, 10).await;
     let bodies = app.fake.bodies();
-    let analysis = bodies.iter().find(|b| b.get("response_format").is_some()).unwrap();
+    let analysis = bodies
+        .iter()
+        .find(|b| b.get("response_format").is_some())
+        .unwrap();
     assert_eq!(analysis["response_format"]["type"], "json_schema");
     assert_eq!(analysis["temperature"], 0.0);
     let prompt = analysis["messages"][1]["content"].as_str().unwrap();
@@ -74,7 +89,10 @@ async fn the_analyst_sees_every_answer_and_the_final_sees_the_analysis() {
     assert!(prompt.contains("Why is the sky blue?"));
     let last = bodies.last().unwrap();
     let system = last["messages"][0]["content"].as_str().unwrap();
-    assert!(system.contains("Rayleigh"), "final prompt lacks the analysis: {system}");
+    assert!(
+        system.contains("Rayleigh"),
+        "final prompt lacks the analysis: {system}"
+    );
     assert_eq!(last["messages"][1]["content"], "Why is the sky blue?");
 }
 
@@ -86,7 +104,9 @@ async fn presets_resolve_from_the_config() {
     })
     .await;
     let id = app
-        .submit_ok(&json!({"model": "fusion/tiny", "messages": [{"role": "user", "content": "hi"}]}))
+        .submit_ok(
+            &json!({"model": "fusion/tiny", "messages": [{"role": "user", "content": "hi"}]}),
+        )
         .await;
     let job = app.wait_final(&id, 10).await;
     assert_eq!(job["status"], "succeeded");
@@ -117,7 +137,9 @@ async fn an_idempotency_key_returns_the_same_job() {
     assert_eq!(again.headers()["idempotent-replayed"], "true");
     let again: Value = again.json().await.unwrap();
     assert_eq!(first["id"], again["id"]);
-    let other = post(&body_with_panel(&["m2"], "judge"), "k1").await.unwrap();
+    let other = post(&body_with_panel(&["m2"], "judge"), "k1")
+        .await
+        .unwrap();
     assert_eq!(other.status(), 422);
     let err: Value = other.json().await.unwrap();
     assert_eq!(err["error"]["code"], "idempotency_key_reused");
@@ -144,15 +166,33 @@ async fn jobs_are_listed_newest_first_with_a_status_filter_and_cursor() {
     let page = |q: String| {
         let c = app.client.clone();
         let url = format!("{}/v1/jobs?{q}", app.address);
-        async move { c.get(url).send().await.unwrap().json::<Value>().await.unwrap() }
+        async move {
+            c.get(url)
+                .send()
+                .await
+                .unwrap()
+                .json::<Value>()
+                .await
+                .unwrap()
+        }
     };
     let first = page("limit=2".into()).await;
-    let got: Vec<&str> = first["data"].as_array().unwrap().iter().map(|j| j["id"].as_str().unwrap()).collect();
+    let got: Vec<&str> = first["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|j| j["id"].as_str().unwrap())
+        .collect();
     assert_eq!(got, vec![ids[4].as_str(), ids[3].as_str()]);
     assert_eq!(first["has_more"], true);
     let cursor = first["next_cursor"].as_str().unwrap();
     let second = page(format!("limit=2&after={cursor}")).await;
-    let got: Vec<&str> = second["data"].as_array().unwrap().iter().map(|j| j["id"].as_str().unwrap()).collect();
+    let got: Vec<&str> = second["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|j| j["id"].as_str().unwrap())
+        .collect();
     assert_eq!(got, vec![ids[2].as_str(), ids[1].as_str()]);
 
     let queued = page("status=queued&limit=100".into()).await;
@@ -167,7 +207,9 @@ async fn jobs_are_listed_newest_first_with_a_status_filter_and_cursor() {
 async fn cancelling_a_running_job_stops_its_upstream_calls() {
     let app = spawn_app().await;
     app.fake.script("slow", Kind::Panel, vec![Reply::Hang]);
-    let id = app.submit_ok(&body_with_panel(&["fast", "slow"], "judge")).await;
+    let id = app
+        .submit_ok(&body_with_panel(&["fast", "slow"], "judge"))
+        .await;
     // Wait until the fast member is checkpointed while the slow one hangs.
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     loop {
@@ -186,7 +228,10 @@ async fn cancelling_a_running_job_stops_its_upstream_calls() {
     tokio::time::sleep(Duration::from_millis(300)).await;
     let job = app.get_job(&id).await;
     assert_eq!(job["status"], "cancelled");
-    assert_eq!(job["panel"][1]["status"], "not_run", "nothing is written after a cancel");
+    assert_eq!(
+        job["panel"][1]["status"], "not_run",
+        "nothing is written after a cancel"
+    );
     assert_eq!(app.fake.calls("judge", Kind::Analysis), 0);
     assert_eq!(app.fake.total_calls(), 2);
 
@@ -200,7 +245,12 @@ async fn cancelling_a_running_job_stops_its_upstream_calls() {
 async fn health_and_readiness_answer() {
     let app = spawn_app().await;
     for path in ["/healthz", "/readyz"] {
-        let resp = app.client.get(format!("{}{path}", app.address)).send().await.unwrap();
+        let resp = app
+            .client
+            .get(format!("{}{path}", app.address))
+            .send()
+            .await
+            .unwrap();
         assert_eq!(resp.status(), 200, "{path}");
     }
 }

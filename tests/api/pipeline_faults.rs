@@ -9,8 +9,11 @@ use crate::helpers::{body_with_panel, spawn_app};
 #[tokio::test]
 async fn a_failed_panel_member_is_recorded_and_the_job_goes_on() {
     let app = spawn_app().await;
-    app.fake.script("gone", Kind::Panel, vec![Reply::Status(404)]);
-    let id = app.submit_ok(&body_with_panel(&["ok1", "gone"], "judge")).await;
+    app.fake
+        .script("gone", Kind::Panel, vec![Reply::Status(404)]);
+    let id = app
+        .submit_ok(&body_with_panel(&["ok1", "gone"], "judge"))
+        .await;
     let job = app.wait_final(&id, 10).await;
     assert_eq!(job["status"], "succeeded", "{job:#}");
     let failed = &job["panel"][1];
@@ -20,14 +23,28 @@ async fn a_failed_panel_member_is_recorded_and_the_job_goes_on() {
     assert!(failed["error"].as_str().unwrap().contains("404"));
     // 404 is fatal: asked once, never retried.
     assert_eq!(app.fake.calls("gone", Kind::Panel), 1);
-    let analysis = app.fake.bodies().into_iter().find(|b| b.get("response_format").is_some()).unwrap();
-    assert!(!analysis["messages"][1]["content"].as_str().unwrap().contains("from gone"));
+    let analysis = app
+        .fake
+        .bodies()
+        .into_iter()
+        .find(|b| b.get("response_format").is_some())
+        .unwrap();
+    assert!(
+        !analysis["messages"][1]["content"]
+            .as_str()
+            .unwrap()
+            .contains("from gone")
+    );
 }
 
 #[tokio::test]
 async fn a_server_error_is_retried_until_it_succeeds() {
     let app = spawn_app().await;
-    app.fake.script("flaky", Kind::Panel, vec![Reply::Status(500), Reply::Status(503), Reply::Ok]);
+    app.fake.script(
+        "flaky",
+        Kind::Panel,
+        vec![Reply::Status(500), Reply::Status(503), Reply::Ok],
+    );
     let id = app.submit_ok(&body_with_panel(&["flaky"], "judge")).await;
     let job = app.wait_final(&id, 10).await;
     assert_eq!(job["status"], "succeeded", "{job:#}");
@@ -55,16 +72,30 @@ async fn when_every_member_fails_the_job_fails_with_a_typed_reason() {
 #[tokio::test]
 async fn invalid_analysis_json_is_retried_then_the_job_succeeds_without_it() {
     let app = spawn_app().await;
-    app.fake.script("judge", Kind::Analysis, vec![Reply::Text("I think they all agree.".into())]);
-    let id = app.submit_ok(&body_with_panel(&["m1", "m2"], "judge")).await;
+    app.fake.script(
+        "judge",
+        Kind::Analysis,
+        vec![Reply::Text("I think they all agree.".into())],
+    );
+    let id = app
+        .submit_ok(&body_with_panel(&["m1", "m2"], "judge"))
+        .await;
     let job = app.wait_final(&id, 10).await;
     assert_eq!(job["status"], "succeeded", "{job:#}");
     assert_eq!(job["analysis"], Value::Null);
     assert_eq!(job["analysis_error"], "analysis_not_valid_json");
     // The default three tries, each told why the previous one was rejected.
     assert_eq!(app.fake.calls("judge", Kind::Analysis), 3);
-    let last = app.fake.bodies().into_iter().filter(|b| b.get("response_format").is_some()).last().unwrap();
-    let feedback = last["messages"].as_array().unwrap().last().unwrap()["content"].as_str().unwrap().to_string();
+    let last = app
+        .fake
+        .bodies()
+        .into_iter()
+        .rfind(|b| b.get("response_format").is_some())
+        .unwrap();
+    let feedback = last["messages"].as_array().unwrap().last().unwrap()["content"]
+        .as_str()
+        .unwrap()
+        .to_string();
     assert!(feedback.contains("not valid JSON"), "{feedback}");
     assert_eq!(app.fake.calls("judge", Kind::Final), 1);
     assert!(job["result"]["choices"][0]["message"]["content"].is_string());
@@ -76,7 +107,10 @@ async fn a_schema_mismatch_that_is_fixed_on_the_second_try_is_kept() {
     app.fake.script(
         "judge",
         Kind::Analysis,
-        vec![Reply::Text("```json\n{\"consensus\": []}\n```".into()), Reply::Ok],
+        vec![
+            Reply::Text("```json\n{\"consensus\": []}\n```".into()),
+            Reply::Ok,
+        ],
     );
     let id = app.submit_ok(&body_with_panel(&["m1"], "judge")).await;
     let job = app.wait_final(&id, 10).await;
@@ -89,8 +123,11 @@ async fn a_schema_mismatch_that_is_fixed_on_the_second_try_is_kept() {
 #[tokio::test]
 async fn a_failing_final_step_fails_the_job_and_a_retry_reuses_every_checkpoint() {
     let app = spawn_app().await;
-    app.fake.script("judge", Kind::Final, vec![Reply::Status(401), Reply::Ok]);
-    let id = app.submit_ok(&body_with_panel(&["m1", "m2"], "judge")).await;
+    app.fake
+        .script("judge", Kind::Final, vec![Reply::Status(401), Reply::Ok]);
+    let id = app
+        .submit_ok(&body_with_panel(&["m1", "m2"], "judge"))
+        .await;
     let job = app.wait_final(&id, 10).await;
     assert_eq!(job["status"], "failed");
     assert_eq!(job["failure_reason"], "upstream_auth");
@@ -113,7 +150,8 @@ async fn a_failing_final_step_fails_the_job_and_a_retry_reuses_every_checkpoint(
 #[tokio::test]
 async fn a_429_waits_out_its_retry_after() {
     let app = spawn_app().await;
-    app.fake.script("busy", Kind::Panel, vec![Reply::RateLimited(1), Reply::Ok]);
+    app.fake
+        .script("busy", Kind::Panel, vec![Reply::RateLimited(1), Reply::Ok]);
     let started = std::time::Instant::now();
     let id = app.submit_ok(&body_with_panel(&["busy"], "judge")).await;
     let job = app.wait_final(&id, 10).await;
@@ -126,7 +164,11 @@ async fn a_429_waits_out_its_retry_after() {
 #[tokio::test]
 async fn after_min_panel_answers_late_members_are_cut_off_by_the_panel_timeout() {
     let app = spawn_app().await;
-    app.fake.script("late", Kind::Panel, vec![Reply::Delay(5_000, Box::new(Reply::Ok))]);
+    app.fake.script(
+        "late",
+        Kind::Panel,
+        vec![Reply::Delay(5_000, Box::new(Reply::Ok))],
+    );
     let mut body = body_with_panel(&["quick", "late"], "judge");
     body["plugins"][0]["min_panel"] = 1.into();
     body["plugins"][0]["panel_timeout_ms"] = 200.into();

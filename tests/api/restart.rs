@@ -87,12 +87,19 @@ async fn a_killed_server_resumes_the_job_from_its_checkpoints() {
         .await
         .unwrap();
     assert_eq!(resp.status(), 202);
-    let id = resp.json::<Value>().await.unwrap()["id"].as_str().unwrap().to_string();
+    let id = resp.json::<Value>().await.unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
 
     // Wait until every panel answer is checkpointed and the analysis call is hanging.
     for i in 0.. {
         let job = get_job(&client, &server, &id).await;
-        let panel_done = job["panel"].as_array().unwrap().iter().all(|p| p["status"] == "succeeded");
+        let panel_done = job["panel"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|p| p["status"] == "succeeded");
         if panel_done && fake.calls("judge", Kind::Analysis) == 1 {
             break;
         }
@@ -112,11 +119,22 @@ async fn a_killed_server_resumes_the_job_from_its_checkpoints() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     assert_eq!(job["status"], "succeeded", "{job:#}");
-    assert_eq!(job["attempt"], 2, "resumed by a second claim after the lease expired");
+    assert_eq!(
+        job["attempt"], 2,
+        "resumed by a second claim after the lease expired"
+    );
     for m in ["m1", "m2", "m3"] {
-        assert_eq!(fake.calls(m, Kind::Panel), 1, "panel model {m} was called again");
+        assert_eq!(
+            fake.calls(m, Kind::Panel),
+            1,
+            "panel model {m} was called again"
+        );
     }
-    assert_eq!(fake.calls("judge", Kind::Analysis), 2, "the in-flight analysis call repeats");
+    assert_eq!(
+        fake.calls("judge", Kind::Analysis),
+        2,
+        "the in-flight analysis call repeats"
+    );
     assert_eq!(fake.calls("judge", Kind::Final), 1);
     server.kill().await;
 }
