@@ -80,7 +80,6 @@ impl Application {
             store,
             config: Arc::new(settings.fusion),
             clock,
-            worker: worker.clone(),
         };
         let (addr, listener) = match &settings.listen {
             Some(listen) => {

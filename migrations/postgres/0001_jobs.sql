@@ -58,3 +58,16 @@ CREATE TRIGGER jobs_notify_insert AFTER INSERT ON jobs
 CREATE TRIGGER jobs_notify_requeue AFTER UPDATE OF status ON jobs
     FOR EACH ROW WHEN (NEW.status = 'queued' AND OLD.status <> 'queued')
     EXECUTE FUNCTION fusion_notify_queued();
+
+-- Tell every process at once that a running job was cancelled, so its worker stops calling
+-- upstream now rather than at its next heartbeat.
+CREATE FUNCTION fusion_notify_cancelled() RETURNS trigger AS $$
+BEGIN
+    PERFORM pg_notify('fusion_cancel', NEW.id::text);
+    RETURN NULL;
+END
+$$ LANGUAGE plpgsql;
+
+CREATE TRIGGER jobs_notify_cancel AFTER UPDATE OF status ON jobs
+    FOR EACH ROW WHEN (NEW.status = 'cancelled' AND OLD.status = 'running')
+    EXECUTE FUNCTION fusion_notify_cancelled();

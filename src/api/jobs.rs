@@ -166,10 +166,8 @@ pub async fn cancel(
 ) -> Result<Json<Value>, ApiError> {
     let id = parse_id(&raw)?;
     match state.store.cancel(id, state.clock.now_ms()).await? {
-        CancelOutcome::Cancelled { job, was_running } => {
-            if was_running && let Some(w) = &state.worker {
-                w.stop_local(id);
-            }
+        // A running job's worker hears of it through the store's cancellation signal.
+        CancelOutcome::Cancelled { job, .. } => {
             let steps = state.store.get_steps(id).await?;
             Ok(Json(view::full(&job, &steps)))
         }

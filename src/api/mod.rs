@@ -21,7 +21,6 @@ use tower_http::trace::TraceLayer;
 use crate::clock::SharedClock;
 use crate::config::FusionConfig;
 use crate::store::Store;
-use crate::worker::Worker;
 pub use error::ApiError;
 
 #[derive(Clone)]
@@ -29,8 +28,6 @@ pub struct AppState {
     pub store: Arc<dyn Store>,
     pub config: Arc<FusionConfig>,
     pub clock: SharedClock,
-    /// The in-process worker, told to stop a job at once when it is cancelled.
-    pub worker: Option<Arc<Worker>>,
 }
 
 /// `Json` whose rejections are `ApiError`s.

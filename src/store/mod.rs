@@ -24,7 +24,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use serde_json::Value;
-use tokio::sync::Notify;
+use tokio::sync::{Notify, broadcast};
 use uuid::Uuid;
 
 use crate::job::{Job, JobStatus, Lease, ListFilter, NewJob, Step};
@@ -127,7 +127,15 @@ pub trait Store: Send + Sync + 'static {
     /// Woken whenever work may be available (an enqueue in this process, or — on Postgres — a
     /// NOTIFY from any process).
     fn wakeups(&self) -> Arc<Notify>;
+
+    /// Ids of running jobs that were just cancelled (in this process, or — on Postgres — in
+    /// any), so the worker holding one can stop it at once.
+    fn cancellations(&self) -> broadcast::Receiver<Uuid>;
 }
+
+/// Room for cancellations not yet read by a slow receiver; a lagging one falls back to the
+/// heartbeat, which notices every cancelled job anyway.
+pub(crate) const CANCEL_BACKLOG: usize = 1024;
 
 /// Open the store named by `url` (`sqlite://…` or `postgres://…`).
 pub async fn connect(url: &str) -> Result<Arc<dyn Store>> {

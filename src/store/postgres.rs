@@ -10,20 +10,25 @@ use serde_json::Value;
 use sqlx::Row;
 use sqlx::postgres::{PgListener, PgPool, PgPoolOptions, PgRow};
 use sqlx::types::Json;
-use tokio::sync::Notify;
+use tokio::sync::{Notify, broadcast};
 use uuid::Uuid;
 
 use super::{
-    CancelOutcome, Enqueued, Held, Result, RetryOutcome, Store, StoreError, ms, status_from_db,
+    CANCEL_BACKLOG, CancelOutcome, Enqueued, Held, Result, RetryOutcome, Store, StoreError, ms,
+    status_from_db,
 };
 use crate::job::{Job, JobStatus, Lease, ListFilter, NewJob, Step, StepKey, Usage};
 
 pub struct PgStore {
     pool: PgPool,
     wakeups: Arc<Notify>,
+    cancels: broadcast::Sender<Uuid>,
 }
 
-const CHANNEL: &str = "fusion_jobs";
+/// NOTIFY channel: a job became queued.
+const JOBS_CHANNEL: &str = "fusion_jobs";
+/// NOTIFY channel: a running job was cancelled (payload: its id).
+const CANCEL_CHANNEL: &str = "fusion_cancel";
 
 impl PgStore {
     pub async fn connect(url: &str) -> Result<PgStore> {
@@ -33,8 +38,13 @@ impl PgStore {
             .connect(url)
             .await?;
         let wakeups = Arc::new(Notify::new());
-        tokio::spawn(listen(pool.clone(), wakeups.clone()));
-        Ok(PgStore { pool, wakeups })
+        let cancels = broadcast::channel(CANCEL_BACKLOG).0;
+        tokio::spawn(listen(pool.clone(), wakeups.clone(), cancels.clone()));
+        Ok(PgStore {
+            pool,
+            wakeups,
+            cancels,
+        })
     }
 
     pub fn pool(&self) -> &PgPool {
@@ -55,7 +65,7 @@ impl PgStore {
 }
 
 /// Forward NOTIFYs to the in-process wake-up; reconnects on its own after connection loss.
-async fn listen(pool: PgPool, wakeups: Arc<Notify>) {
+async fn listen(pool: PgPool, wakeups: Arc<Notify>, cancels: broadcast::Sender<Uuid>) {
     let mut failures = 0u32;
     loop {
         let mut listener = match PgListener::connect_with(&pool).await {
@@ -67,7 +77,7 @@ async fn listen(pool: PgPool, wakeups: Arc<Notify>) {
                 continue;
             }
         };
-        if let Err(e) = listener.listen(CHANNEL).await {
+        if let Err(e) = listener.listen_all([JOBS_CHANNEL, CANCEL_CHANNEL]).await {
             failures += 1;
             tracing::warn!(error = %e, "LISTEN failed; polling meanwhile");
             tokio::time::sleep(crate::worker::backoff(failures)).await;
@@ -76,6 +86,11 @@ async fn listen(pool: PgPool, wakeups: Arc<Notify>) {
         failures = 0;
         loop {
             match listener.try_recv().await {
+                Ok(Some(n)) if n.channel() == CANCEL_CHANNEL => {
+                    if let Ok(id) = Uuid::parse_str(n.payload()) {
+                        let _ = cancels.send(id);
+                    }
+                }
                 Ok(Some(_)) => wakeups.notify_one(),
                 // The connection dropped and will be re-established; wake in case we missed one.
                 Ok(None) => wakeups.notify_one(),
@@ -408,6 +423,10 @@ impl Store for PgStore {
 
     fn wakeups(&self) -> Arc<Notify> {
         self.wakeups.clone()
+    }
+
+    fn cancellations(&self) -> broadcast::Receiver<Uuid> {
+        self.cancels.subscribe()
     }
 }
 

@@ -14,17 +14,19 @@ use sqlx::sqlite::{
     SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteRow,
     SqliteSynchronous,
 };
-use tokio::sync::Notify;
+use tokio::sync::{Notify, broadcast};
 use uuid::Uuid;
 
 use super::{
-    CancelOutcome, Enqueued, Held, Result, RetryOutcome, Store, StoreError, ms, status_from_db,
+    CANCEL_BACKLOG, CancelOutcome, Enqueued, Held, Result, RetryOutcome, Store, StoreError, ms,
+    status_from_db,
 };
 use crate::job::{Job, JobStatus, Lease, ListFilter, NewJob, Step, StepKey, Usage};
 
 pub struct SqliteStore {
     pool: SqlitePool,
     wakeups: Arc<Notify>,
+    cancels: broadcast::Sender<Uuid>,
 }
 
 impl SqliteStore {
@@ -43,6 +45,7 @@ impl SqliteStore {
         Ok(SqliteStore {
             pool,
             wakeups: Arc::new(Notify::new()),
+            cancels: broadcast::channel(CANCEL_BACKLOG).0,
         })
     }
 
@@ -203,6 +206,10 @@ impl Store for SqliteStore {
             .fetch_optional(&self.pool)
             .await?;
             if let Some(row) = row {
+                if before.status == JobStatus::Running {
+                    // No receiver is fine: no worker in this process.
+                    let _ = self.cancels.send(id);
+                }
                 return Ok(CancelOutcome::Cancelled {
                     job: job_from_row(&row)?,
                     was_running: before.status == JobStatus::Running,
@@ -393,6 +400,10 @@ impl Store for SqliteStore {
 
     fn wakeups(&self) -> Arc<Notify> {
         self.wakeups.clone()
+    }
+
+    fn cancellations(&self) -> broadcast::Receiver<Uuid> {
+        self.cancels.subscribe()
     }
 }
 

@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, broadcast};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use uuid::Uuid;
@@ -112,6 +112,7 @@ impl Worker {
         let background = CancellationToken::new();
         let heartbeat = tokio::spawn(self.clone().heartbeat_loop(background.clone()));
         let rescuer = tokio::spawn(self.clone().rescue_loop(background.clone()));
+        let cancels = tokio::spawn(self.clone().cancel_loop(background.clone()));
 
         self.dispatch_loop(&tracker, &shutdown).await;
 
@@ -131,7 +132,7 @@ impl Worker {
             tracker.wait().await;
         }
         background.cancel();
-        let _ = tokio::join!(heartbeat, rescuer);
+        let _ = tokio::join!(heartbeat, rescuer, cancels);
     }
 
     async fn dispatch_loop(self: &Arc<Self>, tracker: &TaskTracker, shutdown: &CancellationToken) {
@@ -302,6 +303,23 @@ impl Worker {
             {
                 tracing::info!(job = %id, "lease lost or job cancelled: stopping it");
                 r.stop.cancel();
+            }
+        }
+    }
+
+    /// Stop jobs as soon as the store says they were cancelled.
+    async fn cancel_loop(self: Arc<Self>, stop: CancellationToken) {
+        let mut cancels = self.store.cancellations();
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                id = cancels.recv() => match id {
+                    Ok(id) => self.stop_local(id),
+                    Err(broadcast::error::RecvError::Lagged(n)) => {
+                        tracing::warn!(missed = n, "cancellations missed; the heartbeat will catch them");
+                    }
+                    Err(broadcast::error::RecvError::Closed) => return,
+                },
             }
         }
     }

@@ -37,6 +37,8 @@ pub enum Reply {
     RateLimited(u64),
     /// Never answer.
     Hang,
+    /// Start a 200 answer, then reset the connection mid-body.
+    Truncated,
 }
 
 pub const VALID_ANALYSIS: &str = r#"{"consensus":["the sky is blue"],"contradictions":[{"topic":"why","stances":[{"model":"m1","stance":"scattering"},{"model":"m2","stance":"reflection"}]}],"partial_coverage":[{"models":["m1"],"point":"sunsets"}],"unique_insights":[{"model":"m1","insight":"Rayleigh"}],"blind_spots":["other planets"]}"#;
@@ -148,6 +150,17 @@ async fn respond(reply: Reply, model: &str, kind: Kind) -> Response {
                 reply = *inner;
             }
             Reply::Hang => std::future::pending::<()>().await,
+            Reply::Truncated => {
+                let chunks: Vec<Result<&'static str, std::io::Error>> = vec![
+                    Ok(r#"{"id": "chatcmpl-fake", "choices": [{"message": {"content": "cut"#),
+                    Err(std::io::Error::other("connection reset mid-body")),
+                ];
+                let body = axum::body::Body::from_stream(futures::stream::iter(chunks));
+                return Response::builder()
+                    .header("content-type", "application/json")
+                    .body(body)
+                    .unwrap();
+            }
             Reply::Status(code) => {
                 let status = StatusCode::from_u16(code).unwrap();
                 let body = json!({"error": {"message": format!("scripted {code}"), "code": code}});

@@ -4,7 +4,7 @@
 use serde_json::Value;
 
 use crate::fake_upstream::{Kind, Reply};
-use crate::helpers::{body_with_panel, spawn_app};
+use crate::helpers::{Options, body_with_panel, spawn_app, spawn_app_with};
 
 #[tokio::test]
 async fn a_failed_panel_member_is_recorded_and_the_job_goes_on() {
@@ -178,4 +178,71 @@ async fn after_min_panel_answers_late_members_are_cut_off_by_the_panel_timeout()
     assert_eq!(job["panel"][0]["status"], "succeeded");
     assert_eq!(job["panel"][1]["status"], "failed");
     assert_eq!(job["panel"][1]["error_code"], "panel_timeout");
+}
+
+#[tokio::test]
+async fn a_body_cut_off_mid_stream_is_retried() {
+    let app = spawn_app().await;
+    app.fake
+        .script("cut", Kind::Panel, vec![Reply::Truncated, Reply::Ok]);
+    let id = app.submit_ok(&body_with_panel(&["cut"], "judge")).await;
+    let job = app.wait_final(&id, 10).await;
+    assert_eq!(job["status"], "succeeded", "{job:#}");
+    assert_eq!(job["panel"][0]["content"], "panel answer from cut");
+    assert_eq!(app.fake.calls("cut", Kind::Panel), 2);
+}
+
+#[tokio::test]
+async fn a_call_hanging_past_the_timeout_is_abandoned_and_retried() {
+    let app = spawn_app_with(Options {
+        toml: "[upstream]\ntimeout_seconds = 1\n",
+        ..Options::default()
+    })
+    .await;
+    app.fake
+        .script("stuck", Kind::Panel, vec![Reply::Hang, Reply::Ok]);
+    let id = app.submit_ok(&body_with_panel(&["stuck"], "judge")).await;
+    let job = app.wait_final(&id, 10).await;
+    assert_eq!(job["status"], "succeeded", "{job:#}");
+    assert_eq!(app.fake.calls("stuck", Kind::Panel), 2);
+}
+
+#[tokio::test]
+async fn too_few_answers_fail_with_insufficient_quorum() {
+    let app = spawn_app().await;
+    app.fake
+        .script("bad", Kind::Panel, vec![Reply::Status(400)]);
+    let mut body = body_with_panel(&["good", "bad", "bad"], "judge");
+    body["plugins"][0]["min_panel"] = 2.into();
+    let id = app.submit_ok(&body).await;
+    let job = app.wait_final(&id, 10).await;
+    assert_eq!(job["status"], "failed");
+    assert_eq!(job["failure_reason"], "insufficient_quorum");
+    assert!(job["error"].as_str().unwrap().contains("1 of 3"), "{job:#}");
+}
+
+#[tokio::test]
+async fn an_analyst_that_keeps_failing_upstream_leaves_analysis_null() {
+    let app = spawn_app().await;
+    app.fake
+        .script("judge", Kind::Analysis, vec![Reply::Status(503)]);
+    let id = app.submit_ok(&body_with_panel(&["m1"], "judge")).await;
+    let job = app.wait_final(&id, 10).await;
+    assert_eq!(job["status"], "succeeded", "{job:#}");
+    assert_eq!(job["analysis_error"], "analysis_upstream_error");
+    // Transport retries (3 in the test config) within one analysis try; no JSON retries.
+    assert_eq!(app.fake.calls("judge", Kind::Analysis), 3);
+}
+
+#[tokio::test]
+async fn an_overdue_job_fails_with_deadline_exceeded() {
+    let app = spawn_app().await;
+    app.fake.script("judge", Kind::Analysis, vec![Reply::Hang]);
+    let mut body = body_with_panel(&["m1"], "judge");
+    body["plugins"][0]["deadline_seconds"] = 1.into();
+    let id = app.submit_ok(&body).await;
+    let job = app.wait_final(&id, 5).await;
+    assert_eq!(job["status"], "failed");
+    assert_eq!(job["failure_reason"], "deadline_exceeded");
+    assert_eq!(app.fake.calls("judge", Kind::Final), 0);
 }
