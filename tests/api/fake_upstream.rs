@@ -53,6 +53,10 @@ struct FakeState {
     ok: HashMap<(String, Kind), u32>,
     /// The bodies received, in order.
     bodies: Vec<Value>,
+    /// When each call arrived (unix ms), per (model, kind).
+    starts: HashMap<(String, Kind), Vec<i64>>,
+    /// The reply of models with no script.
+    default: Option<Reply>,
 }
 
 #[derive(Clone)]
@@ -84,6 +88,20 @@ impl FakeUpstream {
             .unwrap()
             .scripts
             .insert((model.to_string(), kind), replies);
+    }
+
+    /// The reply every unscripted model gives.
+    pub fn set_default(&self, reply: Reply) {
+        self.state.lock().unwrap().default = Some(reply);
+    }
+
+    /// Arrival times (unix ms) of the calls to `model` of `kind`.
+    pub fn starts(&self, model: &str, kind: Kind) -> Vec<i64> {
+        let s = self.state.lock().unwrap();
+        s.starts
+            .get(&(model.to_string(), kind))
+            .cloned()
+            .unwrap_or_default()
     }
 
     pub fn calls(&self, model: &str, kind: Kind) -> u32 {
@@ -126,12 +144,17 @@ async fn completions(
     let reply = {
         let mut s = state.lock().unwrap();
         s.bodies.push(body.clone());
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis() as i64;
+        s.starts.entry((model.clone(), kind)).or_default().push(now);
         let n = s.calls.entry((model.clone(), kind)).or_default();
         let index = *n as usize;
         *n += 1;
         match s.scripts.get(&(model.clone(), kind)) {
             Some(list) if !list.is_empty() => list[index.min(list.len() - 1)].clone(),
-            _ => Reply::Ok,
+            _ => s.default.clone().unwrap_or(Reply::Ok),
         }
     };
     let resp = respond(reply, &model, kind).await;

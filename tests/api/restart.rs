@@ -19,6 +19,10 @@ pub struct Server {
 
 impl Server {
     pub async fn start(db: &Path, upstream: &str, port: u16) -> Server {
+        Server::start_with(db, upstream, port, &[]).await
+    }
+
+    pub async fn start_with(db: &Path, upstream: &str, port: u16, env: &[(&str, &str)]) -> Server {
         let child = Command::new(env!("CARGO_BIN_EXE_fusion"))
             .arg("serve")
             .env("DATABASE_URL", format!("sqlite://{}", db.display()))
@@ -26,7 +30,9 @@ impl Server {
             .env("FUSION_UPSTREAM_URL", upstream)
             .env("FUSION_LEASE_SECONDS", "2")
             .env("FUSION_POLL_MS", "100")
+            .env("FUSION_CONCURRENCY", "32")
             .env("RUST_LOG", "warn")
+            .envs(env.iter().copied())
             .stdout(Stdio::null())
             .kill_on_drop(true)
             .spawn()
@@ -42,6 +48,20 @@ impl Server {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
         panic!("fusion serve did not become ready on port {port}");
+    }
+
+    /// SIGTERM, then wait for the process to exit by itself.
+    pub async fn terminate(mut self) -> std::process::ExitStatus {
+        let pid = self.child.id().unwrap().to_string();
+        let sent = std::process::Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .unwrap();
+        assert!(sent.success());
+        tokio::time::timeout(Duration::from_secs(20), self.child.wait())
+            .await
+            .expect("fusion did not exit after SIGTERM")
+            .unwrap()
     }
 
     /// SIGKILL: no shutdown code runs, leases are left behind.
@@ -137,4 +157,157 @@ async fn a_killed_server_resumes_the_job_from_its_checkpoints() {
     );
     assert_eq!(fake.calls("judge", Kind::Final), 1);
     server.kill().await;
+}
+
+#[tokio::test]
+async fn sigterm_hands_running_jobs_back_at_once() {
+    let fake = FakeUpstream::start().await;
+    fake.script("judge", Kind::Analysis, vec![Reply::Hang]);
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("fusion.db");
+    let port = free_port();
+    let client = reqwest::Client::new();
+    // A long lease: only a release (not expiry) can free the job quickly.
+    let env = [
+        ("FUSION_LEASE_SECONDS", "60"),
+        ("FUSION_SHUTDOWN_GRACE_SECONDS", "1"),
+    ];
+
+    let server = Server::start_with(&db, &fake.base_url(), port, &env).await;
+    let resp = client
+        .post(format!("{}/v1/jobs", server.address))
+        .json(&body_with_panel(&["m1", "m2"], "judge"))
+        .send()
+        .await
+        .unwrap();
+    let id = resp.json::<Value>().await.unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    for i in 0.. {
+        if fake.calls("judge", Kind::Analysis) == 1 {
+            break;
+        }
+        assert!(i < 500, "analysis never started");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let status = server.terminate().await;
+    assert!(status.success(), "fusion exited with {status}");
+
+    fake.script("judge", Kind::Analysis, vec![Reply::Ok]);
+    let started = std::time::Instant::now();
+    let server = Server::start_with(&db, &fake.base_url(), port, &env).await;
+    let mut job = Value::Null;
+    for _ in 0..500 {
+        job = get_job(&client, &server, &id).await;
+        if job["status"] == "succeeded" {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(job["status"], "succeeded", "{job:#}");
+    assert!(
+        started.elapsed() < Duration::from_secs(30),
+        "the job waited for its 60 s lease instead of being released"
+    );
+    assert_eq!(job["attempt"], 1, "a released attempt is not counted");
+    assert_eq!(fake.calls("m1", Kind::Panel), 1);
+    assert_eq!(fake.calls("m2", Kind::Panel), 1);
+    server.kill().await;
+}
+
+/// 200 jobs on a slow upstream, the server SIGKILLed at random moments and restarted: every job
+/// succeeds, and no step is called again once its checkpoint was written.
+#[tokio::test]
+async fn repeated_sigkills_lose_no_job_and_repeat_no_finished_step() {
+    const JOBS: usize = 200;
+    const KILLS: usize = 4;
+    let fake = FakeUpstream::start().await;
+    fake.set_default(Reply::Delay(100, Box::new(Reply::Ok)));
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("fusion.db");
+    let port = free_port();
+    let client = reqwest::Client::new();
+    let seed: u64 = rand::random();
+    eprintln!("kill schedule seed: {seed}");
+    let mut rng = <rand::rngs::StdRng as rand::SeedableRng>::seed_from_u64(seed);
+
+    let mut server = Server::start(&db, &fake.base_url(), port).await;
+    let mut ids = Vec::new();
+    for n in 0..JOBS {
+        // Models unique per job, so the fake's counts are per step.
+        let panel = [format!("j{n}-a"), format!("j{n}-b"), format!("j{n}-c")];
+        let panel: Vec<&str> = panel.iter().map(String::as_str).collect();
+        let body = body_with_panel(&panel, &format!("j{n}-judge"));
+        let resp = client
+            .post(format!("{}/v1/jobs", server.address))
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 202);
+        ids.push(
+            resp.json::<Value>().await.unwrap()["id"]
+                .as_str()
+                .unwrap()
+                .to_string(),
+        );
+    }
+    for _ in 0..KILLS {
+        let wait = rand::Rng::random_range(&mut rng, 300..1500);
+        tokio::time::sleep(Duration::from_millis(wait)).await;
+        server.kill().await;
+        server = Server::start(&db, &fake.base_url(), port).await;
+    }
+    let deadline = std::time::Instant::now() + Duration::from_secs(120);
+    for id in &ids {
+        loop {
+            let job = get_job(&client, &server, id).await;
+            if job["status"] == "succeeded" {
+                break;
+            }
+            assert_ne!(job["status"], "failed", "{job:#}");
+            assert!(
+                std::time::Instant::now() < deadline,
+                "job {id} not done: {job:#}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    server.kill().await;
+
+    let store = fusion::store::connect(&format!("sqlite://{}", db.display()))
+        .await
+        .unwrap();
+    let mut repeated_in_flight = 0;
+    for (n, id) in ids.iter().enumerate() {
+        let steps = store.get_steps(id.parse().unwrap()).await.unwrap();
+        assert_eq!(steps.len(), 5, "job {n}");
+        for step in steps {
+            assert!(
+                step.ok,
+                "job {n} step {:?} failed: {:?}",
+                step.key, step.error
+            );
+            let kind = match step.key {
+                fusion::job::StepKey::Panel(_) => Kind::Panel,
+                fusion::job::StepKey::Analysis => Kind::Analysis,
+                fusion::job::StepKey::Final => Kind::Final,
+            };
+            let starts = fake.starts(&step.model, kind);
+            assert!(!starts.is_empty());
+            // Every call to this step began before its checkpoint was made: calls in flight at
+            // a kill may repeat, a checkpointed step never does.
+            for s in &starts {
+                assert!(
+                    *s <= step.created_at,
+                    "job {n} {:?} was called at {s} after its checkpoint at {}",
+                    step.key,
+                    step.created_at
+                );
+            }
+            repeated_in_flight += starts.len() - 1;
+        }
+    }
+    eprintln!("{JOBS} jobs, {KILLS} kills, {repeated_in_flight} in-flight calls repeated");
 }
