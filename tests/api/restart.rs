@@ -23,9 +23,21 @@ impl Server {
     }
 
     pub async fn start_with(db: &Path, upstream: &str, port: u16, env: &[(&str, &str)]) -> Server {
+        let url = format!("sqlite://{}", db.display());
+        Server::spawn("serve", &url, upstream, port, env).await
+    }
+
+    /// Run `fusion <command>`; for `serve`, wait until it is ready.
+    pub async fn spawn(
+        command: &str,
+        database_url: &str,
+        upstream: &str,
+        port: u16,
+        env: &[(&str, &str)],
+    ) -> Server {
         let child = Command::new(env!("CARGO_BIN_EXE_fusion"))
-            .arg("serve")
-            .env("DATABASE_URL", format!("sqlite://{}", db.display()))
+            .arg(command)
+            .env("DATABASE_URL", database_url)
             .env("FUSION_LISTEN", format!("127.0.0.1:{port}"))
             .env("FUSION_UPSTREAM_URL", upstream)
             .env("FUSION_LEASE_SECONDS", "2")
@@ -38,6 +50,9 @@ impl Server {
             .spawn()
             .expect("run target/debug/fusion");
         let address = format!("http://127.0.0.1:{port}");
+        if command != "serve" {
+            return Server { child, address };
+        }
         let client = reqwest::Client::new();
         for _ in 0..200 {
             if let Ok(r) = client.get(format!("{address}/readyz")).send().await
@@ -71,7 +86,7 @@ impl Server {
     }
 }
 
-fn free_port() -> u16 {
+pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
@@ -79,7 +94,7 @@ fn free_port() -> u16 {
         .port()
 }
 
-async fn get_job(client: &reqwest::Client, server: &Server, id: &str) -> Value {
+pub async fn get_job(client: &reqwest::Client, server: &Server, id: &str) -> Value {
     client
         .get(format!("{}/v1/jobs/{id}", server.address))
         .send()
