@@ -3,11 +3,10 @@
 
 use std::time::Duration;
 
-use serde_json::Value;
-
-use crate::fake_upstream::{FakeUpstream, Kind, Reply};
-use crate::helpers::body_with_panel;
-use crate::restart::{Server, free_port, get_job};
+use crate::fake_upstream::{FakeUpstream, Reply};
+use crate::restart::{
+    Checked, Server, check_no_step_repeated, free_port, submit_unique_jobs, wait_succeeded,
+};
 
 /// A fresh database on the server named by `TEST_DATABASE_URL`, or `None` (with a note) when
 /// it is not set outside CI.
@@ -65,67 +64,17 @@ async fn three_workers_share_the_queue_through_a_worker_crash() {
         workers.push(Server::spawn("worker", &url, &upstream, 0, &env).await);
     }
     let client = reqwest::Client::new();
-    let mut ids = Vec::new();
-    for n in 0..JOBS {
-        let panel = [format!("w{n}-a"), format!("w{n}-b"), format!("w{n}-c")];
-        let panel: Vec<&str> = panel.iter().map(String::as_str).collect();
-        let resp = client
-            .post(format!("{}/v1/jobs", api.address))
-            .json(&body_with_panel(&panel, &format!("w{n}-judge")))
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(resp.status(), 202);
-        ids.push(
-            resp.json::<Value>().await.unwrap()["id"]
-                .as_str()
-                .unwrap()
-                .to_string(),
-        );
-    }
+    let ids = submit_unique_jobs(&client, &api, "w", JOBS).await;
     tokio::time::sleep(Duration::from_millis(400)).await;
     workers.remove(0).kill().await;
     tokio::time::sleep(Duration::from_millis(300)).await;
     workers.push(Server::spawn("worker", &url, &upstream, 0, &env).await);
 
-    let deadline = std::time::Instant::now() + Duration::from_secs(90);
     for id in &ids {
-        loop {
-            let job = get_job(&client, &api, id).await;
-            if job["status"] == "succeeded" {
-                break;
-            }
-            assert_ne!(job["status"], "failed", "{job:#}");
-            assert!(
-                std::time::Instant::now() < deadline,
-                "job {id} not done: {job:#}"
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        wait_succeeded(&client, &api, id, 90).await;
     }
     let store = fusion::store::connect(&url).await.unwrap();
-    let mut repeated = 0;
-    let mut resumed = 0;
-    for (n, id) in ids.iter().enumerate() {
-        let job = store.get_job(id.parse().unwrap()).await.unwrap().unwrap();
-        resumed += usize::from(job.attempt > 1);
-        let steps = store.get_steps(id.parse().unwrap()).await.unwrap();
-        assert_eq!(steps.len(), 5, "job {n}");
-        for step in steps {
-            let kind = match step.key {
-                fusion::job::StepKey::Panel(_) => Kind::Panel,
-                fusion::job::StepKey::Analysis => Kind::Analysis,
-                fusion::job::StepKey::Final => Kind::Final,
-            };
-            let starts = fake.starts(&step.model, kind);
-            assert!(
-                starts.iter().all(|s| *s <= step.created_at),
-                "job {n} {:?} repeated after its checkpoint",
-                step.key
-            );
-            repeated += starts.len() - 1;
-        }
-    }
+    let Checked { resumed, repeated } = check_no_step_repeated(store.as_ref(), &ids, &fake).await;
     eprintln!(
         "{JOBS} jobs on 3 workers, one killed: {resumed} jobs resumed on another worker, \
          {repeated} in-flight calls repeated"

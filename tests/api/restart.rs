@@ -86,6 +86,105 @@ impl Server {
     }
 }
 
+/// Submit `n` jobs whose models are unique per job (`{prefix}{n}-a`, …), so the fake's counts
+/// are per step.
+pub async fn submit_unique_jobs(
+    client: &reqwest::Client,
+    server: &Server,
+    prefix: &str,
+    n: usize,
+) -> Vec<String> {
+    let mut ids = Vec::with_capacity(n);
+    for i in 0..n {
+        let panel = ["a", "b", "c"].map(|m| format!("{prefix}{i}-{m}"));
+        let panel: Vec<&str> = panel.iter().map(String::as_str).collect();
+        let resp = client
+            .post(format!("{}/v1/jobs", server.address))
+            .json(&body_with_panel(&panel, &format!("{prefix}{i}-judge")))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 202);
+        let job: Value = resp.json().await.unwrap();
+        ids.push(job["id"].as_str().unwrap().to_string());
+    }
+    ids
+}
+
+/// Poll until the job succeeded; panics if it fails or takes longer than `secs`.
+pub async fn wait_succeeded(
+    client: &reqwest::Client,
+    server: &Server,
+    id: &str,
+    secs: u64,
+) -> Value {
+    let deadline = std::time::Instant::now() + Duration::from_secs(secs);
+    loop {
+        let job = get_job(client, server, id).await;
+        if job["status"] == "succeeded" {
+            return job;
+        }
+        assert_ne!(job["status"], "failed", "{job:#}");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "job {id} not done: {job:#}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// What `check_no_step_repeated` counted.
+pub struct Checked {
+    /// Jobs claimed more than once (resumed after a crash).
+    pub resumed: usize,
+    /// Upstream calls made again because they were in flight at a crash.
+    pub repeated: usize,
+}
+
+/// Every job has its five steps, all ok, and every call to a step began before its checkpoint
+/// was made: calls in flight at a crash may repeat, a checkpointed step never does.
+pub async fn check_no_step_repeated(
+    store: &dyn fusion::store::Store,
+    ids: &[String],
+    fake: &FakeUpstream,
+) -> Checked {
+    let mut checked = Checked {
+        resumed: 0,
+        repeated: 0,
+    };
+    for (n, id) in ids.iter().enumerate() {
+        let id = id.parse().unwrap();
+        let job = store.get_job(id).await.unwrap().unwrap();
+        checked.resumed += usize::from(job.attempt > 1);
+        let steps = store.get_steps(id).await.unwrap();
+        assert_eq!(steps.len(), 5, "job {n}");
+        for step in steps {
+            assert!(
+                step.ok,
+                "job {n} step {:?} failed: {:?}",
+                step.key, step.error
+            );
+            let kind = match step.key {
+                fusion::job::StepKey::Panel(_) => Kind::Panel,
+                fusion::job::StepKey::Analysis => Kind::Analysis,
+                fusion::job::StepKey::Final => Kind::Final,
+            };
+            let starts = fake.starts(&step.model, kind);
+            assert!(!starts.is_empty());
+            for s in &starts {
+                assert!(
+                    *s <= step.created_at,
+                    "job {n} {:?} was called at {s} after its checkpoint at {}",
+                    step.key,
+                    step.created_at
+                );
+            }
+            checked.repeated += starts.len() - 1;
+        }
+    }
+    checked
+}
+
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
@@ -145,15 +244,7 @@ async fn a_killed_server_resumes_the_job_from_its_checkpoints() {
 
     fake.script("judge", Kind::Analysis, vec![Reply::Ok]);
     let server = Server::start(&db, &fake.base_url(), port).await;
-    let mut job = Value::Null;
-    for _ in 0..500 {
-        job = get_job(&client, &server, &id).await;
-        if job["status"] == "succeeded" {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    assert_eq!(job["status"], "succeeded", "{job:#}");
+    let job = wait_succeeded(&client, &server, &id, 10).await;
     assert_eq!(
         job["attempt"], 2,
         "resumed by a second claim after the lease expired"
@@ -212,15 +303,7 @@ async fn sigterm_hands_running_jobs_back_at_once() {
     fake.script("judge", Kind::Analysis, vec![Reply::Ok]);
     let started = std::time::Instant::now();
     let server = Server::start_with(&db, &fake.base_url(), port, &env).await;
-    let mut job = Value::Null;
-    for _ in 0..500 {
-        job = get_job(&client, &server, &id).await;
-        if job["status"] == "succeeded" {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    assert_eq!(job["status"], "succeeded", "{job:#}");
+    let job = wait_succeeded(&client, &server, &id, 10).await;
     assert!(
         started.elapsed() < Duration::from_secs(30),
         "the job waited for its 60 s lease instead of being released"
@@ -248,81 +331,22 @@ async fn repeated_sigkills_lose_no_job_and_repeat_no_finished_step() {
     let mut rng = <rand::rngs::StdRng as rand::SeedableRng>::seed_from_u64(seed);
 
     let mut server = Server::start(&db, &fake.base_url(), port).await;
-    let mut ids = Vec::new();
-    for n in 0..JOBS {
-        // Models unique per job, so the fake's counts are per step.
-        let panel = [format!("j{n}-a"), format!("j{n}-b"), format!("j{n}-c")];
-        let panel: Vec<&str> = panel.iter().map(String::as_str).collect();
-        let body = body_with_panel(&panel, &format!("j{n}-judge"));
-        let resp = client
-            .post(format!("{}/v1/jobs", server.address))
-            .json(&body)
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(resp.status(), 202);
-        ids.push(
-            resp.json::<Value>().await.unwrap()["id"]
-                .as_str()
-                .unwrap()
-                .to_string(),
-        );
-    }
+    let ids = submit_unique_jobs(&client, &server, "j", JOBS).await;
     for _ in 0..KILLS {
         let wait = rand::Rng::random_range(&mut rng, 300..1500);
         tokio::time::sleep(Duration::from_millis(wait)).await;
         server.kill().await;
         server = Server::start(&db, &fake.base_url(), port).await;
     }
-    let deadline = std::time::Instant::now() + Duration::from_secs(120);
     for id in &ids {
-        loop {
-            let job = get_job(&client, &server, id).await;
-            if job["status"] == "succeeded" {
-                break;
-            }
-            assert_ne!(job["status"], "failed", "{job:#}");
-            assert!(
-                std::time::Instant::now() < deadline,
-                "job {id} not done: {job:#}"
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        wait_succeeded(&client, &server, id, 120).await;
     }
     server.kill().await;
 
     let store = fusion::store::connect(&format!("sqlite://{}", db.display()))
         .await
         .unwrap();
-    let mut repeated_in_flight = 0;
-    for (n, id) in ids.iter().enumerate() {
-        let steps = store.get_steps(id.parse().unwrap()).await.unwrap();
-        assert_eq!(steps.len(), 5, "job {n}");
-        for step in steps {
-            assert!(
-                step.ok,
-                "job {n} step {:?} failed: {:?}",
-                step.key, step.error
-            );
-            let kind = match step.key {
-                fusion::job::StepKey::Panel(_) => Kind::Panel,
-                fusion::job::StepKey::Analysis => Kind::Analysis,
-                fusion::job::StepKey::Final => Kind::Final,
-            };
-            let starts = fake.starts(&step.model, kind);
-            assert!(!starts.is_empty());
-            // Every call to this step began before its checkpoint was made: calls in flight at
-            // a kill may repeat, a checkpointed step never does.
-            for s in &starts {
-                assert!(
-                    *s <= step.created_at,
-                    "job {n} {:?} was called at {s} after its checkpoint at {}",
-                    step.key,
-                    step.created_at
-                );
-            }
-            repeated_in_flight += starts.len() - 1;
-        }
-    }
+    let checked = check_no_step_repeated(store.as_ref(), &ids, &fake).await;
+    let repeated_in_flight = checked.repeated;
     eprintln!("{JOBS} jobs, {KILLS} kills, {repeated_in_flight} in-flight calls repeated");
 }
