@@ -46,7 +46,7 @@ pub struct ServeArgs {
 
 #[derive(Debug, Args, Clone)]
 pub struct WorkerArgs {
-    /// Jobs run at once by this process.
+    /// Jobs run at once by this process (`serve --concurrency 0`: API only, no workers).
     #[arg(long, env = "FUSION_CONCURRENCY", default_value_t = 32)]
     pub concurrency: u32,
     /// Seconds a claimed job is held without a heartbeat before another worker may take it.

@@ -42,7 +42,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             database_url: cli.database_url,
             listen: Some(args.listen),
             fusion,
-            worker: Some(args.worker.to_config()?),
+            // `--concurrency 0`: the API alone, with the jobs left to `fusion worker` processes.
+            worker: match args.worker.concurrency {
+                0 => None,
+                _ => Some(args.worker.to_config()?),
+            },
         },
         Command::Worker(args) => Settings {
             database_url: cli.database_url,

@@ -57,6 +57,23 @@ struct FakeState {
     starts: HashMap<(String, Kind), Vec<i64>>,
     /// The reply of models with no script.
     default: Option<Reply>,
+    /// Calls whose client went away before the answer, per (model, kind).
+    aborted: HashMap<(String, Kind), u32>,
+}
+
+/// Counts a call as aborted if its handler is dropped before it answered (the client closed
+/// the connection).
+struct AbortGuard {
+    state: Arc<Mutex<FakeState>>,
+    key: Option<(String, Kind)>,
+}
+
+impl Drop for AbortGuard {
+    fn drop(&mut self) {
+        if let Some(key) = self.key.take() {
+            *self.state.lock().unwrap().aborted.entry(key).or_default() += 1;
+        }
+    }
 }
 
 #[derive(Clone)]
@@ -114,6 +131,12 @@ impl FakeUpstream {
         *s.ok.get(&(model.to_string(), kind)).unwrap_or(&0)
     }
 
+    /// Calls to `model` of `kind` that the client abandoned before the answer.
+    pub fn aborted(&self, model: &str, kind: Kind) -> u32 {
+        let s = self.state.lock().unwrap();
+        *s.aborted.get(&(model.to_string(), kind)).unwrap_or(&0)
+    }
+
     pub fn total_calls(&self) -> u32 {
         self.state.lock().unwrap().calls.values().sum()
     }
@@ -157,7 +180,12 @@ async fn completions(
             _ => s.default.clone().unwrap_or(Reply::Ok),
         }
     };
+    let mut guard = AbortGuard {
+        state: state.clone(),
+        key: Some((model.clone(), kind)),
+    };
     let resp = respond(reply, &model, kind).await;
+    guard.key = None;
     if resp.status() == StatusCode::OK {
         *state.lock().unwrap().ok.entry((model, kind)).or_default() += 1;
     }

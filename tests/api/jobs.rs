@@ -220,12 +220,21 @@ async fn cancelling_a_running_job_stops_its_upstream_calls() {
         assert!(tokio::time::Instant::now() < deadline, "{job:#}");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+    assert_eq!(app.fake.aborted("slow", Kind::Panel), 0);
     let resp = app.post(&format!("/v1/jobs/{id}/cancel")).await;
     assert_eq!(resp.status(), 200);
     let job: Value = resp.json().await.unwrap();
     assert_eq!(job["status"], "cancelled");
     assert_eq!(job["failure_reason"], "cancelled");
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // The hanging call is abandoned within a second of the cancel.
+    let cancelled_at = tokio::time::Instant::now();
+    while app.fake.aborted("slow", Kind::Panel) == 0 {
+        assert!(
+            cancelled_at.elapsed() < Duration::from_secs(1),
+            "the in-flight call was not aborted"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
     let job = app.get_job(&id).await;
     assert_eq!(job["status"], "cancelled");
     assert_eq!(

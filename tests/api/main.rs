@@ -5,5 +5,5 @@ mod fake_upstream;
 mod helpers;
 mod jobs;
 mod pipeline_faults;
-mod postgres_workers;
+mod postgres;
 mod restart;

@@ -1,0 +1,254 @@
+//! Postgres with real processes: three `fusion worker`s share one queue through a SIGKILL, a
+//! cancel reaches a worker in another process within a second, and a Postgres stop/start mid-run
+//! loses no job. The outage test takes `PG_SERVER` exclusively; the others share it.
+
+use std::time::Duration;
+
+use crate::fake_upstream::{FakeUpstream, Kind, Reply};
+use crate::restart::{
+    Checked, Server, check_no_step_repeated, free_port, submit_unique_jobs, wait_succeeded,
+};
+
+/// A fresh database on the server named by `TEST_DATABASE_URL`, or `None` (with a note) when
+/// it is not set outside CI.
+async fn fresh_database() -> Option<String> {
+    use sqlx::Connection;
+    let Ok(admin) = std::env::var("TEST_DATABASE_URL") else {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "CI must set TEST_DATABASE_URL"
+        );
+        eprintln!("skipped: TEST_DATABASE_URL not set");
+        return None;
+    };
+    let name = format!("fusion_workers_{}", uuid::Uuid::now_v7().simple());
+    let mut conn = sqlx::PgConnection::connect(&admin)
+        .await
+        .expect("connect TEST_DATABASE_URL");
+    sqlx::raw_sql(sqlx::AssertSqlSafe(format!("CREATE DATABASE \"{name}\"")))
+        .execute(&mut conn)
+        .await
+        .unwrap();
+    let (base, query) = admin
+        .split_once('?')
+        .map_or((admin.as_str(), ""), |(b, q)| (b, q));
+    let base = &base[..base.rfind('/').unwrap()];
+    Some(if query.is_empty() {
+        format!("{base}/{name}")
+    } else {
+        format!("{base}/{name}?{query}")
+    })
+}
+
+#[tokio::test]
+async fn three_workers_share_the_queue_through_a_worker_crash() {
+    const JOBS: usize = 200;
+    let _shared = PG_SERVER.read().await;
+    let Some(url) = fresh_database().await else {
+        return;
+    };
+    let fake = FakeUpstream::start().await;
+    fake.set_default(Reply::Delay(150, Box::new(Reply::Ok)));
+    let upstream = fake.base_url();
+    // The API process runs no jobs of its own.
+    let port = free_port();
+    let api = Server::spawn(
+        "serve",
+        &url,
+        &upstream,
+        port,
+        &[("FUSION_CONCURRENCY", "0")],
+    )
+    .await;
+    let env = [("FUSION_CONCURRENCY", "16")];
+    let mut workers = Vec::new();
+    for _ in 0..3 {
+        workers.push(Server::spawn("worker", &url, &upstream, 0, &env).await);
+    }
+    let client = reqwest::Client::new();
+    let ids = submit_unique_jobs(&client, &api, "w", JOBS).await;
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    workers.remove(0).kill().await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    workers.push(Server::spawn("worker", &url, &upstream, 0, &env).await);
+
+    for id in &ids {
+        wait_succeeded(&client, &api, id, 90).await;
+    }
+    let store = fusion::store::connect(&url).await.unwrap();
+    let Checked { resumed, repeated } = check_no_step_repeated(store.as_ref(), &ids, &fake).await;
+    eprintln!(
+        "{JOBS} jobs on 3 workers, one killed: {resumed} jobs resumed on another worker, \
+         {repeated} in-flight calls repeated"
+    );
+    assert!(
+        resumed > 0,
+        "the kill hit no running job: the test proved nothing"
+    );
+    for w in workers {
+        w.kill().await;
+    }
+    api.kill().await;
+    drop_database(&url).await;
+}
+
+/// Best effort: a failed drop leaves a database behind, not a failed test.
+async fn drop_database(url: &str) {
+    use sqlx::Connection;
+    let admin = std::env::var("TEST_DATABASE_URL").unwrap();
+    let name = url.rsplit('/').next().unwrap().split('?').next().unwrap();
+    if let Ok(mut conn) = sqlx::PgConnection::connect(&admin).await {
+        let sql = format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)");
+        let _ = sqlx::raw_sql(sqlx::AssertSqlSafe(sql))
+            .execute(&mut conn)
+            .await;
+    }
+}
+
+#[tokio::test]
+async fn a_cancel_reaches_a_worker_in_another_process_within_a_second() {
+    let _shared = PG_SERVER.read().await;
+    let Some(url) = fresh_database().await else {
+        return;
+    };
+    let fake = FakeUpstream::start().await;
+    fake.script("hangs", Kind::Panel, vec![Reply::Hang]);
+    let upstream = fake.base_url();
+    let api = Server::spawn(
+        "serve",
+        &url,
+        &upstream,
+        free_port(),
+        &[("FUSION_CONCURRENCY", "0")],
+    )
+    .await;
+    // A long lease and poll: only the NOTIFY can stop the job within the second.
+    let env = [("FUSION_LEASE_SECONDS", "60"), ("FUSION_POLL_MS", "5000")];
+    let worker = Server::spawn("worker", &url, &upstream, 0, &env).await;
+    let client = reqwest::Client::new();
+    let resp = client
+        .post(format!("{}/v1/jobs", api.address))
+        .json(&crate::helpers::body_with_panel(&["hangs"], "judge"))
+        .send()
+        .await
+        .unwrap();
+    let id = resp.json::<serde_json::Value>().await.unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let started = std::time::Instant::now();
+    while fake.calls("hangs", Kind::Panel) == 0 {
+        assert!(
+            started.elapsed() < Duration::from_secs(15),
+            "the worker never picked the job up"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let resp = client
+        .post(format!("{}/v1/jobs/{id}/cancel", api.address))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let cancelled_at = std::time::Instant::now();
+    while fake.aborted("hangs", Kind::Panel) == 0 {
+        assert!(
+            cancelled_at.elapsed() < Duration::from_secs(1),
+            "the worker kept calling upstream"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    worker.kill().await;
+    api.kill().await;
+    drop_database(&url).await;
+}
+
+/// Postgres tests in this binary share the server with the outage test, which stops it.
+pub static PG_SERVER: tokio::sync::RwLock<()> = tokio::sync::RwLock::const_new(());
+
+/// Starts the Postgres cluster again when dropped, whatever happened in between.
+struct RestartOnDrop(String);
+
+impl Drop for RestartOnDrop {
+    fn drop(&mut self) {
+        let _ = pg_ctlcluster(&self.0, "start");
+    }
+}
+
+fn pg_ctlcluster(version: &str, action: &str) -> std::process::ExitStatus {
+    std::process::Command::new("pg_ctlcluster")
+        .args(["--skip-systemctl-redirect", version, "main", action])
+        .status()
+        .expect("run pg_ctlcluster")
+}
+
+/// The local cluster's version, when this process may stop and start it.
+fn local_cluster() -> Option<String> {
+    let is_root = std::process::Command::new("id")
+        .arg("-u")
+        .output()
+        .is_ok_and(|o| o.stdout.starts_with(b"0"));
+    let version = std::fs::read_dir("/etc/postgresql")
+        .ok()?
+        .flatten()
+        .next()?;
+    is_root.then(|| version.file_name().to_string_lossy().into_owned())
+}
+
+#[tokio::test]
+async fn a_postgres_outage_mid_run_loses_no_job() {
+    const JOBS: usize = 60;
+    let _exclusive = PG_SERVER.write().await;
+    let Some(url) = fresh_database().await else {
+        return;
+    };
+    let Some(version) = local_cluster() else {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "CI must be able to restart Postgres"
+        );
+        eprintln!("skipped: cannot stop and start the local Postgres cluster here");
+        return;
+    };
+    let fake = FakeUpstream::start().await;
+    fake.set_default(Reply::Delay(200, Box::new(Reply::Ok)));
+    let env = [("FUSION_LEASE_SECONDS", "10"), ("FUSION_CONCURRENCY", "16")];
+    let server = Server::spawn("serve", &url, &fake.base_url(), free_port(), &env).await;
+    let client = reqwest::Client::new();
+    let ids = submit_unique_jobs(&client, &server, "o", JOBS).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    let guard = RestartOnDrop(version.clone());
+    assert!(pg_ctlcluster(&version, "stop").success());
+    let ready = |c: reqwest::Client, a: String| async move {
+        c.get(format!("{a}/readyz"))
+            .send()
+            .await
+            .unwrap()
+            .status()
+            .as_u16()
+    };
+    let stopped_at = std::time::Instant::now();
+    while ready(client.clone(), server.address.clone()).await != 503 {
+        assert!(
+            stopped_at.elapsed() < Duration::from_secs(10),
+            "/readyz never reported the outage"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(pg_ctlcluster(&version, "start").success());
+    drop(guard);
+
+    for id in &ids {
+        wait_succeeded(&client, &server, id, 90).await;
+    }
+    assert_eq!(ready(client.clone(), server.address.clone()).await, 200);
+    let store = fusion::store::connect(&url).await.unwrap();
+    let Checked { resumed, repeated } = check_no_step_repeated(store.as_ref(), &ids, &fake).await;
+    eprintln!(
+        "Postgres stopped for ~2 s mid-run: {resumed} jobs resumed, {repeated} calls repeated"
+    );
+    server.kill().await;
+    drop_database(&url).await;
+}
