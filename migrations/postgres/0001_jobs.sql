@@ -59,15 +59,26 @@ CREATE TRIGGER jobs_notify_requeue AFTER UPDATE OF status ON jobs
     FOR EACH ROW WHEN (NEW.status = 'queued' AND OLD.status <> 'queued')
     EXECUTE FUNCTION fusion_notify_queued();
 
--- Tell every process at once that a running job was cancelled, so its worker stops calling
--- upstream now rather than at its next heartbeat.
-CREATE FUNCTION fusion_notify_cancelled() RETURNS trigger AS $$
+-- Tell every process at once when a step is written or a job finishes: a cancelled job's worker
+-- stops calling upstream now, and waiters and streams wake without polling.
+CREATE FUNCTION fusion_notify_step() RETURNS trigger AS $$
 BEGIN
-    PERFORM pg_notify('fusion_cancel', NEW.id::text);
+    PERFORM pg_notify('fusion_events', 'step ' || NEW.job_id::text || ' ' || NEW.step);
     RETURN NULL;
 END
 $$ LANGUAGE plpgsql;
 
-CREATE TRIGGER jobs_notify_cancel AFTER UPDATE OF status ON jobs
-    FOR EACH ROW WHEN (NEW.status = 'cancelled' AND OLD.status = 'running')
-    EXECUTE FUNCTION fusion_notify_cancelled();
+CREATE TRIGGER steps_notify AFTER INSERT ON steps
+    FOR EACH ROW EXECUTE FUNCTION fusion_notify_step();
+
+CREATE FUNCTION fusion_notify_finished() RETURNS trigger AS $$
+BEGIN
+    PERFORM pg_notify('fusion_events', 'done ' || NEW.id::text || ' ' || NEW.status);
+    RETURN NULL;
+END
+$$ LANGUAGE plpgsql;
+
+CREATE TRIGGER jobs_notify_finished AFTER UPDATE OF status ON jobs
+    FOR EACH ROW WHEN (NEW.status IN ('succeeded', 'failed', 'cancelled')
+                       AND OLD.status NOT IN ('succeeded', 'failed', 'cancelled'))
+    EXECUTE FUNCTION fusion_notify_finished();

@@ -27,7 +27,7 @@ use serde_json::Value;
 use tokio::sync::{Notify, broadcast};
 use uuid::Uuid;
 
-use crate::job::{Job, JobStatus, Lease, ListFilter, NewJob, Step};
+use crate::job::{Job, JobStatus, Lease, ListFilter, NewJob, Step, StepKey};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -128,14 +128,49 @@ pub trait Store: Send + Sync + 'static {
     /// NOTIFY from any process).
     fn wakeups(&self) -> Arc<Notify>;
 
-    /// Ids of running jobs that were just cancelled (in this process, or — on Postgres — in
-    /// any), so the worker holding one can stop it at once.
-    fn cancellations(&self) -> broadcast::Receiver<Uuid>;
+    /// Step checkpoints and final states as they happen (in this process, or — on Postgres — in
+    /// any): a cancelled job's worker stops at once, waiters and streams wake without polling.
+    fn events(&self) -> broadcast::Receiver<JobEvent>;
 }
 
-/// Room for cancellations not yet read by a slow receiver; a lagging one falls back to the
-/// heartbeat, which notices every cancelled job anyway.
-pub(crate) const CANCEL_BACKLOG: usize = 1024;
+/// Something that happened to a job.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum JobEvent {
+    /// A step checkpoint was written.
+    Step { job_id: Uuid, step: StepKey },
+    /// The job reached a final state.
+    Finished { job_id: Uuid, status: JobStatus },
+}
+
+impl JobEvent {
+    pub fn job_id(&self) -> Uuid {
+        match self {
+            JobEvent::Step { job_id, .. } | JobEvent::Finished { job_id, .. } => *job_id,
+        }
+    }
+
+    /// Parse a NOTIFY payload written by the Postgres triggers: `step ID KEY` or `done ID STATUS`.
+    pub(crate) fn from_payload(payload: &str) -> Option<JobEvent> {
+        let mut parts = payload.splitn(3, ' ');
+        let (kind, id, rest) = (parts.next()?, parts.next()?, parts.next()?);
+        let job_id = Uuid::parse_str(id).ok()?;
+        match kind {
+            "step" => Some(JobEvent::Step {
+                job_id,
+                step: StepKey::parse(rest)?,
+            }),
+            "done" => Some(JobEvent::Finished {
+                job_id,
+                status: JobStatus::parse(rest)?,
+            }),
+            _ => None,
+        }
+    }
+}
+
+/// Room for events not yet read by a slow receiver; a lagging one re-reads the store (waiters
+/// poll as a fallback, and the heartbeat notices every cancelled job anyway).
+pub(crate) const EVENT_BACKLOG: usize = 4096;
 
 /// Open the store named by `url` (`sqlite://…` or `postgres://…`).
 pub async fn connect(url: &str) -> Result<Arc<dyn Store>> {
@@ -178,6 +213,27 @@ pub(crate) fn ms(d: Duration) -> i64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn parses_trigger_payloads() {
+        let id = Uuid::now_v7();
+        assert_eq!(
+            JobEvent::from_payload(&format!("step {id} panel:3")),
+            Some(JobEvent::Step {
+                job_id: id,
+                step: StepKey::Panel(3)
+            })
+        );
+        assert_eq!(
+            JobEvent::from_payload(&format!("done {id} cancelled")),
+            Some(JobEvent::Finished {
+                job_id: id,
+                status: JobStatus::Cancelled
+            })
+        );
+        assert_eq!(JobEvent::from_payload("done nope cancelled"), None);
+        assert_eq!(JobEvent::from_payload(&format!("done {id} exploded")), None);
+    }
 
     #[test]
     fn redacts_passwords_only() {

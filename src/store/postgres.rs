@@ -14,21 +14,21 @@ use tokio::sync::{Notify, broadcast};
 use uuid::Uuid;
 
 use super::{
-    CANCEL_BACKLOG, CancelOutcome, Enqueued, Held, Result, RetryOutcome, Store, StoreError, ms,
-    status_from_db,
+    CancelOutcome, EVENT_BACKLOG, Enqueued, Held, JobEvent, Result, RetryOutcome, Store,
+    StoreError, ms, status_from_db,
 };
 use crate::job::{Job, JobStatus, Lease, ListFilter, NewJob, Step, StepKey, Usage};
 
 pub struct PgStore {
     pool: PgPool,
     wakeups: Arc<Notify>,
-    cancels: broadcast::Sender<Uuid>,
+    events: broadcast::Sender<JobEvent>,
 }
 
 /// NOTIFY channel: a job became queued.
 const JOBS_CHANNEL: &str = "fusion_jobs";
-/// NOTIFY channel: a running job was cancelled (payload: its id).
-const CANCEL_CHANNEL: &str = "fusion_cancel";
+/// NOTIFY channel: a step was written or a job finished (payload: see `JobEvent::from_payload`).
+const EVENTS_CHANNEL: &str = "fusion_events";
 
 impl PgStore {
     pub async fn connect(url: &str) -> Result<PgStore> {
@@ -38,12 +38,12 @@ impl PgStore {
             .connect(url)
             .await?;
         let wakeups = Arc::new(Notify::new());
-        let cancels = broadcast::channel(CANCEL_BACKLOG).0;
-        tokio::spawn(listen(pool.clone(), wakeups.clone(), cancels.clone()));
+        let events = broadcast::channel(EVENT_BACKLOG).0;
+        tokio::spawn(listen(pool.clone(), wakeups.clone(), events.clone()));
         Ok(PgStore {
             pool,
             wakeups,
-            cancels,
+            events,
         })
     }
 
@@ -65,7 +65,7 @@ impl PgStore {
 }
 
 /// Forward NOTIFYs to the in-process wake-up; reconnects on its own after connection loss.
-async fn listen(pool: PgPool, wakeups: Arc<Notify>, cancels: broadcast::Sender<Uuid>) {
+async fn listen(pool: PgPool, wakeups: Arc<Notify>, events: broadcast::Sender<JobEvent>) {
     let mut failures = 0u32;
     loop {
         let mut listener = match PgListener::connect_with(&pool).await {
@@ -77,7 +77,7 @@ async fn listen(pool: PgPool, wakeups: Arc<Notify>, cancels: broadcast::Sender<U
                 continue;
             }
         };
-        if let Err(e) = listener.listen_all([JOBS_CHANNEL, CANCEL_CHANNEL]).await {
+        if let Err(e) = listener.listen_all([JOBS_CHANNEL, EVENTS_CHANNEL]).await {
             failures += 1;
             tracing::warn!(error = %e, "LISTEN failed; polling meanwhile");
             tokio::time::sleep(crate::worker::backoff(failures)).await;
@@ -86,9 +86,9 @@ async fn listen(pool: PgPool, wakeups: Arc<Notify>, cancels: broadcast::Sender<U
         failures = 0;
         loop {
             match listener.try_recv().await {
-                Ok(Some(n)) if n.channel() == CANCEL_CHANNEL => {
-                    if let Ok(id) = Uuid::parse_str(n.payload()) {
-                        let _ = cancels.send(id);
+                Ok(Some(n)) if n.channel() == EVENTS_CHANNEL => {
+                    if let Some(event) = JobEvent::from_payload(n.payload()) {
+                        let _ = events.send(event);
                     }
                 }
                 Ok(Some(_)) => wakeups.notify_one(),
@@ -425,8 +425,8 @@ impl Store for PgStore {
         self.wakeups.clone()
     }
 
-    fn cancellations(&self) -> broadcast::Receiver<Uuid> {
-        self.cancels.subscribe()
+    fn events(&self) -> broadcast::Receiver<JobEvent> {
+        self.events.subscribe()
     }
 }
 

@@ -18,15 +18,15 @@ use tokio::sync::{Notify, broadcast};
 use uuid::Uuid;
 
 use super::{
-    CANCEL_BACKLOG, CancelOutcome, Enqueued, Held, Result, RetryOutcome, Store, StoreError, ms,
-    status_from_db,
+    CancelOutcome, EVENT_BACKLOG, Enqueued, Held, JobEvent, Result, RetryOutcome, Store,
+    StoreError, ms, status_from_db,
 };
 use crate::job::{Job, JobStatus, Lease, ListFilter, NewJob, Step, StepKey, Usage};
 
 pub struct SqliteStore {
     pool: SqlitePool,
     wakeups: Arc<Notify>,
-    cancels: broadcast::Sender<Uuid>,
+    events: broadcast::Sender<JobEvent>,
 }
 
 impl SqliteStore {
@@ -45,8 +45,22 @@ impl SqliteStore {
         Ok(SqliteStore {
             pool,
             wakeups: Arc::new(Notify::new()),
-            cancels: broadcast::channel(CANCEL_BACKLOG).0,
+            events: broadcast::channel(EVENT_BACKLOG).0,
         })
+    }
+
+    /// Publish an event; having no receiver (no worker or waiter here) is fine.
+    fn emit(&self, event: JobEvent) {
+        let _ = self.events.send(event);
+    }
+
+    fn finished(&self, done: bool, lease: &Lease, status: JobStatus) {
+        if done {
+            self.emit(JobEvent::Finished {
+                job_id: lease.job_id,
+                status,
+            });
+        }
     }
 
     async fn fetch_job(&self, sql: &'static str, id: Uuid) -> Result<Option<Job>> {
@@ -206,10 +220,10 @@ impl Store for SqliteStore {
             .fetch_optional(&self.pool)
             .await?;
             if let Some(row) = row {
-                if before.status == JobStatus::Running {
-                    // No receiver is fine: no worker in this process.
-                    let _ = self.cancels.send(id);
-                }
+                self.emit(JobEvent::Finished {
+                    job_id: id,
+                    status: JobStatus::Cancelled,
+                });
                 return Ok(CancelOutcome::Cancelled {
                     job: job_from_row(&row)?,
                     was_running: before.status == JobStatus::Running,
@@ -292,12 +306,19 @@ impl Store for SqliteStore {
             "UPDATE jobs SET status = 'failed', finished_at = ?1, failure_reason = 'lease_expired', \
              error = 'the worker holding the job stopped renewing its lease on every attempt', \
              lease_owner = NULL, lease_expires_at = NULL \
-             WHERE status = 'running' AND lease_expires_at < ?1 AND attempt >= max_attempts",
+             WHERE status = 'running' AND lease_expires_at < ?1 AND attempt >= max_attempts \
+             RETURNING id",
         )
         .bind(now)
-        .execute(&self.pool)
-        .await?
-        .rows_affected();
+        .fetch_all(&self.pool)
+        .await?;
+        for row in &failed {
+            self.emit(JobEvent::Finished {
+                job_id: parse_id(&row.try_get::<String, _>("id")?)?,
+                status: JobStatus::Failed,
+            });
+        }
+        let failed = failed.len() as u64;
         let requeued = sqlx::query(
             "UPDATE jobs SET status = 'queued', run_at = ?1, lease_owner = NULL, \
              lease_expires_at = NULL WHERE status = 'running' AND lease_expires_at < ?1",
@@ -340,7 +361,14 @@ impl Store for SqliteStore {
         .bind(&lease.owner)
         .execute(&self.pool)
         .await?;
-        Ok(done.rows_affected() == 1)
+        let written = done.rows_affected() == 1;
+        if written {
+            self.emit(JobEvent::Step {
+                job_id: lease.job_id,
+                step: step.key,
+            });
+        }
+        Ok(written)
     }
 
     async fn complete(&self, lease: &Lease, result: &Value, now: i64) -> Result<bool> {
@@ -352,6 +380,7 @@ impl Store for SqliteStore {
             FenceBinds(&[Bind::J(result), Bind::I(now)]),
         )
         .await
+        .inspect(|&done| self.finished(done, lease, JobStatus::Succeeded))
     }
 
     async fn fail(&self, lease: &Lease, reason: &str, error: &str, now: i64) -> Result<bool> {
@@ -363,6 +392,7 @@ impl Store for SqliteStore {
             FenceBinds(&[Bind::S(reason), Bind::S(error), Bind::I(now)]),
         )
         .await
+        .inspect(|&done| self.finished(done, lease, JobStatus::Failed))
     }
 
     async fn retry_later(
@@ -402,8 +432,8 @@ impl Store for SqliteStore {
         self.wakeups.clone()
     }
 
-    fn cancellations(&self) -> broadcast::Receiver<Uuid> {
-        self.cancels.subscribe()
+    fn events(&self) -> broadcast::Receiver<JobEvent> {
+        self.events.subscribe()
     }
 }
 

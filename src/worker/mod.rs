@@ -19,7 +19,8 @@ use uuid::Uuid;
 use crate::clock::SharedClock;
 use crate::fusion::{Outcome, Pipeline};
 use crate::job::Job;
-use crate::store::{Store, StoreError};
+use crate::job::JobStatus;
+use crate::store::{JobEvent, Store, StoreError};
 use checkpoint::{LeaseCheckpoints, with_db_retries};
 
 #[derive(Debug, Clone)]
@@ -309,12 +310,15 @@ impl Worker {
 
     /// Stop jobs as soon as the store says they were cancelled.
     async fn cancel_loop(self: Arc<Self>, stop: CancellationToken) {
-        let mut cancels = self.store.cancellations();
+        let mut events = self.store.events();
         loop {
             tokio::select! {
                 _ = stop.cancelled() => return,
-                id = cancels.recv() => match id {
-                    Ok(id) => self.stop_local(id),
+                event = events.recv() => match event {
+                    Ok(JobEvent::Finished { job_id, status: JobStatus::Cancelled }) => {
+                        self.stop_local(job_id)
+                    }
+                    Ok(_) => {}
                     Err(broadcast::error::RecvError::Lagged(n)) => {
                         tracing::warn!(missed = n, "cancellations missed; the heartbeat will catch them");
                     }
