@@ -1,0 +1,1444 @@
+//! The `Store` contract: the same suite runs against SQLite (a fresh file per test) and against
+//! Postgres (a fresh database per test, created from `TEST_DATABASE_URL`).
+//!
+//! Every contract test is an `async fn name(store: Arc<dyn Store>)`; `contract_tests!` turns each
+//! one into `sqlite::name` and `postgres::name`. Times are explicit unix milliseconds, so lease
+//! expiry is tested without sleeping.
+//!
+//! Without `TEST_DATABASE_URL` the Postgres tests print `skipped: TEST_DATABASE_URL not set` and
+//! pass — unless `CI` is set, where they fail: CI must never skip them silently.
+
+use std::collections::{BTreeMap, HashSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+use fusion::job::{Job, JobSpec, JobStatus, Lease, ListFilter, NewJob, Step, StepKey, Usage};
+use fusion::store::{CancelOutcome, Enqueued, Held, RetryOutcome, Store};
+use serde_json::json;
+use tempfile::TempDir;
+use uuid::Uuid;
+
+// ---------------------------------------------------------------------------------------------
+// Harness
+// ---------------------------------------------------------------------------------------------
+
+/// Generates `sqlite::$name` and `postgres::$name` for every contract fn `$name`.
+macro_rules! contract_tests {
+    ($($name:ident),+ $(,)?) => {
+        mod sqlite {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    let db = super::SqliteDb::create().await;
+                    super::$name(db.store.clone()).await;
+                }
+            )+
+        }
+
+        mod postgres {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    let Some(db) = super::PgDb::create().await else {
+                        return;
+                    };
+                    super::$name(db.store.clone()).await;
+                }
+            )+
+        }
+    };
+}
+
+/// A migrated SQLite store in its own temporary directory (removed on drop, after the store).
+struct SqliteDb {
+    store: Arc<dyn Store>,
+    _dir: TempDir,
+}
+
+impl SqliteDb {
+    async fn create() -> SqliteDb {
+        let dir = tempfile::tempdir().expect("create temp dir");
+        let path = dir.path().join("fusion.db");
+        let url = format!("sqlite://{}", path.display());
+        let store = fusion::store::connect(&url)
+            .await
+            .expect("connect sqlite store");
+        store.migrate().await.expect("migrate sqlite store");
+        SqliteDb { store, _dir: dir }
+    }
+}
+
+/// A migrated Postgres store on a database of its own, dropped (best effort) when this is.
+struct PgDb {
+    store: Arc<dyn Store>,
+    // Declared after `store`, so dropped after it.
+    _database: DropDatabase,
+}
+
+impl PgDb {
+    /// `None` when Postgres tests are to be skipped (no `TEST_DATABASE_URL`, not on CI).
+    async fn create() -> Option<PgDb> {
+        use sqlx::Connection;
+
+        let admin_url = match std::env::var("TEST_DATABASE_URL") {
+            Ok(url) if !url.trim().is_empty() => url,
+            _ => {
+                if std::env::var_os("CI").is_some() {
+                    panic!(
+                        "TEST_DATABASE_URL is not set but CI is: the Postgres store contract \
+                         tests must run on CI (e.g. \
+                         TEST_DATABASE_URL=postgres://postgres@127.0.0.1:5432/test)"
+                    );
+                }
+                eprintln!("skipped: TEST_DATABASE_URL not set");
+                return None;
+            }
+        };
+        let name = format!("fusion_test_{}", Uuid::now_v7().simple());
+        let mut admin = sqlx::PgConnection::connect(&admin_url)
+            .await
+            .expect("connect to TEST_DATABASE_URL");
+        sqlx::raw_sql(sqlx::AssertSqlSafe(format!("CREATE DATABASE \"{name}\"")))
+            .execute(&mut admin)
+            .await
+            .expect("create test database");
+        let _ = admin.close().await;
+        // From here on the database is dropped even if connecting or migrating panics.
+        let database = DropDatabase {
+            url: with_database(&admin_url, &name),
+            admin_url,
+            name,
+        };
+        let store = fusion::store::connect(&database.url)
+            .await
+            .expect("connect postgres store");
+        store.migrate().await.expect("migrate postgres store");
+        Some(PgDb {
+            store,
+            _database: database,
+        })
+    }
+}
+
+/// Drops a test database on drop (best effort).
+struct DropDatabase {
+    admin_url: String,
+    name: String,
+    /// The test database's own URL.
+    url: String,
+}
+
+impl Drop for DropDatabase {
+    fn drop(&mut self) {
+        // Async work in a sync drop: a thread with its own runtime. `WITH (FORCE)` ends the
+        // store's pooled connections (its pool cannot be closed through `dyn Store`).
+        let admin_url = self.admin_url.clone();
+        let sql = format!("DROP DATABASE IF EXISTS \"{}\" WITH (FORCE)", self.name);
+        let dropped = std::thread::spawn(move || {
+            use sqlx::Connection;
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            rt.block_on(async move {
+                let mut admin = sqlx::PgConnection::connect(&admin_url).await?;
+                sqlx::raw_sql(sqlx::AssertSqlSafe(sql))
+                    .execute(&mut admin)
+                    .await?;
+                admin.close().await?;
+                Ok::<_, anyhow::Error>(())
+            })
+        })
+        .join();
+        if !matches!(dropped, Ok(Ok(()))) {
+            eprintln!("warning: could not drop test database {}", self.name);
+        }
+    }
+}
+
+/// `url` with its database (the last path segment) replaced by `name`; any query string is kept.
+fn with_database(url: &str, name: &str) -> String {
+    let (base, query) = match url.split_once('?') {
+        Some((base, query)) => (base, Some(query)),
+        None => (url, None),
+    };
+    let authority_start = base.find("://").map_or(0, |i| i + 3);
+    let mut out = match base[authority_start..].rfind('/') {
+        Some(slash) => format!("{}{name}", &base[..=authority_start + slash]),
+        None => format!("{base}/{name}"),
+    };
+    if let Some(query) = query {
+        out.push('?');
+        out.push_str(query);
+    }
+    out
+}
+
+#[test]
+fn with_database_replaces_only_the_database() {
+    assert_eq!(
+        with_database("postgres://postgres@127.0.0.1:5432/test", "x"),
+        "postgres://postgres@127.0.0.1:5432/x"
+    );
+    assert_eq!(
+        with_database("postgres://u:p@h/db?sslmode=disable&a=b/c", "x"),
+        "postgres://u:p@h/x?sslmode=disable&a=b/c"
+    );
+    assert_eq!(
+        with_database("postgres://h:5432", "x"),
+        "postgres://h:5432/x"
+    );
+    assert_eq!(with_database("postgres://h/", "x"), "postgres://h/x");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Fixtures
+// ---------------------------------------------------------------------------------------------
+
+/// The fixed "current time" of every test (unix ms).
+const NOW: i64 = 1_750_000_000_000;
+const LEASE: Duration = Duration::from_secs(30);
+const LEASE_MS: i64 = 30_000;
+
+fn spec(tag: &str) -> JobSpec {
+    JobSpec {
+        model: "fusion/budget".to_string(),
+        messages: vec![
+            json!({"role": "system", "content": "Be concise."}),
+            json!({"role": "user", "content": [
+                {"type": "text", "text": format!("question {tag} — ünïcödé ✓ \"quoted\"")},
+                {"type": "image_url", "image_url": {"url": "https://example.com/a.png"}}
+            ]}),
+        ],
+        panel: vec![
+            "openai/gpt-4o-mini".to_string(),
+            "anthropic/claude-3-haiku".to_string(),
+            "openai/gpt-4o-mini".to_string(),
+        ],
+        analyst: "openai/gpt-4o".to_string(),
+        temperature: Some(0.7),
+        max_completion_tokens: Some(1024),
+        min_panel: 2,
+        panel_timeout_ms: Some(15_000),
+    }
+}
+
+/// A fresh job (new UUIDv7 id), runnable from `NOW - 1s`, with no idempotency key.
+fn new_job() -> NewJob {
+    let id = Uuid::now_v7();
+    NewJob {
+        id,
+        spec: spec(&id.to_string()),
+        metadata: json!({
+            "user": "alice",
+            "tags": ["a", "b"],
+            "score": 0.25,
+            "nested": {"n": 42, "flag": true, "none": null}
+        }),
+        priority: 0,
+        max_attempts: 3,
+        deadline_at: None,
+        idempotency_key: None,
+        request_hash: None,
+        created_at: NOW - 1_000,
+    }
+}
+
+fn new_job_at(priority: i32, created_at: i64) -> NewJob {
+    NewJob {
+        priority,
+        created_at,
+        ..new_job()
+    }
+}
+
+/// The job `enqueue` must create from `new`.
+fn queued(new: &NewJob) -> Job {
+    Job {
+        id: new.id,
+        status: JobStatus::Queued,
+        spec: new.spec.clone(),
+        metadata: new.metadata.clone(),
+        priority: new.priority,
+        attempt: 0,
+        max_attempts: new.max_attempts,
+        run_at: new.created_at,
+        deadline_at: new.deadline_at,
+        lease_owner: None,
+        lease_expires_at: None,
+        idempotency_key: new.idempotency_key.clone(),
+        request_hash: new.request_hash.clone(),
+        created_at: new.created_at,
+        started_at: None,
+        finished_at: None,
+        failure_reason: None,
+        error: None,
+        result: None,
+    }
+}
+
+async fn enqueue(store: &Arc<dyn Store>, new: NewJob) -> Job {
+    match store.enqueue(new).await.expect("enqueue") {
+        Enqueued::Created(job) => job,
+        other => panic!("expected Enqueued::Created, got {other:?}"),
+    }
+}
+
+async fn get(store: &Arc<dyn Store>, id: Uuid) -> Job {
+    store
+        .get_job(id)
+        .await
+        .expect("get_job")
+        .unwrap_or_else(|| panic!("job {id} not found"))
+}
+
+/// Claim exactly one job for `owner` at `now`.
+async fn claim_one(store: &Arc<dyn Store>, owner: &str, now: i64) -> Job {
+    let mut jobs = store.claim(owner, 1, now, LEASE).await.expect("claim");
+    assert_eq!(jobs.len(), 1, "expected to claim exactly one job");
+    jobs.pop().unwrap()
+}
+
+fn lease_of(job: &Job) -> Lease {
+    job.lease().expect("a claimed job has a lease")
+}
+
+fn step_n(key: StepKey) -> i64 {
+    match key {
+        StepKey::Panel(i) => i64::from(i),
+        StepKey::Analysis => 100,
+        StepKey::Final => 200,
+    }
+}
+
+/// A successful step checkpoint whose every field depends on `key`.
+fn ok_step(key: StepKey, attempt: i32) -> Step {
+    let n = step_n(key);
+    Step {
+        key,
+        model: format!("model/{}", key.to_db()),
+        ok: true,
+        content: Some(format!("answer of {} — ünïcödé ✓\nline 2", key.to_db())),
+        data: None,
+        usage: Usage {
+            prompt_tokens: 1_000 + n,
+            completion_tokens: 200 + n,
+            total_tokens: 1_200 + 2 * n,
+            cost: 0.000_137 * (n + 1) as f64,
+        },
+        latency_ms: 1_500 + n,
+        error_code: None,
+        error: None,
+        status_code: None,
+        attempt,
+        created_at: NOW + n,
+    }
+}
+
+/// A failed step checkpoint, with every error field set.
+fn failed_step(key: StepKey, attempt: i32) -> Step {
+    let n = step_n(key);
+    Step {
+        key,
+        model: format!("model/{}", key.to_db()),
+        ok: false,
+        content: None,
+        data: None,
+        usage: Usage {
+            prompt_tokens: 0,
+            completion_tokens: 0,
+            total_tokens: 0,
+            cost: 0.0,
+        },
+        latency_ms: 30_000 + n,
+        error_code: Some("rate_limited".to_string()),
+        error: Some("upstream said 429: slow down".to_string()),
+        status_code: Some(429),
+        attempt,
+        created_at: NOW + n,
+    }
+}
+
+fn analysis_step(attempt: i32) -> Step {
+    Step {
+        data: Some(json!({
+            "agreement": 0.75,
+            "claims": [
+                {"text": "water boils at 100 °C", "support": [0, 2], "confidence": 0.9},
+                {"text": "it depends on pressure", "support": [1], "confidence": 1e-3}
+            ],
+            "notes": null,
+            "big": 9_007_199_254_740_993u64,
+            "negative": -12,
+            "empty": {}
+        })),
+        ..ok_step(StepKey::Analysis, attempt)
+    }
+}
+
+/// Claim a job under `old-worker` with a 30s lease at NOW (saving one step under it), let the
+/// lease expire, rescue it and have `new-worker` claim it. Returns (old lease, new lease).
+async fn expire_and_reclaim(store: &Arc<dyn Store>) -> (Lease, Lease) {
+    let job = enqueue(store, new_job()).await;
+    let claimed = claim_one(store, "old-worker", NOW).await;
+    assert_eq!(claimed.id, job.id);
+    assert_eq!(claimed.attempt, 1);
+    assert_eq!(claimed.lease_expires_at, Some(NOW + LEASE_MS));
+    let old = lease_of(&claimed);
+    assert!(
+        store
+            .save_step(&old, &ok_step(StepKey::Panel(0), 1))
+            .await
+            .unwrap()
+    );
+
+    // Still within the lease: nothing to rescue, nothing changes.
+    assert_eq!(store.rescue_expired(NOW + 10_000).await.unwrap(), 0);
+    assert_eq!(get(store, job.id).await, claimed);
+
+    // Past the lease: requeued, keeping the attempt count and its checkpoints.
+    assert_eq!(store.rescue_expired(NOW + 31_000).await.unwrap(), 1);
+    let requeued = get(store, job.id).await;
+    assert_eq!(
+        requeued,
+        Job {
+            status: JobStatus::Queued,
+            lease_owner: None,
+            lease_expires_at: None,
+            run_at: NOW + 31_000,
+            ..claimed.clone()
+        }
+    );
+    assert_eq!(store.rescue_expired(NOW + 31_000).await.unwrap(), 0);
+
+    let reclaimed = claim_one(store, "new-worker", NOW + 32_000).await;
+    assert_eq!(
+        reclaimed,
+        Job {
+            status: JobStatus::Running,
+            attempt: 2,
+            lease_owner: Some("new-worker".to_string()),
+            lease_expires_at: Some(NOW + 32_000 + LEASE_MS),
+            // The first claim's start is kept.
+            started_at: Some(NOW),
+            ..requeued
+        }
+    );
+    (old, lease_of(&reclaimed))
+}
+
+// ---------------------------------------------------------------------------------------------
+// The contract
+// ---------------------------------------------------------------------------------------------
+
+contract_tests!(
+    enqueue_get_round_trip,
+    idempotency,
+    claim_order_and_limit,
+    claim_race,
+    heartbeat_extends_only_owned_running_jobs,
+    lease_expiry_requeues,
+    stale_worker_is_fenced_out,
+    save_step_round_trip_order_and_no_overwrite,
+    max_attempts_then_lease_expired,
+    cancel_outcomes,
+    retry_failed_keeps_ok_steps,
+    release_does_not_spend_attempt,
+    list_jobs_order_filter_paging,
+    complete_fail_and_retry_later_outcomes,
+    enqueue_wakes_workers,
+);
+
+/// 1. What goes in comes out, field for field.
+async fn enqueue_get_round_trip(store: Arc<dyn Store>) {
+    store.ping().await.unwrap();
+
+    let full = NewJob {
+        priority: -7,
+        max_attempts: 5,
+        deadline_at: Some(NOW + 600_000),
+        idempotency_key: Some("idem-1".to_string()),
+        request_hash: Some("sha256:abc".to_string()),
+        ..new_job()
+    };
+    let expected = queued(&full);
+    assert_eq!(enqueue(&store, full.clone()).await, expected);
+    assert_eq!(store.get_job(full.id).await.unwrap(), Some(expected));
+
+    let plain = NewJob {
+        metadata: json!({}),
+        spec: JobSpec {
+            temperature: None,
+            max_completion_tokens: None,
+            panel_timeout_ms: None,
+            ..spec("plain")
+        },
+        ..new_job_at(3, NOW)
+    };
+    let expected = queued(&plain);
+    assert_eq!(enqueue(&store, plain.clone()).await, expected);
+    assert_eq!(store.get_job(plain.id).await.unwrap(), Some(expected));
+
+    assert_eq!(store.get_job(Uuid::now_v7()).await.unwrap(), None);
+    assert_eq!(store.get_steps(full.id).await.unwrap(), Vec::<Step>::new());
+    assert_eq!(
+        store.get_steps(Uuid::now_v7()).await.unwrap(),
+        Vec::<Step>::new()
+    );
+}
+
+/// 2. Same key + same hash → the earlier job; same key + other hash → KeyReused; no key → new.
+async fn idempotency(store: Arc<dyn Store>) {
+    let first = NewJob {
+        idempotency_key: Some("key-A".to_string()),
+        request_hash: Some("hash-1".to_string()),
+        ..new_job()
+    };
+    let original = enqueue(&store, first.clone()).await;
+    assert_eq!(original, queued(&first));
+
+    // A true repeat: a new id and a later time, same key and hash.
+    let repeat = NewJob {
+        id: Uuid::now_v7(),
+        created_at: NOW + 5_000,
+        ..first.clone()
+    };
+    match store.enqueue(repeat.clone()).await.unwrap() {
+        Enqueued::Existing(job) => assert_eq!(job, original),
+        other => panic!("expected Existing, got {other:?}"),
+    }
+    assert_eq!(store.get_job(repeat.id).await.unwrap(), None);
+
+    // The key reused for another request.
+    let reused = NewJob {
+        id: Uuid::now_v7(),
+        request_hash: Some("hash-2".to_string()),
+        spec: spec("other"),
+        ..first.clone()
+    };
+    match store.enqueue(reused.clone()).await.unwrap() {
+        Enqueued::KeyReused(job) => assert_eq!(job, original),
+        other => panic!("expected KeyReused, got {other:?}"),
+    }
+    assert_eq!(store.get_job(reused.id).await.unwrap(), None);
+
+    // The earlier job is untouched by either.
+    assert_eq!(get(&store, first.id).await, original);
+
+    // No key: always a new job, even for identical requests.
+    let a = NewJob {
+        request_hash: Some("hash-1".to_string()),
+        ..new_job()
+    };
+    let b = NewJob {
+        id: Uuid::now_v7(),
+        ..a.clone()
+    };
+    assert_eq!(enqueue(&store, a.clone()).await, queued(&a));
+    assert_eq!(enqueue(&store, b.clone()).await, queued(&b));
+    assert_ne!(a.id, b.id);
+
+    // A different key is a different job.
+    let other_key = NewJob {
+        idempotency_key: Some("key-B".to_string()),
+        request_hash: Some("hash-1".to_string()),
+        ..new_job()
+    };
+    assert_eq!(enqueue(&store, other_key.clone()).await, queued(&other_key));
+
+    let all = store
+        .list_jobs(&ListFilter {
+            limit: 100,
+            ..ListFilter::default()
+        })
+        .await
+        .unwrap();
+    let ids: Vec<Uuid> = all.iter().map(|j| j.id).collect();
+    assert_eq!(ids, vec![other_key.id, b.id, a.id, first.id]);
+}
+
+/// 3. Highest priority first, then earliest run_at; future jobs wait; claim fills the lease.
+async fn claim_order_and_limit(store: Arc<dyn Store>) {
+    let low = enqueue(&store, new_job_at(0, NOW - 3_000)).await;
+    let high_late = enqueue(&store, new_job_at(5, NOW - 1_000)).await;
+    let high_early = enqueue(&store, new_job_at(5, NOW - 2_000)).await;
+    let future = enqueue(&store, new_job_at(10, NOW + 60_000)).await;
+    let lowest = enqueue(&store, new_job_at(-1, NOW - 5_000)).await;
+    let due_now = enqueue(&store, new_job_at(-1, NOW)).await;
+
+    let running = |job: &Job, owner: &str, now: i64| Job {
+        status: JobStatus::Running,
+        attempt: 1,
+        lease_owner: Some(owner.to_string()),
+        lease_expires_at: Some(now + LEASE_MS),
+        started_at: Some(now),
+        ..job.clone()
+    };
+
+    let first = store.claim("w1", 2, NOW, LEASE).await.unwrap();
+    assert_eq!(
+        first,
+        vec![
+            running(&high_early, "w1", NOW),
+            running(&high_late, "w1", NOW)
+        ]
+    );
+
+    let second = store.claim("w2", 10, NOW, LEASE).await.unwrap();
+    assert_eq!(
+        second,
+        vec![
+            running(&low, "w2", NOW),
+            running(&lowest, "w2", NOW),
+            running(&due_now, "w2", NOW),
+        ]
+    );
+    for job in first.iter().chain(&second) {
+        assert_eq!(&get(&store, job.id).await, job);
+    }
+
+    // Only the future job is left, and it is not runnable yet.
+    assert_eq!(store.claim("w3", 10, NOW, LEASE).await.unwrap(), vec![]);
+    assert_eq!(
+        store.claim("w3", 10, NOW + 59_999, LEASE).await.unwrap(),
+        vec![]
+    );
+    assert_eq!(get(&store, future.id).await, future);
+
+    let later = NOW + 60_000;
+    let third = store.claim("w3", 10, later, LEASE).await.unwrap();
+    assert_eq!(third, vec![running(&future, "w3", later)]);
+    assert_eq!(store.claim("w4", 10, later, LEASE).await.unwrap(), vec![]);
+}
+
+/// 4. Eight claimers racing over 200 jobs: every job claimed exactly once.
+async fn claim_race(store: Arc<dyn Store>) {
+    const JOBS: usize = 200;
+    const CLAIMERS: usize = 8;
+    let mut enqueued = HashSet::new();
+    for i in 0..JOBS {
+        let job = enqueue(&store, new_job_at((i % 3) as i32, NOW - 1_000)).await;
+        enqueued.insert(job.id);
+    }
+
+    let mut tasks = Vec::new();
+    for i in 0..CLAIMERS {
+        let store = store.clone();
+        tasks.push(tokio::spawn(async move {
+            let owner = format!("racer-{i}");
+            let mut got = Vec::new();
+            loop {
+                let batch = store.claim(&owner, 7, NOW, LEASE).await.unwrap();
+                if batch.is_empty() {
+                    break;
+                }
+                assert!(batch.len() <= 7, "claim returned {} > 7 jobs", batch.len());
+                for job in &batch {
+                    assert_eq!(job.status, JobStatus::Running);
+                    assert_eq!(job.attempt, 1);
+                    assert_eq!(job.lease_owner.as_deref(), Some(owner.as_str()));
+                }
+                got.extend(batch.into_iter().map(|j| j.id));
+            }
+            (owner, got)
+        }));
+    }
+
+    let mut owner_of: BTreeMap<Uuid, String> = BTreeMap::new();
+    let mut total = 0;
+    for task in tasks {
+        let (owner, got) = task.await.expect("claimer task");
+        total += got.len();
+        for id in got {
+            if let Some(previous) = owner_of.insert(id, owner.clone()) {
+                panic!("job {id} claimed twice: by {previous} and by {owner}");
+            }
+        }
+    }
+    assert_eq!(total, JOBS);
+    assert_eq!(owner_of.len(), JOBS);
+    assert_eq!(owner_of.keys().copied().collect::<HashSet<_>>(), enqueued);
+
+    // The database agrees with what each claimer was told.
+    for (id, owner) in &owner_of {
+        let job = get(&store, *id).await;
+        assert_eq!(job.status, JobStatus::Running);
+        assert_eq!(job.attempt, 1);
+        assert_eq!(job.lease_owner.as_ref(), Some(owner));
+    }
+    assert_eq!(store.claim("late", 100, NOW, LEASE).await.unwrap(), vec![]);
+}
+
+/// 5. Heartbeats renew only the owner's running jobs and report them.
+async fn heartbeat_extends_only_owned_running_jobs(store: Arc<dyn Store>) {
+    for _ in 0..4 {
+        enqueue(&store, new_job()).await;
+    }
+    let mine = store.claim("me", 3, NOW, LEASE).await.unwrap();
+    assert_eq!(mine.len(), 3);
+    let theirs = claim_one(&store, "them", NOW).await;
+
+    // One of mine finishes, one is cancelled: neither is held any more.
+    assert!(
+        store
+            .complete(&lease_of(&mine[0]), &json!({"ok": 1}), NOW + 1_000)
+            .await
+            .unwrap()
+    );
+    assert!(matches!(
+        store.cancel(mine[1].id, NOW + 1_000).await.unwrap(),
+        CancelOutcome::Cancelled {
+            was_running: true,
+            ..
+        }
+    ));
+
+    let beat_at = NOW + 20_000;
+    let lease = Duration::from_secs(60);
+    let held = store.heartbeat("me", beat_at, lease).await.unwrap();
+    assert_eq!(
+        held,
+        vec![Held {
+            id: mine[2].id,
+            attempt: 1
+        }]
+    );
+    assert_eq!(
+        get(&store, mine[2].id).await,
+        Job {
+            lease_expires_at: Some(beat_at + 60_000),
+            ..mine[2].clone()
+        }
+    );
+    // Other owners' leases are untouched, and so are finished jobs.
+    assert_eq!(get(&store, theirs.id).await, theirs);
+    assert_eq!(get(&store, mine[0].id).await.lease_expires_at, None);
+    assert_eq!(get(&store, mine[1].id).await.lease_expires_at, None);
+
+    // The renewed lease outlives the original one.
+    assert_eq!(store.rescue_expired(NOW + 31_000).await.unwrap(), 1);
+    assert_eq!(get(&store, theirs.id).await.status, JobStatus::Queued);
+    assert_eq!(get(&store, mine[2].id).await.status, JobStatus::Running);
+
+    // Several held jobs: each reported once with its attempt (order is not part of the contract).
+    let more = enqueue(&store, new_job()).await;
+    assert_eq!(claim_one(&store, "me", NOW + 31_000).await.id, more.id);
+    let mut held = store.heartbeat("me", NOW + 32_000, lease).await.unwrap();
+    held.sort_by_key(|h| h.id);
+    let mut expected = vec![
+        Held {
+            id: mine[2].id,
+            attempt: 1,
+        },
+        Held {
+            id: more.id,
+            attempt: 1,
+        },
+    ];
+    expected.sort_by_key(|h| h.id);
+    assert_eq!(held, expected);
+    assert_eq!(
+        store.heartbeat("nobody", beat_at, lease).await.unwrap(),
+        vec![]
+    );
+    assert_eq!(
+        store.heartbeat("them", beat_at, lease).await.unwrap(),
+        vec![]
+    );
+    let reclaimed = claim_one(&store, "them", NOW + 32_000).await;
+    assert_eq!(reclaimed.id, theirs.id);
+    assert_eq!(
+        store.heartbeat("them", NOW + 33_000, LEASE).await.unwrap(),
+        vec![Held {
+            id: theirs.id,
+            attempt: 2
+        }]
+    );
+}
+
+/// 6. An expired lease is requeued by the rescuer; the next claim is attempt 2.
+async fn lease_expiry_requeues(store: Arc<dyn Store>) {
+    let (old, new) = expire_and_reclaim(&store).await;
+    assert_eq!(old.job_id, new.job_id);
+    assert_eq!((old.attempt, old.owner.as_str()), (1, "old-worker"));
+    assert_eq!((new.attempt, new.owner.as_str()), (2, "new-worker"));
+    // The new lease is live: nothing to rescue before it ends.
+    assert_eq!(
+        store.rescue_expired(NOW + 32_000 + 10_000).await.unwrap(),
+        0
+    );
+    assert_eq!(
+        store
+            .heartbeat("new-worker", NOW + 40_000, LEASE)
+            .await
+            .unwrap(),
+        vec![Held {
+            id: new.job_id,
+            attempt: 2
+        }]
+    );
+}
+
+/// 7. After losing its lease, the old worker can change nothing; the new one can.
+async fn stale_worker_is_fenced_out(store: Arc<dyn Store>) {
+    let (old, new) = expire_and_reclaim(&store).await;
+    let id = old.job_id;
+    let job_before = get(&store, id).await;
+    let steps_before = store.get_steps(id).await.unwrap();
+    assert_eq!(steps_before, vec![ok_step(StepKey::Panel(0), 1)]);
+
+    let t = NOW + 40_000;
+    assert!(
+        !store
+            .save_step(&old, &ok_step(StepKey::Panel(1), 1))
+            .await
+            .unwrap()
+    );
+    assert!(
+        !store
+            .complete(&old, &json!({"stale": true}), t)
+            .await
+            .unwrap()
+    );
+    assert!(!store.fail(&old, "stale", "stale worker", t).await.unwrap());
+    assert!(
+        !store
+            .retry_later(&old, t + 1_000, "rate_limited", "stale")
+            .await
+            .unwrap()
+    );
+    assert!(!store.release(&old).await.unwrap());
+    assert_eq!(
+        store.heartbeat("old-worker", t, LEASE).await.unwrap(),
+        vec![]
+    );
+    assert_eq!(get(&store, id).await, job_before);
+    assert_eq!(store.get_steps(id).await.unwrap(), steps_before);
+
+    // The right attempt with the wrong owner, or the right owner with the wrong attempt.
+    let forged = [
+        Lease {
+            owner: "old-worker".to_string(),
+            ..new.clone()
+        },
+        Lease {
+            attempt: 1,
+            ..new.clone()
+        },
+        Lease {
+            attempt: 3,
+            ..new.clone()
+        },
+    ];
+    for lease in &forged {
+        assert!(
+            !store
+                .save_step(lease, &ok_step(StepKey::Panel(1), lease.attempt))
+                .await
+                .unwrap()
+        );
+        assert!(!store.complete(lease, &json!({}), t).await.unwrap());
+        assert!(!store.release(lease).await.unwrap());
+    }
+    assert_eq!(get(&store, id).await, job_before);
+
+    // The current holder works normally.
+    let step = ok_step(StepKey::Panel(1), 2);
+    assert!(store.save_step(&new, &step).await.unwrap());
+    let result = json!({"id": "chatcmpl-1", "choices": [{"message": {"content": "hi"}}]});
+    assert!(store.complete(&new, &result, t).await.unwrap());
+    assert_eq!(
+        get(&store, id).await,
+        Job {
+            status: JobStatus::Succeeded,
+            lease_owner: None,
+            lease_expires_at: None,
+            finished_at: Some(t),
+            result: Some(result),
+            ..job_before
+        }
+    );
+    assert_eq!(
+        store.get_steps(id).await.unwrap(),
+        vec![ok_step(StepKey::Panel(0), 1), step]
+    );
+    // And once final, the old lease is still fenced.
+    assert!(!store.fail(&old, "stale", "stale", t).await.unwrap());
+    assert_eq!(get(&store, id).await.status, JobStatus::Succeeded);
+}
+
+/// 8. Steps round-trip exactly, come back in `StepKey` order, and are written once.
+async fn save_step_round_trip_order_and_no_overwrite(store: Arc<dyn Store>) {
+    let job = enqueue(&store, new_job()).await;
+    let other = enqueue(&store, new_job()).await;
+    let claimed = store.claim("w", 2, NOW, LEASE).await.unwrap();
+    assert_eq!(claimed.len(), 2);
+    let lease = lease_of(claimed.iter().find(|j| j.id == job.id).unwrap());
+
+    let steps = vec![
+        ok_step(StepKey::Final, 1),
+        ok_step(StepKey::Panel(10), 1),
+        analysis_step(1),
+        ok_step(StepKey::Panel(2), 1),
+        failed_step(StepKey::Panel(1), 1),
+        ok_step(StepKey::Panel(0), 1),
+        Step {
+            // Empty-but-present values must not turn into NULLs.
+            content: Some(String::new()),
+            data: Some(json!([])),
+            ..ok_step(StepKey::Panel(3), 1)
+        },
+    ];
+    for step in &steps {
+        assert!(
+            store.save_step(&lease, step).await.unwrap(),
+            "save {:?}",
+            step.key
+        );
+    }
+    let mut expected = steps.clone();
+    expected.sort_by_key(|s| s.key);
+    assert_eq!(
+        expected.iter().map(|s| s.key.to_db()).collect::<Vec<_>>(),
+        [
+            "panel:0", "panel:1", "panel:2", "panel:3", "panel:10", "analysis", "final"
+        ]
+    );
+    assert_eq!(store.get_steps(job.id).await.unwrap(), expected);
+
+    // A second write of a saved step is refused and changes nothing.
+    let overwrite = Step {
+        content: Some("overwritten".to_string()),
+        ok: true,
+        error_code: None,
+        error: None,
+        status_code: None,
+        ..failed_step(StepKey::Panel(1), 1)
+    };
+    assert!(!store.save_step(&lease, &overwrite).await.unwrap());
+    assert!(!store.save_step(&lease, &analysis_step(1)).await.unwrap());
+    assert_eq!(store.get_steps(job.id).await.unwrap(), expected);
+
+    // Steps belong to their job.
+    assert_eq!(store.get_steps(other.id).await.unwrap(), vec![]);
+    // Saving steps does not touch the job row.
+    assert_eq!(
+        &get(&store, job.id).await,
+        claimed.iter().find(|j| j.id == job.id).unwrap()
+    );
+}
+
+/// 9. A job whose lease expires on its last attempt fails with `lease_expired`.
+async fn max_attempts_then_lease_expired(store: Arc<dyn Store>) {
+    let once = enqueue(
+        &store,
+        NewJob {
+            max_attempts: 1,
+            ..new_job()
+        },
+    )
+    .await;
+    let twice = enqueue(
+        &store,
+        NewJob {
+            max_attempts: 2,
+            ..new_job()
+        },
+    )
+    .await;
+    let claimed = store.claim("w", 2, NOW, LEASE).await.unwrap();
+    assert_eq!(claimed.len(), 2);
+
+    let t1 = NOW + 31_000;
+    assert_eq!(store.rescue_expired(t1).await.unwrap(), 2);
+    let failed = get(&store, once.id).await;
+    assert_eq!(failed.status, JobStatus::Failed);
+    assert_eq!(failed.failure_reason.as_deref(), Some("lease_expired"));
+    assert!(failed.error.is_some());
+    assert_eq!(
+        failed,
+        Job {
+            status: JobStatus::Failed,
+            attempt: 1,
+            started_at: Some(NOW),
+            finished_at: Some(t1),
+            failure_reason: Some("lease_expired".to_string()),
+            error: failed.error.clone(),
+            ..once.clone()
+        }
+    );
+    let requeued = get(&store, twice.id).await;
+    assert_eq!(
+        requeued,
+        Job {
+            attempt: 1,
+            run_at: t1,
+            started_at: Some(NOW),
+            ..twice.clone()
+        }
+    );
+
+    // The failed job is not claimable; the other one expires again on its last attempt.
+    let again = store.claim("w2", 10, t1, LEASE).await.unwrap();
+    assert_eq!(again.len(), 1);
+    assert_eq!((again[0].id, again[0].attempt), (twice.id, 2));
+    let t2 = t1 + 31_000;
+    assert_eq!(store.rescue_expired(t2).await.unwrap(), 1);
+    let failed_twice = get(&store, twice.id).await;
+    assert_eq!(failed_twice.status, JobStatus::Failed);
+    assert_eq!(failed_twice.attempt, 2);
+    assert_eq!(
+        failed_twice.failure_reason.as_deref(),
+        Some("lease_expired")
+    );
+    assert_eq!(failed_twice.finished_at, Some(t2));
+    assert_eq!(failed_twice.lease_owner, None);
+    assert_eq!(failed_twice.lease_expires_at, None);
+    assert_eq!(store.rescue_expired(t2 + 100_000).await.unwrap(), 0);
+    assert_eq!(store.claim("w3", 10, t2, LEASE).await.unwrap(), vec![]);
+}
+
+/// 10. Cancel from queued and from running, of a final job, of an unknown job.
+async fn cancel_outcomes(store: Arc<dyn Store>) {
+    let queued_job = enqueue(&store, new_job()).await;
+    let t = NOW + 5_000;
+    match store.cancel(queued_job.id, t).await.unwrap() {
+        CancelOutcome::Cancelled { job, was_running } => {
+            assert!(!was_running);
+            assert_eq!(
+                job,
+                Job {
+                    status: JobStatus::Cancelled,
+                    finished_at: Some(t),
+                    failure_reason: Some("cancelled".to_string()),
+                    error: job.error.clone(),
+                    ..queued_job.clone()
+                }
+            );
+            assert_eq!(get(&store, job.id).await, job);
+        }
+        other => panic!("expected Cancelled, got {other:?}"),
+    }
+    // A cancelled job is never claimed.
+    assert_eq!(store.claim("w", 10, t, LEASE).await.unwrap(), vec![]);
+
+    let running_job = enqueue(&store, new_job()).await;
+    let claimed = claim_one(&store, "w", NOW).await;
+    assert_eq!(claimed.id, running_job.id);
+    let lease = lease_of(&claimed);
+    let cancelled = match store.cancel(running_job.id, t).await.unwrap() {
+        CancelOutcome::Cancelled { job, was_running } => {
+            assert!(was_running);
+            assert_eq!(job.status, JobStatus::Cancelled);
+            assert_eq!(job.finished_at, Some(t));
+            assert_eq!(job.lease_owner, None);
+            assert_eq!(job.lease_expires_at, None);
+            assert_eq!(job.attempt, 1);
+            assert_eq!(job.failure_reason.as_deref(), Some("cancelled"));
+            job
+        }
+        other => panic!("expected Cancelled, got {other:?}"),
+    };
+    // The worker is fenced out.
+    assert!(
+        !store
+            .save_step(&lease, &ok_step(StepKey::Panel(0), 1))
+            .await
+            .unwrap()
+    );
+    assert!(!store.complete(&lease, &json!({}), t).await.unwrap());
+    assert!(!store.fail(&lease, "x", "x", t).await.unwrap());
+    assert!(!store.retry_later(&lease, t, "x", "x").await.unwrap());
+    assert!(!store.release(&lease).await.unwrap());
+    assert_eq!(store.heartbeat("w", t, LEASE).await.unwrap(), vec![]);
+    assert_eq!(store.rescue_expired(t + 100_000).await.unwrap(), 0);
+    assert_eq!(get(&store, running_job.id).await, cancelled);
+    assert_eq!(store.get_steps(running_job.id).await.unwrap(), vec![]);
+
+    // Final jobs stay as they are.
+    match store.cancel(running_job.id, t + 1).await.unwrap() {
+        CancelOutcome::AlreadyFinal(job) => assert_eq!(job, cancelled),
+        other => panic!("expected AlreadyFinal, got {other:?}"),
+    }
+    let done = enqueue(&store, new_job()).await;
+    let done_lease = lease_of(&claim_one(&store, "w", NOW).await);
+    assert!(
+        store
+            .complete(&done_lease, &json!({"a": 1}), t)
+            .await
+            .unwrap()
+    );
+    let succeeded = get(&store, done.id).await;
+    match store.cancel(done.id, t + 1).await.unwrap() {
+        CancelOutcome::AlreadyFinal(job) => assert_eq!(job, succeeded),
+        other => panic!("expected AlreadyFinal, got {other:?}"),
+    }
+    let failing = enqueue(&store, new_job()).await;
+    let failing_lease = lease_of(&claim_one(&store, "w", NOW).await);
+    assert!(store.fail(&failing_lease, "bad", "bad", t).await.unwrap());
+    let failed = get(&store, failing.id).await;
+    match store.cancel(failing.id, t + 1).await.unwrap() {
+        CancelOutcome::AlreadyFinal(job) => assert_eq!(job, failed),
+        other => panic!("expected AlreadyFinal, got {other:?}"),
+    }
+    assert_eq!(get(&store, failing.id).await, failed);
+
+    assert!(matches!(
+        store.cancel(Uuid::now_v7(), t).await.unwrap(),
+        CancelOutcome::NotFound
+    ));
+}
+
+/// 11. A manual retry requeues a failed job, keeping its ok steps and dropping failed ones.
+async fn retry_failed_keeps_ok_steps(store: Arc<dyn Store>) {
+    let job = enqueue(
+        &store,
+        NewJob {
+            max_attempts: 1,
+            ..new_job()
+        },
+    )
+    .await;
+    let claimed = claim_one(&store, "w", NOW).await;
+    let lease = lease_of(&claimed);
+    let kept = ok_step(StepKey::Panel(0), 1);
+    assert!(store.save_step(&lease, &kept).await.unwrap());
+    assert!(
+        store
+            .save_step(&lease, &failed_step(StepKey::Panel(1), 1))
+            .await
+            .unwrap()
+    );
+    assert!(
+        store
+            .fail(&lease, "panel_quorum", "only 1 of 2 answers", NOW + 1_000)
+            .await
+            .unwrap()
+    );
+
+    let t = NOW + 10_000;
+    let requeued = match store.retry_failed(job.id, t).await.unwrap() {
+        RetryOutcome::Requeued(job) => job,
+        other => panic!("expected Requeued, got {other:?}"),
+    };
+    assert_eq!(
+        requeued,
+        Job {
+            status: JobStatus::Queued,
+            attempt: 1,
+            // Room for one more attempt even though max_attempts was used up.
+            max_attempts: 2,
+            run_at: t,
+            started_at: Some(NOW),
+            ..job.clone()
+        }
+    );
+    assert_eq!(get(&store, job.id).await, requeued);
+    assert_eq!(store.get_steps(job.id).await.unwrap(), vec![kept.clone()]);
+
+    // Not failed any more: a second retry is refused.
+    match store.retry_failed(job.id, t).await.unwrap() {
+        RetryOutcome::NotFailed(j) => assert_eq!(j, requeued),
+        other => panic!("expected NotFailed, got {other:?}"),
+    }
+
+    // It runs again, and the kept checkpoint is still there; the failed step can be redone.
+    let again = claim_one(&store, "w2", t).await;
+    assert_eq!((again.id, again.attempt), (job.id, 2));
+    let lease2 = lease_of(&again);
+    assert!(
+        !store
+            .save_step(&lease2, &ok_step(StepKey::Panel(0), 2))
+            .await
+            .unwrap()
+    );
+    let redone = ok_step(StepKey::Panel(1), 2);
+    assert!(store.save_step(&lease2, &redone).await.unwrap());
+    assert_eq!(store.get_steps(job.id).await.unwrap(), vec![kept, redone]);
+
+    // Running and succeeded jobs are not failed either.
+    match store.retry_failed(job.id, t).await.unwrap() {
+        RetryOutcome::NotFailed(j) => assert_eq!(j, again),
+        other => panic!("expected NotFailed, got {other:?}"),
+    }
+    assert!(store.complete(&lease2, &json!({}), t + 1).await.unwrap());
+    let succeeded = get(&store, job.id).await;
+    match store.retry_failed(job.id, t + 2).await.unwrap() {
+        RetryOutcome::NotFailed(j) => assert_eq!(j, succeeded),
+        other => panic!("expected NotFailed, got {other:?}"),
+    }
+    assert_eq!(get(&store, job.id).await, succeeded);
+
+    assert!(matches!(
+        store.retry_failed(Uuid::now_v7(), t).await.unwrap(),
+        RetryOutcome::NotFound
+    ));
+}
+
+/// 12. Release puts the job back without spending the attempt; it is claimable at once.
+async fn release_does_not_spend_attempt(store: Arc<dyn Store>) {
+    let job = enqueue(&store, new_job()).await;
+    let claimed = claim_one(&store, "w", NOW).await;
+    let lease = lease_of(&claimed);
+    let step = ok_step(StepKey::Panel(0), 1);
+    assert!(store.save_step(&lease, &step).await.unwrap());
+
+    assert!(store.release(&lease).await.unwrap());
+    assert_eq!(
+        get(&store, job.id).await,
+        Job {
+            started_at: Some(NOW),
+            ..job.clone()
+        }
+    );
+    // Released once: the lease is gone.
+    assert!(!store.release(&lease).await.unwrap());
+    assert_eq!(store.heartbeat("w", NOW, LEASE).await.unwrap(), vec![]);
+    assert_eq!(store.get_steps(job.id).await.unwrap(), vec![step.clone()]);
+
+    let again = claim_one(&store, "w2", NOW + 1).await;
+    assert_eq!(
+        again,
+        Job {
+            lease_owner: Some("w2".to_string()),
+            lease_expires_at: Some(NOW + 1 + LEASE_MS),
+            ..claimed
+        }
+    );
+    assert_eq!(store.get_steps(job.id).await.unwrap(), vec![step]);
+}
+
+/// 13. Newest first, by status, limited, and paged with `before` without gaps or repeats.
+async fn list_jobs_order_filter_paging(store: Arc<dyn Store>) {
+    let mut jobs = Vec::new();
+    for i in 0..7 {
+        jobs.push(enqueue(&store, new_job_at(i % 2, NOW - 10_000 + i64::from(i))).await);
+    }
+    let ids: Vec<Uuid> = jobs.iter().map(|j| j.id).collect();
+    assert!(
+        ids.windows(2).all(|w| w[0] < w[1]),
+        "UUIDv7 ids are ordered"
+    );
+    let newest_first: Vec<Uuid> = ids.iter().rev().copied().collect();
+
+    let list = |status: Option<JobStatus>, limit: u32, before: Option<Uuid>| {
+        let store = store.clone();
+        async move {
+            store
+                .list_jobs(&ListFilter {
+                    status,
+                    limit,
+                    before,
+                })
+                .await
+                .unwrap()
+        }
+    };
+    let idsof = |jobs: Vec<Job>| jobs.into_iter().map(|j| j.id).collect::<Vec<_>>();
+
+    let all = list(None, 100, None).await;
+    assert_eq!(
+        all,
+        jobs.iter().rev().cloned().collect::<Vec<_>>(),
+        "full rows, newest first"
+    );
+    assert_eq!(idsof(list(None, 3, None).await), newest_first[..3]);
+    assert_eq!(idsof(list(None, 0, None).await), Vec::<Uuid>::new());
+
+    // Paging with `before` visits every job once.
+    let mut seen = Vec::new();
+    let mut before = None;
+    loop {
+        let page = idsof(list(None, 3, before).await);
+        if page.is_empty() {
+            break;
+        }
+        assert!(page.len() <= 3);
+        before = page.last().copied();
+        seen.extend(page);
+        assert!(seen.len() <= ids.len(), "paging repeats jobs: {seen:?}");
+    }
+    assert_eq!(seen, newest_first);
+    assert_eq!(
+        idsof(list(None, 100, Some(ids[3])).await),
+        vec![ids[2], ids[1], ids[0]]
+    );
+    assert_eq!(
+        idsof(list(None, 100, Some(ids[0])).await),
+        Vec::<Uuid>::new()
+    );
+
+    // Move some jobs along: priority 1 jobs (odd i) are claimed first.
+    let claimed = store.claim("w", 3, NOW, LEASE).await.unwrap();
+    let mut running: Vec<Uuid> = claimed.iter().map(|j| j.id).collect();
+    running.sort();
+    assert_eq!(running, vec![ids[1], ids[3], ids[5]]);
+    assert!(
+        store
+            .complete(&lease_of(&claimed[0]), &json!({}), NOW)
+            .await
+            .unwrap()
+    );
+    let succeeded = claimed[0].id;
+    let running: Vec<Uuid> = newest_first
+        .iter()
+        .copied()
+        .filter(|id| running.contains(id) && *id != succeeded)
+        .collect();
+    let queued_ids: Vec<Uuid> = newest_first
+        .iter()
+        .copied()
+        .filter(|id| [ids[0], ids[2], ids[4], ids[6]].contains(id))
+        .collect();
+
+    assert_eq!(
+        idsof(list(Some(JobStatus::Running), 100, None).await),
+        running
+    );
+    assert_eq!(
+        idsof(list(Some(JobStatus::Succeeded), 100, None).await),
+        vec![succeeded]
+    );
+    assert_eq!(
+        idsof(list(Some(JobStatus::Queued), 100, None).await),
+        queued_ids
+    );
+    assert_eq!(
+        idsof(list(Some(JobStatus::Queued), 2, None).await),
+        queued_ids[..2]
+    );
+    assert_eq!(
+        idsof(list(Some(JobStatus::Queued), 100, Some(queued_ids[1])).await),
+        queued_ids[2..]
+    );
+    assert_eq!(
+        idsof(list(Some(JobStatus::Failed), 100, None).await),
+        Vec::<Uuid>::new()
+    );
+    for job in list(Some(JobStatus::Running), 100, None).await {
+        assert_eq!(job.status, JobStatus::Running);
+        assert_eq!(job.lease_owner.as_deref(), Some("w"));
+    }
+}
+
+/// 14. complete / fail / retry_later write their outcome and clear the lease.
+async fn complete_fail_and_retry_later_outcomes(store: Arc<dyn Store>) {
+    // retry_later: back to queued at `run_at`, reason recorded, lease cleared, attempt kept.
+    let job = enqueue(&store, new_job()).await;
+    let claimed = claim_one(&store, "w", NOW).await;
+    let lease = lease_of(&claimed);
+    let retry_at = NOW + 5_000;
+    assert!(
+        store
+            .retry_later(&lease, retry_at, "rate_limited", "429 from upstream")
+            .await
+            .unwrap()
+    );
+    let waiting = get(&store, job.id).await;
+    assert_eq!(
+        waiting,
+        Job {
+            status: JobStatus::Queued,
+            run_at: retry_at,
+            lease_owner: None,
+            lease_expires_at: None,
+            failure_reason: Some("rate_limited".to_string()),
+            error: Some("429 from upstream".to_string()),
+            ..claimed.clone()
+        }
+    );
+    assert_eq!(
+        store.claim("w", 10, retry_at - 1, LEASE).await.unwrap(),
+        vec![]
+    );
+
+    // complete: succeeded with the result, earlier failure cleared, lease cleared.
+    let second = claim_one(&store, "w", retry_at).await;
+    assert_eq!((second.id, second.attempt), (job.id, 2));
+    let lease2 = lease_of(&second);
+    let result = json!({
+        "id": "chatcmpl-xyz",
+        "object": "chat.completion",
+        "model": "fusion/budget",
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": "42 ✓"}, "finish_reason": "stop"}],
+        "usage": {"prompt_tokens": 10, "completion_tokens": 3, "total_tokens": 13, "cost": 0.0012}
+    });
+    let done_at = retry_at + 2_000;
+    assert!(store.complete(&lease2, &result, done_at).await.unwrap());
+    let succeeded = get(&store, job.id).await;
+    assert_eq!(
+        succeeded,
+        Job {
+            status: JobStatus::Succeeded,
+            lease_owner: None,
+            lease_expires_at: None,
+            finished_at: Some(done_at),
+            failure_reason: None,
+            error: None,
+            result: Some(result.clone()),
+            ..second.clone()
+        }
+    );
+    // Written once: a repeat is fenced (the job is no longer running).
+    assert!(
+        !store
+            .complete(&lease2, &json!({"again": true}), done_at + 1)
+            .await
+            .unwrap()
+    );
+    assert!(!store.fail(&lease2, "x", "x", done_at + 1).await.unwrap());
+    assert_eq!(get(&store, job.id).await, succeeded);
+
+    // fail: failed with reason and error, no result, lease cleared.
+    let doomed = enqueue(&store, new_job()).await;
+    let running = claim_one(&store, "w", NOW).await;
+    assert_eq!(running.id, doomed.id);
+    let failed_at = NOW + 3_000;
+    assert!(
+        store
+            .fail(
+                &lease_of(&running),
+                "analysis_not_valid_json",
+                "the analyst answered prose",
+                failed_at
+            )
+            .await
+            .unwrap()
+    );
+    let failed = get(&store, doomed.id).await;
+    assert_eq!(
+        failed,
+        Job {
+            status: JobStatus::Failed,
+            lease_owner: None,
+            lease_expires_at: None,
+            finished_at: Some(failed_at),
+            failure_reason: Some("analysis_not_valid_json".to_string()),
+            error: Some("the analyst answered prose".to_string()),
+            result: None,
+            ..running.clone()
+        }
+    );
+    assert!(
+        !store
+            .complete(&lease_of(&running), &json!({}), failed_at + 1)
+            .await
+            .unwrap()
+    );
+    assert_eq!(
+        store.heartbeat("w", failed_at, LEASE).await.unwrap(),
+        vec![]
+    );
+    assert_eq!(store.rescue_expired(failed_at + 100_000).await.unwrap(), 0);
+    assert_eq!(get(&store, doomed.id).await, failed);
+}
+
+/// 15. An enqueue wakes this process's workers (a stored permit: no waiter needs to be parked).
+async fn enqueue_wakes_workers(store: Arc<dyn Store>) {
+    let wakeups = store.wakeups();
+    // Drop any permit left from setup (e.g. the Postgres listener's first connection).
+    let _ = tokio::time::timeout(Duration::ZERO, wakeups.notified()).await;
+    enqueue(&store, new_job()).await;
+    tokio::time::timeout(Duration::from_secs(5), wakeups.notified())
+        .await
+        .expect("enqueue must wake the workers");
+}
