@@ -68,19 +68,16 @@ impl Application {
         let store = open_store(&settings.database_url).await?;
         let upstream = Arc::new(Upstream::new(settings.fusion.upstream.clone())?);
         let pipeline = Arc::new(Pipeline {
-            upstream,
+            upstream: upstream.clone(),
             retry: settings.fusion.retry.clone(),
             analysis_attempts: settings.fusion.jobs.analysis_attempts,
+            analysis_limits: settings.fusion.analysis,
             clock: clock.clone(),
         });
         let worker = settings
             .worker
             .map(|cfg| Worker::new(store.clone(), pipeline, clock.clone(), cfg));
-        let state = AppState {
-            store,
-            config: Arc::new(settings.fusion),
-            clock,
-        };
+        let state = AppState::new(store, Arc::new(settings.fusion), clock, upstream);
         let (addr, listener) = match &settings.listen {
             Some(listen) => {
                 let listener = TcpListener::bind(listen)

@@ -9,7 +9,7 @@ use std::time::Duration;
 use anyhow::Context;
 use serde::Deserialize;
 
-use crate::upstream::{ApiKey, Price, Provider, RetryPolicy, UpstreamConfig};
+use crate::upstream::{ApiKey, Price, Provider, RetryPolicy, StructuredOutput, UpstreamConfig};
 
 /// The file, as written by a user. Every field is optional.
 #[derive(Debug, Default, Deserialize)]
@@ -29,6 +29,10 @@ pub struct FileConfig {
     pub retry: RetrySection,
     #[serde(default)]
     pub prices: HashMap<String, Price>,
+    #[serde(default)]
+    pub analysis: AnalysisSection,
+    #[serde(default)]
+    pub server: ServerSection,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -38,6 +42,26 @@ pub struct UpstreamSection {
     /// Name of the environment variable holding the default provider's key.
     pub api_key_env: Option<String>,
     pub timeout_seconds: Option<u64>,
+    /// `json_schema` (default), `json_object` or `prompt`.
+    pub structured_output: Option<StructuredOutput>,
+    /// `max_completion_tokens` (default) or `max_tokens`.
+    pub max_tokens_field: Option<String>,
+}
+
+/// Bounds on the analysis, sent in its JSON schema so weak models cannot ramble forever.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AnalysisSection {
+    pub max_items: Option<u64>,
+    pub max_text: Option<u64>,
+    pub max_tokens: Option<u32>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServerSection {
+    /// Seconds between SSE keep-alive comments.
+    pub keepalive_seconds: Option<u64>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -45,6 +69,10 @@ pub struct UpstreamSection {
 pub struct ProviderSection {
     pub base_url: String,
     pub api_key_env: Option<String>,
+    /// `json_schema` (default), `json_object` or `prompt`.
+    pub structured_output: Option<StructuredOutput>,
+    /// `max_completion_tokens` (default) or `max_tokens`.
+    pub max_tokens_field: Option<String>,
 }
 
 /// A named panel and analyst, addressed as `fusion/NAME`.
@@ -92,6 +120,19 @@ pub struct FusionConfig {
     pub default_preset: String,
     pub jobs: JobDefaults,
     pub retry: RetryPolicy,
+    pub analysis: AnalysisLimits,
+    /// Interval of SSE keep-alive comments.
+    pub keepalive: Duration,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AnalysisLimits {
+    /// `maxItems` of every array in the analysis schema.
+    pub max_items: u64,
+    /// `maxLength` of every string in it.
+    pub max_text: u64,
+    /// Token limit of one analysis call (none: the provider's default).
+    pub max_tokens: Option<u32>,
 }
 
 pub const DEFAULT_UPSTREAM_URL: &str = "https://openrouter.ai/api/v1";
@@ -164,14 +205,12 @@ impl FileConfig {
             check_url(&p.base_url)
                 .with_context(|| format!("Invalid base_url of provider {name}"))?;
             let api_key = p.api_key_env.as_deref().and_then(key_from);
-            providers.insert(
-                name.clone(),
-                Provider {
-                    name,
-                    base_url: p.base_url,
-                    api_key,
-                },
-            );
+            let provider = with_wire_options(
+                Provider::new(&name, &p.base_url, api_key),
+                p.structured_output,
+                p.max_tokens_field,
+            )?;
+            providers.insert(name, provider);
         }
         let mut presets = builtin_presets();
         for (name, preset) in self.presets {
@@ -211,11 +250,11 @@ impl FileConfig {
         };
         Ok(FusionConfig {
             upstream: UpstreamConfig {
-                default: Provider {
-                    name: "default".into(),
-                    base_url,
-                    api_key: default_key,
-                },
+                default: with_wire_options(
+                    Provider::new("default", &base_url, default_key),
+                    self.upstream.structured_output,
+                    self.upstream.max_tokens_field,
+                )?,
                 providers,
                 timeout: Duration::from_secs(timeout_seconds.max(1)),
                 prices: self.prices,
@@ -229,8 +268,34 @@ impl FileConfig {
                 analysis_attempts: self.jobs.analysis_attempts.unwrap_or(3).max(1),
             },
             retry,
+            analysis: AnalysisLimits {
+                max_items: self.analysis.max_items.unwrap_or(12).clamp(1, 100),
+                max_text: self.analysis.max_text.unwrap_or(600).clamp(20, 20_000),
+                max_tokens: self.analysis.max_tokens,
+            },
+            keepalive: Duration::from_secs(self.server.keepalive_seconds.unwrap_or(15).max(1)),
         })
     }
+}
+
+/// Apply a provider's wire options (how it differs from OpenAI) to its defaults.
+fn with_wire_options(
+    mut p: Provider,
+    structured_output: Option<StructuredOutput>,
+    max_tokens_field: Option<String>,
+) -> anyhow::Result<Provider> {
+    if let Some(mode) = structured_output {
+        p.structured_output = mode;
+    }
+    if let Some(field) = max_tokens_field {
+        anyhow::ensure!(
+            matches!(field.as_str(), "max_completion_tokens" | "max_tokens"),
+            "provider {}: max_tokens_field must be max_completion_tokens or max_tokens",
+            p.name
+        );
+        p.max_tokens_field = field;
+    }
+    Ok(p)
 }
 
 fn check_url(url: &str) -> anyhow::Result<()> {

@@ -20,8 +20,47 @@ pub async fn submit(
     headers: HeaderMap,
     ApiJson(body): ApiJson<Value>,
 ) -> Result<Response, ApiError> {
+    refuse_recursion(&headers)?;
     let parsed = request::parse(&body, &state.config)?;
     let key = idempotency_key(&headers)?;
+    let (job, replayed) = enqueue(&state, parsed, key, &body).await?;
+    let steps = if replayed {
+        state.store.get_steps(job.id).await?
+    } else {
+        vec![]
+    };
+    let mut resp = (StatusCode::ACCEPTED, Json(view::full(&job, &steps))).into_response();
+    let location = HeaderValue::from_str(&format!("/v1/jobs/{}", job.id)).expect("ascii");
+    resp.headers_mut().insert(header::LOCATION, location);
+    if replayed {
+        resp.headers_mut()
+            .insert("idempotent-replayed", HeaderValue::from_static("true"));
+    }
+    Ok(resp)
+}
+
+/// Requests made by a fusion run itself carry this header; they may not start another run.
+pub const DEPTH_HEADER: &str = "x-fusion-depth";
+
+/// Refuse a fusion run asked for from inside a fusion run (a panel model that is itself a
+/// fusion endpoint), which would otherwise recurse without end.
+pub fn refuse_recursion(headers: &HeaderMap) -> Result<(), ApiError> {
+    if headers.contains_key(DEPTH_HEADER) {
+        return Err(ApiError::bad_request(
+            "fusion_recursion",
+            "a fusion call inside a fusion run is refused",
+        ));
+    }
+    Ok(())
+}
+
+/// Store a parsed request as a queued job; `true` when an idempotency key found an earlier one.
+pub async fn enqueue(
+    state: &AppState,
+    parsed: request::JobRequest,
+    key: Option<String>,
+    body: &Value,
+) -> Result<(Job, bool), ApiError> {
     let now = state.clock.now_ms();
     let new = NewJob {
         id: Uuid::now_v7(),
@@ -30,7 +69,7 @@ pub async fn submit(
         priority: parsed.priority,
         max_attempts: state.config.jobs.max_attempts,
         deadline_at: parsed.deadline_seconds.map(|s| now + s as i64 * 1000),
-        request_hash: key.as_ref().map(|_| request::request_hash(&body)),
+        request_hash: key.as_ref().map(|_| request::request_hash(body)),
         idempotency_key: key,
         created_at: now,
     };
@@ -48,22 +87,10 @@ pub async fn submit(
             ));
         }
     };
-    let steps = if replayed {
-        state.store.get_steps(job.id).await?
-    } else {
-        vec![]
-    };
-    let mut resp = (StatusCode::ACCEPTED, Json(view::full(&job, &steps))).into_response();
-    let location = HeaderValue::from_str(&format!("/v1/jobs/{}", job.id)).expect("ascii");
-    resp.headers_mut().insert(header::LOCATION, location);
-    if replayed {
-        resp.headers_mut()
-            .insert("idempotent-replayed", HeaderValue::from_static("true"));
-    }
-    Ok(resp)
+    Ok((job, replayed))
 }
 
-fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
+pub fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
     let Some(v) = headers.get(IDEMPOTENCY_HEADER) else {
         return Ok(None);
     };

@@ -1,11 +1,16 @@
 //! The HTTP API (axum): routes, shared state, and the JSON extractor whose rejections use the
 //! same error body as everything else. Handlers turn requests into domain values and call the
-//! store; they never call upstream models.
+//! store; fusion steps are never run here (workers do that) — only the gateway pass-through and
+//! the fusion tool's outer model call upstream from a request.
 
+mod chat;
 pub mod error;
 mod jobs;
 pub mod request;
+mod stream;
+mod tool;
 mod view;
+mod watch;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -21,13 +26,36 @@ use tower_http::trace::TraceLayer;
 use crate::clock::SharedClock;
 use crate::config::FusionConfig;
 use crate::store::Store;
+use crate::upstream::Upstream;
 pub use error::ApiError;
+use watch::JobWatch;
 
 #[derive(Clone)]
 pub struct AppState {
     pub store: Arc<dyn Store>,
     pub config: Arc<FusionConfig>,
     pub clock: SharedClock,
+    pub upstream: Arc<Upstream>,
+    /// Wakes requests that wait on a job.
+    pub watch: Arc<JobWatch>,
+}
+
+impl AppState {
+    pub fn new(
+        store: Arc<dyn Store>,
+        config: Arc<FusionConfig>,
+        clock: SharedClock,
+        upstream: Arc<Upstream>,
+    ) -> AppState {
+        let watch = JobWatch::start(store.as_ref());
+        AppState {
+            store,
+            config,
+            clock,
+            upstream,
+            watch,
+        }
+    }
 }
 
 /// `Json` whose rejections are `ApiError`s.
@@ -44,6 +72,8 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/jobs/{id}", get(jobs::get))
         .route("/v1/jobs/{id}/cancel", post(jobs::cancel))
         .route("/v1/jobs/{id}/retry", post(jobs::retry))
+        .route("/v1/chat/completions", post(chat::completions))
+        .route("/v1/models", get(chat::models))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .fallback(not_found)

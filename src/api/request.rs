@@ -106,6 +106,18 @@ pub fn parse(body: &Value, config: &FusionConfig) -> Result<JobRequest, ApiError
                 Some(int_in(v, "plugins[fusion].deadline_seconds", 1, 7 * 86_400)? as u64);
         }
     }
+    if let Some(m) = panel
+        .iter()
+        .chain([&analyst])
+        .find(|m| m.as_str() == "fusion" || m.starts_with("fusion/"))
+    {
+        return Err(ApiError::bad_request(
+            "fusion_recursion",
+            format!(
+                "`{m}` cannot be a panel member or the analyst: a fusion call inside a fusion run is refused"
+            ),
+        ));
+    }
     if panel.is_empty() {
         return Err(ApiError::bad_request(
             "panel_empty",
@@ -364,6 +376,12 @@ mod tests {
                           "plugins": [{"id": "fusion", "analysis_modls": []}]}))
             .1
             .contains("analysis_modls")
+        );
+        assert_eq!(
+            err(json!({"model": "fusion", "messages": msgs(),
+                       "plugins": [{"id": "fusion", "analysis_models": ["a", "fusion/budget"]}]}))
+            .0,
+            "fusion_recursion"
         );
         assert!(
             err(json!({"model": "fusion", "messages": msgs(), "metadata": [1]}))

@@ -4,6 +4,9 @@
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
+use crate::config::AnalysisLimits;
+use crate::upstream::StructuredOutput;
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Analysis {
@@ -60,14 +63,11 @@ impl AnalysisError {
     }
 }
 
-/// Bounds that keep a weak model's output finite.
-const MAX_ITEMS: u64 = 12;
-const MAX_TEXT: u64 = 600;
-
-/// The JSON schema sent as `response_format.json_schema.schema`.
-pub fn schema() -> Value {
-    let text = json!({"type": "string", "maxLength": MAX_TEXT});
-    let list = |items: Value| json!({"type": "array", "items": items, "maxItems": MAX_ITEMS});
+/// The JSON schema of the analysis, its arrays and strings bounded by `limits`.
+pub fn schema(limits: &AnalysisLimits) -> Value {
+    let text = json!({"type": "string", "maxLength": limits.max_text});
+    let list =
+        |items: Value| json!({"type": "array", "items": items, "maxItems": limits.max_items});
     let object = |props: Value, required: &[&str]| {
         json!({"type": "object", "properties": props, "required": required,
                "additionalProperties": false})
@@ -95,12 +95,19 @@ pub fn schema() -> Value {
     )
 }
 
-/// The `response_format` asking for that schema, OpenAI style.
-pub fn response_format() -> Value {
-    json!({
-        "type": "json_schema",
-        "json_schema": {"name": "fusion_analysis", "strict": true, "schema": schema()}
-    })
+/// The `response_format` asking for that schema in the provider's own way; `None` when the
+/// provider only gets the schema in the prompt.
+pub fn response_format(mode: StructuredOutput, limits: &AnalysisLimits) -> Option<Value> {
+    match mode {
+        StructuredOutput::JsonSchema => Some(json!({
+            "type": "json_schema",
+            "json_schema": {"name": "fusion_analysis", "strict": true, "schema": schema(limits)}
+        })),
+        StructuredOutput::JsonObject => {
+            Some(json!({"type": "json_object", "schema": schema(limits)}))
+        }
+        StructuredOutput::Prompt => None,
+    }
 }
 
 /// Parse an analyst reply: plain JSON, JSON inside a code fence, or JSON after some prose.
@@ -185,10 +192,30 @@ mod tests {
         );
     }
 
+    const LIMITS: AnalysisLimits = AnalysisLimits {
+        max_items: 4,
+        max_text: 200,
+        max_tokens: None,
+    };
+
     #[test]
-    fn schema_requires_all_five_fields() {
-        let s = schema();
+    fn schema_requires_all_five_fields_and_bounds_them() {
+        let s = schema(&LIMITS);
         assert_eq!(s["required"].as_array().unwrap().len(), 5);
-        assert_eq!(s["properties"]["consensus"]["maxItems"], MAX_ITEMS);
+        assert_eq!(s["properties"]["consensus"]["maxItems"], 4);
+        assert_eq!(s["properties"]["consensus"]["items"]["maxLength"], 200);
+        let stance = &s["properties"]["contradictions"]["items"]["properties"]["stances"];
+        assert_eq!(stance["items"]["properties"]["model"]["maxLength"], 200);
+    }
+
+    #[test]
+    fn each_provider_mode_gets_its_own_response_format() {
+        let schema_mode = response_format(StructuredOutput::JsonSchema, &LIMITS).unwrap();
+        assert_eq!(schema_mode["type"], "json_schema");
+        assert_eq!(schema_mode["json_schema"]["schema"], schema(&LIMITS));
+        let object_mode = response_format(StructuredOutput::JsonObject, &LIMITS).unwrap();
+        assert_eq!(object_mode["type"], "json_object");
+        assert_eq!(object_mode["schema"], schema(&LIMITS));
+        assert_eq!(response_format(StructuredOutput::Prompt, &LIMITS), None);
     }
 }

@@ -15,8 +15,11 @@ use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
 
 use crate::clock::SharedClock;
+use crate::config::AnalysisLimits;
 use crate::job::{Job, JobSpec, Step, StepKey, Usage};
-use crate::upstream::{CallError, CompletionRequest, ErrorKind, RetryPolicy, Upstream};
+use crate::upstream::{
+    CallError, CompletionRequest, ErrorKind, RetryPolicy, StructuredOutput, Upstream,
+};
 use analysis::Analysis;
 use prompts::PanelAnswer;
 
@@ -47,6 +50,7 @@ pub struct Pipeline {
     pub retry: RetryPolicy,
     /// Tries at a valid analysis (each may itself retry transport errors).
     pub analysis_attempts: u32,
+    pub analysis_limits: AnalysisLimits,
     pub clock: SharedClock,
 }
 
@@ -259,11 +263,20 @@ impl Pipeline {
         answers: &[PanelAnswer<'_>],
         cancel: &CancellationToken,
     ) -> Option<Step> {
+        let mode = self.upstream.structured_output(&spec.analyst);
+        let limits = &self.analysis_limits;
+        // Providers that do not enforce the schema at least read it.
+        let schema_in_prompt =
+            (mode != StructuredOutput::JsonSchema).then(|| analysis::schema(limits));
         let mut req = CompletionRequest {
-            messages: prompts::analysis_messages(&spec.messages, answers),
+            messages: prompts::analysis_messages(
+                &spec.messages,
+                answers,
+                schema_in_prompt.as_ref(),
+            ),
             temperature: Some(0.0),
-            max_completion_tokens: None,
-            response_format: Some(analysis::response_format()),
+            max_completion_tokens: limits.max_tokens,
+            response_format: analysis::response_format(mode, limits),
         };
         let mut usage = Usage::default();
         let mut latency_ms = 0;

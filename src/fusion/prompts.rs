@@ -52,10 +52,20 @@ stance), `partial_coverage` (points only some responses cover, with which models
 `unique_insights` (valuable points made by a single model), and `blind_spots` (important aspects \
 no response addressed). Name models exactly as given. Be concise. Reply with the JSON object only.";
 
-/// Messages asking for the analysis.
-pub fn analysis_messages(messages: &[Value], answers: &[PanelAnswer<'_>]) -> Vec<Value> {
+/// Messages asking for the analysis; `schema` is spelled out for providers that do not enforce it.
+pub fn analysis_messages(
+    messages: &[Value],
+    answers: &[PanelAnswer<'_>],
+    schema: Option<&Value>,
+) -> Vec<Value> {
+    let system = match schema {
+        Some(s) => {
+            format!("{ANALYSIS_SYSTEM}\n\nThe JSON object must follow this JSON schema:\n{s}")
+        }
+        None => ANALYSIS_SYSTEM.to_string(),
+    };
     vec![
-        json!({"role": "system", "content": ANALYSIS_SYSTEM}),
+        json!({"role": "system", "content": system}),
         json!({"role": "user", "content": format!(
             "## Conversation\n{}\n\n## Responses\n{}",
             transcript(messages),

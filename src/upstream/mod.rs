@@ -39,6 +39,38 @@ pub struct Provider {
     /// Base URL up to and including `/v1` (the path `/chat/completions` is appended).
     pub base_url: String,
     pub api_key: Option<ApiKey>,
+    /// How this provider is asked for JSON that follows a schema.
+    pub structured_output: StructuredOutput,
+    /// The request field that limits the answer's length: `max_completion_tokens` (OpenAI's
+    /// current name, the default) or `max_tokens` (older servers).
+    pub max_tokens_field: String,
+}
+
+impl Provider {
+    pub fn new(name: &str, base_url: &str, api_key: Option<ApiKey>) -> Provider {
+        Provider {
+            name: name.to_string(),
+            base_url: base_url.to_string(),
+            api_key,
+            structured_output: StructuredOutput::default(),
+            max_tokens_field: "max_completion_tokens".to_string(),
+        }
+    }
+}
+
+/// Providers differ in how they enforce a JSON schema.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StructuredOutput {
+    /// `response_format: {"type": "json_schema", "json_schema": {...}}` (OpenAI, OpenRouter,
+    /// llama.cpp's llama-server, vLLM).
+    #[default]
+    JsonSchema,
+    /// `response_format: {"type": "json_object", "schema": {...}}` (llama-cpp-python, some
+    /// others).
+    JsonObject,
+    /// No `response_format`: the schema is only described in the prompt.
+    Prompt,
 }
 
 /// Price per million tokens, used when the upstream does not report `usage.cost`.
@@ -250,9 +282,7 @@ impl Upstream {
         model: &str,
         req: &CompletionRequest,
     ) -> Result<Completion, UpstreamError> {
-        let (provider, upstream_model) = self.route(model);
         let mut body = json!({
-            "model": upstream_model,
             "messages": req.messages,
             "stream": false,
         });
@@ -260,31 +290,15 @@ impl Upstream {
             body["temperature"] = json!(t);
         }
         if let Some(m) = req.max_completion_tokens {
-            body["max_completion_tokens"] = json!(m);
+            let field = self.route(model).0.max_tokens_field.as_str();
+            body[field] = json!(m);
         }
         if let Some(rf) = &req.response_format {
             body["response_format"] = rf.clone();
         }
-        let url = format!(
-            "{}/chat/completions",
-            provider.base_url.trim_end_matches('/')
-        );
         let started = Instant::now();
-        let mut call = self.http.post(&url).json(&body);
-        if let Some(key) = &provider.api_key {
-            call = call.bearer_auth(&key.0);
-        }
-        let resp = call.send().await.map_err(transport_error)?;
-        let status = resp.status().as_u16();
-        let retry_after = resp
-            .headers()
-            .get(reqwest::header::RETRY_AFTER)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| parse_retry_after(v, SystemTime::now()));
-        let text = resp.text().await.map_err(transport_error)?;
-        if !(200..300).contains(&status) {
-            return Err(UpstreamError::from_status(status, &text, retry_after));
-        }
+        let resp = self.send(model, body).await?;
+        let (status, text) = read_ok(resp).await?;
         let wire: WireResponse = serde_json::from_str(&text).map_err(|e| {
             UpstreamError::new(
                 ErrorKind::BadBody,
@@ -317,6 +331,54 @@ impl Upstream {
         })
     }
 
+    /// POST a chat-completions body to the provider serving `model` (its `model` field is set to
+    /// the provider's name for it). The answer is returned whatever its status: the gateway
+    /// passes it on as it is.
+    pub async fn send(
+        &self,
+        model: &str,
+        mut body: Value,
+    ) -> Result<reqwest::Response, UpstreamError> {
+        let (provider, upstream_model) = self.route(model);
+        body["model"] = json!(upstream_model);
+        let url = format!(
+            "{}/chat/completions",
+            provider.base_url.trim_end_matches('/')
+        );
+        let mut call = self.http.post(&url).header(DEPTH_HEADER, "1").json(&body);
+        if let Some(key) = &provider.api_key {
+            call = call.bearer_auth(&key.0);
+        }
+        call.send().await.map_err(transport_error)
+    }
+
+    /// A whole non-streamed completion as JSON, with its usage priced.
+    pub async fn complete_json(
+        &self,
+        model: &str,
+        body: Value,
+    ) -> Result<(Value, Usage), UpstreamError> {
+        let resp = self.send(model, body).await?;
+        let (status, text) = read_ok(resp).await?;
+        let value: Value = serde_json::from_str(&text).map_err(|e| {
+            UpstreamError::new(
+                ErrorKind::BadBody,
+                Some(status),
+                format!("upstream body is not JSON: {e}"),
+            )
+        })?;
+        let wire: Option<WireUsage> = value
+            .get("usage")
+            .and_then(|u| serde_json::from_value(u.clone()).ok());
+        let usage = self.usage(model, wire);
+        Ok((value, usage))
+    }
+
+    /// How the provider serving `model` is asked for structured output.
+    pub fn structured_output(&self, model: &str) -> StructuredOutput {
+        self.route(model).0.structured_output
+    }
+
     fn usage(&self, model: &str, wire: Option<WireUsage>) -> Usage {
         let Some(u) = wire else {
             return Usage::default();
@@ -334,6 +396,25 @@ impl Upstream {
             cost,
         }
     }
+}
+
+/// Header marking calls made by a fusion run, so that a fusion endpoint upstream refuses to
+/// start another run (the recursion guard).
+pub const DEPTH_HEADER: &str = "x-fusion-depth";
+
+/// The body of a 2xx answer, or the classified error of any other.
+async fn read_ok(resp: reqwest::Response) -> Result<(u16, String), UpstreamError> {
+    let status = resp.status().as_u16();
+    let retry_after = resp
+        .headers()
+        .get(reqwest::header::RETRY_AFTER)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| parse_retry_after(v, SystemTime::now()));
+    let text = resp.text().await.map_err(transport_error)?;
+    if !(200..300).contains(&status) {
+        return Err(UpstreamError::from_status(status, &text, retry_after));
+    }
+    Ok((status, text))
 }
 
 fn transport_error(e: reqwest::Error) -> UpstreamError {
@@ -405,11 +486,7 @@ mod tests {
 
     #[test]
     fn routes_named_providers_only() {
-        let p = |n: &str| Provider {
-            name: n.into(),
-            base_url: format!("http://{n}"),
-            api_key: None,
-        };
+        let p = |n: &str| Provider::new(n, &format!("http://{n}"), None);
         let up = Upstream::new(UpstreamConfig {
             default: p("default"),
             providers: HashMap::from([("ollama".to_string(), p("ollama"))]),

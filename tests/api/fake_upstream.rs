@@ -39,6 +39,8 @@ pub enum Reply {
     Hang,
     /// Start a 200 answer, then reset the connection mid-body.
     Truncated,
+    /// A call of the named function tool with these JSON arguments.
+    ToolCall(String, Value),
 }
 
 pub const VALID_ANALYSIS: &str = r#"{"consensus":["the sky is blue"],"contradictions":[{"topic":"why","stances":[{"model":"m1","stance":"scattering"},{"model":"m2","stance":"reflection"}]}],"partial_coverage":[{"models":["m1"],"point":"sunsets"}],"unique_insights":[{"model":"m1","insight":"Rayleigh"}],"blind_spots":["other planets"]}"#;
@@ -147,11 +149,13 @@ impl FakeUpstream {
 }
 
 fn kind_of(body: &Value) -> Kind {
-    if body.get("response_format").is_some() {
-        return Kind::Analysis;
-    }
-    let first = body.pointer("/messages/0/content").and_then(Value::as_str);
-    if first.is_some_and(|c| c.starts_with("You have been provided with responses")) {
+    let first = body
+        .pointer("/messages/0/content")
+        .and_then(Value::as_str)
+        .unwrap_or_default();
+    if first.starts_with("You are an impartial analyst") {
+        Kind::Analysis
+    } else if first.starts_with("You have been provided with responses") {
         Kind::Final
     } else {
         Kind::Panel
@@ -232,6 +236,18 @@ async fn respond(reply: Reply, model: &str, kind: Kind) -> Response {
                 return completion(model, &text);
             }
             Reply::Text(text) => return completion(model, &text),
+            Reply::ToolCall(name, args) => {
+                let message = json!({"role": "assistant", "content": null, "tool_calls": [{
+                    "id": "call_1", "type": "function",
+                    "function": {"name": name, "arguments": args.to_string()},
+                }]});
+                return Json(json!({
+                    "id": "chatcmpl-fake", "object": "chat.completion", "created": 0, "model": model,
+                    "choices": [{"index": 0, "message": message, "finish_reason": "tool_calls"}],
+                    "usage": {"prompt_tokens": 10, "completion_tokens": 5, "total_tokens": 15, "cost": 0.001},
+                }))
+                .into_response();
+            }
         }
     }
 }

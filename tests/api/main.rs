@@ -1,5 +1,6 @@
 //! Behaviour tests: the real server on port 0 against a scripted fake upstream.
 
+mod chat;
 mod errors;
 mod fake_upstream;
 mod helpers;

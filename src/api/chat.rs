@@ -1,0 +1,199 @@
+//! The OpenAI-compatible surface: `POST /v1/chat/completions` and `GET /v1/models`. A fusion
+//! model (or a fusion plugin) becomes a durable job that this request waits for; any other model
+//! is passed through to its upstream as a thin gateway, unless it is offered the fusion tool.
+
+use axum::Json;
+use axum::body::Body;
+use axum::extract::State;
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use serde_json::{Value, json};
+
+use super::error::ApiError;
+use super::jobs::{enqueue, idempotency_key, refuse_recursion};
+use super::{ApiJson, AppState, request, stream, tool, watch};
+use crate::job::{Job, JobStatus};
+
+/// Response header naming the job behind a completion, so a client that timed out can fetch the
+/// result later from `GET /v1/jobs/{id}`.
+pub const JOB_HEADER: &str = "x-fusion-job-id";
+
+pub fn is_fusion_model(model: &str) -> bool {
+    model == "fusion" || model.starts_with("fusion/")
+}
+
+fn has_fusion_plugin(body: &Value) -> bool {
+    body.get("plugins")
+        .and_then(Value::as_array)
+        .is_some_and(|ps| {
+            ps.iter()
+                .any(|p| p.get("id").and_then(Value::as_str) == Some("fusion"))
+        })
+}
+
+/// What the client asked of the stream.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct StreamOptions {
+    pub stream: bool,
+    pub include_usage: bool,
+}
+
+impl StreamOptions {
+    fn from_body(body: &Value) -> Result<StreamOptions, ApiError> {
+        let stream = match body.get("stream") {
+            None | Some(Value::Null) => false,
+            Some(Value::Bool(b)) => *b,
+            Some(_) => {
+                return Err(ApiError::bad_request(
+                    "invalid_request",
+                    "`stream` must be a boolean",
+                ));
+            }
+        };
+        let include_usage = body
+            .pointer("/stream_options/include_usage")
+            .and_then(Value::as_bool)
+            .unwrap_or(false);
+        Ok(StreamOptions {
+            stream,
+            include_usage,
+        })
+    }
+}
+
+pub async fn completions(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    ApiJson(body): ApiJson<Value>,
+) -> Result<Response, ApiError> {
+    if !body.is_object() {
+        return Err(ApiError::bad_request(
+            "invalid_request",
+            "the request body must be a JSON object",
+        ));
+    }
+    let model = match body.get("model") {
+        Some(Value::String(m)) if !m.trim().is_empty() => m.trim().to_string(),
+        Some(_) => {
+            return Err(ApiError::bad_request(
+                "invalid_request",
+                "`model` must be a non-empty string",
+            ));
+        }
+        None => {
+            return Err(ApiError::bad_request(
+                "invalid_request",
+                "`model` is required",
+            ));
+        }
+    };
+    let opts = StreamOptions::from_body(&body)?;
+    if is_fusion_model(&model) || has_fusion_plugin(&body) {
+        refuse_recursion(&headers)?;
+        let mut job_body = body.clone();
+        let obj = job_body.as_object_mut().expect("checked above");
+        for field in [
+            "stream",
+            "stream_options",
+            "tools",
+            "tool_choice",
+            "user",
+            "n",
+        ] {
+            obj.remove(field);
+        }
+        let parsed = request::parse(&job_body, &state.config)?;
+        let key = idempotency_key(&headers)?;
+        let (job, _) = enqueue(&state, parsed, key, &job_body).await?;
+        if opts.stream {
+            return Ok(stream::fusion_job(state, job, opts));
+        }
+        let job = watch::wait_final(&state.watch, state.store.as_ref(), job.id).await?;
+        return finished_completion(&job);
+    }
+    if tool::offers_fusion(&body) {
+        refuse_recursion(&headers)?;
+        return tool::run(state, body, model, opts).await;
+    }
+    passthrough(&state, &model, body).await
+}
+
+/// The answer for a finished job: its `chat.completion`, or the error it ended with.
+pub fn finished_completion(job: &Job) -> Result<Response, ApiError> {
+    let mut resp = match (&job.status, &job.result) {
+        (JobStatus::Succeeded, Some(result)) => {
+            let mut result = result.clone();
+            result["fusion_job_id"] = json!(job.id);
+            Json(result).into_response()
+        }
+        _ => job_error(job).into_response(),
+    };
+    resp.headers_mut().insert(JOB_HEADER, job_header(job));
+    Ok(resp)
+}
+
+pub fn job_header(job: &Job) -> HeaderValue {
+    HeaderValue::from_str(&job.id.to_string()).expect("a uuid is a valid header")
+}
+
+/// The error a failed or cancelled job answers with.
+pub fn job_error(job: &Job) -> ApiError {
+    let reason = job.failure_reason.as_deref().unwrap_or("unexpected_error");
+    let message = format!(
+        "fusion job {} {}: {}",
+        job.id,
+        job.status.as_str(),
+        job.error.as_deref().unwrap_or(reason)
+    );
+    let (status, code) = match (job.status, reason) {
+        (JobStatus::Cancelled, _) => (StatusCode::CONFLICT, "job_cancelled"),
+        (_, "deadline_exceeded") => (StatusCode::GATEWAY_TIMEOUT, "deadline_exceeded"),
+        (_, "rate_limited") => (StatusCode::TOO_MANY_REQUESTS, "rate_limited"),
+        (_, "invalid_model") => (StatusCode::BAD_REQUEST, "invalid_model"),
+        (_, "all_panels_failed") => (StatusCode::BAD_GATEWAY, "all_panels_failed"),
+        (_, "insufficient_quorum") => (StatusCode::BAD_GATEWAY, "insufficient_quorum"),
+        _ => (StatusCode::BAD_GATEWAY, "upstream_error"),
+    };
+    ApiError::new(status, code, message)
+}
+
+/// A thin gateway: the body goes to the model's provider and its answer (status, body, stream)
+/// comes back unchanged.
+async fn passthrough(state: &AppState, model: &str, body: Value) -> Result<Response, ApiError> {
+    let resp =
+        state.upstream.send(model, body).await.map_err(|e| {
+            ApiError::new(StatusCode::BAD_GATEWAY, "upstream_unreachable", e.message)
+        })?;
+    let status = StatusCode::from_u16(resp.status().as_u16()).unwrap_or(StatusCode::BAD_GATEWAY);
+    let content_type = resp
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .cloned()
+        .unwrap_or(HeaderValue::from_static("application/json"));
+    let mut out = Response::new(Body::from_stream(resp.bytes_stream()));
+    *out.status_mut() = status;
+    out.headers_mut().insert(header::CONTENT_TYPE, content_type);
+    Ok(out)
+}
+
+pub async fn models(State(state): State<AppState>) -> Json<Value> {
+    let mut names: Vec<&String> = state.config.presets.keys().collect();
+    names.sort();
+    let default = &state.config.presets[&state.config.default_preset];
+    let entry = |id: String, preset: &crate::config::Preset| {
+        json!({
+            "id": id,
+            "object": "model",
+            "created": 0,
+            "owned_by": "fusion",
+            "fusion": {"panel": preset.panel, "analyst": preset.analyst},
+        })
+    };
+    let mut data = vec![entry("fusion".into(), default)];
+    data.extend(
+        names
+            .into_iter()
+            .map(|n| entry(format!("fusion/{n}"), &state.config.presets[n])),
+    );
+    Json(json!({"object": "list", "data": data}))
+}

@@ -1,0 +1,183 @@
+//! Server-Sent Events in the OpenAI chunk format. A fusion job streams a role chunk at once,
+//! progress as SSE comments while the panel and the analysis run (standard clients ignore them),
+//! keep-alive comments, then the answer, a finish chunk, usage when asked, and `data: [DONE]`.
+//! A client that goes away stops the stream, never the job.
+
+use std::collections::HashSet;
+use std::convert::Infallible;
+
+use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use futures::SinkExt;
+use futures::channel::mpsc;
+use serde_json::{Value, json};
+
+use super::AppState;
+use super::chat::{JOB_HEADER, StreamOptions, job_error, job_header};
+use crate::job::{Job, JobStatus, Step, StepKey};
+
+type Tx = mpsc::Sender<Result<Event, Infallible>>;
+
+/// The stream of a queued fusion job.
+pub fn fusion_job(state: AppState, job: Job, opts: StreamOptions) -> Response {
+    let (tx, rx) = mpsc::channel(32);
+    let header = job_header(&job);
+    let keepalive = state.config.keepalive;
+    tokio::spawn(async move {
+        // An error here means the client left: the job goes on regardless.
+        let _ = drive(state, job, opts, tx).await;
+    });
+    let mut resp = Sse::new(rx)
+        .keep_alive(KeepAlive::new().interval(keepalive).text("keep-alive"))
+        .into_response();
+    resp.headers_mut().insert(JOB_HEADER, header);
+    resp
+}
+
+/// The chunk envelope.
+fn chunk(id: &str, created: i64, model: &str, choices: Value) -> Value {
+    json!({
+        "id": id,
+        "object": "chat.completion.chunk",
+        "created": created,
+        "model": model,
+        "choices": choices,
+    })
+}
+
+async fn send(tx: &mut Tx, event: Event) -> Result<(), mpsc::SendError> {
+    tx.send(Ok(event)).await
+}
+
+async fn data(tx: &mut Tx, value: &Value) -> Result<(), mpsc::SendError> {
+    send(tx, Event::default().data(value.to_string())).await
+}
+
+async fn drive(
+    state: AppState,
+    job: Job,
+    opts: StreamOptions,
+    mut tx: Tx,
+) -> Result<(), mpsc::SendError> {
+    let id = format!("fusion-{}", job.id);
+    let created = state.clock.now_ms() / 1000;
+    let model = job.spec.model.clone();
+    let role =
+        json!([{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": null}]);
+    data(&mut tx, &chunk(&id, created, &model, role)).await?;
+    send(
+        &mut tx,
+        Event::default().comment(format!("fusion job {} queued", job.id)),
+    )
+    .await?;
+
+    let mut watcher = state.watch.watch(job.id);
+    let mut reported = HashSet::new();
+    let finished = loop {
+        let Ok(Some(current)) = state.store.get_job(job.id).await else {
+            data(
+                &mut tx,
+                &json!({"error": {"code": "database_unavailable",
+                "message": "lost track of the job; fetch it from GET /v1/jobs/{id}"}}),
+            )
+            .await?;
+            return Ok(());
+        };
+        if let Ok(steps) = state.store.get_steps(job.id).await {
+            for step in steps.iter().filter(|s| reported.insert(s.key)) {
+                send(&mut tx, Event::default().comment(progress(&current, step))).await?;
+            }
+        }
+        if current.status.is_final() {
+            break current;
+        }
+        watcher.next().await;
+    };
+
+    if finished.status != JobStatus::Succeeded {
+        let err = job_error(&finished);
+        data(
+            &mut tx,
+            &json!({"error": {"code": err.code, "message": err.message}}),
+        )
+        .await?;
+        return send(&mut tx, Event::default().data("[DONE]")).await;
+    }
+    let result = finished.result.unwrap_or(Value::Null);
+    finish(&mut tx, &id, created, &model, &result, opts).await
+}
+
+/// Content, finish reason, usage (when asked) and `[DONE]` for a finished completion.
+async fn finish(
+    tx: &mut Tx,
+    id: &str,
+    created: i64,
+    model: &str,
+    completion: &Value,
+    opts: StreamOptions,
+) -> Result<(), mpsc::SendError> {
+    let choice = &completion["choices"][0];
+    let content = choice["message"]["content"].as_str().unwrap_or_default();
+    let mut delta = json!({"content": content});
+    if let Some(calls) = choice["message"].get("tool_calls").filter(|c| !c.is_null()) {
+        delta["tool_calls"] = calls.clone();
+    }
+    let content_choice = json!([{"index": 0, "delta": delta, "finish_reason": null}]);
+    data(tx, &chunk(id, created, model, content_choice)).await?;
+    let reason = choice
+        .get("finish_reason")
+        .cloned()
+        .unwrap_or(json!("stop"));
+    let end = json!([{"index": 0, "delta": {}, "finish_reason": reason}]);
+    data(tx, &chunk(id, created, model, end)).await?;
+    if opts.include_usage {
+        let mut last = chunk(id, created, model, json!([]));
+        last["usage"] = completion["usage"].clone();
+        data(tx, &last).await?;
+    }
+    send(tx, Event::default().data("[DONE]")).await
+}
+
+/// A finished (non-job) completion replayed as a stream, for the tool flow.
+pub fn completion(
+    completion: Value,
+    opts: StreamOptions,
+    job_ids: Option<axum::http::HeaderValue>,
+) -> Response {
+    let (mut tx, rx) = mpsc::channel(8);
+    tokio::spawn(async move {
+        let id = completion["id"]
+            .as_str()
+            .unwrap_or("chatcmpl-fusion")
+            .to_string();
+        let created = completion["created"].as_i64().unwrap_or(0);
+        let model = completion["model"].as_str().unwrap_or_default().to_string();
+        let role = json!([{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": null}]);
+        if data(&mut tx, &chunk(&id, created, &model, role))
+            .await
+            .is_ok()
+        {
+            let _ = finish(&mut tx, &id, created, &model, &completion, opts).await;
+        }
+    });
+    let mut resp = Sse::new(rx).into_response();
+    if let Some(ids) = job_ids {
+        resp.headers_mut().insert(JOB_HEADER, ids);
+    }
+    resp
+}
+
+/// One progress comment line.
+fn progress(job: &Job, step: &Step) -> String {
+    let outcome = if step.ok { "completed" } else { "failed" };
+    match step.key {
+        StepKey::Panel(i) => format!(
+            "fusion panel {}/{} {} {outcome}",
+            i + 1,
+            job.spec.panel.len(),
+            step.model
+        ),
+        StepKey::Analysis => format!("fusion analysis {outcome}"),
+        StepKey::Final => format!("fusion final {outcome}"),
+    }
+}

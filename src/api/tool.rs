@@ -1,0 +1,220 @@
+//! The fusion tool: a non-fusion model offered `tools: [{"type": "fusion"}]` sees a `fusion`
+//! function; each call it makes runs a durable fusion job on the call's prompt, the answer goes
+//! back as the tool result, and the outer model writes the reply. Usage is summed over the outer
+//! calls and every job.
+
+use axum::Json;
+use axum::http::{HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use serde_json::{Map, Value, json};
+
+use super::chat::{JOB_HEADER, StreamOptions};
+use super::error::ApiError;
+use super::jobs::enqueue;
+use super::{AppState, request, stream, watch};
+use crate::job::{JobStatus, Usage};
+
+/// Outer-model rounds before the reply is taken as it is (OpenRouter's `max_tool_calls`).
+const MAX_ROUNDS: usize = 4;
+
+pub fn offers_fusion(body: &Value) -> bool {
+    tools(body).any(|t| t.get("type").and_then(Value::as_str) == Some("fusion"))
+}
+
+fn tools(body: &Value) -> impl Iterator<Item = &Value> {
+    body.get("tools")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+}
+
+/// The function the outer model is offered in place of `{"type": "fusion"}`.
+fn fusion_function() -> Value {
+    json!({
+        "type": "function",
+        "function": {
+            "name": "fusion",
+            "description": "Ask a panel of expert models the question in parallel, compare their \
+                answers (agreements, contradictions, blind spots) and get back one carefully \
+                cross-checked answer. Use it for hard, factual or high-stakes questions.",
+            "parameters": {
+                "type": "object",
+                "properties": {"prompt": {"type": "string",
+                    "description": "The complete, self-contained question for the panel."}},
+                "required": ["prompt"],
+            },
+        },
+    })
+}
+
+pub async fn run(
+    state: AppState,
+    body: Value,
+    model: String,
+    opts: StreamOptions,
+) -> Result<Response, ApiError> {
+    // Settings ride on the tool entry: {"type": "fusion", "fusion": {"preset": "budget", and any
+    // fusion plugin field: "model" (the analyst), "analysis_models", "min_panel", ...}}.
+    let settings = tools(&body)
+        .find(|t| t.get("type").and_then(Value::as_str) == Some("fusion"))
+        .and_then(|t| t.get("fusion"))
+        .cloned()
+        .unwrap_or(json!({}));
+    let mut outer = body.clone();
+    let obj = outer.as_object_mut().expect("checked by the caller");
+    let offered: Vec<Value> = tools(&body)
+        .map(|t| {
+            if t.get("type").and_then(Value::as_str) == Some("fusion") {
+                fusion_function()
+            } else {
+                t.clone()
+            }
+        })
+        .collect();
+    obj.insert("tools".into(), Value::Array(offered));
+    obj.insert("stream".into(), json!(false));
+    obj.remove("stream_options");
+    let forced = obj.get("tool_choice").and_then(Value::as_str) == Some("required");
+
+    let mut usage = Usage::default();
+    let mut job_ids = Vec::new();
+    for round in 0..=MAX_ROUNDS {
+        if round > 0 && forced {
+            // `required` applies to the first call only, or the model could never answer.
+            outer["tool_choice"] = json!("auto");
+        }
+        let (reply, outer_usage) = state
+            .upstream
+            .complete_json(&model, outer.clone())
+            .await
+            .map_err(|e| {
+                ApiError::new(
+                    StatusCode::from_u16(e.status.unwrap_or(502))
+                        .unwrap_or(StatusCode::BAD_GATEWAY),
+                    "upstream_error",
+                    e.message,
+                )
+            })?;
+        usage.add(&outer_usage);
+        let message = reply
+            .pointer("/choices/0/message")
+            .cloned()
+            .unwrap_or(Value::Null);
+        let calls: Vec<Value> = message
+            .get("tool_calls")
+            .and_then(Value::as_array)
+            .cloned()
+            .unwrap_or_default();
+        let fusion_calls: Vec<&Value> = calls
+            .iter()
+            .filter(|c| c.pointer("/function/name").and_then(Value::as_str) == Some("fusion"))
+            .collect();
+        // No fusion call, calls of the client's own tools (theirs to run), or out of rounds:
+        // this reply is the answer.
+        if fusion_calls.is_empty() || fusion_calls.len() != calls.len() || round == MAX_ROUNDS {
+            return Ok(respond(reply, usage, &job_ids, opts));
+        }
+        let results = futures::future::join_all(
+            fusion_calls
+                .iter()
+                .map(|call| run_call(&state, call, &settings)),
+        )
+        .await;
+        let messages = outer["messages"]
+            .as_array_mut()
+            .expect("messages were validated upstream");
+        messages.push(message.clone());
+        for (call, result) in fusion_calls.iter().zip(results) {
+            let (content, job) = result?;
+            if let Some((id, job_usage)) = job {
+                job_ids.push(id);
+                usage.add(&job_usage);
+            }
+            messages.push(json!({"role": "tool", "tool_call_id": call["id"], "content": content}));
+        }
+    }
+    unreachable!("the last round always returns")
+}
+
+/// Run one fusion call; the tool result text, and the job's id and usage when one ran.
+async fn run_call(
+    state: &AppState,
+    call: &Value,
+    settings: &Value,
+) -> Result<(String, Option<(uuid::Uuid, Usage)>), ApiError> {
+    let args: Value = call
+        .pointer("/function/arguments")
+        .and_then(Value::as_str)
+        .and_then(|a| serde_json::from_str(a).ok())
+        .unwrap_or(Value::Null);
+    let Some(prompt) = args
+        .get("prompt")
+        .and_then(Value::as_str)
+        .filter(|p| !p.trim().is_empty())
+    else {
+        return Ok((
+            "error: the fusion tool needs a non-empty `prompt` argument".into(),
+            None,
+        ));
+    };
+    let model = match settings.get("preset").and_then(Value::as_str) {
+        Some(preset) => format!("fusion/{preset}"),
+        None => "fusion".to_string(),
+    };
+    let mut plugin: Map<String, Value> = settings.as_object().cloned().unwrap_or_default();
+    plugin.remove("preset");
+    let mut job_body = Map::new();
+    job_body.insert("model".into(), json!(model));
+    job_body.insert(
+        "messages".into(),
+        json!([{"role": "user", "content": prompt}]),
+    );
+    if !plugin.is_empty() {
+        plugin.insert("id".into(), json!("fusion"));
+        job_body.insert("plugins".into(), json!([plugin]));
+    }
+    let job_body = Value::Object(job_body);
+    let parsed = request::parse(&job_body, &state.config)?;
+    let (job, _) = enqueue(state, parsed, None, &job_body).await?;
+    let job = watch::wait_final(&state.watch, state.store.as_ref(), job.id).await?;
+    let steps = state.store.get_steps(job.id).await?;
+    let mut usage = Usage::default();
+    steps.iter().for_each(|s| usage.add(&s.usage));
+    let content = match job.status {
+        JobStatus::Succeeded => job
+            .result
+            .as_ref()
+            .and_then(|r| r.pointer("/choices/0/message/content"))
+            .and_then(Value::as_str)
+            .unwrap_or_default()
+            .to_string(),
+        _ => format!(
+            "error: the fusion run failed ({}): {}",
+            job.failure_reason.as_deref().unwrap_or("unknown"),
+            job.error.as_deref().unwrap_or("")
+        ),
+    };
+    Ok((content, Some((job.id, usage))))
+}
+
+fn respond(
+    mut reply: Value,
+    usage: Usage,
+    job_ids: &[uuid::Uuid],
+    opts: StreamOptions,
+) -> Response {
+    reply["usage"] = json!(usage);
+    reply["fusion_job_ids"] = json!(job_ids);
+    let header = (!job_ids.is_empty()).then(|| {
+        let ids: Vec<String> = job_ids.iter().map(ToString::to_string).collect();
+        HeaderValue::from_str(&ids.join(",")).expect("uuids are valid header text")
+    });
+    if opts.stream {
+        return stream::completion(reply, opts, header);
+    }
+    let mut resp = Json(reply).into_response();
+    if let Some(h) = header {
+        resp.headers_mut().insert(JOB_HEADER, h);
+    }
+    resp
+}

@@ -1,0 +1,319 @@
+//! The OpenAI-compatible surface: synchronous and streamed fusion completions, the gateway
+//! pass-through, the fusion tool, the recursion guard, models, and disconnecting clients.
+
+use std::time::Duration;
+
+use serde_json::{Value, json};
+
+use crate::fake_upstream::{Kind, Reply};
+use crate::helpers::{Options, TestApp, body_with_panel, spawn_app, spawn_app_with};
+
+impl TestApp {
+    pub async fn chat(&self, body: &Value) -> reqwest::Response {
+        self.client
+            .post(format!("{}/v1/chat/completions", self.address))
+            .json(body)
+            .send()
+            .await
+            .unwrap()
+    }
+}
+
+/// The `data:` payloads and the comment lines of an SSE body, in order.
+fn parse_sse(text: &str) -> (Vec<String>, Vec<String>) {
+    let mut data = Vec::new();
+    let mut comments = Vec::new();
+    for line in text.lines() {
+        if let Some(d) = line.strip_prefix("data: ") {
+            data.push(d.to_string());
+        } else if let Some(c) = line.strip_prefix(':') {
+            comments.push(c.trim().to_string());
+        }
+    }
+    (data, comments)
+}
+
+#[tokio::test]
+async fn a_fusion_model_answers_a_standard_chat_completion() {
+    let app = spawn_app().await;
+    let resp = app.chat(&body_with_panel(&["m1", "m2"], "judge")).await;
+    assert_eq!(resp.status(), 200);
+    let job_id = resp.headers()["x-fusion-job-id"]
+        .to_str()
+        .unwrap()
+        .to_string();
+    let body: Value = resp.json().await.unwrap();
+    assert_eq!(body["object"], "chat.completion");
+    assert_eq!(body["model"], "fusion");
+    assert_eq!(body["fusion_job_id"], job_id.as_str());
+    assert_eq!(body["choices"][0]["message"]["role"], "assistant");
+    assert_eq!(
+        body["choices"][0]["message"]["content"],
+        "the fused final answer"
+    );
+    assert_eq!(body["choices"][0]["finish_reason"], "stop");
+    assert_eq!(body["usage"]["total_tokens"], 60);
+    assert!((body["usage"]["cost"].as_f64().unwrap() - 0.004).abs() < 1e-9);
+    assert!(body["created"].is_i64());
+    // The same run is a durable job.
+    let job = app.get_job(&job_id).await;
+    assert_eq!(job["status"], "succeeded");
+    assert_eq!(
+        job["result"]["choices"][0]["message"]["content"],
+        "the fused final answer"
+    );
+}
+
+#[tokio::test]
+async fn a_streamed_fusion_completion_follows_the_openai_chunk_format() {
+    let app = spawn_app_with(Options {
+        toml: "[server]\nkeepalive_seconds = 1\n",
+        ..Options::default()
+    })
+    .await;
+    app.fake.script(
+        "slow",
+        Kind::Panel,
+        vec![Reply::Delay(1_500, Box::new(Reply::Ok))],
+    );
+    let mut body = body_with_panel(&["fast", "slow"], "judge");
+    body["stream"] = json!(true);
+    body["stream_options"] = json!({"include_usage": true});
+    let resp = app.chat(&body).await;
+    assert_eq!(resp.status(), 200);
+    assert!(
+        resp.headers()["content-type"]
+            .to_str()
+            .unwrap()
+            .starts_with("text/event-stream")
+    );
+    assert!(resp.headers().contains_key("x-fusion-job-id"));
+    let text = resp.text().await.unwrap();
+    let (data, comments) = parse_sse(&text);
+    assert_eq!(data.last().unwrap(), "[DONE]", "{text}");
+    let chunks: Vec<Value> = data[..data.len() - 1]
+        .iter()
+        .map(|d| serde_json::from_str(d).unwrap())
+        .collect();
+    assert!(
+        chunks
+            .iter()
+            .all(|c| c["object"] == "chat.completion.chunk" && c["model"] == "fusion")
+    );
+    assert_eq!(chunks[0]["choices"][0]["delta"]["role"], "assistant");
+    let content: String = chunks
+        .iter()
+        .filter_map(|c| c["choices"][0]["delta"]["content"].as_str())
+        .collect();
+    assert_eq!(content, "the fused final answer");
+    let finish = chunks
+        .iter()
+        .find(|c| c["choices"][0]["finish_reason"] == "stop");
+    assert!(finish.is_some(), "{text}");
+    let last = chunks.last().unwrap();
+    assert_eq!(last["choices"], json!([]));
+    assert_eq!(last["usage"]["total_tokens"], 60);
+    // Progress and keep-alives are comments, which standard clients ignore.
+    assert!(
+        comments
+            .iter()
+            .any(|c| c == "fusion panel 1/2 fast completed"),
+        "{comments:?}"
+    );
+    assert!(
+        comments
+            .iter()
+            .any(|c| c == "fusion panel 2/2 slow completed"),
+        "{comments:?}"
+    );
+    assert!(
+        comments.iter().any(|c| c == "fusion analysis completed"),
+        "{comments:?}"
+    );
+    assert!(comments.iter().any(|c| c == "keep-alive"), "{comments:?}");
+}
+
+#[tokio::test]
+async fn a_failed_fusion_job_is_an_openai_style_error_with_its_job_id() {
+    let app = spawn_app().await;
+    app.fake
+        .script("gone", Kind::Panel, vec![Reply::Status(404)]);
+    let resp = app.chat(&body_with_panel(&["gone"], "judge")).await;
+    assert_eq!(resp.status(), 400);
+    assert!(resp.headers().contains_key("x-fusion-job-id"));
+    let body: Value = resp.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "invalid_model");
+    assert_eq!(body["error"]["type"], "invalid_request_error");
+}
+
+#[tokio::test]
+async fn other_models_pass_through_to_the_upstream() {
+    let app = spawn_app().await;
+    let body = json!({"model": "vendor/plain", "messages": [{"role": "user", "content": "hi"}]});
+    let resp = app.chat(&body).await;
+    assert_eq!(resp.status(), 200);
+    let body: Value = resp.json().await.unwrap();
+    assert_eq!(
+        body["choices"][0]["message"]["content"],
+        "panel answer from vendor/plain"
+    );
+    assert_eq!(app.fake.total_calls(), 1);
+    app.fake
+        .script("vendor/broken", Kind::Panel, vec![Reply::Status(503)]);
+    let resp = app
+        .chat(&json!({"model": "vendor/broken", "messages": [{"role": "user", "content": "hi"}]}))
+        .await;
+    assert_eq!(resp.status(), 503, "the upstream's own status comes back");
+}
+
+#[tokio::test]
+async fn the_fusion_tool_runs_a_job_and_hands_the_answer_back_to_the_outer_model() {
+    let app = spawn_app().await;
+    app.fake.script(
+        "outer",
+        Kind::Panel,
+        vec![
+            Reply::ToolCall("fusion".into(), json!({"prompt": "Is the sky blue?"})),
+            Reply::Text("outer model's reply".into()),
+        ],
+    );
+    let body = json!({
+        "model": "outer",
+        "messages": [{"role": "user", "content": "Ask the panel about the sky."}],
+        "tools": [{"type": "fusion", "fusion": {"analysis_models": ["m1", "m2"], "model": "judge"}}],
+        "tool_choice": "required",
+    });
+    let resp = app.chat(&body).await;
+    assert_eq!(resp.status(), 200);
+    let job_id = resp.headers()["x-fusion-job-id"]
+        .to_str()
+        .unwrap()
+        .to_string();
+    let reply: Value = resp.json().await.unwrap();
+    assert_eq!(
+        reply["choices"][0]["message"]["content"],
+        "outer model's reply"
+    );
+    assert_eq!(reply["fusion_job_ids"], json!([job_id]));
+    // Two outer calls and a four-call fusion job, all in the usage.
+    assert_eq!(reply["usage"]["total_tokens"], 90);
+    assert_eq!(app.fake.calls("outer", Kind::Panel), 2);
+    assert_eq!(app.fake.calls("m1", Kind::Panel), 1);
+    assert_eq!(app.fake.calls("judge", Kind::Final), 1);
+
+    let outer: Vec<Value> = app
+        .fake
+        .bodies()
+        .into_iter()
+        .filter(|b| b["model"] == "outer")
+        .collect();
+    assert_eq!(outer[0]["tools"][0]["function"]["name"], "fusion");
+    assert_eq!(outer[0]["tool_choice"], "required");
+    assert_eq!(
+        outer[1]["tool_choice"], "auto",
+        "forcing again would loop forever"
+    );
+    let tool_msg = outer[1]["messages"]
+        .as_array()
+        .unwrap()
+        .last()
+        .unwrap()
+        .clone();
+    assert_eq!(tool_msg["role"], "tool");
+    assert_eq!(tool_msg["tool_call_id"], "call_1");
+    assert_eq!(tool_msg["content"], "the fused final answer");
+    let job = app.get_job(&job_id).await;
+    assert_eq!(job["panel"][0]["model"], "m1");
+}
+
+#[tokio::test]
+async fn a_fusion_call_inside_a_fusion_run_is_refused() {
+    let app = spawn_app().await;
+    let resp = app
+        .client
+        .post(format!("{}/v1/chat/completions", app.address))
+        .header("x-fusion-depth", "1")
+        .json(&body_with_panel(&["m1"], "judge"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 400);
+    let body: Value = resp.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "fusion_recursion");
+    // Our own upstream calls carry the header, so a fusion server upstream would refuse too.
+    app.chat(&body_with_panel(&["m1"], "judge")).await;
+    assert!(app.fake.total_calls() > 0);
+    let resp = app.chat(&body_with_panel(&["m1", "fusion"], "judge")).await;
+    assert_eq!(resp.status(), 400);
+    assert_eq!(
+        app.fake.total_calls(),
+        3,
+        "no call was made for the refused request"
+    );
+}
+
+#[tokio::test]
+async fn the_models_list_names_every_fusion_preset() {
+    let app = spawn_app().await;
+    let resp = app
+        .client
+        .get(format!("{}/v1/models", app.address))
+        .send()
+        .await
+        .unwrap();
+    let body: Value = resp.json().await.unwrap();
+    assert_eq!(body["object"], "list");
+    let ids: Vec<&str> = body["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        ids,
+        vec!["fusion", "fusion/budget", "fusion/fast", "fusion/quality"]
+    );
+    assert!(
+        body["data"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|m| m["object"] == "model")
+    );
+}
+
+#[tokio::test]
+async fn a_client_that_disconnects_does_not_cancel_the_job() {
+    let app = spawn_app().await;
+    app.fake.script(
+        "slow",
+        Kind::Panel,
+        vec![Reply::Delay(800, Box::new(Reply::Ok))],
+    );
+    let impatient = reqwest::Client::builder()
+        .timeout(Duration::from_millis(200))
+        .build()
+        .unwrap();
+    let gone = impatient
+        .post(format!("{}/v1/chat/completions", app.address))
+        .json(&body_with_panel(&["slow"], "judge"))
+        .send()
+        .await;
+    assert!(gone.unwrap_err().is_timeout());
+    let list: Value = app
+        .client
+        .get(format!("{}/v1/jobs", app.address))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let id = list["data"][0]["id"].as_str().unwrap().to_string();
+    let job = app.wait_final(&id, 10).await;
+    assert_eq!(job["status"], "succeeded");
+    assert_eq!(
+        job["result"]["choices"][0]["message"]["content"],
+        "the fused final answer"
+    );
+}
