@@ -446,7 +446,41 @@ contract_tests!(
     list_jobs_order_filter_paging,
     complete_fail_and_retry_later_outcomes,
     enqueue_wakes_workers,
+    nul_characters_never_break_a_write,
 );
+
+/// Model output and user input may contain NUL, which Postgres text and JSONB reject: the write
+/// must still succeed (Postgres stores U+FFFD in its place), or the job would retry forever.
+async fn nul_characters_never_break_a_write(store: Arc<dyn Store>) {
+    let mut new = new_job();
+    new.spec.messages = vec![json!({"role": "user", "content": "a\u{0}b"})];
+    new.metadata = json!({"k\u{0}": "v\u{0}"});
+    let job = enqueue(&store, new).await;
+    let lease = lease_of(&store.claim("w", 1, NOW, LEASE).await.unwrap()[0]);
+    let step = Step {
+        content: Some("x\u{0}y".into()),
+        error: Some("e\u{0}".into()),
+        data: Some(json!({"s": "\u{0}"})),
+        ..ok_step(StepKey::Panel(0), 1)
+    };
+    assert!(store.save_step(&lease, &step).await.unwrap());
+    let saved = store.get_steps(job.id).await.unwrap();
+    let content = saved[0].content.as_deref().unwrap();
+    assert!(
+        content == "x\u{0}y" || content == "x\u{FFFD}y",
+        "{content:?}"
+    );
+    assert!(
+        store
+            .complete(&lease, &json!({"c": "\u{0}"}), NOW)
+            .await
+            .unwrap()
+    );
+    let done = store.get_job(job.id).await.unwrap().unwrap();
+    assert_eq!(done.status, JobStatus::Succeeded);
+    let text = done.spec.messages[0]["content"].as_str().unwrap();
+    assert!(text == "a\u{0}b" || text == "a\u{FFFD}b", "{text:?}");
+}
 
 /// 1. What goes in comes out, field for field.
 async fn enqueue_get_round_trip(store: Arc<dyn Store>) {

@@ -2,6 +2,7 @@
 //! processes on any number of hosts share one queue; a trigger NOTIFYs `fusion_jobs` whenever a
 //! job becomes queued and a listener task turns that into in-process wake-ups.
 
+use std::borrow::Cow;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -129,8 +130,10 @@ impl Store for PgStore {
             job_columns!()
         ))
         .bind(job.id)
-        .bind(Json(&job.spec))
-        .bind(Json(&job.metadata))
+        .bind(Json(no_nul_json(
+            &serde_json::to_value(&job.spec).map_err(|e| StoreError::Corrupt(e.to_string()))?,
+        )))
+        .bind(Json(no_nul_json(&job.metadata)))
         .bind(job.priority)
         .bind(job.max_attempts)
         .bind(job.created_at)
@@ -334,14 +337,14 @@ impl Store for PgStore {
         .bind(step.key.to_db())
         .bind(&step.model)
         .bind(step.ok)
-        .bind(&step.content)
-        .bind(step.data.as_ref().map(Json))
+        .bind(step.content.as_deref().map(no_nul))
+        .bind(step.data.as_ref().map(|d| Json(no_nul_json(d))))
         .bind(step.usage.prompt_tokens)
         .bind(step.usage.completion_tokens)
         .bind(step.usage.cost)
         .bind(step.latency_ms)
         .bind(&step.error_code)
-        .bind(&step.error)
+        .bind(step.error.as_deref().map(no_nul))
         .bind(step.status_code)
         .bind(lease.attempt)
         .bind(step.created_at)
@@ -360,7 +363,7 @@ impl Store for PgStore {
         .bind(lease.job_id)
         .bind(lease.attempt)
         .bind(&lease.owner)
-        .bind(Json(result))
+        .bind(Json(no_nul_json(result)))
         .bind(now)
         .execute(&self.pool)
         .await?;
@@ -376,8 +379,8 @@ impl Store for PgStore {
         .bind(lease.job_id)
         .bind(lease.attempt)
         .bind(&lease.owner)
-        .bind(reason)
-        .bind(error)
+        .bind(no_nul(reason))
+        .bind(no_nul(error))
         .bind(now)
         .execute(&self.pool)
         .await?;
@@ -400,8 +403,8 @@ impl Store for PgStore {
         .bind(lease.attempt)
         .bind(&lease.owner)
         .bind(run_at)
-        .bind(reason)
-        .bind(error)
+        .bind(no_nul(reason))
+        .bind(no_nul(error))
         .execute(&self.pool)
         .await?;
         Ok(done.rows_affected() == 1)
@@ -427,6 +430,29 @@ impl Store for PgStore {
 
     fn events(&self) -> broadcast::Receiver<JobEvent> {
         self.events.subscribe()
+    }
+}
+
+/// Postgres text and JSONB cannot hold NUL characters, and model output (or a user's message)
+/// may contain them: they are stored as U+FFFD instead of failing the write forever.
+fn no_nul(s: &str) -> Cow<'_, str> {
+    if s.contains('\0') {
+        Cow::Owned(s.replace('\0', "\u{FFFD}"))
+    } else {
+        Cow::Borrowed(s)
+    }
+}
+
+fn no_nul_json(v: &Value) -> Value {
+    match v {
+        Value::String(s) => Value::String(no_nul(s).into_owned()),
+        Value::Array(items) => Value::Array(items.iter().map(no_nul_json).collect()),
+        Value::Object(map) => Value::Object(
+            map.iter()
+                .map(|(k, v)| (no_nul(k).into_owned(), no_nul_json(v)))
+                .collect(),
+        ),
+        other => other.clone(),
     }
 }
 
