@@ -5,6 +5,7 @@ mod errors;
 mod fake_upstream;
 mod helpers;
 mod jobs;
+mod openai_sdk;
 mod pipeline_faults;
 mod postgres;
 mod restart;
