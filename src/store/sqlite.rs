@@ -24,7 +24,12 @@ use super::{
 use crate::job::{Job, JobStatus, Lease, ListFilter, NewJob, Step, StepKey, Usage};
 
 pub struct SqliteStore {
+    /// Readers: WAL lets them run beside the writer.
     pool: SqlitePool,
+    /// The one writing connection. SQLite admits one writer at a time; queueing writes here, in
+    /// order, beats several connections sleeping in SQLite's busy handler (which backs off in
+    /// steps of up to 100 ms and wrecks tail latency).
+    writer: SqlitePool,
     wakeups: Arc<Notify>,
     events: broadcast::Sender<JobEvent>,
 }
@@ -38,12 +43,19 @@ impl SqliteStore {
             .synchronous(SqliteSynchronous::Normal)
             .busy_timeout(Duration::from_secs(10))
             .foreign_keys(true);
+        // The writer first: it creates the file and switches it to WAL.
+        let writer = SqlitePoolOptions::new()
+            .max_connections(1)
+            .acquire_timeout(Duration::from_secs(30))
+            .connect_with(options.clone())
+            .await?;
         let pool = SqlitePoolOptions::new()
-            .max_connections(8)
+            .max_connections(4)
             .connect_with(options)
             .await?;
         Ok(SqliteStore {
             pool,
+            writer,
             wakeups: Arc::new(Notify::new()),
             events: broadcast::channel(EVENT_BACKLOG).0,
         })
@@ -89,7 +101,7 @@ impl SqliteStore {
             .bind(lease.job_id.to_string())
             .bind(lease.attempt)
             .bind(&lease.owner)
-            .execute(&self.pool)
+            .execute(&self.writer)
             .await?;
         Ok(done.rows_affected() == 1)
     }
@@ -108,7 +120,7 @@ static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite")
 #[async_trait]
 impl Store for SqliteStore {
     async fn migrate(&self) -> Result<()> {
-        MIGRATOR.run(&self.pool).await?;
+        MIGRATOR.run(&self.writer).await?;
         Ok(())
     }
 
@@ -137,7 +149,7 @@ impl Store for SqliteStore {
         .bind(&job.idempotency_key)
         .bind(&job.request_hash)
         .bind(job.created_at)
-        .fetch_optional(&self.pool)
+        .fetch_optional(&self.writer)
         .await?;
         if let Some(row) = inserted {
             self.wakeups.notify_one();
@@ -217,7 +229,7 @@ impl Store for SqliteStore {
             .bind(id.to_string())
             .bind(before.status.as_str())
             .bind(before.attempt)
-            .fetch_optional(&self.pool)
+            .fetch_optional(&self.writer)
             .await?;
             if let Some(row) = row {
                 self.emit(JobEvent::Finished {
@@ -233,7 +245,7 @@ impl Store for SqliteStore {
     }
 
     async fn retry_failed(&self, id: Uuid, now: i64) -> Result<RetryOutcome> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.writer.begin().await?;
         let done = sqlx::query(
             "UPDATE jobs SET status = 'queued', run_at = ?, finished_at = NULL, \
              failure_reason = NULL, error = NULL, result = NULL, \
@@ -275,7 +287,7 @@ impl Store for SqliteStore {
         .bind(now + ms(lease))
         .bind(now)
         .bind(i64::from(limit))
-        .fetch_all(&self.pool)
+        .fetch_all(&self.writer)
         .await?;
         let mut jobs = rows.iter().map(job_from_row).collect::<Result<Vec<_>>>()?;
         jobs.sort_by(|a, b| b.priority.cmp(&a.priority).then(a.run_at.cmp(&b.run_at)));
@@ -289,7 +301,7 @@ impl Store for SqliteStore {
         )
         .bind(now + ms(lease))
         .bind(owner)
-        .fetch_all(&self.pool)
+        .fetch_all(&self.writer)
         .await?;
         rows.iter()
             .map(|r| {
@@ -310,7 +322,7 @@ impl Store for SqliteStore {
              RETURNING id",
         )
         .bind(now)
-        .fetch_all(&self.pool)
+        .fetch_all(&self.writer)
         .await?;
         for row in &failed {
             self.emit(JobEvent::Finished {
@@ -324,7 +336,7 @@ impl Store for SqliteStore {
              lease_expires_at = NULL WHERE status = 'running' AND lease_expires_at < ?1",
         )
         .bind(now)
-        .execute(&self.pool)
+        .execute(&self.writer)
         .await?
         .rows_affected();
         if requeued > 0 {
@@ -359,7 +371,7 @@ impl Store for SqliteStore {
         .bind(lease.attempt)
         .bind(step.created_at)
         .bind(&lease.owner)
-        .execute(&self.pool)
+        .execute(&self.writer)
         .await?;
         let written = done.rows_affected() == 1;
         if written {
