@@ -67,7 +67,7 @@ async fn a_fusion_model_answers_a_standard_chat_completion() {
 #[tokio::test]
 async fn a_streamed_fusion_completion_follows_the_openai_chunk_format() {
     let app = spawn_app_with(Options {
-        toml: "[server]\nkeepalive_seconds = 1\n",
+        toml: "[server]\nkeepalive_seconds = 1\n".into(),
         ..Options::default()
     })
     .await;

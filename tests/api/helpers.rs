@@ -31,14 +31,18 @@ impl Drop for TestApp {
 pub struct Options {
     /// Run in-process workers (false: API only, jobs stay queued).
     pub workers: bool,
-    pub toml: &'static str,
+    /// Extra `fusion.toml` text.
+    pub toml: String,
+    /// The upstream to use instead of the fake (which still starts, unused).
+    pub upstream_url: Option<String>,
 }
 
 impl Default for Options {
     fn default() -> Self {
         Options {
             workers: true,
-            toml: "",
+            toml: String::new(),
+            upstream_url: None,
         }
     }
 }
@@ -60,7 +64,7 @@ pub async fn spawn_app_with(opts: Options) -> TestApp {
     let dir = tempfile::tempdir().unwrap();
     let toml = format!("{TEST_TOML}\n{}", opts.toml);
     let file: FileConfig = toml::from_str(&toml).expect("test config");
-    let fake_url = fake.base_url();
+    let fake_url = opts.upstream_url.unwrap_or_else(|| fake.base_url());
     let fusion = file
         .resolve(&|k| (k == "FUSION_UPSTREAM_URL").then(|| fake_url.clone()))
         .unwrap();

@@ -5,6 +5,7 @@ mod errors;
 mod fake_upstream;
 mod helpers;
 mod jobs;
+mod local_llm;
 mod openai_sdk;
 mod pipeline_faults;
 mod postgres;

@@ -195,7 +195,7 @@ async fn a_body_cut_off_mid_stream_is_retried() {
 #[tokio::test]
 async fn a_call_hanging_past_the_timeout_is_abandoned_and_retried() {
     let app = spawn_app_with(Options {
-        toml: "[upstream]\ntimeout_seconds = 1\n",
+        toml: "[upstream]\ntimeout_seconds = 1\n".into(),
         ..Options::default()
     })
     .await;
