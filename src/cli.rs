@@ -55,6 +55,10 @@ pub struct WorkerArgs {
     /// Fallback poll for new jobs, in milliseconds.
     #[arg(long, env = "FUSION_POLL_MS", default_value_t = 1000)]
     pub poll_ms: u64,
+    /// First wait, in milliseconds, before a job whose upstream keeps failing runs again
+    /// (doubling per attempt, at most 10 minutes).
+    #[arg(long, env = "FUSION_RETRY_BASE_MS", default_value_t = 30_000)]
+    pub retry_base_ms: u64,
     /// On SIGTERM, seconds running jobs may go on before their leases are released.
     #[arg(long, env = "FUSION_SHUTDOWN_GRACE_SECONDS", default_value_t = 30)]
     pub shutdown_grace_seconds: u64,
@@ -89,6 +93,7 @@ impl WorkerArgs {
             lease: Duration::from_secs(self.lease_seconds),
             poll_interval: Duration::from_millis(self.poll_ms.max(10)),
             shutdown_grace: Duration::from_secs(self.shutdown_grace_seconds),
+            retry_base: Duration::from_millis(self.retry_base_ms),
         })
     }
 }

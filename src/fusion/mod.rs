@@ -41,6 +41,12 @@ pub enum Outcome {
         reason: String,
         error: String,
     },
+    /// A failure that may pass later (the upstream is rate limiting or down): requeue the job
+    /// with backoff, keeping its checkpoints, while attempts remain.
+    Retry {
+        reason: String,
+        error: String,
+    },
     /// Cancelled, or the lease was lost: write nothing more.
     Stopped,
 }
@@ -54,7 +60,7 @@ pub struct Pipeline {
     pub clock: SharedClock,
 }
 
-/// Run `f`, or give up with `Outcome::Stopped` when the sink loses the lease.
+/// Save a checkpoint, or give up with `Outcome::Stopped` when the sink loses the lease.
 macro_rules! save_or_stop {
     ($ckpt:expr, $step:expr) => {
         if $ckpt.save(&$step).await.is_err() {
@@ -131,12 +137,22 @@ impl Pipeline {
                     max_completion_tokens: spec.max_completion_tokens,
                     response_format: None,
                 };
-                let Some(s) = self
+                let Some((s, retryable)) = self
                     .call_step(StepKey::Final, &spec.analyst, &req, job.attempt, cancel)
                     .await
                 else {
                     return Outcome::Stopped;
                 };
+                if retryable {
+                    // Not checkpointed: the next attempt of the job writes this step afresh.
+                    return Outcome::Retry {
+                        reason: s.error_code.unwrap_or_else(|| "upstream_error".into()),
+                        error: format!(
+                            "the final answer could not be written yet: {}",
+                            s.error.as_deref().unwrap_or("unknown error")
+                        ),
+                    };
+                }
                 save_or_stop!(ckpt, s);
                 s
             }
@@ -202,7 +218,8 @@ impl Pipeline {
             };
             pending.push(async move {
                 let key = StepKey::Panel(i as u32);
-                (i, self.call_step(key, model, &req, attempt, cancel).await)
+                let step = self.call_step(key, model, &req, attempt, cancel).await;
+                (i, step.map(|(s, _)| s))
             });
         }
         let mut ok = panel.iter().flatten().filter(|s| s.ok).count() as u32;
@@ -330,7 +347,8 @@ impl Pipeline {
         })
     }
 
-    /// One step that is a single (retried) call; `None` means cancelled.
+    /// One step that is a single (retried) call, and whether its failure (if any) may pass if
+    /// tried again later; `None` means cancelled.
     async fn call_step(
         &self,
         key: StepKey,
@@ -338,27 +356,33 @@ impl Pipeline {
         req: &CompletionRequest,
         attempt: i32,
         cancel: &CancellationToken,
-    ) -> Option<Step> {
+    ) -> Option<(Step, bool)> {
         match self
             .upstream
             .complete_with_retries(model, req, &self.retry, cancel)
             .await
         {
-            Ok(c) => Some(Step {
-                ok: true,
-                content: Some(c.content),
-                data: c.finish_reason.map(|f| json!({ "finish_reason": f })),
-                usage: c.usage,
-                latency_ms: c.latency_ms,
-                ..self.failed_step(key, model, attempt)
-            }),
+            Ok(c) => Some((
+                Step {
+                    ok: true,
+                    content: Some(c.content),
+                    data: c.finish_reason.map(|f| json!({ "finish_reason": f })),
+                    usage: c.usage,
+                    latency_ms: c.latency_ms,
+                    ..self.failed_step(key, model, attempt)
+                },
+                false,
+            )),
             Err(CallError::Cancelled) => None,
-            Err(CallError::Upstream(e)) => Some(Step {
-                error_code: Some(e.code().to_string()),
-                error: Some(e.message.clone()),
-                status_code: e.status.map(i32::from),
-                ..self.failed_step(key, model, attempt)
-            }),
+            Err(CallError::Upstream(e)) => Some((
+                Step {
+                    error_code: Some(e.code().to_string()),
+                    error: Some(e.message.clone()),
+                    status_code: e.status.map(i32::from),
+                    ..self.failed_step(key, model, attempt)
+                },
+                e.retryable(),
+            )),
         }
     }
 

@@ -14,6 +14,7 @@ use std::time::Duration;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, broadcast};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
+use tracing::Instrument;
 use uuid::Uuid;
 
 use crate::clock::SharedClock;
@@ -33,6 +34,8 @@ pub struct WorkerConfig {
     pub poll_interval: Duration,
     /// On shutdown, how long running jobs may go on before their leases are handed back.
     pub shutdown_grace: Duration,
+    /// First wait before a job whose upstream keeps failing runs again (doubles per attempt).
+    pub retry_base: Duration,
 }
 
 impl Default for WorkerConfig {
@@ -42,6 +45,7 @@ impl Default for WorkerConfig {
             lease: Duration::from_secs(30),
             poll_interval: Duration::from_secs(1),
             shutdown_grace: Duration::from_secs(30),
+            retry_base: Duration::from_secs(30),
         }
     }
 }
@@ -203,10 +207,10 @@ impl Worker {
             },
         );
         let span = tracing::info_span!("job", id = %job.id, attempt = job.attempt);
-        let _enter = span.enter();
-        drop(_enter);
-
-        let outcome = self.run_pipeline(&job, &lease, &stop).await;
+        let outcome = self
+            .run_pipeline(&job, &lease, &stop)
+            .instrument(span)
+            .await;
         let now = self.clock.now_ms();
         let written = match &outcome {
             Outcome::Succeeded(result) => {
@@ -214,6 +218,16 @@ impl Worker {
             }
             Outcome::Failed { reason, error } => {
                 with_db_retries(&stop, || self.store.fail(&lease, reason, error, now)).await
+            }
+            Outcome::Retry { reason, error } if job.attempt >= job.max_attempts => {
+                with_db_retries(&stop, || self.store.fail(&lease, reason, error, now)).await
+            }
+            Outcome::Retry { reason, error } => {
+                let run_at = now + crate::store::ms(self.job_backoff(job.attempt));
+                with_db_retries(&stop, || {
+                    self.store.retry_later(&lease, run_at, reason, error)
+                })
+                .await
             }
             Outcome::Stopped if self.releasing.load(Ordering::SeqCst) => {
                 with_db_retries(&CancellationToken::new(), || self.store.release(&lease)).await
@@ -225,10 +239,22 @@ impl Worker {
             (Outcome::Failed { reason, .. }, Some(true)) => {
                 tracing::info!(job = %job.id, reason, "job failed")
             }
+            (Outcome::Retry { reason, .. }, Some(true)) => {
+                tracing::info!(job = %job.id, reason, "job requeued to retry later")
+            }
             (Outcome::Stopped, _) => tracing::info!(job = %job.id, "job stopped"),
             (_, _) => tracing::warn!(job = %job.id, "outcome not written: the lease was lost"),
         }
         self.running.lock().expect("running map").remove(&job.id);
+    }
+
+    /// The wait before a requeued job runs again: the base doubling per attempt, up to 10 min.
+    fn job_backoff(&self, attempt: i32) -> Duration {
+        let doublings = attempt.clamp(1, 16) as u32 - 1;
+        self.config
+            .retry_base
+            .saturating_mul(1 << doublings)
+            .min(Duration::from_secs(600))
     }
 
     async fn run_pipeline(

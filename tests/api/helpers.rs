@@ -77,6 +77,7 @@ pub async fn spawn_app_with(opts: Options) -> TestApp {
             lease: Duration::from_secs(5),
             poll_interval: Duration::from_millis(50),
             shutdown_grace: Duration::from_secs(1),
+            retry_base: Duration::from_millis(100),
         }),
     };
     let app = Application::build(settings).await.unwrap();

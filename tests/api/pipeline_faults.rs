@@ -246,3 +246,47 @@ async fn an_overdue_job_fails_with_deadline_exceeded() {
     assert_eq!(job["failure_reason"], "deadline_exceeded");
     assert_eq!(app.fake.calls("judge", Kind::Final), 0);
 }
+
+#[tokio::test]
+async fn an_upstream_outage_at_the_final_step_requeues_the_job_with_its_checkpoints() {
+    let app = spawn_app().await;
+    // Three 503s use up the step's retries (three calls in the test config); then it recovers.
+    let outage = vec![
+        Reply::Status(503),
+        Reply::Status(503),
+        Reply::Status(503),
+        Reply::Ok,
+    ];
+    app.fake.script("judge", Kind::Final, outage);
+    let id = app
+        .submit_ok(&body_with_panel(&["m1", "m2"], "judge"))
+        .await;
+    let job = app.wait_final(&id, 10).await;
+    assert_eq!(job["status"], "succeeded", "{job:#}");
+    assert_eq!(job["attempt"], 2, "requeued once");
+    assert_eq!(job["failure_reason"], Value::Null);
+    assert_eq!(app.fake.calls("judge", Kind::Final), 4);
+    assert_eq!(app.fake.calls("m1", Kind::Panel), 1, "checkpoints reused");
+    assert_eq!(
+        app.fake.calls("judge", Kind::Analysis),
+        1,
+        "checkpoints reused"
+    );
+}
+
+#[tokio::test]
+async fn a_job_whose_upstream_never_recovers_fails_after_its_attempts() {
+    let app = spawn_app_with(Options {
+        toml: "[jobs]\nmax_attempts = 2\n".into(),
+        ..Options::default()
+    })
+    .await;
+    app.fake
+        .script("judge", Kind::Final, vec![Reply::RateLimited(0)]);
+    let id = app.submit_ok(&body_with_panel(&["m1"], "judge")).await;
+    let job = app.wait_final(&id, 10).await;
+    assert_eq!(job["status"], "failed", "{job:#}");
+    assert_eq!(job["failure_reason"], "rate_limited");
+    assert_eq!(job["attempt"], 2);
+    assert_eq!(app.fake.calls("judge", Kind::Final), 6);
+}
