@@ -99,7 +99,7 @@ async fn the_analyst_sees_every_answer_and_the_final_sees_the_analysis() {
 #[tokio::test]
 async fn presets_resolve_from_the_config() {
     let app = spawn_app_with(Options {
-        toml: "[presets.tiny]\npanel = [\"p1\".into(), \"p2\"]\nanalyst = \"a1\"\n".into(),
+        toml: "[presets.tiny]\npanel = [\"p1\", \"p2\"]\nanalyst = \"a1\"\n".into(),
         ..Options::default()
     })
     .await;
