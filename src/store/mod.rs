@@ -16,6 +16,7 @@ macro_rules! job_columns {
     };
 }
 
+mod group_commit;
 pub mod postgres;
 pub mod sqlite;
 

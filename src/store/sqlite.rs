@@ -17,6 +17,7 @@ use sqlx::sqlite::{
 use tokio::sync::{Notify, broadcast};
 use uuid::Uuid;
 
+use super::group_commit::GroupCommit;
 use super::{
     CancelOutcome, EVENT_BACKLOG, Enqueued, Held, JobEvent, Result, RetryOutcome, Store,
     StoreError, ms, status_from_db,
@@ -30,6 +31,8 @@ pub struct SqliteStore {
     /// order, beats several connections sleeping in SQLite's busy handler (which backs off in
     /// steps of up to 100 ms and wrecks tail latency).
     writer: SqlitePool,
+    /// Checkpoint and outcome writes, grouped into shared transactions on `writer`.
+    group: GroupCommit,
     wakeups: Arc<Notify>,
     events: broadcast::Sender<JobEvent>,
 }
@@ -55,6 +58,7 @@ impl SqliteStore {
             .await?;
         Ok(SqliteStore {
             pool,
+            group: GroupCommit::start(writer.clone()),
             writer,
             wakeups: Arc::new(Notify::new()),
             events: broadcast::channel(EVENT_BACKLOG).0,
@@ -93,17 +97,15 @@ impl SqliteStore {
         for b in binds.0 {
             q = match b {
                 Bind::I(v) => q.bind(*v),
-                Bind::S(v) => q.bind(*v),
+                Bind::S(v) => q.bind(v.to_string()),
                 Bind::J(v) => q.bind(v.to_string()),
             };
         }
-        let done = q
+        let statement = q
             .bind(lease.job_id.to_string())
             .bind(lease.attempt)
-            .bind(&lease.owner)
-            .execute(&self.writer)
-            .await?;
-        Ok(done.rows_affected() == 1)
+            .bind(lease.owner.clone());
+        Ok(self.group.execute(statement).await? == 1)
     }
 }
 
@@ -357,23 +359,21 @@ impl Store for SqliteStore {
         )
         .bind(lease.job_id.to_string())
         .bind(step.key.to_db())
-        .bind(&step.model)
+        .bind(step.model.clone())
         .bind(step.ok)
-        .bind(&step.content)
+        .bind(step.content.clone())
         .bind(step.data.as_ref().map(Value::to_string))
         .bind(step.usage.prompt_tokens)
         .bind(step.usage.completion_tokens)
         .bind(step.usage.cost)
         .bind(step.latency_ms)
-        .bind(&step.error_code)
-        .bind(&step.error)
+        .bind(step.error_code.clone())
+        .bind(step.error.clone())
         .bind(step.status_code)
         .bind(lease.attempt)
         .bind(step.created_at)
-        .bind(&lease.owner)
-        .execute(&self.writer)
-        .await?;
-        let written = done.rows_affected() == 1;
+        .bind(lease.owner.clone());
+        let written = self.group.execute(done).await? == 1;
         if written {
             self.emit(JobEvent::Step {
                 job_id: lease.job_id,
