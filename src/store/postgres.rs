@@ -14,6 +14,7 @@ use sqlx::types::Json;
 use tokio::sync::{Notify, broadcast};
 use uuid::Uuid;
 
+use super::group_commit::GroupCommit;
 use super::{
     CancelOutcome, EVENT_BACKLOG, Enqueued, Held, JobEvent, Result, RetryOutcome, Store,
     StoreError, ms, status_from_db,
@@ -22,9 +23,14 @@ use crate::job::{Job, JobStatus, Lease, ListFilter, NewJob, Step, StepKey, Usage
 
 pub struct PgStore {
     pool: PgPool,
+    /// Checkpoint and outcome writes, grouped into shared transactions.
+    group: GroupCommit<sqlx::Postgres>,
     wakeups: Arc<Notify>,
     events: broadcast::Sender<JobEvent>,
 }
+
+/// Group-commit tasks: enough to overlap round trips, few enough to leave the pool to others.
+const COMMITTERS: usize = 4;
 
 /// NOTIFY channel: a job became queued.
 const JOBS_CHANNEL: &str = "fusion_jobs";
@@ -42,6 +48,7 @@ impl PgStore {
         let events = broadcast::channel(EVENT_BACKLOG).0;
         tokio::spawn(listen(pool.clone(), wakeups.clone(), events.clone()));
         Ok(PgStore {
+            group: GroupCommit::start(pool.clone(), COMMITTERS),
             pool,
             wakeups,
             events,
@@ -324,67 +331,72 @@ impl Store for PgStore {
     }
 
     async fn save_step(&self, lease: &Lease, step: &Step) -> Result<bool> {
-        let done = sqlx::query(
-            "INSERT INTO steps (job_id, step, model, ok, content, data, prompt_tokens, \
-             completion_tokens, cost, latency_ms, error_code, error, status_code, attempt, \
-             created_at) \
-             SELECT $1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15 \
-             WHERE EXISTS (SELECT 1 FROM jobs WHERE id = $1 AND status = 'running' \
-                           AND attempt = $14 AND lease_owner = $16) \
-             ON CONFLICT (job_id, step) DO NOTHING",
-        )
-        .bind(lease.job_id)
-        .bind(step.key.to_db())
-        .bind(&step.model)
-        .bind(step.ok)
-        .bind(step.content.as_deref().map(no_nul))
-        .bind(step.data.as_ref().map(|d| Json(no_nul_json(d))))
-        .bind(step.usage.prompt_tokens)
-        .bind(step.usage.completion_tokens)
-        .bind(step.usage.cost)
-        .bind(step.latency_ms)
-        .bind(&step.error_code)
-        .bind(step.error.as_deref().map(no_nul))
-        .bind(step.status_code)
-        .bind(lease.attempt)
-        .bind(step.created_at)
-        .bind(&lease.owner)
-        .execute(&self.pool)
-        .await?;
-        Ok(done.rows_affected() == 1)
+        let (lease, step) = (lease.clone(), step.clone());
+        let statement = move || {
+            sqlx::query(
+                "INSERT INTO steps (job_id, step, model, ok, content, data, prompt_tokens, \
+                 completion_tokens, cost, latency_ms, error_code, error, status_code, attempt, \
+                 created_at) \
+                 SELECT $1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15 \
+                 WHERE EXISTS (SELECT 1 FROM jobs WHERE id = $1 AND status = 'running' \
+                               AND attempt = $14 AND lease_owner = $16) \
+                 ON CONFLICT (job_id, step) DO NOTHING",
+            )
+            .bind(lease.job_id)
+            .bind(step.key.to_db())
+            .bind(step.model.clone())
+            .bind(step.ok)
+            .bind(step.content.as_deref().map(|c| no_nul(c).into_owned()))
+            .bind(step.data.as_ref().map(|d| Json(no_nul_json(d))))
+            .bind(step.usage.prompt_tokens)
+            .bind(step.usage.completion_tokens)
+            .bind(step.usage.cost)
+            .bind(step.latency_ms)
+            .bind(step.error_code.clone())
+            .bind(step.error.as_deref().map(|e| no_nul(e).into_owned()))
+            .bind(step.status_code)
+            .bind(lease.attempt)
+            .bind(step.created_at)
+            .bind(lease.owner.clone())
+        };
+        Ok(self.group.execute(statement).await? == 1)
     }
 
     async fn complete(&self, lease: &Lease, result: &Value, now: i64) -> Result<bool> {
-        let done = sqlx::query(
-            "UPDATE jobs SET status = 'succeeded', result = $4, finished_at = $5, \
-             lease_owner = NULL, lease_expires_at = NULL, failure_reason = NULL, error = NULL \
-             WHERE id = $1 AND attempt = $2 AND lease_owner = $3 AND status = 'running'",
-        )
-        .bind(lease.job_id)
-        .bind(lease.attempt)
-        .bind(&lease.owner)
-        .bind(Json(no_nul_json(result)))
-        .bind(now)
-        .execute(&self.pool)
-        .await?;
-        Ok(done.rows_affected() == 1)
+        let (lease, result) = (lease.clone(), no_nul_json(result));
+        let statement = move || {
+            sqlx::query(
+                "UPDATE jobs SET status = 'succeeded', result = $4, finished_at = $5, \
+                 lease_owner = NULL, lease_expires_at = NULL, failure_reason = NULL, \
+                 error = NULL \
+                 WHERE id = $1 AND attempt = $2 AND lease_owner = $3 AND status = 'running'",
+            )
+            .bind(lease.job_id)
+            .bind(lease.attempt)
+            .bind(lease.owner.clone())
+            .bind(Json(result.clone()))
+            .bind(now)
+        };
+        Ok(self.group.execute(statement).await? == 1)
     }
 
     async fn fail(&self, lease: &Lease, reason: &str, error: &str, now: i64) -> Result<bool> {
-        let done = sqlx::query(
-            "UPDATE jobs SET status = 'failed', failure_reason = $4, error = $5, finished_at = $6, \
-             lease_owner = NULL, lease_expires_at = NULL \
-             WHERE id = $1 AND attempt = $2 AND lease_owner = $3 AND status = 'running'",
-        )
-        .bind(lease.job_id)
-        .bind(lease.attempt)
-        .bind(&lease.owner)
-        .bind(no_nul(reason))
-        .bind(no_nul(error))
-        .bind(now)
-        .execute(&self.pool)
-        .await?;
-        Ok(done.rows_affected() == 1)
+        let lease = lease.clone();
+        let (reason, error) = (no_nul(reason).into_owned(), no_nul(error).into_owned());
+        let statement = move || {
+            sqlx::query(
+                "UPDATE jobs SET status = 'failed', failure_reason = $4, error = $5, \
+                 finished_at = $6, lease_owner = NULL, lease_expires_at = NULL \
+                 WHERE id = $1 AND attempt = $2 AND lease_owner = $3 AND status = 'running'",
+            )
+            .bind(lease.job_id)
+            .bind(lease.attempt)
+            .bind(lease.owner.clone())
+            .bind(reason.clone())
+            .bind(error.clone())
+            .bind(now)
+        };
+        Ok(self.group.execute(statement).await? == 1)
     }
 
     async fn retry_later(

@@ -32,7 +32,7 @@ pub struct SqliteStore {
     /// steps of up to 100 ms and wrecks tail latency).
     writer: SqlitePool,
     /// Checkpoint and outcome writes, grouped into shared transactions on `writer`.
-    group: GroupCommit,
+    group: GroupCommit<sqlx::Sqlite>,
     wakeups: Arc<Notify>,
     events: broadcast::Sender<JobEvent>,
 }
@@ -58,7 +58,7 @@ impl SqliteStore {
             .await?;
         Ok(SqliteStore {
             pool,
-            group: GroupCommit::start(writer.clone()),
+            group: GroupCommit::start(writer.clone(), 1),
             writer,
             wakeups: Arc::new(Notify::new()),
             events: broadcast::channel(EVENT_BACKLOG).0,
@@ -87,34 +87,28 @@ impl SqliteStore {
         row.map(|r| job_from_row(&r)).transpose()
     }
 
-    async fn fenced(
-        &self,
-        sql: &'static str,
-        lease: &Lease,
-        binds: FenceBinds<'_>,
-    ) -> Result<bool> {
-        let mut q = sqlx::query(sql);
-        for b in binds.0 {
-            q = match b {
-                Bind::I(v) => q.bind(*v),
-                Bind::S(v) => q.bind(v.to_string()),
-                Bind::J(v) => q.bind(v.to_string()),
-            };
-        }
-        let statement = q
-            .bind(lease.job_id.to_string())
-            .bind(lease.attempt)
-            .bind(lease.owner.clone());
+    async fn fenced(&self, sql: &'static str, lease: &Lease, binds: Vec<Bind>) -> Result<bool> {
+        let lease = lease.clone();
+        let statement = move || {
+            let mut q = sqlx::query(sql);
+            for b in &binds {
+                q = match b {
+                    Bind::I(v) => q.bind(*v),
+                    Bind::S(v) => q.bind(v.clone()),
+                };
+            }
+            q.bind(lease.job_id.to_string())
+                .bind(lease.attempt)
+                .bind(lease.owner.clone())
+        };
         Ok(self.group.execute(statement).await? == 1)
     }
 }
 
-/// Values bound before the fence parameters of a lease-fenced update.
-struct FenceBinds<'a>(&'a [Bind<'a>]);
-enum Bind<'a> {
+/// A value bound before the fence parameters of a lease-fenced update.
+enum Bind {
     I(i64),
-    S(&'a str),
-    J(&'a Value),
+    S(String),
 }
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite");
@@ -348,32 +342,36 @@ impl Store for SqliteStore {
     }
 
     async fn save_step(&self, lease: &Lease, step: &Step) -> Result<bool> {
-        let done = sqlx::query(
-            "INSERT INTO steps (job_id, step, model, ok, content, data, prompt_tokens, \
-             completion_tokens, cost, latency_ms, error_code, error, status_code, attempt, \
-             created_at) \
-             SELECT ?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15 \
-             WHERE EXISTS (SELECT 1 FROM jobs WHERE id = ?1 AND status = 'running' \
-                           AND attempt = ?14 AND lease_owner = ?16) \
-             ON CONFLICT (job_id, step) DO NOTHING",
-        )
-        .bind(lease.job_id.to_string())
-        .bind(step.key.to_db())
-        .bind(step.model.clone())
-        .bind(step.ok)
-        .bind(step.content.clone())
-        .bind(step.data.as_ref().map(Value::to_string))
-        .bind(step.usage.prompt_tokens)
-        .bind(step.usage.completion_tokens)
-        .bind(step.usage.cost)
-        .bind(step.latency_ms)
-        .bind(step.error_code.clone())
-        .bind(step.error.clone())
-        .bind(step.status_code)
-        .bind(lease.attempt)
-        .bind(step.created_at)
-        .bind(lease.owner.clone());
-        let written = self.group.execute(done).await? == 1;
+        let (lease_c, step_c) = (lease.clone(), step.clone());
+        let statement = move || {
+            let (lease, step) = (&lease_c, &step_c);
+            sqlx::query(
+                "INSERT INTO steps (job_id, step, model, ok, content, data, prompt_tokens, \
+                 completion_tokens, cost, latency_ms, error_code, error, status_code, attempt, \
+                 created_at) \
+                 SELECT ?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15 \
+                 WHERE EXISTS (SELECT 1 FROM jobs WHERE id = ?1 AND status = 'running' \
+                               AND attempt = ?14 AND lease_owner = ?16) \
+                 ON CONFLICT (job_id, step) DO NOTHING",
+            )
+            .bind(lease.job_id.to_string())
+            .bind(step.key.to_db())
+            .bind(step.model.clone())
+            .bind(step.ok)
+            .bind(step.content.clone())
+            .bind(step.data.as_ref().map(Value::to_string))
+            .bind(step.usage.prompt_tokens)
+            .bind(step.usage.completion_tokens)
+            .bind(step.usage.cost)
+            .bind(step.latency_ms)
+            .bind(step.error_code.clone())
+            .bind(step.error.clone())
+            .bind(step.status_code)
+            .bind(lease.attempt)
+            .bind(step.created_at)
+            .bind(lease.owner.clone())
+        };
+        let written = self.group.execute(statement).await? == 1;
         if written {
             self.emit(JobEvent::Step {
                 job_id: lease.job_id,
@@ -389,7 +387,7 @@ impl Store for SqliteStore {
              lease_owner = NULL, lease_expires_at = NULL, failure_reason = NULL, error = NULL \
              WHERE id = ? AND attempt = ? AND lease_owner = ? AND status = 'running'",
             lease,
-            FenceBinds(&[Bind::J(result), Bind::I(now)]),
+            vec![Bind::S(result.to_string()), Bind::I(now)],
         )
         .await
         .inspect(|&done| self.finished(done, lease, JobStatus::Succeeded))
@@ -401,7 +399,7 @@ impl Store for SqliteStore {
              lease_owner = NULL, lease_expires_at = NULL \
              WHERE id = ? AND attempt = ? AND lease_owner = ? AND status = 'running'",
             lease,
-            FenceBinds(&[Bind::S(reason), Bind::S(error), Bind::I(now)]),
+            vec![Bind::S(reason.into()), Bind::S(error.into()), Bind::I(now)],
         )
         .await
         .inspect(|&done| self.finished(done, lease, JobStatus::Failed))
@@ -419,7 +417,11 @@ impl Store for SqliteStore {
              lease_owner = NULL, lease_expires_at = NULL \
              WHERE id = ? AND attempt = ? AND lease_owner = ? AND status = 'running'",
             lease,
-            FenceBinds(&[Bind::I(run_at), Bind::S(reason), Bind::S(error)]),
+            vec![
+                Bind::I(run_at),
+                Bind::S(reason.into()),
+                Bind::S(error.into()),
+            ],
         )
         .await
     }
@@ -431,7 +433,7 @@ impl Store for SqliteStore {
                  lease_expires_at = NULL \
                  WHERE id = ? AND attempt = ? AND lease_owner = ? AND status = 'running'",
                 lease,
-                FenceBinds(&[]),
+                vec![],
             )
             .await?;
         if released {
