@@ -195,7 +195,7 @@ impl Pipeline {
     }
 
     /// Call every missing panel member in parallel, checkpointing each as it lands. Returns
-    /// `Some(Stopped)` when the run must stop.
+    /// `Some(Stopped)` when the run must stop (cancelled, or the lease is gone).
     async fn run_panel(
         &self,
         spec: &JobSpec,
@@ -219,38 +219,49 @@ impl Pipeline {
             pending.push(async move {
                 let key = StepKey::Panel(i as u32);
                 let step = self.call_step(key, model, &req, attempt, cancel).await;
-                (i, step.map(|(s, _)| s))
+                (i, step.map(|(s, _)| s).ok_or(Outcome::Stopped))
             });
         }
+        // Each answer is checkpointed as it lands, concurrently with the calls still out (so
+        // the saves can share a group commit); the grace period cuts off calls, never saves.
+        let mut saves = FuturesUnordered::new();
         let mut ok = panel.iter().flatten().filter(|s| s.ok).count() as u32;
         let mut grace: Option<std::pin::Pin<Box<tokio::time::Sleep>>> = None;
-        while !pending.is_empty() {
+        while !pending.is_empty() || !saves.is_empty() {
             if grace.is_none()
                 && ok >= spec.min_panel
                 && let Some(ms) = spec.panel_timeout_ms
             {
                 grace = Some(Box::pin(tokio::time::sleep(Duration::from_millis(ms))));
             }
+            let calls_out = !pending.is_empty();
             let grace_over = async {
                 match grace.as_mut() {
-                    Some(sleep) => sleep.await,
-                    None => std::future::pending().await,
+                    Some(sleep) if calls_out => sleep.await,
+                    _ => std::future::pending().await,
                 }
             };
             tokio::select! {
-                next = pending.next() => {
-                    let Some((i, step)) = next else { break };
-                    let step = step?;
-                    if ckpt.save(&step).await.is_err() {
+                Some((i, step)) = pending.next() => {
+                    let step = match step {
+                        Ok(step) => step,
+                        Err(stopped) => return Some(stopped),
+                    };
+                    saves.push(async move {
+                        let saved = ckpt.save(&step).await;
+                        (i, step, saved)
+                    });
+                }
+                Some((i, step, saved)) = saves.next() => {
+                    if saved.is_err() {
                         return Some(Outcome::Stopped);
                     }
                     ok += u32::from(step.ok);
                     panel[i] = Some(step);
                 }
-                _ = grace_over => break,
+                _ = grace_over => pending.clear(),
             }
         }
-        drop(pending);
         // Members still out when the grace period ended are recorded as timed out.
         for (i, slot) in panel.iter_mut().enumerate() {
             if slot.is_none() {
