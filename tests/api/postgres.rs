@@ -67,7 +67,29 @@ async fn three_workers_share_the_queue_through_a_worker_crash() {
     }
     let client = reqwest::Client::new();
     let ids = submit_unique_jobs(&client, &api, "w", JOBS).await;
-    tokio::time::sleep(Duration::from_millis(400)).await;
+    // Kill the first worker while it holds running jobs (its lease owner is `host:pid:uuid`).
+    let store = fusion::store::connect(&url).await.unwrap();
+    let victim = format!("%:{}:%", workers[0].pid());
+    let pool = sqlx::PgPool::connect(&url).await.unwrap();
+    let started = std::time::Instant::now();
+    loop {
+        let held: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM jobs WHERE status = 'running' AND lease_owner LIKE $1",
+        )
+        .bind(&victim)
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+        if held > 0 {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "the first worker never ran a job"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    pool.close().await;
     workers.remove(0).kill().await;
     tokio::time::sleep(Duration::from_millis(300)).await;
     workers.push(Server::spawn("worker", &url, &upstream, 0, &env).await);
@@ -75,7 +97,6 @@ async fn three_workers_share_the_queue_through_a_worker_crash() {
     for id in &ids {
         wait_succeeded(&client, &api, id, 90).await;
     }
-    let store = fusion::store::connect(&url).await.unwrap();
     let Checked { resumed, repeated } = check_no_step_repeated(store.as_ref(), &ids, &fake).await;
     eprintln!(
         "{JOBS} jobs on 3 workers, one killed: {resumed} jobs resumed on another worker, \

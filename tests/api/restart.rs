@@ -65,6 +65,10 @@ impl Server {
         panic!("fusion serve did not become ready on port {port}");
     }
 
+    pub fn pid(&self) -> u32 {
+        self.child.id().expect("running")
+    }
+
     /// SIGTERM, then wait for the process to exit by itself.
     pub async fn terminate(mut self) -> std::process::ExitStatus {
         let pid = self.child.id().unwrap().to_string();
