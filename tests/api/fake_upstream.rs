@@ -1,6 +1,8 @@
 //! A scripted fake OpenAI-compatible upstream (an axum app on 127.0.0.1:0). Models are scripted
 //! by name, per kind of call (panel, analysis, final): latency, HTTP failures, hangs, bad JSON.
 //! Every request is counted so tests can assert exactly how often upstream was called.
+//! `GET /_fake/stats` returns the same counts as JSON, for a fake run in another process (the
+//! benchmark harness in `benches/bench/` runs it that way).
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -8,10 +10,11 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use axum::Json;
-use axum::extract::State;
+use axum::extract::{Query, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::routing::post;
+use axum::routing::{get, post};
+use serde::Deserialize;
 use serde_json::{Value, json};
 
 /// Which step a request belongs to, told from its shape.
@@ -20,6 +23,26 @@ pub enum Kind {
     Panel,
     Analysis,
     Final,
+}
+
+impl Kind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Kind::Panel => "panel",
+            Kind::Analysis => "analysis",
+            Kind::Final => "final",
+        }
+    }
+
+    #[allow(dead_code)] // used by the benchmark harness (benches/bench/)
+    pub fn parse(s: &str) -> Option<Kind> {
+        match s {
+            "panel" => Some(Kind::Panel),
+            "analysis" => Some(Kind::Analysis),
+            "final" => Some(Kind::Final),
+            _ => None,
+        }
+    }
 }
 
 /// What the fake answers to one call.
@@ -61,6 +84,8 @@ struct FakeState {
     default: Option<Reply>,
     /// Calls whose client went away before the answer, per (model, kind).
     aborted: HashMap<(String, Kind), u32>,
+    /// Keep no request bodies (long load runs would hold every one of them).
+    skip_bodies: bool,
 }
 
 /// Counts a call as aborted if its handler is dropped before it answered (the client closed
@@ -86,11 +111,17 @@ pub struct FakeUpstream {
 
 impl FakeUpstream {
     pub async fn start() -> FakeUpstream {
+        FakeUpstream::start_on("127.0.0.1:0").await
+    }
+
+    /// Listen on `addr`; with port 0 a free port is picked, and the `addr` field tells which.
+    pub async fn start_on(addr: &str) -> FakeUpstream {
         let state = Arc::new(Mutex::new(FakeState::default()));
         let app = axum::Router::new()
             .route("/v1/chat/completions", post(completions))
+            .route("/_fake/stats", get(stats))
             .with_state(state.clone());
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let listener = tokio::net::TcpListener::bind(addr).await.unwrap();
         let addr = listener.local_addr().unwrap();
         tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
         FakeUpstream { addr, state }
@@ -146,6 +177,53 @@ impl FakeUpstream {
     pub fn bodies(&self) -> Vec<Value> {
         self.state.lock().unwrap().bodies.clone()
     }
+
+    /// Stop (or resume) keeping request bodies; `bodies()` then returns only those kept.
+    #[allow(dead_code)] // used by the benchmark harness (benches/bench/)
+    pub fn record_bodies(&self, on: bool) {
+        self.state.lock().unwrap().skip_bodies = !on;
+    }
+}
+
+/// `{"total": N, "ok": N, "aborted": N, "calls": [{"model", "kind", "calls", "ok", "aborted",
+/// "starts"?}]}`, one entry per (model, kind) that was called.
+fn stats_of(s: &FakeState, starts: bool) -> Value {
+    let mut keys: Vec<&(String, Kind)> = s.calls.keys().collect();
+    keys.sort_by(|a, b| (&a.0, a.1.as_str()).cmp(&(&b.0, b.1.as_str())));
+    let count = |m: &HashMap<(String, Kind), u32>, k: &(String, Kind)| *m.get(k).unwrap_or(&0);
+    let calls: Vec<Value> = keys
+        .into_iter()
+        .map(|k| {
+            let mut entry = json!({
+                "model": k.0, "kind": k.1.as_str(), "calls": count(&s.calls, k),
+                "ok": count(&s.ok, k), "aborted": count(&s.aborted, k),
+            });
+            if starts {
+                entry["starts"] = json!(s.starts.get(k).cloned().unwrap_or_default());
+            }
+            entry
+        })
+        .collect();
+    json!({
+        "total": s.calls.values().sum::<u32>(),
+        "ok": s.ok.values().sum::<u32>(),
+        "aborted": s.aborted.values().sum::<u32>(),
+        "calls": calls,
+    })
+}
+
+#[derive(Deserialize)]
+struct StatsQuery {
+    /// `?starts=true`: include every call's arrival time.
+    #[serde(default)]
+    starts: bool,
+}
+
+async fn stats(
+    State(state): State<Arc<Mutex<FakeState>>>,
+    Query(q): Query<StatsQuery>,
+) -> Json<Value> {
+    Json(stats_of(&state.lock().unwrap(), q.starts))
 }
 
 fn kind_of(body: &Value) -> Kind {
@@ -170,7 +248,9 @@ async fn completions(
     let kind = kind_of(&body);
     let reply = {
         let mut s = state.lock().unwrap();
-        s.bodies.push(body.clone());
+        if !s.skip_bodies {
+            s.bodies.push(body.clone());
+        }
         let now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .unwrap()

@@ -1,0 +1,321 @@
+//! Scenarios 2 (throughput) and 5 (enqueue), on one database, against a zero-latency fake:
+//! 1. the fake's own capacity: the harness blasts it directly (calls/s ÷ 5 = the most fusion
+//!    jobs/s an upstream this fast allows, each job being 3 panel + analysis + final calls);
+//! 2. enqueue: `POST /v1/jobs` from 32 connections to an API-only server (`--concurrency 0`);
+//! 3. drain: a server with workers starts on those queued jobs; the rate comes from the
+//!    server's own timestamps (first claim → last finish);
+//! 4. steady: a producer submits at a fixed rate to that server; completions/s once the
+//!    first fifth of the window (the ramp) is over.
+
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+
+use crate::Ctx;
+use crate::breakdown;
+use crate::db::{self, StoreKind, Target};
+use crate::fake::{Fake, Script};
+use crate::load::{self, percentile};
+use crate::procs::{self, Cpu, Server, ServerOpts};
+use crate::report::{Results, figure};
+
+const T: &str = "2 throughput";
+const E: &str = "5 enqueue";
+
+pub async fn run(ctx: &Ctx, kind: StoreKind) -> anyhow::Result<Results> {
+    let target = Target::create(ctx, kind).await?;
+    let result = measure(ctx, &target).await;
+    target.cleanup().await?;
+    result
+}
+
+async fn measure(ctx: &Ctx, target: &Target) -> anyhow::Result<Results> {
+    let sizes = &ctx.sizes;
+    let mut out = Results::default();
+    let fake = Fake::start(ctx.dir.path(), &Script::default()).await?;
+
+    // What a durable commit costs on this disk now (Postgres flushes the WAL at every commit).
+    let flush = procs::flush_latency_us(ctx.dir.path())?;
+    out.push(figure(
+        T,
+        "disk flush now: 8 KiB write + fdatasync, median (µs)",
+        flush,
+        0,
+    ));
+
+    // 1. The fake's capacity, measured now, on this machine.
+    let cpu0 = Cpu::sample(0, fake.pid);
+    let (calls, secs) = blast(&fake, sizes.blast_conns, sizes.blast_secs).await;
+    let cpu1 = Cpu::sample(0, fake.pid);
+    let capacity = calls as f64 / secs;
+    let per_call = cpu0.ms_per(&cpu1, calls as f64);
+    out.push(figure(
+        T,
+        "fake upstream alone: calls/s ÷ 5 (upstream-bound jobs/s)",
+        capacity / 5.0,
+        0,
+    ));
+    out.notes.push(format!(
+        "fake upstream blasted from {} connections: {calls} calls in {secs:.1} s; CPU per call: fake {:.0} µs, harness {:.0} µs",
+        sizes.blast_conns,
+        per_call[1] * 1000.0,
+        per_call[3] * 1000.0
+    ));
+
+    // 2. Enqueue to an API-only server.
+    let panel: Vec<String> = ["m1", "m2", "m3"].map(String::from).to_vec();
+    let body = load::job_body(&panel, "judge");
+    let opts = ServerOpts {
+        concurrency: 0,
+        ..ServerOpts::default()
+    };
+    let api = Server::start(ctx, &target.url, &fake.base_url(), &opts).await?;
+    let n = sizes.enqueue_jobs;
+    let client = load::client(sizes.enqueue_conns * 2);
+    let started = Instant::now();
+    let results = {
+        let (c, b, body) = (client.clone(), api.address.clone(), body.clone());
+        load::run_pool(
+            sizes.enqueue_conns,
+            n,
+            Duration::from_secs(120),
+            move |_| {
+                let (c, b, body) = (c.clone(), b.clone(), body.clone());
+                async move { load::submit(&c, &b, &body).await }
+            },
+        )
+        .await
+    };
+    let wall = started.elapsed().as_secs_f64();
+    let accepted_ms: Vec<f64> = results
+        .iter()
+        .filter(|r| r.0.is_ok())
+        .map(|r| r.1.as_secs_f64() * 1000.0)
+        .collect();
+    let accepted = accepted_ms.len();
+    if accepted < n {
+        let errs = results
+            .iter()
+            .filter_map(|r| r.0.as_ref().err().map(|e| e.to_string()));
+        let errs: Vec<String> = errs.collect();
+        let summary = load::summarize_errors(errs.iter().map(String::as_str));
+        out.problems.push(format!(
+            "enqueue: {} of {n} not accepted: {}",
+            n - accepted,
+            summary.join("; ")
+        ));
+    }
+    out.push(
+        figure(
+            E,
+            format!(
+                "POST /v1/jobs from {} connections: accepted jobs/s",
+                sizes.enqueue_conns
+            ),
+            accepted as f64 / wall,
+            0,
+        )
+        .at_least(3000.0),
+    );
+    out.push(figure(
+        E,
+        "p99 response time (ms)",
+        percentile(&accepted_ms, 99.0),
+        1,
+    ));
+    out.notes.push(format!(
+        "enqueue: {accepted} jobs in {wall:.2} s; response p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms",
+        percentile(&accepted_ms, 50.0),
+        percentile(&accepted_ms, 99.0),
+        percentile(&accepted_ms, 100.0)
+    ));
+    api.terminate().await?;
+
+    // 3. Drain the queued jobs.
+    let db = target.open().await?;
+    let opts = ServerOpts {
+        concurrency: sizes.drain_concurrency,
+        ..ServerOpts::default()
+    };
+    let wall_start = Instant::now();
+    let server = Server::start(ctx, &target.url, &fake.base_url(), &opts).await?;
+    let cpu0 = Cpu::sample(server.pid, fake.pid);
+    let threads0 = procs::threads(server.pid);
+    let xid0 = db.xid().await?;
+    let total = accepted as i64;
+    let limit = Duration::from_secs(60 + total as u64 / 20);
+    let (drained, counts) = db::wait_counts(&db, limit, Duration::from_millis(100), |c| {
+        db::finished(c) >= total
+    })
+    .await?;
+    let cpu1 = Cpu::sample(server.pid, fake.pid);
+    let threads1 = procs::threads(server.pid);
+    let xid1 = db.xid().await?;
+    let wall = wall_start.elapsed().as_secs_f64();
+    let flush_after = procs::flush_latency_us(ctx.dir.path())?;
+    if !drained || db::count(&counts, "succeeded") < total {
+        out.problems
+            .push(format!("drain: after {wall:.0} s the jobs are {counts:?}"));
+    }
+    let (done, _) = db.timings(0).await?;
+    let first_claim = done.iter().map(|t| t[1]).min().unwrap_or(0);
+    let last_finish = done.iter().map(|t| t[2]).max().unwrap_or(0);
+    let drain_secs = ((last_finish - first_claim) as f64 / 1000.0).max(0.001);
+    let rate = done.len() as f64 / drain_secs;
+    out.push(figure(T, format!("drain {total} queued jobs: jobs/s"), rate, 0).at_least(1000.0));
+    out.push(
+        figure(
+            T,
+            "drain jobs/s ÷ upstream-bound jobs/s",
+            rate / (capacity / 5.0),
+            2,
+        )
+        .at_least(0.5),
+    );
+    let [srv, fk, pg, harness] = cpu0.ms_per(&cpu1, done.len() as f64);
+    let busy = (srv + fk + pg + harness) * done.len() as f64 / 1000.0 / (wall * 2.0);
+    out.notes.push(format!(
+        "drain: {} jobs in {drain_secs:.2} s (first claim → last finish) with --concurrency {}; CPU per job: server {srv:.2} ms, fake {fk:.2} ms, postgres {pg:.2} ms, harness {harness:.2} ms; both cores {:.0}% busy",
+        done.len(),
+        sizes.drain_concurrency,
+        busy * 100.0
+    ));
+    out.notes.push(format!(
+        "drain: busiest server threads (% of one core over {wall:.1} s): {}; disk flush {flush:.0} µs before the drain, {flush_after:.0} µs after",
+        procs::busiest_threads(&threads0, &threads1, wall, 5)
+    ));
+    if let (Some(x0), Some(x1)) = (xid0, xid1) {
+        let writes = (x1 - x0 - 1) as f64;
+        out.notes.push(format!(
+            "drain: {writes} Postgres write transactions (cluster-wide), {:.1} per job, {:.0} per second",
+            writes / done.len().max(1) as f64,
+            writes / drain_secs
+        ));
+    }
+
+    // 4. A steady producer on the same server.
+    let since = load::now_ms();
+    if let Some(line) = breakdown::summary(&db, 0, since).await? {
+        out.notes.push(format!("drain, per job: {line}"));
+    }
+    let rate = sizes.steady_rate;
+    let produced = load::produce(
+        &client,
+        &server.address,
+        &body,
+        rate,
+        sizes.steady_secs,
+        512,
+    )
+    .await;
+    let window_end = since + (produced.secs * 1000.0) as i64;
+    let expected = total + produced.accepted as i64;
+    let (_, counts) = db::wait_counts(
+        &db,
+        Duration::from_secs(60 + produced.accepted as u64 / 50),
+        Duration::from_millis(100),
+        |c| db::finished(c) >= expected,
+    )
+    .await?;
+    if db::count(&counts, "succeeded") < expected || !produced.errors.is_empty() {
+        let summary = load::summarize_errors(produced.errors.iter().map(String::as_str));
+        out.problems.push(format!(
+            "steady: jobs {counts:?}, submit errors: {}",
+            summary.join("; ")
+        ));
+    }
+    let (done, _) = db.timings(since).await?;
+    // Steady state: completions after the first fifth of the window (the ramp) until it ends.
+    let window_start = since + (produced.secs * 200.0) as i64;
+    let in_window = done
+        .iter()
+        .filter(|t| (window_start..=window_end).contains(&t[2]))
+        .count();
+    let window_secs = (window_end - window_start) as f64 / 1000.0;
+    let latency: Vec<f64> = done.iter().map(|t| (t[2] - t[0]) as f64).collect();
+    out.push(
+        figure(
+            T,
+            format!("steady producer at {rate}/s: completed jobs/s"),
+            in_window as f64 / window_secs.max(0.001),
+            0,
+        )
+        .at_least(1000.0),
+    );
+    out.push(figure(
+        T,
+        "steady: p99 job latency, created → finished (ms)",
+        percentile(&latency, 99.0),
+        0,
+    ));
+    out.notes.push(format!(
+        "steady: offered {} jobs in {:.1} s ({:.0}/s accepted, {} sends waited for a free connection); job latency p50 {:.0} ms, p99 {:.0} ms",
+        produced.accepted,
+        produced.secs,
+        produced.accepted as f64 / produced.secs,
+        produced.throttled,
+        percentile(&latency, 50.0),
+        percentile(&latency, 99.0)
+    ));
+    if let Some(line) = breakdown::summary(&db, since, i64::MAX).await? {
+        out.notes.push(format!("steady, per job: {line}"));
+    }
+    let problems = server.problems();
+    if !problems.is_empty() {
+        out.notes.push(format!(
+            "throughput: server logged {} warnings, first: {}",
+            problems.len(),
+            problems[0]
+        ));
+    }
+    db.close().await;
+    server.terminate().await?;
+    fake.stop().await;
+    Ok(out)
+}
+
+/// Call the fake directly from `conns` connections for `secs` seconds, cycling through bodies
+/// shaped like a job's five calls. Returns (successful calls, seconds).
+async fn blast(fake: &Fake, conns: usize, secs: f64) -> (usize, f64) {
+    let bodies = std::sync::Arc::new(job_calls());
+    let client = load::client(conns * 2);
+    let url = format!("{}/chat/completions", fake.base_url());
+    let started = Instant::now();
+    let results = load::run_pool(conns, usize::MAX, Duration::from_secs_f64(secs), move |i| {
+        let (client, url, bodies) = (client.clone(), url.clone(), bodies.clone());
+        async move {
+            let resp = client
+                .post(url)
+                .json(&bodies[i % bodies.len()])
+                .send()
+                .await?;
+            anyhow::ensure!(resp.status() == 200, "fake answered {}", resp.status());
+            resp.bytes().await?;
+            Ok(())
+        }
+    })
+    .await;
+    let ok = results.iter().filter(|r| r.0.is_ok()).count();
+    (ok, started.elapsed().as_secs_f64())
+}
+
+/// Five request bodies of about the size fusion sends: three panel calls, an analysis call (the
+/// schema and the answers) and a final call.
+fn job_calls() -> Vec<Value> {
+    let question = json!([{"role": "user", "content": "Why is the sky blue?"}]);
+    let panel = |m: &str| json!({"model": m, "messages": question, "stream": false});
+    let pad = "The panel answered at some length about scattering. ".repeat(40);
+    vec![
+        panel("m1"),
+        panel("m2"),
+        panel("m3"),
+        json!({"model": "judge", "stream": false, "temperature": 0.0, "messages": [
+            {"role": "system", "content": format!("You are an impartial analyst. {pad}")},
+            {"role": "user", "content": pad},
+        ], "response_format": {"type": "json_schema", "json_schema": {"name": "analysis", "schema": {"type": "object", "description": pad}}}}),
+        json!({"model": "judge", "stream": false, "temperature": 0.0, "messages": [
+            {"role": "system", "content": format!("You have been provided with responses. {pad}")},
+            {"role": "user", "content": "Why is the sky blue?"},
+        ]}),
+    ]
+}
