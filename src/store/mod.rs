@@ -129,8 +129,9 @@ pub trait Store: Send + Sync + 'static {
     /// NOTIFY from any process).
     fn wakeups(&self) -> Arc<Notify>;
 
-    /// Step checkpoints and final states as they happen (in this process, or — on Postgres — in
-    /// any): a cancelled job's worker stops at once, waiters and streams wake without polling.
+    /// Step checkpoints written by this process, and jobs finishing (in this process, or — on
+    /// Postgres — in any): a cancelled job's worker stops at once, waiters and streams wake
+    /// without polling.
     fn events(&self) -> broadcast::Receiver<JobEvent>;
 }
 

@@ -34,7 +34,7 @@ const COMMITTERS: usize = 4;
 
 /// NOTIFY channel: a job became queued.
 const JOBS_CHANNEL: &str = "fusion_jobs";
-/// NOTIFY channel: a step was written or a job finished (payload: see `JobEvent::from_payload`).
+/// NOTIFY channel: a job finished (payload: see `JobEvent::from_payload`).
 const EVENTS_CHANNEL: &str = "fusion_events";
 
 impl PgStore {
@@ -331,8 +331,9 @@ impl Store for PgStore {
     }
 
     async fn save_step(&self, lease: &Lease, step: &Step) -> Result<bool> {
-        let (lease, step) = (lease.clone(), step.clone());
+        let (lease_c, step_c) = (lease.clone(), step.clone());
         let statement = move || {
+            let (lease, step) = (&lease_c, &step_c);
             sqlx::query(
                 "INSERT INTO steps (job_id, step, model, ok, content, data, prompt_tokens, \
                  completion_tokens, cost, latency_ms, error_code, error, status_code, attempt, \
@@ -359,7 +360,15 @@ impl Store for PgStore {
             .bind(step.created_at)
             .bind(lease.owner.clone())
         };
-        Ok(self.group.execute(statement).await? == 1)
+        let written = self.group.execute(statement).await? == 1;
+        if written {
+            // In-process only: other processes re-read progress (see migration 0002).
+            let _ = self.events.send(JobEvent::Step {
+                job_id: lease.job_id,
+                step: step.key,
+            });
+        }
+        Ok(written)
     }
 
     async fn complete(&self, lease: &Lease, result: &Value, now: i64) -> Result<bool> {
