@@ -4,6 +4,8 @@ WORKDIR /src
 COPY Cargo.toml Cargo.lock ./
 COPY src ./src
 COPY migrations ./migrations
+# Cargo.toml names the benchmark target, and cargo reads every target's path on load.
+COPY benches ./benches
 RUN cargo build --release --locked --bin fusion
 
 FROM debian:bookworm-slim
