@@ -290,3 +290,50 @@ async fn a_job_whose_upstream_never_recovers_fails_after_its_attempts() {
     assert_eq!(job["attempt"], 2);
     assert_eq!(app.fake.calls("judge", Kind::Final), 6);
 }
+
+#[tokio::test]
+async fn each_provider_gets_the_analysis_schema_in_its_own_structured_output_mode() {
+    let app = spawn_app_with(Options {
+        toml: "[upstream]\nstructured_output = \"prompt\"\nmax_tokens_field = \"max_tokens\"\n"
+            .into(),
+        ..Options::default()
+    })
+    .await;
+    let mut body = body_with_panel(&["m1"], "judge");
+    body["max_completion_tokens"] = 99.into();
+    let id = app.submit_ok(&body).await;
+    let job = app.wait_final(&id, 10).await;
+    assert_eq!(job["status"], "succeeded", "{job:#}");
+    let bodies = app.fake.bodies();
+    let analysis = bodies.iter().find(|b| b["model"] == "judge").unwrap();
+    assert!(
+        analysis.get("response_format").is_none(),
+        "prompt mode sends no response_format"
+    );
+    let system = analysis["messages"][0]["content"].as_str().unwrap();
+    assert!(
+        system.contains("\"maxItems\""),
+        "the schema is spelled out in the prompt: {system}"
+    );
+    let panel = bodies.iter().find(|b| b["model"] == "m1").unwrap();
+    assert_eq!(panel["max_tokens"], 99);
+    assert!(panel.get("max_completion_tokens").is_none());
+
+    let app = spawn_app_with(Options {
+        toml: "[upstream]\nstructured_output = \"json_object\"\n".into(),
+        ..Options::default()
+    })
+    .await;
+    let id = app.submit_ok(&body_with_panel(&["m1"], "judge")).await;
+    app.wait_final(&id, 10).await;
+    let bodies = app.fake.bodies();
+    let analysis = bodies.iter().find(|b| b["model"] == "judge").unwrap();
+    assert_eq!(analysis["response_format"]["type"], "json_object");
+    assert_eq!(
+        analysis["response_format"]["schema"]["required"]
+            .as_array()
+            .unwrap()
+            .len(),
+        5
+    );
+}
