@@ -112,13 +112,7 @@ async fn measure(ctx: &Ctx, target: &Target) -> anyhow::Result<Results> {
     out.notes.push(format!(
         "memory: RSS {idle_rss:.1} MiB idle, {rss_loaded:.1} MiB with all in flight ({all_out_after:.1} s after the first submit), peak {peak:.1} MiB; {fds} open fds; jobs {counts:?}"
     ));
-    if !warnings.is_empty() {
-        out.problems.push(format!(
-            "memory: server logged {} warnings, first: {}",
-            warnings.len(),
-            warnings[0]
-        ));
-    }
+    out.server_warnings("memory", &warnings, true);
     db.close().await;
     server.terminate().await?;
     fake.stop().await;

@@ -144,14 +144,7 @@ async fn measure(
             out.notes.push(format!("overhead, {what}, per job: {line}"));
         }
     }
-    let problems = server.problems();
-    if !problems.is_empty() {
-        out.notes.push(format!(
-            "overhead: server logged {} warnings, first: {}",
-            problems.len(),
-            problems[0]
-        ));
-    }
+    out.server_warnings("overhead", &server.problems(), false);
     db.close().await;
     server.terminate().await?;
     fake.stop().await;

@@ -82,6 +82,23 @@ impl Results {
     pub fn push(&mut self, f: Figure) {
         self.figures.push(f);
     }
+
+    /// Record what the server logged at WARN or above: a correctness problem when `fatal`,
+    /// otherwise a note.
+    pub fn server_warnings(&mut self, scenario: &str, warnings: &[String], fatal: bool) {
+        let Some(first) = warnings.first() else {
+            return;
+        };
+        let line = format!(
+            "{scenario}: server logged {} warnings, first: {first}",
+            warnings.len()
+        );
+        if fatal {
+            self.problems.push(line);
+        } else {
+            self.notes.push(line);
+        }
+    }
 }
 
 #[derive(Default)]

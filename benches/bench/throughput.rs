@@ -260,14 +260,7 @@ async fn measure(ctx: &Ctx, target: &Target) -> anyhow::Result<Results> {
     if let Some(line) = breakdown::summary(&db, since, i64::MAX).await? {
         out.notes.push(format!("steady, per job: {line}"));
     }
-    let problems = server.problems();
-    if !problems.is_empty() {
-        out.notes.push(format!(
-            "throughput: server logged {} warnings, first: {}",
-            problems.len(),
-            problems[0]
-        ));
-    }
+    out.server_warnings("throughput", &server.problems(), false);
     db.close().await;
     server.terminate().await?;
     fake.stop().await;
