@@ -174,6 +174,14 @@ impl StepKey {
         }
     }
 
+    /// ```
+    /// use fusion::job::StepKey;
+    /// assert_eq!(StepKey::parse("panel:2"), Some(StepKey::Panel(2)));
+    /// assert_eq!(StepKey::parse("final"), Some(StepKey::Final));
+    /// assert!(StepKey::parse("panel:").is_none());
+    /// // Steps sort in workflow order, panel members by index (not as text).
+    /// assert!(StepKey::Panel(10) > StepKey::Panel(2) && StepKey::Analysis > StepKey::Panel(10));
+    /// ```
     pub fn parse(s: &str) -> Option<StepKey> {
         match s {
             "analysis" => Some(StepKey::Analysis),
