@@ -81,33 +81,48 @@ impl Upstream {
         policy: &RetryPolicy,
         cancel: &CancellationToken,
     ) -> Result<Completion, CallError> {
-        let mut failed = 0;
-        loop {
-            let result = tokio::select! {
-                _ = cancel.cancelled() => return Err(CallError::Cancelled),
-                r = self.complete(model, req) => r,
-            };
-            match result {
-                Ok(c) => return Ok(c),
-                Err(e) => {
-                    failed += 1;
-                    if !e.retryable() || failed >= policy.max_attempts {
-                        return Err(CallError::Upstream(e));
-                    }
-                    let wait = policy.delay(failed, &e);
-                    tracing::debug!(model, attempt = failed, ?wait, error = %e, "retrying upstream call");
-                    tokio::select! {
-                        _ = cancel.cancelled() => return Err(CallError::Cancelled),
-                        _ = tokio::time::sleep(wait) => {}
-                    }
-                }
-            }
+        with_retries(policy, cancel, || self.complete(model, req)).await
+    }
+}
+
+/// The retry loop itself, over any call: retryable errors wait out `policy.delay` (tokio's
+/// sleep, so paused time drives it in tests), fatal ones and the last attempt's return at once.
+pub async fn with_retries<T, F, Fut>(
+    policy: &RetryPolicy,
+    cancel: &CancellationToken,
+    mut call: F,
+) -> Result<T, CallError>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T, UpstreamError>>,
+{
+    let mut failed = 0;
+    loop {
+        let result = tokio::select! {
+            _ = cancel.cancelled() => return Err(CallError::Cancelled),
+            r = call() => r,
+        };
+        let e = match result {
+            Ok(v) => return Ok(v),
+            Err(e) => e,
+        };
+        failed += 1;
+        if !e.retryable() || failed >= policy.max_attempts {
+            return Err(CallError::Upstream(e));
+        }
+        let wait = policy.delay(failed, &e);
+        tracing::debug!(attempt = failed, ?wait, error = %e, "retrying upstream call");
+        tokio::select! {
+            _ = cancel.cancelled() => return Err(CallError::Cancelled),
+            _ = tokio::time::sleep(wait) => {}
         }
     }
 }
 
 #[cfg(test)]
 mod tests {
+    use std::sync::atomic::{AtomicU32, Ordering};
+
     use super::*;
     use crate::upstream::ErrorKind;
 
@@ -153,5 +168,78 @@ mod tests {
             p.delay(1, &err(Some(Duration::from_secs(7)))),
             Duration::from_secs(7)
         );
+    }
+
+    fn status(code: u16, retry_after: Option<u64>) -> UpstreamError {
+        UpstreamError::from_status(code, "", retry_after.map(Duration::from_secs))
+    }
+
+    type Scripted = Result<&'static str, UpstreamError>;
+
+    /// Replays scripted results, counting calls.
+    fn scripted(
+        script: Vec<Scripted>,
+    ) -> (Arc<AtomicU32>, impl FnMut() -> std::future::Ready<Scripted>) {
+        let calls = Arc::new(AtomicU32::new(0));
+        let counter = calls.clone();
+        let mut script = script.into_iter();
+        let call = move || {
+            counter.fetch_add(1, Ordering::SeqCst);
+            std::future::ready(script.next().expect("called more often than scripted"))
+        };
+        (calls, call)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_loop_waits_the_backoff_and_retry_after_on_paused_time() {
+        let (calls, call) = scripted(vec![
+            Err(status(500, None)),
+            Err(status(429, Some(7))),
+            Err(status(503, None)),
+            Ok("answer"),
+        ]);
+        let start = tokio::time::Instant::now();
+        let got = with_retries(&policy(0.5), &CancellationToken::new(), call).await;
+        assert_eq!(got.unwrap(), "answer");
+        assert_eq!(calls.load(Ordering::SeqCst), 4);
+        // 1 s after the first failure, Retry-After's 7 s after the second, 4 s after the third.
+        assert_eq!(start.elapsed(), Duration::from_secs(12));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn fatal_errors_and_the_last_attempt_return_at_once() {
+        let (calls, call) = scripted(vec![Err(status(500, None)), Err(status(404, None))]);
+        let start = tokio::time::Instant::now();
+        let got = with_retries(&policy(0.5), &CancellationToken::new(), call).await;
+        assert!(matches!(got, Err(CallError::Upstream(e)) if e.kind == ErrorKind::NotFound));
+        assert_eq!(calls.load(Ordering::SeqCst), 2);
+        assert_eq!(start.elapsed(), Duration::from_secs(1));
+
+        let five = (0..5).map(|_| Err(status(502, None))).collect();
+        let (calls, call) = scripted(five);
+        let start = tokio::time::Instant::now();
+        let got = with_retries(&policy(0.5), &CancellationToken::new(), call).await;
+        assert!(matches!(got, Err(CallError::Upstream(_))));
+        assert_eq!(
+            calls.load(Ordering::SeqCst),
+            5,
+            "max_attempts calls, no more"
+        );
+        assert_eq!(start.elapsed(), Duration::from_secs(1 + 2 + 4 + 8));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_cancel_during_the_backoff_returns_at_once() {
+        let (_, call) = scripted(vec![Err(status(500, None))]);
+        let cancel = CancellationToken::new();
+        let trigger = cancel.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            trigger.cancel();
+        });
+        let start = tokio::time::Instant::now();
+        let got = with_retries(&policy(0.5), &cancel, call).await;
+        assert!(matches!(got, Err(CallError::Cancelled)));
+        assert_eq!(start.elapsed(), Duration::from_millis(300));
     }
 }
