@@ -220,13 +220,22 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
         for scenario in &cli.only {
             let t = Instant::now();
             eprintln!("bench: [{}] {scenario} ...", kind.name());
-            let figures = match scenario.as_str() {
-                "overhead" => overhead::run(&ctx, kind).await,
-                "throughput" => throughput::run(&ctx, kind).await,
-                "memory" => memory::run(&ctx, kind).await,
-                "recovery" => recovery::run(&ctx, kind).await,
-                other => anyhow::bail!("unknown scenario `{other}`"),
+            // Each scenario gets a fresh database (or SQLite file), removed whatever happened.
+            let target = match db::Target::create(&ctx, kind).await {
+                Ok(target) => target,
+                Err(e) => {
+                    report.fail(kind, scenario, &e);
+                    continue;
+                }
             };
+            let figures = match scenario.as_str() {
+                "overhead" => overhead::measure(&ctx, &target).await,
+                "throughput" => throughput::measure(&ctx, &target).await,
+                "memory" => memory::measure(&ctx, &target).await,
+                "recovery" => recovery::measure(&ctx, &target).await,
+                other => Err(anyhow::anyhow!("unknown scenario `{other}`")),
+            };
+            target.cleanup().await?;
             match figures {
                 Ok(figures) => report.add(kind, figures),
                 Err(e) => report.fail(kind, scenario, &e),

@@ -5,7 +5,7 @@
 use std::time::{Duration, Instant};
 
 use crate::Ctx;
-use crate::db::{self, StoreKind, Target};
+use crate::db::{self, Target};
 use crate::fake::{Fake, Script};
 use crate::load;
 use crate::procs::{self, Server, ServerOpts};
@@ -14,14 +14,7 @@ use crate::report::{Results, figure};
 const S: &str = "3 memory";
 const PANEL: [&str; 3] = ["slow-a", "slow-b", "slow-c"];
 
-pub async fn run(ctx: &Ctx, kind: StoreKind) -> anyhow::Result<Results> {
-    let target = Target::create(ctx, kind).await?;
-    let result = measure(ctx, &target).await;
-    target.cleanup().await?;
-    result
-}
-
-async fn measure(ctx: &Ctx, target: &Target) -> anyhow::Result<Results> {
+pub async fn measure(ctx: &Ctx, target: &Target) -> anyhow::Result<Results> {
     let (jobs, upstream_ms) = (ctx.sizes.memory_jobs, ctx.sizes.memory_upstream_ms);
     let mut out = Results::default();
     let mut script = Script::default();

@@ -10,7 +10,7 @@ use serde_json::Value;
 
 use crate::Ctx;
 use crate::breakdown;
-use crate::db::{StoreKind, Target};
+use crate::db::Target;
 use crate::fake::{Fake, Script};
 use crate::load::{self, percentile};
 use crate::procs::{Server, ServerOpts};
@@ -24,7 +24,7 @@ const FINAL_MS: u64 = 150;
 /// How often a polling client asks for its job.
 const POLL: Duration = Duration::from_millis(20);
 
-pub async fn run(ctx: &Ctx, kind: StoreKind) -> anyhow::Result<Results> {
+pub async fn measure(ctx: &Ctx, target: &Target) -> anyhow::Result<Results> {
     let critical = (PANEL.iter().map(|p| p.1).max().unwrap() + ANALYSIS_MS + FINAL_MS) as f64;
     let mut script = Script::default()
         .delay(ANALYST, "analysis", ANALYSIS_MS)
@@ -32,13 +32,10 @@ pub async fn run(ctx: &Ctx, kind: StoreKind) -> anyhow::Result<Results> {
     for (model, ms) in PANEL {
         script = script.delay(model, "panel", ms);
     }
-    let target = Target::create(ctx, kind).await?;
-    let result = measure(ctx, &target, &script, critical).await;
-    target.cleanup().await?;
-    result
+    measure_script(ctx, target, &script, critical).await
 }
 
-async fn measure(
+async fn measure_script(
     ctx: &Ctx,
     target: &Target,
     script: &Script,

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 
 use crate::Ctx;
-use crate::db::{self, Db, StoreKind, Target};
+use crate::db::{self, Db, Target};
 use crate::fake::{self, Fake, Script};
 use crate::load::{self, now_ms, percentile};
 use crate::procs::{Server, ServerOpts};
@@ -20,20 +20,13 @@ const S: &str = "4 recovery";
 /// Kill once this share of the jobs succeeded.
 const KILL_AT: f64 = 0.4;
 
-pub async fn run(ctx: &Ctx, kind: StoreKind) -> anyhow::Result<Results> {
-    let target = Target::create(ctx, kind).await?;
-    let result = measure(ctx, &target).await;
-    target.cleanup().await?;
-    result
-}
-
 /// Latency of one call, scattered over 100..=900 ms (panel) or 100..=500 ms (analysis, final).
 fn delay(job: usize, salt: usize, span: u64) -> u64 {
     let h = (job as u64 * 2_654_435_761 + salt as u64 * 40_503).wrapping_mul(0x9E37_79B9) >> 7;
     100 + h % span
 }
 
-async fn measure(ctx: &Ctx, target: &Target) -> anyhow::Result<Results> {
+pub async fn measure(ctx: &Ctx, target: &Target) -> anyhow::Result<Results> {
     let (n, lease) = (ctx.sizes.recovery_jobs, ctx.sizes.recovery_lease_s);
     let mut out = Results::default();
     let mut script = Script::default();

@@ -13,7 +13,7 @@ use serde_json::{Value, json};
 
 use crate::Ctx;
 use crate::breakdown;
-use crate::db::{self, StoreKind, Target};
+use crate::db::{self, Target};
 use crate::fake::{Fake, Script};
 use crate::load::{self, percentile};
 use crate::procs::{self, Cpu, Server, ServerOpts};
@@ -22,14 +22,7 @@ use crate::report::{Results, figure};
 const T: &str = "2 throughput";
 const E: &str = "5 enqueue";
 
-pub async fn run(ctx: &Ctx, kind: StoreKind) -> anyhow::Result<Results> {
-    let target = Target::create(ctx, kind).await?;
-    let result = measure(ctx, &target).await;
-    target.cleanup().await?;
-    result
-}
-
-async fn measure(ctx: &Ctx, target: &Target) -> anyhow::Result<Results> {
+pub async fn measure(ctx: &Ctx, target: &Target) -> anyhow::Result<Results> {
     let sizes = &ctx.sizes;
     let mut out = Results::default();
     let fake = Fake::start(ctx.dir.path(), &Script::default()).await?;
