@@ -242,7 +242,8 @@ async fn a_fusion_call_inside_a_fusion_run_is_refused() {
     assert_eq!(body["error"]["code"], "fusion_recursion");
     // Our own upstream calls carry the header, so a fusion server upstream would refuse too.
     app.chat(&body_with_panel(&["m1"], "judge")).await;
-    assert!(app.fake.total_calls() > 0);
+    assert_eq!(app.fake.total_calls(), 3);
+    assert_eq!(app.fake.calls_with_depth_header(), 3);
     let resp = app.chat(&body_with_panel(&["m1", "fusion"], "judge")).await;
     assert_eq!(resp.status(), 400);
     assert_eq!(

@@ -84,6 +84,8 @@ struct FakeState {
     default: Option<Reply>,
     /// Calls whose client went away before the answer, per (model, kind).
     aborted: HashMap<(String, Kind), u32>,
+    /// Calls that carried the `x-fusion-depth` recursion-guard header.
+    with_depth_header: u32,
     /// Keep no request bodies (long load runs would hold every one of them).
     skip_bodies: bool,
 }
@@ -170,6 +172,11 @@ impl FakeUpstream {
         *s.aborted.get(&(model.to_string(), kind)).unwrap_or(&0)
     }
 
+    /// Calls that carried the `x-fusion-depth` header.
+    pub fn calls_with_depth_header(&self) -> u32 {
+        self.state.lock().unwrap().with_depth_header
+    }
+
     pub fn total_calls(&self) -> u32 {
         self.state.lock().unwrap().calls.values().sum()
     }
@@ -242,10 +249,14 @@ fn kind_of(body: &Value) -> Kind {
 
 async fn completions(
     State(state): State<Arc<Mutex<FakeState>>>,
+    headers: HeaderMap,
     Json(body): Json<Value>,
 ) -> Response {
     let model = body["model"].as_str().unwrap_or_default().to_string();
     let kind = kind_of(&body);
+    if headers.contains_key("x-fusion-depth") {
+        state.lock().unwrap().with_depth_header += 1;
+    }
     let reply = {
         let mut s = state.lock().unwrap();
         if !s.skip_bodies {
