@@ -208,42 +208,70 @@ pub async fn get_job(client: &reqwest::Client, server: &Server, id: &str) -> Val
         .unwrap()
 }
 
+/// A server on a fresh SQLite file whose analyst hangs, with one job submitted and waiting on
+/// its analysis call (so every panel answer is checkpointed).
+struct HangingAnalysis {
+    fake: FakeUpstream,
+    _dir: tempfile::TempDir,
+    db: std::path::PathBuf,
+    port: u16,
+    client: reqwest::Client,
+    server: Server,
+    id: String,
+}
+
+impl HangingAnalysis {
+    async fn start(panel: &[&str], env: &[(&str, &str)]) -> HangingAnalysis {
+        let fake = FakeUpstream::start().await;
+        fake.script("judge", Kind::Analysis, vec![Reply::Hang]);
+        let dir = tempfile::tempdir().unwrap();
+        let db = dir.path().join("fusion.db");
+        let port = free_port();
+        let client = reqwest::Client::new();
+        let server = Server::start_with(&db, &fake.base_url(), port, env).await;
+        let resp = client
+            .post(format!("{}/v1/jobs", server.address))
+            .json(&body_with_panel(panel, "judge"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 202);
+        let job: Value = resp.json().await.unwrap();
+        let id = job["id"].as_str().unwrap().to_string();
+        // The analysis starts only once every panel answer is checkpointed.
+        for i in 0.. {
+            if fake.calls("judge", Kind::Analysis) == 1 {
+                break;
+            }
+            assert!(i < 500, "analysis never started");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        HangingAnalysis {
+            fake,
+            _dir: dir,
+            db,
+            port,
+            client,
+            server,
+            id,
+        }
+    }
+}
+
 #[tokio::test]
 async fn a_killed_server_resumes_the_job_from_its_checkpoints() {
-    let fake = FakeUpstream::start().await;
-    fake.script("judge", Kind::Analysis, vec![Reply::Hang]);
-    let dir = tempfile::tempdir().unwrap();
-    let db = dir.path().join("fusion.db");
-    let port = free_port();
-    let client = reqwest::Client::new();
-
-    let server = Server::start(&db, &fake.base_url(), port).await;
-    let resp = client
-        .post(format!("{}/v1/jobs", server.address))
-        .json(&body_with_panel(&["m1", "m2", "m3"], "judge"))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(resp.status(), 202);
-    let id = resp.json::<Value>().await.unwrap()["id"]
-        .as_str()
-        .unwrap()
-        .to_string();
-
-    // Wait until every panel answer is checkpointed and the analysis call is hanging.
-    for i in 0.. {
-        let job = get_job(&client, &server, &id).await;
-        let panel_done = job["panel"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .all(|p| p["status"] == "succeeded");
-        if panel_done && fake.calls("judge", Kind::Analysis) == 1 {
-            break;
-        }
-        assert!(i < 500, "panel never finished: {job:#}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let HangingAnalysis {
+        fake,
+        _dir,
+        db,
+        port,
+        client,
+        server,
+        id,
+    } = HangingAnalysis::start(&["m1", "m2", "m3"], &[]).await;
+    let job = get_job(&client, &server, &id).await;
+    let panel = job["panel"].as_array().unwrap();
+    assert!(panel.iter().all(|p| p["status"] == "succeeded"), "{job:#}");
     server.kill().await;
 
     fake.script("judge", Kind::Analysis, vec![Reply::Ok]);
@@ -271,36 +299,20 @@ async fn a_killed_server_resumes_the_job_from_its_checkpoints() {
 
 #[tokio::test]
 async fn sigterm_hands_running_jobs_back_at_once() {
-    let fake = FakeUpstream::start().await;
-    fake.script("judge", Kind::Analysis, vec![Reply::Hang]);
-    let dir = tempfile::tempdir().unwrap();
-    let db = dir.path().join("fusion.db");
-    let port = free_port();
-    let client = reqwest::Client::new();
     // A long lease: only a release (not expiry) can free the job quickly.
     let env = [
         ("FUSION_LEASE_SECONDS", "60"),
         ("FUSION_SHUTDOWN_GRACE_SECONDS", "1"),
     ];
-
-    let server = Server::start_with(&db, &fake.base_url(), port, &env).await;
-    let resp = client
-        .post(format!("{}/v1/jobs", server.address))
-        .json(&body_with_panel(&["m1", "m2"], "judge"))
-        .send()
-        .await
-        .unwrap();
-    let id = resp.json::<Value>().await.unwrap()["id"]
-        .as_str()
-        .unwrap()
-        .to_string();
-    for i in 0.. {
-        if fake.calls("judge", Kind::Analysis) == 1 {
-            break;
-        }
-        assert!(i < 500, "analysis never started");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let HangingAnalysis {
+        fake,
+        _dir,
+        db,
+        port,
+        client,
+        server,
+        id,
+    } = HangingAnalysis::start(&["m1", "m2"], &env).await;
     let status = server.terminate().await;
     assert!(status.success(), "fusion exited with {status}");
 
