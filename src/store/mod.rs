@@ -151,22 +151,16 @@ impl JobEvent {
         }
     }
 
-    /// Parse a NOTIFY payload written by the Postgres triggers: `step ID KEY` or `done ID STATUS`.
+    /// Parse the NOTIFY payload of the Postgres `fusion_notify_finished` trigger: `done ID STATUS`.
+    /// (Steps are not NOTIFYed since migration 0002.)
     pub(crate) fn from_payload(payload: &str) -> Option<JobEvent> {
         let mut parts = payload.splitn(3, ' ');
-        let (kind, id, rest) = (parts.next()?, parts.next()?, parts.next()?);
-        let job_id = Uuid::parse_str(id).ok()?;
-        match kind {
-            "step" => Some(JobEvent::Step {
-                job_id,
-                step: StepKey::parse(rest)?,
-            }),
-            "done" => Some(JobEvent::Finished {
-                job_id,
-                status: JobStatus::parse(rest)?,
-            }),
-            _ => None,
-        }
+        let (kind, id, status) = (parts.next()?, parts.next()?, parts.next()?);
+        (kind == "done").then_some(())?;
+        Some(JobEvent::Finished {
+            job_id: Uuid::parse_str(id).ok()?,
+            status: JobStatus::parse(status)?,
+        })
     }
 }
 
@@ -219,13 +213,7 @@ mod tests {
     #[test]
     fn parses_trigger_payloads() {
         let id = Uuid::now_v7();
-        assert_eq!(
-            JobEvent::from_payload(&format!("step {id} panel:3")),
-            Some(JobEvent::Step {
-                job_id: id,
-                step: StepKey::Panel(3)
-            })
-        );
+        assert_eq!(JobEvent::from_payload(&format!("step {id} panel:3")), None);
         assert_eq!(
             JobEvent::from_payload(&format!("done {id} cancelled")),
             Some(JobEvent::Finished {
