@@ -446,6 +446,8 @@ contract_tests!(
     list_jobs_order_filter_paging,
     complete_fail_and_retry_later_outcomes,
     enqueue_wakes_workers,
+    checkpoints_do_not_wake_workers,
+    concurrent_writes_each_get_their_own_result,
     nul_characters_never_break_a_write,
 );
 
@@ -1475,4 +1477,139 @@ async fn enqueue_wakes_workers(store: Arc<dyn Store>) {
     tokio::time::timeout(Duration::from_secs(5), wakeups.notified())
         .await
         .expect("enqueue must wake the workers");
+}
+
+/// Writing checkpoints and outcomes queues nothing, so it must not wake idle workers (on
+/// Postgres a statement-level NOTIFY trigger would fire for every batch of checkpoints).
+async fn checkpoints_do_not_wake_workers(store: Arc<dyn Store>) {
+    let job = enqueue(&store, new_job()).await;
+    let lease = lease_of(&claim_one(&store, "w", NOW).await);
+    let wakeups = store.wakeups();
+    // Let the enqueue's own wake-ups arrive (NOTIFY is asynchronous), then drop them.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let _ = tokio::time::timeout(Duration::ZERO, wakeups.notified()).await;
+    for i in 0..3 {
+        assert!(
+            store
+                .save_step(&lease, &ok_step(StepKey::Panel(i), 1))
+                .await
+                .unwrap()
+        );
+    }
+    assert!(
+        store
+            .complete(&lease, &json!({"ok": true}), NOW)
+            .await
+            .unwrap()
+    );
+    assert_eq!(get(&store, job.id).await.status, JobStatus::Succeeded);
+    assert!(
+        tokio::time::timeout(Duration::from_millis(500), wakeups.notified())
+            .await
+            .is_err(),
+        "a checkpoint or an outcome woke the workers"
+    );
+}
+
+/// Writes of every kind issued at once (so that a store that batches them puts them in one
+/// batch): each gets its own answer, fenced writes change nothing, the rest all land.
+async fn concurrent_writes_each_get_their_own_result(store: Arc<dyn Store>) {
+    let a = enqueue(&store, new_job()).await;
+    let b = enqueue(&store, new_job()).await;
+    let claimed = store.claim("w", 2, NOW, LEASE).await.unwrap();
+    assert_eq!(claimed.len(), 2);
+    let lease = |id: Uuid| lease_of(claimed.iter().find(|j| j.id == id).unwrap());
+    let (la, lb) = (lease(a.id), lease(b.id));
+    let stale = |l: &Lease| Lease {
+        owner: "someone-else".to_string(),
+        ..l.clone()
+    };
+    let c = new_job();
+    let keyed = |hash: &str| NewJob {
+        idempotency_key: Some("same-key".to_string()),
+        request_hash: Some(hash.to_string()),
+        ..new_job()
+    };
+    let (d1, d2) = (keyed("h"), keyed("h"));
+    let (stale_a, stale_b) = (stale(&la), stale(&lb));
+    let (panel0, panel1_failed) = (
+        ok_step(StepKey::Panel(0), 1),
+        failed_step(StepKey::Panel(1), 1),
+    );
+    let result = json!({"x": 1});
+
+    let (enq_c, enq_d1, enq_d2, step_a, step_b_stale, step_b, done_a_stale, fail_b_stale) = tokio::join!(
+        store.enqueue(c.clone()),
+        store.enqueue(d1),
+        store.enqueue(d2),
+        store.save_step(&la, &panel0),
+        store.save_step(&stale_b, &panel0),
+        store.save_step(&lb, &panel1_failed),
+        store.complete(&stale_a, &result, NOW),
+        store.fail(&stale_b, "boom", "stale worker", NOW),
+    );
+    match enq_c.unwrap() {
+        Enqueued::Created(job) => assert_eq!(job, queued(&c)),
+        other => panic!("expected Enqueued::Created, got {other:?}"),
+    }
+    // Exactly one of the two same-key requests created the job; the other found it.
+    let (first, second) = (enq_d1.unwrap(), enq_d2.unwrap());
+    let created: Vec<&Job> = [&first, &second]
+        .into_iter()
+        .filter_map(|e| match e {
+            Enqueued::Created(j) => Some(j),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(created.len(), 1, "{first:?} / {second:?}");
+    for e in [&first, &second] {
+        match e {
+            Enqueued::Created(j) | Enqueued::Existing(j) => assert_eq!(j.id, created[0].id),
+            other => panic!("same key and hash must not be KeyReused: {other:?}"),
+        }
+    }
+    assert!(step_a.unwrap());
+    assert!(!step_b_stale.unwrap(), "a stale lease wrote a checkpoint");
+    assert!(step_b.unwrap());
+    assert!(!done_a_stale.unwrap(), "a stale lease completed a job");
+    assert!(!fail_b_stale.unwrap(), "a stale lease failed a job");
+
+    assert_eq!(store.get_steps(b.id).await.unwrap(), vec![panel1_failed]);
+    assert_eq!(store.get_steps(a.id).await.unwrap(), vec![panel0]);
+    assert_eq!(get(&store, a.id).await.status, JobStatus::Running);
+    assert_eq!(get(&store, b.id).await.status, JobStatus::Running);
+
+    // The true holders finish both jobs, again at once.
+    let answer = json!({"answer": "a"});
+    let (done_a, fail_b) = tokio::join!(
+        store.complete(&la, &answer, NOW + 5),
+        store.fail(&lb, "insufficient_quorum", "0 of 3 answered", NOW + 6),
+    );
+    assert!(done_a.unwrap() && fail_b.unwrap());
+    let (a, b) = (get(&store, a.id).await, get(&store, b.id).await);
+    assert_eq!(
+        (a.status, a.result, a.finished_at, a.error),
+        (
+            JobStatus::Succeeded,
+            Some(json!({"answer": "a"})),
+            Some(NOW + 5),
+            None
+        )
+    );
+    assert_eq!(
+        (
+            b.status,
+            b.result,
+            b.finished_at,
+            b.failure_reason.as_deref(),
+            b.error.as_deref()
+        ),
+        (
+            JobStatus::Failed,
+            None,
+            Some(NOW + 6),
+            Some("insufficient_quorum"),
+            Some("0 of 3 answered")
+        )
+    );
 }

@@ -1,8 +1,7 @@
-//! Group commit for the hot path: checkpoint and outcome writes from many jobs queue here and a
-//! task runs whatever has queued up in one transaction — one connection hand-off and one commit
-//! (one WAL flush) for the lot instead of one each. Each caller still gets its own result, and
-//! only after the transaction committed. SQLite (one writer at a time) runs one such task;
-//! Postgres runs a few, so batches overlap.
+//! Group commit for SQLite's hot path: checkpoint and outcome writes from many jobs queue here
+//! and one task runs whatever has queued up in one transaction — one commit (one WAL flush) for
+//! the lot instead of one each. Each caller still gets its own result, and only after the
+//! transaction committed. (Postgres goes further, one statement per batch: `pg_writes.rs`.)
 
 use sqlx::{Database, Executor, IntoArguments, Pool, Transaction};
 use tokio::sync::{mpsc, oneshot};
@@ -97,12 +96,6 @@ pub(super) trait RowsAffected {
 }
 
 impl RowsAffected for sqlx::sqlite::SqliteQueryResult {
-    fn rows(&self) -> u64 {
-        self.rows_affected()
-    }
-}
-
-impl RowsAffected for sqlx::postgres::PgQueryResult {
     fn rows(&self) -> u64 {
         self.rows_affected()
     }

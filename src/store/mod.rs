@@ -17,6 +17,7 @@ macro_rules! job_columns {
 }
 
 mod group_commit;
+mod pg_writes;
 pub mod postgres;
 pub mod sqlite;
 

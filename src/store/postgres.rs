@@ -14,7 +14,7 @@ use sqlx::types::Json;
 use tokio::sync::{Notify, broadcast};
 use uuid::Uuid;
 
-use super::group_commit::GroupCommit;
+use super::pg_writes::{Finish, PgWrites, Write};
 use super::{
     CancelOutcome, EVENT_BACKLOG, Enqueued, Held, JobEvent, Result, RetryOutcome, Store,
     StoreError, ms, status_from_db,
@@ -23,13 +23,13 @@ use crate::job::{Job, JobStatus, Lease, ListFilter, NewJob, Step, StepKey, Usage
 
 pub struct PgStore {
     pool: PgPool,
-    /// Checkpoint and outcome writes, grouped into shared transactions.
-    group: GroupCommit<sqlx::Postgres>,
+    /// Enqueues, checkpoints and outcomes, grouped into one statement per batch.
+    writes: PgWrites,
     wakeups: Arc<Notify>,
     events: broadcast::Sender<JobEvent>,
 }
 
-/// Group-commit tasks: enough to overlap round trips, few enough to leave the pool to others.
+/// Batch committers: enough to overlap round trips, few enough to leave the pool to others.
 const COMMITTERS: usize = 4;
 
 /// NOTIFY channel: a job became queued.
@@ -48,7 +48,7 @@ impl PgStore {
         let events = broadcast::channel(EVENT_BACKLOG).0;
         tokio::spawn(listen(pool.clone(), wakeups.clone(), events.clone()));
         Ok(PgStore {
-            group: GroupCommit::start(pool.clone(), COMMITTERS),
+            writes: PgWrites::start(pool.clone(), COMMITTERS),
             pool,
             wakeups,
             events,
@@ -57,6 +57,10 @@ impl PgStore {
 
     pub fn pool(&self) -> &PgPool {
         &self.pool
+    }
+
+    async fn finish(&self, finish: Finish) -> Result<bool> {
+        self.writes.write(Write::Finish(finish)).await
     }
 
     async fn fetch_job(&self, id: Uuid) -> Result<Option<Job>> {
@@ -128,30 +132,46 @@ impl Store for PgStore {
         Ok(())
     }
 
-    async fn enqueue(&self, job: NewJob) -> Result<Enqueued> {
-        let inserted = sqlx::query(concat!(
-            "INSERT INTO jobs (id, status, spec, metadata, priority, attempt, max_attempts, \
-             run_at, deadline_at, idempotency_key, request_hash, created_at) \
-             VALUES ($1, 'queued', $2, $3, $4, 0, $5, $6, $7, $8, $9, $6) \
-             ON CONFLICT (idempotency_key) DO NOTHING RETURNING ",
-            job_columns!()
-        ))
-        .bind(job.id)
-        .bind(Json(no_nul_json(
-            &serde_json::to_value(&job.spec).map_err(|e| StoreError::Corrupt(e.to_string()))?,
-        )))
-        .bind(Json(no_nul_json(&job.metadata)))
-        .bind(job.priority)
-        .bind(job.max_attempts)
-        .bind(job.created_at)
-        .bind(job.deadline_at)
-        .bind(&job.idempotency_key)
-        .bind(&job.request_hash)
-        .fetch_optional(&self.pool)
-        .await?;
-        if let Some(row) = inserted {
+    async fn enqueue(&self, mut job: NewJob) -> Result<Enqueued> {
+        let spec =
+            serde_json::to_value(&job.spec).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+        let spec = if has_nul(&spec) {
+            // Store and answer with what the database keeps.
+            let clean = no_nul_json(spec);
+            job.spec = serde_json::from_value(clean.clone())
+                .map_err(|e| StoreError::Corrupt(e.to_string()))?;
+            clean
+        } else {
+            spec
+        };
+        job.metadata = no_nul_json(std::mem::take(&mut job.metadata));
+        let write = Write::Enqueue {
+            job: job.clone(),
+            spec,
+        };
+        if self.writes.write(write).await? {
             self.wakeups.notify_one();
-            return Ok(Enqueued::Created(job_from_row(&row)?));
+            return Ok(Enqueued::Created(Job {
+                id: job.id,
+                status: JobStatus::Queued,
+                spec: job.spec,
+                metadata: job.metadata,
+                priority: job.priority,
+                attempt: 0,
+                max_attempts: job.max_attempts,
+                run_at: job.created_at,
+                deadline_at: job.deadline_at,
+                lease_owner: None,
+                lease_expires_at: None,
+                idempotency_key: job.idempotency_key,
+                request_hash: job.request_hash,
+                created_at: job.created_at,
+                started_at: None,
+                finished_at: None,
+                failure_reason: None,
+                error: None,
+                result: None,
+            }));
         }
         let row = sqlx::query(concat!(
             "SELECT ",
@@ -331,36 +351,17 @@ impl Store for PgStore {
     }
 
     async fn save_step(&self, lease: &Lease, step: &Step) -> Result<bool> {
-        let (lease_c, step_c) = (lease.clone(), step.clone());
-        let statement = move || {
-            let (lease, step) = (&lease_c, &step_c);
-            sqlx::query(
-                "INSERT INTO steps (job_id, step, model, ok, content, data, prompt_tokens, \
-                 completion_tokens, cost, latency_ms, error_code, error, status_code, attempt, \
-                 created_at) \
-                 SELECT $1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15 \
-                 WHERE EXISTS (SELECT 1 FROM jobs WHERE id = $1 AND status = 'running' \
-                               AND attempt = $14 AND lease_owner = $16) \
-                 ON CONFLICT (job_id, step) DO NOTHING",
-            )
-            .bind(lease.job_id)
-            .bind(step.key.to_db())
-            .bind(step.model.clone())
-            .bind(step.ok)
-            .bind(step.content.as_deref().map(|c| no_nul(c).into_owned()))
-            .bind(step.data.as_ref().map(|d| Json(no_nul_json(d))))
-            .bind(step.usage.prompt_tokens)
-            .bind(step.usage.completion_tokens)
-            .bind(step.usage.cost)
-            .bind(step.latency_ms)
-            .bind(step.error_code.clone())
-            .bind(step.error.as_deref().map(|e| no_nul(e).into_owned()))
-            .bind(step.status_code)
-            .bind(lease.attempt)
-            .bind(step.created_at)
-            .bind(lease.owner.clone())
+        let clean = Step {
+            content: step.content.as_deref().map(|c| no_nul(c).into_owned()),
+            data: step.data.clone().map(no_nul_json),
+            error: step.error.as_deref().map(|e| no_nul(e).into_owned()),
+            ..step.clone()
         };
-        let written = self.group.execute(statement).await? == 1;
+        let write = Write::Step {
+            lease: lease.clone(),
+            step: clean,
+        };
+        let written = self.writes.write(write).await?;
         if written {
             // In-process only: other processes re-read progress (see migration 0002).
             let _ = self.events.send(JobEvent::Step {
@@ -372,40 +373,27 @@ impl Store for PgStore {
     }
 
     async fn complete(&self, lease: &Lease, result: &Value, now: i64) -> Result<bool> {
-        let (lease, result) = (lease.clone(), no_nul_json(result));
-        let statement = move || {
-            sqlx::query(
-                "UPDATE jobs SET status = 'succeeded', result = $4, finished_at = $5, \
-                 lease_owner = NULL, lease_expires_at = NULL, failure_reason = NULL, \
-                 error = NULL \
-                 WHERE id = $1 AND attempt = $2 AND lease_owner = $3 AND status = 'running'",
-            )
-            .bind(lease.job_id)
-            .bind(lease.attempt)
-            .bind(lease.owner.clone())
-            .bind(Json(result.clone()))
-            .bind(now)
-        };
-        Ok(self.group.execute(statement).await? == 1)
+        self.finish(Finish {
+            lease: lease.clone(),
+            status: JobStatus::Succeeded,
+            result: Some(no_nul_json(result.clone())),
+            reason: None,
+            error: None,
+            now,
+        })
+        .await
     }
 
     async fn fail(&self, lease: &Lease, reason: &str, error: &str, now: i64) -> Result<bool> {
-        let lease = lease.clone();
-        let (reason, error) = (no_nul(reason).into_owned(), no_nul(error).into_owned());
-        let statement = move || {
-            sqlx::query(
-                "UPDATE jobs SET status = 'failed', failure_reason = $4, error = $5, \
-                 finished_at = $6, lease_owner = NULL, lease_expires_at = NULL \
-                 WHERE id = $1 AND attempt = $2 AND lease_owner = $3 AND status = 'running'",
-            )
-            .bind(lease.job_id)
-            .bind(lease.attempt)
-            .bind(lease.owner.clone())
-            .bind(reason.clone())
-            .bind(error.clone())
-            .bind(now)
-        };
-        Ok(self.group.execute(statement).await? == 1)
+        self.finish(Finish {
+            lease: lease.clone(),
+            status: JobStatus::Failed,
+            result: None,
+            reason: Some(no_nul(reason).into_owned()),
+            error: Some(no_nul(error).into_owned()),
+            now,
+        })
+        .await
     }
 
     async fn retry_later(
@@ -464,16 +452,36 @@ fn no_nul(s: &str) -> Cow<'_, str> {
     }
 }
 
-fn no_nul_json(v: &Value) -> Value {
+fn no_nul_json(mut v: Value) -> Value {
+    if has_nul(&v) {
+        scrub_nul(&mut v);
+    }
+    v
+}
+
+fn has_nul(v: &Value) -> bool {
     match v {
-        Value::String(s) => Value::String(no_nul(s).into_owned()),
-        Value::Array(items) => Value::Array(items.iter().map(no_nul_json).collect()),
-        Value::Object(map) => Value::Object(
-            map.iter()
-                .map(|(k, v)| (no_nul(k).into_owned(), no_nul_json(v)))
-                .collect(),
-        ),
-        other => other.clone(),
+        Value::String(s) => s.contains('\0'),
+        Value::Array(items) => items.iter().any(has_nul),
+        Value::Object(map) => map.iter().any(|(k, v)| k.contains('\0') || has_nul(v)),
+        _ => false,
+    }
+}
+
+fn scrub_nul(v: &mut Value) {
+    match v {
+        Value::String(s) if s.contains('\0') => *s = s.replace('\0', "\u{FFFD}"),
+        Value::Array(items) => items.iter_mut().for_each(scrub_nul),
+        Value::Object(map) => {
+            if map.keys().any(|k| k.contains('\0')) {
+                *map = std::mem::take(map)
+                    .into_iter()
+                    .map(|(k, v)| (no_nul(&k).into_owned(), v))
+                    .collect();
+            }
+            map.values_mut().for_each(scrub_nul);
+        }
+        _ => {}
     }
 }
 

@@ -1,0 +1,320 @@
+//! Postgres group commit: the hot path's writes from many requests and jobs — enqueues, step
+//! checkpoints, outcomes — queue here, and a committer turns whatever has queued up into ONE
+//! statement (three data-modifying CTEs over `unnest`ed arrays), so a batch costs one round trip,
+//! one plan and one commit however many writes it carries. Each write keeps its own fence and
+//! learns its own result, only after the commit; a batch that fails is re-run one write at a
+//! time, so one bad write never fails its neighbours.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+
+use serde_json::Value;
+use sqlx::Row;
+use sqlx::postgres::PgPool;
+use sqlx::types::Json;
+use tokio::sync::{Mutex, mpsc, oneshot};
+use uuid::Uuid;
+
+use super::{Result, StoreError};
+use crate::job::{JobStatus, Lease, NewJob, Step};
+
+/// The most writes one statement takes; more wait for the next.
+const MAX_BATCH: usize = 512;
+
+/// One write, its values ready to bind (text already free of NUL characters).
+pub(super) enum Write {
+    /// Insert a queued job unless its idempotency key exists: true when inserted.
+    Enqueue { job: NewJob, spec: Value },
+    /// Insert a checkpoint if the lease still holds and the step is new: true when inserted.
+    Step { lease: Lease, step: Step },
+    /// Move a running job to `succeeded` or `failed` if the lease still holds: true when moved.
+    Finish(Finish),
+}
+
+pub(super) struct Finish {
+    pub lease: Lease,
+    /// `Succeeded` (with `result`) or `Failed` (with `reason` and `error`).
+    pub status: JobStatus,
+    pub result: Option<Value>,
+    pub reason: Option<String>,
+    pub error: Option<String>,
+    pub now: i64,
+}
+
+struct Queued {
+    write: Write,
+    reply: oneshot::Sender<Result<bool>>,
+}
+
+pub(super) struct PgWrites {
+    queue: mpsc::Sender<Queued>,
+}
+
+impl PgWrites {
+    /// Start `tasks` committers sharing one queue: while one gathers a batch, others commit.
+    pub(super) fn start(pool: PgPool, tasks: usize) -> PgWrites {
+        let (queue, rx) = mpsc::channel(4 * MAX_BATCH);
+        let rx = Arc::new(Mutex::new(rx));
+        for _ in 0..tasks.max(1) {
+            tokio::spawn(run(pool.clone(), rx.clone()));
+        }
+        PgWrites { queue }
+    }
+
+    /// Queue `write` for the next batch; whether it took effect, once committed.
+    pub(super) async fn write(&self, write: Write) -> Result<bool> {
+        let (reply, answer) = oneshot::channel();
+        let closed = || StoreError::Database(sqlx::Error::PoolClosed);
+        self.queue
+            .send(Queued { write, reply })
+            .await
+            .map_err(|_| closed())?;
+        answer.await.map_err(|_| closed())?
+    }
+}
+
+async fn run(pool: PgPool, rx: Arc<Mutex<mpsc::Receiver<Queued>>>) {
+    let mut batch = Vec::with_capacity(MAX_BATCH);
+    while rx.lock().await.recv_many(&mut batch, MAX_BATCH).await > 0 {
+        let (writes, replies): (Vec<_>, Vec<_>) =
+            batch.drain(..).map(|q| (q.write, q.reply)).unzip();
+        match execute(&pool, &writes).await {
+            Ok(done) => {
+                for (reply, took) in replies.into_iter().zip(done) {
+                    let _ = reply.send(Ok(took));
+                }
+            }
+            // Alone, each write either succeeds or fails with its own error.
+            Err(_) if writes.len() > 1 => {
+                for (write, reply) in writes.iter().zip(replies) {
+                    let one = execute(&pool, std::slice::from_ref(write)).await;
+                    let _ = reply.send(one.map(|d| d[0]).map_err(StoreError::from));
+                }
+            }
+            Err(e) => {
+                for reply in replies {
+                    let _ = reply.send(Err(StoreError::Database(sqlx::Error::Protocol(
+                        e.to_string(),
+                    ))));
+                }
+            }
+        }
+    }
+}
+
+/// The batch statement. `e`: new jobs (a statement-level trigger NOTIFYs workers once per
+/// statement that inserted any); `s`: checkpoints, fenced on the lease; `f`: outcomes, fenced
+/// on the lease. Its rows say which writes took effect.
+const BATCH_SQL: &str = "\
+WITH e AS (
+    INSERT INTO jobs (id, status, spec, metadata, priority, attempt, max_attempts, run_at,
+                      deadline_at, idempotency_key, request_hash, created_at)
+    SELECT u.id, 'queued', u.spec, u.metadata, u.priority, 0, u.max_attempts, u.created_at,
+           u.deadline_at, u.idempotency_key, u.request_hash, u.created_at
+    FROM unnest($1::uuid[], $2::jsonb[], $3::jsonb[], $4::int[], $5::int[], $6::bigint[],
+                $7::text[], $8::text[], $9::bigint[])
+         AS u(id, spec, metadata, priority, max_attempts, deadline_at, idempotency_key,
+              request_hash, created_at)
+    ON CONFLICT (idempotency_key) DO NOTHING
+    RETURNING id
+), s AS (
+    INSERT INTO steps (job_id, step, model, ok, content, data, prompt_tokens, completion_tokens,
+                       cost, latency_ms, error_code, error, status_code, attempt, created_at)
+    SELECT u.job_id, u.step, u.model, u.ok, u.content, u.data, u.prompt_tokens,
+           u.completion_tokens, u.cost, u.latency_ms, u.error_code, u.error, u.status_code,
+           u.attempt, u.created_at
+    FROM unnest($10::uuid[], $11::text[], $12::text[], $13::bool[], $14::text[], $15::jsonb[],
+                $16::bigint[], $17::bigint[], $18::float8[], $19::bigint[], $20::text[],
+                $21::text[], $22::int[], $23::int[], $24::bigint[], $25::text[])
+         AS u(job_id, step, model, ok, content, data, prompt_tokens, completion_tokens, cost,
+              latency_ms, error_code, error, status_code, attempt, created_at, owner)
+    WHERE EXISTS (SELECT 1 FROM jobs j WHERE j.id = u.job_id AND j.status = 'running'
+                  AND j.attempt = u.attempt AND j.lease_owner = u.owner)
+    ON CONFLICT (job_id, step) DO NOTHING
+    RETURNING job_id, step, attempt
+), f AS (
+    UPDATE jobs SET status = u.status,
+                    result = CASE WHEN u.status = 'succeeded' THEN u.result ELSE jobs.result END,
+                    failure_reason = u.reason, error = u.error, finished_at = u.finished_at,
+                    lease_owner = NULL, lease_expires_at = NULL
+    FROM unnest($26::uuid[], $27::int[], $28::text[], $29::text[], $30::jsonb[], $31::text[],
+                $32::text[], $33::bigint[])
+         AS u(id, attempt, owner, status, result, reason, error, finished_at)
+    WHERE jobs.id = u.id AND jobs.attempt = u.attempt AND jobs.lease_owner = u.owner
+      AND jobs.status = 'running'
+    RETURNING jobs.id
+)
+SELECT 'e' AS kind, id, NULL::text AS step, NULL::int AS attempt FROM e
+UNION ALL SELECT 's', job_id, step, attempt FROM s
+UNION ALL SELECT 'f', id, NULL, NULL FROM f";
+
+/// Run `writes` as one statement; for each, whether it took effect.
+async fn execute(pool: &PgPool, writes: &[Write]) -> Result<Vec<bool>, sqlx::Error> {
+    let mut e = Enqueues::default();
+    let mut s = Steps::default();
+    let mut f = Finishes::default();
+    for write in writes {
+        match write {
+            Write::Enqueue { job, spec } => e.push(job, spec),
+            Write::Step { lease, step } => s.push(lease, step),
+            Write::Finish(finish) => f.push(finish),
+        }
+    }
+    let rows = sqlx::query(BATCH_SQL)
+        .bind(e.id)
+        .bind(e.spec)
+        .bind(e.metadata)
+        .bind(e.priority)
+        .bind(e.max_attempts)
+        .bind(e.deadline_at)
+        .bind(e.idempotency_key)
+        .bind(e.request_hash)
+        .bind(e.created_at)
+        .bind(s.job_id)
+        .bind(s.step)
+        .bind(s.model)
+        .bind(s.ok)
+        .bind(s.content)
+        .bind(s.data)
+        .bind(s.prompt_tokens)
+        .bind(s.completion_tokens)
+        .bind(s.cost)
+        .bind(s.latency_ms)
+        .bind(s.error_code)
+        .bind(s.error)
+        .bind(s.status_code)
+        .bind(s.attempt)
+        .bind(s.created_at)
+        .bind(s.owner)
+        .bind(f.id)
+        .bind(f.attempt)
+        .bind(f.owner)
+        .bind(f.status)
+        .bind(f.result)
+        .bind(f.reason)
+        .bind(f.error)
+        .bind(f.finished_at)
+        .fetch_all(pool)
+        .await?;
+    let mut took = HashSet::with_capacity(rows.len());
+    for row in &rows {
+        let kind: String = row.try_get("kind")?;
+        let id: Uuid = row.try_get("id")?;
+        let step: Option<String> = row.try_get("step")?;
+        let attempt: Option<i32> = row.try_get("attempt")?;
+        took.insert((kind, id, step, attempt));
+    }
+    Ok(writes
+        .iter()
+        .map(|w| {
+            let key = match w {
+                Write::Enqueue { job, .. } => ("e".to_string(), job.id, None, None),
+                Write::Step { lease, step } => (
+                    "s".to_string(),
+                    lease.job_id,
+                    Some(step.key.to_db()),
+                    Some(lease.attempt),
+                ),
+                Write::Finish(finish) => ("f".to_string(), finish.lease.job_id, None, None),
+            };
+            took.contains(&key)
+        })
+        .collect())
+}
+
+/// The enqueue columns of a batch.
+#[derive(Default)]
+struct Enqueues {
+    id: Vec<Uuid>,
+    spec: Vec<Json<Value>>,
+    metadata: Vec<Json<Value>>,
+    priority: Vec<i32>,
+    max_attempts: Vec<i32>,
+    deadline_at: Vec<Option<i64>>,
+    idempotency_key: Vec<Option<String>>,
+    request_hash: Vec<Option<String>>,
+    created_at: Vec<i64>,
+}
+
+impl Enqueues {
+    fn push(&mut self, job: &NewJob, spec: &Value) {
+        self.id.push(job.id);
+        self.spec.push(Json(spec.clone()));
+        self.metadata.push(Json(job.metadata.clone()));
+        self.priority.push(job.priority);
+        self.max_attempts.push(job.max_attempts);
+        self.deadline_at.push(job.deadline_at);
+        self.idempotency_key.push(job.idempotency_key.clone());
+        self.request_hash.push(job.request_hash.clone());
+        self.created_at.push(job.created_at);
+    }
+}
+
+/// The checkpoint columns of a batch.
+#[derive(Default)]
+struct Steps {
+    job_id: Vec<Uuid>,
+    step: Vec<String>,
+    model: Vec<String>,
+    ok: Vec<bool>,
+    content: Vec<Option<String>>,
+    data: Vec<Option<Json<Value>>>,
+    prompt_tokens: Vec<i64>,
+    completion_tokens: Vec<i64>,
+    cost: Vec<f64>,
+    latency_ms: Vec<i64>,
+    error_code: Vec<Option<String>>,
+    error: Vec<Option<String>>,
+    status_code: Vec<Option<i32>>,
+    attempt: Vec<i32>,
+    created_at: Vec<i64>,
+    owner: Vec<String>,
+}
+
+impl Steps {
+    fn push(&mut self, lease: &Lease, step: &Step) {
+        self.job_id.push(lease.job_id);
+        self.step.push(step.key.to_db());
+        self.model.push(step.model.clone());
+        self.ok.push(step.ok);
+        self.content.push(step.content.clone());
+        self.data.push(step.data.clone().map(Json));
+        self.prompt_tokens.push(step.usage.prompt_tokens);
+        self.completion_tokens.push(step.usage.completion_tokens);
+        self.cost.push(step.usage.cost);
+        self.latency_ms.push(step.latency_ms);
+        self.error_code.push(step.error_code.clone());
+        self.error.push(step.error.clone());
+        self.status_code.push(step.status_code);
+        // The step is written with the lease's attempt: that is what the fence checks.
+        self.attempt.push(lease.attempt);
+        self.created_at.push(step.created_at);
+        self.owner.push(lease.owner.clone());
+    }
+}
+
+/// The outcome columns of a batch.
+#[derive(Default)]
+struct Finishes {
+    id: Vec<Uuid>,
+    attempt: Vec<i32>,
+    owner: Vec<String>,
+    status: Vec<String>,
+    result: Vec<Option<Json<Value>>>,
+    reason: Vec<Option<String>>,
+    error: Vec<Option<String>>,
+    finished_at: Vec<i64>,
+}
+
+impl Finishes {
+    fn push(&mut self, finish: &Finish) {
+        self.id.push(finish.lease.job_id);
+        self.attempt.push(finish.lease.attempt);
+        self.owner.push(finish.lease.owner.clone());
+        self.status.push(finish.status.as_str().to_string());
+        self.result.push(finish.result.clone().map(Json));
+        self.reason.push(finish.reason.clone());
+        self.error.push(finish.error.clone());
+        self.finished_at.push(finish.now);
+    }
+}
