@@ -5,6 +5,7 @@
 pub mod analysis;
 pub mod prompts;
 
+use std::borrow::Cow;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -114,7 +115,10 @@ impl Pipeline {
         let analysis_step = match analysis_step {
             Some(s) => s,
             None => {
-                let Some(s) = self.run_analysis(spec, job.attempt, &answers, cancel).await else {
+                // Boxed, like the final call below: a job waiting on its panel does not carry
+                // room for the later steps' futures (it matters with thousands in flight).
+                let analysis = Box::pin(self.run_analysis(spec, job.attempt, &answers, cancel));
+                let Some(s) = analysis.await else {
                     return Outcome::Stopped;
                 };
                 save_or_stop!(ckpt, s);
@@ -132,15 +136,13 @@ impl Pipeline {
             _ => {
                 let messages = prompts::final_messages(&spec.messages, &answers, analysis.as_ref());
                 let req = CompletionRequest {
-                    messages,
+                    messages: messages.into(),
                     temperature: Some(0.0),
                     max_completion_tokens: spec.max_completion_tokens,
                     response_format: None,
                 };
-                let Some((s, retryable)) = self
-                    .call_step(StepKey::Final, &spec.analyst, &req, job.attempt, cancel)
-                    .await
-                else {
+                let call = self.call_step(StepKey::Final, &spec.analyst, &req, job.attempt, cancel);
+                let Some((s, retryable)) = Box::pin(call).await else {
                     return Outcome::Stopped;
                 };
                 if retryable {
@@ -211,16 +213,17 @@ impl Pipeline {
             }
             let model = &spec.panel[i];
             let req = CompletionRequest {
-                messages: spec.messages.clone(),
+                messages: Cow::Borrowed(&spec.messages),
                 temperature: spec.temperature,
                 max_completion_tokens: spec.max_completion_tokens,
                 response_format: None,
             };
-            pending.push(async move {
+            // Boxed: the set then holds pointers, and its own bookkeeping stays small.
+            pending.push(Box::pin(async move {
                 let key = StepKey::Panel(i as u32);
                 let step = self.call_step(key, model, &req, attempt, cancel).await;
                 (i, step.map(|(s, _)| s).ok_or(Outcome::Stopped))
-            });
+            }));
         }
         // Each answer is checkpointed as it lands, concurrently with the calls still out (so
         // the saves can share a group commit); the grace period cuts off calls, never saves.
@@ -301,7 +304,8 @@ impl Pipeline {
                 &spec.messages,
                 answers,
                 schema_in_prompt.as_ref(),
-            ),
+            )
+            .into(),
             temperature: Some(0.0),
             max_completion_tokens: limits.max_tokens,
             response_format: analysis::response_format(mode, limits),
@@ -330,6 +334,7 @@ impl Pipeline {
                         }
                         Err(e) => {
                             req.messages
+                                .to_mut()
                                 .extend(prompts::analysis_correction(&c.content, &e.to_string()));
                             last_problem = Some((e.code().to_string(), e.to_string(), None));
                         }
@@ -364,7 +369,7 @@ impl Pipeline {
         &self,
         key: StepKey,
         model: &str,
-        req: &CompletionRequest,
+        req: &CompletionRequest<'_>,
         attempt: i32,
         cancel: &CancellationToken,
     ) -> Option<(Step, bool)> {

@@ -6,11 +6,13 @@ mod retry;
 
 pub use retry::{CallError, Jitter, RetryPolicy};
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::fmt;
 use std::time::{Duration, Instant, SystemTime};
 
 use serde::Deserialize;
+use serde::ser::{Serialize, SerializeMap, Serializer};
 use serde_json::{Value, json};
 
 use crate::job::Usage;
@@ -89,10 +91,11 @@ pub struct UpstreamConfig {
     pub prices: HashMap<String, Price>,
 }
 
-/// What is sent for one completion.
+/// What is sent for one completion. The messages are borrowed where they can be: a job's panel
+/// sends the caller's messages to every member without copying them.
 #[derive(Debug, Clone, Default)]
-pub struct CompletionRequest {
-    pub messages: Vec<Value>,
+pub struct CompletionRequest<'a> {
+    pub messages: Cow<'a, [Value]>,
     pub temperature: Option<f64>,
     pub max_completion_tokens: Option<u32>,
     pub response_format: Option<Value>,
@@ -224,6 +227,33 @@ pub struct Upstream {
     config: UpstreamConfig,
 }
 
+/// A chat-completions request body, written field by field from a `CompletionRequest`.
+struct WireRequest<'a> {
+    model: &'a str,
+    req: &'a CompletionRequest<'a>,
+    /// `max_completion_tokens` or `max_tokens`, as the provider wants it.
+    max_tokens_field: &'a str,
+}
+
+impl Serialize for WireRequest<'_> {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let mut map = s.serialize_map(None)?;
+        map.serialize_entry("model", self.model)?;
+        map.serialize_entry("messages", &self.req.messages)?;
+        map.serialize_entry("stream", &false)?;
+        if let Some(t) = self.req.temperature {
+            map.serialize_entry("temperature", &t)?;
+        }
+        if let Some(n) = self.req.max_completion_tokens {
+            map.serialize_entry(self.max_tokens_field, &n)?;
+        }
+        if let Some(rf) = &self.req.response_format {
+            map.serialize_entry("response_format", rf)?;
+        }
+        map.end()
+    }
+}
+
 #[derive(Deserialize)]
 struct WireResponse {
     choices: Vec<WireChoice>,
@@ -260,6 +290,11 @@ impl Upstream {
             .timeout(config.timeout)
             .connect_timeout(Duration::from_secs(10).min(config.timeout))
             .pool_max_idle_per_host(256)
+            // A redirected POST would become a GET: a 3xx is reported as the error it is.
+            .redirect(reqwest::redirect::Policy::none())
+            // Transport failures are retried by `with_retries`, with backoff; reqwest's own
+            // retry layer would keep a copy of every request in flight just in case.
+            .retry(reqwest::retry::never().max_retries_per_request(0))
             .build()?;
         Ok(Upstream { http, config })
     }
@@ -280,26 +315,20 @@ impl Upstream {
     pub async fn complete(
         &self,
         model: &str,
-        req: &CompletionRequest,
+        req: &CompletionRequest<'_>,
     ) -> Result<Completion, UpstreamError> {
-        let mut body = json!({
-            "messages": req.messages,
-            "stream": false,
-        });
-        if let Some(t) = req.temperature {
-            body["temperature"] = json!(t);
-        }
-        if let Some(m) = req.max_completion_tokens {
-            let field = self.route(model).0.max_tokens_field.as_str();
-            body[field] = json!(m);
-        }
-        if let Some(rf) = &req.response_format {
-            body["response_format"] = rf.clone();
-        }
+        let (provider, upstream_model) = self.route(model);
+        // Serialized straight from the request: no JSON tree is built or kept per call.
+        let body = serde_json::to_vec(&WireRequest {
+            model: upstream_model,
+            req,
+            max_tokens_field: &provider.max_tokens_field,
+        })
+        .map_err(|e| UpstreamError::new(ErrorKind::Rejected, None, e.to_string()))?;
         let started = Instant::now();
-        let resp = self.send(model, body).await?;
+        let resp = self.post(provider, body).await?;
         let (status, text) = read_ok(resp).await?;
-        let wire: WireResponse = serde_json::from_str(&text).map_err(|e| {
+        let wire: WireResponse = serde_json::from_slice(&text).map_err(|e| {
             UpstreamError::new(
                 ErrorKind::BadBody,
                 Some(status),
@@ -341,11 +370,27 @@ impl Upstream {
     ) -> Result<reqwest::Response, UpstreamError> {
         let (provider, upstream_model) = self.route(model);
         body["model"] = json!(upstream_model);
+        let body = serde_json::to_vec(&body)
+            .map_err(|e| UpstreamError::new(ErrorKind::Rejected, None, e.to_string()))?;
+        self.post(provider, body).await
+    }
+
+    /// POST a JSON body to `provider`'s chat-completions endpoint.
+    async fn post(
+        &self,
+        provider: &Provider,
+        body: Vec<u8>,
+    ) -> Result<reqwest::Response, UpstreamError> {
         let url = format!(
             "{}/chat/completions",
             provider.base_url.trim_end_matches('/')
         );
-        let mut call = self.http.post(&url).header(DEPTH_HEADER, "1").json(&body);
+        let mut call = self
+            .http
+            .post(&url)
+            .header(DEPTH_HEADER, "1")
+            .header(reqwest::header::CONTENT_TYPE, "application/json")
+            .body(body);
         if let Some(key) = &provider.api_key {
             call = call.bearer_auth(&key.0);
         }
@@ -360,7 +405,7 @@ impl Upstream {
     ) -> Result<(Value, Usage), UpstreamError> {
         let resp = self.send(model, body).await?;
         let (status, text) = read_ok(resp).await?;
-        let value: Value = serde_json::from_str(&text).map_err(|e| {
+        let value: Value = serde_json::from_slice(&text).map_err(|e| {
             UpstreamError::new(
                 ErrorKind::BadBody,
                 Some(status),
@@ -403,18 +448,19 @@ impl Upstream {
 pub const DEPTH_HEADER: &str = "x-fusion-depth";
 
 /// The body of a 2xx answer, or the classified error of any other.
-async fn read_ok(resp: reqwest::Response) -> Result<(u16, String), UpstreamError> {
+async fn read_ok(resp: reqwest::Response) -> Result<(u16, bytes::Bytes), UpstreamError> {
     let status = resp.status().as_u16();
     let retry_after = resp
         .headers()
         .get(reqwest::header::RETRY_AFTER)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| parse_retry_after(v, SystemTime::now()));
-    let text = resp.text().await.map_err(transport_error)?;
+    let body = resp.bytes().await.map_err(transport_error)?;
     if !(200..300).contains(&status) {
+        let text = String::from_utf8_lossy(&body);
         return Err(UpstreamError::from_status(status, &text, retry_after));
     }
-    Ok((status, text))
+    Ok((status, body))
 }
 
 fn transport_error(e: reqwest::Error) -> UpstreamError {

@@ -77,7 +77,7 @@ impl Upstream {
     pub async fn complete_with_retries(
         &self,
         model: &str,
-        req: &CompletionRequest,
+        req: &CompletionRequest<'_>,
         policy: &RetryPolicy,
         cancel: &CancellationToken,
     ) -> Result<Completion, CallError> {

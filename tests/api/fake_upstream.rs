@@ -56,6 +56,8 @@ pub enum Reply {
     Delay(u64, Box<Reply>),
     /// An HTTP error status with an OpenAI-style body.
     Status(u16),
+    /// `307 Temporary Redirect` back to the same endpoint (a client that follows it calls again).
+    Redirect,
     /// 429 with `Retry-After: N` seconds.
     RateLimited(u64),
     /// Never answer.
@@ -311,6 +313,11 @@ async fn respond(reply: Reply, model: &str, kind: Kind) -> Response {
                 let status = StatusCode::from_u16(code).unwrap();
                 let body = json!({"error": {"message": format!("scripted {code}"), "code": code}});
                 return (status, Json(body)).into_response();
+            }
+            Reply::Redirect => {
+                let mut headers = HeaderMap::new();
+                headers.insert("location", HeaderValue::from_static("/v1/chat/completions"));
+                return (StatusCode::TEMPORARY_REDIRECT, headers).into_response();
             }
             Reply::RateLimited(secs) => {
                 let mut headers = HeaderMap::new();

@@ -37,6 +37,27 @@ async fn a_failed_panel_member_is_recorded_and_the_job_goes_on() {
     );
 }
 
+/// A redirected POST would turn into a GET (or replay a body somewhere unexpected): a 3xx is
+/// the upstream's answer, recorded as the step's error, never followed.
+#[tokio::test]
+async fn an_upstream_redirect_is_reported_not_followed() {
+    let app = spawn_app().await;
+    app.fake.script("moved", Kind::Panel, vec![Reply::Redirect]);
+    let id = app
+        .submit_ok(&body_with_panel(&["ok1", "moved"], "judge"))
+        .await;
+    let job = app.wait_final(&id, 10).await;
+    assert_eq!(job["status"], "succeeded", "{job:#}");
+    let failed = &job["panel"][1];
+    assert_eq!(failed["status"], "failed");
+    assert_eq!(failed["status_code"], 307);
+    assert!(
+        failed["error"].as_str().unwrap().contains("307"),
+        "{failed}"
+    );
+    assert_eq!(app.fake.calls("moved", Kind::Panel), 1);
+}
+
 #[tokio::test]
 async fn a_server_error_is_retried_until_it_succeeds() {
     let app = spawn_app().await;
