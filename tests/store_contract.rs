@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use fusion::job::{Job, JobSpec, JobStatus, Lease, ListFilter, NewJob, Step, StepKey, Usage};
-use fusion::store::{CancelOutcome, Enqueued, Held, RetryOutcome, Store};
+use fusion::store::{CancelOutcome, Enqueued, Held, JobEvent, RetryOutcome, Store};
 use serde_json::json;
 use tempfile::TempDir;
 use uuid::Uuid;
@@ -447,6 +447,7 @@ contract_tests!(
     complete_fail_and_retry_later_outcomes,
     enqueue_wakes_workers,
     checkpoints_do_not_wake_workers,
+    every_finish_is_announced,
     concurrent_writes_each_get_their_own_result,
     nul_characters_never_break_a_write,
 );
@@ -1612,4 +1613,71 @@ async fn concurrent_writes_each_get_their_own_result(store: Arc<dyn Store>) {
             Some("0 of 3 answered")
         )
     );
+}
+
+/// Waiters and the cancel listener learn of every job that becomes final, however it got there
+/// and however many finish in one statement.
+async fn every_finish_is_announced(store: Arc<dyn Store>) {
+    let mut events = store.events();
+    let mut ids = Vec::new();
+    for _ in 0..5 {
+        ids.push(enqueue(&store, new_job()).await.id);
+    }
+    let claimed = store.claim("w", 4, NOW, LEASE).await.unwrap();
+    assert_eq!(claimed.len(), 4);
+    let leases: Vec<Lease> = claimed.iter().map(lease_of).collect();
+    let result = json!({"ok": true});
+    let (a, b, c) = tokio::join!(
+        store.complete(&leases[0], &result, NOW),
+        store.complete(&leases[1], &result, NOW),
+        store.fail(&leases[2], "upstream_error", "gone", NOW),
+    );
+    assert!(a.unwrap() && b.unwrap() && c.unwrap());
+    // A running job and a queued one, cancelled.
+    let queued = ids
+        .iter()
+        .find(|id| !claimed.iter().any(|j| j.id == **id))
+        .unwrap();
+    for id in [leases[3].job_id, *queued] {
+        assert!(matches!(
+            store.cancel(id, NOW).await.unwrap(),
+            CancelOutcome::Cancelled { .. }
+        ));
+    }
+    let mut expected: BTreeMap<Uuid, JobStatus> = BTreeMap::from([
+        (leases[0].job_id, JobStatus::Succeeded),
+        (leases[1].job_id, JobStatus::Succeeded),
+        (leases[2].job_id, JobStatus::Failed),
+        (leases[3].job_id, JobStatus::Cancelled),
+        (*queued, JobStatus::Cancelled),
+    ]);
+    // Three jobs on their last attempt whose leases run out: one statement fails them all.
+    let mut last_tries = Vec::new();
+    for _ in 0..3 {
+        last_tries.push(
+            enqueue(
+                &store,
+                NewJob {
+                    max_attempts: 1,
+                    ..new_job()
+                },
+            )
+            .await
+            .id,
+        );
+    }
+    assert_eq!(store.claim("w", 3, NOW, LEASE).await.unwrap().len(), 3);
+    assert_eq!(store.rescue_expired(NOW + LEASE_MS + 1).await.unwrap(), 3);
+    expected.extend(last_tries.into_iter().map(|id| (id, JobStatus::Failed)));
+
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while !expected.is_empty() {
+        let event = tokio::time::timeout_at(deadline, events.recv())
+            .await
+            .unwrap_or_else(|_| panic!("no finish event for {expected:?}"))
+            .expect("event stream");
+        if let JobEvent::Finished { job_id, status } = event {
+            assert_eq!(expected.remove(&job_id), Some(status), "{job_id}");
+        }
+    }
 }
