@@ -131,6 +131,33 @@ pub struct NewJob {
     pub created_at: i64,
 }
 
+impl NewJob {
+    /// The job as `enqueue` stores it: queued, runnable from its creation, never claimed.
+    pub fn into_queued(self) -> Job {
+        Job {
+            id: self.id,
+            status: JobStatus::Queued,
+            spec: self.spec,
+            metadata: self.metadata,
+            priority: self.priority,
+            attempt: 0,
+            max_attempts: self.max_attempts,
+            run_at: self.created_at,
+            deadline_at: self.deadline_at,
+            lease_owner: None,
+            lease_expires_at: None,
+            idempotency_key: self.idempotency_key,
+            request_hash: self.request_hash,
+            created_at: self.created_at,
+            started_at: None,
+            finished_at: None,
+            failure_reason: None,
+            error: None,
+            result: None,
+        }
+    }
+}
+
 /// Proof of holding a job: every worker write must match all three fields and `running`.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct Lease {

@@ -113,7 +113,10 @@ impl Sizes {
             overhead_clients: 20,
             enqueue_jobs: 10_000,
             enqueue_conns: 32,
-            drain_concurrency: 64,
+            // Jobs in flight in the drain and steady server (`FUSION_CONCURRENCY`): 128, 256 and
+            // 512 gave 2,289 / 2,424 / 2,137 jobs/s on SQLite and 1,548 / 1,545 / 1,352 on
+            // Postgres (64: ~1,800 and ~1,450); bigger batches, fewer statements per job.
+            drain_concurrency: 256,
             steady_rate: 1100,
             steady_secs: 10,
             blast_secs: 3.0,

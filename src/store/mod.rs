@@ -16,10 +16,11 @@ macro_rules! job_columns {
     };
 }
 
-mod group_commit;
+mod batch;
 mod pg_writes;
 pub mod postgres;
 pub mod sqlite;
+mod sqlite_writes;
 
 use std::sync::Arc;
 use std::time::Duration;

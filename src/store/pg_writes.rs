@@ -1,104 +1,25 @@
-//! Postgres group commit: the hot path's writes from many requests and jobs — enqueues, step
-//! checkpoints, outcomes — queue here, and a committer turns whatever has queued up into ONE
-//! statement (three data-modifying CTEs over `unnest`ed arrays), so a batch costs one round trip,
-//! one plan and one commit however many writes it carries. Each write keeps its own fence and
-//! learns its own result, only after the commit; a batch that fails is re-run one write at a
-//! time, so one bad write never fails its neighbours.
+//! Postgres batches (see `batch.rs`): a whole batch of enqueues, checkpoints and outcomes is
+//! ONE statement — three data-modifying CTEs over `unnest`ed arrays — so it costs one round trip,
+//! one plan and one commit however many writes it carries.
 
 use std::collections::HashSet;
-use std::sync::Arc;
 
+use async_trait::async_trait;
 use serde_json::Value;
 use sqlx::Row;
 use sqlx::postgres::PgPool;
 use sqlx::types::Json;
-use tokio::sync::{Mutex, mpsc, oneshot};
 use uuid::Uuid;
 
-use super::{Result, StoreError};
-use crate::job::{JobStatus, Lease, NewJob, Step};
+use super::batch::{BatchSql, Finish, Write, took_key};
+use crate::job::{Lease, NewJob, Step};
 
-/// The most writes one statement takes; more wait for the next.
-const MAX_BATCH: usize = 512;
+pub(super) struct PgBatch(pub PgPool);
 
-/// One write, its values ready to bind (text already free of NUL characters).
-pub(super) enum Write {
-    /// Insert a queued job unless its idempotency key exists: true when inserted.
-    Enqueue { job: NewJob, spec: Value },
-    /// Insert a checkpoint if the lease still holds and the step is new: true when inserted.
-    Step { lease: Lease, step: Step },
-    /// Move a running job to `succeeded` or `failed` if the lease still holds: true when moved.
-    Finish(Finish),
-}
-
-pub(super) struct Finish {
-    pub lease: Lease,
-    /// `Succeeded` (with `result`) or `Failed` (with `reason` and `error`).
-    pub status: JobStatus,
-    pub result: Option<Value>,
-    pub reason: Option<String>,
-    pub error: Option<String>,
-    pub now: i64,
-}
-
-struct Queued {
-    write: Write,
-    reply: oneshot::Sender<Result<bool>>,
-}
-
-pub(super) struct PgWrites {
-    queue: mpsc::Sender<Queued>,
-}
-
-impl PgWrites {
-    /// Start `tasks` committers sharing one queue: while one gathers a batch, others commit.
-    pub(super) fn start(pool: PgPool, tasks: usize) -> PgWrites {
-        let (queue, rx) = mpsc::channel(4 * MAX_BATCH);
-        let rx = Arc::new(Mutex::new(rx));
-        for _ in 0..tasks.max(1) {
-            tokio::spawn(run(pool.clone(), rx.clone()));
-        }
-        PgWrites { queue }
-    }
-
-    /// Queue `write` for the next batch; whether it took effect, once committed.
-    pub(super) async fn write(&self, write: Write) -> Result<bool> {
-        let (reply, answer) = oneshot::channel();
-        let closed = || StoreError::Database(sqlx::Error::PoolClosed);
-        self.queue
-            .send(Queued { write, reply })
-            .await
-            .map_err(|_| closed())?;
-        answer.await.map_err(|_| closed())?
-    }
-}
-
-async fn run(pool: PgPool, rx: Arc<Mutex<mpsc::Receiver<Queued>>>) {
-    let mut batch = Vec::with_capacity(MAX_BATCH);
-    while rx.lock().await.recv_many(&mut batch, MAX_BATCH).await > 0 {
-        let (writes, replies): (Vec<_>, Vec<_>) =
-            batch.drain(..).map(|q| (q.write, q.reply)).unzip();
-        match execute(&pool, &writes).await {
-            Ok(done) => {
-                for (reply, took) in replies.into_iter().zip(done) {
-                    let _ = reply.send(Ok(took));
-                }
-            }
-            // Alone, each write either succeeds or fails with its own error.
-            Err(_) if writes.len() > 1 => {
-                for (write, reply) in writes.iter().zip(replies) {
-                    let one = execute(&pool, std::slice::from_ref(write)).await;
-                    let _ = reply.send(one.map(|d| d[0]).map_err(StoreError::from));
-                }
-            }
-            Err(e) => {
-                for reply in replies {
-                    let _ = reply.send(Err(StoreError::Database(sqlx::Error::Protocol(
-                        e.to_string(),
-                    ))));
-                }
-            }
-        }
+#[async_trait]
+impl BatchSql for PgBatch {
+    async fn execute(&self, writes: &[Write]) -> Result<Vec<bool>, sqlx::Error> {
+        execute(&self.0, writes).await
     }
 }
 
@@ -202,24 +123,10 @@ async fn execute(pool: &PgPool, writes: &[Write]) -> Result<Vec<bool>, sqlx::Err
         let id: Uuid = row.try_get("id")?;
         let step: Option<String> = row.try_get("step")?;
         let attempt: Option<i32> = row.try_get("attempt")?;
-        took.insert((kind, id, step, attempt));
+        let kind = kind.chars().next().unwrap_or('?');
+        took.insert((kind, id.to_string(), step, attempt.map(i64::from)));
     }
-    Ok(writes
-        .iter()
-        .map(|w| {
-            let key = match w {
-                Write::Enqueue { job, .. } => ("e".to_string(), job.id, None, None),
-                Write::Step { lease, step } => (
-                    "s".to_string(),
-                    lease.job_id,
-                    Some(step.key.to_db()),
-                    Some(lease.attempt),
-                ),
-                Write::Finish(finish) => ("f".to_string(), finish.lease.job_id, None, None),
-            };
-            took.contains(&key)
-        })
-        .collect())
+    Ok(writes.iter().map(|w| took.contains(&took_key(w))).collect())
 }
 
 /// The enqueue columns of a batch.

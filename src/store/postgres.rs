@@ -14,7 +14,8 @@ use sqlx::types::Json;
 use tokio::sync::{Notify, broadcast};
 use uuid::Uuid;
 
-use super::pg_writes::{Finish, PgWrites, Write};
+use super::batch::{Batcher, Finish, Write};
+use super::pg_writes::PgBatch;
 use super::{
     CancelOutcome, EVENT_BACKLOG, Enqueued, Held, JobEvent, Result, RetryOutcome, Store,
     StoreError, ms, status_from_db,
@@ -24,7 +25,7 @@ use crate::job::{Job, JobStatus, Lease, ListFilter, NewJob, Step, StepKey, Usage
 pub struct PgStore {
     pool: PgPool,
     /// Enqueues, checkpoints and outcomes, grouped into one statement per batch.
-    writes: PgWrites,
+    writes: Batcher,
     wakeups: Arc<Notify>,
     events: broadcast::Sender<JobEvent>,
 }
@@ -48,7 +49,7 @@ impl PgStore {
         let events = broadcast::channel(EVENT_BACKLOG).0;
         tokio::spawn(listen(pool.clone(), wakeups.clone(), events.clone()));
         Ok(PgStore {
-            writes: PgWrites::start(pool.clone(), COMMITTERS),
+            writes: Batcher::start(PgBatch(pool.clone()), COMMITTERS),
             pool,
             wakeups,
             events,
@@ -151,27 +152,7 @@ impl Store for PgStore {
         };
         if self.writes.write(write).await? {
             self.wakeups.notify_one();
-            return Ok(Enqueued::Created(Job {
-                id: job.id,
-                status: JobStatus::Queued,
-                spec: job.spec,
-                metadata: job.metadata,
-                priority: job.priority,
-                attempt: 0,
-                max_attempts: job.max_attempts,
-                run_at: job.created_at,
-                deadline_at: job.deadline_at,
-                lease_owner: None,
-                lease_expires_at: None,
-                idempotency_key: job.idempotency_key,
-                request_hash: job.request_hash,
-                created_at: job.created_at,
-                started_at: None,
-                finished_at: None,
-                failure_reason: None,
-                error: None,
-                result: None,
-            }));
+            return Ok(Enqueued::Created(job.into_queued()));
         }
         let row = sqlx::query(concat!(
             "SELECT ",

@@ -1,7 +1,7 @@
-//! The embedded default store: SQLite in WAL mode. Writers serialise, so every write here is a
-//! single statement (claim is one `UPDATE … RETURNING`) and a busy timeout absorbs contention from
-//! other processes sharing the file. Wake-ups are in-process only; other processes fall back to
-//! polling.
+//! The embedded default store: SQLite in WAL mode. Writers serialise, so every write goes to one
+//! writer connection — enqueues, checkpoints and outcomes batched (`sqlite_writes.rs`), the claim
+//! one `UPDATE … RETURNING` — and a busy timeout absorbs contention from other processes sharing
+//! the file. Wake-ups are in-process only; other processes fall back to polling.
 
 use std::str::FromStr;
 use std::sync::Arc;
@@ -17,7 +17,8 @@ use sqlx::sqlite::{
 use tokio::sync::{Notify, broadcast};
 use uuid::Uuid;
 
-use super::group_commit::GroupCommit;
+use super::batch::{Batcher, Finish, Write};
+use super::sqlite_writes::SqliteBatch;
 use super::{
     CancelOutcome, EVENT_BACKLOG, Enqueued, Held, JobEvent, Result, RetryOutcome, Store,
     StoreError, ms, status_from_db,
@@ -31,8 +32,8 @@ pub struct SqliteStore {
     /// order, beats several connections sleeping in SQLite's busy handler (which backs off in
     /// steps of up to 100 ms and wrecks tail latency).
     writer: SqlitePool,
-    /// Checkpoint and outcome writes, grouped into shared transactions on `writer`.
-    group: GroupCommit<sqlx::Sqlite>,
+    /// Enqueues, checkpoints and outcomes, grouped into shared transactions on `writer`.
+    writes: Batcher,
     wakeups: Arc<Notify>,
     events: broadcast::Sender<JobEvent>,
 }
@@ -58,7 +59,7 @@ impl SqliteStore {
             .await?;
         Ok(SqliteStore {
             pool,
-            group: GroupCommit::start(writer.clone(), 1),
+            writes: Batcher::start(SqliteBatch(writer.clone()), 1),
             writer,
             wakeups: Arc::new(Notify::new()),
             events: broadcast::channel(EVENT_BACKLOG).0,
@@ -87,21 +88,30 @@ impl SqliteStore {
         row.map(|r| job_from_row(&r)).transpose()
     }
 
+    /// Run a lease-fenced update (`… WHERE id = ? AND attempt = ? AND lease_owner = ? AND
+    /// status = 'running'`) on the writer: true when the lease held.
     async fn fenced(&self, sql: &'static str, lease: &Lease, binds: Vec<Bind>) -> Result<bool> {
-        let lease = lease.clone();
-        let statement = move || {
-            let mut q = sqlx::query(sql);
-            for b in &binds {
-                q = match b {
-                    Bind::I(v) => q.bind(*v),
-                    Bind::S(v) => q.bind(v.clone()),
-                };
-            }
-            q.bind(lease.job_id.to_string())
-                .bind(lease.attempt)
-                .bind(lease.owner.clone())
-        };
-        Ok(self.group.execute(statement).await? == 1)
+        let mut q = sqlx::query(sql);
+        for b in binds {
+            q = match b {
+                Bind::I(v) => q.bind(v),
+                Bind::S(v) => q.bind(v),
+            };
+        }
+        let done = q
+            .bind(lease.job_id.to_string())
+            .bind(lease.attempt)
+            .bind(&lease.owner)
+            .execute(&self.writer)
+            .await?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    async fn finish(&self, finish: Finish) -> Result<bool> {
+        let (lease, status) = (finish.lease.clone(), finish.status);
+        let done = self.writes.write(Write::Finish(finish)).await?;
+        self.finished(done, &lease, status);
+        Ok(done)
     }
 }
 
@@ -127,29 +137,14 @@ impl Store for SqliteStore {
 
     async fn enqueue(&self, job: NewJob) -> Result<Enqueued> {
         let spec =
-            serde_json::to_string(&job.spec).map_err(|e| StoreError::Corrupt(e.to_string()))?;
-        let inserted = sqlx::query(concat!(
-            "INSERT INTO jobs (id, status, spec, metadata, priority, attempt, max_attempts, \
-                 run_at, deadline_at, idempotency_key, request_hash, created_at) \
-                 VALUES (?, 'queued', ?, ?, ?, 0, ?, ?, ?, ?, ?, ?) \
-                 ON CONFLICT (idempotency_key) DO NOTHING RETURNING ",
-            job_columns!()
-        ))
-        .bind(job.id.to_string())
-        .bind(spec)
-        .bind(job.metadata.to_string())
-        .bind(job.priority)
-        .bind(job.max_attempts)
-        .bind(job.created_at)
-        .bind(job.deadline_at)
-        .bind(&job.idempotency_key)
-        .bind(&job.request_hash)
-        .bind(job.created_at)
-        .fetch_optional(&self.writer)
-        .await?;
-        if let Some(row) = inserted {
+            serde_json::to_value(&job.spec).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+        let write = Write::Enqueue {
+            job: job.clone(),
+            spec,
+        };
+        if self.writes.write(write).await? {
             self.wakeups.notify_one();
-            return Ok(Enqueued::Created(job_from_row(&row)?));
+            return Ok(Enqueued::Created(job.into_queued()));
         }
         let row = sqlx::query(concat!(
             "SELECT ",
@@ -342,36 +337,11 @@ impl Store for SqliteStore {
     }
 
     async fn save_step(&self, lease: &Lease, step: &Step) -> Result<bool> {
-        let (lease_c, step_c) = (lease.clone(), step.clone());
-        let statement = move || {
-            let (lease, step) = (&lease_c, &step_c);
-            sqlx::query(
-                "INSERT INTO steps (job_id, step, model, ok, content, data, prompt_tokens, \
-                 completion_tokens, cost, latency_ms, error_code, error, status_code, attempt, \
-                 created_at) \
-                 SELECT ?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15 \
-                 WHERE EXISTS (SELECT 1 FROM jobs WHERE id = ?1 AND status = 'running' \
-                               AND attempt = ?14 AND lease_owner = ?16) \
-                 ON CONFLICT (job_id, step) DO NOTHING",
-            )
-            .bind(lease.job_id.to_string())
-            .bind(step.key.to_db())
-            .bind(step.model.clone())
-            .bind(step.ok)
-            .bind(step.content.clone())
-            .bind(step.data.as_ref().map(Value::to_string))
-            .bind(step.usage.prompt_tokens)
-            .bind(step.usage.completion_tokens)
-            .bind(step.usage.cost)
-            .bind(step.latency_ms)
-            .bind(step.error_code.clone())
-            .bind(step.error.clone())
-            .bind(step.status_code)
-            .bind(lease.attempt)
-            .bind(step.created_at)
-            .bind(lease.owner.clone())
+        let write = Write::Step {
+            lease: lease.clone(),
+            step: step.clone(),
         };
-        let written = self.group.execute(statement).await? == 1;
+        let written = self.writes.write(write).await?;
         if written {
             self.emit(JobEvent::Step {
                 job_id: lease.job_id,
@@ -382,27 +352,27 @@ impl Store for SqliteStore {
     }
 
     async fn complete(&self, lease: &Lease, result: &Value, now: i64) -> Result<bool> {
-        self.fenced(
-            "UPDATE jobs SET status = 'succeeded', result = ?, finished_at = ?, \
-             lease_owner = NULL, lease_expires_at = NULL, failure_reason = NULL, error = NULL \
-             WHERE id = ? AND attempt = ? AND lease_owner = ? AND status = 'running'",
-            lease,
-            vec![Bind::S(result.to_string()), Bind::I(now)],
-        )
+        self.finish(Finish {
+            lease: lease.clone(),
+            status: JobStatus::Succeeded,
+            result: Some(result.clone()),
+            reason: None,
+            error: None,
+            now,
+        })
         .await
-        .inspect(|&done| self.finished(done, lease, JobStatus::Succeeded))
     }
 
     async fn fail(&self, lease: &Lease, reason: &str, error: &str, now: i64) -> Result<bool> {
-        self.fenced(
-            "UPDATE jobs SET status = 'failed', failure_reason = ?, error = ?, finished_at = ?, \
-             lease_owner = NULL, lease_expires_at = NULL \
-             WHERE id = ? AND attempt = ? AND lease_owner = ? AND status = 'running'",
-            lease,
-            vec![Bind::S(reason.into()), Bind::S(error.into()), Bind::I(now)],
-        )
+        self.finish(Finish {
+            lease: lease.clone(),
+            status: JobStatus::Failed,
+            result: None,
+            reason: Some(reason.to_string()),
+            error: Some(error.to_string()),
+            now,
+        })
         .await
-        .inspect(|&done| self.finished(done, lease, JobStatus::Failed))
     }
 
     async fn retry_later(

@@ -1,0 +1,184 @@
+//! Group commit for the hot path, on both stores: enqueues, step checkpoints and job outcomes
+//! from many requests and jobs queue here, and a committer task hands whatever has queued up to
+//! the store's `BatchSql`, which writes the lot with a few set-based statements (one round trip
+//! and one commit for the batch, not one per write). Each write keeps its own fence and learns
+//! its own result, only after the commit; a batch that fails is re-run one write at a time, so
+//! one bad write never fails its neighbours.
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use serde_json::Value;
+use tokio::sync::{Mutex, mpsc, oneshot};
+
+use super::{Result, StoreError};
+use crate::job::{JobStatus, Lease, NewJob, Step};
+
+/// The most writes one batch takes; more wait for the next.
+const MAX_BATCH: usize = 512;
+
+/// One write, its values ready to bind.
+pub(super) enum Write {
+    /// Insert a queued job unless its idempotency key exists: true when inserted. `spec` is the
+    /// job's spec as JSON.
+    Enqueue { job: NewJob, spec: Value },
+    /// Insert a checkpoint if the lease still holds and the step is new: true when inserted.
+    /// The row is written with the lease's attempt (what the fence checks).
+    Step { lease: Lease, step: Step },
+    /// Move a running job to `succeeded` or `failed` if the lease still holds: true when moved.
+    Finish(Finish),
+}
+
+pub(super) struct Finish {
+    pub lease: Lease,
+    /// `Succeeded` (with `result`) or `Failed` (with `reason` and `error`).
+    pub status: JobStatus,
+    pub result: Option<Value>,
+    pub reason: Option<String>,
+    pub error: Option<String>,
+    pub now: i64,
+}
+
+/// How a database writes a batch: all of `writes` in one transaction, and for each whether it
+/// took effect.
+#[async_trait]
+pub(super) trait BatchSql: Send + Sync + 'static {
+    async fn execute(&self, writes: &[Write]) -> Result<Vec<bool>, sqlx::Error>;
+}
+
+struct Queued {
+    write: Write,
+    reply: oneshot::Sender<Result<bool>>,
+}
+
+pub(super) struct Batcher {
+    queue: mpsc::Sender<Queued>,
+}
+
+impl Batcher {
+    /// Start `tasks` committers sharing one queue: while one gathers a batch, others commit.
+    pub(super) fn start(sql: impl BatchSql, tasks: usize) -> Batcher {
+        let (queue, rx) = mpsc::channel(4 * MAX_BATCH);
+        let (rx, sql) = (Arc::new(Mutex::new(rx)), Arc::new(sql));
+        for _ in 0..tasks.max(1) {
+            tokio::spawn(run(sql.clone(), rx.clone()));
+        }
+        Batcher { queue }
+    }
+
+    /// Queue `write` for the next batch; whether it took effect, once committed.
+    pub(super) async fn write(&self, write: Write) -> Result<bool> {
+        let (reply, answer) = oneshot::channel();
+        let closed = || StoreError::Database(sqlx::Error::PoolClosed);
+        self.queue
+            .send(Queued { write, reply })
+            .await
+            .map_err(|_| closed())?;
+        answer.await.map_err(|_| closed())?
+    }
+}
+
+async fn run<S: BatchSql>(sql: Arc<S>, rx: Arc<Mutex<mpsc::Receiver<Queued>>>) {
+    let mut batch = Vec::with_capacity(MAX_BATCH);
+    // Whoever holds the receiver gathers the next batch; the others are committing theirs.
+    while rx.lock().await.recv_many(&mut batch, MAX_BATCH).await > 0 {
+        let (writes, replies): (Vec<_>, Vec<_>) =
+            batch.drain(..).map(|q| (q.write, q.reply)).unzip();
+        match sql.execute(&writes).await {
+            Ok(done) => {
+                for (reply, took) in replies.into_iter().zip(done) {
+                    let _ = reply.send(Ok(took));
+                }
+            }
+            // Alone, each write either succeeds or fails with its own error.
+            Err(_) if writes.len() > 1 => {
+                for (write, reply) in writes.iter().zip(replies) {
+                    let one = sql.execute(std::slice::from_ref(write)).await;
+                    let _ = reply.send(one.map(|d| d[0]).map_err(StoreError::from));
+                }
+            }
+            Err(e) => {
+                for reply in replies {
+                    let _ = reply.send(Err(StoreError::Database(sqlx::Error::Protocol(
+                        e.to_string(),
+                    ))));
+                }
+            }
+        }
+    }
+}
+
+/// The key a write's row comes back under when it took effect: `(kind, job id, step, attempt)`.
+pub(super) fn took_key(write: &Write) -> (char, String, Option<String>, Option<i64>) {
+    match write {
+        Write::Enqueue { job, .. } => ('e', job.id.to_string(), None, None),
+        Write::Step { lease, step } => (
+            's',
+            lease.job_id.to_string(),
+            Some(step.key.to_db()),
+            Some(i64::from(lease.attempt)),
+        ),
+        Write::Finish(f) => ('f', f.lease.job_id.to_string(), None, None),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    /// Fails any batch holding a step called `bad`, and counts the batches it saw.
+    struct Picky(Arc<AtomicUsize>);
+
+    #[async_trait]
+    impl BatchSql for Picky {
+        async fn execute(&self, writes: &[Write]) -> Result<Vec<bool>, sqlx::Error> {
+            self.0.fetch_add(1, Ordering::SeqCst);
+            let bad = |w: &Write| matches!(w, Write::Step { step, .. } if step.model == "bad");
+            if writes.iter().any(bad) {
+                return Err(sqlx::Error::Protocol("bad step".into()));
+            }
+            Ok(writes.iter().map(|_| true).collect())
+        }
+    }
+
+    fn step(model: &str) -> Write {
+        Write::Step {
+            lease: Lease {
+                job_id: uuid::Uuid::now_v7(),
+                attempt: 1,
+                owner: "w".into(),
+            },
+            step: Step {
+                key: crate::job::StepKey::Final,
+                model: model.into(),
+                ok: true,
+                content: None,
+                data: None,
+                usage: Default::default(),
+                latency_ms: 0,
+                error_code: None,
+                error: None,
+                status_code: None,
+                attempt: 1,
+                created_at: 0,
+            },
+        }
+    }
+
+    // One current-thread runtime: all three writes are queued before the committer runs, so
+    // they land in one batch, which fails and is re-run write by write.
+    #[tokio::test]
+    async fn one_bad_write_in_a_batch_fails_alone() {
+        let batches = Arc::new(AtomicUsize::new(0));
+        let batcher = Batcher::start(Picky(batches.clone()), 1);
+        let (a, bad, c) = tokio::join!(
+            batcher.write(step("a")),
+            batcher.write(step("bad")),
+            batcher.write(step("c"))
+        );
+        assert!(a.unwrap() && c.unwrap());
+        assert!(bad.is_err());
+        assert_eq!(batches.load(Ordering::SeqCst), 1 + 3);
+    }
+}

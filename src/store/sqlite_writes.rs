@@ -1,0 +1,133 @@
+//! SQLite batches (see `batch.rs`): one transaction on the writer connection, and in it at most
+//! one statement per kind of write — each reads its rows from a JSON array bound as a single
+//! parameter (`json_each`) — so a batch costs a handful of hops to SQLite's thread, not one per
+//! write.
+
+use std::collections::HashSet;
+
+use async_trait::async_trait;
+use serde_json::{Value, json};
+use sqlx::Row;
+use sqlx::sqlite::SqlitePool;
+
+use super::batch::{BatchSql, Write, took_key};
+use crate::job::JobStatus;
+
+pub(super) struct SqliteBatch(pub SqlitePool);
+
+/// Rows: `[id, spec, metadata, priority, max_attempts, deadline_at, idempotency_key,
+/// request_hash, created_at]`.
+const ENQUEUE_SQL: &str = "\
+INSERT INTO jobs (id, status, spec, metadata, priority, attempt, max_attempts, run_at,
+                  deadline_at, idempotency_key, request_hash, created_at)
+SELECT value ->> 0, 'queued', value ->> 1, value ->> 2, value ->> 3, 0, value ->> 4,
+       value ->> 8, value ->> 5, value ->> 6, value ->> 7, value ->> 8
+FROM json_each(?1) WHERE true
+ON CONFLICT (idempotency_key) DO NOTHING
+RETURNING id";
+
+/// Rows: `[job_id, step, model, ok, content, data, prompt_tokens, completion_tokens, cost,
+/// latency_ms, error_code, error, status_code, attempt, created_at, owner]`; fenced on the lease.
+const STEPS_SQL: &str = "\
+INSERT INTO steps (job_id, step, model, ok, content, data, prompt_tokens, completion_tokens,
+                   cost, latency_ms, error_code, error, status_code, attempt, created_at)
+SELECT value ->> 0, value ->> 1, value ->> 2, value ->> 3, value ->> 4, value ->> 5,
+       value ->> 6, value ->> 7, value ->> 8, value ->> 9, value ->> 10, value ->> 11,
+       value ->> 12, value ->> 13, value ->> 14
+FROM json_each(?1)
+WHERE EXISTS (SELECT 1 FROM jobs j WHERE j.id = value ->> 0 AND j.status = 'running'
+              AND j.attempt = value ->> 13 AND j.lease_owner = value ->> 15)
+ON CONFLICT (job_id, step) DO NOTHING
+RETURNING job_id, step, attempt";
+
+/// Rows: `[id, attempt, owner, status, result, reason, error, finished_at]`; fenced on the lease.
+/// The `+` keeps the planner off the status index: it must walk the batch and look each job up
+/// by id, not scan every running job once per row of the batch.
+const FINISH_SQL: &str = "\
+UPDATE jobs SET status = f.value ->> 3,
+                result = CASE WHEN f.value ->> 3 = 'succeeded' THEN f.value ->> 4
+                              ELSE jobs.result END,
+                failure_reason = f.value ->> 5, error = f.value ->> 6,
+                finished_at = f.value ->> 7, lease_owner = NULL, lease_expires_at = NULL
+FROM json_each(?1) AS f
+WHERE jobs.id = f.value ->> 0 AND jobs.attempt = f.value ->> 1
+  AND jobs.lease_owner = f.value ->> 2 AND +jobs.status = 'running'
+RETURNING id";
+
+#[async_trait]
+impl BatchSql for SqliteBatch {
+    async fn execute(&self, writes: &[Write]) -> Result<Vec<bool>, sqlx::Error> {
+        let (mut enqueues, mut steps, mut finishes) = (Vec::new(), Vec::new(), Vec::new());
+        for write in writes {
+            match write {
+                Write::Enqueue { job, spec } => enqueues.push(json!([
+                    job.id.to_string(),
+                    spec.to_string(),
+                    job.metadata.to_string(),
+                    job.priority,
+                    job.max_attempts,
+                    job.deadline_at,
+                    job.idempotency_key,
+                    job.request_hash,
+                    job.created_at,
+                ])),
+                Write::Step { lease, step } => steps.push(json!([
+                    lease.job_id.to_string(),
+                    step.key.to_db(),
+                    step.model,
+                    i64::from(step.ok),
+                    step.content,
+                    step.data.as_ref().map(Value::to_string),
+                    step.usage.prompt_tokens,
+                    step.usage.completion_tokens,
+                    step.usage.cost,
+                    step.latency_ms,
+                    step.error_code,
+                    step.error,
+                    step.status_code,
+                    lease.attempt,
+                    step.created_at,
+                    lease.owner,
+                ])),
+                Write::Finish(f) => finishes.push(json!([
+                    f.lease.job_id.to_string(),
+                    f.lease.attempt,
+                    f.lease.owner,
+                    f.status.as_str(),
+                    f.result
+                        .as_ref()
+                        .filter(|_| f.status == JobStatus::Succeeded)
+                        .map(Value::to_string),
+                    f.reason,
+                    f.error,
+                    f.now,
+                ])),
+            }
+        }
+        let mut took = HashSet::with_capacity(writes.len());
+        let mut tx = self.0.begin().await?;
+        for (kind, sql, rows) in [
+            ('e', ENQUEUE_SQL, enqueues),
+            ('s', STEPS_SQL, steps),
+            ('f', FINISH_SQL, finishes),
+        ] {
+            if rows.is_empty() {
+                continue;
+            }
+            let done = sqlx::query(sql)
+                .bind(Value::Array(rows).to_string())
+                .fetch_all(&mut *tx)
+                .await?;
+            for row in &done {
+                let id: String = row.try_get(0)?;
+                let (step, attempt) = match kind {
+                    's' => (Some(row.try_get::<String, _>(1)?), Some(row.try_get(2)?)),
+                    _ => (None, None),
+                };
+                took.insert((kind, id, step, attempt));
+            }
+        }
+        tx.commit().await?;
+        Ok(writes.iter().map(|w| took.contains(&took_key(w))).collect())
+    }
+}
