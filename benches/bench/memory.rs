@@ -92,7 +92,17 @@ pub async fn measure(ctx: &Ctx, target: &Target) -> anyhow::Result<Results> {
         )
         .at_least(jobs as f64),
     );
-    out.push(figure(S, "peak RSS of the server, VmHWM (MiB)", peak, 1).at_most(200.0));
+    // The target is 200 MB: decimal megabytes (190.7 MiB), the stricter reading.
+    let peak_mb = peak * 1024.0 * 1024.0 / 1e6;
+    out.push(
+        figure(
+            S,
+            "peak RSS of the server, VmHWM (MB = 10⁶ bytes)",
+            peak_mb,
+            1,
+        )
+        .at_most(200.0),
+    );
     out.push(
         figure(
             S,
