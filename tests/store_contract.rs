@@ -291,9 +291,15 @@ async fn get(store: &Arc<dyn Store>, id: Uuid) -> Job {
         .unwrap_or_else(|| panic!("job {id} not found"))
 }
 
+/// `Store::claim` with the test lease, keeping just the jobs.
+async fn claim(store: &Arc<dyn Store>, owner: &str, limit: u32, now: i64) -> Vec<Job> {
+    let claimed = store.claim(owner, limit, now, LEASE).await.expect("claim");
+    claimed.into_iter().map(|c| c.job).collect()
+}
+
 /// Claim exactly one job for `owner` at `now`.
 async fn claim_one(store: &Arc<dyn Store>, owner: &str, now: i64) -> Job {
-    let mut jobs = store.claim(owner, 1, now, LEASE).await.expect("claim");
+    let mut jobs = claim(store, owner, 1, now).await;
     assert_eq!(jobs.len(), 1, "expected to claim exactly one job");
     jobs.pop().unwrap()
 }
@@ -448,6 +454,7 @@ contract_tests!(
     enqueue_wakes_workers,
     checkpoints_do_not_wake_workers,
     every_finish_is_announced,
+    a_claim_says_whether_the_job_has_checkpoints,
     concurrent_writes_each_get_their_own_result,
     nul_characters_never_break_a_write,
 );
@@ -459,7 +466,7 @@ async fn nul_characters_never_break_a_write(store: Arc<dyn Store>) {
     new.spec.messages = vec![json!({"role": "user", "content": "a\u{0}b"})];
     new.metadata = json!({"k\u{0}": "v\u{0}"});
     let job = enqueue(&store, new).await;
-    let lease = lease_of(&store.claim("w", 1, NOW, LEASE).await.unwrap()[0]);
+    let lease = lease_of(&claim(&store, "w", 1, NOW).await[0]);
     let step = Step {
         content: Some("x\u{0}y".into()),
         error: Some("e\u{0}".into()),
@@ -611,7 +618,7 @@ async fn claim_order_and_limit(store: Arc<dyn Store>) {
         ..job.clone()
     };
 
-    let first = store.claim("w1", 2, NOW, LEASE).await.unwrap();
+    let first = claim(&store, "w1", 2, NOW).await;
     assert_eq!(
         first,
         vec![
@@ -620,7 +627,7 @@ async fn claim_order_and_limit(store: Arc<dyn Store>) {
         ]
     );
 
-    let second = store.claim("w2", 10, NOW, LEASE).await.unwrap();
+    let second = claim(&store, "w2", 10, NOW).await;
     assert_eq!(
         second,
         vec![
@@ -634,17 +641,14 @@ async fn claim_order_and_limit(store: Arc<dyn Store>) {
     }
 
     // Only the future job is left, and it is not runnable yet.
-    assert_eq!(store.claim("w3", 10, NOW, LEASE).await.unwrap(), vec![]);
-    assert_eq!(
-        store.claim("w3", 10, NOW + 59_999, LEASE).await.unwrap(),
-        vec![]
-    );
+    assert_eq!(claim(&store, "w3", 10, NOW).await, vec![]);
+    assert_eq!(claim(&store, "w3", 10, NOW + 59_999).await, vec![]);
     assert_eq!(get(&store, future.id).await, future);
 
     let later = NOW + 60_000;
-    let third = store.claim("w3", 10, later, LEASE).await.unwrap();
+    let third = claim(&store, "w3", 10, later).await;
     assert_eq!(third, vec![running(&future, "w3", later)]);
-    assert_eq!(store.claim("w4", 10, later, LEASE).await.unwrap(), vec![]);
+    assert_eq!(claim(&store, "w4", 10, later).await, vec![]);
 }
 
 /// 4. Eight claimers racing over 200 jobs: every job claimed exactly once.
@@ -664,7 +668,7 @@ async fn claim_race(store: Arc<dyn Store>) {
             let owner = format!("racer-{i}");
             let mut got = Vec::new();
             loop {
-                let batch = store.claim(&owner, 7, NOW, LEASE).await.unwrap();
+                let batch = claim(&store, &owner, 7, NOW).await;
                 if batch.is_empty() {
                     break;
                 }
@@ -702,7 +706,7 @@ async fn claim_race(store: Arc<dyn Store>) {
         assert_eq!(job.attempt, 1);
         assert_eq!(job.lease_owner.as_ref(), Some(owner));
     }
-    assert_eq!(store.claim("late", 100, NOW, LEASE).await.unwrap(), vec![]);
+    assert_eq!(claim(&store, "late", 100, NOW).await, vec![]);
 }
 
 /// 5. Heartbeats renew only the owner's running jobs and report them.
@@ -710,7 +714,7 @@ async fn heartbeat_extends_only_owned_running_jobs(store: Arc<dyn Store>) {
     for _ in 0..4 {
         enqueue(&store, new_job()).await;
     }
-    let mine = store.claim("me", 3, NOW, LEASE).await.unwrap();
+    let mine = claim(&store, "me", 3, NOW).await;
     assert_eq!(mine.len(), 3);
     let theirs = claim_one(&store, "them", NOW).await;
 
@@ -907,7 +911,7 @@ async fn stale_worker_is_fenced_out(store: Arc<dyn Store>) {
 async fn save_step_round_trip_order_and_no_overwrite(store: Arc<dyn Store>) {
     let job = enqueue(&store, new_job()).await;
     let other = enqueue(&store, new_job()).await;
-    let claimed = store.claim("w", 2, NOW, LEASE).await.unwrap();
+    let claimed = claim(&store, "w", 2, NOW).await;
     assert_eq!(claimed.len(), 2);
     let lease = lease_of(claimed.iter().find(|j| j.id == job.id).unwrap());
 
@@ -982,7 +986,7 @@ async fn max_attempts_then_lease_expired(store: Arc<dyn Store>) {
         },
     )
     .await;
-    let claimed = store.claim("w", 2, NOW, LEASE).await.unwrap();
+    let claimed = claim(&store, "w", 2, NOW).await;
     assert_eq!(claimed.len(), 2);
 
     let t1 = NOW + 31_000;
@@ -1015,7 +1019,7 @@ async fn max_attempts_then_lease_expired(store: Arc<dyn Store>) {
     );
 
     // The failed job is not claimable; the other one expires again on its last attempt.
-    let again = store.claim("w2", 10, t1, LEASE).await.unwrap();
+    let again = claim(&store, "w2", 10, t1).await;
     assert_eq!(again.len(), 1);
     assert_eq!((again[0].id, again[0].attempt), (twice.id, 2));
     let t2 = t1 + 31_000;
@@ -1031,7 +1035,7 @@ async fn max_attempts_then_lease_expired(store: Arc<dyn Store>) {
     assert_eq!(failed_twice.lease_owner, None);
     assert_eq!(failed_twice.lease_expires_at, None);
     assert_eq!(store.rescue_expired(t2 + 100_000).await.unwrap(), 0);
-    assert_eq!(store.claim("w3", 10, t2, LEASE).await.unwrap(), vec![]);
+    assert_eq!(claim(&store, "w3", 10, t2).await, vec![]);
 }
 
 /// 10. Cancel from queued and from running, of a final job, of an unknown job.
@@ -1056,7 +1060,7 @@ async fn cancel_outcomes(store: Arc<dyn Store>) {
         other => panic!("expected Cancelled, got {other:?}"),
     }
     // A cancelled job is never claimed.
-    assert_eq!(store.claim("w", 10, t, LEASE).await.unwrap(), vec![]);
+    assert_eq!(claim(&store, "w", 10, t).await, vec![]);
 
     let running_job = enqueue(&store, new_job()).await;
     let claimed = claim_one(&store, "w", NOW).await;
@@ -1305,7 +1309,7 @@ async fn list_jobs_order_filter_paging(store: Arc<dyn Store>) {
     );
 
     // Move some jobs along: priority 1 jobs (odd i) are claimed first.
-    let claimed = store.claim("w", 3, NOW, LEASE).await.unwrap();
+    let claimed = claim(&store, "w", 3, NOW).await;
     let mut running: Vec<Uuid> = claimed.iter().map(|j| j.id).collect();
     running.sort();
     assert_eq!(running, vec![ids[1], ids[3], ids[5]]);
@@ -1383,10 +1387,7 @@ async fn complete_fail_and_retry_later_outcomes(store: Arc<dyn Store>) {
             ..claimed.clone()
         }
     );
-    assert_eq!(
-        store.claim("w", 10, retry_at - 1, LEASE).await.unwrap(),
-        vec![]
-    );
+    assert_eq!(claim(&store, "w", 10, retry_at - 1).await, vec![]);
 
     // complete: succeeded with the result, earlier failure cleared, lease cleared.
     let second = claim_one(&store, "w", retry_at).await;
@@ -1517,7 +1518,7 @@ async fn checkpoints_do_not_wake_workers(store: Arc<dyn Store>) {
 async fn concurrent_writes_each_get_their_own_result(store: Arc<dyn Store>) {
     let a = enqueue(&store, new_job()).await;
     let b = enqueue(&store, new_job()).await;
-    let claimed = store.claim("w", 2, NOW, LEASE).await.unwrap();
+    let claimed = claim(&store, "w", 2, NOW).await;
     assert_eq!(claimed.len(), 2);
     let lease = |id: Uuid| lease_of(claimed.iter().find(|j| j.id == id).unwrap());
     let (la, lb) = (lease(a.id), lease(b.id));
@@ -1623,7 +1624,7 @@ async fn every_finish_is_announced(store: Arc<dyn Store>) {
     for _ in 0..5 {
         ids.push(enqueue(&store, new_job()).await.id);
     }
-    let claimed = store.claim("w", 4, NOW, LEASE).await.unwrap();
+    let claimed = claim(&store, "w", 4, NOW).await;
     assert_eq!(claimed.len(), 4);
     let leases: Vec<Lease> = claimed.iter().map(lease_of).collect();
     let result = json!({"ok": true});
@@ -1666,7 +1667,7 @@ async fn every_finish_is_announced(store: Arc<dyn Store>) {
             .id,
         );
     }
-    assert_eq!(store.claim("w", 3, NOW, LEASE).await.unwrap().len(), 3);
+    assert_eq!(claim(&store, "w", 3, NOW).await.len(), 3);
     assert_eq!(store.rescue_expired(NOW + LEASE_MS + 1).await.unwrap(), 3);
     expected.extend(last_tries.into_iter().map(|id| (id, JobStatus::Failed)));
 
@@ -1680,4 +1681,44 @@ async fn every_finish_is_announced(store: Arc<dyn Store>) {
             assert_eq!(expected.remove(&job_id), Some(status), "{job_id}");
         }
     }
+}
+
+/// The worker reads a job's steps only when the claim says it has some: a first claim must say
+/// no, and every claim of a job with a checkpoint (after a lease expiry or a release) must say
+/// yes, or finished steps would run (and be paid for) again.
+async fn a_claim_says_whether_the_job_has_checkpoints(store: Arc<dyn Store>) {
+    let (a, b) = (
+        enqueue(&store, new_job()).await,
+        enqueue(&store, new_job()).await,
+    );
+    let first = store.claim("w", 2, NOW, LEASE).await.unwrap();
+    assert_eq!(first.len(), 2);
+    assert!(first.iter().all(|c| !c.checkpointed), "{first:?}");
+    let lease = |id: Uuid| lease_of(&first.iter().find(|c| c.job.id == id).unwrap().job);
+    let (la, lb) = (lease(a.id), lease(b.id));
+
+    // `a` keeps a checkpoint and is released; `b` is released with none.
+    assert!(
+        store
+            .save_step(&la, &ok_step(StepKey::Panel(1), 1))
+            .await
+            .unwrap()
+    );
+    assert!(store.release(&la).await.unwrap() && store.release(&lb).await.unwrap());
+    let again = store.claim("w2", 2, NOW + 1, LEASE).await.unwrap();
+    let flag = |id: Uuid| again.iter().find(|c| c.job.id == id).unwrap().checkpointed;
+    assert!(flag(a.id), "a released job with a checkpoint");
+    assert!(!flag(b.id), "a released job without one");
+
+    // After a lease expiry the new holder is told too.
+    assert_eq!(
+        store.rescue_expired(NOW + 1 + LEASE_MS + 1).await.unwrap(),
+        2
+    );
+    let third = store
+        .claim("w3", 2, NOW + LEASE_MS + 2, LEASE)
+        .await
+        .unwrap();
+    let flag = |id: Uuid| third.iter().find(|c| c.job.id == id).unwrap().checkpointed;
+    assert!(flag(a.id) && !flag(b.id));
 }

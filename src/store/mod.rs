@@ -79,6 +79,15 @@ pub enum RetryOutcome {
     NotFound,
 }
 
+/// A job just claimed.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Claimed {
+    pub job: Job,
+    /// Whether any step of it is checkpointed (from an earlier attempt): the worker reads its
+    /// steps only then, so a fresh job costs no read.
+    pub checkpointed: bool,
+}
+
 /// A job held by a worker whose lease was just renewed.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Held {
@@ -105,7 +114,13 @@ pub trait Store: Send + Sync + 'static {
 
     /// Atomically move up to `limit` runnable queued jobs to running under `owner`, highest
     /// priority first. No job is ever handed to two claimers.
-    async fn claim(&self, owner: &str, limit: u32, now: i64, lease: Duration) -> Result<Vec<Job>>;
+    async fn claim(
+        &self,
+        owner: &str,
+        limit: u32,
+        now: i64,
+        lease: Duration,
+    ) -> Result<Vec<Claimed>>;
     /// Extend the lease of every job `owner` holds; returns the jobs it still holds.
     async fn heartbeat(&self, owner: &str, now: i64, lease: Duration) -> Result<Vec<Held>>;
     /// Requeue running jobs whose lease expired (or fail them once attempts are used up);
@@ -202,6 +217,28 @@ pub fn redact_url(url: &str) -> String {
 
 pub(crate) fn status_from_db(s: &str) -> Result<JobStatus> {
     JobStatus::parse(s).ok_or_else(|| StoreError::Corrupt(format!("unknown job status `{s}`")))
+}
+
+/// The claim's rows (a job's columns and `checkpointed`) as claimed jobs, in the order they were
+/// picked (`RETURNING` does not keep it): highest priority, then longest runnable.
+fn claimed_from<R: sqlx::Row>(rows: &[R], job: fn(&R) -> Result<Job>) -> Result<Vec<Claimed>>
+where
+    bool: for<'r> sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+    for<'a> &'a str: sqlx::ColumnIndex<R>,
+{
+    let mut claimed = rows
+        .iter()
+        .map(|r| {
+            Ok(Claimed {
+                job: job(r)?,
+                checkpointed: r.try_get("checkpointed")?,
+            })
+        })
+        .collect::<Result<Vec<_>>>()?;
+    claimed.sort_by(|a, b| {
+        (b.job.priority.cmp(&a.job.priority)).then(a.job.run_at.cmp(&b.job.run_at))
+    });
+    Ok(claimed)
 }
 
 pub(crate) fn ms(d: Duration) -> i64 {

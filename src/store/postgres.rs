@@ -17,7 +17,7 @@ use uuid::Uuid;
 use super::batch::{Batcher, Finish, Write};
 use super::pg_writes::PgBatch;
 use super::{
-    CancelOutcome, EVENT_BACKLOG, Enqueued, Held, JobEvent, Result, RetryOutcome, Store,
+    CancelOutcome, Claimed, EVENT_BACKLOG, Enqueued, Held, JobEvent, Result, RetryOutcome, Store,
     StoreError, ms, status_from_db,
 };
 use crate::job::{Job, JobStatus, Lease, ListFilter, NewJob, Step, StepKey, Usage};
@@ -267,7 +267,13 @@ impl Store for PgStore {
         })
     }
 
-    async fn claim(&self, owner: &str, limit: u32, now: i64, lease: Duration) -> Result<Vec<Job>> {
+    async fn claim(
+        &self,
+        owner: &str,
+        limit: u32,
+        now: i64,
+        lease: Duration,
+    ) -> Result<Vec<Claimed>> {
         let rows = sqlx::query(concat!(
             "WITH next AS (SELECT id FROM jobs WHERE status = 'queued' AND run_at <= $3 \
                            ORDER BY priority DESC, run_at, id LIMIT $4 FOR UPDATE SKIP LOCKED) \
@@ -277,7 +283,8 @@ impl Store for PgStore {
             "jobs.id, jobs.status, jobs.spec, jobs.metadata, jobs.priority, jobs.attempt, \
              jobs.max_attempts, jobs.run_at, jobs.deadline_at, jobs.lease_owner, \
              jobs.lease_expires_at, jobs.idempotency_key, jobs.request_hash, jobs.created_at, \
-             jobs.started_at, jobs.finished_at, jobs.failure_reason, jobs.error, jobs.result"
+             jobs.started_at, jobs.finished_at, jobs.failure_reason, jobs.error, jobs.result, \
+             EXISTS (SELECT 1 FROM steps s WHERE s.job_id = jobs.id) AS checkpointed"
         ))
         .bind(owner)
         .bind(now + ms(lease))
@@ -285,9 +292,7 @@ impl Store for PgStore {
         .bind(i64::from(limit))
         .fetch_all(&self.pool)
         .await?;
-        let mut jobs = rows.iter().map(job_from_row).collect::<Result<Vec<_>>>()?;
-        jobs.sort_by(|a, b| b.priority.cmp(&a.priority).then(a.run_at.cmp(&b.run_at)));
-        Ok(jobs)
+        super::claimed_from(&rows, job_from_row)
     }
 
     async fn heartbeat(&self, owner: &str, now: i64, lease: Duration) -> Result<Vec<Held>> {

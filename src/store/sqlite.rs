@@ -20,7 +20,7 @@ use uuid::Uuid;
 use super::batch::{Batcher, Finish, Write};
 use super::sqlite_writes::SqliteBatch;
 use super::{
-    CancelOutcome, EVENT_BACKLOG, Enqueued, Held, JobEvent, Result, RetryOutcome, Store,
+    CancelOutcome, Claimed, EVENT_BACKLOG, Enqueued, Held, JobEvent, Result, RetryOutcome, Store,
     StoreError, ms, status_from_db,
 };
 use crate::job::{Job, JobStatus, Lease, ListFilter, NewJob, Step, StepKey, Usage};
@@ -265,14 +265,21 @@ impl Store for SqliteStore {
         }
     }
 
-    async fn claim(&self, owner: &str, limit: u32, now: i64, lease: Duration) -> Result<Vec<Job>> {
+    async fn claim(
+        &self,
+        owner: &str,
+        limit: u32,
+        now: i64,
+        lease: Duration,
+    ) -> Result<Vec<Claimed>> {
         let rows = sqlx::query(concat!(
             "UPDATE jobs SET status = 'running', attempt = attempt + 1, lease_owner = ?1, \
              lease_expires_at = ?2, started_at = coalesce(started_at, ?3) \
              WHERE id IN (SELECT id FROM jobs WHERE status = 'queued' AND run_at <= ?3 \
                           ORDER BY priority DESC, run_at, id LIMIT ?4) \
              RETURNING ",
-            job_columns!()
+            job_columns!(),
+            ", EXISTS (SELECT 1 FROM steps s WHERE s.job_id = jobs.id) AS checkpointed"
         ))
         .bind(owner)
         .bind(now + ms(lease))
@@ -280,9 +287,7 @@ impl Store for SqliteStore {
         .bind(i64::from(limit))
         .fetch_all(&self.writer)
         .await?;
-        let mut jobs = rows.iter().map(job_from_row).collect::<Result<Vec<_>>>()?;
-        jobs.sort_by(|a, b| b.priority.cmp(&a.priority).then(a.run_at.cmp(&b.run_at)));
-        Ok(jobs)
+        super::claimed_from(&rows, job_from_row)
     }
 
     async fn heartbeat(&self, owner: &str, now: i64, lease: Duration) -> Result<Vec<Held>> {

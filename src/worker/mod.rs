@@ -21,7 +21,7 @@ use crate::clock::SharedClock;
 use crate::fusion::{Outcome, Pipeline};
 use crate::job::Job;
 use crate::job::JobStatus;
-use crate::store::{JobEvent, Store, StoreError};
+use crate::store::{Claimed, JobEvent, Store, StoreError};
 use checkpoint::{LeaseCheckpoints, with_db_retries};
 
 #[derive(Debug, Clone)]
@@ -188,12 +188,13 @@ impl Worker {
         }
     }
 
-    async fn execute_holding(self: Arc<Self>, job: Job, _permit: OwnedSemaphorePermit) {
-        self.execute(job).await;
+    async fn execute_holding(self: Arc<Self>, claimed: Claimed, _permit: OwnedSemaphorePermit) {
+        self.execute(claimed).await;
     }
 
     /// Run one claimed job and write its outcome, fenced on its lease.
-    async fn execute(self: Arc<Self>, job: Job) {
+    async fn execute(self: Arc<Self>, claimed: Claimed) {
+        let Claimed { job, checkpointed } = claimed;
         let Some(lease) = job.lease() else {
             tracing::error!(job = %job.id, "claimed job has no lease owner");
             return;
@@ -208,7 +209,7 @@ impl Worker {
         );
         let span = tracing::info_span!("job", id = %job.id, attempt = job.attempt);
         let outcome = self
-            .run_pipeline(&job, &lease, &stop)
+            .run_pipeline(&job, checkpointed, &lease, &stop)
             .instrument(span)
             .await;
         let now = self.clock.now_ms();
@@ -260,6 +261,7 @@ impl Worker {
     async fn run_pipeline(
         &self,
         job: &Job,
+        checkpointed: bool,
         lease: &crate::job::Lease,
         stop: &CancellationToken,
     ) -> Outcome {
@@ -271,8 +273,14 @@ impl Worker {
         if remaining.is_some_and(|r| r <= 0) {
             return deadline_passed();
         }
-        let Some(done) = with_db_retries(stop, || self.store.get_steps(job.id)).await else {
-            return Outcome::Stopped;
+        // A job claimed for the first time has nothing to reuse: no read.
+        let done = if checkpointed {
+            let Some(done) = with_db_retries(stop, || self.store.get_steps(job.id)).await else {
+                return Outcome::Stopped;
+            };
+            done
+        } else {
+            Vec::new()
         };
         let ckpt = LeaseCheckpoints {
             store: self.store.as_ref(),
