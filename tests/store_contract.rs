@@ -1488,7 +1488,7 @@ async fn checkpoints_do_not_wake_workers(store: Arc<dyn Store>) {
     let lease = lease_of(&claim_one(&store, "w", NOW).await);
     let wakeups = store.wakeups();
     // Let the enqueue's own wake-ups arrive (NOTIFY is asynchronous), then drop them.
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
     let _ = tokio::time::timeout(Duration::ZERO, wakeups.notified()).await;
     for i in 0..3 {
         assert!(

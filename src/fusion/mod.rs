@@ -226,7 +226,7 @@ impl Pipeline {
             }));
         }
         // Each answer is checkpointed as it lands, concurrently with the calls still out (so
-        // the saves can share a group commit); the grace period cuts off calls, never saves.
+        // the saves can share a batch); the grace period cuts off calls, never saves.
         let mut saves = FuturesUnordered::new();
         let mut ok = panel.iter().flatten().filter(|s| s.ok).count() as u32;
         let mut grace: Option<std::pin::Pin<Box<tokio::time::Sleep>>> = None;

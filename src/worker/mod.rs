@@ -273,7 +273,7 @@ impl Worker {
         if remaining.is_some_and(|r| r <= 0) {
             return deadline_passed();
         }
-        // A job claimed for the first time has nothing to reuse: no read.
+        // Nothing checkpointed (the claim says so, e.g. a first claim): nothing to read back.
         let done = if checkpointed {
             let Some(done) = with_db_retries(stop, || self.store.get_steps(job.id)).await else {
                 return Outcome::Stopped;
