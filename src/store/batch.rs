@@ -19,9 +19,8 @@ const MAX_BATCH: usize = 512;
 
 /// One write, its values ready to bind.
 pub(super) enum Write {
-    /// Insert a queued job unless its idempotency key exists: true when inserted. `spec` is the
-    /// job's spec as JSON.
-    Enqueue { job: NewJob, spec: Value },
+    /// Insert a queued job unless its idempotency key exists: true when inserted.
+    Enqueue(NewJob),
     /// Insert a checkpoint if the lease still holds and the step is new: true when inserted.
     /// The row is written with the lease's attempt (what the fence checks).
     Step { lease: Lease, step: Step },
@@ -37,6 +36,30 @@ pub(super) struct Finish {
     pub reason: Option<String>,
     pub error: Option<String>,
     pub now: i64,
+}
+
+impl Finish {
+    pub fn succeeded(lease: &Lease, result: Value, now: i64) -> Finish {
+        Finish {
+            lease: lease.clone(),
+            status: JobStatus::Succeeded,
+            result: Some(result),
+            reason: None,
+            error: None,
+            now,
+        }
+    }
+
+    pub fn failed(lease: &Lease, reason: String, error: String, now: i64) -> Finish {
+        Finish {
+            lease: lease.clone(),
+            status: JobStatus::Failed,
+            result: None,
+            reason: Some(reason),
+            error: Some(error),
+            now,
+        }
+    }
 }
 
 /// How a database writes a batch: all of `writes` in one transaction, and for each whether it
@@ -111,7 +134,7 @@ async fn run<S: BatchSql>(sql: Arc<S>, rx: Arc<Mutex<mpsc::Receiver<Queued>>>) {
 /// The key a write's row comes back under when it took effect: `(kind, job id, step, attempt)`.
 pub(super) fn took_key(write: &Write) -> (char, String, Option<String>, Option<i64>) {
     match write {
-        Write::Enqueue { job, .. } => ('e', job.id.to_string(), None, None),
+        Write::Enqueue(job) => ('e', job.id.to_string(), None, None),
         Write::Step { lease, step } => (
             's',
             lease.job_id.to_string(),

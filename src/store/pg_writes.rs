@@ -12,7 +12,7 @@ use sqlx::types::Json;
 use uuid::Uuid;
 
 use super::batch::{BatchSql, Finish, Write, took_key};
-use crate::job::{Lease, NewJob, Step};
+use crate::job::{JobSpec, Lease, NewJob, Step};
 
 pub(super) struct PgBatch(pub PgPool);
 
@@ -76,7 +76,7 @@ async fn execute(pool: &PgPool, writes: &[Write]) -> Result<Vec<bool>, sqlx::Err
     let mut f = Finishes::default();
     for write in writes {
         match write {
-            Write::Enqueue { job, spec } => e.push(job, spec),
+            Write::Enqueue(job) => e.push(job),
             Write::Step { lease, step } => s.push(lease, step),
             Write::Finish(finish) => f.push(finish),
         }
@@ -133,7 +133,7 @@ async fn execute(pool: &PgPool, writes: &[Write]) -> Result<Vec<bool>, sqlx::Err
 #[derive(Default)]
 struct Enqueues {
     id: Vec<Uuid>,
-    spec: Vec<Json<Value>>,
+    spec: Vec<Json<JobSpec>>,
     metadata: Vec<Json<Value>>,
     priority: Vec<i32>,
     max_attempts: Vec<i32>,
@@ -144,9 +144,9 @@ struct Enqueues {
 }
 
 impl Enqueues {
-    fn push(&mut self, job: &NewJob, spec: &Value) {
+    fn push(&mut self, job: &NewJob) {
         self.id.push(job.id);
-        self.spec.push(Json(spec.clone()));
+        self.spec.push(Json(job.spec.clone()));
         self.metadata.push(Json(job.metadata.clone()));
         self.priority.push(job.priority);
         self.max_attempts.push(job.max_attempts);

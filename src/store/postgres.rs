@@ -136,21 +136,13 @@ impl Store for PgStore {
     async fn enqueue(&self, mut job: NewJob) -> Result<Enqueued> {
         let spec =
             serde_json::to_value(&job.spec).map_err(|e| StoreError::Corrupt(e.to_string()))?;
-        let spec = if has_nul(&spec) {
+        if has_nul(&spec) {
             // Store and answer with what the database keeps.
-            let clean = no_nul_json(spec);
-            job.spec = serde_json::from_value(clean.clone())
+            job.spec = serde_json::from_value(no_nul_json(spec))
                 .map_err(|e| StoreError::Corrupt(e.to_string()))?;
-            clean
-        } else {
-            spec
-        };
+        }
         job.metadata = no_nul_json(std::mem::take(&mut job.metadata));
-        let write = Write::Enqueue {
-            job: job.clone(),
-            spec,
-        };
-        if self.writes.write(write).await? {
+        if self.writes.write(Write::Enqueue(job.clone())).await? {
             self.wakeups.notify_one();
             return Ok(Enqueued::Created(job.into_queued()));
         }
@@ -359,27 +351,13 @@ impl Store for PgStore {
     }
 
     async fn complete(&self, lease: &Lease, result: &Value, now: i64) -> Result<bool> {
-        self.finish(Finish {
-            lease: lease.clone(),
-            status: JobStatus::Succeeded,
-            result: Some(no_nul_json(result.clone())),
-            reason: None,
-            error: None,
-            now,
-        })
-        .await
+        self.finish(Finish::succeeded(lease, no_nul_json(result.clone()), now))
+            .await
     }
 
     async fn fail(&self, lease: &Lease, reason: &str, error: &str, now: i64) -> Result<bool> {
-        self.finish(Finish {
-            lease: lease.clone(),
-            status: JobStatus::Failed,
-            result: None,
-            reason: Some(no_nul(reason).into_owned()),
-            error: Some(no_nul(error).into_owned()),
-            now,
-        })
-        .await
+        let (reason, error) = (no_nul(reason).into_owned(), no_nul(error).into_owned());
+        self.finish(Finish::failed(lease, reason, error, now)).await
     }
 
     async fn retry_later(

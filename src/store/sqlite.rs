@@ -90,10 +90,10 @@ impl SqliteStore {
 
     /// Run a lease-fenced update (`… WHERE id = ? AND attempt = ? AND lease_owner = ? AND
     /// status = 'running'`) on the writer: true when the lease held.
-    async fn fenced(&self, sql: &'static str, lease: &Lease, binds: Vec<Bind>) -> Result<bool> {
+    async fn fenced(&self, sql: &'static str, lease: &Lease, binds: &[Bind<'_>]) -> Result<bool> {
         let mut q = sqlx::query(sql);
         for b in binds {
-            q = match b {
+            q = match *b {
                 Bind::I(v) => q.bind(v),
                 Bind::S(v) => q.bind(v),
             };
@@ -116,9 +116,9 @@ impl SqliteStore {
 }
 
 /// A value bound before the fence parameters of a lease-fenced update.
-enum Bind {
+enum Bind<'a> {
     I(i64),
-    S(String),
+    S(&'a str),
 }
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite");
@@ -136,13 +136,7 @@ impl Store for SqliteStore {
     }
 
     async fn enqueue(&self, job: NewJob) -> Result<Enqueued> {
-        let spec =
-            serde_json::to_value(&job.spec).map_err(|e| StoreError::Corrupt(e.to_string()))?;
-        let write = Write::Enqueue {
-            job: job.clone(),
-            spec,
-        };
-        if self.writes.write(write).await? {
+        if self.writes.write(Write::Enqueue(job.clone())).await? {
             self.wakeups.notify_one();
             return Ok(Enqueued::Created(job.into_queued()));
         }
@@ -357,27 +351,13 @@ impl Store for SqliteStore {
     }
 
     async fn complete(&self, lease: &Lease, result: &Value, now: i64) -> Result<bool> {
-        self.finish(Finish {
-            lease: lease.clone(),
-            status: JobStatus::Succeeded,
-            result: Some(result.clone()),
-            reason: None,
-            error: None,
-            now,
-        })
-        .await
+        self.finish(Finish::succeeded(lease, result.clone(), now))
+            .await
     }
 
     async fn fail(&self, lease: &Lease, reason: &str, error: &str, now: i64) -> Result<bool> {
-        self.finish(Finish {
-            lease: lease.clone(),
-            status: JobStatus::Failed,
-            result: None,
-            reason: Some(reason.to_string()),
-            error: Some(error.to_string()),
-            now,
-        })
-        .await
+        let finish = Finish::failed(lease, reason.to_string(), error.to_string(), now);
+        self.finish(finish).await
     }
 
     async fn retry_later(
@@ -392,11 +372,7 @@ impl Store for SqliteStore {
              lease_owner = NULL, lease_expires_at = NULL \
              WHERE id = ? AND attempt = ? AND lease_owner = ? AND status = 'running'",
             lease,
-            vec![
-                Bind::I(run_at),
-                Bind::S(reason.into()),
-                Bind::S(error.into()),
-            ],
+            &[Bind::I(run_at), Bind::S(reason), Bind::S(error)],
         )
         .await
     }
@@ -408,7 +384,7 @@ impl Store for SqliteStore {
                  lease_expires_at = NULL \
                  WHERE id = ? AND attempt = ? AND lease_owner = ? AND status = 'running'",
                 lease,
-                vec![],
+                &[],
             )
             .await?;
         if released {

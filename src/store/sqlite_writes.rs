@@ -60,9 +60,9 @@ impl BatchSql for SqliteBatch {
         let (mut enqueues, mut steps, mut finishes) = (Vec::new(), Vec::new(), Vec::new());
         for write in writes {
             match write {
-                Write::Enqueue { job, spec } => enqueues.push(json!([
+                Write::Enqueue(job) => enqueues.push(json!([
                     job.id.to_string(),
-                    spec.to_string(),
+                    serde_json::to_string(&job.spec).map_err(|e| sqlx::Error::Encode(e.into()))?,
                     job.metadata.to_string(),
                     job.priority,
                     job.max_attempts,
