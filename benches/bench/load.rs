@@ -28,20 +28,27 @@ pub fn job_body(panel: &[String], analyst: &str) -> Value {
     })
 }
 
-/// `POST /v1/jobs`: the job id, or an error naming the status.
-pub async fn submit(client: &reqwest::Client, base: &str, body: &Value) -> anyhow::Result<String> {
-    let resp = client
-        .post(format!("{base}/v1/jobs"))
-        .json(body)
-        .send()
-        .await?;
+/// POST `body` as JSON: the answer's JSON, or an error naming the status when it is not
+/// `expected`.
+pub async fn post_json(
+    client: &reqwest::Client,
+    url: String,
+    body: &Value,
+    expected: u16,
+) -> anyhow::Result<Value> {
+    let resp = client.post(&url).json(body).send().await?;
     let status = resp.status();
     anyhow::ensure!(
-        status == 202,
-        "submit answered {status}: {}",
+        status == expected,
+        "{url} answered {status}: {}",
         resp.text().await?
     );
-    let job: Value = resp.json().await?;
+    Ok(resp.json().await?)
+}
+
+/// `POST /v1/jobs`: the job id, or an error naming the status.
+pub async fn submit(client: &reqwest::Client, base: &str, body: &Value) -> anyhow::Result<String> {
+    let job = post_json(client, format!("{base}/v1/jobs"), body, 202).await?;
     Ok(job["id"].as_str().context("no job id")?.to_string())
 }
 

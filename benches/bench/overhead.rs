@@ -150,18 +150,8 @@ async fn measure_script(
 
 /// One synchronous completion; checks it carries the fused answer.
 async fn sync_chat(client: reqwest::Client, base: String, body: Value) -> anyhow::Result<()> {
-    let resp = client
-        .post(format!("{base}/v1/chat/completions"))
-        .json(&body)
-        .send()
-        .await?;
-    let status = resp.status();
-    anyhow::ensure!(
-        status == 200,
-        "chat answered {status}: {}",
-        resp.text().await?
-    );
-    let v: Value = resp.json().await?;
+    let url = format!("{base}/v1/chat/completions");
+    let v = load::post_json(&client, url, &body, 200).await?;
     let content = v
         .pointer("/choices/0/message/content")
         .and_then(Value::as_str);
