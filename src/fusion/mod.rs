@@ -1,9 +1,11 @@
 //! The fusion workflow: `panel[i]` in parallel, then `analysis`, then `final`. Each finished step
-//! is handed to a `Checkpoints` sink before the next starts, and steps already checkpointed are
-//! reused, never called again. Knows nothing of SQL or HTTP servers: the worker supplies the sink.
+//! is handed to a `Checkpoints` sink as soon as it answers (the next call does not wait for the
+//! write, see `saves.rs`), and steps already checkpointed are reused, never called again. Knows
+//! nothing of SQL or HTTP servers: the worker supplies the sink.
 
 pub mod analysis;
 pub mod prompts;
+mod saves;
 
 use std::borrow::Cow;
 use std::sync::Arc;
@@ -23,6 +25,7 @@ use crate::upstream::{
 };
 use analysis::Analysis;
 use prompts::PanelAnswer;
+use saves::Saves;
 
 /// The sink was unable to keep a step: the lease is gone or the database is out of reach.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -61,22 +64,29 @@ pub struct Pipeline {
     pub clock: SharedClock,
 }
 
-/// Save a checkpoint, or give up with `Outcome::Stopped` when the sink loses the lease.
-macro_rules! save_or_stop {
-    ($ckpt:expr, $step:expr) => {
-        if $ckpt.save(&$step).await.is_err() {
-            return Outcome::Stopped;
-        }
-    };
-}
-
 impl Pipeline {
-    /// Run what remains of `job`, given the steps already checkpointed.
+    /// Run what remains of `job`, given the steps already checkpointed. Every checkpoint has
+    /// landed by the time the outcome is returned (or the outcome is `Stopped`).
     pub async fn run(
         &self,
         job: &Job,
         done: Vec<Step>,
         ckpt: &dyn Checkpoints,
+        cancel: &CancellationToken,
+    ) -> Outcome {
+        let mut saves = Saves::new(ckpt);
+        let outcome = self.run_steps(job, done, &mut saves, cancel).await;
+        match saves.settle().await {
+            Ok(()) => outcome,
+            Err(Lost) => Outcome::Stopped,
+        }
+    }
+
+    async fn run_steps(
+        &self,
+        job: &Job,
+        done: Vec<Step>,
+        saves: &mut Saves<'_>,
         cancel: &CancellationToken,
     ) -> Outcome {
         let spec = &job.spec;
@@ -94,7 +104,7 @@ impl Pipeline {
 
         if panel.iter().any(Option::is_none)
             && let Some(stop) = self
-                .run_panel(spec, job.attempt, &mut panel, ckpt, cancel)
+                .run_panel(spec, job.attempt, &mut panel, saves, cancel)
                 .await
         {
             return stop;
@@ -118,10 +128,14 @@ impl Pipeline {
                 // Boxed, like the final call below: a job waiting on its panel does not carry
                 // room for the later steps' futures (it matters with thousands in flight).
                 let analysis = Box::pin(self.run_analysis(spec, job.attempt, &answers, cancel));
-                let Some(s) = analysis.await else {
+                let Ok(Some(s)) = saves.alongside(analysis).await else {
                     return Outcome::Stopped;
                 };
-                save_or_stop!(ckpt, s);
+                // The analysis is written only once the answers it compares are.
+                if saves.settle().await.is_err() {
+                    return Outcome::Stopped;
+                }
+                saves.start(s.clone());
                 s
             }
         };
@@ -142,7 +156,7 @@ impl Pipeline {
                     response_format: None,
                 };
                 let call = self.call_step(StepKey::Final, &spec.analyst, &req, job.attempt, cancel);
-                let Some((s, retryable)) = Box::pin(call).await else {
+                let Ok(Some((s, retryable))) = saves.alongside(Box::pin(call)).await else {
                     return Outcome::Stopped;
                 };
                 if retryable {
@@ -155,7 +169,11 @@ impl Pipeline {
                         ),
                     };
                 }
-                save_or_stop!(ckpt, s);
+                // Written after the analysis, and before the outcome (which `run` awaits).
+                if saves.settle().await.is_err() {
+                    return Outcome::Stopped;
+                }
+                saves.start(s.clone());
                 s
             }
         };
@@ -196,14 +214,15 @@ impl Pipeline {
         }))
     }
 
-    /// Call every missing panel member in parallel, checkpointing each as it lands. Returns
-    /// `Some(Stopped)` when the run must stop (cancelled, or the lease is gone).
+    /// Call every missing panel member in parallel, starting each one's checkpoint as it lands
+    /// (the writes of answers that land together share a batch). Returns `Some(Stopped)` when
+    /// the run must stop (cancelled, or the lease is gone).
     async fn run_panel(
         &self,
         spec: &JobSpec,
         attempt: i32,
         panel: &mut [Option<Step>],
-        ckpt: &dyn Checkpoints,
+        saves: &mut Saves<'_>,
         cancel: &CancellationToken,
     ) -> Option<Outcome> {
         let mut pending = FuturesUnordered::new();
@@ -225,44 +244,38 @@ impl Pipeline {
                 (i, step.map(|(s, _)| s).ok_or(Outcome::Stopped))
             }));
         }
-        // Each answer is checkpointed as it lands, concurrently with the calls still out (so
-        // the saves can share a batch); the grace period cuts off calls, never saves.
-        let mut saves = FuturesUnordered::new();
         let mut ok = panel.iter().flatten().filter(|s| s.ok).count() as u32;
         let mut grace: Option<std::pin::Pin<Box<tokio::time::Sleep>>> = None;
-        while !pending.is_empty() || !saves.is_empty() {
+        loop {
             if grace.is_none()
                 && ok >= spec.min_panel
                 && let Some(ms) = spec.panel_timeout_ms
             {
                 grace = Some(Box::pin(tokio::time::sleep(Duration::from_millis(ms))));
             }
-            let calls_out = !pending.is_empty();
-            let grace_over = async {
-                match grace.as_mut() {
-                    Some(sleep) if calls_out => sleep.await,
-                    _ => std::future::pending().await,
+            // The next answer; `None` once every call returned or the grace period is over.
+            let next = async {
+                tokio::select! {
+                    answer = pending.next() => answer,
+                    _ = async {
+                        match grace.as_mut() {
+                            Some(sleep) => sleep.await,
+                            None => std::future::pending().await,
+                        }
+                    } => None,
                 }
             };
-            tokio::select! {
-                Some((i, step)) = pending.next() => {
-                    let step = match step {
-                        Ok(step) => step,
-                        Err(stopped) => return Some(stopped),
-                    };
-                    saves.push(async move {
-                        let saved = ckpt.save(&step).await;
-                        (i, step, saved)
-                    });
-                }
-                Some((i, step, saved)) = saves.next() => {
-                    if saved.is_err() {
-                        return Some(Outcome::Stopped);
-                    }
+            let Ok(next) = saves.alongside(next).await else {
+                return Some(Outcome::Stopped);
+            };
+            match next {
+                Some((i, Ok(step))) => {
                     ok += u32::from(step.ok);
+                    saves.start(step.clone());
                     panel[i] = Some(step);
                 }
-                _ = grace_over => pending.clear(),
+                Some((_, Err(stopped))) => return Some(stopped),
+                None => break,
             }
         }
         // Members still out when the grace period ended are recorded as timed out.
@@ -276,9 +289,7 @@ impl Pipeline {
                     )),
                     ..self.failed_step(StepKey::Panel(i as u32), &spec.panel[i], attempt)
                 };
-                if ckpt.save(&step).await.is_err() {
-                    return Some(Outcome::Stopped);
-                }
+                saves.start(step.clone());
                 *slot = Some(step);
             }
         }

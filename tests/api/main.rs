@@ -8,5 +8,6 @@ mod jobs;
 mod local_llm;
 mod openai_sdk;
 mod pipeline_faults;
+mod pipelining;
 mod postgres;
 mod restart;

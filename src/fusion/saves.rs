@@ -1,0 +1,57 @@
+//! Checkpoint writes in flight while the workflow goes on: the next upstream call starts as soon
+//! as the step before it has answered, not once that answer is on disk, so a checkpoint costs
+//! the critical path nothing. Order is kept where it matters: a step's write is started only
+//! after every write it builds on has landed, and a failed write (the lease is gone) stops the
+//! call under way at once.
+
+use std::pin::pin;
+
+use futures::StreamExt;
+use futures::future::BoxFuture;
+use futures::stream::FuturesUnordered;
+
+use super::{Checkpoints, Lost};
+use crate::job::Step;
+
+pub(super) struct Saves<'a> {
+    sink: &'a dyn Checkpoints,
+    pending: FuturesUnordered<BoxFuture<'a, Result<(), Lost>>>,
+}
+
+impl<'a> Saves<'a> {
+    pub fn new(sink: &'a dyn Checkpoints) -> Saves<'a> {
+        Saves {
+            sink,
+            pending: FuturesUnordered::new(),
+        }
+    }
+
+    /// Start writing `step`; whether it landed is learnt by `settle` or `alongside`.
+    pub fn start(&mut self, step: Step) {
+        let sink = self.sink;
+        self.pending
+            .push(Box::pin(async move { sink.save(&step).await }));
+    }
+
+    /// Wait until every write started so far has landed.
+    pub async fn settle(&mut self) -> Result<(), Lost> {
+        while let Some(saved) = self.pending.next().await {
+            saved?;
+        }
+        Ok(())
+    }
+
+    /// Run `work` while the writes started so far land; `Err(Lost)` as soon as one of them
+    /// fails, dropping `work` (an upstream call is then abandoned, not paid for to the end).
+    /// Writes still in flight when `work` is done stay pending.
+    pub async fn alongside<T>(&mut self, work: impl Future<Output = T>) -> Result<T, Lost> {
+        let mut work = pin!(work);
+        loop {
+            tokio::select! {
+                biased;
+                Some(saved) = self.pending.next(), if !self.pending.is_empty() => saved?,
+                done = &mut work => return Ok(done),
+            }
+        }
+    }
+}

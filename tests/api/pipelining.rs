@@ -1,0 +1,175 @@
+//! Checkpoint writes off the critical path: the pipeline runs against the fake upstream with a
+//! checkpoint sink whose writes are slow (or fail), and the test reads when each call started
+//! (the fake's clock) against when each write started and landed (the sink's).
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use async_trait::async_trait;
+use fusion::clock::SystemClock;
+use fusion::config::FileConfig;
+use fusion::fusion::{Checkpoints, Lost, Outcome, Pipeline};
+use fusion::job::{Job, JobSpec, NewJob, Step};
+use fusion::upstream::Upstream;
+use serde_json::json;
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+use crate::fake_upstream::{FakeUpstream, Kind, Reply};
+
+fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64
+}
+
+/// One write as the sink saw it: the step, when it started and when it landed (unix ms).
+#[derive(Debug, Clone)]
+struct Write {
+    step: String,
+    started: i64,
+    landed: i64,
+}
+
+/// Takes `delay` over every write; with `fail`, every write fails after it (a lost lease).
+struct SlowSink {
+    delay: Duration,
+    fail: bool,
+    log: Mutex<Vec<Write>>,
+}
+
+#[async_trait]
+impl Checkpoints for SlowSink {
+    async fn save(&self, step: &Step) -> Result<(), Lost> {
+        let started = now_ms();
+        tokio::time::sleep(self.delay).await;
+        self.log.lock().unwrap().push(Write {
+            step: step.key.to_db(),
+            started,
+            landed: now_ms(),
+        });
+        if self.fail { Err(Lost) } else { Ok(()) }
+    }
+}
+
+impl SlowSink {
+    fn new(delay_ms: u64, fail: bool) -> SlowSink {
+        SlowSink {
+            delay: Duration::from_millis(delay_ms),
+            fail,
+            log: Mutex::new(Vec::new()),
+        }
+    }
+
+    fn writes(&self, prefix: &str) -> Vec<Write> {
+        let log = self.log.lock().unwrap();
+        log.iter()
+            .filter(|w| w.step.starts_with(prefix))
+            .cloned()
+            .collect()
+    }
+}
+
+fn pipeline(fake: &FakeUpstream) -> Pipeline {
+    let file: FileConfig = toml::from_str("[retry]\nbase_ms = 10\ncap_ms = 50\n").unwrap();
+    let url = fake.base_url();
+    let config = file
+        .resolve(&|k| (k == "FUSION_UPSTREAM_URL").then(|| url.clone()))
+        .unwrap();
+    Pipeline {
+        upstream: Arc::new(Upstream::new(config.upstream).unwrap()),
+        retry: config.retry,
+        analysis_attempts: config.jobs.analysis_attempts,
+        analysis_limits: config.analysis,
+        clock: Arc::new(SystemClock),
+    }
+}
+
+/// A job with panel `a`, `b` and analyst `judge`, claimed once.
+fn job() -> Job {
+    let mut job = NewJob {
+        id: Uuid::now_v7(),
+        spec: JobSpec {
+            model: "fusion".into(),
+            messages: vec![json!({"role": "user", "content": "Why is the sky blue?"})],
+            panel: vec!["a".into(), "b".into()],
+            analyst: "judge".into(),
+            temperature: None,
+            max_completion_tokens: None,
+            min_panel: 1,
+            panel_timeout_ms: None,
+        },
+        metadata: json!({}),
+        priority: 0,
+        max_attempts: 3,
+        deadline_at: None,
+        idempotency_key: None,
+        request_hash: None,
+        created_at: now_ms(),
+    }
+    .into_queued();
+    job.attempt = 1;
+    job
+}
+
+#[tokio::test]
+async fn the_next_call_does_not_wait_for_the_checkpoint_before_it() {
+    let fake = FakeUpstream::start().await;
+    let sink = SlowSink::new(300, false);
+    let outcome = pipeline(&fake)
+        .run(&job(), Vec::new(), &sink, &CancellationToken::new())
+        .await;
+    let finished = now_ms();
+    assert!(matches!(outcome, Outcome::Succeeded(_)), "{outcome:?}");
+
+    let panel = sink.writes("panel");
+    let (analysis, final_) = (&sink.writes("analysis")[0], &sink.writes("final")[0]);
+    assert_eq!(panel.len(), 2, "{panel:?}");
+    let panel_landed = panel.iter().map(|w| w.landed).max().unwrap();
+    // Each call started while the write before it was still under way...
+    let analysis_call = fake.starts("judge", Kind::Analysis)[0];
+    let final_call = fake.starts("judge", Kind::Final)[0];
+    assert!(
+        analysis_call < panel_landed - 150,
+        "the analysis call ({analysis_call}) waited for the panel's checkpoints ({panel_landed})"
+    );
+    assert!(
+        final_call < analysis.landed - 150,
+        "the final call ({final_call}) waited for the analysis checkpoint ({})",
+        analysis.landed
+    );
+    // ...but a step is written only after the steps it builds on, and the outcome only after
+    // every write landed.
+    assert!(analysis.started >= panel_landed, "{:?}", sink.log);
+    assert!(final_.started >= analysis.landed, "{:?}", sink.log);
+    assert!(finished >= final_.landed);
+}
+
+#[tokio::test]
+async fn a_failed_checkpoint_abandons_the_call_under_way() {
+    let fake = FakeUpstream::start().await;
+    fake.script(
+        "judge",
+        Kind::Analysis,
+        vec![Reply::Delay(10_000, Box::new(Reply::Ok))],
+    );
+    let sink = SlowSink::new(300, true);
+    let started = now_ms();
+    let outcome = pipeline(&fake)
+        .run(&job(), Vec::new(), &sink, &CancellationToken::new())
+        .await;
+    let took = now_ms() - started;
+    assert_eq!(outcome, Outcome::Stopped);
+    assert!(took < 2_000, "stopping took {took} ms");
+    // The analysis call had started while the panel was being written; it was dropped when the
+    // write failed, and nothing after it was written.
+    assert_eq!(fake.calls("judge", Kind::Analysis), 1);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while fake.aborted("judge", Kind::Analysis) == 0 && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(fake.aborted("judge", Kind::Analysis), 1);
+    assert!(sink.writes("analysis").is_empty() && sink.writes("final").is_empty());
+    assert_eq!(fake.calls("judge", Kind::Final), 0);
+}
