@@ -131,11 +131,8 @@ impl Pipeline {
                 let Ok(Some(s)) = saves.alongside(analysis).await else {
                     return Outcome::Stopped;
                 };
-                // The analysis is written only once the answers it compares are.
-                if saves.settle().await.is_err() {
-                    return Outcome::Stopped;
-                }
-                saves.start(s.clone());
+                // Written once the answers it compares are; the final call goes on meanwhile.
+                saves.start_after_earlier(s.clone());
                 s
             }
         };
@@ -170,10 +167,7 @@ impl Pipeline {
                     };
                 }
                 // Written after the analysis, and before the outcome (which `run` awaits).
-                if saves.settle().await.is_err() {
-                    return Outcome::Stopped;
-                }
-                saves.start(s.clone());
+                saves.start_after_earlier(s.clone());
                 s
             }
         };

@@ -1,8 +1,8 @@
 //! Checkpoint writes in flight while the workflow goes on: the next upstream call starts as soon
 //! as the step before it has answered, not once that answer is on disk, so a checkpoint costs
-//! the critical path nothing. Order is kept where it matters: a step's write is started only
-//! after every write it builds on has landed, and a failed write (the lease is gone) stops the
-//! call under way at once.
+//! the critical path nothing (even when the database lags behind). Order is kept where it
+//! matters: a step's write is sent only after every write it builds on has landed, and a failed
+//! write (the lease is gone) stops the call under way at once.
 
 use std::pin::pin;
 
@@ -31,6 +31,19 @@ impl<'a> Saves<'a> {
         let sink = self.sink;
         self.pending
             .push(Box::pin(async move { sink.save(&step).await }));
+    }
+
+    /// Start writing `step` once every write started so far has landed (the step builds on
+    /// them), without waiting here: the caller goes on to its next call meanwhile.
+    pub fn start_after_earlier(&mut self, step: Step) {
+        let sink = self.sink;
+        let mut earlier = std::mem::take(&mut self.pending);
+        self.pending.push(Box::pin(async move {
+            while let Some(saved) = earlier.next().await {
+                saved?;
+            }
+            sink.save(&step).await
+        }));
     }
 
     /// Wait until every write started so far has landed.
