@@ -2,6 +2,7 @@
 //! configuration). Routes `provider:model` names, classifies every failure once into retryable or
 //! fatal, and turns the upstream `usage` into tokens and cost. Never stores or logs a key.
 
+mod h1;
 mod retry;
 
 pub use retry::{CallError, Jitter, RetryPolicy};
@@ -11,6 +12,10 @@ use std::collections::HashMap;
 use std::fmt;
 use std::time::{Duration, Instant, SystemTime};
 
+use bytes::Bytes;
+use hyper::Uri;
+use hyper::header::HeaderMap;
+use hyper_util::client::proxy::matcher::Matcher;
 use serde::Deserialize;
 use serde::ser::{Serialize, SerializeMap, Serializer};
 use serde_json::{Value, json};
@@ -223,8 +228,54 @@ pub fn parse_retry_after(value: &str, now: SystemTime) -> Option<Duration> {
 
 #[derive(Debug)]
 pub struct Upstream {
+    /// HTTPS upstreams, proxied ones, and the gateway's pass-through.
     http: reqwest::Client,
+    /// Completions from plain-`http://` upstreams that no proxy variable applies to.
+    plain: h1::PlainClient,
+    /// Per provider (by name; the default under `None`), where a plain call goes and with which
+    /// headers; providers not listed go through reqwest.
+    plain_routes: HashMap<Option<String>, PlainRoute>,
     config: UpstreamConfig,
+}
+
+/// (The `Authorization` value is marked sensitive: `Debug` does not print it.)
+#[derive(Debug)]
+struct PlainRoute {
+    uri: Uri,
+    headers: HeaderMap,
+}
+
+impl PlainRoute {
+    /// The route for `provider` when it takes plain calls: an `http://` base URL that the proxy
+    /// variables (`HTTP_PROXY`, `ALL_PROXY`, less `NO_PROXY`, read as reqwest reads them) leave
+    /// alone.
+    fn of(provider: &Provider, proxies: &Matcher) -> anyhow::Result<Option<PlainRoute>> {
+        let Ok(uri) = chat_url(provider).parse::<Uri>() else {
+            return Ok(None);
+        };
+        if uri.scheme_str() != Some("http") || uri.host().is_none() {
+            return Ok(None);
+        }
+        if proxies.intercept(&uri).is_some() {
+            return Ok(None);
+        }
+        let key = provider.api_key.as_ref().map(|k| k.0.as_str());
+        let headers = h1::call_headers(key).map_err(|()| {
+            anyhow::anyhow!(
+                "the API key of provider {} cannot be sent in an HTTP header",
+                provider.name
+            )
+        })?;
+        Ok(Some(PlainRoute { uri, headers }))
+    }
+}
+
+/// The chat-completions endpoint under `provider`'s base URL.
+fn chat_url(provider: &Provider) -> String {
+    format!(
+        "{}/chat/completions",
+        provider.base_url.trim_end_matches('/')
+    )
 }
 
 /// A chat-completions request body, written field by field from a `CompletionRequest`.
@@ -296,7 +347,20 @@ impl Upstream {
             // retry layer would keep a copy of every request in flight just in case.
             .retry(reqwest::retry::never().max_retries_per_request(0))
             .build()?;
-        Ok(Upstream { http, config })
+        let proxies = Matcher::from_env();
+        let mut plain_routes = HashMap::new();
+        let providers = config.providers.values().map(|p| (Some(p.name.clone()), p));
+        for (name, provider) in [(None, &config.default)].into_iter().chain(providers) {
+            if let Some(route) = PlainRoute::of(provider, &proxies)? {
+                plain_routes.insert(name, route);
+            }
+        }
+        Ok(Upstream {
+            http,
+            plain: h1::PlainClient::new(Duration::from_secs(10).min(config.timeout)),
+            plain_routes,
+            config,
+        })
     }
 
     /// The provider that serves `model` and the model name to send it: `NAME:model` addresses a
@@ -326,8 +390,7 @@ impl Upstream {
         })
         .map_err(|e| UpstreamError::new(ErrorKind::Rejected, None, e.to_string()))?;
         let started = Instant::now();
-        let resp = self.post(provider, body).await?;
-        let (status, text) = read_ok(resp).await?;
+        let (status, text) = self.exchange(provider, body).await?;
         let wire: WireResponse = serde_json::from_slice(&text).map_err(|e| {
             UpstreamError::new(
                 ErrorKind::BadBody,
@@ -375,16 +438,42 @@ impl Upstream {
         self.post(provider, body).await
     }
 
-    /// POST a JSON body to `provider`'s chat-completions endpoint.
+    /// POST a completion request to `provider` and read the answer whole: the body of a 2xx,
+    /// or the classified error of anything else. Plain-HTTP upstreams go through the lean
+    /// client (bounded by the same whole-call timeout), the rest through reqwest.
+    async fn exchange(
+        &self,
+        provider: &Provider,
+        body: Vec<u8>,
+    ) -> Result<(u16, Bytes), UpstreamError> {
+        let name = (!std::ptr::eq(provider, &self.config.default)).then(|| provider.name.clone());
+        let Some(route) = self.plain_routes.get(&name) else {
+            return read_ok(self.post(provider, body).await?).await;
+        };
+        let call = self.plain.post(&route.uri, &route.headers, body.into());
+        let answer = tokio::time::timeout(self.config.timeout, call)
+            .await
+            .map_err(|_| {
+                UpstreamError::new(
+                    ErrorKind::Timeout,
+                    None,
+                    format!(
+                        "upstream call failed: no whole answer within {} s",
+                        self.config.timeout.as_secs_f64()
+                    ),
+                )
+            })??;
+        let retry_after = answer.headers.get(hyper::header::RETRY_AFTER);
+        ok_or_error(answer.status, retry_after, answer.body)
+    }
+
+    /// POST a JSON body to `provider`'s chat-completions endpoint through reqwest.
     async fn post(
         &self,
         provider: &Provider,
         body: Vec<u8>,
     ) -> Result<reqwest::Response, UpstreamError> {
-        let url = format!(
-            "{}/chat/completions",
-            provider.base_url.trim_end_matches('/')
-        );
+        let url = chat_url(provider);
         let mut call = self
             .http
             .post(&url)
@@ -448,15 +537,23 @@ impl Upstream {
 pub const DEPTH_HEADER: &str = "x-fusion-depth";
 
 /// The body of a 2xx answer, or the classified error of any other.
-async fn read_ok(resp: reqwest::Response) -> Result<(u16, bytes::Bytes), UpstreamError> {
+async fn read_ok(resp: reqwest::Response) -> Result<(u16, Bytes), UpstreamError> {
     let status = resp.status().as_u16();
-    let retry_after = resp
-        .headers()
-        .get(reqwest::header::RETRY_AFTER)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| parse_retry_after(v, SystemTime::now()));
+    let retry_after = resp.headers().get(reqwest::header::RETRY_AFTER).cloned();
     let body = resp.bytes().await.map_err(transport_error)?;
+    ok_or_error(status, retry_after.as_ref(), body)
+}
+
+/// A 2xx answer's body, or the error any other status stands for.
+fn ok_or_error(
+    status: u16,
+    retry_after: Option<&hyper::header::HeaderValue>,
+    body: Bytes,
+) -> Result<(u16, Bytes), UpstreamError> {
     if !(200..300).contains(&status) {
+        let retry_after = retry_after
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| parse_retry_after(v, SystemTime::now()));
         let text = String::from_utf8_lossy(&body);
         return Err(UpstreamError::from_status(status, &text, retry_after));
     }
@@ -474,14 +571,23 @@ fn transport_error(e: reqwest::Error) -> UpstreamError {
         // Resets and other transport failures mid-request.
         ErrorKind::Connect
     };
+    UpstreamError::new(
+        kind,
+        None,
+        format!("upstream call failed: {}", with_sources(&e)),
+    )
+}
+
+/// An error's message followed by its sources' (`a: b: c`): the cause is often only there.
+fn with_sources(e: &dyn std::error::Error) -> String {
     let mut msg = e.to_string();
-    let mut source = std::error::Error::source(&e);
+    let mut source = e.source();
     while let Some(s) = source {
         msg.push_str(": ");
         msg.push_str(&s.to_string());
         source = s.source();
     }
-    UpstreamError::new(kind, None, format!("upstream call failed: {msg}"))
+    msg
 }
 
 #[cfg(test)]
@@ -528,6 +634,34 @@ mod tests {
         );
         assert_eq!(parse_retry_after("soon", now), None);
         assert_eq!(parse_retry_after("-1", now), None);
+    }
+
+    /// Plain calls go to `http://` upstreams that no proxy applies to; HTTPS and proxied ones
+    /// (unless `NO_PROXY` names them) go through reqwest.
+    #[test]
+    fn only_unproxied_plain_http_upstreams_take_the_lean_client() {
+        let p = |url: &str| Provider::new("p", url, Some(ApiKey::new("sk-1".into()).unwrap()));
+        let none = Matcher::builder().build();
+        let proxied = Matcher::builder().http("http://proxy.example:3128").build();
+        let except_local = Matcher::builder()
+            .http("http://proxy.example:3128")
+            .no("127.0.0.1")
+            .build();
+        let local = p("http://127.0.0.1:8081/v1");
+        let route = PlainRoute::of(&local, &none).unwrap().unwrap();
+        assert_eq!(route.uri, "http://127.0.0.1:8081/v1/chat/completions");
+        assert!(
+            format!("{route:?}").contains("Sensitive") && !format!("{route:?}").contains("sk-1")
+        );
+        assert!(PlainRoute::of(&local, &proxied).unwrap().is_none());
+        assert!(PlainRoute::of(&local, &except_local).unwrap().is_some());
+        assert!(
+            PlainRoute::of(&p("https://openrouter.ai/api/v1"), &none)
+                .unwrap()
+                .is_none()
+        );
+        let bad_key = Provider::new("bad", "http://h/v1", Some(ApiKey("a\nb".into())));
+        assert!(PlainRoute::of(&bad_key, &none).is_err());
     }
 
     #[test]
