@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper::client::conn::http1::{self, SendRequest};
-use hyper::header::{self, HeaderMap, HeaderValue};
+use hyper::header::{self, HeaderMap};
 use hyper::{Request, Uri};
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
@@ -71,8 +71,7 @@ impl PlainClient {
                 .header(header::HOST, authority.as_str())
                 .body(Full::new(body.clone()))
                 .map_err(|e| failed(ErrorKind::Rejected, e.to_string()))?;
-            req.headers_mut()
-                .extend(headers.iter().map(|(k, v)| (k.clone(), v.clone())));
+            req.headers_mut().extend(headers.clone());
             Ok(req)
         };
         let (mut sender, reused) = match self.checkout(&origin).await {
@@ -164,24 +163,6 @@ fn failed(kind: ErrorKind, detail: String) -> UpstreamError {
     UpstreamError::new(kind, None, format!("upstream call failed: {detail}"))
 }
 
-/// The headers every upstream call carries (the body is JSON; `key` is the provider's); `Err`
-/// when the key holds characters a header cannot.
-pub(super) fn call_headers(key: Option<&str>) -> Result<HeaderMap, ()> {
-    let mut headers = HeaderMap::with_capacity(4);
-    headers.insert(super::DEPTH_HEADER, HeaderValue::from_static("1"));
-    headers.insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("application/json"),
-    );
-    headers.insert(header::ACCEPT, HeaderValue::from_static("*/*"));
-    if let Some(key) = key {
-        let mut value = HeaderValue::from_str(&format!("Bearer {key}")).map_err(|_| ())?;
-        value.set_sensitive(true);
-        headers.insert(header::AUTHORIZATION, value);
-    }
-    Ok(headers)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -234,7 +215,7 @@ mod tests {
     }
 
     async fn call(client: &PlainClient, uri: &Uri) -> Answer {
-        let headers = call_headers(Some("sk-test")).unwrap();
+        let headers = HeaderMap::new();
         client
             .post(uri, &headers, Bytes::from_static(b"{}"))
             .await
@@ -273,7 +254,7 @@ mod tests {
             .unwrap();
         drop(listener);
         let client = PlainClient::new(Duration::from_secs(1));
-        let headers = call_headers(None).unwrap();
+        let headers = HeaderMap::new();
         let err = client
             .post(&uri, &headers, Bytes::new())
             .await

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
 use hyper::Uri;
-use hyper::header::HeaderMap;
+use hyper::header::{ACCEPT, AUTHORIZATION, CONTENT_TYPE, HeaderMap, HeaderValue};
 use hyper_util::client::proxy::matcher::Matcher;
 use serde::Deserialize;
 use serde::ser::{Serialize, SerializeMap, Serializer};
@@ -232,50 +232,57 @@ pub struct Upstream {
     http: reqwest::Client,
     /// Completions from plain-`http://` upstreams that no proxy variable applies to.
     plain: h1::PlainClient,
-    /// Per provider (by name; the default under `None`), where a plain call goes and with which
-    /// headers; providers not listed go through reqwest.
-    plain_routes: HashMap<Option<String>, PlainRoute>,
+    /// Where and how each provider is called, settled at start-up: the default's, and the
+    /// named ones' under the same keys as `config.providers`.
+    default_endpoint: Endpoint,
+    endpoints: HashMap<String, Endpoint>,
     config: UpstreamConfig,
 }
 
-/// (The `Authorization` value is marked sensitive: `Debug` does not print it.)
+/// How calls to one provider are made. (The `Authorization` value is marked sensitive: `Debug`
+/// does not print it.)
 #[derive(Debug)]
-struct PlainRoute {
-    uri: Uri,
+struct Endpoint {
+    /// The chat-completions URL under the provider's base URL.
+    url: String,
+    /// The headers every call carries: JSON body, the recursion guard, the provider's key.
     headers: HeaderMap,
+    /// `Some` when completions take the lean client: an `http://` URL that the proxy variables
+    /// (`HTTP_PROXY`, `ALL_PROXY`, less `NO_PROXY`, read as reqwest reads them) leave alone.
+    plain: Option<Uri>,
 }
 
-impl PlainRoute {
-    /// The route for `provider` when it takes plain calls: an `http://` base URL that the proxy
-    /// variables (`HTTP_PROXY`, `ALL_PROXY`, less `NO_PROXY`, read as reqwest reads them) leave
-    /// alone.
-    fn of(provider: &Provider, proxies: &Matcher) -> anyhow::Result<Option<PlainRoute>> {
-        let Ok(uri) = chat_url(provider).parse::<Uri>() else {
-            return Ok(None);
-        };
-        if uri.scheme_str() != Some("http") || uri.host().is_none() {
-            return Ok(None);
+impl Endpoint {
+    fn of(provider: &Provider, proxies: &Matcher) -> anyhow::Result<Endpoint> {
+        let url = format!(
+            "{}/chat/completions",
+            provider.base_url.trim_end_matches('/')
+        );
+        let mut headers = HeaderMap::with_capacity(4);
+        headers.insert(DEPTH_HEADER, HeaderValue::from_static("1"));
+        headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        headers.insert(ACCEPT, HeaderValue::from_static("*/*"));
+        if let Some(key) = &provider.api_key {
+            let mut value = HeaderValue::from_str(&format!("Bearer {}", key.0)).map_err(|_| {
+                anyhow::anyhow!(
+                    "the API key of provider {} cannot be sent in an HTTP header",
+                    provider.name
+                )
+            })?;
+            value.set_sensitive(true);
+            headers.insert(AUTHORIZATION, value);
         }
-        if proxies.intercept(&uri).is_some() {
-            return Ok(None);
-        }
-        let key = provider.api_key.as_ref().map(|k| k.0.as_str());
-        let headers = h1::call_headers(key).map_err(|()| {
-            anyhow::anyhow!(
-                "the API key of provider {} cannot be sent in an HTTP header",
-                provider.name
-            )
-        })?;
-        Ok(Some(PlainRoute { uri, headers }))
+        let plain = url.parse::<Uri>().ok().filter(|uri| {
+            uri.scheme_str() == Some("http")
+                && uri.host().is_some()
+                && proxies.intercept(uri).is_none()
+        });
+        Ok(Endpoint {
+            url,
+            headers,
+            plain,
+        })
     }
-}
-
-/// The chat-completions endpoint under `provider`'s base URL.
-fn chat_url(provider: &Provider) -> String {
-    format!(
-        "{}/chat/completions",
-        provider.base_url.trim_end_matches('/')
-    )
 }
 
 /// A chat-completions request body, written field by field from a `CompletionRequest`.
@@ -348,17 +355,16 @@ impl Upstream {
             .retry(reqwest::retry::never().max_retries_per_request(0))
             .build()?;
         let proxies = Matcher::from_env();
-        let mut plain_routes = HashMap::new();
-        let providers = config.providers.values().map(|p| (Some(p.name.clone()), p));
-        for (name, provider) in [(None, &config.default)].into_iter().chain(providers) {
-            if let Some(route) = PlainRoute::of(provider, &proxies)? {
-                plain_routes.insert(name, route);
-            }
-        }
+        let endpoints = config
+            .providers
+            .iter()
+            .map(|(key, p)| Ok((key.clone(), Endpoint::of(p, &proxies)?)))
+            .collect::<anyhow::Result<_>>()?;
         Ok(Upstream {
             http,
             plain: h1::PlainClient::new(Duration::from_secs(10).min(config.timeout)),
-            plain_routes,
+            default_endpoint: Endpoint::of(&config.default, &proxies)?,
+            endpoints,
             config,
         })
     }
@@ -367,12 +373,21 @@ impl Upstream {
     /// configured provider; anything else (including OpenRouter's `vendor/model:variant`) goes to
     /// the default provider unchanged.
     pub fn route<'a>(&'a self, model: &'a str) -> (&'a Provider, &'a str) {
+        let (provider, _, model) = self.resolve(model);
+        (provider, model)
+    }
+
+    /// `route`, with the provider's endpoint.
+    fn resolve<'a>(&'a self, model: &'a str) -> (&'a Provider, &'a Endpoint, &'a str) {
         if let Some((prefix, rest)) = model.split_once(':')
-            && let Some(p) = self.config.providers.get(prefix)
+            && let (Some(p), Some(e)) = (
+                self.config.providers.get(prefix),
+                self.endpoints.get(prefix),
+            )
         {
-            return (p, rest);
+            return (p, e, rest);
         }
-        (&self.config.default, model)
+        (&self.config.default, &self.default_endpoint, model)
     }
 
     /// One call, no retries.
@@ -381,7 +396,7 @@ impl Upstream {
         model: &str,
         req: &CompletionRequest<'_>,
     ) -> Result<Completion, UpstreamError> {
-        let (provider, upstream_model) = self.route(model);
+        let (provider, endpoint, upstream_model) = self.resolve(model);
         // Serialized straight from the request: no JSON tree is built or kept per call.
         let body = serde_json::to_vec(&WireRequest {
             model: upstream_model,
@@ -390,7 +405,7 @@ impl Upstream {
         })
         .map_err(|e| UpstreamError::new(ErrorKind::Rejected, None, e.to_string()))?;
         let started = Instant::now();
-        let (status, text) = self.exchange(provider, body).await?;
+        let (status, text) = self.exchange(endpoint, body).await?;
         let wire: WireResponse = serde_json::from_slice(&text).map_err(|e| {
             UpstreamError::new(
                 ErrorKind::BadBody,
@@ -431,11 +446,11 @@ impl Upstream {
         model: &str,
         mut body: Value,
     ) -> Result<reqwest::Response, UpstreamError> {
-        let (provider, upstream_model) = self.route(model);
+        let (_, endpoint, upstream_model) = self.resolve(model);
         body["model"] = json!(upstream_model);
         let body = serde_json::to_vec(&body)
             .map_err(|e| UpstreamError::new(ErrorKind::Rejected, None, e.to_string()))?;
-        self.post(provider, body).await
+        self.post(endpoint, body).await
     }
 
     /// POST a completion request to `provider` and read the answer whole: the body of a 2xx,
@@ -443,14 +458,13 @@ impl Upstream {
     /// client (bounded by the same whole-call timeout), the rest through reqwest.
     async fn exchange(
         &self,
-        provider: &Provider,
+        endpoint: &Endpoint,
         body: Vec<u8>,
     ) -> Result<(u16, Bytes), UpstreamError> {
-        let name = (!std::ptr::eq(provider, &self.config.default)).then(|| provider.name.clone());
-        let Some(route) = self.plain_routes.get(&name) else {
-            return read_ok(self.post(provider, body).await?).await;
+        let Some(uri) = &endpoint.plain else {
+            return read_ok(self.post(endpoint, body).await?).await;
         };
-        let call = self.plain.post(&route.uri, &route.headers, body.into());
+        let call = self.plain.post(uri, &endpoint.headers, body.into());
         let answer = tokio::time::timeout(self.config.timeout, call)
             .await
             .map_err(|_| {
@@ -467,23 +481,19 @@ impl Upstream {
         ok_or_error(answer.status, retry_after, answer.body)
     }
 
-    /// POST a JSON body to `provider`'s chat-completions endpoint through reqwest.
+    /// POST a JSON body to `endpoint` through reqwest.
     async fn post(
         &self,
-        provider: &Provider,
+        endpoint: &Endpoint,
         body: Vec<u8>,
     ) -> Result<reqwest::Response, UpstreamError> {
-        let url = chat_url(provider);
-        let mut call = self
-            .http
-            .post(&url)
-            .header(DEPTH_HEADER, "1")
-            .header(reqwest::header::CONTENT_TYPE, "application/json")
-            .body(body);
-        if let Some(key) = &provider.api_key {
-            call = call.bearer_auth(&key.0);
-        }
-        call.send().await.map_err(transport_error)
+        self.http
+            .post(&endpoint.url)
+            .headers(endpoint.headers.clone())
+            .body(body)
+            .send()
+            .await
+            .map_err(transport_error)
     }
 
     /// A whole non-streamed completion as JSON, with its usage priced.
@@ -637,7 +647,7 @@ mod tests {
     }
 
     /// Plain calls go to `http://` upstreams that no proxy applies to; HTTPS and proxied ones
-    /// (unless `NO_PROXY` names them) go through reqwest.
+    /// (unless `NO_PROXY` names them) go through reqwest. Every call carries the same headers.
     #[test]
     fn only_unproxied_plain_http_upstreams_take_the_lean_client() {
         let p = |url: &str| Provider::new("p", url, Some(ApiKey::new("sk-1".into()).unwrap()));
@@ -647,21 +657,23 @@ mod tests {
             .http("http://proxy.example:3128")
             .no("127.0.0.1")
             .build();
-        let local = p("http://127.0.0.1:8081/v1");
-        let route = PlainRoute::of(&local, &none).unwrap().unwrap();
-        assert_eq!(route.uri, "http://127.0.0.1:8081/v1/chat/completions");
+        let local = p("http://127.0.0.1:8081/v1/");
+        let endpoint = Endpoint::of(&local, &none).unwrap();
+        assert_eq!(endpoint.url, "http://127.0.0.1:8081/v1/chat/completions");
+        assert_eq!(endpoint.plain.as_ref().unwrap(), &endpoint.url.as_str());
+        assert_eq!(endpoint.headers[AUTHORIZATION], "Bearer sk-1");
+        assert_eq!(endpoint.headers[DEPTH_HEADER], "1");
+        let shown = format!("{endpoint:?}");
         assert!(
-            format!("{route:?}").contains("Sensitive") && !format!("{route:?}").contains("sk-1")
+            shown.contains("Sensitive") && !shown.contains("sk-1"),
+            "{shown}"
         );
-        assert!(PlainRoute::of(&local, &proxied).unwrap().is_none());
-        assert!(PlainRoute::of(&local, &except_local).unwrap().is_some());
-        assert!(
-            PlainRoute::of(&p("https://openrouter.ai/api/v1"), &none)
-                .unwrap()
-                .is_none()
-        );
+        assert!(Endpoint::of(&local, &proxied).unwrap().plain.is_none());
+        assert!(Endpoint::of(&local, &except_local).unwrap().plain.is_some());
+        let https = Endpoint::of(&p("https://openrouter.ai/api/v1"), &none).unwrap();
+        assert!(https.plain.is_none());
         let bad_key = Provider::new("bad", "http://h/v1", Some(ApiKey("a\nb".into())));
-        assert!(PlainRoute::of(&bad_key, &none).is_err());
+        assert!(Endpoint::of(&bad_key, &none).is_err());
     }
 
     #[test]
