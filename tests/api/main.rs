@@ -10,4 +10,5 @@ mod openai_sdk;
 mod pipeline_faults;
 mod pipelining;
 mod postgres;
+mod proxy;
 mod restart;
