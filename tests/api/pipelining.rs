@@ -116,7 +116,7 @@ fn job() -> Job {
 #[tokio::test]
 async fn the_next_call_does_not_wait_for_the_checkpoint_before_it() {
     let fake = FakeUpstream::start().await;
-    let sink = SlowSink::new(300, false);
+    let sink = SlowSink::new(500, false);
     let outcome = pipeline(&fake)
         .run(&job(), Vec::new(), &sink, &CancellationToken::new())
         .await;
