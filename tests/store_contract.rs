@@ -457,6 +457,7 @@ contract_tests!(
     a_claim_says_whether_the_job_has_checkpoints,
     concurrent_writes_each_get_their_own_result,
     nul_characters_never_break_a_write,
+    the_last_step_lands_with_the_outcome,
 );
 
 /// Model output and user input may contain NUL, which Postgres text and JSONB reject: the write
@@ -482,7 +483,7 @@ async fn nul_characters_never_break_a_write(store: Arc<dyn Store>) {
     );
     assert!(
         store
-            .complete(&lease, &json!({"c": "\u{0}"}), NOW)
+            .complete(&lease, None, &json!({"c": "\u{0}"}), NOW)
             .await
             .unwrap()
     );
@@ -721,7 +722,7 @@ async fn heartbeat_extends_only_owned_running_jobs(store: Arc<dyn Store>) {
     // One of mine finishes, one is cancelled: neither is held any more.
     assert!(
         store
-            .complete(&lease_of(&mine[0]), &json!({"ok": 1}), NOW + 1_000)
+            .complete(&lease_of(&mine[0]), None, &json!({"ok": 1}), NOW + 1_000)
             .await
             .unwrap()
     );
@@ -836,7 +837,7 @@ async fn stale_worker_is_fenced_out(store: Arc<dyn Store>) {
     );
     assert!(
         !store
-            .complete(&old, &json!({"stale": true}), t)
+            .complete(&old, None, &json!({"stale": true}), t)
             .await
             .unwrap()
     );
@@ -877,7 +878,7 @@ async fn stale_worker_is_fenced_out(store: Arc<dyn Store>) {
                 .await
                 .unwrap()
         );
-        assert!(!store.complete(lease, &json!({}), t).await.unwrap());
+        assert!(!store.complete(lease, None, &json!({}), t).await.unwrap());
         assert!(!store.release(lease).await.unwrap());
     }
     assert_eq!(get(&store, id).await, job_before);
@@ -886,7 +887,7 @@ async fn stale_worker_is_fenced_out(store: Arc<dyn Store>) {
     let step = ok_step(StepKey::Panel(1), 2);
     assert!(store.save_step(&new, &step).await.unwrap());
     let result = json!({"id": "chatcmpl-1", "choices": [{"message": {"content": "hi"}}]});
-    assert!(store.complete(&new, &result, t).await.unwrap());
+    assert!(store.complete(&new, None, &result, t).await.unwrap());
     assert_eq!(
         get(&store, id).await,
         Job {
@@ -1086,7 +1087,7 @@ async fn cancel_outcomes(store: Arc<dyn Store>) {
             .await
             .unwrap()
     );
-    assert!(!store.complete(&lease, &json!({}), t).await.unwrap());
+    assert!(!store.complete(&lease, None, &json!({}), t).await.unwrap());
     assert!(!store.fail(&lease, "x", "x", t).await.unwrap());
     assert!(!store.retry_later(&lease, t, "x", "x").await.unwrap());
     assert!(!store.release(&lease).await.unwrap());
@@ -1104,7 +1105,7 @@ async fn cancel_outcomes(store: Arc<dyn Store>) {
     let done_lease = lease_of(&claim_one(&store, "w", NOW).await);
     assert!(
         store
-            .complete(&done_lease, &json!({"a": 1}), t)
+            .complete(&done_lease, None, &json!({"a": 1}), t)
             .await
             .unwrap()
     );
@@ -1201,7 +1202,12 @@ async fn retry_failed_keeps_ok_steps(store: Arc<dyn Store>) {
         RetryOutcome::NotFailed(j) => assert_eq!(j, again),
         other => panic!("expected NotFailed, got {other:?}"),
     }
-    assert!(store.complete(&lease2, &json!({}), t + 1).await.unwrap());
+    assert!(
+        store
+            .complete(&lease2, None, &json!({}), t + 1)
+            .await
+            .unwrap()
+    );
     let succeeded = get(&store, job.id).await;
     match store.retry_failed(job.id, t + 2).await.unwrap() {
         RetryOutcome::NotFailed(j) => assert_eq!(j, succeeded),
@@ -1315,7 +1321,7 @@ async fn list_jobs_order_filter_paging(store: Arc<dyn Store>) {
     assert_eq!(running, vec![ids[1], ids[3], ids[5]]);
     assert!(
         store
-            .complete(&lease_of(&claimed[0]), &json!({}), NOW)
+            .complete(&lease_of(&claimed[0]), None, &json!({}), NOW)
             .await
             .unwrap()
     );
@@ -1401,7 +1407,12 @@ async fn complete_fail_and_retry_later_outcomes(store: Arc<dyn Store>) {
         "usage": {"prompt_tokens": 10, "completion_tokens": 3, "total_tokens": 13, "cost": 0.0012}
     });
     let done_at = retry_at + 2_000;
-    assert!(store.complete(&lease2, &result, done_at).await.unwrap());
+    assert!(
+        store
+            .complete(&lease2, None, &result, done_at)
+            .await
+            .unwrap()
+    );
     let succeeded = get(&store, job.id).await;
     assert_eq!(
         succeeded,
@@ -1419,7 +1430,7 @@ async fn complete_fail_and_retry_later_outcomes(store: Arc<dyn Store>) {
     // Written once: a repeat is fenced (the job is no longer running).
     assert!(
         !store
-            .complete(&lease2, &json!({"again": true}), done_at + 1)
+            .complete(&lease2, None, &json!({"again": true}), done_at + 1)
             .await
             .unwrap()
     );
@@ -1458,7 +1469,7 @@ async fn complete_fail_and_retry_later_outcomes(store: Arc<dyn Store>) {
     );
     assert!(
         !store
-            .complete(&lease_of(&running), &json!({}), failed_at + 1)
+            .complete(&lease_of(&running), None, &json!({}), failed_at + 1)
             .await
             .unwrap()
     );
@@ -1500,7 +1511,7 @@ async fn checkpoints_do_not_wake_workers(store: Arc<dyn Store>) {
     }
     assert!(
         store
-            .complete(&lease, &json!({"ok": true}), NOW)
+            .complete(&lease, None, &json!({"ok": true}), NOW)
             .await
             .unwrap()
     );
@@ -1547,7 +1558,7 @@ async fn concurrent_writes_each_get_their_own_result(store: Arc<dyn Store>) {
         store.save_step(&la, &panel0),
         store.save_step(&stale_b, &panel0),
         store.save_step(&lb, &panel1_failed),
-        store.complete(&stale_a, &result, NOW),
+        store.complete(&stale_a, None, &result, NOW),
         store.fail(&stale_b, "boom", "stale worker", NOW),
     );
     match enq_c.unwrap() {
@@ -1584,7 +1595,7 @@ async fn concurrent_writes_each_get_their_own_result(store: Arc<dyn Store>) {
     // The true holders finish both jobs, again at once.
     let answer = json!({"answer": "a"});
     let (done_a, fail_b) = tokio::join!(
-        store.complete(&la, &answer, NOW + 5),
+        store.complete(&la, None, &answer, NOW + 5),
         store.fail(&lb, "insufficient_quorum", "0 of 3 answered", NOW + 6),
     );
     assert!(done_a.unwrap() && fail_b.unwrap());
@@ -1629,8 +1640,8 @@ async fn every_finish_is_announced(store: Arc<dyn Store>) {
     let leases: Vec<Lease> = claimed.iter().map(lease_of).collect();
     let result = json!({"ok": true});
     let (a, b, c) = tokio::join!(
-        store.complete(&leases[0], &result, NOW),
-        store.complete(&leases[1], &result, NOW),
+        store.complete(&leases[0], None, &result, NOW),
+        store.complete(&leases[1], None, &result, NOW),
         store.fail(&leases[2], "upstream_error", "gone", NOW),
     );
     assert!(a.unwrap() && b.unwrap() && c.unwrap());
@@ -1681,6 +1692,75 @@ async fn every_finish_is_announced(store: Arc<dyn Store>) {
             assert_eq!(expected.remove(&job_id), Some(status), "{job_id}");
         }
     }
+}
+
+/// A job's final step can be written in its outcome's commit: both land, or (fenced out)
+/// neither, and this process hears of the step as of any checkpoint.
+async fn the_last_step_lands_with_the_outcome(store: Arc<dyn Store>) {
+    let mut events = store.events();
+    let job = enqueue(&store, new_job()).await;
+    let running = claim_one(&store, "w", NOW).await;
+    let lease = lease_of(&running);
+    let panel = ok_step(StepKey::Panel(0), 1);
+    assert!(store.save_step(&lease, &panel).await.unwrap());
+    let last = ok_step(StepKey::Final, 1);
+    let result = json!({"choices": [{"message": {"content": "done"}}]});
+    assert!(
+        store
+            .complete(&lease, Some(&last), &result, NOW + 10)
+            .await
+            .unwrap()
+    );
+    let done = get(&store, job.id).await;
+    assert_eq!(
+        (done.status, done.result, done.finished_at),
+        (JobStatus::Succeeded, Some(result.clone()), Some(NOW + 10))
+    );
+    assert_eq!(
+        store.get_steps(job.id).await.unwrap(),
+        vec![panel.clone(), last.clone()]
+    );
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    let (mut stepped, mut finished) = (false, false);
+    while !(stepped && finished) {
+        let event = tokio::time::timeout_at(deadline, events.recv())
+            .await
+            .unwrap_or_else(|_| panic!("events so far: step {stepped}, finish {finished}"))
+            .expect("event stream");
+        match event {
+            JobEvent::Step { job_id, step } if job_id == job.id => {
+                stepped |= step == StepKey::Final;
+            }
+            JobEvent::Finished { job_id, status } if job_id == job.id => {
+                assert_eq!(status, JobStatus::Succeeded);
+                finished = true;
+            }
+            _ => {}
+        }
+    }
+    // Once finished, the same lease writes neither again.
+    let other = ok_step(StepKey::Analysis, 1);
+    assert!(
+        !store
+            .complete(&lease, Some(&other), &json!({}), NOW + 20)
+            .await
+            .unwrap()
+    );
+    assert_eq!(get(&store, job.id).await.finished_at, Some(NOW + 10));
+    assert_eq!(store.get_steps(job.id).await.unwrap(), vec![panel, last]);
+
+    // A stale worker: neither its last step nor its outcome lands.
+    let (old, _new) = expire_and_reclaim(&store).await;
+    let before = get(&store, old.job_id).await;
+    let steps_before = store.get_steps(old.job_id).await.unwrap();
+    assert!(
+        !store
+            .complete(&old, Some(&ok_step(StepKey::Final, 1)), &json!({}), NOW)
+            .await
+            .unwrap()
+    );
+    assert_eq!(get(&store, old.job_id).await, before);
+    assert_eq!(store.get_steps(old.job_id).await.unwrap(), steps_before);
 }
 
 /// The worker reads a job's steps only when the claim says it has some: a first claim must say

@@ -1,6 +1,7 @@
 //! The fusion workflow: `panel[i]` in parallel, then `analysis`, then `final`. Each finished step
 //! is handed to a `Checkpoints` sink as soon as it answers (the next call does not wait for the
-//! write, see `saves.rs`), and steps already checkpointed are reused, never called again. Knows
+//! write, see `saves.rs`); the final answer goes back with the outcome instead, to be written in
+//! the outcome's commit. Steps already checkpointed are reused, never called again. Knows
 //! nothing of SQL or HTTP servers: the worker supplies the sink.
 
 pub mod analysis;
@@ -39,8 +40,14 @@ pub trait Checkpoints: Send + Sync {
 /// How a run of the workflow ended.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Outcome {
-    /// The final `chat.completion` object.
-    Succeeded(Value),
+    Succeeded {
+        /// The final `chat.completion` object.
+        result: Value,
+        /// The final step when this run called it: not checkpointed yet, so that the caller
+        /// writes it in the same commit as the outcome (one commit, not two, after the last
+        /// answer). `None` when an earlier attempt had checkpointed it.
+        last_step: Option<Step>,
+    },
     Failed {
         reason: String,
         error: String,
@@ -66,7 +73,8 @@ pub struct Pipeline {
 
 impl Pipeline {
     /// Run what remains of `job`, given the steps already checkpointed. Every checkpoint has
-    /// landed by the time the outcome is returned (or the outcome is `Stopped`).
+    /// landed by the time the outcome is returned (or the outcome is `Stopped`), but a
+    /// success's final step, which it carries for the caller to write with the outcome.
     pub async fn run(
         &self,
         job: &Job,
@@ -142,8 +150,8 @@ impl Pipeline {
             .filter(|_| analysis_step.ok)
             .and_then(|d| serde_json::from_value(d.clone()).ok());
 
-        let final_step = match final_step {
-            Some(s) if s.ok => s,
+        let (final_step, unsaved) = match final_step {
+            Some(s) if s.ok => (s, false),
             _ => {
                 let messages = prompts::final_messages(&spec.messages, &answers, analysis.as_ref());
                 let req = CompletionRequest {
@@ -166,9 +174,13 @@ impl Pipeline {
                         ),
                     };
                 }
-                // Written after the analysis, and before the outcome (which `run` awaits).
-                saves.start_after_earlier(s.clone());
-                s
+                // A failure is written after the analysis and before the outcome (which `run`
+                // awaits); an answer goes back with the outcome, to be written in its commit.
+                if !s.ok {
+                    saves.start_after_earlier(s.clone());
+                }
+                let ok = s.ok;
+                (s, ok)
             }
         };
         if !final_step.ok {
@@ -194,7 +206,7 @@ impl Pipeline {
             .and_then(|d| d.get("finish_reason"))
             .cloned()
             .unwrap_or(json!("stop"));
-        Outcome::Succeeded(json!({
+        let result = json!({
             "id": format!("fusion-{}", job.id),
             "object": "chat.completion",
             "created": self.clock.now_ms() / 1000,
@@ -205,7 +217,11 @@ impl Pipeline {
                 "finish_reason": finish_reason,
             }],
             "usage": usage,
-        }))
+        });
+        Outcome::Succeeded {
+            result,
+            last_step: unsaved.then_some(final_step),
+        }
     }
 
     /// Call every missing panel member in parallel, starting each one's checkpoint as it lands

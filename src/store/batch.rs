@@ -1,5 +1,5 @@
 //! Group commit for the hot path, on both stores: enqueues, step checkpoints and job outcomes
-//! from many requests and jobs queue here, and a committer task hands whatever has queued up to
+//! from many requests and jobs queue here (a job's last checkpoint together with its outcome), and a committer task hands whatever has queued up to
 //! the store's `BatchSql`, which writes the lot with a few set-based statements (one round trip
 //! and one commit for the batch, not one per write). Each write keeps its own fence and learns
 //! its own result, only after the commit; a batch that fails is re-run one write at a time, so
@@ -14,7 +14,8 @@ use tokio::sync::{Mutex, mpsc, oneshot};
 use super::{Result, StoreError};
 use crate::job::{JobStatus, Lease, NewJob, Step};
 
-/// The most writes one batch takes; more wait for the next.
+/// The most queued groups (a write, or a job's last checkpoint and outcome) one batch takes;
+/// more wait for the next.
 const MAX_BATCH: usize = 512;
 
 /// One write, its values ready to bind.
@@ -69,9 +70,10 @@ pub(super) trait BatchSql: Send + Sync + 'static {
     async fn execute(&self, writes: &[Write]) -> Result<Vec<bool>, sqlx::Error>;
 }
 
+/// Writes that land in one commit, and where to say which took effect.
 struct Queued {
-    write: Write,
-    reply: oneshot::Sender<Result<bool>>,
+    writes: Vec<Write>,
+    reply: oneshot::Sender<Result<Vec<bool>>>,
 }
 
 pub(super) struct Batcher {
@@ -91,10 +93,17 @@ impl Batcher {
 
     /// Queue `write` for the next batch; whether it took effect, once committed.
     pub(super) async fn write(&self, write: Write) -> Result<bool> {
+        let took = self.write_together(vec![write]).await?;
+        Ok(took.first().copied().unwrap_or(false))
+    }
+
+    /// Queue `writes` for the next batch, all in the same commit (and run in their kinds'
+    /// order: enqueues, then checkpoints, then outcomes); whether each took effect.
+    pub(super) async fn write_together(&self, writes: Vec<Write>) -> Result<Vec<bool>> {
         let (reply, answer) = oneshot::channel();
         let closed = || StoreError::Database(sqlx::Error::PoolClosed);
         self.queue
-            .send(Queued { write, reply })
+            .send(Queued { writes, reply })
             .await
             .map_err(|_| closed())?;
         answer.await.map_err(|_| closed())?
@@ -105,26 +114,31 @@ async fn run<S: BatchSql>(sql: Arc<S>, rx: Arc<Mutex<mpsc::Receiver<Queued>>>) {
     let mut batch = Vec::with_capacity(MAX_BATCH);
     // Whoever holds the receiver gathers the next batch; the others are committing theirs.
     while rx.lock().await.recv_many(&mut batch, MAX_BATCH).await > 0 {
-        let (writes, replies): (Vec<_>, Vec<_>) =
-            batch.drain(..).map(|q| (q.write, q.reply)).unzip();
+        let mut writes = Vec::with_capacity(batch.len());
+        let mut groups = Vec::with_capacity(batch.len());
+        for q in batch.drain(..) {
+            groups.push((q.writes.len(), q.reply));
+            writes.extend(q.writes);
+        }
         match sql.execute(&writes).await {
             Ok(done) => {
-                for (reply, took) in replies.into_iter().zip(done) {
-                    let _ = reply.send(Ok(took));
+                let mut done = done.into_iter();
+                for (n, reply) in groups {
+                    let _ = reply.send(Ok(done.by_ref().take(n).collect()));
                 }
             }
-            // Alone, each write either succeeds or fails with its own error.
-            Err(_) if writes.len() > 1 => {
-                for (write, reply) in writes.iter().zip(replies) {
-                    let one = sql.execute(std::slice::from_ref(write)).await;
-                    let _ = reply.send(one.map(|d| d[0]).map_err(StoreError::from));
+            // Alone, each group either lands or fails with its own error.
+            Err(_) if groups.len() > 1 => {
+                let mut rest = writes.as_slice();
+                for (n, reply) in groups {
+                    let (group, tail) = rest.split_at(n);
+                    rest = tail;
+                    let _ = reply.send(sql.execute(group).await.map_err(StoreError::from));
                 }
             }
             Err(e) => {
-                for reply in replies {
-                    let _ = reply.send(Err(StoreError::Database(sqlx::Error::Protocol(
-                        e.to_string(),
-                    ))));
+                if let Some((_, reply)) = groups.pop() {
+                    let _ = reply.send(Err(e.into()));
                 }
             }
         }
@@ -202,6 +216,23 @@ mod tests {
         );
         assert!(a.unwrap() && c.unwrap());
         assert!(bad.is_err());
+        assert_eq!(batches.load(Ordering::SeqCst), 1 + 3);
+    }
+
+    // Writes queued together share a commit: when the batch fails, they are re-run together
+    // (and fail together), apart from the others.
+    #[tokio::test]
+    async fn writes_queued_together_land_or_fail_together() {
+        let batches = Arc::new(AtomicUsize::new(0));
+        let batcher = Batcher::start(Picky(batches.clone()), 1);
+        let (pair, bad_pair, alone) = tokio::join!(
+            batcher.write_together(vec![step("a"), step("b")]),
+            batcher.write_together(vec![step("c"), step("bad")]),
+            batcher.write(step("d"))
+        );
+        assert_eq!(pair.unwrap(), vec![true, true]);
+        assert!(bad_pair.is_err());
+        assert!(alone.unwrap());
         assert_eq!(batches.load(Ordering::SeqCst), 1 + 3);
     }
 }

@@ -129,7 +129,15 @@ pub trait Store: Send + Sync + 'static {
 
     /// Write one step checkpoint; false when fenced out (the lease is gone).
     async fn save_step(&self, lease: &Lease, step: &Step) -> Result<bool>;
-    async fn complete(&self, lease: &Lease, result: &Value, now: i64) -> Result<bool>;
+    /// Mark the job succeeded with `result`, writing `last` (its final step, when not yet
+    /// checkpointed) in the same commit: both or neither, false when fenced out.
+    async fn complete(
+        &self,
+        lease: &Lease,
+        last: Option<&Step>,
+        result: &Value,
+        now: i64,
+    ) -> Result<bool>;
     async fn fail(&self, lease: &Lease, reason: &str, error: &str, now: i64) -> Result<bool>;
     /// Back to queued until `run_at`, keeping checkpoints (a retryable failure).
     async fn retry_later(

@@ -64,6 +64,15 @@ impl PgStore {
         self.writes.write(Write::Finish(finish)).await
     }
 
+    /// A checkpoint was written: tell this process (others re-read progress, see migration
+    /// 0002).
+    fn stepped(&self, lease: &Lease, step: &Step) {
+        let _ = self.events.send(JobEvent::Step {
+            job_id: lease.job_id,
+            step: step.key,
+        });
+    }
+
     async fn fetch_job(&self, id: Uuid) -> Result<Option<Job>> {
         let row = sqlx::query(concat!(
             "SELECT ",
@@ -74,6 +83,20 @@ impl PgStore {
         .fetch_optional(&self.pool)
         .await?;
         row.map(|r| job_from_row(&r)).transpose()
+    }
+}
+
+/// The write of a checkpoint, its text made storable (Postgres text cannot hold NUL).
+fn step_write(lease: &Lease, step: &Step) -> Write {
+    let clean = Step {
+        content: step.content.as_deref().map(|c| no_nul(c).into_owned()),
+        data: step.data.clone().map(no_nul_json),
+        error: step.error.as_deref().map(|e| no_nul(e).into_owned()),
+        ..step.clone()
+    };
+    Write::Step {
+        lease: lease.clone(),
+        step: clean,
     }
 }
 
@@ -329,30 +352,33 @@ impl Store for PgStore {
     }
 
     async fn save_step(&self, lease: &Lease, step: &Step) -> Result<bool> {
-        let clean = Step {
-            content: step.content.as_deref().map(|c| no_nul(c).into_owned()),
-            data: step.data.clone().map(no_nul_json),
-            error: step.error.as_deref().map(|e| no_nul(e).into_owned()),
-            ..step.clone()
-        };
-        let write = Write::Step {
-            lease: lease.clone(),
-            step: clean,
-        };
+        let write = step_write(lease, step);
         let written = self.writes.write(write).await?;
         if written {
-            // In-process only: other processes re-read progress (see migration 0002).
-            let _ = self.events.send(JobEvent::Step {
-                job_id: lease.job_id,
-                step: step.key,
-            });
+            self.stepped(lease, step);
         }
         Ok(written)
     }
 
-    async fn complete(&self, lease: &Lease, result: &Value, now: i64) -> Result<bool> {
-        self.finish(Finish::succeeded(lease, no_nul_json(result.clone()), now))
-            .await
+    async fn complete(
+        &self,
+        lease: &Lease,
+        last: Option<&Step>,
+        result: &Value,
+        now: i64,
+    ) -> Result<bool> {
+        let finish = Write::Finish(Finish::succeeded(lease, no_nul_json(result.clone()), now));
+        let Some(step) = last else {
+            return self.writes.write(finish).await;
+        };
+        let took = self
+            .writes
+            .write_together(vec![step_write(lease, step), finish])
+            .await?;
+        if took.first() == Some(&true) {
+            self.stepped(lease, step);
+        }
+        Ok(took.last().copied().unwrap_or(false))
     }
 
     async fn fail(&self, lease: &Lease, reason: &str, error: &str, now: i64) -> Result<bool> {

@@ -71,6 +71,13 @@ impl SqliteStore {
         let _ = self.events.send(event);
     }
 
+    fn stepped(&self, lease: &Lease, step: &Step) {
+        self.emit(JobEvent::Step {
+            job_id: lease.job_id,
+            step: step.key,
+        });
+    }
+
     fn finished(&self, done: bool, lease: &Lease, status: JobStatus) {
         if done {
             self.emit(JobEvent::Finished {
@@ -342,17 +349,39 @@ impl Store for SqliteStore {
         };
         let written = self.writes.write(write).await?;
         if written {
-            self.emit(JobEvent::Step {
-                job_id: lease.job_id,
-                step: step.key,
-            });
+            self.stepped(lease, step);
         }
         Ok(written)
     }
 
-    async fn complete(&self, lease: &Lease, result: &Value, now: i64) -> Result<bool> {
-        self.finish(Finish::succeeded(lease, result.clone(), now))
-            .await
+    async fn complete(
+        &self,
+        lease: &Lease,
+        last: Option<&Step>,
+        result: &Value,
+        now: i64,
+    ) -> Result<bool> {
+        let Some(step) = last else {
+            return self
+                .finish(Finish::succeeded(lease, result.clone(), now))
+                .await;
+        };
+        let took = self
+            .writes
+            .write_together(vec![
+                Write::Step {
+                    lease: lease.clone(),
+                    step: step.clone(),
+                },
+                Write::Finish(Finish::succeeded(lease, result.clone(), now)),
+            ])
+            .await?;
+        if took.first() == Some(&true) {
+            self.stepped(lease, step);
+        }
+        let done = took.last().copied().unwrap_or(false);
+        self.finished(done, lease, JobStatus::Succeeded);
+        Ok(done)
     }
 
     async fn fail(&self, lease: &Lease, reason: &str, error: &str, now: i64) -> Result<bool> {

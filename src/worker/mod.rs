@@ -214,8 +214,11 @@ impl Worker {
             .await;
         let now = self.clock.now_ms();
         let written = match &outcome {
-            Outcome::Succeeded(result) => {
-                with_db_retries(&stop, || self.store.complete(&lease, result, now)).await
+            Outcome::Succeeded { result, last_step } => {
+                with_db_retries(&stop, || {
+                    self.store.complete(&lease, last_step.as_ref(), result, now)
+                })
+                .await
             }
             Outcome::Failed { reason, error } => {
                 with_db_retries(&stop, || self.store.fail(&lease, reason, error, now)).await
@@ -236,7 +239,9 @@ impl Worker {
             Outcome::Stopped => Some(false),
         };
         match (&outcome, written) {
-            (Outcome::Succeeded(_), Some(true)) => tracing::info!(job = %job.id, "job succeeded"),
+            (Outcome::Succeeded { .. }, Some(true)) => {
+                tracing::info!(job = %job.id, "job succeeded")
+            }
             (Outcome::Failed { reason, .. }, Some(true)) => {
                 tracing::info!(job = %job.id, reason, "job failed")
             }
