@@ -294,7 +294,7 @@ async fn respond(reply: Reply, model: &str, kind: Kind) -> Response {
     loop {
         match reply {
             Reply::Delay(ms, inner) => {
-                tokio::time::sleep(Duration::from_millis(ms)).await;
+                timer::sleep(Duration::from_millis(ms)).await;
                 reply = *inner;
             }
             Reply::Hang => std::future::pending::<()>().await,
@@ -361,4 +361,113 @@ fn completion(model: &str, content: &str) -> Response {
         "usage": {"prompt_tokens": 10, "completion_tokens": 5, "total_tokens": 15, "cost": 0.001},
     }))
     .into_response()
+}
+
+/// Sleeps that end when scripted. tokio's timer counts in 1 ms ticks and its driver parks in
+/// epoll's millisecond timeouts, so on a busy two-core machine a scripted 400 ms answer came
+/// 1–3 ms late — lateness the overhead benchmark would count against the server. One thread
+/// here waits (with futex timeouts, in nanoseconds) for the earliest deadline and wakes its call.
+mod timer {
+    use std::cmp::Ordering;
+    use std::collections::BinaryHeap;
+    use std::sync::mpsc::{self, RecvTimeoutError};
+    use std::sync::{Mutex, OnceLock};
+    use std::time::{Duration, Instant};
+
+    use tokio::sync::oneshot;
+
+    struct Wake {
+        at: Instant,
+        seq: u64,
+        tx: oneshot::Sender<()>,
+    }
+
+    // The heap is a max-heap: the earliest deadline (then the first asked) compares greatest.
+    impl Ord for Wake {
+        fn cmp(&self, other: &Self) -> Ordering {
+            (other.at, other.seq).cmp(&(self.at, self.seq))
+        }
+    }
+    impl PartialOrd for Wake {
+        fn partial_cmp(&self, other: &Self) -> Option<Ordering> {
+            Some(self.cmp(other))
+        }
+    }
+    impl PartialEq for Wake {
+        fn eq(&self, other: &Self) -> bool {
+            (self.at, self.seq) == (other.at, other.seq)
+        }
+    }
+    impl Eq for Wake {}
+
+    fn timer() -> &'static Mutex<mpsc::Sender<Wake>> {
+        static TIMER: OnceLock<Mutex<mpsc::Sender<Wake>>> = OnceLock::new();
+        TIMER.get_or_init(|| {
+            let (tx, rx) = mpsc::channel();
+            std::thread::Builder::new()
+                .name("fake-timer".into())
+                .spawn(move || run(rx))
+                .expect("start the fake's timer thread");
+            Mutex::new(tx)
+        })
+    }
+
+    fn run(rx: mpsc::Receiver<Wake>) {
+        let mut due: BinaryHeap<Wake> = BinaryHeap::new();
+        loop {
+            let next = match due.peek() {
+                None => rx.recv().map_err(|_| RecvTimeoutError::Disconnected),
+                Some(w) => rx.recv_timeout(w.at.saturating_duration_since(Instant::now())),
+            };
+            match next {
+                Ok(wake) => due.push(wake),
+                Err(RecvTimeoutError::Timeout) => {}
+                Err(RecvTimeoutError::Disconnected) => return,
+            }
+            let now = Instant::now();
+            while due.peek().is_some_and(|w| w.at <= now) {
+                // A call that was dropped meanwhile (its client hung up) has no one to wake.
+                let _ = due.pop().map(|w| w.tx.send(()));
+            }
+        }
+    }
+
+    /// Wait `d`, ending within a fraction of a millisecond of the deadline.
+    pub async fn sleep(d: Duration) {
+        static SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let (tx, rx) = oneshot::channel();
+        let wake = Wake {
+            at: Instant::now() + d,
+            seq: SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
+            tx,
+        };
+        if timer().lock().unwrap().send(wake).is_ok() {
+            let _ = rx.await;
+        } else {
+            tokio::time::sleep(d).await;
+        }
+    }
+
+    #[cfg(test)]
+    #[tokio::test]
+    async fn sleeps_end_in_deadline_order_and_never_early() {
+        let start = Instant::now();
+        let order = std::sync::Arc::new(Mutex::new(Vec::new()));
+        let mut tasks = Vec::new();
+        for ms in [60u64, 20, 40, 0] {
+            let order = order.clone();
+            tasks.push(tokio::spawn(async move {
+                sleep(Duration::from_millis(ms)).await;
+                assert!(start.elapsed() >= Duration::from_millis(ms));
+                order.lock().unwrap().push(ms);
+            }));
+        }
+        // A sleeper that gives up before its deadline does not stop the others.
+        let dropped = tokio::time::timeout(Duration::from_millis(5), sleep(Duration::from_secs(1)));
+        assert!(dropped.await.is_err());
+        for t in tasks {
+            t.await.unwrap();
+        }
+        assert_eq!(*order.lock().unwrap(), vec![0, 20, 40, 60]);
+    }
 }
