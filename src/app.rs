@@ -77,7 +77,13 @@ impl Application {
         let worker = settings
             .worker
             .map(|cfg| Worker::new(store.clone(), pipeline, clock.clone(), cfg));
-        let state = AppState::new(store, Arc::new(settings.fusion), clock, upstream);
+        let state = AppState::new(
+            store,
+            Arc::new(settings.fusion),
+            clock,
+            upstream,
+            worker.clone(),
+        );
         let (addr, listener) = match &settings.listen {
             Some(listen) => {
                 let listener = TcpListener::bind(listen)

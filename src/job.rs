@@ -131,25 +131,42 @@ pub struct NewJob {
     pub created_at: i64,
 }
 
+/// The lease a new job is inserted under when the process taking the submission runs it at
+/// once, with no claim (see `Store::enqueue`): its first attempt, started at its creation.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StartHere {
+    pub owner: String,
+    pub lease_expires_at: i64,
+}
+
 impl NewJob {
     /// The job as `enqueue` stores it: queued, runnable from its creation, never claimed.
     pub fn into_queued(self) -> Job {
+        self.into_job(None)
+    }
+
+    /// The job as `enqueue` stores it: queued, or with `start` running its first attempt.
+    pub fn into_job(self, start: Option<&StartHere>) -> Job {
         Job {
             id: self.id,
-            status: JobStatus::Queued,
+            status: if start.is_some() {
+                JobStatus::Running
+            } else {
+                JobStatus::Queued
+            },
             spec: self.spec,
             metadata: self.metadata,
             priority: self.priority,
-            attempt: 0,
+            attempt: i32::from(start.is_some()),
             max_attempts: self.max_attempts,
             run_at: self.created_at,
             deadline_at: self.deadline_at,
-            lease_owner: None,
-            lease_expires_at: None,
+            lease_owner: start.map(|s| s.owner.clone()),
+            lease_expires_at: start.map(|s| s.lease_expires_at),
             idempotency_key: self.idempotency_key,
             request_hash: self.request_hash,
             created_at: self.created_at,
-            started_at: None,
+            started_at: start.map(|_| self.created_at),
             finished_at: None,
             failure_reason: None,
             error: None,

@@ -12,7 +12,9 @@ use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
-use fusion::job::{Job, JobSpec, JobStatus, Lease, ListFilter, NewJob, Step, StepKey, Usage};
+use fusion::job::{
+    Job, JobSpec, JobStatus, Lease, ListFilter, NewJob, StartHere, Step, StepKey, Usage,
+};
 use fusion::store::{CancelOutcome, Enqueued, Held, JobEvent, RetryOutcome, Store};
 use serde_json::json;
 use tempfile::TempDir;
@@ -277,7 +279,7 @@ fn queued(new: &NewJob) -> Job {
 }
 
 async fn enqueue(store: &Arc<dyn Store>, new: NewJob) -> Job {
-    match store.enqueue(new).await.expect("enqueue") {
+    match store.enqueue(new, None).await.expect("enqueue") {
         Enqueued::Created(job) => job,
         other => panic!("expected Enqueued::Created, got {other:?}"),
     }
@@ -458,6 +460,7 @@ contract_tests!(
     concurrent_writes_each_get_their_own_result,
     nul_characters_never_break_a_write,
     the_last_step_lands_with_the_outcome,
+    a_job_can_start_at_its_enqueue,
 );
 
 /// Model output and user input may contain NUL, which Postgres text and JSONB reject: the write
@@ -547,7 +550,7 @@ async fn idempotency(store: Arc<dyn Store>) {
         created_at: NOW + 5_000,
         ..first.clone()
     };
-    match store.enqueue(repeat.clone()).await.unwrap() {
+    match store.enqueue(repeat.clone(), None).await.unwrap() {
         Enqueued::Existing(job) => assert_eq!(job, original),
         other => panic!("expected Existing, got {other:?}"),
     }
@@ -560,7 +563,7 @@ async fn idempotency(store: Arc<dyn Store>) {
         spec: spec("other"),
         ..first.clone()
     };
-    match store.enqueue(reused.clone()).await.unwrap() {
+    match store.enqueue(reused.clone(), None).await.unwrap() {
         Enqueued::KeyReused(job) => assert_eq!(job, original),
         other => panic!("expected KeyReused, got {other:?}"),
     }
@@ -1552,9 +1555,9 @@ async fn concurrent_writes_each_get_their_own_result(store: Arc<dyn Store>) {
     let result = json!({"x": 1});
 
     let (enq_c, enq_d1, enq_d2, step_a, step_b_stale, step_b, done_a_stale, fail_b_stale) = tokio::join!(
-        store.enqueue(c.clone()),
-        store.enqueue(d1),
-        store.enqueue(d2),
+        store.enqueue(c.clone(), None),
+        store.enqueue(d1, None),
+        store.enqueue(d2, None),
         store.save_step(&la, &panel0),
         store.save_step(&stale_b, &panel0),
         store.save_step(&lb, &panel1_failed),
@@ -1692,6 +1695,86 @@ async fn every_finish_is_announced(store: Arc<dyn Store>) {
             assert_eq!(expected.remove(&job_id), Some(status), "{job_id}");
         }
     }
+}
+
+/// A job submitted to a process with a free worker slot is inserted running under that
+/// process's lease: nobody else can claim it, no worker is woken for it, the lease works like a
+/// claimed one (and runs out like one), and an idempotent repeat finds it as it is.
+async fn a_job_can_start_at_its_enqueue(store: Arc<dyn Store>) {
+    let wakeups = store.wakeups();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let _ = tokio::time::timeout(Duration::ZERO, wakeups.notified()).await;
+    let new = NewJob {
+        idempotency_key: Some("started-here".into()),
+        request_hash: Some("h".into()),
+        ..new_job()
+    };
+    let start = StartHere {
+        owner: "here".into(),
+        lease_expires_at: NOW + LEASE_MS,
+    };
+    let Enqueued::Created(job) = store
+        .enqueue(new.clone(), Some(start.clone()))
+        .await
+        .unwrap()
+    else {
+        panic!("expected a new job");
+    };
+    let expected = Job {
+        status: JobStatus::Running,
+        attempt: 1,
+        lease_owner: Some("here".into()),
+        lease_expires_at: Some(NOW + LEASE_MS),
+        started_at: Some(new.created_at),
+        ..queued(&new)
+    };
+    assert_eq!(job, expected);
+    assert_eq!(get(&store, job.id).await, expected);
+    assert!(
+        tokio::time::timeout(Duration::from_millis(500), wakeups.notified())
+            .await
+            .is_err(),
+        "a job started at its enqueue woke the workers"
+    );
+    assert!(claim(&store, "elsewhere", 10, NOW).await.is_empty());
+
+    // A repeat with a slot of its own finds the job as it is, and starts nothing.
+    let other = StartHere {
+        owner: "other".into(),
+        lease_expires_at: NOW + 1,
+    };
+    match store.enqueue(new.clone(), Some(other)).await.unwrap() {
+        Enqueued::Existing(found) => assert_eq!(found, expected),
+        e => panic!("expected the existing job, got {e:?}"),
+    }
+
+    // The lease is a lease: heartbeats renew it, checkpoints are fenced on it...
+    assert_eq!(
+        store.heartbeat("here", NOW + 1_000, LEASE).await.unwrap(),
+        vec![Held {
+            id: job.id,
+            attempt: 1
+        }]
+    );
+    let lease = lease_of(&job);
+    assert!(
+        store
+            .save_step(&lease, &ok_step(StepKey::Panel(0), 1))
+            .await
+            .unwrap()
+    );
+    // ...and once it runs out the job is rescued and claimed like any other, checkpoints kept.
+    let expired = NOW + 1_000 + LEASE_MS + 1;
+    assert_eq!(store.rescue_expired(expired).await.unwrap(), 1);
+    let claimed = store.claim("elsewhere", 1, expired, LEASE).await.unwrap();
+    assert_eq!(claimed.len(), 1);
+    assert_eq!((claimed[0].job.attempt, claimed[0].checkpointed), (2, true));
+    assert!(
+        !store
+            .save_step(&lease, &ok_step(StepKey::Panel(1), 1))
+            .await
+            .unwrap()
+    );
 }
 
 /// A job's final step can be written in its outcome's commit: both land, or (fenced out)

@@ -54,7 +54,8 @@ pub fn refuse_recursion(headers: &HeaderMap) -> Result<(), ApiError> {
     Ok(())
 }
 
-/// Store a parsed request as a queued job; `true` when an idempotency key found an earlier one.
+/// Store a parsed request as a job (queued, or started in this process when it has a free slot);
+/// `true` when an idempotency key found an earlier one.
 pub async fn enqueue(
     state: &AppState,
     parsed: request::JobRequest,
@@ -73,8 +74,16 @@ pub async fn enqueue(
         idempotency_key: key,
         created_at: now,
     };
-    let (job, replayed) = match state.store.enqueue(new).await? {
-        Enqueued::Created(job) => (job, false),
+    // With a free slot here and nothing queued ahead, the job starts here at once, no claim.
+    let slot = state.worker.as_ref().and_then(|w| w.slot_for_new_job());
+    let start = slot.as_ref().map(|s| s.lease().clone());
+    let (job, replayed) = match state.store.enqueue(new, start).await? {
+        Enqueued::Created(job) => {
+            if let Some(slot) = slot {
+                slot.run(job.clone());
+            }
+            (job, false)
+        }
         Enqueued::Existing(job) => (job, true),
         Enqueued::KeyReused(job) => {
             return Err(ApiError::new(

@@ -27,6 +27,7 @@ use crate::clock::SharedClock;
 use crate::config::FusionConfig;
 use crate::store::Store;
 use crate::upstream::Upstream;
+use crate::worker::Worker;
 pub use error::ApiError;
 use watch::JobWatch;
 
@@ -38,6 +39,8 @@ pub struct AppState {
     pub upstream: Arc<Upstream>,
     /// Wakes requests that wait on a job.
     pub watch: Arc<JobWatch>,
+    /// This process's worker, if it runs one: a job submitted here may start here at once.
+    pub worker: Option<Arc<Worker>>,
 }
 
 impl AppState {
@@ -46,6 +49,7 @@ impl AppState {
         config: Arc<FusionConfig>,
         clock: SharedClock,
         upstream: Arc<Upstream>,
+        worker: Option<Arc<Worker>>,
     ) -> AppState {
         let watch = JobWatch::start(store.as_ref());
         AppState {
@@ -54,6 +58,7 @@ impl AppState {
             clock,
             upstream,
             watch,
+            worker,
         }
     }
 }

@@ -12,7 +12,7 @@ use serde_json::Value;
 use tokio::sync::{Mutex, mpsc, oneshot};
 
 use super::{Result, StoreError};
-use crate::job::{JobStatus, Lease, NewJob, Step};
+use crate::job::{JobStatus, Lease, NewJob, StartHere, Step};
 
 /// The most queued groups (a write, or a job's last checkpoint and outcome) one batch takes;
 /// more wait for the next.
@@ -20,8 +20,12 @@ const MAX_BATCH: usize = 512;
 
 /// One write, its values ready to bind.
 pub(super) enum Write {
-    /// Insert a queued job unless its idempotency key exists: true when inserted.
-    Enqueue(NewJob),
+    /// Insert a queued job (or, with `start`, one already running under that lease) unless its
+    /// idempotency key exists: true when inserted.
+    Enqueue {
+        job: NewJob,
+        start: Option<StartHere>,
+    },
     /// Insert a checkpoint if the lease still holds and the step is new: true when inserted.
     /// The row is written with the lease's attempt (what the fence checks).
     Step { lease: Lease, step: Step },
@@ -148,7 +152,7 @@ async fn run<S: BatchSql>(sql: Arc<S>, rx: Arc<Mutex<mpsc::Receiver<Queued>>>) {
 /// The key a write's row comes back under when it took effect: `(kind, job id, step, attempt)`.
 pub(super) fn took_key(write: &Write) -> (char, String, Option<String>, Option<i64>) {
     match write {
-        Write::Enqueue(job) => ('e', job.id.to_string(), None, None),
+        Write::Enqueue { job, .. } => ('e', job.id.to_string(), None, None),
         Write::Step { lease, step } => (
             's',
             lease.job_id.to_string(),

@@ -30,7 +30,7 @@ use serde_json::Value;
 use tokio::sync::{Notify, broadcast};
 use uuid::Uuid;
 
-use crate::job::{Job, JobStatus, Lease, ListFilter, NewJob, Step, StepKey};
+use crate::job::{Job, JobStatus, Lease, ListFilter, NewJob, StartHere, Step, StepKey};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -101,8 +101,11 @@ pub trait Store: Send + Sync + 'static {
     async fn migrate(&self) -> Result<()>;
     /// Cheap round trip, for `/readyz`.
     async fn ping(&self) -> Result<()>;
-    /// Insert a queued job, or find the earlier one under the same idempotency key.
-    async fn enqueue(&self, job: NewJob) -> Result<Enqueued>;
+    /// Insert a queued job, or find the earlier one under the same idempotency key. With
+    /// `start`, a new job is inserted running its first attempt under that lease, for the
+    /// caller's process to run with no claim (and no worker is woken); an earlier job comes back
+    /// as it is.
+    async fn enqueue(&self, job: NewJob, start: Option<StartHere>) -> Result<Enqueued>;
     async fn get_job(&self, id: Uuid) -> Result<Option<Job>>;
     /// Every checkpoint of a job, in step order.
     async fn get_steps(&self, id: Uuid) -> Result<Vec<Step>>;
@@ -247,6 +250,37 @@ where
         (b.job.priority.cmp(&a.job.priority)).then(a.job.run_at.cmp(&b.job.run_at))
     });
     Ok(claimed)
+}
+
+/// Enqueue as both stores do: the insert goes through the batcher (queued, waking the workers,
+/// or started under `start`); when the idempotency key was seen before, `earlier` reads that
+/// job by its key and the request hashes tell a repeat from a reuse.
+async fn enqueue_with<Fut>(
+    writes: &batch::Batcher,
+    wakeups: &Notify,
+    job: NewJob,
+    start: Option<StartHere>,
+    earlier: impl FnOnce(Option<String>) -> Fut,
+) -> Result<Enqueued>
+where
+    Fut: Future<Output = Result<Job>>,
+{
+    let write = batch::Write::Enqueue {
+        job: job.clone(),
+        start: start.clone(),
+    };
+    if writes.write(write).await? {
+        if start.is_none() {
+            wakeups.notify_one();
+        }
+        return Ok(Enqueued::Created(job.into_job(start.as_ref())));
+    }
+    let existing = earlier(job.idempotency_key).await?;
+    Ok(if existing.request_hash == job.request_hash {
+        Enqueued::Existing(existing)
+    } else {
+        Enqueued::KeyReused(existing)
+    })
 }
 
 pub(crate) fn ms(d: Duration) -> i64 {

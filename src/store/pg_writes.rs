@@ -12,7 +12,7 @@ use sqlx::types::Json;
 use uuid::Uuid;
 
 use super::batch::{BatchSql, Finish, Write, took_key};
-use crate::job::{JobSpec, Lease, NewJob, Step};
+use crate::job::{JobSpec, Lease, NewJob, StartHere, Step};
 
 pub(super) struct PgBatch(pub PgPool);
 
@@ -23,19 +23,23 @@ impl BatchSql for PgBatch {
     }
 }
 
-/// The batch statement. `e`: new jobs (a statement-level trigger NOTIFYs workers once per
-/// statement that inserted any); `s`: checkpoints, fenced on the lease; `f`: outcomes, fenced
+/// The batch statement. `e`: new jobs, queued or started under a lease (a statement-level trigger
+/// NOTIFYs workers once per statement that queued any); `s`: checkpoints, fenced on the lease; `f`: outcomes, fenced
 /// on the lease. Its rows say which writes took effect.
 const BATCH_SQL: &str = "\
 WITH e AS (
     INSERT INTO jobs (id, status, spec, metadata, priority, attempt, max_attempts, run_at,
-                      deadline_at, idempotency_key, request_hash, created_at)
-    SELECT u.id, 'queued', u.spec, u.metadata, u.priority, 0, u.max_attempts, u.created_at,
-           u.deadline_at, u.idempotency_key, u.request_hash, u.created_at
+                      deadline_at, idempotency_key, request_hash, created_at, lease_owner,
+                      lease_expires_at, started_at)
+    SELECT u.id, CASE WHEN u.lease_owner IS NULL THEN 'queued' ELSE 'running' END, u.spec,
+           u.metadata, u.priority, CASE WHEN u.lease_owner IS NULL THEN 0 ELSE 1 END,
+           u.max_attempts, u.created_at, u.deadline_at, u.idempotency_key, u.request_hash,
+           u.created_at, u.lease_owner, u.lease_expires_at,
+           CASE WHEN u.lease_owner IS NULL THEN NULL ELSE u.created_at END
     FROM unnest($1::uuid[], $2::jsonb[], $3::jsonb[], $4::int[], $5::int[], $6::bigint[],
-                $7::text[], $8::text[], $9::bigint[])
+                $7::text[], $8::text[], $9::bigint[], $34::text[], $35::bigint[])
          AS u(id, spec, metadata, priority, max_attempts, deadline_at, idempotency_key,
-              request_hash, created_at)
+              request_hash, created_at, lease_owner, lease_expires_at)
     ON CONFLICT (idempotency_key) DO NOTHING
     RETURNING id
 ), s AS (
@@ -76,7 +80,7 @@ async fn execute(pool: &PgPool, writes: &[Write]) -> Result<Vec<bool>, sqlx::Err
     let mut f = Finishes::default();
     for write in writes {
         match write {
-            Write::Enqueue(job) => e.push(job),
+            Write::Enqueue { job, start } => e.push(job, start.as_ref()),
             Write::Step { lease, step } => s.push(lease, step),
             Write::Finish(finish) => f.push(finish),
         }
@@ -115,6 +119,8 @@ async fn execute(pool: &PgPool, writes: &[Write]) -> Result<Vec<bool>, sqlx::Err
         .bind(f.reason)
         .bind(f.error)
         .bind(f.finished_at)
+        .bind(e.lease_owner)
+        .bind(e.lease_expires_at)
         .fetch_all(pool)
         .await?;
     let mut took = HashSet::with_capacity(rows.len());
@@ -141,10 +147,12 @@ struct Enqueues {
     idempotency_key: Vec<Option<String>>,
     request_hash: Vec<Option<String>>,
     created_at: Vec<i64>,
+    lease_owner: Vec<Option<String>>,
+    lease_expires_at: Vec<Option<i64>>,
 }
 
 impl Enqueues {
-    fn push(&mut self, job: &NewJob) {
+    fn push(&mut self, job: &NewJob, start: Option<&StartHere>) {
         self.id.push(job.id);
         self.spec.push(Json(job.spec.clone()));
         self.metadata.push(Json(job.metadata.clone()));
@@ -154,6 +162,9 @@ impl Enqueues {
         self.idempotency_key.push(job.idempotency_key.clone());
         self.request_hash.push(job.request_hash.clone());
         self.created_at.push(job.created_at);
+        self.lease_owner.push(start.map(|s| s.owner.clone()));
+        self.lease_expires_at
+            .push(start.map(|s| s.lease_expires_at));
     }
 }
 

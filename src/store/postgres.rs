@@ -20,7 +20,7 @@ use super::{
     CancelOutcome, Claimed, EVENT_BACKLOG, Enqueued, Held, JobEvent, Result, RetryOutcome, Store,
     StoreError, ms, status_from_db,
 };
-use crate::job::{Job, JobStatus, Lease, ListFilter, NewJob, Step, StepKey, Usage};
+use crate::job::{Job, JobStatus, Lease, ListFilter, NewJob, StartHere, Step, StepKey, Usage};
 
 pub struct PgStore {
     pool: PgPool,
@@ -156,7 +156,7 @@ impl Store for PgStore {
         Ok(())
     }
 
-    async fn enqueue(&self, mut job: NewJob) -> Result<Enqueued> {
+    async fn enqueue(&self, mut job: NewJob, start: Option<StartHere>) -> Result<Enqueued> {
         let spec =
             serde_json::to_value(&job.spec).map_err(|e| StoreError::Corrupt(e.to_string()))?;
         if has_nul(&spec) {
@@ -165,24 +165,19 @@ impl Store for PgStore {
                 .map_err(|e| StoreError::Corrupt(e.to_string()))?;
         }
         job.metadata = no_nul_json(std::mem::take(&mut job.metadata));
-        if self.writes.write(Write::Enqueue(job.clone())).await? {
-            self.wakeups.notify_one();
-            return Ok(Enqueued::Created(job.into_queued()));
-        }
-        let row = sqlx::query(concat!(
-            "SELECT ",
-            job_columns!(),
-            " FROM jobs WHERE idempotency_key = $1"
-        ))
-        .bind(&job.idempotency_key)
-        .fetch_one(&self.pool)
-        .await?;
-        let existing = job_from_row(&row)?;
-        Ok(if existing.request_hash == job.request_hash {
-            Enqueued::Existing(existing)
-        } else {
-            Enqueued::KeyReused(existing)
+        let pool = &self.pool;
+        super::enqueue_with(&self.writes, &self.wakeups, job, start, |key| async move {
+            let row = sqlx::query(concat!(
+                "SELECT ",
+                job_columns!(),
+                " FROM jobs WHERE idempotency_key = $1"
+            ))
+            .bind(key)
+            .fetch_one(pool)
+            .await?;
+            job_from_row(&row)
         })
+        .await
     }
 
     async fn get_job(&self, id: Uuid) -> Result<Option<Job>> {

@@ -23,7 +23,7 @@ use super::{
     CancelOutcome, Claimed, EVENT_BACKLOG, Enqueued, Held, JobEvent, Result, RetryOutcome, Store,
     StoreError, ms, status_from_db,
 };
-use crate::job::{Job, JobStatus, Lease, ListFilter, NewJob, Step, StepKey, Usage};
+use crate::job::{Job, JobStatus, Lease, ListFilter, NewJob, StartHere, Step, StepKey, Usage};
 
 pub struct SqliteStore {
     /// Readers: WAL lets them run beside the writer.
@@ -142,25 +142,20 @@ impl Store for SqliteStore {
         Ok(())
     }
 
-    async fn enqueue(&self, job: NewJob) -> Result<Enqueued> {
-        if self.writes.write(Write::Enqueue(job.clone())).await? {
-            self.wakeups.notify_one();
-            return Ok(Enqueued::Created(job.into_queued()));
-        }
-        let row = sqlx::query(concat!(
-            "SELECT ",
-            job_columns!(),
-            " FROM jobs WHERE idempotency_key = ?"
-        ))
-        .bind(&job.idempotency_key)
-        .fetch_one(&self.pool)
-        .await?;
-        let existing = job_from_row(&row)?;
-        Ok(if existing.request_hash == job.request_hash {
-            Enqueued::Existing(existing)
-        } else {
-            Enqueued::KeyReused(existing)
+    async fn enqueue(&self, job: NewJob, start: Option<StartHere>) -> Result<Enqueued> {
+        let pool = &self.pool;
+        super::enqueue_with(&self.writes, &self.wakeups, job, start, |key| async move {
+            let row = sqlx::query(concat!(
+                "SELECT ",
+                job_columns!(),
+                " FROM jobs WHERE idempotency_key = ?"
+            ))
+            .bind(key)
+            .fetch_one(pool)
+            .await?;
+            job_from_row(&row)
         })
+        .await
     }
 
     async fn get_job(&self, id: Uuid) -> Result<Option<Job>> {

@@ -16,12 +16,16 @@ use crate::job::JobStatus;
 pub(super) struct SqliteBatch(pub SqlitePool);
 
 /// Rows: `[id, spec, metadata, priority, max_attempts, deadline_at, idempotency_key,
-/// request_hash, created_at]`.
+/// request_hash, created_at, lease_owner, lease_expires_at]`: queued, or running its first
+/// attempt since its creation when it comes with a lease.
 const ENQUEUE_SQL: &str = "\
 INSERT INTO jobs (id, status, spec, metadata, priority, attempt, max_attempts, run_at,
-                  deadline_at, idempotency_key, request_hash, created_at)
-SELECT value ->> 0, 'queued', value ->> 1, value ->> 2, value ->> 3, 0, value ->> 4,
-       value ->> 8, value ->> 5, value ->> 6, value ->> 7, value ->> 8
+                  deadline_at, idempotency_key, request_hash, created_at, lease_owner,
+                  lease_expires_at, started_at)
+SELECT value ->> 0, iif(value ->> 9 IS NULL, 'queued', 'running'), value ->> 1, value ->> 2,
+       value ->> 3, iif(value ->> 9 IS NULL, 0, 1), value ->> 4, value ->> 8, value ->> 5,
+       value ->> 6, value ->> 7, value ->> 8, value ->> 9, value ->> 10,
+       iif(value ->> 9 IS NULL, NULL, value ->> 8)
 FROM json_each(?1) WHERE true
 ON CONFLICT (idempotency_key) DO NOTHING
 RETURNING id";
@@ -60,7 +64,7 @@ impl BatchSql for SqliteBatch {
         let (mut enqueues, mut steps, mut finishes) = (Vec::new(), Vec::new(), Vec::new());
         for write in writes {
             match write {
-                Write::Enqueue(job) => enqueues.push(json!([
+                Write::Enqueue { job, start } => enqueues.push(json!([
                     job.id.to_string(),
                     serde_json::to_string(&job.spec).map_err(|e| sqlx::Error::Encode(e.into()))?,
                     job.metadata.to_string(),
@@ -70,6 +74,8 @@ impl BatchSql for SqliteBatch {
                     job.idempotency_key,
                     job.request_hash,
                     job.created_at,
+                    start.as_ref().map(|s| &s.owner),
+                    start.as_ref().map(|s| s.lease_expires_at),
                 ])),
                 Write::Step { lease, step } => steps.push(json!([
                     lease.job_id.to_string(),

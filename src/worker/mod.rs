@@ -19,8 +19,7 @@ use uuid::Uuid;
 
 use crate::clock::SharedClock;
 use crate::fusion::{Outcome, Pipeline};
-use crate::job::Job;
-use crate::job::JobStatus;
+use crate::job::{Job, JobStatus, StartHere};
 use crate::store::{Claimed, JobEvent, Store, StoreError};
 use checkpoint::{LeaseCheckpoints, with_db_retries};
 
@@ -64,8 +63,42 @@ pub struct Worker {
     /// Unique per process start: the `lease_owner` of every job it claims.
     owner: String,
     running: Mutex<HashMap<Uuid, Running>>,
+    /// One permit per job this process may run at once.
+    capacity: Arc<Semaphore>,
+    /// Every job task; closed when shutdown begins.
+    tracker: TaskTracker,
+    /// The dispatcher's last claim found no runnable queued job (and no wake-up came since):
+    /// a job submitted here may then start here at once without overtaking any.
+    queue_drained: AtomicBool,
     /// Set once shutdown's grace period is over: stopped jobs are then released, not abandoned.
     releasing: AtomicBool,
+}
+
+/// A free slot of this process's worker, taken for a job being submitted here: the job is
+/// inserted already running under `lease()` and `run` starts it, with no claim round trip.
+/// Dropping the slot (the job existed already, or the insert failed) frees it.
+pub struct Slot {
+    worker: Arc<Worker>,
+    permit: OwnedSemaphorePermit,
+    start: StartHere,
+}
+
+impl Slot {
+    pub fn lease(&self) -> &StartHere {
+        &self.start
+    }
+
+    /// Run `job`, just inserted under this slot's lease.
+    pub fn run(self, job: Job) {
+        let Slot { worker, permit, .. } = self;
+        let claimed = Claimed {
+            job,
+            checkpointed: false,
+        };
+        worker
+            .tracker
+            .spawn(worker.clone().execute_holding(claimed, permit));
+    }
 }
 
 impl Worker {
@@ -80,10 +113,31 @@ impl Worker {
             store,
             pipeline,
             clock,
-            config,
             owner: format!("{host}:{}:{}", std::process::id(), Uuid::now_v7()),
             running: Mutex::new(HashMap::new()),
+            capacity: Arc::new(Semaphore::new(config.concurrency.max(1) as usize)),
+            tracker: TaskTracker::new(),
+            queue_drained: AtomicBool::new(false),
             releasing: AtomicBool::new(false),
+            config,
+        })
+    }
+
+    /// A slot to run a job being submitted in this process at once, with no claim: only while
+    /// a slot is free, the dispatcher's last claim found no runnable queued job, and shutdown
+    /// has not begun. `None`: the job is queued and claimed as usual.
+    pub fn slot_for_new_job(self: &Arc<Self>) -> Option<Slot> {
+        if self.tracker.is_closed() || !self.queue_drained.load(Ordering::SeqCst) {
+            return None;
+        }
+        let permit = self.capacity.clone().try_acquire_owned().ok()?;
+        Some(Slot {
+            worker: self.clone(),
+            permit,
+            start: StartHere {
+                owner: self.owner.clone(),
+                lease_expires_at: self.clock.now_ms() + crate::store::ms(self.config.lease),
+            },
         })
     }
 
@@ -113,13 +167,13 @@ impl Worker {
 
     /// Run until `shutdown` fires, then drain within the grace period and release what is left.
     pub async fn run(self: Arc<Self>, shutdown: CancellationToken) {
-        let tracker = TaskTracker::new();
+        let tracker = &self.tracker;
         let background = CancellationToken::new();
         let heartbeat = tokio::spawn(self.clone().heartbeat_loop(background.clone()));
         let rescuer = tokio::spawn(self.clone().rescue_loop(background.clone()));
         let cancels = tokio::spawn(self.clone().cancel_loop(background.clone()));
 
-        self.dispatch_loop(&tracker, &shutdown).await;
+        self.dispatch_loop(&shutdown).await;
 
         tracker.close();
         if tokio::time::timeout(self.config.shutdown_grace, tracker.wait())
@@ -140,8 +194,8 @@ impl Worker {
         let _ = tokio::join!(heartbeat, rescuer, cancels);
     }
 
-    async fn dispatch_loop(self: &Arc<Self>, tracker: &TaskTracker, shutdown: &CancellationToken) {
-        let capacity = Arc::new(Semaphore::new(self.config.concurrency.max(1) as usize));
+    async fn dispatch_loop(self: &Arc<Self>, shutdown: &CancellationToken) {
+        let capacity = &self.capacity;
         let wakeups = self.store.wakeups();
         let mut failures = 0u32;
         loop {
@@ -164,9 +218,12 @@ impl Worker {
                 Ok(jobs) => {
                     failures = 0;
                     let got = jobs.len();
+                    self.queue_drained
+                        .store(got < wanted as usize, Ordering::SeqCst);
                     for job in jobs {
                         let permit = permits.split(1).expect("one permit per claimed job");
-                        tracker.spawn(self.clone().execute_holding(job, permit));
+                        self.tracker
+                            .spawn(self.clone().execute_holding(job, permit));
                     }
                     if got > 0 {
                         continue;
@@ -175,6 +232,7 @@ impl Worker {
                 }
                 Err(e) => {
                     failures += 1;
+                    self.queue_drained.store(false, Ordering::SeqCst);
                     tracing::warn!(error = %e, "claim failed; backing off");
                     backoff(failures)
                 }
@@ -182,7 +240,8 @@ impl Worker {
             drop(permits);
             tokio::select! {
                 _ = shutdown.cancelled() => return,
-                _ = wakeups.notified() => {}
+                // Something was queued: until the claim, jobs submitted here queue behind it.
+                _ = wakeups.notified() => self.queue_drained.store(false, Ordering::SeqCst),
                 _ = tokio::time::sleep(idle) => {}
             }
         }

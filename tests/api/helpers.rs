@@ -35,6 +35,8 @@ pub struct Options {
     pub toml: String,
     /// The upstream to use instead of the fake (which still starts, unused).
     pub upstream_url: Option<String>,
+    /// The workers' fallback poll when no wake-up comes.
+    pub poll_interval: Duration,
 }
 
 impl Default for Options {
@@ -43,6 +45,7 @@ impl Default for Options {
             workers: true,
             toml: String::new(),
             upstream_url: None,
+            poll_interval: Duration::from_millis(50),
         }
     }
 }
@@ -75,7 +78,7 @@ pub async fn spawn_app_with(opts: Options) -> TestApp {
         worker: opts.workers.then(|| WorkerConfig {
             concurrency: 8,
             lease: Duration::from_secs(5),
-            poll_interval: Duration::from_millis(50),
+            poll_interval: opts.poll_interval,
             shutdown_grace: Duration::from_secs(1),
             retry_base: Duration::from_millis(100),
         }),

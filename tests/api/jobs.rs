@@ -263,3 +263,68 @@ async fn health_and_readiness_answer() {
         assert_eq!(resp.status(), 200, "{path}");
     }
 }
+
+/// A job submitted while this process's worker has a free slot (and its last claim found the
+/// queue empty) starts here at once: the submit answers with it running its first attempt, no
+/// claim in between. With every slot busy, a submitted job is queued and claimed when one frees.
+#[tokio::test]
+async fn a_job_starts_at_its_submit_while_a_slot_is_free() {
+    // No fallback polls: while one claims, it holds the free slots, and a submit landing then is
+    // queued instead (and claimed at once) — right, but not what this test looks at.
+    let app = spawn_app_with(Options {
+        poll_interval: Duration::from_secs(3600),
+        ..Options::default()
+    })
+    .await;
+    // A first job, so that the worker has claimed and found the queue empty.
+    let first = app.submit_ok(&body_with_panel(&["m1"], "judge")).await;
+    assert_eq!(app.wait_final(&first, 10).await["status"], "succeeded");
+
+    let resp = app.submit(&body_with_panel(&["m1"], "judge")).await;
+    assert_eq!(resp.status(), 202);
+    let job: Value = resp.json().await.unwrap();
+    assert_eq!(
+        (&job["status"], &job["attempt"]),
+        (&json!("running"), &json!(1))
+    );
+    let done = app.wait_final(job["id"].as_str().unwrap(), 10).await;
+    assert_eq!(
+        (&done["status"], &done["attempt"]),
+        (&json!("succeeded"), &json!(1))
+    );
+
+    // The test app's worker runs 8 jobs at once: fill every slot with a hanging job.
+    app.fake.script("slow", Kind::Panel, vec![Reply::Hang]);
+    let mut hanging = Vec::new();
+    for _ in 0..8 {
+        let resp = app.submit(&body_with_panel(&["slow"], "judge")).await;
+        let job: Value = resp.json().await.unwrap();
+        assert_eq!(job["status"], "running", "{job:#}");
+        hanging.push(job["id"].as_str().unwrap().to_string());
+    }
+    let resp = app.submit(&body_with_panel(&["m1"], "judge")).await;
+    let queued: Value = resp.json().await.unwrap();
+    assert_eq!(queued["status"], "queued", "{queued:#}");
+    let queued_id = queued["id"].as_str().unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(app.get_job(queued_id).await["status"], "queued");
+
+    // A slot frees: the queued job is claimed and runs.
+    assert_eq!(
+        app.post(&format!("/v1/jobs/{}/cancel", hanging[0]))
+            .await
+            .status(),
+        200
+    );
+    let done = app.wait_final(queued_id, 10).await;
+    assert_eq!(
+        (&done["status"], &done["attempt"]),
+        (&json!("succeeded"), &json!(1))
+    );
+    for id in &hanging[1..] {
+        assert_eq!(
+            app.post(&format!("/v1/jobs/{id}/cancel")).await.status(),
+            200
+        );
+    }
+}
