@@ -2,7 +2,10 @@
 //! finished_at` and, per checkpoint, `steps.created_at` (when its upstream call returned) and
 //! `steps.latency_ms` (how long that call took). Between the calls lie the checkpoint writes:
 //! the gap from the last panel answer to the analysis call is the time to save the panel, and
-//! so on. Times have 1 ms resolution; means over many jobs are still telling.
+//! so on. `started_at` is the claim's time, or the creation for a job started at its submit
+//! (whose insert commit then falls in "started→1st call"); `finished_at` is when the worker
+//! decided the outcome, before its commit. Times have 1 ms resolution; means over many jobs are
+//! still telling.
 
 use std::collections::HashMap;
 
@@ -13,14 +16,14 @@ use crate::load::percentile;
 
 /// The segments of one job, in order.
 const SEGMENTS: [&str; 8] = [
-    "queued",
-    "claim→1st call",
+    "created→started",
+    "started→1st call",
     "panel calls",
     "save panel→analysis call",
     "analysis call",
     "save analysis→final call",
     "final call",
-    "save final+complete",
+    "final answer→finished",
 ];
 
 #[derive(Default)]

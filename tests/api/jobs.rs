@@ -19,7 +19,12 @@ async fn a_job_runs_panel_analysis_and_final_once_each() {
         location,
         format!("/v1/jobs/{}", job["id"].as_str().unwrap())
     );
-    assert_eq!(job["status"], "queued");
+    // Queued, or already running when the worker had claimed once and has a free slot (see
+    // `a_job_starts_at_its_submit_while_a_slot_is_free`).
+    assert!(
+        matches!(job["status"].as_str(), Some("queued" | "running")),
+        "{job:#}"
+    );
 
     let id = job["id"].as_str().unwrap().to_string();
     let job = app.wait_final(&id, 10).await;

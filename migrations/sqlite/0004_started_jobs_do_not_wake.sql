@@ -1,0 +1,3 @@
+-- Nothing to change on SQLite: its wake-ups are in-process, and an enqueue that starts its job
+-- in the submitting process wakes no worker (src/store/mod.rs, `enqueue_with`). This file keeps
+-- the version numbers of the two stores' migrations the same (Postgres 0004 changes a trigger).
