@@ -80,7 +80,7 @@ pub async fn enqueue(
     let (job, replayed) = match state.store.enqueue(new, start).await? {
         Enqueued::Created(job) => {
             if let Some(slot) = slot {
-                slot.run(job.clone());
+                slot.run(job.clone()).await;
             }
             (job, false)
         }

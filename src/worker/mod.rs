@@ -88,9 +88,17 @@ impl Slot {
         &self.start
     }
 
-    /// Run `job`, just inserted under this slot's lease.
-    pub fn run(self, job: Job) {
+    /// Run `job`, just inserted under this slot's lease; if shutdown began meanwhile, hand it
+    /// back to the queue at once instead (the attempt is not spent).
+    pub async fn run(self, job: Job) {
         let Slot { worker, permit, .. } = self;
+        if worker.tracker.is_closed() {
+            if let Some(lease) = job.lease() {
+                let stop = CancellationToken::new();
+                with_db_retries(&stop, || worker.store.release(&lease)).await;
+            }
+            return;
+        }
         let claimed = Claimed {
             job,
             checkpointed: false,

@@ -12,3 +12,4 @@ mod pipelining;
 mod postgres;
 mod proxy;
 mod restart;
+mod start_here;

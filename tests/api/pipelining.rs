@@ -17,7 +17,7 @@ use uuid::Uuid;
 
 use crate::fake_upstream::{FakeUpstream, Kind, Reply};
 
-fn now_ms() -> i64 {
+pub fn now_ms() -> i64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .unwrap()
@@ -71,7 +71,7 @@ impl SlowSink {
     }
 }
 
-fn pipeline(fake: &FakeUpstream) -> Pipeline {
+pub fn pipeline(fake: &FakeUpstream) -> Pipeline {
     let file: FileConfig = toml::from_str("[retry]\nbase_ms = 10\ncap_ms = 50\n").unwrap();
     let url = fake.base_url();
     let config = file
@@ -88,7 +88,14 @@ fn pipeline(fake: &FakeUpstream) -> Pipeline {
 
 /// A job with panel `a`, `b` and analyst `judge`, claimed once.
 fn job() -> Job {
-    let mut job = NewJob {
+    let mut job = new_job().into_queued();
+    job.attempt = 1;
+    job
+}
+
+/// A new job with panel `a`, `b` and analyst `judge`.
+pub fn new_job() -> NewJob {
+    NewJob {
         id: Uuid::now_v7(),
         spec: JobSpec {
             model: "fusion".into(),
@@ -108,9 +115,6 @@ fn job() -> Job {
         request_hash: None,
         created_at: now_ms(),
     }
-    .into_queued();
-    job.attempt = 1;
-    job
 }
 
 #[tokio::test]
