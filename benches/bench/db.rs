@@ -172,6 +172,19 @@ impl Db {
         Ok((done, others))
     }
 
+    /// `(id, created_at, finished_at)` of every finished job created in `[since, until)`.
+    pub async fn finish_times(
+        &self,
+        since: i64,
+        until: i64,
+    ) -> anyhow::Result<Vec<(String, i64, i64)>> {
+        let sql = format!(
+            "SELECT CAST(id AS TEXT), created_at, finished_at FROM jobs \
+             WHERE finished_at IS NOT NULL AND created_at >= {since} AND created_at < {until}"
+        );
+        Ok(fetch_all!(self, (String, i64, i64), sql))
+    }
+
     /// Every job's status, attempt and lease.
     pub async fn jobs(&self) -> anyhow::Result<Vec<JobState>> {
         let sql = "SELECT CAST(id AS TEXT) AS id, status, attempt FROM jobs".to_string();

@@ -134,6 +134,33 @@ async fn measure_script(
         percentile(&queue_wait, 99.0),
     ));
 
+    // Outside the server's own timestamps: from the request to the job's creation, and from
+    // the outcome (decided, not yet committed) to the answer in the client's hands.
+    let finished = db.finish_times(sync_since, since).await?;
+    let by_id: std::collections::HashMap<&str, (i64, i64)> = finished
+        .iter()
+        .map(|(id, c, f)| (id.as_str(), (*c, *f)))
+        .collect();
+    let (mut before, mut after) = (Vec::new(), Vec::new());
+    for (id, sent, answered) in sync.iter().filter_map(|r| r.0.as_ref().ok()) {
+        if let Some((created, finished)) = by_id.get(id.as_str()) {
+            before.push((created - sent) as f64);
+            after.push((answered - finished) as f64);
+        }
+    }
+    if !before.is_empty() {
+        let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len() as f64;
+        out.notes.push(format!(
+            "overhead, sync chat, outside the job's timestamps ({} jobs, mean/p99 ms): \
+             request sent → created {:.1}/{:.0} · finished → answer received {:.1}/{:.0}",
+            before.len(),
+            mean(&before),
+            percentile(&before, 99.0),
+            mean(&after),
+            percentile(&after, 99.0),
+        ));
+    }
+
     let sync_jobs = breakdown::summary(&db, sync_since, since).await?;
     let poll_jobs = breakdown::summary(&db, since, i64::MAX).await?;
     for (what, line) in [("sync chat", sync_jobs), ("jobs + poll", poll_jobs)] {
@@ -148,10 +175,17 @@ async fn measure_script(
     Ok(out)
 }
 
-/// One synchronous completion; checks it carries the fused answer.
-async fn sync_chat(client: reqwest::Client, base: String, body: Value) -> anyhow::Result<()> {
+/// One synchronous completion; checks it carries the fused answer. Returns the job id and the
+/// unix ms at which the request was sent and the answer received.
+async fn sync_chat(
+    client: reqwest::Client,
+    base: String,
+    body: Value,
+) -> anyhow::Result<(String, i64, i64)> {
     let url = format!("{base}/v1/chat/completions");
+    let sent = load::now_ms();
     let v = load::post_json(&client, url, &body, 200).await?;
+    let answered = load::now_ms();
     let content = v
         .pointer("/choices/0/message/content")
         .and_then(Value::as_str);
@@ -159,7 +193,9 @@ async fn sync_chat(client: reqwest::Client, base: String, body: Value) -> anyhow
         content == Some("the fused final answer"),
         "unexpected answer: {v}"
     );
-    Ok(())
+    let id = v["id"].as_str().and_then(|i| i.strip_prefix("fusion-"));
+    let id = id.with_context(|| format!("no job id in {v}"))?;
+    Ok((id.to_string(), sent, answered))
 }
 
 /// Submit, then poll every 20 ms until the job succeeded (at most 60 s).
@@ -182,7 +218,7 @@ async fn submit_and_poll(client: reqwest::Client, base: String, body: Value) -> 
     anyhow::bail!("job {id} not done after 60 s")
 }
 
-fn ok_ms(results: &[(anyhow::Result<()>, Duration)]) -> Vec<f64> {
+fn ok_ms<T>(results: &[(anyhow::Result<T>, Duration)]) -> Vec<f64> {
     results
         .iter()
         .filter(|r| r.0.is_ok())
@@ -190,7 +226,7 @@ fn ok_ms(results: &[(anyhow::Result<()>, Duration)]) -> Vec<f64> {
         .collect()
 }
 
-fn check(out: &mut Results, what: &str, results: &[(anyhow::Result<()>, Duration)]) {
+fn check<T>(out: &mut Results, what: &str, results: &[(anyhow::Result<T>, Duration)]) {
     let errors: Vec<String> = results
         .iter()
         .filter_map(|r| r.0.as_ref().err().map(|e| e.to_string()))
