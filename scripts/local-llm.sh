@@ -73,11 +73,17 @@ require_python_pip() {
         || die "'$PYTHON -m pip' not available (apt-get update && apt-get install -y python3-pip)"
 }
 
-# llama.cpp is built with -march=native (GGML_NATIVE); remember which CPU it
-# was built for so a cache restored onto a different CPU triggers a rebuild
-# instead of SIGILL at the first request.
+# llama.cpp is built with -march=native (GGML_NATIVE), but without Intel AMX:
+# a VM may list amx_tile in /proc/cpuinfo while its hypervisor does not enable
+# the tile state, and ggml's AMX matmul then dies at its first `ldtilecfg`
+# (general protection fault during the warm-up, seen on a Sapphire Rapids VM).
+NO_AMX_FLAGS="-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
+# Remember which CPU and build flags it was built for, so a cache restored onto
+# a different CPU (or built with other flags) triggers a rebuild instead of
+# SIGILL at the first request.
 cpu_fingerprint() {
-    { uname -m; grep -m1 '^flags' /proc/cpuinfo 2>/dev/null || true; } | cksum | cut -d' ' -f1
+    { uname -m; grep -m1 '^flags' /proc/cpuinfo 2>/dev/null || true; echo "$NO_AMX_FLAGS"; } \
+        | cksum | cut -d' ' -f1
 }
 
 server_ok() {
@@ -171,6 +177,8 @@ install_llama_server() {
     quiet nice -n 10 "$CMAKE_BIN" -S "$src" -B "$build_dir" -G Ninja \
         -DCMAKE_MAKE_PROGRAM="$NINJA_BIN" \
         -DCMAKE_BUILD_TYPE=Release \
+        -DCMAKE_C_FLAGS="$NO_AMX_FLAGS" \
+        -DCMAKE_CXX_FLAGS="$NO_AMX_FLAGS" \
         -DBUILD_SHARED_LIBS=OFF \
         -DLLAMA_BUILD_TESTS=OFF \
         -DLLAMA_BUILD_EXAMPLES=OFF \

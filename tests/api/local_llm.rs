@@ -31,11 +31,15 @@ async fn a_real_local_model_runs_a_whole_fusion_job() {
         return;
     }
     let port = free_port();
+    // Its log goes to a file, shown if it dies before answering.
+    let log_dir = tempfile::tempdir().unwrap();
+    let log_path = log_dir.path().join("llama-server.log");
+    let log = std::fs::File::create(&log_path).unwrap();
     // `serve` execs llama-server, so dropping the child kills the server.
-    let _llama = tokio::process::Command::new("bash")
+    let mut llama = tokio::process::Command::new("bash")
         .args([SCRIPT, "serve", &port.to_string()])
         .stdout(Stdio::null())
-        .stderr(Stdio::null())
+        .stderr(log)
         .kill_on_drop(true)
         .spawn()
         .expect("start llama-server");
@@ -47,6 +51,15 @@ async fn a_real_local_model_runs_a_whole_fusion_job() {
             && r.status() == 200
         {
             break;
+        }
+        if let Ok(Some(status)) = llama.try_wait() {
+            let text = std::fs::read_to_string(&log_path).unwrap_or_default();
+            let tail: Vec<&str> = text.lines().rev().take(15).collect();
+            let tail: Vec<&str> = tail.into_iter().rev().collect();
+            panic!(
+                "llama-server exited ({status}) before answering; its log ends:\n{}",
+                tail.join("\n")
+            );
         }
         assert!(
             started.elapsed() < Duration::from_secs(120),
