@@ -1,9 +1,10 @@
 //! Group commit for the hot path, on both stores: enqueues, step checkpoints and job outcomes
-//! from many requests and jobs queue here (a job's last checkpoint together with its outcome), and a committer task hands whatever has queued up to
-//! the store's `BatchSql`, which writes the lot with a few set-based statements (one round trip
-//! and one commit for the batch, not one per write). Each write keeps its own fence and learns
-//! its own result, only after the commit; a batch that fails is re-run one write at a time, so
-//! one bad write never fails its neighbours.
+//! from many requests and jobs queue here, alone or in groups that must share a commit (a job's
+//! final step and its outcome), and a committer task hands whatever has queued up to the store's
+//! `BatchSql`, which writes the lot with a few set-based statements (one round trip and one
+//! commit for the batch, not one per write). Each write keeps its own fence and learns its own
+//! result, only after the commit; a batch that fails is re-run one group at a time, so one bad
+//! write never fails its neighbours.
 
 use std::sync::Arc;
 

@@ -362,15 +362,13 @@ impl Store for PgStore {
         result: &Value,
         now: i64,
     ) -> Result<bool> {
-        let finish = Write::Finish(Finish::succeeded(lease, no_nul_json(result.clone()), now));
-        let Some(step) = last else {
-            return self.writes.write(finish).await;
-        };
-        let took = self
-            .writes
-            .write_together(vec![step_write(lease, step), finish])
-            .await?;
-        if took.first() == Some(&true) {
+        let finish = Finish::succeeded(lease, no_nul_json(result.clone()), now);
+        let mut writes: Vec<Write> = last.map(|s| step_write(lease, s)).into_iter().collect();
+        writes.push(Write::Finish(finish));
+        let took = self.writes.write_together(writes).await?;
+        if let Some(step) = last
+            && took.first() == Some(&true)
+        {
             self.stepped(lease, step);
         }
         Ok(took.last().copied().unwrap_or(false))

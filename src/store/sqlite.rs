@@ -356,22 +356,18 @@ impl Store for SqliteStore {
         result: &Value,
         now: i64,
     ) -> Result<bool> {
-        let Some(step) = last else {
-            return self
-                .finish(Finish::succeeded(lease, result.clone(), now))
-                .await;
-        };
-        let took = self
-            .writes
-            .write_together(vec![
-                Write::Step {
-                    lease: lease.clone(),
-                    step: step.clone(),
-                },
-                Write::Finish(Finish::succeeded(lease, result.clone(), now)),
-            ])
-            .await?;
-        if took.first() == Some(&true) {
+        let mut writes: Vec<Write> = last
+            .map(|step| Write::Step {
+                lease: lease.clone(),
+                step: step.clone(),
+            })
+            .into_iter()
+            .collect();
+        writes.push(Write::Finish(Finish::succeeded(lease, result.clone(), now)));
+        let took = self.writes.write_together(writes).await?;
+        if let Some(step) = last
+            && took.first() == Some(&true)
+        {
             self.stepped(lease, step);
         }
         let done = took.last().copied().unwrap_or(false);
