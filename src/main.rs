@@ -7,6 +7,9 @@ use fusion::app::{self, Application, Settings};
 use fusion::cli::{Cli, Command, ServeArgs};
 use fusion::config::FileConfig;
 
+#[global_allocator]
+static ALLOC: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
     tracing_subscriber::fmt()
