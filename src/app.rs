@@ -13,7 +13,7 @@ use tokio_util::sync::CancellationToken;
 use crate::api::{self, AppState};
 use crate::clock::{SharedClock, SystemClock};
 use crate::config::FusionConfig;
-use crate::fusion::Pipeline;
+use crate::fusion::{Pipeline, analysis};
 use crate::store::{self, Store};
 use crate::upstream::Upstream;
 use crate::worker::{Worker, WorkerConfig};
@@ -71,7 +71,7 @@ impl Application {
             upstream: upstream.clone(),
             retry: settings.fusion.retry.clone(),
             analysis_attempts: settings.fusion.jobs.analysis_attempts,
-            analysis_limits: settings.fusion.analysis,
+            analysis: analysis::Formats::new(settings.fusion.analysis),
             clock: clock.clone(),
         });
         let worker = settings

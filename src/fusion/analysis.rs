@@ -110,6 +110,41 @@ pub fn response_format(mode: StructuredOutput, limits: &AnalysisLimits) -> Optio
     }
 }
 
+/// The schema and the response formats for one set of limits, built once: every analysis call
+/// of a process sends the same ones, and building them is most of what an analysis request
+/// costs to assemble.
+#[derive(Debug, Clone)]
+pub struct Formats {
+    pub limits: AnalysisLimits,
+    schema: Value,
+    json_schema: Option<Value>,
+    json_object: Option<Value>,
+}
+
+impl Formats {
+    pub fn new(limits: AnalysisLimits) -> Formats {
+        Formats {
+            limits,
+            schema: schema(&limits),
+            json_schema: response_format(StructuredOutput::JsonSchema, &limits),
+            json_object: response_format(StructuredOutput::JsonObject, &limits),
+        }
+    }
+
+    pub fn schema(&self) -> &Value {
+        &self.schema
+    }
+
+    /// [`response_format`] for `mode`, borrowed.
+    pub fn response_format(&self, mode: StructuredOutput) -> Option<&Value> {
+        match mode {
+            StructuredOutput::JsonSchema => self.json_schema.as_ref(),
+            StructuredOutput::JsonObject => self.json_object.as_ref(),
+            StructuredOutput::Prompt => None,
+        }
+    }
+}
+
 /// Parse an analyst reply: plain JSON, JSON inside a code fence, or JSON after some prose.
 pub fn parse(text: &str) -> Result<Analysis, AnalysisError> {
     let value = extract_json(text)?;

@@ -19,7 +19,6 @@ use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
 
 use crate::clock::SharedClock;
-use crate::config::AnalysisLimits;
 use crate::job::{Job, JobSpec, Step, StepKey, Usage};
 use crate::upstream::{
     CallError, CompletionRequest, ErrorKind, RetryPolicy, StructuredOutput, Upstream,
@@ -67,7 +66,8 @@ pub struct Pipeline {
     pub retry: RetryPolicy,
     /// Tries at a valid analysis (each may itself retry transport errors).
     pub analysis_attempts: u32,
-    pub analysis_limits: AnalysisLimits,
+    /// The analysis schema and response formats, built from the configured limits.
+    pub analysis: analysis::Formats,
     pub clock: SharedClock,
 }
 
@@ -316,20 +316,14 @@ impl Pipeline {
         cancel: &CancellationToken,
     ) -> Option<Step> {
         let mode = self.upstream.structured_output(&spec.analyst);
-        let limits = &self.analysis_limits;
+        let formats = &self.analysis;
         // Providers that do not enforce the schema at least read it.
-        let schema_in_prompt =
-            (mode != StructuredOutput::JsonSchema).then(|| analysis::schema(limits));
+        let schema_in_prompt = (mode != StructuredOutput::JsonSchema).then(|| formats.schema());
         let mut req = CompletionRequest {
-            messages: prompts::analysis_messages(
-                &spec.messages,
-                answers,
-                schema_in_prompt.as_ref(),
-            )
-            .into(),
+            messages: prompts::analysis_messages(&spec.messages, answers, schema_in_prompt).into(),
             temperature: Some(0.0),
-            max_completion_tokens: limits.max_tokens,
-            response_format: analysis::response_format(mode, limits),
+            max_completion_tokens: formats.limits.max_tokens,
+            response_format: formats.response_format(mode),
         };
         let mut usage = Usage::default();
         let mut latency_ms = 0;

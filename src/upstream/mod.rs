@@ -103,7 +103,7 @@ pub struct CompletionRequest<'a> {
     pub messages: Cow<'a, [Value]>,
     pub temperature: Option<f64>,
     pub max_completion_tokens: Option<u32>,
-    pub response_format: Option<Value>,
+    pub response_format: Option<&'a Value>,
 }
 
 /// A successful completion.

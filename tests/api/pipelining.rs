@@ -81,7 +81,7 @@ pub fn pipeline(fake: &FakeUpstream) -> Pipeline {
         upstream: Arc::new(Upstream::new(config.upstream).unwrap()),
         retry: config.retry,
         analysis_attempts: config.jobs.analysis_attempts,
-        analysis_limits: config.analysis,
+        analysis: fusion::fusion::analysis::Formats::new(config.analysis),
         clock: Arc::new(SystemClock),
     }
 }
