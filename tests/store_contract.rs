@@ -461,6 +461,7 @@ contract_tests!(
     nul_characters_never_break_a_write,
     the_last_step_lands_with_the_outcome,
     a_job_can_start_at_its_enqueue,
+    a_failed_write_leaves_its_batch_and_the_store_working,
 );
 
 /// Model output and user input may contain NUL, which Postgres text and JSONB reject: the write
@@ -1628,6 +1629,40 @@ async fn concurrent_writes_each_get_their_own_result(store: Arc<dyn Store>) {
             Some("0 of 3 answered")
         )
     );
+}
+
+/// A write the database refuses (here an id that exists already, which no caller makes but a
+/// bug or a disk error could stand for) fails alone: the writes batched with it land, the
+/// failed batch leaves no transaction open behind it, and the next writes go through.
+async fn a_failed_write_leaves_its_batch_and_the_store_working(store: Arc<dyn Store>) {
+    let a = enqueue(&store, new_job()).await;
+    let lease = lease_of(&claim_one(&store, "w", NOW).await);
+    let clash = NewJob {
+        idempotency_key: None,
+        ..new_job()
+    };
+    let clash = NewJob { id: a.id, ..clash };
+    let fresh = new_job();
+    let step = ok_step(StepKey::Panel(0), 1);
+    let (dup, ok_enqueue, saved) = tokio::join!(
+        store.enqueue(clash, None),
+        store.enqueue(fresh.clone(), None),
+        store.save_step(&lease, &step),
+    );
+    assert!(dup.is_err(), "a second job with an existing id: {dup:?}");
+    assert!(matches!(ok_enqueue.unwrap(), Enqueued::Created(_)));
+    assert!(saved.unwrap());
+    assert_eq!(get(&store, fresh.id).await.status, JobStatus::Queued);
+    assert_eq!(store.get_steps(a.id).await.unwrap(), vec![step]);
+    // The store still writes: an outcome, a new job.
+    assert!(
+        store
+            .complete(&lease, None, &json!({"x": 1}), NOW)
+            .await
+            .unwrap()
+    );
+    assert_eq!(get(&store, a.id).await.status, JobStatus::Succeeded);
+    enqueue(&store, new_job()).await;
 }
 
 /// Waiters and the cancel listener learn of every job that becomes final, however it got there
