@@ -252,6 +252,25 @@ pub fn threads(pid: u32) -> HashMap<u32, (String, u64)> {
         .collect()
 }
 
+/// Context switches so far (voluntary and not) of all the threads of a process: each one is a
+/// thread that slept and was woken, or was preempted.
+pub fn context_switches(pid: u32) -> u64 {
+    let dir = format!("/proc/{pid}/task");
+    let per_thread = |path: std::path::PathBuf| -> u64 {
+        let text = std::fs::read_to_string(path.join("status")).unwrap_or_default();
+        text.lines()
+            .filter(|l| l.contains("ctxt_switches:"))
+            .filter_map(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+            .sum()
+    };
+    std::fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| per_thread(e.path()))
+        .sum()
+}
+
 /// The `top` busiest threads between two `threads` samples, as "name N%" of one core over
 /// `secs` seconds.
 pub fn busiest_threads(

@@ -134,6 +134,7 @@ pub async fn measure(ctx: &Ctx, target: &Target) -> anyhow::Result<Results> {
     let server = Server::start(ctx, &target.url, &fake.base_url(), &opts).await?;
     let cpu0 = Cpu::sample(server.pid, fake.pid);
     let threads0 = procs::threads(server.pid);
+    let switches0 = procs::context_switches(server.pid);
     let xid0 = db.xid().await?;
     let total = accepted as i64;
     let limit = Duration::from_secs(60 + total as u64 / 20);
@@ -143,6 +144,7 @@ pub async fn measure(ctx: &Ctx, target: &Target) -> anyhow::Result<Results> {
     .await?;
     let cpu1 = Cpu::sample(server.pid, fake.pid);
     let threads1 = procs::threads(server.pid);
+    let switches1 = procs::context_switches(server.pid);
     let xid1 = db.xid().await?;
     let wall = wall_start.elapsed().as_secs_f64();
     let flush_after = procs::flush_latency_us(ctx.dir.path())?;
@@ -174,8 +176,9 @@ pub async fn measure(ctx: &Ctx, target: &Target) -> anyhow::Result<Results> {
         busy * 100.0
     ));
     out.notes.push(format!(
-        "drain: busiest server threads (% of one core over {wall:.1} s): {}; disk flush {flush:.0} µs before the drain, {flush_after:.0} µs after",
-        procs::busiest_threads(&threads0, &threads1, wall, 5)
+        "drain: busiest server threads (% of one core over {wall:.1} s): {}; server context switches per job {:.1}; disk flush {flush:.0} µs before the drain, {flush_after:.0} µs after",
+        procs::busiest_threads(&threads0, &threads1, wall, 5),
+        switches1.saturating_sub(switches0) as f64 / done.len().max(1) as f64
     ));
     if let (Some(x0), Some(x1)) = (xid0, xid1) {
         let writes = (x1 - x0 - 1) as f64;
