@@ -63,7 +63,9 @@ impl SqliteStore {
             .await?;
         Ok(SqliteStore {
             pool,
-            writes: Batcher::start(SqliteBatch(writer.clone()), 1),
+            // Two committers on the one writer connection: one gathers and encodes the next
+            // batch while SQLite's thread writes the other.
+            writes: Batcher::start(SqliteBatch(writer.clone()), 2),
             writer,
             wakeups: Arc::new(Notify::new()),
             events: broadcast::channel(EVENT_BACKLOG).0,
