@@ -125,7 +125,19 @@ impl FakeUpstream {
             .route("/v1/chat/completions", post(completions))
             .route("/_fake/stats", get(stats))
             .with_state(state.clone());
-        let listener = tokio::net::TcpListener::bind(addr).await.unwrap();
+        // A deep accept queue (the kernel caps it at somaxconn): a server starting hundreds of
+        // jobs at once opens as many connections in a burst, and a dropped SYN is retried only
+        // after a second.
+        let addr: std::net::SocketAddr = addr.parse().expect("an ip:port address");
+        let socket = if addr.is_ipv4() {
+            tokio::net::TcpSocket::new_v4()
+        } else {
+            tokio::net::TcpSocket::new_v6()
+        }
+        .unwrap();
+        socket.set_reuseaddr(true).unwrap();
+        socket.bind(addr).unwrap();
+        let listener = socket.listen(4096).unwrap();
         let addr = listener.local_addr().unwrap();
         tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
         FakeUpstream { addr, state }
