@@ -63,9 +63,7 @@ impl SqliteStore {
             .await?;
         Ok(SqliteStore {
             pool,
-            // Two committers on the one writer connection: one gathers and encodes the next
-            // batch while SQLite's thread writes the other.
-            writes: Batcher::start(SqliteBatch(writer.clone()), 2),
+            writes: Batcher::start(SqliteBatch(writer.clone()), 1),
             writer,
             wakeups: Arc::new(Notify::new()),
             events: broadcast::channel(EVENT_BACKLOG).0,
