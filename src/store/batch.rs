@@ -6,6 +6,7 @@
 //! result, only after the commit; a batch that fails is re-run one group at a time, so one bad
 //! write never fails its neighbours.
 
+use std::collections::HashSet;
 use std::sync::Arc;
 
 use async_trait::async_trait;
@@ -102,6 +103,21 @@ impl Batcher {
         Ok(took.first().copied().unwrap_or(false))
     }
 
+    /// Queue a job's outcome with its final step, when there is one, so that both land in the
+    /// same commit; whether the step was written, and whether the outcome took effect.
+    pub(super) async fn finish_with_step(
+        &self,
+        step: Option<Write>,
+        finish: Finish,
+    ) -> Result<(bool, bool)> {
+        let with_step = step.is_some();
+        let mut writes: Vec<Write> = step.into_iter().collect();
+        writes.push(Write::Finish(finish));
+        let took = self.write_together(writes).await?;
+        let stepped = with_step && took.first() == Some(&true);
+        Ok((stepped, took.last() == Some(&true)))
+    }
+
     /// Queue `writes` for the next batch, all in the same commit (and run in their kinds'
     /// order: enqueues, then checkpoints, then outcomes); whether each took effect.
     pub(super) async fn write_together(&self, writes: Vec<Write>) -> Result<Vec<bool>> {
@@ -150,8 +166,21 @@ async fn run<S: BatchSql>(sql: Arc<S>, rx: Arc<Mutex<mpsc::Receiver<Queued>>>) {
     }
 }
 
+/// A row a batch statement returns for each write that took effect: `(kind, job id, step,
+/// attempt)`, kind being `e`, `s` or `f`.
+pub(super) type Took = (String, String, Option<String>, Option<i64>);
+
+/// Which of `writes` took effect, given the rows their batch returned.
+pub(super) fn which_took(writes: &[Write], returned: impl IntoIterator<Item = Took>) -> Vec<bool> {
+    let took: HashSet<_> = returned
+        .into_iter()
+        .map(|(kind, id, step, attempt)| (kind.chars().next().unwrap_or('?'), id, step, attempt))
+        .collect();
+    writes.iter().map(|w| took.contains(&took_key(w))).collect()
+}
+
 /// The key a write's row comes back under when it took effect: `(kind, job id, step, attempt)`.
-pub(super) fn took_key(write: &Write) -> (char, String, Option<String>, Option<i64>) {
+fn took_key(write: &Write) -> (char, String, Option<String>, Option<i64>) {
     match write {
         Write::Enqueue { job, .. } => ('e', job.id.to_string(), None, None),
         Write::Step { lease, step } => (

@@ -2,8 +2,6 @@
 //! ONE statement — three data-modifying CTEs over `unnest`ed arrays — so it costs one round trip,
 //! one plan and one commit however many writes it carries.
 
-use std::collections::HashSet;
-
 use async_trait::async_trait;
 use serde_json::Value;
 use sqlx::Row;
@@ -11,7 +9,7 @@ use sqlx::postgres::PgPool;
 use sqlx::types::Json;
 use uuid::Uuid;
 
-use super::batch::{BatchSql, Finish, Write, took_key};
+use super::batch::{BatchSql, Finish, Write, which_took};
 use crate::job::{JobSpec, Lease, NewJob, StartHere, Step};
 
 pub(super) struct PgBatch(pub PgPool);
@@ -123,16 +121,14 @@ async fn execute(pool: &PgPool, writes: &[Write]) -> Result<Vec<bool>, sqlx::Err
         .bind(e.lease_expires_at)
         .fetch_all(pool)
         .await?;
-    let mut took = HashSet::with_capacity(rows.len());
+    let mut took = Vec::with_capacity(rows.len());
     for row in &rows {
-        let kind: String = row.try_get("kind")?;
         let id: Uuid = row.try_get("id")?;
-        let step: Option<String> = row.try_get("step")?;
         let attempt: Option<i32> = row.try_get("attempt")?;
-        let kind = kind.chars().next().unwrap_or('?');
-        took.insert((kind, id.to_string(), step, attempt.map(i64::from)));
+        let (kind, step) = (row.try_get("kind")?, row.try_get("step")?);
+        took.push((kind, id.to_string(), step, attempt.map(i64::from)));
     }
-    Ok(writes.iter().map(|w| took.contains(&took_key(w))).collect())
+    Ok(which_took(writes, took))
 }
 
 /// The enqueue columns of a batch.

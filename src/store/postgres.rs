@@ -363,15 +363,12 @@ impl Store for PgStore {
         now: i64,
     ) -> Result<bool> {
         let finish = Finish::succeeded(lease, no_nul_json(result.clone()), now);
-        let mut writes: Vec<Write> = last.map(|s| step_write(lease, s)).into_iter().collect();
-        writes.push(Write::Finish(finish));
-        let took = self.writes.write_together(writes).await?;
-        if let Some(step) = last
-            && took.first() == Some(&true)
-        {
+        let step = last.map(|s| step_write(lease, s));
+        let (stepped, done) = self.writes.finish_with_step(step, finish).await?;
+        if let Some(step) = last.filter(|_| stepped) {
             self.stepped(lease, step);
         }
-        Ok(took.last().copied().unwrap_or(false))
+        Ok(done)
     }
 
     async fn fail(&self, lease: &Lease, reason: &str, error: &str, now: i64) -> Result<bool> {

@@ -360,21 +360,15 @@ impl Store for SqliteStore {
         result: &Value,
         now: i64,
     ) -> Result<bool> {
-        let mut writes: Vec<Write> = last
-            .map(|step| Write::Step {
-                lease: lease.clone(),
-                step: step.clone(),
-            })
-            .into_iter()
-            .collect();
-        writes.push(Write::Finish(Finish::succeeded(lease, result.clone(), now)));
-        let took = self.writes.write_together(writes).await?;
-        if let Some(step) = last
-            && took.first() == Some(&true)
-        {
+        let step = last.map(|step| Write::Step {
+            lease: lease.clone(),
+            step: step.clone(),
+        });
+        let finish = Finish::succeeded(lease, result.clone(), now);
+        let (stepped, done) = self.writes.finish_with_step(step, finish).await?;
+        if let Some(step) = last.filter(|_| stepped) {
             self.stepped(lease, step);
         }
-        let done = took.last().copied().unwrap_or(false);
         self.finished(done, lease, JobStatus::Succeeded);
         Ok(done)
     }

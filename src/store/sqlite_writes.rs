@@ -3,14 +3,12 @@
 //! as a single parameter (`jsonb_each`: its rows come as binary JSON, which `->>` reads without
 //! parsing the row again) — so a batch costs one hop to SQLite's thread, not one per write.
 
-use std::collections::HashSet;
-
 use async_trait::async_trait;
 use serde_json::{Value, json};
 use sqlx::Row;
 use sqlx::sqlite::SqlitePool;
 
-use super::batch::{BatchSql, Write, took_key};
+use super::batch::{BatchSql, Write, which_took};
 use crate::job::JobStatus;
 
 pub(super) struct SqliteBatch(pub SqlitePool);
@@ -131,14 +129,15 @@ impl BatchSql for SqliteBatch {
                 return Err(e);
             }
         };
-        let mut took = HashSet::with_capacity(rows.len());
+        let mut took = Vec::with_capacity(rows.len());
         for row in &rows {
-            let kind: String = row.try_get(0)?;
-            let id: String = row.try_get(1)?;
-            let step: Option<String> = row.try_get(2)?;
-            let attempt: Option<i64> = row.try_get(3)?;
-            took.insert((kind.chars().next().unwrap_or('?'), id, step, attempt));
+            took.push((
+                row.try_get(0)?,
+                row.try_get(1)?,
+                row.try_get(2)?,
+                row.try_get(3)?,
+            ));
         }
-        Ok(writes.iter().map(|w| took.contains(&took_key(w))).collect())
+        Ok(which_took(writes, took))
     }
 }
