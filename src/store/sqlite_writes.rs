@@ -4,7 +4,7 @@
 //! parsing the row again) — so a batch costs one hop to SQLite's thread, not one per write.
 
 use async_trait::async_trait;
-use serde_json::{Value, json};
+use serde_json::Value;
 use sqlx::Row;
 use sqlx::sqlite::SqlitePool;
 
@@ -65,59 +65,61 @@ COMMIT";
 #[async_trait]
 impl BatchSql for SqliteBatch {
     async fn execute(&self, writes: &[Write]) -> Result<Vec<bool>, sqlx::Error> {
+        // Each kind's rows serialize straight from the writes into its JSON array: no
+        // `serde_json::Value` tree in between.
         let (mut enqueues, mut steps, mut finishes) = (Vec::new(), Vec::new(), Vec::new());
         for write in writes {
             match write {
-                Write::Enqueue { job, start } => enqueues.push(json!([
-                    job.id.to_string(),
-                    serde_json::to_string(&job.spec).map_err(|e| sqlx::Error::Encode(e.into()))?,
+                Write::Enqueue { job, start } => enqueues.push((
+                    job.id,
+                    serde_json::to_string(&job.spec).map_err(encode)?,
                     job.metadata.to_string(),
                     job.priority,
                     job.max_attempts,
                     job.deadline_at,
-                    job.idempotency_key,
-                    job.request_hash,
+                    &job.idempotency_key,
+                    &job.request_hash,
                     job.created_at,
                     start.as_ref().map(|s| &s.owner),
                     start.as_ref().map(|s| s.lease_expires_at),
-                ])),
-                Write::Step { lease, step } => steps.push(json!([
-                    lease.job_id.to_string(),
+                )),
+                Write::Step { lease, step } => steps.push((
+                    lease.job_id,
                     step.key.to_db(),
-                    step.model,
+                    &step.model,
                     i64::from(step.ok),
-                    step.content,
+                    &step.content,
                     step.data.as_ref().map(Value::to_string),
                     step.usage.prompt_tokens,
                     step.usage.completion_tokens,
                     step.usage.cost,
                     step.latency_ms,
-                    step.error_code,
-                    step.error,
+                    &step.error_code,
+                    &step.error,
                     step.status_code,
                     lease.attempt,
                     step.created_at,
-                    lease.owner,
-                ])),
-                Write::Finish(f) => finishes.push(json!([
-                    f.lease.job_id.to_string(),
+                    &lease.owner,
+                )),
+                Write::Finish(f) => finishes.push((
+                    f.lease.job_id,
                     f.lease.attempt,
-                    f.lease.owner,
+                    &f.lease.owner,
                     f.status.as_str(),
                     f.result
                         .as_ref()
                         .filter(|_| f.status == JobStatus::Succeeded)
                         .map(Value::to_string),
-                    f.reason,
-                    f.error,
+                    &f.reason,
+                    &f.error,
                     f.now,
-                ])),
+                )),
             }
         }
         let rows = sqlx::query(BATCH_SQL)
-            .bind(Value::Array(enqueues).to_string())
-            .bind(Value::Array(steps).to_string())
-            .bind(Value::Array(finishes).to_string())
+            .bind(serde_json::to_string(&enqueues).map_err(encode)?)
+            .bind(serde_json::to_string(&steps).map_err(encode)?)
+            .bind(serde_json::to_string(&finishes).map_err(encode)?)
             .fetch_all(&self.0)
             .await;
         let rows = match rows {
@@ -140,4 +142,8 @@ impl BatchSql for SqliteBatch {
         }
         Ok(which_took(writes, took))
     }
+}
+
+fn encode(e: serde_json::Error) -> sqlx::Error {
+    sqlx::Error::Encode(e.into())
 }
