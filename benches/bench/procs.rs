@@ -240,11 +240,7 @@ pub fn flush_latency_us(dir: &Path) -> anyhow::Result<f64> {
 
 /// CPU ticks so far of each thread of a process: thread id → (name, ticks).
 pub fn threads(pid: u32) -> HashMap<u32, (String, u64)> {
-    let dir = format!("/proc/{pid}/task");
-    std::fs::read_dir(dir)
-        .into_iter()
-        .flatten()
-        .flatten()
+    tasks(pid)
         .filter_map(|e| {
             let tid: u32 = e.file_name().to_string_lossy().parse().ok()?;
             Some((tid, cpu_ticks(&e.path().join("stat"))?))
@@ -255,20 +251,22 @@ pub fn threads(pid: u32) -> HashMap<u32, (String, u64)> {
 /// Context switches so far (voluntary and not) of all the threads of a process: each one is a
 /// thread that slept and was woken, or was preempted.
 pub fn context_switches(pid: u32) -> u64 {
-    let dir = format!("/proc/{pid}/task");
-    let per_thread = |path: std::path::PathBuf| -> u64 {
+    let per_thread = |path: PathBuf| -> u64 {
         let text = std::fs::read_to_string(path.join("status")).unwrap_or_default();
         text.lines()
             .filter(|l| l.contains("ctxt_switches:"))
             .filter_map(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
             .sum()
     };
-    std::fs::read_dir(dir)
+    tasks(pid).map(|e| per_thread(e.path())).sum()
+}
+
+/// The entries of `/proc/PID/task`, one per thread (none once the process is gone).
+fn tasks(pid: u32) -> impl Iterator<Item = std::fs::DirEntry> {
+    std::fs::read_dir(format!("/proc/{pid}/task"))
         .into_iter()
         .flatten()
         .flatten()
-        .map(|e| per_thread(e.path()))
-        .sum()
 }
 
 /// The `top` busiest threads between two `threads` samples, as "name N%" of one core over

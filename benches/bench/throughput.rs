@@ -250,8 +250,6 @@ pub async fn measure(ctx: &Ctx, target: &Target) -> anyhow::Result<Results> {
     Ok(out)
 }
 
-/// Call the fake directly from `conns` connections for `secs` seconds, cycling through bodies
-/// shaped like a job's five calls. Returns (successful calls, seconds).
 /// Blast the fake alone and report its capacity as a figure (calls/s ÷ 5, the upstream-bound
 /// jobs/s) and a note; returns calls/s.
 async fn capacity(ctx: &Ctx, fake: &Fake, when: &str, out: &mut Results) -> f64 {
@@ -276,6 +274,8 @@ async fn capacity(ctx: &Ctx, fake: &Fake, when: &str, out: &mut Results) -> f64 
     capacity
 }
 
+/// Call the fake directly from `conns` connections for `secs` seconds, cycling through bodies
+/// shaped like a job's five calls. Returns (successful calls, seconds).
 async fn blast(fake: &Fake, conns: usize, secs: f64) -> (usize, f64) {
     let bodies = std::sync::Arc::new(job_calls());
     let client = load::client(conns * 2);
