@@ -25,6 +25,9 @@ use super::{
 };
 use crate::job::{Job, JobStatus, Lease, ListFilter, NewJob, StartHere, Step, StepKey, Usage};
 
+/// Rows buffered between SQLite's thread and the caller: more than the largest batch returns.
+const ROW_BUFFER: usize = 4096;
+
 pub struct SqliteStore {
     /// Readers: WAL lets them run beside the writer.
     pool: SqlitePool,
@@ -46,7 +49,12 @@ impl SqliteStore {
             // WAL + NORMAL: a power loss may drop the last transactions, never corrupt the file.
             .synchronous(SqliteSynchronous::Normal)
             .busy_timeout(Duration::from_secs(10))
-            .foreign_keys(true);
+            .foreign_keys(true)
+            // sqlx hands rows from SQLite's thread to the caller through a channel of this many
+            // (50 by default); when it is full SQLite's thread sleeps until the caller's task is
+            // scheduled. A batch returns a row per write that took and a claim a row per job:
+            // with room for a whole batch, its rows cross in one hop instead of one per 50.
+            .row_buffer_size(ROW_BUFFER);
         // The writer first: it creates the file and switches it to WAL.
         // Connections to a file in this process do not go stale the way a server's do: no ping
         // (a hop to SQLite's thread and back) before each is handed out.
