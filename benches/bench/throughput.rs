@@ -121,6 +121,9 @@ pub async fn measure(ctx: &Ctx, target: &Target) -> anyhow::Result<Results> {
     let cpu0 = Cpu::sample(server.pid, fake.pid);
     let threads0 = procs::threads(server.pid);
     let switches0 = procs::context_switches(server.pid);
+    // CPU shares are taken over the sampled window (ready → drained, give or take one poll),
+    // not over the server's start-up, which would read as idle cores.
+    let sampled = Instant::now();
     let xid0 = db.xid().await?;
     let total = accepted as i64;
     let limit = Duration::from_secs(60 + total as u64 / 20);
@@ -131,6 +134,7 @@ pub async fn measure(ctx: &Ctx, target: &Target) -> anyhow::Result<Results> {
     let cpu1 = Cpu::sample(server.pid, fake.pid);
     let threads1 = procs::threads(server.pid);
     let switches1 = procs::context_switches(server.pid);
+    let window = sampled.elapsed().as_secs_f64();
     let xid1 = db.xid().await?;
     let wall = wall_start.elapsed().as_secs_f64();
     let flush_after = procs::flush_latency_us(ctx.dir.path())?;
@@ -155,16 +159,16 @@ pub async fn measure(ctx: &Ctx, target: &Target) -> anyhow::Result<Results> {
         .at_least(0.5),
     );
     let [srv, fk, pg, harness] = cpu0.ms_per(&cpu1, done.len() as f64);
-    let busy = (srv + fk + pg + harness) * done.len() as f64 / 1000.0 / (wall * 2.0);
+    let busy = (srv + fk + pg + harness) * done.len() as f64 / 1000.0 / (window * 2.0);
     out.notes.push(format!(
-        "drain: {} jobs in {drain_secs:.2} s (first claim → last finish) with --concurrency {}; CPU per job: server {srv:.2} ms, fake {fk:.2} ms, postgres {pg:.2} ms, harness {harness:.2} ms; both cores {:.0}% busy",
+        "drain: {} jobs in {drain_secs:.2} s (first claim → last finish) with --concurrency {}; CPU per job: server {srv:.2} ms, fake {fk:.2} ms, postgres {pg:.2} ms, harness {harness:.2} ms; both cores {:.0}% busy over the {window:.2} s from the server ready to the drain seen done",
         done.len(),
         sizes.drain_concurrency,
         busy * 100.0
     ));
     out.notes.push(format!(
-        "drain: busiest server threads (% of one core over {wall:.1} s): {}; server context switches per job {:.1}; disk flush {flush:.0} µs before the drain, {flush_after:.0} µs after",
-        procs::busiest_threads(&threads0, &threads1, wall, 5),
+        "drain: busiest server threads (% of one core over those {window:.2} s): {}; server context switches per job {:.1}; disk flush {flush:.0} µs before the drain, {flush_after:.0} µs after",
+        procs::busiest_threads(&threads0, &threads1, window, 5),
         switches1.saturating_sub(switches0) as f64 / done.len().max(1) as f64
     ));
     if let (Some(x0), Some(x1)) = (xid0, xid1) {
