@@ -38,7 +38,7 @@ WITH e AS (
                 $7::text[], $8::text[], $9::bigint[], $34::text[], $35::bigint[])
          AS u(id, spec, metadata, priority, max_attempts, deadline_at, idempotency_key,
               request_hash, created_at, lease_owner, lease_expires_at)
-    ON CONFLICT (idempotency_key) DO NOTHING
+    ON CONFLICT (idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
     RETURNING id
 ), s AS (
     INSERT INTO steps (job_id, step, model, ok, content, data, prompt_tokens, completion_tokens,
