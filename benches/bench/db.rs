@@ -210,6 +210,17 @@ impl Db {
         }
     }
 
+    /// Postgres's WAL position in bytes (`None` on SQLite).
+    pub async fn wal_bytes(&self) -> anyhow::Result<Option<i64>> {
+        match self {
+            Db::Sqlite(_) => Ok(None),
+            Db::Pg(p) => {
+                let sql = "SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), '0/0')::bigint";
+                Ok(Some(sqlx::query_scalar(sql).fetch_one(p).await?))
+            }
+        }
+    }
+
     pub async fn close(self) {
         match self {
             Db::Sqlite(p) => p.close().await,

@@ -125,6 +125,7 @@ pub async fn measure(ctx: &Ctx, target: &Target) -> anyhow::Result<Results> {
     // not over the server's start-up, which would read as idle cores.
     let sampled = Instant::now();
     let xid0 = db.xid().await?;
+    let wal0 = db.wal_bytes().await?;
     let total = accepted as i64;
     let limit = Duration::from_secs(60 + total as u64 / 20);
     let (drained, counts) = db::wait_counts(&db, limit, Duration::from_millis(100), |c| {
@@ -136,6 +137,7 @@ pub async fn measure(ctx: &Ctx, target: &Target) -> anyhow::Result<Results> {
     let switches1 = procs::context_switches(server.pid);
     let window = sampled.elapsed().as_secs_f64();
     let xid1 = db.xid().await?;
+    let wal1 = db.wal_bytes().await?;
     let wall = wall_start.elapsed().as_secs_f64();
     let flush_after = procs::flush_latency_us(ctx.dir.path())?;
     if !drained || db::count(&counts, "succeeded") < total {
@@ -171,12 +173,14 @@ pub async fn measure(ctx: &Ctx, target: &Target) -> anyhow::Result<Results> {
         procs::busiest_threads(&threads0, &threads1, window, 5),
         switches1.saturating_sub(switches0) as f64 / done.len().max(1) as f64
     ));
-    if let (Some(x0), Some(x1)) = (xid0, xid1) {
+    if let (Some(x0), Some(x1), Some(w0), Some(w1)) = (xid0, xid1, wal0, wal1) {
         let writes = (x1 - x0 - 1) as f64;
+        let jobs = done.len().max(1) as f64;
         out.notes.push(format!(
-            "drain: {writes} Postgres write transactions (cluster-wide), {:.1} per job, {:.0} per second",
-            writes / done.len().max(1) as f64,
-            writes / drain_secs
+            "drain: {writes} Postgres write transactions (cluster-wide), {:.1} per job, {:.0} per second; {:.0} bytes of WAL per job",
+            writes / jobs,
+            writes / drain_secs,
+            (w1 - w0) as f64 / jobs
         ));
     }
 
