@@ -201,23 +201,21 @@ impl Db {
     /// difference of two readings counts the write transactions in between, cluster-wide and
     /// without the lag of `pg_stat_database`; `None` on SQLite.
     pub async fn xid(&self) -> anyhow::Result<Option<i64>> {
-        match self {
-            Db::Sqlite(_) => Ok(None),
-            Db::Pg(p) => {
-                let sql = "SELECT pg_current_xact_id()::text::bigint";
-                Ok(Some(sqlx::query_scalar(sql).fetch_one(p).await?))
-            }
-        }
+        self.pg_number("SELECT pg_current_xact_id()::text::bigint")
+            .await
     }
 
     /// Postgres's WAL position in bytes (`None` on SQLite).
     pub async fn wal_bytes(&self) -> anyhow::Result<Option<i64>> {
+        self.pg_number("SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), '0/0')::bigint")
+            .await
+    }
+
+    /// One number from Postgres (`None` on SQLite).
+    async fn pg_number(&self, sql: &'static str) -> anyhow::Result<Option<i64>> {
         match self {
             Db::Sqlite(_) => Ok(None),
-            Db::Pg(p) => {
-                let sql = "SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), '0/0')::bigint";
-                Ok(Some(sqlx::query_scalar(sql).fetch_one(p).await?))
-            }
+            Db::Pg(p) => Ok(Some(sqlx::query_scalar(sql).fetch_one(p).await?)),
         }
     }
 
