@@ -543,8 +543,8 @@ mod tests {
 
     // The claim statement itself, run (and rolled back) on a backlog of 10,000 queued jobs with
     // no statistics, as a batch queued since autovacuum's last pass has: no step of its plan may
-    // read more rows than it claims. Written inline, the choice of jobs read and sorted all
-    // 10,000 for a claim of 50.
+    // read more than twice the rows it claims. Written inline, the choice of jobs read and
+    // sorted all 10,000 for a claim of 50.
     #[tokio::test]
     async fn a_claim_reads_what_it_claims_not_the_backlog() {
         let Ok(admin) = std::env::var("TEST_DATABASE_URL") else {
