@@ -44,6 +44,24 @@ const CLAIM_SQL: &str = concat!(
     ", EXISTS (SELECT 1 FROM steps s WHERE s.job_id = jobs.id) AS checkpointed"
 );
 
+/// A page of jobs, newest first, older than a cursor: a backward walk of the primary key from
+/// the cursor. The statement has no optional terms (`?1 IS NULL OR …`): SQLite plans before it
+/// sees the values, and an optional term turns a seek into a scan of every job, from the
+/// newest down to the cursor, filtered.
+const LIST_SQL: &str = concat!(
+    "SELECT ",
+    job_columns!(),
+    " FROM jobs WHERE id < ?1 ORDER BY id DESC LIMIT ?2"
+);
+/// The same in one status: a backward walk of `jobs_status_id` within that status.
+const LIST_BY_STATUS_SQL: &str = concat!(
+    "SELECT ",
+    job_columns!(),
+    " FROM jobs WHERE status = ?1 AND id < ?2 ORDER BY id DESC LIMIT ?3"
+);
+/// Sorts after every id (a lowercase hyphenated UUID): the cursor of a first page.
+const ID_ABOVE_ALL: &str = "~";
+
 pub struct SqliteStore {
     /// Readers: WAL lets them run beside the writer.
     pool: SqlitePool,
@@ -209,17 +227,19 @@ impl Store for SqliteStore {
     }
 
     async fn list_jobs(&self, filter: &ListFilter) -> Result<Vec<Job>> {
-        let rows = sqlx::query(concat!(
-            "SELECT ",
-            job_columns!(),
-            " FROM jobs WHERE (?1 IS NULL OR status = ?1) AND (?2 IS NULL OR id < ?2) \
-                 ORDER BY id DESC LIMIT ?3"
-        ))
-        .bind(filter.status.map(JobStatus::as_str))
-        .bind(filter.before.map(|id| id.to_string()))
-        .bind(i64::from(filter.limit))
-        .fetch_all(&self.pool)
-        .await?;
+        // Without a cursor, one past every id: `id < ?` stays a range on the index either way.
+        let before = filter
+            .before
+            .map_or_else(|| ID_ABOVE_ALL.into(), |id| id.to_string());
+        let query = match filter.status {
+            Some(status) => sqlx::query(LIST_BY_STATUS_SQL).bind(status.as_str()),
+            None => sqlx::query(LIST_SQL),
+        };
+        let rows = query
+            .bind(before)
+            .bind(i64::from(filter.limit))
+            .fetch_all(&self.pool)
+            .await?;
         rows.iter().map(job_from_row).collect()
     }
 
@@ -503,15 +523,21 @@ fn step_from_row(r: &SqliteRow) -> Result<Step> {
 mod tests {
     use super::*;
 
+    /// A migrated store on a file in its own temporary directory (kept while the guard lives).
+    async fn migrated_store() -> (tempfile::TempDir, SqliteStore) {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite://{}", dir.path().join("q.db").display());
+        let store = SqliteStore::connect(&url).await.unwrap();
+        store.migrate().await.unwrap();
+        (dir, store)
+    }
+
     // The claim's plan, from SQLite itself, on a file with a backlog and no statistics (as the
     // queue's own file has): it must walk the claim index in order, never read every queued job
     // and sort them.
     #[tokio::test]
     async fn a_claim_walks_the_claim_index_without_sorting_the_backlog() {
-        let dir = tempfile::tempdir().unwrap();
-        let url = format!("sqlite://{}", dir.path().join("q.db").display());
-        let store = SqliteStore::connect(&url).await.unwrap();
-        store.migrate().await.unwrap();
+        let (_dir, store) = migrated_store().await;
         sqlx::raw_sql(
             "WITH RECURSIVE g(n) AS (SELECT 1 UNION ALL SELECT n + 1 FROM g WHERE n < 2000) \
              INSERT INTO jobs (id, status, spec, metadata, priority, max_attempts, run_at, \
@@ -537,6 +563,34 @@ mod tests {
         assert!(
             plan.contains("INDEX jobs_claimable") && !plan.contains("TEMP B-TREE"),
             "the claim does not walk jobs_claimable in order:\n{plan}"
+        );
+    }
+
+    // A page of the job list seeks to its cursor, in a status or not, rather than scanning every
+    // job newer than the cursor (or all of them, for a rare status).
+    #[tokio::test]
+    async fn a_page_of_the_job_list_seeks_to_its_cursor() {
+        let (_dir, store) = migrated_store().await;
+        let explain = |sql: &'static str| {
+            let store = &store;
+            async move {
+                let rows = sqlx::query(sqlx::AssertSqlSafe(format!("EXPLAIN QUERY PLAN {sql}")))
+                    .fetch_all(&store.pool)
+                    .await
+                    .unwrap();
+                let plan: Vec<String> = rows.iter().map(|r| r.get("detail")).collect();
+                plan.join("\n")
+            }
+        };
+        let all = explain(LIST_SQL).await;
+        assert!(
+            all.contains("(id<?)") && !all.contains("TEMP B-TREE"),
+            "listing every status does not seek to the cursor:\n{all}"
+        );
+        let one = explain(LIST_BY_STATUS_SQL).await;
+        assert!(
+            one.contains("jobs_status_id (status=? AND id<?)") && !one.contains("TEMP B-TREE"),
+            "listing one status does not seek to the cursor within it:\n{one}"
         );
     }
 }
