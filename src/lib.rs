@@ -18,6 +18,8 @@ pub mod config;
 pub mod fusion;
 pub mod job;
 pub mod store;
+#[doc(hidden)]
+pub mod testing;
 pub mod upstream;
 pub mod worker;
 

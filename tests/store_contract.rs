@@ -16,6 +16,7 @@ use fusion::job::{
     Job, JobSpec, JobStatus, Lease, ListFilter, NewJob, StartHere, Step, StepKey, Usage,
 };
 use fusion::store::{CancelOutcome, Enqueued, Held, JobEvent, RetryOutcome, Store};
+use fusion::testing::ScratchDatabase;
 use serde_json::json;
 use tempfile::TempDir;
 use uuid::Uuid;
@@ -74,43 +75,14 @@ impl SqliteDb {
 struct PgDb {
     store: Arc<dyn Store>,
     // Declared after `store`, so dropped after it.
-    _database: DropDatabase,
+    _database: ScratchDatabase,
 }
 
 impl PgDb {
     /// `None` when Postgres tests are to be skipped (no `TEST_DATABASE_URL`, not on CI).
     async fn create() -> Option<PgDb> {
-        use sqlx::Connection;
-
-        let admin_url = match std::env::var("TEST_DATABASE_URL") {
-            Ok(url) if !url.trim().is_empty() => url,
-            _ => {
-                if std::env::var_os("CI").is_some() {
-                    panic!(
-                        "TEST_DATABASE_URL is not set but CI is: the Postgres store contract \
-                         tests must run on CI (e.g. \
-                         TEST_DATABASE_URL=postgres://postgres@127.0.0.1:5432/test)"
-                    );
-                }
-                eprintln!("skipped: TEST_DATABASE_URL not set");
-                return None;
-            }
-        };
-        let name = format!("fusion_test_{}", Uuid::now_v7().simple());
-        let mut admin = sqlx::PgConnection::connect(&admin_url)
-            .await
-            .expect("connect to TEST_DATABASE_URL");
-        sqlx::raw_sql(sqlx::AssertSqlSafe(format!("CREATE DATABASE \"{name}\"")))
-            .execute(&mut admin)
-            .await
-            .expect("create test database");
-        let _ = admin.close().await;
+        let database = ScratchDatabase::from_env("fusion_test").await?;
         // From here on the database is dropped even if connecting or migrating panics.
-        let database = DropDatabase {
-            url: with_database(&admin_url, &name),
-            admin_url,
-            name,
-        };
         let store = fusion::store::connect(&database.url)
             .await
             .expect("connect postgres store");
@@ -120,76 +92,6 @@ impl PgDb {
             _database: database,
         })
     }
-}
-
-/// Drops a test database on drop (best effort).
-struct DropDatabase {
-    admin_url: String,
-    name: String,
-    /// The test database's own URL.
-    url: String,
-}
-
-impl Drop for DropDatabase {
-    fn drop(&mut self) {
-        // Async work in a sync drop: a thread with its own runtime. `WITH (FORCE)` ends the
-        // store's pooled connections (its pool cannot be closed through `dyn Store`).
-        let admin_url = self.admin_url.clone();
-        let sql = format!("DROP DATABASE IF EXISTS \"{}\" WITH (FORCE)", self.name);
-        let dropped = std::thread::spawn(move || {
-            use sqlx::Connection;
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()?;
-            rt.block_on(async move {
-                let mut admin = sqlx::PgConnection::connect(&admin_url).await?;
-                sqlx::raw_sql(sqlx::AssertSqlSafe(sql))
-                    .execute(&mut admin)
-                    .await?;
-                admin.close().await?;
-                Ok::<_, anyhow::Error>(())
-            })
-        })
-        .join();
-        if !matches!(dropped, Ok(Ok(()))) {
-            eprintln!("warning: could not drop test database {}", self.name);
-        }
-    }
-}
-
-/// `url` with its database (the last path segment) replaced by `name`; any query string is kept.
-fn with_database(url: &str, name: &str) -> String {
-    let (base, query) = match url.split_once('?') {
-        Some((base, query)) => (base, Some(query)),
-        None => (url, None),
-    };
-    let authority_start = base.find("://").map_or(0, |i| i + 3);
-    let mut out = match base[authority_start..].rfind('/') {
-        Some(slash) => format!("{}{name}", &base[..=authority_start + slash]),
-        None => format!("{base}/{name}"),
-    };
-    if let Some(query) = query {
-        out.push('?');
-        out.push_str(query);
-    }
-    out
-}
-
-#[test]
-fn with_database_replaces_only_the_database() {
-    assert_eq!(
-        with_database("postgres://postgres@127.0.0.1:5432/test", "x"),
-        "postgres://postgres@127.0.0.1:5432/x"
-    );
-    assert_eq!(
-        with_database("postgres://u:p@h/db?sslmode=disable&a=b/c", "x"),
-        "postgres://u:p@h/x?sslmode=disable&a=b/c"
-    );
-    assert_eq!(
-        with_database("postgres://h:5432", "x"),
-        "postgres://h:5432/x"
-    );
-    assert_eq!(with_database("postgres://h/", "x"), "postgres://h/x");
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -6,10 +6,10 @@ use std::collections::HashMap;
 use std::str::FromStr;
 use std::time::Duration;
 
-use anyhow::Context;
-use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
+use fusion::testing::ScratchDatabase;
+use sqlx::AssertSqlSafe;
+use sqlx::postgres::{PgPool, PgPoolOptions};
 use sqlx::sqlite::{SqliteConnectOptions, SqlitePool, SqlitePoolOptions};
-use sqlx::{AssertSqlSafe, ConnectOptions, Connection};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum StoreKind {
@@ -39,32 +39,30 @@ pub struct Target {
     pub kind: StoreKind,
     /// What the server gets as `DATABASE_URL`.
     pub url: String,
-    /// Postgres: the admin URL and the database to drop at the end.
-    pg: Option<(String, String)>,
+    /// Postgres: the database, dropped with this.
+    _pg: Option<ScratchDatabase>,
 }
 
 impl Target {
     pub async fn create(ctx: &crate::Ctx, kind: StoreKind) -> anyhow::Result<Target> {
-        let name = format!("fusion_bench_{}", uuid::Uuid::now_v7().simple());
         match kind {
             StoreKind::Sqlite => Ok(Target {
                 kind,
-                url: format!("sqlite://{}", ctx.dir.path().join(name + ".db").display()),
-                pg: None,
+                url: format!(
+                    "sqlite://{}",
+                    (ctx.dir.path())
+                        .join(format!("fusion_bench_{}.db", uuid::Uuid::now_v7().simple()))
+                        .display()
+                ),
+                _pg: None,
             }),
             StoreKind::Postgres => {
                 let admin = std::env::var("TEST_DATABASE_URL")?;
-                let mut conn = PgConnectOptions::from_str(&admin)?.connect().await?;
-                sqlx::query(AssertSqlSafe(format!("CREATE DATABASE {name}")))
-                    .execute(&mut conn)
-                    .await?;
-                conn.close().await?;
-                let mut url = reqwest::Url::parse(&admin).context("TEST_DATABASE_URL")?;
-                url.set_path(&format!("/{name}"));
+                let database = ScratchDatabase::create(&admin, "fusion_bench").await?;
                 Ok(Target {
                     kind,
-                    url: url.to_string(),
-                    pg: Some((admin, name)),
+                    url: database.url.clone(),
+                    _pg: Some(database),
                 })
             }
         }
@@ -90,20 +88,6 @@ impl Target {
                     .await?,
             ),
         })
-    }
-
-    /// Drop the Postgres database (`WITH (FORCE)`: a killed server's sessions may linger).
-    pub async fn cleanup(self) -> anyhow::Result<()> {
-        if let Some((admin, name)) = self.pg {
-            let mut conn = PgConnectOptions::from_str(&admin)?.connect().await?;
-            sqlx::query(AssertSqlSafe(format!(
-                "DROP DATABASE IF EXISTS {name} WITH (FORCE)"
-            )))
-            .execute(&mut conn)
-            .await?;
-            conn.close().await?;
-        }
-        Ok(())
     }
 }
 

@@ -238,7 +238,7 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
                 "recovery" => recovery::measure(&ctx, &target).await,
                 other => Err(anyhow::anyhow!("unknown scenario `{other}`")),
             };
-            target.cleanup().await?;
+            drop(target);
             match figures {
                 Ok(figures) => report.add(kind, figures),
                 Err(e) => report.fail(kind, scenario, &e),

@@ -547,25 +547,13 @@ mod tests {
     // sorted all 10,000 for a claim of 50.
     #[tokio::test]
     async fn a_claim_reads_what_it_claims_not_the_backlog() {
-        let Ok(admin) = std::env::var("TEST_DATABASE_URL") else {
-            assert!(
-                std::env::var_os("CI").is_none(),
-                "CI must set TEST_DATABASE_URL"
-            );
-            eprintln!("skipped: TEST_DATABASE_URL not set");
+        let Some(database) = crate::testing::ScratchDatabase::from_env("fusion_claim").await else {
             return;
         };
-        let name = format!("fusion_claim_{}", Uuid::now_v7().simple());
-        let mut server = PgConnection::connect(&admin).await.unwrap();
-        sqlx::raw_sql(sqlx::AssertSqlSafe(format!("CREATE DATABASE \"{name}\"")))
-            .execute(&mut server)
-            .await
-            .unwrap();
-        let (base, query) = admin.split_once('?').unwrap_or((&admin, ""));
-        let url = format!("{}/{name}?{query}", &base[..base.rfind('/').unwrap()]);
-        let store = PgStore::connect(&url).await.unwrap();
+        let url = &database.url;
+        let store = PgStore::connect(url).await.unwrap();
         store.migrate().await.unwrap();
-        let mut conn = PgConnection::connect(&url).await.unwrap();
+        let mut conn = PgConnection::connect(url).await.unwrap();
         sqlx::raw_sql(
             "INSERT INTO jobs (id, status, spec, metadata, priority, max_attempts, run_at, \
                                created_at) \
@@ -598,10 +586,5 @@ mod tests {
             );
         }
         drop((conn, store));
-        let _ = sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
-            "DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)"
-        )))
-        .execute(&mut server)
-        .await;
     }
 }

@@ -5,49 +5,21 @@
 
 use std::time::Duration;
 
+use fusion::testing::ScratchDatabase;
+
 use crate::fake_upstream::{FakeUpstream, Kind, Reply};
 use crate::restart::{
     Checked, Server, check_no_step_repeated, free_port, submit_unique_jobs, wait_succeeded,
 };
 
-/// A fresh database on the server named by `TEST_DATABASE_URL`, or `None` (with a note) when
-/// it is not set outside CI.
-async fn fresh_database() -> Option<String> {
-    use sqlx::Connection;
-    let Ok(admin) = std::env::var("TEST_DATABASE_URL") else {
-        assert!(
-            std::env::var_os("CI").is_none(),
-            "CI must set TEST_DATABASE_URL"
-        );
-        eprintln!("skipped: TEST_DATABASE_URL not set");
-        return None;
-    };
-    let name = format!("fusion_workers_{}", uuid::Uuid::now_v7().simple());
-    let mut conn = sqlx::PgConnection::connect(&admin)
-        .await
-        .expect("connect TEST_DATABASE_URL");
-    sqlx::raw_sql(sqlx::AssertSqlSafe(format!("CREATE DATABASE \"{name}\"")))
-        .execute(&mut conn)
-        .await
-        .unwrap();
-    let (base, query) = admin
-        .split_once('?')
-        .map_or((admin.as_str(), ""), |(b, q)| (b, q));
-    let base = &base[..base.rfind('/').unwrap()];
-    Some(if query.is_empty() {
-        format!("{base}/{name}")
-    } else {
-        format!("{base}/{name}?{query}")
-    })
-}
-
 #[tokio::test]
 async fn three_workers_share_the_queue_through_a_worker_crash() {
     const JOBS: usize = 200;
     let _shared = PG_SERVER.read().await;
-    let Some(url) = fresh_database().await else {
+    let Some(db) = ScratchDatabase::from_env("fusion_workers").await else {
         return;
     };
+    let url = db.url.clone();
     let fake = FakeUpstream::start().await;
     fake.set_default(Reply::Delay(150, Box::new(Reply::Ok)));
     let upstream = fake.base_url();
@@ -111,28 +83,16 @@ async fn three_workers_share_the_queue_through_a_worker_crash() {
         w.kill().await;
     }
     api.kill().await;
-    drop_database(&url).await;
-}
-
-/// Best effort: a failed drop leaves a database behind, not a failed test.
-async fn drop_database(url: &str) {
-    use sqlx::Connection;
-    let admin = std::env::var("TEST_DATABASE_URL").unwrap();
-    let name = url.rsplit('/').next().unwrap().split('?').next().unwrap();
-    if let Ok(mut conn) = sqlx::PgConnection::connect(&admin).await {
-        let sql = format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)");
-        let _ = sqlx::raw_sql(sqlx::AssertSqlSafe(sql))
-            .execute(&mut conn)
-            .await;
-    }
+    drop(db);
 }
 
 #[tokio::test]
 async fn a_cancel_reaches_a_worker_in_another_process_within_a_second() {
     let _shared = PG_SERVER.read().await;
-    let Some(url) = fresh_database().await else {
+    let Some(db) = ScratchDatabase::from_env("fusion_workers").await else {
         return;
     };
+    let url = db.url.clone();
     let fake = FakeUpstream::start().await;
     fake.script("hangs", Kind::Panel, vec![Reply::Hang]);
     let upstream = fake.base_url();
@@ -182,7 +142,7 @@ async fn a_cancel_reaches_a_worker_in_another_process_within_a_second() {
     }
     worker.kill().await;
     api.kill().await;
-    drop_database(&url).await;
+    drop(db);
 }
 
 /// Postgres tests in this binary share the server with the outage test, which stops it.
@@ -221,9 +181,10 @@ fn local_cluster() -> Option<String> {
 async fn a_postgres_outage_mid_run_loses_no_job() {
     const JOBS: usize = 60;
     let _exclusive = PG_SERVER.write().await;
-    let Some(url) = fresh_database().await else {
+    let Some(db) = ScratchDatabase::from_env("fusion_workers").await else {
         return;
     };
+    let url = db.url.clone();
     let Some(version) = local_cluster() else {
         assert!(
             std::env::var_os("CI").is_none(),
@@ -272,7 +233,7 @@ async fn a_postgres_outage_mid_run_loses_no_job() {
         "Postgres stopped for ~2 s mid-run: {resumed} jobs resumed, {repeated} calls repeated"
     );
     server.kill().await;
-    drop_database(&url).await;
+    drop(db);
 }
 
 /// The lease fences of a batch (a checkpoint's `EXISTS`, an outcome's `UPDATE … FROM unnest`)
@@ -286,9 +247,10 @@ async fn a_postgres_outage_mid_run_loses_no_job() {
 async fn the_lease_fences_do_not_scan_the_owners_jobs_per_row() {
     use sqlx::Connection;
     let _shared = PG_SERVER.read().await;
-    let Some(url) = fresh_database().await else {
+    let Some(db) = ScratchDatabase::from_env("fusion_workers").await else {
         return;
     };
+    let url = db.url.clone();
     let store = fusion::store::connect(&url).await.expect("connect");
     store.migrate().await.expect("migrate");
     let mut conn = sqlx::PgConnection::connect(&url).await.expect("connect");
@@ -333,5 +295,5 @@ async fn the_lease_fences_do_not_scan_the_owners_jobs_per_row() {
     }
     let _ = conn.close().await;
     drop(store);
-    drop_database(&url).await;
+    drop(db);
 }
