@@ -147,6 +147,10 @@ impl Formats {
 
 /// Parse an analyst reply: plain JSON, JSON inside a code fence, or JSON after some prose.
 pub fn parse(text: &str) -> Result<Analysis, AnalysisError> {
+    // The usual reply, bare JSON that fits: read straight into the struct, no tree in between.
+    if let Ok(analysis) = serde_json::from_str::<Analysis>(text.trim()) {
+        return Ok(analysis);
+    }
     let value = extract_json(text)?;
     if !value.is_object() {
         return Err(AnalysisError::SchemaMismatch(

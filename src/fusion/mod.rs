@@ -130,25 +130,29 @@ impl Pipeline {
             return failed;
         }
 
-        let analysis_step = match analysis_step {
-            Some(s) => s,
+        // The analysis step's usage, and the analysis the final prompt is written from.
+        let (analysis_usage, analysis) = match analysis_step {
+            // Checkpointed by an earlier attempt: read back from its data.
+            Some(s) => {
+                let analysis = s
+                    .data
+                    .filter(|_| s.ok)
+                    .and_then(|d| serde_json::from_value::<Analysis>(d).ok());
+                (s.usage, analysis)
+            }
             None => {
                 // Boxed, like the final call below: a job waiting on its panel does not carry
                 // room for the later steps' futures (it matters with thousands in flight).
                 let analysis = Box::pin(self.run_analysis(spec, job.attempt, &answers, cancel));
-                let Ok(Some(s)) = saves.alongside(analysis).await else {
+                let Ok(Some((s, analysis))) = saves.alongside(analysis).await else {
                     return Outcome::Stopped;
                 };
+                let usage = s.usage;
                 // Written once the answers it compares are; the final call goes on meanwhile.
-                saves.start_after_earlier(s.clone());
-                s
+                saves.start_after_earlier(s);
+                (usage, analysis)
             }
         };
-        let analysis: Option<Analysis> = analysis_step
-            .data
-            .as_ref()
-            .filter(|_| analysis_step.ok)
-            .and_then(|d| serde_json::from_value(d.clone()).ok());
 
         let (final_step, unsaved) = match final_step {
             Some(s) if s.ok => (s, false),
@@ -197,9 +201,10 @@ impl Pipeline {
         }
 
         let mut usage = Usage::default();
-        for s in panel.iter().chain([&analysis_step, &final_step]) {
+        for s in panel.iter().chain([&final_step]) {
             usage.add(&s.usage);
         }
+        usage.add(&analysis_usage);
         let finish_reason = final_step
             .data
             .as_ref()
@@ -306,15 +311,15 @@ impl Pipeline {
         None
     }
 
-    /// Ask for the analysis, feeding back why a reply was rejected, a bounded number of times.
-    /// `None` means cancelled.
+    /// Ask for the analysis, feeding back why a reply was rejected, a bounded number of times:
+    /// its step, and the analysis itself when there is one. `None` means cancelled.
     async fn run_analysis(
         &self,
         spec: &JobSpec,
         attempt: i32,
         answers: &[PanelAnswer<'_>],
         cancel: &CancellationToken,
-    ) -> Option<Step> {
+    ) -> Option<(Step, Option<Analysis>)> {
         let mode = self.upstream.structured_output(&spec.analyst);
         let formats = &self.analysis;
         // Providers that do not enforce the schema at least read it.
@@ -339,13 +344,14 @@ impl Pipeline {
                     latency_ms += c.latency_ms;
                     match analysis::parse(&c.content) {
                         Ok(a) => {
-                            return Some(Step {
+                            let step = Step {
                                 ok: true,
-                                data: serde_json::to_value(a).ok(),
+                                data: serde_json::to_value(&a).ok(),
                                 usage,
                                 latency_ms,
                                 ..self.failed_step(StepKey::Analysis, &spec.analyst, attempt)
-                            });
+                            };
+                            return Some((step, Some(a)));
                         }
                         Err(e) => {
                             req.messages
@@ -368,14 +374,15 @@ impl Pipeline {
             }
         }
         let (code, error, status) = last_problem.unwrap_or_default();
-        Some(Step {
+        let step = Step {
             usage,
             latency_ms,
             error_code: Some(code),
             error: Some(error),
             status_code: status.map(i32::from),
             ..self.failed_step(StepKey::Analysis, &spec.analyst, attempt)
-        })
+        };
+        Some((step, None))
     }
 
     /// One step that is a single (retried) call, and whether its failure (if any) may pass if
