@@ -258,6 +258,7 @@ impl FileConfig {
                 providers,
                 timeout: Duration::from_secs(timeout_seconds.max(1)),
                 prices: self.prices,
+                max_idle_per_host: crate::upstream::DEFAULT_MAX_IDLE_PER_HOST,
             },
             presets,
             default_preset,

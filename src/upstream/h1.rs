@@ -5,7 +5,7 @@
 //! memory reqwest takes per call in flight. HTTPS upstreams (TLS, HTTP/2) and any upstream a
 //! proxy variable applies to stay on reqwest (see `Upstream::exchange`).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -23,8 +23,7 @@ use super::{ErrorKind, UpstreamError};
 /// and keeps it for the connection's life; a completion's head and a short body fit in 4 KiB,
 /// and a longer one takes a few reads.
 const READ_BUF: usize = 4096;
-/// Idle connections kept per origin, and for how long (as reqwest is configured).
-const MAX_IDLE: usize = 256;
+/// How long an idle connection is kept (as reqwest's pool keeps them).
 const IDLE_FOR: Duration = Duration::from_secs(90);
 
 type Sender = SendRequest<Full<Bytes>>;
@@ -38,14 +37,21 @@ pub(super) struct Answer {
 
 #[derive(Debug)]
 pub(super) struct PlainClient {
-    idle: Mutex<HashMap<String, Vec<(Sender, Instant)>>>,
+    /// Per origin, idle connections oldest first, each with the time it was last used.
+    idle: Mutex<HashMap<String, VecDeque<(Sender, Instant)>>>,
+    /// Idle connections kept per origin; one more coming back is closed.
+    max_idle: usize,
+    /// How long a connection is kept idle.
+    idle_for: Duration,
     connect_timeout: Duration,
 }
 
 impl PlainClient {
-    pub fn new(connect_timeout: Duration) -> PlainClient {
+    pub fn new(connect_timeout: Duration, max_idle: usize) -> PlainClient {
         PlainClient {
             idle: Mutex::new(HashMap::new()),
+            max_idle,
+            idle_for: IDLE_FOR,
             connect_timeout,
         }
     }
@@ -102,11 +108,17 @@ impl PlainClient {
         })
     }
 
-    /// An idle connection to `origin` that can take a request now, if there is one.
+    /// An idle connection to `origin` that can take a request now, if there is one: the one
+    /// used last (the likeliest to be open still).
     async fn checkout(&self, origin: &str) -> Option<Sender> {
         loop {
-            let (mut sender, since) = self.idle.lock().expect("pool").get_mut(origin)?.pop()?;
-            if since.elapsed() > IDLE_FOR || sender.is_closed() {
+            let (mut sender, since) = self
+                .idle
+                .lock()
+                .expect("pool")
+                .get_mut(origin)?
+                .pop_back()?;
+            if since.elapsed() > self.idle_for || sender.is_closed() {
                 continue;
             }
             // Ready at once unless the connection is still finishing its last answer.
@@ -116,14 +128,22 @@ impl PlainClient {
         }
     }
 
+    /// Keep `sender` for the next call to `origin`, unless the pool is full; connections idle
+    /// too long are closed on the way.
     fn checkin(&self, origin: String, sender: Sender) {
         if sender.is_closed() {
             return;
         }
         let mut idle = self.idle.lock().expect("pool");
         let conns = idle.entry(origin).or_default();
-        if conns.len() < MAX_IDLE {
-            conns.push((sender, Instant::now()));
+        while conns
+            .front()
+            .is_some_and(|(_, since)| since.elapsed() > self.idle_for)
+        {
+            conns.pop_front();
+        }
+        if conns.len() < self.max_idle {
+            conns.push_back((sender, Instant::now()));
         }
     }
 
@@ -171,27 +191,36 @@ mod tests {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     use tokio::net::TcpListener;
 
-    /// A bare HTTP/1.1 server answering every request with `ok`; with `close`, it says
-    /// `connection: close` and hangs up after each answer. Counts the connections it accepted.
-    async fn server(close: bool) -> (Uri, Arc<AtomicUsize>) {
+    /// What a test server saw: connections accepted, and those still open.
+    #[derive(Default)]
+    struct Seen {
+        accepted: AtomicUsize,
+        open: AtomicUsize,
+    }
+
+    /// A bare HTTP/1.1 server answering every request with `ok` after `delay`; with `close`, it
+    /// says `connection: close` and hangs up after each answer.
+    async fn server(close: bool, delay: Duration) -> (Uri, Arc<Seen>) {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let uri = format!(
             "http://{}/v1/chat/completions",
             listener.local_addr().unwrap()
         );
-        let accepted = Arc::new(AtomicUsize::new(0));
-        let count = accepted.clone();
+        let seen = Arc::new(Seen::default());
+        let counts = seen.clone();
         tokio::spawn(async move {
             loop {
                 let (mut socket, _) = listener.accept().await.unwrap();
-                count.fetch_add(1, Ordering::SeqCst);
+                counts.accepted.fetch_add(1, Ordering::SeqCst);
+                counts.open.fetch_add(1, Ordering::SeqCst);
+                let counts = counts.clone();
                 tokio::spawn(async move {
                     let mut seen = Vec::new();
                     let mut buf = [0u8; 1024];
                     loop {
                         let n = socket.read(&mut buf).await.unwrap_or(0);
                         if n == 0 {
-                            return;
+                            break;
                         }
                         seen.extend_from_slice(&buf[..n]);
                         // Each test request is one small read: head and body together.
@@ -199,19 +228,21 @@ mod tests {
                             continue;
                         }
                         seen.clear();
+                        tokio::time::sleep(delay).await;
                         let connection = if close { "close" } else { "keep-alive" };
                         let answer = format!(
                             "HTTP/1.1 200 OK\r\ncontent-length: 2\r\nconnection: {connection}\r\n\r\nok"
                         );
                         socket.write_all(answer.as_bytes()).await.unwrap();
                         if close {
-                            return;
+                            break;
                         }
                     }
+                    counts.open.fetch_sub(1, Ordering::SeqCst);
                 });
             }
         });
-        (uri.parse().unwrap(), accepted)
+        (uri.parse().unwrap(), seen)
     }
 
     async fn call(client: &PlainClient, uri: &Uri) -> Answer {
@@ -224,26 +255,72 @@ mod tests {
 
     #[tokio::test]
     async fn idle_connections_are_reused() {
-        let (uri, accepted) = server(false).await;
-        let client = PlainClient::new(Duration::from_secs(1));
+        let (uri, seen) = server(false, Duration::ZERO).await;
+        let client = PlainClient::new(Duration::from_secs(1), 8);
         for _ in 0..3 {
             let answer = call(&client, &uri).await;
             assert_eq!((answer.status, &answer.body[..]), (200, &b"ok"[..]));
         }
-        assert_eq!(accepted.load(Ordering::SeqCst), 1);
+        assert_eq!(seen.accepted.load(Ordering::SeqCst), 1);
     }
 
     #[tokio::test]
     async fn a_connection_the_server_closed_is_not_used_again() {
-        let (uri, accepted) = server(true).await;
-        let client = PlainClient::new(Duration::from_secs(1));
+        let (uri, seen) = server(true, Duration::ZERO).await;
+        let client = PlainClient::new(Duration::from_secs(1), 8);
         for _ in 0..3 {
             let answer = call(&client, &uri).await;
             assert_eq!(answer.status, 200);
             // Give the connection's task time to see the hang-up.
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        assert_eq!(accepted.load(Ordering::SeqCst), 3);
+        assert_eq!(seen.accepted.load(Ordering::SeqCst), 3);
+    }
+
+    /// `n` calls at once (each on a connection of its own while the server holds its answer).
+    async fn calls_at_once(client: &PlainClient, uri: &Uri, n: usize) {
+        let answers = futures::future::join_all((0..n).map(|_| call(client, uri))).await;
+        assert!(answers.iter().all(|a| a.status == 200));
+    }
+
+    // A worker's load swings (3 panel calls per job, then 1, then 1): with room in the pool for
+    // every connection it had busy, the next swing reuses them all; with less, it opens anew
+    // what the pool closed.
+    #[tokio::test]
+    async fn the_pool_keeps_as_many_idle_connections_as_it_has_room_for() {
+        for (max_idle, accepted) in [(6, 6), (2, 10)] {
+            let (uri, seen) = server(false, Duration::from_millis(50)).await;
+            let client = PlainClient::new(Duration::from_secs(1), max_idle);
+            calls_at_once(&client, &uri, 6).await;
+            calls_at_once(&client, &uri, 6).await;
+            assert_eq!(
+                seen.accepted.load(Ordering::SeqCst),
+                accepted,
+                "connections opened with room for {max_idle} idle ones"
+            );
+        }
+    }
+
+    // Connections under the one in use stay idle until they are too old, and are closed then.
+    #[tokio::test]
+    async fn connections_idle_too_long_are_closed() {
+        let (uri, seen) = server(false, Duration::from_millis(20)).await;
+        let client = PlainClient {
+            idle_for: Duration::from_secs(1),
+            ..PlainClient::new(Duration::from_secs(1), 8)
+        };
+        calls_at_once(&client, &uri, 4).await;
+        // The last one back is used again and stays fresh; the three under it age.
+        tokio::time::sleep(Duration::from_millis(600)).await;
+        call(&client, &uri).await;
+        tokio::time::sleep(Duration::from_millis(700)).await;
+        call(&client, &uri).await;
+        let waited = Instant::now();
+        while seen.open.load(Ordering::SeqCst) > 1 && waited.elapsed() < Duration::from_secs(5) {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(seen.open.load(Ordering::SeqCst), 1);
+        assert_eq!(seen.accepted.load(Ordering::SeqCst), 4);
     }
 
     #[tokio::test]
@@ -253,7 +330,7 @@ mod tests {
             .parse()
             .unwrap();
         drop(listener);
-        let client = PlainClient::new(Duration::from_secs(1));
+        let client = PlainClient::new(Duration::from_secs(1), 8);
         let headers = HeaderMap::new();
         let err = client
             .post(&uri, &headers, Bytes::new())

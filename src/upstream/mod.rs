@@ -94,7 +94,13 @@ pub struct UpstreamConfig {
     /// Limit on one whole call, connection to last byte.
     pub timeout: Duration,
     pub prices: HashMap<String, Price>,
+    /// Idle connections kept per upstream host. Fewer than the calls a worker has in flight
+    /// there, and each swing of its load closes connections it opens again a moment later.
+    pub max_idle_per_host: usize,
 }
+
+/// `max_idle_per_host` unless a worker's concurrency asks for more.
+pub const DEFAULT_MAX_IDLE_PER_HOST: usize = 256;
 
 /// What is sent for one completion. The messages are borrowed where they can be: a job's panel
 /// sends the caller's messages to every member without copying them.
@@ -347,7 +353,7 @@ impl Upstream {
         let http = reqwest::Client::builder()
             .timeout(config.timeout)
             .connect_timeout(Duration::from_secs(10).min(config.timeout))
-            .pool_max_idle_per_host(256)
+            .pool_max_idle_per_host(config.max_idle_per_host)
             // A redirected POST would become a GET: a 3xx is reported as the error it is.
             .redirect(reqwest::redirect::Policy::none())
             // Transport failures are retried by `with_retries`, with backoff; reqwest's own
@@ -362,7 +368,10 @@ impl Upstream {
             .collect::<anyhow::Result<_>>()?;
         Ok(Upstream {
             http,
-            plain: h1::PlainClient::new(Duration::from_secs(10).min(config.timeout)),
+            plain: h1::PlainClient::new(
+                Duration::from_secs(10).min(config.timeout),
+                config.max_idle_per_host,
+            ),
             default_endpoint: Endpoint::of(&config.default, &proxies)?,
             endpoints,
             config,
@@ -684,6 +693,7 @@ mod tests {
             providers: HashMap::from([("ollama".to_string(), p("ollama"))]),
             timeout: Duration::from_secs(1),
             prices: HashMap::new(),
+            max_idle_per_host: DEFAULT_MAX_IDLE_PER_HOST,
         })
         .unwrap();
         assert_eq!(up.route("ollama:llama3.2").0.name, "ollama");
