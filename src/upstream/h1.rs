@@ -302,18 +302,19 @@ mod tests {
     }
 
     // Connections under the one in use stay idle until they are too old, and are closed then.
+    // A late wake-up can only age the three more; the one in use has 1.2 s and 0.6 s to spare.
     #[tokio::test]
     async fn connections_idle_too_long_are_closed() {
         let (uri, seen) = server(false, Duration::from_millis(20)).await;
         let client = PlainClient {
-            idle_for: Duration::from_secs(1),
+            idle_for: Duration::from_secs(2),
             ..PlainClient::new(Duration::from_secs(1), 8)
         };
         calls_at_once(&client, &uri, 4).await;
         // The last one back is used again and stays fresh; the three under it age.
-        tokio::time::sleep(Duration::from_millis(600)).await;
+        tokio::time::sleep(Duration::from_millis(800)).await;
         call(&client, &uri).await;
-        tokio::time::sleep(Duration::from_millis(700)).await;
+        tokio::time::sleep(Duration::from_millis(1400)).await;
         call(&client, &uri).await;
         let waited = Instant::now();
         while seen.open.load(Ordering::SeqCst) > 1 && waited.elapsed() < Duration::from_secs(5) {
