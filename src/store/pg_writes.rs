@@ -131,104 +131,104 @@ async fn execute(pool: &PgPool, writes: &[Write]) -> Result<Vec<bool>, sqlx::Err
     Ok(which_took(writes, took))
 }
 
-/// The enqueue columns of a batch.
+/// The enqueue columns of a batch, borrowed from its writes (bound as they are, not copied).
 #[derive(Default)]
-struct Enqueues {
+struct Enqueues<'a> {
     id: Vec<Uuid>,
-    spec: Vec<Json<JobSpec>>,
-    metadata: Vec<Json<Value>>,
+    spec: Vec<Json<&'a JobSpec>>,
+    metadata: Vec<Json<&'a Value>>,
     priority: Vec<i32>,
     max_attempts: Vec<i32>,
     deadline_at: Vec<Option<i64>>,
-    idempotency_key: Vec<Option<String>>,
-    request_hash: Vec<Option<String>>,
+    idempotency_key: Vec<Option<&'a str>>,
+    request_hash: Vec<Option<&'a str>>,
     created_at: Vec<i64>,
-    lease_owner: Vec<Option<String>>,
+    lease_owner: Vec<Option<&'a str>>,
     lease_expires_at: Vec<Option<i64>>,
 }
 
-impl Enqueues {
-    fn push(&mut self, job: &NewJob, start: Option<&StartHere>) {
+impl<'a> Enqueues<'a> {
+    fn push(&mut self, job: &'a NewJob, start: Option<&'a StartHere>) {
         self.id.push(job.id);
-        self.spec.push(Json(job.spec.clone()));
-        self.metadata.push(Json(job.metadata.clone()));
+        self.spec.push(Json(&job.spec));
+        self.metadata.push(Json(&job.metadata));
         self.priority.push(job.priority);
         self.max_attempts.push(job.max_attempts);
         self.deadline_at.push(job.deadline_at);
-        self.idempotency_key.push(job.idempotency_key.clone());
-        self.request_hash.push(job.request_hash.clone());
+        self.idempotency_key.push(job.idempotency_key.as_deref());
+        self.request_hash.push(job.request_hash.as_deref());
         self.created_at.push(job.created_at);
-        self.lease_owner.push(start.map(|s| s.owner.clone()));
+        self.lease_owner.push(start.map(|s| s.owner.as_str()));
         self.lease_expires_at
             .push(start.map(|s| s.lease_expires_at));
     }
 }
 
-/// The checkpoint columns of a batch.
+/// The checkpoint columns of a batch, borrowed from its writes.
 #[derive(Default)]
-struct Steps {
+struct Steps<'a> {
     job_id: Vec<Uuid>,
     step: Vec<String>,
-    model: Vec<String>,
+    model: Vec<&'a str>,
     ok: Vec<bool>,
-    content: Vec<Option<String>>,
-    data: Vec<Option<Json<Value>>>,
+    content: Vec<Option<&'a str>>,
+    data: Vec<Option<Json<&'a Value>>>,
     prompt_tokens: Vec<i64>,
     completion_tokens: Vec<i64>,
     cost: Vec<f64>,
     latency_ms: Vec<i64>,
-    error_code: Vec<Option<String>>,
-    error: Vec<Option<String>>,
+    error_code: Vec<Option<&'a str>>,
+    error: Vec<Option<&'a str>>,
     status_code: Vec<Option<i32>>,
     attempt: Vec<i32>,
     created_at: Vec<i64>,
-    owner: Vec<String>,
+    owner: Vec<&'a str>,
 }
 
-impl Steps {
-    fn push(&mut self, lease: &Lease, step: &Step) {
+impl<'a> Steps<'a> {
+    fn push(&mut self, lease: &'a Lease, step: &'a Step) {
         self.job_id.push(lease.job_id);
         self.step.push(step.key.to_db());
-        self.model.push(step.model.clone());
+        self.model.push(&step.model);
         self.ok.push(step.ok);
-        self.content.push(step.content.clone());
-        self.data.push(step.data.clone().map(Json));
+        self.content.push(step.content.as_deref());
+        self.data.push(step.data.as_ref().map(Json));
         self.prompt_tokens.push(step.usage.prompt_tokens);
         self.completion_tokens.push(step.usage.completion_tokens);
         self.cost.push(step.usage.cost);
         self.latency_ms.push(step.latency_ms);
-        self.error_code.push(step.error_code.clone());
-        self.error.push(step.error.clone());
+        self.error_code.push(step.error_code.as_deref());
+        self.error.push(step.error.as_deref());
         self.status_code.push(step.status_code);
         // The step is written with the lease's attempt: that is what the fence checks.
         self.attempt.push(lease.attempt);
         self.created_at.push(step.created_at);
-        self.owner.push(lease.owner.clone());
+        self.owner.push(&lease.owner);
     }
 }
 
-/// The outcome columns of a batch.
+/// The outcome columns of a batch, borrowed from its writes.
 #[derive(Default)]
-struct Finishes {
+struct Finishes<'a> {
     id: Vec<Uuid>,
     attempt: Vec<i32>,
-    owner: Vec<String>,
-    status: Vec<String>,
-    result: Vec<Option<Json<Value>>>,
-    reason: Vec<Option<String>>,
-    error: Vec<Option<String>>,
+    owner: Vec<&'a str>,
+    status: Vec<&'static str>,
+    result: Vec<Option<Json<&'a Value>>>,
+    reason: Vec<Option<&'a str>>,
+    error: Vec<Option<&'a str>>,
     finished_at: Vec<i64>,
 }
 
-impl Finishes {
-    fn push(&mut self, finish: &Finish) {
+impl<'a> Finishes<'a> {
+    fn push(&mut self, finish: &'a Finish) {
         self.id.push(finish.lease.job_id);
         self.attempt.push(finish.lease.attempt);
-        self.owner.push(finish.lease.owner.clone());
-        self.status.push(finish.status.as_str().to_string());
-        self.result.push(finish.result.clone().map(Json));
-        self.reason.push(finish.reason.clone());
-        self.error.push(finish.error.clone());
+        self.owner.push(&finish.lease.owner);
+        self.status.push(finish.status.as_str());
+        self.result.push(finish.result.as_ref().map(Json));
+        self.reason.push(finish.reason.as_deref());
+        self.error.push(finish.error.as_deref());
         self.finished_at.push(finish.now);
     }
 }

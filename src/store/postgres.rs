@@ -105,14 +105,16 @@ impl PgStore {
     }
 }
 
-/// The write of a checkpoint, its text made storable (Postgres text cannot hold NUL).
+/// The write of a checkpoint (one copy of the step), its text made storable (Postgres text
+/// cannot hold NUL).
 fn step_write(lease: &Lease, step: &Step) -> Write {
-    let clean = Step {
-        content: step.content.as_deref().map(|c| no_nul(c).into_owned()),
-        data: step.data.clone().map(no_nul_json),
-        error: step.error.as_deref().map(|e| no_nul(e).into_owned()),
-        ..step.clone()
-    };
+    let mut clean = step.clone();
+    for text in [&mut clean.content, &mut clean.error].into_iter().flatten() {
+        if let Cow::Owned(scrubbed) = no_nul(text) {
+            *text = scrubbed;
+        }
+    }
+    clean.data = clean.data.map(no_nul_json);
     Write::Step {
         lease: lease.clone(),
         step: clean,
