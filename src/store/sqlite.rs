@@ -87,6 +87,11 @@ impl SqliteStore {
             .synchronous(SqliteSynchronous::Normal)
             .busy_timeout(Duration::from_secs(10))
             .foreign_keys(true)
+            // Temporary files in memory. A statement of a batch that may fail halfway keeps the
+            // pages it changes in a statement journal, to undo just itself; past 64 KiB that
+            // journal spilled to a new file in /var/tmp (created, written, unlinked: 14 files and
+            // 300 writes in 0.6 s of a drain). Nothing durable lives there: the WAL is the log.
+            .pragma("temp_store", "memory")
             // sqlx hands rows from SQLite's thread to the caller through a channel of this many
             // (50 by default); when it is full SQLite's thread sleeps until the caller's task is
             // scheduled. A batch returns a row per write that took and a claim a row per job:
@@ -533,6 +538,20 @@ mod tests {
         let store = SqliteStore::connect(&url).await.unwrap();
         store.migrate().await.unwrap();
         (dir, store)
+    }
+
+    // A batch's statement journals (and any other temporary file) stay in memory on every
+    // connection, the writer's above all: spilled, each batch created and unlinked a file.
+    #[tokio::test]
+    async fn temporary_files_stay_in_memory() {
+        let (_dir, store) = migrated_store().await;
+        for pool in [&store.writer, &store.pool] {
+            let temp_store: i64 = sqlx::query_scalar("PRAGMA temp_store")
+                .fetch_one(pool)
+                .await
+                .unwrap();
+            assert_eq!(temp_store, 2, "temp_store = MEMORY");
+        }
     }
 
     // The claim's plan, from SQLite itself, on a file with a backlog and no statistics (as the
