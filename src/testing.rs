@@ -52,10 +52,6 @@ impl ScratchDatabase {
             Err(e) => panic!("could not create a test database through TEST_DATABASE_URL: {e}"),
         }
     }
-
-    pub fn name(&self) -> &str {
-        &self.name
-    }
 }
 
 impl Drop for ScratchDatabase {

@@ -531,6 +531,16 @@ fn step_from_row(r: &SqliteRow) -> Result<Step> {
 mod tests {
     use super::*;
 
+    /// What `EXPLAIN QUERY PLAN` says of `sql` (its parameters unbound), a step per line.
+    async fn query_plan(pool: &SqlitePool, sql: &str) -> String {
+        let rows = sqlx::query(sqlx::AssertSqlSafe(format!("EXPLAIN QUERY PLAN {sql}")))
+            .fetch_all(pool)
+            .await
+            .unwrap();
+        let plan: Vec<String> = rows.iter().map(|r| r.get("detail")).collect();
+        plan.join("\n")
+    }
+
     /// A migrated store on a file in its own temporary directory (kept while the guard lives).
     async fn migrated_store() -> (tempfile::TempDir, SqliteStore) {
         let dir = tempfile::tempdir().unwrap();
@@ -570,18 +580,7 @@ mod tests {
         .execute(&store.writer)
         .await
         .unwrap();
-        let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
-            "EXPLAIN QUERY PLAN {CLAIM_SQL}"
-        )))
-        .bind("w1")
-        .bind(0)
-        .bind(3000)
-        .bind(10)
-        .fetch_all(&store.writer)
-        .await
-        .unwrap();
-        let plan: Vec<String> = rows.iter().map(|r| r.get("detail")).collect();
-        let plan = plan.join("\n");
+        let plan = query_plan(&store.writer, CLAIM_SQL).await;
         assert!(
             plan.contains("INDEX jobs_claimable") && !plan.contains("TEMP B-TREE"),
             "the claim does not walk jobs_claimable in order:\n{plan}"
@@ -593,23 +592,12 @@ mod tests {
     #[tokio::test]
     async fn a_page_of_the_job_list_seeks_to_its_cursor() {
         let (_dir, store) = migrated_store().await;
-        let explain = |sql: &'static str| {
-            let store = &store;
-            async move {
-                let rows = sqlx::query(sqlx::AssertSqlSafe(format!("EXPLAIN QUERY PLAN {sql}")))
-                    .fetch_all(&store.pool)
-                    .await
-                    .unwrap();
-                let plan: Vec<String> = rows.iter().map(|r| r.get("detail")).collect();
-                plan.join("\n")
-            }
-        };
-        let all = explain(LIST_SQL).await;
+        let all = query_plan(&store.pool, LIST_SQL).await;
         assert!(
             all.contains("(id<?)") && !all.contains("TEMP B-TREE"),
             "listing every status does not seek to the cursor:\n{all}"
         );
-        let one = explain(LIST_BY_STATUS_SQL).await;
+        let one = query_plan(&store.pool, LIST_BY_STATUS_SQL).await;
         assert!(
             one.contains("jobs_status_id (status=? AND id<?)") && !one.contains("TEMP B-TREE"),
             "listing one status does not seek to the cursor within it:\n{one}"
