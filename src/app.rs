@@ -66,15 +66,12 @@ impl Application {
     pub async fn build(settings: Settings) -> anyhow::Result<Application> {
         let clock: SharedClock = Arc::new(SystemClock);
         let store = open_store(&settings.database_url).await?;
-        let mut upstream_config = settings.fusion.upstream.clone();
-        if let Some(worker) = &settings.worker {
-            // As many idle connections as this process's jobs can have calls in flight to one
-            // upstream (every panel member there): a busy worker then never closes a connection
-            // that its next phase (3 panel calls, then 1, then 1 per job) opens again.
-            upstream_config.max_idle_per_host = upstream_config
-                .max_idle_per_host
-                .max(worker.concurrency as usize * crate::MAX_PANEL);
-        }
+        let jobs_in_flight = settings.worker.as_ref().map_or(0, |w| w.concurrency);
+        let upstream_config = settings
+            .fusion
+            .upstream
+            .clone()
+            .for_jobs_in_flight(jobs_in_flight);
         let upstream = Arc::new(Upstream::new(upstream_config)?);
         let pipeline = Arc::new(Pipeline {
             upstream: upstream.clone(),

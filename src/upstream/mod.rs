@@ -102,6 +102,16 @@ pub struct UpstreamConfig {
 /// `max_idle_per_host` unless a worker's concurrency asks for more.
 pub const DEFAULT_MAX_IDLE_PER_HOST: usize = 256;
 
+impl UpstreamConfig {
+    /// Room in the idle pools for every call `jobs` jobs can have in flight to one host (every
+    /// panel member there): a worker's load swings (3 panel calls per job, then 1, then 1), and
+    /// a pool smaller than its busiest phase closes connections the next phase opens again.
+    pub fn for_jobs_in_flight(mut self, jobs: u32) -> UpstreamConfig {
+        self.max_idle_per_host = self.max_idle_per_host.max(jobs as usize * crate::MAX_PANEL);
+        self
+    }
+}
+
 /// What is sent for one completion. The messages are borrowed where they can be: a job's panel
 /// sends the caller's messages to every member without copying them.
 #[derive(Debug, Clone, Default)]
@@ -683,6 +693,25 @@ mod tests {
         assert!(https.plain.is_none());
         let bad_key = Provider::new("bad", "http://h/v1", Some(ApiKey("a\nb".into())));
         assert!(Endpoint::of(&bad_key, &none).is_err());
+    }
+
+    #[test]
+    fn the_idle_pools_have_room_for_every_call_a_worker_can_make() {
+        let config = |jobs| {
+            UpstreamConfig {
+                default: Provider::new("default", "http://h/v1", None),
+                providers: HashMap::new(),
+                timeout: Duration::from_secs(1),
+                prices: HashMap::new(),
+                max_idle_per_host: DEFAULT_MAX_IDLE_PER_HOST,
+            }
+            .for_jobs_in_flight(jobs)
+            .max_idle_per_host
+        };
+        assert_eq!(config(256), 256 * crate::MAX_PANEL);
+        assert_eq!(config(2), DEFAULT_MAX_IDLE_PER_HOST);
+        // An API-only process (no worker) keeps the default.
+        assert_eq!(config(0), DEFAULT_MAX_IDLE_PER_HOST);
     }
 
     #[test]
