@@ -89,8 +89,8 @@ impl SqliteStore {
             .foreign_keys(true)
             // Temporary files in memory. A statement of a batch that may fail halfway keeps the
             // pages it changes in a statement journal, to undo just itself; past 64 KiB that
-            // journal spilled to a new file in /var/tmp (created, written, unlinked: 14 files and
-            // 300 writes in 0.6 s of a drain). Nothing durable lives there: the WAL is the log.
+            // journal spilled to a new file in /var/tmp (created and unlinked at once, then written:
+            // 14 files and 300 writes in 0.6 s of a drain). Nothing durable lives there.
             .pragma("temp_store", "memory")
             // sqlx hands rows from SQLite's thread to the caller through a channel of this many
             // (50 by default); when it is full SQLite's thread sleeps until the caller's task is
@@ -551,7 +551,7 @@ mod tests {
     }
 
     // A batch's statement journals (and any other temporary file) stay in memory on every
-    // connection, the writer's above all: spilled, each batch created and unlinked a file.
+    // connection, the writer's above all: spilled, a batch statement's journal became a file.
     #[tokio::test]
     async fn temporary_files_stay_in_memory() {
         let (_dir, store) = migrated_store().await;
