@@ -1,8 +1,10 @@
 //! Domain types of a fusion job: what was asked (`JobSpec`), where it stands (`Job`, `JobStatus`),
 //! and what each step produced (`Step`). Plain data: no SQL, no HTTP, no upstream calls here.
 
+use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
+use serde_json::value::RawValue;
 use uuid::Uuid;
 
 /// Where a job stands. Each variant says who moves a job in and who moves it out.
@@ -243,8 +245,9 @@ pub struct Step {
     /// Whether the step produced its output; a failed step is recorded with its error.
     pub ok: bool,
     pub content: Option<String>,
-    /// Structured output: the analysis object for the analysis step.
-    pub data: Option<Value>,
+    /// Structured output: the analysis object for the analysis step, `finish_reason` for the
+    /// others.
+    pub data: Option<JsonText>,
     pub usage: Usage,
     pub latency_ms: i64,
     /// Typed failure code (`rate_limited`, `analysis_not_valid_json`, …) when not ok.
@@ -255,6 +258,67 @@ pub struct Step {
     /// The job attempt that wrote it.
     pub attempt: i32,
     pub created_at: i64,
+}
+
+/// A JSON value kept as its text: serialized once where it is made, written to the store and
+/// sent to clients as is, and parsed only where something reads inside it. A checkpoint's data
+/// and a job's result go from the worker to the database this way, with no `Value` tree to
+/// build, copy, walk and free on the way.
+///
+/// ```
+/// use fusion::job::JsonText;
+/// let a = JsonText::of(&serde_json::json!({"b": 1, "a": [true]})).unwrap();
+/// assert_eq!(a.as_str(), r#"{"a":[true],"b":1}"#);
+/// // Equal when the values are, whatever the spacing (Postgres's `jsonb` re-renders text).
+/// assert_eq!(a, JsonText::parse(r#"{ "b": 1, "a": [ true ] }"#.into()).unwrap());
+/// assert!(JsonText::parse("{not json".into()).is_err());
+/// ```
+#[derive(Debug, Clone, Serialize)]
+#[serde(transparent)]
+pub struct JsonText(Box<RawValue>);
+
+impl JsonText {
+    /// The text of `value`.
+    pub fn of<T: Serialize + ?Sized>(value: &T) -> serde_json::Result<JsonText> {
+        serde_json::value::to_raw_value(value).map(JsonText)
+    }
+
+    /// Checked text: an error unless it is one JSON value.
+    pub fn parse(text: String) -> serde_json::Result<JsonText> {
+        RawValue::from_string(text).map(JsonText)
+    }
+
+    pub fn as_str(&self) -> &str {
+        self.0.get()
+    }
+
+    /// Read it as `T`.
+    pub fn read<T: DeserializeOwned>(&self) -> serde_json::Result<T> {
+        serde_json::from_str(self.as_str())
+    }
+
+    /// The value as a tree.
+    pub fn to_value(&self) -> Value {
+        self.read().unwrap_or(Value::Null)
+    }
+}
+
+impl From<Box<RawValue>> for JsonText {
+    fn from(raw: Box<RawValue>) -> JsonText {
+        JsonText(raw)
+    }
+}
+
+impl From<Value> for JsonText {
+    fn from(value: Value) -> JsonText {
+        JsonText::of(&value).expect("a Value always serializes")
+    }
+}
+
+impl PartialEq for JsonText {
+    fn eq(&self, other: &JsonText) -> bool {
+        self.as_str() == other.as_str() || self.to_value() == other.to_value()
+    }
 }
 
 /// Filter for listing jobs, newest first.

@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use fusion::job::{
-    Job, JobSpec, JobStatus, Lease, ListFilter, NewJob, StartHere, Step, StepKey, Usage,
+    Job, JobSpec, JobStatus, JsonText, Lease, ListFilter, NewJob, StartHere, Step, StepKey, Usage,
 };
 use fusion::store::{CancelOutcome, Enqueued, Held, JobEvent, RetryOutcome, Store};
 use fusion::testing::ScratchDatabase;
@@ -270,17 +270,20 @@ fn failed_step(key: StepKey, attempt: i32) -> Step {
 
 fn analysis_step(attempt: i32) -> Step {
     Step {
-        data: Some(json!({
-            "agreement": 0.75,
-            "claims": [
-                {"text": "water boils at 100 °C", "support": [0, 2], "confidence": 0.9},
-                {"text": "it depends on pressure", "support": [1], "confidence": 1e-3}
-            ],
-            "notes": null,
-            "big": 9_007_199_254_740_993u64,
-            "negative": -12,
-            "empty": {}
-        })),
+        data: Some(
+            json!({
+                "agreement": 0.75,
+                "claims": [
+                    {"text": "water boils at 100 °C", "support": [0, 2], "confidence": 0.9},
+                    {"text": "it depends on pressure", "support": [1], "confidence": 1e-3}
+                ],
+                "notes": null,
+                "big": 9_007_199_254_740_993u64,
+                "negative": -12,
+                "empty": {}
+            })
+            .into(),
+        ),
         ..ok_step(StepKey::Analysis, attempt)
     }
 }
@@ -377,7 +380,7 @@ async fn nul_characters_never_break_a_write(store: Arc<dyn Store>) {
     let step = Step {
         content: Some("x\u{0}y".into()),
         error: Some("e\u{0}".into()),
-        data: Some(json!({"s": "\u{0}"})),
+        data: Some(json!({"s": "\u{0}"}).into()),
         ..ok_step(StepKey::Panel(0), 1)
     };
     assert!(store.save_step(&lease, &step).await.unwrap());
@@ -389,7 +392,7 @@ async fn nul_characters_never_break_a_write(store: Arc<dyn Store>) {
     );
     assert!(
         store
-            .complete(&lease, None, &json!({"c": "\u{0}"}), NOW)
+            .complete(&lease, None, &json!({"c": "\u{0}"}).into(), NOW)
             .await
             .unwrap()
     );
@@ -628,7 +631,12 @@ async fn heartbeat_extends_only_owned_running_jobs(store: Arc<dyn Store>) {
     // One of mine finishes, one is cancelled: neither is held any more.
     assert!(
         store
-            .complete(&lease_of(&mine[0]), None, &json!({"ok": 1}), NOW + 1_000)
+            .complete(
+                &lease_of(&mine[0]),
+                None,
+                &json!({"ok": 1}).into(),
+                NOW + 1_000
+            )
             .await
             .unwrap()
     );
@@ -743,7 +751,7 @@ async fn stale_worker_is_fenced_out(store: Arc<dyn Store>) {
     );
     assert!(
         !store
-            .complete(&old, None, &json!({"stale": true}), t)
+            .complete(&old, None, &json!({"stale": true}).into(), t)
             .await
             .unwrap()
     );
@@ -784,7 +792,12 @@ async fn stale_worker_is_fenced_out(store: Arc<dyn Store>) {
                 .await
                 .unwrap()
         );
-        assert!(!store.complete(lease, None, &json!({}), t).await.unwrap());
+        assert!(
+            !store
+                .complete(lease, None, &json!({}).into(), t)
+                .await
+                .unwrap()
+        );
         assert!(!store.release(lease).await.unwrap());
     }
     assert_eq!(get(&store, id).await, job_before);
@@ -793,7 +806,12 @@ async fn stale_worker_is_fenced_out(store: Arc<dyn Store>) {
     let step = ok_step(StepKey::Panel(1), 2);
     assert!(store.save_step(&new, &step).await.unwrap());
     let result = json!({"id": "chatcmpl-1", "choices": [{"message": {"content": "hi"}}]});
-    assert!(store.complete(&new, None, &result, t).await.unwrap());
+    assert!(
+        store
+            .complete(&new, None, &result.clone().into(), t)
+            .await
+            .unwrap()
+    );
     assert_eq!(
         get(&store, id).await,
         Job {
@@ -832,7 +850,7 @@ async fn save_step_round_trip_order_and_no_overwrite(store: Arc<dyn Store>) {
         Step {
             // Empty-but-present values must not turn into NULLs.
             content: Some(String::new()),
-            data: Some(json!([])),
+            data: Some(json!([]).into()),
             ..ok_step(StepKey::Panel(3), 1)
         },
     ];
@@ -993,7 +1011,12 @@ async fn cancel_outcomes(store: Arc<dyn Store>) {
             .await
             .unwrap()
     );
-    assert!(!store.complete(&lease, None, &json!({}), t).await.unwrap());
+    assert!(
+        !store
+            .complete(&lease, None, &json!({}).into(), t)
+            .await
+            .unwrap()
+    );
     assert!(!store.fail(&lease, "x", "x", t).await.unwrap());
     assert!(!store.retry_later(&lease, t, "x", "x").await.unwrap());
     assert!(!store.release(&lease).await.unwrap());
@@ -1011,7 +1034,7 @@ async fn cancel_outcomes(store: Arc<dyn Store>) {
     let done_lease = lease_of(&claim_one(&store, "w", NOW).await);
     assert!(
         store
-            .complete(&done_lease, None, &json!({"a": 1}), t)
+            .complete(&done_lease, None, &json!({"a": 1}).into(), t)
             .await
             .unwrap()
     );
@@ -1110,7 +1133,7 @@ async fn retry_failed_keeps_ok_steps(store: Arc<dyn Store>) {
     }
     assert!(
         store
-            .complete(&lease2, None, &json!({}), t + 1)
+            .complete(&lease2, None, &json!({}).into(), t + 1)
             .await
             .unwrap()
     );
@@ -1227,7 +1250,7 @@ async fn list_jobs_order_filter_paging(store: Arc<dyn Store>) {
     assert_eq!(running, vec![ids[1], ids[3], ids[5]]);
     assert!(
         store
-            .complete(&lease_of(&claimed[0]), None, &json!({}), NOW)
+            .complete(&lease_of(&claimed[0]), None, &json!({}).into(), NOW)
             .await
             .unwrap()
     );
@@ -1315,7 +1338,7 @@ async fn complete_fail_and_retry_later_outcomes(store: Arc<dyn Store>) {
     let done_at = retry_at + 2_000;
     assert!(
         store
-            .complete(&lease2, None, &result, done_at)
+            .complete(&lease2, None, &result.clone().into(), done_at)
             .await
             .unwrap()
     );
@@ -1336,7 +1359,7 @@ async fn complete_fail_and_retry_later_outcomes(store: Arc<dyn Store>) {
     // Written once: a repeat is fenced (the job is no longer running).
     assert!(
         !store
-            .complete(&lease2, None, &json!({"again": true}), done_at + 1)
+            .complete(&lease2, None, &json!({"again": true}).into(), done_at + 1)
             .await
             .unwrap()
     );
@@ -1375,7 +1398,7 @@ async fn complete_fail_and_retry_later_outcomes(store: Arc<dyn Store>) {
     );
     assert!(
         !store
-            .complete(&lease_of(&running), None, &json!({}), failed_at + 1)
+            .complete(&lease_of(&running), None, &json!({}).into(), failed_at + 1)
             .await
             .unwrap()
     );
@@ -1417,7 +1440,7 @@ async fn checkpoints_do_not_wake_workers(store: Arc<dyn Store>) {
     }
     assert!(
         store
-            .complete(&lease, None, &json!({"ok": true}), NOW)
+            .complete(&lease, None, &json!({"ok": true}).into(), NOW)
             .await
             .unwrap()
     );
@@ -1456,6 +1479,7 @@ async fn concurrent_writes_each_get_their_own_result(store: Arc<dyn Store>) {
         failed_step(StepKey::Panel(1), 1),
     );
     let result = json!({"x": 1});
+    let result_text = JsonText::from(result.clone());
 
     let (enq_c, enq_d1, enq_d2, step_a, step_b_stale, step_b, done_a_stale, fail_b_stale) = tokio::join!(
         store.enqueue(c.clone(), None),
@@ -1464,7 +1488,7 @@ async fn concurrent_writes_each_get_their_own_result(store: Arc<dyn Store>) {
         store.save_step(&la, &panel0),
         store.save_step(&stale_b, &panel0),
         store.save_step(&lb, &panel1_failed),
-        store.complete(&stale_a, None, &result, NOW),
+        store.complete(&stale_a, None, &result_text, NOW),
         store.fail(&stale_b, "boom", "stale worker", NOW),
     );
     match enq_c.unwrap() {
@@ -1500,8 +1524,9 @@ async fn concurrent_writes_each_get_their_own_result(store: Arc<dyn Store>) {
 
     // The true holders finish both jobs, again at once.
     let answer = json!({"answer": "a"});
+    let answer_text = JsonText::from(answer.clone());
     let (done_a, fail_b) = tokio::join!(
-        store.complete(&la, None, &answer, NOW + 5),
+        store.complete(&la, None, &answer_text, NOW + 5),
         store.fail(&lb, "insufficient_quorum", "0 of 3 answered", NOW + 6),
     );
     assert!(done_a.unwrap() && fail_b.unwrap());
@@ -1560,7 +1585,7 @@ async fn a_failed_write_leaves_its_batch_and_the_store_working(store: Arc<dyn St
     // The store still writes: an outcome, a new job.
     assert!(
         store
-            .complete(&lease, None, &json!({"x": 1}), NOW)
+            .complete(&lease, None, &json!({"x": 1}).into(), NOW)
             .await
             .unwrap()
     );
@@ -1580,9 +1605,10 @@ async fn every_finish_is_announced(store: Arc<dyn Store>) {
     assert_eq!(claimed.len(), 4);
     let leases: Vec<Lease> = claimed.iter().map(lease_of).collect();
     let result = json!({"ok": true});
+    let result_text = JsonText::from(result.clone());
     let (a, b, c) = tokio::join!(
-        store.complete(&leases[0], None, &result, NOW),
-        store.complete(&leases[1], None, &result, NOW),
+        store.complete(&leases[0], None, &result_text, NOW),
+        store.complete(&leases[1], None, &result_text, NOW),
         store.fail(&leases[2], "upstream_error", "gone", NOW),
     );
     assert!(a.unwrap() && b.unwrap() && c.unwrap());
@@ -1728,7 +1754,7 @@ async fn the_last_step_lands_with_the_outcome(store: Arc<dyn Store>) {
     let result = json!({"choices": [{"message": {"content": "done"}}]});
     assert!(
         store
-            .complete(&lease, Some(&last), &result, NOW + 10)
+            .complete(&lease, Some(&last), &result.clone().into(), NOW + 10)
             .await
             .unwrap()
     );
@@ -1763,7 +1789,7 @@ async fn the_last_step_lands_with_the_outcome(store: Arc<dyn Store>) {
     let other = ok_step(StepKey::Analysis, 1);
     assert!(
         !store
-            .complete(&lease, Some(&other), &json!({}), NOW + 20)
+            .complete(&lease, Some(&other), &json!({}).into(), NOW + 20)
             .await
             .unwrap()
     );
@@ -1776,7 +1802,12 @@ async fn the_last_step_lands_with_the_outcome(store: Arc<dyn Store>) {
     let steps_before = store.get_steps(old.job_id).await.unwrap();
     assert!(
         !store
-            .complete(&old, Some(&ok_step(StepKey::Final, 1)), &json!({}), NOW)
+            .complete(
+                &old,
+                Some(&ok_step(StepKey::Final, 1)),
+                &json!({}).into(),
+                NOW
+            )
             .await
             .unwrap()
     );

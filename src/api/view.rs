@@ -3,7 +3,7 @@
 
 use serde_json::{Value, json};
 
-use crate::job::{Job, Step, StepKey, Usage};
+use crate::job::{Job, JsonText, Step, StepKey, Usage};
 
 fn secs(ms: Option<i64>) -> Value {
     ms.map_or(Value::Null, |ms| json!(ms / 1000))
@@ -74,7 +74,7 @@ pub fn full(job: &Job, steps: &[Step]) -> Value {
         "analysis".into(),
         analysis
             .filter(|s| s.ok)
-            .and_then(|s| s.data.clone())
+            .and_then(|s| s.data.as_ref().map(JsonText::to_value))
             .unwrap_or(Value::Null),
     );
     obj.insert(

@@ -5,6 +5,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
 use crate::config::AnalysisLimits;
+use crate::job::JsonText;
 use crate::upstream::StructuredOutput;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -110,33 +111,34 @@ pub fn response_format(mode: StructuredOutput, limits: &AnalysisLimits) -> Optio
     }
 }
 
-/// The schema and the response formats for one set of limits, built once: every analysis call
-/// of a process sends the same ones, and building them is most of what an analysis request
-/// costs to assemble.
+/// The schema and the response formats for one set of limits, built and rendered to text once:
+/// every analysis call of a process sends the same ones, and building them (or walking their
+/// trees to write them) was most of what an analysis request cost to assemble.
 #[derive(Debug, Clone)]
 pub struct Formats {
     pub limits: AnalysisLimits,
-    schema: Value,
-    json_schema: Option<Value>,
-    json_object: Option<Value>,
+    schema: String,
+    json_schema: Option<JsonText>,
+    json_object: Option<JsonText>,
 }
 
 impl Formats {
     pub fn new(limits: AnalysisLimits) -> Formats {
         Formats {
             limits,
-            schema: schema(&limits),
-            json_schema: response_format(StructuredOutput::JsonSchema, &limits),
-            json_object: response_format(StructuredOutput::JsonObject, &limits),
+            schema: schema(&limits).to_string(),
+            json_schema: response_format(StructuredOutput::JsonSchema, &limits).map(JsonText::from),
+            json_object: response_format(StructuredOutput::JsonObject, &limits).map(JsonText::from),
         }
     }
 
-    pub fn schema(&self) -> &Value {
+    /// The schema as JSON text, for a prompt.
+    pub fn schema(&self) -> &str {
         &self.schema
     }
 
     /// [`response_format`] for `mode`, borrowed.
-    pub fn response_format(&self, mode: StructuredOutput) -> Option<&Value> {
+    pub fn response_format(&self, mode: StructuredOutput) -> Option<&JsonText> {
         match mode {
             StructuredOutput::JsonSchema => self.json_schema.as_ref(),
             StructuredOutput::JsonObject => self.json_object.as_ref(),

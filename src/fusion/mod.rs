@@ -15,11 +15,11 @@ use std::time::Duration;
 use async_trait::async_trait;
 use futures::StreamExt;
 use futures::stream::FuturesUnordered;
-use serde_json::{Value, json};
+use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 
 use crate::clock::SharedClock;
-use crate::job::{Job, JobSpec, Step, StepKey, Usage};
+use crate::job::{Job, JobSpec, JsonText, Step, StepKey, Usage};
 use crate::upstream::{
     CallError, CompletionRequest, ErrorKind, RetryPolicy, StructuredOutput, Upstream,
 };
@@ -41,7 +41,7 @@ pub trait Checkpoints: Send + Sync {
 pub enum Outcome {
     Succeeded {
         /// The final `chat.completion` object.
-        result: Value,
+        result: JsonText,
         /// The final step when this run called it: not checkpointed yet, so that the caller
         /// writes it in the same commit as the outcome (one commit, not two, after the last
         /// answer). `None` when an earlier attempt had checkpointed it.
@@ -137,7 +137,7 @@ impl Pipeline {
                 let analysis = s
                     .data
                     .filter(|_| s.ok)
-                    .and_then(|d| serde_json::from_value::<Analysis>(d).ok());
+                    .and_then(|d| d.read::<Analysis>().ok());
                 (s.usage, analysis)
             }
             None => {
@@ -205,27 +205,35 @@ impl Pipeline {
             usage.add(&s.usage);
         }
         usage.add(&analysis_usage);
-        let finish_reason = final_step
+        let finished = final_step
             .data
             .as_ref()
-            .and_then(|d| d.get("finish_reason"))
-            .cloned()
-            .unwrap_or(json!("stop"));
-        let result = json!({
-            "id": format!("fusion-{}", job.id),
-            "object": "chat.completion",
-            "created": self.clock.now_ms() / 1000,
-            "model": spec.model,
-            "choices": [{
-                "index": 0,
-                "message": {"role": "assistant", "content": final_step.content},
-                "finish_reason": finish_reason,
+            .and_then(|d| d.read::<Finished>().ok());
+        let result = ChatCompletion {
+            id: format!("fusion-{}", job.id),
+            object: "chat.completion",
+            created: self.clock.now_ms() / 1000,
+            model: &spec.model,
+            choices: [Choice {
+                index: 0,
+                message: Message {
+                    role: "assistant",
+                    content: final_step.content.as_deref(),
+                },
+                finish_reason: finished.as_ref().map_or("stop", |f| &f.finish_reason),
             }],
-            "usage": usage,
-        });
-        Outcome::Succeeded {
-            result,
-            last_step: unsaved.then_some(final_step),
+            usage: &usage,
+        };
+        match JsonText::of(&result) {
+            Ok(result) => Outcome::Succeeded {
+                result,
+                last_step: unsaved.then_some(final_step),
+            },
+            // Strings and numbers always serialize; kept an outcome rather than a panic.
+            Err(e) => Outcome::Failed {
+                reason: "internal_error".into(),
+                error: format!("the result could not be serialized: {e}"),
+            },
         }
     }
 
@@ -346,7 +354,7 @@ impl Pipeline {
                         Ok(a) => {
                             let step = Step {
                                 ok: true,
-                                data: serde_json::to_value(&a).ok(),
+                                data: JsonText::of(&a).ok(),
                                 usage,
                                 latency_ms,
                                 ..self.failed_step(StepKey::Analysis, &spec.analyst, attempt)
@@ -404,7 +412,9 @@ impl Pipeline {
                 Step {
                     ok: true,
                     content: Some(c.content),
-                    data: c.finish_reason.map(|f| json!({ "finish_reason": f })),
+                    data: c
+                        .finish_reason
+                        .and_then(|finish_reason| JsonText::of(&Finished { finish_reason }).ok()),
                     usage: c.usage,
                     latency_ms: c.latency_ms,
                     ..self.failed_step(key, model, attempt)
@@ -441,6 +451,36 @@ impl Pipeline {
             created_at: self.clock.now_ms(),
         }
     }
+}
+
+/// The data of a step whose call answered: why the model stopped.
+#[derive(Serialize, Deserialize)]
+struct Finished {
+    finish_reason: String,
+}
+
+/// A job's result: the `chat.completion` object an OpenAI client expects, fields in its order.
+#[derive(Serialize)]
+struct ChatCompletion<'a> {
+    id: String,
+    object: &'static str,
+    created: i64,
+    model: &'a str,
+    choices: [Choice<'a>; 1],
+    usage: &'a Usage,
+}
+
+#[derive(Serialize)]
+struct Choice<'a> {
+    index: u32,
+    message: Message<'a>,
+    finish_reason: &'a str,
+}
+
+#[derive(Serialize)]
+struct Message<'a> {
+    role: &'static str,
+    content: Option<&'a str>,
 }
 
 /// The job's failure when too few panel members answered.

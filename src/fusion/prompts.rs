@@ -56,7 +56,7 @@ no response addressed). Name models exactly as given. Be concise. Reply with the
 pub fn analysis_messages(
     messages: &[Value],
     answers: &[PanelAnswer<'_>],
-    schema: Option<&Value>,
+    schema: Option<&str>,
 ) -> Vec<Value> {
     let system = match schema {
         Some(s) => {

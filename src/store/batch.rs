@@ -10,11 +10,10 @@ use std::collections::HashSet;
 use std::sync::Arc;
 
 use async_trait::async_trait;
-use serde_json::Value;
 use tokio::sync::{Mutex, mpsc, oneshot};
 
 use super::{Result, StoreError};
-use crate::job::{JobStatus, Lease, NewJob, StartHere, Step};
+use crate::job::{JobStatus, JsonText, Lease, NewJob, StartHere, Step};
 
 /// The most queued groups (a write, or a job's last checkpoint and outcome) one batch takes;
 /// more wait for the next.
@@ -39,14 +38,14 @@ pub(super) struct Finish {
     pub lease: Lease,
     /// `Succeeded` (with `result`) or `Failed` (with `reason` and `error`).
     pub status: JobStatus,
-    pub result: Option<Value>,
+    pub result: Option<JsonText>,
     pub reason: Option<String>,
     pub error: Option<String>,
     pub now: i64,
 }
 
 impl Finish {
-    pub fn succeeded(lease: &Lease, result: Value, now: i64) -> Finish {
+    pub fn succeeded(lease: &Lease, result: JsonText, now: i64) -> Finish {
         Finish {
             lease: lease.clone(),
             status: JobStatus::Succeeded,

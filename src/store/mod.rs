@@ -26,11 +26,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use serde_json::Value;
 use tokio::sync::{Notify, broadcast};
 use uuid::Uuid;
 
-use crate::job::{Job, JobStatus, Lease, ListFilter, NewJob, StartHere, Step, StepKey};
+use crate::job::{Job, JobStatus, JsonText, Lease, ListFilter, NewJob, StartHere, Step, StepKey};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -138,7 +137,7 @@ pub trait Store: Send + Sync + 'static {
         &self,
         lease: &Lease,
         last: Option<&Step>,
-        result: &Value,
+        result: &JsonText,
         now: i64,
     ) -> Result<bool>;
     async fn fail(&self, lease: &Lease, reason: &str, error: &str, now: i64) -> Result<bool>;

@@ -10,7 +10,7 @@ use sqlx::types::Json;
 use uuid::Uuid;
 
 use super::batch::{BatchSql, Finish, Write, which_took};
-use crate::job::{JobSpec, Lease, NewJob, StartHere, Step};
+use crate::job::{JobSpec, JsonText, Lease, NewJob, StartHere, Step};
 
 pub(super) struct PgBatch(pub PgPool);
 
@@ -172,7 +172,7 @@ struct Steps<'a> {
     model: Vec<&'a str>,
     ok: Vec<bool>,
     content: Vec<Option<&'a str>>,
-    data: Vec<Option<Json<&'a Value>>>,
+    data: Vec<Option<Json<&'a JsonText>>>,
     prompt_tokens: Vec<i64>,
     completion_tokens: Vec<i64>,
     cost: Vec<f64>,
@@ -214,7 +214,7 @@ struct Finishes<'a> {
     attempt: Vec<i32>,
     owner: Vec<&'a str>,
     status: Vec<&'static str>,
-    result: Vec<Option<Json<&'a Value>>>,
+    result: Vec<Option<Json<&'a JsonText>>>,
     reason: Vec<Option<&'a str>>,
     error: Vec<Option<&'a str>>,
     finished_at: Vec<i64>,

@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use serde_json::Value;
+use serde_json::value::RawValue;
 use sqlx::Row;
 use sqlx::postgres::{PgListener, PgPool, PgPoolOptions, PgRow};
 use sqlx::types::Json;
@@ -20,7 +21,9 @@ use super::{
     CancelOutcome, Claimed, EVENT_BACKLOG, Enqueued, Held, JobEvent, Result, RetryOutcome, Store,
     StoreError, ms, status_from_db,
 };
-use crate::job::{Job, JobStatus, Lease, ListFilter, NewJob, StartHere, Step, StepKey, Usage};
+use crate::job::{
+    Job, JobStatus, JsonText, Lease, ListFilter, NewJob, StartHere, Step, StepKey, Usage,
+};
 
 /// Take the next `$4` runnable queued jobs, in priority then `run_at` order, under a lease.
 /// `fusion_claimable` (migration 0006) chooses them by an ordered walk of `jobs_claimable` that
@@ -114,7 +117,7 @@ fn step_write(lease: &Lease, step: &Step) -> Write {
             *text = scrubbed;
         }
     }
-    clean.data = clean.data.map(no_nul_json);
+    clean.data = clean.data.map(no_nul_text);
     Write::Step {
         lease: lease.clone(),
         step: clean,
@@ -369,10 +372,10 @@ impl Store for PgStore {
         &self,
         lease: &Lease,
         last: Option<&Step>,
-        result: &Value,
+        result: &JsonText,
         now: i64,
     ) -> Result<bool> {
-        let finish = Finish::succeeded(lease, no_nul_json(result.clone()), now);
+        let finish = Finish::succeeded(lease, no_nul_text(result.clone()), now);
         let step = last.map(|s| step_write(lease, s));
         let (stepped, done) = self.writes.finish_with_step(step, finish).await?;
         if let Some(step) = last.filter(|_| stepped) {
@@ -442,6 +445,16 @@ fn no_nul(s: &str) -> Cow<'_, str> {
     }
 }
 
+/// JSON text holds a NUL only as the escape `\u0000` (and may hold that text escaped, which
+/// parsing tells apart): only then is it parsed and scrubbed.
+fn no_nul_text(text: JsonText) -> JsonText {
+    if text.as_str().contains("\\u0000") {
+        JsonText::from(no_nul_json(text.to_value()))
+    } else {
+        text
+    }
+}
+
 fn no_nul_json(mut v: Value) -> Value {
     if has_nul(&v) {
         scrub_nul(&mut v);
@@ -504,7 +517,7 @@ fn job_from_row(r: &PgRow) -> Result<Job> {
 
 fn step_from_row(r: &PgRow) -> Result<Step> {
     let key: String = r.try_get("step")?;
-    let data: Option<Json<Value>> = r.try_get("data")?;
+    let data: Option<Json<Box<RawValue>>> = r.try_get("data")?;
     let prompt_tokens: i64 = r.try_get("prompt_tokens")?;
     let completion_tokens: i64 = r.try_get("completion_tokens")?;
     Ok(Step {
@@ -513,7 +526,7 @@ fn step_from_row(r: &PgRow) -> Result<Step> {
         model: r.try_get("model")?,
         ok: r.try_get("ok")?,
         content: r.try_get("content")?,
-        data: data.map(|j| j.0),
+        data: data.map(|j| JsonText::from(j.0)),
         usage: Usage {
             prompt_tokens,
             completion_tokens,
@@ -533,6 +546,19 @@ fn step_from_row(r: &PgRow) -> Result<Step> {
 mod tests {
     use super::*;
     use sqlx::{Connection, PgConnection};
+
+    #[test]
+    fn json_text_is_scrubbed_only_of_real_nuls() {
+        let nul = JsonText::from(serde_json::json!({"a\u{0}": ["x\u{0}y", 1]}));
+        assert_eq!(
+            no_nul_text(nul).to_value(),
+            serde_json::json!({"a\u{FFFD}": ["x\u{FFFD}y", 1]})
+        );
+        // A backslash followed by `u0000` is text, not a NUL: kept as it was.
+        let lookalike = JsonText::parse(r#"{"k":"\\u0000"}"#.into()).unwrap();
+        assert_eq!(lookalike.to_value()["k"], "\\u0000");
+        assert_eq!(no_nul_text(lookalike.clone()), lookalike);
+    }
 
     /// Every node of `plan` (`EXPLAIN (ANALYZE, FORMAT JSON)`), with its children.
     fn nodes(plan: &Value) -> Vec<&Value> {

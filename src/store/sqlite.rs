@@ -23,7 +23,9 @@ use super::{
     CancelOutcome, Claimed, EVENT_BACKLOG, Enqueued, Held, JobEvent, Result, RetryOutcome, Store,
     StoreError, ms, status_from_db,
 };
-use crate::job::{Job, JobStatus, Lease, ListFilter, NewJob, StartHere, Step, StepKey, Usage};
+use crate::job::{
+    Job, JobStatus, JsonText, Lease, ListFilter, NewJob, StartHere, Step, StepKey, Usage,
+};
 
 /// Rows buffered between SQLite's thread and the caller: more than the largest batch returns.
 const ROW_BUFFER: usize = 4096;
@@ -401,7 +403,7 @@ impl Store for SqliteStore {
         &self,
         lease: &Lease,
         last: Option<&Step>,
-        result: &Value,
+        result: &JsonText,
         now: i64,
     ) -> Result<bool> {
         let step = last.map(|step| Write::Step {
@@ -511,7 +513,10 @@ fn step_from_row(r: &SqliteRow) -> Result<Step> {
         model: r.try_get("model")?,
         ok: r.try_get("ok")?,
         content: r.try_get("content")?,
-        data: data.as_deref().map(parse_json).transpose()?,
+        data: data
+            .map(JsonText::parse)
+            .transpose()
+            .map_err(|e| StoreError::Corrupt(format!("bad step data: {e}")))?,
         usage: Usage {
             prompt_tokens,
             completion_tokens,

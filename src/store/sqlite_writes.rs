@@ -4,12 +4,11 @@
 //! parsing the row again) — so a batch costs one hop to SQLite's thread, not one per write.
 
 use async_trait::async_trait;
-use serde_json::Value;
 use sqlx::Row;
 use sqlx::sqlite::SqlitePool;
 
 use super::batch::{BatchSql, Write, which_took};
-use crate::job::JobStatus;
+use crate::job::{JobStatus, JsonText};
 
 pub(super) struct SqliteBatch(pub SqlitePool);
 
@@ -89,7 +88,7 @@ impl BatchSql for SqliteBatch {
                     &step.model,
                     i64::from(step.ok),
                     &step.content,
-                    step.data.as_ref().map(Value::to_string),
+                    step.data.as_ref().map(JsonText::as_str),
                     step.usage.prompt_tokens,
                     step.usage.completion_tokens,
                     step.usage.cost,
@@ -109,7 +108,7 @@ impl BatchSql for SqliteBatch {
                     f.result
                         .as_ref()
                         .filter(|_| f.status == JobStatus::Succeeded)
-                        .map(Value::to_string),
+                        .map(JsonText::as_str),
                     &f.reason,
                     &f.error,
                     f.now,

@@ -20,7 +20,7 @@ use serde::Deserialize;
 use serde::ser::{Serialize, SerializeMap, Serializer};
 use serde_json::{Value, json};
 
-use crate::job::Usage;
+use crate::job::{JsonText, Usage};
 
 /// A provider key, kept out of `Debug` and logs.
 #[derive(Clone)]
@@ -119,7 +119,7 @@ pub struct CompletionRequest<'a> {
     pub messages: Cow<'a, [Value]>,
     pub temperature: Option<f64>,
     pub max_completion_tokens: Option<u32>,
-    pub response_format: Option<&'a Value>,
+    pub response_format: Option<&'a JsonText>,
 }
 
 /// A successful completion.

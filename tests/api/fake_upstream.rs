@@ -52,6 +52,8 @@ pub enum Reply {
     Ok,
     /// This exact content.
     Text(String),
+    /// This content, cut at the token limit (`finish_reason: "length"`).
+    Cut(String),
     /// Wait, then answer as the inner reply.
     Delay(u64, Box<Reply>),
     /// An HTTP error status with an OpenAI-style body.
@@ -343,9 +345,10 @@ async fn respond(reply: Reply, model: &str, kind: Kind) -> Response {
                     Kind::Analysis => VALID_ANALYSIS.to_string(),
                     Kind::Final => "the fused final answer".to_string(),
                 };
-                return completion(model, &text);
+                return completion(model, &text, "stop");
             }
-            Reply::Text(text) => return completion(model, &text),
+            Reply::Text(text) => return completion(model, &text, "stop"),
+            Reply::Cut(text) => return completion(model, &text, "length"),
             Reply::ToolCall(name, args) => {
                 let message = json!({"role": "assistant", "content": null, "tool_calls": [{
                     "id": "call_1", "type": "function",
@@ -362,14 +365,14 @@ async fn respond(reply: Reply, model: &str, kind: Kind) -> Response {
     }
 }
 
-fn completion(model: &str, content: &str) -> Response {
+fn completion(model: &str, content: &str, finish_reason: &str) -> Response {
     Json(json!({
         "id": "chatcmpl-fake",
         "object": "chat.completion",
         "created": 0,
         "model": model,
         "choices": [{"index": 0, "message": {"role": "assistant", "content": content},
-                     "finish_reason": "stop"}],
+                     "finish_reason": finish_reason}],
         "usage": {"prompt_tokens": 10, "completion_tokens": 5, "total_tokens": 15, "cost": 0.001},
     }))
     .into_response()

@@ -1,6 +1,7 @@
 //! Checkpoint writes off the critical path: the pipeline runs against the fake upstream with a
 //! checkpoint sink whose writes are slow (or fail), and the test reads when each call started
-//! (the fake's clock) against when each write started and landed (the sink's).
+//! (the fake's clock) against when each write started and landed (the sink's). Also what a run
+//! hands back: its result, and checkpoints a later attempt resumes from.
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -189,4 +190,66 @@ async fn a_failed_checkpoint_abandons_the_call_under_way() {
     assert_eq!(fake.aborted("judge", Kind::Analysis), 1);
     assert!(sink.writes("analysis").is_empty() && sink.writes("final").is_empty());
     assert_eq!(fake.calls("judge", Kind::Final), 0);
+}
+
+/// Keeps a copy of every step it is given.
+#[derive(Default)]
+struct KeepSink(Mutex<Vec<Step>>);
+
+#[async_trait]
+impl Checkpoints for KeepSink {
+    async fn save(&self, step: &Step) -> Result<(), Lost> {
+        self.0.lock().unwrap().push(step.clone());
+        Ok(())
+    }
+}
+
+#[tokio::test]
+async fn the_result_says_why_the_answer_ended_and_a_resumed_run_says_it_again() {
+    let fake = FakeUpstream::start().await;
+    fake.script("judge", Kind::Final, vec![Reply::Cut("half an ans".into())]);
+    let job = job();
+    let sink = KeepSink::default();
+    let cancel = CancellationToken::new();
+    let outcome = pipeline(&fake).run(&job, Vec::new(), &sink, &cancel).await;
+    let Outcome::Succeeded {
+        result,
+        last_step: Some(last),
+    } = outcome
+    else {
+        panic!("expected a success carrying its final step: {outcome:?}");
+    };
+    let result = result.to_value();
+    assert_eq!(result["id"], format!("fusion-{}", job.id));
+    assert_eq!(result["object"], "chat.completion");
+    assert_eq!(result["model"], "fusion");
+    assert_eq!(
+        result["choices"][0]["message"],
+        json!({"role": "assistant", "content": "half an ans"})
+    );
+    assert_eq!(result["choices"][0]["finish_reason"], "length");
+    assert_eq!(result["usage"]["total_tokens"], 60);
+
+    // The checkpoints hold what a later attempt builds on: the analysis, and why the answer ended.
+    let mut done = sink.0.lock().unwrap().clone();
+    let analysis = done.iter().find(|s| s.key == StepKey::Analysis).unwrap();
+    let analysis = analysis.data.as_ref().unwrap().to_value();
+    assert_eq!(analysis["blind_spots"], json!(["other planets"]));
+    done.push(last);
+    let again = pipeline(&fake)
+        .run(&job, done, &KeepSink::default(), &cancel)
+        .await;
+    let Outcome::Succeeded {
+        result: again,
+        last_step: None,
+    } = again
+    else {
+        panic!("expected a success from the checkpoints alone: {again:?}");
+    };
+    assert_eq!(again.to_value()["choices"], result["choices"]);
+    assert_eq!(
+        fake.starts("judge", Kind::Final).len(),
+        1,
+        "no call was made again"
+    );
 }
