@@ -547,6 +547,57 @@ mod tests {
     use super::*;
     use sqlx::{Connection, PgConnection};
 
+    use crate::testing::ScratchDatabase;
+
+    /// A scratch database (dropped with the first element) with the migrations applied, a
+    /// store on it and a plain connection; `None` when no test database is configured.
+    async fn migrated(prefix: &str) -> Option<(ScratchDatabase, PgStore, PgConnection)> {
+        let database = ScratchDatabase::from_env(prefix).await?;
+        let store = PgStore::connect(&database.url).await.unwrap();
+        store.migrate().await.unwrap();
+        let conn = PgConnection::connect(&database.url).await.unwrap();
+        Some((database, store, conn))
+    }
+
+    #[tokio::test]
+    async fn deleting_jobs_deletes_their_steps_without_a_foreign_key() {
+        let Some((_database, store, mut conn)) = migrated("fusion_steps").await else {
+            return;
+        };
+        let keys: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM pg_constraint WHERE conrelid = 'steps'::regclass \
+             AND contype = 'f'",
+        )
+        .fetch_one(&mut conn)
+        .await
+        .unwrap();
+        assert_eq!(keys, 0, "a checkpoint pays for no foreign-key check");
+        sqlx::raw_sql(
+            "INSERT INTO jobs (id, status, spec, metadata, max_attempts, run_at, created_at) \
+             SELECT ('00000000-0000-0000-0000-00000000000' || g)::uuid, 'succeeded', '{}', '{}', \
+                    3, 0, 0 \
+             FROM generate_series(1, 3) g; \
+             INSERT INTO steps (job_id, step, model, ok, prompt_tokens, completion_tokens, cost, \
+                                latency_ms, attempt, created_at) \
+             SELECT id, s, 'm', true, 0, 0, 0, 0, 1, 0 FROM jobs, \
+                    unnest(ARRAY['panel:0', 'analysis', 'final']) s; \
+             DELETE FROM jobs WHERE id <> '00000000-0000-0000-0000-000000000002'",
+        )
+        .execute(&mut conn)
+        .await
+        .unwrap();
+        let left: Vec<(String,)> =
+            sqlx::query_as("SELECT DISTINCT job_id::text FROM steps ORDER BY 1")
+                .fetch_all(&mut conn)
+                .await
+                .unwrap();
+        assert_eq!(
+            left,
+            [("00000000-0000-0000-0000-000000000002".to_string(),)]
+        );
+        drop((conn, store));
+    }
+
     #[test]
     fn json_text_is_scrubbed_only_of_real_nuls() {
         let nul = JsonText::from(serde_json::json!({"a\u{0}": ["x\u{0}y", 1]}));
@@ -575,13 +626,9 @@ mod tests {
     // sorted all 10,000 for a claim of 50.
     #[tokio::test]
     async fn a_claim_reads_what_it_claims_not_the_backlog() {
-        let Some(database) = crate::testing::ScratchDatabase::from_env("fusion_claim").await else {
+        let Some((_database, store, mut conn)) = migrated("fusion_claim").await else {
             return;
         };
-        let url = &database.url;
-        let store = PgStore::connect(url).await.unwrap();
-        store.migrate().await.unwrap();
-        let mut conn = PgConnection::connect(url).await.unwrap();
         sqlx::raw_sql(
             "INSERT INTO jobs (id, status, spec, metadata, priority, max_attempts, run_at, \
                                created_at) \

@@ -595,6 +595,28 @@ mod tests {
     // A page of the job list seeks to its cursor, in a status or not, rather than scanning every
     // job newer than the cursor (or all of them, for a rare status).
     #[tokio::test]
+    async fn deleting_jobs_deletes_their_steps() {
+        let (_dir, store) = migrated_store().await;
+        sqlx::raw_sql(
+            "INSERT INTO jobs (id, status, spec, metadata, max_attempts, run_at, created_at) \
+             VALUES ('j1', 'succeeded', '{}', '{}', 3, 0, 0), \
+                    ('j2', 'succeeded', '{}', '{}', 3, 0, 0); \
+             INSERT INTO steps (job_id, step, model, ok, prompt_tokens, completion_tokens, cost, \
+                                latency_ms, attempt, created_at) \
+             SELECT id, 'final', 'm', 1, 0, 0, 0, 0, 1, 0 FROM jobs; \
+             DELETE FROM jobs WHERE id = 'j1'",
+        )
+        .execute(&store.writer)
+        .await
+        .unwrap();
+        let left: Vec<String> = sqlx::query_scalar("SELECT job_id FROM steps")
+            .fetch_all(&store.pool)
+            .await
+            .unwrap();
+        assert_eq!(left, ["j2"]);
+    }
+
+    #[tokio::test]
     async fn a_page_of_the_job_list_seeks_to_its_cursor() {
         let (_dir, store) = migrated_store().await;
         let all = query_plan(&store.pool, LIST_SQL).await;
