@@ -52,9 +52,6 @@ pub struct PgStore {
     events: broadcast::Sender<JobEvent>,
 }
 
-/// Batch committers: enough to overlap round trips, few enough to leave the pool to others.
-const COMMITTERS: usize = 4;
-
 /// NOTIFY channel: a job became queued.
 const JOBS_CHANNEL: &str = "fusion_jobs";
 /// NOTIFY channel: a job finished (payload: see `JobEvent::from_payload`).
@@ -71,7 +68,7 @@ impl PgStore {
         let events = broadcast::channel(EVENT_BACKLOG).0;
         tokio::spawn(listen(pool.clone(), wakeups.clone(), events.clone()));
         Ok(PgStore {
-            writes: Batcher::start(PgBatch(pool.clone()), COMMITTERS),
+            writes: Batcher::start(PgBatch(pool.clone())),
             pool,
             wakeups,
             events,

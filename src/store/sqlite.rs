@@ -115,7 +115,7 @@ impl SqliteStore {
             .await?;
         Ok(SqliteStore {
             pool,
-            writes: Batcher::start(SqliteBatch(writer.clone()), 1),
+            writes: Batcher::start(SqliteBatch(writer.clone())),
             writer,
             wakeups: Arc::new(Notify::new()),
             events: broadcast::channel(EVENT_BACKLOG).0,
