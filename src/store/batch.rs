@@ -146,10 +146,11 @@ async fn run<S: BatchSql>(sql: S, mut rx: mpsc::Receiver<Queued>) {
 /// A group's size in writes, and where its result goes.
 type Group = (usize, oneshot::Sender<Result<Vec<bool>>>);
 
-/// Write `groups`, which hold `writes` in order, and answer each. When a statement fails, its
-/// groups are halved and each half written on its own, down to single groups, which then fail
-/// alone with their own error: one bad group among `n` costs about `2 log2 n` more statements,
-/// where trying every group alone cost `n` (and no other batch is written meanwhile).
+/// Write `groups`, which hold `writes` in order, and answer each. When the database rejects a
+/// statement, its groups are halved and each half written on its own, down to single groups,
+/// which then fail alone with their own error: one bad group among `n` costs about `2 log2 n`
+/// more statements, where trying every group alone cost `n` (and no other batch is written
+/// meanwhile).
 async fn write_groups<S: BatchSql>(sql: &S, writes: &[Write], groups: Vec<Group>) {
     let mut pending = vec![(0, groups)];
     while let Some((start, mut groups)) = pending.pop() {
@@ -161,19 +162,43 @@ async fn write_groups<S: BatchSql>(sql: &S, writes: &[Write], groups: Vec<Group>
                     let _ = reply.send(Ok(done.by_ref().take(n).collect()));
                 }
             }
-            Err(_) if groups.len() > 1 => {
+            Err(e) if groups.len() > 1 && unreached(&e).is_none() => {
                 let second = groups.split_off(groups.len() / 2);
                 let first_len = groups.iter().map(|g| g.0).sum::<usize>();
                 // The first half is written first: the stack pops it next.
                 pending.push((start + first_len, second));
                 pending.push((start, groups));
             }
+            // One group left, or the database was not reached: every group gets the error.
             Err(e) => {
-                if let Some((_, reply)) = groups.pop() {
-                    let _ = reply.send(Err(e.into()));
+                let mut groups = groups.into_iter();
+                let first = groups.next();
+                for (_, other) in groups {
+                    if let Some(again) = unreached(&e) {
+                        let _ = other.send(Err(again.into()));
+                    }
+                }
+                if let Some((_, first)) = first {
+                    let _ = first.send(Err(e.into()));
                 }
             }
         }
+    }
+}
+
+/// The same error again, when it says the statement never reached the database or never came
+/// back (no connection in time, the pool closed, the connection broke): halving the batch would
+/// only meet it again, each half after the pool's wait, while every other write waits behind
+/// it. Such a failure goes to every group of the batch at once, and their callers retry.
+fn unreached(e: &sqlx::Error) -> Option<sqlx::Error> {
+    match e {
+        sqlx::Error::PoolTimedOut => Some(sqlx::Error::PoolTimedOut),
+        sqlx::Error::PoolClosed => Some(sqlx::Error::PoolClosed),
+        sqlx::Error::Io(io) => Some(sqlx::Error::Io(std::io::Error::new(
+            io.kind(),
+            io.to_string(),
+        ))),
+        _ => None,
     }
 }
 
@@ -338,5 +363,32 @@ mod tests {
         assert_eq!(slow.most.load(Ordering::SeqCst), 1);
         let batches = slow.batches.load(Ordering::SeqCst);
         assert!(batches < 64, "{batches} batches for 64 writes");
+    }
+
+    /// Fails every batch as a pool that cannot connect does, and counts them.
+    struct Down(Arc<AtomicUsize>);
+
+    #[async_trait]
+    impl BatchSql for Down {
+        async fn execute(&self, _: &[Write]) -> Result<Vec<bool>, sqlx::Error> {
+            self.0.fetch_add(1, Ordering::SeqCst);
+            Err(sqlx::Error::PoolTimedOut)
+        }
+    }
+
+    // The database out of reach: one statement, and every write of the batch gets the error at
+    // once (halving would wait out the pool's timeout 2n - 1 times).
+    #[tokio::test]
+    async fn when_the_database_is_out_of_reach_the_whole_batch_fails_at_once() {
+        let batches = Arc::new(AtomicUsize::new(0));
+        let batcher = Batcher::start(Down(batches.clone()));
+        let writes = (0..16).map(|_| batcher.write(step("a")));
+        for result in futures::future::join_all(writes).await {
+            assert!(matches!(
+                result,
+                Err(StoreError::Database(sqlx::Error::PoolTimedOut))
+            ));
+        }
+        assert_eq!(batches.load(Ordering::SeqCst), 1);
     }
 }
