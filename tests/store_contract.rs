@@ -1854,3 +1854,65 @@ async fn a_claim_says_whether_the_job_has_checkpoints(store: Arc<dyn Store>) {
     let flag = |id: Uuid| third.iter().find(|c| c.job.id == id).unwrap().checkpointed;
     assert!(flag(a.id) && !flag(b.id));
 }
+
+// ---------------------------------------------------------------------------------------------
+// Postgres only
+// ---------------------------------------------------------------------------------------------
+
+/// Postgres cut off mid-run: the store reaches it through a proxy, which is then stopped (its
+/// connections dropped, new ones refused). The writes queued meanwhile fail together within a
+/// pool timeout or two (10 s each), with the errors the API answers 503 to, rather than one
+/// timeout after another: re-running each of these 16 writes on its own took ~170 s.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_out_of_reach_fails_the_queued_writes_together() {
+    let Some(db) = PgDb::create().await else {
+        return;
+    };
+    let mut url = reqwest::Url::parse(&db._database.url).expect("database url");
+    let target = format!(
+        "{}:{}",
+        url.host_str().expect("host"),
+        url.port().unwrap_or(5432)
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    url.set_host(Some("127.0.0.1")).unwrap();
+    url.set_port(Some(listener.local_addr().unwrap().port()))
+        .unwrap();
+    let proxy = tokio::spawn(async move {
+        let mut connections = tokio::task::JoinSet::new();
+        while let Ok((mut client, _)) = listener.accept().await {
+            let target = target.clone();
+            connections.spawn(async move {
+                if let Ok(mut server) = tokio::net::TcpStream::connect(&target).await {
+                    let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
+                }
+            });
+        }
+    });
+    let store = fusion::store::connect(url.as_str())
+        .await
+        .expect("connect through the proxy");
+    enqueue(&store, new_job()).await;
+
+    proxy.abort();
+    let _ = proxy.await;
+    let started = std::time::Instant::now();
+    let writes = (0..16).map(|_| store.enqueue(new_job(), None));
+    let results = futures::future::join_all(writes).await;
+    let took = started.elapsed();
+    for result in &results {
+        assert!(
+            matches!(
+                result,
+                Err(fusion::store::StoreError::Database(
+                    sqlx::Error::PoolTimedOut | sqlx::Error::Io(_)
+                ))
+            ),
+            "{result:?}"
+        );
+    }
+    assert!(
+        took < Duration::from_secs(60),
+        "the writes failed after {took:?}"
+    );
+}
