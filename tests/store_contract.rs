@@ -349,6 +349,7 @@ contract_tests!(
     claim_order_and_limit,
     claim_race,
     heartbeat_extends_only_owned_running_jobs,
+    heartbeat_renews_only_the_jobs_named,
     lease_expiry_requeues,
     stale_worker_is_fenced_out,
     save_step_round_trip_order_and_no_overwrite,
@@ -650,7 +651,8 @@ async fn heartbeat_extends_only_owned_running_jobs(store: Arc<dyn Store>) {
 
     let beat_at = NOW + 20_000;
     let lease = Duration::from_secs(60);
-    let held = store.heartbeat("me", beat_at, lease).await.unwrap();
+    let named: Vec<Uuid> = mine.iter().map(|j| j.id).chain([theirs.id]).collect();
+    let held = store.heartbeat("me", &named, beat_at, lease).await.unwrap();
     assert_eq!(
         held,
         vec![Held {
@@ -678,7 +680,10 @@ async fn heartbeat_extends_only_owned_running_jobs(store: Arc<dyn Store>) {
     // Several held jobs: each reported once with its attempt (order is not part of the contract).
     let more = enqueue(&store, new_job()).await;
     assert_eq!(claim_one(&store, "me", NOW + 31_000).await.id, more.id);
-    let mut held = store.heartbeat("me", NOW + 32_000, lease).await.unwrap();
+    let mut held = store
+        .heartbeat("me", &[mine[2].id, more.id], NOW + 32_000, lease)
+        .await
+        .unwrap();
     held.sort_by_key(|h| h.id);
     let mut expected = vec![
         Held {
@@ -693,22 +698,63 @@ async fn heartbeat_extends_only_owned_running_jobs(store: Arc<dyn Store>) {
     expected.sort_by_key(|h| h.id);
     assert_eq!(held, expected);
     assert_eq!(
-        store.heartbeat("nobody", beat_at, lease).await.unwrap(),
+        store
+            .heartbeat("nobody", &named, beat_at, lease)
+            .await
+            .unwrap(),
         vec![]
     );
     assert_eq!(
-        store.heartbeat("them", beat_at, lease).await.unwrap(),
+        store
+            .heartbeat("them", &named, beat_at, lease)
+            .await
+            .unwrap(),
         vec![]
     );
     let reclaimed = claim_one(&store, "them", NOW + 32_000).await;
     assert_eq!(reclaimed.id, theirs.id);
     assert_eq!(
-        store.heartbeat("them", NOW + 33_000, LEASE).await.unwrap(),
+        store
+            .heartbeat("them", &[theirs.id], NOW + 33_000, LEASE)
+            .await
+            .unwrap(),
         vec![Held {
             id: theirs.id,
             attempt: 2
         }]
     );
+}
+
+/// 5b. A job its owner still holds but did not name is not renewed: a process that stopped
+/// running a job without writing its outcome lets the lease run out, and the job is rescued.
+async fn heartbeat_renews_only_the_jobs_named(store: Arc<dyn Store>) {
+    for _ in 0..2 {
+        enqueue(&store, new_job()).await;
+    }
+    let held = claim(&store, "me", 2, NOW).await;
+    assert_eq!(held.len(), 2);
+    let (named, left) = (&held[0], &held[1]);
+    let renewed = store
+        .heartbeat("me", &[named.id], NOW + 20_000, LEASE)
+        .await
+        .unwrap();
+    assert_eq!(
+        renewed,
+        vec![Held {
+            id: named.id,
+            attempt: 1
+        }]
+    );
+    let expires = |job: Job| job.lease_expires_at;
+    assert_eq!(
+        expires(get(&store, named.id).await),
+        Some(NOW + 20_000 + LEASE_MS)
+    );
+    assert_eq!(expires(get(&store, left.id).await), Some(NOW + LEASE_MS));
+    // Past the first lease only the job left out is rescued.
+    assert_eq!(store.rescue_expired(NOW + LEASE_MS + 1).await.unwrap(), 1);
+    assert_eq!(get(&store, left.id).await.status, JobStatus::Queued);
+    assert_eq!(get(&store, named.id).await.status, JobStatus::Running);
 }
 
 /// 6. An expired lease is requeued by the rescuer; the next claim is attempt 2.
@@ -724,7 +770,7 @@ async fn lease_expiry_requeues(store: Arc<dyn Store>) {
     );
     assert_eq!(
         store
-            .heartbeat("new-worker", NOW + 40_000, LEASE)
+            .heartbeat("new-worker", &[new.job_id], NOW + 40_000, LEASE)
             .await
             .unwrap(),
         vec![Held {
@@ -764,7 +810,10 @@ async fn stale_worker_is_fenced_out(store: Arc<dyn Store>) {
     );
     assert!(!store.release(&old).await.unwrap());
     assert_eq!(
-        store.heartbeat("old-worker", t, LEASE).await.unwrap(),
+        store
+            .heartbeat("old-worker", &[id], t, LEASE)
+            .await
+            .unwrap(),
         vec![]
     );
     assert_eq!(get(&store, id).await, job_before);
@@ -1020,7 +1069,13 @@ async fn cancel_outcomes(store: Arc<dyn Store>) {
     assert!(!store.fail(&lease, "x", "x", t).await.unwrap());
     assert!(!store.retry_later(&lease, t, "x", "x").await.unwrap());
     assert!(!store.release(&lease).await.unwrap());
-    assert_eq!(store.heartbeat("w", t, LEASE).await.unwrap(), vec![]);
+    assert_eq!(
+        store
+            .heartbeat("w", &[running_job.id], t, LEASE)
+            .await
+            .unwrap(),
+        vec![]
+    );
     assert_eq!(store.rescue_expired(t + 100_000).await.unwrap(), 0);
     assert_eq!(get(&store, running_job.id).await, cancelled);
     assert_eq!(store.get_steps(running_job.id).await.unwrap(), vec![]);
@@ -1168,7 +1223,10 @@ async fn release_does_not_spend_attempt(store: Arc<dyn Store>) {
     );
     // Released once: the lease is gone.
     assert!(!store.release(&lease).await.unwrap());
-    assert_eq!(store.heartbeat("w", NOW, LEASE).await.unwrap(), vec![]);
+    assert_eq!(
+        store.heartbeat("w", &[job.id], NOW, LEASE).await.unwrap(),
+        vec![]
+    );
     assert_eq!(store.get_steps(job.id).await.unwrap(), vec![step.clone()]);
 
     let again = claim_one(&store, "w2", NOW + 1).await;
@@ -1403,7 +1461,10 @@ async fn complete_fail_and_retry_later_outcomes(store: Arc<dyn Store>) {
             .unwrap()
     );
     assert_eq!(
-        store.heartbeat("w", failed_at, LEASE).await.unwrap(),
+        store
+            .heartbeat("w", &[running.id], failed_at, LEASE)
+            .await
+            .unwrap(),
         vec![]
     );
     assert_eq!(store.rescue_expired(failed_at + 100_000).await.unwrap(), 0);
@@ -1714,7 +1775,10 @@ async fn a_job_can_start_at_its_enqueue(store: Arc<dyn Store>) {
 
     // The lease is a lease: heartbeats renew it, checkpoints are fenced on it...
     assert_eq!(
-        store.heartbeat("here", NOW + 1_000, LEASE).await.unwrap(),
+        store
+            .heartbeat("here", &[job.id], NOW + 1_000, LEASE)
+            .await
+            .unwrap(),
         vec![Held {
             id: job.id,
             attempt: 1

@@ -123,8 +123,16 @@ pub trait Store: Send + Sync + 'static {
         now: i64,
         lease: Duration,
     ) -> Result<Vec<Claimed>>;
-    /// Extend the lease of every job `owner` holds; returns the jobs it still holds.
-    async fn heartbeat(&self, owner: &str, now: i64, lease: Duration) -> Result<Vec<Held>>;
+    /// Extend the lease of each of `jobs` that `owner` still holds; returns those. Only the
+    /// jobs named: a job left `running` under this owner that the process no longer runs (its
+    /// outcome never written) must see its lease run out, and be rescued.
+    async fn heartbeat(
+        &self,
+        owner: &str,
+        jobs: &[Uuid],
+        now: i64,
+        lease: Duration,
+    ) -> Result<Vec<Held>>;
     /// Requeue running jobs whose lease expired (or fail them once attempts are used up);
     /// returns how many were touched.
     async fn rescue_expired(&self, now: i64) -> Result<u64>;

@@ -315,13 +315,21 @@ impl Store for PgStore {
         super::claimed_from(&rows, job_from_row)
     }
 
-    async fn heartbeat(&self, owner: &str, now: i64, lease: Duration) -> Result<Vec<Held>> {
+    async fn heartbeat(
+        &self,
+        owner: &str,
+        jobs: &[Uuid],
+        now: i64,
+        lease: Duration,
+    ) -> Result<Vec<Held>> {
         let rows = sqlx::query(
-            "UPDATE jobs SET lease_expires_at = $1 WHERE status = 'running' AND lease_owner = $2 \
+            "UPDATE jobs SET lease_expires_at = $1 \
+             WHERE id = ANY($3) AND status = 'running' AND lease_owner = $2 \
              RETURNING id, attempt",
         )
         .bind(now + ms(lease))
         .bind(owner)
+        .bind(jobs)
         .fetch_all(&self.pool)
         .await?;
         rows.iter()

@@ -336,13 +336,23 @@ impl Store for SqliteStore {
         super::claimed_from(&rows, job_from_row)
     }
 
-    async fn heartbeat(&self, owner: &str, now: i64, lease: Duration) -> Result<Vec<Held>> {
+    async fn heartbeat(
+        &self,
+        owner: &str,
+        jobs: &[Uuid],
+        now: i64,
+        lease: Duration,
+    ) -> Result<Vec<Held>> {
+        let ids: Vec<String> = jobs.iter().map(Uuid::to_string).collect();
         let rows = sqlx::query(
-            "UPDATE jobs SET lease_expires_at = ? WHERE status = 'running' AND lease_owner = ? \
+            "UPDATE jobs SET lease_expires_at = ?1 \
+             WHERE id IN (SELECT value FROM json_each(?3)) AND status = 'running' \
+               AND lease_owner = ?2 \
              RETURNING id, attempt",
         )
         .bind(now + ms(lease))
         .bind(owner)
+        .bind(serde_json::to_string(&ids).map_err(|e| sqlx::Error::Encode(e.into()))?)
         .fetch_all(&self.writer)
         .await?;
         rows.iter()

@@ -1,7 +1,8 @@
 //! Workers: claim jobs from the store, run the fusion pipeline on each under a lease, and write
 //! the outcome. Three loops per process: the dispatcher (claims while there is capacity, woken by
-//! the store or a slow poll), the heartbeat (renews every lease this process holds in one query,
-//! and stops any job it no longer holds), and the rescuer (requeues jobs whose lease expired).
+//! the store or a slow poll), the heartbeat (renews, in one query, the leases of the jobs this
+//! process is running, and stops any it no longer holds), and the rescuer (requeues jobs whose
+//! lease expired).
 //! Never talks HTTP to clients; never decides what a step does (that is `fusion`).
 
 mod checkpoint;
@@ -392,9 +393,12 @@ impl Worker {
         if snapshot.is_empty() {
             return;
         }
+        // Only the jobs this process runs: one it stopped running without writing an outcome
+        // must not be kept alive by its owner's heartbeat.
+        let ids: Vec<Uuid> = snapshot.iter().map(|(id, _)| *id).collect();
         let held = match self
             .store
-            .heartbeat(&self.owner, self.clock.now_ms(), self.config.lease)
+            .heartbeat(&self.owner, &ids, self.clock.now_ms(), self.config.lease)
             .await
         {
             Ok(held) => held,
