@@ -88,7 +88,7 @@ impl Batcher {
     /// Start the committer: one task per process, so one write transaction at a time. Its
     /// batches grow with the time each commit takes, so one keeps up with any write rate up to
     /// `MAX_BATCH` groups per commit. On Postgres, four committers writing side by side made
-    /// smaller batches that contended, and cost it 1.4–1.7× the CPU per job (BENCHMARKS.md).
+    /// smaller batches and cost it 1.4–1.7× the CPU per job (BENCHMARKS.md).
     pub(super) fn start(sql: impl BatchSql) -> Batcher {
         let (queue, rx) = mpsc::channel(4 * MAX_BATCH);
         tokio::spawn(run(sql, rx));

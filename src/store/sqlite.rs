@@ -343,7 +343,7 @@ impl Store for SqliteStore {
         now: i64,
         lease: Duration,
     ) -> Result<Vec<Held>> {
-        let ids: Vec<String> = jobs.iter().map(Uuid::to_string).collect();
+        let ids: Vec<serde_json::Value> = jobs.iter().map(|id| id.to_string().into()).collect();
         let rows = sqlx::query(
             "UPDATE jobs SET lease_expires_at = ?1 \
              WHERE id IN (SELECT value FROM json_each(?3)) AND status = 'running' \
@@ -352,7 +352,7 @@ impl Store for SqliteStore {
         )
         .bind(now + ms(lease))
         .bind(owner)
-        .bind(serde_json::to_string(&ids).map_err(|e| sqlx::Error::Encode(e.into()))?)
+        .bind(serde_json::Value::from(ids).to_string())
         .fetch_all(&self.writer)
         .await?;
         rows.iter()
@@ -602,8 +602,6 @@ mod tests {
         );
     }
 
-    // A page of the job list seeks to its cursor, in a status or not, rather than scanning every
-    // job newer than the cursor (or all of them, for a rare status).
     #[tokio::test]
     async fn deleting_jobs_deletes_their_steps() {
         let (_dir, store) = migrated_store().await;
@@ -626,6 +624,8 @@ mod tests {
         assert_eq!(left, ["j2"]);
     }
 
+    // A page of the job list seeks to its cursor, in a status or not, rather than scanning every
+    // job newer than the cursor (or all of them, for a rare status).
     #[tokio::test]
     async fn a_page_of_the_job_list_seeks_to_its_cursor() {
         let (_dir, store) = migrated_store().await;
