@@ -1980,3 +1980,40 @@ async fn postgres_out_of_reach_fails_the_queued_writes_together() {
         "the writes failed after {took:?}"
     );
 }
+
+/// The pool pings only connections left idle a while (not every one it hands out, as sqlx's
+/// default does): a connection that broke while idle — here the backends of the store's pool are
+/// terminated, as a Postgres restart would — is still replaced before use, and the store's next
+/// writes, reads and claims succeed as if nothing had happened. The listener's backend is
+/// spared: reconnecting, the listener would take the pool's dead connections and discard them
+/// itself, and the pool's own check would go untested.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_connections_broken_while_idle_are_replaced_unseen() {
+    let Some(db) = PgDb::create().await else {
+        return;
+    };
+    let store = &db.store;
+    let first = enqueue(store, new_job()).await;
+    assert_eq!(get(store, first.id).await.status, JobStatus::Queued);
+
+    let admin = sqlx::PgPool::connect(&db._database.url)
+        .await
+        .expect("admin connection");
+    let terminated: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM (SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+         WHERE datname = current_database() AND pid <> pg_backend_pid() \
+         AND query NOT LIKE 'LISTEN%') AS t",
+    )
+    .fetch_one(&admin)
+    .await
+    .expect("terminate the store's connections");
+    admin.close().await;
+    assert!(terminated >= 1, "terminated {terminated} backends");
+    // Idle for longer than the pool's ping threshold (1 s).
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+
+    let second = enqueue(store, new_job()).await;
+    assert_eq!(get(store, second.id).await.status, JobStatus::Queued);
+    let claimed = claim(store, "w1", 2, NOW).await;
+    assert_eq!(claimed.len(), 2, "both jobs claimed after the break");
+}

@@ -9,9 +9,9 @@ use std::time::Duration;
 use async_trait::async_trait;
 use serde_json::Value;
 use serde_json::value::RawValue;
-use sqlx::Row;
 use sqlx::postgres::{PgListener, PgPool, PgPoolOptions, PgRow};
 use sqlx::types::Json;
+use sqlx::{Connection, Row};
 use tokio::sync::{Notify, broadcast};
 use uuid::Uuid;
 
@@ -52,6 +52,11 @@ pub struct PgStore {
     events: broadcast::Sender<JobEvent>,
 }
 
+/// A pooled connection idle this long is pinged before it is used: one that broke meanwhile (the
+/// database restarted, a proxy dropped it) is then replaced unseen, as sqlx's default does for
+/// every connection. Connections in steady use skip the ping's round trip (BENCHMARKS.md).
+const PING_IF_IDLE_FOR: Duration = Duration::from_secs(1);
+
 /// NOTIFY channel: a job became queued.
 const JOBS_CHANNEL: &str = "fusion_jobs";
 /// NOTIFY channel: a job finished (payload: see `JobEvent::from_payload`).
@@ -62,6 +67,18 @@ impl PgStore {
         let pool = PgPoolOptions::new()
             .max_connections(16)
             .acquire_timeout(Duration::from_secs(10))
+            // sqlx's default pings every connection it hands out: one more round trip per
+            // statement, on the batch committer's serial path too. Only a connection left idle
+            // long enough for the database to have gone away meanwhile is pinged now.
+            .test_before_acquire(false)
+            .before_acquire(|conn, meta| {
+                Box::pin(async move {
+                    if meta.idle_for >= PING_IF_IDLE_FOR {
+                        conn.ping().await?;
+                    }
+                    Ok(true)
+                })
+            })
             .connect(url)
             .await?;
         let wakeups = Arc::new(Notify::new());
