@@ -14,7 +14,7 @@ use crate::api::{self, AppState};
 use crate::clock::{SharedClock, SystemClock};
 use crate::config::FusionConfig;
 use crate::fusion::{Pipeline, analysis};
-use crate::store::{self, Store};
+use crate::store::{self, Store, StoreOptions};
 use crate::upstream::Upstream;
 use crate::worker::{Worker, WorkerConfig};
 
@@ -22,6 +22,7 @@ use crate::worker::{Worker, WorkerConfig};
 #[derive(Debug, Clone)]
 pub struct Settings {
     pub database_url: String,
+    pub store: StoreOptions,
     /// `None`: workers only, no HTTP server.
     pub listen: Option<String>,
     pub fusion: FusionConfig,
@@ -37,11 +38,11 @@ pub struct Application {
 }
 
 /// Open the store and apply migrations, retrying while the database is starting up.
-pub async fn open_store(url: &str) -> anyhow::Result<Arc<dyn Store>> {
+pub async fn open_store(url: &str, options: StoreOptions) -> anyhow::Result<Arc<dyn Store>> {
     let mut failures = 0;
     loop {
         let attempt = async {
-            let store = store::connect(url).await?;
+            let store = store::connect_with(url, options).await?;
             store.migrate().await?;
             Ok::<_, store::StoreError>(store)
         };
@@ -65,7 +66,7 @@ pub async fn open_store(url: &str) -> anyhow::Result<Arc<dyn Store>> {
 impl Application {
     pub async fn build(settings: Settings) -> anyhow::Result<Application> {
         let clock: SharedClock = Arc::new(SystemClock);
-        let store = open_store(&settings.database_url).await?;
+        let store = open_store(&settings.database_url, settings.store).await?;
         let jobs_in_flight = settings.worker.as_ref().map_or(0, |w| w.concurrency);
         let upstream_config = settings
             .fusion

@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 
+use crate::store::StoreOptions;
 use crate::worker::WorkerConfig;
 
 #[derive(Debug, Parser)]
@@ -18,11 +19,30 @@ pub struct Cli {
         global = true
     )]
     pub database_url: String,
+    /// Postgres: the most database connections this process opens (its listener's included).
+    /// Every `serve` and `worker` process opens up to this many, so their sum must fit the
+    /// server's `max_connections`. Ignored by SQLite.
+    #[arg(
+        long,
+        env = "FUSION_DB_MAX_CONNECTIONS",
+        default_value_t = StoreOptions::default().max_connections,
+        value_parser = clap::value_parser!(u32).range(i64::from(StoreOptions::MIN_CONNECTIONS)..=10_000),
+        global = true
+    )]
+    pub db_max_connections: u32,
     /// Optional TOML file with providers, presets, limits and prices.
     #[arg(long, env = "FUSION_CONFIG", global = true)]
     pub config: Option<PathBuf>,
     #[command(subcommand)]
     pub command: Option<Command>,
+}
+
+impl Cli {
+    pub fn store_options(&self) -> StoreOptions {
+        StoreOptions {
+            max_connections: self.db_max_connections,
+        }
+    }
 }
 
 #[derive(Debug, Subcommand)]
@@ -95,5 +115,26 @@ impl WorkerArgs {
             shutdown_grace: Duration::from_secs(self.shutdown_grace_seconds),
             retry_base: Duration::from_millis(self.retry_base_ms),
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_postgres_pool_size_is_a_flag_with_a_floor() {
+        let cli = Cli::try_parse_from(["fusion", "--db-max-connections", "5", "migrate"]).unwrap();
+        assert_eq!(cli.store_options().max_connections, 5);
+        let cli = Cli::try_parse_from(["fusion", "migrate"]).unwrap();
+        assert_eq!(cli.store_options(), StoreOptions::default());
+
+        let err = Cli::try_parse_from(["fusion", "--db-max-connections", "2", "migrate"])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("invalid value '2' for '--db-max-connections") && err.contains("3..="),
+            "{err}"
+        );
     }
 }

@@ -32,16 +32,18 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         None => FileConfig::default(),
     };
     let fusion = file.resolve(&|k| std::env::var(k).ok())?;
+    let store = cli.store_options();
     let command = cli
         .command
         .unwrap_or_else(|| Command::Serve(ServeArgs::default()));
     let settings = match command {
         Command::Migrate => {
-            app::open_store(&cli.database_url).await?;
+            app::open_store(&cli.database_url, store).await?;
             println!("migrations applied");
             return Ok(());
         }
         Command::Serve(args) => Settings {
+            store,
             database_url: cli.database_url,
             listen: Some(args.listen),
             fusion,
@@ -52,6 +54,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             },
         },
         Command::Worker(args) => Settings {
+            store,
             database_url: cli.database_url,
             listen: None,
             fusion,

@@ -203,12 +203,42 @@ impl JobEvent {
 /// poll as a fallback, and the heartbeat notices every cancelled job anyway).
 pub(crate) const EVENT_BACKLOG: usize = 4096;
 
-/// Open the store named by `url` (`sqlite://…` or `postgres://…`).
+/// How a store connects, beyond its URL.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StoreOptions {
+    /// Postgres: the most connections this process opens, its listener's included (which holds
+    /// one for good); less than `MIN_CONNECTIONS` is raised to it (the CLI refuses it). Every
+    /// `serve` and `worker` process opens up to this many, so their sum must fit the server's
+    /// `max_connections` (100 by default). SQLite keeps one writer and a few readers whatever
+    /// this says.
+    pub max_connections: u32,
+}
+
+impl StoreOptions {
+    /// The fewest Postgres connections a process works with: the listener's, one for the
+    /// batch committer, one for claims and reads.
+    pub const MIN_CONNECTIONS: u32 = 3;
+}
+
+impl Default for StoreOptions {
+    fn default() -> StoreOptions {
+        StoreOptions {
+            max_connections: 16,
+        }
+    }
+}
+
+/// Open the store named by `url` (`sqlite://…` or `postgres://…`) with the default options.
 pub async fn connect(url: &str) -> Result<Arc<dyn Store>> {
+    connect_with(url, StoreOptions::default()).await
+}
+
+/// Open the store named by `url` (`sqlite://…` or `postgres://…`).
+pub async fn connect_with(url: &str, options: StoreOptions) -> Result<Arc<dyn Store>> {
     if url.starts_with("sqlite:") {
         Ok(Arc::new(sqlite::SqliteStore::connect(url).await?))
     } else if url.starts_with("postgres://") || url.starts_with("postgresql://") {
-        Ok(Arc::new(postgres::PgStore::connect(url).await?))
+        Ok(Arc::new(postgres::PgStore::connect(url, options).await?))
     } else {
         Err(StoreError::UnsupportedUrl(redact_url(url)))
     }

@@ -19,7 +19,7 @@ use super::batch::{Batcher, Finish, Write};
 use super::pg_writes::PgBatch;
 use super::{
     CancelOutcome, Claimed, EVENT_BACKLOG, Enqueued, Held, JobEvent, Result, RetryOutcome, Store,
-    StoreError, ms, status_from_db,
+    StoreError, StoreOptions, ms, status_from_db,
 };
 use crate::job::{
     Job, JobStatus, JsonText, Lease, ListFilter, NewJob, StartHere, Step, StepKey, Usage,
@@ -63,9 +63,9 @@ const JOBS_CHANNEL: &str = "fusion_jobs";
 const EVENTS_CHANNEL: &str = "fusion_events";
 
 impl PgStore {
-    pub async fn connect(url: &str) -> Result<PgStore> {
+    pub async fn connect(url: &str, options: StoreOptions) -> Result<PgStore> {
         let pool = PgPoolOptions::new()
-            .max_connections(16)
+            .max_connections(options.max_connections.max(StoreOptions::MIN_CONNECTIONS))
             .acquire_timeout(Duration::from_secs(10))
             // sqlx's default pings every connection it hands out: one more round trip per
             // statement, on the batch committer's serial path too. Only a connection left idle
@@ -575,7 +575,9 @@ mod tests {
     /// store on it and a plain connection; `None` when no test database is configured.
     async fn migrated(prefix: &str) -> Option<(ScratchDatabase, PgStore, PgConnection)> {
         let database = ScratchDatabase::from_env(prefix).await?;
-        let store = PgStore::connect(&database.url).await.unwrap();
+        let store = PgStore::connect(&database.url, StoreOptions::default())
+            .await
+            .unwrap();
         store.migrate().await.unwrap();
         let conn = PgConnection::connect(&database.url).await.unwrap();
         Some((database, store, conn))

@@ -73,6 +73,7 @@ pub async fn spawn_app_with(opts: Options) -> TestApp {
         .unwrap();
     let settings = Settings {
         database_url: format!("sqlite://{}", dir.path().join("fusion.db").display()),
+        store: Default::default(),
         listen: Some("127.0.0.1:0".into()),
         fusion,
         worker: opts.workers.then(|| WorkerConfig {
