@@ -73,10 +73,19 @@ impl PgStore {
             .test_before_acquire(false)
             .before_acquire(|conn, meta| {
                 Box::pin(async move {
-                    if meta.idle_for >= PING_IF_IDLE_FOR {
-                        conn.ping().await?;
+                    if meta.idle_for < PING_IF_IDLE_FOR {
+                        return Ok(true);
                     }
-                    Ok(true)
+                    // A broken one is closed and another taken, as sqlx does after its own
+                    // ping (which logs it at INFO too; an error from this hook would log WARN).
+                    match conn.ping().await {
+                        Ok(()) => Ok(true),
+                        Err(error) => {
+                            tracing::info!(%error, idle_for = ?meta.idle_for,
+                                "a pooled Postgres connection was broken; replacing it");
+                            Ok(false)
+                        }
+                    }
                 })
             })
             .connect(url)
