@@ -343,7 +343,6 @@ impl Store for SqliteStore {
         now: i64,
         lease: Duration,
     ) -> Result<Vec<Held>> {
-        let ids: Vec<serde_json::Value> = jobs.iter().map(|id| id.to_string().into()).collect();
         let rows = sqlx::query(
             "UPDATE jobs SET lease_expires_at = ?1 \
              WHERE id IN (SELECT value FROM json_each(?3)) AND status = 'running' \
@@ -352,7 +351,8 @@ impl Store for SqliteStore {
         )
         .bind(now + ms(lease))
         .bind(owner)
-        .bind(serde_json::Value::from(ids).to_string())
+        // A JSON array of the ids' hyphenated strings, as `id` holds them.
+        .bind(serde_json::json!(jobs).to_string())
         .fetch_all(&self.writer)
         .await?;
         rows.iter()
