@@ -163,7 +163,7 @@ pub async fn measure(ctx: &Ctx, target: &Target) -> anyhow::Result<Results> {
     let [srv, fk, pg, harness] = cpu0.ms_per(&cpu1, done.len() as f64);
     let busy = (srv + fk + pg + harness) * done.len() as f64 / 1000.0 / (window * 2.0);
     out.notes.push(format!(
-        "drain: {} jobs in {drain_secs:.2} s (first claim → last finish) with --concurrency {}; CPU per job: server {srv:.2} ms, fake {fk:.2} ms, postgres {pg:.2} ms, harness {harness:.2} ms; both cores {:.0}% busy over the {window:.2} s from the server ready to the drain seen done",
+        "drain: {} jobs in {drain_secs:.2} s (first claim → last finish) with --concurrency {}; CPU per job: server {srv:.3} ms, fake {fk:.3} ms, postgres {pg:.3} ms, harness {harness:.2} ms; both cores {:.0}% busy over the {window:.2} s from the server ready to the drain seen done",
         done.len(),
         sizes.drain_concurrency,
         busy * 100.0
