@@ -1,12 +1,14 @@
 //! The worker's side of checkpointing: writes fenced on the job's lease, retried through brief
 //! database outages so a blip does not throw away finished upstream work.
 
+use std::sync::atomic::{AtomicBool, Ordering};
+
 use async_trait::async_trait;
 use tokio_util::sync::CancellationToken;
 
 use super::backoff;
 use crate::fusion::{Checkpoints, Lost};
-use crate::job::{Lease, Step};
+use crate::job::{JobStatus, Lease, Step};
 use crate::store::{Store, StoreError};
 
 /// How many times one write is tried before the job is left to lease expiry.
@@ -21,11 +23,69 @@ pub(super) struct LeaseCheckpoints<'a> {
 #[async_trait]
 impl Checkpoints for LeaseCheckpoints<'_> {
     async fn save(&self, step: &Step) -> Result<(), Lost> {
-        match with_db_retries(self.stop, || self.store.save_step(self.lease, step)).await {
+        let (store, lease) = (self.store, self.lease);
+        let write = || store.save_step(lease, step);
+        // Only this lease writes rows with its attempt.
+        let landed = || async move {
+            let steps = store.get_steps(lease.job_id).await?;
+            Ok(steps
+                .iter()
+                .any(|s| s.key == step.key && s.attempt == lease.attempt))
+        };
+        match fenced_write(self.stop, write, landed).await {
             Some(true) => Ok(()),
             _ => Err(Lost),
         }
     }
+}
+
+/// Whether the job is `status` at `lease`'s attempt: an outcome only that lease could write.
+pub(super) async fn finished_as(
+    store: &dyn Store,
+    lease: &Lease,
+    status: JobStatus,
+) -> Result<bool, StoreError> {
+    let job = store.get_job(lease.job_id).await?;
+    Ok(job.is_some_and(|j| j.status == status && j.attempt == lease.attempt))
+}
+
+/// A write fenced on a lease (`Some(true)`: it took; `Some(false)`: fenced out), retried through
+/// database errors. A try that failed may have committed all the same (the connection broke
+/// after the statement went out, before its answer came back); a later try then finds the
+/// write already done and reports it fenced out. So when a try failed and a later one says
+/// fenced out, `landed` reads back whether the write is there: the job goes on at once instead
+/// of stopping and waiting out its lease.
+pub(crate) async fn fenced_write<W, WFut, L, LFut>(
+    stop: &CancellationToken,
+    mut write: W,
+    landed: L,
+) -> Option<bool>
+where
+    W: FnMut() -> WFut,
+    WFut: Future<Output = Result<bool, StoreError>>,
+    L: FnMut() -> LFut,
+    LFut: Future<Output = Result<bool, StoreError>>,
+{
+    let unsure = AtomicBool::new(false);
+    let took = with_db_retries(stop, || {
+        let (attempt, unsure) = (write(), &unsure);
+        async move {
+            let result = attempt.await;
+            if result.is_err() {
+                unsure.store(true, Ordering::Relaxed);
+            }
+            result
+        }
+    })
+    .await?;
+    if took || !unsure.load(Ordering::Relaxed) {
+        return Some(took);
+    }
+    let landed = with_db_retries(stop, landed).await?;
+    if landed {
+        tracing::info!("a write whose commit went unconfirmed had landed; going on");
+    }
+    Some(landed)
 }
 
 /// Run a store call, retrying database errors with backoff. `None` when it never succeeded (or

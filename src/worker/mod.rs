@@ -20,9 +20,9 @@ use uuid::Uuid;
 
 use crate::clock::SharedClock;
 use crate::fusion::{Outcome, Pipeline};
-use crate::job::{Job, JobStatus, StartHere};
+use crate::job::{Job, JobStatus, Lease, StartHere};
 use crate::store::{Claimed, JobEvent, Store, StoreError};
-use checkpoint::{LeaseCheckpoints, with_db_retries};
+use checkpoint::{LeaseCheckpoints, fenced_write, finished_as, with_db_retries};
 
 #[derive(Debug, Clone)]
 pub struct WorkerConfig {
@@ -278,34 +278,42 @@ impl Worker {
         let span = tracing::info_span!("job", id = %job.id, attempt = job.attempt);
         let outcome = self
             .run_pipeline(&job, checkpointed, &lease, &stop)
-            .instrument(span)
+            .instrument(span.clone())
             .await;
         let now = self.clock.now_ms();
-        let written = match &outcome {
-            Outcome::Succeeded { result, last_step } => {
-                with_db_retries(&stop, || {
-                    self.store.complete(&lease, last_step.as_ref(), result, now)
-                })
-                .await
+        // In the job's span too: a retried outcome write logs which job it is for.
+        let written = async {
+            match &outcome {
+                Outcome::Succeeded { result, last_step } => {
+                    let store = self.store.as_ref();
+                    fenced_write(
+                        &stop,
+                        || store.complete(&lease, last_step.as_ref(), result, now),
+                        || finished_as(store, &lease, JobStatus::Succeeded),
+                    )
+                    .await
+                }
+                Outcome::Failed { reason, error } => {
+                    self.fail(&lease, reason, error, now, &stop).await
+                }
+                Outcome::Retry { reason, error } if job.attempt >= job.max_attempts => {
+                    self.fail(&lease, reason, error, now, &stop).await
+                }
+                Outcome::Retry { reason, error } => {
+                    let run_at = now + crate::store::ms(self.job_backoff(job.attempt));
+                    with_db_retries(&stop, || {
+                        self.store.retry_later(&lease, run_at, reason, error)
+                    })
+                    .await
+                }
+                Outcome::Stopped if self.releasing.load(Ordering::SeqCst) => {
+                    with_db_retries(&CancellationToken::new(), || self.store.release(&lease)).await
+                }
+                Outcome::Stopped => Some(false),
             }
-            Outcome::Failed { reason, error } => {
-                with_db_retries(&stop, || self.store.fail(&lease, reason, error, now)).await
-            }
-            Outcome::Retry { reason, error } if job.attempt >= job.max_attempts => {
-                with_db_retries(&stop, || self.store.fail(&lease, reason, error, now)).await
-            }
-            Outcome::Retry { reason, error } => {
-                let run_at = now + crate::store::ms(self.job_backoff(job.attempt));
-                with_db_retries(&stop, || {
-                    self.store.retry_later(&lease, run_at, reason, error)
-                })
-                .await
-            }
-            Outcome::Stopped if self.releasing.load(Ordering::SeqCst) => {
-                with_db_retries(&CancellationToken::new(), || self.store.release(&lease)).await
-            }
-            Outcome::Stopped => Some(false),
-        };
+        }
+        .instrument(span)
+        .await;
         match (&outcome, written) {
             (Outcome::Succeeded { .. }, Some(true)) => {
                 tracing::info!(job = %job.id, "job succeeded")
@@ -322,6 +330,24 @@ impl Worker {
         self.running.lock().expect("running map").remove(&job.id);
     }
 
+    /// Fail the job `lease` holds (a terminal outcome, confirmed as `complete`'s is).
+    async fn fail(
+        &self,
+        lease: &Lease,
+        reason: &str,
+        error: &str,
+        now: i64,
+        stop: &CancellationToken,
+    ) -> Option<bool> {
+        let store = self.store.as_ref();
+        fenced_write(
+            stop,
+            || store.fail(lease, reason, error, now),
+            || finished_as(store, lease, JobStatus::Failed),
+        )
+        .await
+    }
+
     /// The wait before a requeued job runs again: the base doubling per attempt, up to 10 min.
     fn job_backoff(&self, attempt: i32) -> Duration {
         let doublings = attempt.clamp(1, 16) as u32 - 1;
@@ -335,7 +361,7 @@ impl Worker {
         &self,
         job: &Job,
         checkpointed: bool,
-        lease: &crate::job::Lease,
+        lease: &Lease,
         stop: &CancellationToken,
     ) -> Outcome {
         let deadline_passed = || Outcome::Failed {
