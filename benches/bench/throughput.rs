@@ -117,6 +117,7 @@ pub async fn measure(ctx: &Ctx, target: &Target) -> anyhow::Result<Results> {
         ..ServerOpts::default()
     };
     let wall_start = Instant::now();
+    let stats0 = fake.stats(false).await?;
     let server = Server::start(ctx, &target.url, &fake.base_url(), &opts).await?;
     let cpu0 = Cpu::sample(server.pid, fake.pid);
     let threads0 = procs::threads(server.pid);
@@ -140,6 +141,7 @@ pub async fn measure(ctx: &Ctx, target: &Target) -> anyhow::Result<Results> {
     let wal1 = db.wal_bytes().await?;
     let wall = wall_start.elapsed().as_secs_f64();
     let flush_after = procs::flush_latency_us(ctx.dir.path())?;
+    check_blast_bodies(&body_sizes(&stats0, &fake.stats(false).await?), &mut out);
     if !drained || db::count(&counts, "succeeded") < total {
         out.problems
             .push(format!("drain: after {wall:.0} s the jobs are {counts:?}"));
@@ -307,23 +309,94 @@ async fn blast(fake: &Fake, conns: usize, secs: f64) -> (usize, f64) {
     (ok, started.elapsed().as_secs_f64())
 }
 
-/// Five request bodies of about the size fusion sends: three panel calls, an analysis call (the
-/// schema and the answers) and a final call.
+/// The five request bodies fusion sends for one of the harness's jobs (`load::job_body`) when
+/// the fake answers with its defaults: three panel calls, the analysis call (the answers and
+/// the schema's `response_format`) and the final call, their messages written by fusion's own
+/// prompt functions with the default configuration. The drain's real bodies are compared with
+/// these after it (`body_sizes`), so the two cannot drift apart unseen.
 fn job_calls() -> Vec<Value> {
-    let question = json!([{"role": "user", "content": "Why is the sky blue?"}]);
-    let panel = |m: &str| json!({"model": m, "messages": question, "stream": false});
-    let pad = "The panel answered at some length about scattering. ".repeat(40);
-    vec![
-        panel("m1"),
-        panel("m2"),
-        panel("m3"),
-        json!({"model": "judge", "stream": false, "temperature": 0.0, "messages": [
-            {"role": "system", "content": format!("You are an impartial analyst. {pad}")},
-            {"role": "user", "content": pad},
-        ], "response_format": {"type": "json_schema", "json_schema": {"name": "analysis", "schema": {"type": "object", "description": pad}}}}),
-        json!({"model": "judge", "stream": false, "temperature": 0.0, "messages": [
-            {"role": "system", "content": format!("You have been provided with responses. {pad}")},
-            {"role": "user", "content": "Why is the sky blue?"},
-        ]}),
-    ]
+    use fusion::fusion::analysis::{self, Analysis};
+    use fusion::fusion::prompts::{self, PanelAnswer};
+    use fusion::upstream::StructuredOutput;
+
+    let question = load::job_body(&[], "judge")["messages"]
+        .as_array()
+        .unwrap()
+        .clone();
+    let panel = ["m1", "m2", "m3"];
+    let contents = panel.map(|m| format!("panel answer from {m}"));
+    let answers: Vec<PanelAnswer<'_>> = panel
+        .iter()
+        .zip(&contents)
+        .map(|(model, content)| PanelAnswer { model, content })
+        .collect();
+    // The bench's servers run with no configuration file: the defaults.
+    let defaults: fusion::config::FileConfig = toml::from_str("").expect("empty configuration");
+    let limits = defaults.resolve(&|_| None).expect("defaults").analysis;
+    let analysis: Analysis =
+        serde_json::from_str(crate::fake_upstream::VALID_ANALYSIS).expect("the fake's analysis");
+    let mut bodies: Vec<Value> = panel
+        .iter()
+        .map(|m| json!({"model": m, "messages": question, "stream": false}))
+        .collect();
+    bodies.push(json!({
+        "model": "judge", "stream": false, "temperature": 0.0,
+        "messages": prompts::analysis_messages(&question, &answers, None),
+        "response_format": analysis::response_format(StructuredOutput::JsonSchema, &limits),
+    }));
+    bodies.push(json!({
+        "model": "judge", "stream": false, "temperature": 0.0,
+        "messages": prompts::final_messages(&question, &answers, Some(&analysis)),
+    }));
+    bodies
+}
+
+/// The fake's capacity is measured with `job_calls`' bodies: they must be the size of what the
+/// drain sent (`drained`: mean bytes per call of each kind), or the capacity is of another load.
+fn check_blast_bodies(drained: &[(String, f64)], out: &mut Results) {
+    let blasted = job_calls();
+    let kinds = ["panel", "panel", "panel", "analysis", "final"];
+    let mut sizes = Vec::new();
+    for (kind, sent) in drained {
+        let ours: Vec<usize> = (kinds.iter().zip(&blasted))
+            .filter(|(k, _)| *k == kind)
+            .map(|(_, b)| serde_json::to_vec(b).map_or(0, |v| v.len()))
+            .collect();
+        let blast = ours.iter().sum::<usize>() as f64 / ours.len().max(1) as f64;
+        sizes.push(format!("{kind} {sent:.0} / {blast:.0}"));
+        if (blast - sent).abs() > sent * 0.02 {
+            out.problems.push(format!(
+                "the blast's {kind} bodies are {blast:.0} bytes, the drain's {sent:.0}: the fake's \
+                 capacity would be measured under another load (see `job_calls`)"
+            ));
+        }
+    }
+    out.notes.push(format!(
+        "request body bytes per call, drain / blast: {}",
+        sizes.join(", ")
+    ));
+}
+
+/// Mean request bytes per call of each kind (`panel`, `analysis`, `final`) the fake received
+/// between two of its stats answers.
+fn body_sizes(before: &Value, after: &Value) -> Vec<(String, f64)> {
+    let totals = |stats: &Value, kind: &str| {
+        crate::fake::entries(stats)
+            .filter(|e| e["kind"] == kind)
+            .map(|e| {
+                (
+                    e["calls"].as_f64().unwrap_or(0.0),
+                    e["bytes"].as_f64().unwrap_or(0.0),
+                )
+            })
+            .fold((0.0, 0.0), |a, b| (a.0 + b.0, a.1 + b.1))
+    };
+    ["panel", "analysis", "final"]
+        .into_iter()
+        .map(|kind| {
+            let (c0, b0) = totals(before, kind);
+            let (c1, b1) = totals(after, kind);
+            (kind.to_string(), (b1 - b0) / (c1 - c0).max(1.0))
+        })
+        .collect()
 }

@@ -80,6 +80,8 @@ struct FakeState {
     calls: HashMap<(String, Kind), u32>,
     /// Calls answered with 200 per (model, kind).
     ok: HashMap<(String, Kind), u32>,
+    /// Request body bytes received per (model, kind), as their `content-length` says.
+    bytes: HashMap<(String, Kind), u64>,
     /// The bodies received, in order.
     bodies: Vec<Value>,
     /// When each call arrived (unix ms), per (model, kind).
@@ -209,7 +211,7 @@ impl FakeUpstream {
 }
 
 /// `{"total": N, "ok": N, "aborted": N, "calls": [{"model", "kind", "calls", "ok", "aborted",
-/// "starts"?}]}`, one entry per (model, kind) that was called.
+/// "bytes", "starts"?}]}`, one entry per (model, kind) that was called.
 fn stats_of(s: &FakeState, starts: bool) -> Value {
     let mut keys: Vec<&(String, Kind)> = s.calls.keys().collect();
     keys.sort_by(|a, b| (&a.0, a.1.as_str()).cmp(&(&b.0, b.1.as_str())));
@@ -220,6 +222,7 @@ fn stats_of(s: &FakeState, starts: bool) -> Value {
             let mut entry = json!({
                 "model": k.0, "kind": k.1.as_str(), "calls": count(&s.calls, k),
                 "ok": count(&s.ok, k), "aborted": count(&s.aborted, k),
+                "bytes": s.bytes.get(k).copied().unwrap_or(0),
             });
             if starts {
                 entry["starts"] = json!(s.starts.get(k).cloned().unwrap_or_default());
@@ -283,6 +286,11 @@ async fn completions(
             .unwrap()
             .as_millis() as i64;
         s.starts.entry((model.clone(), kind)).or_default().push(now);
+        let length = headers
+            .get(axum::http::header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok()?.parse::<u64>().ok())
+            .unwrap_or(0);
+        *s.bytes.entry((model.clone(), kind)).or_default() += length;
         let n = s.calls.entry((model.clone(), kind)).or_default();
         let index = *n as usize;
         *n += 1;
