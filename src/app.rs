@@ -13,7 +13,7 @@ use tokio_util::sync::CancellationToken;
 use crate::api::{self, AppState};
 use crate::clock::{SharedClock, SystemClock};
 use crate::config::FusionConfig;
-use crate::fusion::{Pipeline, analysis};
+use crate::fusion::Pipeline;
 use crate::store::{self, Store, StoreOptions};
 use crate::upstream::Upstream;
 use crate::worker::{Worker, WorkerConfig};
@@ -74,13 +74,11 @@ impl Application {
             .clone()
             .for_jobs_in_flight(jobs_in_flight);
         let upstream = Arc::new(Upstream::new(upstream_config)?);
-        let pipeline = Arc::new(Pipeline {
-            upstream: upstream.clone(),
-            retry: settings.fusion.retry.clone(),
-            analysis_attempts: settings.fusion.jobs.analysis_attempts,
-            analysis: analysis::Formats::new(settings.fusion.analysis),
-            clock: clock.clone(),
-        });
+        let pipeline = Arc::new(Pipeline::new(
+            &settings.fusion,
+            upstream.clone(),
+            clock.clone(),
+        ));
         let worker = settings
             .worker
             .map(|cfg| Worker::new(store.clone(), pipeline, clock.clone(), cfg));

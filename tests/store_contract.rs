@@ -2019,9 +2019,9 @@ async fn postgres_connections_broken_while_idle_are_replaced_unseen() {
     assert_eq!(claimed.len(), 2, "both jobs claimed after the break");
 }
 
-/// `StoreOptions::max_connections` bounds the Postgres pool: under 24 concurrent reads and
-/// writes, a store allowed 3 connections keeps to 3 backends (its listener's included), and
-/// every call still succeeds, each waiting its turn for a connection.
+/// `StoreOptions::max_connections` bounds the Postgres pool: through 8 concurrent enqueues, then
+/// 8 concurrent read-and-claim pairs, a store allowed 3 connections keeps to 3 backends (its
+/// listener's included), and every call still succeeds, each waiting its turn for a connection.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgres_pool_keeps_to_its_configured_size() {
     let Some(db) = PgDb::create().await else {

@@ -19,6 +19,7 @@ use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 
 use crate::clock::SharedClock;
+use crate::config::FusionConfig;
 use crate::job::{Job, JobSpec, JsonText, Step, StepKey, Usage};
 use crate::upstream::{
     CallError, CompletionRequest, ErrorKind, RetryPolicy, StructuredOutput, Upstream,
@@ -72,6 +73,17 @@ pub struct Pipeline {
 }
 
 impl Pipeline {
+    /// The pipeline `config` describes, calling through `upstream`.
+    pub fn new(config: &FusionConfig, upstream: Arc<Upstream>, clock: SharedClock) -> Pipeline {
+        Pipeline {
+            upstream,
+            retry: config.retry.clone(),
+            analysis_attempts: config.jobs.analysis_attempts,
+            analysis: analysis::Formats::new(config.analysis),
+            clock,
+        }
+    }
+
     /// Run what remains of `job`, given the steps already checkpointed. Every checkpoint has
     /// landed by the time the outcome is returned (or the outcome is `Stopped`), but a
     /// success's final step, which it carries for the caller to write with the outcome.

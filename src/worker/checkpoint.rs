@@ -55,7 +55,7 @@ pub(super) async fn finished_as(
 /// write already done and reports it fenced out. So when a try failed and a later one says
 /// fenced out, `landed` reads back whether the write is there: the job goes on at once instead
 /// of stopping and waiting out its lease.
-pub(crate) async fn fenced_write<W, WFut, L, LFut>(
+pub(super) async fn fenced_write<W, WFut, L, LFut>(
     stop: &CancellationToken,
     mut write: W,
     landed: L,

@@ -4,7 +4,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use fusion::app::{Application, Settings};
-use fusion::config::{FileConfig, FusionConfig};
+use fusion::config::FileConfig;
 use fusion::store::Store;
 use fusion::worker::WorkerConfig;
 use serde_json::{Value, json};
@@ -62,19 +62,15 @@ cap_ms = 50
 max_attempts = 3
 "#;
 
-/// The tests' configuration (`TEST_TOML`, then `extra`), with every model on `upstream_url`.
-pub fn fusion_config(extra: &str, upstream_url: &str) -> FusionConfig {
-    let toml = format!("{TEST_TOML}\n{extra}");
-    let file: FileConfig = toml::from_str(&toml).expect("test config");
-    file.resolve(&|k| (k == "FUSION_UPSTREAM_URL").then(|| upstream_url.to_string()))
-        .unwrap()
-}
-
 pub async fn spawn_app_with(opts: Options) -> TestApp {
     let fake = FakeUpstream::start().await;
     let dir = tempfile::tempdir().unwrap();
+    let toml = format!("{TEST_TOML}\n{}", opts.toml);
+    let file: FileConfig = toml::from_str(&toml).expect("test config");
     let fake_url = opts.upstream_url.unwrap_or_else(|| fake.base_url());
-    let fusion = fusion_config(&opts.toml, &fake_url);
+    let fusion = file
+        .resolve(&|k| (k == "FUSION_UPSTREAM_URL").then(|| fake_url.clone()))
+        .unwrap();
     let settings = Settings {
         database_url: format!("sqlite://{}", dir.path().join("fusion.db").display()),
         store: Default::default(),

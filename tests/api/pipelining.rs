@@ -78,13 +78,8 @@ pub fn pipeline(fake: &FakeUpstream) -> Pipeline {
     let config = file
         .resolve(&|k| (k == "FUSION_UPSTREAM_URL").then(|| url.clone()))
         .unwrap();
-    Pipeline {
-        upstream: Arc::new(Upstream::new(config.upstream).unwrap()),
-        retry: config.retry,
-        analysis_attempts: config.jobs.analysis_attempts,
-        analysis: fusion::fusion::analysis::Formats::new(config.analysis),
-        clock: Arc::new(SystemClock),
-    }
+    let upstream = Arc::new(Upstream::new(config.upstream.clone()).unwrap());
+    Pipeline::new(&config, upstream, Arc::new(SystemClock))
 }
 
 /// A job with panel `a`, `b` and analyst `judge`, claimed once.

@@ -8,19 +8,18 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use fusion::clock::{SharedClock, SystemClock};
-use fusion::fusion::{Pipeline, analysis};
+use fusion::clock::SystemClock;
 use fusion::job::{Job, JobStatus, JsonText, Lease, ListFilter, NewJob, StartHere, Step};
 use fusion::store::{
     CancelOutcome, Claimed, Enqueued, Held, JobEvent, Result, RetryOutcome, Store, StoreError,
 };
-use fusion::upstream::Upstream;
 use fusion::worker::{Worker, WorkerConfig};
 use tokio::sync::{Notify, broadcast};
 use uuid::Uuid;
 
 use crate::fake_upstream::Kind;
-use crate::helpers::{Options, body_with_panel, fusion_config, spawn_app_with};
+use crate::helpers::{Options, body_with_panel, spawn_app_with};
+use crate::pipelining::pipeline;
 
 /// A store that lets the first `n` checkpoints and the first `n` outcomes commit, then answers
 /// each of them with an error, as a connection broken mid-answer would.
@@ -168,15 +167,7 @@ async fn a_write_that_committed_unconfirmed_is_found_done_and_the_job_goes_on() 
         .submit_ok(&body_with_panel(&["m1", "m2"], "judge"))
         .await;
 
-    let fusion = fusion_config("", &app.fake.base_url());
-    let clock: SharedClock = Arc::new(SystemClock);
-    let pipeline = Arc::new(Pipeline {
-        upstream: Arc::new(Upstream::new(fusion.upstream.clone()).unwrap()),
-        retry: fusion.retry.clone(),
-        analysis_attempts: fusion.jobs.analysis_attempts,
-        analysis: analysis::Formats::new(fusion.analysis),
-        clock: clock.clone(),
-    });
+    let pipeline = Arc::new(pipeline(&app.fake));
     let store = Arc::new(Unconfirmed {
         inner: app.store.clone(),
         steps_left: AtomicUsize::new(1),
@@ -190,7 +181,7 @@ async fn a_write_that_committed_unconfirmed_is_found_done_and_the_job_goes_on() 
         shutdown_grace: Duration::from_secs(1),
         retry_base: Duration::from_millis(10),
     };
-    let worker = Worker::new(store.clone(), pipeline, clock, config);
+    let worker = Worker::new(store.clone(), pipeline, Arc::new(SystemClock), config);
     assert_eq!(worker.run_once(1).await.unwrap(), 1);
 
     // Both faults were met: a checkpoint and the outcome each committed and then failed.
