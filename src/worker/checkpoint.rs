@@ -8,7 +8,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::backoff;
 use crate::fusion::{Checkpoints, Lost};
-use crate::job::{JobStatus, Lease, Step};
+use crate::job::{Job, JobStatus, Lease, Step};
 use crate::store::{Store, StoreError};
 
 /// How many times one write is tried before the job is left to lease expiry.
@@ -45,8 +45,37 @@ pub(super) async fn finished_as(
     lease: &Lease,
     status: JobStatus,
 ) -> Result<bool, StoreError> {
-    let job = store.get_job(lease.job_id).await?;
-    Ok(job.is_some_and(|j| j.status == status && j.attempt == lease.attempt))
+    job_shows(store, lease, |j| {
+        j.status == status && j.attempt == lease.attempt
+    })
+    .await
+}
+
+/// Whether `lease`'s own requeue is what the job shows: queued at its attempt to run at `run_at`
+/// (the rescuer's requeue of an expired lease sets `run_at` to its own clock, and a claim since
+/// would have raised the attempt).
+pub(super) async fn requeued(
+    store: &dyn Store,
+    lease: &Lease,
+    run_at: i64,
+) -> Result<bool, StoreError> {
+    job_shows(store, lease, |j| {
+        j.status == JobStatus::Queued && j.attempt == lease.attempt && j.run_at == run_at
+    })
+    .await
+}
+
+/// Whether the job `lease` is for, as stored now, passes `shows` (false when it is gone).
+async fn job_shows(
+    store: &dyn Store,
+    lease: &Lease,
+    shows: impl FnOnce(&Job) -> bool,
+) -> Result<bool, StoreError> {
+    Ok(store
+        .get_job(lease.job_id)
+        .await?
+        .as_ref()
+        .is_some_and(shows))
 }
 
 /// A write fenced on a lease (`Some(true)`: it took; `Some(false)`: fenced out), retried through

@@ -22,7 +22,7 @@ use crate::clock::SharedClock;
 use crate::fusion::{Outcome, Pipeline};
 use crate::job::{Job, JobStatus, Lease, StartHere};
 use crate::store::{Claimed, JobEvent, Store, StoreError};
-use checkpoint::{LeaseCheckpoints, fenced_write, finished_as, with_db_retries};
+use checkpoint::{LeaseCheckpoints, fenced_write, finished_as, requeued, with_db_retries};
 
 #[derive(Debug, Clone)]
 pub struct WorkerConfig {
@@ -301,9 +301,12 @@ impl Worker {
                 }
                 Outcome::Retry { reason, error } => {
                     let run_at = now + crate::store::ms(self.job_backoff(job.attempt));
-                    with_db_retries(&stop, || {
-                        self.store.retry_later(&lease, run_at, reason, error)
-                    })
+                    let store = self.store.as_ref();
+                    fenced_write(
+                        &stop,
+                        || store.retry_later(&lease, run_at, reason, error),
+                        || requeued(store, &lease, run_at),
+                    )
                     .await
                 }
                 Outcome::Stopped if self.releasing.load(Ordering::SeqCst) => {

@@ -1,6 +1,6 @@
 //! A write whose commit went unconfirmed (the database took it, then the connection broke before
 //! saying so) is retried, finds itself already done, and the job goes on: it neither stops to
-//! wait out its lease nor reports its outcome lost.
+//! wait out its lease nor reports its outcome lost. The same holds for a requeue to retry later.
 
 use std::io::Write;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -17,16 +17,17 @@ use fusion::worker::{Worker, WorkerConfig};
 use tokio::sync::{Notify, broadcast};
 use uuid::Uuid;
 
-use crate::fake_upstream::Kind;
-use crate::helpers::{Options, body_with_panel, spawn_app_with};
+use crate::fake_upstream::{Kind, Reply};
+use crate::helpers::{Options, TestApp, body_with_panel, spawn_app_with};
 use crate::pipelining::pipeline;
 
-/// A store that lets the first `n` checkpoints and the first `n` outcomes commit, then answers
-/// each of them with an error, as a connection broken mid-answer would.
+/// A store that lets the first `n` checkpoints, outcomes and requeues commit, then answers each
+/// of them with an error, as a connection broken mid-answer would.
 struct Unconfirmed {
     inner: Arc<dyn Store>,
     steps_left: AtomicUsize,
     finishes_left: AtomicUsize,
+    requeues_left: AtomicUsize,
 }
 
 impl Unconfirmed {
@@ -113,7 +114,8 @@ impl Store for Unconfirmed {
         reason: &str,
         error: &str,
     ) -> Result<bool> {
-        self.inner.retry_later(lease, run_at, reason, error).await
+        let answer = self.inner.retry_later(lease, run_at, reason, error).await;
+        Self::unconfirm(&self.requeues_left, answer)
     }
     async fn release(&self, lease: &Lease) -> Result<bool> {
         self.inner.release(lease).await
@@ -147,17 +149,29 @@ impl Lines {
     }
 }
 
-#[tokio::test]
-async fn a_write_that_committed_unconfirmed_is_found_done_and_the_job_goes_on() {
+/// Collect this thread's log lines while the guard lives.
+fn capture_logs() -> (Lines, tracing::subscriber::DefaultGuard) {
     let lines = Lines::default();
     let writer = lines.clone();
-    let _logs = tracing::subscriber::set_default(
+    let guard = tracing::subscriber::set_default(
         tracing_subscriber::fmt()
             .with_writer(move || writer.clone())
             .with_ansi(false)
             .with_max_level(tracing::Level::INFO)
             .finish(),
     );
+    (lines, guard)
+}
+
+/// An app without workers holding one queued job (panel `m1`, `m2`, analyst `judge`), a store
+/// over its own that leaves the first `steps`, `finishes` and `requeues` writes unconfirmed, and
+/// a worker for one job at a time on that store, with a lease far longer than the test: a job
+/// left to wait out its lease would still be running.
+async fn one_job(
+    steps: usize,
+    finishes: usize,
+    requeues: usize,
+) -> (TestApp, Uuid, Arc<Unconfirmed>, Arc<Worker>) {
     let app = spawn_app_with(Options {
         workers: false,
         ..Options::default()
@@ -166,36 +180,46 @@ async fn a_write_that_committed_unconfirmed_is_found_done_and_the_job_goes_on() 
     let id = app
         .submit_ok(&body_with_panel(&["m1", "m2"], "judge"))
         .await;
-
-    let pipeline = Arc::new(pipeline(&app.fake));
     let store = Arc::new(Unconfirmed {
         inner: app.store.clone(),
-        steps_left: AtomicUsize::new(1),
-        finishes_left: AtomicUsize::new(1),
+        steps_left: AtomicUsize::new(steps),
+        finishes_left: AtomicUsize::new(finishes),
+        requeues_left: AtomicUsize::new(requeues),
     });
     let config = WorkerConfig {
         concurrency: 1,
-        // Far longer than the test: a job left to wait out its lease would still be running.
         lease: Duration::from_secs(300),
         poll_interval: Duration::from_millis(50),
         shutdown_grace: Duration::from_secs(1),
         retry_base: Duration::from_millis(10),
     };
-    let worker = Worker::new(store.clone(), pipeline, Arc::new(SystemClock), config);
+    let worker = Worker::new(
+        store.clone(),
+        Arc::new(pipeline(&app.fake)),
+        Arc::new(SystemClock),
+        config,
+    );
+    (app, id.parse().unwrap(), store, worker)
+}
+
+/// The job as stored: its status and attempt.
+async fn stored(app: &TestApp, id: Uuid) -> (JobStatus, i32) {
+    let job = app.store.get_job(id).await.unwrap().unwrap();
+    (job.status, job.attempt)
+}
+
+#[tokio::test]
+async fn a_write_that_committed_unconfirmed_is_found_done_and_the_job_goes_on() {
+    let (lines, _logs) = capture_logs();
+    let (app, id, store, worker) = one_job(1, 1, 0).await;
     assert_eq!(worker.run_once(1).await.unwrap(), 1);
 
     // Both faults were met: a checkpoint and the outcome each committed and then failed.
     assert_eq!(store.steps_left.load(Ordering::SeqCst), 0);
     assert_eq!(store.finishes_left.load(Ordering::SeqCst), 0);
-    let job = app.get_job(&id).await;
+    let job = app.get_job(&id.to_string()).await;
     assert_eq!(job["status"], "succeeded", "{job:#}");
-    let stored = app
-        .store
-        .get_job(id.parse().unwrap())
-        .await
-        .unwrap()
-        .unwrap();
-    assert_eq!((stored.status, stored.attempt), (JobStatus::Succeeded, 1));
+    assert_eq!(stored(&app, id).await, (JobStatus::Succeeded, 1));
     // Every step asked once: nothing was run again.
     for (model, kind) in [
         ("m1", Kind::Panel),
@@ -212,5 +236,31 @@ async fn a_write_that_committed_unconfirmed_is_found_done_and_the_job_goes_on() 
         2,
         "{logs}"
     );
+    assert!(!logs.contains("outcome not written"), "{logs}");
+}
+
+#[tokio::test]
+async fn a_requeue_that_committed_unconfirmed_is_not_reported_lost() {
+    let (lines, _logs) = capture_logs();
+    let (app, id, store, worker) = one_job(0, 0, 1).await;
+    // The final answer fails on every upstream try: the job is requeued to retry later.
+    app.fake.set_default(Reply::Status(503));
+    for model in ["m1", "m2"] {
+        app.fake.script(model, Kind::Panel, vec![Reply::Ok]);
+    }
+    app.fake.script("judge", Kind::Analysis, vec![Reply::Ok]);
+    assert_eq!(worker.run_once(1).await.unwrap(), 1);
+
+    assert_eq!(store.requeues_left.load(Ordering::SeqCst), 0);
+    assert_eq!(stored(&app, id).await, (JobStatus::Queued, 1));
+    assert!(app.fake.calls("judge", Kind::Final) > 1);
+    let logs = lines.text();
+    assert_eq!(
+        logs.matches("a write whose commit went unconfirmed had landed")
+            .count(),
+        1,
+        "{logs}"
+    );
+    assert!(logs.contains("job requeued to retry later"), "{logs}");
     assert!(!logs.contains("outcome not written"), "{logs}");
 }
