@@ -151,6 +151,14 @@ pub async fn measure(ctx: &Ctx, target: &Target) -> anyhow::Result<Results> {
     let last_finish = done.iter().map(|t| t[2]).max().unwrap_or(0);
     let drain_secs = ((last_finish - first_claim) as f64 / 1000.0).max(0.001);
     let rate = done.len() as f64 / drain_secs;
+    let mut tenths = [0usize; 10];
+    for t in &done {
+        let at = (t[2] - first_claim) as f64 / 1000.0 / drain_secs;
+        tenths[((at * 10.0) as usize).min(9)] += 1;
+    }
+    out.notes.push(format!(
+        "drain: jobs finished in each tenth of the {drain_secs:.2} s: {tenths:?}"
+    ));
     out.push(figure(T, format!("drain {total} queued jobs: jobs/s"), rate, 0).at_least(1000.0));
     let after = capacity(ctx, &fake, "after the drain", &mut out).await;
     out.push(
