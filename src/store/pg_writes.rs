@@ -4,8 +4,10 @@
 
 use async_trait::async_trait;
 use serde_json::Value;
+use sqlx::Postgres;
 use sqlx::Row;
-use sqlx::postgres::PgPool;
+use sqlx::postgres::{PgArguments, PgPool};
+use sqlx::query::Query;
 use sqlx::types::Json;
 use uuid::Uuid;
 
@@ -24,7 +26,7 @@ impl BatchSql for PgBatch {
 /// The batch statement. `e`: new jobs, queued or started under a lease (a statement-level trigger
 /// NOTIFYs workers once per statement that queued any); `s`: checkpoints, fenced on the lease; `f`: outcomes, fenced
 /// on the lease. Its rows say which writes took effect.
-const BATCH_SQL: &str = "\
+pub(super) const BATCH_SQL: &str = "\
 WITH e AS (
     INSERT INTO jobs (id, status, spec, metadata, priority, attempt, max_attempts, run_at,
                       deadline_at, idempotency_key, request_hash, created_at, lease_owner,
@@ -73,6 +75,24 @@ UNION ALL SELECT 'f', id, NULL, NULL FROM f";
 
 /// Run `writes` as one statement; for each, whether it took effect.
 async fn execute(pool: &PgPool, writes: &[Write]) -> Result<Vec<bool>, sqlx::Error> {
+    let rows = bound(sqlx::query(BATCH_SQL), writes)
+        .fetch_all(pool)
+        .await?;
+    let mut took = Vec::with_capacity(rows.len());
+    for row in &rows {
+        let id: Uuid = row.try_get("id")?;
+        let attempt: Option<i32> = row.try_get("attempt")?;
+        let (kind, step) = (row.try_get("kind")?, row.try_get("step")?);
+        took.push((kind, id.to_string(), step, attempt.map(i64::from)));
+    }
+    Ok(which_took(writes, took))
+}
+
+/// `query` (the batch statement, or a plan of it) with the columns of `writes` bound.
+pub(super) fn bound<'a>(
+    query: Query<'a, Postgres, PgArguments>,
+    writes: &'a [Write],
+) -> Query<'a, Postgres, PgArguments> {
     let mut e = Enqueues::default();
     let mut s = Steps::default();
     let mut f = Finishes::default();
@@ -83,7 +103,7 @@ async fn execute(pool: &PgPool, writes: &[Write]) -> Result<Vec<bool>, sqlx::Err
             Write::Finish(finish) => f.push(finish),
         }
     }
-    let rows = sqlx::query(BATCH_SQL)
+    query
         .bind(e.id)
         .bind(e.spec)
         .bind(e.metadata)
@@ -119,16 +139,6 @@ async fn execute(pool: &PgPool, writes: &[Write]) -> Result<Vec<bool>, sqlx::Err
         .bind(f.finished_at)
         .bind(e.lease_owner)
         .bind(e.lease_expires_at)
-        .fetch_all(pool)
-        .await?;
-    let mut took = Vec::with_capacity(rows.len());
-    for row in &rows {
-        let id: Uuid = row.try_get("id")?;
-        let attempt: Option<i32> = row.try_get("attempt")?;
-        let (kind, step) = (row.try_get("kind")?, row.try_get("step")?);
-        took.push((kind, id.to_string(), step, attempt.map(i64::from)));
-    }
-    Ok(which_took(writes, took))
 }
 
 /// The enqueue columns of a batch, borrowed from its writes (bound as they are, not copied).
