@@ -297,10 +297,7 @@ async fn capacity(ctx: &Ctx, fake: &Fake, when: &str, out: &mut Results) -> f64 
 async fn blast(fake: &Fake, conns: usize, secs: f64) -> (usize, f64) {
     // Serialized once: the harness shares the two cores with the fake, and what it spends per
     // call is taken from the capacity being measured.
-    let bodies: Vec<bytes::Bytes> = job_calls()
-        .iter()
-        .map(|(_, body)| serde_json::to_vec(body).expect("a JSON body").into())
-        .collect();
+    let bodies: Vec<bytes::Bytes> = job_calls().into_iter().map(|(_, body)| body).collect();
     let bodies = std::sync::Arc::new(bodies);
     let client = load::client(conns * 2);
     let url = reqwest::Url::parse(&format!("{}/chat/completions", fake.base_url())).expect("url");
@@ -328,8 +325,8 @@ async fn blast(fake: &Fake, conns: usize, secs: f64) -> (usize, f64) {
 /// the fake answers with its defaults: three panel calls, the analysis call (the answers and
 /// the schema's `response_format`) and the final call, their messages written by fusion's own
 /// prompt functions with the default configuration. The drain's real bodies are compared with
-/// these after it (`body_sizes`), so the two cannot drift apart unseen.
-fn job_calls() -> Vec<(&'static str, Value)> {
+/// these after it (`body_sizes`), so the two cannot drift apart unseen. Serialized, as sent.
+fn job_calls() -> Vec<(&'static str, bytes::Bytes)> {
     use fusion::fusion::analysis::{self, Analysis};
     use fusion::fusion::prompts::{self, PanelAnswer};
     use fusion::upstream::StructuredOutput;
@@ -375,6 +372,9 @@ fn job_calls() -> Vec<(&'static str, Value)> {
         }),
     ));
     bodies
+        .into_iter()
+        .map(|(kind, body)| (kind, serde_json::to_vec(&body).expect("a JSON body").into()))
+        .collect()
 }
 
 /// The fake's capacity is measured with `job_calls`' bodies: they must be the size of what the
@@ -385,7 +385,7 @@ fn check_blast_bodies(drained: &[(String, f64)], out: &mut Results) {
     for (kind, sent) in drained {
         let ours: Vec<usize> = (blasted.iter())
             .filter(|(k, _)| k == kind)
-            .map(|(_, b)| serde_json::to_vec(b).map_or(0, |v| v.len()))
+            .map(|(_, b)| b.len())
             .collect();
         let blast = ours.iter().sum::<usize>() as f64 / ours.len().max(1) as f64;
         sizes.push(format!("{kind} {sent:.0} / {blast:.0}"));

@@ -217,8 +217,6 @@ async fn a_write_that_committed_unconfirmed_is_found_done_and_the_job_goes_on() 
     // Both faults were met: a checkpoint and the outcome each committed and then failed.
     assert_eq!(store.steps_left.load(Ordering::SeqCst), 0);
     assert_eq!(store.finishes_left.load(Ordering::SeqCst), 0);
-    let job = app.get_job(&id.to_string()).await;
-    assert_eq!(job["status"], "succeeded", "{job:#}");
     assert_eq!(stored(&app, id).await, (JobStatus::Succeeded, 1));
     // Every step asked once: nothing was run again.
     for (model, kind) in [
