@@ -565,6 +565,69 @@ mod tests {
         (dir, store)
     }
 
+    /// A queued job, runnable since `created_at`.
+    fn queued_job(created_at: i64) -> NewJob {
+        let id = Uuid::now_v7();
+        NewJob {
+            id,
+            spec: crate::job::JobSpec {
+                model: "fusion".into(),
+                messages: vec![serde_json::json!({"role": "user", "content": "hi"})],
+                panel: vec!["m1".into(), "m2".into()],
+                analyst: "judge".into(),
+                temperature: None,
+                max_completion_tokens: None,
+                min_panel: 1,
+                panel_timeout_ms: None,
+            },
+            metadata: serde_json::json!({}),
+            priority: 0,
+            max_attempts: 3,
+            deadline_at: None,
+            idempotency_key: None,
+            request_hash: None,
+            created_at,
+        }
+    }
+
+    // A batch that fails rolls back on its own connection: a claim waiting for the writer
+    // must not run inside the failed transaction, answer with jobs, and then be rolled back.
+    #[tokio::test]
+    async fn a_failed_batch_does_not_take_the_next_write_down_with_it() {
+        let (_dir, store) = migrated_store().await;
+        let store = Arc::new(store);
+        let now = 1_750_000_000_000;
+        let job = queued_job(now - 1_000);
+        store.enqueue(job.clone(), None).await.unwrap();
+
+        // Hold the writer so that the failing batch and then the claim queue for it, in order.
+        let held = store.writer.acquire().await.unwrap();
+        let again = tokio::spawn({
+            let store = store.clone();
+            async move { store.enqueue(job, None).await }
+        });
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let claim = tokio::spawn({
+            let store = store.clone();
+            async move { store.claim("w", 1, now, Duration::from_secs(30)).await }
+        });
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        drop(held);
+
+        assert!(
+            again.await.unwrap().is_err(),
+            "a second job with the same id"
+        );
+        let claimed = claim.await.unwrap().unwrap();
+        assert_eq!(claimed.len(), 1);
+        let stored = store.get_job(claimed[0].job.id).await.unwrap().unwrap();
+        assert_eq!(
+            stored.status,
+            JobStatus::Running,
+            "the claim was rolled back"
+        );
+    }
+
     // A batch's statement journals (and any other temporary file) stay in memory on every
     // connection, the writer's above all: spilled, a batch statement's journal became a file.
     #[tokio::test]

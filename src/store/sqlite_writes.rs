@@ -115,18 +115,22 @@ impl BatchSql for SqliteBatch {
                 )),
             }
         }
+        // One connection for the batch and, when it fails, its rollback: handed back to the
+        // pool in between, the open transaction would take whatever write came next (a claim,
+        // a cancel) and then roll it back after it had answered as done.
+        let mut conn = self.0.acquire().await?;
         let rows = sqlx::query(BATCH_SQL)
             .bind(serde_json::to_string(&enqueues).map_err(encode)?)
             .bind(serde_json::to_string(&steps).map_err(encode)?)
             .bind(serde_json::to_string(&finishes).map_err(encode)?)
-            .fetch_all(&self.0)
+            .fetch_all(&mut *conn)
             .await;
         let rows = match rows {
             Ok(rows) => rows,
             Err(e) => {
                 // The statement that failed ended the command with the transaction open (or
                 // SQLite already rolled it back, and this is a harmless error).
-                let _ = sqlx::query("ROLLBACK").execute(&self.0).await;
+                let _ = sqlx::query("ROLLBACK").execute(&mut *conn).await;
                 return Err(e);
             }
         };
