@@ -167,7 +167,10 @@ impl Pipeline {
         };
 
         let (final_step, unsaved) = match final_step {
-            Some(s) if s.ok => (s, false),
+            // Checkpointed: an answer, or a final failure (a retryable one is never written),
+            // which ends this attempt as it ended the one that wrote it, without paying again.
+            // A manual retry deletes failed steps first, so that one calls again.
+            Some(s) => (s, false),
             _ => {
                 let messages = prompts::final_messages(&spec.messages, &answers, analysis.as_ref());
                 let req = CompletionRequest {

@@ -8,10 +8,12 @@
 mod checkpoint;
 
 use std::collections::HashMap;
+use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use futures::FutureExt;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, broadcast};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -50,10 +52,24 @@ impl Default for WorkerConfig {
     }
 }
 
-/// A job this process is running, and the switch that stops it.
-struct Running {
-    attempt: i32,
-    stop: CancellationToken,
+/// The jobs this process is running, by `(id, attempt)`: after a lease lapsed (a stall, a
+/// database outage) the same job may be claimed here again while the old attempt is still
+/// winding down, and each attempt must be renewed, stopped and forgotten on its own.
+type RunningMap = HashMap<(Uuid, i32), CancellationToken>;
+
+/// An attempt's place in the running map, given up when its task ends however it ends.
+struct Registered<'a> {
+    running: &'a Mutex<RunningMap>,
+    key: (Uuid, i32),
+}
+
+impl Drop for Registered<'_> {
+    fn drop(&mut self) {
+        // Not `expect`: a poisoned map must not turn one task's end into a second panic.
+        if let Ok(mut running) = self.running.lock() {
+            running.remove(&self.key);
+        }
+    }
 }
 
 pub struct Worker {
@@ -63,7 +79,7 @@ pub struct Worker {
     config: WorkerConfig,
     /// Unique per process start: the `lease_owner` of every job it claims.
     owner: String,
-    running: Mutex<HashMap<Uuid, Running>>,
+    running: Mutex<RunningMap>,
     /// One permit per job this process may run at once.
     capacity: Arc<Semaphore>,
     /// Every job task; closed when shutdown begins.
@@ -157,8 +173,9 @@ impl Worker {
     /// Stop a job if this process is running it (after a cancel): its in-flight upstream calls
     /// are dropped at once.
     pub fn stop_local(&self, id: Uuid) {
-        if let Some(r) = self.running.lock().expect("running map").get(&id) {
-            r.stop.cancel();
+        let running = self.running.lock().expect("running map");
+        for ((_, _), stop) in running.iter().filter(|((job, _), _)| *job == id) {
+            stop.cancel();
         }
     }
 
@@ -194,8 +211,8 @@ impl Worker {
                 "grace period over: releasing the jobs still running"
             );
             self.releasing.store(true, Ordering::SeqCst);
-            for r in self.running.lock().expect("running map").values() {
-                r.stop.cancel();
+            for stop in self.running.lock().expect("running map").values() {
+                stop.cancel();
             }
             tracker.wait().await;
         }
@@ -268,18 +285,30 @@ impl Worker {
             return;
         };
         let stop = CancellationToken::new();
-        self.running.lock().expect("running map").insert(
-            job.id,
-            Running {
-                attempt: job.attempt,
-                stop: stop.clone(),
-            },
-        );
+        let key = (job.id, job.attempt);
+        self.running
+            .lock()
+            .expect("running map")
+            .insert(key, stop.clone());
+        let _registered = Registered {
+            running: &self.running,
+            key,
+        };
         let span = tracing::info_span!("job", id = %job.id, attempt = job.attempt);
-        let outcome = self
-            .run_pipeline(&job, checkpointed, &lease, &stop)
+        // A panic in the pipeline is a bug, but it must not leave the job `running` under a
+        // lease this process keeps renewing: it becomes a retryable failure like any other.
+        let outcome = AssertUnwindSafe(self.run_pipeline(&job, checkpointed, &lease, &stop))
+            .catch_unwind()
             .instrument(span.clone())
-            .await;
+            .await
+            .unwrap_or_else(|panic| {
+                let what = panic_message(panic.as_ref());
+                tracing::error!(job = %job.id, panic = what, "the pipeline panicked");
+                Outcome::Retry {
+                    reason: "internal_error".into(),
+                    error: format!("internal error (a bug in fusion): {what}"),
+                }
+            });
         let now = self.clock.now_ms();
         // In the job's span too: a retried outcome write logs which job it is for.
         let written = async {
@@ -330,7 +359,6 @@ impl Worker {
             (Outcome::Stopped, _) => tracing::info!(job = %job.id, "job stopped"),
             (_, _) => tracing::warn!(job = %job.id, "outcome not written: the lease was lost"),
         }
-        self.running.lock().expect("running map").remove(&job.id);
     }
 
     /// Fail the job `lease` holds (a terminal outcome, confirmed as `complete`'s is).
@@ -416,15 +444,17 @@ impl Worker {
             .running
             .lock()
             .expect("running map")
-            .iter()
-            .map(|(id, r)| (*id, r.attempt))
+            .keys()
+            .copied()
             .collect();
         if snapshot.is_empty() {
             return;
         }
         // Only the jobs this process runs: one it stopped running without writing an outcome
         // must not be kept alive by its owner's heartbeat.
-        let ids: Vec<Uuid> = snapshot.iter().map(|(id, _)| *id).collect();
+        let mut ids: Vec<Uuid> = snapshot.iter().map(|(id, _)| *id).collect();
+        ids.sort_unstable();
+        ids.dedup();
         let held = match self
             .store
             .heartbeat(&self.owner, &ids, self.clock.now_ms(), self.config.lease)
@@ -439,10 +469,10 @@ impl Worker {
         let running = self.running.lock().expect("running map");
         for (id, attempt) in snapshot {
             if !held.iter().any(|h| h.id == id && h.attempt == attempt)
-                && let Some(r) = running.get(&id)
+                && let Some(stop) = running.get(&(id, attempt))
             {
-                tracing::info!(job = %id, "lease lost or job cancelled: stopping it");
-                r.stop.cancel();
+                tracing::info!(job = %id, attempt, "lease lost or job cancelled: stopping it");
+                stop.cancel();
             }
         }
     }
@@ -481,6 +511,15 @@ impl Worker {
             }
         }
     }
+}
+
+/// What a caught panic said (its payload is a `&str` or a `String` when it came from `panic!`).
+fn panic_message(payload: &(dyn std::any::Any + Send)) -> &str {
+    payload
+        .downcast_ref::<&str>()
+        .copied()
+        .or_else(|| payload.downcast_ref::<String>().map(String::as_str))
+        .unwrap_or("a panic with no message")
 }
 
 /// Exponential backoff for database failures: 100 ms doubling to 5 s.

@@ -13,4 +13,4 @@ mod postgres;
 mod proxy;
 mod restart;
 mod start_here;
-mod unconfirmed_writes;
+mod store_faults;

@@ -1,15 +1,20 @@
-//! A write whose commit went unconfirmed (the database took it, then the connection broke before
-//! saying so) is retried, finds itself already done, and the job goes on: it neither stops to
-//! wait out its lease nor reports its outcome lost. The same holds for a requeue to retry later.
+//! Faults between a worker and its store, through a store wrapper. A write whose commit went
+//! unconfirmed (the database took it, then the connection broke before saying so) is retried,
+//! finds itself already done, and the job goes on: it neither stops to wait out its lease nor
+//! reports its outcome lost; the same holds for a requeue to retry later. A panic inside the
+//! pipeline requeues the job instead of leaving it running. A job claimed again by the same
+//! process while its old attempt still runs: the heartbeat stops the old one and keeps the new.
+//! A final failure checkpointed by an attempt that died before its outcome ends the next attempt
+//! the same way, without calling again.
 
 use std::io::Write;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use fusion::clock::SystemClock;
-use fusion::job::{Job, JobStatus, JsonText, Lease, ListFilter, NewJob, StartHere, Step};
+use fusion::clock::{Clock, SystemClock};
+use fusion::job::{Job, JobStatus, JsonText, Lease, ListFilter, NewJob, StartHere, Step, StepKey};
 use fusion::store::{
     CancelOutcome, Claimed, Enqueued, Held, JobEvent, Result, RetryOutcome, Store, StoreError,
 };
@@ -22,28 +27,35 @@ use crate::helpers::{Options, TestApp, body_with_panel, spawn_app_with};
 use crate::pipelining::pipeline;
 
 /// A store that lets the first `n` checkpoints, outcomes and requeues commit, then answers each
-/// of them with an error, as a connection broken mid-answer would.
-struct Unconfirmed {
+/// of them with an error, as a connection broken mid-answer would; and that panics after the
+/// first `panics` checkpoints commit, as a bug on the pipeline's path would.
+struct Faulty {
     inner: Arc<dyn Store>,
     steps_left: AtomicUsize,
     finishes_left: AtomicUsize,
     requeues_left: AtomicUsize,
+    panics_left: AtomicUsize,
 }
 
-impl Unconfirmed {
+impl Faulty {
+    /// Whether a fault of this kind is left to deal (and deal it).
+    fn take(left: &AtomicUsize) -> bool {
+        left.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+            .is_ok()
+    }
+
     fn unconfirm<T>(left: &AtomicUsize, answer: Result<T>) -> Result<T> {
-        let taken = left.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1));
-        match (answer, taken) {
-            (Ok(_), Ok(_)) => Err(StoreError::Database(sqlx::Error::Io(
+        match answer {
+            Ok(_) if Self::take(left) => Err(StoreError::Database(sqlx::Error::Io(
                 std::io::ErrorKind::ConnectionReset.into(),
             ))),
-            (answer, _) => answer,
+            answer => answer,
         }
     }
 }
 
 #[async_trait]
-impl Store for Unconfirmed {
+impl Store for Faulty {
     async fn migrate(&self) -> Result<()> {
         self.inner.migrate().await
     }
@@ -91,6 +103,9 @@ impl Store for Unconfirmed {
     }
     async fn save_step(&self, lease: &Lease, step: &Step) -> Result<bool> {
         let answer = self.inner.save_step(lease, step).await;
+        if Self::take(&self.panics_left) {
+            panic!("a bug on the pipeline's path (the test's store panics)");
+        }
         Self::unconfirm(&self.steps_left, answer)
     }
     async fn complete(
@@ -163,15 +178,20 @@ fn capture_logs() -> (Lines, tracing::subscriber::DefaultGuard) {
     (lines, guard)
 }
 
-/// An app without workers holding one queued job (panel `m1`, `m2`, analyst `judge`), a store
-/// over its own that leaves the first `steps`, `finishes` and `requeues` writes unconfirmed, and
-/// a worker for one job at a time on that store, with a lease far longer than the test: a job
-/// left to wait out its lease would still be running.
-async fn one_job(
+/// The faults a test's store deals: the first `steps`, `finishes` and `requeues` writes left
+/// unconfirmed, and a panic after each of the first `panics` checkpoints.
+#[derive(Default)]
+struct Faults {
     steps: usize,
     finishes: usize,
     requeues: usize,
-) -> (TestApp, Uuid, Arc<Unconfirmed>, Arc<Worker>) {
+    panics: usize,
+}
+
+/// An app without workers holding one queued job (panel `m1`, `m2`, analyst `judge`), a store
+/// over its own that deals `faults`, and a worker for one job at a time on that store, with a
+/// lease far longer than the test: a job left to wait out its lease would still be running.
+async fn one_job(faults: Faults) -> (TestApp, Uuid, Arc<Faulty>, Arc<Worker>, Arc<Shifted>) {
     let app = spawn_app_with(Options {
         workers: false,
         ..Options::default()
@@ -180,14 +200,16 @@ async fn one_job(
     let id = app
         .submit_ok(&body_with_panel(&["m1", "m2"], "judge"))
         .await;
-    let store = Arc::new(Unconfirmed {
+    let store = Arc::new(Faulty {
         inner: app.store.clone(),
-        steps_left: AtomicUsize::new(steps),
-        finishes_left: AtomicUsize::new(finishes),
-        requeues_left: AtomicUsize::new(requeues),
+        steps_left: AtomicUsize::new(faults.steps),
+        finishes_left: AtomicUsize::new(faults.finishes),
+        requeues_left: AtomicUsize::new(faults.requeues),
+        panics_left: AtomicUsize::new(faults.panics),
     });
+    let clock = Arc::new(Shifted::default());
     let config = WorkerConfig {
-        concurrency: 1,
+        concurrency: 2,
         lease: Duration::from_secs(300),
         poll_interval: Duration::from_millis(50),
         shutdown_grace: Duration::from_secs(1),
@@ -196,10 +218,31 @@ async fn one_job(
     let worker = Worker::new(
         store.clone(),
         Arc::new(pipeline(&app.fake)),
-        Arc::new(SystemClock),
+        clock.clone(),
         config,
     );
-    (app, id.parse().unwrap(), store, worker)
+    (app, id.parse().unwrap(), store, worker, clock)
+}
+
+/// The system clock moved on by `by` ms: the worker's, so that a test can lapse a lease and
+/// rescue the job at a later "now" and the worker then sees the job as due.
+#[derive(Debug, Default)]
+struct Shifted {
+    by: AtomicI64,
+}
+
+impl Clock for Shifted {
+    fn now_ms(&self) -> i64 {
+        SystemClock.now_ms() + self.by.load(Ordering::SeqCst)
+    }
+}
+
+impl Shifted {
+    /// Lapse every lease the worker holds (its claims last 300 s): move an hour on and rescue.
+    async fn lapse_leases(&self, app: &TestApp) -> u64 {
+        self.by.fetch_add(3_600_000, Ordering::SeqCst);
+        app.store.rescue_expired(self.now_ms()).await.unwrap()
+    }
 }
 
 /// The job as stored: its status and attempt.
@@ -211,7 +254,12 @@ async fn stored(app: &TestApp, id: Uuid) -> (JobStatus, i32) {
 #[tokio::test]
 async fn a_write_that_committed_unconfirmed_is_found_done_and_the_job_goes_on() {
     let (lines, _logs) = capture_logs();
-    let (app, id, store, worker) = one_job(1, 1, 0).await;
+    let (app, id, store, worker, _) = one_job(Faults {
+        steps: 1,
+        finishes: 1,
+        ..Faults::default()
+    })
+    .await;
     assert_eq!(worker.run_once(1).await.unwrap(), 1);
 
     // Both faults were met: a checkpoint and the outcome each committed and then failed.
@@ -240,7 +288,11 @@ async fn a_write_that_committed_unconfirmed_is_found_done_and_the_job_goes_on() 
 #[tokio::test]
 async fn a_requeue_that_committed_unconfirmed_is_not_reported_lost() {
     let (lines, _logs) = capture_logs();
-    let (app, id, store, worker) = one_job(0, 0, 1).await;
+    let (app, id, store, worker, _) = one_job(Faults {
+        requeues: 1,
+        ..Faults::default()
+    })
+    .await;
     // The final answer fails on every upstream try: the job is requeued to retry later.
     app.fake.set_default(Reply::Status(503));
     for model in ["m1", "m2"] {
@@ -261,4 +313,136 @@ async fn a_requeue_that_committed_unconfirmed_is_not_reported_lost() {
     );
     assert!(logs.contains("job requeued to retry later"), "{logs}");
     assert!(!logs.contains("outcome not written"), "{logs}");
+}
+
+#[tokio::test]
+async fn a_panic_in_the_pipeline_requeues_the_job_instead_of_leaving_it_running() {
+    let (lines, _logs) = capture_logs();
+    let (app, id, store, worker, _) = one_job(Faults {
+        panics: 1,
+        ..Faults::default()
+    })
+    .await;
+    assert_eq!(worker.run_once(1).await.unwrap(), 1);
+    let panel_calls = || app.fake.calls("m1", Kind::Panel) + app.fake.calls("m2", Kind::Panel);
+    let before = panel_calls();
+    let saved = app.store.get_steps(id).await.unwrap().len() as u32;
+    assert!(saved >= 1, "the checkpoint before the panic landed");
+
+    // The first checkpoint landed, then the panic: the job is queued to run again.
+    assert_eq!(store.panics_left.load(Ordering::SeqCst), 0);
+    assert_eq!(stored(&app, id).await, (JobStatus::Queued, 1));
+    let logs = lines.text();
+    assert!(logs.contains("the pipeline panicked"), "{logs}");
+    assert!(logs.contains("job requeued to retry later"), "{logs}");
+
+    // It runs again after the backoff (10 ms here), reusing the checkpoint that landed.
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert_eq!(worker.run_once(1).await.unwrap(), 1);
+    assert_eq!(stored(&app, id).await, (JobStatus::Succeeded, 2));
+    // Members checkpointed before the panic were not called again; any other was.
+    assert_eq!(panel_calls(), before + 2 - saved);
+}
+
+#[tokio::test]
+async fn a_job_claimed_again_while_its_old_attempt_runs_is_heartbeated_as_the_new_attempt() {
+    let (lines, _logs) = capture_logs();
+    let (app, id, _store, worker, clock) = one_job(Faults::default()).await;
+    // Attempt 1 waits on `m1` for 6 s; attempt 2 gets it in 2 s.
+    app.fake.script(
+        "m1",
+        Kind::Panel,
+        vec![
+            Reply::Delay(6_000, Box::new(Reply::Ok)),
+            Reply::Delay(2_000, Box::new(Reply::Ok)),
+        ],
+    );
+    let first = tokio::spawn({
+        let worker = worker.clone();
+        async move { worker.run_once(1).await }
+    });
+    wait_for(&app, id, (JobStatus::Running, 1)).await;
+    // Its lease lapses (a stall, say) and the rescuer requeues it; this process claims it again.
+    assert_eq!(clock.lapse_leases(&app).await, 1);
+    let second = tokio::spawn({
+        let worker = worker.clone();
+        async move { worker.run_once(1).await }
+    });
+    wait_for(&app, id, (JobStatus::Running, 2)).await;
+
+    // The heartbeat stops attempt 1 (no longer held), not attempt 2.
+    worker.heartbeat().await;
+    let stopped = tokio::time::timeout(Duration::from_secs(3), first).await;
+    assert!(
+        stopped.is_ok(),
+        "attempt 1 was not stopped by the heartbeat"
+    );
+    assert!(
+        !second.is_finished(),
+        "attempt 2 must still be waiting on m1"
+    );
+    // Attempt 1 ending must not make this process forget attempt 2: it is still renewed.
+    let before = lease_expires_at(&app, id).await;
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    worker.heartbeat().await;
+    assert!(
+        lease_expires_at(&app, id).await > before,
+        "attempt 2's lease was not renewed"
+    );
+
+    assert_eq!(second.await.unwrap().unwrap(), 1);
+    assert_eq!(stored(&app, id).await, (JobStatus::Succeeded, 2));
+    let logs = lines.text();
+    assert_eq!(logs.matches("stopping it").count(), 1, "{logs}");
+}
+
+/// Wait (up to 5 s) until the job is stored with this status and attempt.
+async fn wait_for(app: &TestApp, id: Uuid, want: (JobStatus, i32)) {
+    for _ in 0..500 {
+        if stored(app, id).await == want {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("job never reached {want:?}: {:?}", stored(app, id).await);
+}
+
+async fn lease_expires_at(app: &TestApp, id: Uuid) -> i64 {
+    let job = app.store.get_job(id).await.unwrap().unwrap();
+    job.lease_expires_at.expect("a running job has a lease")
+}
+
+#[tokio::test]
+async fn a_checkpointed_final_failure_fails_the_next_attempt_without_calling_again() {
+    let (app, id, _store, worker, clock) = one_job(Faults::default()).await;
+    // Attempt 1 (another process) wrote a fatal final failure, then died before its outcome.
+    let now = clock.now_ms();
+    let claimed = app
+        .store
+        .claim("gone", 1, now, Duration::from_secs(30))
+        .await
+        .unwrap();
+    let lease = claimed[0].job.lease().unwrap();
+    let failed = Step {
+        key: StepKey::Final,
+        model: "judge".into(),
+        ok: false,
+        content: None,
+        data: None,
+        usage: Default::default(),
+        latency_ms: 5,
+        error_code: Some("upstream_auth".into()),
+        error: Some("401: bad key".into()),
+        status_code: Some(401),
+        attempt: lease.attempt,
+        created_at: now,
+    };
+    assert!(app.store.save_step(&lease, &failed).await.unwrap());
+    assert_eq!(clock.lapse_leases(&app).await, 1);
+
+    assert_eq!(worker.run_once(1).await.unwrap(), 1);
+    let job = app.store.get_job(id).await.unwrap().unwrap();
+    assert_eq!((job.status, job.attempt), (JobStatus::Failed, 2));
+    assert_eq!(job.failure_reason.as_deref(), Some("upstream_auth"));
+    assert_eq!(app.fake.calls("judge", Kind::Final), 0);
 }
