@@ -65,8 +65,17 @@ pub async fn open_store(url: &str, options: StoreOptions) -> anyhow::Result<Arc<
 
 impl Application {
     pub async fn build(settings: Settings) -> anyhow::Result<Application> {
-        let clock: SharedClock = Arc::new(SystemClock);
         let store = open_store(&settings.database_url, settings.store).await?;
+        Application::build_on(settings, store).await
+    }
+
+    /// `build` on a store opened (and migrated) already: `settings.database_url` and
+    /// `settings.store` are not used. Tests pass a store wrapped to inject faults.
+    pub async fn build_on(
+        settings: Settings,
+        store: Arc<dyn Store>,
+    ) -> anyhow::Result<Application> {
+        let clock: SharedClock = Arc::new(SystemClock);
         let jobs_in_flight = settings.worker.as_ref().map_or(0, |w| w.concurrency);
         let upstream_config = settings
             .fusion

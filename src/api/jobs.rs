@@ -75,15 +75,35 @@ pub async fn enqueue(
         created_at: now,
     };
     // With a free slot here and nothing queued ahead, the job starts here at once, no claim.
-    let slot = state.worker.as_ref().and_then(|w| w.slot_for_new_job());
-    let start = slot.as_ref().map(|s| s.lease().clone());
-    let (job, replayed) = match state.store.enqueue(new, start).await? {
-        Enqueued::Created(job) => {
-            if let Some(slot) = slot {
-                slot.run(job.clone()).await;
-            }
-            (job, false)
+    let enqueued = match state.worker.as_ref().and_then(|w| w.slot_for_new_job()) {
+        Some(slot) => {
+            // In a task of its own: once the insert is on its way, the job may land running
+            // under this process's lease, and must then be started here even if the client
+            // goes away meanwhile (dropping this request's future), or it would sit running
+            // with nobody on it until its lease ran out.
+            let store = state.store.clone();
+            let start = slot.lease().clone();
+            tokio::spawn(async move {
+                let enqueued = store.enqueue(new, Some(start)).await;
+                if let Ok(Enqueued::Created(job)) = &enqueued {
+                    slot.run(job.clone()).await;
+                }
+                enqueued
+            })
+            .await
+            .map_err(|e| {
+                tracing::error!(error = %e, "the task inserting a job failed");
+                ApiError::new(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "internal_error",
+                    "the job could not be stored (an internal error); it may exist: list jobs to check",
+                )
+            })?
         }
+        None => state.store.enqueue(new, None).await,
+    };
+    let (job, replayed) = match enqueued? {
+        Enqueued::Created(job) => (job, false),
         Enqueued::Existing(job) => (job, true),
         Enqueued::KeyReused(job) => {
             return Err(ApiError::new(

@@ -3,7 +3,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use fusion::app::{Application, Settings};
+use fusion::app::{Application, Settings, open_store};
 use fusion::config::FileConfig;
 use fusion::store::Store;
 use fusion::worker::WorkerConfig;
@@ -37,7 +37,12 @@ pub struct Options {
     pub upstream_url: Option<String>,
     /// The workers' fallback poll when no wake-up comes.
     pub poll_interval: Duration,
+    /// Wraps the app's store (opened and migrated) before the app is built on it.
+    pub wrap_store: Option<StoreWrapper>,
 }
+
+/// A function from the app's own store to the store it runs on.
+pub type StoreWrapper = Box<dyn FnOnce(Arc<dyn Store>) -> Arc<dyn Store>>;
 
 impl Default for Options {
     fn default() -> Self {
@@ -46,6 +51,7 @@ impl Default for Options {
             toml: String::new(),
             upstream_url: None,
             poll_interval: Duration::from_millis(50),
+            wrap_store: None,
         }
     }
 }
@@ -84,7 +90,15 @@ pub async fn spawn_app_with(opts: Options) -> TestApp {
             retry_base: Duration::from_millis(100),
         }),
     };
-    let app = Application::build(settings).await.unwrap();
+    let app = match opts.wrap_store {
+        Some(wrap) => {
+            let store = open_store(&settings.database_url, settings.store)
+                .await
+                .unwrap();
+            Application::build_on(settings, wrap(store)).await.unwrap()
+        }
+        None => Application::build(settings).await.unwrap(),
+    };
     let address = format!("http://127.0.0.1:{}", app.port().unwrap());
     let store = app.store();
     let shutdown = CancellationToken::new();

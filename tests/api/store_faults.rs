@@ -5,7 +5,8 @@
 //! pipeline requeues the job instead of leaving it running. A job claimed again by the same
 //! process while its old attempt still runs: the heartbeat stops the old one and keeps the new.
 //! A final failure checkpointed by an attempt that died before its outcome ends the next attempt
-//! the same way, without calling again.
+//! the same way, without calling again. A job started at its submit runs even when the client
+//! left before the insert answered.
 
 use std::io::Write;
 use std::sync::atomic::{AtomicI64, AtomicUsize, Ordering};
@@ -35,6 +36,8 @@ struct Faulty {
     finishes_left: AtomicUsize,
     requeues_left: AtomicUsize,
     panics_left: AtomicUsize,
+    /// How long each enqueue waits after its insert before it answers.
+    slow_enqueue: Duration,
 }
 
 impl Faulty {
@@ -63,7 +66,9 @@ impl Store for Faulty {
         self.inner.ping().await
     }
     async fn enqueue(&self, job: NewJob, start: Option<StartHere>) -> Result<Enqueued> {
-        self.inner.enqueue(job, start).await
+        let answer = self.inner.enqueue(job, start).await;
+        tokio::time::sleep(self.slow_enqueue).await;
+        answer
     }
     async fn get_job(&self, id: Uuid) -> Result<Option<Job>> {
         self.inner.get_job(id).await
@@ -206,6 +211,7 @@ async fn one_job(faults: Faults) -> (TestApp, Uuid, Arc<Faulty>, Arc<Worker>, Ar
         finishes_left: AtomicUsize::new(faults.finishes),
         requeues_left: AtomicUsize::new(faults.requeues),
         panics_left: AtomicUsize::new(faults.panics),
+        slow_enqueue: Duration::ZERO,
     });
     let clock = Arc::new(Shifted::default());
     let config = WorkerConfig {
@@ -445,4 +451,51 @@ async fn a_checkpointed_final_failure_fails_the_next_attempt_without_calling_aga
     assert_eq!((job.status, job.attempt), (JobStatus::Failed, 2));
     assert_eq!(job.failure_reason.as_deref(), Some("upstream_auth"));
     assert_eq!(app.fake.calls("judge", Kind::Final), 0);
+}
+
+#[tokio::test]
+async fn a_job_started_at_its_submit_runs_even_when_the_client_left_before_the_answer() {
+    let app = spawn_app_with(Options {
+        wrap_store: Some(Box::new(|inner| {
+            Arc::new(Faulty {
+                inner,
+                steps_left: AtomicUsize::new(0),
+                finishes_left: AtomicUsize::new(0),
+                requeues_left: AtomicUsize::new(0),
+                panics_left: AtomicUsize::new(0),
+                slow_enqueue: Duration::from_millis(500),
+            })
+        })),
+        ..Options::default()
+    })
+    .await;
+    // The process has a free slot, so the job is inserted already running under its lease (5 s
+    // here); the client gives up while the insert is still answering.
+    let sent = app
+        .client
+        .post(format!("{}/v1/jobs", app.address))
+        .json(&body_with_panel(&["m1", "m2"], "judge"))
+        .timeout(Duration::from_millis(100))
+        .send()
+        .await;
+    assert!(sent.is_err(), "the client was meant to time out");
+
+    // Started all the same: done well within its lease, not left to be rescued after it.
+    let mut status = None;
+    for _ in 0..300 {
+        let jobs = app
+            .store
+            .list_jobs(&ListFilter {
+                limit: 10,
+                ..ListFilter::default()
+            })
+            .await
+            .unwrap();
+        status = jobs.first().map(|j| (j.status, j.attempt));
+        if status == Some((JobStatus::Succeeded, 1)) {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("the job did not finish within 3 s: {status:?}");
 }
