@@ -24,8 +24,16 @@ impl BatchSql for PgBatch {
 }
 
 /// The batch statement. `e`: new jobs, queued or started under a lease (a statement-level trigger
-/// NOTIFYs workers once per statement that queued any); `s`: checkpoints, fenced on the lease; `f`: outcomes, fenced
-/// on the lease. Its rows say which writes took effect.
+/// NOTIFYs workers once per statement that queued any); `s`: checkpoints, fenced on the lease;
+/// `f`: outcomes, fenced on the lease. Its rows say which writes took effect.
+///
+/// The fences read the statement's snapshot and lock nothing: a write racing the loss of its
+/// lease (a cancel or a rescue committing meanwhile) may land as if just before it. An outcome
+/// re-checks the row it updates, so a final step may then land without its outcome: it is a
+/// checkpoint like any other, which the next attempt reuses. And the next attempt's claim may
+/// not see such a step yet, and run it again: its write replaces the earlier attempt's row
+/// (`DO UPDATE … WHERE steps.attempt < excluded.attempt`) instead of being refused, which its
+/// worker would take for a lost lease.
 pub(super) const BATCH_SQL: &str = "\
 WITH e AS (
     INSERT INTO jobs (id, status, spec, metadata, priority, attempt, max_attempts, run_at,
@@ -55,7 +63,13 @@ WITH e AS (
               latency_ms, error_code, error, status_code, attempt, created_at, owner)
     WHERE EXISTS (SELECT 1 FROM jobs j WHERE j.id = u.job_id AND j.status = 'running'
                   AND j.attempt = u.attempt AND j.lease_owner = u.owner)
-    ON CONFLICT (job_id, step) DO NOTHING
+    ON CONFLICT (job_id, step) DO UPDATE SET model = excluded.model, ok = excluded.ok, content = excluded.content,
+        data = excluded.data, prompt_tokens = excluded.prompt_tokens,
+        completion_tokens = excluded.completion_tokens, cost = excluded.cost,
+        latency_ms = excluded.latency_ms, error_code = excluded.error_code,
+        error = excluded.error, status_code = excluded.status_code,
+        attempt = excluded.attempt, created_at = excluded.created_at
+    WHERE steps.attempt < excluded.attempt
     RETURNING job_id, step, attempt
 ), f AS (
     UPDATE jobs SET status = u.status,

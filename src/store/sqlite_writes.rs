@@ -24,6 +24,9 @@ pub(super) struct SqliteBatch(pub SqlitePool);
 ///
 /// Step rows: `[job_id, step, model, ok, content, data, prompt_tokens, completion_tokens, cost,
 /// latency_ms, error_code, error, status_code, attempt, created_at, owner]`; fenced on the lease.
+/// A step an earlier attempt wrote is replaced by a later attempt's, never by its own again
+/// (as on Postgres, where a claim's snapshot can miss a step an attempt that just lost its lease
+/// was committing, and the next attempt then runs that step again).
 ///
 /// Finish rows: `[id, attempt, owner, status, result, reason, error, finished_at]`; fenced on the
 /// lease. The `+` keeps the planner off the status index: it must walk the batch and look each
@@ -48,7 +51,13 @@ SELECT value ->> 0, value ->> 1, value ->> 2, value ->> 3, value ->> 4, value ->
 FROM jsonb_each(?2)
 WHERE EXISTS (SELECT 1 FROM jobs j WHERE j.id = value ->> 0 AND j.status = 'running'
               AND j.attempt = value ->> 13 AND j.lease_owner = value ->> 15)
-ON CONFLICT (job_id, step) DO NOTHING
+ON CONFLICT (job_id, step) DO UPDATE SET
+    model = excluded.model, ok = excluded.ok, content = excluded.content, data = excluded.data, prompt_tokens = excluded.prompt_tokens,
+    completion_tokens = excluded.completion_tokens, cost = excluded.cost,
+    latency_ms = excluded.latency_ms, error_code = excluded.error_code,
+    error = excluded.error, status_code = excluded.status_code,
+    attempt = excluded.attempt, created_at = excluded.created_at
+WHERE steps.attempt < excluded.attempt
 RETURNING 's', job_id, step, attempt;
 UPDATE jobs SET status = f.value ->> 3,
                 result = CASE WHEN f.value ->> 3 = 'succeeded' THEN f.value ->> 4
