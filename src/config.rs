@@ -101,6 +101,9 @@ pub struct RetrySection {
     pub jitter: Option<f64>,
 }
 
+/// The longest deadline a job may have: in the config's `[jobs]` and in a request.
+pub const MAX_DEADLINE_SECONDS: u64 = 7 * 86_400;
+
 /// Defaults applied to every job unless the request says otherwise.
 #[derive(Debug, Clone)]
 pub struct JobDefaults {
@@ -183,8 +186,42 @@ impl FileConfig {
         toml::from_str(&text).with_context(|| format!("Invalid config file {}", path.display()))
     }
 
+    /// Values that parse but cannot work: refused at start-up, naming the key, rather than
+    /// clamped or left to fail every job.
+    fn check_numbers(&self) -> anyhow::Result<()> {
+        if let Some(d) = self.jobs.deadline_seconds {
+            anyhow::ensure!(
+                (1..=MAX_DEADLINE_SECONDS).contains(&d),
+                "[jobs] deadline_seconds must be 1 to {MAX_DEADLINE_SECONDS} (7 days), got {d}"
+            );
+        }
+        if let Some(n) = self.jobs.min_panel {
+            anyhow::ensure!(
+                (1..=crate::MAX_PANEL as u32).contains(&n),
+                "[jobs] min_panel must be 1 to {}, got {n}",
+                crate::MAX_PANEL
+            );
+        }
+        let r = &self.retry;
+        anyhow::ensure!(r.base_ms != Some(0), "[retry] base_ms must be at least 1");
+        if let (Some(base), Some(cap)) = (r.base_ms, r.cap_ms) {
+            anyhow::ensure!(
+                cap >= base,
+                "[retry] cap_ms ({cap}) must not be below base_ms ({base})"
+            );
+        }
+        if let Some(j) = r.jitter {
+            anyhow::ensure!(
+                (0.0..=1.0).contains(&j),
+                "[retry] jitter must be a fraction from 0 to 1, got {j}"
+            );
+        }
+        Ok(())
+    }
+
     /// Resolve against the environment (`env` is a lookup so tests need not touch the process's).
     pub fn resolve(self, env: &dyn Fn(&str) -> Option<String>) -> anyhow::Result<FusionConfig> {
+        self.check_numbers()?;
         let key_from = |var: &str| env(var).and_then(ApiKey::new);
         let default_key = match &self.upstream.api_key_env {
             Some(var) => key_from(var),
@@ -200,6 +237,11 @@ impl FileConfig {
                 .context("FUSION_UPSTREAM_TIMEOUT_SECONDS must be a number")?,
             None => self.upstream.timeout_seconds.unwrap_or(600),
         };
+        anyhow::ensure!(
+            timeout_seconds >= 1,
+            "the upstream timeout (FUSION_UPSTREAM_TIMEOUT_SECONDS or [upstream] timeout_seconds) \
+             must be at least 1 second, got {timeout_seconds}"
+        );
         let mut providers = HashMap::new();
         for (name, p) in self.providers {
             check_url(&p.base_url)
@@ -256,7 +298,7 @@ impl FileConfig {
                     self.upstream.max_tokens_field,
                 )?,
                 providers,
-                timeout: Duration::from_secs(timeout_seconds.max(1)),
+                timeout: Duration::from_secs(timeout_seconds),
                 prices: self.prices,
                 max_idle_per_host: crate::upstream::DEFAULT_MAX_IDLE_PER_HOST,
             },
@@ -348,6 +390,39 @@ mod tests {
         assert!(cfg.presets.contains_key("quality"));
         assert_eq!(cfg.default_preset, "budget");
         assert!(!format!("{cfg:?}").contains("sk-or"));
+    }
+
+    #[test]
+    fn refuses_numbers_that_cannot_work_naming_the_key() {
+        for (toml, key) in [
+            ("[upstream]\ntimeout_seconds = 0", "timeout"),
+            ("[jobs]\ndeadline_seconds = 0", "deadline_seconds"),
+            (
+                "[jobs]\ndeadline_seconds = 10000000000000000",
+                "deadline_seconds",
+            ),
+            ("[jobs]\nmin_panel = 9", "min_panel"),
+            ("[retry]\nbase_ms = 0", "base_ms"),
+            ("[retry]\nbase_ms = 500\ncap_ms = 100", "cap_ms"),
+            ("[retry]\njitter = nan", "jitter"),
+            ("[retry]\njitter = 2.0", "jitter"),
+        ] {
+            let file: FileConfig = toml::from_str(toml).unwrap();
+            let err = file.resolve(&env(&[])).expect_err(toml).to_string();
+            assert!(err.contains(key), "{toml}: {err}");
+        }
+        let file: FileConfig = toml::from_str("").unwrap();
+        let err = file
+            .resolve(&env(&[("FUSION_UPSTREAM_TIMEOUT_SECONDS", "0")]))
+            .expect_err("a zero timeout")
+            .to_string();
+        assert!(err.contains("FUSION_UPSTREAM_TIMEOUT_SECONDS"), "{err}");
+        // The edges that do work still resolve.
+        let file: FileConfig = toml::from_str(
+            "[jobs]\ndeadline_seconds = 604800\nmin_panel = 8\n[retry]\nbase_ms = 1\ncap_ms = 1\njitter = 0.0",
+        )
+        .unwrap();
+        file.resolve(&env(&[])).unwrap();
     }
 
     #[test]

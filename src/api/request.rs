@@ -6,7 +6,7 @@ use sha2::{Digest, Sha256};
 
 use super::error::ApiError;
 use crate::MAX_PANEL;
-use crate::config::FusionConfig;
+use crate::config::{FusionConfig, MAX_DEADLINE_SECONDS};
 use crate::job::JobSpec;
 
 /// A parsed job request.
@@ -102,8 +102,12 @@ pub fn parse(body: &Value, config: &FusionConfig) -> Result<JobRequest, ApiError
                 Some(int_in(v, "plugins[fusion].panel_timeout_ms", 1, 86_400_000)? as u64);
         }
         if let Some(v) = plugin.get("deadline_seconds") {
-            deadline_seconds =
-                Some(int_in(v, "plugins[fusion].deadline_seconds", 1, 7 * 86_400)? as u64);
+            deadline_seconds = Some(int_in(
+                v,
+                "plugins[fusion].deadline_seconds",
+                1,
+                MAX_DEADLINE_SECONDS as i64,
+            )? as u64);
         }
     }
     if let Some(m) = panel
