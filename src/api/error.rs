@@ -8,6 +8,7 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use serde_json::json;
 
+use super::MAX_BODY_BYTES;
 use crate::store::StoreError;
 
 #[derive(Debug)]
@@ -36,6 +37,18 @@ impl ApiError {
 
     pub fn conflict(code: &'static str, message: impl Into<String>) -> ApiError {
         ApiError::new(StatusCode::CONFLICT, code, message)
+    }
+
+    /// A request body over `MAX_BODY_BYTES`, whether its length was declared or not.
+    pub fn body_too_large() -> ApiError {
+        ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "body_too_large",
+            format!(
+                "the request body is over the limit of {} MiB ({MAX_BODY_BYTES} bytes)",
+                MAX_BODY_BYTES >> 20
+            ),
+        )
     }
 
     fn kind(&self) -> &'static str {
@@ -93,20 +106,16 @@ impl From<StoreError> for ApiError {
 
 impl From<JsonRejection> for ApiError {
     fn from(r: JsonRejection) -> ApiError {
+        // Only the body limit makes a buffering rejection a 413.
+        if r.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            return ApiError::body_too_large();
+        }
         let code = match r {
             JsonRejection::MissingJsonContentType(_) => "invalid_content_type",
             JsonRejection::JsonSyntaxError(_) => "invalid_json",
             _ => "invalid_body",
         };
-        ApiError::new(
-            if r.status() == StatusCode::PAYLOAD_TOO_LARGE {
-                StatusCode::PAYLOAD_TOO_LARGE
-            } else {
-                StatusCode::BAD_REQUEST
-            },
-            code,
-            r.body_text(),
-        )
+        ApiError::bad_request(code, r.body_text())
     }
 }
 

@@ -1,7 +1,7 @@
-//! The HTTP API (axum): routes, shared state, and the JSON extractor whose rejections use the
-//! same error body as everything else. Handlers turn requests into domain values and call the
-//! store; fusion steps are never run here (workers do that) — only the gateway pass-through and
-//! the fusion tool's outer model call upstream from a request.
+//! The HTTP API (axum): routes, shared state, the body limit, and the JSON extractor whose
+//! rejections use the same error body as everything else. Handlers turn requests into domain
+//! values and call the store; fusion steps are never run here (workers do that) — only the
+//! gateway pass-through and the fusion tool's outer model call upstream from a request.
 
 mod chat;
 pub mod error;
@@ -15,12 +15,13 @@ mod watch;
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::extract::{FromRequest, State};
-use axum::http::StatusCode;
+use axum::extract::{DefaultBodyLimit, FromRequest, OriginalUri, Request, State};
+use axum::http::{Method, StatusCode, header};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde_json::json;
-use tower_http::limit::RequestBodyLimitLayer;
 use tower_http::trace::TraceLayer;
 
 use crate::clock::SharedClock;
@@ -68,8 +69,8 @@ impl AppState {
 #[from_request(via(axum::Json), rejection(ApiError))]
 pub struct ApiJson<T>(pub T);
 
-/// Requests larger than this are refused with 413.
-const MAX_BODY_BYTES: usize = 4 * 1024 * 1024;
+/// Request bodies larger than this are refused with 413 (`ApiError::body_too_large`).
+pub const MAX_BODY_BYTES: usize = 4 * 1024 * 1024;
 
 pub fn router(state: AppState) -> Router {
     Router::new()
@@ -82,7 +83,11 @@ pub fn router(state: AppState) -> Router {
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .fallback(not_found)
-        .layer(RequestBodyLimitLayer::new(MAX_BODY_BYTES))
+        .method_not_allowed_fallback(method_not_allowed)
+        // The extractors' own limit (axum's default is 2 MiB), which also catches a chunked
+        // body without a length; a declared length over the limit is refused before reading.
+        .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .layer(middleware::from_fn(refuse_long_bodies))
         .layer(TraceLayer::new_for_http())
         .with_state(state)
 }
@@ -107,4 +112,29 @@ async fn readyz(State(state): State<AppState>) -> (StatusCode, Json<serde_json::
 
 async fn not_found() -> ApiError {
     ApiError::not_found("no such route")
+}
+
+/// A known path with another method: the JSON error body (axum adds the `Allow` header).
+async fn method_not_allowed(method: Method, OriginalUri(uri): OriginalUri) -> ApiError {
+    ApiError::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method_not_allowed",
+        format!(
+            "{method} is not allowed on {}; the Allow header lists the methods that are",
+            uri.path()
+        ),
+    )
+}
+
+/// Refuse a body whose `Content-Length` is over the limit without reading it. (tower-http's
+/// `RequestBodyLimitLayer` would answer this in text/plain, not in the shared error body.)
+async fn refuse_long_bodies(request: Request, next: Next) -> Response {
+    let declared = request
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > MAX_BODY_BYTES as u64) {
+        return ApiError::body_too_large().into_response();
+    }
+    next.run(request).await
 }

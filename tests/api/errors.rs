@@ -116,3 +116,79 @@ async fn bad_requests_are_4xx_with_precise_messages() {
     )
     .await;
 }
+
+/// A body of `size` bytes that is one valid job request (the bulk in one message).
+fn body_of_size(size: usize) -> String {
+    let head = r#"{"model": "fusion", "messages": [{"role": "user", "content": ""#;
+    let tail = r#""}]}"#;
+    let filler = "x".repeat(size - head.len() - tail.len());
+    format!("{head}{filler}{tail}")
+}
+
+#[tokio::test]
+async fn bodies_up_to_4_mib_are_taken_and_larger_ones_get_the_json_413() {
+    let app = spawn_app_with(Options {
+        workers: false,
+        ..Options::default()
+    })
+    .await;
+    let url = format!("{}/v1/jobs", app.address);
+    const LIMIT: usize = 4 * 1024 * 1024;
+    let post = |body: reqwest::Body| {
+        app.client
+            .post(&url)
+            .header("content-type", "application/json")
+            .body(body)
+            .send()
+    };
+    // Above axum's own 2 MiB default for `Json`, below the documented limit.
+    let resp = post(body_of_size(3 * 1024 * 1024).into()).await.unwrap();
+    assert_eq!(resp.status(), 202, "{}", resp.text().await.unwrap());
+    let resp = post(body_of_size(LIMIT).into()).await.unwrap();
+    assert_eq!(resp.status(), 202, "exactly the limit is allowed");
+
+    // Over it, with a Content-Length and sent chunked without one: the same JSON error.
+    let over = body_of_size(LIMIT + 1);
+    let msg = expect_error(
+        post(over.clone().into()).await.unwrap(),
+        413,
+        "body_too_large",
+    )
+    .await;
+    assert!(msg.contains("4 MiB"), "`{msg}` should name the limit");
+    let chunks: Vec<Result<String, std::io::Error>> = over
+        .as_bytes()
+        .chunks(64 * 1024)
+        .map(|c| Ok(String::from_utf8(c.to_vec()).unwrap()))
+        .collect();
+    let chunked = reqwest::Body::wrap_stream(futures::stream::iter(chunks));
+    expect_error(post(chunked).await.unwrap(), 413, "body_too_large").await;
+}
+
+#[tokio::test]
+async fn a_wrong_method_on_a_known_route_is_a_json_405() {
+    let app = spawn_app_with(Options {
+        workers: false,
+        ..Options::default()
+    })
+    .await;
+    let resp = app
+        .client
+        .get(format!("{}/v1/chat/completions", app.address))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.headers()["allow"], "POST");
+    let msg = expect_error(resp, 405, "method_not_allowed").await;
+    assert!(
+        msg.contains("GET") && msg.contains("/v1/chat/completions"),
+        "`{msg}` should name the method and the path"
+    );
+    let resp = app
+        .client
+        .delete(format!("{}/v1/jobs", app.address))
+        .send()
+        .await
+        .unwrap();
+    expect_error(resp, 405, "method_not_allowed").await;
+}
