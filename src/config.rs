@@ -261,6 +261,14 @@ impl FileConfig {
                 "preset {name} must have 1 to {} panel models",
                 crate::MAX_PANEL
             );
+            if let Some(m) = preset
+                .panel
+                .iter()
+                .chain([&preset.analyst])
+                .find(|m| m.contains(char::is_control))
+            {
+                anyhow::bail!("preset {name}: model name {m:?} contains a control character");
+            }
             presets.insert(name, preset);
         }
         let default_preset = self.default_preset.unwrap_or_else(|| "quality".to_string());
@@ -434,5 +442,14 @@ mod tests {
         let file: FileConfig =
             toml::from_str("[presets.big]\npanel = []\nanalyst = \"a\"").unwrap();
         assert!(file.resolve(&env(&[])).is_err());
+        // A model name goes into SSE comment lines and upstream bodies: no control characters.
+        for preset in [
+            "[presets.nl]\npanel = [\"a\\nb\"]\nanalyst = \"a\"",
+            "[presets.nl]\npanel = [\"a\"]\nanalyst = \"a\\rb\"",
+        ] {
+            let file: FileConfig = toml::from_str(preset).unwrap();
+            let err = file.resolve(&env(&[])).unwrap_err().to_string();
+            assert!(err.contains("control character"), "{err}");
+        }
     }
 }

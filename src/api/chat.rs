@@ -87,6 +87,7 @@ pub async fn completions(
             ));
         }
     };
+    request::refuse_control_characters(&model, "model")?;
     let opts = StreamOptions::from_body(&body)?;
     if is_fusion_model(&model) || has_fusion_plugin(&body) {
         refuse_recursion(&headers)?;

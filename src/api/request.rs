@@ -48,6 +48,7 @@ pub fn parse(body: &Value, config: &FusionConfig) -> Result<JobRequest, ApiError
         Some(_) => return Err(bad("`model` must be a non-empty string")),
         None => return Err(bad("`model` is required")),
     };
+    refuse_control_characters(&model, "model")?;
     let messages = parse_messages(obj.get("messages"))?;
     if obj.get("stream").and_then(Value::as_bool) == Some(true) {
         return Err(bad(
@@ -263,10 +264,25 @@ fn parse_plugins(v: Option<&Value>) -> Result<Option<&Map<String, Value>>, ApiEr
 
 fn model_name(v: &Value, field: &str) -> Result<String, ApiError> {
     match v.as_str().map(str::trim) {
-        Some(m) if !m.is_empty() && m.len() <= 200 => Ok(m.to_string()),
+        Some(m) if !m.is_empty() && m.len() <= 200 => {
+            refuse_control_characters(m, field)?;
+            Ok(m.to_string())
+        }
         _ => Err(bad(format!(
             "`{field}` must be a model name (1 to 200 characters)"
         ))),
+    }
+}
+
+/// A model name goes into upstream bodies, logs and SSE comment lines (where a line break would
+/// end the line): one with a control character is refused, naming the field.
+pub fn refuse_control_characters(name: &str, field: &str) -> Result<(), ApiError> {
+    match name.chars().find(|c| c.is_control()) {
+        Some(c) => Err(bad(format!(
+            "`{field}` must not contain control characters; it has U+{:04X}",
+            u32::from(c)
+        ))),
+        None => Ok(()),
     }
 }
 
@@ -392,6 +408,33 @@ mod tests {
                 .1
                 .contains("metadata")
         );
+    }
+
+    #[test]
+    fn refuses_control_characters_in_model_names() {
+        let plugin = |p: Value| json!({"model": "fusion", "messages": msgs(), "plugins": [p]});
+        let cases = [
+            (
+                json!({"model": "a\tb", "messages": msgs(), "plugins": [{"id": "fusion"}]}),
+                "`model`",
+            ),
+            (
+                plugin(json!({"id": "fusion", "model": "a\u{0}b"})),
+                "`plugins[fusion].model`",
+            ),
+            (
+                plugin(json!({"id": "fusion", "analysis_models": ["a", "b\u{1b}[0m"]})),
+                "`plugins[fusion].analysis_models[1]`",
+            ),
+        ];
+        for (body, field) in cases {
+            let (code, message) = err(body);
+            assert_eq!(code, "invalid_request");
+            assert!(
+                message.contains(field) && message.contains("control character"),
+                "{message}"
+            );
+        }
     }
 
     #[test]

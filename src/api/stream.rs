@@ -65,11 +65,7 @@ async fn drive(
     let role =
         json!([{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": null}]);
     data(&mut tx, &chunk(&id, created, &model, role)).await?;
-    send(
-        &mut tx,
-        Event::default().comment(format!("fusion job {} queued", job.id)),
-    )
-    .await?;
+    send(&mut tx, comment(&format!("fusion job {} queued", job.id))).await?;
 
     let mut watcher = state.watch.watch(job.id);
     let mut reported = HashSet::new();
@@ -85,7 +81,7 @@ async fn drive(
         };
         if let Ok(steps) = state.store.get_steps(job.id).await {
             for step in steps.iter().filter(|s| reported.insert(s.key)) {
-                send(&mut tx, Event::default().comment(progress(&current, step))).await?;
+                send(&mut tx, comment(&progress(&current, step))).await?;
             }
         }
         if current.status.is_final() {
@@ -167,6 +163,25 @@ pub fn completion(
     resp
 }
 
+/// A comment event. Control characters are written escaped: a line break would end the
+/// comment (axum panics on one, which would end the stream without `[DONE]`).
+fn comment(text: &str) -> Event {
+    if !text.contains(char::is_control) {
+        return Event::default().comment(text);
+    }
+    let clean: String = text
+        .chars()
+        .map(|c| {
+            if c.is_control() {
+                c.escape_default().to_string()
+            } else {
+                c.to_string()
+            }
+        })
+        .collect();
+    Event::default().comment(clean)
+}
+
 /// One progress comment line.
 fn progress(job: &Job, step: &Step) -> String {
     let outcome = if step.ok { "completed" } else { "failed" };
@@ -179,5 +194,24 @@ fn progress(job: &Job, step: &Step) -> String {
         ),
         StepKey::Analysis => format!("fusion analysis {outcome}"),
         StepKey::Final => format!("fusion final {outcome}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The bytes an event puts on the wire.
+    async fn wire(event: Event) -> String {
+        let events = futures::stream::iter([Ok::<_, Infallible>(event)]);
+        let body = Sse::new(events).into_response().into_body();
+        let bytes = axum::body::to_bytes(body, usize::MAX).await.unwrap();
+        String::from_utf8(bytes.to_vec()).unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_comment_with_line_breaks_stays_one_comment_line() {
+        let text = wire(comment("fusion panel 1/1 x\ny\r\u{7} completed")).await;
+        assert_eq!(text, ": fusion panel 1/1 x\\ny\\r\\u{7} completed\n\n");
     }
 }

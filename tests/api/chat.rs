@@ -318,3 +318,53 @@ async fn a_client_that_disconnects_does_not_cancel_the_job() {
         "the fused final answer"
     );
 }
+
+#[tokio::test]
+async fn a_model_name_with_a_control_character_is_refused_before_any_stream() {
+    let app = spawn_app().await;
+    let msgs = json!([{"role": "user", "content": "hi"}]);
+    let cases = [
+        (
+            json!({"model": "x\ny", "messages": msgs, "plugins": [{"id": "fusion"}]}),
+            "`model`",
+        ),
+        (
+            json!({"model": "fusion", "messages": msgs,
+                   "plugins": [{"id": "fusion", "model": "ju\rdge"}]}),
+            "`plugins[fusion].model`",
+        ),
+        (
+            json!({"model": "fusion", "messages": msgs,
+                   "plugins": [{"id": "fusion", "analysis_models": ["m1", "x\ny"]}]}),
+            "`plugins[fusion].analysis_models[1]`",
+        ),
+        (
+            json!({"model": "fusion", "messages": msgs,
+                   "plugins": [{"id": "fusion", "analysis_models": ["a\u{7}b"]}]}),
+            "`plugins[fusion].analysis_models[0]`",
+        ),
+    ];
+    for (body, field) in cases {
+        // Streamed, a newline in a progress comment used to kill the stream's task.
+        let mut streamed = body.clone();
+        streamed["stream"] = json!(true);
+        for (body, path) in [(streamed, "/v1/chat/completions"), (body, "/v1/jobs")] {
+            let resp = app
+                .client
+                .post(format!("{}{path}", app.address))
+                .json(&body)
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(resp.status(), 400, "{path} {body}");
+            let err: Value = resp.json().await.unwrap();
+            assert_eq!(err["error"]["code"], "invalid_request", "{err:#}");
+            let msg = err["error"]["message"].as_str().unwrap();
+            assert!(
+                msg.contains(field) && msg.contains("control character"),
+                "`{msg}` should name {field} and say what is wrong"
+            );
+        }
+    }
+    assert_eq!(app.fake.total_calls(), 0);
+}
