@@ -28,6 +28,18 @@ fn tools(body: &Value) -> impl Iterator<Item = &Value> {
         .flatten()
 }
 
+/// Whether `tool_choice` can force a fusion call: `"required"` (a call of any tool) or
+/// `{"type": "function", "function": {"name": "fusion"}}`.
+fn forces_fusion(choice: Option<&Value>) -> bool {
+    match choice {
+        Some(Value::String(s)) => s == "required",
+        Some(v @ Value::Object(_)) => {
+            v.pointer("/function/name").and_then(Value::as_str) == Some("fusion")
+        }
+        _ => false,
+    }
+}
+
 /// The function the outer model is offered in place of `{"type": "fusion"}`.
 fn fusion_function() -> Value {
     json!({
@@ -74,13 +86,14 @@ pub async fn run(
     obj.insert("tools".into(), Value::Array(offered));
     obj.insert("stream".into(), json!(false));
     obj.remove("stream_options");
-    let forced = obj.get("tool_choice").and_then(Value::as_str) == Some("required");
+    let forced = forces_fusion(obj.get("tool_choice"));
 
     let mut usage = Usage::default();
     let mut job_ids = Vec::new();
     for round in 0..=MAX_ROUNDS {
         if round > 0 && forced {
-            // `required` applies to the first call only, or the model could never answer.
+            // Forcing applies to the first call only, or the model could never answer and
+            // every round would run another fusion job.
             outer["tool_choice"] = json!("auto");
         }
         let (reply, outer_usage) = state

@@ -368,3 +368,43 @@ async fn a_model_name_with_a_control_character_is_refused_before_any_stream() {
     }
     assert_eq!(app.fake.total_calls(), 0);
 }
+
+#[tokio::test]
+async fn a_tool_choice_naming_the_fusion_function_forces_only_the_first_round() {
+    let app = spawn_app().await;
+    app.fake.script(
+        "outer",
+        Kind::Panel,
+        vec![
+            Reply::ToolCall("fusion".into(), json!({"prompt": "Is the sky blue?"})),
+            Reply::Text("outer model's reply".into()),
+        ],
+    );
+    let forced = json!({"type": "function", "function": {"name": "fusion"}});
+    let body = json!({
+        "model": "outer",
+        "messages": [{"role": "user", "content": "Ask the panel about the sky."}],
+        "tools": [{"type": "fusion", "fusion": {"analysis_models": ["m1"], "model": "judge"}}],
+        "tool_choice": forced,
+    });
+    let resp = app.chat(&body).await;
+    assert_eq!(resp.status(), 200);
+    let reply: Value = resp.json().await.unwrap();
+    assert_eq!(
+        reply["choices"][0]["message"]["content"],
+        "outer model's reply"
+    );
+    assert_eq!(reply["fusion_job_ids"].as_array().unwrap().len(), 1);
+    let outer: Vec<Value> = app
+        .fake
+        .bodies()
+        .into_iter()
+        .filter(|b| b["model"] == "outer")
+        .collect();
+    assert_eq!(outer.len(), 2);
+    assert_eq!(outer[0]["tool_choice"], forced);
+    assert_eq!(
+        outer[1]["tool_choice"], "auto",
+        "forcing again would run a paid fusion job every round"
+    );
+}
