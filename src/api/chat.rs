@@ -18,6 +18,10 @@ use crate::job::{Job, JobStatus};
 /// result later from `GET /v1/jobs/{id}`.
 pub const JOB_HEADER: &str = "x-fusion-job-id";
 
+/// The OpenAI SDKs retry 408, 409, 429 and 5xx answers unless this header says `false`. A
+/// failed or cancelled job's answer carries it: each retry would be a new POST, a new paid job.
+const SHOULD_RETRY_HEADER: &str = "x-should-retry";
+
 pub fn is_fusion_model(model: &str) -> bool {
     model == "fusion" || model.starts_with("fusion/")
 }
@@ -119,7 +123,8 @@ pub async fn completions(
     passthrough(&state, &model, body).await
 }
 
-/// The answer for a finished job: its `chat.completion`, or the error it ended with.
+/// The answer for a finished job: its `chat.completion`, or the error it ended with (which
+/// tells SDKs not to retry).
 pub fn finished_completion(job: &Job) -> Result<Response, ApiError> {
     let mut resp = match (&job.status, &job.result) {
         (JobStatus::Succeeded, Some(result)) => {
@@ -127,7 +132,12 @@ pub fn finished_completion(job: &Job) -> Result<Response, ApiError> {
             result["fusion_job_id"] = json!(job.id);
             Json(result).into_response()
         }
-        _ => job_error(job).into_response(),
+        _ => {
+            let mut resp = job_error(job).into_response();
+            resp.headers_mut()
+                .insert(SHOULD_RETRY_HEADER, HeaderValue::from_static("false"));
+            resp
+        }
     };
     resp.headers_mut().insert(JOB_HEADER, job_header(job));
     Ok(resp)

@@ -408,3 +408,63 @@ async fn a_tool_choice_naming_the_fusion_function_forces_only_the_first_round() 
         "forcing again would run a paid fusion job every round"
     );
 }
+
+#[tokio::test]
+async fn a_failed_or_cancelled_job_tells_openai_sdks_not_to_retry() {
+    let app = spawn_app().await;
+    // The SDKs retry 409, 429 and 5xx by default: each retry would be a new, paid job.
+    app.fake
+        .script("down", Kind::Panel, vec![Reply::Status(401)]);
+    let resp = app.chat(&body_with_panel(&["down"], "judge")).await;
+    assert_eq!(resp.status(), 502);
+    assert_eq!(resp.headers()["x-should-retry"], "false");
+
+    app.fake.script(
+        "slow",
+        Kind::Panel,
+        vec![Reply::Delay(10_000, Box::new(Reply::Ok))],
+    );
+    let waiting = tokio::spawn({
+        let (client, url) = (
+            app.client.clone(),
+            format!("{}/v1/chat/completions", app.address),
+        );
+        async move {
+            client
+                .post(url)
+                .json(&body_with_panel(&["slow"], "judge"))
+                .send()
+                .await
+                .unwrap()
+        }
+    });
+    let id = loop {
+        let list: Value = app
+            .client
+            .get(format!("{}/v1/jobs?status=running", app.address))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        if let Some(id) = list["data"][0]["id"].as_str() {
+            break id.to_string();
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert_eq!(
+        app.post(&format!("/v1/jobs/{id}/cancel")).await.status(),
+        200
+    );
+    let resp = waiting.await.unwrap();
+    assert_eq!(resp.status(), 409);
+    assert_eq!(resp.headers()["x-should-retry"], "false");
+    let body: Value = resp.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "job_cancelled");
+
+    // An error before any job exists says nothing: the SDK's own rules apply.
+    let resp = app.chat(&json!({"model": "fusion", "messages": []})).await;
+    assert_eq!(resp.status(), 400);
+    assert!(!resp.headers().contains_key("x-should-retry"));
+}
