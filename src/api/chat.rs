@@ -147,7 +147,8 @@ pub fn job_header(job: &Job) -> HeaderValue {
     HeaderValue::from_str(&job.id.to_string()).expect("a uuid is a valid header")
 }
 
-/// The error a failed or cancelled job answers with.
+/// The error a failed or cancelled job answers with, streamed or not: a failed job's code is its
+/// `failure_reason`, whatever it is.
 pub fn job_error(job: &Job) -> ApiError {
     let reason = job.failure_reason.as_deref().unwrap_or("unexpected_error");
     let message = format!(
@@ -156,16 +157,16 @@ pub fn job_error(job: &Job) -> ApiError {
         job.status.as_str(),
         job.error.as_deref().unwrap_or(reason)
     );
-    let (status, code) = match (job.status, reason) {
-        (JobStatus::Cancelled, _) => (StatusCode::CONFLICT, "job_cancelled"),
-        (_, "deadline_exceeded") => (StatusCode::GATEWAY_TIMEOUT, "deadline_exceeded"),
-        (_, "rate_limited") => (StatusCode::TOO_MANY_REQUESTS, "rate_limited"),
-        (_, "invalid_model") => (StatusCode::BAD_REQUEST, "invalid_model"),
-        (_, "all_panels_failed") => (StatusCode::BAD_GATEWAY, "all_panels_failed"),
-        (_, "insufficient_quorum") => (StatusCode::BAD_GATEWAY, "insufficient_quorum"),
-        _ => (StatusCode::BAD_GATEWAY, "upstream_error"),
+    if job.status == JobStatus::Cancelled {
+        return ApiError::conflict("job_cancelled", message);
+    }
+    let status = match reason {
+        "deadline_exceeded" => StatusCode::GATEWAY_TIMEOUT,
+        "rate_limited" => StatusCode::TOO_MANY_REQUESTS,
+        "invalid_model" => StatusCode::BAD_REQUEST,
+        _ => StatusCode::BAD_GATEWAY,
     };
-    ApiError::new(status, code, message)
+    ApiError::new(status, reason.to_string(), message)
 }
 
 /// A thin gateway: the body goes to the model's provider and its answer (status, body, stream)

@@ -2,11 +2,13 @@
 //! `{"error": {"code", "message", "type"}}` so SDKs raise their usual exceptions. Internal errors
 //! are logged here once and answered with a generic message.
 
+use std::borrow::Cow;
+
 use axum::Json;
 use axum::extract::rejection::{JsonRejection, PathRejection, QueryRejection};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use serde_json::json;
+use serde_json::{Value, json};
 
 use super::MAX_BODY_BYTES;
 use crate::store::StoreError;
@@ -14,15 +16,20 @@ use crate::store::StoreError;
 #[derive(Debug)]
 pub struct ApiError {
     pub status: StatusCode,
-    pub code: &'static str,
+    /// Fixed for request errors; a failed job's is its `failure_reason`.
+    pub code: Cow<'static, str>,
     pub message: String,
 }
 
 impl ApiError {
-    pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> ApiError {
+    pub fn new(
+        status: StatusCode,
+        code: impl Into<Cow<'static, str>>,
+        message: impl Into<String>,
+    ) -> ApiError {
         ApiError {
             status,
-            code,
+            code: code.into(),
             message: message.into(),
         }
     }
@@ -63,19 +70,23 @@ impl ApiError {
             _ => "api_error",
         }
     }
+
+    /// The `{"error": {"code", "message", "type"}}` body, also sent as a stream's last event.
+    pub fn body(&self) -> Value {
+        json!({"error": {
+            "code": self.code,
+            "message": self.message,
+            "type": self.kind(),
+        }})
+    }
 }
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         if self.status.is_server_error() {
-            tracing::error!(code = self.code, message = %self.message, "request failed");
+            tracing::error!(code = %self.code, message = %self.message, "request failed");
         }
-        let body = json!({"error": {
-            "code": self.code,
-            "message": self.message,
-            "type": self.kind(),
-        }});
-        (self.status, Json(body)).into_response()
+        (self.status, Json(self.body())).into_response()
     }
 }
 

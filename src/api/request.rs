@@ -328,9 +328,9 @@ mod tests {
         json!([{"role": "user", "content": "hi"}])
     }
 
-    fn err(body: Value) -> (&'static str, String) {
+    fn err(body: Value) -> (String, String) {
         let e = parse(&body, &config()).unwrap_err();
-        (e.code, e.message)
+        (e.code.into_owned(), e.message)
     }
 
     #[test]

@@ -6,14 +6,15 @@
 use std::collections::HashSet;
 use std::convert::Infallible;
 
+use axum::http::StatusCode;
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use futures::SinkExt;
 use futures::channel::mpsc;
 use serde_json::{Value, json};
 
-use super::AppState;
 use super::chat::{JOB_HEADER, StreamOptions, job_error, job_header};
+use super::{ApiError, AppState};
 use crate::job::{Job, JobStatus, Step, StepKey};
 
 type Tx = mpsc::Sender<Result<Event, Infallible>>;
@@ -71,12 +72,15 @@ async fn drive(
     let mut reported = HashSet::new();
     let finished = loop {
         let Ok(Some(current)) = state.store.get_job(job.id).await else {
-            data(
-                &mut tx,
-                &json!({"error": {"code": "database_unavailable",
-                "message": "lost track of the job; fetch it from GET /v1/jobs/{id}"}}),
-            )
-            .await?;
+            let lost = ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "database_unavailable",
+                format!(
+                    "lost track of fusion job {}; fetch it from GET /v1/jobs/{}",
+                    job.id, job.id
+                ),
+            );
+            data(&mut tx, &lost.body()).await?;
             return Ok(());
         };
         if let Ok(steps) = state.store.get_steps(job.id).await {
@@ -91,12 +95,7 @@ async fn drive(
     };
 
     if finished.status != JobStatus::Succeeded {
-        let err = job_error(&finished);
-        data(
-            &mut tx,
-            &json!({"error": {"code": err.code, "message": err.message}}),
-        )
-        .await?;
+        data(&mut tx, &job_error(&finished).body()).await?;
         return send(&mut tx, Event::default().data("[DONE]")).await;
     }
     let result = finished.result.unwrap_or(Value::Null);

@@ -468,3 +468,31 @@ async fn a_failed_or_cancelled_job_tells_openai_sdks_not_to_retry() {
     assert_eq!(resp.status(), 400);
     assert!(!resp.headers().contains_key("x-should-retry"));
 }
+
+#[tokio::test]
+async fn a_failed_job_answers_with_its_failure_reason_as_the_code() {
+    let app = spawn_app().await;
+    app.fake
+        .script("judge", Kind::Final, vec![Reply::Status(401)]);
+    let resp = app.chat(&body_with_panel(&["m1"], "judge")).await;
+    assert_eq!(resp.status(), 502);
+    let id = resp.headers()["x-fusion-job-id"]
+        .to_str()
+        .unwrap()
+        .to_string();
+    let body: Value = resp.json().await.unwrap();
+    assert_eq!(app.get_job(&id).await["failure_reason"], "upstream_auth");
+    assert_eq!(body["error"]["code"], "upstream_auth", "{body:#}");
+    assert_eq!(body["error"]["type"], "api_error");
+
+    // Streamed, the same error object comes as the last data before [DONE].
+    let mut streamed = body_with_panel(&["m1"], "judge");
+    streamed["stream"] = json!(true);
+    let text = app.chat(&streamed).await.text().await.unwrap();
+    let (data, _) = parse_sse(&text);
+    assert_eq!(data.last().unwrap(), "[DONE]", "{text}");
+    let err: Value = serde_json::from_str(&data[data.len() - 2]).unwrap();
+    assert_eq!(err["error"]["code"], "upstream_auth", "{err:#}");
+    assert_eq!(err["error"]["type"], "api_error");
+    assert!(err["error"]["message"].as_str().unwrap().contains("failed"));
+}
