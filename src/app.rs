@@ -127,6 +127,22 @@ impl Application {
     /// Serve and work until `shutdown` fires; then stop accepting, drain, release.
     pub async fn run(self, shutdown: CancellationToken) -> anyhow::Result<()> {
         let worker = self.worker.map(|w| tokio::spawn(w.run(shutdown.clone())));
+        // Requests waiting on jobs stop waiting once this process has stopped working: its
+        // worker handed back what it ran (or, with no worker here, at shutdown). Otherwise a
+        // client waiting on a job handed back to the queue would hold the server open forever.
+        let watch = self.state.watch.clone();
+        let stopped = shutdown.clone();
+        let worker = tokio::spawn(async move {
+            let ran = match worker {
+                Some(w) => Some(w.await),
+                None => {
+                    stopped.cancelled().await;
+                    None
+                }
+            };
+            watch.close();
+            ran
+        });
         if let Some(listener) = self.listener {
             tracing::info!(addr = ?self.addr, "listening");
             let app = api::router(self.state);
@@ -138,8 +154,8 @@ impl Application {
         } else {
             shutdown.cancelled().await;
         }
-        if let Some(w) = worker {
-            w.await.context("worker task panicked")?;
+        if let Some(ran) = worker.await.context("shutdown task panicked")? {
+            ran.context("worker task panicked")?;
         }
         Ok(())
     }

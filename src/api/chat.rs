@@ -133,7 +133,12 @@ pub fn finished_completion(job: &Job) -> Result<Response, ApiError> {
             Json(result).into_response()
         }
         _ => {
-            let mut resp = job_error(job).into_response();
+            // Not finished: the wait ended because this process is shutting down.
+            let error = match job.status.is_final() {
+                true => job_error(job),
+                false => handed_back(job),
+            };
+            let mut resp = error.into_response();
             resp.headers_mut()
                 .insert(SHOULD_RETRY_HEADER, HeaderValue::from_static("false"));
             resp
@@ -145,6 +150,23 @@ pub fn finished_completion(job: &Job) -> Result<Response, ApiError> {
 
 pub fn job_header(job: &Job) -> HeaderValue {
     HeaderValue::from_str(&job.id.to_string()).expect("a uuid is a valid header")
+}
+
+/// The answer to a request that waited on a job when this process shut down before the job
+/// finished: the job is not lost (it was handed back to the queue, or runs elsewhere), and a
+/// retry of the request would start another; so 503 with the job's id to fetch it by.
+pub fn handed_back(job: &Job) -> ApiError {
+    ApiError::new(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "shutting_down",
+        format!(
+            "this server is shutting down before fusion job {} finished; the job is {} and keeps \
+             its checkpoints: fetch its result later from GET /v1/jobs/{}",
+            job.id,
+            job.status.as_str(),
+            job.id
+        ),
+    )
 }
 
 /// The error a failed or cancelled job answers with, streamed or not: a failed job's code is its

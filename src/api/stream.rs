@@ -13,7 +13,7 @@ use futures::SinkExt;
 use futures::channel::mpsc;
 use serde_json::{Value, json};
 
-use super::chat::{JOB_HEADER, StreamOptions, job_error, job_header};
+use super::chat::{JOB_HEADER, StreamOptions, handed_back, job_error, job_header};
 use super::{ApiError, AppState};
 use crate::job::{Job, JobStatus, Step, StepKey};
 
@@ -90,6 +90,10 @@ async fn drive(
         }
         if current.status.is_final() {
             break current;
+        }
+        if watcher.closed() {
+            data(&mut tx, &handed_back(&current).body()).await?;
+            return send(&mut tx, Event::default().data("[DONE]")).await;
         }
         watcher.next().await;
     };

@@ -190,6 +190,9 @@ async fn run_call(
     let parsed = request::parse(&job_body, &state.config)?;
     let (job, _) = enqueue(state, parsed, None, &job_body).await?;
     let job = watch::wait_final(&state.watch, state.store.as_ref(), job.id).await?;
+    if !job.status.is_final() {
+        return Err(super::chat::handed_back(&job));
+    }
     let steps = state.store.get_steps(job.id).await?;
     let mut usage = Usage::default();
     steps.iter().for_each(|s| usage.add(&s.usage));

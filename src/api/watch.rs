@@ -1,12 +1,16 @@
 //! Waiting on jobs without polling: one task reads the store's event stream and hands each event
 //! to the requests watching that job (a synchronous chat completion, an SSE stream). A slow
 //! fallback re-read covers missed events (a lagging receiver, SQLite shared across processes).
+//! Closed when the process stops working (shutdown): waiting requests then answer with the job
+//! as it is, so that the HTTP server's graceful shutdown is not held open by jobs handed back
+//! to the queue.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::sync::{broadcast, mpsc};
+use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use crate::job::Job;
@@ -19,6 +23,7 @@ type Subscribers = Arc<Mutex<HashMap<Uuid, Vec<mpsc::UnboundedSender<JobEvent>>>
 
 pub struct JobWatch {
     subscribers: Subscribers,
+    closed: CancellationToken,
 }
 
 /// Events of one job; unsubscribes on drop.
@@ -26,6 +31,7 @@ pub struct Watcher {
     id: Uuid,
     rx: mpsc::UnboundedReceiver<JobEvent>,
     subscribers: Subscribers,
+    closed: CancellationToken,
 }
 
 impl JobWatch {
@@ -53,7 +59,17 @@ impl JobWatch {
                 }
             }
         });
-        Arc::new(JobWatch { subscribers })
+        Arc::new(JobWatch {
+            subscribers,
+            closed: CancellationToken::new(),
+        })
+    }
+
+    /// Stop every wait, now and from now on: this process has stopped working (its worker
+    /// handed back what it ran, or it runs none), so a job not finished yet will not finish
+    /// while its requests wait here.
+    pub fn close(&self) {
+        self.closed.cancel();
     }
 
     pub fn watch(&self, id: Uuid) -> Watcher {
@@ -68,17 +84,24 @@ impl JobWatch {
             id,
             rx,
             subscribers: self.subscribers.clone(),
+            closed: self.closed.clone(),
         }
     }
 }
 
 impl Watcher {
-    /// The next event of this job, or `None` after the fallback interval passed without one.
+    /// The next event of this job, or `None` after the fallback interval passed without one
+    /// (at once once the watch is closed).
     pub async fn next(&mut self) -> Option<JobEvent> {
-        tokio::time::timeout(FALLBACK_POLL, self.rx.recv())
-            .await
-            .ok()
-            .flatten()
+        tokio::select! {
+            _ = self.closed.cancelled() => None,
+            event = tokio::time::timeout(FALLBACK_POLL, self.rx.recv()) => event.ok().flatten(),
+        }
+    }
+
+    /// Whether waiting should stop (see `JobWatch::close`).
+    pub fn closed(&self) -> bool {
+        self.closed.is_cancelled()
     }
 }
 
@@ -96,8 +119,9 @@ impl Drop for Watcher {
     }
 }
 
-/// Wait until the job is final. The watcher is taken before the first read, so no event can
-/// slip between the read and the wait.
+/// Wait until the job is final, or the watch is closed (the job is then returned as it is, not
+/// final). The watcher is taken before the first read, so no event can slip between the read
+/// and the wait.
 pub async fn wait_final(watch: &JobWatch, store: &dyn Store, id: Uuid) -> Result<Job, StoreError> {
     let mut watcher = watch.watch(id);
     loop {
@@ -105,7 +129,7 @@ pub async fn wait_final(watch: &JobWatch, store: &dyn Store, id: Uuid) -> Result
             .get_job(id)
             .await?
             .ok_or_else(|| StoreError::Corrupt(format!("job {id} vanished")))?;
-        if job.status.is_final() {
+        if job.status.is_final() || watcher.closed() {
             return Ok(job);
         }
         // Step events do not finish a job; skip them rather than re-reading on each.

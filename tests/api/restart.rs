@@ -330,6 +330,50 @@ async fn sigterm_hands_running_jobs_back_at_once() {
     server.kill().await;
 }
 
+#[tokio::test]
+async fn sigterm_answers_a_client_waiting_on_a_job_it_hands_back() {
+    let env = [
+        ("FUSION_LEASE_SECONDS", "60"),
+        ("FUSION_SHUTDOWN_GRACE_SECONDS", "1"),
+    ];
+    let HangingAnalysis {
+        fake,
+        _dir,
+        client,
+        server,
+        ..
+    } = HangingAnalysis::start(&["m1", "m2"], &env).await;
+    // A synchronous chat completion and a streamed one, each on a job whose analysis hangs.
+    let waiting = |stream: bool| {
+        let client = client.clone();
+        let url = format!("{}/v1/chat/completions", server.address);
+        let mut body = body_with_panel(&["m1", "m2"], "judge");
+        body["stream"] = stream.into();
+        tokio::spawn(async move {
+            let resp = client.post(url).json(&body).send().await.unwrap();
+            let status = resp.status();
+            let job = resp.headers().get("x-fusion-job-id").cloned();
+            (status, job, resp.text().await.unwrap())
+        })
+    };
+    let (sync, streamed) = (waiting(false), waiting(true));
+    while fake.calls("judge", Kind::Analysis) < 3 {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    let status = server.terminate().await;
+    assert!(status.success(), "fusion exited with {status}");
+    let (status, job, body) = sync.await.unwrap();
+    assert_eq!(status, 503, "{body}");
+    assert!(job.is_some(), "the answer names its job");
+    let error: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(error["error"]["code"], "shutting_down", "{body}");
+    let (status, _, body) = streamed.await.unwrap();
+    assert_eq!(status, 200);
+    assert!(body.contains("shutting_down"), "{body}");
+    assert!(body.trim_end().ends_with("data: [DONE]"), "{body}");
+}
+
 /// 200 jobs on a slow upstream, the server SIGKILLed at random moments and restarted: every job
 /// succeeds, and no step is called again once its checkpoint was written.
 #[tokio::test]
