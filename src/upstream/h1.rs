@@ -11,12 +11,14 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
+use hyper::body::Body as _;
 use hyper::client::conn::http1::{self, SendRequest};
 use hyper::header::{self, HeaderMap};
 use hyper::{Request, Uri};
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 
+use super::body::Body;
 use super::{ErrorKind, UpstreamError};
 
 /// Bytes asked of the socket per read. hyper's default reserves 8 KiB per connection up front
@@ -28,7 +30,7 @@ const IDLE_FOR: Duration = Duration::from_secs(90);
 
 type Sender = SendRequest<Full<Bytes>>;
 
-/// A response, read whole.
+/// A response: a 2xx read whole, the start of any other.
 pub(super) struct Answer {
     pub status: u16,
     pub headers: HeaderMap,
@@ -56,8 +58,10 @@ impl PlainClient {
         }
     }
 
-    /// POST `body` to `uri` (an `http://` URI with a host) with `headers`, and read the answer
-    /// whole. No timeout of its own beyond connecting: the caller bounds the whole exchange.
+    /// POST `body` to `uri` (an `http://` URI with a host) with `headers`, and read the answer:
+    /// a 2xx whole (up to `MAX_ANSWER_BYTES`, past which the call fails), the start of any other
+    /// (see `body::Body`). No timeout of its own beyond connecting: the caller bounds the whole
+    /// exchange.
     pub async fn post(
         &self,
         uri: &Uri,
@@ -94,17 +98,29 @@ impl PlainClient {
             }
             Err(e) => return Err(call_error(e)),
         };
-        let (parts, incoming) = response.into_parts();
-        let body = incoming
-            .collect()
-            .await
-            .map_err(|e| failed(ErrorKind::BadBody, format!("reading the body: {e}")))?
-            .to_bytes();
-        self.checkin(origin, sender);
+        let (parts, mut incoming) = response.into_parts();
+        let status = parts.status.as_u16();
+        let mut body = Body::new(status, incoming.size_hint().exact())?;
+        // Dropped with the rest of the body unread (an error's, or one past the limit), the
+        // connection is closed, not pooled.
+        let mut whole = true;
+        while let Some(frame) = incoming.frame().await {
+            let frame =
+                frame.map_err(|e| failed(ErrorKind::BadBody, format!("reading the body: {e}")))?;
+            if let Ok(chunk) = frame.into_data()
+                && !body.take(&chunk)?
+            {
+                whole = false;
+                break;
+            }
+        }
+        if whole {
+            self.checkin(origin, sender);
+        }
         Ok(Answer {
-            status: parts.status.as_u16(),
+            status,
             headers: parts.headers,
-            body,
+            body: body.into_bytes(),
         })
     }
 
@@ -186,6 +202,7 @@ fn failed(kind: ErrorKind, detail: String) -> UpstreamError {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::upstream::test_server::{Then, answering, chunked};
     use std::sync::Arc;
     use std::sync::atomic::{AtomicUsize, Ordering};
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -322,6 +339,47 @@ mod tests {
         }
         assert_eq!(seen.open.load(Ordering::SeqCst), 1);
         assert_eq!(seen.accepted.load(Ordering::SeqCst), 4);
+    }
+
+    fn completions_at(base: &str) -> Uri {
+        format!("{base}/v1/chat/completions").parse().unwrap()
+    }
+
+    // An upstream at the wrong URL, or one ignoring `stream: false`, can send without end: the
+    // body is cut at the limit and the call fails for good (a retry would get the same).
+    #[tokio::test]
+    async fn a_body_past_the_limit_is_a_final_error() {
+        let body = vec![b'x'; 20 << 20];
+        let (base, _) = answering(chunked(&body, 64 << 10), Then::Close).await;
+        let client = PlainClient::new(Duration::from_secs(1), 8);
+        let headers = HeaderMap::new();
+        let err = client
+            .post(&completions_at(&base), &headers, Bytes::new())
+            .await
+            .err()
+            .expect("a body over the limit is refused");
+        assert!(!err.retryable(), "{err:?}");
+        assert_eq!(err.message, "upstream answer larger than 16777216 bytes");
+    }
+
+    // An error's body is only its message: the start of it is kept and the rest is not waited
+    // for (this one announces 100 MiB, sends 64 KiB and then nothing).
+    #[tokio::test]
+    async fn only_the_start_of_an_error_body_is_read() {
+        let mut answer =
+            b"HTTP/1.1 500 Internal Server Error\r\ncontent-length: 104857600\r\n\r\n".to_vec();
+        answer.extend_from_slice(&[b'e'; 64 << 10]);
+        let (base, _) = answering(answer, Then::Hold).await;
+        let client = PlainClient::new(Duration::from_secs(1), 8);
+        let headers = HeaderMap::new();
+        let uri = completions_at(&base);
+        let call = client.post(&uri, &headers, Bytes::new());
+        let answer = tokio::time::timeout(Duration::from_secs(5), call)
+            .await
+            .expect("the error is not read to its end")
+            .unwrap();
+        assert_eq!(answer.status, 500);
+        assert_eq!(answer.body.len(), 8192);
     }
 
     #[tokio::test]

@@ -2,8 +2,11 @@
 //! configuration). Routes `provider:model` names, classifies every failure once into retryable or
 //! fatal, and turns the upstream `usage` into tokens and cost. Never stores or logs a key.
 
+mod body;
 mod h1;
 mod retry;
+#[cfg(test)]
+mod test_server;
 
 pub use retry::{CallError, Jitter, RetryPolicy};
 
@@ -152,6 +155,8 @@ pub enum ErrorKind {
     Rejected,
     /// A well-formed completion with no content.
     Empty,
+    /// A 2xx answer's body past `MAX_ANSWER_BYTES`: not a completion, and no retry makes it one.
+    TooLarge,
 }
 
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
@@ -567,12 +572,17 @@ impl Upstream {
 /// start another run (the recursion guard).
 pub const DEPTH_HEADER: &str = "x-fusion-depth";
 
-/// The body of a 2xx answer, or the classified error of any other.
-async fn read_ok(resp: reqwest::Response) -> Result<(u16, Bytes), UpstreamError> {
+/// The body of a 2xx answer (up to `MAX_ANSWER_BYTES`), or the classified error of any other.
+async fn read_ok(mut resp: reqwest::Response) -> Result<(u16, Bytes), UpstreamError> {
     let status = resp.status().as_u16();
     let retry_after = resp.headers().get(reqwest::header::RETRY_AFTER).cloned();
-    let body = resp.bytes().await.map_err(transport_error)?;
-    ok_or_error(status, retry_after.as_ref(), body)
+    let mut body = body::Body::new(status, resp.content_length())?;
+    while let Some(chunk) = resp.chunk().await.map_err(transport_error)? {
+        if !body.take(&chunk)? {
+            break;
+        }
+    }
+    ok_or_error(status, retry_after.as_ref(), body.into_bytes())
 }
 
 /// A 2xx answer's body, or the error any other status stands for.
@@ -624,6 +634,7 @@ fn with_sources(e: &dyn std::error::Error) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use test_server::{Then, answering, chunked};
 
     #[test]
     fn classifies_statuses_once() {
@@ -702,6 +713,70 @@ mod tests {
         assert!(https.plain.is_none());
         let bad_key = Provider::new("bad", "http://h/v1", Some(ApiKey("a\nb".into())));
         assert!(Endpoint::of(&bad_key, &none).is_err());
+    }
+
+    fn upstream_at(base_url: &str, key: Option<&str>) -> Upstream {
+        Upstream::new(UpstreamConfig {
+            default: Provider::new("default", base_url, key.and_then(|k| ApiKey::new(k.into()))),
+            providers: HashMap::new(),
+            timeout: Duration::from_secs(2),
+            prices: HashMap::new(),
+            max_idle_per_host: 8,
+        })
+        .unwrap()
+    }
+
+    fn ask() -> CompletionRequest<'static> {
+        CompletionRequest {
+            messages: Cow::Owned(vec![json!({"role": "user", "content": "hi"})]),
+            ..CompletionRequest::default()
+        }
+    }
+
+    /// `complete` takes the lean client (a plain-`http://` upstream); `complete_json` always
+    /// goes through reqwest. Both, on the same upstream, as usage or an error.
+    async fn on_both_clients(up: &Upstream) -> [Result<Usage, UpstreamError>; 2] {
+        let lean = up.complete("m", &ask()).await.map(|c| c.usage);
+        let body = json!({"messages": [{"role": "user", "content": "hi"}]});
+        let reqwest = up.complete_json("m", body).await.map(|(_, usage)| usage);
+        [lean, reqwest]
+    }
+
+    // A completion padded past the limit (an upstream streaming without end would be cut at
+    // the same point) fails on either client, for good, with the limit in its message.
+    #[tokio::test]
+    async fn an_answer_past_the_limit_fails_for_good_on_both_clients() {
+        let mut body = test_server::completion("hi", "{}").into_bytes();
+        body.resize(20 << 20, b' ');
+        let (base, _) = answering(chunked(&body, 64 << 10), Then::Close).await;
+        let up = upstream_at(&format!("{base}/v1"), None);
+        for result in on_both_clients(&up).await {
+            let err = result.expect_err("an answer over the limit is refused");
+            assert!(!err.retryable(), "{err:?}");
+            assert_eq!(err.message, "upstream answer larger than 16777216 bytes");
+        }
+    }
+
+    // A 500 that announces 100 MiB, sends 64 KiB and then nothing is reported as the 500 it is
+    // at once, on either client, not after the whole-call timeout.
+    #[tokio::test]
+    async fn an_error_body_is_read_only_as_far_as_its_message() {
+        let mut answer = b"HTTP/1.1 500 Internal Server Error\r\ncontent-length: 104857600\r\n\r\n{\"error\": \"overloaded".to_vec();
+        answer.resize(answer.len() + (64 << 10), b'.');
+        let (base, _) = answering(answer, Then::Hold).await;
+        let up = upstream_at(&format!("{base}/v1"), None);
+        for result in on_both_clients(&up).await {
+            let err = result.unwrap_err();
+            assert_eq!(
+                (err.kind, err.status),
+                (ErrorKind::Server, Some(500)),
+                "{err:?}"
+            );
+            assert!(
+                err.message
+                    .starts_with("upstream answered 500: {\"error\": \"overloaded...")
+            );
+        }
     }
 
     #[test]

@@ -1,0 +1,96 @@
+//! A bare HTTP/1.1 server for the upstream clients' tests: it answers every request with the same
+//! bytes, written as they are (any head, any framing, garbage), and records each request's head.
+
+use std::sync::{Arc, Mutex};
+
+use bytes::Bytes;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpListener;
+
+/// The heads of the requests a server received, in order, as text.
+pub type Heads = Arc<Mutex<Vec<String>>>;
+
+/// How an answer ends once written.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Then {
+    /// Hang up.
+    Close,
+    /// Keep the connection open without a word more (an answer that never ends).
+    Hold,
+}
+
+/// Listen on 127.0.0.1:0 and answer every request with `answer`; returns `http://ADDR`.
+pub async fn answering(answer: impl Into<Bytes>, then: Then) -> (String, Heads) {
+    let answer: Bytes = answer.into();
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    let heads = Heads::default();
+    let seen = heads.clone();
+    tokio::spawn(async move {
+        loop {
+            let (mut socket, _) = listener.accept().await.unwrap();
+            let (answer, seen) = (answer.clone(), seen.clone());
+            tokio::spawn(async move {
+                let Some(head) = read_request(&mut socket).await else {
+                    return;
+                };
+                seen.lock().unwrap().push(head);
+                // The client may hang up part way (a capped body): that ends the answer.
+                if socket.write_all(&answer).await.is_err() {
+                    return;
+                }
+                if then == Then::Hold {
+                    let mut rest = [0u8; 64];
+                    while socket.read(&mut rest).await.is_ok_and(|n| n > 0) {}
+                }
+            });
+        }
+    });
+    (base, heads)
+}
+
+/// One request: its head as text, its body (by `content-length`) read and dropped.
+async fn read_request(socket: &mut tokio::net::TcpStream) -> Option<String> {
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 4096];
+    let end = loop {
+        let n = socket.read(&mut buf).await.ok().filter(|&n| n > 0)?;
+        seen.extend_from_slice(&buf[..n]);
+        if let Some(at) = seen.windows(4).position(|w| w == b"\r\n\r\n") {
+            break at + 4;
+        }
+    };
+    let head = String::from_utf8_lossy(&seen[..end]).into_owned();
+    let length = head
+        .lines()
+        .find_map(|l| {
+            let (name, value) = l.split_once(':')?;
+            name.eq_ignore_ascii_case("content-length")
+                .then(|| value.trim().parse::<usize>().ok())?
+        })
+        .unwrap_or(0);
+    let mut body = seen.len() - end;
+    while body < length {
+        body += socket.read(&mut buf).await.ok().filter(|&n| n > 0)?;
+    }
+    Some(head)
+}
+
+/// A `200 OK` head and `body` sent in `transfer-encoding: chunked` chunks of `chunk` bytes.
+pub fn chunked(body: &[u8], chunk: usize) -> Vec<u8> {
+    let mut out = b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ntransfer-encoding: chunked\r\nconnection: close\r\n\r\n".to_vec();
+    for part in body.chunks(chunk) {
+        out.extend_from_slice(format!("{:x}\r\n", part.len()).as_bytes());
+        out.extend_from_slice(part);
+        out.extend_from_slice(b"\r\n");
+    }
+    out.extend_from_slice(b"0\r\n\r\n");
+    out
+}
+
+/// A chat completion with `content` and the given `usage` JSON.
+pub fn completion(content: &str, usage: &str) -> String {
+    format!(
+        r#"{{"id":"c","object":"chat.completion","choices":[{{"index":0,"message":{{"role":"assistant","content":"{content}"}},"finish_reason":"stop"}}],"usage":{usage}}}"#
+    )
+}
