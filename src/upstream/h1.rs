@@ -1,9 +1,9 @@
 //! A lean HTTP/1.1 client for plain-`http://` upstreams — local inference servers (llama.cpp,
 //! vLLM, Ollama) that speak HTTP/1.1 only, where a big batch holds one connection per call in
-//! flight. It is hyper's connection API with a read buffer sized for chat completions and a
-//! plain per-origin pool of idle connections, without reqwest's layers: roughly half of the
-//! memory reqwest takes per call in flight. HTTPS upstreams (TLS, HTTP/2) and any upstream a
-//! proxy variable applies to stay on reqwest (see `Upstream::exchange`).
+//! flight. It is hyper's connection API, with hyper's own buffers and limits, and a plain
+//! per-origin pool of idle connections, without reqwest's and hyper-util's layers (~8.5 KiB
+//! less allocated per call in flight). HTTPS upstreams (TLS, HTTP/2) and any upstream a proxy
+//! variable applies to stay on reqwest (see `Upstream::exchange`).
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Mutex;
@@ -21,10 +21,6 @@ use tokio::net::TcpStream;
 use super::body::Body;
 use super::{ErrorKind, UpstreamError};
 
-/// Bytes asked of the socket per read. hyper's default reserves 8 KiB per connection up front
-/// and keeps it for the connection's life; a completion's head and a short body fit in 4 KiB,
-/// and a longer one takes a few reads.
-const READ_BUF: usize = 4096;
 /// How long an idle connection is kept (as reqwest's pool keeps them).
 const IDLE_FOR: Duration = Duration::from_secs(90);
 
@@ -175,8 +171,12 @@ impl PlainClient {
             .map_err(|_| cannot(&"timed out"))?
             .map_err(|e| cannot(&e))?;
         stream.set_nodelay(true).map_err(|e| cannot(&e))?;
+        // hyper's default read strategy: reads of 8 KiB to start with (larger while they come
+        // back full), heads of up to ~408 KiB and 100 headers. An exact read size, which this
+        // client used to set (4 KiB), is also the most a head may take, and heads from servers
+        // behind nginx or LiteLLM (cookies, CORS) are longer; `max_buf_size`, the other knob,
+        // cannot go below 8 KiB, so reads smaller than hyper's default are not to be had.
         let (sender, conn) = http1::Builder::new()
-            .read_buf_exact_size(Some(READ_BUF))
             .handshake(TokioIo::new(stream))
             .await
             .map_err(|e| cannot(&e))?;
@@ -191,6 +191,9 @@ impl PlainClient {
 
 /// How a request failed on its way out or before its answer's head arrived.
 fn call_error(e: hyper::Error) -> UpstreamError {
+    if e.is_parse() {
+        return failed(ErrorKind::NotHttp, super::not_http(&e));
+    }
     // Resets and other transport failures mid-request, as with reqwest.
     failed(ErrorKind::Connect, super::with_sources(&e))
 }
@@ -380,6 +383,39 @@ mod tests {
             .unwrap();
         assert_eq!(answer.status, 500);
         assert_eq!(answer.body.len(), 8192);
+    }
+
+    // Something that is not an HTTP/1.1 answer (another protocol on that port) will not become
+    // one on a retry.
+    #[tokio::test]
+    async fn an_answer_that_is_not_http_is_a_final_error() {
+        let (base, _) = answering(&b"SSH-2.0-OpenSSH_9.6\r\n\r\n"[..], Then::Close).await;
+        let client = PlainClient::new(Duration::from_secs(1), 8);
+        let headers = HeaderMap::new();
+        let err = client
+            .post(&completions_at(&base), &headers, Bytes::new())
+            .await
+            .err()
+            .unwrap();
+        assert!(!err.retryable(), "{err:?}");
+        assert!(
+            err.message.contains("not an HTTP/1.1 answer"),
+            "{}",
+            err.message
+        );
+    }
+
+    // Servers behind nginx or LiteLLM send long heads (cookies, CORS): past 4 KiB, and up to
+    // hyper's own limits, they are read.
+    #[tokio::test]
+    async fn a_head_of_several_kib_is_read() {
+        let pad = "a".repeat(5000);
+        let answer = format!("HTTP/1.1 200 OK\r\nx-pad: {pad}\r\ncontent-length: 2\r\n\r\nok");
+        let (base, _) = answering(answer, Then::Close).await;
+        let client = PlainClient::new(Duration::from_secs(1), 8);
+        let answer = call(&client, &completions_at(&base)).await;
+        assert_eq!((answer.status, &answer.body[..]), (200, &b"ok"[..]));
+        assert_eq!(answer.headers["x-pad"], pad.as_str());
     }
 
     #[tokio::test]

@@ -157,6 +157,9 @@ pub enum ErrorKind {
     Empty,
     /// A 2xx answer's body past `MAX_ANSWER_BYTES`: not a completion, and no retry makes it one.
     TooLarge,
+    /// An answer that is not HTTP/1.1 hyper can read (its head does not parse, or is past
+    /// hyper's limits): another protocol on that port, which no retry changes.
+    NotHttp,
 }
 
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
@@ -602,6 +605,13 @@ fn ok_or_error(
 }
 
 fn transport_error(e: reqwest::Error) -> UpstreamError {
+    if is_parse_error(&e) {
+        return UpstreamError::new(
+            ErrorKind::NotHttp,
+            None,
+            format!("upstream call failed: {}", not_http(&e)),
+        );
+    }
     let kind = if e.is_timeout() {
         ErrorKind::Timeout
     } else if e.is_connect() {
@@ -616,6 +626,28 @@ fn transport_error(e: reqwest::Error) -> UpstreamError {
         kind,
         None,
         format!("upstream call failed: {}", with_sources(&e)),
+    )
+}
+
+/// Whether hyper could not parse the answer, somewhere in `e`'s sources.
+fn is_parse_error(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut source = Some(e);
+    while let Some(e) = source {
+        if e.downcast_ref::<hyper::Error>()
+            .is_some_and(hyper::Error::is_parse)
+        {
+            return true;
+        }
+        source = e.source();
+    }
+    false
+}
+
+/// The message of an answer hyper could not parse.
+fn not_http(e: &dyn std::error::Error) -> String {
+    format!(
+        "not an HTTP/1.1 answer this client can read: {}",
+        with_sources(e)
     )
 }
 
@@ -775,6 +807,32 @@ mod tests {
             assert!(
                 err.message
                     .starts_with("upstream answered 500: {\"error\": \"overloaded...")
+            );
+        }
+    }
+
+    // Another protocol on the upstream's port answers nothing a retry would make HTTP; a long
+    // head is HTTP all the same. On either client.
+    #[tokio::test]
+    async fn long_heads_are_read_and_answers_that_are_not_http_are_final_on_both_clients() {
+        let body = test_server::completion("hi", "{}");
+        let pad = "a".repeat(5000);
+        let answer = format!(
+            "HTTP/1.1 200 OK\r\nx-pad: {pad}\r\ncontent-length: {}\r\n\r\n{body}",
+            body.len()
+        );
+        let (base, _) = answering(answer, Then::Close).await;
+        for result in on_both_clients(&upstream_at(&format!("{base}/v1"), None)).await {
+            result.unwrap();
+        }
+        let (base, _) = answering(&b"SSH-2.0-OpenSSH_9.6\r\n\r\n"[..], Then::Close).await;
+        for result in on_both_clients(&upstream_at(&format!("{base}/v1"), None)).await {
+            let err = result.unwrap_err();
+            assert!(!err.retryable(), "{err:?}");
+            assert!(
+                err.message.contains("not an HTTP/1.1 answer"),
+                "{}",
+                err.message
             );
         }
     }
