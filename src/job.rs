@@ -195,10 +195,13 @@ pub struct Usage {
 }
 
 impl Usage {
+    /// Add `other`'s; token counts stop at `i64::MAX` rather than overflow.
     pub fn add(&mut self, other: &Usage) {
-        self.prompt_tokens += other.prompt_tokens;
-        self.completion_tokens += other.completion_tokens;
-        self.total_tokens += other.total_tokens;
+        self.prompt_tokens = self.prompt_tokens.saturating_add(other.prompt_tokens);
+        self.completion_tokens = self
+            .completion_tokens
+            .saturating_add(other.completion_tokens);
+        self.total_tokens = self.total_tokens.saturating_add(other.total_tokens);
         self.cost += other.cost;
     }
 }
@@ -333,6 +336,29 @@ pub struct ListFilter {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    // Sums over a job's steps (and the tool loop's jobs) stop at the largest count, never wrap
+    // or panic, whatever an upstream reported.
+    #[test]
+    fn usage_sums_saturate() {
+        let huge = Usage {
+            prompt_tokens: i64::MAX,
+            completion_tokens: i64::MAX - 1,
+            total_tokens: i64::MAX,
+            cost: 1.5,
+        };
+        let mut sum = huge;
+        sum.add(&huge);
+        assert_eq!(
+            (
+                sum.prompt_tokens,
+                sum.completion_tokens,
+                sum.total_tokens,
+                sum.cost
+            ),
+            (i64::MAX, i64::MAX, i64::MAX, 3.0)
+        );
+    }
 
     #[test]
     fn step_keys_round_trip() {

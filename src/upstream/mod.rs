@@ -358,14 +358,47 @@ struct WireMessage {
     content: Option<String>,
 }
 
-#[derive(Deserialize)]
+/// `usage`, read leniently: servers send nulls, floats and numbers as strings, and a completion
+/// that was paid for is not thrown away (and asked for again) over how its usage is written.
+/// A token count is a number or a numeric string, cut to 0..=`MAX_TOKENS`; anything else is 0.
+/// A cost is read the same way; one that is not a number at least 0 is absent (the price table
+/// prices the call).
 struct WireUsage {
-    #[serde(default)]
     prompt_tokens: i64,
-    #[serde(default)]
     completion_tokens: i64,
-    #[serde(default)]
     cost: Option<f64>,
+}
+
+/// The most tokens one call is counted for: past any context window, and small enough that
+/// sums of many cannot overflow (the stores add the two counts up again as they read them).
+const MAX_TOKENS: i64 = u32::MAX as i64;
+
+impl WireUsage {
+    fn of(usage: &Value) -> WireUsage {
+        let tokens =
+            |field| number(usage.get(field)).map_or(0, |n| n.clamp(0.0, MAX_TOKENS as f64) as i64);
+        WireUsage {
+            prompt_tokens: tokens("prompt_tokens"),
+            completion_tokens: tokens("completion_tokens"),
+            cost: number(usage.get("cost")).filter(|c| *c >= 0.0),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for WireUsage {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<WireUsage, D::Error> {
+        Value::deserialize(d).map(|usage| WireUsage::of(&usage))
+    }
+}
+
+/// A finite JSON number, or a string that holds one.
+fn number(v: Option<&Value>) -> Option<f64> {
+    match v? {
+        Value::Number(n) => n.as_f64(),
+        Value::String(s) => s.trim().parse().ok(),
+        _ => None,
+    }
+    .filter(|n: &f64| n.is_finite())
 }
 
 impl Upstream {
@@ -540,9 +573,10 @@ impl Upstream {
                 format!("upstream body is not JSON: {e}"),
             )
         })?;
-        let wire: Option<WireUsage> = value
+        let wire = value
             .get("usage")
-            .and_then(|u| serde_json::from_value(u.clone()).ok());
+            .filter(|u| !u.is_null())
+            .map(WireUsage::of);
         let usage = self.usage(model, wire);
         Ok((value, usage))
     }
@@ -565,7 +599,7 @@ impl Upstream {
         Usage {
             prompt_tokens: u.prompt_tokens,
             completion_tokens: u.completion_tokens,
-            total_tokens: u.prompt_tokens + u.completion_tokens,
+            total_tokens: u.prompt_tokens.saturating_add(u.completion_tokens),
             cost,
         }
     }
@@ -834,6 +868,51 @@ mod tests {
                 "{}",
                 err.message
             );
+        }
+    }
+
+    // Servers disagree on `usage`: nulls, floats, numbers as strings. A completion that was
+    // paid for is kept whatever its usage says; what cannot be read counts as 0 (or, for the
+    // cost, as absent: the price table's).
+    #[tokio::test]
+    async fn odd_usage_fields_do_not_throw_away_a_completion() {
+        let cases = [
+            (
+                r#"{"prompt_tokens": null, "completion_tokens": 7.0, "cost": "0.0012"}"#,
+                Usage {
+                    prompt_tokens: 0,
+                    completion_tokens: 7,
+                    total_tokens: 7,
+                    cost: 0.0012,
+                },
+            ),
+            (
+                r#"{"prompt_tokens": "12", "completion_tokens": -3, "total_tokens": "many", "cost": null}"#,
+                Usage {
+                    prompt_tokens: 12,
+                    completion_tokens: 0,
+                    total_tokens: 12,
+                    cost: 0.0,
+                },
+            ),
+            (
+                r#"{"prompt_tokens": 18446744073709551615, "completion_tokens": 1e300, "cost": {}}"#,
+                Usage {
+                    prompt_tokens: u32::MAX.into(),
+                    completion_tokens: u32::MAX.into(),
+                    total_tokens: 2 * i64::from(u32::MAX),
+                    cost: 0.0,
+                },
+            ),
+            (r#""none""#, Usage::default()),
+        ];
+        for (usage, expected) in cases {
+            let body = test_server::completion("hi", usage);
+            let (base, _) = answering(test_server::answer("200 OK", &body), Then::Close).await;
+            let up = upstream_at(&format!("{base}/v1"), None);
+            for result in on_both_clients(&up).await {
+                assert_eq!(result.unwrap(), expected, "usage {usage}");
+            }
         }
     }
 

@@ -88,6 +88,15 @@ pub fn chunked(body: &[u8], chunk: usize) -> Vec<u8> {
     out
 }
 
+/// A whole answer with `status` (e.g. `200 OK`), `content-length` framing and `body`.
+pub fn answer(status: &str, body: &str) -> Vec<u8> {
+    format!(
+        "HTTP/1.1 {status}\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+        body.len()
+    )
+    .into_bytes()
+}
+
 /// A chat completion with `content` and the given `usage` JSON.
 pub fn completion(content: &str, usage: &str) -> String {
     format!(
