@@ -349,11 +349,13 @@ fn with_wire_options(
     Ok(p)
 }
 
+/// An upstream URL must be http or https; the error names it without its password.
 fn check_url(url: &str) -> anyhow::Result<()> {
-    let parsed = reqwest::Url::parse(url).with_context(|| format!("`{url}` is not a URL"))?;
+    let shown = crate::upstream::redact_url(url);
+    let parsed = reqwest::Url::parse(url).with_context(|| format!("`{shown}` is not a URL"))?;
     anyhow::ensure!(
         matches!(parsed.scheme(), "http" | "https"),
-        "`{url}` must be http or https"
+        "`{shown}` must be http or https"
     );
     Ok(())
 }
@@ -398,6 +400,32 @@ mod tests {
         assert!(cfg.presets.contains_key("quality"));
         assert_eq!(cfg.default_preset, "budget");
         assert!(!format!("{cfg:?}").contains("sk-or"));
+    }
+
+    // A password in an upstream URL stays out of the start-up error that names a bad URL, and
+    // out of the configuration's `Debug`.
+    #[test]
+    fn upstream_urls_are_shown_without_their_password() {
+        for url in ["ftp://user:secret@h/v1", "http://user:secret@h:99999/v1"] {
+            let file: FileConfig = toml::from_str("").unwrap();
+            let err = file
+                .resolve(&env(&[("FUSION_UPSTREAM_URL", url)]))
+                .unwrap_err();
+            let shown = format!("{err:#}");
+            assert!(
+                shown.contains("user:***@h") && !shown.contains("secret"),
+                "{shown}"
+            );
+        }
+        let file: FileConfig = toml::from_str("").unwrap();
+        let cfg = file
+            .resolve(&env(&[("FUSION_UPSTREAM_URL", "http://user:secret@h/v1")]))
+            .unwrap();
+        let shown = format!("{cfg:?}");
+        assert!(
+            shown.contains("http://user:***@h/v1") && !shown.contains("secret"),
+            "{shown}"
+        );
     }
 
     #[test]

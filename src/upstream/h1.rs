@@ -66,15 +66,22 @@ impl PlainClient {
     ) -> Result<Answer, UpstreamError> {
         let authority = uri
             .authority()
-            .ok_or_else(|| failed(ErrorKind::Connect, format!("no host in {uri}")))?;
-        let origin = match authority.port_u16() {
-            Some(_) => authority.as_str().to_string(),
-            None => format!("{}:80", authority.host()),
+            .ok_or_else(|| failed(ErrorKind::Connect, "no host in the URL".into()))?;
+        // The host and port only: a `user:password@` in the URL is neither a connect target nor
+        // a `Host` header, nor shown in an error (`Endpoint` sends it as Basic auth).
+        let host = match authority.port() {
+            Some(port) => format!("{}:{port}", authority.host()),
+            None => authority.host().to_string(),
         };
+        let origin = format!(
+            "{}:{}",
+            authority.host(),
+            authority.port_u16().unwrap_or(80)
+        );
         let path = uri.path_and_query().map_or("/", |p| p.as_str());
         let request = || -> Result<Request<Full<Bytes>>, UpstreamError> {
             let mut req = Request::post(path)
-                .header(header::HOST, authority.as_str())
+                .header(header::HOST, host.as_str())
                 .body(Full::new(body.clone()))
                 .map_err(|e| failed(ErrorKind::Rejected, e.to_string()))?;
             req.headers_mut().extend(headers.clone());
@@ -205,7 +212,7 @@ fn failed(kind: ErrorKind, detail: String) -> UpstreamError {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::upstream::test_server::{Then, answering, chunked};
+    use crate::upstream::test_server::{self, Then, answering, chunked};
     use std::sync::Arc;
     use std::sync::atomic::{AtomicUsize, Ordering};
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -416,6 +423,33 @@ mod tests {
         let answer = call(&client, &completions_at(&base)).await;
         assert_eq!((answer.status, &answer.body[..]), (200, &b"ok"[..]));
         assert_eq!(answer.headers["x-pad"], pad.as_str());
+    }
+
+    // `user:password@` in the URL is for the `Authorization` header (see `Endpoint`): the
+    // connection goes to the host, the `Host` header names the host, errors name the host.
+    #[tokio::test]
+    async fn userinfo_is_neither_the_host_nor_the_connect_target() {
+        let (base, heads) = answering(test_server::answer("200 OK", "ok"), Then::Close).await;
+        let with_user = base.replace("http://", "http://user:secret@");
+        let client = PlainClient::new(Duration::from_secs(1), 8);
+        let answer = call(&client, &completions_at(&with_user)).await;
+        assert_eq!(answer.status, 200);
+        let head = heads.lock().unwrap()[0].clone();
+        let host = base.trim_start_matches("http://");
+        assert!(head.contains(&format!("\r\nhost: {host}\r\n")), "{head}");
+        assert!(!head.contains("secret"), "{head}");
+
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let refused = format!("http://user:secret@{}", listener.local_addr().unwrap());
+        drop(listener);
+        let headers = HeaderMap::new();
+        let err = client
+            .post(&completions_at(&refused), &headers, Bytes::new())
+            .await
+            .err()
+            .unwrap();
+        assert_eq!(err.kind, ErrorKind::Connect);
+        assert!(!err.message.contains("secret"), "{}", err.message);
     }
 
     #[tokio::test]

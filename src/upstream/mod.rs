@@ -15,6 +15,8 @@ use std::collections::HashMap;
 use std::fmt;
 use std::time::{Duration, Instant, SystemTime};
 
+use base64::Engine as _;
+use base64::prelude::BASE64_STANDARD;
 use bytes::Bytes;
 use hyper::Uri;
 use hyper::header::{ACCEPT, AUTHORIZATION, CONTENT_TYPE, HeaderMap, HeaderValue};
@@ -43,10 +45,12 @@ impl fmt::Debug for ApiKey {
 }
 
 /// One OpenAI-compatible endpoint.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct Provider {
     pub name: String,
-    /// Base URL up to and including `/v1` (the path `/chat/completions` is appended).
+    /// Base URL up to and including `/v1` (the path `/chat/completions` is appended). A
+    /// `user:password@` in it is sent as Basic auth unless there is an `api_key` (see
+    /// `Endpoint::of`), and `Debug` shows no password.
     pub base_url: String,
     pub api_key: Option<ApiKey>,
     /// How this provider is asked for JSON that follows a schema.
@@ -66,6 +70,35 @@ impl Provider {
             max_tokens_field: "max_completion_tokens".to_string(),
         }
     }
+}
+
+impl fmt::Debug for Provider {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Provider")
+            .field("name", &self.name)
+            .field("base_url", &redact_url(&self.base_url))
+            .field("api_key", &self.api_key)
+            .field("structured_output", &self.structured_output)
+            .field("max_tokens_field", &self.max_tokens_field)
+            .finish()
+    }
+}
+
+/// `url` with the password of its `user:password@` shown as `***` (a user name with no
+/// password, which may be a token, too), for errors and `Debug`. It errs towards hiding: the
+/// last `@` is taken as the end of the userinfo, as in a URL that does not parse.
+pub fn redact_url(url: &str) -> String {
+    let (Some(start), Some(at)) = (url.find("://").map(|i| i + 3), url.rfind('@')) else {
+        return url.to_string();
+    };
+    if at < start {
+        return url.to_string();
+    }
+    let shown = match url[start..at].split_once(':') {
+        Some((user, _)) => format!("{user}:***"),
+        None => "***".to_string(),
+    };
+    format!("{}{shown}{}", &url[..start], &url[at..])
 }
 
 /// Providers differ in how they enforce a JSON schema.
@@ -269,9 +302,10 @@ pub struct Upstream {
 /// does not print it.)
 #[derive(Debug)]
 struct Endpoint {
-    /// The chat-completions URL under the provider's base URL.
+    /// The chat-completions URL under the provider's base URL, without its userinfo.
     url: String,
-    /// The headers every call carries: JSON body, the recursion guard, the provider's key.
+    /// The headers every call carries: JSON body, the recursion guard, the provider's key (or
+    /// the base URL's userinfo as Basic auth).
     headers: HeaderMap,
     /// `Some` when completions take the lean client: an `http://` URL that the proxy variables
     /// (`HTTP_PROXY`, `ALL_PROXY`, less `NO_PROXY`, read as reqwest reads them) leave alone.
@@ -280,10 +314,8 @@ struct Endpoint {
 
 impl Endpoint {
     fn of(provider: &Provider, proxies: &Matcher) -> anyhow::Result<Endpoint> {
-        let url = format!(
-            "{}/chat/completions",
-            provider.base_url.trim_end_matches('/')
-        );
+        let (base_url, basic_auth) = without_userinfo(&provider.base_url);
+        let url = format!("{}/chat/completions", base_url.trim_end_matches('/'));
         let mut headers = HeaderMap::with_capacity(4);
         headers.insert(DEPTH_HEADER, HeaderValue::from_static("1"));
         headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
@@ -297,6 +329,8 @@ impl Endpoint {
             })?;
             value.set_sensitive(true);
             headers.insert(AUTHORIZATION, value);
+        } else if let Some(value) = basic_auth {
+            headers.insert(AUTHORIZATION, value);
         }
         let plain = url.parse::<Uri>().ok().filter(|uri| {
             uri.scheme_str() == Some("http")
@@ -309,6 +343,37 @@ impl Endpoint {
             plain,
         })
     }
+}
+
+/// `url` without its `user:password@`, and that userinfo as a Basic `Authorization` value
+/// (percent-decoded, marked sensitive) — what reqwest makes of it. Both clients get the URL
+/// without it, so the password goes neither into a connect target, a `Host` header nor an error
+/// message, and the same header, which a provider's key replaces (as reqwest's explicit headers
+/// replace the one it derives from the URL).
+fn without_userinfo(url: &str) -> (Cow<'_, str>, Option<HeaderValue>) {
+    let Ok(mut parsed) = reqwest::Url::parse(url) else {
+        return (url.into(), None);
+    };
+    if parsed.username().is_empty() && parsed.password().is_none() {
+        return (url.into(), None);
+    }
+    let decoded = |s: &str| {
+        percent_encoding::percent_decode_str(s)
+            .decode_utf8_lossy()
+            .into_owned()
+    };
+    let credentials = format!(
+        "{}:{}",
+        decoded(parsed.username()),
+        parsed.password().map(decoded).unwrap_or_default()
+    );
+    let mut value = HeaderValue::try_from(format!("Basic {}", BASE64_STANDARD.encode(credentials)))
+        .expect("base64 is a valid header value");
+    value.set_sensitive(true);
+    // Cannot fail: the URL has a host, since it has userinfo.
+    let _ = parsed.set_username("");
+    let _ = parsed.set_password(None);
+    (String::from(parsed).into(), Some(value))
 }
 
 /// A chat-completions request body, written field by field from a `CompletionRequest`.
@@ -913,6 +978,67 @@ mod tests {
             for result in on_both_clients(&up).await {
                 assert_eq!(result.unwrap(), expected, "usage {usage}");
             }
+        }
+    }
+
+    // `http://user:password@host/v1`: as reqwest does, both clients send the userinfo
+    // (percent-decoded) as Basic auth unless a key is configured (the key's `Bearer` wins), and
+    // never in the `Host` header; no error message or `Debug` output carries the password.
+    #[tokio::test]
+    async fn credentials_in_a_plain_url_go_as_basic_auth_on_both_clients() {
+        let body = test_server::completion("hi", "{}");
+        let (base, heads) = answering(test_server::answer("200 OK", &body), Then::Close).await;
+        let with_user = base.replace("http://", "http://us%65r:s%40cret@") + "/v1";
+        for key in [None, Some("sk-1")] {
+            let up = upstream_at(&with_user, key);
+            for result in on_both_clients(&up).await {
+                result.unwrap();
+            }
+            assert!(!format!("{up:?}").contains("cret"), "{up:?}");
+        }
+        let heads = heads.lock().unwrap().clone();
+        assert_eq!(heads.len(), 4);
+        let host = base.trim_start_matches("http://");
+        for (i, head) in heads.iter().enumerate() {
+            let auth = if i < 2 {
+                "Basic dXNlcjpzQGNyZXQ="
+            } else {
+                "Bearer sk-1"
+            };
+            assert_eq!(header(head, "authorization"), Some(auth), "{head}");
+            assert_eq!(header(head, "host"), Some(host), "{head}");
+            assert!(!head.contains("cret") && !head.contains("us%65r"), "{head}");
+        }
+
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let refused = format!("http://user:secret@{}/v1", listener.local_addr().unwrap());
+        drop(listener);
+        let up = upstream_at(&refused, None);
+        for result in on_both_clients(&up).await {
+            let err = result.unwrap_err();
+            assert_eq!(err.kind, ErrorKind::Connect, "{err:?}");
+            assert!(!err.message.contains("secret"), "{}", err.message);
+        }
+    }
+
+    /// The value of header `name` in a request head.
+    fn header<'a>(head: &'a str, name: &str) -> Option<&'a str> {
+        head.lines().find_map(|l| {
+            let (n, v) = l.split_once(':')?;
+            n.eq_ignore_ascii_case(name).then_some(v.trim())
+        })
+    }
+
+    #[test]
+    fn urls_are_shown_without_their_credentials() {
+        for (url, shown) in [
+            ("http://user:secret@h:8000/v1", "http://user:***@h:8000/v1"),
+            ("http://sk-token@h/v1", "http://***@h/v1"),
+            ("http://user:p@ss@h/v1", "http://user:***@h/v1"),
+            ("http://h:8000/v1", "http://h:8000/v1"),
+            ("not a url", "not a url"),
+        ] {
+            assert_eq!(redact_url(url), shown);
         }
     }
 
