@@ -368,6 +368,15 @@ async fn a_job_claimed_again_while_its_old_attempt_runs_is_heartbeated_as_the_ne
         async move { worker.run_once(1).await }
     });
     wait_for(&app, id, (JobStatus::Running, 1)).await;
+    // `m2` answered and its checkpoint landed: attempt 1 now only waits on `m1` (a checkpoint
+    // still on its way when the lease lapses would stop attempt 1 by itself, fenced out).
+    for _ in 0..500 {
+        if app.store.get_steps(id).await.unwrap().len() == 1 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(app.store.get_steps(id).await.unwrap().len(), 1);
     // Its lease lapses (a stall, say) and the rescuer requeues it; this process claims it again.
     assert_eq!(clock.lapse_leases(&app).await, 1);
     let second = tokio::spawn({
