@@ -392,26 +392,6 @@ mod tests {
         assert_eq!(answer.body.len(), 8192);
     }
 
-    // Something that is not an HTTP/1.1 answer (another protocol on that port) will not become
-    // one on a retry.
-    #[tokio::test]
-    async fn an_answer_that_is_not_http_is_a_final_error() {
-        let (base, _) = answering(&b"SSH-2.0-OpenSSH_9.6\r\n\r\n"[..], Then::Close).await;
-        let client = PlainClient::new(Duration::from_secs(1), 8);
-        let headers = HeaderMap::new();
-        let err = client
-            .post(&completions_at(&base), &headers, Bytes::new())
-            .await
-            .err()
-            .unwrap();
-        assert!(!err.retryable(), "{err:?}");
-        assert!(
-            err.message.contains("not an HTTP/1.1 answer"),
-            "{}",
-            err.message
-        );
-    }
-
     // Servers behind nginx or LiteLLM send long heads (cookies, CORS): past 4 KiB, and up to
     // hyper's own limits, they are read.
     #[tokio::test]

@@ -301,15 +301,7 @@ async fn a_client_that_disconnects_does_not_cancel_the_job() {
         .send()
         .await;
     assert!(gone.unwrap_err().is_timeout());
-    let list: Value = app
-        .client
-        .get(format!("{}/v1/jobs", app.address))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let list = app.list_jobs("").await;
     let id = list["data"][0]["id"].as_str().unwrap().to_string();
     let job = app.wait_final(&id, 10).await;
     assert_eq!(job["status"], "succeeded");
@@ -439,15 +431,7 @@ async fn a_failed_or_cancelled_job_tells_openai_sdks_not_to_retry() {
         }
     });
     let id = loop {
-        let list: Value = app
-            .client
-            .get(format!("{}/v1/jobs?status=running", app.address))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let list = app.list_jobs("status=running").await;
         if let Some(id) = list["data"][0]["id"].as_str() {
             break id.to_string();
         }

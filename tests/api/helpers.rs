@@ -150,6 +150,18 @@ impl TestApp {
         resp.json().await.unwrap()
     }
 
+    /// `GET /v1/jobs?{query}`: a page of the job list.
+    pub async fn list_jobs(&self, query: &str) -> Value {
+        let resp = self
+            .client
+            .get(format!("{}/v1/jobs?{query}", self.address))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 200);
+        resp.json().await.unwrap()
+    }
+
     /// Poll until the job is in a final state (or panic after `secs`).
     pub async fn wait_final(&self, id: &str, secs: u64) -> Value {
         let deadline = tokio::time::Instant::now() + Duration::from_secs(secs);

@@ -168,20 +168,7 @@ async fn jobs_are_listed_newest_first_with_a_status_filter_and_cursor() {
     let cancelled = app.post(&format!("/v1/jobs/{}/cancel", ids[0])).await;
     assert_eq!(cancelled.status(), 200);
 
-    let page = |q: String| {
-        let c = app.client.clone();
-        let url = format!("{}/v1/jobs?{q}", app.address);
-        async move {
-            c.get(url)
-                .send()
-                .await
-                .unwrap()
-                .json::<Value>()
-                .await
-                .unwrap()
-        }
-    };
-    let first = page("limit=2".into()).await;
+    let first = app.list_jobs("limit=2").await;
     let got: Vec<&str> = first["data"]
         .as_array()
         .unwrap()
@@ -191,7 +178,7 @@ async fn jobs_are_listed_newest_first_with_a_status_filter_and_cursor() {
     assert_eq!(got, vec![ids[4].as_str(), ids[3].as_str()]);
     assert_eq!(first["has_more"], true);
     let cursor = first["next_cursor"].as_str().unwrap();
-    let second = page(format!("limit=2&after={cursor}")).await;
+    let second = app.list_jobs(&format!("limit=2&after={cursor}")).await;
     let got: Vec<&str> = second["data"]
         .as_array()
         .unwrap()
@@ -200,10 +187,10 @@ async fn jobs_are_listed_newest_first_with_a_status_filter_and_cursor() {
         .collect();
     assert_eq!(got, vec![ids[2].as_str(), ids[1].as_str()]);
 
-    let queued = page("status=queued&limit=100".into()).await;
+    let queued = app.list_jobs("status=queued&limit=100").await;
     assert_eq!(queued["data"].as_array().unwrap().len(), 4);
     assert_eq!(queued["has_more"], false);
-    let only_cancelled = page("status=cancelled".into()).await;
+    let only_cancelled = app.list_jobs("status=cancelled").await;
     assert_eq!(only_cancelled["data"][0]["id"], ids[0].as_str());
     assert_eq!(only_cancelled["data"][0]["metadata"], json!({"n": 0}));
 }
