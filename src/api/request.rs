@@ -191,7 +191,7 @@ pub fn parse(body: &Value, config: &FusionConfig) -> Result<JobRequest, ApiError
     })
 }
 
-fn parse_messages(v: Option<&Value>) -> Result<Vec<Value>, ApiError> {
+pub fn parse_messages(v: Option<&Value>) -> Result<Vec<Value>, ApiError> {
     let list = match v {
         Some(Value::Array(list)) => list,
         Some(_) => return Err(bad("`messages` must be an array")),

@@ -65,6 +65,9 @@ pub async fn run(
     model: String,
     opts: StreamOptions,
 ) -> Result<Response, ApiError> {
+    // The conversation is checked as a job's is, before any paid call: the outer model's rounds
+    // extend it.
+    request::parse_messages(body.get("messages"))?;
     // Settings ride on the tool entry: {"type": "fusion", "fusion": {"preset": "budget", and any
     // fusion plugin field: "model" (the analyst), "analysis_models", "min_panel", ...}}.
     let settings = tools(&body)
@@ -135,7 +138,7 @@ pub async fn run(
         .await;
         let messages = outer["messages"]
             .as_array_mut()
-            .expect("messages were validated upstream");
+            .expect("checked at the start: an array");
         messages.push(message.clone());
         for (call, result) in fusion_calls.iter().zip(results) {
             let (content, job) = result?;

@@ -167,6 +167,27 @@ async fn other_models_pass_through_to_the_upstream() {
 }
 
 #[tokio::test]
+async fn the_fusion_tool_checks_the_messages_before_any_call() {
+    let app = spawn_app().await;
+    app.fake.script(
+        "outer",
+        Kind::Panel,
+        vec![Reply::ToolCall("fusion".into(), json!({"prompt": "x"}))],
+    );
+    for messages in [None, Some(json!([])), Some(json!("hi"))] {
+        let mut body = json!({"model": "outer", "tools": [{"type": "fusion"}]});
+        if let Some(m) = &messages {
+            body["messages"] = m.clone();
+        }
+        let resp = app.chat(&body).await;
+        assert_eq!(resp.status(), 400, "{messages:?}");
+        let error: Value = resp.json().await.unwrap();
+        assert!(error["error"]["message"].is_string(), "{error}");
+    }
+    assert_eq!(app.fake.calls("outer", Kind::Panel), 0);
+}
+
+#[tokio::test]
 async fn the_fusion_tool_runs_a_job_and_hands_the_answer_back_to_the_outer_model() {
     let app = spawn_app().await;
     app.fake.script(
