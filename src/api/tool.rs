@@ -104,12 +104,14 @@ pub async fn run(
             .complete_json(&model, outer.clone())
             .await
             .map_err(|e| {
-                ApiError::new(
-                    StatusCode::from_u16(e.status.unwrap_or(502))
-                        .unwrap_or(StatusCode::BAD_GATEWAY),
-                    "upstream_error",
-                    e.message,
-                )
+                // The upstream's own error status passes on; an answer that came with a
+                // success or redirect status but could not be used is a bad gateway.
+                let status = e
+                    .status
+                    .and_then(|s| StatusCode::from_u16(s).ok())
+                    .filter(|s| s.is_client_error() || s.is_server_error())
+                    .unwrap_or(StatusCode::BAD_GATEWAY);
+                ApiError::new(status, "upstream_error", e.message)
             })?;
         usage.add(&outer_usage);
         let message = reply

@@ -638,6 +638,13 @@ impl Upstream {
                 format!("upstream body is not JSON: {e}"),
             )
         })?;
+        if !value.is_object() {
+            return Err(UpstreamError::new(
+                ErrorKind::BadBody,
+                Some(status),
+                "upstream body is JSON but not an object (a chat completion)",
+            ));
+        }
         let wire = value
             .get("usage")
             .filter(|u| !u.is_null())

@@ -167,6 +167,28 @@ async fn other_models_pass_through_to_the_upstream() {
 }
 
 #[tokio::test]
+async fn an_outer_answer_that_is_not_a_completion_is_a_bad_gateway() {
+    let app = spawn_app().await;
+    let body = json!({
+        "model": "outer",
+        "messages": [{"role": "user", "content": "hi"}],
+        "tools": [{"type": "fusion"}],
+    });
+    for (reply, says) in [
+        (Reply::RawOk("[1, 2]"), "not an object"),
+        (Reply::RawOk("<html>"), "not JSON"),
+        (Reply::Redirect, ""),
+    ] {
+        app.fake.script("outer", Kind::Panel, vec![reply]);
+        let resp = app.chat(&body).await;
+        assert_eq!(resp.status(), 502, "{says}");
+        let error: Value = resp.json().await.unwrap();
+        let message = error["error"]["message"].as_str().unwrap();
+        assert!(message.contains(says), "{message}");
+    }
+}
+
+#[tokio::test]
 async fn the_fusion_tool_checks_the_messages_before_any_call() {
     let app = spawn_app().await;
     app.fake.script(

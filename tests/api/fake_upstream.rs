@@ -58,6 +58,8 @@ pub enum Reply {
     Delay(u64, Box<Reply>),
     /// An HTTP error status with an OpenAI-style body.
     Status(u16),
+    /// `200 OK` with exactly this body (JSON or not).
+    RawOk(&'static str),
     /// `307 Temporary Redirect` back to the same endpoint (a client that follows it calls again).
     Redirect,
     /// 429 with `Retry-After: N` seconds.
@@ -335,6 +337,11 @@ async fn respond(reply: Reply, model: &str, kind: Kind) -> Response {
                 let status = StatusCode::from_u16(code).unwrap();
                 let body = json!({"error": {"message": format!("scripted {code}"), "code": code}});
                 return (status, Json(body)).into_response();
+            }
+            Reply::RawOk(body) => {
+                let mut headers = HeaderMap::new();
+                headers.insert("content-type", HeaderValue::from_static("application/json"));
+                return (StatusCode::OK, headers, body).into_response();
             }
             Reply::Redirect => {
                 let mut headers = HeaderMap::new();
