@@ -41,6 +41,17 @@ struct Faulty {
 }
 
 impl Faulty {
+    fn over(inner: Arc<dyn Store>, faults: Faults, slow_enqueue: Duration) -> Faulty {
+        Faulty {
+            inner,
+            steps_left: AtomicUsize::new(faults.steps),
+            finishes_left: AtomicUsize::new(faults.finishes),
+            requeues_left: AtomicUsize::new(faults.requeues),
+            panics_left: AtomicUsize::new(faults.panics),
+            slow_enqueue,
+        }
+    }
+
     /// Whether a fault of this kind is left to deal (and deal it).
     fn take(left: &AtomicUsize) -> bool {
         left.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
@@ -205,14 +216,7 @@ async fn one_job(faults: Faults) -> (TestApp, Uuid, Arc<Faulty>, Arc<Worker>, Ar
     let id = app
         .submit_ok(&body_with_panel(&["m1", "m2"], "judge"))
         .await;
-    let store = Arc::new(Faulty {
-        inner: app.store.clone(),
-        steps_left: AtomicUsize::new(faults.steps),
-        finishes_left: AtomicUsize::new(faults.finishes),
-        requeues_left: AtomicUsize::new(faults.requeues),
-        panics_left: AtomicUsize::new(faults.panics),
-        slow_enqueue: Duration::ZERO,
-    });
+    let store = Arc::new(Faulty::over(app.store.clone(), faults, Duration::ZERO));
     let clock = Arc::new(Shifted::default());
     let config = WorkerConfig {
         concurrency: 2,
@@ -466,14 +470,11 @@ async fn a_checkpointed_final_failure_fails_the_next_attempt_without_calling_aga
 async fn a_job_started_at_its_submit_runs_even_when_the_client_left_before_the_answer() {
     let app = spawn_app_with(Options {
         wrap_store: Some(Box::new(|inner| {
-            Arc::new(Faulty {
+            Arc::new(Faulty::over(
                 inner,
-                steps_left: AtomicUsize::new(0),
-                finishes_left: AtomicUsize::new(0),
-                requeues_left: AtomicUsize::new(0),
-                panics_left: AtomicUsize::new(0),
-                slow_enqueue: Duration::from_millis(500),
-            })
+                Faults::default(),
+                Duration::from_millis(500),
+            ))
         })),
         ..Options::default()
     })
