@@ -225,8 +225,39 @@ fn took_key(write: &Write) -> (char, String, Option<String>, Option<i64>) {
             Some(step.key.to_db()),
             Some(i64::from(lease.attempt)),
         ),
-        Write::Finish(f) => ('f', f.lease.job_id.to_string(), None, None),
+        Write::Finish(f) => (
+            'f',
+            f.lease.job_id.to_string(),
+            None,
+            Some(i64::from(f.lease.attempt)),
+        ),
     }
+}
+
+/// For both stores' tests: two outcomes of job `job_id` in one batch, under an earlier lease
+/// (attempt 1 of `w1`) and the job's current one (attempt 2 of `w2`, set up by the caller). Only
+/// the current one takes, and only it is told so: matched by job id alone, both were.
+#[cfg(test)]
+pub(super) async fn only_the_current_lease_of_two_outcomes_takes(
+    sql: &impl BatchSql,
+    job_id: uuid::Uuid,
+) {
+    let old = Lease {
+        job_id,
+        attempt: 1,
+        owner: "w1".into(),
+    };
+    let current = Lease {
+        job_id,
+        attempt: 2,
+        owner: "w2".into(),
+    };
+    let result = JsonText::from(serde_json::json!({"answer": "current"}));
+    let writes = [
+        Write::Finish(Finish::failed(&old, "stale".into(), "stale".into(), 1)),
+        Write::Finish(Finish::succeeded(&current, result, 2)),
+    ];
+    assert_eq!(sql.execute(&writes).await.unwrap(), vec![false, true]);
 }
 
 #[cfg(test)]

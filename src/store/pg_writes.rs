@@ -81,11 +81,11 @@ WITH e AS (
          AS u(id, attempt, owner, status, result, reason, error, finished_at)
     WHERE jobs.id = u.id AND jobs.attempt = u.attempt AND jobs.lease_owner = u.owner
       AND jobs.status = 'running'
-    RETURNING jobs.id
+    RETURNING jobs.id, jobs.attempt
 )
 SELECT 'e' AS kind, id, NULL::text AS step, NULL::int AS attempt FROM e
 UNION ALL SELECT 's', job_id, step, attempt FROM s
-UNION ALL SELECT 'f', id, NULL, NULL FROM f";
+UNION ALL SELECT 'f', id, NULL, attempt FROM f";
 
 /// Run `writes` as one statement; for each, whether it took effect.
 async fn execute(pool: &PgPool, writes: &[Write]) -> Result<Vec<bool>, sqlx::Error> {

@@ -632,6 +632,31 @@ mod tests {
         drop((conn, store));
     }
 
+    #[tokio::test]
+    async fn of_two_outcomes_in_one_batch_only_the_current_lease_is_told_it_took() {
+        let Some((_database, store, mut conn)) = migrated("fusion_outcomes").await else {
+            return;
+        };
+        let id: Uuid = sqlx::query_scalar(
+            "INSERT INTO jobs (id, status, spec, metadata, max_attempts, run_at, created_at, \
+                               attempt, lease_owner, lease_expires_at) \
+             VALUES (gen_random_uuid(), 'running', '{}', '{}', 3, 0, 0, 2, 'w2', 9000000000000) \
+             RETURNING id",
+        )
+        .fetch_one(&mut conn)
+        .await
+        .unwrap();
+        let sql = crate::store::pg_writes::PgBatch(store.pool.clone());
+        crate::store::batch::only_the_current_lease_of_two_outcomes_takes(&sql, id).await;
+        let status: String = sqlx::query_scalar("SELECT status FROM jobs WHERE id = $1")
+            .bind(id)
+            .fetch_one(&mut conn)
+            .await
+            .unwrap();
+        assert_eq!(status, "succeeded");
+        drop((conn, store));
+    }
+
     #[test]
     fn json_text_is_scrubbed_only_of_real_nuls() {
         let nul = JsonText::from(serde_json::json!({"a\u{0}": ["x\u{0}y", 1]}));

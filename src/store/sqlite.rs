@@ -628,6 +628,25 @@ mod tests {
         );
     }
 
+    #[tokio::test]
+    async fn of_two_outcomes_in_one_batch_only_the_current_lease_is_told_it_took() {
+        let (_dir, store) = migrated_store().await;
+        let job = queued_job(1_000);
+        store.enqueue(job.clone(), None).await.unwrap();
+        sqlx::query(
+            "UPDATE jobs SET status = 'running', attempt = 2, lease_owner = 'w2', \
+             lease_expires_at = 9000000000000 WHERE id = ?",
+        )
+        .bind(job.id.to_string())
+        .execute(&store.writer)
+        .await
+        .unwrap();
+        let sql = crate::store::sqlite_writes::SqliteBatch(store.writer.clone());
+        crate::store::batch::only_the_current_lease_of_two_outcomes_takes(&sql, job.id).await;
+        let stored = store.get_job(job.id).await.unwrap().unwrap();
+        assert_eq!(stored.status, JobStatus::Succeeded);
+    }
+
     // A batch's statement journals (and any other temporary file) stay in memory on every
     // connection, the writer's above all: spilled, a batch statement's journal became a file.
     #[tokio::test]

@@ -67,7 +67,7 @@ UPDATE jobs SET status = f.value ->> 3,
 FROM jsonb_each(?3) AS f
 WHERE jobs.id = f.value ->> 0 AND jobs.attempt = f.value ->> 1
   AND jobs.lease_owner = f.value ->> 2 AND +jobs.status = 'running'
-RETURNING 'f', id, NULL, NULL;
+RETURNING 'f', id, NULL, attempt;
 COMMIT";
 
 #[async_trait]
