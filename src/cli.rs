@@ -30,6 +30,17 @@ pub struct Cli {
         global = true
     )]
     pub db_max_connections: u32,
+    /// Postgres: the longest one statement may run, lock waits included (`statement_timeout`),
+    /// in seconds; 0: no limit. Writes that time out are retried. Migrations run without it.
+    /// A `statement_timeout` in the URL's `options` wins. Ignored by SQLite.
+    #[arg(
+        long,
+        env = "FUSION_DB_STATEMENT_TIMEOUT_SECONDS",
+        default_value_t = 30,
+        value_parser = clap::value_parser!(u64).range(0..=86_400),
+        global = true
+    )]
+    pub db_statement_timeout_seconds: u64,
     /// Optional TOML file with providers, presets, limits and prices.
     #[arg(long, env = "FUSION_CONFIG", global = true)]
     pub config: Option<PathBuf>,
@@ -41,6 +52,8 @@ impl Cli {
     pub fn store_options(&self) -> StoreOptions {
         StoreOptions {
             max_connections: self.db_max_connections,
+            statement_timeout: Some(Duration::from_secs(self.db_statement_timeout_seconds))
+                .filter(|t| !t.is_zero()),
         }
     }
 }
@@ -123,11 +136,19 @@ mod tests {
     use super::*;
 
     #[test]
-    fn the_postgres_pool_size_is_a_flag_with_a_floor() {
+    fn the_postgres_pool_size_and_statement_timeout_are_flags() {
         let cli = Cli::try_parse_from(["fusion", "--db-max-connections", "5", "migrate"]).unwrap();
         assert_eq!(cli.store_options().max_connections, 5);
         let cli = Cli::try_parse_from(["fusion", "migrate"]).unwrap();
         assert_eq!(cli.store_options(), StoreOptions::default());
+
+        let cli = Cli::try_parse_from(["fusion", "--db-statement-timeout-seconds", "0", "migrate"]);
+        assert_eq!(cli.unwrap().store_options().statement_timeout, None);
+        let cli = Cli::try_parse_from(["fusion", "--db-statement-timeout-seconds", "5", "migrate"]);
+        assert_eq!(
+            cli.unwrap().store_options().statement_timeout,
+            Some(Duration::from_secs(5))
+        );
 
         let err = Cli::try_parse_from(["fusion", "--db-max-connections", "2", "migrate"])
             .unwrap_err()

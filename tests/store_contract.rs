@@ -2032,7 +2032,10 @@ async fn postgres_pool_keeps_to_its_configured_size() {
     };
     // Named, to tell its backends from those of `db`'s own store.
     let url = format!("{}?application_name=small_pool", db._database.url);
-    let options = fusion::store::StoreOptions { max_connections: 3 };
+    let options = fusion::store::StoreOptions {
+        max_connections: 3,
+        ..Default::default()
+    };
     let store = fusion::store::connect_with(&url, options)
         .await
         .expect("connect with a small pool");

@@ -187,19 +187,37 @@ async fn write_groups<S: BatchSql>(sql: &S, writes: &[Write], groups: Vec<Group>
 }
 
 /// The same error again, when it says the statement never reached the database or never came
-/// back (no connection in time, the pool closed, the connection broke): halving the batch would
-/// only meet it again, each half after the pool's wait, while every other write waits behind
-/// it. Such a failure goes to every group of the batch at once, and their callers retry.
+/// back (no connection in time, the pool closed, the connection broke), or gave up waiting for a
+/// lock held elsewhere (Postgres's statement timeout, SQLite's busy timeout): halving the batch
+/// would only meet it again, each half after the same wait, while every other write waits
+/// behind it. Such a failure goes to every group of the batch at once, and their callers retry.
 fn unreached(e: &sqlx::Error) -> Option<sqlx::Error> {
+    let again = |kind, message: String| Some(sqlx::Error::Io(std::io::Error::new(kind, message)));
     match e {
         sqlx::Error::PoolTimedOut => Some(sqlx::Error::PoolTimedOut),
         sqlx::Error::PoolClosed => Some(sqlx::Error::PoolClosed),
-        sqlx::Error::Io(io) => Some(sqlx::Error::Io(std::io::Error::new(
-            io.kind(),
-            io.to_string(),
-        ))),
+        sqlx::Error::Io(io) => again(io.kind(), io.to_string()),
+        sqlx::Error::Database(db) if gave_up_waiting(db.as_ref()) => {
+            again(std::io::ErrorKind::TimedOut, db.to_string())
+        }
         _ => None,
     }
+}
+
+/// Whether the database cancelled the statement after a wait: Postgres's `query_canceled` (the
+/// statement timeout) or `lock_not_available`, SQLite's `SQLITE_BUSY` (the busy timeout).
+fn gave_up_waiting(db: &dyn sqlx::error::DatabaseError) -> bool {
+    if let Some(pg) = db.try_downcast_ref::<sqlx::postgres::PgDatabaseError>() {
+        return matches!(pg.code(), "57014" | "55P03");
+    }
+    if db.try_downcast_ref::<sqlx::sqlite::SqliteError>().is_some() {
+        // An extended result code; its low byte is the primary code.
+        return db
+            .code()
+            .and_then(|c| c.parse::<i32>().ok())
+            .is_some_and(|c| c & 0xff == 5);
+    }
+    false
 }
 
 /// A row a batch statement returns for each write that took effect: `(kind, job id, step,

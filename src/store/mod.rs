@@ -212,6 +212,13 @@ pub struct StoreOptions {
     /// `max_connections` (100 by default). SQLite keeps one writer and a few readers whatever
     /// this says.
     pub max_connections: u32,
+    /// Postgres: the longest any statement of this process may run (`statement_timeout` on
+    /// each of its connections), lock waits included; `None`: no limit. A lock held elsewhere
+    /// (a long transaction in `psql`, a stuck migration) then fails the writes waiting behind it,
+    /// which are retried, instead of stalling the one batch committer, and with it every
+    /// checkpoint, outcome and enqueue of the process, for as long as the lock is held.
+    /// Migrations run without it. SQLite waits at most its busy timeout (10 s) for a lock.
+    pub statement_timeout: Option<Duration>,
 }
 
 impl StoreOptions {
@@ -224,6 +231,7 @@ impl Default for StoreOptions {
     fn default() -> StoreOptions {
         StoreOptions {
             max_connections: 16,
+            statement_timeout: Some(Duration::from_secs(30)),
         }
     }
 }

@@ -3,13 +3,14 @@
 //! job becomes queued and a listener task turns that into in-process wake-ups.
 
 use std::borrow::Cow;
+use std::str::FromStr;
 use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
 use serde_json::Value;
 use serde_json::value::RawValue;
-use sqlx::postgres::{PgListener, PgPool, PgPoolOptions, PgRow};
+use sqlx::postgres::{PgConnectOptions, PgListener, PgPool, PgPoolOptions, PgRow};
 use sqlx::types::Json;
 use sqlx::{Connection, Row};
 use tokio::sync::{Notify, broadcast};
@@ -88,7 +89,7 @@ impl PgStore {
                     }
                 })
             })
-            .connect(url)
+            .connect_with(connect_options(url, options.statement_timeout)?)
             .await?;
         let wakeups = Arc::new(Notify::new());
         let events = broadcast::channel(EVENT_BACKLOG).0;
@@ -189,12 +190,37 @@ async fn listen(pool: PgPool, wakeups: Arc<Notify>, events: broadcast::Sender<Jo
     }
 }
 
+/// `url`'s options, with `statement_timeout` set to `timeout` unless the URL sets one itself
+/// (`?options=-c statement_timeout=…`), which then wins.
+fn connect_options(url: &str, timeout: Option<Duration>) -> Result<PgConnectOptions> {
+    let options = PgConnectOptions::from_str(url)?;
+    let set_in_url = options
+        .get_options()
+        .is_some_and(|o| o.contains("statement_timeout"));
+    Ok(match timeout {
+        Some(timeout) if !set_in_url => {
+            options.options([("statement_timeout", format!("{}ms", timeout.as_millis()))])
+        }
+        _ => options,
+    })
+}
+
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/postgres");
 
 #[async_trait]
 impl Store for PgStore {
     async fn migrate(&self) -> Result<()> {
-        MIGRATOR.run(&self.pool).await?;
+        // On a connection of its own without the statement timeout: a migration may rewrite a
+        // big table, or wait for another process's migration (an advisory lock) for long.
+        let mut conn = self.pool.acquire().await?.detach();
+        sqlx::query("SET statement_timeout = 0")
+            .execute(&mut conn)
+            .await?;
+        // `run_direct` is what `run` calls once it has its connection (`run` itself trips over
+        // `Acquire`'s lifetimes inside `async_trait`).
+        let migrated = MIGRATOR.run_direct(None, &mut conn, false).await;
+        let _ = conn.close().await;
+        migrated?;
         Ok(())
     }
 
@@ -578,16 +604,23 @@ mod tests {
     use super::*;
     use sqlx::{Connection, PgConnection};
 
+    use futures::future::join_all;
+
     use crate::store::pg_writes::{BATCH_SQL, bound};
     use crate::testing::ScratchDatabase;
 
     /// A scratch database (dropped with the first element) with the migrations applied, a
     /// store on it and a plain connection; `None` when no test database is configured.
     async fn migrated(prefix: &str) -> Option<(ScratchDatabase, PgStore, PgConnection)> {
+        migrated_with(prefix, StoreOptions::default()).await
+    }
+
+    async fn migrated_with(
+        prefix: &str,
+        options: StoreOptions,
+    ) -> Option<(ScratchDatabase, PgStore, PgConnection)> {
         let database = ScratchDatabase::from_env(prefix).await?;
-        let store = PgStore::connect(&database.url, StoreOptions::default())
-            .await
-            .unwrap();
+        let store = PgStore::connect(&database.url, options).await.unwrap();
         store.migrate().await.unwrap();
         let conn = PgConnection::connect(&database.url).await.unwrap();
         Some((database, store, conn))
@@ -727,6 +760,107 @@ mod tests {
                 "a step of the claim read {rows} rows:\n{plan:#}"
             );
         }
+        drop((conn, store));
+    }
+
+    // A lock held by another session (here a transaction in `psql`, say) fails the writes
+    // queued behind it once the statement timeout passes, the whole batch at once, and they
+    // land once it is released. Without the timeout the committer, and with it every write of
+    // the process, waited for as long as the lock was held; halving the failed batch, as for any
+    // other error, cost one timeout per half: 31 of them for these 16 writes.
+    #[tokio::test]
+    async fn writes_stuck_behind_a_lock_fail_after_the_statement_timeout_all_at_once() {
+        let timeout = Duration::from_millis(500);
+        let options = StoreOptions {
+            statement_timeout: Some(timeout),
+            ..StoreOptions::default()
+        };
+        let Some((_database, store, mut conn)) = migrated_with("fusion_timeout", options).await
+        else {
+            return;
+        };
+        sqlx::raw_sql(
+            "INSERT INTO jobs (id, status, spec, metadata, attempt, max_attempts, run_at, \
+                               created_at, lease_owner, lease_expires_at) \
+             SELECT ('00000000-0000-0000-0000-' || lpad(g::text, 12, '0'))::uuid, 'running', \
+                    '{}', '{}', 1, 3, g, g, 'w1', 9000000000000 \
+             FROM generate_series(1, 16) g",
+        )
+        .execute(&mut conn)
+        .await
+        .unwrap();
+        let mut lock = conn.begin().await.unwrap();
+        sqlx::query("LOCK TABLE steps IN EXCLUSIVE MODE")
+            .execute(&mut *lock)
+            .await
+            .unwrap();
+
+        let started = std::time::Instant::now();
+        let writes = (1..=16).map(|g| {
+            store
+                .writes
+                .write_together(checkpoint_and_outcome(g).into())
+        });
+        let results = tokio::time::timeout(Duration::from_secs(30), join_all(writes))
+            .await
+            .expect("the writes waited on the lock with no end");
+        let waited = started.elapsed();
+        for result in &results {
+            let error = result.as_ref().unwrap_err().to_string();
+            assert!(error.contains("statement timeout"), "{error}");
+        }
+        assert!(
+            waited < 8 * timeout,
+            "16 writes failed after {waited:?}: the batch was halved, one timeout per half"
+        );
+
+        lock.rollback().await.unwrap();
+        let writes = (1..=16).map(|g| {
+            store
+                .writes
+                .write_together(checkpoint_and_outcome(g).into())
+        });
+        for result in join_all(writes).await {
+            assert_eq!(result.unwrap(), vec![true, true]);
+        }
+        drop((conn, store));
+    }
+
+    #[test]
+    fn the_statement_timeout_is_a_connection_option_unless_the_url_sets_one() {
+        let options = |url: &str, timeout| {
+            let options = connect_options(url, timeout).unwrap();
+            options.get_options().map(str::to_string)
+        };
+        let thirty = Some(Duration::from_secs(30));
+        assert_eq!(
+            options("postgres://h/db", thirty).as_deref(),
+            Some("-c statement_timeout=30000ms")
+        );
+        assert_eq!(options("postgres://h/db", None), None);
+        let url = "postgres://h/db?options=-c%20statement_timeout%3D5s";
+        assert_eq!(
+            options(url, thirty).as_deref(),
+            Some("-c statement_timeout=5s")
+        );
+    }
+
+    // Migrations may rewrite a big table or wait for another process's migrations: they run
+    // without the statement timeout, which the store's own statements keep.
+    #[tokio::test]
+    async fn migrations_run_without_the_statement_timeout() {
+        let options = StoreOptions {
+            statement_timeout: Some(Duration::from_millis(1)),
+            ..StoreOptions::default()
+        };
+        let Some((_database, store, conn)) = migrated_with("fusion_migrate", options).await else {
+            return;
+        };
+        let timeout: String = sqlx::query_scalar("SHOW statement_timeout")
+            .fetch_one(&store.pool)
+            .await
+            .unwrap();
+        assert_eq!(timeout, "1ms");
         drop((conn, store));
     }
 

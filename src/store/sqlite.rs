@@ -544,6 +544,9 @@ fn step_from_row(r: &SqliteRow) -> Result<Step> {
 
 #[cfg(test)]
 mod tests {
+    use futures::future::join_all;
+    use sqlx::Connection;
+
     use super::*;
 
     /// What `EXPLAIN QUERY PLAN` says of `sql` (its parameters unbound), a step per line.
@@ -590,6 +593,28 @@ mod tests {
         }
     }
 
+    /// A job (created at `created_at`) running at `attempt` under `owner`'s lease.
+    async fn running_job(
+        store: &SqliteStore,
+        created_at: i64,
+        attempt: i32,
+        owner: &str,
+    ) -> NewJob {
+        let job = queued_job(created_at);
+        store.enqueue(job.clone(), None).await.unwrap();
+        sqlx::query(
+            "UPDATE jobs SET status = 'running', attempt = ?, lease_owner = ?, \
+             lease_expires_at = 9000000000000 WHERE id = ?",
+        )
+        .bind(attempt)
+        .bind(owner)
+        .bind(job.id.to_string())
+        .execute(&store.writer)
+        .await
+        .unwrap();
+        job
+    }
+
     // A batch that fails rolls back on its own connection: a claim waiting for the writer
     // must not run inside the failed transaction, answer with jobs, and then be rolled back.
     #[tokio::test]
@@ -631,20 +656,59 @@ mod tests {
     #[tokio::test]
     async fn of_two_outcomes_in_one_batch_only_the_current_lease_is_told_it_took() {
         let (_dir, store) = migrated_store().await;
-        let job = queued_job(1_000);
-        store.enqueue(job.clone(), None).await.unwrap();
-        sqlx::query(
-            "UPDATE jobs SET status = 'running', attempt = 2, lease_owner = 'w2', \
-             lease_expires_at = 9000000000000 WHERE id = ?",
-        )
-        .bind(job.id.to_string())
-        .execute(&store.writer)
-        .await
-        .unwrap();
+        let job = running_job(&store, 1_000, 2, "w2").await;
         let sql = crate::store::sqlite_writes::SqliteBatch(store.writer.clone());
         crate::store::batch::only_the_current_lease_of_two_outcomes_takes(&sql, job.id).await;
         let stored = store.get_job(job.id).await.unwrap().unwrap();
         assert_eq!(stored.status, JobStatus::Succeeded);
+    }
+
+    // A write lock held by another process fails the writes queued behind it once the busy
+    // timeout (10 s) passes, the whole batch at once, and they land once it is released.
+    // Halved like a batch with a bad write in it, these four waited out seven busy timeouts.
+    #[tokio::test]
+    async fn writes_stuck_behind_another_writer_fail_after_the_busy_timeout_all_at_once() {
+        let (dir, store) = migrated_store().await;
+        let mut leases = vec![];
+        for i in 0..4 {
+            let job = running_job(&store, 1_000 + i, 1, "w1").await;
+            leases.push(Lease {
+                job_id: job.id,
+                attempt: 1,
+                owner: "w1".into(),
+            });
+        }
+        let url = format!("sqlite://{}", dir.path().join("q.db").display());
+        let mut other = sqlx::SqliteConnection::connect(&url).await.unwrap();
+        sqlx::raw_sql("BEGIN IMMEDIATE")
+            .execute(&mut other)
+            .await
+            .unwrap();
+
+        let outcomes = || {
+            leases.iter().map(|lease| {
+                let finish = Finish::failed(lease, "x".into(), "y".into(), 2_000);
+                store.writes.write(Write::Finish(finish))
+            })
+        };
+        let started = std::time::Instant::now();
+        let results = tokio::time::timeout(Duration::from_secs(45), join_all(outcomes()))
+            .await
+            .expect("the writes were still waiting on the lock after 45 s");
+        let waited = started.elapsed();
+        for result in &results {
+            let error = result.as_ref().unwrap_err().to_string();
+            assert!(error.contains("locked"), "{error}");
+        }
+        assert!(
+            waited < Duration::from_secs(25),
+            "4 writes failed after {waited:?}: the batch was halved, a busy timeout per half"
+        );
+
+        sqlx::raw_sql("COMMIT").execute(&mut other).await.unwrap();
+        for result in join_all(outcomes()).await {
+            assert!(result.unwrap());
+        }
     }
 
     // A batch's statement journals (and any other temporary file) stay in memory on every
