@@ -45,8 +45,16 @@ impl JobWatch {
                 match events.recv().await {
                     Ok(event) => {
                         let mut map = subs.lock().expect("subscribers");
-                        if let Some(list) = map.get_mut(&event.job_id()) {
-                            list.retain(|tx| tx.send(event.clone()).is_ok());
+                        match event.job_id() {
+                            Some(id) => {
+                                if let Some(list) = map.get_mut(&id) {
+                                    list.retain(|tx| tx.send(event.clone()).is_ok());
+                                }
+                            }
+                            // Every watcher re-reads its job.
+                            None => map
+                                .values_mut()
+                                .for_each(|list| list.retain(|tx| tx.send(event.clone()).is_ok())),
                         }
                     }
                     Err(broadcast::error::RecvError::Lagged(n)) => {
@@ -134,7 +142,7 @@ pub async fn wait_final(watch: &JobWatch, store: &dyn Store, id: Uuid) -> Result
         }
         // Step events do not finish a job; skip them rather than re-reading on each.
         while let Some(event) = watcher.next().await {
-            if matches!(event, JobEvent::Finished { .. }) {
+            if matches!(event, JobEvent::Finished { .. } | JobEvent::Missed) {
                 break;
             }
         }

@@ -177,12 +177,17 @@ pub enum JobEvent {
     Step { job_id: Uuid, step: StepKey },
     /// The job reached a final state.
     Finished { job_id: Uuid, status: JobStatus },
+    /// Events of any job may have been lost (Postgres: the LISTEN connection was down, and
+    /// listens again): whoever waits on one re-reads the store now.
+    Missed,
 }
 
 impl JobEvent {
-    pub fn job_id(&self) -> Uuid {
+    /// The job the event is about; `None` for `Missed`, which is about all of them.
+    pub fn job_id(&self) -> Option<Uuid> {
         match self {
-            JobEvent::Step { job_id, .. } | JobEvent::Finished { job_id, .. } => *job_id,
+            JobEvent::Step { job_id, .. } | JobEvent::Finished { job_id, .. } => Some(*job_id),
+            JobEvent::Missed => None,
         }
     }
 

@@ -149,8 +149,12 @@ fn step_write(lease: &Lease, step: &Step) -> Write {
 }
 
 /// Forward NOTIFYs to the in-process wake-up; reconnects on its own after connection loss.
+/// NOTIFYs sent while it was not listening are lost: once it listens again it says so
+/// (`JobEvent::Missed`, and a wake-up), so that workers re-check their leases (a cancel) and
+/// waiters re-read their jobs at once rather than at their next heartbeat or poll.
 async fn listen(pool: PgPool, wakeups: Arc<Notify>, events: broadcast::Sender<JobEvent>) {
     let mut failures = 0u32;
+    let mut listened = false;
     loop {
         let mut listener = match PgListener::connect_with(&pool).await {
             Ok(l) => l,
@@ -168,6 +172,11 @@ async fn listen(pool: PgPool, wakeups: Arc<Notify>, events: broadcast::Sender<Jo
             continue;
         }
         failures = 0;
+        if std::mem::replace(&mut listened, true) {
+            tracing::info!("listening again; re-checking what was missed meanwhile");
+            let _ = events.send(JobEvent::Missed);
+            wakeups.notify_one();
+        }
         loop {
             match listener.try_recv().await {
                 Ok(Some(n)) if n.channel() == EVENTS_CHANNEL => {
@@ -176,8 +185,12 @@ async fn listen(pool: PgPool, wakeups: Arc<Notify>, events: broadcast::Sender<Jo
                     }
                 }
                 Ok(Some(_)) => wakeups.notify_one(),
-                // The connection dropped and will be re-established; wake in case we missed one.
-                Ok(None) => wakeups.notify_one(),
+                // The connection dropped: listen again on a new one (which then says what may
+                // have been missed), rather than let `try_recv` reconnect unseen.
+                Ok(None) => {
+                    tracing::warn!("LISTEN connection lost");
+                    break;
+                }
                 Err(e) => {
                     tracing::warn!(error = %e, "LISTEN connection lost");
                     break;

@@ -477,7 +477,8 @@ impl Worker {
         }
     }
 
-    /// Stop jobs as soon as the store says they were cancelled.
+    /// Stop jobs as soon as the store says they were cancelled; when it may have missed saying
+    /// so, re-check every lease now (the heartbeat stops a job whose lease is gone).
     async fn cancel_loop(self: Arc<Self>, stop: CancellationToken) {
         let mut events = self.store.events();
         loop {
@@ -487,9 +488,11 @@ impl Worker {
                     Ok(JobEvent::Finished { job_id, status: JobStatus::Cancelled }) => {
                         self.stop_local(job_id)
                     }
+                    Ok(JobEvent::Missed) => self.heartbeat().await,
                     Ok(_) => {}
                     Err(broadcast::error::RecvError::Lagged(n)) => {
-                        tracing::warn!(missed = n, "cancellations missed; the heartbeat will catch them");
+                        tracing::warn!(missed = n, "job events lagged; re-checking every lease");
+                        self.heartbeat().await;
                     }
                     Err(broadcast::error::RecvError::Closed) => return,
                 },

@@ -1,5 +1,6 @@
 //! Postgres with real processes: three `fusion worker`s share one queue through a SIGKILL, a
-//! cancel reaches a worker in another process within a second, and a Postgres stop/start mid-run
+//! cancel reaches a worker in another process within a second (and one whose NOTIFY was missed
+//! once the worker listens again), and a Postgres stop/start mid-run
 //! loses no job; and the plan of the batch's lease fences. The outage test takes `PG_SERVER`
 //! exclusively; the others share it.
 
@@ -108,8 +109,80 @@ async fn a_cancel_reaches_a_worker_in_another_process_within_a_second() {
     let env = [("FUSION_LEASE_SECONDS", "60"), ("FUSION_POLL_MS", "5000")];
     let worker = Server::spawn("worker", &url, &upstream, 0, &env).await;
     let client = reqwest::Client::new();
+    let id = hanging_job_called(&client, &api, &fake).await;
     let resp = client
-        .post(format!("{}/v1/jobs", api.address))
+        .post(format!("{}/v1/jobs/{id}/cancel", api.address))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    wait_aborted(
+        &fake,
+        Duration::from_secs(1),
+        "the worker kept calling upstream",
+    )
+    .await;
+    worker.kill().await;
+    api.kill().await;
+    drop(db);
+}
+
+// A cancel whose NOTIFY the worker's listener missed (the LISTEN connection was down when it
+// was sent) reaches the worker as soon as it listens again: it re-checks its leases at once
+// instead of at its next heartbeat (a third of the lease: 20 s here). The missed NOTIFY is
+// made certain by cancelling with the session's triggers off (`session_replication_role`),
+// then cutting the listeners' connections.
+#[tokio::test]
+async fn a_cancel_the_listener_missed_reaches_the_worker_once_it_listens_again() {
+    let _shared = PG_SERVER.read().await;
+    let Some(db) = ScratchDatabase::from_env("fusion_workers").await else {
+        return;
+    };
+    let url = db.url.clone();
+    let fake = FakeUpstream::start().await;
+    fake.script("hangs", Kind::Panel, vec![Reply::Hang]);
+    let upstream = fake.base_url();
+    let env = [("FUSION_LEASE_SECONDS", "60"), ("FUSION_POLL_MS", "5000")];
+    let worker = Server::spawn("serve", &url, &upstream, free_port(), &env).await;
+    let client = reqwest::Client::new();
+    let id = hanging_job_called(&client, &worker, &fake).await;
+
+    let mut conn = <sqlx::PgConnection as sqlx::Connection>::connect(&url)
+        .await
+        .unwrap();
+    sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+        "SET session_replication_role = replica; \
+         UPDATE jobs SET status = 'cancelled', finished_at = 1, lease_owner = NULL, \
+                         lease_expires_at = NULL \
+         WHERE id = '{id}' AND status = 'running'; \
+         SET session_replication_role = origin"
+    )))
+    .execute(&mut conn)
+    .await
+    .unwrap();
+    let cut: Vec<bool> = sqlx::query_scalar(
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+         WHERE datname = current_database() AND query LIKE 'LISTEN%'",
+    )
+    .fetch_all(&mut conn)
+    .await
+    .unwrap();
+    assert!(!cut.is_empty(), "no LISTEN connection to cut");
+    let missed = "the worker kept calling upstream for a job cancelled while it did not listen";
+    wait_aborted(&fake, Duration::from_secs(5), missed).await;
+    worker.kill().await;
+    drop(db);
+}
+
+/// Submit a job to `server` whose one panel model (`hangs`) never answers, and wait until the
+/// fake has its call; the job's id.
+async fn hanging_job_called(
+    client: &reqwest::Client,
+    server: &Server,
+    fake: &FakeUpstream,
+) -> String {
+    let resp = client
+        .post(format!("{}/v1/jobs", server.address))
         .json(&crate::helpers::body_with_panel(&["hangs"], "judge"))
         .send()
         .await
@@ -126,23 +199,16 @@ async fn a_cancel_reaches_a_worker_in_another_process_within_a_second() {
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    let resp = client
-        .post(format!("{}/v1/jobs/{id}/cancel", api.address))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(resp.status(), 200);
-    let cancelled_at = std::time::Instant::now();
+    id
+}
+
+/// Wait until the hanging call is dropped by its worker, failing with `why` after `within`.
+async fn wait_aborted(fake: &FakeUpstream, within: Duration, why: &str) {
+    let since = std::time::Instant::now();
     while fake.aborted("hangs", Kind::Panel) == 0 {
-        assert!(
-            cancelled_at.elapsed() < Duration::from_secs(1),
-            "the worker kept calling upstream"
-        );
+        assert!(since.elapsed() < within, "{why}");
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    worker.kill().await;
-    api.kill().await;
-    drop(db);
 }
 
 /// Postgres tests in this binary share the server with the outage test, which stops it.
