@@ -281,25 +281,119 @@ pub(crate) fn status_from_db(s: &str) -> Result<JobStatus> {
 }
 
 /// The claim's rows (a job's columns and `checkpointed`) as claimed jobs, in the order they were
-/// picked (`RETURNING` does not keep it): highest priority, then longest runnable.
-fn claimed_from<R: sqlx::Row>(rows: &[R], job: fn(&R) -> Result<Job>) -> Result<Vec<Claimed>>
+/// picked (`RETURNING` does not keep it): highest priority, then longest runnable. A row that
+/// does not read as a job (a spec this build cannot parse: edited by hand, or written by a build
+/// with an incompatible format) is failed as `invalid_job` under the lease just taken, and the
+/// rest are claimed: failing the claim instead left every job it took running with no worker
+/// until their leases ran out, and the next claim took the same unreadable job first again, so
+/// one such row stalled the queue.
+async fn claimed_from<R: sqlx::Row>(
+    store: &dyn Store,
+    owner: &str,
+    now: i64,
+    rows: &[R],
+    job: fn(&R) -> Result<Job>,
+    id: fn(&R) -> Result<Uuid>,
+) -> Result<Vec<Claimed>>
 where
     bool: for<'r> sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+    i32: for<'r> sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
     for<'a> &'a str: sqlx::ColumnIndex<R>,
 {
-    let mut claimed = rows
-        .iter()
-        .map(|r| {
-            Ok(Claimed {
-                job: job(r)?,
-                checkpointed: r.try_get("checkpointed")?,
-            })
-        })
-        .collect::<Result<Vec<_>>>()?;
+    let mut claimed = Vec::with_capacity(rows.len());
+    for row in rows {
+        match job(row) {
+            Ok(job) => claimed.push(Claimed {
+                job,
+                checkpointed: row.try_get("checkpointed")?,
+            }),
+            Err(StoreError::Corrupt(why)) => {
+                let lease = Lease {
+                    job_id: id(row)?,
+                    attempt: row.try_get("attempt")?,
+                    owner: owner.to_string(),
+                };
+                tracing::error!(job = %lease.job_id, error = %why,
+                    "a claimed job does not read; failing it as invalid_job");
+                let error = format!(
+                    "this job cannot be read by fusion {}: {why}",
+                    env!("CARGO_PKG_VERSION")
+                );
+                if let Err(e) = store.fail(&lease, "invalid_job", &error, now).await {
+                    // Left running: its lease runs out and the next claim tries again.
+                    tracing::warn!(job = %lease.job_id, error = %e, "failing an unreadable job failed");
+                }
+            }
+            Err(e) => return Err(e),
+        }
+    }
     claimed.sort_by(|a, b| {
         (b.job.priority.cmp(&a.job.priority)).then(a.job.run_at.cmp(&b.job.run_at))
     });
     Ok(claimed)
+}
+
+/// For the stores' tests: a queued job, runnable since `created_at`.
+#[cfg(test)]
+pub(crate) fn queued_job(created_at: i64) -> NewJob {
+    let id = Uuid::now_v7();
+    NewJob {
+        id,
+        spec: crate::job::JobSpec {
+            model: "fusion".into(),
+            messages: vec![serde_json::json!({"role": "user", "content": "hi"})],
+            panel: vec!["m1".into(), "m2".into()],
+            analyst: "judge".into(),
+            temperature: None,
+            max_completion_tokens: None,
+            min_panel: 1,
+            panel_timeout_ms: None,
+        },
+        metadata: serde_json::json!({}),
+        priority: 0,
+        max_attempts: 3,
+        deadline_at: None,
+        idempotency_key: None,
+        request_hash: None,
+        created_at,
+    }
+}
+
+/// For both stores' tests: of three queued jobs, the oldest made unreadable by `corrupt` (given
+/// its id, it stores a spec this build cannot parse), a claim takes the other two and fails that
+/// one (as `row` reads it: status, failure_reason and error), which no later claim takes.
+#[cfg(test)]
+pub(crate) async fn a_job_that_does_not_read_fails_at_its_claim<F, Fut, G, Gut>(
+    store: &dyn Store,
+    corrupt: F,
+    row: G,
+) where
+    F: FnOnce(Uuid) -> Fut,
+    Fut: Future<Output = ()>,
+    G: FnOnce(Uuid) -> Gut,
+    Gut: Future<Output = (String, String, String)>,
+{
+    let now = 1_750_000_000_000;
+    let jobs: Vec<NewJob> = (0..3).map(|i| queued_job(now - 3_000 + i)).collect();
+    for job in &jobs {
+        store.enqueue(job.clone(), None).await.unwrap();
+    }
+    corrupt(jobs[0].id).await;
+    let lease = Duration::from_secs(30);
+    let claimed = store
+        .claim("w", 10, now, lease)
+        .await
+        .expect("one unreadable job failed the whole claim");
+    let ids: Vec<Uuid> = claimed.iter().map(|c| c.job.id).collect();
+    assert_eq!(ids, [jobs[1].id, jobs[2].id]);
+    let again = store.claim("w", 10, now + 60_000, lease).await.unwrap();
+    assert!(again.is_empty(), "claimed again: {again:?}");
+    let (status, reason, error) = row(jobs[0].id).await;
+    assert_eq!(
+        (status.as_str(), reason.as_str()),
+        ("failed", "invalid_job")
+    );
+    assert!(error.contains("bad job spec"), "{error}");
 }
 
 /// Enqueue as both stores do: the insert goes through the batcher (queued, waking the workers,

@@ -377,7 +377,10 @@ impl Store for PgStore {
             .bind(i64::from(limit))
             .fetch_all(&self.pool)
             .await?;
-        super::claimed_from(&rows, job_from_row)
+        super::claimed_from(self, owner, now, &rows, job_from_row, |r| {
+            Ok(r.try_get("id")?)
+        })
+        .await
     }
 
     async fn heartbeat(
@@ -700,6 +703,27 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(status, "succeeded");
+        drop((conn, store));
+    }
+
+    #[tokio::test]
+    async fn a_job_that_does_not_read_fails_at_its_claim_and_the_rest_run() {
+        let Some((_database, store, conn)) = migrated("fusion_unreadable").await else {
+            return;
+        };
+        let pool = &store.pool;
+        crate::store::a_job_that_does_not_read_fails_at_its_claim(
+            &store,
+            |id| async move {
+                let q = "UPDATE jobs SET spec = '{\"model\": 7}' WHERE id = $1";
+                sqlx::query(q).bind(id).execute(pool).await.unwrap();
+            },
+            |id| async move {
+                let q = "SELECT status, failure_reason, error FROM jobs WHERE id = $1";
+                sqlx::query_as(q).bind(id).fetch_one(pool).await.unwrap()
+            },
+        )
+        .await;
         drop((conn, store));
     }
 

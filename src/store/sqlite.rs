@@ -333,7 +333,10 @@ impl Store for SqliteStore {
             .bind(i64::from(limit))
             .fetch_all(&self.writer)
             .await?;
-        super::claimed_from(&rows, job_from_row)
+        super::claimed_from(self, owner, now, &rows, job_from_row, |r| {
+            parse_id(&r.try_get::<String, _>("id")?)
+        })
+        .await
     }
 
     async fn heartbeat(
@@ -548,6 +551,7 @@ mod tests {
     use sqlx::Connection;
 
     use super::*;
+    use crate::store::{a_job_that_does_not_read_fails_at_its_claim, queued_job};
 
     /// What `EXPLAIN QUERY PLAN` says of `sql` (its parameters unbound), a step per line.
     async fn query_plan(pool: &SqlitePool, sql: &str) -> String {
@@ -566,31 +570,6 @@ mod tests {
         let store = SqliteStore::connect(&url).await.unwrap();
         store.migrate().await.unwrap();
         (dir, store)
-    }
-
-    /// A queued job, runnable since `created_at`.
-    fn queued_job(created_at: i64) -> NewJob {
-        let id = Uuid::now_v7();
-        NewJob {
-            id,
-            spec: crate::job::JobSpec {
-                model: "fusion".into(),
-                messages: vec![serde_json::json!({"role": "user", "content": "hi"})],
-                panel: vec!["m1".into(), "m2".into()],
-                analyst: "judge".into(),
-                temperature: None,
-                max_completion_tokens: None,
-                min_panel: 1,
-                panel_timeout_ms: None,
-            },
-            metadata: serde_json::json!({}),
-            priority: 0,
-            max_attempts: 3,
-            deadline_at: None,
-            idempotency_key: None,
-            request_hash: None,
-            created_at,
-        }
     }
 
     /// A job (created at `created_at`) running at `attempt` under `owner`'s lease.
@@ -661,6 +640,32 @@ mod tests {
         crate::store::batch::only_the_current_lease_of_two_outcomes_takes(&sql, job.id).await;
         let stored = store.get_job(job.id).await.unwrap().unwrap();
         assert_eq!(stored.status, JobStatus::Succeeded);
+    }
+
+    #[tokio::test]
+    async fn a_job_that_does_not_read_fails_at_its_claim_and_the_rest_run() {
+        let (_dir, store) = migrated_store().await;
+        let writer = &store.writer;
+        a_job_that_does_not_read_fails_at_its_claim(
+            &store,
+            |id| async move {
+                let q = "UPDATE jobs SET spec = '{\"model\": 7}' WHERE id = ?";
+                sqlx::query(q)
+                    .bind(id.to_string())
+                    .execute(writer)
+                    .await
+                    .unwrap();
+            },
+            |id| async move {
+                let q = "SELECT status, failure_reason, error FROM jobs WHERE id = ?";
+                sqlx::query_as(q)
+                    .bind(id.to_string())
+                    .fetch_one(writer)
+                    .await
+                    .unwrap()
+            },
+        )
+        .await;
     }
 
     // A write lock held by another process fails the writes queued behind it once the busy
