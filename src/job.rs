@@ -79,6 +79,33 @@ pub struct JobSpec {
     pub panel_timeout_ms: Option<u64>,
 }
 
+impl JobSpec {
+    /// What can be read of a stored spec that does not parse as one (edited by hand, or written
+    /// by a build with an incompatible format), for showing the job: the fields that read, the
+    /// rest empty. No worker runs such a job: its claim fails it as `invalid_job`.
+    pub fn salvage(value: &Value) -> JobSpec {
+        let text = |k: &str| value[k].as_str().unwrap_or_default().to_string();
+        let count = |k: &str| value[k].as_u64().and_then(|n| u32::try_from(n).ok());
+        JobSpec {
+            model: text("model"),
+            messages: value["messages"].as_array().cloned().unwrap_or_default(),
+            panel: value["panel"]
+                .as_array()
+                .map(|a| {
+                    a.iter()
+                        .filter_map(|m| m.as_str().map(str::to_string))
+                        .collect()
+                })
+                .unwrap_or_default(),
+            analyst: text("analyst"),
+            temperature: value["temperature"].as_f64(),
+            max_completion_tokens: count("max_completion_tokens"),
+            min_panel: count("min_panel").unwrap_or(0),
+            panel_timeout_ms: value["panel_timeout_ms"].as_u64(),
+        }
+    }
+}
+
 /// A job as the store keeps it.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Job {

@@ -20,8 +20,8 @@ use uuid::Uuid;
 use super::batch::{Batcher, Finish, Write};
 use super::sqlite_writes::SqliteBatch;
 use super::{
-    CancelOutcome, Claimed, EVENT_BACKLOG, Enqueued, Held, JobEvent, Result, RetryOutcome, Store,
-    StoreError, ms, status_from_db,
+    CancelOutcome, Claimed, EVENT_BACKLOG, Enqueued, Held, JobEvent, Result, RetryOutcome,
+    SpecRead, Store, StoreError, ms, spec_from_text, status_from_db,
 };
 use crate::job::{
     Job, JobStatus, JsonText, Lease, ListFilter, NewJob, StartHere, Step, StepKey, Usage,
@@ -148,7 +148,7 @@ impl SqliteStore {
             .bind(id.to_string())
             .fetch_optional(&self.pool)
             .await?;
-        row.map(|r| job_from_row(&r)).transpose()
+        row.map(|r| job_from_row(&r, SpecRead::ToShow)).transpose()
     }
 
     /// Run a lease-fenced update (`… WHERE id = ? AND attempt = ? AND lease_owner = ? AND
@@ -209,7 +209,7 @@ impl Store for SqliteStore {
             .bind(key)
             .fetch_one(pool)
             .await?;
-            job_from_row(&row)
+            job_from_row(&row, SpecRead::ToShow)
         })
         .await
     }
@@ -250,7 +250,9 @@ impl Store for SqliteStore {
             .bind(i64::from(filter.limit))
             .fetch_all(&self.pool)
             .await?;
-        rows.iter().map(job_from_row).collect()
+        rows.iter()
+            .map(|r| job_from_row(r, SpecRead::ToShow))
+            .collect()
     }
 
     async fn cancel(&self, id: Uuid, now: i64) -> Result<CancelOutcome> {
@@ -282,7 +284,7 @@ impl Store for SqliteStore {
                     status: JobStatus::Cancelled,
                 });
                 return Ok(CancelOutcome::Cancelled {
-                    job: job_from_row(&row)?,
+                    job: job_from_row(&row, SpecRead::ToShow)?,
                     was_running: before.status == JobStatus::Running,
                 });
             }
@@ -333,9 +335,14 @@ impl Store for SqliteStore {
             .bind(i64::from(limit))
             .fetch_all(&self.writer)
             .await?;
-        super::claimed_from(self, owner, now, &rows, job_from_row, |r| {
-            parse_id(&r.try_get::<String, _>("id")?)
-        })
+        super::claimed_from(
+            self,
+            owner,
+            now,
+            &rows,
+            |r| job_from_row(r, SpecRead::ToRun),
+            |r| parse_id(&r.try_get::<String, _>("id")?),
+        )
         .await
     }
 
@@ -487,15 +494,14 @@ fn parse_json(s: &str) -> Result<Value> {
     serde_json::from_str(s).map_err(|e| StoreError::Corrupt(format!("bad JSON column: {e}")))
 }
 
-fn job_from_row(r: &SqliteRow) -> Result<Job> {
+fn job_from_row(r: &SqliteRow, how: SpecRead) -> Result<Job> {
     let spec: String = r.try_get("spec")?;
     let metadata: String = r.try_get("metadata")?;
     let result: Option<String> = r.try_get("result")?;
     Ok(Job {
         id: parse_id(&r.try_get::<String, _>("id")?)?,
         status: status_from_db(&r.try_get::<String, _>("status")?)?,
-        spec: serde_json::from_str(&spec)
-            .map_err(|e| StoreError::Corrupt(format!("bad job spec: {e}")))?,
+        spec: spec_from_text(&spec, how)?,
         metadata: parse_json(&metadata)?,
         priority: r.try_get("priority")?,
         attempt: r.try_get("attempt")?,
@@ -646,25 +652,15 @@ mod tests {
     async fn a_job_that_does_not_read_fails_at_its_claim_and_the_rest_run() {
         let (_dir, store) = migrated_store().await;
         let writer = &store.writer;
-        a_job_that_does_not_read_fails_at_its_claim(
-            &store,
-            |id| async move {
-                let q = "UPDATE jobs SET spec = '{\"model\": 7}' WHERE id = ?";
-                sqlx::query(q)
-                    .bind(id.to_string())
-                    .execute(writer)
-                    .await
-                    .unwrap();
-            },
-            |id| async move {
-                let q = "SELECT status, failure_reason, error FROM jobs WHERE id = ?";
-                sqlx::query_as(q)
-                    .bind(id.to_string())
-                    .fetch_one(writer)
-                    .await
-                    .unwrap()
-            },
-        )
+        a_job_that_does_not_read_fails_at_its_claim(&store, |id| async move {
+            let q =
+                "UPDATE jobs SET spec = '{\"model\": 7, \"panel\": [\"m1\", \"m2\"]}' WHERE id = ?";
+            sqlx::query(q)
+                .bind(id.to_string())
+                .execute(writer)
+                .await
+                .unwrap();
+        })
         .await;
     }
 
