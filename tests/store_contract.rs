@@ -356,6 +356,7 @@ contract_tests!(
     max_attempts_then_lease_expired,
     cancel_outcomes,
     retry_failed_keeps_ok_steps,
+    retry_failed_counts_the_deadline_again,
     release_does_not_spend_attempt,
     list_jobs_order_filter_paging,
     complete_fail_and_retry_later_outcomes,
@@ -1120,6 +1121,37 @@ async fn cancel_outcomes(store: Arc<dyn Store>) {
         store.cancel(Uuid::now_v7(), t).await.unwrap(),
         CancelOutcome::NotFound
     ));
+}
+
+/// A manual retry gives a job with a deadline its whole deadline again, counted from the retry
+/// (a retry after the deadline would otherwise fail at once as `deadline_exceeded`); a job
+/// without one keeps none.
+async fn retry_failed_counts_the_deadline_again(store: Arc<dyn Store>) {
+    let timed = enqueue(
+        &store,
+        NewJob {
+            deadline_at: Some(NOW - 1_000 + 60_000),
+            ..new_job()
+        },
+    )
+    .await;
+    let untimed = enqueue(&store, new_job()).await;
+    for _ in 0..2 {
+        let lease = lease_of(&claim_one(&store, "w", NOW).await);
+        assert!(
+            store
+                .fail(&lease, "upstream_auth", "401", NOW + 1)
+                .await
+                .unwrap()
+        );
+    }
+    let t = NOW + 3_600_000;
+    for (job, deadline) in [(&timed, Some(t + 60_000)), (&untimed, None)] {
+        match store.retry_failed(job.id, t).await.unwrap() {
+            RetryOutcome::Requeued(j) => assert_eq!(j.deadline_at, deadline),
+            other => panic!("expected Requeued, got {other:?}"),
+        }
+    }
 }
 
 /// 11. A manual retry requeues a failed job, keeping its ok steps and dropping failed ones.

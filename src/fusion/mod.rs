@@ -141,6 +141,12 @@ impl Pipeline {
         if let Some(failed) = quorum_failure(spec, &panel, answers.len()) {
             return failed;
         }
+        // A checkpointed analysis compared the answers there were when it was made. An answer
+        // written by a later attempt (a manual retry ran a failed member again, and it answered)
+        // was not among them: the analysis is made again, so the final answer is not written
+        // from one that never saw it.
+        let analysis_step =
+            analysis_step.filter(|a| panel.iter().all(|p| !p.ok || p.attempt <= a.attempt));
 
         // The analysis step's usage, and the analysis the final prompt is written from.
         let (analysis_usage, analysis) = match analysis_step {

@@ -341,7 +341,8 @@ impl Store for PgStore {
         let done = sqlx::query(
             "UPDATE jobs SET status = 'queued', run_at = $2, finished_at = NULL, \
              failure_reason = NULL, error = NULL, result = NULL, \
-             max_attempts = greatest(max_attempts, attempt + 1) \
+             max_attempts = greatest(max_attempts, attempt + 1), \
+             deadline_at = $2 + (deadline_at - created_at) \
              WHERE id = $1 AND status = 'failed'",
         )
         .bind(id)

@@ -294,10 +294,11 @@ impl Store for SqliteStore {
     async fn retry_failed(&self, id: Uuid, now: i64) -> Result<RetryOutcome> {
         let mut tx = self.writer.begin().await?;
         let done = sqlx::query(
-            "UPDATE jobs SET status = 'queued', run_at = ?, finished_at = NULL, \
+            "UPDATE jobs SET status = 'queued', run_at = ?1, finished_at = NULL, \
              failure_reason = NULL, error = NULL, result = NULL, \
-             max_attempts = max(max_attempts, attempt + 1) \
-             WHERE id = ? AND status = 'failed'",
+             max_attempts = max(max_attempts, attempt + 1), \
+             deadline_at = ?1 + (deadline_at - created_at) \
+             WHERE id = ?2 AND status = 'failed'",
         )
         .bind(now)
         .bind(id.to_string())

@@ -310,6 +310,20 @@ impl Worker {
                 }
             });
         let now = self.clock.now_ms();
+        let run_at = now + crate::store::ms(self.job_backoff(job.attempt));
+        // A retryable failure with no try left, or whose next try would start past the job's
+        // deadline, fails the job now with its own reason (rather than as `deadline_exceeded`
+        // once its time is up).
+        let outcome = match outcome {
+            Outcome::Retry { reason, error } if job.attempt >= job.max_attempts => {
+                Outcome::Failed { reason, error }
+            }
+            Outcome::Retry { reason, error } if job.deadline_at.is_some_and(|d| run_at >= d) => {
+                let error = format!("{error} (its next try would start past its deadline)");
+                Outcome::Failed { reason, error }
+            }
+            outcome => outcome,
+        };
         // In the job's span too: a retried outcome write logs which job it is for.
         let written = async {
             match &outcome {
@@ -325,11 +339,7 @@ impl Worker {
                 Outcome::Failed { reason, error } => {
                     self.fail(&lease, reason, error, now, &stop).await
                 }
-                Outcome::Retry { reason, error } if job.attempt >= job.max_attempts => {
-                    self.fail(&lease, reason, error, now, &stop).await
-                }
                 Outcome::Retry { reason, error } => {
-                    let run_at = now + crate::store::ms(self.job_backoff(job.attempt));
                     let store = self.store.as_ref();
                     fenced_write(
                         &stop,

@@ -39,6 +39,8 @@ pub struct Options {
     pub poll_interval: Duration,
     /// Wraps the app's store (opened and migrated) before the app is built on it.
     pub wrap_store: Option<StoreWrapper>,
+    /// How long a job requeued by a retryable failure waits, doubling per attempt.
+    pub retry_base: Duration,
 }
 
 /// A function from the app's own store to the store it runs on.
@@ -52,6 +54,7 @@ impl Default for Options {
             upstream_url: None,
             poll_interval: Duration::from_millis(50),
             wrap_store: None,
+            retry_base: Duration::from_millis(100),
         }
     }
 }
@@ -87,7 +90,7 @@ pub async fn spawn_app_with(opts: Options) -> TestApp {
             lease: Duration::from_secs(5),
             poll_interval: opts.poll_interval,
             shutdown_grace: Duration::from_secs(1),
-            retry_base: Duration::from_millis(100),
+            retry_base: opts.retry_base,
         }),
     };
     let app = match opts.wrap_store {

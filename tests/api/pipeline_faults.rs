@@ -1,6 +1,8 @@
 //! Partial panels, failing analysts and failing final steps end in the documented states with
 //! exact upstream call counts.
 
+use std::time::Duration;
+
 use serde_json::Value;
 
 use crate::fake_upstream::{Kind, Reply};
@@ -166,6 +168,98 @@ async fn a_failing_final_step_fails_the_job_and_a_retry_reuses_every_checkpoint(
 
     let again = app.post(&format!("/v1/jobs/{id}/retry")).await;
     assert_eq!(again.status(), 409);
+}
+
+// A retry calls a failed panel member again; when it answers this time, the analysis made
+// without it is made again (the final answer must not be written from an analysis that never
+// saw one of its answers). Only the member that failed and the later steps are paid again.
+#[tokio::test]
+async fn a_retry_whose_failed_member_answers_makes_the_analysis_again() {
+    let app = spawn_app().await;
+    app.fake
+        .script("m2", Kind::Panel, vec![Reply::Status(404), Reply::Ok]);
+    app.fake
+        .script("judge", Kind::Final, vec![Reply::Status(401), Reply::Ok]);
+    let mut body = body_with_panel(&["m1", "m2"], "judge");
+    body["plugins"][0]["min_panel"] = 1.into();
+    let id = app.submit_ok(&body).await;
+    let job = app.wait_final(&id, 10).await;
+    assert_eq!(job["failure_reason"], "upstream_auth", "{job:#}");
+    assert_eq!(job["panel"][1]["status"], "failed");
+
+    let resp = app.post(&format!("/v1/jobs/{id}/retry")).await;
+    assert_eq!(resp.status(), 202);
+    let job = app.wait_final(&id, 10).await;
+    assert_eq!(job["status"], "succeeded", "{job:#}");
+    assert_eq!(job["panel"][1]["status"], "succeeded");
+    assert_eq!(app.fake.calls("m1", Kind::Panel), 1);
+    assert_eq!(app.fake.calls("m2", Kind::Panel), 2);
+    assert_eq!(app.fake.calls("judge", Kind::Analysis), 2);
+    assert_eq!(app.fake.calls("judge", Kind::Final), 2);
+}
+
+// A retried job whose member fails again keeps the analysis it had: nothing new to compare.
+#[tokio::test]
+async fn a_retry_whose_failed_member_fails_again_keeps_the_analysis() {
+    let app = spawn_app().await;
+    app.fake.script("m2", Kind::Panel, vec![Reply::Status(404)]);
+    app.fake
+        .script("judge", Kind::Final, vec![Reply::Status(401), Reply::Ok]);
+    let mut body = body_with_panel(&["m1", "m2"], "judge");
+    body["plugins"][0]["min_panel"] = 1.into();
+    let id = app.submit_ok(&body).await;
+    assert_eq!(app.wait_final(&id, 10).await["status"], "failed");
+    let resp = app.post(&format!("/v1/jobs/{id}/retry")).await;
+    assert_eq!(resp.status(), 202);
+    let job = app.wait_final(&id, 10).await;
+    assert_eq!(job["status"], "succeeded", "{job:#}");
+    assert_eq!(app.fake.calls("m2", Kind::Panel), 2);
+    assert_eq!(app.fake.calls("judge", Kind::Analysis), 1);
+}
+
+// A manual retry gives the job its whole deadline again, counted from the retry: a job that
+// failed for another reason (a bad key, fixed since) must not fail at once as past its
+// deadline, its real failure wiped.
+#[tokio::test]
+async fn a_manual_retry_after_the_deadline_runs_with_the_deadline_counted_again() {
+    let app = spawn_app().await;
+    app.fake
+        .script("judge", Kind::Final, vec![Reply::Status(401), Reply::Ok]);
+    let mut body = body_with_panel(&["m1"], "judge");
+    body["plugins"][0]["deadline_seconds"] = 1.into();
+    let id = app.submit_ok(&body).await;
+    assert_eq!(
+        app.wait_final(&id, 10).await["failure_reason"],
+        "upstream_auth"
+    );
+    tokio::time::sleep(Duration::from_millis(1_200)).await;
+
+    let resp = app.post(&format!("/v1/jobs/{id}/retry")).await;
+    assert_eq!(resp.status(), 202);
+    let job = app.wait_final(&id, 10).await;
+    assert_eq!(job["status"], "succeeded", "{job:#}");
+    assert_eq!(app.fake.calls("judge", Kind::Final), 2);
+}
+
+// A retryable failure whose next try would come after the job's deadline fails the job now,
+// with its own reason, instead of leaving it queued to fail later as `deadline_exceeded`.
+#[tokio::test]
+async fn a_requeue_past_the_deadline_fails_the_job_now_with_its_own_reason() {
+    let app = spawn_app_with(Options {
+        retry_base: Duration::from_secs(10),
+        ..Options::default()
+    })
+    .await;
+    app.fake
+        .script("judge", Kind::Final, vec![Reply::Status(503)]);
+    let mut body = body_with_panel(&["m1"], "judge");
+    body["plugins"][0]["deadline_seconds"] = 5.into();
+    let id = app.submit_ok(&body).await;
+    let job = app.wait_final(&id, 3).await;
+    assert_eq!(job["status"], "failed", "{job:#}");
+    assert_eq!(job["failure_reason"], "upstream_error", "{job:#}");
+    let error = job["error"].as_str().unwrap();
+    assert!(error.contains("deadline"), "{error}");
 }
 
 #[tokio::test]
