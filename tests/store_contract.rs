@@ -1240,7 +1240,10 @@ async fn retry_failed_keeps_ok_steps(store: Arc<dyn Store>) {
     ));
 }
 
-/// 12. Release puts the job back without spending the attempt; it is claimable at once.
+/// 12. Release puts the job back without spending the attempt (one more is allowed); it is
+///     claimable at once. Its attempt number is not given back: the next lease's is new, so a
+///     late write of the released lease (one whose statement raced the release on Postgres)
+///     cannot be taken for the next lease's own, nor refuse its write of the same step.
 async fn release_does_not_spend_attempt(store: Arc<dyn Store>) {
     let job = enqueue(&store, new_job()).await;
     let claimed = claim_one(&store, "w", NOW).await;
@@ -1253,6 +1256,8 @@ async fn release_does_not_spend_attempt(store: Arc<dyn Store>) {
         get(&store, job.id).await,
         Job {
             started_at: Some(NOW),
+            attempt: 1,
+            max_attempts: job.max_attempts + 1,
             ..job.clone()
         }
     );
@@ -1268,12 +1273,18 @@ async fn release_does_not_spend_attempt(store: Arc<dyn Store>) {
     assert_eq!(
         again,
         Job {
+            attempt: 2,
+            max_attempts: job.max_attempts + 1,
             lease_owner: Some("w2".to_string()),
             lease_expires_at: Some(NOW + 1 + LEASE_MS),
             ..claimed
         }
     );
     assert_eq!(store.get_steps(job.id).await.unwrap(), vec![step]);
+    // The next lease writes the step again over the released lease's row, if it must.
+    let redone = ok_step(StepKey::Panel(0), 2);
+    assert!(store.save_step(&lease_of(&again), &redone).await.unwrap());
+    assert_eq!(store.get_steps(job.id).await.unwrap(), vec![redone]);
 }
 
 /// 13. Newest first, by status, limited, and paged with `before` without gaps or repeats.

@@ -163,7 +163,8 @@ pub trait Store: Send + Sync + 'static {
         reason: &str,
         error: &str,
     ) -> Result<bool>;
-    /// Back to queued now without spending the attempt (graceful shutdown).
+    /// Back to queued now without spending the attempt (graceful shutdown): it allows one more
+    /// (`max_attempts + 1`), while `attempt` stays, so that no two leases share a number.
     async fn release(&self, lease: &Lease) -> Result<bool>;
 
     /// Woken whenever work may be available (an enqueue in this process, or — on Postgres — a

@@ -495,8 +495,8 @@ impl Store for PgStore {
 
     async fn release(&self, lease: &Lease) -> Result<bool> {
         let done = sqlx::query(
-            "UPDATE jobs SET status = 'queued', attempt = attempt - 1, lease_owner = NULL, \
-             lease_expires_at = NULL \
+            "UPDATE jobs SET status = 'queued', max_attempts = max_attempts + 1, \
+             lease_owner = NULL, lease_expires_at = NULL \
              WHERE id = $1 AND attempt = $2 AND lease_owner = $3 AND status = 'running'",
         )
         .bind(lease.job_id)

@@ -465,8 +465,8 @@ impl Store for SqliteStore {
     async fn release(&self, lease: &Lease) -> Result<bool> {
         let released = self
             .fenced(
-                "UPDATE jobs SET status = 'queued', attempt = attempt - 1, lease_owner = NULL, \
-                 lease_expires_at = NULL \
+                "UPDATE jobs SET status = 'queued', max_attempts = max_attempts + 1, \
+                 lease_owner = NULL, lease_expires_at = NULL \
                  WHERE id = ? AND attempt = ? AND lease_owner = ? AND status = 'running'",
                 lease,
                 &[],

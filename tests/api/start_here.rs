@@ -58,9 +58,15 @@ async fn a_job_started_at_its_submit_as_shutdown_begins_goes_back_to_the_queue()
     assert!(worker.slot_for_new_job().is_none());
     slot.run(job.clone()).await;
     let back = store.get_job(job.id).await.unwrap().unwrap();
+    // Handed back without spending its attempt: one more is allowed (its number stays).
     assert_eq!(
-        (back.status, back.attempt, back.lease_owner),
-        (JobStatus::Queued, 0, None)
+        (
+            back.status,
+            back.attempt,
+            back.max_attempts,
+            back.lease_owner
+        ),
+        (JobStatus::Queued, 1, job.max_attempts + 1, None)
     );
     assert_eq!(fake.total_calls(), 0);
 }
