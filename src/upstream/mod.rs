@@ -413,14 +413,50 @@ struct WireResponse {
 #[derive(Deserialize)]
 struct WireChoice {
     message: WireMessage,
-    #[serde(default)]
+    /// Read leniently, like `usage`: a `finish_reason` that is not a string (a null, an object
+    /// from some servers) is absent, not a reason to throw away a completion that was paid for.
+    #[serde(default, deserialize_with = "lenient_string")]
     finish_reason: Option<String>,
 }
 
 #[derive(Deserialize)]
 struct WireMessage {
-    #[serde(default)]
+    /// A string, or an array of content parts (`[{"type": "text", "text": "..."}]`, which some
+    /// OpenAI-compatible servers answer): see `text_of`.
+    #[serde(default, deserialize_with = "content_text")]
     content: Option<String>,
+}
+
+fn lenient_string<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
+    Value::deserialize(d).map(|v| match v {
+        Value::String(s) => Some(s),
+        _ => None,
+    })
+}
+
+fn content_text<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
+    Value::deserialize(d).map(text_of)
+}
+
+/// The text of a message's `content`: a string as it is; of an array of content parts, the
+/// `text` of its `{"type": "text"}` parts joined as they come (they are pieces of one answer:
+/// servers that split it, around citations say, split it mid-sentence). Every other part (an
+/// image, a reasoning or `thinking` block, a citation) is left out: the answer is the text.
+/// Anything else, or parts with no text, is no content (the call then fails as an empty
+/// completion).
+fn text_of(content: Value) -> Option<String> {
+    match content {
+        Value::String(s) => Some(s),
+        Value::Array(parts) => {
+            let text: Vec<&str> = parts
+                .iter()
+                .filter(|part| part.get("type").and_then(Value::as_str) == Some("text"))
+                .filter_map(|part| part.get("text").and_then(Value::as_str))
+                .collect();
+            (!text.is_empty()).then(|| text.concat())
+        }
+        _ => None,
+    }
 }
 
 /// `usage`, read leniently: servers send nulls, floats and numbers as strings, and a completion
@@ -985,6 +1021,51 @@ mod tests {
             for result in on_both_clients(&up).await {
                 assert_eq!(result.unwrap(), expected, "usage {usage}");
             }
+        }
+    }
+
+    // Content as a string or as content parts (only text parts count); a `finish_reason` that
+    // is not a string is absent. Nothing here is an error of the body: what has no text is an
+    // empty completion, which `complete` reports as such.
+    #[test]
+    fn content_parts_are_joined_and_odd_finish_reasons_are_absent() {
+        for (choice, content, finish_reason) in [
+            (
+                r#"{"message": {"content": "hi"}, "finish_reason": "stop"}"#,
+                Some("hi"),
+                Some("stop"),
+            ),
+            (
+                r#"{"message": {"content": [{"type": "thinking", "thinking": [{"type": "text", "text": "hmm"}]},
+                    {"type": "text", "text": "The answer"}, {"type": "reference", "reference_ids": [1]},
+                    {"type": "text", "text": " is 42."}, {"type": "text", "text": 7}, "stray"]},
+                   "finish_reason": null}"#,
+                Some("The answer is 42."),
+                None,
+            ),
+            (
+                r#"{"message": {"content": []}, "finish_reason": 3}"#,
+                None,
+                None,
+            ),
+            (
+                r#"{"message": {"content": [{"type": "image_url", "image_url": {"url": "x"}}]}, "finish_reason": {"type": "stop"}}"#,
+                None,
+                None,
+            ),
+            (r#"{"message": {"content": null}}"#, None, None),
+            (
+                r#"{"message": {"content": 12}, "finish_reason": ["stop"]}"#,
+                None,
+                None,
+            ),
+            (r#"{"message": {}}"#, None, None),
+        ] {
+            let wire: WireResponse =
+                serde_json::from_str(&format!(r#"{{"choices": [{choice}]}}"#)).expect(choice);
+            let read = &wire.choices[0];
+            assert_eq!(read.message.content.as_deref(), content, "{choice}");
+            assert_eq!(read.finish_reason.as_deref(), finish_reason, "{choice}");
         }
     }
 

@@ -14,3 +14,4 @@ mod proxy;
 mod restart;
 mod start_here;
 mod store_faults;
+mod upstream_answers;

@@ -1,0 +1,60 @@
+//! 2xx answers from OpenAI-compatible servers that are not OpenAI's own shape: kept when they
+//! hold a completion, failed at once (not paid for again) when they are not an API's answer.
+
+use serde_json::Value;
+
+use crate::fake_upstream::{Kind, Reply};
+use crate::helpers::{body_with_panel, spawn_app};
+
+#[tokio::test]
+async fn content_given_as_parts_and_odd_finish_reasons_are_kept_from_the_first_call() {
+    let app = spawn_app().await;
+    app.fake.script(
+        "parts",
+        Kind::Panel,
+        vec![Reply::RawOk(
+            r#"{"choices": [{"message": {"role": "assistant", "content": [
+                {"type": "text", "text": "Rayleigh "},
+                {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}},
+                {"type": "text", "text": "scattering."}
+            ]}, "finish_reason": null}]}"#,
+        )],
+    );
+    app.fake.script(
+        "odd",
+        Kind::Panel,
+        vec![Reply::RawOk(
+            r#"{"choices": [{"message": {"content": "Blue light scatters most."},
+                "finish_reason": {"type": "stop"}}]}"#,
+        )],
+    );
+    let id = app
+        .submit_ok(&body_with_panel(&["parts", "odd"], "judge"))
+        .await;
+    let job = app.wait_final(&id, 10).await;
+    assert_eq!(job["status"], "succeeded", "{job:#}");
+    assert_eq!(job["panel"][0]["content"], "Rayleigh scattering.");
+    assert_eq!(job["panel"][1]["content"], "Blue light scatters most.");
+    assert_eq!(app.fake.calls("parts", Kind::Panel), 1);
+    assert_eq!(app.fake.calls("odd", Kind::Panel), 1);
+}
+
+#[tokio::test]
+async fn a_completion_with_nothing_usable_is_still_an_error() {
+    let app = spawn_app().await;
+    app.fake.script(
+        "images",
+        Kind::Panel,
+        vec![Reply::RawOk(
+            r#"{"choices": [{"message": {"content": [{"type": "image_url", "image_url": {"url": "x"}}]}}]}"#,
+        )],
+    );
+    let id = app
+        .submit_ok(&body_with_panel(&["ok1", "images"], "judge"))
+        .await;
+    let job: Value = app.wait_final(&id, 10).await;
+    assert_eq!(job["status"], "succeeded", "{job:#}");
+    assert_eq!(job["panel"][1]["status"], "failed");
+    assert_eq!(job["panel"][1]["error_code"], "empty_completion");
+    assert_eq!(app.fake.calls("images", Kind::Panel), 1);
+}
