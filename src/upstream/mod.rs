@@ -2,6 +2,7 @@
 //! configuration). Routes `provider:model` names, classifies every failure once into retryable or
 //! fatal, and turns the upstream `usage` into tokens and cost. Never stores or logs a key.
 
+mod answer;
 mod body;
 mod h1;
 mod retry;
@@ -26,6 +27,7 @@ use serde::ser::{Serialize, SerializeMap, Serializer};
 use serde_json::{Value, json};
 
 use crate::job::{JsonText, Usage};
+use answer::Answered;
 
 /// A provider key, kept out of `Debug` and logs.
 #[derive(Clone)]
@@ -190,6 +192,9 @@ pub enum ErrorKind {
     Empty,
     /// A 2xx answer's body past `MAX_ANSWER_BYTES`: not a completion, and no retry makes it one.
     TooLarge,
+    /// A 2xx answer whose body is not JSON at all: a web page (a wrong base URL), plain text.
+    /// The same URL answers the same again.
+    NotJson,
     /// An answer that is not HTTP/1.1 hyper can read (its head does not parse, or is past
     /// hyper's limits): another protocol on that port, which no retry changes.
     NotHttp,
@@ -257,7 +262,7 @@ impl UpstreamError {
     }
 }
 
-/// The upstream's own error message, or the start of its body.
+/// The upstream's own error message, or the start of its body (redacted, see `excerpt`).
 fn upstream_message(body: &str) -> String {
     let parsed: Option<Value> = serde_json::from_str(body).ok();
     let msg = parsed
@@ -265,7 +270,7 @@ fn upstream_message(body: &str) -> String {
         .and_then(|v| v.pointer("/error/message").or_else(|| v.get("error")))
         .and_then(Value::as_str)
         .map(str::to_string)
-        .unwrap_or_else(|| body.chars().take(300).collect());
+        .unwrap_or_else(|| answer::excerpt(body.as_bytes(), None));
     if msg.is_empty() {
         "(empty body)".into()
     } else {
@@ -568,14 +573,9 @@ impl Upstream {
         })
         .map_err(|e| UpstreamError::new(ErrorKind::Rejected, None, e.to_string()))?;
         let started = Instant::now();
-        let (status, text) = self.exchange(endpoint, body).await?;
-        let wire: WireResponse = serde_json::from_slice(&text).map_err(|e| {
-            UpstreamError::new(
-                ErrorKind::BadBody,
-                Some(status),
-                format!("upstream body is not a chat completion: {e}"),
-            )
-        })?;
+        let answered = self.exchange(endpoint, body).await?;
+        let status = answered.status;
+        let wire: WireResponse = answered.parse(provider)?;
         let latency_ms = i64::try_from(started.elapsed().as_millis()).unwrap_or(i64::MAX);
         let choice = wire.choices.into_iter().next().ok_or_else(|| {
             UpstreamError::new(
@@ -623,7 +623,7 @@ impl Upstream {
         &self,
         endpoint: &Endpoint,
         body: Vec<u8>,
-    ) -> Result<(u16, Bytes), UpstreamError> {
+    ) -> Result<Answered, UpstreamError> {
         let Some(uri) = &endpoint.plain else {
             return read_ok(self.post(endpoint, body).await?).await;
         };
@@ -640,8 +640,10 @@ impl Upstream {
                     ),
                 )
             })??;
-        let retry_after = answer.headers.get(hyper::header::RETRY_AFTER);
-        ok_or_error(answer.status, retry_after, answer.body)
+        let mut headers = answer.headers;
+        let content_type = headers.remove(CONTENT_TYPE);
+        let retry_after = headers.get(hyper::header::RETRY_AFTER);
+        ok_or_error(answer.status, retry_after, content_type, answer.body)
     }
 
     /// POST a JSON body to `endpoint` through reqwest.
@@ -666,14 +668,9 @@ impl Upstream {
         body: Value,
     ) -> Result<(Value, Usage), UpstreamError> {
         let resp = self.send(model, body).await?;
-        let (status, text) = read_ok(resp).await?;
-        let value: Value = serde_json::from_slice(&text).map_err(|e| {
-            UpstreamError::new(
-                ErrorKind::BadBody,
-                Some(status),
-                format!("upstream body is not JSON: {e}"),
-            )
-        })?;
+        let answered = read_ok(resp).await?;
+        let status = answered.status;
+        let value: Value = answered.parse(self.route(model).0)?;
         if !value.is_object() {
             return Err(UpstreamError::new(
                 ErrorKind::BadBody,
@@ -718,24 +715,31 @@ impl Upstream {
 pub const DEPTH_HEADER: &str = "x-fusion-depth";
 
 /// The body of a 2xx answer (up to `MAX_ANSWER_BYTES`), or the classified error of any other.
-async fn read_ok(mut resp: reqwest::Response) -> Result<(u16, Bytes), UpstreamError> {
+async fn read_ok(mut resp: reqwest::Response) -> Result<Answered, UpstreamError> {
     let status = resp.status().as_u16();
     let retry_after = resp.headers().get(reqwest::header::RETRY_AFTER).cloned();
+    let content_type = resp.headers().get(CONTENT_TYPE).cloned();
     let mut body = body::Body::new(status, resp.content_length())?;
     while let Some(chunk) = resp.chunk().await.map_err(transport_error)? {
         if !body.take(&chunk)? {
             break;
         }
     }
-    ok_or_error(status, retry_after.as_ref(), body.into_bytes())
+    ok_or_error(
+        status,
+        retry_after.as_ref(),
+        content_type,
+        body.into_bytes(),
+    )
 }
 
-/// A 2xx answer's body, or the error any other status stands for.
+/// A 2xx answer, or the error any other status stands for.
 fn ok_or_error(
     status: u16,
-    retry_after: Option<&hyper::header::HeaderValue>,
+    retry_after: Option<&HeaderValue>,
+    content_type: Option<HeaderValue>,
     body: Bytes,
-) -> Result<(u16, Bytes), UpstreamError> {
+) -> Result<Answered, UpstreamError> {
     if !(200..300).contains(&status) {
         let retry_after = retry_after
             .and_then(|v| v.to_str().ok())
@@ -743,7 +747,11 @@ fn ok_or_error(
         let text = String::from_utf8_lossy(&body);
         return Err(UpstreamError::from_status(status, &text, retry_after));
     }
-    Ok((status, body))
+    Ok(Answered {
+        status,
+        content_type,
+        body,
+    })
 }
 
 fn transport_error(e: reqwest::Error) -> UpstreamError {
@@ -976,6 +984,52 @@ mod tests {
                 "{}",
                 err.message
             );
+        }
+    }
+
+    // A web page where the API was expected (a base URL without its `/v1`, or a web app's):
+    // no retry makes it a completion. The error says what came back, with no credential the
+    // page may echo, and points at the base URL. On either client.
+    #[tokio::test]
+    async fn a_web_page_in_place_of_a_completion_is_final_on_both_clients() {
+        let page = "<!DOCTYPE html>\n<html>\t<body>Sign in at https://sk-live@app.example/ \
+                    (sent: Bearer sk-1) or https://u:pw@app.example/login</body></html>";
+        let answer = format!(
+            "HTTP/1.1 200 OK\r\ncontent-type: text/html\r\ncontent-length: {}\r\n\r\n{page}",
+            page.len()
+        );
+        let (base, _) = answering(answer, Then::Close).await;
+        let up = upstream_at(&format!("{base}/v1"), Some("sk-1"));
+        for result in on_both_clients(&up).await {
+            let err = result.unwrap_err();
+            assert!(!err.retryable(), "{err:?}");
+            assert_eq!(err.status, Some(200));
+            let shown = format!(
+                "upstream answered 200 (content-type text/html) with a body that is not JSON: \
+                 `<!DOCTYPE html> <html> <body>Sign in at https://***@app.example/ (sent: Bearer \
+                 *** or https://u:***@app.example/login</body></html>`; is {base}/v1 the API's \
+                 base URL (the one under which POST /chat/completions answers)?"
+            );
+            assert_eq!(err.message, shown);
+        }
+    }
+
+    // A body that ends before its JSON does is a cut-off answer, not a wrong server: retried,
+    // whether the connection was cut inside the announced length or the body had none (ended
+    // by the close, it reads as whole).
+    #[tokio::test]
+    async fn a_completion_cut_off_is_retried_on_both_clients() {
+        let start = r#"{"choices": [{"message": {"content": "cut"#;
+        for head in [
+            "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 500\r\n\r\n",
+            "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\nconnection: close\r\n\r\n",
+        ] {
+            let (base, _) = answering(format!("{head}{start}"), Then::Close).await;
+            for result in on_both_clients(&upstream_at(&format!("{base}/v1"), None)).await {
+                let err = result.unwrap_err();
+                assert_eq!(err.kind, ErrorKind::BadBody, "{err:?}");
+                assert!(err.retryable(), "{err:?}");
+            }
         }
     }
 

@@ -60,6 +60,8 @@ pub enum Reply {
     Status(u16),
     /// `200 OK` with exactly this body (JSON or not).
     RawOk(&'static str),
+    /// `200 OK` with this body as `text/html`: a web page where an API was expected.
+    Page(&'static str),
     /// `307 Temporary Redirect` back to the same endpoint (a client that follows it calls again).
     Redirect,
     /// 429 with `Retry-After: N` seconds.
@@ -341,6 +343,12 @@ async fn respond(reply: Reply, model: &str, kind: Kind) -> Response {
             Reply::RawOk(body) => {
                 let mut headers = HeaderMap::new();
                 headers.insert("content-type", HeaderValue::from_static("application/json"));
+                return (StatusCode::OK, headers, body).into_response();
+            }
+            Reply::Page(body) => {
+                let mut headers = HeaderMap::new();
+                let html = HeaderValue::from_static("text/html; charset=utf-8");
+                headers.insert("content-type", html);
                 return (StatusCode::OK, headers, body).into_response();
             }
             Reply::Redirect => {

@@ -40,6 +40,36 @@ async fn content_given_as_parts_and_odd_finish_reasons_are_kept_from_the_first_c
 }
 
 #[tokio::test]
+async fn a_web_page_in_place_of_a_completion_is_final_and_says_what_came_back() {
+    let app = spawn_app().await;
+    app.fake.script(
+        "web",
+        Kind::Panel,
+        vec![Reply::Page(
+            "<!doctype html>\n<html><head><title>My App</title></head><body>Welcome</body></html>",
+        )],
+    );
+    let id = app
+        .submit_ok(&body_with_panel(&["ok1", "web"], "judge"))
+        .await;
+    let job = app.wait_final(&id, 10).await;
+    assert_eq!(job["status"], "succeeded", "{job:#}");
+    let failed = &job["panel"][1];
+    assert_eq!(failed["status"], "failed", "{failed}");
+    let error = failed["error"].as_str().unwrap();
+    for says in [
+        "200",
+        "text/html",
+        "<!doctype html> <html><head><title>My App",
+        "base URL",
+    ] {
+        assert!(error.contains(says), "{says:?} in {error}");
+    }
+    // Asked once: the same page would come back on every retry.
+    assert_eq!(app.fake.calls("web", Kind::Panel), 1);
+}
+
+#[tokio::test]
 async fn a_completion_with_nothing_usable_is_still_an_error() {
     let app = spawn_app().await;
     app.fake.script(

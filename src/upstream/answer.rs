@@ -1,0 +1,122 @@
+//! A 2xx answer read whole, and what it is parsed into. An answer that is not what was asked
+//! for says what came back, in one line the job keeps and API clients see: never a credential
+//! the body may echo, and never the body whole.
+
+use bytes::Bytes;
+use hyper::header::HeaderValue;
+use serde::de::DeserializeOwned;
+use serde_json::error::Category;
+
+use super::{ErrorKind, Provider, UpstreamError, redact_url};
+
+/// A 2xx answer, its body read whole (up to `MAX_ANSWER_BYTES`).
+pub(super) struct Answered {
+    pub status: u16,
+    /// Shown when the body is not JSON: `text/html` says at once that a web page came back.
+    pub content_type: Option<HeaderValue>,
+    pub body: Bytes,
+}
+
+impl Answered {
+    /// The body as `T`, or why it is not one. A body that is not JSON at all (a web page, plain
+    /// text, a stream that was not asked for) is final: the same URL answers the same again,
+    /// and the likely cause is a wrong base URL (the provider's, shown redacted, with its key
+    /// hidden should the page echo it). A body that ends before its JSON does was cut off (a close ended
+    /// it early) and JSON of another shape may be an error reported in a 2xx (OpenRouter does
+    /// so for a model that fails mid-answer): both are retried.
+    pub fn parse<T: DeserializeOwned>(&self, provider: &Provider) -> Result<T, UpstreamError> {
+        serde_json::from_slice(&self.body).map_err(|e| {
+            if e.classify() != Category::Syntax {
+                return UpstreamError::new(
+                    ErrorKind::BadBody,
+                    Some(self.status),
+                    format!("upstream body is not a chat completion: {e}"),
+                );
+            }
+            let content_type = self.content_type.as_ref().map_or_else(
+                || "no content-type".to_string(),
+                |v| format!("content-type {}", excerpt(v.as_bytes(), None)),
+            );
+            UpstreamError::new(
+                ErrorKind::NotJson,
+                Some(self.status),
+                format!(
+                    "upstream answered {} ({content_type}) with a body that is not JSON: `{}`; \
+                     is {} the API's base URL (the one under which POST /chat/completions \
+                     answers)?",
+                    self.status,
+                    excerpt(&self.body, provider.api_key.as_ref().map(|k| k.0.as_str())),
+                    redact_url(&provider.base_url),
+                ),
+            )
+        })
+    }
+}
+
+/// How many characters of a body an error message shows.
+const EXCERPT_CHARS: usize = 200;
+
+/// The start of a body for an error message, on one line (control characters and runs of white
+/// space become one space), at most `EXCERPT_CHARS` characters (`...` marks a cut), with what
+/// may be a credential shown as `***`: `key` wherever it appears, the userinfo of URLs
+/// (`redact_url`), and the word after `Bearer` or `Basic`. A page may echo the request's
+/// headers, and the message is stored with the job and shown to API clients.
+pub(super) fn excerpt(body: &[u8], key: Option<&str>) -> String {
+    // Far past what is shown, so that every word shown is redacted whole.
+    let start = String::from_utf8_lossy(&body[..body.len().min(8 << 10)]);
+    let start = match key {
+        Some(key) => start.replace(key, "***"),
+        None => start.into_owned(),
+    };
+    let mut words = Vec::new();
+    let mut after_scheme = false;
+    for word in start.split(|c: char| c.is_whitespace() || c.is_control()) {
+        if word.is_empty() {
+            continue;
+        }
+        words.push(if after_scheme {
+            "***".to_string()
+        } else {
+            redact_url(word)
+        });
+        after_scheme = word.eq_ignore_ascii_case("bearer") || word.eq_ignore_ascii_case("basic");
+    }
+    let line = words.join(" ");
+    match line.char_indices().nth(EXCERPT_CHARS) {
+        Some((cut, _)) => format!("{}...", &line[..cut]),
+        None => line,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn excerpts_are_one_short_line_without_credentials() {
+        for (body, key, shown) in [
+            (
+                "{\"error\": \"overloaded\"}",
+                None,
+                "{\"error\": \"overloaded\"}",
+            ),
+            ("a\n\n\tb\u{7}c  d", None, "a b c d"),
+            ("key=sk-12345&x", Some("sk-12345"), "key=***&x"),
+            (
+                "Authorization: bearer eyJ.x go <a href=\"https://tok@h/\">",
+                None,
+                "Authorization: bearer *** go <a href=\"https://***@h/\">",
+            ),
+            ("", None, ""),
+        ] {
+            assert_eq!(excerpt(body.as_bytes(), key), shown);
+        }
+        let long = "é".repeat(EXCERPT_CHARS + 1);
+        assert_eq!(
+            excerpt(long.as_bytes(), None),
+            format!("{}...", "é".repeat(EXCERPT_CHARS))
+        );
+        // Not UTF-8: shown as replacement characters, never a panic.
+        assert_eq!(excerpt(&[0xff, b'a'], None), "\u{fffd}a");
+    }
+}
