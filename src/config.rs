@@ -351,7 +351,7 @@ fn with_wire_options(
 
 /// An upstream URL must be http or https; the error names it without its password.
 fn check_url(url: &str) -> anyhow::Result<()> {
-    let shown = crate::upstream::redact_url(url);
+    let shown = crate::store::redact_url(url);
     let parsed = reqwest::Url::parse(url).with_context(|| format!("`{shown}` is not a URL"))?;
     anyhow::ensure!(
         matches!(parsed.scheme(), "http" | "https"),

@@ -7,7 +7,8 @@ use hyper::header::HeaderValue;
 use serde::de::DeserializeOwned;
 use serde_json::error::Category;
 
-use super::{ErrorKind, Provider, UpstreamError, redact_url};
+use super::{ErrorKind, Provider, UpstreamError};
+use crate::store::redact_url;
 
 /// A 2xx answer, its body read whole (up to `MAX_ANSWER_BYTES`).
 pub(super) struct Answered {

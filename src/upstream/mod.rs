@@ -27,6 +27,7 @@ use serde::ser::{Serialize, SerializeMap, Serializer};
 use serde_json::{Value, json};
 
 use crate::job::{JsonText, Usage};
+use crate::store::redact_url;
 use answer::Answered;
 
 /// A provider key, kept out of `Debug` and logs.
@@ -52,7 +53,7 @@ pub struct Provider {
     pub name: String,
     /// Base URL up to and including `/v1` (the path `/chat/completions` is appended). A
     /// `user:password@` in it is sent as Basic auth unless there is an `api_key` (see
-    /// `Endpoint::of`), and `Debug` shows no password.
+    /// `Endpoint::of`), and `Debug` shows neither its password nor a user name alone.
     pub base_url: String,
     pub api_key: Option<ApiKey>,
     /// How this provider is asked for JSON that follows a schema.
@@ -84,23 +85,6 @@ impl fmt::Debug for Provider {
             .field("max_tokens_field", &self.max_tokens_field)
             .finish()
     }
-}
-
-/// `url` with the password of its `user:password@` shown as `***` (a user name with no
-/// password, which may be a token, too), for errors and `Debug`. It errs towards hiding: the
-/// last `@` is taken as the end of the userinfo, as in a URL that does not parse.
-pub fn redact_url(url: &str) -> String {
-    let (Some(start), Some(at)) = (url.find("://").map(|i| i + 3), url.rfind('@')) else {
-        return url.to_string();
-    };
-    if at < start {
-        return url.to_string();
-    }
-    let shown = match url[start..at].split_once(':') {
-        Some((user, _)) => format!("{user}:***"),
-        None => "***".to_string(),
-    };
-    format!("{}{shown}{}", &url[..start], &url[at..])
 }
 
 /// Providers differ in how they enforce a JSON schema.
@@ -1169,19 +1153,6 @@ mod tests {
             let (n, v) = l.split_once(':')?;
             n.eq_ignore_ascii_case(name).then_some(v.trim())
         })
-    }
-
-    #[test]
-    fn urls_are_shown_without_their_credentials() {
-        for (url, shown) in [
-            ("http://user:secret@h:8000/v1", "http://user:***@h:8000/v1"),
-            ("http://sk-token@h/v1", "http://***@h/v1"),
-            ("http://user:p@ss@h/v1", "http://user:***@h/v1"),
-            ("http://h:8000/v1", "http://h:8000/v1"),
-            ("not a url", "not a url"),
-        ] {
-            assert_eq!(redact_url(url), shown);
-        }
     }
 
     #[test]
