@@ -9,6 +9,7 @@ use std::time::Duration;
 use anyhow::Context;
 use serde::Deserialize;
 
+use crate::store::redact_url;
 use crate::upstream::{ApiKey, Price, Provider, RetryPolicy, StructuredOutput, UpstreamConfig};
 
 /// The file, as written by a user. Every field is optional.
@@ -222,15 +223,22 @@ impl FileConfig {
     /// Resolve against the environment (`env` is a lookup so tests need not touch the process's).
     pub fn resolve(self, env: &dyn Fn(&str) -> Option<String>) -> anyhow::Result<FusionConfig> {
         self.check_numbers()?;
-        let key_from = |var: &str| env(var).and_then(ApiKey::new);
-        let default_key = match &self.upstream.api_key_env {
-            Some(var) => key_from(var),
-            None => key_from("FUSION_UPSTREAM_API_KEY").or_else(|| key_from("OPENROUTER_API_KEY")),
+        // The key in the first of `vars` that holds one, and that variable's name.
+        let key_from = |vars: &[&str]| {
+            vars.iter()
+                .find_map(|var| Some((env(var).and_then(ApiKey::new)?, var.to_string())))
         };
-        let base_url = env("FUSION_UPSTREAM_URL")
-            .or(self.upstream.base_url)
-            .unwrap_or_else(|| DEFAULT_UPSTREAM_URL.to_string());
-        check_url(&base_url).context("Invalid upstream base URL")?;
+        let default_key = match &self.upstream.api_key_env {
+            Some(var) => key_from(&[var]),
+            None => key_from(&["FUSION_UPSTREAM_API_KEY", "OPENROUTER_API_KEY"]),
+        };
+        let (base_url, url_setting) = match (env("FUSION_UPSTREAM_URL"), self.upstream.base_url) {
+            (Some(url), _) => (url, "FUSION_UPSTREAM_URL"),
+            (None, Some(url)) => (url, "[upstream] base_url"),
+            (None, None) => (DEFAULT_UPSTREAM_URL.to_string(), "the default base URL"),
+        };
+        let parsed = check_url(&base_url).context("Invalid upstream base URL")?;
+        one_authorization("default", &default_key, &parsed, &base_url, url_setting)?;
         let timeout_seconds = match env("FUSION_UPSTREAM_TIMEOUT_SECONDS") {
             Some(v) => v
                 .parse()
@@ -244,11 +252,13 @@ impl FileConfig {
         );
         let mut providers = HashMap::new();
         for (name, p) in self.providers {
-            check_url(&p.base_url)
+            let parsed = check_url(&p.base_url)
                 .with_context(|| format!("Invalid base_url of provider {name}"))?;
-            let api_key = p.api_key_env.as_deref().and_then(key_from);
+            let api_key = p.api_key_env.as_deref().and_then(|var| key_from(&[var]));
+            let url_setting = format!("[providers.{name}] base_url");
+            one_authorization(&name, &api_key, &parsed, &p.base_url, &url_setting)?;
             let provider = with_wire_options(
-                Provider::new(&name, &p.base_url, api_key),
+                Provider::new(&name, &p.base_url, api_key.map(|(key, _)| key)),
                 p.structured_output,
                 p.max_tokens_field,
             )?;
@@ -301,7 +311,7 @@ impl FileConfig {
         Ok(FusionConfig {
             upstream: UpstreamConfig {
                 default: with_wire_options(
-                    Provider::new("default", &base_url, default_key),
+                    Provider::new("default", &base_url, default_key.map(|(key, _)| key)),
                     self.upstream.structured_output,
                     self.upstream.max_tokens_field,
                 )?,
@@ -349,13 +359,38 @@ fn with_wire_options(
     Ok(p)
 }
 
-/// An upstream URL must be http or https; the error names it without its password.
-fn check_url(url: &str) -> anyhow::Result<()> {
-    let shown = crate::store::redact_url(url);
+/// An upstream URL must be http or https; the error names it without its credentials.
+fn check_url(url: &str) -> anyhow::Result<reqwest::Url> {
+    let shown = redact_url(url);
     let parsed = reqwest::Url::parse(url).with_context(|| format!("`{shown}` is not a URL"))?;
     anyhow::ensure!(
         matches!(parsed.scheme(), "http" | "https"),
         "`{shown}` must be http or https"
+    );
+    Ok(parsed)
+}
+
+/// A provider's key and credentials in its base URL would both be the `Authorization` header,
+/// and a request carries one: refused at start-up, naming both settings, rather than one of them
+/// dropped without a word (the URL's, as reqwest drops it) — and with it the key, possibly one
+/// meant for another service (`OPENROUTER_API_KEY` is the fallback), sent to a server that
+/// wanted the URL's. No server needs both: each is a complete credential.
+fn one_authorization(
+    provider: &str,
+    key: &Option<(ApiKey, String)>,
+    parsed: &reqwest::Url,
+    url: &str,
+    url_setting: &str,
+) -> anyhow::Result<()> {
+    let Some((_, key_var)) = key else {
+        return Ok(());
+    };
+    anyhow::ensure!(
+        parsed.username().is_empty() && parsed.password().is_none(),
+        "provider {provider}: both an API key ({key_var}) and credentials in the base URL \
+         ({url_setting}: `{}`) are set, and a request can carry only one of them as its \
+         Authorization header: remove the key or the URL's `user:password@`",
+        redact_url(url)
     );
     Ok(())
 }
@@ -459,6 +494,59 @@ mod tests {
         )
         .unwrap();
         file.resolve(&env(&[])).unwrap();
+    }
+
+    // A key and credentials in the base URL would both be the `Authorization` header, and one
+    // would be dropped without a word: start-up stops, naming the provider and both settings
+    // (never the secrets). Either one alone is fine.
+    #[test]
+    fn refuses_a_key_beside_credentials_in_the_base_url_naming_both() {
+        for (toml, vars, says) in [
+            (
+                "",
+                &[
+                    ("FUSION_UPSTREAM_URL", "http://u:pw@h/v1"),
+                    ("OPENROUTER_API_KEY", "sk-or"),
+                ][..],
+                &[
+                    "provider default",
+                    "OPENROUTER_API_KEY",
+                    "FUSION_UPSTREAM_URL",
+                    "u:***@h",
+                ][..],
+            ),
+            (
+                "[upstream]\nbase_url = \"https://sk-tok@h/v1\"\napi_key_env = \"MY_KEY\"",
+                &[("MY_KEY", "sk-1")],
+                &["provider default", "MY_KEY", "[upstream] base_url", "***@h"],
+            ),
+            (
+                "[providers.local]\nbase_url = \"http://u:pw@h/v1\"\napi_key_env = \"LOCAL_KEY\"",
+                &[("LOCAL_KEY", "sk-1")],
+                &["provider local", "LOCAL_KEY", "[providers.local] base_url"],
+            ),
+        ] {
+            let file: FileConfig = toml::from_str(toml).unwrap();
+            let err = format!("{:#}", file.resolve(&env(vars)).expect_err(toml));
+            for said in says {
+                assert!(err.contains(said), "{said:?} in {err}");
+            }
+            for secret in ["pw", "sk-"] {
+                assert!(!err.contains(secret), "{secret:?} in {err}");
+            }
+        }
+        for (toml, vars) in [
+            ("", &[("FUSION_UPSTREAM_URL", "http://u:pw@h/v1")][..]),
+            ("", &[("OPENROUTER_API_KEY", "sk-or")]),
+            (
+                // The variable it names is unset: no key.
+                "[providers.local]\nbase_url = \"http://u:pw@h/v1\"\napi_key_env = \"UNSET\"",
+                &[],
+            ),
+        ] {
+            let file: FileConfig = toml::from_str(toml).unwrap();
+            file.resolve(&env(vars)).expect(toml);
+        }
     }
 
     #[test]

@@ -52,8 +52,9 @@ impl fmt::Debug for ApiKey {
 pub struct Provider {
     pub name: String,
     /// Base URL up to and including `/v1` (the path `/chat/completions` is appended). A
-    /// `user:password@` in it is sent as Basic auth unless there is an `api_key` (see
-    /// `Endpoint::of`), and `Debug` shows neither its password nor a user name alone.
+    /// `user:password@` in it is sent as Basic auth (see `Endpoint::of`; the configuration
+    /// refuses one beside an `api_key`), and `Debug` shows neither its password nor a user name
+    /// alone.
     pub base_url: String,
     pub api_key: Option<ApiKey>,
     /// How this provider is asked for JSON that follows a schema.
@@ -338,7 +339,8 @@ impl Endpoint {
 /// (percent-decoded, marked sensitive) — what reqwest makes of it. Both clients get the URL
 /// without it, so the password goes neither into a connect target, a `Host` header nor an error
 /// message, and the same header, which a provider's key replaces (as reqwest's explicit headers
-/// replace the one it derives from the URL).
+/// replace the one it derives from the URL; the configuration refuses a key beside credentials
+/// in the URL, see `config::one_authorization`, so only a `Provider` built in code has both).
 fn without_userinfo(url: &str) -> (Cow<'_, str>, Option<HeaderValue>) {
     let Ok(mut parsed) = reqwest::Url::parse(url) else {
         return (url.into(), None);
@@ -1108,7 +1110,8 @@ mod tests {
     }
 
     // `http://user:password@host/v1`: as reqwest does, both clients send the userinfo
-    // (percent-decoded) as Basic auth unless a key is configured (the key's `Bearer` wins), and
+    // (percent-decoded) as Basic auth unless a key is set (the key's `Bearer` wins: the
+    // configuration refuses both, but a `Provider` built in code may have them), and
     // never in the `Host` header; no error message or `Debug` output carries the password.
     #[tokio::test]
     async fn credentials_in_a_plain_url_go_as_basic_auth_on_both_clients() {
