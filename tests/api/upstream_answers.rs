@@ -41,20 +41,9 @@ async fn content_given_as_parts_and_odd_finish_reasons_are_kept_from_the_first_c
 
 #[tokio::test]
 async fn a_web_page_in_place_of_a_completion_is_final_and_says_what_came_back() {
-    let app = spawn_app().await;
-    app.fake.script(
-        "web",
-        Kind::Panel,
-        vec![Reply::Page(
-            "<!doctype html>\n<html><head><title>My App</title></head><body>Welcome</body></html>",
-        )],
-    );
-    let id = app
-        .submit_ok(&body_with_panel(&["ok1", "web"], "judge"))
-        .await;
-    let job = app.wait_final(&id, 10).await;
-    assert_eq!(job["status"], "succeeded", "{job:#}");
-    let failed = &job["panel"][1];
+    let page =
+        "<!doctype html>\n<html><head><title>My App</title></head><body>Welcome</body></html>";
+    let failed = member_answering_once(Reply::Page(page)).await;
     assert_eq!(failed["status"], "failed", "{failed}");
     let error = failed["error"].as_str().unwrap();
     for says in [
@@ -65,26 +54,26 @@ async fn a_web_page_in_place_of_a_completion_is_final_and_says_what_came_back() 
     ] {
         assert!(error.contains(says), "{says:?} in {error}");
     }
-    // Asked once: the same page would come back on every retry.
-    assert_eq!(app.fake.calls("web", Kind::Panel), 1);
 }
 
 #[tokio::test]
 async fn a_completion_with_nothing_usable_is_still_an_error() {
+    let images = r#"{"choices": [{"message": {"content": [{"type": "image_url", "image_url": {"url": "x"}}]}}]}"#;
+    let failed = member_answering_once(Reply::RawOk(images)).await;
+    assert_eq!(failed["status"], "failed", "{failed}");
+    assert_eq!(failed["error_code"], "empty_completion");
+}
+
+/// The panel entry of a member answering `reply`, beside one that answers well, once the job
+/// is over; the member was asked once (the same answer would come back on every retry).
+async fn member_answering_once(reply: Reply) -> Value {
     let app = spawn_app().await;
-    app.fake.script(
-        "images",
-        Kind::Panel,
-        vec![Reply::RawOk(
-            r#"{"choices": [{"message": {"content": [{"type": "image_url", "image_url": {"url": "x"}}]}}]}"#,
-        )],
-    );
+    app.fake.script("member", Kind::Panel, vec![reply]);
     let id = app
-        .submit_ok(&body_with_panel(&["ok1", "images"], "judge"))
+        .submit_ok(&body_with_panel(&["ok1", "member"], "judge"))
         .await;
-    let job: Value = app.wait_final(&id, 10).await;
+    let job = app.wait_final(&id, 10).await;
     assert_eq!(job["status"], "succeeded", "{job:#}");
-    assert_eq!(job["panel"][1]["status"], "failed");
-    assert_eq!(job["panel"][1]["error_code"], "empty_completion");
-    assert_eq!(app.fake.calls("images", Kind::Panel), 1);
+    assert_eq!(app.fake.calls("member", Kind::Panel), 1, "{job:#}");
+    job["panel"][1].clone()
 }
