@@ -354,8 +354,9 @@ async fn sigterm_answers_a_client_waiting_on_a_job_it_hands_back() {
         tokio::spawn(async move {
             let resp = client.post(url).json(&body).send().await.unwrap();
             let status = resp.status();
+            let retry = resp.headers().get("x-should-retry").cloned();
             let job = resp.headers().get("x-fusion-job-id").cloned();
-            (status, job, resp.text().await.unwrap())
+            (status, job, retry, resp.text().await.unwrap())
         })
     };
     let (sync, streamed) = (waiting(false), waiting(true));
@@ -365,12 +366,18 @@ async fn sigterm_answers_a_client_waiting_on_a_job_it_hands_back() {
 
     let status = server.terminate().await;
     assert!(status.success(), "fusion exited with {status}");
-    let (status, job, body) = sync.await.unwrap();
+    let (status, job, retry, body) = sync.await.unwrap();
     assert_eq!(status, 503, "{body}");
     assert!(job.is_some(), "the answer names its job");
+    // The OpenAI SDKs retry a 503 by default: a retry would be a new POST, a new paid job.
+    assert_eq!(
+        retry.as_ref().map(|v| v.to_str().unwrap()),
+        Some("false"),
+        "{body}"
+    );
     let error: Value = serde_json::from_str(&body).unwrap();
     assert_eq!(error["error"]["code"], "shutting_down", "{body}");
-    let (status, _, body) = streamed.await.unwrap();
+    let (status, _, _, body) = streamed.await.unwrap();
     assert_eq!(status, 200);
     assert!(body.contains("shutting_down"), "{body}");
     assert!(body.trim_end().ends_with("data: [DONE]"), "{body}");
