@@ -63,6 +63,8 @@ pub struct AnalysisSection {
 pub struct ServerSection {
     /// Seconds between SSE keep-alive comments.
     pub keepalive_seconds: Option<u64>,
+    /// Seconds a request waiting on its job keeps retrying failed reads of it.
+    pub wait_outage_seconds: Option<u64>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -127,6 +129,9 @@ pub struct FusionConfig {
     pub analysis: AnalysisLimits,
     /// Interval of SSE keep-alive comments.
     pub keepalive: Duration,
+    /// How long a request waiting on its job rides out a database that fails its reads before
+    /// it answers with the job's id to fetch it by later.
+    pub wait_outage: Duration,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -335,6 +340,7 @@ impl FileConfig {
                 max_tokens: self.analysis.max_tokens,
             },
             keepalive: Duration::from_secs(self.server.keepalive_seconds.unwrap_or(15).max(1)),
+            wait_outage: Duration::from_secs(self.server.wait_outage_seconds.unwrap_or(60).max(1)),
         })
     }
 }

@@ -8,6 +8,7 @@ use axum::extract::State;
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde_json::{Value, json};
+use uuid::Uuid;
 
 use super::error::ApiError;
 use super::jobs::{enqueue, idempotency_key, refuse_recursion};
@@ -17,10 +18,6 @@ use crate::job::{Job, JobStatus};
 /// Response header naming the job behind a completion, so a client that timed out can fetch the
 /// result later from `GET /v1/jobs/{id}`.
 pub const JOB_HEADER: &str = "x-fusion-job-id";
-
-/// The OpenAI SDKs retry 408, 409, 429 and 5xx answers unless this header says `false`. A
-/// failed or cancelled job's answer carries it: each retry would be a new POST, a new paid job.
-const SHOULD_RETRY_HEADER: &str = "x-should-retry";
 
 pub fn is_fusion_model(model: &str) -> bool {
     model == "fusion" || model.starts_with("fusion/")
@@ -124,32 +121,31 @@ pub async fn completions(
 }
 
 /// The answer for a finished job: its `chat.completion`, or the error it ended with (which
-/// tells SDKs not to retry).
+/// names the job and tells SDKs not to retry).
 pub fn finished_completion(job: &Job) -> Result<Response, ApiError> {
-    let mut resp = match (&job.status, &job.result) {
-        (JobStatus::Succeeded, Some(result)) => {
-            let mut result = result.clone();
-            result["fusion_job_id"] = json!(job.id);
-            Json(result).into_response()
-        }
-        _ => {
-            // Not finished: the wait ended because this process is shutting down.
-            let error = match job.status.is_final() {
-                true => job_error(job),
-                false => handed_back(job),
-            };
-            let mut resp = error.into_response();
-            resp.headers_mut()
-                .insert(SHOULD_RETRY_HEADER, HeaderValue::from_static("false"));
-            resp
-        }
+    let (JobStatus::Succeeded, Some(result)) = (&job.status, &job.result) else {
+        // Not finished: the wait ended because this process is shutting down.
+        let error = match job.status.is_final() {
+            true => job_error(job),
+            false => handed_back(job),
+        };
+        return Err(error.after_jobs(&[job.id]));
     };
+    let mut result = result.clone();
+    result["fusion_job_id"] = json!(job.id);
+    let mut resp = Json(result).into_response();
     resp.headers_mut().insert(JOB_HEADER, job_header(job));
     Ok(resp)
 }
 
 pub fn job_header(job: &Job) -> HeaderValue {
-    HeaderValue::from_str(&job.id.to_string()).expect("a uuid is a valid header")
+    jobs_header(&[job.id])
+}
+
+/// The `x-fusion-job-id` value naming these jobs, comma-separated.
+pub fn jobs_header(ids: &[Uuid]) -> HeaderValue {
+    let ids: Vec<String> = ids.iter().map(Uuid::to_string).collect();
+    HeaderValue::from_str(&ids.join(",")).expect("uuids are valid header text")
 }
 
 /// The answer to a request that waited on a job when this process shut down before the job

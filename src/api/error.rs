@@ -1,17 +1,23 @@
 //! One error type for every endpoint, mapped to HTTP in one place. Bodies follow the OpenAI shape
 //! `{"error": {"code", "message", "type"}}` so SDKs raise their usual exceptions. Internal errors
-//! are logged here once and answered with a generic message.
+//! are logged here once and answered with a generic message. An error answered after the request
+//! enqueued a job names the job and tells SDKs not to retry: a retry would be a new, paid job.
 
 use std::borrow::Cow;
 
 use axum::Json;
 use axum::extract::rejection::{JsonRejection, PathRejection, QueryRejection};
-use axum::http::StatusCode;
+use axum::http::{HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use serde_json::{Value, json};
+use uuid::Uuid;
 
 use super::MAX_BODY_BYTES;
+use super::chat::{JOB_HEADER, jobs_header};
 use crate::store::StoreError;
+
+/// The OpenAI SDKs retry 408, 409, 429 and 5xx answers unless this header says `false`.
+const SHOULD_RETRY_HEADER: &str = "x-should-retry";
 
 #[derive(Debug)]
 pub struct ApiError {
@@ -19,6 +25,9 @@ pub struct ApiError {
     /// Fixed for request errors; a failed job's is its `failure_reason`.
     pub code: Cow<'static, str>,
     pub message: String,
+    /// The jobs the request enqueued before this error: named in the answer (and its
+    /// `x-fusion-job-id`), which also carries `x-should-retry: false`.
+    pub jobs: Vec<Uuid>,
 }
 
 impl ApiError {
@@ -31,7 +40,26 @@ impl ApiError {
             status,
             code: code.into(),
             message: message.into(),
+            jobs: Vec::new(),
         }
+    }
+
+    /// This error, answered after the request enqueued `jobs`: the message names each job not
+    /// named yet, where to fetch it, and the answer tells SDKs not to retry.
+    pub fn after_jobs(mut self, jobs: &[Uuid]) -> ApiError {
+        for &id in jobs {
+            if self.jobs.contains(&id) {
+                continue;
+            }
+            self.jobs.push(id);
+            if !self.message.contains(&id.to_string()) {
+                self.message += &format!(
+                    "; fusion job {id} was enqueued and is not lost: fetch it from GET \
+                     /v1/jobs/{id} rather than retrying"
+                );
+            }
+        }
+        self
     }
 
     pub fn bad_request(code: &'static str, message: impl Into<String>) -> ApiError {
@@ -86,7 +114,13 @@ impl IntoResponse for ApiError {
         if self.status.is_server_error() {
             tracing::error!(code = %self.code, message = %self.message, "request failed");
         }
-        (self.status, Json(self.body())).into_response()
+        let mut resp = (self.status, Json(self.body())).into_response();
+        if !self.jobs.is_empty() {
+            let headers = resp.headers_mut();
+            headers.insert(JOB_HEADER, jobs_header(&self.jobs));
+            headers.insert(SHOULD_RETRY_HEADER, HeaderValue::from_static("false"));
+        }
+        resp
     }
 }
 

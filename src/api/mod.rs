@@ -52,7 +52,7 @@ impl AppState {
         upstream: Arc<Upstream>,
         worker: Option<Arc<Worker>>,
     ) -> AppState {
-        let watch = JobWatch::start(store.as_ref());
+        let watch = JobWatch::start(store.as_ref(), config.wait_outage);
         AppState {
             store,
             config,

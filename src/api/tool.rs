@@ -4,11 +4,11 @@
 //! calls and every job.
 
 use axum::Json;
-use axum::http::{HeaderValue, StatusCode};
+use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use serde_json::{Map, Value, json};
 
-use super::chat::{JOB_HEADER, StreamOptions};
+use super::chat::{JOB_HEADER, StreamOptions, jobs_header};
 use super::error::ApiError;
 use super::jobs::enqueue;
 use super::{AppState, request, stream, watch};
@@ -111,7 +111,8 @@ pub async fn run(
                     .and_then(|s| StatusCode::from_u16(s).ok())
                     .filter(|s| s.is_client_error() || s.is_server_error())
                     .unwrap_or(StatusCode::BAD_GATEWAY);
-                ApiError::new(status, "upstream_error", e.message)
+                // Jobs run in earlier rounds are named: a retry would run them again.
+                ApiError::new(status, "upstream_error", e.message).after_jobs(&job_ids)
             })?;
         usage.add(&outer_usage);
         let message = reply
@@ -142,13 +143,27 @@ pub async fn run(
             .as_array_mut()
             .expect("checked at the start: an array");
         messages.push(message.clone());
+        let mut failed = None;
         for (call, result) in fusion_calls.iter().zip(results) {
-            let (content, job) = result?;
-            if let Some((id, job_usage)) = job {
-                job_ids.push(id);
-                usage.add(&job_usage);
+            match result {
+                Ok((content, job)) => {
+                    if let Some((id, job_usage)) = job {
+                        job_ids.push(id);
+                        usage.add(&job_usage);
+                    }
+                    messages.push(
+                        json!({"role": "tool", "tool_call_id": call["id"], "content": content}),
+                    );
+                }
+                Err(e) => {
+                    job_ids.extend(&e.jobs);
+                    failed.get_or_insert(e);
+                }
             }
-            messages.push(json!({"role": "tool", "tool_call_id": call["id"], "content": content}));
+        }
+        // Every job this request enqueued is named, the other calls' too.
+        if let Some(e) = failed {
+            return Err(e.after_jobs(&job_ids));
         }
     }
     unreachable!("the last round always returns")
@@ -198,7 +213,11 @@ async fn run_call(
     if !job.status.is_final() {
         return Err(super::chat::handed_back(&job));
     }
-    let steps = state.store.get_steps(job.id).await?;
+    let steps = state
+        .store
+        .get_steps(job.id)
+        .await
+        .map_err(|e| ApiError::from(e).after_jobs(&[job.id]))?;
     let mut usage = Usage::default();
     steps.iter().for_each(|s| usage.add(&s.usage));
     let content = match job.status {
@@ -226,10 +245,7 @@ fn respond(
 ) -> Response {
     reply["usage"] = json!(usage);
     reply["fusion_job_ids"] = json!(job_ids);
-    let header = (!job_ids.is_empty()).then(|| {
-        let ids: Vec<String> = job_ids.iter().map(ToString::to_string).collect();
-        HeaderValue::from_str(&ids.join(",")).expect("uuids are valid header text")
-    });
+    let header = (!job_ids.is_empty()).then(|| jobs_header(job_ids));
     if opts.stream {
         return stream::completion(reply, opts, header);
     }

@@ -3,18 +3,23 @@
 //! fallback re-read covers missed events (a lagging receiver, SQLite shared across processes).
 //! Closed when the process stops working (shutdown): waiting requests then answer with the job
 //! as it is, so that the HTTP server's graceful shutdown is not held open by jobs handed back
-//! to the queue.
+//! to the queue. A read of the job that fails is retried with backoff, for up to `[server]
+//! wait_outage_seconds`: a wait that ended on a blip would be answered with an error, and a
+//! client that retried it would pay for a new job.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::sync::{broadcast, mpsc};
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
+use super::ApiError;
 use crate::job::Job;
 use crate::store::{JobEvent, Store, StoreError};
+use crate::worker::backoff;
 
 /// How often a watcher re-reads the job when no event arrives.
 const FALLBACK_POLL: Duration = Duration::from_secs(1);
@@ -24,6 +29,8 @@ type Subscribers = Arc<Mutex<HashMap<Uuid, Vec<mpsc::UnboundedSender<JobEvent>>>
 pub struct JobWatch {
     subscribers: Subscribers,
     closed: CancellationToken,
+    /// How long failed reads of a job are retried before a wait gives up.
+    outage: Duration,
 }
 
 /// Events of one job; unsubscribes on drop.
@@ -32,11 +39,12 @@ pub struct Watcher {
     rx: mpsc::UnboundedReceiver<JobEvent>,
     subscribers: Subscribers,
     closed: CancellationToken,
+    outage: Duration,
 }
 
 impl JobWatch {
-    /// Start dispatching the store's events.
-    pub fn start(store: &dyn Store) -> Arc<JobWatch> {
+    /// Start dispatching the store's events; waits ride out failed reads for up to `outage`.
+    pub fn start(store: &dyn Store, outage: Duration) -> Arc<JobWatch> {
         let subscribers: Subscribers = Arc::default();
         let mut events = store.events();
         let subs = subscribers.clone();
@@ -70,6 +78,7 @@ impl JobWatch {
         Arc::new(JobWatch {
             subscribers,
             closed: CancellationToken::new(),
+            outage,
         })
     }
 
@@ -93,6 +102,7 @@ impl JobWatch {
             rx,
             subscribers: self.subscribers.clone(),
             closed: self.closed.clone(),
+            outage: self.outage,
         }
     }
 }
@@ -111,6 +121,49 @@ impl Watcher {
     pub fn closed(&self) -> bool {
         self.closed.is_cancelled()
     }
+
+    /// The job as stored now. A database error is retried with backoff until the watch's
+    /// outage bound has passed (or the watch closes); then the answer names the job, to fetch
+    /// it by later.
+    pub async fn read(&self, store: &dyn Store) -> Result<Job, ApiError> {
+        let started = Instant::now();
+        let mut failures = 0;
+        loop {
+            let error = match store.get_job(self.id).await {
+                Ok(Some(job)) => return Ok(job),
+                Ok(None) => StoreError::Corrupt(format!("job {} vanished", self.id)),
+                Err(e) => e,
+            };
+            let waited = started.elapsed();
+            if !matches!(error, StoreError::Database(_)) || waited >= self.outage {
+                return Err(unreadable(self.id, error));
+            }
+            failures += 1;
+            tracing::warn!(
+                job = %self.id, error = %error, failures,
+                "reading a waited-on job failed; retrying"
+            );
+            tokio::select! {
+                _ = self.closed.cancelled() => return Err(unreadable(self.id, error)),
+                _ = tokio::time::sleep(backoff(failures).min(self.outage - waited)) => {}
+            }
+        }
+    }
+}
+
+/// The answer of a wait that could not read its job: the job is not lost, so the answer names it
+/// rather than inviting a retry (a new job).
+fn unreadable(id: Uuid, error: StoreError) -> ApiError {
+    let generic = ApiError::from(error);
+    let why = match generic.code == "database_unavailable" {
+        true => "the database is unavailable",
+        false => "an internal error occurred",
+    };
+    let message = format!(
+        "could not read fusion job {id} while waiting on it ({why}); the job is not lost: \
+         fetch it later from GET /v1/jobs/{id}"
+    );
+    ApiError::new(generic.status, generic.code, message).after_jobs(&[id])
 }
 
 impl Drop for Watcher {
@@ -130,13 +183,10 @@ impl Drop for Watcher {
 /// Wait until the job is final, or the watch is closed (the job is then returned as it is, not
 /// final). The watcher is taken before the first read, so no event can slip between the read
 /// and the wait.
-pub async fn wait_final(watch: &JobWatch, store: &dyn Store, id: Uuid) -> Result<Job, StoreError> {
+pub async fn wait_final(watch: &JobWatch, store: &dyn Store, id: Uuid) -> Result<Job, ApiError> {
     let mut watcher = watch.watch(id);
     loop {
-        let job = store
-            .get_job(id)
-            .await?
-            .ok_or_else(|| StoreError::Corrupt(format!("job {id} vanished")))?;
+        let job = watcher.read(store).await?;
         if job.status.is_final() || watcher.closed() {
             return Ok(job);
         }

@@ -15,3 +15,4 @@ mod restart;
 mod start_here;
 mod store_faults;
 mod upstream_answers;
+mod wait_faults;

@@ -6,7 +6,8 @@
 //! process while its old attempt still runs: the heartbeat stops the old one and keeps the new.
 //! A final failure checkpointed by an attempt that died before its outcome ends the next attempt
 //! the same way, without calling again. A job started at its submit runs even when the client
-//! left before the insert answered.
+//! left before the insert answered. (`wait_faults` uses the same wrapper between a waiting
+//! request and its store.)
 
 use std::io::Write;
 use std::sync::atomic::{AtomicI64, AtomicUsize, Ordering};
@@ -28,10 +29,15 @@ use crate::helpers::{Options, TestApp, body_with_panel, spawn_app_with};
 use crate::pipelining::pipeline;
 
 /// A store that lets the first `n` checkpoints, outcomes and requeues commit, then answers each
-/// of them with an error, as a connection broken mid-answer would; and that panics after the
-/// first `panics` checkpoints commit, as a bug on the pipeline's path would.
-struct Faulty {
+/// of them with an error, as a connection broken mid-answer would; that panics after the
+/// first `panics` checkpoints commit, as a bug on the pipeline's path would; and that fails the
+/// first `reads` reads of a job outright, as a database gone for a while would. It counts the
+/// reads of jobs it was asked for.
+pub(crate) struct Faulty {
     inner: Arc<dyn Store>,
+    reads_left: AtomicUsize,
+    /// Every `get_job` call, failed or not.
+    pub(crate) reads: AtomicUsize,
     steps_left: AtomicUsize,
     finishes_left: AtomicUsize,
     requeues_left: AtomicUsize,
@@ -41,9 +47,11 @@ struct Faulty {
 }
 
 impl Faulty {
-    fn over(inner: Arc<dyn Store>, faults: Faults, slow_enqueue: Duration) -> Faulty {
+    pub(crate) fn over(inner: Arc<dyn Store>, faults: Faults, slow_enqueue: Duration) -> Faulty {
         Faulty {
             inner,
+            reads_left: AtomicUsize::new(faults.reads),
+            reads: AtomicUsize::new(0),
             steps_left: AtomicUsize::new(faults.steps),
             finishes_left: AtomicUsize::new(faults.finishes),
             requeues_left: AtomicUsize::new(faults.requeues),
@@ -60,12 +68,15 @@ impl Faulty {
 
     fn unconfirm<T>(left: &AtomicUsize, answer: Result<T>) -> Result<T> {
         match answer {
-            Ok(_) if Self::take(left) => Err(StoreError::Database(sqlx::Error::Io(
-                std::io::ErrorKind::ConnectionReset.into(),
-            ))),
+            Ok(_) if Self::take(left) => Err(connection_reset()),
             answer => answer,
         }
     }
+}
+
+/// The error of a connection that broke.
+fn connection_reset() -> StoreError {
+    StoreError::Database(sqlx::Error::Io(std::io::ErrorKind::ConnectionReset.into()))
 }
 
 #[async_trait]
@@ -82,6 +93,10 @@ impl Store for Faulty {
         answer
     }
     async fn get_job(&self, id: Uuid) -> Result<Option<Job>> {
+        self.reads.fetch_add(1, Ordering::SeqCst);
+        if Self::take(&self.reads_left) {
+            return Err(connection_reset());
+        }
         self.inner.get_job(id).await
     }
     async fn get_steps(&self, id: Uuid) -> Result<Vec<Step>> {
@@ -195,13 +210,15 @@ fn capture_logs() -> (Lines, tracing::subscriber::DefaultGuard) {
 }
 
 /// The faults a test's store deals: the first `steps`, `finishes` and `requeues` writes left
-/// unconfirmed, and a panic after each of the first `panics` checkpoints.
+/// unconfirmed, a panic after each of the first `panics` checkpoints, and the first `reads`
+/// reads of a job failed.
 #[derive(Default)]
-struct Faults {
-    steps: usize,
-    finishes: usize,
-    requeues: usize,
-    panics: usize,
+pub(crate) struct Faults {
+    pub(crate) steps: usize,
+    pub(crate) finishes: usize,
+    pub(crate) requeues: usize,
+    pub(crate) panics: usize,
+    pub(crate) reads: usize,
 }
 
 /// An app without workers holding one queued job (panel `m1`, `m2`, analyst `judge`), a store

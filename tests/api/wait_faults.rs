@@ -1,0 +1,100 @@
+//! Faults between a request that waits on its job and the store. A failed read of the job is
+//! retried: a blip does not end the wait (its client, told to retry, would pay for a new job).
+//! A database down for longer than `[server] wait_outage_seconds` ends it with a 503 that names
+//! the job and tells the OpenAI SDKs not to retry.
+
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+
+use crate::fake_upstream::{Kind, Reply};
+use crate::helpers::{Options, TestApp, body_with_panel, spawn_app_with};
+use crate::store_faults::{Faults, Faulty};
+
+/// An app on a store that deals `faults`, with this extra `fusion.toml` text, and that store.
+async fn app_on(faults: Faults, workers: bool, toml: &str) -> (TestApp, Arc<Faulty>) {
+    let slot = Arc::new(OnceLock::new());
+    let set = slot.clone();
+    let app = spawn_app_with(Options {
+        workers,
+        toml: toml.into(),
+        wrap_store: Some(Box::new(move |inner| {
+            let faulty = Arc::new(Faulty::over(inner, faults, Duration::ZERO));
+            set.set(faulty.clone()).ok();
+            faulty
+        })),
+        ..Options::default()
+    })
+    .await;
+    let faulty = slot
+        .get()
+        .expect("the app was built on the wrapper")
+        .clone();
+    (app, faulty)
+}
+
+fn reads(store: &Faulty) -> usize {
+    store.reads.load(Ordering::SeqCst)
+}
+
+#[tokio::test]
+async fn a_chat_completion_rides_out_failed_reads_while_it_waits() {
+    let faults = Faults {
+        reads: 3,
+        ..Faults::default()
+    };
+    let (app, store) = app_on(faults, true, "").await;
+    let resp = app.chat(&body_with_panel(&["m1", "m2"], "judge")).await;
+    assert_eq!(resp.status(), 200);
+    let body: Value = resp.json().await.unwrap();
+    assert_eq!(
+        body["choices"][0]["message"]["content"],
+        "the fused final answer"
+    );
+    assert!(reads(&store) > 3, "the failed reads were retried");
+}
+
+#[tokio::test]
+async fn a_database_down_for_long_ends_the_wait_with_an_answer_naming_the_job() {
+    let faults = Faults {
+        reads: usize::MAX,
+        ..Faults::default()
+    };
+    let (app, store) = app_on(faults, false, "[server]\nwait_outage_seconds = 1\n").await;
+    app.fake.script(
+        "outer",
+        Kind::Panel,
+        vec![Reply::ToolCall("fusion".into(), json!({"prompt": "Why?"}))],
+    );
+    let tool = json!({
+        "model": "outer",
+        "messages": [{"role": "user", "content": "Ask the panel."}],
+        "tools": [{"type": "fusion", "fusion": {"analysis_models": ["m1"], "model": "judge"}}],
+    });
+    // A fusion model's wait, then the fusion tool's.
+    for body in [body_with_panel(&["m1"], "judge"), tool] {
+        let before = reads(&store);
+        let started = Instant::now();
+        let resp = app.chat(&body).await;
+        assert!(started.elapsed() >= Duration::from_secs(1), "gave up early");
+        assert_eq!(resp.status(), 503);
+        // The SDKs retry a 503 by default: each retry would be a new, paid job.
+        assert_eq!(resp.headers()["x-should-retry"], "false");
+        let job = resp.headers()["x-fusion-job-id"]
+            .to_str()
+            .unwrap()
+            .to_string();
+        let error: Value = resp.json().await.unwrap();
+        assert_eq!(error["error"]["code"], "database_unavailable", "{error}");
+        let message = error["error"]["message"].as_str().unwrap();
+        assert!(
+            message.contains(&format!("GET /v1/jobs/{job}")),
+            "{message}"
+        );
+        assert!(reads(&store) > before + 1, "the failed reads were retried");
+        let listed = app.list_jobs("").await;
+        assert_eq!(listed["data"][0]["id"], job.as_str(), "{listed:#}");
+    }
+}
