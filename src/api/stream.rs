@@ -1,32 +1,44 @@
 //! Server-Sent Events in the OpenAI chunk format. A fusion job streams a role chunk at once,
 //! progress as SSE comments while the panel and the analysis run (standard clients ignore them),
 //! keep-alive comments, then the answer, a finish chunk, usage when asked, and `data: [DONE]`.
-//! A client that goes away stops the stream, never the job.
+//! A client that goes away stops the stream's task at once (not at its next event, which may be
+//! hours away), never the job.
 
 use std::collections::HashSet;
 use std::convert::Infallible;
 
-use axum::http::StatusCode;
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
-use futures::SinkExt;
-use futures::channel::mpsc;
+use futures::Stream;
 use serde_json::{Value, json};
+use tokio::sync::mpsc;
 
+use super::AppState;
 use super::chat::{JOB_HEADER, StreamOptions, handed_back, job_error, job_header};
-use super::{ApiError, AppState};
 use crate::job::{Job, JobStatus, Step, StepKey};
 
 type Tx = mpsc::Sender<Result<Event, Infallible>>;
 
+/// The client went away (the response body, and with it the channel's receiver, was dropped).
+struct Gone;
+
+/// A channel whose receiver is the response body: the sender can tell when the client left.
+fn channel(size: usize) -> (Tx, impl Stream<Item = Result<Event, Infallible>>) {
+    let (tx, mut rx) = mpsc::channel(size);
+    (tx, futures::stream::poll_fn(move |cx| rx.poll_recv(cx)))
+}
+
 /// The stream of a queued fusion job.
 pub fn fusion_job(state: AppState, job: Job, opts: StreamOptions) -> Response {
-    let (tx, rx) = mpsc::channel(32);
+    let (tx, rx) = channel(32);
     let header = job_header(&job);
     let keepalive = state.config.keepalive;
     tokio::spawn(async move {
-        // An error here means the client left: the job goes on regardless.
-        let _ = drive(state, job, opts, tx).await;
+        // The client left: stop now, wherever the task waits; the job goes on regardless.
+        tokio::select! {
+            _ = drive(state, job, opts, &tx) => {}
+            _ = tx.closed() => {}
+        }
     });
     let mut resp = Sse::new(rx)
         .keep_alive(KeepAlive::new().interval(keepalive).text("keep-alive"))
@@ -46,75 +58,72 @@ fn chunk(id: &str, created: i64, model: &str, choices: Value) -> Value {
     })
 }
 
-async fn send(tx: &mut Tx, event: Event) -> Result<(), mpsc::SendError> {
-    tx.send(Ok(event)).await
+async fn send(tx: &Tx, event: Event) -> Result<(), Gone> {
+    tx.send(Ok(event)).await.map_err(|_| Gone)
 }
 
-async fn data(tx: &mut Tx, value: &Value) -> Result<(), mpsc::SendError> {
+async fn data(tx: &Tx, value: &Value) -> Result<(), Gone> {
     send(tx, Event::default().data(value.to_string())).await
 }
 
-async fn drive(
-    state: AppState,
-    job: Job,
-    opts: StreamOptions,
-    mut tx: Tx,
-) -> Result<(), mpsc::SendError> {
+async fn done(tx: &Tx) -> Result<(), Gone> {
+    send(tx, Event::default().data("[DONE]")).await
+}
+
+async fn drive(state: AppState, job: Job, opts: StreamOptions, tx: &Tx) -> Result<(), Gone> {
     let id = format!("fusion-{}", job.id);
     let created = state.clock.now_ms() / 1000;
     let model = job.spec.model.clone();
     let role =
         json!([{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": null}]);
-    data(&mut tx, &chunk(&id, created, &model, role)).await?;
-    send(&mut tx, comment(&format!("fusion job {} queued", job.id))).await?;
+    data(tx, &chunk(&id, created, &model, role)).await?;
+    send(tx, comment(&format!("fusion job {} queued", job.id))).await?;
 
     let mut watcher = state.watch.watch(job.id);
     let mut reported = HashSet::new();
     let finished = loop {
-        let Ok(Some(current)) = state.store.get_job(job.id).await else {
-            let lost = ApiError::new(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "database_unavailable",
-                format!(
-                    "lost track of fusion job {}; fetch it from GET /v1/jobs/{}",
-                    job.id, job.id
-                ),
-            );
-            data(&mut tx, &lost.body()).await?;
-            return Ok(());
+        // Failed reads are retried for a while; a database down for longer ends the stream
+        // with an error that names the job.
+        let current = match watcher.read(state.store.as_ref()).await {
+            Ok(current) => current,
+            Err(lost) => {
+                data(tx, &lost.body()).await?;
+                return done(tx).await;
+            }
         };
+        // Progress is best effort: a failed read of the steps is made up at the next event.
         if let Ok(steps) = state.store.get_steps(job.id).await {
             for step in steps.iter().filter(|s| reported.insert(s.key)) {
-                send(&mut tx, comment(&progress(&current, step))).await?;
+                send(tx, comment(&progress(&current, step))).await?;
             }
         }
         if current.status.is_final() {
             break current;
         }
         if watcher.closed() {
-            data(&mut tx, &handed_back(&current).body()).await?;
-            return send(&mut tx, Event::default().data("[DONE]")).await;
+            data(tx, &handed_back(&current).body()).await?;
+            return done(tx).await;
         }
         watcher.next().await;
     };
 
     if finished.status != JobStatus::Succeeded {
-        data(&mut tx, &job_error(&finished).body()).await?;
-        return send(&mut tx, Event::default().data("[DONE]")).await;
+        data(tx, &job_error(&finished).body()).await?;
+        return done(tx).await;
     }
     let result = finished.result.unwrap_or(Value::Null);
-    finish(&mut tx, &id, created, &model, &result, opts).await
+    finish(tx, &id, created, &model, &result, opts).await
 }
 
 /// Content, finish reason, usage (when asked) and `[DONE]` for a finished completion.
 async fn finish(
-    tx: &mut Tx,
+    tx: &Tx,
     id: &str,
     created: i64,
     model: &str,
     completion: &Value,
     opts: StreamOptions,
-) -> Result<(), mpsc::SendError> {
+) -> Result<(), Gone> {
     let choice = &completion["choices"][0];
     let content = choice["message"]["content"].as_str().unwrap_or_default();
     let mut delta = json!({"content": content});
@@ -134,7 +143,7 @@ async fn finish(
         last["usage"] = completion["usage"].clone();
         data(tx, &last).await?;
     }
-    send(tx, Event::default().data("[DONE]")).await
+    done(tx).await
 }
 
 /// A finished (non-job) completion replayed as a stream, for the tool flow.
@@ -143,7 +152,7 @@ pub fn completion(
     opts: StreamOptions,
     job_ids: Option<axum::http::HeaderValue>,
 ) -> Response {
-    let (mut tx, rx) = mpsc::channel(8);
+    let (tx, rx) = channel(8);
     tokio::spawn(async move {
         let id = completion["id"]
             .as_str()
@@ -152,11 +161,8 @@ pub fn completion(
         let created = completion["created"].as_i64().unwrap_or(0);
         let model = completion["model"].as_str().unwrap_or_default().to_string();
         let role = json!([{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": null}]);
-        if data(&mut tx, &chunk(&id, created, &model, role))
-            .await
-            .is_ok()
-        {
-            let _ = finish(&mut tx, &id, created, &model, &completion, opts).await;
+        if data(&tx, &chunk(&id, created, &model, role)).await.is_ok() {
+            let _ = finish(&tx, &id, created, &model, &completion, opts).await;
         }
     });
     let mut resp = Sse::new(rx).into_response();

@@ -1,7 +1,8 @@
 //! Faults between a request that waits on its job and the store. A failed read of the job is
 //! retried: a blip does not end the wait (its client, told to retry, would pay for a new job).
 //! A database down for longer than `[server] wait_outage_seconds` ends it with a 503 that names
-//! the job and tells the OpenAI SDKs not to retry.
+//! the job and tells the OpenAI SDKs not to retry. A stream whose client left stops reading its
+//! job at once; the job goes on.
 
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, OnceLock};
@@ -57,6 +58,20 @@ async fn a_chat_completion_rides_out_failed_reads_while_it_waits() {
 }
 
 #[tokio::test]
+async fn a_streamed_completion_rides_out_failed_reads_while_it_waits() {
+    let faults = Faults {
+        reads: 3,
+        ..Faults::default()
+    };
+    let (app, _store) = app_on(faults, true, "").await;
+    let mut body = body_with_panel(&["m1", "m2"], "judge");
+    body["stream"] = json!(true);
+    let text = app.chat(&body).await.text().await.unwrap();
+    assert!(text.contains("the fused final answer"), "{text}");
+    assert!(text.trim_end().ends_with("data: [DONE]"), "{text}");
+}
+
+#[tokio::test]
 async fn a_database_down_for_long_ends_the_wait_with_an_answer_naming_the_job() {
     let faults = Faults {
         reads: usize::MAX,
@@ -97,4 +112,52 @@ async fn a_database_down_for_long_ends_the_wait_with_an_answer_naming_the_job() 
         let listed = app.list_jobs("").await;
         assert_eq!(listed["data"][0]["id"], job.as_str(), "{listed:#}");
     }
+    // Streamed: the same error as the last event, then `[DONE]`.
+    let mut body = body_with_panel(&["m1"], "judge");
+    body["stream"] = json!(true);
+    let resp = app.chat(&body).await;
+    let job = resp.headers()["x-fusion-job-id"]
+        .to_str()
+        .unwrap()
+        .to_string();
+    let text = resp.text().await.unwrap();
+    assert!(text.contains("database_unavailable"), "{text}");
+    assert!(text.contains(&format!("GET /v1/jobs/{job}")), "{text}");
+    assert!(text.trim_end().ends_with("data: [DONE]"), "{text}");
+}
+
+#[tokio::test]
+async fn an_abandoned_stream_stops_reading_its_job_and_the_job_goes_on() {
+    let (app, store) = app_on(Faults::default(), true, "").await;
+    app.fake.script("stuck", Kind::Panel, vec![Reply::Hang]);
+    let mut body = body_with_panel(&["stuck"], "judge");
+    body["stream"] = json!(true);
+    let mut resp = app.chat(&body).await;
+    assert_eq!(resp.status(), 200);
+    let id = resp.headers()["x-fusion-job-id"]
+        .to_str()
+        .unwrap()
+        .to_string();
+    let first = resp.chunk().await.unwrap().unwrap();
+    assert!(String::from_utf8_lossy(&first).contains("assistant"));
+    drop(resp);
+
+    // While it waits, the stream re-reads its job every second (no event comes from a panel
+    // member that hangs). Once its client is gone, no read comes for well over a second.
+    let deadline = Instant::now() + Duration::from_secs(8);
+    let mut last = reads(&store);
+    loop {
+        tokio::time::sleep(Duration::from_millis(1_500)).await;
+        let now = reads(&store);
+        if now == last {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the abandoned stream still reads its job: {now} reads"
+        );
+        last = now;
+    }
+    let job = app.get_job(&id).await;
+    assert_eq!(job["status"], "running", "{job:#}");
 }
