@@ -20,7 +20,8 @@ pub struct JobRequest {
 
 const ROLES: [&str; 5] = ["system", "developer", "user", "assistant", "tool"];
 const MAX_METADATA_BYTES: usize = 16 * 1024;
-const PLUGIN_FIELDS: [&str; 6] = [
+/// The fusion plugin's fields (the fusion tool's settings take them too).
+pub const PLUGIN_FIELDS: [&str; 6] = [
     "id",
     "model",
     "analysis_models",
@@ -29,7 +30,7 @@ const PLUGIN_FIELDS: [&str; 6] = [
     "deadline_seconds",
 ];
 
-fn bad(message: impl Into<String>) -> ApiError {
+pub fn bad(message: impl Into<String>) -> ApiError {
     ApiError::bad_request("invalid_request", message)
 }
 
@@ -40,6 +41,16 @@ pub fn request_hash(body: &Value) -> String {
 }
 
 pub fn parse(body: &Value, config: &FusionConfig) -> Result<JobRequest, ApiError> {
+    parse_as(body, config, "plugins[fusion]")
+}
+
+/// `parse`, naming the fusion plugin's fields `{plugin_field}.model` and so on in errors: the
+/// fusion tool's settings become a job's plugin, but its client wrote them elsewhere.
+pub fn parse_as(
+    body: &Value,
+    config: &FusionConfig,
+    plugin_field: &str,
+) -> Result<JobRequest, ApiError> {
     let obj = body
         .as_object()
         .ok_or_else(|| bad("the request body must be a JSON object"))?;
@@ -90,22 +101,27 @@ pub fn parse(body: &Value, config: &FusionConfig) -> Result<JobRequest, ApiError
     let mut deadline_seconds = config.jobs.deadline_seconds;
     if let Some(plugin) = plugin {
         if let Some(v) = plugin.get("analysis_models") {
-            panel = string_list(v, "plugins[fusion].analysis_models")?;
+            panel = string_list(v, &format!("{plugin_field}.analysis_models"))?;
         }
         if let Some(v) = plugin.get("model") {
-            analyst = model_name(v, "plugins[fusion].model")?;
+            analyst = model_name(v, &format!("{plugin_field}.model"))?;
         }
         if let Some(v) = plugin.get("min_panel") {
-            min_panel = int_in(v, "plugins[fusion].min_panel", 1, MAX_PANEL as i64)? as u32;
+            min_panel =
+                int_in(v, &format!("{plugin_field}.min_panel"), 1, MAX_PANEL as i64)? as u32;
         }
         if let Some(v) = plugin.get("panel_timeout_ms") {
-            panel_timeout_ms =
-                Some(int_in(v, "plugins[fusion].panel_timeout_ms", 1, 86_400_000)? as u64);
+            panel_timeout_ms = Some(int_in(
+                v,
+                &format!("{plugin_field}.panel_timeout_ms"),
+                1,
+                86_400_000,
+            )? as u64);
         }
         if let Some(v) = plugin.get("deadline_seconds") {
             deadline_seconds = Some(int_in(
                 v,
-                "plugins[fusion].deadline_seconds",
+                &format!("{plugin_field}.deadline_seconds"),
                 1,
                 MAX_DEADLINE_SECONDS as i64,
             )? as u64);

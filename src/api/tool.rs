@@ -11,14 +11,20 @@ use serde_json::{Map, Value, json};
 use super::chat::{JOB_HEADER, StreamOptions, jobs_header};
 use super::error::ApiError;
 use super::jobs::enqueue;
+use super::request::{JobRequest, PLUGIN_FIELDS, bad};
 use super::{AppState, request, stream, watch};
+use crate::config::FusionConfig;
 use crate::job::{JobStatus, Usage};
 
 /// Outer-model rounds before the reply is taken as it is (OpenRouter's `max_tool_calls`).
 const MAX_ROUNDS: usize = 4;
 
 pub fn offers_fusion(body: &Value) -> bool {
-    tools(body).any(|t| t.get("type").and_then(Value::as_str) == Some("fusion"))
+    tools(body).any(is_fusion)
+}
+
+fn is_fusion(tool: &Value) -> bool {
+    tool.get("type").and_then(Value::as_str) == Some("fusion")
 }
 
 fn tools(body: &Value) -> impl Iterator<Item = &Value> {
@@ -65,25 +71,16 @@ pub async fn run(
     model: String,
     opts: StreamOptions,
 ) -> Result<Response, ApiError> {
-    // The conversation is checked as a job's is, before any paid call: the outer model's rounds
-    // extend it.
+    // The conversation and the job every fusion call runs are checked as a job's are, before
+    // any paid call: the outer model's rounds extend the conversation.
     request::parse_messages(body.get("messages"))?;
-    // Settings ride on the tool entry: {"type": "fusion", "fusion": {"preset": "budget", and any
-    // fusion plugin field: "model" (the analyst), "analysis_models", "min_panel", ...}}.
-    let settings = tools(&body)
-        .find(|t| t.get("type").and_then(Value::as_str) == Some("fusion"))
-        .and_then(|t| t.get("fusion"))
-        .cloned()
-        .unwrap_or(json!({}));
+    let template = job_template(&body, &state.config)?;
     let mut outer = body.clone();
     let obj = outer.as_object_mut().expect("checked by the caller");
     let offered: Vec<Value> = tools(&body)
-        .map(|t| {
-            if t.get("type").and_then(Value::as_str) == Some("fusion") {
-                fusion_function()
-            } else {
-                t.clone()
-            }
+        .map(|t| match is_fusion(t) {
+            true => fusion_function(),
+            false => t.clone(),
         })
         .collect();
     obj.insert("tools".into(), Value::Array(offered));
@@ -136,7 +133,7 @@ pub async fn run(
         let results = futures::future::join_all(
             fusion_calls
                 .iter()
-                .map(|call| run_call(&state, call, &settings)),
+                .map(|call| run_call(&state, call, &template)),
         )
         .await;
         let messages = outer["messages"]
@@ -169,11 +166,61 @@ pub async fn run(
     unreachable!("the last round always returns")
 }
 
+/// The job a fusion call runs, but for its prompt. Its settings ride on the tool entry:
+/// `{"type": "fusion", "fusion": {"preset": "budget", and any fusion plugin field: "model" (the
+/// analyst), "analysis_models", "min_panel", ...}}`; errors name the field where it was written.
+fn job_template(body: &Value, config: &FusionConfig) -> Result<JobRequest, ApiError> {
+    let (i, tool) = tools(body)
+        .enumerate()
+        .find(|(_, t)| is_fusion(t))
+        .expect("offered, or the tool would not run");
+    let field = format!("tools[{i}].fusion");
+    let mut plugin = match tool.get("fusion") {
+        None | Some(Value::Null) => Map::new(),
+        Some(Value::Object(settings)) => settings.clone(),
+        Some(_) => return Err(bad(format!("`{field}` must be an object of settings"))),
+    };
+    if let Some(unknown) = plugin
+        .keys()
+        .find(|k| *k != "preset" && !PLUGIN_FIELDS.contains(&k.as_str()))
+    {
+        return Err(bad(format!(
+            "unknown field `{unknown}` in `{field}`; known fields: preset, {}",
+            PLUGIN_FIELDS.join(", ")
+        )));
+    }
+    let model = match plugin.remove("preset") {
+        None | Some(Value::Null) => "fusion".to_string(),
+        Some(Value::String(preset)) => {
+            request::refuse_control_characters(&preset, &format!("{field}.preset"))?;
+            format!("fusion/{preset}")
+        }
+        Some(_) => {
+            return Err(bad(format!(
+                "`{field}.preset` must be a string naming a preset"
+            )));
+        }
+    };
+    let mut job = Map::new();
+    job.insert("model".into(), json!(model));
+    job.insert("messages".into(), json!([{"role": "user", "content": ""}]));
+    if !plugin.is_empty() {
+        plugin.insert("id".into(), json!("fusion"));
+        job.insert("plugins".into(), json!([plugin]));
+    }
+    request::parse_as(&Value::Object(job), config, &field).map_err(|mut e| {
+        if e.code == "unknown_preset" {
+            e.message = format!("`{field}.preset`: {}", e.message);
+        }
+        e
+    })
+}
+
 /// Run one fusion call; the tool result text, and the job's id and usage when one ran.
 async fn run_call(
     state: &AppState,
     call: &Value,
-    settings: &Value,
+    template: &JobRequest,
 ) -> Result<(String, Option<(uuid::Uuid, Usage)>), ApiError> {
     let args: Value = call
         .pointer("/function/arguments")
@@ -190,25 +237,10 @@ async fn run_call(
             None,
         ));
     };
-    let model = match settings.get("preset").and_then(Value::as_str) {
-        Some(preset) => format!("fusion/{preset}"),
-        None => "fusion".to_string(),
-    };
-    let mut plugin: Map<String, Value> = settings.as_object().cloned().unwrap_or_default();
-    plugin.remove("preset");
-    let mut job_body = Map::new();
-    job_body.insert("model".into(), json!(model));
-    job_body.insert(
-        "messages".into(),
-        json!([{"role": "user", "content": prompt}]),
-    );
-    if !plugin.is_empty() {
-        plugin.insert("id".into(), json!("fusion"));
-        job_body.insert("plugins".into(), json!([plugin]));
-    }
-    let job_body = Value::Object(job_body);
-    let parsed = request::parse(&job_body, &state.config)?;
-    let (job, _) = enqueue(state, parsed, None, &job_body).await?;
+    let mut parsed = template.clone();
+    parsed.spec.messages = vec![json!({"role": "user", "content": prompt})];
+    // Without an idempotency key the request body is not kept (nor hashed).
+    let (job, _) = enqueue(state, parsed, None, &Value::Null).await?;
     let job = watch::wait_final(&state.watch, state.store.as_ref(), job.id).await?;
     if !job.status.is_final() {
         return Err(super::chat::handed_back(&job));

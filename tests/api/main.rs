@@ -3,6 +3,7 @@
 mod chat;
 mod errors;
 mod fake_upstream;
+mod fusion_tool;
 mod helpers;
 mod jobs;
 mod local_llm;

@@ -1,0 +1,75 @@
+//! The fusion tool's request, checked before the outer model is called (each call is paid): its
+//! settings as a job's would be, naming the field in `tools`.
+
+use serde_json::{Value, json};
+
+use crate::fake_upstream::{Kind, Reply};
+use crate::helpers::spawn_app;
+
+/// A request offering a function of the client's own and then the fusion tool with `settings`.
+fn offering(settings: Value) -> Value {
+    json!({
+        "model": "outer",
+        "messages": [{"role": "user", "content": "Ask the panel about the sky."}],
+        "tools": [
+            {"type": "function", "function": {"name": "weather", "parameters": {"type": "object"}}},
+            {"type": "fusion", "fusion": settings},
+        ],
+    })
+}
+
+#[tokio::test]
+async fn the_fusion_tools_settings_are_checked_before_any_call() {
+    let app = spawn_app().await;
+    app.fake.script(
+        "outer",
+        Kind::Panel,
+        vec![Reply::ToolCall("fusion".into(), json!({"prompt": "x"}))],
+    );
+    let cases = [
+        (
+            json!({"preset": "nope"}),
+            "`tools[1].fusion.preset`",
+            "unknown preset",
+        ),
+        (
+            json!({"preset": "bu\ndget"}),
+            "`tools[1].fusion.preset`",
+            "control character",
+        ),
+        (json!({"preset": 3}), "`tools[1].fusion.preset`", "string"),
+        (
+            json!({"model": "ju\rdge"}),
+            "`tools[1].fusion.model`",
+            "control character",
+        ),
+        (
+            json!({"analysis_models": "m1"}),
+            "`tools[1].fusion.analysis_models`",
+            "array",
+        ),
+        (
+            json!({"min_panel": 0}),
+            "`tools[1].fusion.min_panel`",
+            "integer",
+        ),
+        (json!({"prset": "budget"}), "`prset`", "unknown field"),
+        (json!("budget"), "`tools[1].fusion`", "object"),
+    ];
+    for (settings, field, says) in cases {
+        let resp = app.chat(&offering(settings.clone())).await;
+        assert_eq!(resp.status(), 400, "{settings}");
+        let error: Value = resp.json().await.unwrap();
+        let message = error["error"]["message"].as_str().unwrap();
+        assert!(
+            message.contains(field) && message.contains(says),
+            "`{message}` should name {field} and say {says}"
+        );
+    }
+    assert_eq!(app.fake.calls("outer", Kind::Panel), 0);
+    // Settings that parse are not refused.
+    let resp = app
+        .chat(&offering(json!({"preset": "budget", "min_panel": 1})))
+        .await;
+    assert_eq!(resp.status(), 200);
+}
