@@ -46,6 +46,19 @@ fn forces_fusion(choice: Option<&Value>) -> bool {
     }
 }
 
+/// `tool_choice: {"type": "fusion"}` names a tool type only this server knows: passed on, the
+/// upstream would refuse the call. OpenRouter forces its fusion tool with `"required"`, and so
+/// do we, or with the function form that names the tool we offer.
+fn refuse_tool_type_choice(choice: Option<&Value>) -> Result<(), ApiError> {
+    match choice.and_then(|c| c.get("type")).and_then(Value::as_str) {
+        Some("fusion") => Err(bad(
+            "`tool_choice` {\"type\": \"fusion\"} is not accepted: force the fusion tool with \
+             \"required\" or {\"type\": \"function\", \"function\": {\"name\": \"fusion\"}}",
+        )),
+        _ => Ok(()),
+    }
+}
+
 /// The function the outer model is offered in place of `{"type": "fusion"}`.
 fn fusion_function() -> Value {
     json!({
@@ -75,6 +88,7 @@ pub async fn run(
     // any paid call: the outer model's rounds extend the conversation.
     request::parse_messages(body.get("messages"))?;
     let template = job_template(&body, &state.config)?;
+    refuse_tool_type_choice(body.get("tool_choice"))?;
     let mut outer = body.clone();
     let obj = outer.as_object_mut().expect("checked by the caller");
     let offered: Vec<Value> = tools(&body)

@@ -1,5 +1,6 @@
 //! The fusion tool's request, checked before the outer model is called (each call is paid): its
-//! settings as a job's would be, naming the field in `tools`.
+//! settings as a job's would be, naming the field in `tools`, and a `tool_choice` the upstream
+//! would not understand.
 
 use serde_json::{Value, json};
 
@@ -72,4 +73,20 @@ async fn the_fusion_tools_settings_are_checked_before_any_call() {
         .chat(&offering(json!({"preset": "budget", "min_panel": 1})))
         .await;
     assert_eq!(resp.status(), 200);
+}
+
+#[tokio::test]
+async fn a_tool_choice_of_type_fusion_is_refused_before_any_call() {
+    let app = spawn_app().await;
+    let mut body = offering(json!({}));
+    body["tool_choice"] = json!({"type": "fusion"});
+    let resp = app.chat(&body).await;
+    assert_eq!(resp.status(), 400);
+    let error: Value = resp.json().await.unwrap();
+    let message = error["error"]["message"].as_str().unwrap();
+    assert!(
+        message.contains("`tool_choice`") && message.contains("\"required\""),
+        "{message}"
+    );
+    assert_eq!(app.fake.total_calls(), 0);
 }
