@@ -125,11 +125,10 @@ pub async fn completions(
 pub fn finished_completion(job: &Job) -> Result<Response, ApiError> {
     let (JobStatus::Succeeded, Some(result)) = (&job.status, &job.result) else {
         // Not finished: the wait ended because this process is shutting down.
-        let error = match job.status.is_final() {
+        return Err(match job.status.is_final() {
             true => job_error(job),
             false => handed_back(job),
-        };
-        return Err(error.after_jobs(&[job.id]));
+        });
     };
     let mut result = result.clone();
     result["fusion_job_id"] = json!(job.id);
@@ -150,7 +149,8 @@ pub fn jobs_header(ids: &[Uuid]) -> HeaderValue {
 
 /// The answer to a request that waited on a job when this process shut down before the job
 /// finished: the job is not lost (it was handed back to the queue, or runs elsewhere), and a
-/// retry of the request would start another; so 503 with the job's id to fetch it by.
+/// retry of the request would start another; so 503 with the job's id to fetch it by (and not to
+/// retry).
 pub fn handed_back(job: &Job) -> ApiError {
     ApiError::new(
         StatusCode::SERVICE_UNAVAILABLE,
@@ -163,10 +163,11 @@ pub fn handed_back(job: &Job) -> ApiError {
             job.id
         ),
     )
+    .after_jobs(&[job.id])
 }
 
 /// The error a failed or cancelled job answers with, streamed or not: a failed job's code is its
-/// `failure_reason`, whatever it is.
+/// `failure_reason`, whatever it is. It names the job and tells SDKs not to retry.
 pub fn job_error(job: &Job) -> ApiError {
     let reason = job.failure_reason.as_deref().unwrap_or("unexpected_error");
     let message = format!(
@@ -176,7 +177,7 @@ pub fn job_error(job: &Job) -> ApiError {
         job.error.as_deref().unwrap_or(reason)
     );
     if job.status == JobStatus::Cancelled {
-        return ApiError::conflict("job_cancelled", message);
+        return ApiError::conflict("job_cancelled", message).after_jobs(&[job.id]);
     }
     let status = match reason {
         "deadline_exceeded" => StatusCode::GATEWAY_TIMEOUT,
@@ -184,7 +185,7 @@ pub fn job_error(job: &Job) -> ApiError {
         "invalid_model" => StatusCode::BAD_REQUEST,
         _ => StatusCode::BAD_GATEWAY,
     };
-    ApiError::new(status, reason.to_string(), message)
+    ApiError::new(status, reason.to_string(), message).after_jobs(&[job.id])
 }
 
 /// A thin gateway: the body goes to the model's provider and its answer (status, body, stream)

@@ -5,7 +5,7 @@ use std::path::Path;
 use std::process::Stdio;
 use std::time::Duration;
 
-use serde_json::Value;
+use serde_json::{Value, json};
 use tokio::process::{Child, Command};
 
 use crate::fake_upstream::{FakeUpstream, Kind, Reply};
@@ -345,12 +345,11 @@ async fn sigterm_answers_a_client_waiting_on_a_job_it_hands_back() {
         server,
         ..
     } = HangingAnalysis::start(&["m1", "m2"], &env).await;
-    // A synchronous chat completion and a streamed one, each on a job whose analysis hangs.
-    let waiting = |stream: bool| {
+    // A synchronous chat completion, a streamed one and the fusion tool's, each on a job whose
+    // analysis hangs.
+    let waiting = |body: Value| {
         let client = client.clone();
         let url = format!("{}/v1/chat/completions", server.address);
-        let mut body = body_with_panel(&["m1", "m2"], "judge");
-        body["stream"] = stream.into();
         tokio::spawn(async move {
             let resp = client.post(url).json(&body).send().await.unwrap();
             let status = resp.status();
@@ -359,24 +358,39 @@ async fn sigterm_answers_a_client_waiting_on_a_job_it_hands_back() {
             (status, job, retry, resp.text().await.unwrap())
         })
     };
-    let (sync, streamed) = (waiting(false), waiting(true));
-    while fake.calls("judge", Kind::Analysis) < 3 {
+    let mut streamed = body_with_panel(&["m1", "m2"], "judge");
+    streamed["stream"] = true.into();
+    fake.script(
+        "outer",
+        Kind::Panel,
+        vec![Reply::ToolCall("fusion".into(), json!({"prompt": "Why?"}))],
+    );
+    let tool = json!({
+        "model": "outer",
+        "messages": [{"role": "user", "content": "Ask the panel."}],
+        "tools": [{"type": "fusion", "fusion": {"analysis_models": ["m1", "m2"], "model": "judge"}}],
+    });
+    let sync = waiting(body_with_panel(&["m1", "m2"], "judge"));
+    let (streamed, tool) = (waiting(streamed), waiting(tool));
+    while fake.calls("judge", Kind::Analysis) < 4 {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 
     let status = server.terminate().await;
     assert!(status.success(), "fusion exited with {status}");
-    let (status, job, retry, body) = sync.await.unwrap();
-    assert_eq!(status, 503, "{body}");
-    assert!(job.is_some(), "the answer names its job");
-    // The OpenAI SDKs retry a 503 by default: a retry would be a new POST, a new paid job.
-    assert_eq!(
-        retry.as_ref().map(|v| v.to_str().unwrap()),
-        Some("false"),
-        "{body}"
-    );
-    let error: Value = serde_json::from_str(&body).unwrap();
-    assert_eq!(error["error"]["code"], "shutting_down", "{body}");
+    for waited in [sync, tool] {
+        let (status, job, retry, body) = waited.await.unwrap();
+        assert_eq!(status, 503, "{body}");
+        assert!(job.is_some(), "the answer names its job: {body}");
+        // The OpenAI SDKs retry a 503 by default: a retry would be a new POST, a new paid job.
+        assert_eq!(
+            retry.as_ref().map(|v| v.to_str().unwrap()),
+            Some("false"),
+            "{body}"
+        );
+        let error: Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(error["error"]["code"], "shutting_down", "{body}");
+    }
     let (status, _, _, body) = streamed.await.unwrap();
     assert_eq!(status, 200);
     assert!(body.contains("shutting_down"), "{body}");
