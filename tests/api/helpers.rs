@@ -124,6 +124,16 @@ pub fn body_with_panel(panel: &[&str], analyst: &str) -> Value {
     })
 }
 
+/// A request to the model `outer`, offered the fusion tool with this panel and analyst (script
+/// `outer` to call it).
+pub fn body_with_tool(panel: &[&str], analyst: &str) -> Value {
+    json!({
+        "model": "outer",
+        "messages": [{"role": "user", "content": "Ask the panel."}],
+        "tools": [{"type": "fusion", "fusion": {"analysis_models": panel, "model": analyst}}],
+    })
+}
+
 impl TestApp {
     pub async fn submit(&self, body: &Value) -> reqwest::Response {
         self.client

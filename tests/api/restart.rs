@@ -9,7 +9,7 @@ use serde_json::{Value, json};
 use tokio::process::{Child, Command};
 
 use crate::fake_upstream::{FakeUpstream, Kind, Reply};
-use crate::helpers::body_with_panel;
+use crate::helpers::{body_with_panel, body_with_tool};
 
 /// A `fusion serve` child process; killed with SIGKILL on drop.
 pub struct Server {
@@ -365,13 +365,9 @@ async fn sigterm_answers_a_client_waiting_on_a_job_it_hands_back() {
         Kind::Panel,
         vec![Reply::ToolCall("fusion".into(), json!({"prompt": "Why?"}))],
     );
-    let tool = json!({
-        "model": "outer",
-        "messages": [{"role": "user", "content": "Ask the panel."}],
-        "tools": [{"type": "fusion", "fusion": {"analysis_models": ["m1", "m2"], "model": "judge"}}],
-    });
     let sync = waiting(body_with_panel(&["m1", "m2"], "judge"));
-    let (streamed, tool) = (waiting(streamed), waiting(tool));
+    let streamed = waiting(streamed);
+    let tool = waiting(body_with_tool(&["m1", "m2"], "judge"));
     while fake.calls("judge", Kind::Analysis) < 4 {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }

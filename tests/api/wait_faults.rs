@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use serde_json::{Value, json};
 
 use crate::fake_upstream::{Kind, Reply};
-use crate::helpers::{Options, TestApp, body_with_panel, spawn_app_with};
+use crate::helpers::{Options, TestApp, body_with_panel, body_with_tool, spawn_app_with};
 use crate::store_faults::{Faults, Faulty};
 
 /// An app on a store that deals `faults`, with this extra `fusion.toml` text, and that store.
@@ -83,13 +83,11 @@ async fn a_database_down_for_long_ends_the_wait_with_an_answer_naming_the_job() 
         Kind::Panel,
         vec![Reply::ToolCall("fusion".into(), json!({"prompt": "Why?"}))],
     );
-    let tool = json!({
-        "model": "outer",
-        "messages": [{"role": "user", "content": "Ask the panel."}],
-        "tools": [{"type": "fusion", "fusion": {"analysis_models": ["m1"], "model": "judge"}}],
-    });
     // A fusion model's wait, then the fusion tool's.
-    for body in [body_with_panel(&["m1"], "judge"), tool] {
+    for body in [
+        body_with_panel(&["m1"], "judge"),
+        body_with_tool(&["m1"], "judge"),
+    ] {
         let before = reads(&store);
         let started = Instant::now();
         let resp = app.chat(&body).await;
