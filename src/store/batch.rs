@@ -252,6 +252,33 @@ fn took_key(write: &Write) -> (char, String, Option<String>, Option<i64>) {
     }
 }
 
+/// For both stores' tests: `writes`, queued together behind a lock held elsewhere, all fail
+/// with an error that mentions `why`, together, within `within` of the start (halved like a
+/// batch with a bad write in it, they would wait once per half); still waiting after `give_up`
+/// fails the test.
+#[cfg(test)]
+pub(super) async fn all_fail_at_once_behind_a_lock<T: std::fmt::Debug>(
+    writes: impl Future<Output = Vec<Result<T>>>,
+    why: &str,
+    within: std::time::Duration,
+    give_up: std::time::Duration,
+) {
+    let started = std::time::Instant::now();
+    let results = tokio::time::timeout(give_up, writes)
+        .await
+        .unwrap_or_else(|_| panic!("the writes were still waiting after {give_up:?}"));
+    let waited = started.elapsed();
+    for result in &results {
+        let error = result.as_ref().unwrap_err().to_string();
+        assert!(error.contains(why), "{error}");
+    }
+    assert!(
+        waited < within,
+        "{} writes failed after {waited:?}: the batch was halved, one wait per half",
+        results.len()
+    );
+}
+
 /// For both stores' tests: two outcomes of job `job_id` in one batch, under an earlier lease
 /// (attempt 1 of `w1`) and the job's current one (attempt 2 of `w2`, set up by the caller). Only
 /// the current one takes, and only it is told so: matched by job id alone, both were.

@@ -629,6 +629,7 @@ mod tests {
 
     use futures::future::join_all;
 
+    use crate::store::batch::all_fail_at_once_behind_a_lock;
     use crate::store::pg_writes::{BATCH_SQL, bound};
     use crate::testing::ScratchDatabase;
 
@@ -832,24 +833,14 @@ mod tests {
             .await
             .unwrap();
 
-        let started = std::time::Instant::now();
         let writes = (1..=16).map(|g| {
             store
                 .writes
                 .write_together(checkpoint_and_outcome(g).into())
         });
-        let results = tokio::time::timeout(Duration::from_secs(30), join_all(writes))
-            .await
-            .expect("the writes waited on the lock with no end");
-        let waited = started.elapsed();
-        for result in &results {
-            let error = result.as_ref().unwrap_err().to_string();
-            assert!(error.contains("statement timeout"), "{error}");
-        }
-        assert!(
-            waited < 8 * timeout,
-            "16 writes failed after {waited:?}: the batch was halved, one timeout per half"
-        );
+        let (within, give_up) = (8 * timeout, Duration::from_secs(30));
+        all_fail_at_once_behind_a_lock(join_all(writes), "statement timeout", within, give_up)
+            .await;
 
         lock.rollback().await.unwrap();
         let writes = (1..=16).map(|g| {

@@ -558,6 +558,7 @@ mod tests {
     use sqlx::Connection;
 
     use super::*;
+    use crate::store::batch::all_fail_at_once_behind_a_lock;
     use crate::store::{a_job_that_does_not_read_fails_at_its_claim, queued_job};
 
     /// What `EXPLAIN QUERY PLAN` says of `sql` (its parameters unbound), a step per line.
@@ -693,19 +694,8 @@ mod tests {
                 store.writes.write(Write::Finish(finish))
             })
         };
-        let started = std::time::Instant::now();
-        let results = tokio::time::timeout(Duration::from_secs(45), join_all(outcomes()))
-            .await
-            .expect("the writes were still waiting on the lock after 45 s");
-        let waited = started.elapsed();
-        for result in &results {
-            let error = result.as_ref().unwrap_err().to_string();
-            assert!(error.contains("locked"), "{error}");
-        }
-        assert!(
-            waited < Duration::from_secs(25),
-            "4 writes failed after {waited:?}: the batch was halved, a busy timeout per half"
-        );
+        let (within, give_up) = (Duration::from_secs(25), Duration::from_secs(45));
+        all_fail_at_once_behind_a_lock(join_all(outcomes()), "locked", within, give_up).await;
 
         sqlx::raw_sql("COMMIT").execute(&mut other).await.unwrap();
         for result in join_all(outcomes()).await {
