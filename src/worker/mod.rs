@@ -108,12 +108,19 @@ impl Slot {
     /// Run `job`, just inserted under this slot's lease; if shutdown began meanwhile, hand it
     /// back to the queue at once instead (the attempt is not spent).
     pub async fn run(self, job: Job) {
-        let Slot { worker, permit, .. } = self;
+        let Slot {
+            worker,
+            permit,
+            start,
+        } = self;
         if worker.tracker.is_closed() {
             if let Some(lease) = job.lease() {
                 let stop = CancellationToken::new();
                 with_db_retries(&stop, || worker.store.release(&lease)).await;
             }
+            return;
+        }
+        if !worker.still_holds(&job, &start).await {
             return;
         }
         let claimed = Claimed {
@@ -164,6 +171,44 @@ impl Worker {
                 lease_expires_at: self.clock.now_ms() + crate::store::ms(self.config.lease),
             },
         })
+    }
+
+    /// Whether `job`, inserted under `start`'s lease, is still this lease's to run. Its lease
+    /// was counted from when the slot was taken, and the insert may have taken long (a slow
+    /// commit, a lock wait): once a heartbeat's interval has gone by, the lease is renewed
+    /// first; a job whose lease ran out meanwhile may have been rescued and claimed again (by
+    /// this process too), and running it here as well would pay every call twice. Not held,
+    /// or not renewed: not run here (if it is still running under this lease, the rescuer
+    /// requeues it when the lease runs out).
+    async fn still_holds(&self, job: &Job, start: &StartHere) -> bool {
+        let now = self.clock.now_ms();
+        let lease_ms = crate::store::ms(self.config.lease);
+        if start.lease_expires_at - now > lease_ms * 2 / 3 {
+            return true;
+        }
+        match self
+            .store
+            .heartbeat(&self.owner, &[job.id], now, self.config.lease)
+            .await
+        {
+            Ok(held)
+                if held
+                    .iter()
+                    .any(|h| h.id == job.id && h.attempt == job.attempt) =>
+            {
+                true
+            }
+            Ok(_) => {
+                tracing::info!(job = %job.id, "lease ran out while the job was inserted; \
+                    not running it here");
+                false
+            }
+            Err(e) => {
+                tracing::warn!(job = %job.id, error = %e, "could not renew the lease of a job \
+                    that was slow to insert; leaving it to the rescuer");
+                false
+            }
+        }
     }
 
     pub fn owner(&self) -> &str {

@@ -526,3 +526,46 @@ async fn a_job_started_at_its_submit_runs_even_when_the_client_left_before_the_a
     }
     panic!("the job did not finish within 3 s: {status:?}");
 }
+
+// The lease of a job started at its submit is counted from when the slot was taken; an insert
+// slower than the lease (a slow commit) lets the rescuer requeue the job and the dispatcher
+// claim it again (attempt 2) before the submit's own start. That start must not run it too.
+#[tokio::test]
+async fn a_job_whose_insert_outlived_its_lease_is_not_run_twice() {
+    let app = spawn_app_with(Options {
+        wrap_store: Some(Box::new(|inner| {
+            Arc::new(Faulty::over(
+                inner,
+                Faults::default(),
+                Duration::from_millis(6_500),
+            ))
+        })),
+        ..Options::default()
+    })
+    .await;
+    // A slot is free once the dispatcher's first claim found the queue empty (without one the
+    // job is queued and claimed, attempt 1, and the test fails rather than passes).
+    tokio::time::sleep(Duration::from_millis(1_000)).await;
+    let resp = app
+        .client
+        .post(format!("{}/v1/jobs", app.address))
+        .json(&body_with_panel(&["m1"], "judge"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 202);
+    let id: uuid::Uuid = resp.json::<serde_json::Value>().await.unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    // The start (spawned at the submit) runs once the insert answers: give it time to call.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let job = app.store.get_job(id).await.unwrap().unwrap();
+    assert_eq!((job.status, job.attempt), (JobStatus::Succeeded, 2));
+    assert_eq!(
+        app.fake.calls("m1", Kind::Panel),
+        1,
+        "the panel was called twice"
+    );
+}
