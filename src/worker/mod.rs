@@ -412,7 +412,12 @@ impl Worker {
                 tracing::info!(job = %job.id, reason, "job requeued to retry later")
             }
             (Outcome::Stopped, _) => tracing::info!(job = %job.id, "job stopped"),
-            (_, _) => tracing::warn!(job = %job.id, "outcome not written: the lease was lost"),
+            (_, Some(false)) => {
+                tracing::warn!(job = %job.id, "outcome not written: the lease was lost")
+            }
+            // Every try failed, or shutdown came while it waited to try again.
+            (_, None) => tracing::warn!(job = %job.id,
+                "outcome not written: the database did not take it; the job waits out its lease"),
         }
     }
 
