@@ -5,6 +5,7 @@
 use bytes::Bytes;
 use hyper::header::HeaderValue;
 use serde::de::DeserializeOwned;
+use serde_json::Value;
 use serde_json::error::Category;
 
 use super::{ErrorKind, Provider, UpstreamError};
@@ -28,11 +29,18 @@ impl Answered {
     pub fn parse<T: DeserializeOwned>(&self, provider: &Provider) -> Result<T, UpstreamError> {
         serde_json::from_slice(&self.body).map_err(|e| {
             if e.classify() != Category::Syntax {
-                return UpstreamError::new(
-                    ErrorKind::BadBody,
-                    Some(self.status),
-                    format!("upstream body is not a chat completion: {e}"),
-                );
+                // An error reported in a 2xx says what went wrong in its own words.
+                let reported = serde_json::from_slice::<Value>(&self.body)
+                    .is_ok_and(|v| v.get("error").is_some_and(|e| !e.is_null()));
+                let message = match reported {
+                    true => format!(
+                        "upstream answered {} with an error: {}",
+                        self.status,
+                        super::upstream_message(&String::from_utf8_lossy(&self.body))
+                    ),
+                    false => format!("upstream body is not a chat completion: {e}"),
+                };
+                return UpstreamError::new(ErrorKind::BadBody, Some(self.status), message);
             }
             let content_type = self.content_type.as_ref().map_or_else(
                 || "no content-type".to_string(),

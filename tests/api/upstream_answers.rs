@@ -64,6 +64,29 @@ async fn a_completion_with_nothing_usable_is_still_an_error() {
     assert_eq!(failed["error_code"], "empty_completion");
 }
 
+// OpenRouter reports a model that failed mid-answer as a 200 carrying `{"error": ...}`: the
+// step is retried (another try may answer) and, when every try fails so, the member's error is
+// the upstream's own message, not a parse error about a missing field.
+#[tokio::test]
+async fn an_error_carried_in_a_2xx_is_retried_and_told_in_its_own_words() {
+    let app = spawn_app().await;
+    let error = r#"{"error": {"code": 502, "message": "Provider returned error: overloaded"}}"#;
+    app.fake
+        .script("member", Kind::Panel, vec![Reply::RawOk(error); 3]);
+    let id = app
+        .submit_ok(&body_with_panel(&["ok1", "member"], "judge"))
+        .await;
+    let job = app.wait_final(&id, 10).await;
+    assert_eq!(job["status"], "succeeded", "{job:#}");
+    assert_eq!(app.fake.calls("member", Kind::Panel), 3);
+    let said = job["panel"][1]["error"].as_str().unwrap();
+    assert!(
+        said.contains("Provider returned error: overloaded"),
+        "{said}"
+    );
+    assert!(!said.contains("missing field"), "{said}");
+}
+
 /// The panel entry of a member answering `reply`, beside one that answers well, once the job
 /// is over; the member was asked once (the same answer would come back on every retry).
 async fn member_answering_once(reply: Reply) -> Value {
