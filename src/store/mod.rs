@@ -29,7 +29,6 @@ use async_trait::async_trait;
 use tokio::sync::{Notify, broadcast};
 use uuid::Uuid;
 
-use serde::Deserialize;
 use serde_json::Value;
 
 use crate::job::{
@@ -292,17 +291,8 @@ pub(crate) enum SpecRead {
     ToShow,
 }
 
-/// A stored spec (Postgres `jsonb`), read `how`.
-pub(crate) fn spec_from_json(value: Value, how: SpecRead) -> Result<JobSpec> {
-    match how {
-        SpecRead::ToRun => serde_json::from_value(value).map_err(bad_spec),
-        SpecRead::ToShow => {
-            Ok(JobSpec::deserialize(&value).unwrap_or_else(|_| JobSpec::salvage(&value)))
-        }
-    }
-}
-
-/// A stored spec (SQLite text), read `how`.
+/// A stored spec, as its JSON text (SQLite's column; Postgres's `jsonb` as sent), read `how`:
+/// parsed straight into a `JobSpec`, and only when that fails a second time for `salvage`.
 pub(crate) fn spec_from_text(text: &str, how: SpecRead) -> Result<JobSpec> {
     match serde_json::from_str(text) {
         Ok(spec) => Ok(spec),

@@ -20,7 +20,7 @@ use super::batch::{Batcher, Finish, Write};
 use super::pg_writes::PgBatch;
 use super::{
     CancelOutcome, Claimed, EVENT_BACKLOG, Enqueued, Held, JobEvent, Result, RetryOutcome,
-    SpecRead, Store, StoreError, StoreOptions, ms, spec_from_json, status_from_db,
+    SpecRead, Store, StoreError, StoreOptions, ms, spec_from_text, status_from_db,
 };
 use crate::job::{
     Job, JobStatus, JsonText, Lease, ListFilter, NewJob, StartHere, Step, StepKey, Usage,
@@ -570,12 +570,12 @@ fn scrub_nul(v: &mut Value) {
 }
 
 fn job_from_row(r: &PgRow, how: SpecRead) -> Result<Job> {
-    let spec: Json<Value> = r.try_get("spec")?;
+    let spec: Json<Box<RawValue>> = r.try_get("spec")?;
     let result: Option<Json<Value>> = r.try_get("result")?;
     Ok(Job {
         id: r.try_get("id")?,
         status: status_from_db(r.try_get("status")?)?,
-        spec: spec_from_json(spec.0, how)?,
+        spec: spec_from_text(spec.0.get(), how)?,
         metadata: r.try_get::<Json<Value>, _>("metadata")?.0,
         priority: r.try_get("priority")?,
         attempt: r.try_get("attempt")?,
