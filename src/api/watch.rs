@@ -12,14 +12,13 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::sync::{broadcast, mpsc};
-use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use super::ApiError;
 use crate::job::Job;
 use crate::store::{JobEvent, Store, StoreError};
-use crate::worker::backoff;
+use crate::worker::{Patience, retry_db};
 
 /// How often a watcher re-reads the job when no event arrives.
 const FALLBACK_POLL: Duration = Duration::from_secs(1);
@@ -126,28 +125,15 @@ impl Watcher {
     /// outage bound has passed (or the watch closes); then the answer names the job, to fetch
     /// it by later.
     pub async fn read(&self, store: &dyn Store) -> Result<Job, ApiError> {
-        let started = Instant::now();
-        let mut failures = 0;
-        loop {
-            let error = match store.get_job(self.id).await {
-                Ok(Some(job)) => return Ok(job),
-                Ok(None) => StoreError::Corrupt(format!("job {} vanished", self.id)),
-                Err(e) => e,
-            };
-            let waited = started.elapsed();
-            if !matches!(error, StoreError::Database(_)) || waited >= self.outage {
-                return Err(unreadable(self.id, error));
-            }
-            failures += 1;
-            tracing::warn!(
-                job = %self.id, error = %error, failures,
-                "reading a waited-on job failed; retrying"
-            );
-            tokio::select! {
-                _ = self.closed.cancelled() => return Err(unreadable(self.id, error)),
-                _ = tokio::time::sleep(backoff(failures).min(self.outage - waited)) => {}
-            }
-        }
+        let read = || async {
+            store
+                .get_job(self.id)
+                .await?
+                .ok_or_else(|| StoreError::Corrupt(format!("job {} vanished", self.id)))
+        };
+        retry_db(&self.closed, Patience::For(self.outage), read)
+            .await
+            .map_err(|error| unreadable(self.id, error))
     }
 }
 

@@ -2,6 +2,9 @@
 //! database outages so a blip does not throw away finished upstream work.
 
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use tokio::time::Instant;
 
 use async_trait::async_trait;
 use tokio_util::sync::CancellationToken;
@@ -119,22 +122,57 @@ where
 
 /// Run a store call, retrying database errors with backoff. `None` when it never succeeded (or
 /// `stop` fired while waiting).
-pub(crate) async fn with_db_retries<T, F, Fut>(stop: &CancellationToken, mut call: F) -> Option<T>
+pub(crate) async fn with_db_retries<T, F, Fut>(stop: &CancellationToken, call: F) -> Option<T>
 where
     F: FnMut() -> Fut,
     Fut: Future<Output = Result<T, StoreError>>,
 {
-    for failures in 1..=DB_ATTEMPTS {
-        match call().await {
-            Ok(v) => return Some(v),
-            Err(e) => {
-                tracing::warn!(error = %e, failures, "database write failed; retrying");
-                tokio::select! {
-                    _ = stop.cancelled() => return None,
-                    _ = tokio::time::sleep(backoff(failures)) => {}
-                }
-            }
+    retry_db(stop, Patience::Tries(DB_ATTEMPTS), call)
+        .await
+        .ok()
+}
+
+/// How long `retry_db` keeps trying.
+pub(crate) enum Patience {
+    /// At most this many calls.
+    Tries(u32),
+    /// Until this long after the first call.
+    For(Duration),
+}
+
+/// Run a store call, retrying database errors (`StoreError::Database`: the database did not
+/// answer, or refused for now) with backoff for as long as `patience` allows, or until `stop`
+/// fires; any other error, and the last one, is returned as it is.
+pub(crate) async fn retry_db<T, F, Fut>(
+    stop: &CancellationToken,
+    patience: Patience,
+    mut call: F,
+) -> Result<T, StoreError>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T, StoreError>>,
+{
+    let started = Instant::now();
+    let mut failures = 0;
+    loop {
+        let error = match call().await {
+            Ok(v) => return Ok(v),
+            Err(e @ StoreError::Database(_)) => e,
+            Err(e) => return Err(e),
+        };
+        failures += 1;
+        let wait = match patience {
+            Patience::Tries(most) if failures >= most => return Err(error),
+            Patience::Tries(_) => backoff(failures),
+            Patience::For(bound) => match bound.checked_sub(started.elapsed()) {
+                Some(left) if !left.is_zero() => backoff(failures).min(left),
+                _ => return Err(error),
+            },
+        };
+        tracing::warn!(error = %error, failures, "database call failed; retrying");
+        tokio::select! {
+            _ = stop.cancelled() => return Err(error),
+            _ = tokio::time::sleep(wait) => {}
         }
     }
-    None
 }

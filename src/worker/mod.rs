@@ -7,6 +7,8 @@
 
 mod checkpoint;
 
+pub(crate) use checkpoint::{Patience, retry_db};
+
 use std::collections::HashMap;
 use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicBool, Ordering};
