@@ -127,6 +127,7 @@ impl WorkerArgs {
             poll_interval: Duration::from_millis(self.poll_ms.max(10)),
             shutdown_grace: Duration::from_secs(self.shutdown_grace_seconds),
             retry_base: Duration::from_millis(self.retry_base_ms),
+            ..WorkerConfig::default()
         })
     }
 }

@@ -40,6 +40,9 @@ pub struct WorkerConfig {
     pub shutdown_grace: Duration,
     /// First wait before a job whose upstream keeps failing runs again (doubles per attempt).
     pub retry_base: Duration,
+    /// After the grace period, how long outcomes and releases may still be retried through a
+    /// database outage before shutdown gives up on them (those jobs then wait out their leases).
+    pub release_window: Duration,
 }
 
 impl Default for WorkerConfig {
@@ -50,6 +53,7 @@ impl Default for WorkerConfig {
             poll_interval: Duration::from_secs(1),
             shutdown_grace: Duration::from_secs(30),
             retry_base: Duration::from_secs(30),
+            release_window: Duration::from_secs(10),
         }
     }
 }
@@ -91,6 +95,10 @@ pub struct Worker {
     queue_drained: AtomicBool,
     /// Set once shutdown's grace period is over: stopped jobs are then released, not abandoned.
     releasing: AtomicBool,
+    /// Cancelled when shutdown's release window is over: what outcome and release writes watch
+    /// while they retry. Not a job's own stop token: an outcome is the end of work already paid
+    /// for, and ending the grace period must not throw it away mid-retry.
+    last_writes: CancellationToken,
 }
 
 /// A free slot of this process's worker, taken for a job being submitted here: the job is
@@ -117,8 +125,7 @@ impl Slot {
         } = self;
         if worker.tracker.is_closed() {
             if let Some(lease) = job.lease() {
-                let stop = CancellationToken::new();
-                with_db_retries(&stop, || worker.store.release(&lease)).await;
+                with_db_retries(&worker.last_writes, || worker.store.release(&lease)).await;
             }
             return;
         }
@@ -153,6 +160,7 @@ impl Worker {
             tracker: TaskTracker::new(),
             queue_drained: AtomicBool::new(false),
             releasing: AtomicBool::new(false),
+            last_writes: CancellationToken::new(),
             config,
         })
     }
@@ -238,7 +246,9 @@ impl Worker {
         Ok(n)
     }
 
-    /// Run until `shutdown` fires, then drain within the grace period and release what is left.
+    /// Run until `shutdown` fires, then drain within the grace period and release what is left:
+    /// jobs still in their pipelines are stopped and handed back, and outcomes being written go
+    /// on being retried, for at most the release window.
     pub async fn run(self: Arc<Self>, shutdown: CancellationToken) {
         let tracker = &self.tracker;
         let background = CancellationToken::new();
@@ -261,7 +271,19 @@ impl Worker {
             for stop in self.running.lock().expect("running map").values() {
                 stop.cancel();
             }
-            tracker.wait().await;
+            if tokio::time::timeout(self.config.release_window, tracker.wait())
+                .await
+                .is_err()
+            {
+                tracing::warn!(
+                    jobs = self.running.lock().expect("running map").len(),
+                    "release window over: the database has not taken these jobs' outcomes or \
+                     releases; they wait out their leases"
+                );
+                self.last_writes.cancel();
+                // A store call already under way ends on its own timeouts; do not wait on it.
+                let _ = tokio::time::timeout(Duration::from_secs(1), tracker.wait()).await;
+            }
         }
         background.cancel();
         let _ = tokio::join!(heartbeat, rescuer, cancels);
@@ -371,32 +393,31 @@ impl Worker {
             }
             outcome => outcome,
         };
-        // In the job's span too: a retried outcome write logs which job it is for.
+        // In the job's span too: a retried outcome write logs which job it is for. Retried under
+        // `last_writes`, not `stop`: see there.
         let written = async {
             match &outcome {
                 Outcome::Succeeded { result, last_step } => {
                     let store = self.store.as_ref();
                     fenced_write(
-                        &stop,
+                        &self.last_writes,
                         || store.complete(&lease, last_step.as_ref(), result, now),
                         || finished_as(store, &lease, JobStatus::Succeeded),
                     )
                     .await
                 }
-                Outcome::Failed { reason, error } => {
-                    self.fail(&lease, reason, error, now, &stop).await
-                }
+                Outcome::Failed { reason, error } => self.fail(&lease, reason, error, now).await,
                 Outcome::Retry { reason, error } => {
                     let store = self.store.as_ref();
                     fenced_write(
-                        &stop,
+                        &self.last_writes,
                         || store.retry_later(&lease, run_at, reason, error),
                         || requeued(store, &lease, run_at),
                     )
                     .await
                 }
                 Outcome::Stopped if self.releasing.load(Ordering::SeqCst) => {
-                    with_db_retries(&CancellationToken::new(), || self.store.release(&lease)).await
+                    with_db_retries(&self.last_writes, || self.store.release(&lease)).await
                 }
                 Outcome::Stopped => Some(false),
             }
@@ -424,17 +445,10 @@ impl Worker {
     }
 
     /// Fail the job `lease` holds (a terminal outcome, confirmed as `complete`'s is).
-    async fn fail(
-        &self,
-        lease: &Lease,
-        reason: &str,
-        error: &str,
-        now: i64,
-        stop: &CancellationToken,
-    ) -> Option<bool> {
+    async fn fail(&self, lease: &Lease, reason: &str, error: &str, now: i64) -> Option<bool> {
         let store = self.store.as_ref();
         fenced_write(
-            stop,
+            &self.last_writes,
             || store.fail(lease, reason, error, now),
             || finished_as(store, lease, JobStatus::Failed),
         )

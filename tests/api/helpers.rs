@@ -91,6 +91,7 @@ pub async fn spawn_app_with(opts: Options) -> TestApp {
             poll_interval: opts.poll_interval,
             shutdown_grace: Duration::from_secs(1),
             retry_base: opts.retry_base,
+            ..WorkerConfig::default()
         }),
     };
     let app = match opts.wrap_store {

@@ -42,6 +42,7 @@ pub(crate) struct Faulty {
     finishes_left: AtomicUsize,
     requeues_left: AtomicUsize,
     panics_left: AtomicUsize,
+    outcomes_refused: AtomicUsize,
     /// How long each enqueue waits after its insert before it answers.
     slow_enqueue: Duration,
 }
@@ -56,6 +57,7 @@ impl Faulty {
             finishes_left: AtomicUsize::new(faults.finishes),
             requeues_left: AtomicUsize::new(faults.requeues),
             panics_left: AtomicUsize::new(faults.panics),
+            outcomes_refused: AtomicUsize::new(faults.refused_outcomes),
             slow_enqueue,
         }
     }
@@ -64,6 +66,14 @@ impl Faulty {
     fn take(left: &AtomicUsize) -> bool {
         left.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
             .is_ok()
+    }
+
+    /// An outcome write (or release) while the database is away: it fails before reaching it.
+    fn outcome_refused(&self) -> Result<()> {
+        match Self::take(&self.outcomes_refused) {
+            true => Err(connection_reset()),
+            false => Ok(()),
+        }
     }
 
     fn unconfirm<T>(left: &AtomicUsize, answer: Result<T>) -> Result<T> {
@@ -146,10 +156,12 @@ impl Store for Faulty {
         result: &JsonText,
         now: i64,
     ) -> Result<bool> {
+        self.outcome_refused()?;
         let answer = self.inner.complete(lease, last, result, now).await;
         Self::unconfirm(&self.finishes_left, answer)
     }
     async fn fail(&self, lease: &Lease, reason: &str, error: &str, now: i64) -> Result<bool> {
+        self.outcome_refused()?;
         let answer = self.inner.fail(lease, reason, error, now).await;
         Self::unconfirm(&self.finishes_left, answer)
     }
@@ -160,10 +172,12 @@ impl Store for Faulty {
         reason: &str,
         error: &str,
     ) -> Result<bool> {
+        self.outcome_refused()?;
         let answer = self.inner.retry_later(lease, run_at, reason, error).await;
         Self::unconfirm(&self.requeues_left, answer)
     }
     async fn release(&self, lease: &Lease) -> Result<bool> {
+        self.outcome_refused()?;
         self.inner.release(lease).await
     }
     fn wakeups(&self) -> Arc<Notify> {
@@ -210,8 +224,8 @@ fn capture_logs() -> (Lines, tracing::subscriber::DefaultGuard) {
 }
 
 /// The faults a test's store deals: the first `steps`, `finishes` and `requeues` writes left
-/// unconfirmed, a panic after each of the first `panics` checkpoints, and the first `reads`
-/// reads of a job failed.
+/// unconfirmed, a panic after each of the first `panics` checkpoints, the first `reads` reads
+/// of a job failed, and the first `refused_outcomes` outcome writes and releases failed.
 #[derive(Default)]
 pub(crate) struct Faults {
     pub(crate) steps: usize,
@@ -219,12 +233,21 @@ pub(crate) struct Faults {
     pub(crate) requeues: usize,
     pub(crate) panics: usize,
     pub(crate) reads: usize,
+    pub(crate) refused_outcomes: usize,
 }
 
 /// An app without workers holding one queued job (panel `m1`, `m2`, analyst `judge`), a store
 /// over its own that deals `faults`, and a worker for one job at a time on that store, with a
 /// lease far longer than the test: a job left to wait out its lease would still be running.
 async fn one_job(faults: Faults) -> (TestApp, Uuid, Arc<Faulty>, Arc<Worker>, Arc<Shifted>) {
+    one_job_with(faults, |_| {}).await
+}
+
+/// `one_job`, its worker's settings changed by `tune`.
+async fn one_job_with(
+    faults: Faults,
+    tune: impl FnOnce(&mut WorkerConfig),
+) -> (TestApp, Uuid, Arc<Faulty>, Arc<Worker>, Arc<Shifted>) {
     let app = spawn_app_with(Options {
         workers: false,
         ..Options::default()
@@ -235,13 +258,15 @@ async fn one_job(faults: Faults) -> (TestApp, Uuid, Arc<Faulty>, Arc<Worker>, Ar
         .await;
     let store = Arc::new(Faulty::over(app.store.clone(), faults, Duration::ZERO));
     let clock = Arc::new(Shifted::default());
-    let config = WorkerConfig {
+    let mut config = WorkerConfig {
         concurrency: 2,
         lease: Duration::from_secs(300),
         poll_interval: Duration::from_millis(50),
         shutdown_grace: Duration::from_secs(1),
         retry_base: Duration::from_millis(10),
+        ..WorkerConfig::default()
     };
+    tune(&mut config);
     let worker = Worker::new(
         store.clone(),
         Arc::new(pipeline(&app.fake)),
@@ -568,4 +593,73 @@ async fn a_job_whose_insert_outlived_its_lease_is_not_run_twice() {
         1,
         "the panel was called twice"
     );
+}
+
+/// Run `worker` until its outcome write has been refused once, then shut it down; how long the
+/// shutdown took, from its start.
+async fn shut_down_while_the_outcome_retries(worker: &Arc<Worker>, store: &Faulty) -> Duration {
+    let before = store.outcomes_refused.load(Ordering::SeqCst);
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let running = tokio::spawn(worker.clone().run(shutdown.clone()));
+    for _ in 0..500 {
+        if store.outcomes_refused.load(Ordering::SeqCst) < before {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(
+        store.outcomes_refused.load(Ordering::SeqCst) < before,
+        "no outcome write came"
+    );
+    let started = tokio::time::Instant::now();
+    shutdown.cancel();
+    tokio::time::timeout(Duration::from_secs(30), running)
+        .await
+        .expect("shutdown ends")
+        .unwrap();
+    started.elapsed()
+}
+
+// The grace period (100 ms) ends while a succeeded job's outcome waits to be tried again through
+// a database outage (three refusals: 0.2 + 0.4 + 0.8 s of backoff). The outcome is the end of
+// work already paid for: it is still written, not dropped to wait out the lease and pay the
+// final call again.
+#[tokio::test]
+async fn an_outcome_retrying_through_an_outage_when_the_grace_period_ends_is_still_written() {
+    let (app, id, store, worker, _) = one_job_with(
+        Faults {
+            refused_outcomes: 3,
+            ..Faults::default()
+        },
+        |c| c.shutdown_grace = Duration::from_millis(100),
+    )
+    .await;
+    shut_down_while_the_outcome_retries(&worker, &store).await;
+    assert_eq!(store.outcomes_refused.load(Ordering::SeqCst), 0);
+    assert_eq!(stored(&app, id).await, (JobStatus::Succeeded, 1));
+    assert_eq!(app.fake.calls("judge", Kind::Final), 1);
+}
+
+// An outage that outlasts the release window: shutdown gives up on the outcome when the window
+// ends (here 0.5 s after a 100 ms grace) rather than retrying for as long as the database is
+// away; the job is left running, to wait out its lease.
+#[tokio::test]
+async fn shutdown_gives_up_on_an_outcome_when_the_release_window_ends() {
+    let (lines, _logs) = capture_logs();
+    let (app, id, store, worker, _) = one_job_with(
+        Faults {
+            refused_outcomes: 1_000,
+            ..Faults::default()
+        },
+        |c| {
+            c.shutdown_grace = Duration::from_millis(100);
+            c.release_window = Duration::from_millis(500);
+        },
+    )
+    .await;
+    let took = shut_down_while_the_outcome_retries(&worker, &store).await;
+    assert!(took < Duration::from_secs(3), "shutdown took {took:?}");
+    assert_eq!(stored(&app, id).await, (JobStatus::Running, 1));
+    let logs = lines.text();
+    assert!(logs.contains("release window over"), "{logs}");
 }
