@@ -1,5 +1,5 @@
-//! The fusion tool: a non-fusion model offered `tools: [{"type": "fusion"}]` sees a `fusion`
-//! function; each call it makes runs a durable fusion job on the call's prompt, the answer goes
+//! The fusion tool: a non-fusion model offered `tools: [{"type": "fusion"}]` (or OpenRouter's
+//! spelling, `"openrouter:fusion"`) sees a `fusion` function; each call it makes runs a durable fusion job on the call's prompt, the answer goes
 //! back as the tool result, and the outer model writes the reply. Usage is summed over the outer
 //! calls and every job.
 
@@ -23,8 +23,16 @@ pub fn offers_fusion(body: &Value) -> bool {
     tools(body).any(is_fusion)
 }
 
+/// The tool types that name the fusion tool: ours, and OpenRouter's server tool.
+const TOOL_TYPES: [&str; 2] = ["fusion", "openrouter:fusion"];
+
 fn is_fusion(tool: &Value) -> bool {
-    tool.get("type").and_then(Value::as_str) == Some("fusion")
+    is_fusion_type(tool.get("type"))
+}
+
+fn is_fusion_type(kind: Option<&Value>) -> bool {
+    kind.and_then(Value::as_str)
+        .is_some_and(|k| TOOL_TYPES.contains(&k))
 }
 
 fn tools(body: &Value) -> impl Iterator<Item = &Value> {
@@ -50,13 +58,15 @@ fn forces_fusion(choice: Option<&Value>) -> bool {
 /// upstream would refuse the call. OpenRouter forces its fusion tool with `"required"`, and so
 /// do we, or with the function form that names the tool we offer.
 fn refuse_tool_type_choice(choice: Option<&Value>) -> Result<(), ApiError> {
-    match choice.and_then(|c| c.get("type")).and_then(Value::as_str) {
-        Some("fusion") => Err(bad(
-            "`tool_choice` {\"type\": \"fusion\"} is not accepted: force the fusion tool with \
-             \"required\" or {\"type\": \"function\", \"function\": {\"name\": \"fusion\"}}",
-        )),
-        _ => Ok(()),
+    let kind = choice.and_then(|c| c.get("type"));
+    if !is_fusion_type(kind) {
+        return Ok(());
     }
+    Err(bad(format!(
+        "`tool_choice` {{\"type\": {}}} is not accepted: force the fusion tool with \
+         \"required\" or {{\"type\": \"function\", \"function\": {{\"name\": \"fusion\"}}}}",
+        kind.expect("a fusion type")
+    )))
 }
 
 /// The function the outer model is offered in place of `{"type": "fusion"}`.
@@ -181,8 +191,9 @@ pub async fn run(
 }
 
 /// The job a fusion call runs, but for its prompt. Its settings ride on the tool entry:
-/// `{"type": "fusion", "fusion": {"preset": "budget", and any fusion plugin field: "model" (the
-/// analyst), "analysis_models", "min_panel", ...}}`; errors name the field where it was written.
+/// `{"type": "fusion", "fusion": {"preset": "budget", and any fusion plugin field but `id`:
+/// "model" (the analyst), "analysis_models", "min_panel", ...}}`; errors name the field where
+/// it was written.
 fn job_template(body: &Value, config: &FusionConfig) -> Result<JobRequest, ApiError> {
     let (i, tool) = tools(body)
         .enumerate()
@@ -194,13 +205,14 @@ fn job_template(body: &Value, config: &FusionConfig) -> Result<JobRequest, ApiEr
         Some(Value::Object(settings)) => settings.clone(),
         Some(_) => return Err(bad(format!("`{field}` must be an object of settings"))),
     };
-    if let Some(unknown) = plugin
-        .keys()
-        .find(|k| *k != "preset" && !PLUGIN_FIELDS.contains(&k.as_str()))
-    {
+    // The plugin's `id` says which plugin it is; the tool's type already says so here.
+    let known: Vec<&str> = std::iter::once("preset")
+        .chain(PLUGIN_FIELDS.into_iter().filter(|f| *f != "id"))
+        .collect();
+    if let Some(unknown) = plugin.keys().find(|k| !known.contains(&k.as_str())) {
         return Err(bad(format!(
-            "unknown field `{unknown}` in `{field}`; known fields: preset, {}",
-            PLUGIN_FIELDS.join(", ")
+            "unknown field `{unknown}` in `{field}`; known fields: {}",
+            known.join(", ")
         )));
     }
     let model = match plugin.remove("preset") {

@@ -212,14 +212,7 @@ async fn the_fusion_tool_checks_the_messages_before_any_call() {
 #[tokio::test]
 async fn the_fusion_tool_runs_a_job_and_hands_the_answer_back_to_the_outer_model() {
     let app = spawn_app().await;
-    app.fake.script(
-        "outer",
-        Kind::Panel,
-        vec![
-            Reply::ToolCall("fusion".into(), json!({"prompt": "Is the sky blue?"})),
-            Reply::Text("outer model's reply".into()),
-        ],
-    );
+    app.fake.outer_calls_fusion_once();
     let body = json!({
         "model": "outer",
         "messages": [{"role": "user", "content": "Ask the panel about the sky."}],
@@ -407,14 +400,7 @@ async fn a_model_name_with_a_control_character_is_refused_before_any_stream() {
 #[tokio::test]
 async fn a_tool_choice_naming_the_fusion_function_forces_only_the_first_round() {
     let app = spawn_app().await;
-    app.fake.script(
-        "outer",
-        Kind::Panel,
-        vec![
-            Reply::ToolCall("fusion".into(), json!({"prompt": "Is the sky blue?"})),
-            Reply::Text("outer model's reply".into()),
-        ],
-    );
+    app.fake.outer_calls_fusion_once();
     let forced = json!({"type": "function", "function": {"name": "fusion"}});
     let body = json!({
         "model": "outer",

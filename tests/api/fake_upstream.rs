@@ -155,6 +155,18 @@ impl FakeUpstream {
         format!("http://{}/v1", self.addr)
     }
 
+    /// The model `outer` calls the fusion tool once ("Is the sky blue?"), then replies.
+    pub fn outer_calls_fusion_once(&self) {
+        self.script(
+            "outer",
+            Kind::Panel,
+            vec![
+                Reply::ToolCall("fusion".into(), json!({"prompt": "Is the sky blue?"})),
+                Reply::Text("outer model's reply".into()),
+            ],
+        );
+    }
+
     /// Script the replies `model` gives to calls of `kind`.
     pub fn script(&self, model: &str, kind: Kind, replies: Vec<Reply>) {
         self.state

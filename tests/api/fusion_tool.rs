@@ -1,6 +1,6 @@
 //! The fusion tool's request, checked before the outer model is called (each call is paid): its
 //! settings as a job's would be, naming the field in `tools`, and a `tool_choice` the upstream
-//! would not understand.
+//! would not understand. OpenRouter's spelling of the tool's type is understood.
 
 use serde_json::{Value, json};
 
@@ -55,6 +55,8 @@ async fn the_fusion_tools_settings_are_checked_before_any_call() {
             "integer",
         ),
         (json!({"prset": "budget"}), "`prset`", "unknown field"),
+        // A plugin's `id` says which plugin it is; on the tool it would be ignored.
+        (json!({"id": "fusion"}), "`id`", "unknown field"),
         (json!("budget"), "`tools[1].fusion`", "object"),
     ];
     for (settings, field, says) in cases {
@@ -78,15 +80,42 @@ async fn the_fusion_tools_settings_are_checked_before_any_call() {
 #[tokio::test]
 async fn a_tool_choice_of_type_fusion_is_refused_before_any_call() {
     let app = spawn_app().await;
-    let mut body = offering(json!({}));
-    body["tool_choice"] = json!({"type": "fusion"});
-    let resp = app.chat(&body).await;
-    assert_eq!(resp.status(), 400);
-    let error: Value = resp.json().await.unwrap();
-    let message = error["error"]["message"].as_str().unwrap();
-    assert!(
-        message.contains("`tool_choice`") && message.contains("\"required\""),
-        "{message}"
-    );
+    for kind in ["fusion", "openrouter:fusion"] {
+        let mut body = offering(json!({}));
+        body["tool_choice"] = json!({"type": kind});
+        let resp = app.chat(&body).await;
+        assert_eq!(resp.status(), 400);
+        let error: Value = resp.json().await.unwrap();
+        let message = error["error"]["message"].as_str().unwrap();
+        assert!(
+            message.contains(&format!("{{\"type\": \"{kind}\"}}"))
+                && message.contains("\"required\""),
+            "{message}"
+        );
+    }
     assert_eq!(app.fake.total_calls(), 0);
+}
+
+// OpenRouter's server tool is `{"type": "openrouter:fusion"}`: a request written for it runs the
+// fusion tool here too, rather than reaching the upstream as a tool type it does not know.
+#[tokio::test]
+async fn openrouters_tool_type_offers_the_fusion_tool() {
+    let app = spawn_app().await;
+    app.fake.outer_calls_fusion_once();
+    let mut body = offering(json!({"analysis_models": ["m1", "m2"], "model": "judge"}));
+    body["tools"][1]["type"] = json!("openrouter:fusion");
+    body["tool_choice"] = json!("required");
+    let resp = app.chat(&body).await;
+    assert_eq!(resp.status(), 200);
+    let reply: Value = resp.json().await.unwrap();
+    assert_eq!(reply["fusion_job_ids"].as_array().unwrap().len(), 1);
+    assert_eq!(app.fake.calls("m1", Kind::Panel), 1);
+    assert_eq!(app.fake.calls("judge", Kind::Final), 1);
+    let first = app
+        .fake
+        .bodies()
+        .into_iter()
+        .find(|b| b["model"] == "outer");
+    let tools = first.unwrap()["tools"].clone();
+    assert_eq!(tools[1]["function"]["name"], "fusion", "{tools}");
 }
