@@ -11,7 +11,7 @@ use std::collections::HashSet;
 use async_trait::async_trait;
 use tokio::sync::{mpsc, oneshot};
 
-use super::{Result, StoreError};
+use super::{Refusal, Result, StoreError};
 use crate::job::{JobStatus, JsonText, Lease, NewJob, StartHere, Step};
 
 /// The most queued groups (a write, or a job's last checkpoint and outcome) one batch takes;
@@ -207,17 +207,11 @@ fn unreached(e: &sqlx::Error) -> Option<sqlx::Error> {
 /// Whether the database cancelled the statement after a wait: Postgres's `query_canceled` (the
 /// statement timeout) or `lock_not_available`, SQLite's `SQLITE_BUSY` (the busy timeout).
 fn gave_up_waiting(db: &dyn sqlx::error::DatabaseError) -> bool {
-    if let Some(pg) = db.try_downcast_ref::<sqlx::postgres::PgDatabaseError>() {
-        return matches!(pg.code(), "57014" | "55P03");
+    match super::refusal(db) {
+        Refusal::Postgres(code) => matches!(code, "57014" | "55P03"),
+        Refusal::Sqlite(primary) => primary == super::SQLITE_BUSY,
+        Refusal::Other => false,
     }
-    if db.try_downcast_ref::<sqlx::sqlite::SqliteError>().is_some() {
-        // An extended result code; its low byte is the primary code.
-        return db
-            .code()
-            .and_then(|c| c.parse::<i32>().ok())
-            .is_some_and(|c| c & 0xff == 5);
-    }
-    false
 }
 
 /// A row a batch statement returns for each write that took effect: `(kind, job id, step,

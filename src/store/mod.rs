@@ -49,6 +49,61 @@ pub enum StoreError {
 
 pub type Result<T, E = StoreError> = std::result::Result<T, E>;
 
+impl StoreError {
+    /// Whether the database could not serve the call for now, so that the same call a little
+    /// later may well succeed (an API answers 503, not 500): no connection in time, a broken or
+    /// refused connection, a database shutting down or out of resources (Postgres classes 08,
+    /// 53 and 57, the statement timeout among them), a serialization failure or deadlock, a
+    /// lock not available, a busy or locked SQLite file.
+    pub fn is_unavailable(&self) -> bool {
+        match self {
+            StoreError::Database(e) => unavailable(e),
+            _ => false,
+        }
+    }
+}
+
+fn unavailable(e: &sqlx::Error) -> bool {
+    match e {
+        sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed | sqlx::Error::Io(_) => true,
+        sqlx::Error::Tls(_) | sqlx::Error::WorkerCrashed => true,
+        sqlx::Error::Database(db) => match refusal(db.as_ref()) {
+            Refusal::Postgres(code) => {
+                ["08", "53", "57"]
+                    .iter()
+                    .any(|class| code.starts_with(class))
+                    || ["40001", "40P01", "55P03"].contains(&code)
+            }
+            Refusal::Sqlite(primary) => primary == SQLITE_BUSY || primary == SQLITE_LOCKED,
+            Refusal::Other => false,
+        },
+        _ => false,
+    }
+}
+
+const SQLITE_BUSY: i32 = 5;
+const SQLITE_LOCKED: i32 = 6;
+
+/// Which database refused a statement, and its code for why.
+pub(crate) enum Refusal<'a> {
+    /// The SQLSTATE.
+    Postgres(&'a str),
+    /// The primary result code (the low byte of the extended one).
+    Sqlite(i32),
+    Other,
+}
+
+pub(crate) fn refusal(db: &dyn sqlx::error::DatabaseError) -> Refusal<'_> {
+    if let Some(pg) = db.try_downcast_ref::<sqlx::postgres::PgDatabaseError>() {
+        return Refusal::Postgres(pg.code());
+    }
+    if db.try_downcast_ref::<sqlx::sqlite::SqliteError>().is_some() {
+        let code = db.code().and_then(|c| c.parse::<i32>().ok());
+        return code.map_or(Refusal::Other, |c| Refusal::Sqlite(c & 0xff));
+    }
+    Refusal::Other
+}
+
 /// What `enqueue` did.
 #[derive(Debug, Clone)]
 pub enum Enqueued {

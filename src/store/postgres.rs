@@ -973,4 +973,68 @@ mod tests {
         }
         drop((conn, store));
     }
+
+    // An API answers 503 (try again shortly) for what a database says when it cannot serve the
+    // call for now, and 500 for a call that is wrong: the errors below are the real ones.
+    #[tokio::test]
+    async fn errors_of_a_database_away_for_now_are_told_from_wrong_calls() {
+        let Some((database, store, mut conn)) = migrated("fusion_unavailable").await else {
+            return;
+        };
+        let unavailable = |e: sqlx::Error| StoreError::from(e).is_unavailable();
+        let mut other = PgConnection::connect(&database.url).await.unwrap();
+
+        let timeout = sqlx::raw_sql("SET statement_timeout = 1; SELECT pg_sleep(1)")
+            .execute(&mut other)
+            .await
+            .unwrap_err();
+        assert!(unavailable(timeout), "57014, the statement timeout");
+        sqlx::raw_sql("RESET statement_timeout; CREATE TABLE t (k int PRIMARY KEY)")
+            .execute(&mut conn)
+            .await
+            .unwrap();
+        let mut lock = conn.begin().await.unwrap();
+        sqlx::query("LOCK TABLE t")
+            .execute(&mut *lock)
+            .await
+            .unwrap();
+        let locked = sqlx::raw_sql("SET lock_timeout = 1; SELECT * FROM t")
+            .execute(&mut other)
+            .await
+            .unwrap_err();
+        assert!(unavailable(locked), "55P03, lock not available");
+        lock.rollback().await.unwrap();
+
+        let duplicate = sqlx::raw_sql("INSERT INTO t VALUES (1), (1)")
+            .execute(&mut other)
+            .await
+            .unwrap_err();
+        assert!(!unavailable(duplicate), "23505, a unique violation");
+        let syntax = sqlx::raw_sql("SELEC 1")
+            .execute(&mut other)
+            .await
+            .unwrap_err();
+        assert!(!unavailable(syntax), "42601, a syntax error");
+        assert!(!StoreError::Corrupt("x".into()).is_unavailable());
+
+        let pid: i32 = sqlx::query_scalar("SELECT pg_backend_pid()")
+            .fetch_one(&mut other)
+            .await
+            .unwrap();
+        sqlx::query("SELECT pg_terminate_backend($1)")
+            .bind(pid)
+            .execute(&mut conn)
+            .await
+            .unwrap();
+        let terminated = sqlx::raw_sql("SELECT 1")
+            .execute(&mut other)
+            .await
+            .unwrap_err();
+        assert!(unavailable(terminated), "57P01 or a broken connection");
+        let refused = PgConnection::connect("postgres://postgres@127.0.0.1:1/test")
+            .await
+            .unwrap_err();
+        assert!(unavailable(refused), "nothing listening");
+        drop((conn, store));
+    }
 }

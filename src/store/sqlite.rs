@@ -778,4 +778,28 @@ mod tests {
             "listing one status does not seek to the cursor within it:\n{one}"
         );
     }
+
+    // An API answers 503 (try again shortly) for a database file busy with another process's
+    // write, and 500 for a call that is wrong.
+    #[tokio::test]
+    async fn a_busy_file_is_told_from_a_wrong_call() {
+        let (dir, _store) = migrated_store().await;
+        let url = format!("sqlite://{}", dir.path().join("q.db").display());
+        let mut one = sqlx::SqliteConnection::connect(&url).await.unwrap();
+        let mut two = sqlx::SqliteConnection::connect(&url).await.unwrap();
+        sqlx::raw_sql("PRAGMA busy_timeout = 0; BEGIN IMMEDIATE")
+            .execute(&mut one)
+            .await
+            .unwrap();
+        let busy = sqlx::raw_sql("PRAGMA busy_timeout = 0; BEGIN IMMEDIATE")
+            .execute(&mut two)
+            .await
+            .unwrap_err();
+        assert!(StoreError::from(busy).is_unavailable(), "SQLITE_BUSY");
+        let syntax = sqlx::raw_sql("SELEC 1")
+            .execute(&mut one)
+            .await
+            .unwrap_err();
+        assert!(!StoreError::from(syntax).is_unavailable());
+    }
 }
