@@ -122,12 +122,15 @@ impl Pipeline {
             }
         }
 
-        if panel.iter().any(Option::is_none)
-            && let Some(stop) = self
+        let mut may_pass = Vec::new();
+        if panel.iter().any(Option::is_none) {
+            match self
                 .run_panel(spec, job.attempt, &mut panel, saves, cancel)
                 .await
-        {
-            return stop;
+            {
+                Ok(failures) => may_pass = failures,
+                Err(stop) => return stop,
+            }
         }
         let panel: Vec<Step> = panel.into_iter().flatten().collect();
         let answers: Vec<PanelAnswer<'_>> = panel
@@ -138,7 +141,25 @@ impl Pipeline {
                 content: s.content.as_deref().unwrap_or_default(),
             })
             .collect();
-        if let Some(failed) = quorum_failure(spec, &panel, answers.len()) {
+        let failed = quorum_failure(spec, &panel, answers.len());
+        if let Some(Outcome::Failed { reason, error }) = &failed
+            && !may_pass.is_empty()
+            && job.attempt < job.max_attempts
+        {
+            // Short because of failures that may pass (an outage, a rate limit): the job runs
+            // again later, as for such a failure of the final step, and those members are
+            // called again then; the answers it got are kept.
+            return Outcome::Retry {
+                reason: reason.clone(),
+                error: error.clone(),
+            };
+        }
+        // Otherwise they are the job's: its partial failure, or (on its last attempt) part of
+        // why it failed.
+        for step in may_pass {
+            saves.start(step);
+        }
+        if let Some(failed) = failed {
             return failed;
         }
         // A checkpointed analysis compared the answers there were when it was made. An answer
@@ -259,8 +280,10 @@ impl Pipeline {
     }
 
     /// Call every missing panel member in parallel, starting each one's checkpoint as it lands
-    /// (the writes of answers that land together share a batch). Returns `Some(Stopped)` when
-    /// the run must stop (cancelled, or the lease is gone).
+    /// (the writes of answers that land together share a batch). A failure that may pass if
+    /// tried again later is not written yet: it is returned, for the caller to write once the
+    /// quorum is known to be met. `Err(Stopped)` when the run must stop (cancelled, or the
+    /// lease is gone).
     async fn run_panel(
         &self,
         spec: &JobSpec,
@@ -268,7 +291,7 @@ impl Pipeline {
         panel: &mut [Option<Step>],
         saves: &mut Saves<'_>,
         cancel: &CancellationToken,
-    ) -> Option<Outcome> {
+    ) -> Result<Vec<Step>, Outcome> {
         let mut pending = FuturesUnordered::new();
         for (i, slot) in panel.iter().enumerate() {
             if slot.is_some() {
@@ -285,10 +308,11 @@ impl Pipeline {
             pending.push(Box::pin(async move {
                 let key = StepKey::Panel(i as u32);
                 let step = self.call_step(key, model, &req, attempt, cancel).await;
-                (i, step.map(|(s, _)| s).ok_or(Outcome::Stopped))
+                (i, step.ok_or(Outcome::Stopped))
             }));
         }
         let mut ok = panel.iter().flatten().filter(|s| s.ok).count() as u32;
+        let mut may_pass = Vec::new();
         let mut grace: Option<std::pin::Pin<Box<tokio::time::Sleep>>> = None;
         loop {
             if grace.is_none()
@@ -310,15 +334,18 @@ impl Pipeline {
                 }
             };
             let Ok(next) = saves.alongside(next).await else {
-                return Some(Outcome::Stopped);
+                return Err(Outcome::Stopped);
             };
             match next {
-                Some((i, Ok(step))) => {
+                Some((i, Ok((step, retryable)))) => {
                     ok += u32::from(step.ok);
-                    saves.start(step.clone());
+                    match retryable {
+                        true => may_pass.push(step.clone()),
+                        false => saves.start(step.clone()),
+                    }
                     panel[i] = Some(step);
                 }
-                Some((_, Err(stopped))) => return Some(stopped),
+                Some((_, Err(stopped))) => return Err(stopped),
                 None => break,
             }
         }
@@ -337,7 +364,7 @@ impl Pipeline {
                 *slot = Some(step);
             }
         }
-        None
+        Ok(may_pass)
     }
 
     /// Ask for the analysis, feeding back why a reply was rejected, a bounded number of times:

@@ -389,6 +389,75 @@ async fn an_upstream_outage_at_the_final_step_requeues_the_job_with_its_checkpoi
     );
 }
 
+// The same outage on the panel: with too few answers because of failures that may pass, the
+// job is requeued like a failed final step, not failed for good; the answer it got is kept and
+// the failed member is called again.
+#[tokio::test]
+async fn an_upstream_outage_across_the_panel_requeues_the_job_keeping_the_answers_it_got() {
+    let app = spawn_app().await;
+    let outage = vec![
+        Reply::Status(503),
+        Reply::Status(503),
+        Reply::Status(503),
+        Reply::Ok,
+    ];
+    app.fake.script("down", Kind::Panel, outage);
+    let mut body = body_with_panel(&["m1", "down"], "judge");
+    body["plugins"][0]["min_panel"] = 2.into();
+    let id = app.submit_ok(&body).await;
+    let job = app.wait_final(&id, 10).await;
+    assert_eq!(job["status"], "succeeded", "{job:#}");
+    assert_eq!(job["attempt"], 2, "requeued once");
+    assert_eq!(job["panel"][1]["status"], "succeeded", "{job:#}");
+    assert_eq!(app.fake.calls("down", Kind::Panel), 4);
+    assert_eq!(app.fake.calls("m1", Kind::Panel), 1, "checkpoint reused");
+    assert_eq!(app.fake.calls("judge", Kind::Analysis), 1);
+}
+
+// A failure that may pass does not hold up a job whose quorum is met: it is recorded as the
+// job's partial failure, as any other.
+#[tokio::test]
+async fn a_member_down_for_now_beside_enough_answers_is_a_partial_failure() {
+    let app = spawn_app().await;
+    app.fake
+        .script("down", Kind::Panel, vec![Reply::Status(503)]);
+    let id = app
+        .submit_ok(&body_with_panel(&["m1", "down"], "judge"))
+        .await;
+    let job = app.wait_final(&id, 10).await;
+    assert_eq!(job["status"], "succeeded", "{job:#}");
+    assert_eq!(job["attempt"], 1);
+    assert_eq!(job["panel"][1]["status"], "failed", "{job:#}");
+    assert_eq!(job["panel"][1]["status_code"], 503, "{job:#}");
+    assert_eq!(app.fake.calls("down", Kind::Panel), 3);
+}
+
+#[tokio::test]
+async fn a_panel_that_never_recovers_fails_after_its_attempts_with_a_typed_reason() {
+    let app = spawn_app_with(Options {
+        toml: "[jobs]\nmax_attempts = 2\n".into(),
+        ..Options::default()
+    })
+    .await;
+    for model in ["a", "b"] {
+        app.fake
+            .script(model, Kind::Panel, vec![Reply::RateLimited(0)]);
+    }
+    let id = app.submit_ok(&body_with_panel(&["a", "b"], "judge")).await;
+    let job = app.wait_final(&id, 10).await;
+    assert_eq!(job["status"], "failed", "{job:#}");
+    assert_eq!(job["failure_reason"], "rate_limited");
+    assert_eq!(job["attempt"], 2);
+    // Three tries per member per attempt (the test config), and the failures are the job's.
+    assert_eq!(app.fake.calls("a", Kind::Panel), 6);
+    for member in 0..2 {
+        assert_eq!(
+            job["panel"][member]["error_code"], "rate_limited",
+            "{job:#}"
+        );
+    }
+}
+
 #[tokio::test]
 async fn a_job_whose_upstream_never_recovers_fails_after_its_attempts() {
     let app = spawn_app_with(Options {
