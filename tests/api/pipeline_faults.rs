@@ -362,17 +362,22 @@ async fn an_overdue_job_fails_with_deadline_exceeded() {
     assert_eq!(app.fake.calls("judge", Kind::Final), 0);
 }
 
-#[tokio::test]
-async fn an_upstream_outage_at_the_final_step_requeues_the_job_with_its_checkpoints() {
-    let app = spawn_app().await;
-    // Three 503s use up the step's retries (three calls in the test config); then it recovers.
-    let outage = vec![
+/// An outage one attempt long: three 503s use up a step's retries (three calls in the test
+/// config); then it recovers.
+fn outage_for_one_attempt() -> Vec<Reply> {
+    vec![
         Reply::Status(503),
         Reply::Status(503),
         Reply::Status(503),
         Reply::Ok,
-    ];
-    app.fake.script("judge", Kind::Final, outage);
+    ]
+}
+
+#[tokio::test]
+async fn an_upstream_outage_at_the_final_step_requeues_the_job_with_its_checkpoints() {
+    let app = spawn_app().await;
+    app.fake
+        .script("judge", Kind::Final, outage_for_one_attempt());
     let id = app
         .submit_ok(&body_with_panel(&["m1", "m2"], "judge"))
         .await;
@@ -395,13 +400,8 @@ async fn an_upstream_outage_at_the_final_step_requeues_the_job_with_its_checkpoi
 #[tokio::test]
 async fn an_upstream_outage_across_the_panel_requeues_the_job_keeping_the_answers_it_got() {
     let app = spawn_app().await;
-    let outage = vec![
-        Reply::Status(503),
-        Reply::Status(503),
-        Reply::Status(503),
-        Reply::Ok,
-    ];
-    app.fake.script("down", Kind::Panel, outage);
+    app.fake
+        .script("down", Kind::Panel, outage_for_one_attempt());
     let mut body = body_with_panel(&["m1", "down"], "judge");
     body["plugins"][0]["min_panel"] = 2.into();
     let id = app.submit_ok(&body).await;
