@@ -42,14 +42,17 @@ impl Checkpoints for LeaseCheckpoints<'_> {
     }
 }
 
-/// Whether the job is `status` at `lease`'s attempt: an outcome only that lease could write.
+/// Whether the job is `status` at `lease`'s attempt, for `reason` when it failed: an outcome
+/// only that lease could write. (The rescuer may fail a job at the same attempt, as
+/// `lease_expired`: that one is not this lease's.)
 pub(super) async fn finished_as(
     store: &dyn Store,
     lease: &Lease,
     status: JobStatus,
+    reason: Option<&str>,
 ) -> Result<bool, StoreError> {
     job_shows(store, lease, |j| {
-        j.status == status && j.attempt == lease.attempt
+        j.status == status && j.attempt == lease.attempt && j.failure_reason.as_deref() == reason
     })
     .await
 }

@@ -402,7 +402,7 @@ impl Worker {
                     fenced_write(
                         &self.last_writes,
                         || store.complete(&lease, last_step.as_ref(), result, now),
-                        || finished_as(store, &lease, JobStatus::Succeeded),
+                        || finished_as(store, &lease, JobStatus::Succeeded, None),
                     )
                     .await
                 }
@@ -450,7 +450,7 @@ impl Worker {
         fenced_write(
             &self.last_writes,
             || store.fail(lease, reason, error, now),
-            || finished_as(store, lease, JobStatus::Failed),
+            || finished_as(store, lease, JobStatus::Failed, Some(reason)),
         )
         .await
     }

@@ -6,8 +6,10 @@
 //! process while its old attempt still runs: the heartbeat stops the old one and keeps the new.
 //! A final failure checkpointed by an attempt that died before its outcome ends the next attempt
 //! the same way, without calling again. A job started at its submit runs even when the client
-//! left before the insert answered. (`wait_faults` uses the same wrapper between a waiting
-//! request and its store.)
+//! left before the insert answered. An outcome retrying through an outage when shutdown's grace
+//! period ends is still written, within the release window. A failure written meanwhile by
+//! another at the same attempt is not taken for the worker's own. (`wait_faults` uses the same
+//! wrapper between a waiting request and its store.)
 
 use std::io::Write;
 use std::sync::atomic::{AtomicI64, AtomicUsize, Ordering};
@@ -662,4 +664,56 @@ async fn shutdown_gives_up_on_an_outcome_when_the_release_window_ends() {
     assert_eq!(stored(&app, id).await, (JobStatus::Running, 1));
     let logs = lines.text();
     assert!(logs.contains("release window over"), "{logs}");
+}
+
+// The worker's failure write meets an outage; before its next try, the job is failed at the
+// same attempt by someone else (the rescuer's `lease_expired`, on a job's last attempt). The
+// worker's next try is fenced out, and the read-back that follows must not take that failure
+// for its own and log it as the job's.
+#[tokio::test]
+async fn a_failure_written_by_another_at_the_same_attempt_is_not_taken_for_the_workers_own() {
+    let (lines, _logs) = capture_logs();
+    let (app, id, store, worker, clock) = one_job(Faults {
+        refused_outcomes: 1,
+        ..Faults::default()
+    })
+    .await;
+    for model in ["m1", "m2"] {
+        app.fake
+            .script(model, Kind::Panel, vec![Reply::Status(404)]);
+    }
+    let run = tokio::spawn({
+        let worker = worker.clone();
+        async move { worker.run_once(1).await.unwrap() }
+    });
+    for _ in 0..500 {
+        if store.outcomes_refused.load(Ordering::SeqCst) == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    // The worker now waits out its backoff (200 ms) before trying its failure again.
+    let lease = app
+        .store
+        .get_job(id)
+        .await
+        .unwrap()
+        .unwrap()
+        .lease()
+        .unwrap();
+    let gone = "the worker holding the job stopped renewing its lease on every attempt";
+    let failed = app
+        .store
+        .fail(&lease, "lease_expired", gone, clock.now_ms());
+    assert!(failed.await.unwrap());
+    assert_eq!(run.await.unwrap(), 1);
+
+    let job = app.store.get_job(id).await.unwrap().unwrap();
+    assert_eq!(job.failure_reason.as_deref(), Some("lease_expired"));
+    let logs = lines.text();
+    assert!(
+        logs.contains("outcome not written: the lease was lost"),
+        "{logs}"
+    );
+    assert!(!logs.contains("job failed"), "{logs}");
 }
