@@ -36,7 +36,7 @@ impl Answered {
                     true => format!(
                         "upstream answered {} with an error: {}",
                         self.status,
-                        super::upstream_message(&String::from_utf8_lossy(&self.body))
+                        super::error::upstream_message(&String::from_utf8_lossy(&self.body))
                     ),
                     false => format!("upstream body is not a chat completion: {e}"),
                 };

@@ -199,10 +199,10 @@ impl PlainClient {
 /// How a request failed on its way out or before its answer's head arrived.
 fn call_error(e: hyper::Error) -> UpstreamError {
     if e.is_parse() {
-        return failed(ErrorKind::NotHttp, super::not_http(&e));
+        return failed(ErrorKind::NotHttp, super::error::not_http(&e));
     }
     // Resets and other transport failures mid-request, as with reqwest.
-    failed(ErrorKind::Connect, super::with_sources(&e))
+    failed(ErrorKind::Connect, super::error::with_sources(&e))
 }
 
 fn failed(kind: ErrorKind, detail: String) -> UpstreamError {

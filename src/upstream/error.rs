@@ -1,0 +1,243 @@
+//! How an upstream call failed: every failure (an HTTP status, a transport or parse error from
+//! reqwest or hyper) is classified here, once, into an `ErrorKind` that decides whether it is
+//! retried and which code a job records.
+
+use std::time::{Duration, SystemTime};
+
+use serde_json::Value;
+
+use super::answer;
+
+/// How a call failed; the one place that decides what may be retried.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorKind {
+    /// 429.
+    RateLimited,
+    /// 408, or our own per-call timeout.
+    Timeout,
+    /// Could not connect, or the connection was reset.
+    Connect,
+    /// 409 or 5xx.
+    Server,
+    /// The body was cut off or was not a chat completion.
+    BadBody,
+    /// 401 / 403.
+    Auth,
+    /// 404: the model (or endpoint) does not exist.
+    NotFound,
+    /// 400 / 422 and any other 4xx: the request itself is wrong.
+    Rejected,
+    /// A well-formed completion with no content.
+    Empty,
+    /// A 2xx answer's body past `MAX_ANSWER_BYTES`: not a completion, and no retry makes it one.
+    TooLarge,
+    /// A 2xx answer whose body is not JSON at all: a web page (a wrong base URL), plain text.
+    /// The same URL answers the same again.
+    NotJson,
+    /// An answer that is not HTTP/1.1 hyper can read (its head does not parse, or is past
+    /// hyper's limits): another protocol on that port, which no retry changes.
+    NotHttp,
+}
+
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[error("{message}")]
+pub struct UpstreamError {
+    pub kind: ErrorKind,
+    pub status: Option<u16>,
+    pub retry_after: Option<Duration>,
+    pub message: String,
+}
+
+impl UpstreamError {
+    pub(super) fn new(kind: ErrorKind, status: Option<u16>, message: impl Into<String>) -> Self {
+        UpstreamError {
+            kind,
+            status,
+            retry_after: None,
+            message: message.into(),
+        }
+    }
+
+    pub fn retryable(&self) -> bool {
+        matches!(
+            self.kind,
+            ErrorKind::RateLimited
+                | ErrorKind::Timeout
+                | ErrorKind::Connect
+                | ErrorKind::Server
+                | ErrorKind::BadBody
+        )
+    }
+
+    /// The typed failure code recorded on a step and used as a job's `failure_reason`.
+    pub fn code(&self) -> &'static str {
+        match self.kind {
+            ErrorKind::RateLimited => "rate_limited",
+            ErrorKind::NotFound => "invalid_model",
+            ErrorKind::Timeout => "upstream_timeout",
+            ErrorKind::Auth => "upstream_auth",
+            ErrorKind::Empty => "empty_completion",
+            _ => "upstream_error",
+        }
+    }
+
+    /// Classify an HTTP status.
+    pub fn from_status(status: u16, body: &str, retry_after: Option<Duration>) -> Self {
+        let kind = match status {
+            429 => ErrorKind::RateLimited,
+            408 => ErrorKind::Timeout,
+            409 | 500..=599 => ErrorKind::Server,
+            401 | 403 => ErrorKind::Auth,
+            404 => ErrorKind::NotFound,
+            _ => ErrorKind::Rejected,
+        };
+        let detail = upstream_message(body);
+        UpstreamError {
+            kind,
+            status: Some(status),
+            retry_after,
+            message: format!("upstream answered {status}: {detail}"),
+        }
+    }
+}
+
+/// The upstream's own error message, or the start of its body (redacted, see `excerpt`).
+pub(super) fn upstream_message(body: &str) -> String {
+    let parsed: Option<Value> = serde_json::from_str(body).ok();
+    let msg = parsed
+        .as_ref()
+        .and_then(|v| v.pointer("/error/message").or_else(|| v.get("error")))
+        .and_then(Value::as_str)
+        .map(str::to_string)
+        .unwrap_or_else(|| answer::excerpt(body.as_bytes(), None));
+    if msg.is_empty() {
+        "(empty body)".into()
+    } else {
+        msg
+    }
+}
+
+/// `Retry-After` as seconds or an HTTP date.
+pub fn parse_retry_after(value: &str, now: SystemTime) -> Option<Duration> {
+    let value = value.trim();
+    if let Ok(secs) = value.parse::<f64>() {
+        // Past what a `Duration` holds (`1e20`) is "very long", not a panic; the caller caps it.
+        return (secs.is_finite() && secs >= 0.0)
+            .then(|| Duration::try_from_secs_f64(secs).unwrap_or(Duration::MAX));
+    }
+    let at = httpdate::parse_http_date(value).ok()?;
+    Some(at.duration_since(now).unwrap_or(Duration::ZERO))
+}
+
+pub(super) fn transport_error(e: reqwest::Error) -> UpstreamError {
+    if is_parse_error(&e) {
+        return UpstreamError::new(
+            ErrorKind::NotHttp,
+            None,
+            format!("upstream call failed: {}", not_http(&e)),
+        );
+    }
+    let kind = if e.is_timeout() {
+        ErrorKind::Timeout
+    } else if e.is_connect() {
+        ErrorKind::Connect
+    } else if e.is_body() || e.is_decode() {
+        ErrorKind::BadBody
+    } else {
+        // Resets and other transport failures mid-request.
+        ErrorKind::Connect
+    };
+    UpstreamError::new(
+        kind,
+        None,
+        format!("upstream call failed: {}", with_sources(&e)),
+    )
+}
+
+/// Whether hyper could not parse the answer, somewhere in `e`'s sources.
+fn is_parse_error(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut source = Some(e);
+    while let Some(e) = source {
+        if e.downcast_ref::<hyper::Error>()
+            .is_some_and(hyper::Error::is_parse)
+        {
+            return true;
+        }
+        source = e.source();
+    }
+    false
+}
+
+/// The message of an answer hyper could not parse.
+pub(super) fn not_http(e: &dyn std::error::Error) -> String {
+    format!(
+        "not an HTTP/1.1 answer this client can read: {}",
+        with_sources(e)
+    )
+}
+
+/// An error's message followed by its sources' (`a: b: c`): the cause is often only there.
+pub(super) fn with_sources(e: &dyn std::error::Error) -> String {
+    let mut msg = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        msg.push_str(": ");
+        msg.push_str(&s.to_string());
+        source = s.source();
+    }
+    msg
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn classifies_statuses_once() {
+        for (status, retryable, code) in [
+            (429, true, "rate_limited"),
+            (408, true, "upstream_timeout"),
+            (409, true, "upstream_error"),
+            (500, true, "upstream_error"),
+            (503, true, "upstream_error"),
+            (400, false, "upstream_error"),
+            (401, false, "upstream_auth"),
+            (403, false, "upstream_auth"),
+            (404, false, "invalid_model"),
+            (422, false, "upstream_error"),
+        ] {
+            let e = UpstreamError::from_status(status, "", None);
+            assert_eq!(e.retryable(), retryable, "status {status}");
+            assert_eq!(e.code(), code, "status {status}");
+        }
+    }
+
+    #[test]
+    fn reads_upstream_error_messages() {
+        let e = UpstreamError::from_status(400, r#"{"error":{"message":"bad model"}}"#, None);
+        assert_eq!(e.message, "upstream answered 400: bad model");
+    }
+
+    #[test]
+    fn parses_retry_after_both_forms() {
+        let now = httpdate::parse_http_date("Sun, 06 Nov 1994 08:49:37 GMT").unwrap();
+        assert_eq!(parse_retry_after("7", now), Some(Duration::from_secs(7)));
+        assert_eq!(
+            parse_retry_after("Sun, 06 Nov 1994 08:49:47 GMT", now),
+            Some(Duration::from_secs(10))
+        );
+        assert_eq!(
+            parse_retry_after("Sun, 06 Nov 1994 08:49:00 GMT", now),
+            Some(Duration::ZERO)
+        );
+        assert_eq!(parse_retry_after("soon", now), None);
+        assert_eq!(parse_retry_after("-1", now), None);
+        // Larger than a `Duration` holds: very long (the retry loop caps it), not a panic.
+        assert_eq!(parse_retry_after("1e20", now), Some(Duration::MAX));
+        assert_eq!(
+            parse_retry_after("99999999999999999999", now),
+            Some(Duration::MAX)
+        );
+        assert_eq!(parse_retry_after("NaN", now), None);
+    }
+}

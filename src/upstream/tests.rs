@@ -1,0 +1,236 @@
+//! Whole calls on both clients (the lean one for plain `http://`, and reqwest) against a bare
+//! server: the size limit, error bodies, answers that are not HTTP or not JSON, cut-off bodies,
+//! odd `usage` fields, credentials in the base URL.
+
+use super::*;
+use test_server::{Then, answering, chunked};
+
+fn upstream_at(base_url: &str, key: Option<&str>) -> Upstream {
+    Upstream::new(UpstreamConfig {
+        default: Provider::new("default", base_url, key.and_then(|k| ApiKey::new(k.into()))),
+        providers: HashMap::new(),
+        timeout: Duration::from_secs(2),
+        prices: HashMap::new(),
+        max_idle_per_host: 8,
+    })
+    .unwrap()
+}
+
+fn ask() -> CompletionRequest<'static> {
+    CompletionRequest {
+        messages: Cow::Owned(vec![json!({"role": "user", "content": "hi"})]),
+        ..CompletionRequest::default()
+    }
+}
+
+/// `complete` takes the lean client (a plain-`http://` upstream); `complete_json` always
+/// goes through reqwest. Both, on the same upstream, as usage or an error.
+async fn on_both_clients(up: &Upstream) -> [Result<Usage, UpstreamError>; 2] {
+    let lean = up.complete("m", &ask()).await.map(|c| c.usage);
+    let body = json!({"messages": [{"role": "user", "content": "hi"}]});
+    let reqwest = up.complete_json("m", body).await.map(|(_, usage)| usage);
+    [lean, reqwest]
+}
+
+// A completion padded past the limit (an upstream streaming without end would be cut at
+// the same point) fails on either client, for good, with the limit in its message.
+#[tokio::test]
+async fn an_answer_past_the_limit_fails_for_good_on_both_clients() {
+    let mut body = test_server::completion("hi", "{}").into_bytes();
+    body.resize(20 << 20, b' ');
+    let (base, _) = answering(chunked(&body, 64 << 10), Then::Close).await;
+    let up = upstream_at(&format!("{base}/v1"), None);
+    for result in on_both_clients(&up).await {
+        let err = result.expect_err("an answer over the limit is refused");
+        assert!(!err.retryable(), "{err:?}");
+        assert_eq!(err.message, "upstream answer larger than 16777216 bytes");
+    }
+}
+
+// A 500 that announces 100 MiB, sends 64 KiB and then nothing is reported as the 500 it is
+// at once, on either client, not after the whole-call timeout.
+#[tokio::test]
+async fn an_error_body_is_read_only_as_far_as_its_message() {
+    let mut answer = b"HTTP/1.1 500 Internal Server Error\r\ncontent-length: 104857600\r\n\r\n{\"error\": \"overloaded".to_vec();
+    answer.resize(answer.len() + (64 << 10), b'.');
+    let (base, _) = answering(answer, Then::Hold).await;
+    let up = upstream_at(&format!("{base}/v1"), None);
+    for result in on_both_clients(&up).await {
+        let err = result.unwrap_err();
+        assert_eq!(
+            (err.kind, err.status),
+            (ErrorKind::Server, Some(500)),
+            "{err:?}"
+        );
+        assert!(
+            err.message
+                .starts_with("upstream answered 500: {\"error\": \"overloaded...")
+        );
+    }
+}
+
+// Another protocol on the upstream's port answers nothing a retry would make HTTP; a long
+// head is HTTP all the same. On either client.
+#[tokio::test]
+async fn long_heads_are_read_and_answers_that_are_not_http_are_final_on_both_clients() {
+    let body = test_server::completion("hi", "{}");
+    let pad = "a".repeat(5000);
+    let answer = format!(
+        "HTTP/1.1 200 OK\r\nx-pad: {pad}\r\ncontent-length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    let (base, _) = answering(answer, Then::Close).await;
+    for result in on_both_clients(&upstream_at(&format!("{base}/v1"), None)).await {
+        result.unwrap();
+    }
+    let (base, _) = answering(&b"SSH-2.0-OpenSSH_9.6\r\n\r\n"[..], Then::Close).await;
+    for result in on_both_clients(&upstream_at(&format!("{base}/v1"), None)).await {
+        let err = result.unwrap_err();
+        assert!(!err.retryable(), "{err:?}");
+        assert!(
+            err.message.contains("not an HTTP/1.1 answer"),
+            "{}",
+            err.message
+        );
+    }
+}
+
+// A web page where the API was expected (a base URL without its `/v1`, or a web app's):
+// no retry makes it a completion. The error says what came back, with no credential the
+// page may echo, and points at the base URL. On either client.
+#[tokio::test]
+async fn a_web_page_in_place_of_a_completion_is_final_on_both_clients() {
+    let page = "<!DOCTYPE html>\n<html>\t<body>Sign in at https://sk-live@app.example/ \
+                (sent: Bearer sk-1) or https://u:pw@app.example/login</body></html>";
+    let answer = format!(
+        "HTTP/1.1 200 OK\r\ncontent-type: text/html\r\ncontent-length: {}\r\n\r\n{page}",
+        page.len()
+    );
+    let (base, _) = answering(answer, Then::Close).await;
+    let up = upstream_at(&format!("{base}/v1"), Some("sk-1"));
+    for result in on_both_clients(&up).await {
+        let err = result.unwrap_err();
+        assert!(!err.retryable(), "{err:?}");
+        assert_eq!(err.status, Some(200));
+        let shown = format!(
+            "upstream answered 200 (content-type text/html) with a body that is not JSON: \
+             `<!DOCTYPE html> <html> <body>Sign in at https://***@app.example/ (sent: Bearer \
+             *** or https://u:***@app.example/login</body></html>`; is {base}/v1 the API's \
+             base URL (the one under which POST /chat/completions answers)?"
+        );
+        assert_eq!(err.message, shown);
+    }
+}
+
+// A body that ends before its JSON does is a cut-off answer, not a wrong server: retried,
+// whether the connection was cut inside the announced length or the body had none (ended
+// by the close, it reads as whole).
+#[tokio::test]
+async fn a_completion_cut_off_is_retried_on_both_clients() {
+    let start = r#"{"choices": [{"message": {"content": "cut"#;
+    for head in [
+        "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 500\r\n\r\n",
+        "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\nconnection: close\r\n\r\n",
+    ] {
+        let (base, _) = answering(format!("{head}{start}"), Then::Close).await;
+        for result in on_both_clients(&upstream_at(&format!("{base}/v1"), None)).await {
+            let err = result.unwrap_err();
+            assert_eq!(err.kind, ErrorKind::BadBody, "{err:?}");
+            assert!(err.retryable(), "{err:?}");
+        }
+    }
+}
+
+// Servers disagree on `usage`: nulls, floats, numbers as strings. A completion that was
+// paid for is kept whatever its usage says; what cannot be read counts as 0 (or, for the
+// cost, as absent: the price table's).
+#[tokio::test]
+async fn odd_usage_fields_do_not_throw_away_a_completion() {
+    let cases = [
+        (
+            r#"{"prompt_tokens": null, "completion_tokens": 7.0, "cost": "0.0012"}"#,
+            Usage {
+                prompt_tokens: 0,
+                completion_tokens: 7,
+                total_tokens: 7,
+                cost: 0.0012,
+            },
+        ),
+        (
+            r#"{"prompt_tokens": "12", "completion_tokens": -3, "total_tokens": "many", "cost": null}"#,
+            Usage {
+                prompt_tokens: 12,
+                completion_tokens: 0,
+                total_tokens: 12,
+                cost: 0.0,
+            },
+        ),
+        (
+            r#"{"prompt_tokens": 18446744073709551615, "completion_tokens": 1e300, "cost": {}}"#,
+            Usage {
+                prompt_tokens: u32::MAX.into(),
+                completion_tokens: u32::MAX.into(),
+                total_tokens: 2 * i64::from(u32::MAX),
+                cost: 0.0,
+            },
+        ),
+        (r#""none""#, Usage::default()),
+    ];
+    for (usage, expected) in cases {
+        let body = test_server::completion("hi", usage);
+        let (base, _) = answering(test_server::answer("200 OK", &body), Then::Close).await;
+        let up = upstream_at(&format!("{base}/v1"), None);
+        for result in on_both_clients(&up).await {
+            assert_eq!(result.unwrap(), expected, "usage {usage}");
+        }
+    }
+}
+
+// `http://user:password@host/v1`: as reqwest does, both clients send the userinfo
+// (percent-decoded) as Basic auth unless a key is set (the key's `Bearer` wins: the
+// configuration refuses both, but a `Provider` built in code may have them), and
+// never in the `Host` header; no error message or `Debug` output carries the password.
+#[tokio::test]
+async fn credentials_in_a_plain_url_go_as_basic_auth_on_both_clients() {
+    let body = test_server::completion("hi", "{}");
+    let (base, heads) = answering(test_server::answer("200 OK", &body), Then::Close).await;
+    let with_user = base.replace("http://", "http://us%65r:s%40cret@") + "/v1";
+    for key in [None, Some("sk-1")] {
+        let up = upstream_at(&with_user, key);
+        for result in on_both_clients(&up).await {
+            result.unwrap();
+        }
+        assert!(!format!("{up:?}").contains("cret"), "{up:?}");
+    }
+    let heads = heads.lock().unwrap().clone();
+    assert_eq!(heads.len(), 4);
+    let host = base.trim_start_matches("http://");
+    for (i, head) in heads.iter().enumerate() {
+        let auth = if i < 2 {
+            "Basic dXNlcjpzQGNyZXQ="
+        } else {
+            "Bearer sk-1"
+        };
+        assert_eq!(header(head, "authorization"), Some(auth), "{head}");
+        assert_eq!(header(head, "host"), Some(host), "{head}");
+        assert!(!head.contains("cret") && !head.contains("us%65r"), "{head}");
+    }
+
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let refused = format!("http://user:secret@{}/v1", listener.local_addr().unwrap());
+    drop(listener);
+    let up = upstream_at(&refused, None);
+    for result in on_both_clients(&up).await {
+        let err = result.unwrap_err();
+        assert_eq!(err.kind, ErrorKind::Connect, "{err:?}");
+        assert!(!err.message.contains("secret"), "{}", err.message);
+    }
+}
+
+/// The value of header `name` in a request head.
+fn header<'a>(head: &'a str, name: &str) -> Option<&'a str> {
+    head.lines().find_map(|l| {
+        let (n, v) = l.split_once(':')?;
+        n.eq_ignore_ascii_case(name).then_some(v.trim())
+    })
+}
