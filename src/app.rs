@@ -14,6 +14,7 @@ use crate::api::{self, AppState};
 use crate::clock::{SharedClock, SystemClock};
 use crate::config::FusionConfig;
 use crate::fusion::Pipeline;
+use crate::redact::redact_url;
 use crate::store::{self, Store, StoreOptions};
 use crate::upstream::Upstream;
 use crate::worker::{Worker, WorkerConfig};
@@ -51,13 +52,12 @@ pub async fn open_store(url: &str, options: StoreOptions) -> anyhow::Result<Arc<
             Err(e @ store::StoreError::UnsupportedUrl(_)) => return Err(e.into()),
             Err(e) if failures < 10 => {
                 failures += 1;
-                tracing::warn!(error = %e, url = %store::redact_url(url), "database not ready; retrying");
+                tracing::warn!(error = %e, url = %redact_url(url), "database not ready; retrying");
                 tokio::time::sleep(Duration::from_millis(500 * failures)).await;
             }
             Err(e) => {
-                return Err(e).with_context(|| {
-                    format!("Failed to open the database {}", store::redact_url(url))
-                });
+                return Err(e)
+                    .with_context(|| format!("Failed to open the database {}", redact_url(url)));
             }
         }
     }

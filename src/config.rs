@@ -9,7 +9,7 @@ use std::time::Duration;
 use anyhow::Context;
 use serde::Deserialize;
 
-use crate::store::redact_url;
+use crate::redact::redact_url;
 use crate::upstream::{ApiKey, Price, Provider, RetryPolicy, StructuredOutput, UpstreamConfig};
 
 /// The file, as written by a user. Every field is optional.

@@ -9,6 +9,7 @@
 //! - `fusion/` — the workflow (panel → analysis → final), its prompts and analysis schema.
 //! - `upstream/` — OpenAI-compatible calls, error classification, retries.
 //! - `job.rs` — the domain types every layer shares; `config.rs`, `clock.rs`, `app.rs` wiring.
+//! - `redact.rs` — URLs with their credentials hidden, for logs, errors and `Debug`.
 
 pub mod api;
 pub mod app;
@@ -17,6 +18,7 @@ pub mod clock;
 pub mod config;
 pub mod fusion;
 pub mod job;
+pub mod redact;
 pub mod store;
 #[doc(hidden)]
 pub mod testing;

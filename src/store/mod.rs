@@ -34,6 +34,7 @@ use serde_json::Value;
 use crate::job::{
     Job, JobSpec, JobStatus, JsonText, Lease, ListFilter, NewJob, StartHere, Step, StepKey,
 };
+use crate::redact::redact_url;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -318,24 +319,6 @@ pub async fn connect_with(url: &str, options: StoreOptions) -> Result<Arc<dyn St
     }
 }
 
-/// `url` with the password of its `user:password@` shown as `***`, and a user name with no
-/// password (which may be a token: `https://sk-…@host`) too, for logs, errors and `Debug`: the
-/// database's URL and every upstream's. The scheme and host stay readable. It errs towards
-/// hiding: the last `@` is taken as the end of the userinfo, as in a URL that does not parse.
-pub fn redact_url(url: &str) -> String {
-    let (Some(start), Some(at)) = (url.find("://").map(|i| i + 3), url.rfind('@')) else {
-        return url.to_string();
-    };
-    if at < start {
-        return url.to_string();
-    }
-    let shown = match url[start..at].split_once(':') {
-        Some((user, _)) => format!("{user}:***"),
-        None => "***".to_string(),
-    };
-    format!("{}{shown}{}", &url[..start], &url[at..])
-}
-
 /// How a job row's spec is read.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum SpecRead {
@@ -540,25 +523,5 @@ mod tests {
         );
         assert_eq!(JobEvent::from_payload("done nope cancelled"), None);
         assert_eq!(JobEvent::from_payload(&format!("done {id} exploded")), None);
-    }
-
-    // A password is hidden, and so is a user name that has no password (often a token, as in
-    // `https://sk-…@host`); the scheme, host, port and path stay readable.
-    #[test]
-    fn urls_are_shown_without_credentials_but_with_scheme_and_host() {
-        for (url, shown) in [
-            (
-                "postgres://u:secret@h:5432/db",
-                "postgres://u:***@h:5432/db",
-            ),
-            ("https://sk-secret@host/v1", "https://***@host/v1"),
-            ("postgres://u@h/db", "postgres://***@h/db"),
-            ("http://user:p@ss@h/v1", "http://user:***@h/v1"),
-            ("http://h:8000/v1", "http://h:8000/v1"),
-            ("sqlite://fusion.db", "sqlite://fusion.db"),
-            ("not a url", "not a url"),
-        ] {
-            assert_eq!(redact_url(url), shown, "{url}");
-        }
     }
 }

@@ -9,7 +9,7 @@ use serde_json::Value;
 use serde_json::error::Category;
 
 use super::{ErrorKind, Provider, UpstreamError};
-use crate::store::redact_url;
+use crate::redact::redact_url;
 
 /// A 2xx answer, its body read whole (up to `MAX_ANSWER_BYTES`).
 pub(super) struct Answered {

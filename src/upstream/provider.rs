@@ -15,7 +15,7 @@ use hyper_util::client::proxy::matcher::Matcher;
 use serde::Deserialize;
 
 use super::{DEPTH_HEADER, Upstream};
-use crate::store::redact_url;
+use crate::redact::redact_url;
 
 /// A provider key, kept out of `Debug` and logs.
 #[derive(Clone)]
