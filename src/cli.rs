@@ -92,7 +92,8 @@ pub struct WorkerArgs {
     /// (doubling per attempt, at most 10 minutes).
     #[arg(long, env = "FUSION_RETRY_BASE_MS", default_value_t = 30_000)]
     pub retry_base_ms: u64,
-    /// On SIGTERM, seconds running jobs may go on before their leases are released.
+    /// On SIGTERM, seconds running jobs may go on before their leases are released (an outcome
+    /// being written then gets up to 10 s more to reach the database).
     #[arg(long, env = "FUSION_SHUTDOWN_GRACE_SECONDS", default_value_t = 30)]
     pub shutdown_grace_seconds: u64,
 }
@@ -114,12 +115,17 @@ impl ServeArgs {
     }
 }
 
+/// The longest lease: how long a dead worker's jobs may wait before they are rescued. (A lease
+/// beyond the clock's range would overflow its expiry.)
+const MAX_LEASE_SECONDS: u64 = 7 * 86_400;
+
 impl WorkerArgs {
     pub fn to_config(&self) -> anyhow::Result<WorkerConfig> {
         anyhow::ensure!(self.concurrency >= 1, "--concurrency must be at least 1");
         anyhow::ensure!(
-            self.lease_seconds >= 1,
-            "--lease-seconds must be at least 1"
+            (1..=MAX_LEASE_SECONDS).contains(&self.lease_seconds),
+            "--lease-seconds must be from 1 to {MAX_LEASE_SECONDS} (7 days), got {}",
+            self.lease_seconds
         );
         Ok(WorkerConfig {
             concurrency: self.concurrency,
@@ -135,6 +141,27 @@ impl WorkerArgs {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_lease_must_fit_the_clock() {
+        let config =
+            |secs: &str| match Cli::try_parse_from(["fusion", "worker", "--lease-seconds", secs]) {
+                Ok(Cli {
+                    command: Some(Command::Worker(args)),
+                    ..
+                }) => args.to_config().map_err(|e| e.to_string()),
+                other => panic!("{:?}", other.map(|_| ())),
+            };
+        let lease = config("604800").unwrap().lease;
+        assert_eq!(lease, Duration::from_secs(604_800));
+        for bad in ["0", "604801", "18446744073709551615"] {
+            let err = config(bad).unwrap_err();
+            assert!(
+                err.contains("--lease-seconds must be from 1 to 604800") && err.contains(bad),
+                "{err}"
+            );
+        }
+    }
 
     #[test]
     fn the_postgres_pool_size_and_statement_timeout_are_flags() {
