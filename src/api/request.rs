@@ -66,6 +66,16 @@ pub fn parse_as(
             "`stream: true` is not supported on /v1/jobs: poll GET /v1/jobs/{id} instead",
         ));
     }
+    // A client asking for several choices would get one and not be told.
+    match obj.get("n") {
+        None | Some(Value::Null) => {}
+        Some(n) if n.as_u64() == Some(1) => {}
+        Some(n) => {
+            return Err(bad(format!(
+                "`n` must be 1: a fusion run writes one answer, got {n}"
+            )));
+        }
+    }
     let plugin = parse_plugins(obj.get("plugins"))?;
 
     let (mut panel, mut analyst) = if model == "fusion" {
@@ -385,6 +395,15 @@ mod tests {
             err(json!({"model": "gpt-4o", "messages": msgs()})).0,
             "model_not_fusion"
         );
+        for n in [json!(3), json!(0), json!("1")] {
+            let (code, message) = err(json!({"model": "fusion", "messages": msgs(), "n": n}));
+            assert_eq!(code, "invalid_request");
+            assert!(message.starts_with("`n` must be 1"), "{message}");
+        }
+        for n in [json!(1), Value::Null] {
+            let body = json!({"model": "fusion", "messages": msgs(), "n": n});
+            assert!(parse(&body, &config()).is_ok(), "{body}");
+        }
         let nine: Vec<&str> = vec!["m"; 9];
         assert_eq!(
             err(json!({"model": "fusion", "messages": msgs(),
