@@ -77,6 +77,10 @@ pub struct JobSpec {
     pub min_panel: u32,
     /// After `min_panel` answers, how long to wait for the rest.
     pub panel_timeout_ms: Option<u64>,
+    /// The client's `response_format` (`json_object` or `json_schema`, checked at submit): the
+    /// final answer's only. Panel answers stay free-form, and the analysis has its own.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub response_format: Option<Value>,
 }
 
 impl JobSpec {
@@ -102,6 +106,10 @@ impl JobSpec {
             max_completion_tokens: count("max_completion_tokens"),
             min_panel: count("min_panel").unwrap_or(0),
             panel_timeout_ms: value["panel_timeout_ms"].as_u64(),
+            response_format: value
+                .get("response_format")
+                .filter(|v| v.is_object())
+                .cloned(),
         }
     }
 }

@@ -123,6 +123,8 @@ fn spec(tag: &str) -> JobSpec {
         max_completion_tokens: Some(1024),
         min_panel: 2,
         panel_timeout_ms: Some(15_000),
+        response_format: Some(json!({"type": "json_schema",
+            "json_schema": {"name": "answer", "schema": {"type": "object"}}})),
     }
 }
 
@@ -426,6 +428,7 @@ async fn enqueue_get_round_trip(store: Arc<dyn Store>) {
             temperature: None,
             max_completion_tokens: None,
             panel_timeout_ms: None,
+            response_format: None,
             ..spec("plain")
         },
         ..new_job_at(3, NOW)

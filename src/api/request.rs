@@ -210,11 +210,48 @@ pub fn parse_as(
             max_completion_tokens,
             min_panel,
             panel_timeout_ms,
+            response_format: parse_response_format(obj.get("response_format"))?,
         },
         metadata,
         priority,
         deadline_seconds,
     })
+}
+
+/// The final answer's `response_format`, OpenAI's shape: `text` (the default, as no format),
+/// `json_object`, or `json_schema` with a `name` and, if given, a `schema` object. Kept as sent.
+fn parse_response_format(v: Option<&Value>) -> Result<Option<Value>, ApiError> {
+    let Some(format) = v.filter(|v| !v.is_null()) else {
+        return Ok(None);
+    };
+    match format.get("type").and_then(Value::as_str) {
+        Some("text") => Ok(None),
+        Some("json_object") => Ok(Some(format.clone())),
+        Some("json_schema") => {
+            let inner = format.get("json_schema");
+            if !inner
+                .and_then(|s| s.get("name"))
+                .is_some_and(Value::is_string)
+            {
+                return Err(bad(
+                    "`response_format.json_schema.name` must be a string (OpenAI's shape: \
+                     {\"type\": \"json_schema\", \"json_schema\": {\"name\", \"schema\"}})",
+                ));
+            }
+            if inner
+                .and_then(|s| s.get("schema"))
+                .is_some_and(|s| !s.is_object())
+            {
+                return Err(bad(
+                    "`response_format.json_schema.schema` must be a JSON Schema object",
+                ));
+            }
+            Ok(Some(format.clone()))
+        }
+        _ => Err(bad(
+            "`response_format.type` must be \"text\", \"json_object\" or \"json_schema\"",
+        )),
+    }
 }
 
 pub fn parse_messages(v: Option<&Value>) -> Result<Vec<Value>, ApiError> {
@@ -400,6 +437,32 @@ mod tests {
             assert_eq!(code, "invalid_request");
             assert!(message.starts_with("`n` must be 1"), "{message}");
         }
+        for (format, says) in [
+            (json!("json"), "`response_format.type`"),
+            (json!({"type": "xml"}), "`response_format.type`"),
+            (
+                json!({"type": "json_schema"}),
+                "`response_format.json_schema.name`",
+            ),
+            (
+                json!({"type": "json_schema", "json_schema": {"name": "a", "schema": []}}),
+                "`response_format.json_schema.schema`",
+            ),
+        ] {
+            let body = json!({"model": "fusion", "messages": msgs(), "response_format": format});
+            let (code, message) = err(body);
+            assert_eq!(code, "invalid_request");
+            assert!(message.starts_with(says), "{message}");
+        }
+        let kept = |format: Value| {
+            let body = json!({"model": "fusion", "messages": msgs(), "response_format": format});
+            parse(&body, &config()).unwrap().spec.response_format
+        };
+        assert_eq!(kept(json!({"type": "text"})), None);
+        assert_eq!(kept(Value::Null), None);
+        let schema = json!({"type": "json_schema",
+                            "json_schema": {"name": "a", "schema": {"type": "object"}}});
+        assert_eq!(kept(schema.clone()), Some(schema));
         for n in [json!(1), Value::Null] {
             let body = json!({"model": "fusion", "messages": msgs(), "n": n});
             assert!(parse(&body, &config()).is_ok(), "{body}");

@@ -199,12 +199,19 @@ impl Pipeline {
             // A manual retry deletes failed steps first, so that one calls again.
             Some(s) => (s, false),
             _ => {
-                let messages = prompts::final_messages(&spec.messages, &answers, analysis.as_ref());
+                let mode = self.upstream.structured_output(&spec.analyst);
+                let (format, note) = final_format(spec.response_format.as_ref(), mode);
+                let messages = prompts::final_messages_with(
+                    &spec.messages,
+                    &answers,
+                    analysis.as_ref(),
+                    note.as_deref(),
+                );
                 let req = CompletionRequest {
                     messages: messages.into(),
                     temperature: Some(0.0),
                     max_completion_tokens: spec.max_completion_tokens,
-                    response_format: None,
+                    response_format: format.as_ref(),
                 };
                 let call = self.call_step(StepKey::Final, &spec.analyst, &req, job.attempt, cancel);
                 let Ok(Some((s, retryable))) = saves.alongside(Box::pin(call)).await else {
@@ -529,6 +536,37 @@ struct Choice<'a> {
 struct Message<'a> {
     role: &'static str,
     content: Option<&'a str>,
+}
+
+/// The final call's `response_format` for the client's `format`, asked for in the analyst's
+/// provider's own way (as the analysis is), and for a provider asked for none, what the prompt
+/// then says instead.
+fn final_format(
+    format: Option<&serde_json::Value>,
+    mode: StructuredOutput,
+) -> (Option<JsonText>, Option<String>) {
+    let Some(format) = format else {
+        return (None, None);
+    };
+    let schema = format.pointer("/json_schema/schema");
+    match mode {
+        StructuredOutput::JsonSchema => (Some(JsonText::from(format.clone())), None),
+        StructuredOutput::JsonObject => {
+            let mut object = serde_json::json!({"type": "json_object"});
+            if let Some(schema) = schema {
+                object["schema"] = schema.clone();
+            }
+            (Some(JsonText::from(object)), None)
+        }
+        StructuredOutput::Prompt => {
+            let mut note =
+                "Reply with one JSON object and nothing else: no prose, no code fence.".to_string();
+            if let Some(schema) = schema {
+                note += &format!(" It must be valid against this JSON Schema:\n{schema}");
+            }
+            (None, Some(note))
+        }
+    }
 }
 
 /// The job's failure when too few panel members answered.

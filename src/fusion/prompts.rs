@@ -92,11 +92,22 @@ pub fn final_messages(
     answers: &[PanelAnswer<'_>],
     analysis: Option<&Analysis>,
 ) -> Vec<Value> {
+    final_messages_with(messages, answers, analysis, None)
+}
+
+/// `final_messages`, with `format` (how the answer must be written, for a provider that is not
+/// asked for a format in the request) at the end of its instructions.
+pub fn final_messages_with(
+    messages: &[Value],
+    answers: &[PanelAnswer<'_>],
+    analysis: Option<&Analysis>,
+    format: Option<&str>,
+) -> Vec<Value> {
     let analysis_text = match analysis {
         Some(a) => serde_json::to_string_pretty(a).unwrap_or_default(),
         None => "(no analysis is available: compare the responses yourself)".to_string(),
     };
-    let system = format!(
+    let mut system = format!(
         "You have been provided with responses from several models to the latest user query, \
          and an analysis comparing them. Synthesise them into a single, high-quality answer. \
          Critically evaluate the information: keep what the responses agree on, resolve \
@@ -107,6 +118,10 @@ pub fn final_messages(
         numbered(answers),
         analysis_text
     );
+    if let Some(format) = format {
+        system.push_str("\n\n## Format\n");
+        system.push_str(format);
+    }
     let mut out = Vec::with_capacity(messages.len() + 1);
     out.push(json!({"role": "system", "content": system}));
     out.extend(messages.iter().cloned());

@@ -417,6 +417,7 @@ pub(crate) fn queued_job(created_at: i64) -> NewJob {
             max_completion_tokens: None,
             min_panel: 1,
             panel_timeout_ms: None,
+            response_format: None,
         },
         metadata: serde_json::json!({}),
         priority: 0,

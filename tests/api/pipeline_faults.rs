@@ -475,6 +475,66 @@ async fn a_job_whose_upstream_never_recovers_fails_after_its_attempts() {
     assert_eq!(app.fake.calls("judge", Kind::Final), 6);
 }
 
+/// The system prompt of the call `model` got for `kind`'s step, and the call's body.
+fn call_of(bodies: &[Value], model: &str, kind: &str) -> (String, Value) {
+    let body = bodies
+        .iter()
+        .find(|b| {
+            let system = b["messages"][0]["content"].as_str().unwrap_or_default();
+            b["model"] == model
+                && match kind {
+                    "final" => system.starts_with("You have been provided with responses"),
+                    "analysis" => system.starts_with("You are an impartial analyst"),
+                    _ => b["messages"][0]["role"] != "system",
+                }
+        })
+        .unwrap_or_else(|| panic!("no {kind} call of {model}"))
+        .clone();
+    let system = body["messages"][0]["content"].as_str().unwrap_or_default();
+    (system.to_string(), body)
+}
+
+// A client's `response_format` is the final answer's, asked for in the analyst's provider's own
+// way: the panel's answers stay free-form and the analysis keeps its own schema.
+#[tokio::test]
+async fn the_clients_response_format_shapes_the_final_answer_only() {
+    let schema = serde_json::json!({"type": "object", "required": ["city"],
+                                    "properties": {"city": {"type": "string"}}});
+    let format = serde_json::json!({"type": "json_schema",
+                                    "json_schema": {"name": "place", "schema": schema}});
+    let mut body = body_with_panel(&["m1"], "judge");
+    body["response_format"] = format.clone();
+    for mode in ["json_schema", "json_object", "prompt"] {
+        let app = spawn_app_with(Options {
+            toml: format!("[upstream]\nstructured_output = \"{mode}\"\n"),
+            ..Options::default()
+        })
+        .await;
+        let id = app.submit_ok(&body).await;
+        let job = app.wait_final(&id, 10).await;
+        assert_eq!(job["status"], "succeeded", "{job:#}");
+        let bodies = app.fake.bodies();
+        let (_, panel) = call_of(&bodies, "m1", "panel");
+        assert!(panel.get("response_format").is_none(), "{mode}: {panel}");
+        let (_, analysis) = call_of(&bodies, "judge", "analysis");
+        assert_ne!(analysis.get("response_format"), Some(&format), "{mode}");
+        let (system, last) = call_of(&bodies, "judge", "final");
+        let sent = last.get("response_format");
+        match mode {
+            "json_schema" => assert_eq!(sent, Some(&format)),
+            "json_object" => assert_eq!(
+                sent,
+                Some(&serde_json::json!({"type": "json_object", "schema": schema}))
+            ),
+            _ => {
+                assert_eq!(sent, None);
+                assert!(system.contains("Reply with one JSON object"), "{system}");
+                assert!(system.contains("\"required\":[\"city\"]"), "{system}");
+            }
+        }
+    }
+}
+
 #[tokio::test]
 async fn each_provider_gets_the_analysis_schema_in_its_own_structured_output_mode() {
     let app = spawn_app_with(Options {

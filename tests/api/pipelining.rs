@@ -102,6 +102,7 @@ pub fn new_job() -> NewJob {
             max_completion_tokens: None,
             min_panel: 1,
             panel_timeout_ms: None,
+            response_format: None,
         },
         metadata: json!({}),
         priority: 0,
