@@ -1,7 +1,7 @@
 //! The fusion tool: a non-fusion model offered `tools: [{"type": "fusion"}]` (or OpenRouter's
-//! spelling, `"openrouter:fusion"`) sees a `fusion` function; each call it makes runs a durable fusion job on the call's prompt, the answer goes
-//! back as the tool result, and the outer model writes the reply. Usage is summed over the outer
-//! calls and every job.
+//! spelling, `"openrouter:fusion"`) sees a `fusion` function; each call it makes runs a durable
+//! fusion job on the call's prompt, the answer goes back as the tool result, and the outer model
+//! writes the reply. Usage is summed over the outer calls and every job.
 
 use axum::Json;
 use axum::http::StatusCode;
