@@ -1,6 +1,8 @@
 //! Domain types of a fusion job: what was asked (`JobSpec`), where it stands (`Job`, `JobStatus`),
 //! and what each step produced (`Step`). Plain data: no SQL, no HTTP, no upstream calls here.
 
+use std::time::Duration;
+
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -150,6 +152,42 @@ impl Job {
             attempt: self.attempt,
             owner: self.lease_owner.clone()?,
         })
+    }
+
+    /// When this job, requeued at `now` after a failure that may pass, would run again: after
+    /// `base` doubled per attempt so far, at most 10 minutes. None left: an error saying why.
+    pub fn next_try_at(&self, now: i64, base: Duration) -> Result<i64, NoNextTry> {
+        if self.attempt >= self.max_attempts {
+            return Err(NoNextTry::Attempts);
+        }
+        let doublings = self.attempt.clamp(1, 16) as u32 - 1;
+        let wait = base
+            .saturating_mul(1 << doublings)
+            .min(Duration::from_secs(600));
+        let at = now.saturating_add(wait.as_millis() as i64);
+        match self.deadline_at {
+            Some(deadline) if at >= deadline => Err(NoNextTry::Deadline),
+            _ => Ok(at),
+        }
+    }
+}
+
+/// Why a job that failed for now will not run again.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NoNextTry {
+    /// Its last attempt has run.
+    Attempts,
+    /// Its next try would start past its deadline.
+    Deadline,
+}
+
+impl NoNextTry {
+    /// The error a job failing for this reason keeps: the failure's own, and why it is final.
+    pub fn explain(self, error: String) -> String {
+        match self {
+            NoNextTry::Attempts => error,
+            NoNextTry::Deadline => format!("{error} (its next try would start past its deadline)"),
+        }
     }
 }
 
@@ -407,6 +445,45 @@ mod tests {
         }
         assert_eq!(StepKey::parse("panel:x"), None);
         assert_eq!(StepKey::parse("other"), None);
+    }
+
+    #[test]
+    fn a_requeued_job_waits_longer_each_attempt_within_its_tries_and_deadline() {
+        let job = |attempt, deadline_at| Job {
+            attempt,
+            max_attempts: 5,
+            deadline_at,
+            ..NewJob {
+                id: Uuid::nil(),
+                spec: serde_json::from_value(serde_json::json!({
+                    "model": "fusion", "messages": [], "panel": ["a"], "analyst": "a",
+                    "min_panel": 1,
+                }))
+                .unwrap(),
+                metadata: Value::Null,
+                priority: 0,
+                max_attempts: 5,
+                deadline_at: None,
+                idempotency_key: None,
+                request_hash: None,
+                created_at: 0,
+            }
+            .into_queued()
+        };
+        let base = Duration::from_secs(1);
+        assert_eq!(job(1, None).next_try_at(1_000, base), Ok(2_000));
+        assert_eq!(job(3, None).next_try_at(1_000, base), Ok(5_000));
+        // Ten minutes at most.
+        let long = Duration::from_secs(100);
+        assert_eq!(job(4, None).next_try_at(0, long), Ok(600_000));
+        assert_eq!(job(5, None).next_try_at(0, base), Err(NoNextTry::Attempts));
+        assert_eq!(job(1, Some(2_001)).next_try_at(1_000, base), Ok(2_000));
+        assert_eq!(
+            job(1, Some(2_000)).next_try_at(1_000, base),
+            Err(NoNextTry::Deadline)
+        );
+        assert_eq!(NoNextTry::Attempts.explain("e".into()), "e");
+        assert!(NoNextTry::Deadline.explain("e".into()).contains("deadline"));
     }
 
     #[test]

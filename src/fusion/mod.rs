@@ -20,7 +20,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::clock::SharedClock;
 use crate::config::FusionConfig;
-use crate::job::{Job, JobSpec, JsonText, Step, StepKey, Usage};
+use crate::job::{Job, JobSpec, JsonText, NoNextTry, Step, StepKey, Usage};
 use crate::upstream::{
     CallError, CompletionRequest, ErrorKind, RetryPolicy, StructuredOutput, Upstream,
 };
@@ -52,14 +52,30 @@ pub enum Outcome {
         reason: String,
         error: String,
     },
-    /// A failure that may pass later (the upstream is rate limiting or down): requeue the job
-    /// with backoff, keeping its checkpoints, while attempts remain.
+    /// A failure that may pass later (the upstream is rate limiting or down): requeue the job,
+    /// keeping its checkpoints, to run again at `at` (unix ms). Made by `Outcome::retry`, which
+    /// fails the job instead when it has no try left.
     Retry {
         reason: String,
         error: String,
+        at: i64,
     },
     /// Cancelled, or the lease was lost: write nothing more.
     Stopped,
+}
+
+impl Outcome {
+    /// A failure that may pass: the job requeued for its next try, or failed now with `reason`
+    /// when it has none (no attempt left, or the try would start past its deadline).
+    pub fn retry(next_try: Result<i64, NoNextTry>, reason: String, error: String) -> Outcome {
+        match next_try {
+            Ok(at) => Outcome::Retry { reason, error, at },
+            Err(no) => Outcome::Failed {
+                reason,
+                error: no.explain(error),
+            },
+        }
+    }
 }
 
 pub struct Pipeline {
@@ -87,15 +103,21 @@ impl Pipeline {
     /// Run what remains of `job`, given the steps already checkpointed. Every checkpoint has
     /// landed by the time the outcome is returned (or the outcome is `Stopped`), but a
     /// success's final step, which it carries for the caller to write with the outcome.
+    /// `retry_base` is the first wait before a job that failed for now runs again (see
+    /// `Job::next_try_at`).
     pub async fn run(
         &self,
         job: &Job,
         done: Vec<Step>,
         ckpt: &dyn Checkpoints,
         cancel: &CancellationToken,
+        retry_base: Duration,
     ) -> Outcome {
         let mut saves = Saves::new(ckpt);
-        let outcome = self.run_steps(job, done, &mut saves, cancel).await;
+        let next_try = || job.next_try_at(self.clock.now_ms(), retry_base);
+        let outcome = self
+            .run_steps(job, done, &mut saves, cancel, &next_try)
+            .await;
         match saves.settle().await {
             Ok(()) => outcome,
             Err(Lost) => Outcome::Stopped,
@@ -108,6 +130,7 @@ impl Pipeline {
         done: Vec<Step>,
         saves: &mut Saves<'_>,
         cancel: &CancellationToken,
+        next_try: &(dyn Fn() -> Result<i64, NoNextTry> + Sync),
     ) -> Outcome {
         let spec = &job.spec;
         let mut panel: Vec<Option<Step>> = vec![None; spec.panel.len()];
@@ -141,21 +164,20 @@ impl Pipeline {
                 content: s.content.as_deref().unwrap_or_default(),
             })
             .collect();
-        let failed = quorum_failure(spec, &panel, answers.len());
-        if let Some(Outcome::Failed { reason, error }) = &failed
-            && !may_pass.is_empty()
-            && job.attempt < job.max_attempts
+        let mut failed = quorum_failure(spec, &panel, answers.len());
+        if !may_pass.is_empty()
+            && let Some(Outcome::Failed { reason, error }) = failed
         {
             // Short because of failures that may pass (an outage, a rate limit): the job runs
             // again later, as for such a failure of the final step, and those members are
-            // called again then; the answers it got are kept.
-            return Outcome::Retry {
-                reason: reason.clone(),
-                error: error.clone(),
+            // called again then; the answers it got are kept. With no try left (its last
+            // attempt, or a next one past its deadline) it fails now.
+            failed = match Outcome::retry(next_try(), reason, error) {
+                retry @ Outcome::Retry { .. } => return retry,
+                failed => Some(failed),
             };
         }
-        // Otherwise they are the job's: its partial failure, or (on its last attempt) part of
-        // why it failed.
+        // Otherwise those failures are the job's: its partial failure, or part of why it failed.
         for step in may_pass {
             saves.start(step);
         }
@@ -219,13 +241,14 @@ impl Pipeline {
                 };
                 if retryable {
                     // Not checkpointed: the next attempt of the job writes this step afresh.
-                    return Outcome::Retry {
-                        reason: s.error_code.unwrap_or_else(|| "upstream_error".into()),
-                        error: format!(
+                    return Outcome::retry(
+                        next_try(),
+                        s.error_code.unwrap_or_else(|| "upstream_error".into()),
+                        format!(
                             "the final answer could not be written yet: {}",
                             s.error.as_deref().unwrap_or("unknown error")
                         ),
-                    };
+                    );
                 }
                 // A failure is written after the analysis and before the outcome (which `run`
                 // awaits); an answer goes back with the outcome, to be written in its commit.

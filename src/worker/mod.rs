@@ -373,26 +373,13 @@ impl Worker {
             .unwrap_or_else(|panic| {
                 let what = panic_message(panic.as_ref());
                 tracing::error!(job = %job.id, panic = what, "the pipeline panicked");
-                Outcome::Retry {
-                    reason: "internal_error".into(),
-                    error: format!("internal error (a bug in fusion): {what}"),
-                }
+                Outcome::retry(
+                    job.next_try_at(self.clock.now_ms(), self.config.retry_base),
+                    "internal_error".into(),
+                    format!("internal error (a bug in fusion): {what}"),
+                )
             });
         let now = self.clock.now_ms();
-        let run_at = now + crate::store::ms(self.job_backoff(job.attempt));
-        // A retryable failure with no try left, or whose next try would start past the job's
-        // deadline, fails the job now with its own reason (rather than as `deadline_exceeded`
-        // once its time is up).
-        let outcome = match outcome {
-            Outcome::Retry { reason, error } if job.attempt >= job.max_attempts => {
-                Outcome::Failed { reason, error }
-            }
-            Outcome::Retry { reason, error } if job.deadline_at.is_some_and(|d| run_at >= d) => {
-                let error = format!("{error} (its next try would start past its deadline)");
-                Outcome::Failed { reason, error }
-            }
-            outcome => outcome,
-        };
         // In the job's span too: a retried outcome write logs which job it is for. Retried under
         // `last_writes`, not `stop`: see there.
         let written = async {
@@ -407,12 +394,12 @@ impl Worker {
                     .await
                 }
                 Outcome::Failed { reason, error } => self.fail(&lease, reason, error, now).await,
-                Outcome::Retry { reason, error } => {
+                Outcome::Retry { reason, error, at } => {
                     let store = self.store.as_ref();
                     fenced_write(
                         &self.last_writes,
-                        || store.retry_later(&lease, run_at, reason, error),
-                        || requeued(store, &lease, run_at),
+                        || store.retry_later(&lease, *at, reason, error),
+                        || requeued(store, &lease, *at),
                     )
                     .await
                 }
@@ -455,15 +442,6 @@ impl Worker {
         .await
     }
 
-    /// The wait before a requeued job runs again: the base doubling per attempt, up to 10 min.
-    fn job_backoff(&self, attempt: i32) -> Duration {
-        let doublings = attempt.clamp(1, 16) as u32 - 1;
-        self.config
-            .retry_base
-            .saturating_mul(1 << doublings)
-            .min(Duration::from_secs(600))
-    }
-
     async fn run_pipeline(
         &self,
         job: &Job,
@@ -493,7 +471,9 @@ impl Worker {
             lease,
             stop,
         };
-        let run = self.pipeline.run(job, done, &ckpt, stop);
+        let run = self
+            .pipeline
+            .run(job, done, &ckpt, stop, self.config.retry_base);
         match remaining {
             Some(r) => tokio::time::timeout(Duration::from_millis(r as u64), run)
                 .await

@@ -262,6 +262,33 @@ async fn a_requeue_past_the_deadline_fails_the_job_now_with_its_own_reason() {
     assert!(error.contains("deadline"), "{error}");
 }
 
+// The same for a panel short of its quorum because of failures that may pass: the job fails
+// now, and those failures are written as its members' steps, as on its last attempt.
+#[tokio::test]
+async fn a_panel_requeue_past_the_deadline_fails_the_job_now_with_its_members_failures() {
+    let app = spawn_app_with(Options {
+        retry_base: Duration::from_secs(10),
+        ..Options::default()
+    })
+    .await;
+    app.fake
+        .script("down", Kind::Panel, vec![Reply::Status(503)]);
+    let mut body = body_with_panel(&["m1", "down"], "judge");
+    body["plugins"][0]["min_panel"] = 2.into();
+    body["plugins"][0]["deadline_seconds"] = 5.into();
+    let id = app.submit_ok(&body).await;
+    let job = app.wait_final(&id, 3).await;
+    assert_eq!(job["status"], "failed", "{job:#}");
+    assert_eq!(job["attempt"], 1, "{job:#}");
+    assert_eq!(job["failure_reason"], "insufficient_quorum", "{job:#}");
+    let error = job["error"].as_str().unwrap();
+    assert!(error.contains("deadline"), "{error}");
+    assert_eq!(job["panel"][0]["status"], "succeeded", "{job:#}");
+    assert_eq!(job["panel"][1]["status"], "failed", "{job:#}");
+    assert_eq!(job["panel"][1]["status_code"], 503, "{job:#}");
+    assert_eq!(app.fake.calls("judge", Kind::Analysis), 0);
+}
+
 #[tokio::test]
 async fn a_429_waits_out_its_retry_after() {
     let app = spawn_app().await;

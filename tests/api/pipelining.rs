@@ -72,6 +72,17 @@ impl SlowSink {
     }
 }
 
+/// The first wait before a job that failed for now runs again, as the worker would pass it.
+const RETRY_BASE: Duration = Duration::from_secs(30);
+
+/// A new job (`job()`) run from its start, its checkpoints kept by `sink`.
+async fn run_anew(fake: &FakeUpstream, sink: &dyn Checkpoints) -> Outcome {
+    let cancel = CancellationToken::new();
+    pipeline(fake)
+        .run(&job(), Vec::new(), sink, &cancel, RETRY_BASE)
+        .await
+}
+
 pub fn pipeline(fake: &FakeUpstream) -> Pipeline {
     let file: FileConfig = toml::from_str("[retry]\nbase_ms = 10\ncap_ms = 50\n").unwrap();
     let url = fake.base_url();
@@ -118,9 +129,7 @@ pub fn new_job() -> NewJob {
 async fn the_next_call_does_not_wait_for_the_checkpoint_before_it() {
     let fake = FakeUpstream::start().await;
     let sink = SlowSink::new(500, false);
-    let outcome = pipeline(&fake)
-        .run(&job(), Vec::new(), &sink, &CancellationToken::new())
-        .await;
+    let outcome = run_anew(&fake, &sink).await;
     let finished = now_ms();
     let Outcome::Succeeded {
         last_step: Some(last),
@@ -170,9 +179,7 @@ async fn a_failed_checkpoint_abandons_the_call_under_way() {
     );
     let sink = SlowSink::new(300, true);
     let started = now_ms();
-    let outcome = pipeline(&fake)
-        .run(&job(), Vec::new(), &sink, &CancellationToken::new())
-        .await;
+    let outcome = run_anew(&fake, &sink).await;
     let took = now_ms() - started;
     assert_eq!(outcome, Outcome::Stopped);
     assert!(took < 2_000, "stopping took {took} ms");
@@ -207,7 +214,9 @@ async fn the_result_says_why_the_answer_ended_and_a_resumed_run_says_it_again() 
     let job = job();
     let sink = KeepSink::default();
     let cancel = CancellationToken::new();
-    let outcome = pipeline(&fake).run(&job, Vec::new(), &sink, &cancel).await;
+    let outcome = pipeline(&fake)
+        .run(&job, Vec::new(), &sink, &cancel, RETRY_BASE)
+        .await;
     let Outcome::Succeeded {
         result,
         last_step: Some(last),
@@ -233,7 +242,7 @@ async fn the_result_says_why_the_answer_ended_and_a_resumed_run_says_it_again() 
     assert_eq!(analysis["blind_spots"], json!(["other planets"]));
     done.push(last);
     let again = pipeline(&fake)
-        .run(&job, done, &KeepSink::default(), &cancel)
+        .run(&job, done, &KeepSink::default(), &cancel, RETRY_BASE)
         .await;
     let Outcome::Succeeded {
         result: again,
