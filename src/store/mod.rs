@@ -54,7 +54,7 @@ impl StoreError {
     /// Whether the database could not serve the call for now, so that the same call a little
     /// later may well succeed (an API answers 503, not 500): no connection in time, a broken or
     /// refused connection, a database shutting down or out of resources (Postgres classes 08,
-    /// 53 and 57, the statement timeout among them), a serialization failure or deadlock, a
+    /// 53 and 57 but a dropped database, the statement timeout among them), a serialization failure or deadlock, a
     /// lock not available, a busy or locked SQLite file.
     pub fn is_unavailable(&self) -> bool {
         match self {
@@ -69,17 +69,21 @@ fn unavailable(e: &sqlx::Error) -> bool {
         sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed | sqlx::Error::Io(_) => true,
         sqlx::Error::Tls(_) | sqlx::Error::WorkerCrashed => true,
         sqlx::Error::Database(db) => match refusal(db.as_ref()) {
-            Refusal::Postgres(code) => {
-                ["08", "53", "57"]
-                    .iter()
-                    .any(|class| code.starts_with(class))
-                    || ["40001", "40P01", "55P03"].contains(&code)
-            }
+            Refusal::Postgres(code) => postgres_unavailable(code),
             Refusal::Sqlite(primary) => primary == SQLITE_BUSY || primary == SQLITE_LOCKED,
             Refusal::Other => false,
         },
         _ => false,
     }
+}
+
+/// Whether a Postgres SQLSTATE says the database cannot serve the call for now: connection
+/// trouble (08), resources (53), an operator or a timeout (57, but a dropped database, which
+/// does not come back), a serialization failure or deadlock (40001, 40P01), a lock not available.
+fn postgres_unavailable(code: &str) -> bool {
+    let class = |c: &str| code.starts_with(c);
+    (class("08") || class("53") || class("57") || ["40001", "40P01", "55P03"].contains(&code))
+        && code != "57P04"
 }
 
 const SQLITE_BUSY: i32 = 5;
@@ -524,5 +528,16 @@ mod tests {
         );
         assert_eq!(JobEvent::from_payload("done nope cancelled"), None);
         assert_eq!(JobEvent::from_payload(&format!("done {id} exploded")), None);
+    }
+
+    // Codes no test can make a server send at will (`postgres.rs` makes the others for real).
+    #[test]
+    fn a_dropped_database_is_not_away_for_now() {
+        for code in ["57P01", "57P03", "53300", "08006", "40P01"] {
+            assert!(postgres_unavailable(code), "{code}");
+        }
+        for code in ["57P04", "42601", "23505", "22P02"] {
+            assert!(!postgres_unavailable(code), "{code}");
+        }
     }
 }
