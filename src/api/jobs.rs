@@ -223,10 +223,7 @@ pub async fn cancel(
     let id = parse_id(&raw)?;
     match state.store.cancel(id, state.clock.now_ms()).await? {
         // A running job's worker hears of it through the store's cancellation signal.
-        CancelOutcome::Cancelled { job, .. } => {
-            let steps = state.store.get_steps(id).await?;
-            Ok(Json(view::full(&job, &steps)))
-        }
+        CancelOutcome::Cancelled { job, .. } => Ok(Json(view_after_change(&state, &job).await)),
         CancelOutcome::AlreadyFinal(job) => Err(ApiError::conflict(
             "job_already_final",
             format!(
@@ -245,8 +242,8 @@ pub async fn retry(
     let id = parse_id(&raw)?;
     match state.store.retry_failed(id, state.clock.now_ms()).await? {
         RetryOutcome::Requeued(job) => {
-            let steps = state.store.get_steps(id).await?;
-            Ok((StatusCode::ACCEPTED, Json(view::full(&job, &steps))).into_response())
+            let view = view_after_change(&state, &job).await;
+            Ok((StatusCode::ACCEPTED, Json(view)).into_response())
         }
         RetryOutcome::NotFailed(job) => Err(ApiError::conflict(
             "job_not_failed",
@@ -256,5 +253,19 @@ pub async fn retry(
             ),
         )),
         RetryOutcome::NotFound => Err(ApiError::not_found(format!("no job with id {id}"))),
+    }
+}
+
+/// A job's view after a change to it has committed (cancelled, requeued). When its steps cannot
+/// be read just then, the short form of lists, without them: an error would tell the client the
+/// change failed, and its retry would be refused as already done.
+async fn view_after_change(state: &AppState, job: &Job) -> Value {
+    match state.store.get_steps(job.id).await {
+        Ok(steps) => view::full(job, &steps),
+        Err(e) => {
+            tracing::warn!(job = %job.id, error = %e,
+                "the job changed but its steps could not be read: answering its short form");
+            view::summary(job)
+        }
     }
 }

@@ -13,7 +13,7 @@
 
 use std::io::Write;
 use std::sync::atomic::{AtomicI64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -23,6 +23,7 @@ use fusion::store::{
     CancelOutcome, Claimed, Enqueued, Held, JobEvent, Result, RetryOutcome, Store, StoreError,
 };
 use fusion::worker::{Worker, WorkerConfig};
+use serde_json::Value;
 use tokio::sync::{Notify, broadcast};
 use uuid::Uuid;
 
@@ -33,11 +34,13 @@ use crate::pipelining::pipeline;
 /// A store that lets the first `n` checkpoints, outcomes and requeues commit, then answers each
 /// of them with an error, as a connection broken mid-answer would; that panics after the
 /// first `panics` checkpoints commit, as a bug on the pipeline's path would; and that fails the
-/// first `reads` reads of a job outright, as a database gone for a while would. It counts the
-/// reads of jobs it was asked for.
+/// first `reads` reads of a job (and `step_reads` of its steps) outright, as a database gone
+/// for a while would. It counts the reads of jobs it was asked for.
 pub(crate) struct Faulty {
     inner: Arc<dyn Store>,
     reads_left: AtomicUsize,
+    /// How many of the next reads of a job's steps fail (a test may deal more as it goes).
+    pub(crate) step_reads_left: AtomicUsize,
     /// Every `get_job` call, failed or not.
     pub(crate) reads: AtomicUsize,
     steps_left: AtomicUsize,
@@ -54,6 +57,7 @@ impl Faulty {
         Faulty {
             inner,
             reads_left: AtomicUsize::new(faults.reads),
+            step_reads_left: AtomicUsize::new(faults.step_reads),
             reads: AtomicUsize::new(0),
             steps_left: AtomicUsize::new(faults.steps),
             finishes_left: AtomicUsize::new(faults.finishes),
@@ -112,6 +116,9 @@ impl Store for Faulty {
         self.inner.get_job(id).await
     }
     async fn get_steps(&self, id: Uuid) -> Result<Vec<Step>> {
+        if Self::take(&self.step_reads_left) {
+            return Err(connection_reset());
+        }
         self.inner.get_steps(id).await
     }
     async fn list_jobs(&self, filter: &ListFilter) -> Result<Vec<Job>> {
@@ -227,7 +234,8 @@ fn capture_logs() -> (Lines, tracing::subscriber::DefaultGuard) {
 
 /// The faults a test's store deals: the first `steps`, `finishes` and `requeues` writes left
 /// unconfirmed, a panic after each of the first `panics` checkpoints, the first `reads` reads
-/// of a job failed, and the first `refused_outcomes` outcome writes and releases failed.
+/// of a job failed, the first `step_reads` reads of a job's steps failed, and the first
+/// `refused_outcomes` outcome writes and releases failed.
 #[derive(Default)]
 pub(crate) struct Faults {
     pub(crate) steps: usize,
@@ -235,6 +243,7 @@ pub(crate) struct Faults {
     pub(crate) requeues: usize,
     pub(crate) panics: usize,
     pub(crate) reads: usize,
+    pub(crate) step_reads: usize,
     pub(crate) refused_outcomes: usize,
 }
 
@@ -276,6 +285,28 @@ async fn one_job_with(
         config,
     );
     (app, id.parse().unwrap(), store, worker, clock)
+}
+
+/// An app on a store that deals `faults`, with this extra `fusion.toml` text, and that store.
+pub(crate) async fn app_on(faults: Faults, workers: bool, toml: &str) -> (TestApp, Arc<Faulty>) {
+    let slot = Arc::new(OnceLock::new());
+    let set = slot.clone();
+    let app = spawn_app_with(Options {
+        workers,
+        toml: toml.into(),
+        wrap_store: Some(Box::new(move |inner| {
+            let faulty = Arc::new(Faulty::over(inner, faults, Duration::ZERO));
+            set.set(faulty.clone()).ok();
+            faulty
+        })),
+        ..Options::default()
+    })
+    .await;
+    let faulty = slot
+        .get()
+        .expect("the app was built on the wrapper")
+        .clone();
+    (app, faulty)
 }
 
 /// The system clock moved on by `by` ms: the worker's, so that a test can lapse a lease and
@@ -581,7 +612,7 @@ async fn a_job_whose_insert_outlived_its_lease_is_not_run_twice() {
         .await
         .unwrap();
     assert_eq!(resp.status(), 202);
-    let id: uuid::Uuid = resp.json::<serde_json::Value>().await.unwrap()["id"]
+    let id: uuid::Uuid = resp.json::<Value>().await.unwrap()["id"]
         .as_str()
         .unwrap()
         .parse()
@@ -716,4 +747,44 @@ async fn a_failure_written_by_another_at_the_same_attempt_is_not_taken_for_the_w
         "{logs}"
     );
     assert!(!logs.contains("job failed"), "{logs}");
+}
+
+// A cancel or a manual retry that committed answers as done even when the job's steps cannot be
+// read just then: the short form, without them. An error would say the change failed, and the
+// client's retry would be refused as already done.
+#[tokio::test]
+async fn a_cancel_that_committed_is_answered_as_done_when_the_steps_cannot_be_read() {
+    let faults = Faults {
+        step_reads: 1,
+        ..Faults::default()
+    };
+    let (app, store) = app_on(faults, false, "").await;
+    let id = app
+        .submit_ok(&body_with_panel(&["m1", "m2"], "judge"))
+        .await;
+    let resp = app.post(&format!("/v1/jobs/{id}/cancel")).await;
+    assert_eq!(resp.status(), 200);
+    let job: Value = resp.json().await.unwrap();
+    assert_eq!(job["status"], "cancelled", "{job:#}");
+    assert!(job.get("panel").is_none(), "the short form: {job:#}");
+    assert_eq!(store.step_reads_left.load(Ordering::SeqCst), 0);
+    // Read again once the database answers: the full form.
+    assert_eq!(app.get_job(&id).await["panel"][0]["status"], "not_run");
+}
+
+#[tokio::test]
+async fn a_retry_that_committed_is_answered_as_done_when_the_steps_cannot_be_read() {
+    let (app, store) = app_on(Faults::default(), true, "").await;
+    app.fake
+        .script("judge", Kind::Final, vec![Reply::Status(401), Reply::Ok]);
+    let id = app.submit_ok(&body_with_panel(&["m1"], "judge")).await;
+    assert_eq!(app.wait_final(&id, 10).await["status"], "failed");
+    store.step_reads_left.store(1, Ordering::SeqCst);
+    let resp = app.post(&format!("/v1/jobs/{id}/retry")).await;
+    assert_eq!(resp.status(), 202);
+    let job: Value = resp.json().await.unwrap();
+    assert_eq!(job["id"], id.as_str(), "{job:#}");
+    assert!(job.get("panel").is_none(), "the short form: {job:#}");
+    assert_eq!(store.step_reads_left.load(Ordering::SeqCst), 0);
+    assert_eq!(app.wait_final(&id, 10).await["status"], "succeeded");
 }

@@ -5,36 +5,13 @@
 //! job at once; the job goes on.
 
 use std::sync::atomic::Ordering;
-use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 
 use crate::fake_upstream::{Kind, Reply};
-use crate::helpers::{Options, TestApp, body_with_panel, body_with_tool, spawn_app_with};
-use crate::store_faults::{Faults, Faulty};
-
-/// An app on a store that deals `faults`, with this extra `fusion.toml` text, and that store.
-async fn app_on(faults: Faults, workers: bool, toml: &str) -> (TestApp, Arc<Faulty>) {
-    let slot = Arc::new(OnceLock::new());
-    let set = slot.clone();
-    let app = spawn_app_with(Options {
-        workers,
-        toml: toml.into(),
-        wrap_store: Some(Box::new(move |inner| {
-            let faulty = Arc::new(Faulty::over(inner, faults, Duration::ZERO));
-            set.set(faulty.clone()).ok();
-            faulty
-        })),
-        ..Options::default()
-    })
-    .await;
-    let faulty = slot
-        .get()
-        .expect("the app was built on the wrapper")
-        .clone();
-    (app, faulty)
-}
+use crate::helpers::{body_with_panel, body_with_tool};
+use crate::store_faults::{Faults, Faulty, app_on};
 
 fn reads(store: &Faulty) -> usize {
     store.reads.load(Ordering::SeqCst)
