@@ -35,9 +35,15 @@ async fn a_real_local_model_runs_a_whole_fusion_job() {
     let log_dir = tempfile::tempdir().unwrap();
     let log_path = log_dir.path().join("llama-server.log");
     let log = std::fs::File::create(&log_path).unwrap();
+    // One thread unless told otherwise: two threads (one per core here) wait on each other at
+    // every layer, and when anything else keeps the cores busy each wait costs a time slice.
+    // Measured with two busy loops beside it: 50 s with one thread, 104 s with two (quiet: 32
+    // and 16 s); beside a build and another test suite, over 600 s with two.
+    let threads = std::env::var("LLAMA_THREADS").unwrap_or_else(|_| "1".into());
     // `serve` execs llama-server, so dropping the child kills the server.
     let mut llama = tokio::process::Command::new("bash")
         .args([SCRIPT, "serve", &port.to_string()])
+        .env("LLAMA_THREADS", threads)
         .stdout(Stdio::null())
         .stderr(log)
         .kill_on_drop(true)
