@@ -54,8 +54,8 @@ impl StoreError {
     /// Whether the database could not serve the call for now, so that the same call a little
     /// later may well succeed (an API answers 503, not 500): no connection in time, a broken or
     /// refused connection, a database shutting down or out of resources (Postgres classes 08,
-    /// 53 and 57 but a dropped database, the statement timeout among them), a serialization failure or deadlock, a
-    /// lock not available, a busy or locked SQLite file.
+    /// 53 and 57 but a dropped database, the statement timeout among them), a serialization
+    /// failure or deadlock, a lock not available, a busy or locked SQLite file.
     pub fn is_unavailable(&self) -> bool {
         match self {
             StoreError::Database(e) => unavailable(e),
