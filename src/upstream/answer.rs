@@ -4,7 +4,7 @@
 
 use bytes::Bytes;
 use hyper::header::HeaderValue;
-use serde::de::DeserializeOwned;
+use serde::de::{DeserializeOwned, IgnoredAny};
 use serde_json::Value;
 use serde_json::error::Category;
 
@@ -23,12 +23,15 @@ impl Answered {
     /// The body as `T`, or why it is not one. A body that is not JSON at all (a web page, plain
     /// text, a stream that was not asked for) is final: the same URL answers the same again,
     /// and the likely cause is a wrong base URL (the provider's, shown redacted, with its key
-    /// hidden should the page echo it). A body that ends before its JSON does was cut off (a close ended
-    /// it early) and JSON of another shape may be an error reported in a 2xx (OpenRouter does
-    /// so for a model that fails mid-answer): both are retried.
+    /// hidden should the page echo it). A body that ends before its JSON does was cut off (a
+    /// close ended it early) and JSON of another shape may be an error reported in a 2xx
+    /// (OpenRouter does so for a model that fails mid-answer): both are retried. So is a JSON
+    /// object followed by other bytes: an API did answer (the URL is right), but garbled.
     pub fn parse<T: DeserializeOwned>(&self, provider: &Provider) -> Result<T, UpstreamError> {
         serde_json::from_slice(&self.body).map_err(|e| {
-            if e.classify() != Category::Syntax {
+            // Off the happy path only: what the body is, whatever `T` wants.
+            let whole = serde_json::from_slice::<IgnoredAny>(&self.body);
+            if whole.as_ref().is_ok() || whole.is_err_and(|w| w.classify() == Category::Eof) {
                 // An error reported in a 2xx says what went wrong in its own words.
                 let reported = serde_json::from_slice::<Value>(&self.body)
                     .is_ok_and(|v| v.get("error").is_some_and(|e| !e.is_null()));
@@ -42,6 +45,18 @@ impl Answered {
                 };
                 return UpstreamError::new(ErrorKind::BadBody, Some(self.status), message);
             }
+            let key = provider.api_key.as_ref().map(|k| k.0.as_str());
+            if starts_with_object(&self.body) {
+                return UpstreamError::new(
+                    ErrorKind::BadBody,
+                    Some(self.status),
+                    format!(
+                        "upstream answered {} with a JSON object followed by other bytes: `{}`",
+                        self.status,
+                        excerpt(&self.body, key)
+                    ),
+                );
+            }
             let content_type = self.content_type.as_ref().map_or_else(
                 || "no content-type".to_string(),
                 |v| format!("content-type {}", excerpt(v.as_bytes(), None)),
@@ -54,12 +69,19 @@ impl Answered {
                      is {} the API's base URL (the one under which POST /chat/completions \
                      answers)?",
                     self.status,
-                    excerpt(&self.body, provider.api_key.as_ref().map(|k| k.0.as_str())),
+                    excerpt(&self.body, key),
                     redact_url(&provider.base_url),
                 ),
             )
         })
     }
+}
+
+/// Whether `body` begins with a whole JSON object (whatever follows it).
+fn starts_with_object(body: &[u8]) -> bool {
+    let mut values =
+        serde_json::Deserializer::from_slice(body).into_iter::<serde_json::Map<String, Value>>();
+    matches!(values.next(), Some(Ok(_)))
 }
 
 /// How many characters of a body an error message shows.

@@ -141,6 +141,37 @@ async fn a_completion_cut_off_is_retried_on_both_clients() {
     }
 }
 
+// A whole JSON object with more after it (two answers run together, bytes added on the way)
+// came from an API, so the URL is right: retried like a garbled body, and not told to check
+// the base URL as a web page is. A text that merely starts with a number is still not JSON.
+#[tokio::test]
+async fn a_completion_with_bytes_after_it_is_retried_on_both_clients() {
+    let body = r#"{"choices": [{"message": {"content": "hi"}}]}{"choices": []}"#;
+    let answer = format!(
+        "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    let (base, _) = answering(answer, Then::Close).await;
+    for result in on_both_clients(&upstream_at(&format!("{base}/v1"), None)).await {
+        let err = result.unwrap_err();
+        assert_eq!(err.kind, ErrorKind::BadBody, "{err:?}");
+        assert!(err.retryable(), "{err:?}");
+        assert!(
+            err.message
+                .contains("a JSON object followed by other bytes"),
+            "{err:?}"
+        );
+    }
+    let text = "200 OK";
+    let answer =
+        format!("HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\ncontent-length: 6\r\n\r\n{text}");
+    let (base, _) = answering(answer, Then::Close).await;
+    for result in on_both_clients(&upstream_at(&format!("{base}/v1"), None)).await {
+        let err = result.unwrap_err();
+        assert_eq!(err.kind, ErrorKind::NotJson, "{err:?}");
+    }
+}
+
 // Servers disagree on `usage`: nulls, floats, numbers as strings. A completion that was
 // paid for is kept whatever its usage says; what cannot be read counts as 0 (or, for the
 // cost, as absent: the price table's).
