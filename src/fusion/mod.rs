@@ -245,7 +245,7 @@ impl Pipeline {
                         next_try(),
                         s.error_code.unwrap_or_else(|| "upstream_error".into()),
                         format!(
-                            "the final answer could not be written yet: {}",
+                            "the final answer could not be written: {}",
                             s.error.as_deref().unwrap_or("unknown error")
                         ),
                     );

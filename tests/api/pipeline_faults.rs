@@ -500,6 +500,12 @@ async fn a_job_whose_upstream_never_recovers_fails_after_its_attempts() {
     assert_eq!(job["failure_reason"], "rate_limited");
     assert_eq!(job["attempt"], 2);
     assert_eq!(app.fake.calls("judge", Kind::Final), 6);
+    // Said as a final failure, not as one to be tried again.
+    let error = job["error"].as_str().unwrap();
+    assert!(
+        error.starts_with("the final answer could not be written: upstream answered 429"),
+        "{error}"
+    );
 }
 
 /// The system prompt of the call `model` got for `kind`'s step, and the call's body.
