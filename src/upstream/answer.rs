@@ -29,9 +29,13 @@ impl Answered {
     /// object followed by other bytes: an API did answer (the URL is right), but garbled.
     pub fn parse<T: DeserializeOwned>(&self, provider: &Provider) -> Result<T, UpstreamError> {
         serde_json::from_slice(&self.body).map_err(|e| {
-            // Off the happy path only: what the body is, whatever `T` wants.
-            let whole = serde_json::from_slice::<IgnoredAny>(&self.body);
-            if whole.as_ref().is_ok() || whole.is_err_and(|w| w.classify() == Category::Eof) {
+            // Off the happy path only: whether the body is JSON (whatever `T` wants), or JSON
+            // cut off before its end.
+            let json_or_cut = match serde_json::from_slice::<IgnoredAny>(&self.body) {
+                Ok(_) => true,
+                Err(whole) => whole.classify() == Category::Eof,
+            };
+            if json_or_cut {
                 // An error reported in a 2xx says what went wrong in its own words.
                 let reported = serde_json::from_slice::<Value>(&self.body)
                     .is_ok_and(|v| v.get("error").is_some_and(|e| !e.is_null()));
