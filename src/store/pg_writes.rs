@@ -25,11 +25,15 @@ impl BatchSql for PgBatch {
 
 /// The batch statement. `e`: new jobs, queued or started under a lease (a statement-level trigger
 /// NOTIFYs workers once per statement that queued any); `s`: checkpoints, fenced on the lease;
-/// `f`: outcomes, fenced on the lease. Its rows say which writes took effect.
+/// `f`: outcomes, fenced on the lease, their rows locked first in id order (`l`), as every
+/// statement that changes several running jobs locks them: the heartbeat renews all of a
+/// process's jobs while a batch finishes some, and two statements that lock the same rows in
+/// opposite orders deadlock, which Postgres breaks only after `deadlock_timeout` (1 s) by
+/// failing one of them. Its rows say which writes took effect.
 ///
-/// The fences read the statement's snapshot and lock nothing: a write racing the loss of its
-/// lease (a cancel or a rescue committing meanwhile) may land as if just before it. An outcome
-/// re-checks the row it updates, so a final step may then land without its outcome: it is a
+/// The checkpoints' fence reads the statement's snapshot and locks nothing: a write racing the
+/// loss of its lease (a cancel or a rescue committing meanwhile) may land as if just before it.
+/// An outcome re-checks the row it locks and updates, so a final step may then land without its outcome: it is a
 /// checkpoint like any other, which the next attempt reuses. And the next attempt's claim may
 /// not see such a step yet, and run it again: its write replaces the earlier attempt's row
 /// (`DO UPDATE … WHERE steps.attempt < excluded.attempt`) instead of being refused, which its
@@ -71,6 +75,12 @@ WITH e AS (
         attempt = excluded.attempt, created_at = excluded.created_at
     WHERE steps.attempt < excluded.attempt
     RETURNING job_id, step, attempt
+), l AS MATERIALIZED (
+    SELECT j.id FROM jobs j
+    JOIN unnest($26::uuid[], $27::int[], $28::text[]) AS u(id, attempt, owner)
+      ON j.id = u.id AND j.attempt = u.attempt AND j.lease_owner = u.owner
+    WHERE j.status = 'running'
+    ORDER BY j.id FOR UPDATE OF j
 ), f AS (
     UPDATE jobs SET status = u.status,
                     result = CASE WHEN u.status = 'succeeded' THEN u.result ELSE jobs.result END,
@@ -80,7 +90,7 @@ WITH e AS (
                 $32::text[], $33::bigint[])
          AS u(id, attempt, owner, status, result, reason, error, finished_at)
     WHERE jobs.id = u.id AND jobs.attempt = u.attempt AND jobs.lease_owner = u.owner
-      AND jobs.status = 'running'
+      AND jobs.status = 'running' AND jobs.id IN (SELECT id FROM l)
     RETURNING jobs.id, jobs.attempt
 )
 SELECT 'e' AS kind, id, NULL::text AS step, NULL::int AS attempt FROM e

@@ -398,9 +398,13 @@ impl Store for PgStore {
         now: i64,
         lease: Duration,
     ) -> Result<Vec<Held>> {
+        // Locked in id order, as every statement that changes several running jobs locks them
+        // (see `BATCH_SQL`).
         let rows = sqlx::query(
             "UPDATE jobs SET lease_expires_at = $1 \
-             WHERE id = ANY($3) AND status = 'running' AND lease_owner = $2 \
+             WHERE id IN (SELECT id FROM jobs \
+                          WHERE id = ANY($3) AND status = 'running' AND lease_owner = $2 \
+                          ORDER BY id FOR UPDATE) \
              RETURNING id, attempt",
         )
         .bind(now + ms(lease))
@@ -423,7 +427,8 @@ impl Store for PgStore {
             "UPDATE jobs SET status = 'failed', finished_at = $1, failure_reason = 'lease_expired', \
              error = 'the worker holding the job stopped renewing its lease on every attempt', \
              lease_owner = NULL, lease_expires_at = NULL \
-             WHERE status = 'running' AND lease_expires_at < $1 AND attempt >= max_attempts",
+             WHERE id IN (SELECT id FROM jobs WHERE status = 'running' AND lease_expires_at < $1 \
+                          AND attempt >= max_attempts ORDER BY id FOR UPDATE)",
         )
         .bind(now)
         .execute(&self.pool)
@@ -431,7 +436,9 @@ impl Store for PgStore {
         .rows_affected();
         let requeued = sqlx::query(
             "UPDATE jobs SET status = 'queued', run_at = $1, lease_owner = NULL, \
-             lease_expires_at = NULL WHERE status = 'running' AND lease_expires_at < $1",
+             lease_expires_at = NULL \
+             WHERE id IN (SELECT id FROM jobs WHERE status = 'running' AND lease_expires_at < $1 \
+                          ORDER BY id FOR UPDATE)",
         )
         .bind(now)
         .execute(&self.pool)
@@ -629,7 +636,7 @@ mod tests {
 
     use futures::future::join_all;
 
-    use crate::store::batch::all_fail_at_once_behind_a_lock;
+    use crate::store::batch::{BatchSql, all_fail_at_once_behind_a_lock};
     use crate::store::pg_writes::{BATCH_SQL, bound};
     use crate::testing::ScratchDatabase;
 
@@ -893,6 +900,112 @@ mod tests {
     }
 
     /// The final checkpoint and the outcome of the `g`th of the fence test's running jobs.
+    // Every statement that changes several running jobs locks them in id order, whatever
+    // order its plan finds them in (see `BATCH_SQL`: the heartbeat and a batch's outcomes,
+    // locking the same jobs in opposite orders, deadlock). Shown with the lower id locked
+    // elsewhere: each statement waits for it holding no lock on the higher id, which comes
+    // first in the table, in the lease index and in the statement's own list.
+    #[tokio::test]
+    async fn statements_changing_several_running_jobs_lock_them_in_id_order() {
+        let Some((database, migrating, mut conn)) = migrated("fusion_lock_order").await else {
+            return;
+        };
+        // Plans that find rows in the table's order, the higher id first: the store's
+        // connections, opened after this, read the rows that way whatever their statements say.
+        let name = database.url.rsplit('/').next().unwrap().to_string();
+        // The name is ours: a prefix and a UUID.
+        sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+            "ALTER DATABASE \"{name}\" SET enable_indexscan = off; \
+             ALTER DATABASE \"{name}\" SET enable_bitmapscan = off"
+        )))
+        .execute(&mut conn)
+        .await
+        .unwrap();
+        drop(migrating);
+        let store = PgStore::connect(&database.url, StoreOptions::default())
+            .await
+            .unwrap();
+        let id = |g: u32| Uuid::parse_str(&format!("00000000-0000-0000-0000-{g:012}")).unwrap();
+        let (low, high) = (id(1), id(2));
+        let batch = crate::store::pg_writes::PgBatch(store.pool.clone());
+        let outcomes = [high, low].map(|job_id| {
+            let lease = Lease {
+                job_id,
+                attempt: 1,
+                owner: "w1".into(),
+            };
+            let result = JsonText::parse(r#"{"id":"x"}"#.into()).unwrap();
+            Write::Finish(Finish::succeeded(&lease, result, 0))
+        });
+        for statement in ["heartbeat", "outcomes", "rescue"] {
+            sqlx::raw_sql(
+                "DELETE FROM jobs; \
+                 INSERT INTO jobs (id, status, spec, metadata, attempt, max_attempts, run_at, \
+                                   created_at, lease_owner, lease_expires_at) \
+                 VALUES ('00000000-0000-0000-0000-000000000002', 'running', '{}', '{}', 1, 3, \
+                         0, 0, 'w1', 10); \
+                 INSERT INTO jobs (id, status, spec, metadata, attempt, max_attempts, run_at, \
+                                   created_at, lease_owner, lease_expires_at) \
+                 VALUES ('00000000-0000-0000-0000-000000000001', 'running', '{}', '{}', 1, 3, \
+                         0, 0, 'w1', 20)",
+            )
+            .execute(&mut conn)
+            .await
+            .unwrap();
+            let mut holder = PgConnection::connect(&database.url).await.unwrap();
+            let mut held = holder.begin().await.unwrap();
+            sqlx::query("SELECT 1 FROM jobs WHERE id = $1 FOR UPDATE")
+                .bind(low)
+                .execute(&mut *held)
+                .await
+                .unwrap();
+            let run = async {
+                match statement {
+                    "heartbeat" => store
+                        .heartbeat("w1", &[high, low], 0, Duration::from_secs(30))
+                        .await
+                        .map(|held| held.len()),
+                    "outcomes" => batch
+                        .execute(&outcomes)
+                        .await
+                        .map(|took| took.iter().filter(|t| **t).count())
+                        .map_err(StoreError::from),
+                    _ => store.rescue_expired(100).await.map(|n| n as usize),
+                }
+            };
+            let probe = async {
+                // Once the statement waits on the lower id's lock...
+                let waiting = "SELECT count(*) FROM pg_locks WHERE NOT granted";
+                for _ in 0..500 {
+                    let n: i64 = sqlx::query_scalar(waiting)
+                        .fetch_one(&mut conn)
+                        .await
+                        .unwrap();
+                    if n > 0 {
+                        break;
+                    }
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+                // ...the higher id is free to lock.
+                let mut probe = conn.begin().await.unwrap();
+                let free = sqlx::query("SELECT 1 FROM jobs WHERE id = $1 FOR UPDATE NOWAIT")
+                    .bind(high)
+                    .execute(&mut *probe)
+                    .await;
+                probe.rollback().await.unwrap();
+                held.rollback().await.unwrap();
+                free.map(|_| ())
+            };
+            let (changed, free) = tokio::join!(run, probe);
+            assert_eq!(changed.unwrap(), 2, "{statement}");
+            assert!(
+                free.is_ok(),
+                "{statement} locked the higher id while it waited: {free:?}"
+            );
+        }
+        drop((conn, store));
+    }
+
     fn checkpoint_and_outcome(g: u32) -> [Write; 2] {
         let lease = Lease {
             job_id: Uuid::parse_str(&format!("00000000-0000-0000-0000-{g:012}")).unwrap(),
