@@ -99,16 +99,10 @@ pub fn schema(limits: &AnalysisLimits) -> Value {
 /// The `response_format` asking for that schema in the provider's own way; `None` when the
 /// provider only gets the schema in the prompt.
 pub fn response_format(mode: StructuredOutput, limits: &AnalysisLimits) -> Option<Value> {
-    match mode {
-        StructuredOutput::JsonSchema => Some(json!({
-            "type": "json_schema",
-            "json_schema": {"name": "fusion_analysis", "strict": true, "schema": schema(limits)}
-        })),
-        StructuredOutput::JsonObject => {
-            Some(json!({"type": "json_object", "schema": schema(limits)}))
-        }
-        StructuredOutput::Prompt => None,
-    }
+    mode.request_format(&json!({
+        "type": "json_schema",
+        "json_schema": {"name": "fusion_analysis", "strict": true, "schema": schema(limits)}
+    }))
 }
 
 /// The schema and the response formats for one set of limits, built and rendered to text once:

@@ -221,8 +221,11 @@ impl Pipeline {
             // A manual retry deletes failed steps first, so that one calls again.
             Some(s) => (s, false),
             _ => {
-                let mode = self.upstream.structured_output(&spec.analyst);
-                let (format, note) = final_format(spec.response_format.as_ref(), mode);
+                // The analyst's provider is looked up only for a job that asked for a format.
+                let (format, note) = match &spec.response_format {
+                    Some(f) => final_format(f, self.upstream.structured_output(&spec.analyst)),
+                    None => (None, None),
+                };
                 let messages = prompts::final_messages_with(
                     &spec.messages,
                     &answers,
@@ -565,31 +568,18 @@ struct Message<'a> {
 /// provider's own way (as the analysis is), and for a provider asked for none, what the prompt
 /// then says instead.
 fn final_format(
-    format: Option<&serde_json::Value>,
+    format: &serde_json::Value,
     mode: StructuredOutput,
 ) -> (Option<JsonText>, Option<String>) {
-    let Some(format) = format else {
-        return (None, None);
-    };
-    let schema = format.pointer("/json_schema/schema");
-    match mode {
-        StructuredOutput::JsonSchema => (Some(JsonText::from(format.clone())), None),
-        StructuredOutput::JsonObject => {
-            let mut object = serde_json::json!({"type": "json_object"});
-            if let Some(schema) = schema {
-                object["schema"] = schema.clone();
-            }
-            (Some(JsonText::from(object)), None)
+    let note = (mode == StructuredOutput::Prompt).then(|| {
+        let mut note =
+            "Reply with one JSON object and nothing else: no prose, no code fence.".to_string();
+        if let Some(schema) = format.pointer("/json_schema/schema") {
+            note += &format!(" It must be valid against this JSON Schema:\n{schema}");
         }
-        StructuredOutput::Prompt => {
-            let mut note =
-                "Reply with one JSON object and nothing else: no prose, no code fence.".to_string();
-            if let Some(schema) = schema {
-                note += &format!(" It must be valid against this JSON Schema:\n{schema}");
-            }
-            (None, Some(note))
-        }
-    }
+        note
+    });
+    (mode.request_format(format).map(JsonText::from), note)
 }
 
 /// The job's failure when too few panel members answered.

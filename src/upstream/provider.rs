@@ -90,6 +90,25 @@ pub enum StructuredOutput {
     Prompt,
 }
 
+impl StructuredOutput {
+    /// An OpenAI `response_format` (`json_object`, or `json_schema` with its schema) as a
+    /// provider in this mode is asked for it: as it is; as `json_object` with the schema beside
+    /// the type; or not at all, the prompt then saying what to write.
+    pub fn request_format(self, format: &serde_json::Value) -> Option<serde_json::Value> {
+        match self {
+            StructuredOutput::JsonSchema => Some(format.clone()),
+            StructuredOutput::JsonObject => {
+                let mut object = serde_json::json!({"type": "json_object"});
+                if let Some(schema) = format.pointer("/json_schema/schema") {
+                    object["schema"] = schema.clone();
+                }
+                Some(object)
+            }
+            StructuredOutput::Prompt => None,
+        }
+    }
+}
+
 /// Price per million tokens, used when the upstream does not report `usage.cost`.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Deserialize)]
 pub struct Price {
