@@ -4,9 +4,8 @@
 
 use bytes::Bytes;
 use hyper::header::HeaderValue;
-use serde::de::{DeserializeOwned, IgnoredAny};
+use serde::de::DeserializeOwned;
 use serde_json::Value;
-use serde_json::error::Category;
 
 use super::{ErrorKind, Provider, UpstreamError};
 use crate::redact::redact_url;
@@ -29,63 +28,52 @@ impl Answered {
     /// object followed by other bytes: an API did answer (the URL is right), but garbled.
     pub fn parse<T: DeserializeOwned>(&self, provider: &Provider) -> Result<T, UpstreamError> {
         serde_json::from_slice(&self.body).map_err(|e| {
-            // Off the happy path only: whether the body is JSON (whatever `T` wants), or JSON
-            // cut off before its end.
-            let json_or_cut = match serde_json::from_slice::<IgnoredAny>(&self.body) {
-                Ok(_) => true,
-                Err(whole) => whole.classify() == Category::Eof,
-            };
-            if json_or_cut {
+            // Off the happy path only: what the body is, whatever `T` wants, read once.
+            let mut values = serde_json::Deserializer::from_slice(&self.body).into_iter::<Value>();
+            let message = match (values.next(), values.next()) {
                 // An error reported in a 2xx says what went wrong in its own words.
-                let reported = serde_json::from_slice::<Value>(&self.body)
-                    .is_ok_and(|v| v.get("error").is_some_and(|e| !e.is_null()));
-                let message = match reported {
-                    true => format!(
+                (Some(Ok(whole)), None) if whole.get("error").is_some_and(|e| !e.is_null()) => {
+                    format!(
                         "upstream answered {} with an error: {}",
                         self.status,
                         super::error::upstream_message(&String::from_utf8_lossy(&self.body))
-                    ),
-                    false => format!("upstream body is not a chat completion: {e}"),
-                };
-                return UpstreamError::new(ErrorKind::BadBody, Some(self.status), message);
-            }
-            let key = provider.api_key.as_ref().map(|k| k.0.as_str());
-            if starts_with_object(&self.body) {
-                return UpstreamError::new(
-                    ErrorKind::BadBody,
-                    Some(self.status),
-                    format!(
-                        "upstream answered {} with a JSON object followed by other bytes: `{}`",
-                        self.status,
-                        excerpt(&self.body, key)
-                    ),
-                );
-            }
-            let content_type = self.content_type.as_ref().map_or_else(
-                || "no content-type".to_string(),
-                |v| format!("content-type {}", excerpt(v.as_bytes(), None)),
-            );
-            UpstreamError::new(
-                ErrorKind::NotJson,
-                Some(self.status),
-                format!(
-                    "upstream answered {} ({content_type}) with a body that is not JSON: `{}`; \
-                     is {} the API's base URL (the one under which POST /chat/completions \
-                     answers)?",
+                    )
+                }
+                // Text, or a value that is not an object, with more after it.
+                (Some(Err(text)), _) if !text.is_eof() => return self.not_json(provider),
+                (Some(Ok(first)), Some(_)) if !first.is_object() => return self.not_json(provider),
+                (Some(Ok(_)), Some(_)) => format!(
+                    "upstream answered {} with a JSON object followed by other bytes: `{}`",
                     self.status,
-                    excerpt(&self.body, key),
-                    redact_url(&provider.base_url),
+                    excerpt(&self.body, provider.api_key.as_ref().map(|k| k.0.as_str()))
                 ),
-            )
+                // JSON of another shape; an empty body, or one cut off before its JSON ended.
+                _ => format!("upstream body is not a chat completion: {e}"),
+            };
+            UpstreamError::new(ErrorKind::BadBody, Some(self.status), message)
         })
     }
-}
 
-/// Whether `body` begins with a whole JSON object (whatever follows it).
-fn starts_with_object(body: &[u8]) -> bool {
-    let mut values =
-        serde_json::Deserializer::from_slice(body).into_iter::<serde_json::Map<String, Value>>();
-    matches!(values.next(), Some(Ok(_)))
+    /// A body that is not JSON at all: what came back, and where it came from.
+    fn not_json(&self, provider: &Provider) -> UpstreamError {
+        let key = provider.api_key.as_ref().map(|k| k.0.as_str());
+        let content_type = self.content_type.as_ref().map_or_else(
+            || "no content-type".to_string(),
+            |v| format!("content-type {}", excerpt(v.as_bytes(), None)),
+        );
+        UpstreamError::new(
+            ErrorKind::NotJson,
+            Some(self.status),
+            format!(
+                "upstream answered {} ({content_type}) with a body that is not JSON: `{}`; \
+                     is {} the API's base URL (the one under which POST /chat/completions \
+                     answers)?",
+                self.status,
+                excerpt(&self.body, key),
+                redact_url(&provider.base_url),
+            ),
+        )
+    }
 }
 
 /// How many characters of a body an error message shows.
