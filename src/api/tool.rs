@@ -58,15 +58,13 @@ fn forces_fusion(choice: Option<&Value>) -> bool {
 /// upstream would refuse the call. OpenRouter forces its fusion tool with `"required"`, and so
 /// do we, or with the function form that names the tool we offer.
 fn refuse_tool_type_choice(choice: Option<&Value>) -> Result<(), ApiError> {
-    let kind = choice.and_then(|c| c.get("type"));
-    if !is_fusion_type(kind) {
-        return Ok(());
+    match choice.and_then(|c| c.get("type")) {
+        Some(kind) if is_fusion_type(Some(kind)) => Err(bad(format!(
+            "`tool_choice` {{\"type\": {kind}}} is not accepted: force the fusion tool with \
+             \"required\" or {{\"type\": \"function\", \"function\": {{\"name\": \"fusion\"}}}}"
+        ))),
+        _ => Ok(()),
     }
-    Err(bad(format!(
-        "`tool_choice` {{\"type\": {}}} is not accepted: force the fusion tool with \
-         \"required\" or {{\"type\": \"function\", \"function\": {{\"name\": \"fusion\"}}}}",
-        kind.expect("a fusion type")
-    )))
 }
 
 /// The function the outer model is offered in place of `{"type": "fusion"}`.
