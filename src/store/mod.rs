@@ -6,8 +6,8 @@
 //! The store knows nothing of LLMs; times are unix milliseconds passed in by the caller, so lease
 //! logic is testable without sleeping.
 
-/// The columns of a job row, in the order each backend's `job_from_row` reads them (a macro so that queries
-/// stay `&'static str` via `concat!`).
+/// The columns of a job row, in the order each backend's `job_from_row` reads them (a macro so
+/// that queries stay `&'static str` via `concat!`).
 macro_rules! job_columns {
     () => {
         "id, status, spec, metadata, priority, attempt, max_attempts, run_at, deadline_at, \

@@ -899,7 +899,6 @@ mod tests {
         drop((conn, store));
     }
 
-    /// The final checkpoint and the outcome of the `g`th of the fence test's running jobs.
     // Every statement that changes several running jobs locks them in id order, whatever
     // order its plan finds them in (see `BATCH_SQL`: the heartbeat and a batch's outcomes,
     // locking the same jobs in opposite orders, deadlock). Shown with the lower id locked
@@ -1006,6 +1005,7 @@ mod tests {
         drop((conn, store));
     }
 
+    /// The final checkpoint and the outcome of the `g`th of the fence test's running jobs.
     fn checkpoint_and_outcome(g: u32) -> [Write; 2] {
         let lease = Lease {
             job_id: Uuid::parse_str(&format!("00000000-0000-0000-0000-{g:012}")).unwrap(),
