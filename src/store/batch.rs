@@ -10,9 +10,10 @@ use std::collections::HashSet;
 
 use async_trait::async_trait;
 use tokio::sync::{mpsc, oneshot};
+use uuid::Uuid;
 
 use super::{Refusal, Result, StoreError};
-use crate::job::{JobStatus, JsonText, Lease, NewJob, StartHere, Step};
+use crate::job::{JobStatus, JsonText, Lease, NewJob, StartHere, Step, StepKey};
 
 /// The most queued groups (a write, or a job's last checkpoint and outcome) one batch takes;
 /// more wait for the next.
@@ -214,35 +215,36 @@ fn gave_up_waiting(db: &dyn sqlx::error::DatabaseError) -> bool {
     }
 }
 
-/// A row a batch statement returns for each write that took effect: `(kind, job id, step,
-/// attempt)`, kind being `e`, `s` or `f`.
-pub(super) type Took = (String, String, Option<String>, Option<i64>);
+/// A write that took effect, as the row its batch statement returned names it: its kind (`e`,
+/// `s` or `f`), job id, step (checkpoints) and attempt (checkpoints and outcomes). Typed, so that
+/// matching rows to writes formats nothing.
+pub(super) type Took = (u8, Uuid, Option<StepKey>, Option<i64>);
+
+/// The key of a returned checkpoint row; one whose step name is not ours matches no write.
+pub(super) fn took_step(job_id: Uuid, step: &str, attempt: i64) -> Took {
+    match StepKey::parse(step) {
+        Some(key) => (b's', job_id, Some(key), Some(attempt)),
+        None => (b'?', job_id, None, Some(attempt)),
+    }
+}
 
 /// Which of `writes` took effect, given the rows their batch returned.
 pub(super) fn which_took(writes: &[Write], returned: impl IntoIterator<Item = Took>) -> Vec<bool> {
-    let took: HashSet<_> = returned
-        .into_iter()
-        .map(|(kind, id, step, attempt)| (kind.chars().next().unwrap_or('?'), id, step, attempt))
-        .collect();
+    let took: HashSet<Took> = returned.into_iter().collect();
     writes.iter().map(|w| took.contains(&took_key(w))).collect()
 }
 
-/// The key a write's row comes back under when it took effect: `(kind, job id, step, attempt)`.
-fn took_key(write: &Write) -> (char, String, Option<String>, Option<i64>) {
+/// The key a write's row comes back under when it took effect.
+fn took_key(write: &Write) -> Took {
     match write {
-        Write::Enqueue { job, .. } => ('e', job.id.to_string(), None, None),
+        Write::Enqueue { job, .. } => (b'e', job.id, None, None),
         Write::Step { lease, step } => (
-            's',
-            lease.job_id.to_string(),
-            Some(step.key.to_db()),
+            b's',
+            lease.job_id,
+            Some(step.key),
             Some(i64::from(lease.attempt)),
         ),
-        Write::Finish(f) => (
-            'f',
-            f.lease.job_id.to_string(),
-            None,
-            Some(i64::from(f.lease.attempt)),
-        ),
+        Write::Finish(f) => (b'f', f.lease.job_id, None, Some(i64::from(f.lease.attempt))),
     }
 }
 

@@ -11,7 +11,7 @@ use sqlx::query::Query;
 use sqlx::types::Json;
 use uuid::Uuid;
 
-use super::batch::{BatchSql, Finish, Write, which_took};
+use super::batch::{BatchSql, Finish, Write, took_step, which_took};
 use crate::job::{JobSpec, JsonText, Lease, NewJob, StartHere, Step};
 
 pub(super) struct PgBatch(pub PgPool);
@@ -33,11 +33,11 @@ impl BatchSql for PgBatch {
 ///
 /// The checkpoints' fence reads the statement's snapshot and locks nothing: a write racing the
 /// loss of its lease (a cancel or a rescue committing meanwhile) may land as if just before it.
-/// An outcome re-checks the row it locks and updates, so a final step may then land without its outcome: it is a
-/// checkpoint like any other, which the next attempt reuses. And the next attempt's claim may
-/// not see such a step yet, and run it again: its write replaces the earlier attempt's row
-/// (`DO UPDATE … WHERE steps.attempt < excluded.attempt`) instead of being refused, which its
-/// worker would take for a lost lease.
+/// An outcome re-checks the row it locks and updates, so a final step may then land without its
+/// outcome: it is a checkpoint like any other, which the next attempt reuses. And the next
+/// attempt's claim may not see such a step yet, and run it again: its write replaces the earlier
+/// attempt's row (`DO UPDATE … WHERE steps.attempt < excluded.attempt`) instead of being refused,
+/// which its worker would take for a lost lease.
 pub(super) const BATCH_SQL: &str = "\
 WITH e AS (
     INSERT INTO jobs (id, status, spec, metadata, priority, attempt, max_attempts, run_at,
@@ -106,8 +106,18 @@ async fn execute(pool: &PgPool, writes: &[Write]) -> Result<Vec<bool>, sqlx::Err
     for row in &rows {
         let id: Uuid = row.try_get("id")?;
         let attempt: Option<i32> = row.try_get("attempt")?;
-        let (kind, step) = (row.try_get("kind")?, row.try_get("step")?);
-        took.push((kind, id.to_string(), step, attempt.map(i64::from)));
+        let kind: &str = row.try_get("kind")?;
+        took.push(
+            match (kind, row.try_get::<Option<&str>, _>("step")?, attempt) {
+                ("s", Some(step), Some(attempt)) => took_step(id, step, i64::from(attempt)),
+                _ => (
+                    kind.bytes().next().unwrap_or(b'?'),
+                    id,
+                    None,
+                    attempt.map(i64::from),
+                ),
+            },
+        );
     }
     Ok(which_took(writes, took))
 }

@@ -558,7 +558,7 @@ mod tests {
     use sqlx::Connection;
 
     use super::*;
-    use crate::store::batch::all_fail_at_once_behind_a_lock;
+    use crate::store::batch::{BatchSql, Finish, Write, all_fail_at_once_behind_a_lock};
     use crate::store::{a_job_that_does_not_read_fails_at_its_claim, queued_job};
 
     /// What `EXPLAIN QUERY PLAN` says of `sql` (its parameters unbound), a step per line.
@@ -648,6 +648,102 @@ mod tests {
         crate::store::batch::only_the_current_lease_of_two_outcomes_takes(&sql, job.id).await;
         let stored = store.get_job(job.id).await.unwrap().unwrap();
         assert_eq!(stored.status, JobStatus::Succeeded);
+    }
+
+    // A batch's writes go out as multi-row statements of 1 to 256 rows, padded with rows of
+    // NULLs (`sqlite_writes.rs`): a batch larger than the largest statement, of every kind, its
+    // kinds interleaved, some of each fenced out, tells each write whether it took, and the
+    // padding writes nothing.
+    #[tokio::test]
+    async fn a_large_mixed_batch_tells_each_write_whether_it_took_and_pads_with_nothing() {
+        let (_dir, store) = migrated_store().await;
+        let mut jobs = vec![];
+        for i in 0..70 {
+            jobs.push(running_job(&store, 1_000 + i, 2, "w1").await);
+        }
+        let taken_key = {
+            let mut job = queued_job(5_000);
+            job.idempotency_key = Some("taken".into());
+            store.enqueue(job, None).await.unwrap();
+            "taken"
+        };
+        let lease = |job: &NewJob, attempt: i32, owner: &str| Lease {
+            job_id: job.id,
+            attempt,
+            owner: owner.into(),
+        };
+        let step = |key: StepKey| Step {
+            key,
+            model: "m1".into(),
+            ok: true,
+            content: Some(format!("answer \"{key:?}\"\n")),
+            data: None,
+            usage: Usage::default(),
+            latency_ms: 1,
+            error_code: None,
+            error: None,
+            status_code: None,
+            attempt: 2,
+            created_at: 2_000,
+        };
+        let (mut writes, mut expected) = (vec![], vec![]);
+        for (i, job) in jobs.iter().enumerate() {
+            for k in 0..5 {
+                let key = if k < 4 {
+                    StepKey::Panel(k)
+                } else {
+                    StepKey::Analysis
+                };
+                writes.push(Write::Step {
+                    lease: lease(job, 2, "w1"),
+                    step: step(key),
+                });
+                expected.push(true);
+            }
+            if i % 7 == 0 {
+                // Another worker's stale lease: fenced out.
+                writes.push(Write::Step {
+                    lease: lease(job, 1, "w0"),
+                    step: step(StepKey::Final),
+                });
+                expected.push(false);
+            }
+            let (attempt, took) = if i % 9 == 0 { (1, false) } else { (2, true) };
+            let finish = Finish::failed(&lease(job, attempt, "w1"), "r".into(), "e".into(), 3_000);
+            writes.push(Write::Finish(finish));
+            expected.push(took);
+            if i % 20 == 0 {
+                let mut new = queued_job(4_000 + i as i64);
+                if i == 40 {
+                    new.idempotency_key = Some(taken_key.into());
+                }
+                writes.push(Write::Enqueue {
+                    job: new,
+                    start: None,
+                });
+                expected.push(i != 40);
+            }
+        }
+        let sql = crate::store::sqlite_writes::SqliteBatch(store.writer.clone());
+        assert_eq!(sql.execute(&writes).await.unwrap(), expected);
+
+        let pool = &store.pool;
+        let count = |q: &'static str| async move {
+            let n: i64 = sqlx::query_scalar(q).fetch_one(pool).await.unwrap();
+            n
+        };
+        assert_eq!(count("SELECT count(*) FROM steps").await, 350);
+        assert_eq!(
+            count("SELECT count(*) FROM steps WHERE step = 'final'").await,
+            0
+        );
+        assert_eq!(count("SELECT count(*) FROM jobs").await, 70 + 1 + 3);
+        assert_eq!(count("SELECT count(*) FROM jobs WHERE id IS NULL").await, 0);
+        let failed = count("SELECT count(*) FROM jobs WHERE status = 'failed'").await;
+        assert_eq!(failed, 70 - 8);
+        let stored = store.get_steps(jobs[3].id).await.unwrap();
+        assert_eq!(stored.len(), 5);
+        assert_eq!(stored[0].content.as_deref(), Some("answer \"Panel(0)\"\n"));
     }
 
     #[tokio::test]
