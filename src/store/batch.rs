@@ -220,11 +220,14 @@ fn gave_up_waiting(db: &dyn sqlx::error::DatabaseError) -> bool {
 /// matching rows to writes formats nothing.
 pub(super) type Took = (u8, Uuid, Option<StepKey>, Option<i64>);
 
-/// The key of a returned checkpoint row; one whose step name is not ours matches no write.
-pub(super) fn took_step(job_id: Uuid, step: &str, attempt: i64) -> Took {
-    match StepKey::parse(step) {
-        Some(key) => (b's', job_id, Some(key), Some(attempt)),
-        None => (b'?', job_id, None, Some(attempt)),
+/// The key of a row a batch statement returned: `kind` (`e`, `s` or `f`), job id, step name and
+/// attempt, as the statement's columns hold them. A row that is none of ours matches no write.
+pub(super) fn took_row(kind: &str, id: Uuid, step: Option<&str>, attempt: Option<i64>) -> Took {
+    match (kind, step.map(StepKey::parse), attempt) {
+        ("s", Some(Some(key)), Some(_)) => (b's', id, Some(key), attempt),
+        ("e", None, None) => (b'e', id, None, None),
+        ("f", None, Some(_)) => (b'f', id, None, attempt),
+        _ => (b'?', id, None, attempt),
     }
 }
 

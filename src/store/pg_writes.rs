@@ -11,7 +11,7 @@ use sqlx::query::Query;
 use sqlx::types::Json;
 use uuid::Uuid;
 
-use super::batch::{BatchSql, Finish, Write, took_step, which_took};
+use super::batch::{BatchSql, Finish, Write, took_row, which_took};
 use crate::job::{JobSpec, JsonText, Lease, NewJob, StartHere, Step};
 
 pub(super) struct PgBatch(pub PgPool);
@@ -106,18 +106,13 @@ async fn execute(pool: &PgPool, writes: &[Write]) -> Result<Vec<bool>, sqlx::Err
     for row in &rows {
         let id: Uuid = row.try_get("id")?;
         let attempt: Option<i32> = row.try_get("attempt")?;
-        let kind: &str = row.try_get("kind")?;
-        took.push(
-            match (kind, row.try_get::<Option<&str>, _>("step")?, attempt) {
-                ("s", Some(step), Some(attempt)) => took_step(id, step, i64::from(attempt)),
-                _ => (
-                    kind.bytes().next().unwrap_or(b'?'),
-                    id,
-                    None,
-                    attempt.map(i64::from),
-                ),
-            },
-        );
+        let step: Option<&str> = row.try_get("step")?;
+        took.push(took_row(
+            row.try_get("kind")?,
+            id,
+            step,
+            attempt.map(i64::from),
+        ));
     }
     Ok(which_took(writes, took))
 }

@@ -11,7 +11,7 @@ use sqlx::sqlite::{Sqlite, SqliteArguments, SqlitePool};
 use sqlx::{AssertSqlSafe, Row};
 use uuid::Uuid;
 
-use super::batch::{BatchSql, Write, took_step, which_took};
+use super::batch::{BatchSql, Write, took_row, which_took};
 use crate::job::{JobStatus, JsonText};
 
 pub(super) struct SqliteBatch(pub SqlitePool);
@@ -221,13 +221,13 @@ impl BatchSql for SqliteBatch {
         };
         let mut took = Vec::with_capacity(rows.len());
         for row in &rows {
-            let kind: &str = row.try_get(0)?;
             let id = Uuid::parse_str(row.try_get(1)?).map_err(decode)?;
-            let attempt: Option<i64> = row.try_get(3)?;
-            took.push(match (kind, row.try_get::<Option<&str>, _>(2)?, attempt) {
-                ("s", Some(step), Some(attempt)) => took_step(id, step, attempt),
-                _ => (kind.bytes().next().unwrap_or(b'?'), id, None, attempt),
-            });
+            took.push(took_row(
+                row.try_get(0)?,
+                id,
+                row.try_get(2)?,
+                row.try_get(3)?,
+            ));
         }
         Ok(which_took(writes, took))
     }
