@@ -13,7 +13,7 @@ use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper::body::Body as _;
 use hyper::client::conn::http1::{self, SendRequest};
-use hyper::header::{self, HeaderMap};
+use hyper::header::{self, HeaderMap, HeaderValue};
 use hyper::{Request, Uri};
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
@@ -31,6 +31,39 @@ pub(super) struct Answer {
     pub status: u16,
     pub headers: HeaderMap,
     pub body: Bytes,
+}
+
+/// Where completions go on a plain-`http://` upstream, worked out once per provider: the
+/// request's path, its `Host` header, and the pool's key for the origin. The host and port only:
+/// a `user:password@` in the URL is neither a connect target nor a `Host` header, nor shown in
+/// an error (`Endpoint` sends it as Basic auth).
+#[derive(Debug, Clone)]
+pub(super) struct Target {
+    pub(super) path: Uri,
+    pub(super) host: HeaderValue,
+    /// `host:port`, the port 80 when the URL names none.
+    pub(super) origin: String,
+}
+
+impl Target {
+    /// `None` when `uri` names no host.
+    pub fn new(uri: &Uri) -> Option<Target> {
+        let authority = uri.authority()?;
+        let host = match authority.port() {
+            Some(port) => format!("{}:{port}", authority.host()),
+            None => authority.host().to_string(),
+        };
+        let path = uri.path_and_query().map_or("/", |p| p.as_str());
+        Some(Target {
+            path: path.parse().ok()?,
+            host: HeaderValue::from_str(&host).ok()?,
+            origin: format!(
+                "{}:{}",
+                authority.host(),
+                authority.port_u16().unwrap_or(80)
+            ),
+        })
+    }
 }
 
 #[derive(Debug)]
@@ -54,49 +87,35 @@ impl PlainClient {
         }
     }
 
-    /// POST `body` to `uri` (an `http://` URI with a host) with `headers`, and read the answer:
-    /// a 2xx whole (up to `MAX_ANSWER_BYTES`, past which the call fails), the start of any other
-    /// (see `body::Body`). No timeout of its own beyond connecting: the caller bounds the whole
+    /// POST `body` to `target` with `headers`, and read the answer: a 2xx whole (up to
+    /// `MAX_ANSWER_BYTES`, past which the call fails), the start of any other (see
+    /// `body::Body`). No timeout of its own beyond connecting: the caller bounds the whole
     /// exchange.
     pub async fn post(
         &self,
-        uri: &Uri,
+        target: &Target,
         headers: &HeaderMap,
         body: Bytes,
     ) -> Result<Answer, UpstreamError> {
-        let authority = uri
-            .authority()
-            .ok_or_else(|| failed(ErrorKind::Connect, "no host in the URL".into()))?;
-        // The host and port only: a `user:password@` in the URL is neither a connect target nor
-        // a `Host` header, nor shown in an error (`Endpoint` sends it as Basic auth).
-        let host = match authority.port() {
-            Some(port) => format!("{}:{port}", authority.host()),
-            None => authority.host().to_string(),
-        };
-        let origin = format!(
-            "{}:{}",
-            authority.host(),
-            authority.port_u16().unwrap_or(80)
-        );
-        let path = uri.path_and_query().map_or("/", |p| p.as_str());
+        let origin = target.origin.as_str();
         let request = || -> Result<Request<Full<Bytes>>, UpstreamError> {
-            let mut req = Request::post(path)
-                .header(header::HOST, host.as_str())
+            let mut req = Request::post(target.path.clone())
+                .header(header::HOST, target.host.clone())
                 .body(Full::new(body.clone()))
                 .map_err(|e| failed(ErrorKind::Rejected, e.to_string()))?;
             req.headers_mut().extend(headers.clone());
             Ok(req)
         };
-        let (mut sender, reused) = match self.checkout(&origin).await {
+        let (mut sender, reused) = match self.checkout(origin).await {
             Some(sender) => (sender, true),
-            None => (self.connect(&origin).await?, false),
+            None => (self.connect(origin).await?, false),
         };
         let response = match sender.send_request(request()?).await {
             Ok(r) => r,
             // The server closed the pooled connection before the request went out (it was
             // never sent): once more, on a fresh connection.
             Err(e) if reused && e.is_canceled() => {
-                sender = self.connect(&origin).await?;
+                sender = self.connect(origin).await?;
                 sender.send_request(request()?).await.map_err(call_error)?
             }
             Err(e) => return Err(call_error(e)),
@@ -149,12 +168,17 @@ impl PlainClient {
 
     /// Keep `sender` for the next call to `origin`, unless the pool is full; connections idle
     /// too long are closed on the way.
-    fn checkin(&self, origin: String, sender: Sender) {
+    fn checkin(&self, origin: &str, sender: Sender) {
         if sender.is_closed() {
             return;
         }
         let mut idle = self.idle.lock().expect("pool");
-        let conns = idle.entry(origin).or_default();
+        if !idle.contains_key(origin) {
+            idle.insert(origin.to_string(), VecDeque::new());
+        }
+        let Some(conns) = idle.get_mut(origin) else {
+            return;
+        };
         while conns
             .front()
             .is_some_and(|(_, since)| since.elapsed() > self.idle_for)
@@ -227,7 +251,7 @@ mod tests {
 
     /// A bare HTTP/1.1 server answering every request with `ok` after `delay`; with `close`, it
     /// says `connection: close` and hangs up after each answer.
-    async fn server(close: bool, delay: Duration) -> (Uri, Arc<Seen>) {
+    async fn server(close: bool, delay: Duration) -> (Target, Arc<Seen>) {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let uri = format!(
             "http://{}/v1/chat/completions",
@@ -269,10 +293,10 @@ mod tests {
                 });
             }
         });
-        (uri.parse().unwrap(), seen)
+        (Target::new(&uri.parse().unwrap()).unwrap(), seen)
     }
 
-    async fn call(client: &PlainClient, uri: &Uri) -> Answer {
+    async fn call(client: &PlainClient, uri: &Target) -> Answer {
         let headers = HeaderMap::new();
         client
             .post(uri, &headers, Bytes::from_static(b"{}"))
@@ -305,7 +329,7 @@ mod tests {
     }
 
     /// `n` calls at once (each on a connection of its own while the server holds its answer).
-    async fn calls_at_once(client: &PlainClient, uri: &Uri, n: usize) {
+    async fn calls_at_once(client: &PlainClient, uri: &Target, n: usize) {
         let answers = futures::future::join_all((0..n).map(|_| call(client, uri))).await;
         assert!(answers.iter().all(|a| a.status == 200));
     }
@@ -351,8 +375,8 @@ mod tests {
         assert_eq!(seen.accepted.load(Ordering::SeqCst), 4);
     }
 
-    fn completions_at(base: &str) -> Uri {
-        format!("{base}/v1/chat/completions").parse().unwrap()
+    fn completions_at(base: &str) -> Target {
+        Target::new(&format!("{base}/v1/chat/completions").parse().unwrap()).unwrap()
     }
 
     // An upstream at the wrong URL, or one ignoring `stream: false`, can send without end: the
@@ -438,6 +462,7 @@ mod tests {
         let uri: Uri = format!("http://{}/v1", listener.local_addr().unwrap())
             .parse()
             .unwrap();
+        let uri = Target::new(&uri).unwrap();
         drop(listener);
         let client = PlainClient::new(Duration::from_secs(1), 8);
         let headers = HeaderMap::new();

@@ -161,10 +161,10 @@ impl Upstream {
         endpoint: &Endpoint,
         body: Vec<u8>,
     ) -> Result<Answered, UpstreamError> {
-        let Some(uri) = &endpoint.plain else {
+        let Some(target) = &endpoint.plain else {
             return read_ok(self.post(endpoint, body).await?).await;
         };
-        let call = self.plain.post(uri, &endpoint.headers, body.into());
+        let call = self.plain.post(target, &endpoint.headers, body.into());
         let answer = tokio::time::timeout(self.config.timeout, call)
             .await
             .map_err(|_| {

@@ -14,6 +14,7 @@ use hyper::header::{ACCEPT, AUTHORIZATION, CONTENT_TYPE, HeaderMap, HeaderValue}
 use hyper_util::client::proxy::matcher::Matcher;
 use serde::Deserialize;
 
+use super::h1::Target;
 use super::{DEPTH_HEADER, Upstream};
 use crate::redact::redact_url;
 
@@ -175,7 +176,7 @@ pub(super) struct Endpoint {
     pub(super) headers: HeaderMap,
     /// `Some` when completions take the lean client: an `http://` URL that the proxy variables
     /// (`HTTP_PROXY`, `ALL_PROXY`, less `NO_PROXY`, read as reqwest reads them) leave alone.
-    pub(super) plain: Option<Uri>,
+    pub(super) plain: Option<Target>,
 }
 
 impl Endpoint {
@@ -198,11 +199,11 @@ impl Endpoint {
         } else if let Some(value) = basic_auth {
             headers.insert(AUTHORIZATION, value);
         }
-        let plain = url.parse::<Uri>().ok().filter(|uri| {
-            uri.scheme_str() == Some("http")
-                && uri.host().is_some()
-                && proxies.intercept(uri).is_none()
-        });
+        let plain = url
+            .parse::<Uri>()
+            .ok()
+            .filter(|uri| uri.scheme_str() == Some("http") && proxies.intercept(uri).is_none())
+            .and_then(|uri| Target::new(&uri));
         Ok(Endpoint {
             url,
             headers,
@@ -261,7 +262,16 @@ mod tests {
         let local = p("http://127.0.0.1:8081/v1/");
         let endpoint = Endpoint::of(&local, &none).unwrap();
         assert_eq!(endpoint.url, "http://127.0.0.1:8081/v1/chat/completions");
-        assert_eq!(endpoint.plain.as_ref().unwrap(), &endpoint.url.as_str());
+        let target = endpoint.plain.as_ref().unwrap();
+        assert_eq!(target.path, "/v1/chat/completions");
+        assert_eq!(target.host, "127.0.0.1:8081");
+        assert_eq!(target.origin, "127.0.0.1:8081");
+        let default_port = Endpoint::of(&p("http://user:pw@localhost/v1"), &none).unwrap();
+        let target = default_port.plain.unwrap();
+        assert_eq!(
+            (target.host.to_str().unwrap(), target.origin.as_str()),
+            ("localhost", "localhost:80")
+        );
         assert_eq!(endpoint.headers[AUTHORIZATION], "Bearer sk-1");
         assert_eq!(endpoint.headers[DEPTH_HEADER], "1");
         let shown = format!("{endpoint:?}");
