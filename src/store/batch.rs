@@ -6,8 +6,6 @@
 //! result, only after the commit; a batch that fails is re-run in halves down to single groups,
 //! so one bad write never fails its neighbours.
 
-use std::collections::HashSet;
-
 use async_trait::async_trait;
 use tokio::sync::{mpsc, oneshot};
 use uuid::Uuid;
@@ -231,10 +229,15 @@ pub(super) fn took_row(kind: &str, id: Uuid, step: Option<&str>, attempt: Option
     }
 }
 
-/// Which of `writes` took effect, given the rows their batch returned.
+/// Which of `writes` took effect, given the rows their batch returned. Sorted and searched
+/// rather than hashed: SipHash over every key cost more than the sort.
 pub(super) fn which_took(writes: &[Write], returned: impl IntoIterator<Item = Took>) -> Vec<bool> {
-    let took: HashSet<Took> = returned.into_iter().collect();
-    writes.iter().map(|w| took.contains(&took_key(w))).collect()
+    let mut took: Vec<Took> = returned.into_iter().collect();
+    took.sort_unstable();
+    writes
+        .iter()
+        .map(|w| took.binary_search(&took_key(w)).is_ok())
+        .collect()
 }
 
 /// The key a write's row comes back under when it took effect.
