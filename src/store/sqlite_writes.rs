@@ -3,7 +3,7 @@
 //! parameters (`VALUES (?, …), …`), so a batch costs one hop to SQLite's thread, not one per
 //! write, and SQLite reads no JSON to find a row's values.
 
-use std::sync::LazyLock;
+use std::sync::OnceLock;
 
 use async_trait::async_trait;
 use sqlx::query::Query;
@@ -20,20 +20,42 @@ pub(super) struct SqliteBatch(pub SqlitePool);
 /// that holds what is left (at most the largest; more rows take several), the unused rows bound
 /// to NULLs, which match no job. A batch's command then takes one of few shapes, and sqlx, which
 /// keeps a connection's last 100 prepared statements by their text, prepares each shape once
-/// (about a millisecond of the writer's thread for the largest). A kept shape holds ~600 bytes
-/// per checkpoint row (a 256-row statement, 156 KB): in the benchmark's memory scenario, whose
-/// batches come in every size, the server's peak grew by 9 MiB.
+/// (1.3M instructions per preparation on average in a counted drain). A kept shape holds ~600
+/// bytes per checkpoint row (a 256-row statement, 156 KB by `sqlite3`'s `.stats`): in the
+/// benchmark's memory scenario, whose batches come in every size, the server's peak grew by
+/// 9 MiB.
 const SIZES: [usize; 9] = [1, 2, 4, 8, 16, 32, 64, 128, 256];
 
-/// One kind of write: its parameters per row, and its statement for each size (the rows'
-/// parameters are `VALUES` columns `column1`…, and each row it writes comes back as a `Took`'s
-/// columns: kind, job id, step, attempt).
+/// One kind of write: its parameters per row, its statement with `{rows}` for the `VALUES` rows
+/// (whose columns are `column1`…; each row it writes comes back as a `Took`'s columns: kind, job
+/// id, step, attempt), and that statement for each size, made once.
 struct Kind {
     columns: usize,
-    statements: LazyLock<[String; SIZES.len()]>,
+    template: &'static str,
+    statements: OnceLock<[String; SIZES.len()]>,
 }
 
 impl Kind {
+    const fn new(columns: usize, template: &'static str) -> Kind {
+        Kind {
+            columns,
+            template,
+            statements: OnceLock::new(),
+        }
+    }
+
+    /// The statement for `SIZES[i]` rows.
+    fn statement(&self, i: usize) -> &str {
+        let statements = self.statements.get_or_init(|| {
+            let row = format!("({})", vec!["?"; self.columns].join(", "));
+            SIZES.map(|rows| {
+                let rows = vec![row.as_str(); rows].join(",\n");
+                self.template.replace("{rows}", &rows)
+            })
+        });
+        &statements[i]
+    }
+
     /// The statements for `rows` rows: their sizes' indexes in `SIZES`.
     fn sizes(rows: usize) -> impl Iterator<Item = usize> {
         let largest = SIZES.len() - 1;
@@ -42,13 +64,6 @@ impl Kind {
         let last = (rest > 0).then(|| SIZES.iter().position(|&n| n >= rest).unwrap_or(largest));
         std::iter::repeat_n(largest, full).chain(last)
     }
-}
-
-/// `template`'s statement for each size: its `{rows}` made `(?, ?, …), (?, …)`, that many rows
-/// of `columns` parameters.
-fn shapes(template: &str, columns: usize) -> [String; SIZES.len()] {
-    let row = format!("({})", vec!["?"; columns].join(", "));
-    SIZES.map(|rows| template.replace("{rows}", &vec![row.as_str(); rows].join(",\n")))
 }
 
 /// Enqueue rows: `[id, spec, metadata, priority, max_attempts, deadline_at, idempotency_key,
@@ -65,10 +80,7 @@ SELECT column1, iif(column10 IS NULL, 'queued', 'running'), column2, column3, co
 FROM (VALUES {rows}) WHERE column1 IS NOT NULL
 ON CONFLICT (idempotency_key) DO NOTHING
 RETURNING 'e', id, NULL, NULL";
-static ENQUEUE: Kind = Kind {
-    columns: 11,
-    statements: LazyLock::new(|| shapes(ENQUEUE_SQL, 11)),
-};
+static ENQUEUE: Kind = Kind::new(11, ENQUEUE_SQL);
 
 /// Step rows: `[job_id, step, model, ok, content, data, prompt_tokens, completion_tokens, cost,
 /// latency_ms, error_code, error, status_code, attempt, created_at, owner]`; fenced on the lease.
@@ -91,10 +103,7 @@ ON CONFLICT (job_id, step) DO UPDATE SET
     created_at = excluded.created_at
 WHERE steps.attempt < excluded.attempt
 RETURNING 's', job_id, step, attempt";
-static STEPS: Kind = Kind {
-    columns: 16,
-    statements: LazyLock::new(|| shapes(STEPS_SQL, 16)),
-};
+static STEPS: Kind = Kind::new(16, STEPS_SQL);
 
 /// Finish rows: `[id, attempt, owner, status, result, reason, error, finished_at]`; fenced on
 /// the lease. The `+` keeps the planner off the status index: it must walk the rows and look
@@ -108,23 +117,15 @@ FROM (VALUES {rows}) AS v
 WHERE jobs.id = v.column1 AND jobs.attempt = v.column2 AND jobs.lease_owner = v.column3
   AND +jobs.status = 'running'
 RETURNING 'f', id, NULL, attempt";
-static FINISH: Kind = Kind {
-    columns: 8,
-    statements: LazyLock::new(|| shapes(FINISH_SQL, 8)),
-};
+static FINISH: Kind = Kind::new(8, FINISH_SQL);
 
 type SqliteQuery<'a> = Query<'a, Sqlite, SqliteArguments>;
-
-/// A job id as SQLite stores it: hyphenated lowercase text.
-fn id_text(id: Uuid) -> String {
-    id.hyphenated().to_string()
-}
 
 /// Bind one write's row to `q` (its kind's columns, in its kind's order).
 fn bind_row<'a>(q: SqliteQuery<'a>, write: &'a Write) -> Result<SqliteQuery<'a>, sqlx::Error> {
     Ok(match write {
         Write::Enqueue { job, start } => q
-            .bind(id_text(job.id))
+            .bind(job.id.to_string())
             .bind(serde_json::to_string(&job.spec).map_err(encode)?)
             .bind(job.metadata.to_string())
             .bind(job.priority)
@@ -136,7 +137,7 @@ fn bind_row<'a>(q: SqliteQuery<'a>, write: &'a Write) -> Result<SqliteQuery<'a>,
             .bind(start.as_ref().map(|s| s.owner.as_str()))
             .bind(start.as_ref().map(|s| s.lease_expires_at)),
         Write::Step { lease, step } => q
-            .bind(id_text(lease.job_id))
+            .bind(lease.job_id.to_string())
             .bind(step.key.to_db())
             .bind(step.model.as_str())
             .bind(i64::from(step.ok))
@@ -153,7 +154,7 @@ fn bind_row<'a>(q: SqliteQuery<'a>, write: &'a Write) -> Result<SqliteQuery<'a>,
             .bind(step.created_at)
             .bind(lease.owner.as_str()),
         Write::Finish(f) => q
-            .bind(id_text(f.lease.job_id))
+            .bind(f.lease.job_id.to_string())
             .bind(f.lease.attempt)
             .bind(f.lease.owner.as_str())
             .bind(f.status.as_str())
@@ -191,7 +192,7 @@ impl BatchSql for SqliteBatch {
             for i in Kind::sizes(rows.len()) {
                 let (chunk, after) = rest.split_at(SIZES[i].min(rest.len()));
                 rest = after;
-                sql += &kind.statements[i];
+                sql += kind.statement(i);
                 sql += ";\n";
                 args.push((kind, chunk, SIZES[i] - chunk.len()));
             }
