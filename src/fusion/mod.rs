@@ -244,14 +244,8 @@ impl Pipeline {
                 };
                 if retryable {
                     // Not checkpointed: the next attempt of the job writes this step afresh.
-                    return Outcome::retry(
-                        next_try(),
-                        s.error_code.unwrap_or_else(|| "upstream_error".into()),
-                        format!(
-                            "the final answer could not be written: {}",
-                            s.error.as_deref().unwrap_or("unknown error")
-                        ),
-                    );
+                    let (reason, error) = final_failure(&s);
+                    return Outcome::retry(next_try(), reason, error);
                 }
                 // A failure is written after the analysis and before the outcome (which `run`
                 // awaits); an answer goes back with the outcome, to be written in its commit.
@@ -263,16 +257,8 @@ impl Pipeline {
             }
         };
         if !final_step.ok {
-            return Outcome::Failed {
-                reason: final_step
-                    .error_code
-                    .clone()
-                    .unwrap_or("upstream_error".into()),
-                error: format!(
-                    "the final answer could not be written: {}",
-                    final_step.error.as_deref().unwrap_or("unknown error")
-                ),
-            };
+            let (reason, error) = final_failure(&final_step);
+            return Outcome::Failed { reason, error };
         }
 
         let mut usage = Usage::default();
@@ -580,6 +566,16 @@ fn final_format(
         note
     });
     (mode.request_format(format).map(JsonText::from), note)
+}
+
+/// The job's reason and error when its final step failed as `step` did.
+fn final_failure(step: &Step) -> (String, String) {
+    let reason = step.error_code.as_deref().unwrap_or("upstream_error");
+    let error = step.error.as_deref().unwrap_or("unknown error");
+    (
+        reason.to_string(),
+        format!("the final answer could not be written: {error}"),
+    )
 }
 
 /// The job's failure when too few panel members answered.
