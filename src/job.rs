@@ -453,22 +453,7 @@ mod tests {
             attempt,
             max_attempts: 5,
             deadline_at,
-            ..NewJob {
-                id: Uuid::nil(),
-                spec: serde_json::from_value(serde_json::json!({
-                    "model": "fusion", "messages": [], "panel": ["a"], "analyst": "a",
-                    "min_panel": 1,
-                }))
-                .unwrap(),
-                metadata: Value::Null,
-                priority: 0,
-                max_attempts: 5,
-                deadline_at: None,
-                idempotency_key: None,
-                request_hash: None,
-                created_at: 0,
-            }
-            .into_queued()
+            ..crate::store::queued_job(0).into_queued()
         };
         let base = Duration::from_secs(1);
         assert_eq!(job(1, None).next_try_at(1_000, base), Ok(2_000));
