@@ -86,6 +86,11 @@ pub struct Worker {
     /// Unique per process start: the `lease_owner` of every job it claims.
     owner: String,
     running: Mutex<RunningMap>,
+    /// Cancels heard lately, by job id, with when (the worker's clock). One that lands between
+    /// a claim's commit and the job's place in `running` finds nothing to stop there: the job
+    /// looks here as it takes its place. Kept for a lease's length; later, a heartbeat has
+    /// stopped any job it missed. A cancelled job never runs again, so nothing is stopped wrongly.
+    cancels_heard: Mutex<HashMap<Uuid, i64>>,
     /// One permit per job this process may run at once.
     capacity: Arc<Semaphore>,
     /// Every job task; closed when shutdown begins.
@@ -156,6 +161,7 @@ impl Worker {
             clock,
             owner: format!("{host}:{}:{}", std::process::id(), Uuid::now_v7()),
             running: Mutex::new(HashMap::new()),
+            cancels_heard: Mutex::new(HashMap::new()),
             capacity: Arc::new(Semaphore::new(config.concurrency.max(1) as usize)),
             tracker: TaskTracker::new(),
             queue_drained: AtomicBool::new(false),
@@ -226,8 +232,16 @@ impl Worker {
     }
 
     /// Stop a job if this process is running it (after a cancel): its in-flight upstream calls
-    /// are dropped at once.
+    /// are dropped at once. Remembered for a while, for a job claimed here as it was cancelled
+    /// that has not taken its place in `running` yet (see `cancels_heard`).
     pub fn stop_local(&self, id: Uuid) {
+        let now = self.clock.now_ms();
+        let kept_ms = crate::store::ms(self.config.lease);
+        {
+            let mut heard = self.cancels_heard.lock().expect("cancels heard");
+            heard.retain(|_, at| now - *at < kept_ms);
+            heard.insert(id, now);
+        }
         let running = self.running.lock().expect("running map");
         for ((_, _), stop) in running.iter().filter(|((job, _), _)| *job == id) {
             stop.cancel();
@@ -364,21 +378,28 @@ impl Worker {
             key,
         };
         let span = tracing::info_span!("job", id = %job.id, attempt = job.attempt);
-        // A panic in the pipeline is a bug, but it must not leave the job `running` under a
-        // lease this process keeps renewing: it becomes a retryable failure like any other.
-        let outcome = AssertUnwindSafe(self.run_pipeline(&job, checkpointed, &lease, &stop))
-            .catch_unwind()
-            .instrument(span.clone())
-            .await
-            .unwrap_or_else(|panic| {
-                let what = panic_message(panic.as_ref());
-                tracing::error!(job = %job.id, panic = what, "the pipeline panicked");
-                Outcome::retry(
-                    job.next_try_at(self.clock.now_ms(), self.config.retry_base),
-                    "internal_error".into(),
-                    format!("internal error (a bug in fusion): {what}"),
-                )
-            });
+        // Cancelled as it was claimed: not a single call is made. (A cancel heard from now on
+        // finds the job in `running`.)
+        let cancelled = (self.cancels_heard.lock().expect("cancels heard")).contains_key(&job.id);
+        let outcome = if cancelled {
+            Outcome::Stopped
+        } else {
+            // A panic in the pipeline is a bug, but it must not leave the job `running` under a
+            // lease this process keeps renewing: it becomes a retryable failure like any other.
+            AssertUnwindSafe(self.run_pipeline(&job, checkpointed, &lease, &stop))
+                .catch_unwind()
+                .instrument(span.clone())
+                .await
+                .unwrap_or_else(|panic| {
+                    let what = panic_message(panic.as_ref());
+                    tracing::error!(job = %job.id, panic = what, "the pipeline panicked");
+                    Outcome::retry(
+                        job.next_try_at(self.clock.now_ms(), self.config.retry_base),
+                        "internal_error".into(),
+                        format!("internal error (a bug in fusion): {what}"),
+                    )
+                })
+        };
         let now = self.clock.now_ms();
         // In the job's span too: a retried outcome write logs which job it is for. Retried under
         // `last_writes`, not `stop`: see there.

@@ -8,7 +8,8 @@
 //! the same way, without calling again. A job started at its submit runs even when the client
 //! left before the insert answered. An outcome retrying through an outage when shutdown's grace
 //! period ends is still written, within the release window. A failure written meanwhile by
-//! another at the same attempt is not taken for the worker's own. (`wait_faults` uses the same
+//! another at the same attempt is not taken for the worker's own. A job cancelled as it is
+//! claimed makes no upstream call. (`wait_faults` uses the same
 //! wrapper between a waiting request and its store.)
 
 use std::io::Write;
@@ -50,6 +51,8 @@ pub(crate) struct Faulty {
     outcomes_refused: AtomicUsize,
     /// How long each enqueue waits after its insert before it answers.
     slow_enqueue: Duration,
+    /// Cancel every job a claim took, after its commit and before the claim answers.
+    cancel_after_claim: bool,
 }
 
 impl Faulty {
@@ -65,6 +68,7 @@ impl Faulty {
             panics_left: AtomicUsize::new(faults.panics),
             outcomes_refused: AtomicUsize::new(faults.refused_outcomes),
             slow_enqueue,
+            cancel_after_claim: faults.cancel_after_claim,
         }
     }
 
@@ -137,7 +141,15 @@ impl Store for Faulty {
         now: i64,
         lease: Duration,
     ) -> Result<Vec<Claimed>> {
-        self.inner.claim(owner, limit, now, lease).await
+        let claimed = self.inner.claim(owner, limit, now, lease).await?;
+        if self.cancel_after_claim {
+            for c in &claimed {
+                self.inner.cancel(c.job.id, now).await?;
+            }
+            // Time for the worker to hear of the cancels before the claim answers.
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        Ok(claimed)
     }
     async fn heartbeat(
         &self,
@@ -235,7 +247,8 @@ fn capture_logs() -> (Lines, tracing::subscriber::DefaultGuard) {
 /// The faults a test's store deals: the first `steps`, `finishes` and `requeues` writes left
 /// unconfirmed, a panic after each of the first `panics` checkpoints, the first `reads` reads
 /// of a job failed, the first `step_reads` reads of a job's steps failed, and the first
-/// `refused_outcomes` outcome writes and releases failed.
+/// `refused_outcomes` outcome writes and releases failed; with `cancel_after_claim`, every job
+/// claimed is cancelled before the claim answers.
 #[derive(Default)]
 pub(crate) struct Faults {
     pub(crate) steps: usize,
@@ -245,6 +258,7 @@ pub(crate) struct Faults {
     pub(crate) reads: usize,
     pub(crate) step_reads: usize,
     pub(crate) refused_outcomes: usize,
+    pub(crate) cancel_after_claim: bool,
 }
 
 /// An app without workers holding one queued job (panel `m1`, `m2`, analyst `judge`), a store
@@ -626,6 +640,26 @@ async fn a_job_whose_insert_outlived_its_lease_is_not_run_twice() {
         1,
         "the panel was called twice"
     );
+}
+
+// A cancel that commits between a claim's commit and the job's start (the claim has not even
+// answered yet): the worker hears of it before the job has a place among its running ones to
+// be stopped in, and the job must still make no upstream call at all.
+#[tokio::test]
+async fn a_job_cancelled_as_it_is_claimed_makes_no_call() {
+    let (app, id, _store, worker, _) = one_job(Faults {
+        cancel_after_claim: true,
+        ..Faults::default()
+    })
+    .await;
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let running = tokio::spawn(worker.clone().run(shutdown.clone()));
+    // The claim answers 100 ms after its commit; a job that ran would call within a few more.
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    assert_eq!(stored(&app, id).await, (JobStatus::Cancelled, 1));
+    assert_eq!(app.fake.total_calls(), 0, "a cancelled job called upstream");
+    shutdown.cancel();
+    running.await.unwrap();
 }
 
 /// Run `worker` until its outcome write has been refused once, then shut it down; how long the
