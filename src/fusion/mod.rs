@@ -187,9 +187,12 @@ impl Pipeline {
         // A checkpointed analysis compared the answers there were when it was made. An answer
         // written by a later attempt (a manual retry ran a failed member again, and it answered)
         // was not among them: the analysis is made again, so the final answer is not written
-        // from one that never saw it.
-        let analysis_step =
-            analysis_step.filter(|a| panel.iter().all(|p| !p.ok || p.attempt <= a.attempt));
+        // from one that never saw it. The earlier analysis was paid for: its usage is carried
+        // into the new one's step, which replaces its row.
+        let (analysis_step, replaced_usage) = match analysis_step {
+            Some(a) if panel.iter().any(|p| p.ok && p.attempt > a.attempt) => (None, a.usage),
+            kept => (kept, Usage::default()),
+        };
 
         // The analysis step's usage, and the analysis the final prompt is written from.
         let (analysis_usage, analysis) = match analysis_step {
@@ -205,9 +208,10 @@ impl Pipeline {
                 // Boxed, like the final call below: a job waiting on its panel does not carry
                 // room for the later steps' futures (it matters with thousands in flight).
                 let analysis = Box::pin(self.run_analysis(spec, job.attempt, &answers, cancel));
-                let Ok(Some((s, analysis))) = saves.alongside(analysis).await else {
+                let Ok(Some((mut s, analysis))) = saves.alongside(analysis).await else {
                     return Outcome::Stopped;
                 };
+                s.usage.add(&replaced_usage);
                 let usage = s.usage;
                 // Written once the answers it compares are; the final call goes on meanwhile.
                 saves.start_after_earlier(s);

@@ -196,6 +196,12 @@ async fn a_retry_whose_failed_member_answers_makes_the_analysis_again() {
     assert_eq!(app.fake.calls("m2", Kind::Panel), 2);
     assert_eq!(app.fake.calls("judge", Kind::Analysis), 2);
     assert_eq!(app.fake.calls("judge", Kind::Final), 2);
+    // Five calls answered (m1, m2's second, both analyses, the second final), 10 + 5 tokens
+    // each: the first analysis, whose row the second replaced, is still counted.
+    for usage in [&job["usage"], &job["result"]["usage"]] {
+        assert_eq!(usage["prompt_tokens"], 50, "{job:#}");
+        assert_eq!(usage["completion_tokens"], 25, "{job:#}");
+    }
 }
 
 // A retried job whose member fails again keeps the analysis it had: nothing new to compare.
