@@ -94,14 +94,8 @@ pub async fn completions(
         refuse_recursion(&headers)?;
         let mut job_body = body.clone();
         let obj = job_body.as_object_mut().expect("checked above");
-        for field in [
-            "stream",
-            "stream_options",
-            "tools",
-            "tool_choice",
-            "user",
-            "n",
-        ] {
+        // `n` stays: a request for several choices is refused, as on /v1/jobs.
+        for field in ["stream", "stream_options", "tools", "tool_choice", "user"] {
             obj.remove(field);
         }
         let parsed = request::parse(&job_body, &state.config)?;

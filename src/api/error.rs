@@ -6,7 +6,7 @@
 use std::borrow::Cow;
 
 use axum::Json;
-use axum::extract::rejection::{JsonRejection, PathRejection, QueryRejection};
+use axum::extract::rejection::{JsonRejection, QueryRejection};
 use axum::http::{HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use serde_json::{Value, json};
@@ -155,12 +155,6 @@ impl From<JsonRejection> for ApiError {
             _ => "invalid_body",
         };
         ApiError::bad_request(code, r.body_text())
-    }
-}
-
-impl From<PathRejection> for ApiError {
-    fn from(r: PathRejection) -> ApiError {
-        ApiError::bad_request("invalid_path", r.body_text())
     }
 }
 

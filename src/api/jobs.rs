@@ -1,7 +1,8 @@
 //! `/v1/jobs`: submit, fetch, list, cancel and retry fusion jobs.
 
 use axum::Json;
-use axum::extract::{Path, Query, State};
+use axum::extract::{FromRequestParts, Path, Query, State};
+use axum::http::request::Parts;
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
@@ -137,6 +138,26 @@ pub fn parse_id(raw: &str) -> Result<Uuid, ApiError> {
         .map_err(|_| ApiError::bad_request("invalid_job_id", format!("`{raw}` is not a job id")))
 }
 
+/// The job id of a `/v1/jobs/{id}` path. Anything else is `400 invalid_job_id` in the shared
+/// error body, a segment that is not UTF-8 once decoded (`%FF`) included.
+pub struct JobId(pub Uuid);
+
+impl<S: Send + Sync> FromRequestParts<S> for JobId {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<JobId, ApiError> {
+        let Path(raw) = Path::<String>::from_request_parts(parts, state)
+            .await
+            .map_err(|_| {
+                ApiError::bad_request(
+                    "invalid_job_id",
+                    "the path's job id is not UTF-8 once decoded, so not a job id",
+                )
+            })?;
+        parse_id(&raw).map(JobId)
+    }
+}
+
 async fn load(state: &AppState, id: Uuid) -> Result<Job, ApiError> {
     state
         .store
@@ -145,11 +166,7 @@ async fn load(state: &AppState, id: Uuid) -> Result<Job, ApiError> {
         .ok_or_else(|| ApiError::not_found(format!("no job with id {id}")))
 }
 
-pub async fn get(
-    State(state): State<AppState>,
-    Path(raw): Path<String>,
-) -> Result<Json<Value>, ApiError> {
-    let id = parse_id(&raw)?;
+pub async fn get(State(state): State<AppState>, JobId(id): JobId) -> Result<Json<Value>, ApiError> {
     let job = load(&state, id).await?;
     let steps = state.store.get_steps(id).await?;
     Ok(Json(view::full(&job, &steps)))
@@ -218,9 +235,8 @@ pub async fn list(
 
 pub async fn cancel(
     State(state): State<AppState>,
-    Path(raw): Path<String>,
+    JobId(id): JobId,
 ) -> Result<Json<Value>, ApiError> {
-    let id = parse_id(&raw)?;
     match state.store.cancel(id, state.clock.now_ms()).await? {
         // A running job's worker hears of it through the store's cancellation signal.
         CancelOutcome::Cancelled { job, .. } => Ok(Json(view_after_change(&state, &job).await)),
@@ -235,11 +251,7 @@ pub async fn cancel(
     }
 }
 
-pub async fn retry(
-    State(state): State<AppState>,
-    Path(raw): Path<String>,
-) -> Result<Response, ApiError> {
-    let id = parse_id(&raw)?;
+pub async fn retry(State(state): State<AppState>, JobId(id): JobId) -> Result<Response, ApiError> {
     match state.store.retry_failed(id, state.clock.now_ms()).await? {
         RetryOutcome::Requeued(job) => {
             let view = view_after_change(&state, &job).await;

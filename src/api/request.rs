@@ -107,6 +107,9 @@ pub fn parse_as(
         ));
     };
     let mut min_panel = config.jobs.min_panel;
+    // Where `min_panel` came from, for the error when the panel is smaller: the request's
+    // plugin, or (`None`) the server's default.
+    let mut min_panel_field = None;
     let mut panel_timeout_ms = None;
     let mut deadline_seconds = config.jobs.deadline_seconds;
     if let Some(plugin) = plugin {
@@ -117,8 +120,9 @@ pub fn parse_as(
             analyst = model_name(v, &format!("{plugin_field}.model"))?;
         }
         if let Some(v) = plugin.get("min_panel") {
-            min_panel =
-                int_in(v, &format!("{plugin_field}.min_panel"), 1, MAX_PANEL as i64)? as u32;
+            let field = format!("{plugin_field}.min_panel");
+            min_panel = int_in(v, &field, 1, MAX_PANEL as i64)? as u32;
+            min_panel_field = Some(field);
         }
         if let Some(v) = plugin.get("panel_timeout_ms") {
             panel_timeout_ms = Some(int_in(
@@ -165,10 +169,15 @@ pub fn parse_as(
         ));
     }
     if min_panel as usize > panel.len() {
-        return Err(bad(format!(
-            "`min_panel` is {min_panel} but the panel has only {} models",
-            panel.len()
-        )));
+        let n = panel.len();
+        return Err(bad(match min_panel_field {
+            Some(field) => format!("`{field}` is {min_panel} but the panel has only {n} models"),
+            None => format!(
+                "the panel has only {n} models but this server asks at least {min_panel} to \
+                 answer (its `[jobs] min_panel`): set `min_panel` in the fusion plugin, or send \
+                 a larger panel"
+            ),
+        }));
     }
     let temperature = match obj.get("temperature") {
         None | Some(Value::Null) => None,
@@ -177,12 +186,11 @@ pub fn parse_as(
             _ => return Err(bad("`temperature` must be a number from 0 to 2")),
         },
     };
-    let max_tokens = obj
-        .get("max_completion_tokens")
-        .or_else(|| obj.get("max_tokens"))
-        .filter(|v| !v.is_null());
-    let max_completion_tokens = max_tokens
-        .map(|v| int_in(v, "max_completion_tokens", 1, 1_000_000).map(|n| n as u32))
+    // OpenAI's current name first, then the older one; a null is no limit, as if left out.
+    let max_completion_tokens = ["max_completion_tokens", "max_tokens"]
+        .into_iter()
+        .find_map(|field| obj.get(field).filter(|v| !v.is_null()).map(|v| (field, v)))
+        .map(|(field, v)| int_in(v, field, 1, 1_000_000).map(|n| n as u32))
         .transpose()?;
     let metadata = match obj.get("metadata") {
         None | Some(Value::Null) => Value::Object(Map::new()),
@@ -416,6 +424,35 @@ mod tests {
         assert_eq!(r.priority, 5);
     }
 
+    // A panel smaller than `min_panel` is refused, and the message names where the number
+    // came from: the request's plugin, or the server's default, which the client never sent.
+    #[test]
+    fn a_panel_below_min_panel_names_where_min_panel_came_from() {
+        let plugin = |min_panel: Option<u32>| {
+            let mut p = json!({"id": "fusion", "analysis_models": ["a", "b"]});
+            if let Some(n) = min_panel {
+                p["min_panel"] = n.into();
+            }
+            json!({"model": "fusion", "messages": msgs(), "plugins": [p]})
+        };
+        let (code, message) = err(plugin(Some(3)));
+        assert_eq!(code, "invalid_request");
+        assert_eq!(
+            message,
+            "`plugins[fusion].min_panel` is 3 but the panel has only 2 models"
+        );
+        let mut strict = config();
+        strict.jobs.min_panel = 3;
+        let message = parse(&plugin(None), &strict).unwrap_err().message;
+        assert!(
+            message.starts_with("the panel has only 2 models but this server asks at least 3")
+                && message.contains("[jobs] min_panel"),
+            "{message}"
+        );
+        // The plugin's own number overrides the server's.
+        assert_eq!(parse(&plugin(Some(2)), &strict).unwrap().spec.min_panel, 2);
+    }
+
     #[test]
     fn says_precisely_what_is_wrong() {
         assert_eq!(err(json!([])).0, "invalid_request");
@@ -463,6 +500,30 @@ mod tests {
         let schema = json!({"type": "json_schema",
                             "json_schema": {"name": "a", "schema": {"type": "object"}}});
         assert_eq!(kept(schema.clone()), Some(schema));
+        // Whichever of the two token limits is given (not null) is read, and named if wrong.
+        let limit = |extra: Value| {
+            let mut body = json!({"model": "fusion", "messages": msgs()});
+            body.as_object_mut()
+                .unwrap()
+                .extend(extra.as_object().unwrap().clone());
+            parse(&body, &config()).map(|r| r.spec.max_completion_tokens)
+        };
+        assert_eq!(
+            limit(json!({"max_completion_tokens": null, "max_tokens": 100})).unwrap(),
+            Some(100)
+        );
+        assert_eq!(
+            limit(json!({"max_completion_tokens": 50, "max_tokens": 100})).unwrap(),
+            Some(50)
+        );
+        assert_eq!(limit(json!({"max_tokens": null})).unwrap(), None);
+        for (field, says) in [
+            ("max_tokens", "`max_tokens` must be"),
+            ("max_completion_tokens", "`max_completion_tokens` must be"),
+        ] {
+            let message = limit(json!({ field: 0 })).unwrap_err().message;
+            assert!(message.starts_with(says), "{message}");
+        }
         for n in [json!(1), Value::Null] {
             let body = json!({"model": "fusion", "messages": msgs(), "n": n});
             assert!(parse(&body, &config()).is_ok(), "{body}");

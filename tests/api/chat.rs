@@ -147,6 +147,65 @@ async fn a_failed_fusion_job_is_an_openai_style_error_with_its_job_id() {
 }
 
 #[tokio::test]
+async fn several_choices_are_refused_as_on_the_jobs_api_and_one_is_fine() {
+    let app = spawn_app().await;
+    let messages = json!([{"role": "user", "content": "hi"}]);
+    let resp = app
+        .chat(&json!({"model": "fusion", "n": 3, "messages": messages}))
+        .await;
+    assert_eq!(resp.status(), 400);
+    let error: Value = resp.json().await.unwrap();
+    assert_eq!(error["error"]["code"], "invalid_request", "{error}");
+    let message = error["error"]["message"].as_str().unwrap();
+    assert!(message.starts_with("`n` must be 1"), "{message}");
+    assert_eq!(app.fake.total_calls(), 0, "refused before any job ran");
+    let resp = app
+        .chat(&json!({"model": "fusion", "n": 1, "messages": messages}))
+        .await;
+    assert_eq!(resp.status(), 200);
+    let body: Value = resp.json().await.unwrap();
+    assert_eq!(body["choices"].as_array().map(Vec::len), Some(1));
+}
+
+// The README's advice to a client that timed out before the answer (and so never saw the job
+// id): the same call with the same `Idempotency-Key` waits on the same job, paid for once.
+#[tokio::test]
+async fn a_timed_out_call_repeated_with_its_idempotency_key_waits_on_the_same_job() {
+    let app = spawn_app().await;
+    app.fake.script(
+        "slow",
+        Kind::Panel,
+        vec![Reply::Delay(1_500, Box::new(Reply::Ok))],
+    );
+    let body = body_with_panel(&["slow"], "judge");
+    let call = |timeout: Duration| {
+        app.client
+            .post(format!("{}/v1/chat/completions", app.address))
+            .header("Idempotency-Key", "chat-once")
+            .timeout(timeout)
+            .json(&body)
+            .send()
+    };
+    let first = call(Duration::from_millis(300)).await;
+    assert!(first.unwrap_err().is_timeout(), "the first call gives up");
+    let resp = call(Duration::from_secs(30)).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let header = resp.headers()["x-fusion-job-id"]
+        .to_str()
+        .unwrap()
+        .to_string();
+    let answer: Value = resp.json().await.unwrap();
+    assert_eq!(answer["fusion_job_id"], header.as_str());
+    assert_eq!(
+        app.fake.calls("slow", Kind::Panel),
+        1,
+        "one job, one panel call"
+    );
+    let jobs = app.list_jobs("").await;
+    assert_eq!(jobs["data"].as_array().unwrap().len(), 1, "{jobs:#}");
+}
+
+#[tokio::test]
 async fn other_models_pass_through_to_the_upstream() {
     let app = spawn_app().await;
     let body = json!({"model": "vendor/plain", "messages": [{"role": "user", "content": "hi"}]});

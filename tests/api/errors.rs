@@ -84,6 +84,19 @@ async fn bad_requests_are_4xx_with_precise_messages() {
         "invalid_job_id",
     )
     .await;
+    // Not UTF-8 once decoded: the same error body, on every route that takes an id.
+    expect_error(
+        get("/v1/jobs/%FF".into()).await.unwrap(),
+        400,
+        "invalid_job_id",
+    )
+    .await;
+    for action in ["cancel", "retry"] {
+        let resp = app.post(&format!("/v1/jobs/%FF/{action}")).await;
+        expect_error(resp, 400, "invalid_job_id").await;
+        let resp = app.post(&format!("/v1/jobs/nope/{action}")).await;
+        expect_error(resp, 400, "invalid_job_id").await;
+    }
     expect_error(
         get("/v1/jobs?status=done".into()).await.unwrap(),
         400,
