@@ -268,6 +268,17 @@ pub struct Usage {
 }
 
 impl Usage {
+    /// A call's usage from its two token counts (as stored); the total stops at `i64::MAX`
+    /// rather than overflow, should a row hold counts no upstream sent.
+    pub fn of(prompt_tokens: i64, completion_tokens: i64, cost: f64) -> Usage {
+        Usage {
+            prompt_tokens,
+            completion_tokens,
+            total_tokens: prompt_tokens.saturating_add(completion_tokens),
+            cost,
+        }
+    }
+
     /// Add `other`'s; token counts stop at `i64::MAX` rather than overflow.
     pub fn add(&mut self, other: &Usage) {
         self.prompt_tokens = self.prompt_tokens.saturating_add(other.prompt_tokens);
@@ -414,12 +425,9 @@ mod tests {
     // or panic, whatever an upstream reported.
     #[test]
     fn usage_sums_saturate() {
-        let huge = Usage {
-            prompt_tokens: i64::MAX,
-            completion_tokens: i64::MAX - 1,
-            total_tokens: i64::MAX,
-            cost: 1.5,
-        };
+        // A stored row's counts, whatever they hold, make a total without overflow.
+        let huge = Usage::of(i64::MAX, i64::MAX - 1, 1.5);
+        assert_eq!(huge.total_tokens, i64::MAX);
         let mut sum = huge;
         sum.add(&huge);
         assert_eq!(

@@ -1139,20 +1139,23 @@ async fn retry_failed_counts_the_deadline_again(store: Arc<dyn Store>) {
     )
     .await;
     let untimed = enqueue(&store, new_job()).await;
-    for _ in 0..2 {
-        let lease = lease_of(&claim_one(&store, "w", NOW).await);
-        assert!(
-            store
-                .fail(&lease, "upstream_auth", "401", NOW + 1)
-                .await
-                .unwrap()
-        );
-    }
-    let t = NOW + 3_600_000;
-    for (job, deadline) in [(&timed, Some(t + 60_000)), (&untimed, None)] {
-        match store.retry_failed(job.id, t).await.unwrap() {
-            RetryOutcome::Requeued(j) => assert_eq!(j.deadline_at, deadline),
-            other => panic!("expected Requeued, got {other:?}"),
+    // Each retry gives the whole 60 s again, counted from that retry: not the span from the
+    // job's creation to the deadline the last retry set, which would grow with every retry.
+    for (ran, retried) in [(NOW, NOW + 3_600_000), (NOW + 3_600_000, NOW + 7_200_000)] {
+        for _ in 0..2 {
+            let lease = lease_of(&claim_one(&store, "w", ran).await);
+            assert!(
+                store
+                    .fail(&lease, "upstream_auth", "401", ran + 1)
+                    .await
+                    .unwrap()
+            );
+        }
+        for (job, deadline) in [(&timed, Some(retried + 60_000)), (&untimed, None)] {
+            match store.retry_failed(job.id, retried).await.unwrap() {
+                RetryOutcome::Requeued(j) => assert_eq!(j.deadline_at, deadline),
+                other => panic!("expected Requeued, got {other:?}"),
+            }
         }
     }
 }
@@ -2122,4 +2125,26 @@ async fn postgres_pool_keeps_to_its_configured_size() {
         (1..=3).contains(&backends),
         "{backends} backends for a pool of 3"
     );
+}
+
+// Processes started together on one SQLite file (`serve` and `worker` after an upgrade) all
+// migrate it at start. sqlx takes no lock for SQLite's migrations, so two of them applied the
+// same migration at once, and the loser failed to start ("table jobs already exists", or the
+// bookkeeping row's UNIQUE). Every one must start, with the schema migrated once.
+#[tokio::test]
+async fn processes_migrating_one_sqlite_file_at_once_all_start() {
+    for round in 0..5 {
+        let dir = tempfile::tempdir().expect("create temp dir");
+        let url = format!("sqlite://{}", dir.path().join("fusion.db").display());
+        let mut stores = Vec::new();
+        for _ in 0..3 {
+            stores.push(fusion::store::connect(&url).await.expect("connect"));
+        }
+        let migrated = futures::future::join_all(stores.iter().map(|s| s.migrate())).await;
+        for (i, m) in migrated.iter().enumerate() {
+            assert!(m.is_ok(), "round {round}, store {i}: {m:?}");
+        }
+        let job = enqueue(&stores[0], new_job()).await;
+        assert!(stores[2].get_job(job.id).await.unwrap().is_some());
+    }
 }

@@ -342,7 +342,8 @@ impl Store for PgStore {
             "UPDATE jobs SET status = 'queued', run_at = $2, finished_at = NULL, \
              failure_reason = NULL, error = NULL, result = NULL, \
              max_attempts = greatest(max_attempts, attempt + 1), \
-             deadline_at = $2 + (deadline_at - created_at) \
+             deadline_at = $2 + (deadline_at - coalesce(deadline_from, created_at)), \
+             deadline_from = $2 \
              WHERE id = $1 AND status = 'failed'",
         )
         .bind(id)
@@ -614,12 +615,7 @@ fn step_from_row(r: &PgRow) -> Result<Step> {
         ok: r.try_get("ok")?,
         content: r.try_get("content")?,
         data: data.map(|j| JsonText::from(j.0)),
-        usage: Usage {
-            prompt_tokens,
-            completion_tokens,
-            total_tokens: prompt_tokens + completion_tokens,
-            cost: r.try_get("cost")?,
-        },
+        usage: Usage::of(prompt_tokens, completion_tokens, r.try_get("cost")?),
         latency_ms: r.try_get("latency_ms")?,
         error_code: r.try_get("error_code")?,
         error: r.try_get("error")?,

@@ -178,6 +178,25 @@ impl SqliteStore {
     }
 }
 
+impl SqliteStore {
+    /// How many migrations the file records as applied (none before its first migration).
+    async fn migrations_applied(&self) -> Result<i64> {
+        let exists: bool = sqlx::query_scalar(
+            "SELECT EXISTS (SELECT 1 FROM sqlite_master \
+             WHERE type = 'table' AND name = '_sqlx_migrations')",
+        )
+        .fetch_one(&self.writer)
+        .await?;
+        if !exists {
+            return Ok(0);
+        }
+        let n = sqlx::query_scalar("SELECT count(*) FROM _sqlx_migrations")
+            .fetch_one(&self.writer)
+            .await?;
+        Ok(n)
+    }
+}
+
 /// A value bound before the fence parameters of a lease-fenced update.
 enum Bind<'a> {
     I(i64),
@@ -188,9 +207,23 @@ static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite")
 
 #[async_trait]
 impl Store for SqliteStore {
+    /// sqlx takes no lock around SQLite's migrations: processes started together on one file
+    /// (`serve` and `worker` after an upgrade) may apply the same migration at once, and all but
+    /// one then fail it (its DDL finds the change made, or its bookkeeping row there). A run that
+    /// fails while more migrations got recorded than there were before it lost such a race: it
+    /// runs again, from what is applied now. A failure with no progress is the migration's own.
     async fn migrate(&self) -> Result<()> {
-        MIGRATOR.run(&self.writer).await?;
-        Ok(())
+        loop {
+            let before = self.migrations_applied().await?;
+            match MIGRATOR.run(&self.writer).await {
+                Ok(()) => return Ok(()),
+                Err(e) if self.migrations_applied().await? > before => {
+                    tracing::info!(error = %e, "another process migrated this SQLite file \
+                        meanwhile; migrating again from where it got");
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
     }
 
     async fn ping(&self) -> Result<()> {
@@ -297,7 +330,8 @@ impl Store for SqliteStore {
             "UPDATE jobs SET status = 'queued', run_at = ?1, finished_at = NULL, \
              failure_reason = NULL, error = NULL, result = NULL, \
              max_attempts = max(max_attempts, attempt + 1), \
-             deadline_at = ?1 + (deadline_at - created_at) \
+             deadline_at = ?1 + (deadline_at - coalesce(deadline_from, created_at)), \
+             deadline_from = ?1 \
              WHERE id = ?2 AND status = 'failed'",
         )
         .bind(now)
@@ -537,12 +571,7 @@ fn step_from_row(r: &SqliteRow) -> Result<Step> {
             .map(JsonText::parse)
             .transpose()
             .map_err(|e| StoreError::Corrupt(format!("bad step data: {e}")))?,
-        usage: Usage {
-            prompt_tokens,
-            completion_tokens,
-            total_tokens: prompt_tokens + completion_tokens,
-            cost: r.try_get("cost")?,
-        },
+        usage: Usage::of(prompt_tokens, completion_tokens, r.try_get("cost")?),
         latency_ms: r.try_get("latency_ms")?,
         error_code: r.try_get("error_code")?,
         error: r.try_get("error")?,

@@ -238,12 +238,7 @@ impl Upstream {
                     / 1_000_000.0
             })
         });
-        Usage {
-            prompt_tokens: u.prompt_tokens,
-            completion_tokens: u.completion_tokens,
-            total_tokens: u.prompt_tokens.saturating_add(u.completion_tokens),
-            cost,
-        }
+        Usage::of(u.prompt_tokens, u.completion_tokens, cost)
     }
 }
 
