@@ -1,20 +1,24 @@
 //! Server-Sent Events in the OpenAI chunk format. A fusion job streams a role chunk at once,
 //! progress as SSE comments while the panel and the analysis run (standard clients ignore them),
-//! keep-alive comments, then the answer, a finish chunk, usage when asked, and `data: [DONE]`.
+//! keep-alive comments, then the answer, a finish chunk, usage when asked, and `data: [DONE]`;
+//! the fusion tool's flow streams the same way, its role chunk too sent before its rounds run.
 //! A client that goes away stops the stream's task at once (not at its next event, which may be
 //! hours away), never the job.
 
 use std::collections::HashSet;
 use std::convert::Infallible;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use futures::Stream;
 use serde_json::{Value, json};
 use tokio::sync::mpsc;
+use uuid::Uuid;
 
 use super::AppState;
 use super::chat::{JOB_HEADER, StreamOptions, handed_back, job_error, job_header};
+use super::error::ApiError;
 use crate::job::{Job, JobStatus, Step, StepKey};
 
 type Tx = mpsc::Sender<Result<Event, Infallible>>;
@@ -115,6 +119,22 @@ async fn drive(state: AppState, job: Job, opts: StreamOptions, tx: &Tx) -> Resul
     finish(tx, &id, created, &model, &result, opts).await
 }
 
+/// A message's tool calls as a chunk's delta carries them: each with its place (`index`),
+/// which clients accumulate the calls of a stream by, and which a whole message's calls lack.
+fn indexed(calls: &Value) -> Value {
+    let Some(calls) = calls.as_array() else {
+        return calls.clone();
+    };
+    let calls = calls.iter().enumerate().map(|(i, call)| {
+        let mut call = call.clone();
+        if let Some(fields) = call.as_object_mut() {
+            fields.entry("index").or_insert(json!(i));
+        }
+        call
+    });
+    Value::Array(calls.collect())
+}
+
 /// Content, finish reason, usage (when asked) and `[DONE]` for a finished completion.
 async fn finish(
     tx: &Tx,
@@ -128,7 +148,7 @@ async fn finish(
     let content = choice["message"]["content"].as_str().unwrap_or_default();
     let mut delta = json!({"content": content});
     if let Some(calls) = choice["message"].get("tool_calls").filter(|c| !c.is_null()) {
-        delta["tool_calls"] = calls.clone();
+        delta["tool_calls"] = indexed(calls);
     }
     let content_choice = json!([{"index": 0, "delta": delta, "finish_reason": null}]);
     data(tx, &chunk(id, created, model, content_choice)).await?;
@@ -137,7 +157,12 @@ async fn finish(
         .cloned()
         .unwrap_or(json!("stop"));
     let end = json!([{"index": 0, "delta": {}, "finish_reason": reason}]);
-    data(tx, &chunk(id, created, model, end)).await?;
+    let mut end = chunk(id, created, model, end);
+    // The fusion tool's jobs, named as the non-streamed reply names them.
+    if let Some(ids) = completion.get("fusion_job_ids") {
+        end["fusion_job_ids"] = ids.clone();
+    }
+    data(tx, &end).await?;
     if opts.include_usage {
         let mut last = chunk(id, created, model, json!([]));
         last["usage"] = completion["usage"].clone();
@@ -146,30 +171,42 @@ async fn finish(
     done(tx).await
 }
 
-/// A finished (non-job) completion replayed as a stream, for the tool flow.
-pub fn completion(
-    completion: Value,
+/// The tool flow's stream: a role chunk at once and keep-alives while `reply` (the outer
+/// model's rounds and their jobs) runs, then its answer as chunks, or its error object, and
+/// `[DONE]`. The chunks share one id, made here: the reply's own is not known in time. A client
+/// that leaves drops the rounds; the jobs they started go on.
+pub fn completion_later(
+    reply: impl Future<Output = Result<Value, ApiError>> + Send + 'static,
+    model: &str,
     opts: StreamOptions,
-    job_ids: Option<axum::http::HeaderValue>,
+    keepalive: Duration,
 ) -> Response {
     let (tx, rx) = channel(8);
+    let model = model.to_string();
     tokio::spawn(async move {
-        let id = completion["id"]
-            .as_str()
-            .unwrap_or("chatcmpl-fusion")
-            .to_string();
-        let created = completion["created"].as_i64().unwrap_or(0);
-        let model = completion["model"].as_str().unwrap_or_default().to_string();
-        let role = json!([{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": null}]);
-        if data(&tx, &chunk(&id, created, &model, role)).await.is_ok() {
-            let _ = finish(&tx, &id, created, &model, &completion, opts).await;
+        let id = format!("chatcmpl-fusion-{}", Uuid::now_v7());
+        let created = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs() as i64);
+        let streamed = async {
+            let role = json!([{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": null}]);
+            data(&tx, &chunk(&id, created, &model, role)).await?;
+            match reply.await {
+                Ok(completion) => finish(&tx, &id, created, &model, &completion, opts).await,
+                Err(e) => {
+                    data(&tx, &e.body()).await?;
+                    done(&tx).await
+                }
+            }
+        };
+        tokio::select! {
+            _ = streamed => {}
+            _ = tx.closed() => {}
         }
     });
-    let mut resp = Sse::new(rx).into_response();
-    if let Some(ids) = job_ids {
-        resp.headers_mut().insert(JOB_HEADER, ids);
-    }
-    resp
+    Sse::new(rx)
+        .keep_alive(KeepAlive::new().interval(keepalive).text("keep-alive"))
+        .into_response()
 }
 
 /// A comment event. Control characters are written escaped: a line break would end the

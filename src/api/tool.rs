@@ -109,7 +109,35 @@ pub async fn run(
     obj.insert("stream".into(), json!(false));
     obj.remove("stream_options");
     let forced = forces_fusion(obj.get("tool_choice"));
+    if opts.stream {
+        let model_name = model.clone();
+        // Answered at once, with keep-alives while the rounds and their jobs run (a client or
+        // proxy waiting for a first byte would otherwise give up on a long job).
+        let keepalive = state.config.keepalive;
+        let reply = async move {
+            let (reply, _) = rounds(&state, outer, &model, forced, &template).await?;
+            Ok(reply)
+        };
+        return Ok(stream::completion_later(
+            reply,
+            &model_name,
+            opts,
+            keepalive,
+        ));
+    }
+    let (reply, job_ids) = rounds(&state, outer, &model, forced, &template).await?;
+    Ok(respond(reply, &job_ids))
+}
 
+/// The outer model's rounds, each fusion call it makes run as a job: the reply, with `usage`
+/// summed over the outer calls and the jobs, and `fusion_job_ids`; and those ids.
+async fn rounds(
+    state: &AppState,
+    mut outer: Value,
+    model: &str,
+    forced: bool,
+    template: &JobRequest,
+) -> Result<(Value, Vec<uuid::Uuid>), ApiError> {
     let mut usage = Usage::default();
     let mut job_ids = Vec::new();
     for round in 0..=MAX_ROUNDS {
@@ -118,9 +146,9 @@ pub async fn run(
             // every round would run another fusion job.
             outer["tool_choice"] = json!("auto");
         }
-        let (reply, outer_usage) = state
+        let (mut reply, outer_usage) = state
             .upstream
-            .complete_json(&model, outer.clone())
+            .complete_json(model, outer.clone())
             .await
             .map_err(|e| {
                 // The upstream's own error status passes on; an answer that came with a
@@ -150,12 +178,14 @@ pub async fn run(
         // No fusion call, calls of the client's own tools (theirs to run), or out of rounds:
         // this reply is the answer.
         if fusion_calls.is_empty() || fusion_calls.len() != calls.len() || round == MAX_ROUNDS {
-            return Ok(respond(reply, usage, &job_ids, opts));
+            reply["usage"] = json!(usage);
+            reply["fusion_job_ids"] = json!(job_ids);
+            return Ok((reply, job_ids));
         }
         let results = futures::future::join_all(
             fusion_calls
                 .iter()
-                .map(|call| run_call(&state, call, &template)),
+                .map(|call| run_call(state, call, template)),
         )
         .await;
         let messages = outer["messages"]
@@ -293,21 +323,11 @@ async fn run_call(
     Ok((content, Some((job.id, usage))))
 }
 
-fn respond(
-    mut reply: Value,
-    usage: Usage,
-    job_ids: &[uuid::Uuid],
-    opts: StreamOptions,
-) -> Response {
-    reply["usage"] = json!(usage);
-    reply["fusion_job_ids"] = json!(job_ids);
-    let header = (!job_ids.is_empty()).then(|| jobs_header(job_ids));
-    if opts.stream {
-        return stream::completion(reply, opts, header);
-    }
+/// A non-streamed reply, its jobs named in the header too.
+fn respond(reply: Value, job_ids: &[uuid::Uuid]) -> Response {
     let mut resp = Json(reply).into_response();
-    if let Some(h) = header {
-        resp.headers_mut().insert(JOB_HEADER, h);
+    if !job_ids.is_empty() {
+        resp.headers_mut().insert(JOB_HEADER, jobs_header(job_ids));
     }
     resp
 }

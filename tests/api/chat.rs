@@ -6,7 +6,9 @@ use std::time::Duration;
 use serde_json::{Value, json};
 
 use crate::fake_upstream::{Kind, Reply};
-use crate::helpers::{Options, TestApp, body_with_panel, spawn_app, spawn_app_with};
+use crate::helpers::{
+    Options, TestApp, body_with_panel, body_with_tool, spawn_app, spawn_app_with,
+};
 
 impl TestApp {
     pub async fn chat(&self, body: &Value) -> reqwest::Response {
@@ -245,6 +247,63 @@ async fn an_outer_answer_that_is_not_a_completion_is_a_bad_gateway() {
         let message = error["error"]["message"].as_str().unwrap();
         assert!(message.contains(says), "{message}");
     }
+}
+
+// Streamed, the fusion tool answers at once (a role chunk, then keep-alives) rather than once
+// every round and job is over, which a client or proxy waiting for a first byte would not
+// outlast. A reply that calls the client's own tool streams the calls with their `index`, and
+// the finish chunk names the jobs, as the non-streamed reply does.
+#[tokio::test]
+async fn a_streamed_fusion_tool_call_answers_at_once_and_indexes_its_tool_calls() {
+    let app = spawn_app_with(Options {
+        toml: "[server]\nkeepalive_seconds = 1".into(),
+        ..Options::default()
+    })
+    .await;
+    app.fake.script(
+        "outer",
+        Kind::Panel,
+        vec![
+            Reply::ToolCall("fusion".into(), json!({"prompt": "Is the sky blue?"})),
+            Reply::ToolCall("weather".into(), json!({"city": "Paris"})),
+        ],
+    );
+    app.fake.script(
+        "slow",
+        Kind::Panel,
+        vec![Reply::Delay(2_500, Box::new(Reply::Ok))],
+    );
+    let mut body = body_with_tool(&["slow"], "judge");
+    body["stream"] = json!(true);
+    body["tools"]
+        .as_array_mut()
+        .unwrap()
+        .push(json!({"type": "function", "function": {"name": "weather", "parameters": {"type": "object"}}}));
+    let resp = app.chat(&body).await;
+    assert_eq!(resp.status(), 200);
+    assert_eq!(
+        app.fake.calls("judge", Kind::Final),
+        0,
+        "the response began before the job it waits on was over"
+    );
+    let text = resp.text().await.unwrap();
+    let (data, comments) = parse_sse(&text);
+    assert!(comments.iter().any(|c| c == "keep-alive"), "{text}");
+    let chunks: Vec<Value> = data[..data.len() - 1]
+        .iter()
+        .map(|d| serde_json::from_str(d).unwrap())
+        .collect();
+    assert_eq!(data.last().map(String::as_str), Some("[DONE]"));
+    assert_eq!(chunks[0]["choices"][0]["delta"]["role"], "assistant");
+    assert!(chunks.iter().all(|c| c["id"] == chunks[0]["id"]), "{text}");
+    let calls = &chunks[1]["choices"][0]["delta"]["tool_calls"];
+    assert_eq!(calls[0]["index"], 0, "{text}");
+    assert_eq!(calls[0]["function"]["name"], "weather", "{text}");
+    assert_eq!(chunks[2]["choices"][0]["finish_reason"], "tool_calls");
+    assert_eq!(
+        chunks[2]["fusion_job_ids"].as_array().map(Vec::len),
+        Some(1)
+    );
 }
 
 #[tokio::test]
