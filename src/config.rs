@@ -210,11 +210,38 @@ impl FileConfig {
         }
         let r = &self.retry;
         anyhow::ensure!(r.base_ms != Some(0), "[retry] base_ms must be at least 1");
-        if let (Some(base), Some(cap)) = (r.base_ms, r.cap_ms) {
-            anyhow::ensure!(
-                cap >= base,
-                "[retry] cap_ms ({cap}) must not be below base_ms ({base})"
-            );
+        // Either one may be left to its default, which counts the same.
+        let defaults = RetryPolicy::default();
+        let base = r.base_ms.unwrap_or(defaults.base.as_millis() as u64);
+        let cap = r.cap_ms.unwrap_or(defaults.cap.as_millis() as u64);
+        anyhow::ensure!(
+            cap >= base,
+            "[retry] cap_ms ({cap}{}) must not be below base_ms ({base}{})",
+            if r.cap_ms.is_none() {
+                ", the default"
+            } else {
+                ""
+            },
+            if r.base_ms.is_none() {
+                ", the default"
+            } else {
+                ""
+            },
+        );
+        for (key, value, max) in [
+            ("keepalive_seconds", self.server.keepalive_seconds, 3_600),
+            (
+                "wait_outage_seconds",
+                self.server.wait_outage_seconds,
+                86_400,
+            ),
+        ] {
+            if let Some(v) = value {
+                anyhow::ensure!(
+                    (1..=max).contains(&v),
+                    "[server] {key} must be 1 to {max}, got {v}"
+                );
+            }
         }
         if let Some(j) = r.jitter {
             anyhow::ensure!(
@@ -339,8 +366,8 @@ impl FileConfig {
                 max_text: self.analysis.max_text.unwrap_or(600).clamp(20, 20_000),
                 max_tokens: self.analysis.max_tokens,
             },
-            keepalive: Duration::from_secs(self.server.keepalive_seconds.unwrap_or(15).max(1)),
-            wait_outage: Duration::from_secs(self.server.wait_outage_seconds.unwrap_or(60).max(1)),
+            keepalive: Duration::from_secs(self.server.keepalive_seconds.unwrap_or(15)),
+            wait_outage: Duration::from_secs(self.server.wait_outage_seconds.unwrap_or(60)),
         })
     }
 }
@@ -481,6 +508,18 @@ mod tests {
             ("[jobs]\nmin_panel = 9", "min_panel"),
             ("[retry]\nbase_ms = 0", "base_ms"),
             ("[retry]\nbase_ms = 500\ncap_ms = 100", "cap_ms"),
+            // Against the other's default (base 1 s, cap 60 s).
+            (
+                "[retry]\ncap_ms = 500",
+                "cap_ms (500) must not be below base_ms (1000, the default)",
+            ),
+            ("[retry]\nbase_ms = 120000", "base_ms (120000)"),
+            ("[server]\nkeepalive_seconds = 0", "keepalive_seconds"),
+            (
+                "[server]\nkeepalive_seconds = 9223372036854775807",
+                "keepalive_seconds",
+            ),
+            ("[server]\nwait_outage_seconds = 0", "wait_outage_seconds"),
             ("[retry]\njitter = nan", "jitter"),
             ("[retry]\njitter = 2.0", "jitter"),
         ] {
