@@ -17,6 +17,8 @@ macro_rules! job_columns {
 }
 
 mod batch;
+#[cfg(test)]
+mod half_open;
 mod pg_writes;
 pub mod postgres;
 pub mod sqlite;

@@ -58,6 +58,13 @@ pub struct PgStore {
 /// every connection. Connections in steady use skip the ping's round trip (BENCHMARKS.md).
 const PING_IF_IDLE_FOR: Duration = Duration::from_secs(1);
 
+/// After this long without a notification the listener's connection is asked to answer (1 s
+/// in unit tests, which sever a connection to see it replaced).
+const LISTENER_QUIET: Duration = Duration::from_secs(if cfg!(test) { 1 } else { 30 });
+/// How long a connection has to answer a ping (the listener's, or a pooled one left idle), or
+/// to start listening, before it is taken for dead and replaced.
+const LISTENER_PING_WITHIN: Duration = Duration::from_secs(if cfg!(test) { 1 } else { 10 });
+
 /// NOTIFY channel: a job became queued.
 const JOBS_CHANNEL: &str = "fusion_jobs";
 /// NOTIFY channel: a job finished (payload: see `JobEvent::from_payload`).
@@ -79,11 +86,18 @@ impl PgStore {
                     }
                     // A broken one is closed and another taken, as sqlx does after its own
                     // ping (which logs it at INFO too; an error from this hook would log WARN).
-                    match conn.ping().await {
-                        Ok(()) => Ok(true),
-                        Err(error) => {
+                    // A bounded wait: a connection whose server vanished without a word
+                    // never answers, and never errs either.
+                    match tokio::time::timeout(LISTENER_PING_WITHIN, conn.ping()).await {
+                        Ok(Ok(())) => Ok(true),
+                        Ok(Err(error)) => {
                             tracing::info!(%error, idle_for = ?meta.idle_for,
                                 "a pooled Postgres connection was broken; replacing it");
+                            Ok(false)
+                        }
+                        Err(_) => {
+                            tracing::info!(idle_for = ?meta.idle_for,
+                                "a pooled Postgres connection did not answer a ping; replacing it");
                             Ok(false)
                         }
                     }
@@ -95,7 +109,7 @@ impl PgStore {
         let events = broadcast::channel(EVENT_BACKLOG).0;
         tokio::spawn(listen(pool.clone(), wakeups.clone(), events.clone()));
         Ok(PgStore {
-            writes: Batcher::start(PgBatch(pool.clone())),
+            writes: Batcher::start(PgBatch::new(pool.clone(), options.statement_timeout)),
             pool,
             wakeups,
             events,
@@ -156,21 +170,23 @@ async fn listen(pool: PgPool, wakeups: Arc<Notify>, events: broadcast::Sender<Jo
     let mut failures = 0u32;
     let mut listened = false;
     loop {
-        let mut listener = match PgListener::connect_with(&pool).await {
-            Ok(l) => l,
-            Err(e) => {
+        let listening = async {
+            let mut listener = PgListener::connect_with(&pool).await?;
+            listener.listen_all([JOBS_CHANNEL, EVENTS_CHANNEL]).await?;
+            Ok::<_, sqlx::Error>(listener)
+        };
+        let mut listener = match tokio::time::timeout(LISTENER_PING_WITHIN, listening).await {
+            Ok(Ok(listener)) => listener,
+            failed => {
                 failures += 1;
-                tracing::warn!(error = %e, "LISTEN connection failed; polling meanwhile");
+                match failed {
+                    Ok(Err(e)) => tracing::warn!(error = %e, "LISTEN failed; polling meanwhile"),
+                    _ => tracing::warn!("LISTEN got no answer; polling meanwhile"),
+                }
                 tokio::time::sleep(crate::worker::backoff(failures)).await;
                 continue;
             }
         };
-        if let Err(e) = listener.listen_all([JOBS_CHANNEL, EVENTS_CHANNEL]).await {
-            failures += 1;
-            tracing::warn!(error = %e, "LISTEN failed; polling meanwhile");
-            tokio::time::sleep(crate::worker::backoff(failures)).await;
-            continue;
-        }
         failures = 0;
         if std::mem::replace(&mut listened, true) {
             tracing::info!("listening again; re-checking what was missed meanwhile");
@@ -178,7 +194,23 @@ async fn listen(pool: PgPool, wakeups: Arc<Notify>, events: broadcast::Sender<Jo
             wakeups.notify_one();
         }
         loop {
-            match listener.try_recv().await {
+            let Ok(received) = tokio::time::timeout(LISTENER_QUIET, listener.try_recv()).await
+            else {
+                // Quiet a while: a connection whose server vanished without a word (a crashed
+                // host, a NAT's idle timeout) never reports itself broken to a reader, and it
+                // would hear nothing more, for good. It must answer a query, or is replaced.
+                let ping = sqlx::query("SELECT 1").execute(&mut listener);
+                match tokio::time::timeout(LISTENER_PING_WITHIN, ping).await {
+                    Ok(Ok(_)) => continue,
+                    Ok(Err(e)) => tracing::warn!(error = %e, "LISTEN connection lost"),
+                    Err(_) => tracing::warn!(
+                        "LISTEN connection did not answer within {} s; replacing it",
+                        LISTENER_PING_WITHIN.as_secs()
+                    ),
+                }
+                break;
+            };
+            match received {
                 Ok(Some(n)) if n.channel() == EVENTS_CHANNEL => {
                     if let Some(event) = JobEvent::from_payload(n.payload()) {
                         let _ = events.send(event);
@@ -706,7 +738,7 @@ mod tests {
         .fetch_one(&mut conn)
         .await
         .unwrap();
-        let sql = crate::store::pg_writes::PgBatch(store.pool.clone());
+        let sql = crate::store::pg_writes::PgBatch::new(store.pool.clone(), None);
         crate::store::batch::only_the_current_lease_of_two_outcomes_takes(&sql, id).await;
         let status: String = sqlx::query_scalar("SELECT status FROM jobs WHERE id = $1")
             .bind(id)
@@ -922,7 +954,7 @@ mod tests {
             .unwrap();
         let id = |g: u32| Uuid::parse_str(&format!("00000000-0000-0000-0000-{g:012}")).unwrap();
         let (low, high) = (id(1), id(2));
-        let batch = crate::store::pg_writes::PgBatch(store.pool.clone());
+        let batch = crate::store::pg_writes::PgBatch::new(store.pool.clone(), None);
         let outcomes = [high, low].map(|job_id| {
             let lease = Lease {
                 job_id,

@@ -1,0 +1,173 @@
+//! Tests of a Postgres server that vanishes without a word (a crashed host, a partition, a
+//! NAT's idle timeout): its connections stay open, and a statement sent on one is never answered
+//! and never fails. A proxy between the store and the server stops passing bytes, in both
+//! directions, on every connection it holds, and closes none; new connections pass as before.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use sqlx::{Connection, PgConnection};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+use super::postgres::PgStore;
+use super::{JobEvent, Store, StoreOptions, queued_job};
+use crate::testing::ScratchDatabase;
+
+/// A TCP proxy to the test database whose open connections can be made silent.
+struct Silencer {
+    /// The URL of the database through the proxy.
+    url: String,
+    /// One flag per connection accepted so far: set, it passes nothing more.
+    silenced: Arc<std::sync::Mutex<Vec<Arc<AtomicBool>>>>,
+}
+
+impl Silencer {
+    async fn to(database: &ScratchDatabase) -> Silencer {
+        let mut url = reqwest::Url::parse(&database.url).expect("database url");
+        let target = format!(
+            "{}:{}",
+            url.host_str().expect("host"),
+            url.port().unwrap_or(5432)
+        );
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        url.set_host(Some("127.0.0.1")).unwrap();
+        url.set_port(Some(listener.local_addr().unwrap().port()))
+            .unwrap();
+        let silenced: Arc<std::sync::Mutex<Vec<Arc<AtomicBool>>>> = Arc::default();
+        let flags = silenced.clone();
+        tokio::spawn(async move {
+            while let Ok((client, _)) = listener.accept().await {
+                let Ok(server) = TcpStream::connect(&target).await else {
+                    continue;
+                };
+                let flag = Arc::new(AtomicBool::new(false));
+                flags.lock().unwrap().push(flag.clone());
+                let (client_read, client_write) = client.into_split();
+                let (server_read, server_write) = server.into_split();
+                tokio::spawn(pass(client_read, server_write, flag.clone()));
+                tokio::spawn(pass(server_read, client_write, flag));
+            }
+        });
+        Silencer {
+            url: url.to_string(),
+            silenced,
+        }
+    }
+
+    /// Every connection open now passes nothing more, and stays open.
+    fn silence(&self) {
+        for flag in self.silenced.lock().unwrap().iter() {
+            flag.store(true, Ordering::SeqCst);
+        }
+    }
+}
+
+/// Copy `from` to `to` until `silenced`; from then on, read and drop.
+async fn pass(
+    mut from: impl AsyncReadExt + Unpin,
+    mut to: impl AsyncWriteExt + Unpin,
+    silenced: Arc<AtomicBool>,
+) {
+    let mut buf = vec![0u8; 16 << 10];
+    while let Ok(n) = from.read(&mut buf).await {
+        if n == 0 {
+            return;
+        }
+        if !silenced.load(Ordering::SeqCst) && to.write_all(&buf[..n]).await.is_err() {
+            return;
+        }
+    }
+}
+
+async fn store_through(
+    prefix: &str,
+    statement_timeout: Option<Duration>,
+) -> Option<(ScratchDatabase, Silencer, PgStore)> {
+    let database = ScratchDatabase::from_env(prefix).await?;
+    let silencer = Silencer::to(&database).await;
+    let options = StoreOptions {
+        statement_timeout,
+        ..StoreOptions::default()
+    };
+    let store = PgStore::connect(&silencer.url, options).await.unwrap();
+    store.migrate().await.unwrap();
+    Some((database, silencer, store))
+}
+
+// The batch committer's statement goes unanswered: it fails a little past the statement
+// timeout (1 s + the 5 s margin), as a broken connection would, instead of holding every
+// enqueue, checkpoint and outcome of the process for good; the store then works again on new
+// connections.
+#[tokio::test]
+async fn a_batch_the_server_never_answers_fails_and_the_store_goes_on() {
+    let Some((database, silencer, store)) =
+        store_through("fusion_half_open_batch", Some(Duration::from_secs(1))).await
+    else {
+        return;
+    };
+    store.enqueue(queued_job(1), None).await.unwrap();
+    // The statement is held at the server by a lock (on a connection of the test's own, not
+    // through the proxy) until its connection has gone silent: sent on a working connection,
+    // its answer never comes back.
+    let mut direct = PgConnection::connect(&database.url).await.unwrap();
+    let mut lock = direct.begin().await.unwrap();
+    sqlx::query("LOCK TABLE jobs IN EXCLUSIVE MODE")
+        .execute(&mut *lock)
+        .await
+        .unwrap();
+    let write = tokio::spawn(async move {
+        let write = store.enqueue(queued_job(2), None);
+        let answer = tokio::time::timeout(Duration::from_secs(30), write).await;
+        (store, answer)
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    silencer.silence();
+    lock.rollback().await.unwrap();
+    let (store, answer) = write.await.unwrap();
+    let failed = answer
+        .expect("the write must fail, not wait for good")
+        .unwrap_err();
+    assert!(
+        failed.to_string().contains("no answer from Postgres"),
+        "{failed}"
+    );
+    let recovered = async {
+        loop {
+            if store.enqueue(queued_job(3), None).await.is_ok() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(60), recovered)
+        .await
+        .expect("writes work again on new connections");
+}
+
+// The listener's connection goes silent: after a quiet second (in tests) it is asked to answer,
+// is not, and is replaced; the store says notifications may have been missed meanwhile, so that
+// workers re-check their leases and waiters re-read their jobs. Before, it listened on the
+// silent connection for good, and said nothing.
+#[tokio::test]
+async fn a_silent_listener_is_replaced_and_says_what_may_have_been_missed() {
+    let Some((_database, silencer, store)) = store_through("fusion_half_open_listen", None).await
+    else {
+        return;
+    };
+    let mut events = store.events();
+    // Listening: a job queued by another connection is heard.
+    store.enqueue(queued_job(1), None).await.unwrap();
+    silencer.silence();
+    let missed = async {
+        loop {
+            if let Ok(JobEvent::Missed) = events.recv().await {
+                return;
+            }
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(30), missed)
+        .await
+        .expect("the silent listener must be replaced, and say so");
+}
