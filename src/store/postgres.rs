@@ -53,6 +53,15 @@ pub struct PgStore {
     events: broadcast::Sender<JobEvent>,
 }
 
+/// A store dropped (a start-up whose migration failed, to be tried again) closes its pool: its
+/// `LISTEN` task, which holds a connection of its own, then ends instead of listening for good.
+impl Drop for PgStore {
+    fn drop(&mut self) {
+        // Marks the pool closed at once; the future would only wait for connections to close.
+        drop(self.pool.close());
+    }
+}
+
 /// A pooled connection idle this long is pinged before it is used: one that broke meanwhile (the
 /// database restarted, a proxy dropped it) is then replaced unseen, as sqlx's default does for
 /// every connection. Connections in steady use skip the ping's round trip (BENCHMARKS.md).
@@ -683,6 +692,45 @@ mod tests {
         store.migrate().await.unwrap();
         let conn = PgConnection::connect(&database.url).await.unwrap();
         Some((database, store, conn))
+    }
+
+    // A dropped store (app.rs tries connect-and-migrate again after a failure) leaves no
+    // connection behind: its LISTEN task held one of the server's for good.
+    #[tokio::test]
+    async fn a_dropped_store_stops_listening() {
+        let Some((database, store, mut conn)) = migrated("fusion_dropped").await else {
+            return;
+        };
+        // The store's connections: its listener's (which runs `SELECT 1` when quiet, so its
+        // last query is no mark of it) and its pool's.
+        async fn listening(conn: &mut PgConnection) -> i64 {
+            sqlx::query_scalar(
+                "SELECT count(*) FROM pg_stat_activity \
+                 WHERE datname = current_database() AND pid <> pg_backend_pid()",
+            )
+            .fetch_one(conn)
+            .await
+            .unwrap()
+        }
+        let mut counted = 0;
+        for _ in 0..50 {
+            counted = listening(&mut conn).await;
+            if counted >= 1 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert!(counted >= 1, "the store listens");
+        drop(store);
+        for _ in 0..50 {
+            counted = listening(&mut conn).await;
+            if counted == 0 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert_eq!(counted, 0, "the dropped store still holds connections");
+        drop((conn, database));
     }
 
     #[tokio::test]
