@@ -100,6 +100,14 @@ impl ApiError {
     }
 
     /// The `{"error": {"code", "message", "type"}}` body, also sent as a stream's last event.
+    /// Log a server-side failure (a 5xx), once, however it reaches the client: as a response,
+    /// or as an error event in a stream that had started.
+    pub fn log(&self) {
+        if self.status.is_server_error() {
+            tracing::error!(code = %self.code, message = %self.message, "request failed");
+        }
+    }
+
     pub fn body(&self) -> Value {
         json!({"error": {
             "code": self.code,
@@ -111,9 +119,7 @@ impl ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        if self.status.is_server_error() {
-            tracing::error!(code = %self.code, message = %self.message, "request failed");
-        }
+        self.log();
         let mut resp = (self.status, Json(self.body())).into_response();
         if !self.jobs.is_empty() {
             let headers = resp.headers_mut();

@@ -90,10 +90,7 @@ async fn drive(state: AppState, job: Job, opts: StreamOptions, tx: &Tx) -> Resul
         // with an error that names the job.
         let current = match watcher.read(state.store.as_ref()).await {
             Ok(current) => current,
-            Err(lost) => {
-                data(tx, &lost.body()).await?;
-                return done(tx).await;
-            }
+            Err(lost) => return fail(tx, &lost).await,
         };
         // Progress is best effort: a failed read of the steps is made up at the next event.
         if let Ok(steps) = state.store.get_steps(job.id).await {
@@ -105,15 +102,13 @@ async fn drive(state: AppState, job: Job, opts: StreamOptions, tx: &Tx) -> Resul
             break current;
         }
         if watcher.closed() {
-            data(tx, &handed_back(&current).body()).await?;
-            return done(tx).await;
+            return fail(tx, &handed_back(&current)).await;
         }
         watcher.next().await;
     };
 
     if finished.status != JobStatus::Succeeded {
-        data(tx, &job_error(&finished).body()).await?;
-        return done(tx).await;
+        return fail(tx, &job_error(&finished)).await;
     }
     let result = finished.result.unwrap_or(Value::Null);
     finish(tx, &id, created, &model, &result, opts).await
@@ -133,6 +128,14 @@ fn indexed(calls: &Value) -> Value {
         call
     });
     Value::Array(calls.collect())
+}
+
+/// End a stream with `error`'s object, in place of the answer, and `[DONE]`; logged as the
+/// same error answered as a response would be.
+async fn fail(tx: &Tx, error: &ApiError) -> Result<(), Gone> {
+    error.log();
+    data(tx, &error.body()).await?;
+    done(tx).await
 }
 
 /// Content, finish reason, usage (when asked) and `[DONE]` for a finished completion.
@@ -193,10 +196,7 @@ pub fn completion_later(
             data(&tx, &chunk(&id, created, &model, role)).await?;
             match reply.await {
                 Ok(completion) => finish(&tx, &id, created, &model, &completion, opts).await,
-                Err(e) => {
-                    data(&tx, &e.body()).await?;
-                    done(&tx).await
-                }
+                Err(e) => fail(&tx, &e).await,
             }
         };
         tokio::select! {
