@@ -9,7 +9,7 @@ mod checkpoint;
 
 pub(crate) use checkpoint::{Patience, retry_db};
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -63,6 +63,34 @@ impl Default for WorkerConfig {
 /// winding down, and each attempt must be renewed, stopped and forgotten on its own.
 type RunningMap = HashMap<(Uuid, i32), CancellationToken>;
 
+/// Cancels heard lately (see `Worker::cancels_heard`): their ids, and the same in the order
+/// heard, so that forgetting old ones costs only those (every process hears every cancel).
+#[derive(Default)]
+struct RecentCancels {
+    ids: HashSet<Uuid>,
+    heard: VecDeque<(i64, Uuid)>,
+}
+
+impl RecentCancels {
+    /// Remember `id`, heard `now`; forget what was heard `kept_ms` or longer ago.
+    fn hear(&mut self, id: Uuid, now: i64, kept_ms: i64) {
+        while let Some(&(at, old)) = self.heard.front() {
+            if now - at < kept_ms {
+                break;
+            }
+            self.heard.pop_front();
+            self.ids.remove(&old);
+        }
+        if self.ids.insert(id) {
+            self.heard.push_back((now, id));
+        }
+    }
+
+    fn contains(&self, id: &Uuid) -> bool {
+        self.ids.contains(id)
+    }
+}
+
 /// An attempt's place in the running map, given up when its task ends however it ends.
 struct Registered<'a> {
     running: &'a Mutex<RunningMap>,
@@ -90,7 +118,7 @@ pub struct Worker {
     /// a claim's commit and the job's place in `running` finds nothing to stop there: the job
     /// looks here as it takes its place. Kept for a lease's length; later, a heartbeat has
     /// stopped any job it missed. A cancelled job never runs again, so nothing is stopped wrongly.
-    cancels_heard: Mutex<HashMap<Uuid, i64>>,
+    cancels_heard: Mutex<RecentCancels>,
     /// One permit per job this process may run at once.
     capacity: Arc<Semaphore>,
     /// Every job task; closed when shutdown begins.
@@ -161,7 +189,7 @@ impl Worker {
             clock,
             owner: format!("{host}:{}:{}", std::process::id(), Uuid::now_v7()),
             running: Mutex::new(HashMap::new()),
-            cancels_heard: Mutex::new(HashMap::new()),
+            cancels_heard: Mutex::new(RecentCancels::default()),
             capacity: Arc::new(Semaphore::new(config.concurrency.max(1) as usize)),
             tracker: TaskTracker::new(),
             queue_drained: AtomicBool::new(false),
@@ -237,11 +265,7 @@ impl Worker {
     pub fn stop_local(&self, id: Uuid) {
         let now = self.clock.now_ms();
         let kept_ms = crate::store::ms(self.config.lease);
-        {
-            let mut heard = self.cancels_heard.lock().expect("cancels heard");
-            heard.retain(|_, at| now - *at < kept_ms);
-            heard.insert(id, now);
-        }
+        (self.cancels_heard.lock().expect("cancels heard")).hear(id, now, kept_ms);
         let running = self.running.lock().expect("running map");
         for ((_, _), stop) in running.iter().filter(|((job, _), _)| *job == id) {
             stop.cancel();
@@ -380,7 +404,7 @@ impl Worker {
         let span = tracing::info_span!("job", id = %job.id, attempt = job.attempt);
         // Cancelled as it was claimed: not a single call is made. (A cancel heard from now on
         // finds the job in `running`.)
-        let cancelled = (self.cancels_heard.lock().expect("cancels heard")).contains_key(&job.id);
+        let cancelled = (self.cancels_heard.lock().expect("cancels heard")).contains(&job.id);
         let outcome = if cancelled {
             Outcome::Stopped
         } else {
@@ -605,4 +629,25 @@ fn panic_message(payload: &(dyn std::any::Any + Send)) -> &str {
 /// Exponential backoff for database failures: 100 ms doubling to 5 s.
 pub(crate) fn backoff(failures: u32) -> Duration {
     Duration::from_millis(100u64.saturating_mul(1 << failures.min(6))).min(Duration::from_secs(5))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cancels_are_forgotten_a_lease_after_they_were_heard_and_only_then() {
+        let (a, b, c) = (Uuid::now_v7(), Uuid::now_v7(), Uuid::now_v7());
+        let mut heard = RecentCancels::default();
+        heard.hear(a, 0, 100);
+        heard.hear(b, 50, 100);
+        heard.hear(a, 60, 100); // heard twice: kept from the first time
+        assert!(heard.contains(&a) && heard.contains(&b));
+        heard.hear(c, 100, 100);
+        assert!(!heard.contains(&a), "heard a lease ago");
+        assert!(heard.contains(&b) && heard.contains(&c));
+        heard.hear(c, 150, 100);
+        assert!(!heard.contains(&b));
+        assert_eq!((heard.ids.len(), heard.heard.len()), (1, 1));
+    }
 }
