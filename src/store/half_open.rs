@@ -4,7 +4,7 @@
 //! directions, on every connection it holds, and closes none; new connections pass as before.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use sqlx::{Connection, PgConnection};
@@ -15,12 +15,17 @@ use super::postgres::PgStore;
 use super::{JobEvent, Store, StoreOptions, queued_job};
 use crate::testing::ScratchDatabase;
 
-/// A TCP proxy to the test database whose open connections can be made silent.
+/// A TCP proxy to the test database whose open connections can be made silent, and which can
+/// refuse new ones (the server unreachable).
 struct Silencer {
     /// The URL of the database through the proxy.
     url: String,
-    /// One flag per connection accepted so far: set, it passes nothing more.
+    /// One flag per connection passed so far: set, it passes nothing more.
     silenced: Arc<std::sync::Mutex<Vec<Arc<AtomicBool>>>>,
+    /// Set: a new connection is closed at once.
+    refusing: Arc<AtomicBool>,
+    /// Connections tried so far, refused ones included.
+    tried: Arc<AtomicUsize>,
 }
 
 impl Silencer {
@@ -37,8 +42,15 @@ impl Silencer {
             .unwrap();
         let silenced: Arc<std::sync::Mutex<Vec<Arc<AtomicBool>>>> = Arc::default();
         let flags = silenced.clone();
+        let refusing = Arc::new(AtomicBool::new(false));
+        let tried = Arc::new(AtomicUsize::new(0));
+        let (refuse, count) = (refusing.clone(), tried.clone());
         tokio::spawn(async move {
             while let Ok((client, _)) = listener.accept().await {
+                count.fetch_add(1, Ordering::SeqCst);
+                if refuse.load(Ordering::SeqCst) {
+                    continue;
+                }
                 let Ok(server) = TcpStream::connect(&target).await else {
                     continue;
                 };
@@ -53,6 +65,8 @@ impl Silencer {
         Silencer {
             url: url.to_string(),
             silenced,
+            refusing,
+            tried,
         }
     }
 
@@ -170,4 +184,65 @@ async fn a_silent_listener_is_replaced_and_says_what_may_have_been_missed() {
     tokio::time::timeout(Duration::from_secs(30), missed)
         .await
         .expect("the silent listener must be replaced, and say so");
+}
+
+// A store dropped while its listener cannot connect (the server unreachable: app.rs drops the
+// store and tries again when a migration fails at start-up) stops trying. Before, its LISTEN
+// task tried again every few seconds for the life of the process, each time with a warning.
+#[tokio::test]
+async fn a_store_dropped_while_its_listener_reconnects_stops_trying() {
+    let logged = Arc::new(std::sync::Mutex::new(Vec::<u8>::new()));
+    let writer = logged.clone();
+    // This test's thread (its runtime's only one, which runs the listener task too).
+    let _logs = tracing::subscriber::set_default(
+        tracing_subscriber::fmt()
+            .with_writer(move || Log(writer.clone()))
+            .with_ansi(false)
+            .finish(),
+    );
+    let warned = || {
+        String::from_utf8_lossy(&logged.lock().unwrap())
+            .matches("LISTEN failed")
+            .count()
+    };
+    let Some((_database, silencer, store)) = store_through("fusion_half_open_drop", None).await
+    else {
+        return;
+    };
+    silencer.refusing.store(true, Ordering::SeqCst);
+    silencer.silence();
+    // The silent listener is found out (after 1 s of quiet and a 1 s ping, in tests) and tries
+    // to connect again, in vain.
+    let retried = async {
+        while warned() == 0 {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(15), retried)
+        .await
+        .expect("the silent listener tries to connect again");
+    drop(store);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let (after_drop, tries) = (warned(), silencer.tried.load(Ordering::SeqCst));
+    // Past the longest backoff between tries (5 s).
+    tokio::time::sleep(Duration::from_secs(7)).await;
+    assert_eq!(
+        warned(),
+        after_drop,
+        "the dropped store's listener still tries"
+    );
+    assert_eq!(silencer.tried.load(Ordering::SeqCst), tries);
+}
+
+/// A log sink for `set_default`.
+struct Log(Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl std::io::Write for Log {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
 }

@@ -57,8 +57,14 @@ pub struct PgStore {
 /// `LISTEN` task, which holds a connection of its own, then ends instead of listening for good.
 impl Drop for PgStore {
     fn drop(&mut self) {
-        // Marks the pool closed at once; the future would only wait for connections to close.
-        drop(self.pool.close());
+        // `close` marks the pool closed as it is called; its future closes the idle
+        // connections, on the runtime when there is one (a store dropped outside one has only
+        // the marking, and its connections close as the pool's last handle goes).
+        let pool = self.pool.clone();
+        match tokio::runtime::Handle::try_current() {
+            Ok(runtime) => drop(runtime.spawn(async move { pool.close().await })),
+            Err(_) => drop(pool.close()),
+        }
     }
 }
 
@@ -72,7 +78,11 @@ const PING_IF_IDLE_FOR: Duration = Duration::from_secs(1);
 const LISTENER_QUIET: Duration = Duration::from_secs(if cfg!(test) { 1 } else { 30 });
 /// How long a connection has to answer a ping (the listener's, or a pooled one left idle), or
 /// to start listening, before it is taken for dead and replaced.
-const LISTENER_PING_WITHIN: Duration = Duration::from_secs(if cfg!(test) { 1 } else { 10 });
+const ANSWER_WITHIN: Duration = Duration::from_secs(if cfg!(test) { 1 } else { 3 });
+/// The longest wait for a pooled connection, its idle ping included: well past `ANSWER_WITHIN`,
+/// or that wait would end first and the ping's own bound never apply.
+const ACQUIRE_WITHIN: Duration = Duration::from_secs(10);
+const _: () = assert!(ANSWER_WITHIN.as_secs() * 2 < ACQUIRE_WITHIN.as_secs());
 
 /// NOTIFY channel: a job became queued.
 const JOBS_CHANNEL: &str = "fusion_jobs";
@@ -83,7 +93,7 @@ impl PgStore {
     pub async fn connect(url: &str, options: StoreOptions) -> Result<PgStore> {
         let pool = PgPoolOptions::new()
             .max_connections(options.max_connections.max(StoreOptions::MIN_CONNECTIONS))
-            .acquire_timeout(Duration::from_secs(10))
+            .acquire_timeout(ACQUIRE_WITHIN)
             // sqlx's default pings every connection it hands out: one more round trip per
             // statement, on the batch committer's serial path too. Only a connection left idle
             // long enough for the database to have gone away meanwhile is pinged now.
@@ -97,7 +107,7 @@ impl PgStore {
                     // ping (which logs it at INFO too; an error from this hook would log WARN).
                     // A bounded wait: a connection whose server vanished without a word
                     // never answers, and never errs either.
-                    match tokio::time::timeout(LISTENER_PING_WITHIN, conn.ping()).await {
+                    match tokio::time::timeout(ANSWER_WITHIN, conn.ping()).await {
                         Ok(Ok(())) => Ok(true),
                         Ok(Err(error)) => {
                             tracing::info!(%error, idle_for = ?meta.idle_for,
@@ -178,13 +188,14 @@ fn step_write(lease: &Lease, step: &Step) -> Write {
 async fn listen(pool: PgPool, wakeups: Arc<Notify>, events: broadcast::Sender<JobEvent>) {
     let mut failures = 0u32;
     let mut listened = false;
-    loop {
+    // The store was dropped (its pool closed): done, whether connected or between connections.
+    while !pool.is_closed() {
         let listening = async {
             let mut listener = PgListener::connect_with(&pool).await?;
             listener.listen_all([JOBS_CHANNEL, EVENTS_CHANNEL]).await?;
             Ok::<_, sqlx::Error>(listener)
         };
-        let mut listener = match tokio::time::timeout(LISTENER_PING_WITHIN, listening).await {
+        let mut listener = match tokio::time::timeout(ANSWER_WITHIN, listening).await {
             Ok(Ok(listener)) => listener,
             failed => {
                 failures += 1;
@@ -209,12 +220,12 @@ async fn listen(pool: PgPool, wakeups: Arc<Notify>, events: broadcast::Sender<Jo
                 // host, a NAT's idle timeout) never reports itself broken to a reader, and it
                 // would hear nothing more, for good. It must answer a query, or is replaced.
                 let ping = sqlx::query("SELECT 1").execute(&mut listener);
-                match tokio::time::timeout(LISTENER_PING_WITHIN, ping).await {
+                match tokio::time::timeout(ANSWER_WITHIN, ping).await {
                     Ok(Ok(_)) => continue,
                     Ok(Err(e)) => tracing::warn!(error = %e, "LISTEN connection lost"),
                     Err(_) => tracing::warn!(
                         "LISTEN connection did not answer within {} s; replacing it",
-                        LISTENER_PING_WITHIN.as_secs()
+                        ANSWER_WITHIN.as_secs()
                     ),
                 }
                 break;
@@ -237,9 +248,6 @@ async fn listen(pool: PgPool, wakeups: Arc<Notify>, events: broadcast::Sender<Jo
                     break;
                 }
             }
-        }
-        if pool.is_closed() {
-            return;
         }
     }
 }
