@@ -217,7 +217,7 @@ impl Store for SqliteStore {
             let before = self.migrations_applied().await?;
             match MIGRATOR.run(&self.writer).await {
                 Ok(()) => return Ok(()),
-                Err(e) if self.migrations_applied().await? > before => {
+                Err(e) if self.migrations_applied().await.is_ok_and(|n| n > before) => {
                     tracing::info!(error = %e, "another process migrated this SQLite file \
                         meanwhile; migrating again from where it got");
                 }
