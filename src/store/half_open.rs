@@ -160,6 +160,89 @@ async fn a_batch_the_server_never_answers_fails_and_the_store_goes_on() {
         .expect("writes work again on new connections");
 }
 
+// A read, a claim and a heartbeat go unanswered (held at the server by a lock until their
+// connections went silent): each fails within its bound, as a broken connection would, instead
+// of waiting as long as TCP takes to give up (many minutes) and then, its connection dropped
+// mid-statement, as long again in sqlx's ping on the way back to the pool. The heartbeat's bound
+// is a third of its lease (a renewal later than that is of little use); the others', the
+// statement timeout (1 s) + 5 s. The store then works again on new connections.
+#[tokio::test]
+async fn reads_claims_and_heartbeats_the_server_never_answers_fail_in_time() {
+    let Some((database, silencer, store)) =
+        store_through("fusion_half_open_reads", Some(Duration::from_secs(1))).await
+    else {
+        return;
+    };
+    let super::Enqueued::Created(job) = store.enqueue(queued_job(1), None).await.unwrap() else {
+        panic!("a new job");
+    };
+    let id = job.id;
+    let mut direct = PgConnection::connect(&database.url).await.unwrap();
+    let mut lock = direct.begin().await.unwrap();
+    sqlx::query("LOCK TABLE jobs IN ACCESS EXCLUSIVE MODE")
+        .execute(&mut *lock)
+        .await
+        .unwrap();
+    let store = Arc::new(store);
+    let timed = |call: futures::future::BoxFuture<'static, Result<String, String>>| {
+        tokio::spawn(async move {
+            let started = tokio::time::Instant::now();
+            let answer = tokio::time::timeout(Duration::from_secs(30), call).await;
+            (answer, started.elapsed())
+        })
+    };
+    let (s1, s2, s3) = (store.clone(), store.clone(), store.clone());
+    let read = timed(Box::pin(async move {
+        s1.get_job(id)
+            .await
+            .map(|j| format!("{j:?}"))
+            .map_err(|e| e.to_string())
+    }));
+    let claim = timed(Box::pin(async move {
+        let claimed = s2.claim("w", 1, 2, Duration::from_secs(30)).await;
+        claimed
+            .map(|c| format!("{} claimed", c.len()))
+            .map_err(|e| e.to_string())
+    }));
+    let beat = timed(Box::pin(async move {
+        let held = s3.heartbeat("w", &[id], 3, Duration::from_secs(6)).await;
+        held.map(|h| format!("{} held", h.len()))
+            .map_err(|e| e.to_string())
+    }));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    silencer.silence();
+    lock.rollback().await.unwrap();
+    for (what, call, bound) in [
+        ("read", read, Duration::from_secs(6)),
+        ("claim", claim, Duration::from_secs(6)),
+        ("heartbeat", beat, Duration::from_secs(2)),
+    ] {
+        let (answer, took) = call.await.unwrap();
+        let failed = answer
+            .unwrap_or_else(|_| panic!("the {what} must fail, not wait for good"))
+            .expect_err(what);
+        assert!(
+            failed.contains("no answer from Postgres"),
+            "{what}: {failed}"
+        );
+        assert!(
+            took >= bound && took < bound + Duration::from_secs(3),
+            "{what}: {took:?}"
+        );
+    }
+    let recovered = async {
+        loop {
+            if let Ok(Some(_)) = store.get_job(id).await {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(60), recovered)
+        .await
+        .expect("reads work again on new connections");
+}
+
 // The listener's connection goes silent: after a quiet second (in tests) it is asked to answer,
 // is not, and is replaced; the store says notifications may have been missed meanwhile, so that
 // workers re-check their leases and waiters re-read their jobs. Before, it listened on the

@@ -14,27 +14,15 @@ use sqlx::types::Json;
 use uuid::Uuid;
 
 use super::batch::{BatchSql, Finish, Write, took_row, which_took};
+use super::postgres::bounded;
 use crate::job::{JobSpec, JsonText, Lease, NewJob, StartHere, Step};
 
 pub(super) struct PgBatch {
     pub pool: PgPool,
     /// How long a batch statement may go unanswered before its connection is given up: a bit
-    /// past the statement timeout, which the server enforces and answers (see `execute`).
+    /// past the statement timeout, which the server enforces and answers (see `bounded`).
     /// `None`: no statement timeout, and no limit here either.
     pub answer_within: Option<Duration>,
-}
-
-impl PgBatch {
-    /// How much longer than the statement timeout the answer may take (the server's own
-    /// cancel, its round trip, a busy machine), before the connection is taken for dead.
-    const ANSWER_MARGIN: Duration = Duration::from_secs(5);
-
-    pub fn new(pool: PgPool, statement_timeout: Option<Duration>) -> PgBatch {
-        PgBatch {
-            pool,
-            answer_within: statement_timeout.map(|t| t + Self::ANSWER_MARGIN),
-        }
-    }
 }
 
 #[async_trait]
@@ -120,36 +108,17 @@ UNION ALL SELECT 'f', id, NULL, attempt FROM f";
 
 /// Run `writes` as one statement; for each, whether it took effect.
 ///
-/// Unanswered `within`, the connection is closed and the batch fails as a broken connection
-/// does (committed or not, nobody knows: the writers read back what landed). A server that
-/// vanished without a word (a crashed host, a partition, a failover) leaves a connection that
-/// TCP never reports broken once the statement is sent, and the process's one batch committer,
-/// and with it every checkpoint, outcome and enqueue, would wait on it for good.
+/// Unanswered `within`, the batch fails as a broken connection does (committed or not, nobody
+/// knows: the writers read back what landed; see `bounded`). Without that bound, a server that
+/// vanished without a word would hold the process's one batch committer, and with it every
+/// checkpoint, outcome and enqueue, for as long as TCP takes to give up.
 async fn execute(
     pool: &PgPool,
     writes: &[Write],
     within: Option<Duration>,
 ) -> Result<Vec<bool>, sqlx::Error> {
-    let mut conn = pool.acquire().await?;
-    let statement = bound(sqlx::query(BATCH_SQL), writes).fetch_all(&mut *conn);
-    let rows = match within {
-        None => statement.await?,
-        Some(within) => match tokio::time::timeout(within, statement).await {
-            Ok(rows) => rows?,
-            Err(_) => {
-                // Not handed back to the pool with a statement in flight: dropped, its socket
-                // closed, and the pool opens another.
-                drop(conn.detach());
-                return Err(sqlx::Error::Io(std::io::Error::new(
-                    std::io::ErrorKind::TimedOut,
-                    format!(
-                        "no answer from Postgres within {:.1} s; the connection was closed",
-                        within.as_secs_f64()
-                    ),
-                )));
-            }
-        },
-    };
+    let statement = bound(sqlx::query(BATCH_SQL), writes);
+    let rows = bounded(pool, within, async |c| statement.fetch_all(c).await).await?;
     let mut took = Vec::with_capacity(rows.len());
     for row in &rows {
         let id: Uuid = row.try_get("id")?;

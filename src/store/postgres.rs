@@ -10,7 +10,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use serde_json::Value;
 use serde_json::value::RawValue;
-use sqlx::postgres::{PgConnectOptions, PgListener, PgPool, PgPoolOptions, PgRow};
+use sqlx::postgres::{PgConnectOptions, PgConnection, PgListener, PgPool, PgPoolOptions, PgRow};
 use sqlx::types::Json;
 use sqlx::{Connection, Row};
 use tokio::sync::{Notify, broadcast};
@@ -47,6 +47,9 @@ const CLAIM_SQL: &str = concat!(
 
 pub struct PgStore {
     pool: PgPool,
+    /// How long a statement may go unanswered before its connection is given up (see
+    /// `bounded`); `None` with no statement timeout.
+    answer_within: Option<Duration>,
     /// Enqueues, checkpoints and outcomes, grouped into one statement per batch.
     writes: Batcher,
     wakeups: Arc<Notify>,
@@ -83,6 +86,42 @@ const ANSWER_WITHIN: Duration = Duration::from_secs(if cfg!(test) { 1 } else { 3
 /// or that wait would end first and the ping's own bound never apply.
 const ACQUIRE_WITHIN: Duration = Duration::from_secs(10);
 const _: () = assert!(ANSWER_WITHIN.as_secs() * 2 < ACQUIRE_WITHIN.as_secs());
+/// How much longer than the statement timeout a statement's answer may take (the server's own
+/// cancel, its round trip, a busy machine) before its connection is taken for dead.
+const ANSWER_MARGIN: Duration = Duration::from_secs(5);
+
+/// Run `work` on a pooled connection, and wait for it at most `within` (`None`: for good).
+/// Unanswered by then, the connection is closed rather than handed back to the pool, and the
+/// call fails as a broken connection does (whether its writes committed, nobody knows). A
+/// server that vanished without a word (a crashed host, a partition, a failover) leaves
+/// connections that TCP does not report broken for many minutes once a statement is sent:
+/// without a bound, a claim, a heartbeat or a read would wait that long, and a connection merely
+/// dropped mid-statement goes back through sqlx's ping, which would wait as long again, holding
+/// its place in the pool.
+pub(super) async fn bounded<T, E: From<sqlx::Error>>(
+    pool: &PgPool,
+    within: Option<Duration>,
+    work: impl AsyncFnOnce(&mut PgConnection) -> Result<T, E>,
+) -> Result<T, E> {
+    let mut conn = pool.acquire().await?;
+    let Some(within) = within else {
+        return work(&mut conn).await;
+    };
+    match tokio::time::timeout(within, work(&mut conn)).await {
+        Ok(answer) => answer,
+        Err(_) => {
+            drop(conn.detach());
+            Err(sqlx::Error::Io(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                format!(
+                    "no answer from Postgres within {:.1} s; the connection was closed",
+                    within.as_secs_f64()
+                ),
+            ))
+            .into())
+        }
+    }
+}
 
 /// NOTIFY channel: a job became queued.
 const JOBS_CHANNEL: &str = "fusion_jobs";
@@ -127,9 +166,14 @@ impl PgStore {
         let wakeups = Arc::new(Notify::new());
         let events = broadcast::channel(EVENT_BACKLOG).0;
         tokio::spawn(listen(pool.clone(), wakeups.clone(), events.clone()));
+        let answer_within = options.statement_timeout.map(|t| t + ANSWER_MARGIN);
         Ok(PgStore {
-            writes: Batcher::start(PgBatch::new(pool.clone(), options.statement_timeout)),
+            writes: Batcher::start(PgBatch {
+                pool: pool.clone(),
+                answer_within,
+            }),
             pool,
+            answer_within,
             wakeups,
             events,
         })
@@ -152,15 +196,24 @@ impl PgStore {
         });
     }
 
+    /// `bounded` on this store's pool.
+    async fn bounded<T>(
+        &self,
+        work: impl AsyncFnOnce(&mut PgConnection) -> Result<T>,
+    ) -> Result<T> {
+        bounded(&self.pool, self.answer_within, work).await
+    }
+
     async fn fetch_job(&self, id: Uuid) -> Result<Option<Job>> {
-        let row = sqlx::query(concat!(
+        let query = sqlx::query(concat!(
             "SELECT ",
             job_columns!(),
             " FROM jobs WHERE id = $1"
         ))
-        .bind(id)
-        .fetch_optional(&self.pool)
-        .await?;
+        .bind(id);
+        let row = self
+            .bounded(async |c| Ok(query.fetch_optional(c).await?))
+            .await?;
         row.map(|r| job_from_row(&r, SpecRead::ToShow)).transpose()
     }
 }
@@ -287,7 +340,8 @@ impl Store for PgStore {
     }
 
     async fn ping(&self) -> Result<()> {
-        sqlx::query("SELECT 1").execute(&self.pool).await?;
+        self.bounded(async |c| Ok(sqlx::query("SELECT 1").execute(c).await?))
+            .await?;
         Ok(())
     }
 
@@ -300,16 +354,16 @@ impl Store for PgStore {
                 .map_err(|e| StoreError::Corrupt(e.to_string()))?;
         }
         job.metadata = no_nul_json(std::mem::take(&mut job.metadata));
-        let pool = &self.pool;
         super::enqueue_with(&self.writes, &self.wakeups, job, start, |key| async move {
-            let row = sqlx::query(concat!(
+            let query = sqlx::query(concat!(
                 "SELECT ",
                 job_columns!(),
                 " FROM jobs WHERE idempotency_key = $1"
             ))
-            .bind(key)
-            .fetch_one(pool)
-            .await?;
+            .bind(key);
+            let row = self
+                .bounded(async |c| Ok(query.fetch_one(c).await?))
+                .await?;
             job_from_row(&row, SpecRead::ToShow)
         })
         .await
@@ -320,21 +374,22 @@ impl Store for PgStore {
     }
 
     async fn get_steps(&self, id: Uuid) -> Result<Vec<Step>> {
-        let rows = sqlx::query(
+        let query = sqlx::query(
             "SELECT step, model, ok, content, data, prompt_tokens, completion_tokens, cost, \
              latency_ms, error_code, error, status_code, attempt, created_at \
              FROM steps WHERE job_id = $1",
         )
-        .bind(id)
-        .fetch_all(&self.pool)
-        .await?;
+        .bind(id);
+        let rows = self
+            .bounded(async |c| Ok(query.fetch_all(c).await?))
+            .await?;
         let mut steps = rows.iter().map(step_from_row).collect::<Result<Vec<_>>>()?;
         steps.sort_by_key(|s| s.key);
         Ok(steps)
     }
 
     async fn list_jobs(&self, filter: &ListFilter) -> Result<Vec<Job>> {
-        let rows = sqlx::query(concat!(
+        let query = sqlx::query(concat!(
             "SELECT ",
             job_columns!(),
             " FROM jobs WHERE ($1::text IS NULL OR status = $1) \
@@ -342,74 +397,84 @@ impl Store for PgStore {
         ))
         .bind(filter.status.map(JobStatus::as_str))
         .bind(filter.before)
-        .bind(i64::from(filter.limit))
-        .fetch_all(&self.pool)
-        .await?;
+        .bind(i64::from(filter.limit));
+        let rows = self
+            .bounded(async |c| Ok(query.fetch_all(c).await?))
+            .await?;
         rows.iter()
             .map(|r| job_from_row(r, SpecRead::ToShow))
             .collect()
     }
 
     async fn cancel(&self, id: Uuid, now: i64) -> Result<CancelOutcome> {
-        // Lock the row so the status we report is the one we changed.
-        let mut tx = self.pool.begin().await?;
-        let row = sqlx::query(concat!(
-            "SELECT ",
-            job_columns!(),
-            " FROM jobs WHERE id = $1 FOR UPDATE"
-        ))
-        .bind(id)
-        .fetch_optional(&mut *tx)
-        .await?;
-        let Some(row) = row else {
-            return Ok(CancelOutcome::NotFound);
-        };
-        let before = job_from_row(&row, SpecRead::ToShow)?;
-        if before.status.is_final() {
-            return Ok(CancelOutcome::AlreadyFinal(before));
-        }
-        let row = sqlx::query(concat!(
-            "UPDATE jobs SET status = 'cancelled', finished_at = $2, \
-             failure_reason = 'cancelled', error = 'cancelled by request', \
-             lease_owner = NULL, lease_expires_at = NULL WHERE id = $1 RETURNING ",
-            job_columns!()
-        ))
-        .bind(id)
-        .bind(now)
-        .fetch_one(&mut *tx)
-        .await?;
-        tx.commit().await?;
-        Ok(CancelOutcome::Cancelled {
-            job: job_from_row(&row, SpecRead::ToShow)?,
-            was_running: before.status == JobStatus::Running,
+        self.bounded(async |c| {
+            // Lock the row so the status we report is the one we changed.
+            let mut tx = c.begin().await?;
+            let row = sqlx::query(concat!(
+                "SELECT ",
+                job_columns!(),
+                " FROM jobs WHERE id = $1 FOR UPDATE"
+            ))
+            .bind(id)
+            .fetch_optional(&mut *tx)
+            .await?;
+            let Some(row) = row else {
+                return Ok(CancelOutcome::NotFound);
+            };
+            let before = job_from_row(&row, SpecRead::ToShow)?;
+            if before.status.is_final() {
+                return Ok(CancelOutcome::AlreadyFinal(before));
+            }
+            let row = sqlx::query(concat!(
+                "UPDATE jobs SET status = 'cancelled', finished_at = $2, \
+                 failure_reason = 'cancelled', error = 'cancelled by request', \
+                 lease_owner = NULL, lease_expires_at = NULL WHERE id = $1 RETURNING ",
+                job_columns!()
+            ))
+            .bind(id)
+            .bind(now)
+            .fetch_one(&mut *tx)
+            .await?;
+            tx.commit().await?;
+            Ok(CancelOutcome::Cancelled {
+                job: job_from_row(&row, SpecRead::ToShow)?,
+                was_running: before.status == JobStatus::Running,
+            })
         })
+        .await
     }
 
     async fn retry_failed(&self, id: Uuid, now: i64) -> Result<RetryOutcome> {
-        let mut tx = self.pool.begin().await?;
-        let done = sqlx::query(
-            "UPDATE jobs SET status = 'queued', run_at = $2, finished_at = NULL, \
-             failure_reason = NULL, error = NULL, result = NULL, \
-             max_attempts = greatest(max_attempts, attempt + 1), \
-             deadline_at = $2 + (deadline_at - coalesce(deadline_from, created_at)), \
-             deadline_from = $2 \
-             WHERE id = $1 AND status = 'failed'",
-        )
-        .bind(id)
-        .bind(now)
-        .execute(&mut *tx)
-        .await?;
-        if done.rows_affected() == 1 {
-            sqlx::query("DELETE FROM steps WHERE job_id = $1 AND NOT ok")
+        let requeued = self
+            .bounded(async |c| {
+                let mut tx = c.begin().await?;
+                let done = sqlx::query(
+                    "UPDATE jobs SET status = 'queued', run_at = $2, finished_at = NULL, \
+                     failure_reason = NULL, error = NULL, result = NULL, \
+                     max_attempts = greatest(max_attempts, attempt + 1), \
+                     deadline_at = $2 + (deadline_at - coalesce(deadline_from, created_at)), \
+                     deadline_from = $2 \
+                     WHERE id = $1 AND status = 'failed'",
+                )
                 .bind(id)
+                .bind(now)
                 .execute(&mut *tx)
                 .await?;
-        }
-        tx.commit().await?;
+                let requeued = done.rows_affected() == 1;
+                if requeued {
+                    sqlx::query("DELETE FROM steps WHERE job_id = $1 AND NOT ok")
+                        .bind(id)
+                        .execute(&mut *tx)
+                        .await?;
+                }
+                tx.commit().await?;
+                Ok(requeued)
+            })
+            .await?;
         let Some(job) = self.fetch_job(id).await? else {
             return Ok(RetryOutcome::NotFound);
         };
-        Ok(if done.rows_affected() == 1 {
+        Ok(if requeued {
             RetryOutcome::Requeued(job)
         } else {
             RetryOutcome::NotFailed(job)
@@ -423,12 +488,13 @@ impl Store for PgStore {
         now: i64,
         lease: Duration,
     ) -> Result<Vec<Claimed>> {
-        let rows = sqlx::query(CLAIM_SQL)
+        let query = sqlx::query(CLAIM_SQL)
             .bind(owner)
             .bind(now + ms(lease))
             .bind(now)
-            .bind(i64::from(limit))
-            .fetch_all(&self.pool)
+            .bind(i64::from(limit));
+        let rows = self
+            .bounded(async |c| Ok(query.fetch_all(c).await?))
             .await?;
         super::claimed_from(
             self,
@@ -450,7 +516,7 @@ impl Store for PgStore {
     ) -> Result<Vec<Held>> {
         // Locked in id order, as every statement that changes several running jobs locks them
         // (see `BATCH_SQL`).
-        let rows = sqlx::query(
+        let query = sqlx::query(
             "UPDATE jobs SET lease_expires_at = $1 \
              WHERE id IN (SELECT id FROM jobs \
                           WHERE id = ANY($3) AND status = 'running' AND lease_owner = $2 \
@@ -459,9 +525,12 @@ impl Store for PgStore {
         )
         .bind(now + ms(lease))
         .bind(owner)
-        .bind(jobs)
-        .fetch_all(&self.pool)
-        .await?;
+        .bind(jobs);
+        // A renewal later than a heartbeat's interval (a third of the lease) is of little use:
+        // its connection is given up by then, and the next heartbeat tries on another.
+        let within = (lease / 3).min(self.answer_within.unwrap_or(Duration::MAX));
+        let work = async |c: &mut PgConnection| Ok::<_, StoreError>(query.fetch_all(c).await?);
+        let rows = bounded(&self.pool, Some(within), work).await?;
         rows.iter()
             .map(|r| {
                 Ok(Held {
@@ -480,21 +549,19 @@ impl Store for PgStore {
              WHERE id IN (SELECT id FROM jobs WHERE status = 'running' AND lease_expires_at < $1 \
                           AND attempt >= max_attempts ORDER BY id FOR UPDATE)",
         )
-        .bind(now)
-        .execute(&self.pool)
-        .await?
-        .rows_affected();
+        .bind(now);
+        let failed = self.bounded(async |c| Ok(failed.execute(c).await?)).await?;
         let requeued = sqlx::query(
             "UPDATE jobs SET status = 'queued', run_at = $1, lease_owner = NULL, \
              lease_expires_at = NULL \
              WHERE id IN (SELECT id FROM jobs WHERE status = 'running' AND lease_expires_at < $1 \
                           ORDER BY id FOR UPDATE)",
         )
-        .bind(now)
-        .execute(&self.pool)
-        .await?
-        .rows_affected();
-        Ok(failed + requeued)
+        .bind(now);
+        let requeued = self
+            .bounded(async |c| Ok(requeued.execute(c).await?))
+            .await?;
+        Ok(failed.rows_affected() + requeued.rows_affected())
     }
 
     async fn save_step(&self, lease: &Lease, step: &Step) -> Result<bool> {
@@ -544,9 +611,8 @@ impl Store for PgStore {
         .bind(&lease.owner)
         .bind(run_at)
         .bind(no_nul(reason))
-        .bind(no_nul(error))
-        .execute(&self.pool)
-        .await?;
+        .bind(no_nul(error));
+        let done = self.bounded(async |c| Ok(done.execute(c).await?)).await?;
         Ok(done.rows_affected() == 1)
     }
 
@@ -558,9 +624,8 @@ impl Store for PgStore {
         )
         .bind(lease.job_id)
         .bind(lease.attempt)
-        .bind(&lease.owner)
-        .execute(&self.pool)
-        .await?;
+        .bind(&lease.owner);
+        let done = self.bounded(async |c| Ok(done.execute(c).await?)).await?;
         Ok(done.rows_affected() == 1)
     }
 
@@ -794,7 +859,10 @@ mod tests {
         .fetch_one(&mut conn)
         .await
         .unwrap();
-        let sql = crate::store::pg_writes::PgBatch::new(store.pool.clone(), None);
+        let sql = crate::store::pg_writes::PgBatch {
+            pool: store.pool.clone(),
+            answer_within: None,
+        };
         crate::store::batch::only_the_current_lease_of_two_outcomes_takes(&sql, id).await;
         let status: String = sqlx::query_scalar("SELECT status FROM jobs WHERE id = $1")
             .bind(id)
@@ -1010,7 +1078,10 @@ mod tests {
             .unwrap();
         let id = |g: u32| Uuid::parse_str(&format!("00000000-0000-0000-0000-{g:012}")).unwrap();
         let (low, high) = (id(1), id(2));
-        let batch = crate::store::pg_writes::PgBatch::new(store.pool.clone(), None);
+        let batch = crate::store::pg_writes::PgBatch {
+            pool: store.pool.clone(),
+            answer_within: None,
+        };
         let outcomes = [high, low].map(|job_id| {
             let lease = Lease {
                 job_id,
