@@ -32,9 +32,16 @@ use saves::Saves;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Lost;
 
+/// The job's side of a run: where its steps are kept, and whether it may make another call.
 #[async_trait]
 pub trait Checkpoints: Send + Sync {
     async fn save(&self, step: &Step) -> Result<(), Lost>;
+
+    /// Wait until the job may start another upstream call: at once while the job is known to
+    /// be this run's (its lease renewed in time); `Err(Lost)` when the run must stop instead.
+    async fn before_call(&self) -> Result<(), Lost> {
+        Ok(())
+    }
 }
 
 /// How a run of the workflow ended.
@@ -207,7 +214,8 @@ impl Pipeline {
             None => {
                 // Boxed, like the final call below: a job waiting on its panel does not carry
                 // room for the later steps' futures (it matters with thousands in flight).
-                let analysis = Box::pin(self.run_analysis(spec, job.attempt, &answers, cancel));
+                let analysis = self.run_analysis(spec, job.attempt, &answers, saves.sink(), cancel);
+                let analysis = Box::pin(analysis);
                 let Ok(Some((mut s, analysis))) = saves.alongside(analysis).await else {
                     return Outcome::Stopped;
                 };
@@ -242,7 +250,8 @@ impl Pipeline {
                     max_completion_tokens: spec.max_completion_tokens,
                     response_format: format.as_ref(),
                 };
-                let call = self.call_step(StepKey::Final, &spec.analyst, &req, job.attempt, cancel);
+                let (key, analyst, sink) = (StepKey::Final, &spec.analyst, saves.sink());
+                let call = self.call_step(key, analyst, &req, job.attempt, sink, cancel);
                 let Ok(Some((s, retryable))) = saves.alongside(Box::pin(call)).await else {
                     return Outcome::Stopped;
                 };
@@ -316,6 +325,7 @@ impl Pipeline {
         cancel: &CancellationToken,
     ) -> Result<Vec<Step>, Outcome> {
         let mut pending = FuturesUnordered::new();
+        let sink = saves.sink();
         for (i, slot) in panel.iter().enumerate() {
             if slot.is_some() {
                 continue;
@@ -330,7 +340,9 @@ impl Pipeline {
             // Boxed: the set then holds pointers, and its own bookkeeping stays small.
             pending.push(Box::pin(async move {
                 let key = StepKey::Panel(i as u32);
-                let step = self.call_step(key, model, &req, attempt, cancel).await;
+                let step = self
+                    .call_step(key, model, &req, attempt, sink, cancel)
+                    .await;
                 (i, step.ok_or(Outcome::Stopped))
             }));
         }
@@ -391,12 +403,14 @@ impl Pipeline {
     }
 
     /// Ask for the analysis, feeding back why a reply was rejected, a bounded number of times:
-    /// its step, and the analysis itself when there is one. `None` means cancelled.
+    /// its step, and the analysis itself when there is one. `None` means cancelled (or the job
+    /// is no longer this run's).
     async fn run_analysis(
         &self,
         spec: &JobSpec,
         attempt: i32,
         answers: &[PanelAnswer<'_>],
+        sink: &dyn Checkpoints,
         cancel: &CancellationToken,
     ) -> Option<(Step, Option<Analysis>)> {
         let mode = self.upstream.structured_output(&spec.analyst);
@@ -413,6 +427,7 @@ impl Pipeline {
         let mut latency_ms = 0;
         let mut last_problem = None;
         for _ in 0..self.analysis_attempts.max(1) {
+            sink.before_call().await.ok()?;
             match self
                 .upstream
                 .complete_with_retries(&spec.analyst, &req, &self.retry, cancel)
@@ -465,15 +480,17 @@ impl Pipeline {
     }
 
     /// One step that is a single (retried) call, and whether its failure (if any) may pass if
-    /// tried again later; `None` means cancelled.
+    /// tried again later; `None` means cancelled (or the job is no longer this run's).
     async fn call_step(
         &self,
         key: StepKey,
         model: &str,
         req: &CompletionRequest<'_>,
         attempt: i32,
+        sink: &dyn Checkpoints,
         cancel: &CancellationToken,
     ) -> Option<(Step, bool)> {
+        sink.before_call().await.ok()?;
         match self
             .upstream
             .complete_with_retries(model, req, &self.retry, cancel)

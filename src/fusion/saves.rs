@@ -26,6 +26,11 @@ impl<'a> Saves<'a> {
         }
     }
 
+    /// Where the steps go (and whether the job may call again, see `Checkpoints::before_call`).
+    pub fn sink(&self) -> &'a dyn Checkpoints {
+        self.sink
+    }
+
     /// Start writing `step`; whether it landed is learnt by `settle` or `alongside`.
     pub fn start(&mut self, step: Step) {
         let sink = self.sink;

@@ -4,10 +4,13 @@
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
+use tokio::sync::watch;
 use tokio::time::Instant;
 
 use async_trait::async_trait;
 use tokio_util::sync::CancellationToken;
+
+use crate::clock::SharedClock;
 
 use super::backoff;
 use crate::fusion::{Checkpoints, Lost};
@@ -21,6 +24,49 @@ pub(super) struct LeaseCheckpoints<'a> {
     pub store: &'a dyn Store,
     pub lease: &'a Lease,
     pub stop: &'a CancellationToken,
+    pub held: HeldUntil,
+}
+
+/// Until when the job's lease is known to hold, by this process's clock: from its claim, then
+/// from each heartbeat that renewed it (`Worker::heartbeat` sends the new time). Past that time,
+/// less a margin, the lease may have run out unseen (renewals failing, or stuck on a database
+/// that does not answer) and the job been rescued and claimed elsewhere: no new upstream call
+/// starts until a heartbeat renews the lease again (the job goes on where it was) or finds it
+/// lost (the job is stopped). A call under way is not stopped: if the lease held after all, what
+/// it answers is kept.
+pub(super) struct HeldUntil {
+    pub until: watch::Receiver<i64>,
+    pub clock: SharedClock,
+    /// How long before `until` no new call starts: a third of the lease, a heartbeat's interval.
+    pub margin_ms: i64,
+}
+
+impl HeldUntil {
+    fn holds(&self, until: i64) -> bool {
+        self.clock.now_ms() < until - self.margin_ms
+    }
+
+    /// Return once a new call may start; `Err(Lost)` if the job is stopped first.
+    async fn wait(&self, stop: &CancellationToken) -> Result<(), Lost> {
+        if self.holds(*self.until.borrow()) {
+            return Ok(());
+        }
+        tracing::info!(
+            "the job's lease has not been renewed in time; no new upstream call until it is"
+        );
+        let mut until = self.until.clone();
+        tokio::select! {
+            _ = stop.cancelled() => Err(Lost),
+            renewed = until.wait_for(|&until| self.holds(until)) => match renewed {
+                Ok(_) => {
+                    tracing::info!("the job's lease was renewed; going on");
+                    Ok(())
+                }
+                // The job's place in the running map is gone: it is ending.
+                Err(_) => Err(Lost),
+            },
+        }
+    }
 }
 
 #[async_trait]
@@ -39,6 +85,10 @@ impl Checkpoints for LeaseCheckpoints<'_> {
             Some(true) => Ok(()),
             _ => Err(Lost),
         }
+    }
+
+    async fn before_call(&self) -> Result<(), Lost> {
+        self.held.wait(self.stop).await
     }
 }
 

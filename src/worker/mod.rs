@@ -16,7 +16,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures::FutureExt;
-use tokio::sync::{OwnedSemaphorePermit, Semaphore, broadcast};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, broadcast, watch};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
@@ -26,7 +26,9 @@ use crate::clock::SharedClock;
 use crate::fusion::{Outcome, Pipeline};
 use crate::job::{Job, JobStatus, Lease, StartHere};
 use crate::store::{Claimed, JobEvent, Store, StoreError};
-use checkpoint::{LeaseCheckpoints, fenced_write, finished_as, requeued, with_db_retries};
+use checkpoint::{
+    HeldUntil, LeaseCheckpoints, fenced_write, finished_as, requeued, with_db_retries,
+};
 
 #[derive(Debug, Clone)]
 pub struct WorkerConfig {
@@ -61,7 +63,14 @@ impl Default for WorkerConfig {
 /// The jobs this process is running, by `(id, attempt)`: after a lease lapsed (a stall, a
 /// database outage) the same job may be claimed here again while the old attempt is still
 /// winding down, and each attempt must be renewed, stopped and forgotten on its own.
-type RunningMap = HashMap<(Uuid, i32), CancellationToken>;
+type RunningMap = HashMap<(Uuid, i32), Running>;
+
+/// An attempt running here: what stops it, and until when its lease is known to hold (by this
+/// process's clock; see `HeldUntil`).
+struct Running {
+    stop: CancellationToken,
+    held_until: watch::Sender<i64>,
+}
 
 /// Cancels heard lately (see `Worker::cancels_heard`): their ids, and the same in the order
 /// heard, so that forgetting old ones costs only those (every process hears every cancel).
@@ -162,11 +171,14 @@ impl Slot {
             }
             return;
         }
-        if !worker.still_holds(&job, &start).await {
+        let Some(held_until) = worker.still_holds(&job, &start).await else {
             return;
-        }
+        };
         let claimed = Claimed {
-            job,
+            job: Job {
+                lease_expires_at: Some(held_until),
+                ..job
+            },
             checkpointed: false,
         };
         worker
@@ -223,12 +235,12 @@ impl Worker {
     /// first; a job whose lease ran out meanwhile may have been rescued and claimed again (by
     /// this process too), and running it here as well would pay every call twice. Not held,
     /// or not renewed: not run here (if it is still running under this lease, the rescuer
-    /// requeues it when the lease runs out).
-    async fn still_holds(&self, job: &Job, start: &StartHere) -> bool {
+    /// requeues it when the lease runs out). Held: until when.
+    async fn still_holds(&self, job: &Job, start: &StartHere) -> Option<i64> {
         let now = self.clock.now_ms();
         let lease_ms = crate::store::ms(self.config.lease);
         if start.lease_expires_at - now > lease_ms * 2 / 3 {
-            return true;
+            return Some(start.lease_expires_at);
         }
         match self
             .store
@@ -240,17 +252,17 @@ impl Worker {
                     .iter()
                     .any(|h| h.id == job.id && h.attempt == job.attempt) =>
             {
-                true
+                Some(now + lease_ms)
             }
             Ok(_) => {
                 tracing::info!(job = %job.id, "lease ran out while the job was inserted; \
                     not running it here");
-                false
+                None
             }
             Err(e) => {
                 tracing::warn!(job = %job.id, error = %e, "could not renew the lease of a job \
                     that was slow to insert; leaving it to the rescuer");
-                false
+                None
             }
         }
     }
@@ -267,8 +279,8 @@ impl Worker {
         let kept_ms = crate::store::ms(self.config.lease);
         (self.cancels_heard.lock().expect("cancels heard")).hear(id, now, kept_ms);
         let running = self.running.lock().expect("running map");
-        for ((_, _), stop) in running.iter().filter(|((job, _), _)| *job == id) {
-            stop.cancel();
+        for ((_, _), run) in running.iter().filter(|((job, _), _)| *job == id) {
+            run.stop.cancel();
         }
     }
 
@@ -306,8 +318,8 @@ impl Worker {
                 "grace period over: releasing the jobs still running"
             );
             self.releasing.store(true, Ordering::SeqCst);
-            for stop in self.running.lock().expect("running map").values() {
-                stop.cancel();
+            for run in self.running.lock().expect("running map").values() {
+                run.stop.cancel();
             }
             if tokio::time::timeout(self.config.release_window, tracker.wait())
                 .await
@@ -393,10 +405,16 @@ impl Worker {
         };
         let stop = CancellationToken::new();
         let key = (job.id, job.attempt);
+        // A claim always sets the lease; were it missing, no call would start until a heartbeat.
+        let (held_until, until) = watch::channel(job.lease_expires_at.unwrap_or(i64::MIN));
+        let running = Running {
+            stop: stop.clone(),
+            held_until,
+        };
         self.running
             .lock()
             .expect("running map")
-            .insert(key, stop.clone());
+            .insert(key, running);
         let _registered = Registered {
             running: &self.running,
             key,
@@ -410,7 +428,7 @@ impl Worker {
         } else {
             // A panic in the pipeline is a bug, but it must not leave the job `running` under a
             // lease this process keeps renewing: it becomes a retryable failure like any other.
-            AssertUnwindSafe(self.run_pipeline(&job, checkpointed, &lease, &stop))
+            AssertUnwindSafe(self.run_pipeline(&job, checkpointed, &lease, &stop, until))
                 .catch_unwind()
                 .instrument(span.clone())
                 .await
@@ -493,6 +511,7 @@ impl Worker {
         checkpointed: bool,
         lease: &Lease,
         stop: &CancellationToken,
+        until: watch::Receiver<i64>,
     ) -> Outcome {
         let deadline_passed = || Outcome::Failed {
             reason: "deadline_exceeded".into(),
@@ -515,6 +534,11 @@ impl Worker {
             store: self.store.as_ref(),
             lease,
             stop,
+            held: HeldUntil {
+                until,
+                clock: self.clock.clone(),
+                margin_ms: crate::store::ms(self.config.lease / 3),
+            },
         };
         let run = self
             .pipeline
@@ -556,9 +580,10 @@ impl Worker {
         let mut ids: Vec<Uuid> = snapshot.iter().map(|(id, _)| *id).collect();
         ids.sort_unstable();
         ids.dedup();
+        let now = self.clock.now_ms();
         let held = match self
             .store
-            .heartbeat(&self.owner, &ids, self.clock.now_ms(), self.config.lease)
+            .heartbeat(&self.owner, &ids, now, self.config.lease)
             .await
         {
             Ok(held) => held,
@@ -567,13 +592,22 @@ impl Worker {
                 return;
             }
         };
+        // The store renewed the held leases to what it was sent: `now` plus the lease.
+        let renewed_until = now + crate::store::ms(self.config.lease);
         let running = self.running.lock().expect("running map");
         for (id, attempt) in snapshot {
-            if !held.iter().any(|h| h.id == id && h.attempt == attempt)
-                && let Some(stop) = running.get(&(id, attempt))
-            {
+            let Some(run) = running.get(&(id, attempt)) else {
+                continue;
+            };
+            if held.iter().any(|h| h.id == id && h.attempt == attempt) {
+                run.held_until.send_if_modified(|until| {
+                    let later = renewed_until > *until;
+                    *until = (*until).max(renewed_until);
+                    later
+                });
+            } else {
                 tracing::info!(job = %id, attempt, "lease lost or job cancelled: stopping it");
-                stop.cancel();
+                run.stop.cancel();
             }
         }
     }

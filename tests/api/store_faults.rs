@@ -9,11 +9,12 @@
 //! left before the insert answered. An outcome retrying through an outage when shutdown's grace
 //! period ends is still written, within the release window. A failure written meanwhile by
 //! another at the same attempt is not taken for the worker's own. A job cancelled as it is
-//! claimed makes no upstream call. (`wait_faults` uses the same
+//! claimed makes no upstream call. A job whose lease was not renewed in time (heartbeats failing) starts
+//! no new call until a heartbeat renews it, then goes on. (`wait_faults` uses the same
 //! wrapper between a waiting request and its store.)
 
 use std::io::Write;
-use std::sync::atomic::{AtomicI64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
@@ -53,6 +54,8 @@ pub(crate) struct Faulty {
     slow_enqueue: Duration,
     /// Cancel every job a claim took, after its commit and before the claim answers.
     cancel_after_claim: bool,
+    /// Set: every heartbeat fails, as with the database out of reach.
+    pub(crate) heartbeats_fail: AtomicBool,
 }
 
 impl Faulty {
@@ -69,6 +72,7 @@ impl Faulty {
             outcomes_refused: AtomicUsize::new(faults.refused_outcomes),
             slow_enqueue,
             cancel_after_claim: faults.cancel_after_claim,
+            heartbeats_fail: AtomicBool::new(false),
         }
     }
 
@@ -158,6 +162,9 @@ impl Store for Faulty {
         now: i64,
         lease: Duration,
     ) -> Result<Vec<Held>> {
+        if self.heartbeats_fail.load(Ordering::SeqCst) {
+            return Err(connection_reset());
+        }
         self.inner.heartbeat(owner, jobs, now, lease).await
     }
     async fn rescue_expired(&self, now: i64) -> Result<u64> {
@@ -821,4 +828,59 @@ async fn a_retry_that_committed_is_answered_as_done_when_the_steps_cannot_be_rea
     assert!(job.get("panel").is_none(), "the short form: {job:#}");
     assert_eq!(store.step_reads_left.load(Ordering::SeqCst), 0);
     assert_eq!(app.wait_final(&id, 10).await["status"], "succeeded");
+}
+
+// Heartbeats fail (the database out of reach for them) while a job's panel answers, until its
+// lease is no longer known to hold by the worker's clock: the job starts no new call (its lease
+// may have run out, and the job been claimed elsewhere, which would pay every later call
+// twice). A failed heartbeat does not change that; one that renews the lease lets the job go
+// on from where it was. Before, the analysis and the final call went out regardless.
+#[tokio::test]
+async fn a_job_whose_lease_is_not_renewed_in_time_starts_no_new_call_until_it_is() {
+    let (app, id, store, worker, clock) = one_job(Faults::default()).await;
+    for model in ["m1", "m2"] {
+        let answer = Reply::Delay(400, Box::new(Reply::Ok));
+        app.fake.script(model, Kind::Panel, vec![answer]);
+    }
+    store.heartbeats_fail.store(true, Ordering::SeqCst);
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let running = tokio::spawn(worker.clone().run(shutdown.clone()));
+    for _ in 0..200 {
+        if app.fake.total_calls() == 2 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(app.fake.total_calls(), 2, "the panel's calls went out");
+    // 250 s of the 300 s lease gone by, with no renewal: less than a heartbeat's interval (a
+    // third of the lease) is left. The database's lease still holds (nothing rescues it).
+    clock.by.fetch_add(250_000, Ordering::SeqCst);
+    worker.heartbeat().await;
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    assert_eq!(app.fake.calls("m1", Kind::Panel), 1);
+    assert_eq!(
+        app.fake.calls("judge", Kind::Analysis),
+        0,
+        "a call went out unheld"
+    );
+    assert_eq!(stored(&app, id).await, (JobStatus::Running, 1));
+    // The database is back: the next heartbeat renews the lease, and the job goes on.
+    store.heartbeats_fail.store(false, Ordering::SeqCst);
+    worker.heartbeat().await;
+    for _ in 0..300 {
+        if stored(&app, id).await.0 == JobStatus::Succeeded {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(stored(&app, id).await, (JobStatus::Succeeded, 1));
+    assert_eq!(app.fake.calls("judge", Kind::Analysis), 1);
+    assert_eq!(app.fake.calls("judge", Kind::Final), 1);
+    assert_eq!(
+        app.fake.calls("m1", Kind::Panel),
+        1,
+        "the panel was not paid twice"
+    );
+    shutdown.cancel();
+    running.await.unwrap();
 }
