@@ -99,12 +99,19 @@ async fn store_through(
     prefix: &str,
     statement_timeout: Option<Duration>,
 ) -> Option<(ScratchDatabase, Silencer, PgStore)> {
-    let database = ScratchDatabase::from_env(prefix).await?;
-    let silencer = Silencer::to(&database).await;
     let options = StoreOptions {
         statement_timeout,
         ..StoreOptions::default()
     };
+    store_with(prefix, options).await
+}
+
+async fn store_with(
+    prefix: &str,
+    options: StoreOptions,
+) -> Option<(ScratchDatabase, Silencer, PgStore)> {
+    let database = ScratchDatabase::from_env(prefix).await?;
+    let silencer = Silencer::to(&database).await;
     let store = PgStore::connect(&silencer.url, options).await.unwrap();
     store.migrate().await.unwrap();
     Some((database, silencer, store))
@@ -253,9 +260,15 @@ async fn a_silent_listener_is_replaced_and_says_what_may_have_been_missed() {
     else {
         return;
     };
-    let mut events = store.events();
     // Listening: a job queued by another connection is heard.
     store.enqueue(queued_job(1), None).await.unwrap();
+    silence_until_listening_again(&silencer, &store).await;
+}
+
+/// Silence every connection open now, and wait until the store's listener has found its own
+/// out, listens on another and says what may have been missed meanwhile.
+async fn silence_until_listening_again(silencer: &Silencer, store: &PgStore) {
+    let mut events = store.events();
     silencer.silence();
     let missed = async {
         loop {
@@ -267,6 +280,33 @@ async fn a_silent_listener_is_replaced_and_says_what_may_have_been_missed() {
     tokio::time::timeout(Duration::from_secs(30), missed)
         .await
         .expect("the silent listener must be replaced, and say so");
+}
+
+// The listener's connection goes silent and is replaced: the replaced one, which sqlx keeps
+// until TCP gives it up (it sends `UNLISTEN` on it as it drops), takes no place among the
+// store's own connections. With 3 allowed, 2 serve statements at once before and after. Before,
+// the listener took its connections from the store's pool: after one replacement the dead one
+// and the new one held 2 of its 3 places (for ~15 minutes), and a second statement at once
+// waited out the acquire timeout.
+#[tokio::test]
+async fn a_replaced_listener_takes_no_place_among_the_stores_connections() {
+    let options = StoreOptions {
+        max_connections: StoreOptions::MIN_CONNECTIONS,
+        ..StoreOptions::default()
+    };
+    let Some((_database, silencer, store)) = store_with("fusion_half_open_places", options).await
+    else {
+        return;
+    };
+    silence_until_listening_again(&silencer, &store).await;
+    // Two at once, each on a connection of its own (the silent ones pooled before are pinged,
+    // found out and replaced first: within the 1 s ping bound of tests, each).
+    let both = futures::future::try_join(store.pool().acquire(), store.pool().acquire());
+    let (a, b) = tokio::time::timeout(Duration::from_secs(8), both)
+        .await
+        .expect("two connections at once, in time")
+        .expect("two connections at once");
+    drop((a, b));
 }
 
 // A store dropped while its listener cannot connect (the server unreachable: app.rs drops the

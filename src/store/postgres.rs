@@ -130,8 +130,11 @@ const EVENTS_CHANNEL: &str = "fusion_events";
 
 impl PgStore {
     pub async fn connect(url: &str, options: StoreOptions) -> Result<PgStore> {
+        let connect = connect_options(url, options.statement_timeout)?;
+        // One connection of `max_connections` is the listener's, outside this pool (see `listen`).
+        let pooled = options.max_connections.max(StoreOptions::MIN_CONNECTIONS) - 1;
         let pool = PgPoolOptions::new()
-            .max_connections(options.max_connections.max(StoreOptions::MIN_CONNECTIONS))
+            .max_connections(pooled)
             .acquire_timeout(ACQUIRE_WITHIN)
             // sqlx's default pings every connection it hands out: one more round trip per
             // statement, on the batch committer's serial path too. Only a connection left idle
@@ -161,11 +164,12 @@ impl PgStore {
                     }
                 })
             })
-            .connect_with(connect_options(url, options.statement_timeout)?)
+            .connect_with(connect.clone())
             .await?;
         let wakeups = Arc::new(Notify::new());
         let events = broadcast::channel(EVENT_BACKLOG).0;
-        tokio::spawn(listen(pool.clone(), wakeups.clone(), events.clone()));
+        let listening = listen(pool.clone(), connect, wakeups.clone(), events.clone());
+        tokio::spawn(listening);
         let answer_within = options.statement_timeout.map(|t| t + ANSWER_MARGIN);
         Ok(PgStore {
             writes: Batcher::start(PgBatch {
@@ -238,13 +242,28 @@ fn step_write(lease: &Lease, step: &Step) -> Write {
 /// NOTIFYs sent while it was not listening are lost: once it listens again it says so
 /// (`JobEvent::Missed`, and a wake-up), so that workers re-check their leases (a cancel) and
 /// waiters re-read their jobs at once rather than at their next heartbeat or poll.
-async fn listen(pool: PgPool, wakeups: Arc<Notify>, events: broadcast::Sender<JobEvent>) {
+///
+/// Each connection it listens on comes from a pool of its own, of one, outside the store's `pool`
+/// (which it watches only to end with the store): a listener replaced because its connection went
+/// silent keeps that connection until TCP gives it up (sqlx sends `UNLISTEN` on it as it is
+/// dropped), and in the store's pool it would hold one of the store's places that long.
+async fn listen(
+    pool: PgPool,
+    connect: PgConnectOptions,
+    wakeups: Arc<Notify>,
+    events: broadcast::Sender<JobEvent>,
+) {
     let mut failures = 0u32;
     let mut listened = false;
     // The store was dropped (its pool closed): done, whether connected or between connections.
     while !pool.is_closed() {
         let listening = async {
-            let mut listener = PgListener::connect_with(&pool).await?;
+            let own = PgPoolOptions::new()
+                .max_connections(1)
+                .idle_timeout(None)
+                .max_lifetime(None)
+                .connect_lazy_with(connect.clone());
+            let mut listener = PgListener::connect_with(&own).await?;
             listener.listen_all([JOBS_CHANNEL, EVENTS_CHANNEL]).await?;
             Ok::<_, sqlx::Error>(listener)
         };
@@ -266,9 +285,14 @@ async fn listen(pool: PgPool, wakeups: Arc<Notify>, events: broadcast::Sender<Jo
             let _ = events.send(JobEvent::Missed);
             wakeups.notify_one();
         }
+        // The store's pool is not this connection's: its closing is watched for.
+        let mut closed = std::pin::pin!(pool.close_event());
         loop {
-            let Ok(received) = tokio::time::timeout(LISTENER_QUIET, listener.try_recv()).await
-            else {
+            let heard = tokio::select! {
+                heard = tokio::time::timeout(LISTENER_QUIET, listener.try_recv()) => heard,
+                _ = &mut closed => return,
+            };
+            let Ok(received) = heard else {
                 // Quiet a while: a connection whose server vanished without a word (a crashed
                 // host, a NAT's idle timeout) never reports itself broken to a reader, and it
                 // would hear nothing more, for good. It must answer a query, or is replaced.
