@@ -364,6 +364,7 @@ contract_tests!(
     complete_fail_and_retry_later_outcomes,
     enqueue_wakes_workers,
     checkpoints_do_not_wake_workers,
+    only_requeues_due_now_wake_workers,
     every_finish_is_announced,
     a_claim_says_whether_the_job_has_checkpoints,
     concurrent_writes_each_get_their_own_result,
@@ -1564,6 +1565,44 @@ async fn checkpoints_do_not_wake_workers(store: Arc<dyn Store>) {
             .is_err(),
         "a checkpoint or an outcome woke the workers"
     );
+}
+
+/// A requeue to run later (a retryable failure's backoff) wakes no worker: each would claim at
+/// once and find nothing due (the poll claims the job once it is). A requeue to run now (the
+/// rescuer's) wakes them. "Later" by the real clock: the store may compare with its own.
+async fn only_requeues_due_now_wake_workers(store: Arc<dyn Store>) {
+    let wall = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64;
+    enqueue(&store, new_job()).await;
+    enqueue(&store, new_job()).await;
+    let claimed = claim(&store, "w", 2, NOW).await;
+    assert_eq!(claimed.len(), 2);
+    let wakeups = store.wakeups();
+    // Let the enqueues' own wake-ups arrive (NOTIFY is asynchronous), then drop them.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let _ = tokio::time::timeout(Duration::ZERO, wakeups.notified()).await;
+    let later = lease_of(&claimed[0]);
+    let in_an_hour = wall + 3_600_000;
+    assert!(
+        store
+            .retry_later(&later, in_an_hour, "rate_limited", "slow down")
+            .await
+            .unwrap()
+    );
+    assert_eq!(get(&store, later.job_id).await.run_at, in_an_hour);
+    assert!(
+        tokio::time::timeout(Duration::from_millis(500), wakeups.notified())
+            .await
+            .is_err(),
+        "a requeue to run in an hour woke the workers"
+    );
+    // The other job's lease runs out: the rescuer requeues it to run at once.
+    assert_eq!(store.rescue_expired(NOW + LEASE_MS + 1).await.unwrap(), 1);
+    tokio::time::timeout(Duration::from_secs(5), wakeups.notified())
+        .await
+        .expect("a requeue to run now must wake the workers");
 }
 
 /// Writes of every kind issued at once (so that a store that batches them puts them in one
