@@ -13,8 +13,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use futures::StreamExt;
 use futures::stream::FuturesUnordered;
+use futures::{FutureExt, StreamExt};
 use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 
@@ -426,11 +426,13 @@ impl Pipeline {
         let mut usage = Usage::default();
         let mut latency_ms = 0;
         let mut last_problem = None;
+        // Every try waits until the job may call (a retry after a backoff too: the lease may
+        // have been lost meanwhile).
+        let may_call = || FutureExt::map(sink.before_call(), |may| may.is_ok());
         for _ in 0..self.analysis_attempts.max(1) {
-            sink.before_call().await.ok()?;
             match self
                 .upstream
-                .complete_with_retries(&spec.analyst, &req, &self.retry, cancel)
+                .complete_with_retries(&spec.analyst, &req, &self.retry, cancel, may_call)
                 .await
             {
                 Ok(c) => {
@@ -490,10 +492,12 @@ impl Pipeline {
         sink: &dyn Checkpoints,
         cancel: &CancellationToken,
     ) -> Option<(Step, bool)> {
-        sink.before_call().await.ok()?;
+        // Every try waits until the job may call (a retry after a backoff too: the lease may
+        // have been lost meanwhile).
+        let may_call = || FutureExt::map(sink.before_call(), |may| may.is_ok());
         match self
             .upstream
-            .complete_with_retries(model, req, &self.retry, cancel)
+            .complete_with_retries(model, req, &self.retry, cancel, may_call)
             .await
         {
             Ok(c) => Some((

@@ -73,20 +73,29 @@ pub enum CallError {
 
 impl Upstream {
     /// Call until success, a fatal error, the attempts are used up, or `cancel` fires (which
-    /// aborts the in-flight request at once).
-    pub async fn complete_with_retries(
+    /// aborts the in-flight request at once). Each try waits for `ready` first, which may end
+    /// the call instead (`false`: as cancelled).
+    pub async fn complete_with_retries<R: Future<Output = bool>>(
         &self,
         model: &str,
         req: &CompletionRequest<'_>,
         policy: &RetryPolicy,
         cancel: &CancellationToken,
+        ready: impl Fn() -> R,
     ) -> Result<Completion, CallError> {
-        with_retries(policy, cancel, || self.complete(model, req)).await
+        with_retries(policy, cancel, || async {
+            if !ready().await {
+                return Err(CallError::Cancelled);
+            }
+            self.complete(model, req).await.map_err(CallError::Upstream)
+        })
+        .await
     }
 }
 
 /// The retry loop itself, over any call: retryable errors wait out `policy.delay` (tokio's
-/// sleep, so paused time drives it in tests), fatal ones and the last attempt's return at once.
+/// sleep, so paused time drives it in tests), fatal ones and the last attempt's return at once;
+/// a call that says `Cancelled` ends the loop as a cancel does.
 pub async fn with_retries<T, F, Fut>(
     policy: &RetryPolicy,
     cancel: &CancellationToken,
@@ -94,7 +103,7 @@ pub async fn with_retries<T, F, Fut>(
 ) -> Result<T, CallError>
 where
     F: FnMut() -> Fut,
-    Fut: Future<Output = Result<T, UpstreamError>>,
+    Fut: Future<Output = Result<T, CallError>>,
 {
     let mut failed = 0;
     loop {
@@ -104,7 +113,8 @@ where
         };
         let e = match result {
             Ok(v) => return Ok(v),
-            Err(e) => e,
+            Err(CallError::Cancelled) => return Err(CallError::Cancelled),
+            Err(CallError::Upstream(e)) => e,
         };
         failed += 1;
         if !e.retryable() || failed >= policy.max_attempts {
@@ -179,13 +189,17 @@ mod tests {
     /// Replays scripted results, counting calls.
     fn scripted(
         script: Vec<Scripted>,
-    ) -> (Arc<AtomicU32>, impl FnMut() -> std::future::Ready<Scripted>) {
+    ) -> (
+        Arc<AtomicU32>,
+        impl FnMut() -> std::future::Ready<Result<&'static str, CallError>>,
+    ) {
         let calls = Arc::new(AtomicU32::new(0));
         let counter = calls.clone();
         let mut script = script.into_iter();
         let call = move || {
             counter.fetch_add(1, Ordering::SeqCst);
-            std::future::ready(script.next().expect("called more often than scripted"))
+            let next = script.next().expect("called more often than scripted");
+            std::future::ready(next.map_err(CallError::Upstream))
         };
         (calls, call)
     }
@@ -226,6 +240,19 @@ mod tests {
             "max_attempts calls, no more"
         );
         assert_eq!(start.elapsed(), Duration::from_secs(1 + 2 + 4 + 8));
+    }
+
+    // A call that says it was cancelled (the job may no longer call) is not tried again.
+    #[tokio::test(start_paused = true)]
+    async fn a_call_that_says_cancelled_is_not_retried() {
+        let calls = AtomicU32::new(0);
+        let call = || {
+            calls.fetch_add(1, Ordering::SeqCst);
+            std::future::ready(Err::<(), _>(CallError::Cancelled))
+        };
+        let got = with_retries(&policy(0.5), &CancellationToken::new(), call).await;
+        assert!(matches!(got, Err(CallError::Cancelled)));
+        assert_eq!(calls.load(Ordering::SeqCst), 1);
     }
 
     #[tokio::test(start_paused = true)]

@@ -43,7 +43,7 @@ pub(super) struct HeldUntil {
 
 impl HeldUntil {
     fn holds(&self, until: i64) -> bool {
-        self.clock.now_ms() < until - self.margin_ms
+        self.clock.now_ms() < until.saturating_sub(self.margin_ms)
     }
 
     /// Return once a new call may start; `Err(Lost)` if the job is stopped first.

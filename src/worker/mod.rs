@@ -552,11 +552,16 @@ impl Worker {
     }
 
     async fn heartbeat_loop(self: Arc<Self>, stop: CancellationToken) {
+        // At a fixed rate, not a fixed pause after each heartbeat: a slow one does not push the
+        // next one back, and with it each job's renewal towards the point where it stops calling
+        // (`HeldUntil`: a heartbeat's interval before its lease runs out).
         let every = self.config.lease / 3;
+        let mut ticks = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+        ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
                 _ = stop.cancelled() => return,
-                _ = tokio::time::sleep(every) => {}
+                _ = ticks.tick() => {}
             }
             self.heartbeat().await;
         }
@@ -600,10 +605,12 @@ impl Worker {
                 continue;
             };
             if held.iter().any(|h| h.id == id && h.attempt == attempt) {
+                // What the database now holds, even if earlier than what was known (the clock
+                // stepped back, or an older heartbeat answered last): never later than it.
                 run.held_until.send_if_modified(|until| {
-                    let later = renewed_until > *until;
-                    *until = (*until).max(renewed_until);
-                    later
+                    let changed = *until != renewed_until;
+                    *until = renewed_until;
+                    changed
                 });
             } else {
                 tracing::info!(job = %id, attempt, "lease lost or job cancelled: stopping it");

@@ -842,38 +842,14 @@ async fn a_job_whose_lease_is_not_renewed_in_time_starts_no_new_call_until_it_is
         let answer = Reply::Delay(400, Box::new(Reply::Ok));
         app.fake.script(model, Kind::Panel, vec![answer]);
     }
-    store.heartbeats_fail.store(true, Ordering::SeqCst);
-    let shutdown = tokio_util::sync::CancellationToken::new();
-    let running = tokio::spawn(worker.clone().run(shutdown.clone()));
-    for _ in 0..200 {
-        if app.fake.total_calls() == 2 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    assert_eq!(app.fake.total_calls(), 2, "the panel's calls went out");
-    // 250 s of the 300 s lease gone by, with no renewal: less than a heartbeat's interval (a
-    // third of the lease) is left. The database's lease still holds (nothing rescues it).
-    clock.by.fetch_add(250_000, Ordering::SeqCst);
-    worker.heartbeat().await;
-    tokio::time::sleep(Duration::from_millis(800)).await;
+    let running = unrenewed_once(&app, &store, &worker, &clock, 2).await;
     assert_eq!(app.fake.calls("m1", Kind::Panel), 1);
     assert_eq!(
         app.fake.calls("judge", Kind::Analysis),
         0,
         "a call went out unheld"
     );
-    assert_eq!(stored(&app, id).await, (JobStatus::Running, 1));
-    // The database is back: the next heartbeat renews the lease, and the job goes on.
-    store.heartbeats_fail.store(false, Ordering::SeqCst);
-    worker.heartbeat().await;
-    for _ in 0..300 {
-        if stored(&app, id).await.0 == JobStatus::Succeeded {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    assert_eq!(stored(&app, id).await, (JobStatus::Succeeded, 1));
+    renewed_to_the_end(&app, id, &store, &worker, running).await;
     assert_eq!(app.fake.calls("judge", Kind::Analysis), 1);
     assert_eq!(app.fake.calls("judge", Kind::Final), 1);
     assert_eq!(
@@ -881,6 +857,84 @@ async fn a_job_whose_lease_is_not_renewed_in_time_starts_no_new_call_until_it_is
         1,
         "the panel was not paid twice"
     );
+}
+
+// The same for a retry: the analysis call fails with a 500 while the lease lapses unrenewed,
+// and its retry (after a 10 ms backoff) waits for the renewal too. Before, only a step's first
+// try waited.
+#[tokio::test]
+async fn a_retry_waits_for_the_lease_to_be_renewed_too() {
+    let (app, id, store, worker, clock) = one_job(Faults::default()).await;
+    let failure = Reply::Delay(400, Box::new(Reply::Status(500)));
+    app.fake
+        .script("judge", Kind::Analysis, vec![failure, Reply::Ok]);
+    let running = unrenewed_once(&app, &store, &worker, &clock, 3).await;
+    assert_eq!(
+        app.fake.calls("judge", Kind::Analysis),
+        1,
+        "a retry went out unheld"
+    );
+    renewed_to_the_end(&app, id, &store, &worker, running).await;
+    assert_eq!(app.fake.calls("judge", Kind::Analysis), 2);
+    assert_eq!(app.fake.calls("judge", Kind::Final), 1);
+}
+
+/// With heartbeats failing, run the worker until `calls` upstream calls went out, then move its
+/// clock 250 s on (of its 300 s lease, unrenewed: less than a heartbeat's interval, a third of
+/// the lease, is left; the database's lease still holds, as nothing rescues it), fail one more
+/// heartbeat, and give the job 800 ms. The worker's task and its shutdown.
+async fn unrenewed_once(
+    app: &TestApp,
+    store: &Faulty,
+    worker: &Arc<Worker>,
+    clock: &Shifted,
+    calls: u32,
+) -> (
+    tokio::task::JoinHandle<()>,
+    tokio_util::sync::CancellationToken,
+) {
+    store.heartbeats_fail.store(true, Ordering::SeqCst);
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let running = tokio::spawn(worker.clone().run(shutdown.clone()));
+    for _ in 0..200 {
+        if app.fake.total_calls() == calls {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(
+        app.fake.total_calls(),
+        calls,
+        "the calls before the lapse went out"
+    );
+    clock.by.fetch_add(250_000, Ordering::SeqCst);
+    worker.heartbeat().await;
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    (running, shutdown)
+}
+
+/// The database is back: the next heartbeat renews the lease, and the job (still running at
+/// its first attempt) goes on to succeed there.
+async fn renewed_to_the_end(
+    app: &TestApp,
+    id: Uuid,
+    store: &Faulty,
+    worker: &Arc<Worker>,
+    (running, shutdown): (
+        tokio::task::JoinHandle<()>,
+        tokio_util::sync::CancellationToken,
+    ),
+) {
+    assert_eq!(stored(app, id).await, (JobStatus::Running, 1));
+    store.heartbeats_fail.store(false, Ordering::SeqCst);
+    worker.heartbeat().await;
+    for _ in 0..300 {
+        if stored(app, id).await.0 == JobStatus::Succeeded {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(stored(app, id).await, (JobStatus::Succeeded, 1));
     shutdown.cancel();
     running.await.unwrap();
 }
