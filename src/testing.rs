@@ -100,6 +100,22 @@ pub fn with_database(url: &str, name: &str) -> String {
     out
 }
 
+/// How many statements on `conn`'s database wait on a lock now (read afresh: within a
+/// transaction, Postgres's activity view is otherwise a snapshot taken once).
+pub async fn lock_waiters(conn: &mut sqlx::PgConnection) -> i64 {
+    sqlx::query("SELECT pg_stat_clear_snapshot()")
+        .execute(&mut *conn)
+        .await
+        .expect("clear the activity snapshot");
+    sqlx::query_scalar(
+        "SELECT count(*) FROM pg_stat_activity \
+         WHERE datname = current_database() AND wait_event_type = 'Lock'",
+    )
+    .fetch_one(conn)
+    .await
+    .expect("count lock waiters")
+}
+
 #[cfg(test)]
 mod tests {
     use super::with_database;

@@ -106,6 +106,15 @@ async fn store_through(
     store_with(prefix, options).await
 }
 
+/// A store allowed the fewest connections (`MIN_CONNECTIONS`: 2 in its pool, 1 listening).
+async fn smallest_store(prefix: &str) -> Option<(ScratchDatabase, Silencer, PgStore)> {
+    let options = StoreOptions {
+        max_connections: StoreOptions::MIN_CONNECTIONS,
+        ..StoreOptions::default()
+    };
+    store_with(prefix, options).await
+}
+
 async fn store_with(
     prefix: &str,
     options: StoreOptions,
@@ -132,20 +141,15 @@ async fn a_batch_the_server_never_answers_fails_and_the_store_goes_on() {
     // The statement is held at the server by a lock (on a connection of the test's own, not
     // through the proxy) until its connection has gone silent: sent on a working connection,
     // its answer never comes back.
-    let mut direct = PgConnection::connect(&database.url).await.unwrap();
-    let mut lock = direct.begin().await.unwrap();
-    sqlx::query("LOCK TABLE jobs IN EXCLUSIVE MODE")
-        .execute(&mut *lock)
-        .await
-        .unwrap();
+    let mut lock = JobsLocked::by(&database).await;
     let write = tokio::spawn(async move {
         let write = store.enqueue(queued_job(2), None);
         let answer = tokio::time::timeout(Duration::from_secs(30), write).await;
         (store, answer)
     });
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    lock.waited_on_by(1).await;
     silencer.silence();
-    lock.rollback().await.unwrap();
+    lock.release().await;
     let (store, answer) = write.await.unwrap();
     let failed = answer
         .expect("the write must fail, not wait for good")
@@ -171,8 +175,8 @@ async fn a_batch_the_server_never_answers_fails_and_the_store_goes_on() {
 // connections went silent): each fails within its bound, as a broken connection would, instead
 // of waiting as long as TCP takes to give up (many minutes) and then, its connection dropped
 // mid-statement, as long again in sqlx's ping on the way back to the pool. The heartbeat's bound
-// is a third of its lease (a renewal later than that is of little use); the others', the
-// statement timeout (1 s) + 5 s. The store then works again on new connections.
+// is a third of its lease and a second (a renewal later than that is of little use); the
+// others', the statement timeout (1 s) + 5 s. The store then works again on new connections.
 #[tokio::test]
 async fn reads_claims_and_heartbeats_the_server_never_answers_fail_in_time() {
     let Some((database, silencer, store)) =
@@ -184,12 +188,7 @@ async fn reads_claims_and_heartbeats_the_server_never_answers_fail_in_time() {
         panic!("a new job");
     };
     let id = job.id;
-    let mut direct = PgConnection::connect(&database.url).await.unwrap();
-    let mut lock = direct.begin().await.unwrap();
-    sqlx::query("LOCK TABLE jobs IN ACCESS EXCLUSIVE MODE")
-        .execute(&mut *lock)
-        .await
-        .unwrap();
+    let mut lock = JobsLocked::by(&database).await;
     let store = Arc::new(store);
     let timed = |call: futures::future::BoxFuture<'static, Result<String, String>>| {
         tokio::spawn(async move {
@@ -216,13 +215,13 @@ async fn reads_claims_and_heartbeats_the_server_never_answers_fail_in_time() {
         held.map(|h| format!("{} held", h.len()))
             .map_err(|e| e.to_string())
     }));
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    lock.waited_on_by(3).await;
     silencer.silence();
-    lock.rollback().await.unwrap();
+    lock.release().await;
     for (what, call, bound) in [
         ("read", read, Duration::from_secs(6)),
         ("claim", claim, Duration::from_secs(6)),
-        ("heartbeat", beat, Duration::from_secs(2)),
+        ("heartbeat", beat, Duration::from_secs(3)),
     ] {
         let (answer, took) = call.await.unwrap();
         let failed = answer
@@ -248,6 +247,76 @@ async fn reads_claims_and_heartbeats_the_server_never_answers_fail_in_time() {
     tokio::time::timeout(Duration::from_secs(60), recovered)
         .await
         .expect("reads work again on new connections");
+}
+
+// A caller gives up on a read the server never answers (a request whose client left, `/readyz`'s
+// own 2 s timeout): the read's connection is closed, not handed back to the pool through sqlx's
+// ping, which would wait on it as long as TCP takes to give up. With 3 connections allowed (2 in
+// the pool), two such reads given up leave both places free at once. Before, each held its place
+// in its ping, and the next statements waited out the acquire timeout.
+#[tokio::test]
+async fn a_statement_its_caller_gave_up_on_takes_no_place_in_the_pool() {
+    let Some((database, silencer, store)) = smallest_store("fusion_half_open_gave_up").await else {
+        return;
+    };
+    let mut lock = JobsLocked::by(&database).await;
+    let store = Arc::new(store);
+    let reads: Vec<_> = (0..2)
+        .map(|_| {
+            let store = store.clone();
+            let read = async move { store.get_job(uuid::Uuid::now_v7()).await };
+            tokio::spawn(tokio::time::timeout(Duration::from_secs(2), read))
+        })
+        .collect();
+    lock.waited_on_by(2).await;
+    silencer.silence();
+    lock.release().await;
+    for read in reads {
+        assert!(read.await.unwrap().is_err(), "the caller gave up");
+    }
+    two_connections_at_once(&store).await;
+}
+
+/// `jobs` locked (`ACCESS EXCLUSIVE`, so reads wait too) by a transaction on a connection of the
+/// test's own, not through the proxy: a statement sent through it is held at the server until
+/// the lock is released, and if its connection went silent meanwhile its answer never comes.
+struct JobsLocked(PgConnection);
+
+impl JobsLocked {
+    async fn by(database: &ScratchDatabase) -> JobsLocked {
+        let mut conn = PgConnection::connect(&database.url).await.unwrap();
+        sqlx::raw_sql("BEGIN; LOCK TABLE jobs IN ACCESS EXCLUSIVE MODE")
+            .execute(&mut conn)
+            .await
+            .unwrap();
+        JobsLocked(conn)
+    }
+
+    /// Wait until `n` statements wait on the lock: sent, so that a proxy silenced now never
+    /// passes their answers.
+    async fn waited_on_by(&mut self, n: i64) {
+        for _ in 0..200 {
+            if crate::testing::lock_waiters(&mut self.0).await >= n {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        panic!("{n} statements did not come to wait on the lock");
+    }
+
+    async fn release(mut self) {
+        sqlx::query("ROLLBACK").execute(&mut self.0).await.unwrap();
+    }
+}
+
+/// Two connections of `store`'s pool at once, within 8 s (the acquire timeout is 10 s).
+async fn two_connections_at_once(store: &PgStore) {
+    let both = futures::future::try_join(store.pool().acquire(), store.pool().acquire());
+    let (a, b) = tokio::time::timeout(Duration::from_secs(8), both)
+        .await
+        .expect("two connections at once, in time")
+        .expect("two connections at once");
+    drop((a, b));
 }
 
 // The listener's connection goes silent: after a quiet second (in tests) it is asked to answer,
@@ -290,23 +359,13 @@ async fn silence_until_listening_again(silencer: &Silencer, store: &PgStore) {
 // waited out the acquire timeout.
 #[tokio::test]
 async fn a_replaced_listener_takes_no_place_among_the_stores_connections() {
-    let options = StoreOptions {
-        max_connections: StoreOptions::MIN_CONNECTIONS,
-        ..StoreOptions::default()
-    };
-    let Some((_database, silencer, store)) = store_with("fusion_half_open_places", options).await
-    else {
+    let Some((_database, silencer, store)) = smallest_store("fusion_half_open_places").await else {
         return;
     };
     silence_until_listening_again(&silencer, &store).await;
-    // Two at once, each on a connection of its own (the silent ones pooled before are pinged,
-    // found out and replaced first: within the 1 s ping bound of tests, each).
-    let both = futures::future::try_join(store.pool().acquire(), store.pool().acquire());
-    let (a, b) = tokio::time::timeout(Duration::from_secs(8), both)
-        .await
-        .expect("two connections at once, in time")
-        .expect("two connections at once");
-    drop((a, b));
+    // Each on a connection of its own (the silent ones pooled before are pinged, found out and
+    // replaced first: within the 1 s ping bound of tests, each).
+    two_connections_at_once(&store).await;
 }
 
 // A store dropped while its listener cannot connect (the server unreachable: app.rs drops the

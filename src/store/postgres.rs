@@ -10,9 +10,10 @@ use std::time::Duration;
 use async_trait::async_trait;
 use serde_json::Value;
 use serde_json::value::RawValue;
+use sqlx::pool::PoolConnection;
 use sqlx::postgres::{PgConnectOptions, PgConnection, PgListener, PgPool, PgPoolOptions, PgRow};
 use sqlx::types::Json;
-use sqlx::{Connection, Row};
+use sqlx::{Connection, Postgres, Row};
 use tokio::sync::{Notify, broadcast};
 use uuid::Uuid;
 
@@ -50,6 +51,8 @@ pub struct PgStore {
     /// How long a statement may go unanswered before its connection is given up (see
     /// `bounded`); `None` with no statement timeout.
     answer_within: Option<Duration>,
+    /// How a migration connects: as the pool does, without a statement timeout.
+    migrate_with: PgConnectOptions,
     /// Enqueues, checkpoints and outcomes, grouped into one statement per batch.
     writes: Batcher,
     wakeups: Arc<Notify>,
@@ -95,30 +98,55 @@ const ANSWER_MARGIN: Duration = Duration::from_secs(5);
 /// call fails as a broken connection does (whether its writes committed, nobody knows). A
 /// server that vanished without a word (a crashed host, a partition, a failover) leaves
 /// connections that TCP does not report broken for many minutes once a statement is sent:
-/// without a bound, a claim, a heartbeat or a read would wait that long, and a connection merely
-/// dropped mid-statement goes back through sqlx's ping, which would wait as long again, holding
-/// its place in the pool.
+/// without a bound, a claim, a heartbeat or a read would wait that long. The connection is closed
+/// the same way when the caller gives up first (a request whose client left, `/readyz`'s own
+/// timeout): handed back mid-statement, it would go through sqlx's ping on the way back to the
+/// pool, which waits as long again, holding its place in the pool.
 pub(super) async fn bounded<T, E: From<sqlx::Error>>(
     pool: &PgPool,
     within: Option<Duration>,
     work: impl AsyncFnOnce(&mut PgConnection) -> Result<T, E>,
 ) -> Result<T, E> {
-    let mut conn = pool.acquire().await?;
-    let Some(within) = within else {
-        return work(&mut conn).await;
+    let mut conn = InFlight(Some(pool.acquire().await?));
+    let answer = match within {
+        None => Ok(work(conn.get()).await),
+        Some(within) => tokio::time::timeout(within, work(conn.get())).await,
     };
-    match tokio::time::timeout(within, work(&mut conn)).await {
-        Ok(answer) => answer,
-        Err(_) => {
+    match answer {
+        Ok(answer) => {
+            conn.done();
+            answer
+        }
+        Err(_) => Err(sqlx::Error::Io(std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            format!(
+                "no answer from Postgres within {:.1} s; the connection was closed",
+                within.unwrap_or_default().as_secs_f64()
+            ),
+        ))
+        .into()),
+    }
+}
+
+/// A pooled connection with a statement in flight until `done`: dropped before that (a timeout,
+/// a caller that gave up), it is closed, not handed back to the pool (see `bounded`).
+struct InFlight(Option<PoolConnection<Postgres>>);
+
+impl InFlight {
+    fn get(&mut self) -> &mut PgConnection {
+        self.0.as_mut().expect("a connection until done")
+    }
+
+    /// Its statements answered: back to the pool as usual.
+    fn done(mut self) {
+        drop(self.0.take());
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        if let Some(conn) = self.0.take() {
             drop(conn.detach());
-            Err(sqlx::Error::Io(std::io::Error::new(
-                std::io::ErrorKind::TimedOut,
-                format!(
-                    "no answer from Postgres within {:.1} s; the connection was closed",
-                    within.as_secs_f64()
-                ),
-            ))
-            .into())
         }
     }
 }
@@ -168,6 +196,8 @@ impl PgStore {
             .await?;
         let wakeups = Arc::new(Notify::new());
         let events = broadcast::channel(EVENT_BACKLOG).0;
+        // A later `-c` wins over an earlier one, the URL's own included.
+        let migrate_with = connect.clone().options([("statement_timeout", "0")]);
         let listening = listen(pool.clone(), connect, wakeups.clone(), events.clone());
         tokio::spawn(listening);
         let answer_within = options.statement_timeout.map(|t| t + ANSWER_MARGIN);
@@ -178,6 +208,7 @@ impl PgStore {
             }),
             pool,
             answer_within,
+            migrate_with,
             wakeups,
             events,
         })
@@ -351,10 +382,8 @@ impl Store for PgStore {
     async fn migrate(&self) -> Result<()> {
         // On a connection of its own without the statement timeout: a migration may rewrite a
         // big table, or wait for another process's migration (an advisory lock) for long.
-        let mut conn = self.pool.acquire().await?.detach();
-        sqlx::query("SET statement_timeout = 0")
-            .execute(&mut conn)
-            .await?;
+        // Set as it connects: a `SET` would itself run under the timeout.
+        let mut conn = PgConnection::connect_with(&self.migrate_with).await?;
         // `run_direct` is what `run` calls once it has its connection (`run` itself trips over
         // `Acquire`'s lifetimes inside `async_trait`).
         let migrated = MIGRATOR.run_direct(None, &mut conn, false).await;
@@ -551,9 +580,22 @@ impl Store for PgStore {
         .bind(owner)
         .bind(jobs);
         // A renewal later than a heartbeat's interval (a third of the lease) is of little use:
-        // its connection is given up by then, and the next heartbeat tries on another.
-        let within = (lease / 3).min(self.answer_within.unwrap_or(Duration::MAX));
-        let work = async |c: &mut PgConnection| Ok::<_, StoreError>(query.fetch_all(c).await?);
+        // the server gives it up then (a renewal left running there, waiting on a lock, would
+        // keep the rows it locked, and with no statement timeout wait for good while each
+        // heartbeat opens another connection), and this process a second later, in case the
+        // server's answer never comes; the next heartbeat tries on another connection.
+        let server_within = lease / 3;
+        let work = async |c: &mut PgConnection| {
+            let mut tx = c.begin().await?;
+            sqlx::query("SELECT set_config('statement_timeout', $1, true)")
+                .bind(format!("{}ms", server_within.as_millis().max(1)))
+                .execute(&mut *tx)
+                .await?;
+            let rows = query.fetch_all(&mut *tx).await?;
+            tx.commit().await?;
+            Ok::<_, StoreError>(rows)
+        };
+        let within = server_within + Duration::from_secs(1);
         let rows = bounded(&self.pool, Some(within), work).await?;
         rows.iter()
             .map(|r| {
@@ -789,6 +831,50 @@ mod tests {
         store.migrate().await.unwrap();
         let conn = PgConnection::connect(&database.url).await.unwrap();
         Some((database, store, conn))
+    }
+
+    // A heartbeat stuck behind a lock (here with no statement timeout at all) is given up by
+    // the server as by this process, a third of its lease on: its connection is not closed with
+    // the renewal still running there, keeping the rows it locked and waiting for good, while
+    // each heartbeat opened another connection. Renewals then work again.
+    #[tokio::test]
+    async fn a_heartbeat_stuck_behind_a_lock_ends_at_the_server_too() {
+        let options = StoreOptions {
+            statement_timeout: None,
+            ..StoreOptions::default()
+        };
+        let Some((_database, store, mut conn)) = migrated_with("fusion_beat_lock", options).await
+        else {
+            return;
+        };
+        let super::super::Enqueued::Created(job) = store
+            .enqueue(super::super::queued_job(1), None)
+            .await
+            .unwrap()
+        else {
+            panic!("a new job");
+        };
+        let lease = Duration::from_secs(3);
+        let claimed = store.claim("w", 1, 2, lease).await.unwrap();
+        assert_eq!(claimed.len(), 1);
+        let mut lock = conn.begin().await.unwrap();
+        sqlx::query("SELECT 1 FROM jobs FOR UPDATE")
+            .execute(&mut *lock)
+            .await
+            .unwrap();
+        let started = tokio::time::Instant::now();
+        let failed = store.heartbeat("w", &[job.id], 3, lease).await.unwrap_err();
+        let took = started.elapsed();
+        assert!(failed.to_string().contains("statement timeout"), "{failed}");
+        assert!(
+            took >= Duration::from_secs(1) && took < Duration::from_secs(2),
+            "{took:?}"
+        );
+        let waiting = crate::testing::lock_waiters(&mut lock).await;
+        assert_eq!(waiting, 0, "the renewal still waits at the server");
+        lock.rollback().await.unwrap();
+        let held = store.heartbeat("w", &[job.id], 4, lease).await.unwrap();
+        assert_eq!(held.len(), 1);
     }
 
     // A dropped store (app.rs tries connect-and-migrate again after a failure) leaves no
@@ -1073,6 +1159,21 @@ mod tests {
             .unwrap();
         assert_eq!(timeout, "1ms");
         drop((conn, store));
+        // The same with the timeout set in the URL: the migration's own setting comes after it.
+        let Some(database) = ScratchDatabase::from_env("fusion_migrate_url").await else {
+            return;
+        };
+        let url = format!("{}?options=-c%20statement_timeout%3D1", database.url);
+        let store = PgStore::connect(&url, StoreOptions::default())
+            .await
+            .unwrap();
+        store.migrate().await.unwrap();
+        let timeout: String = sqlx::query_scalar("SHOW statement_timeout")
+            .fetch_one(&store.pool)
+            .await
+            .unwrap();
+        assert_eq!(timeout, "1ms");
+        drop(store);
     }
 
     // Every statement that changes several running jobs locks them in id order, whatever
