@@ -106,11 +106,15 @@ async fn store_through(
     store_with(prefix, options).await
 }
 
-/// A store allowed the fewest connections (`MIN_CONNECTIONS`: 2 in its pool, 1 listening).
-async fn smallest_store(prefix: &str) -> Option<(ScratchDatabase, Silencer, PgStore)> {
+/// A store allowed the fewest connections (`MIN_CONNECTIONS`: 2 in its pool, 1 listening), with
+/// this statement timeout (a statement unanswered 5 s past it is given up).
+async fn smallest_store(
+    prefix: &str,
+    statement_timeout: Duration,
+) -> Option<(ScratchDatabase, Silencer, PgStore)> {
     let options = StoreOptions {
         max_connections: StoreOptions::MIN_CONNECTIONS,
-        ..StoreOptions::default()
+        statement_timeout: Some(statement_timeout),
     };
     store_with(prefix, options).await
 }
@@ -174,9 +178,8 @@ async fn a_batch_the_server_never_answers_fails_and_the_store_goes_on() {
 // A read, a claim and a heartbeat go unanswered (held at the server by a lock until their
 // connections went silent): each fails within its bound, as a broken connection would, instead
 // of waiting as long as TCP takes to give up (many minutes) and then, its connection dropped
-// mid-statement, as long again in sqlx's ping on the way back to the pool. The heartbeat's bound
-// is a third of its lease and a second (a renewal later than that is of little use); the
-// others', the statement timeout (1 s) + 5 s. The store then works again on new connections.
+// mid-statement, as long again in sqlx's ping on the way back to the pool. The bound: the
+// statement timeout (1 s) + 5 s. The store then works again on new connections.
 #[tokio::test]
 async fn reads_claims_and_heartbeats_the_server_never_answers_fail_in_time() {
     let Some((database, silencer, store)) =
@@ -221,7 +224,7 @@ async fn reads_claims_and_heartbeats_the_server_never_answers_fail_in_time() {
     for (what, call, bound) in [
         ("read", read, Duration::from_secs(6)),
         ("claim", claim, Duration::from_secs(6)),
-        ("heartbeat", beat, Duration::from_secs(3)),
+        ("heartbeat", beat, Duration::from_secs(6)),
     ] {
         let (answer, took) = call.await.unwrap();
         let failed = answer
@@ -250,24 +253,21 @@ async fn reads_claims_and_heartbeats_the_server_never_answers_fail_in_time() {
 }
 
 // A caller gives up on a read the server never answers (a request whose client left, `/readyz`'s
-// own 2 s timeout): the read's connection is closed, not handed back to the pool through sqlx's
-// ping, which would wait on it as long as TCP takes to give up. With 3 connections allowed (2 in
-// the pool), two such reads given up leave both places free at once. Before, each held its place
-// in its ping, and the next statements waited out the acquire timeout.
+// own 2 s timeout): the read's connection keeps its place until the read's bound (6 s here),
+// then is closed, not handed back to the pool through sqlx's ping, which would wait on it as
+// long as TCP takes to give up. With 2 places in the pool, two such reads given up leave both
+// free by then. Before, each held its place in that ping, and the next statements waited out
+// the acquire timeout.
 #[tokio::test]
-async fn a_statement_its_caller_gave_up_on_takes_no_place_in_the_pool() {
-    let Some((database, silencer, store)) = smallest_store("fusion_half_open_gave_up").await else {
+async fn a_statement_its_caller_gave_up_on_takes_no_place_in_the_pool_for_long() {
+    let Some((database, silencer, store)) =
+        smallest_store("fusion_half_open_gave_up", Duration::from_secs(1)).await
+    else {
         return;
     };
     let mut lock = JobsLocked::by(&database).await;
     let store = Arc::new(store);
-    let reads: Vec<_> = (0..2)
-        .map(|_| {
-            let store = store.clone();
-            let read = async move { store.get_job(uuid::Uuid::now_v7()).await };
-            tokio::spawn(tokio::time::timeout(Duration::from_secs(2), read))
-        })
-        .collect();
+    let reads = given_up_reads(&store, Duration::from_secs(2));
     lock.waited_on_by(2).await;
     silencer.silence();
     lock.release().await;
@@ -275,6 +275,54 @@ async fn a_statement_its_caller_gave_up_on_takes_no_place_in_the_pool() {
         assert!(read.await.unwrap().is_err(), "the caller gave up");
     }
     two_connections_at_once(&store).await;
+}
+
+// On a server that is there, a statement its caller gave up on keeps its connection's place in
+// the pool until the statement ends (here: behind a lock, until the lock is released), then the
+// connection goes back to the pool. Closed at once instead, its backend went on waiting at the
+// server while the pool opened another: callers giving up again and again opened the server's
+// connections up.
+#[tokio::test]
+async fn a_statement_its_caller_gave_up_on_keeps_its_place_until_it_ends() {
+    let Some((database, _silencer, store)) =
+        smallest_store("fusion_gave_up_live", Duration::from_secs(30)).await
+    else {
+        return;
+    };
+    let mut lock = JobsLocked::by(&database).await;
+    let store = Arc::new(store);
+    let reads = given_up_reads(&store, Duration::from_millis(300));
+    lock.waited_on_by(2).await;
+    for read in reads {
+        assert!(read.await.unwrap().is_err(), "the caller gave up");
+    }
+    let third = tokio::time::timeout(Duration::from_millis(300), store.pool().acquire()).await;
+    assert!(
+        third.is_err(),
+        "a place was given up while its statement still ran"
+    );
+    assert_eq!(crate::testing::lock_waiters(&mut lock.0).await, 2);
+    lock.release().await;
+    two_connections_at_once(&store).await;
+    assert_eq!(store.pool().size(), 2, "the pool opened other connections");
+}
+
+/// Two reads of `store`, spawned, each given up by its caller after `after`.
+fn given_up_reads(
+    store: &Arc<PgStore>,
+    after: Duration,
+) -> Vec<
+    tokio::task::JoinHandle<
+        Result<super::Result<Option<crate::job::Job>>, tokio::time::error::Elapsed>,
+    >,
+> {
+    (0..2)
+        .map(|_| {
+            let store = store.clone();
+            let read = async move { store.get_job(uuid::Uuid::now_v7()).await };
+            tokio::spawn(tokio::time::timeout(after, read))
+        })
+        .collect()
 }
 
 /// `jobs` locked (`ACCESS EXCLUSIVE`, so reads wait too) by a transaction on a connection of the
@@ -359,7 +407,9 @@ async fn silence_until_listening_again(silencer: &Silencer, store: &PgStore) {
 // waited out the acquire timeout.
 #[tokio::test]
 async fn a_replaced_listener_takes_no_place_among_the_stores_connections() {
-    let Some((_database, silencer, store)) = smallest_store("fusion_half_open_places").await else {
+    let Some((_database, silencer, store)) =
+        smallest_store("fusion_half_open_places", Duration::from_secs(30)).await
+    else {
         return;
     };
     silence_until_listening_again(&silencer, &store).await;

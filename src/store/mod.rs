@@ -282,9 +282,10 @@ pub struct StoreOptions {
     /// Postgres: the most connections this process opens, its listener's included (which holds
     /// one for good); less than `MIN_CONNECTIONS` is raised to it (the CLI refuses it). Every
     /// `serve` and `worker` process opens up to this many, so their sum must fit the server's
-    /// `max_connections` (100 by default), but for listener connections replaced after they went
-    /// silent, which linger until TCP gives them up (see `postgres::listen`). SQLite keeps one
-    /// writer and a few readers whatever this says.
+    /// `max_connections` (100 by default), but for connections closed after going silent (a
+    /// statement past its bound, a replaced listener's), which the server keeps until its own TCP
+    /// gives up, and the migration's own at start-up. SQLite keeps one writer and a few readers
+    /// whatever this says.
     pub max_connections: u32,
     /// Postgres: the longest any statement of this process may run (`statement_timeout` on
     /// each of its connections), lock waits included; `None`: no limit. A lock held elsewhere

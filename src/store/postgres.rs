@@ -107,7 +107,11 @@ pub(super) async fn bounded<T, E: From<sqlx::Error>>(
     within: Option<Duration>,
     work: impl AsyncFnOnce(&mut PgConnection) -> Result<T, E>,
 ) -> Result<T, E> {
-    let mut conn = InFlight(Some(pool.acquire().await?));
+    let conn = pool.acquire().await?;
+    let mut conn = InFlight {
+        conn: Some(conn),
+        answer_by: within.map(|w| tokio::time::Instant::now() + w),
+    };
     let answer = match within {
         None => Ok(work(conn.get()).await),
         Some(within) => tokio::time::timeout(within, work(conn.get())).await,
@@ -117,37 +121,72 @@ pub(super) async fn bounded<T, E: From<sqlx::Error>>(
             conn.done();
             answer
         }
-        Err(_) => Err(sqlx::Error::Io(std::io::Error::new(
-            std::io::ErrorKind::TimedOut,
-            format!(
-                "no answer from Postgres within {:.1} s; the connection was closed",
-                within.unwrap_or_default().as_secs_f64()
-            ),
-        ))
-        .into()),
+        Err(_) => {
+            conn.close();
+            Err(sqlx::Error::Io(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                format!(
+                    "no answer from Postgres within {:.1} s; the connection was closed",
+                    within.unwrap_or_default().as_secs_f64()
+                ),
+            ))
+            .into())
+        }
     }
 }
 
-/// A pooled connection with a statement in flight until `done`: dropped before that (a timeout,
-/// a caller that gave up), it is closed, not handed back to the pool (see `bounded`).
-struct InFlight(Option<PoolConnection<Postgres>>);
+/// A pooled connection with a statement in flight until `done`. Given up on before that by the
+/// caller (a request whose client left, `/readyz`'s own timeout), it keeps its place in the pool
+/// until the statement's answer (the server ends it at its statement timeout) or `answer_by`,
+/// whichever comes first, then goes back to the pool or is closed. Closed at once, its backend
+/// would go on waiting or running at the server while the pool opened another (callers giving
+/// up again and again could use up the server's connections); handed back as it is, it would go
+/// through sqlx's ping, which waits on a silent server as long as TCP takes to give up.
+struct InFlight {
+    conn: Option<PoolConnection<Postgres>>,
+    /// When the statement's answer is given up on; `None`: never (no statement timeout).
+    answer_by: Option<tokio::time::Instant>,
+}
 
 impl InFlight {
     fn get(&mut self) -> &mut PgConnection {
-        self.0.as_mut().expect("a connection until done")
+        self.conn.as_mut().expect("a connection until done")
     }
 
     /// Its statements answered: back to the pool as usual.
     fn done(mut self) {
-        drop(self.0.take());
+        drop(self.conn.take());
+    }
+
+    /// Unanswered in time: closed, not handed back.
+    fn close(mut self) {
+        if let Some(conn) = self.conn.take() {
+            drop(conn.detach());
+        }
     }
 }
 
 impl Drop for InFlight {
     fn drop(&mut self) {
-        if let Some(conn) = self.0.take() {
+        let Some(mut conn) = self.conn.take() else {
+            return;
+        };
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
             drop(conn.detach());
-        }
+            return;
+        };
+        let answer_by = self.answer_by;
+        // A ping is answered once the statement before it is.
+        runtime.spawn(async move {
+            let answered = match answer_by {
+                Some(by) => tokio::time::timeout_at(by, conn.ping()).await,
+                None => Ok(conn.ping().await),
+            };
+            match answered {
+                Ok(Ok(())) => drop(conn),
+                _ => drop(conn.detach()),
+            }
+        });
     }
 }
 
@@ -197,7 +236,10 @@ impl PgStore {
         let wakeups = Arc::new(Notify::new());
         let events = broadcast::channel(EVENT_BACKLOG).0;
         // A later `-c` wins over an earlier one, the URL's own included.
-        let migrate_with = connect.clone().options([("statement_timeout", "0")]);
+        let migrate_with = connect.clone().options([
+            ("statement_timeout", "0"),
+            ("idle_in_transaction_session_timeout", "0"),
+        ]);
         let listening = listen(pool.clone(), connect, wakeups.clone(), events.clone());
         tokio::spawn(listening);
         let answer_within = options.statement_timeout.map(|t| t + ANSWER_MARGIN);
@@ -363,17 +405,26 @@ async fn listen(
 /// `url`'s options, with `statement_timeout` set to `timeout` unless the URL sets one itself
 /// (`?options=-c statement_timeout=…`), which then wins.
 fn connect_options(url: &str, timeout: Option<Duration>) -> Result<PgConnectOptions> {
-    let options = PgConnectOptions::from_str(url)?;
-    let set_in_url = options
-        .get_options()
-        .is_some_and(|o| o.contains("statement_timeout"));
-    Ok(match timeout {
-        Some(timeout) if !set_in_url => {
-            options.options([("statement_timeout", format!("{}ms", timeout.as_millis()))])
-        }
-        _ => options,
-    })
+    let mut options = PgConnectOptions::from_str(url)?;
+    let set_in_url = |name: &str| options.get_options().is_some_and(|o| o.contains(name));
+    let idle = !set_in_url("idle_in_transaction_session_timeout");
+    if let Some(timeout) = timeout.filter(|_| !set_in_url("statement_timeout")) {
+        options = options.options([("statement_timeout", format!("{}ms", timeout.as_millis()))]);
+    }
+    if idle {
+        let idle_ms = format!("{}ms", IDLE_IN_TRANSACTION.as_millis());
+        options = options.options([("idle_in_transaction_session_timeout", idle_ms)]);
+    }
+    Ok(options)
 }
+
+/// How long the server keeps a session of this process idle inside a transaction before it ends
+/// it (`idle_in_transaction_session_timeout`; 2 s in unit tests). The store's transactions send
+/// their statements back to back, so a session idle that long inside one lost its client (a
+/// path that went silent between a statement and its `COMMIT`): without it, the server would
+/// keep the transaction open, and the rows it locked locked, until TCP gives up, or for good
+/// behind a proxy that keeps the socket alive. A URL that sets it wins.
+const IDLE_IN_TRANSACTION: Duration = Duration::from_secs(if cfg!(test) { 2 } else { 60 });
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/postgres");
 
@@ -579,24 +630,9 @@ impl Store for PgStore {
         .bind(now + ms(lease))
         .bind(owner)
         .bind(jobs);
-        // A renewal later than a heartbeat's interval (a third of the lease) is of little use:
-        // the server gives it up then (a renewal left running there, waiting on a lock, would
-        // keep the rows it locked, and with no statement timeout wait for good while each
-        // heartbeat opens another connection), and this process a second later, in case the
-        // server's answer never comes; the next heartbeat tries on another connection.
-        let server_within = lease / 3;
-        let work = async |c: &mut PgConnection| {
-            let mut tx = c.begin().await?;
-            sqlx::query("SELECT set_config('statement_timeout', $1, true)")
-                .bind(format!("{}ms", server_within.as_millis().max(1)))
-                .execute(&mut *tx)
-                .await?;
-            let rows = query.fetch_all(&mut *tx).await?;
-            tx.commit().await?;
-            Ok::<_, StoreError>(rows)
-        };
-        let within = server_within + Duration::from_secs(1);
-        let rows = bounded(&self.pool, Some(within), work).await?;
+        let rows = self
+            .bounded(async |c| Ok(query.fetch_all(c).await?))
+            .await?;
         rows.iter()
             .map(|r| {
                 Ok(Held {
@@ -833,48 +869,39 @@ mod tests {
         Some((database, store, conn))
     }
 
-    // A heartbeat stuck behind a lock (here with no statement timeout at all) is given up by
-    // the server as by this process, a third of its lease on: its connection is not closed with
-    // the renewal still running there, keeping the rows it locked and waiting for good, while
-    // each heartbeat opened another connection. Renewals then work again.
+    // A transaction of the store's whose client went away between two statements (the path went
+    // silent before its COMMIT) does not keep its locks for as long as the server keeps the
+    // socket: the server ends the session once it has been idle in the transaction for the
+    // store's bound (2 s in unit tests). Here the transaction is left open on a pooled
+    // connection on purpose, holding a row lock.
     #[tokio::test]
-    async fn a_heartbeat_stuck_behind_a_lock_ends_at_the_server_too() {
-        let options = StoreOptions {
-            statement_timeout: None,
-            ..StoreOptions::default()
-        };
-        let Some((_database, store, mut conn)) = migrated_with("fusion_beat_lock", options).await
-        else {
+    async fn a_transaction_left_idle_is_ended_by_the_server() {
+        let Some((_database, store, mut conn)) = migrated("fusion_idle_tx").await else {
             return;
         };
-        let super::super::Enqueued::Created(job) = store
+        store
             .enqueue(super::super::queued_job(1), None)
             .await
-            .unwrap()
-        else {
-            panic!("a new job");
-        };
-        let lease = Duration::from_secs(3);
-        let claimed = store.claim("w", 1, 2, lease).await.unwrap();
-        assert_eq!(claimed.len(), 1);
-        let mut lock = conn.begin().await.unwrap();
-        sqlx::query("SELECT 1 FROM jobs FOR UPDATE")
-            .execute(&mut *lock)
+            .unwrap();
+        let mut left = store.pool.acquire().await.unwrap();
+        sqlx::raw_sql("BEGIN; SELECT 1 FROM jobs FOR UPDATE")
+            .execute(&mut *left)
             .await
             .unwrap();
-        let started = tokio::time::Instant::now();
-        let failed = store.heartbeat("w", &[job.id], 3, lease).await.unwrap_err();
-        let took = started.elapsed();
-        assert!(failed.to_string().contains("statement timeout"), "{failed}");
+        let locked = "SELECT count(*) FROM (SELECT 1 FROM jobs FOR UPDATE NOWAIT) j";
+        let tried: std::result::Result<i64, _> =
+            sqlx::query_scalar(locked).fetch_one(&mut conn).await;
         assert!(
-            took >= Duration::from_secs(1) && took < Duration::from_secs(2),
-            "{took:?}"
+            tried.is_err(),
+            "the row is locked while the transaction is open"
         );
-        let waiting = crate::testing::lock_waiters(&mut lock).await;
-        assert_eq!(waiting, 0, "the renewal still waits at the server");
-        lock.rollback().await.unwrap();
-        let held = store.heartbeat("w", &[job.id], 4, lease).await.unwrap();
-        assert_eq!(held.len(), 1);
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        let count: i64 = sqlx::query_scalar(locked)
+            .fetch_one(&mut conn)
+            .await
+            .expect("the idle transaction was ended and its lock released");
+        assert_eq!(count, 1);
+        drop(left.detach());
     }
 
     // A dropped store (app.rs tries connect-and-migrate again after a failure) leaves no
@@ -1130,15 +1157,21 @@ mod tests {
             options.get_options().map(str::to_string)
         };
         let thirty = Some(Duration::from_secs(30));
+        let idle = "-c idle_in_transaction_session_timeout=2000ms";
         assert_eq!(
-            options("postgres://h/db", thirty).as_deref(),
-            Some("-c statement_timeout=30000ms")
+            options("postgres://h/db", thirty),
+            Some(format!("-c statement_timeout=30000ms {idle}"))
         );
-        assert_eq!(options("postgres://h/db", None), None);
+        assert_eq!(options("postgres://h/db", None), Some(idle.to_string()));
         let url = "postgres://h/db?options=-c%20statement_timeout%3D5s";
         assert_eq!(
-            options(url, thirty).as_deref(),
-            Some("-c statement_timeout=5s")
+            options(url, thirty),
+            Some(format!("-c statement_timeout=5s {idle}"))
+        );
+        let url = "postgres://h/db?options=-c%20idle_in_transaction_session_timeout%3D1s";
+        assert_eq!(
+            options(url, None).as_deref(),
+            Some("-c idle_in_transaction_session_timeout=1s")
         );
     }
 
@@ -1163,16 +1196,12 @@ mod tests {
         let Some(database) = ScratchDatabase::from_env("fusion_migrate_url").await else {
             return;
         };
-        let url = format!("{}?options=-c%20statement_timeout%3D1", database.url);
+        let join = if database.url.contains('?') { '&' } else { '?' };
+        let url = format!("{}{join}options=-c%20statement_timeout%3D1", database.url);
         let store = PgStore::connect(&url, StoreOptions::default())
             .await
             .unwrap();
         store.migrate().await.unwrap();
-        let timeout: String = sqlx::query_scalar("SHOW statement_timeout")
-            .fetch_one(&store.pool)
-            .await
-            .unwrap();
-        assert_eq!(timeout, "1ms");
         drop(store);
     }
 
