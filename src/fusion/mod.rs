@@ -22,7 +22,7 @@ use crate::clock::SharedClock;
 use crate::config::FusionConfig;
 use crate::job::{Job, JobSpec, JsonText, NoNextTry, Step, StepKey, Usage};
 use crate::upstream::{
-    CallError, CompletionRequest, ErrorKind, RetryPolicy, StructuredOutput, Upstream,
+    CallError, Completion, CompletionRequest, ErrorKind, RetryPolicy, StructuredOutput, Upstream,
 };
 use analysis::Analysis;
 use prompts::PanelAnswer;
@@ -426,15 +426,8 @@ impl Pipeline {
         let mut usage = Usage::default();
         let mut latency_ms = 0;
         let mut last_problem = None;
-        // Every try waits until the job may call (a retry after a backoff too: the lease may
-        // have been lost meanwhile).
-        let may_call = || FutureExt::map(sink.before_call(), |may| may.is_ok());
         for _ in 0..self.analysis_attempts.max(1) {
-            match self
-                .upstream
-                .complete_with_retries(&spec.analyst, &req, &self.retry, cancel, may_call)
-                .await
-            {
+            match self.call(&spec.analyst, &req, sink, cancel).await {
                 Ok(c) => {
                     usage.add(&c.usage);
                     latency_ms += c.latency_ms;
@@ -492,14 +485,7 @@ impl Pipeline {
         sink: &dyn Checkpoints,
         cancel: &CancellationToken,
     ) -> Option<(Step, bool)> {
-        // Every try waits until the job may call (a retry after a backoff too: the lease may
-        // have been lost meanwhile).
-        let may_call = || FutureExt::map(sink.before_call(), |may| may.is_ok());
-        match self
-            .upstream
-            .complete_with_retries(model, req, &self.retry, cancel, may_call)
-            .await
-        {
+        match self.call(model, req, sink, cancel).await {
             Ok(c) => Some((
                 Step {
                     ok: true,
@@ -524,6 +510,22 @@ impl Pipeline {
                 e.retryable(),
             )),
         }
+    }
+
+    /// One upstream call with its retries; every try waits until the job may call
+    /// (`Checkpoints::before_call`), a retry after a backoff too, since the lease may have been
+    /// lost meanwhile.
+    async fn call(
+        &self,
+        model: &str,
+        req: &CompletionRequest<'_>,
+        sink: &dyn Checkpoints,
+        cancel: &CancellationToken,
+    ) -> Result<Completion, CallError> {
+        let may_call = || sink.before_call().map(|may| may.is_ok());
+        self.upstream
+            .complete_with_retries(model, req, &self.retry, cancel, may_call)
+            .await
     }
 
     /// A step with no output, to fill in.

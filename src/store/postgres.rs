@@ -98,23 +98,22 @@ const ANSWER_MARGIN: Duration = Duration::from_secs(5);
 /// call fails as a broken connection does (whether its writes committed, nobody knows). A
 /// server that vanished without a word (a crashed host, a partition, a failover) leaves
 /// connections that TCP does not report broken for many minutes once a statement is sent:
-/// without a bound, a claim, a heartbeat or a read would wait that long. The connection is closed
-/// the same way when the caller gives up first (a request whose client left, `/readyz`'s own
-/// timeout): handed back mid-statement, it would go through sqlx's ping on the way back to the
-/// pool, which waits as long again, holding its place in the pool.
+/// without a bound, a claim, a heartbeat or a read would wait that long. When the caller gives
+/// up first, see `InFlight`.
 pub(super) async fn bounded<T, E: From<sqlx::Error>>(
     pool: &PgPool,
     within: Option<Duration>,
     work: impl AsyncFnOnce(&mut PgConnection) -> Result<T, E>,
 ) -> Result<T, E> {
     let conn = pool.acquire().await?;
+    let answer_by = within.map(|w| tokio::time::Instant::now() + w);
     let mut conn = InFlight {
         conn: Some(conn),
-        answer_by: within.map(|w| tokio::time::Instant::now() + w),
+        answer_by,
     };
-    let answer = match within {
+    let answer = match answer_by {
         None => Ok(work(conn.get()).await),
-        Some(within) => tokio::time::timeout(within, work(conn.get())).await,
+        Some(by) => tokio::time::timeout_at(by, work(conn.get())).await,
     };
     match answer {
         Ok(answer) => {
@@ -402,8 +401,9 @@ async fn listen(
     }
 }
 
-/// `url`'s options, with `statement_timeout` set to `timeout` unless the URL sets one itself
-/// (`?options=-c statement_timeout=…`), which then wins.
+/// `url`'s options, with `statement_timeout` set to `timeout` and
+/// `idle_in_transaction_session_timeout` to `IDLE_IN_TRANSACTION`, each unless the URL sets it
+/// itself (`?options=-c statement_timeout=…`), which then wins.
 fn connect_options(url: &str, timeout: Option<Duration>) -> Result<PgConnectOptions> {
     let mut options = PgConnectOptions::from_str(url)?;
     let set_in_url = |name: &str| options.get_options().is_some_and(|o| o.contains(name));

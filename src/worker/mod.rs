@@ -599,12 +599,15 @@ impl Worker {
         };
         // The store renewed the held leases to what it was sent: `now` plus the lease.
         let renewed_until = now + crate::store::ms(self.config.lease);
+        // A set: with thousands of jobs running, a scan of `held` per job is millions of steps.
+        let held: HashSet<(Uuid, i32)> = held.iter().map(|h| (h.id, h.attempt)).collect();
         let running = self.running.lock().expect("running map");
-        for (id, attempt) in snapshot {
-            let Some(run) = running.get(&(id, attempt)) else {
+        for key in snapshot {
+            let Some(run) = running.get(&key) else {
                 continue;
             };
-            if held.iter().any(|h| h.id == id && h.attempt == attempt) {
+            let (id, attempt) = key;
+            if held.contains(&key) {
                 // What the database now holds, even if earlier than what was known (the clock
                 // stepped back, or an older heartbeat answered last): never later than it.
                 run.held_until.send_if_modified(|until| {
