@@ -1575,30 +1575,52 @@ async fn only_requeues_due_now_wake_workers(store: Arc<dyn Store>) {
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
         .as_millis() as i64;
-    enqueue(&store, new_job()).await;
-    enqueue(&store, new_job()).await;
-    let claimed = claim(&store, "w", 2, NOW).await;
-    assert_eq!(claimed.len(), 2);
+    for _ in 0..4 {
+        enqueue(&store, new_job()).await;
+    }
+    let claimed = claim(&store, "w", 4, NOW).await;
+    assert_eq!(claimed.len(), 4);
+    let leases: Vec<Lease> = claimed.iter().map(lease_of).collect();
     let wakeups = store.wakeups();
-    // Let the enqueues' own wake-ups arrive (NOTIFY is asynchronous), then drop them.
-    tokio::time::sleep(Duration::from_secs(1)).await;
+    let mut events = store.events();
+    // A job finishing is a fence, so that no timing decides what is checked: Postgres delivers
+    // one connection's notifications in commit order, so once a finish is heard, every wake-up
+    // sent by an earlier commit has been heard too.
+    let mut finish_and_hear = async |lease: &Lease| {
+        let result = json!({"ok": true}).into();
+        assert!(store.complete(lease, None, &result, NOW).await.unwrap());
+        tokio::time::timeout(Duration::from_secs(10), async {
+            loop {
+                match events.recv().await {
+                    Ok(JobEvent::Finished { job_id, .. }) if job_id == lease.job_id => break,
+                    Ok(_) => {}
+                    Err(e) => panic!("events: {e}"),
+                }
+            }
+        })
+        .await
+        .expect("a job's finish was never heard");
+    };
+    // The enqueues' own wake-ups: heard, then dropped.
+    finish_and_hear(&leases[0]).await;
     let _ = tokio::time::timeout(Duration::ZERO, wakeups.notified()).await;
-    let later = lease_of(&claimed[0]);
     let in_an_hour = wall + 3_600_000;
+    let later = &leases[1];
     assert!(
         store
-            .retry_later(&later, in_an_hour, "rate_limited", "slow down")
+            .retry_later(later, in_an_hour, "rate_limited", "slow down")
             .await
             .unwrap()
     );
     assert_eq!(get(&store, later.job_id).await.run_at, in_an_hour);
+    finish_and_hear(&leases[2]).await;
     assert!(
-        tokio::time::timeout(Duration::from_millis(500), wakeups.notified())
+        tokio::time::timeout(Duration::ZERO, wakeups.notified())
             .await
             .is_err(),
         "a requeue to run in an hour woke the workers"
     );
-    // The other job's lease runs out: the rescuer requeues it to run at once.
+    // The last job's lease runs out: the rescuer requeues it to run at once.
     assert_eq!(store.rescue_expired(NOW + LEASE_MS + 1).await.unwrap(), 1);
     tokio::time::timeout(Duration::from_secs(5), wakeups.notified())
         .await
