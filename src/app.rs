@@ -38,7 +38,8 @@ pub struct Application {
     worker: Option<Arc<Worker>>,
 }
 
-/// Open the store and apply migrations, retrying while the database is starting up.
+/// Open the store and apply migrations, retrying while the database is starting up or a
+/// migration cannot take its lock (`StoreError::MigrationBlocked`).
 pub async fn open_store(url: &str, options: StoreOptions) -> anyhow::Result<Arc<dyn Store>> {
     let mut failures = 0;
     loop {
@@ -52,7 +53,7 @@ pub async fn open_store(url: &str, options: StoreOptions) -> anyhow::Result<Arc<
             Err(e @ store::StoreError::UnsupportedUrl(_)) => return Err(e.into()),
             Err(e) if failures < 10 => {
                 failures += 1;
-                tracing::warn!(error = %e, url = %redact_url(url), "database not ready; retrying");
+                tracing::warn!(error = %e, url = %redact_url(url), "could not open or migrate the database; retrying");
                 tokio::time::sleep(Duration::from_millis(500 * failures)).await;
             }
             Err(e) => {

@@ -44,6 +44,12 @@ pub enum StoreError {
     Database(#[from] sqlx::Error),
     #[error("migration failed: {0}")]
     Migrate(#[from] sqlx::migrate::MigrateError),
+    #[error(
+        "migration {version} gave up after waiting {waited:?} for a lock on its tables: a \
+         transaction of another session holds a conflicting one (see pg_stat_activity); \
+         statements queue behind a waiting migration, so it does not wait longer"
+    )]
+    MigrationBlocked { version: i64, waited: Duration },
     #[error("corrupt row: {0}")]
     Corrupt(String),
     #[error("unsupported database url `{0}`: use sqlite://PATH or postgres://…")]

@@ -10,6 +10,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use serde_json::Value;
 use serde_json::value::RawValue;
+use sqlx::migrate::{Migrate, MigrateError};
 use sqlx::pool::PoolConnection;
 use sqlx::postgres::{PgConnectOptions, PgConnection, PgListener, PgPool, PgPoolOptions, PgRow};
 use sqlx::types::Json;
@@ -426,6 +427,19 @@ fn connect_options(url: &str, timeout: Option<Duration>) -> Result<PgConnectOpti
 /// behind a proxy that keeps the socket alive. A URL that sets it wins.
 const IDLE_IN_TRANSACTION: Duration = Duration::from_secs(if cfg!(test) { 2 } else { 60 });
 
+/// How long a migration waits for a table lock before it gives up (and start-up tries again,
+/// see `app::open_store`). A lock it waits for blocks every later statement that conflicts
+/// with it, so a migration queued behind a long transaction would stall the queue's writes
+/// for as long as that transaction lasts. 1 s in unit tests.
+const MIGRATION_LOCK_WAIT: Duration = Duration::from_secs(if cfg!(test) { 1 } else { 3 });
+
+/// Postgres's `lock_not_available`: a lock wait ran out of `lock_timeout`.
+fn is_lock_timeout(e: &sqlx::Error) -> bool {
+    e.as_database_error()
+        .and_then(|d| d.code())
+        .is_some_and(|code| code == "55P03")
+}
+
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/postgres");
 
 #[async_trait]
@@ -435,12 +449,30 @@ impl Store for PgStore {
         // big table, or wait for another process's migration (an advisory lock) for long.
         // Set as it connects: a `SET` would itself run under the timeout.
         let mut conn = PgConnection::connect_with(&self.migrate_with).await?;
-        // `run_direct` is what `run` calls once it has its connection (`run` itself trips over
-        // `Acquire`'s lifetimes inside `async_trait`).
-        let migrated = MIGRATOR.run_direct(None, &mut conn, false).await;
+        let migrated = async {
+            // Another process's migration is waited for as long as it takes: the migrator's
+            // advisory lock, taken here before the lock timeout is set (a session holds it
+            // re-entrantly, so the migrator's own `lock` below is granted at once).
+            conn.lock().await?;
+            sqlx::query("SELECT set_config('lock_timeout', $1, false)")
+                .bind(format!("{}ms", MIGRATION_LOCK_WAIT.as_millis()))
+                .execute(&mut conn)
+                .await?;
+            // `run_direct` is what `run` calls once it has its connection (`run` itself trips
+            // over `Acquire`'s lifetimes inside `async_trait`).
+            MIGRATOR.run_direct(None, &mut conn, false).await
+        }
+        .await;
         let _ = conn.close().await;
-        migrated?;
-        Ok(())
+        match migrated {
+            Err(MigrateError::ExecuteMigration(e, version)) if is_lock_timeout(&e) => {
+                Err(StoreError::MigrationBlocked {
+                    version,
+                    waited: MIGRATION_LOCK_WAIT,
+                })
+            }
+            other => Ok(other?),
+        }
     }
 
     async fn ping(&self) -> Result<()> {
@@ -867,6 +899,75 @@ mod tests {
         store.migrate().await.unwrap();
         let conn = PgConnection::connect(&database.url).await.unwrap();
         Some((database, store, conn))
+    }
+
+    /// Forget that migration 0009 was applied, so that `migrate` runs it again (it replaces a
+    /// trigger: running it twice changes nothing), and a connection that holds what a
+    /// transaction writing `jobs` holds (`ROW EXCLUSIVE`), which 0009's lock conflicts with.
+    async fn last_migration_pending(conn: &mut PgConnection) {
+        sqlx::query("DELETE FROM _sqlx_migrations WHERE version = 9")
+            .execute(&mut *conn)
+            .await
+            .unwrap();
+    }
+
+    // A migration that would wait behind a long transaction gives up at its lock timeout
+    // instead of waiting for as long as that transaction lasts (every write behind it waiting
+    // too), and succeeds once the transaction has ended.
+    #[tokio::test]
+    async fn a_migration_behind_a_long_transaction_gives_up_in_time() {
+        let Some((database, store, mut conn)) = migrated("fusion_migration_lock").await else {
+            return;
+        };
+        last_migration_pending(&mut conn).await;
+        let mut writer = PgConnection::connect(&database.url).await.unwrap();
+        sqlx::raw_sql("BEGIN; LOCK TABLE jobs IN ROW EXCLUSIVE MODE")
+            .execute(&mut writer)
+            .await
+            .unwrap();
+        let started = std::time::Instant::now();
+        let blocked = tokio::time::timeout(Duration::from_secs(20), store.migrate())
+            .await
+            .expect("the migration waited for the transaction");
+        let waited = started.elapsed();
+        match blocked {
+            Err(StoreError::MigrationBlocked { version: 9, waited }) => {
+                assert_eq!(waited, MIGRATION_LOCK_WAIT)
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(waited < Duration::from_secs(5), "{waited:?}");
+        sqlx::raw_sql("COMMIT").execute(&mut writer).await.unwrap();
+        store.migrate().await.unwrap();
+        let applied: i64 =
+            sqlx::query_scalar("SELECT count(*) FROM _sqlx_migrations WHERE version = 9")
+                .fetch_one(&mut conn)
+                .await
+                .unwrap();
+        assert_eq!(applied, 1);
+    }
+
+    // Another process's migration (the migrator's advisory lock) is waited for past the lock
+    // timeout: processes started together must not fail while one of them migrates.
+    #[tokio::test]
+    async fn a_migration_waits_for_another_process_migrating() {
+        let Some((database, store, mut conn)) = migrated("fusion_migration_wait").await else {
+            return;
+        };
+        last_migration_pending(&mut conn).await;
+        let mut other = PgConnection::connect(&database.url).await.unwrap();
+        other.lock().await.unwrap();
+        let migrating = store.migrate();
+        tokio::pin!(migrating);
+        let waiting = MIGRATION_LOCK_WAIT * 3;
+        if let Ok(done) = tokio::time::timeout(waiting, &mut migrating).await {
+            panic!("the migration did not wait for the other one: {done:?}");
+        }
+        other.unlock().await.unwrap();
+        tokio::time::timeout(Duration::from_secs(10), migrating)
+            .await
+            .expect("the migration went on once the other one was done")
+            .unwrap();
     }
 
     // A transaction of the store's whose client went away between two statements (the path went
