@@ -11,7 +11,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::api::{self, AppState};
-use crate::clock::{SharedClock, SystemClock};
+use crate::clock::{AlignedClock, Offset, SharedClock, SystemClock};
 use crate::config::FusionConfig;
 use crate::fusion::Pipeline;
 use crate::redact::redact_url;
@@ -36,6 +36,8 @@ pub struct Application {
     listener: Option<TcpListener>,
     state: AppState,
     worker: Option<Arc<Worker>>,
+    /// This process's clock, when aligned with the database's.
+    aligned: Option<Arc<AlignedClock>>,
 }
 
 /// Open the store and apply migrations, retrying while the database is starting up or a
@@ -76,7 +78,26 @@ impl Application {
         settings: Settings,
         store: Arc<dyn Store>,
     ) -> anyhow::Result<Application> {
-        let clock: SharedClock = Arc::new(SystemClock);
+        Application::build_with_clock(settings, store, Arc::new(SystemClock)).await
+    }
+
+    /// `build_on` with this host's clock given (a test's skewed one). On a store with a clock of
+    /// its own (Postgres) the process's clock is aligned with it before any job runs, and again
+    /// every `REALIGN_EVERY` while it runs.
+    pub async fn build_with_clock(
+        settings: Settings,
+        store: Arc<dyn Store>,
+        host_clock: SharedClock,
+    ) -> anyhow::Result<Application> {
+        let aligned = Arc::new(AlignedClock::new(host_clock));
+        let clock: SharedClock = aligned.clone();
+        let aligned = match aligned.align(store.as_ref()).await {
+            Ok(None) => None,
+            measured => {
+                report_alignment(&aligned, measured, 0);
+                Some(aligned)
+            }
+        };
         let jobs_in_flight = settings.worker.as_ref().map_or(0, |w| w.concurrency);
         let upstream_config = settings
             .fusion
@@ -113,6 +134,7 @@ impl Application {
             listener,
             state,
             worker,
+            aligned,
         })
     }
 
@@ -127,6 +149,13 @@ impl Application {
 
     /// Serve and work until `shutdown` fires; then stop accepting, drain, release.
     pub async fn run(self, shutdown: CancellationToken) -> anyhow::Result<()> {
+        if let Some(aligned) = self.aligned.clone() {
+            tokio::spawn(keep_aligned(
+                aligned,
+                self.state.store.clone(),
+                shutdown.clone(),
+            ));
+        }
         let worker = self.worker.map(|w| tokio::spawn(w.run(shutdown.clone())));
         // Requests waiting on jobs stop waiting once this process has stopped working: its
         // worker handed back what it ran (or, with no worker here, at shutdown). Otherwise a
@@ -159,6 +188,55 @@ impl Application {
             ran.context("worker task panicked")?;
         }
         Ok(())
+    }
+}
+
+/// How often a process re-reads the database's clock: hosts' clocks drift apart by
+/// milliseconds an hour, but NTP may step one at any time.
+const REALIGN_EVERY: Duration = Duration::from_secs(60);
+
+/// An offset from the database's clock past which the host's clock is reported as off: it is
+/// followed either way, but the rest of the host (its logs, other software) is not.
+const OFF_BY_MS: i64 = 1_000;
+
+async fn keep_aligned(aligned: Arc<AlignedClock>, store: Arc<dyn Store>, stop: CancellationToken) {
+    let mut every = tokio::time::interval(REALIGN_EVERY);
+    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    every.tick().await;
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = every.tick() => {}
+        }
+        let before = aligned.offset_ms();
+        let measured = aligned.align(store.as_ref()).await;
+        report_alignment(&aligned, measured, before);
+    }
+}
+
+/// Log a measurement of the database's clock: a failure, or an offset adopted that is far from
+/// zero and from the one before.
+fn report_alignment(
+    aligned: &AlignedClock,
+    measured: store::Result<Option<Offset>>,
+    before_ms: i64,
+) {
+    let now_ms = aligned.offset_ms();
+    match measured {
+        Err(e) => tracing::warn!(error = %e, offset_ms = now_ms,
+            "could not read the database's clock; keeping the offset measured before"),
+        Ok(Some(offset)) if now_ms.abs() > OFF_BY_MS && (now_ms - before_ms).abs() > OFF_BY_MS => {
+            tracing::warn!(
+                offset_ms = now_ms,
+                uncertainty_ms = offset.uncertainty_ms,
+                "this host's clock is {:.1} s {} the database's; fusion's times (leases, \
+                 deadlines, timestamps) follow the database's clock, the rest of this host \
+                 does not: check its time synchronisation",
+                now_ms.abs() as f64 / 1000.0,
+                if now_ms > 0 { "behind" } else { "ahead of" },
+            )
+        }
+        Ok(_) => {}
     }
 }
 

@@ -172,6 +172,10 @@ pub trait Store: Send + Sync + 'static {
     async fn migrate(&self) -> Result<()>;
     /// Cheap round trip, for `/readyz`.
     async fn ping(&self) -> Result<()>;
+    /// The database's own clock (unix milliseconds) when the store is shared by many hosts
+    /// (Postgres), for each process to align its clock with (`clock::AlignedClock`); `None` for
+    /// a store only one host uses (SQLite).
+    async fn database_now_ms(&self) -> Result<Option<i64>>;
     /// Insert a queued job, or find the earlier one under the same idempotency key. With
     /// `start`, a new job is inserted running its first attempt under that lease, for the
     /// caller's process to run with no claim (and no worker is woken); an earlier job comes back

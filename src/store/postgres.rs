@@ -481,6 +481,15 @@ impl Store for PgStore {
         Ok(())
     }
 
+    async fn database_now_ms(&self) -> Result<Option<i64>> {
+        // `clock_timestamp()`: the time as the statement runs (`now()` is the transaction's).
+        let now = "SELECT (extract(epoch FROM clock_timestamp()) * 1000)::int8";
+        let ms: i64 = self
+            .bounded(async |c| Ok(sqlx::query_scalar(now).fetch_one(c).await?))
+            .await?;
+        Ok(Some(ms))
+    }
+
     async fn enqueue(&self, mut job: NewJob, start: Option<StartHere>) -> Result<Enqueued> {
         let spec =
             serde_json::to_value(&job.spec).map_err(|e| StoreError::Corrupt(e.to_string()))?;
@@ -880,6 +889,7 @@ mod tests {
 
     use futures::future::join_all;
 
+    use crate::clock::{AlignedClock, Clock, Shifted, SystemClock};
     use crate::store::batch::{BatchSql, all_fail_at_once_behind_a_lock};
     use crate::store::pg_writes::{BATCH_SQL, bound};
     use crate::testing::ScratchDatabase;
@@ -968,6 +978,39 @@ mod tests {
             .await
             .expect("the migration went on once the other one was done")
             .unwrap();
+    }
+
+    // A host's clock however far off the database's: aligned, it reads the database's time,
+    // follows a step of the host's clock at the next alignment, and does not jitter between
+    // measurements that agree.
+    #[tokio::test]
+    async fn a_clock_aligned_with_the_database_reads_its_time() {
+        let Some((_database, store, _conn)) = migrated("fusion_clock").await else {
+            return;
+        };
+        let host = Arc::new(Shifted::new(Arc::new(SystemClock), -3_600_000));
+        let aligned = AlignedClock::new(host.clone());
+        let off_the_database = async |aligned: &AlignedClock| {
+            let before = aligned.now_ms();
+            let database = store.database_now_ms().await.unwrap().unwrap();
+            let after = aligned.now_ms();
+            // Within the read's round trip, give or take what a measurement cannot tell on
+            // loopback (a millisecond or two) with room to spare: a misaligned clock is off by
+            // the host's error, seconds here.
+            (database < before - 100 || database > after + 100).then_some((before, database, after))
+        };
+        assert_eq!(off_the_database(&aligned).await.map(|_| ()), Some(()));
+        let first = aligned.align(&store).await.unwrap().unwrap();
+        assert!((first.offset_ms - 3_600_000).abs() < 1_000, "{first:?}");
+        assert_eq!(off_the_database(&aligned).await, None);
+        let offset = aligned.offset_ms();
+        for _ in 0..5 {
+            aligned.align(&store).await.unwrap().unwrap();
+            assert_eq!(aligned.offset_ms(), offset);
+        }
+        host.set(5_000);
+        aligned.align(&store).await.unwrap().unwrap();
+        assert_eq!(off_the_database(&aligned).await, None);
     }
 
     // A transaction of the store's whose client went away between two statements (the path went

@@ -231,6 +231,11 @@ impl Store for SqliteStore {
         Ok(())
     }
 
+    /// One host's file: this host's clock is the only one.
+    async fn database_now_ms(&self) -> Result<Option<i64>> {
+        Ok(None)
+    }
+
     async fn enqueue(&self, job: NewJob, start: Option<StartHere>) -> Result<Enqueued> {
         let pool = &self.pool;
         super::enqueue_with(&self.writes, &self.wakeups, job, start, |key| async move {

@@ -4,6 +4,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use fusion::app::{Application, Settings, open_store};
+use fusion::clock::{SharedClock, SystemClock};
 use fusion::config::FileConfig;
 use fusion::store::Store;
 use fusion::worker::WorkerConfig;
@@ -41,6 +42,10 @@ pub struct Options {
     pub wrap_store: Option<StoreWrapper>,
     /// How long a job requeued by a retryable failure waits, doubling per attempt.
     pub retry_base: Duration,
+    /// The database to use instead of a new SQLite file (a scratch Postgres database).
+    pub database_url: Option<String>,
+    /// This host's clock, instead of the system's (one that is off, say).
+    pub host_clock: Option<SharedClock>,
 }
 
 /// A function from the app's own store to the store it runs on.
@@ -55,6 +60,8 @@ impl Default for Options {
             poll_interval: Duration::from_millis(50),
             wrap_store: None,
             retry_base: Duration::from_millis(100),
+            database_url: None,
+            host_clock: None,
         }
     }
 }
@@ -81,7 +88,9 @@ pub async fn spawn_app_with(opts: Options) -> TestApp {
         .resolve(&|k| (k == "FUSION_UPSTREAM_URL").then(|| fake_url.clone()))
         .unwrap();
     let settings = Settings {
-        database_url: format!("sqlite://{}", dir.path().join("fusion.db").display()),
+        database_url: opts
+            .database_url
+            .unwrap_or_else(|| format!("sqlite://{}", dir.path().join("fusion.db").display())),
         store: Default::default(),
         listen: Some("127.0.0.1:0".into()),
         fusion,
@@ -94,15 +103,17 @@ pub async fn spawn_app_with(opts: Options) -> TestApp {
             ..WorkerConfig::default()
         }),
     };
-    let app = match opts.wrap_store {
-        Some(wrap) => {
-            let store = open_store(&settings.database_url, settings.store)
-                .await
-                .unwrap();
-            Application::build_on(settings, wrap(store)).await.unwrap()
-        }
-        None => Application::build(settings).await.unwrap(),
+    let store = open_store(&settings.database_url, settings.store)
+        .await
+        .unwrap();
+    let store = match opts.wrap_store {
+        Some(wrap) => wrap(store),
+        None => store,
     };
+    let host_clock = opts.host_clock.unwrap_or_else(|| Arc::new(SystemClock));
+    let app = Application::build_with_clock(settings, store, host_clock)
+        .await
+        .unwrap();
     let address = format!("http://127.0.0.1:{}", app.port().unwrap());
     let store = app.store();
     let shutdown = CancellationToken::new();

@@ -1,14 +1,19 @@
 //! Postgres with real processes: three `fusion worker`s share one queue through a SIGKILL, a
 //! cancel reaches a worker in another process within a second (and one whose NOTIFY was missed
 //! once the worker listens again), and a Postgres stop/start mid-run
-//! loses no job; and the plan of the batch's lease fences. The outage test takes `PG_SERVER`
+//! loses no job; the plan of the batch's lease fences; and a host whose clock is off. The outage test takes `PG_SERVER`
 //! exclusively; the others share it.
 
+use std::sync::Arc;
 use std::time::Duration;
 
+use fusion::clock::{Clock, SharedClock, Shifted, SystemClock};
+use fusion::job::JobStatus;
 use fusion::testing::ScratchDatabase;
+use serde_json::json;
 
 use crate::fake_upstream::{FakeUpstream, Kind, Reply};
+use crate::helpers::{Options, body_with_panel, spawn_app_with};
 use crate::restart::{
     Checked, Server, check_no_step_repeated, free_port, submit_unique_jobs, wait_succeeded,
 };
@@ -300,4 +305,56 @@ async fn a_postgres_outage_mid_run_loses_no_job() {
     );
     server.kill().await;
     drop(db);
+}
+
+/// A host whose clock is 20 s behind the database's still writes leases that hold for their
+/// whole length by the database's clock, so by every other host's: another host's rescuer,
+/// with a clock that is right, does not take its running job away (which would pay for the
+/// job's calls twice), and its timestamps are the database's time. Without the alignment its
+/// 5 s leases were written already 15 s expired.
+#[tokio::test]
+async fn a_host_whose_clock_is_behind_keeps_its_leases() {
+    let _shared = PG_SERVER.read().await;
+    let Some(db) = ScratchDatabase::from_env("fusion_skew").await else {
+        return;
+    };
+    let behind: SharedClock = Arc::new(Shifted::new(Arc::new(SystemClock), -20_000));
+    let app = spawn_app_with(Options {
+        database_url: Some(db.url.clone()),
+        host_clock: Some(behind),
+        ..Options::default()
+    })
+    .await;
+    // Longer than the 5 s lease: the heartbeat must renew it on the way.
+    app.fake
+        .set_default(Reply::Delay(2_500, Box::new(Reply::Ok)));
+    let id = app.submit_ok(&body_with_panel(&["a", "b", "c"], "x")).await;
+    let uuid: uuid::Uuid = id.parse().unwrap();
+    let right = SystemClock;
+    let started = std::time::Instant::now();
+    let mut looked = 0;
+    while started.elapsed() < Duration::from_secs(6) {
+        let job = app.store.get_job(uuid).await.unwrap().unwrap();
+        if job.status == JobStatus::Running {
+            looked += 1;
+            let now = right.now_ms();
+            let held = job.lease_expires_at.unwrap() - now;
+            // Renewed every third of the lease: at least two thirds of it are left.
+            assert!(held > 3_000, "the lease holds {held} ms more");
+            assert_eq!(app.store.rescue_expired(now).await.unwrap(), 0);
+            assert!(
+                (job.created_at - now).abs() < 10_000,
+                "{}",
+                job.created_at - now
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    assert!(looked >= 10, "the job ran for {looked} looks");
+    let done = app.wait_final(&id, 30).await;
+    assert_eq!(
+        (&done["status"], &done["attempt"]),
+        (&json!("succeeded"), &json!(1))
+    );
+    assert_eq!(app.fake.total_calls(), 5);
 }

@@ -111,6 +111,9 @@ impl Store for Faulty {
     async fn ping(&self) -> Result<()> {
         self.inner.ping().await
     }
+    async fn database_now_ms(&self) -> Result<Option<i64>> {
+        self.inner.database_now_ms().await
+    }
     async fn enqueue(&self, job: NewJob, start: Option<StartHere>) -> Result<Enqueued> {
         let answer = self.inner.enqueue(job, start).await;
         tokio::time::sleep(self.slow_enqueue).await;
