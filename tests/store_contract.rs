@@ -349,6 +349,7 @@ contract_tests!(
     enqueue_get_round_trip,
     idempotency,
     claim_order_and_limit,
+    many_priorities_are_claimed_in_order,
     claim_race,
     heartbeat_extends_only_owned_running_jobs,
     heartbeat_renews_only_the_jobs_named,
@@ -565,6 +566,22 @@ async fn claim_order_and_limit(store: Arc<dyn Store>) {
     let third = claim(&store, "w3", 10, later).await;
     assert_eq!(third, vec![running(&future, "w3", later)]);
     assert_eq!(claim(&store, "w4", 10, later).await, vec![]);
+}
+
+/// Priorities used as a fine-grained order (more levels than Postgres's claim steps through one
+/// by one, migration 0010), each with a job due and one not: claims take the due ones, highest
+/// priority first, and only those.
+async fn many_priorities_are_claimed_in_order(store: Arc<dyn Store>) {
+    let mut due = Vec::new();
+    for priority in 0..100 {
+        enqueue(&store, new_job_at(priority, NOW + 60_000)).await;
+        due.push(enqueue(&store, new_job_at(priority, NOW - 1_000)).await.id);
+    }
+    due.reverse();
+    let ids = |jobs: Vec<Job>| jobs.iter().map(|j| j.id).collect::<Vec<_>>();
+    assert_eq!(ids(claim(&store, "w", 30, NOW).await), due[..30]);
+    assert_eq!(ids(claim(&store, "w", 200, NOW).await), due[30..]);
+    assert_eq!(claim(&store, "w", 10, NOW).await, vec![]);
 }
 
 /// 4. Eight claimers racing over 200 jobs: every job claimed exactly once.

@@ -1199,6 +1199,36 @@ mod tests {
         per_loop * node["Actual Loops"].as_f64().unwrap()
     }
 
+    /// Insert `count` queued jobs with SQL expressions of `g` (1 to `count`) for their priority
+    /// and `run_at`, in one statement and with no statistics gathered.
+    async fn queue_directly(conn: &mut PgConnection, count: u32, priority: &str, run_at: &str) {
+        let insert = format!(
+            "INSERT INTO jobs (id, status, spec, metadata, priority, max_attempts, run_at, \
+                               created_at) \
+             SELECT gen_random_uuid(), 'queued', '{{}}', '{{}}', {priority}, 3, {run_at}, g \
+             FROM generate_series(1, {count}) g"
+        );
+        sqlx::raw_sql(sqlx::AssertSqlSafe(insert))
+            .execute(conn)
+            .await
+            .unwrap();
+    }
+
+    /// The plan of a claim of 50 jobs due by 20,000, run by `EXPLAIN ({options}, FORMAT JSON)`.
+    async fn explain_claim(conn: &mut PgConnection, options: &str) -> Value {
+        let plan: Value = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+            "EXPLAIN ({options}, FORMAT JSON) {CLAIM_SQL}"
+        )))
+        .bind("w1")
+        .bind(1_000_000_i64)
+        .bind(20_000_i64)
+        .bind(50_i64)
+        .fetch_one(conn)
+        .await
+        .unwrap();
+        plan[0]["Plan"].clone()
+    }
+
     // The claim statement itself, run (and rolled back) on a backlog of 10,000 queued jobs with
     // no statistics, as a batch queued since autovacuum's last pass has: no step of its plan may
     // read more than twice the rows it claims. Written inline, the choice of jobs read and
@@ -1208,36 +1238,48 @@ mod tests {
         let Some((_database, store, mut conn)) = migrated("fusion_claim").await else {
             return;
         };
-        sqlx::raw_sql(
-            "INSERT INTO jobs (id, status, spec, metadata, priority, max_attempts, run_at, \
-                               created_at) \
-             SELECT gen_random_uuid(), 'queued', '{}', '{}', g % 3, 3, g, g \
-             FROM generate_series(1, 10000) g",
-        )
-        .execute(&mut conn)
-        .await
-        .unwrap();
+        queue_directly(&mut conn, 10_000, "g % 3", "g").await;
         let mut tx = conn.begin().await.unwrap();
-        let plan: Value = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
-            "EXPLAIN (ANALYZE, FORMAT JSON) {CLAIM_SQL}"
-        )))
-        .bind("w1")
-        .bind(1_000_000_i64)
-        .bind(20_000_i64)
-        .bind(50_i64)
-        .fetch_one(&mut *tx)
-        .await
-        .unwrap();
+        let plan = explain_claim(&mut tx, "ANALYZE").await;
         tx.rollback().await.unwrap();
-        let plan = &plan[0]["Plan"];
         assert_eq!(plan["Actual Rows"], 50, "the claim took 50 jobs: {plan:#}");
-        for node in nodes(plan) {
+        for node in nodes(&plan) {
             let rows = rows_read(node);
             assert!(
                 rows <= 100.0,
                 "a step of the claim read {rows} rows:\n{plan:#}"
             );
         }
+        drop((conn, store));
+    }
+
+    // A claim reads the jobs it claims and a step of the index per priority, not the jobs that
+    // are not due yet: here 50,000 of them wait out a backoff across four priorities above the
+    // ten that are due. Walking `jobs_claimable` in order (migration 0006) read every entry of
+    // the delayed ones, hundreds of pages, on every claim.
+    #[tokio::test]
+    async fn a_claim_does_not_read_the_jobs_not_due() {
+        let Some((_database, store, mut conn)) = migrated("fusion_claim_delayed").await else {
+            return;
+        };
+        queue_directly(&mut conn, 50_000, "g % 4", "9000000000000 + g").await;
+        queue_directly(&mut conn, 10, "-1", "g").await;
+        // The first claim takes the due jobs (and plans the claim's queries, which reads the
+        // catalogs); the second, with nothing left due, is the one measured.
+        let mut tx = conn.begin().await.unwrap();
+        let mut plans = Vec::new();
+        for _ in 0..2 {
+            plans.push(explain_claim(&mut tx, "ANALYZE, BUFFERS").await);
+        }
+        tx.rollback().await.unwrap();
+        assert_eq!(plans[0]["Actual Rows"], 10, "the claim took the 10 due");
+        let plan = &plans[1];
+        assert_eq!(plan["Actual Rows"], 0, "nothing was left due: {plan:#}");
+        let blocks = ["Shared Hit Blocks", "Shared Read Blocks"]
+            .iter()
+            .filter_map(|k| plan[k].as_f64())
+            .sum::<f64>();
+        assert!(blocks < 50.0, "the claim read {blocks} blocks:\n{plan:#}");
         drop((conn, store));
     }
 
