@@ -36,8 +36,8 @@ pub struct Application {
     listener: Option<TcpListener>,
     state: AppState,
     worker: Option<Arc<Worker>>,
-    /// This process's clock, when aligned with the database's.
-    aligned: Option<Arc<AlignedClock>>,
+    /// This process's clock, when aligned with the database's, and what was said of its skew.
+    aligned: Option<(Arc<AlignedClock>, SkewReport)>,
 }
 
 /// Open the store and apply migrations, retrying while the database is starting up or a
@@ -91,11 +91,12 @@ impl Application {
     ) -> anyhow::Result<Application> {
         let aligned = Arc::new(AlignedClock::new(host_clock));
         let clock: SharedClock = aligned.clone();
-        let aligned = match aligned.align(store.as_ref()).await {
-            Ok(None) => None,
-            measured => {
-                report_alignment(&aligned, measured, 0);
-                Some(aligned)
+        let aligned = match first_alignment(&aligned, store.as_ref()).await? {
+            None => None,
+            Some(offset) => {
+                let mut skew = SkewReport::default();
+                skew.saw(offset);
+                Some((aligned, skew))
             }
         };
         let jobs_in_flight = settings.worker.as_ref().map_or(0, |w| w.concurrency);
@@ -104,7 +105,7 @@ impl Application {
             .upstream
             .clone()
             .for_jobs_in_flight(jobs_in_flight);
-        let upstream = Arc::new(Upstream::new(upstream_config)?);
+        let upstream = Arc::new(Upstream::new(upstream_config)?.with_clock(clock.clone()));
         let pipeline = Arc::new(Pipeline::new(
             &settings.fusion,
             upstream.clone(),
@@ -149,12 +150,9 @@ impl Application {
 
     /// Serve and work until `shutdown` fires; then stop accepting, drain, release.
     pub async fn run(self, shutdown: CancellationToken) -> anyhow::Result<()> {
-        if let Some(aligned) = self.aligned.clone() {
-            tokio::spawn(keep_aligned(
-                aligned,
-                self.state.store.clone(),
-                shutdown.clone(),
-            ));
+        if let Some((aligned, skew)) = self.aligned {
+            let store = self.state.store.clone();
+            tokio::spawn(keep_aligned(aligned, skew, store, shutdown.clone()));
         }
         let worker = self.worker.map(|w| tokio::spawn(w.run(shutdown.clone())));
         // Requests waiting on jobs stop waiting once this process has stopped working: its
@@ -191,15 +189,44 @@ impl Application {
     }
 }
 
-/// How often a process re-reads the database's clock: hosts' clocks drift apart by
-/// milliseconds an hour, but NTP may step one at any time.
+/// How often a process re-reads the database's clock: the host's monotonic clock, which carries
+/// the database's time between readings, drifts from it by milliseconds an hour at most.
 const REALIGN_EVERY: Duration = Duration::from_secs(60);
 
-/// An offset from the database's clock past which the host's clock is reported as off: it is
-/// followed either way, but the rest of the host (its logs, other software) is not.
-const OFF_BY_MS: i64 = 1_000;
+/// How many times the first reading of the database's clock is tried before the start fails.
+const FIRST_ALIGNMENT_TRIES: u32 = 5;
 
-async fn keep_aligned(aligned: Arc<AlignedClock>, store: Arc<dyn Store>, stop: CancellationToken) {
+/// Align `clock` with the store's before any job runs: `None` when the store has no clock of
+/// its own (SQLite). A store that cannot tell its time after a few tries fails the start, since
+/// running on the host's own clock is what alignment is there to prevent.
+async fn first_alignment(
+    clock: &AlignedClock,
+    store: &dyn Store,
+) -> anyhow::Result<Option<Offset>> {
+    let mut tries = 1;
+    loop {
+        match clock.align(store).await {
+            Ok(measured) => return Ok(measured),
+            Err(e) if tries < FIRST_ALIGNMENT_TRIES => {
+                tracing::warn!(error = %e, "could not read the database's clock; trying again");
+                tokio::time::sleep(Duration::from_millis(250) * tries).await;
+                tries += 1;
+            }
+            Err(e) => {
+                return Err(e).context(
+                    "could not read the database's clock, which this process's clock follows",
+                );
+            }
+        }
+    }
+}
+
+async fn keep_aligned(
+    aligned: Arc<AlignedClock>,
+    mut skew: SkewReport,
+    store: Arc<dyn Store>,
+    stop: CancellationToken,
+) {
     let mut every = tokio::time::interval(REALIGN_EVERY);
     every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     every.tick().await;
@@ -208,35 +235,50 @@ async fn keep_aligned(aligned: Arc<AlignedClock>, store: Arc<dyn Store>, stop: C
             _ = stop.cancelled() => return,
             _ = every.tick() => {}
         }
-        let before = aligned.offset_ms();
-        let measured = aligned.align(store.as_ref()).await;
-        report_alignment(&aligned, measured, before);
+        match aligned.align(store.as_ref()).await {
+            Ok(Some(offset)) => skew.saw(offset),
+            Ok(None) => return,
+            Err(e) => tracing::warn!(error = %e,
+                "could not read the database's clock; going on from the last reading"),
+        }
     }
 }
 
-/// Log a measurement of the database's clock: a failure, or an offset adopted that is far from
-/// zero and from the one before.
-fn report_alignment(
-    aligned: &AlignedClock,
-    measured: store::Result<Option<Offset>>,
-    before_ms: i64,
-) {
-    let now_ms = aligned.offset_ms();
-    match measured {
-        Err(e) => tracing::warn!(error = %e, offset_ms = now_ms,
-            "could not read the database's clock; keeping the offset measured before"),
-        Ok(Some(offset)) if now_ms.abs() > OFF_BY_MS && (now_ms - before_ms).abs() > OFF_BY_MS => {
+/// An offset from the database's clock past which the host's clock is reported as off: it is
+/// followed either way, but the rest of the host (its logs, other software) is not.
+const OFF_BY_MS: i64 = 1_000;
+
+/// What was last said of the host's clock: warned of when it is more than `OFF_BY_MS` off the
+/// database's, and again when that changes by more than `OFF_BY_MS`, however slowly.
+#[derive(Debug, Default)]
+struct SkewReport {
+    /// The offset last warned of; 0 while the host's clock is within `OFF_BY_MS`.
+    warned_ms: i64,
+}
+
+impl SkewReport {
+    fn saw(&mut self, offset: Offset) {
+        let off = offset.offset_ms;
+        if off.abs() <= OFF_BY_MS {
+            if self.warned_ms != 0 {
+                tracing::info!(
+                    offset_ms = off,
+                    "this host's clock is back within 1 s of the database's"
+                );
+            }
+            self.warned_ms = 0;
+        } else if (off - self.warned_ms).abs() > OFF_BY_MS {
             tracing::warn!(
-                offset_ms = now_ms,
+                offset_ms = off,
                 uncertainty_ms = offset.uncertainty_ms,
                 "this host's clock is {:.1} s {} the database's; fusion's times (leases, \
                  deadlines, timestamps) follow the database's clock, the rest of this host \
                  does not: check its time synchronisation",
-                now_ms.abs() as f64 / 1000.0,
-                if now_ms > 0 { "behind" } else { "ahead of" },
-            )
+                off.abs() as f64 / 1000.0,
+                if off > 0 { "behind" } else { "ahead of" },
+            );
+            self.warned_ms = off;
         }
-        Ok(_) => {}
     }
 }
 

@@ -3,9 +3,9 @@
 //! (pausable) time. On a store shared by many hosts, every process's clock is aligned with the
 //! database's (`AlignedClock`).
 
-use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, Ordering};
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use crate::store::{self, Store};
 
@@ -56,25 +56,52 @@ impl Clock for TokioClock {
     }
 }
 
-/// This host's clock aligned with the database's: the base clock plus an offset measured against
-/// the database (`align`). A store shared by many hosts (Postgres) compares times that
-/// different hosts wrote: a lease written by a host whose clock is behind would look expired to
-/// the others before it is, and one written ahead would keep a dead worker's jobs for longer.
-/// On the database's clock every host means the same instant by the same number.
+/// This host's clock aligned with the database's (`align`). A store shared by many hosts
+/// (Postgres) compares times that different hosts wrote: a lease written by a host whose clock
+/// is behind would look expired to the others before it is, and one written ahead would keep a
+/// dead worker's jobs for longer. On the database's clock every host means the same instant by
+/// the same number. Once aligned, the database's time is carried forward on this host's
+/// monotonic clock from the measurement, so a step of the host's wall clock (NTP correcting it,
+/// an operator) does not move it; aligning again now and then keeps the two rates together.
+/// Until it is first aligned, and on a store with no clock of its own, it is the base clock.
 #[derive(Debug)]
 pub struct AlignedClock {
     base: SharedClock,
-    offset_ms: AtomicI64,
-    /// The `uncertainty_ms` of the measurement `offset_ms` came from.
-    uncertainty_ms: AtomicI64,
+    anchor: RwLock<Option<Anchor>>,
+}
+
+/// The database's time at an instant of this host's monotonic clock.
+#[derive(Debug, Clone, Copy)]
+struct Anchor {
+    database_ms: i64,
+    at: Instant,
+    /// How far the database's true time at `at` may be from `database_ms`.
+    uncertainty_ms: i64,
+}
+
+impl Anchor {
+    /// The database's time at `instant`, by this anchor.
+    fn at(&self, instant: Instant) -> i64 {
+        let since = if instant >= self.at {
+            millis(instant - self.at)
+        } else {
+            -millis(self.at - instant)
+        };
+        self.database_ms.saturating_add(since)
+    }
+}
+
+fn millis(d: Duration) -> i64 {
+    i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
 }
 
 /// One measurement of the database's clock against this host's.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Offset {
-    /// The database's clock minus this host's, in milliseconds.
+    /// The aligned clock minus the base clock, in milliseconds, after the measurement.
     pub offset_ms: i64,
-    /// How far the true offset may be from `offset_ms`: half the round trip it was read in.
+    /// How far the measurement may be from the database's true time: half the round trip it
+    /// was read in, and a millisecond of rounding.
     pub uncertainty_ms: i64,
 }
 
@@ -85,52 +112,76 @@ impl AlignedClock {
     pub fn new(base: SharedClock) -> AlignedClock {
         AlignedClock {
             base,
-            offset_ms: AtomicI64::new(0),
-            uncertainty_ms: AtomicI64::new(0),
+            anchor: RwLock::new(None),
         }
     }
 
-    /// The offset in use: the database's clock minus the base clock, in milliseconds.
+    /// This clock minus the base clock, in milliseconds (0 until aligned).
     pub fn offset_ms(&self) -> i64 {
-        self.offset_ms.load(Ordering::Relaxed)
+        self.now_ms() - self.base.now_ms()
     }
 
-    /// Measure the database's clock and adopt the offset unless it agrees with the one in use
-    /// within both measurements' uncertainty (so that the clock does not jitter with the round
-    /// trips' noise).
-    /// `None`: the store has no clock of its own to align with (SQLite: one host).
+    /// The monotonic instant of the measurement in use, if any.
+    pub fn aligned_at(&self) -> Option<Instant> {
+        self.anchor().map(|a| a.at)
+    }
+
+    fn anchor(&self) -> Option<Anchor> {
+        *self
+            .anchor
+            .read()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Measure the database's clock and adopt the measurement unless it agrees with the one in
+    /// use within both's uncertainty (so that the clock does not jitter with the round trips'
+    /// noise). `None`: the store has no clock of its own to align with (SQLite: one host).
     pub async fn align(&self, store: &dyn Store) -> store::Result<Option<Offset>> {
-        let mut best: Option<Offset> = None;
+        let mut best: Option<Anchor> = None;
         for _ in 0..SAMPLES {
-            let sent = self.base.now_ms();
-            let Some(database) = store.database_now_ms().await? else {
+            let sent = Instant::now();
+            let Some(database_ms) = store.database_now_ms().await? else {
                 return Ok(None);
             };
-            let answered = self.base.now_ms();
-            let sample = Offset {
-                offset_ms: database - (sent + (answered - sent) / 2),
-                // The database reads its clock somewhere in the round trip; millisecond
-                // readings add one more.
-                uncertainty_ms: (answered - sent + 1) / 2 + 1,
+            let half = (Instant::now() - sent) / 2;
+            // The database read its clock somewhere in the round trip, and rounded it.
+            let sample = Anchor {
+                database_ms,
+                at: sent + half,
+                uncertainty_ms: i64::try_from(half.as_micros().div_ceil(1000)).unwrap_or(i64::MAX)
+                    + 1,
             };
             if best.is_none_or(|b| sample.uncertainty_ms < b.uncertainty_ms) {
                 best = Some(sample);
             }
         }
         let Some(best) = best else { return Ok(None) };
-        let held = self.uncertainty_ms.load(Ordering::Relaxed);
-        if (best.offset_ms - self.offset_ms()).abs() > best.uncertainty_ms + held {
-            self.offset_ms.store(best.offset_ms, Ordering::Relaxed);
-            self.uncertainty_ms
-                .store(best.uncertainty_ms, Ordering::Relaxed);
+        {
+            let mut anchor = self
+                .anchor
+                .write()
+                .unwrap_or_else(|poisoned| poisoned.into_inner());
+            let agrees = anchor.is_some_and(|held| {
+                (held.at(best.at) - best.database_ms).abs()
+                    <= held.uncertainty_ms + best.uncertainty_ms
+            });
+            if !agrees {
+                *anchor = Some(best);
+            }
         }
-        Ok(Some(best))
+        Ok(Some(Offset {
+            offset_ms: self.offset_ms(),
+            uncertainty_ms: best.uncertainty_ms,
+        }))
     }
 }
 
 impl Clock for AlignedClock {
     fn now_ms(&self) -> i64 {
-        self.base.now_ms().saturating_add(self.offset_ms())
+        match self.anchor() {
+            Some(anchor) => anchor.at(Instant::now()),
+            None => self.base.now_ms(),
+        }
     }
 }
 
@@ -150,12 +201,17 @@ impl Shifted {
     }
 
     pub fn set(&self, by_ms: i64) {
-        self.by_ms.store(by_ms, Ordering::Relaxed);
+        self.by_ms.store(by_ms, Ordering::SeqCst);
+    }
+
+    /// Move it on by `ms`.
+    pub fn advance(&self, ms: i64) {
+        self.by_ms.fetch_add(ms, Ordering::SeqCst);
     }
 }
 
 impl Clock for Shifted {
     fn now_ms(&self) -> i64 {
-        self.base.now_ms() + self.by_ms.load(Ordering::Relaxed)
+        self.base.now_ms() + self.by_ms.load(Ordering::SeqCst)
     }
 }

@@ -7,7 +7,7 @@
 
 use std::collections::HashSet;
 use std::convert::Infallible;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
@@ -177,10 +177,12 @@ async fn finish(
 /// The tool flow's stream: a role chunk at once and keep-alives while `reply` (the outer
 /// model's rounds and their jobs) runs, then its answer as chunks, or its error object, and
 /// `[DONE]`. The chunks share one id, made here: the reply's own is not known in time. A client
-/// that leaves drops the rounds; the jobs they started go on.
+/// that leaves drops the rounds; the jobs they started go on. `created`: unix seconds, by the
+/// process's clock.
 pub fn completion_later(
     reply: impl Future<Output = Result<Value, ApiError>> + Send + 'static,
     model: &str,
+    created: i64,
     opts: StreamOptions,
     keepalive: Duration,
 ) -> Response {
@@ -188,9 +190,6 @@ pub fn completion_later(
     let model = model.to_string();
     tokio::spawn(async move {
         let id = format!("chatcmpl-fusion-{}", Uuid::now_v7());
-        let created = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| d.as_secs() as i64);
         let streamed = async {
             let role = json!([{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": null}]);
             data(&tx, &chunk(&id, created, &model, role)).await?;

@@ -114,6 +114,7 @@ pub async fn run(
         // Answered at once, with keep-alives while the rounds and their jobs run (a client or
         // proxy waiting for a first byte would otherwise give up on a long job).
         let keepalive = state.config.keepalive;
+        let created = state.clock.now_ms() / 1000;
         let reply = async move {
             let (reply, _) = rounds(&state, outer, &model, forced, &template).await?;
             Ok(reply)
@@ -121,6 +122,7 @@ pub async fn run(
         return Ok(stream::completion_later(
             reply,
             &model_name,
+            created,
             opts,
             keepalive,
         ));

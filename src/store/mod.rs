@@ -45,11 +45,16 @@ pub enum StoreError {
     #[error("migration failed: {0}")]
     Migrate(#[from] sqlx::migrate::MigrateError),
     #[error(
-        "migration {version} gave up after waiting {waited:?} for a lock on its tables: a \
-         transaction of another session holds a conflicting one (see pg_stat_activity); \
-         statements queue behind a waiting migration, so it does not wait longer"
+        "{} gave up after waiting {waited:?} for a lock: a transaction of another session \
+         holds a conflicting one (see pg_stat_activity); statements queue behind a waiting \
+         migration, so it does not wait longer",
+        version.map_or("the migrator".to_string(), |v| format!("migration {v}"))
     )]
-    MigrationBlocked { version: i64, waited: Duration },
+    MigrationBlocked {
+        /// The migration that gave up; `None`: a statement of the migrator's own.
+        version: Option<i64>,
+        waited: Duration,
+    },
     #[error("corrupt row: {0}")]
     Corrupt(String),
     #[error("unsupported database url `{0}`: use sqlite://PATH or postgres://…")]

@@ -450,6 +450,11 @@ impl Store for PgStore {
         // Set as it connects: a `SET` would itself run under the timeout.
         let mut conn = PgConnection::connect_with(&self.migrate_with).await?;
         let migrated = async {
+            // A migration marked `-- no-transaction` (there is none) would run under this
+            // timeout too, and one that gave up half-way (`CREATE INDEX CONCURRENTLY`) leaves
+            // an invalid index behind: such a migration must set its own `lock_timeout`
+            // (`no_migration_runs_outside_a_transaction` stops one landing unnoticed).
+            //
             // Another process's migration is waited for as long as it takes: the migrator's
             // advisory lock, taken here before the lock timeout is set (a session holds it
             // re-entrantly, so the migrator's own `lock` below is granted at once).
@@ -464,13 +469,16 @@ impl Store for PgStore {
         }
         .await;
         let _ = conn.close().await;
+        let blocked = |version| StoreError::MigrationBlocked {
+            version,
+            waited: MIGRATION_LOCK_WAIT,
+        };
         match migrated {
             Err(MigrateError::ExecuteMigration(e, version)) if is_lock_timeout(&e) => {
-                Err(StoreError::MigrationBlocked {
-                    version,
-                    waited: MIGRATION_LOCK_WAIT,
-                })
+                Err(blocked(Some(version)))
             }
+            // The migrator's own statements (its table, its bookkeeping, a commit).
+            Err(MigrateError::Execute(e)) if is_lock_timeout(&e) => Err(blocked(None)),
             other => Ok(other?),
         }
     }
@@ -911,6 +919,20 @@ mod tests {
         Some((database, store, conn))
     }
 
+    // Every migration runs in a transaction, under the lock timeout `migrate` sets, and rolls
+    // back whole when it gives up. A `-- no-transaction` one would not (see `migrate`).
+    #[test]
+    fn no_migration_runs_outside_a_transaction() {
+        for migration in MIGRATOR.iter() {
+            assert!(
+                !migration.no_tx,
+                "migration {} runs outside a transaction: give it a lock_timeout of its own \
+                 and a way to clean up after giving up, then change this test",
+                migration.version
+            );
+        }
+    }
+
     /// Forget that migration 0009 was applied, so that `migrate` runs it again (it replaces a
     /// trigger: running it twice changes nothing), and a connection that holds what a
     /// transaction writing `jobs` holds (`ROW EXCLUSIVE`), which 0009's lock conflicts with.
@@ -941,7 +963,10 @@ mod tests {
             .expect("the migration waited for the transaction");
         let waited = started.elapsed();
         match blocked {
-            Err(StoreError::MigrationBlocked { version: 9, waited }) => {
+            Err(StoreError::MigrationBlocked {
+                version: Some(9),
+                waited,
+            }) => {
                 assert_eq!(waited, MIGRATION_LOCK_WAIT)
             }
             other => panic!("{other:?}"),
@@ -980,9 +1005,9 @@ mod tests {
             .unwrap();
     }
 
-    // A host's clock however far off the database's: aligned, it reads the database's time,
-    // follows a step of the host's clock at the next alignment, and does not jitter between
-    // measurements that agree.
+    // A host's clock however far off the database's: aligned, it reads the database's time; a
+    // step of the host's clock does not move it, before the next alignment or after; and
+    // measurements that agree with the one in use do not replace it (no jitter).
     #[tokio::test]
     async fn a_clock_aligned_with_the_database_reads_its_time() {
         let Some((_database, store, _conn)) = migrated("fusion_clock").await else {
@@ -999,17 +1024,24 @@ mod tests {
             // the host's error, seconds here.
             (database < before - 100 || database > after + 100).then_some((before, database, after))
         };
-        assert_eq!(off_the_database(&aligned).await.map(|_| ()), Some(()));
+        assert!(off_the_database(&aligned).await.is_some());
         let first = aligned.align(&store).await.unwrap().unwrap();
         assert!((first.offset_ms - 3_600_000).abs() < 1_000, "{first:?}");
         assert_eq!(off_the_database(&aligned).await, None);
-        let offset = aligned.offset_ms();
+        let measured = aligned.aligned_at();
         for _ in 0..5 {
             aligned.align(&store).await.unwrap().unwrap();
-            assert_eq!(aligned.offset_ms(), offset);
+            assert_eq!(aligned.aligned_at(), measured);
         }
-        host.set(5_000);
-        aligned.align(&store).await.unwrap().unwrap();
+        // NTP steps the host's clock forward by 65 minutes.
+        host.set(300_000);
+        assert_eq!(off_the_database(&aligned).await, None);
+        let after_step = aligned.align(&store).await.unwrap().unwrap();
+        assert!(
+            (after_step.offset_ms + 300_000).abs() < 1_000,
+            "{after_step:?}"
+        );
+        assert_eq!(aligned.aligned_at(), measured);
         assert_eq!(off_the_database(&aligned).await, None);
     }
 

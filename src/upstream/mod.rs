@@ -20,13 +20,15 @@ pub use retry::{CallError, Jitter, RetryPolicy};
 
 use std::borrow::Cow;
 use std::collections::HashMap;
-use std::time::{Duration, Instant, SystemTime};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use hyper::header::{CONTENT_TYPE, HeaderValue};
 use hyper_util::client::proxy::matcher::Matcher;
 use serde_json::{Value, json};
 
+use crate::clock::{SharedClock, SystemClock};
 use crate::job::{JsonText, Usage};
 use answer::Answered;
 use error::transport_error;
@@ -63,6 +65,9 @@ pub struct Upstream {
     default_endpoint: Endpoint,
     endpoints: HashMap<String, Endpoint>,
     config: UpstreamConfig,
+    /// What a `Retry-After` date is measured from: the process's clock (aligned with the
+    /// database's on Postgres), which turns the wait back into a time to run again.
+    clock: SharedClock,
 }
 
 impl Upstream {
@@ -92,7 +97,18 @@ impl Upstream {
             default_endpoint: Endpoint::of(&config.default, &proxies)?,
             endpoints,
             config,
+            clock: Arc::new(SystemClock),
         })
+    }
+
+    /// Measure `Retry-After` dates from `clock` (the system's by default).
+    pub fn with_clock(mut self, clock: SharedClock) -> Upstream {
+        self.clock = clock;
+        self
+    }
+
+    fn now(&self) -> SystemTime {
+        UNIX_EPOCH + Duration::from_millis(u64::try_from(self.clock.now_ms()).unwrap_or(0))
     }
 
     /// One call, no retries.
@@ -162,7 +178,7 @@ impl Upstream {
         body: Vec<u8>,
     ) -> Result<Answered, UpstreamError> {
         let Some(target) = &endpoint.plain else {
-            return read_ok(self.post(endpoint, body).await?).await;
+            return read_ok(self.post(endpoint, body).await?, self.now()).await;
         };
         let call = self.plain.post(target, &endpoint.headers, body.into());
         let answer = tokio::time::timeout(self.config.timeout, call)
@@ -180,7 +196,13 @@ impl Upstream {
         let mut headers = answer.headers;
         let content_type = headers.remove(CONTENT_TYPE);
         let retry_after = headers.get(hyper::header::RETRY_AFTER);
-        ok_or_error(answer.status, retry_after, content_type, answer.body)
+        ok_or_error(
+            answer.status,
+            retry_after,
+            content_type,
+            answer.body,
+            self.now(),
+        )
     }
 
     /// POST a JSON body to `endpoint` through reqwest.
@@ -205,7 +227,7 @@ impl Upstream {
         body: Value,
     ) -> Result<(Value, Usage), UpstreamError> {
         let resp = self.send(model, body).await?;
-        let answered = read_ok(resp).await?;
+        let answered = read_ok(resp, self.now()).await?;
         let status = answered.status;
         let value: Value = answered.parse(self.route(model).0)?;
         if !value.is_object() {
@@ -246,8 +268,9 @@ impl Upstream {
 /// start another run (the recursion guard).
 pub const DEPTH_HEADER: &str = "x-fusion-depth";
 
-/// The body of a 2xx answer (up to `MAX_ANSWER_BYTES`), or the classified error of any other.
-async fn read_ok(mut resp: reqwest::Response) -> Result<Answered, UpstreamError> {
+/// The body of a 2xx answer (up to `MAX_ANSWER_BYTES`), or the classified error of any other
+/// (a `Retry-After` date measured from `now`).
+async fn read_ok(mut resp: reqwest::Response, now: SystemTime) -> Result<Answered, UpstreamError> {
     let status = resp.status().as_u16();
     let retry_after = resp.headers().get(reqwest::header::RETRY_AFTER).cloned();
     let content_type = resp.headers().get(CONTENT_TYPE).cloned();
@@ -262,6 +285,7 @@ async fn read_ok(mut resp: reqwest::Response) -> Result<Answered, UpstreamError>
         retry_after.as_ref(),
         content_type,
         body.into_bytes(),
+        now,
     )
 }
 
@@ -271,11 +295,12 @@ fn ok_or_error(
     retry_after: Option<&HeaderValue>,
     content_type: Option<HeaderValue>,
     body: Bytes,
+    now: SystemTime,
 ) -> Result<Answered, UpstreamError> {
     if !(200..300).contains(&status) {
         let retry_after = retry_after
             .and_then(|v| v.to_str().ok())
-            .and_then(|v| parse_retry_after(v, SystemTime::now()));
+            .and_then(|v| parse_retry_after(v, now));
         let text = String::from_utf8_lossy(&body);
         return Err(UpstreamError::from_status(status, &text, retry_after));
     }

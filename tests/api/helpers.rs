@@ -79,6 +79,11 @@ max_attempts = 3
 "#;
 
 pub async fn spawn_app_with(opts: Options) -> TestApp {
+    try_spawn_app_with(opts).await.unwrap()
+}
+
+/// `spawn_app_with`, or the error the application's build failed with.
+pub async fn try_spawn_app_with(opts: Options) -> anyhow::Result<TestApp> {
     let fake = FakeUpstream::start().await;
     let dir = tempfile::tempdir().unwrap();
     let toml = format!("{TEST_TOML}\n{}", opts.toml);
@@ -111,21 +116,19 @@ pub async fn spawn_app_with(opts: Options) -> TestApp {
         None => store,
     };
     let host_clock = opts.host_clock.unwrap_or_else(|| Arc::new(SystemClock));
-    let app = Application::build_with_clock(settings, store, host_clock)
-        .await
-        .unwrap();
+    let app = Application::build_with_clock(settings, store, host_clock).await?;
     let address = format!("http://127.0.0.1:{}", app.port().unwrap());
     let store = app.store();
     let shutdown = CancellationToken::new();
     tokio::spawn(app.run(shutdown.clone()));
-    TestApp {
+    Ok(TestApp {
         address,
         client: reqwest::Client::new(),
         store,
         fake,
         shutdown,
         _dir: dir,
-    }
+    })
 }
 
 pub fn body_with_panel(panel: &[&str], analyst: &str) -> Value {

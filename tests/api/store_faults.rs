@@ -14,12 +14,12 @@
 //! wrapper between a waiting request and its store.)
 
 use std::io::Write;
-use std::sync::atomic::{AtomicBool, AtomicI64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use fusion::clock::{Clock, SystemClock};
+use fusion::clock::{Clock, Shifted, SystemClock};
 use fusion::job::{Job, JobStatus, JsonText, Lease, ListFilter, NewJob, StartHere, Step, StepKey};
 use fusion::store::{
     CancelOutcome, Claimed, Enqueued, Held, JobEvent, Result, RetryOutcome, Store, StoreError,
@@ -56,6 +56,8 @@ pub(crate) struct Faulty {
     cancel_after_claim: bool,
     /// Set: every heartbeat fails, as with the database out of reach.
     pub(crate) heartbeats_fail: AtomicBool,
+    /// How many of the next reads of the database's clock fail.
+    pub(crate) clock_reads_fail: AtomicUsize,
 }
 
 impl Faulty {
@@ -73,6 +75,7 @@ impl Faulty {
             slow_enqueue,
             cancel_after_claim: faults.cancel_after_claim,
             heartbeats_fail: AtomicBool::new(false),
+            clock_reads_fail: AtomicUsize::new(0),
         }
     }
 
@@ -112,6 +115,9 @@ impl Store for Faulty {
         self.inner.ping().await
     }
     async fn database_now_ms(&self) -> Result<Option<i64>> {
+        if Self::take(&self.clock_reads_fail) {
+            return Err(connection_reset());
+        }
         self.inner.database_now_ms().await
     }
     async fn enqueue(&self, job: NewJob, start: Option<StartHere>) -> Result<Enqueued> {
@@ -292,7 +298,7 @@ async fn one_job_with(
         .submit_ok(&body_with_panel(&["m1", "m2"], "judge"))
         .await;
     let store = Arc::new(Faulty::over(app.store.clone(), faults, Duration::ZERO));
-    let clock = Arc::new(Shifted::default());
+    let clock = Arc::new(Shifted::new(Arc::new(SystemClock), 0));
     let mut config = WorkerConfig {
         concurrency: 2,
         lease: Duration::from_secs(300),
@@ -333,25 +339,11 @@ pub(crate) async fn app_on(faults: Faults, workers: bool, toml: &str) -> (TestAp
     (app, faulty)
 }
 
-/// The system clock moved on by `by` ms: the worker's, so that a test can lapse a lease and
-/// rescue the job at a later "now" and the worker then sees the job as due.
-#[derive(Debug, Default)]
-struct Shifted {
-    by: AtomicI64,
-}
-
-impl Clock for Shifted {
-    fn now_ms(&self) -> i64 {
-        SystemClock.now_ms() + self.by.load(Ordering::SeqCst)
-    }
-}
-
-impl Shifted {
-    /// Lapse every lease the worker holds (its claims last 300 s): move an hour on and rescue.
-    async fn lapse_leases(&self, app: &TestApp) -> u64 {
-        self.by.fetch_add(3_600_000, Ordering::SeqCst);
-        app.store.rescue_expired(self.now_ms()).await.unwrap()
-    }
+/// Lapse every lease the worker holds (its claims last 300 s): move `clock` an hour on and
+/// rescue.
+async fn lapse_leases(clock: &Shifted, app: &TestApp) -> u64 {
+    clock.advance(3_600_000);
+    app.store.rescue_expired(clock.now_ms()).await.unwrap()
 }
 
 /// The job as stored: its status and attempt.
@@ -481,7 +473,7 @@ async fn a_job_claimed_again_while_its_old_attempt_runs_is_heartbeated_as_the_ne
     }
     assert_eq!(app.store.get_steps(id).await.unwrap().len(), 1);
     // Its lease lapses (a stall, say) and the rescuer requeues it; this process claims it again.
-    assert_eq!(clock.lapse_leases(&app).await, 1);
+    assert_eq!(lapse_leases(&clock, &app).await, 1);
     let second = tokio::spawn({
         let worker = worker.clone();
         async move { worker.run_once(1).await }
@@ -556,7 +548,7 @@ async fn a_checkpointed_final_failure_fails_the_next_attempt_without_calling_aga
         created_at: now,
     };
     assert!(app.store.save_step(&lease, &failed).await.unwrap());
-    assert_eq!(clock.lapse_leases(&app).await, 1);
+    assert_eq!(lapse_leases(&clock, &app).await, 1);
 
     assert_eq!(worker.run_once(1).await.unwrap(), 1);
     let job = app.store.get_job(id).await.unwrap().unwrap();
@@ -910,7 +902,7 @@ async fn unrenewed_once(
         calls,
         "the calls before the lapse went out"
     );
-    clock.by.fetch_add(250_000, Ordering::SeqCst);
+    clock.advance(250_000);
     worker.heartbeat().await;
     tokio::time::sleep(Duration::from_millis(800)).await;
     (running, shutdown)
