@@ -400,9 +400,21 @@ where
                 checkpointed: row.try_get("checkpointed")?,
             }),
             Err(StoreError::Corrupt(why)) => {
+                let (job_id, attempt) = match (id(row), row.try_get("attempt")) {
+                    (Ok(job_id), Ok(attempt)) => (job_id, attempt),
+                    (job_id, attempt) => {
+                        // Not even its lease can be named: it is left running under this
+                        // claim's, which runs out, and the rescuer requeues it, then fails it
+                        // once its attempts are spent. The rest of the claim runs.
+                        tracing::error!(error = %why, id = ?job_id.err(), attempt = ?attempt.err(),
+                            "a claimed job does not read, nor does its id or attempt; \
+                             leaving it to its lease");
+                        continue;
+                    }
+                };
                 let lease = Lease {
-                    job_id: id(row)?,
-                    attempt: row.try_get("attempt")?,
+                    job_id,
+                    attempt,
                     owner: owner.to_string(),
                 };
                 tracing::error!(job = %lease.job_id, error = %why,

@@ -796,6 +796,39 @@ mod tests {
         .await;
     }
 
+    // A claimed job whose very id does not read (a row edited by hand) cannot be failed by its
+    // lease: it is left running, to its lease and the rescuer, and the rest of the claim runs.
+    // Before, the claim failed after its UPDATE had committed, leaving every job it took
+    // running unseen until their leases ran out, and again at every claim after.
+    #[tokio::test]
+    async fn a_job_whose_id_does_not_read_does_not_take_its_claim_down() {
+        let (_dir, store) = migrated_store().await;
+        let now = 1_750_000_000_000;
+        let jobs: Vec<NewJob> = (0..3).map(|i| queued_job(now - 3_000 + i)).collect();
+        for job in &jobs {
+            store.enqueue(job.clone(), None).await.unwrap();
+        }
+        sqlx::query("UPDATE jobs SET id = 'not-a-uuid' WHERE id = ?")
+            .bind(jobs[0].id.to_string())
+            .execute(&store.writer)
+            .await
+            .unwrap();
+        let lease = Duration::from_secs(30);
+        let claimed = store
+            .claim("w", 10, now, lease)
+            .await
+            .expect("one unreadable id failed the whole claim");
+        let ids: Vec<Uuid> = claimed.iter().map(|c| c.job.id).collect();
+        assert_eq!(ids, [jobs[1].id, jobs[2].id]);
+        let status: String = sqlx::query_scalar("SELECT status FROM jobs WHERE id = 'not-a-uuid'")
+            .fetch_one(&store.writer)
+            .await
+            .unwrap();
+        assert_eq!(status, "running");
+        // Its lease runs out with the others': the rescuer takes it back.
+        assert_eq!(store.rescue_expired(now + 30_001).await.unwrap(), 3);
+    }
+
     // A write lock held by another process fails the writes queued behind it once the busy
     // timeout (10 s) passes, the whole batch at once, and they land once it is released.
     // Halved like a batch with a bad write in it, these four waited out seven busy timeouts.
