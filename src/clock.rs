@@ -1,7 +1,8 @@
 //! Where "now" comes from. Injected so that leases, deadlines and backoff are testable: the store
 //! takes times as arguments, and tests swap the system clock for one that follows tokio's
-//! (pausable) time. On a store shared by many hosts, every process's clock is aligned with the
-//! database's (`AlignedClock`).
+//! (pausable) time or is off by a set amount. On a store shared by many hosts, every process's
+//! clock is aligned with the database's (`AlignedClock`), and once aligned no longer follows the
+//! clock it was given.
 
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, RwLock};
@@ -60,35 +61,75 @@ impl Clock for TokioClock {
 /// (Postgres) compares times that different hosts wrote: a lease written by a host whose clock
 /// is behind would look expired to the others before it is, and one written ahead would keep a
 /// dead worker's jobs for longer. On the database's clock every host means the same instant by
-/// the same number. Once aligned, the database's time is carried forward on this host's
-/// monotonic clock from the measurement, so a step of the host's wall clock (NTP correcting it,
-/// an operator) does not move it; aligning again now and then keeps the two rates together.
-/// Until it is first aligned, and on a store with no clock of its own, it is the base clock.
+/// the same number. Once aligned, the database's time is carried forward from the measurement
+/// on the time since boot (`since_boot`), so a step of the host's wall clock (NTP correcting
+/// it, an operator) does not move it, and a suspended host is not left behind by the time it
+/// slept; aligning again now and then keeps the two rates together. Until it is first aligned,
+/// and on a store with no clock of its own, it is the base clock.
 #[derive(Debug)]
 pub struct AlignedClock {
     base: SharedClock,
     anchor: RwLock<Option<Anchor>>,
 }
 
-/// The database's time at an instant of this host's monotonic clock.
+/// The database's time at a moment of this host's time since boot.
 #[derive(Debug, Clone, Copy)]
 struct Anchor {
     database_ms: i64,
-    at: Instant,
+    at: Duration,
     /// How far the database's true time at `at` may be from `database_ms`.
     uncertainty_ms: i64,
 }
 
 impl Anchor {
-    /// The database's time at `instant`, by this anchor.
-    fn at(&self, instant: Instant) -> i64 {
-        let since = if instant >= self.at {
-            millis(instant - self.at)
+    /// The database's time at `moment`, by this anchor.
+    fn at(&self, moment: Duration) -> i64 {
+        let since = if moment >= self.at {
+            millis(moment - self.at)
         } else {
-            -millis(self.at - instant)
+            -millis(self.at - moment)
         };
         self.database_ms.saturating_add(since)
     }
+
+    /// `uncertainty_ms` grown with the time since the reading, at a rate two host clocks kept
+    /// by NTP do not drift apart at (100 ppm: 6 ms in a minute).
+    fn uncertainty_at(&self, moment: Duration) -> i64 {
+        self.uncertainty_ms + millis(moment.saturating_sub(self.at)) / 10_000
+    }
+}
+
+/// Time since boot, counting time the host was suspended (`CLOCK_BOOTTIME`), not stepped with
+/// the wall clock. `Instant` would not count a suspend, and the clock would come back from one
+/// behind by as long as the host slept.
+#[cfg(target_os = "linux")]
+fn since_boot() -> Duration {
+    let mut now = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `clock_gettime` only writes the `timespec` it is given, which outlives the call.
+    let failed = unsafe { libc::clock_gettime(libc::CLOCK_BOOTTIME, &mut now) } != 0;
+    if failed {
+        return monotonic();
+    }
+    Duration::new(
+        u64::try_from(now.tv_sec).unwrap_or(0),
+        u32::try_from(now.tv_nsec).unwrap_or(0),
+    )
+}
+
+/// Elsewhere, the monotonic clock (which may not count a suspend).
+#[cfg(not(target_os = "linux"))]
+fn since_boot() -> Duration {
+    monotonic()
+}
+
+/// Time since this process first asked.
+#[cfg_attr(target_os = "linux", allow(dead_code))]
+fn monotonic() -> Duration {
+    static START: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+    START.get_or_init(Instant::now).elapsed()
 }
 
 fn millis(d: Duration) -> i64 {
@@ -121,8 +162,8 @@ impl AlignedClock {
         self.now_ms() - self.base.now_ms()
     }
 
-    /// The monotonic instant of the measurement in use, if any.
-    pub fn aligned_at(&self) -> Option<Instant> {
+    /// When the measurement in use was taken (time since boot), if any.
+    pub fn aligned_at(&self) -> Option<Duration> {
         self.anchor().map(|a| a.at)
     }
 
@@ -134,16 +175,17 @@ impl AlignedClock {
     }
 
     /// Measure the database's clock and adopt the measurement unless it agrees with the one in
-    /// use within both's uncertainty (so that the clock does not jitter with the round trips'
-    /// noise). `None`: the store has no clock of its own to align with (SQLite: one host).
+    /// use within both's uncertainty and is not markedly more precise (so that the clock does
+    /// not jitter with the round trips' noise, and a reading taken in a slow round trip does not
+    /// stay in use). `None`: the store has no clock of its own to align with (SQLite: one host).
     pub async fn align(&self, store: &dyn Store) -> store::Result<Option<Offset>> {
         let mut best: Option<Anchor> = None;
         for _ in 0..SAMPLES {
-            let sent = Instant::now();
+            let sent = since_boot();
             let Some(database_ms) = store.database_now_ms().await? else {
                 return Ok(None);
             };
-            let half = (Instant::now() - sent) / 2;
+            let half = since_boot().saturating_sub(sent) / 2;
             // The database read its clock somewhere in the round trip, and rounded it.
             let sample = Anchor {
                 database_ms,
@@ -161,11 +203,13 @@ impl AlignedClock {
                 .anchor
                 .write()
                 .unwrap_or_else(|poisoned| poisoned.into_inner());
-            let agrees = anchor.is_some_and(|held| {
-                (held.at(best.at) - best.database_ms).abs()
-                    <= held.uncertainty_ms + best.uncertainty_ms
+            let keep = anchor.is_some_and(|held| {
+                let held_uncertainty = held.uncertainty_at(best.at);
+                let agrees = (held.at(best.at) - best.database_ms).abs()
+                    <= held_uncertainty + best.uncertainty_ms;
+                agrees && 2 * best.uncertainty_ms > held_uncertainty
             });
-            if !agrees {
+            if !keep {
                 *anchor = Some(best);
             }
         }
@@ -179,7 +223,7 @@ impl AlignedClock {
 impl Clock for AlignedClock {
     fn now_ms(&self) -> i64 {
         match self.anchor() {
-            Some(anchor) => anchor.at(Instant::now()),
+            Some(anchor) => anchor.at(since_boot()),
             None => self.base.now_ms(),
         }
     }

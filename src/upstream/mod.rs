@@ -65,8 +65,7 @@ pub struct Upstream {
     default_endpoint: Endpoint,
     endpoints: HashMap<String, Endpoint>,
     config: UpstreamConfig,
-    /// What a `Retry-After` date is measured from: the process's clock (aligned with the
-    /// database's on Postgres), which turns the wait back into a time to run again.
+    /// What a `Retry-After` date is measured from when the answer has no `Date` of its own.
     clock: SharedClock,
 }
 
@@ -101,7 +100,8 @@ impl Upstream {
         })
     }
 
-    /// Measure `Retry-After` dates from `clock` (the system's by default).
+    /// Measure `Retry-After` dates of answers without a `Date` from `clock` (the system's by
+    /// default).
     pub fn with_clock(mut self, clock: SharedClock) -> Upstream {
         self.clock = clock;
         self
@@ -196,13 +196,8 @@ impl Upstream {
         let mut headers = answer.headers;
         let content_type = headers.remove(CONTENT_TYPE);
         let retry_after = headers.get(hyper::header::RETRY_AFTER);
-        ok_or_error(
-            answer.status,
-            retry_after,
-            content_type,
-            answer.body,
-            self.now(),
-        )
+        let now = date_of(&headers).unwrap_or_else(|| self.now());
+        ok_or_error(answer.status, retry_after, content_type, answer.body, now)
     }
 
     /// POST a JSON body to `endpoint` through reqwest.
@@ -269,9 +264,10 @@ impl Upstream {
 pub const DEPTH_HEADER: &str = "x-fusion-depth";
 
 /// The body of a 2xx answer (up to `MAX_ANSWER_BYTES`), or the classified error of any other
-/// (a `Retry-After` date measured from `now`).
+/// (a `Retry-After` date measured from the answer's `Date`, else from `now`).
 async fn read_ok(mut resp: reqwest::Response, now: SystemTime) -> Result<Answered, UpstreamError> {
     let status = resp.status().as_u16();
+    let now = date_of(resp.headers()).unwrap_or(now);
     let retry_after = resp.headers().get(reqwest::header::RETRY_AFTER).cloned();
     let content_type = resp.headers().get(CONTENT_TYPE).cloned();
     let mut body = body::Body::new(status, resp.content_length())?;
@@ -287,6 +283,13 @@ async fn read_ok(mut resp: reqwest::Response, now: SystemTime) -> Result<Answere
         body.into_bytes(),
         now,
     )
+}
+
+/// An answer's own `Date`: a `Retry-After` date is the same server's clock, so the wait it
+/// means is measured from there, whatever this host's clock (or the database's) says.
+fn date_of(headers: &hyper::HeaderMap) -> Option<SystemTime> {
+    let date = headers.get(hyper::header::DATE)?.to_str().ok()?;
+    httpdate::parse_http_date(date).ok()
 }
 
 /// A 2xx answer, or the error any other status stands for.

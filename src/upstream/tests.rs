@@ -265,3 +265,47 @@ fn header<'a>(head: &'a str, name: &str) -> Option<&'a str> {
         n.eq_ignore_ascii_case(name).then_some(v.trim())
     })
 }
+
+// A `Retry-After` date is the upstream's clock: the wait is measured from the answer's own
+// `Date` (here 30 s, in 1994), on both clients; without a `Date`, from this process's clock.
+#[tokio::test]
+async fn a_retry_after_date_is_measured_from_the_answers_date() {
+    let rate_limited = |date: &str| {
+        let body = r#"{"error": {"message": "slow down"}}"#;
+        format!(
+            "HTTP/1.1 429 Too Many Requests\r\ncontent-type: application/json\r\n\
+             retry-after: Sun, 06 Nov 1994 08:50:07 GMT\r\n{date}\
+             content-length: {}\r\nconnection: close\r\n\r\n{body}",
+            body.len()
+        )
+    };
+    let waits = |results: [Result<Usage, UpstreamError>; 2]| {
+        results.map(|r| r.expect_err("a 429").retry_after)
+    };
+    let (dated, _) = answering(
+        rate_limited("date: Sun, 06 Nov 1994 08:49:37 GMT\r\n"),
+        Then::Close,
+    )
+    .await;
+    let up = upstream_at(&dated, None);
+    assert_eq!(
+        waits(on_both_clients(&up).await),
+        [Some(Duration::from_secs(30)); 2]
+    );
+    // No `Date`: from this process's clock, here 10 s before the date.
+    let (undated, _) = answering(rate_limited(""), Then::Close).await;
+    let then = httpdate::parse_http_date("Sun, 06 Nov 1994 08:49:57 GMT").unwrap();
+    let then_ms = then.duration_since(UNIX_EPOCH).unwrap().as_millis() as i64;
+    let at_then = crate::clock::Shifted::new(
+        Arc::new(SystemClock),
+        then_ms - crate::clock::Clock::now_ms(&SystemClock),
+    );
+    let up = upstream_at(&undated, None).with_clock(Arc::new(at_then));
+    for wait in waits(on_both_clients(&up).await) {
+        let wait = wait.expect("a wait");
+        assert!(
+            wait.abs_diff(Duration::from_secs(10)) < Duration::from_secs(2),
+            "{wait:?}"
+        );
+    }
+}
