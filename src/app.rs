@@ -189,8 +189,9 @@ impl Application {
     }
 }
 
-/// How often a process re-reads the database's clock: the host's monotonic clock, which carries
-/// the database's time between readings, drifts from it by milliseconds an hour at most.
+/// How often a process re-reads the database's clock: the host's time since boot, which
+/// carries the database's time between readings, drifts from it by milliseconds a minute at
+/// most (the readings allow for 100 ppm, 6 ms a minute).
 const REALIGN_EVERY: Duration = Duration::from_secs(60);
 
 /// How many times the first reading of the database's clock is tried before the start fails.

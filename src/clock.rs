@@ -97,6 +97,17 @@ impl Anchor {
     fn uncertainty_at(&self, moment: Duration) -> i64 {
         self.uncertainty_ms + millis(moment.saturating_sub(self.at)) / 10_000
     }
+
+    /// Whether this reading, held, stays in use over a `newer` one: when the two agree within
+    /// both's uncertainty (this one's grown with its age), and the newer is not at least twice
+    /// as precise. So readings that agree do not move the clock by the round trips' noise,
+    /// while one taken in a slow round trip, or grown old, gives way to a precise one.
+    fn stays_over(&self, newer: &Anchor) -> bool {
+        let uncertainty = self.uncertainty_at(newer.at);
+        let agrees =
+            (self.at(newer.at) - newer.database_ms).abs() <= uncertainty + newer.uncertainty_ms;
+        agrees && 2 * newer.uncertainty_ms > uncertainty
+    }
 }
 
 /// Time since boot, counting time the host was suspended (`CLOCK_BOOTTIME`), not stepped with
@@ -104,19 +115,27 @@ impl Anchor {
 /// behind by as long as the host slept.
 #[cfg(target_os = "linux")]
 fn since_boot() -> Duration {
-    let mut now = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: `clock_gettime` only writes the `timespec` it is given, which outlives the call.
-    let failed = unsafe { libc::clock_gettime(libc::CLOCK_BOOTTIME, &mut now) } != 0;
-    if failed {
-        return monotonic();
+    fn boottime() -> Option<Duration> {
+        let mut now = libc::timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        };
+        // SAFETY: `clock_gettime` only writes the `timespec` it is given, which outlives the call.
+        let read = unsafe { libc::clock_gettime(libc::CLOCK_BOOTTIME, &mut now) } == 0;
+        read.then(|| {
+            Duration::new(
+                u64::try_from(now.tv_sec).unwrap_or(0),
+                u32::try_from(now.tv_nsec).unwrap_or(0),
+            )
+        })
     }
-    Duration::new(
-        u64::try_from(now.tv_sec).unwrap_or(0),
-        u32::try_from(now.tv_nsec).unwrap_or(0),
-    )
+    // Chosen once: two time bases mixed would make the clock jump by the host's uptime.
+    static BOOTTIME: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    if *BOOTTIME.get_or_init(|| boottime().is_some()) {
+        boottime().unwrap_or_default()
+    } else {
+        monotonic()
+    }
 }
 
 /// Elsewhere, the monotonic clock (which may not count a suspend).
@@ -126,7 +145,6 @@ fn since_boot() -> Duration {
 }
 
 /// Time since this process first asked.
-#[cfg_attr(target_os = "linux", allow(dead_code))]
 fn monotonic() -> Duration {
     static START: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
     START.get_or_init(Instant::now).elapsed()
@@ -174,10 +192,10 @@ impl AlignedClock {
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    /// Measure the database's clock and adopt the measurement unless it agrees with the one in
-    /// use within both's uncertainty and is not markedly more precise (so that the clock does
-    /// not jitter with the round trips' noise, and a reading taken in a slow round trip does not
-    /// stay in use). `None`: the store has no clock of its own to align with (SQLite: one host).
+    /// Measure the database's clock and adopt the measurement unless the one in use stays over
+    /// it (`Anchor::stays_over`): in practice a reading is replaced about once a minute, by one
+    /// a few milliseconds from it. `None`: the store has no clock of its own to align with
+    /// (SQLite: one host).
     pub async fn align(&self, store: &dyn Store) -> store::Result<Option<Offset>> {
         let mut best: Option<Anchor> = None;
         for _ in 0..SAMPLES {
@@ -203,13 +221,7 @@ impl AlignedClock {
                 .anchor
                 .write()
                 .unwrap_or_else(|poisoned| poisoned.into_inner());
-            let keep = anchor.is_some_and(|held| {
-                let held_uncertainty = held.uncertainty_at(best.at);
-                let agrees = (held.at(best.at) - best.database_ms).abs()
-                    <= held_uncertainty + best.uncertainty_ms;
-                agrees && 2 * best.uncertainty_ms > held_uncertainty
-            });
-            if !keep {
+            if !anchor.is_some_and(|held| held.stays_over(&best)) {
                 *anchor = Some(best);
             }
         }
@@ -257,5 +269,41 @@ impl Shifted {
 impl Clock for Shifted {
     fn now_ms(&self) -> i64 {
         self.base.now_ms() + self.by_ms.load(Ordering::SeqCst)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn reading(database_ms: i64, at_ms: u64, uncertainty_ms: i64) -> Anchor {
+        Anchor {
+            database_ms,
+            at: Duration::from_millis(at_ms),
+            uncertainty_ms,
+        }
+    }
+
+    // Which of two readings of the database's clock is used: the held one, unless the newer
+    // disagrees with it or is at least twice as precise as it has become with age.
+    #[test]
+    fn a_reading_gives_way_only_to_a_disagreeing_or_markedly_more_precise_one() {
+        let held = reading(1_000_000, 10_000, 2);
+        // 5 ms later by the host, 4 ms later by the database: within 2 + 2.
+        assert!(held.stays_over(&reading(1_000_004, 10_005, 2)));
+        // 10 ms off.
+        assert!(!held.stays_over(&reading(1_000_015, 10_005, 2)));
+        // Agreeing, twice as precise.
+        assert!(!held.stays_over(&reading(1_000_005, 10_005, 1)));
+        // Taken in a slow round trip (±40 ms), then a precise reading that agrees with it.
+        let slow = reading(1_000_000, 10_000, 40);
+        assert!(!slow.stays_over(&reading(1_000_030, 10_005, 2)));
+        assert!(slow.stays_over(&reading(1_000_030, 10_005, 25)));
+        // A minute on, a held ±2 ms reading counts as ±8: a ±3 ms reading replaces it.
+        assert!(held.stays_over(&reading(1_060_000, 70_000, 5)));
+        assert!(!held.stays_over(&reading(1_060_000, 70_000, 3)));
+        // Carried forward and back from the moment it was taken.
+        assert_eq!(held.at(Duration::from_millis(10_250)), 1_000_250);
+        assert_eq!(held.at(Duration::from_millis(9_750)), 999_750);
     }
 }

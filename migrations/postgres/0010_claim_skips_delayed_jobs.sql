@@ -31,7 +31,7 @@ BEGIN
         IF levels = 16 THEN
             -- Priorities used as a fine-grained ordering (nearly one per job) would cost two
             -- steps of the index per job: from here on, the rest in one ordered walk, as 0006
-            -- did. So such a claim costs at most 32 index lookups more than it did.
+            -- did. So such a claim costs at most 33 index lookups more than it did.
             RETURN QUERY
                 SELECT id FROM jobs
                 WHERE status = 'queued' AND priority <= level AND run_at <= due_by

@@ -1007,8 +1007,8 @@ mod tests {
 
     // A host's clock however far off the database's: aligned, it reads the database's time; a
     // step of the host's clock does not move it, before the next alignment or after; and
-    // readings that agree with the one in use do not replace it unless markedly more precise
-    // (no jitter).
+    // readings that agree with the one in use replace it only when markedly more precise (the
+    // rule itself: `clock::tests`).
     #[tokio::test]
     async fn a_clock_aligned_with_the_database_reads_its_time() {
         let Some((_database, store, _conn)) = migrated("fusion_clock").await else {
@@ -1030,10 +1030,8 @@ mod tests {
         assert!((first.offset_ms - 3_600_000).abs() < 1_000, "{first:?}");
         assert_eq!(off_the_database(&aligned).await, None);
         // Readings that agree replace the one in use only when at least twice as precise
-        // (a first reading taken in a slow round trip), so at most a few times, never back and
-        // forth.
+        // (after a first reading taken in a slow round trip): never back and forth.
         let mut in_use = (aligned.aligned_at(), first.uncertainty_ms);
-        let mut replaced = 0;
         for _ in 0..8 {
             let reading = aligned.align(&store).await.unwrap().unwrap();
             if aligned.aligned_at() != in_use.0 {
@@ -1042,11 +1040,8 @@ mod tests {
                     "{reading:?} {in_use:?}"
                 );
                 in_use = (aligned.aligned_at(), reading.uncertainty_ms);
-                replaced += 1;
             }
         }
-        assert!(replaced <= 3, "replaced {replaced} times");
-        let measured = in_use.0;
         // NTP steps the host's clock forward by 65 minutes.
         host.set(300_000);
         assert_eq!(off_the_database(&aligned).await, None);
@@ -1055,7 +1050,6 @@ mod tests {
             (after_step.offset_ms + 300_000).abs() < 1_000,
             "{after_step:?}"
         );
-        assert_eq!(aligned.aligned_at(), measured);
         assert_eq!(off_the_database(&aligned).await, None);
     }
 
