@@ -69,22 +69,15 @@ pub async fn open_store(url: &str, options: StoreOptions) -> anyhow::Result<Arc<
 impl Application {
     pub async fn build(settings: Settings) -> anyhow::Result<Application> {
         let store = open_store(&settings.database_url, settings.store).await?;
-        Application::build_on(settings, store).await
+        Application::build_on(settings, store, Arc::new(SystemClock)).await
     }
 
-    /// `build` on a store opened (and migrated) already: `settings.database_url` and
-    /// `settings.store` are not used. Tests pass a store wrapped to inject faults.
+    /// `build` on a store opened (and migrated) already, with this host's clock given:
+    /// `settings.database_url` and `settings.store` are not used. Tests pass a store wrapped to
+    /// inject faults, or a clock that is off. On a store with a clock of its own (Postgres) the
+    /// process's clock is aligned with it before any job runs, and again every `REALIGN_EVERY`
+    /// while it runs.
     pub async fn build_on(
-        settings: Settings,
-        store: Arc<dyn Store>,
-    ) -> anyhow::Result<Application> {
-        Application::build_with_clock(settings, store, Arc::new(SystemClock)).await
-    }
-
-    /// `build_on` with this host's clock given (a test's skewed one). On a store with a clock of
-    /// its own (Postgres) the process's clock is aligned with it before any job runs, and again
-    /// every `REALIGN_EVERY` while it runs.
-    pub async fn build_with_clock(
         settings: Settings,
         store: Arc<dyn Store>,
         host_clock: SharedClock,

@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use crate::store::{self, Store};
+use crate::store::{self, Store, ms};
 
 pub trait Clock: Send + Sync + std::fmt::Debug {
     /// Unix time in milliseconds.
@@ -22,9 +22,7 @@ pub struct SystemClock;
 
 impl Clock for SystemClock {
     fn now_ms(&self) -> i64 {
-        SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+        SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, ms)
     }
 }
 
@@ -53,7 +51,7 @@ impl Default for TokioClock {
 
 impl Clock for TokioClock {
     fn now_ms(&self) -> i64 {
-        self.base_ms + i64::try_from(self.start.elapsed().as_millis()).unwrap_or(i64::MAX)
+        self.base_ms + ms(self.start.elapsed())
     }
 }
 
@@ -85,9 +83,9 @@ impl Anchor {
     /// The database's time at `moment`, by this anchor.
     fn at(&self, moment: Duration) -> i64 {
         let since = if moment >= self.at {
-            millis(moment - self.at)
+            ms(moment - self.at)
         } else {
-            -millis(self.at - moment)
+            -ms(self.at - moment)
         };
         self.database_ms.saturating_add(since)
     }
@@ -95,7 +93,7 @@ impl Anchor {
     /// `uncertainty_ms` grown with the time since the reading, at a rate two host clocks kept
     /// by NTP do not drift apart at (100 ppm: 6 ms in a minute).
     fn uncertainty_at(&self, moment: Duration) -> i64 {
-        self.uncertainty_ms + millis(moment.saturating_sub(self.at)) / 10_000
+        self.uncertainty_ms + ms(moment.saturating_sub(self.at)) / 10_000
     }
 
     /// Whether this reading, held, stays in use over a `newer` one: when the two agree within
@@ -148,10 +146,6 @@ fn since_boot() -> Duration {
 fn monotonic() -> Duration {
     static START: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
     START.get_or_init(Instant::now).elapsed()
-}
-
-fn millis(d: Duration) -> i64 {
-    i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
 }
 
 /// One measurement of the database's clock against this host's.

@@ -464,14 +464,15 @@ pub(crate) fn queued_job(created_at: i64) -> NewJob {
     }
 }
 
-/// For both stores' tests: of three queued jobs, the oldest made unreadable by `corrupt` (given
-/// its id, it stores a spec this build cannot parse), a claim takes the other two and fails that
-/// one, which no later claim takes and reads still show.
+/// For the stores' tests: of three queued jobs, the oldest made unreadable by `corrupt` (given
+/// its id), a claim of them all must answer with the other two. Returns the three and the
+/// claim's time.
 #[cfg(test)]
-pub(crate) async fn a_job_that_does_not_read_fails_at_its_claim<F, Fut>(
+pub(crate) async fn claim_past_a_corrupt_job<F, Fut>(
     store: &dyn Store,
     corrupt: F,
-) where
+) -> (Vec<NewJob>, i64)
+where
     F: FnOnce(Uuid) -> Fut,
     Fut: Future<Output = ()>,
 {
@@ -481,14 +482,35 @@ pub(crate) async fn a_job_that_does_not_read_fails_at_its_claim<F, Fut>(
         store.enqueue(job.clone(), None).await.unwrap();
     }
     corrupt(jobs[0].id).await;
-    let lease = Duration::from_secs(30);
     let claimed = store
-        .claim("w", 10, now, lease)
+        .claim("w", 10, now, CORRUPT_CLAIM_LEASE)
         .await
         .expect("one unreadable job failed the whole claim");
     let ids: Vec<Uuid> = claimed.iter().map(|c| c.job.id).collect();
     assert_eq!(ids, [jobs[1].id, jobs[2].id]);
-    let again = store.claim("w", 10, now + 60_000, lease).await.unwrap();
+    (jobs, now)
+}
+
+/// The lease `claim_past_a_corrupt_job` claims under.
+#[cfg(test)]
+pub(crate) const CORRUPT_CLAIM_LEASE: Duration = Duration::from_secs(30);
+
+/// For both stores' tests: `claim_past_a_corrupt_job` with a spec this build cannot parse
+/// (`corrupt` stores one): the claim fails that job, which no later claim takes and reads
+/// still show.
+#[cfg(test)]
+pub(crate) async fn a_job_that_does_not_read_fails_at_its_claim<F, Fut>(
+    store: &dyn Store,
+    corrupt: F,
+) where
+    F: FnOnce(Uuid) -> Fut,
+    Fut: Future<Output = ()>,
+{
+    let (jobs, now) = claim_past_a_corrupt_job(store, corrupt).await;
+    let again = store
+        .claim("w", 10, now + 60_000, CORRUPT_CLAIM_LEASE)
+        .await
+        .unwrap();
     assert!(again.is_empty(), "claimed again: {again:?}");
     // Still shown, as far as it reads, with why it failed; and it does not break a listing.
     let failed = store.get_job(jobs[0].id).await.unwrap().unwrap();

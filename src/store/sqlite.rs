@@ -593,7 +593,10 @@ mod tests {
 
     use super::*;
     use crate::store::batch::{BatchSql, Finish, Write, all_fail_at_once_behind_a_lock};
-    use crate::store::{a_job_that_does_not_read_fails_at_its_claim, queued_job};
+    use crate::store::{
+        CORRUPT_CLAIM_LEASE, a_job_that_does_not_read_fails_at_its_claim, claim_past_a_corrupt_job,
+        queued_job,
+    };
 
     /// What `EXPLAIN QUERY PLAN` says of `sql` (its parameters unbound), a step per line.
     async fn query_plan(pool: &SqlitePool, sql: &str) -> String {
@@ -803,30 +806,23 @@ mod tests {
     #[tokio::test]
     async fn a_job_whose_id_does_not_read_does_not_take_its_claim_down() {
         let (_dir, store) = migrated_store().await;
-        let now = 1_750_000_000_000;
-        let jobs: Vec<NewJob> = (0..3).map(|i| queued_job(now - 3_000 + i)).collect();
-        for job in &jobs {
-            store.enqueue(job.clone(), None).await.unwrap();
-        }
-        sqlx::query("UPDATE jobs SET id = 'not-a-uuid' WHERE id = ?")
-            .bind(jobs[0].id.to_string())
-            .execute(&store.writer)
-            .await
-            .unwrap();
-        let lease = Duration::from_secs(30);
-        let claimed = store
-            .claim("w", 10, now, lease)
-            .await
-            .expect("one unreadable id failed the whole claim");
-        let ids: Vec<Uuid> = claimed.iter().map(|c| c.job.id).collect();
-        assert_eq!(ids, [jobs[1].id, jobs[2].id]);
+        let writer = &store.writer;
+        let (_, now) = claim_past_a_corrupt_job(&store, |id| async move {
+            sqlx::query("UPDATE jobs SET id = 'not-a-uuid' WHERE id = ?")
+                .bind(id.to_string())
+                .execute(writer)
+                .await
+                .unwrap();
+        })
+        .await;
         let status: String = sqlx::query_scalar("SELECT status FROM jobs WHERE id = 'not-a-uuid'")
             .fetch_one(&store.writer)
             .await
             .unwrap();
         assert_eq!(status, "running");
         // Its lease runs out with the others': the rescuer takes it back.
-        assert_eq!(store.rescue_expired(now + 30_001).await.unwrap(), 3);
+        let expired = now + ms(CORRUPT_CLAIM_LEASE) + 1;
+        assert_eq!(store.rescue_expired(expired).await.unwrap(), 3);
     }
 
     // A write lock held by another process fails the writes queued behind it once the busy

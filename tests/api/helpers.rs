@@ -116,7 +116,7 @@ pub async fn try_spawn_app_with(opts: Options) -> anyhow::Result<TestApp> {
         None => store,
     };
     let host_clock = opts.host_clock.unwrap_or_else(|| Arc::new(SystemClock));
-    let app = Application::build_with_clock(settings, store, host_clock).await?;
+    let app = Application::build_on(settings, store, host_clock).await?;
     let address = format!("http://127.0.0.1:{}", app.port().unwrap());
     let store = app.store();
     let shutdown = CancellationToken::new();

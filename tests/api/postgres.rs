@@ -1,8 +1,8 @@
 //! Postgres with real processes: three `fusion worker`s share one queue through a SIGKILL, a
 //! cancel reaches a worker in another process within a second (and one whose NOTIFY was missed
 //! once the worker listens again), and a Postgres stop/start mid-run
-//! loses no job; the plan of the batch's lease fences; and a host whose clock is off. The outage test takes `PG_SERVER`
-//! exclusively; the others share it.
+//! loses no job; the plan of the batch's lease fences; and a host whose clock is off. The outage
+//! test takes `PG_SERVER` exclusively; the others share it.
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
