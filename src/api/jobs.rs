@@ -11,8 +11,8 @@ use uuid::Uuid;
 
 use super::error::ApiError;
 use super::{ApiJson, AppState, request, view};
-use crate::job::{Job, JobStatus, ListFilter, NewJob};
-use crate::store::{CancelOutcome, Enqueued, RetryOutcome};
+use crate::job::{Job, JobStatus, ListFilter, NewJob, StartHere};
+use crate::store::{CancelOutcome, Enqueued, RetryOutcome, Store, StoreError};
 
 const IDEMPOTENCY_HEADER: &str = "idempotency-key";
 
@@ -85,7 +85,7 @@ pub async fn enqueue(
             let store = state.store.clone();
             let start = slot.lease().clone();
             tokio::spawn(async move {
-                let enqueued = store.enqueue(new, Some(start)).await;
+                let enqueued = insert(&*store, new, Some(start)).await;
                 if let Ok(Enqueued::Created(job)) = &enqueued {
                     slot.run(job.clone()).await;
                 }
@@ -101,7 +101,7 @@ pub async fn enqueue(
                 )
             })?
         }
-        None => state.store.enqueue(new, None).await,
+        None => insert(&*state.store, new, None).await,
     };
     let (job, replayed) = match enqueued? {
         Enqueued::Created(job) => (job, false),
@@ -118,6 +118,37 @@ pub async fn enqueue(
         }
     };
     Ok((job, replayed))
+}
+
+/// Insert `new`, queued or started under `start`. An insert that failed may have committed all
+/// the same (the connection broke after the statement went out, before its answer came back):
+/// the new job's id is then read back, and a job found is the one inserted (nobody else knows
+/// that id). Before, the client was told 503, try again, and its retry made and paid for a
+/// second job, while the first ran anyway or, started here, sat running with nobody on it
+/// until its lease ran out.
+async fn insert(
+    store: &dyn Store,
+    new: NewJob,
+    start: Option<StartHere>,
+) -> Result<Enqueued, StoreError> {
+    let id = new.id;
+    let error = match store.enqueue(new, start).await {
+        Ok(enqueued) => return Ok(enqueued),
+        Err(e) => e,
+    };
+    match store.get_job(id).await {
+        Ok(Some(job)) => {
+            tracing::warn!(job = %id, error = %error,
+                "an insert whose commit went unconfirmed had landed");
+            if job.status == JobStatus::Queued {
+                // The wake-up a confirmed insert gives.
+                store.wakeups().notify_one();
+            }
+            Ok(Enqueued::Created(job))
+        }
+        // Not there, or not readable either (the database away): the insert's own error.
+        _ => Err(error),
+    }
 }
 
 pub fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, ApiError> {

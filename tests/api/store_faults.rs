@@ -33,7 +33,7 @@ use crate::fake_upstream::{Kind, Reply};
 use crate::helpers::{Options, TestApp, body_with_panel, spawn_app_with};
 use crate::pipelining::pipeline;
 
-/// A store that lets the first `n` checkpoints, outcomes and requeues commit, then answers each
+/// A store that lets the first `n` inserts, checkpoints, outcomes and requeues commit, then answers each
 /// of them with an error, as a connection broken mid-answer would; that panics after the
 /// first `panics` checkpoints commit, as a bug on the pipeline's path would; and that fails the
 /// first `reads` reads of a job (and `step_reads` of its steps) outright, as a database gone
@@ -45,6 +45,7 @@ pub(crate) struct Faulty {
     pub(crate) step_reads_left: AtomicUsize,
     /// Every `get_job` call, failed or not.
     pub(crate) reads: AtomicUsize,
+    enqueues_left: AtomicUsize,
     steps_left: AtomicUsize,
     finishes_left: AtomicUsize,
     requeues_left: AtomicUsize,
@@ -67,6 +68,7 @@ impl Faulty {
             reads_left: AtomicUsize::new(faults.reads),
             step_reads_left: AtomicUsize::new(faults.step_reads),
             reads: AtomicUsize::new(0),
+            enqueues_left: AtomicUsize::new(faults.enqueues),
             steps_left: AtomicUsize::new(faults.steps),
             finishes_left: AtomicUsize::new(faults.finishes),
             requeues_left: AtomicUsize::new(faults.requeues),
@@ -123,7 +125,7 @@ impl Store for Faulty {
     async fn enqueue(&self, job: NewJob, start: Option<StartHere>) -> Result<Enqueued> {
         let answer = self.inner.enqueue(job, start).await;
         tokio::time::sleep(self.slow_enqueue).await;
-        answer
+        Self::unconfirm(&self.enqueues_left, answer)
     }
     async fn get_job(&self, id: Uuid) -> Result<Option<Job>> {
         self.reads.fetch_add(1, Ordering::SeqCst);
@@ -260,13 +262,14 @@ fn capture_logs() -> (Lines, tracing::subscriber::DefaultGuard) {
     (lines, guard)
 }
 
-/// The faults a test's store deals: the first `steps`, `finishes` and `requeues` writes left
-/// unconfirmed, a panic after each of the first `panics` checkpoints, the first `reads` reads
+/// The faults a test's store deals: the first `enqueues`, `steps`, `finishes` and `requeues`
+/// writes left unconfirmed, a panic after each of the first `panics` checkpoints, the first `reads` reads
 /// of a job failed, the first `step_reads` reads of a job's steps failed, and the first
 /// `refused_outcomes` outcome writes and releases failed; with `cancel_after_claim`, every job
 /// claimed is cancelled before the claim answers.
 #[derive(Default)]
 pub(crate) struct Faults {
+    pub(crate) enqueues: usize,
     pub(crate) steps: usize,
     pub(crate) finishes: usize,
     pub(crate) requeues: usize,
@@ -806,6 +809,31 @@ async fn a_cancel_that_committed_is_answered_as_done_when_the_steps_cannot_be_re
     assert_eq!(store.step_reads_left.load(Ordering::SeqCst), 0);
     // Read again once the database answers: the full form.
     assert_eq!(app.get_job(&id).await["panel"][0]["status"], "not_run");
+}
+
+// A submission whose insert committed and then went unconfirmed (the connection broke before
+// the answer) is answered as created, once: queued for the workers, or started at its submit
+// and run at once. Before, it was answered 503 (try again), and the client's retry made a
+// second job; the one started here sat running until its lease ran out.
+#[tokio::test]
+async fn a_submission_that_committed_unconfirmed_is_answered_as_created() {
+    for workers in [false, true] {
+        let faults = Faults {
+            enqueues: 1,
+            ..Faults::default()
+        };
+        let (app, store) = app_on(faults, workers, "").await;
+        let id = app.submit_ok(&body_with_panel(&["m1"], "judge")).await;
+        assert_eq!(store.enqueues_left.load(Ordering::SeqCst), 0);
+        let jobs = app.list_jobs("limit=10").await;
+        assert_eq!(jobs["data"].as_array().unwrap().len(), 1, "{jobs:#}");
+        if workers {
+            // Well within its 5 s lease: run here, not left to be rescued.
+            assert_eq!(app.wait_final(&id, 3).await["status"], "succeeded");
+        } else {
+            assert_eq!(app.get_job(&id).await["status"], "queued");
+        }
+    }
 }
 
 #[tokio::test]
