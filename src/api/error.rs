@@ -156,7 +156,11 @@ impl From<JsonRejection> for ApiError {
             return ApiError::body_too_large();
         }
         let code = match r {
-            JsonRejection::MissingJsonContentType(_) => "invalid_content_type",
+            // 415, as axum itself answers: the body may be fine, its declared type is not.
+            JsonRejection::MissingJsonContentType(_) => {
+                let status = StatusCode::UNSUPPORTED_MEDIA_TYPE;
+                return ApiError::new(status, "invalid_content_type", r.body_text());
+            }
             JsonRejection::JsonSyntaxError(_) => "invalid_json",
             _ => "invalid_body",
         };

@@ -55,16 +55,20 @@ pub fn parse_as(
         .as_object()
         .ok_or_else(|| bad("the request body must be a JSON object"))?;
     let model = match obj.get("model") {
-        Some(Value::String(m)) if !m.trim().is_empty() => m.trim().to_string(),
+        // As a model the plugin names: with a plugin, this one is the analyst.
+        Some(m @ Value::String(_)) => model_name(m, "model")?,
         Some(_) => return Err(bad("`model` must be a non-empty string")),
         None => return Err(bad("`model` is required")),
     };
-    refuse_control_characters(&model, "model")?;
     let messages = parse_messages(obj.get("messages"))?;
-    if obj.get("stream").and_then(Value::as_bool) == Some(true) {
-        return Err(bad(
-            "`stream: true` is not supported on /v1/jobs: poll GET /v1/jobs/{id} instead",
-        ));
+    match obj.get("stream") {
+        None | Some(Value::Null | Value::Bool(false)) => {}
+        Some(Value::Bool(true)) => {
+            return Err(bad(
+                "`stream: true` is not supported on /v1/jobs: poll GET /v1/jobs/{id} instead",
+            ));
+        }
+        Some(_) => return Err(bad("`stream` must be a boolean")),
     }
     // A client asking for several choices would get one and not be told.
     match obj.get("n") {
@@ -287,16 +291,59 @@ pub fn parse_messages(v: Option<&Value>) -> Result<Vec<Value>, ApiError> {
             )));
         }
         match m.get("content") {
-            Some(Value::String(_) | Value::Array(_)) => {}
-            Some(Value::Null) | None if role == "assistant" => {}
+            Some(Value::String(_)) => {}
+            Some(Value::Array(parts)) => content_parts(parts, i)?,
+            Some(Value::Null) | None if role == "assistant" => {
+                let calls = m.get("tool_calls").and_then(Value::as_array);
+                if calls.is_none_or(Vec::is_empty) && !m["function_call"].is_object() {
+                    return Err(bad(format!(
+                        "`messages[{i}]` is an assistant message with neither `content` nor \
+                         `tool_calls`"
+                    )));
+                }
+            }
             _ => {
                 return Err(bad(format!(
                     "`messages[{i}].content` must be a string or an array of content parts"
                 )));
             }
         }
+        if role == "tool" && !m["tool_call_id"].is_string() {
+            return Err(bad(format!(
+                "`messages[{i}].tool_call_id` is required: a tool message answers the call of \
+                 that id"
+            )));
+        }
     }
     Ok(list.clone())
+}
+
+/// A message's content parts, as every model is sent them: at least one, each an object with a
+/// string `type`, a `text` part with its string `text` (the other kinds go through as they are).
+/// Refused here, a malformed part came back as a 502 (every panel model refusing it) after the
+/// calls were paid.
+fn content_parts(parts: &[Value], i: usize) -> Result<(), ApiError> {
+    if parts.is_empty() {
+        return Err(bad(format!(
+            "`messages[{i}].content` is an empty array: give at least one content part"
+        )));
+    }
+    for (j, part) in parts.iter().enumerate() {
+        match part.get("type").and_then(Value::as_str) {
+            Some("text") if !part["text"].is_string() => {
+                return Err(bad(format!(
+                    "`messages[{i}].content[{j}].text` must be a string"
+                )));
+            }
+            Some(_) => {}
+            None => {
+                return Err(bad(format!(
+                    "`messages[{i}].content[{j}]` must be an object with a string `type`"
+                )));
+            }
+        }
+    }
+    Ok(())
 }
 
 /// The fusion plugin's object, if the request has one; other plugins are refused.

@@ -29,7 +29,7 @@ async fn bad_requests_are_4xx_with_precise_messages() {
     };
     expect_error(raw("{not json").await.unwrap(), 400, "invalid_json").await;
     let no_type = app.client.post(&url).body("{}").send().await.unwrap();
-    expect_error(no_type, 400, "invalid_content_type").await;
+    expect_error(no_type, 415, "invalid_content_type").await;
 
     let msgs = json!([{"role": "user", "content": "hi"}]);
     let cases = [
@@ -63,6 +63,48 @@ async fn bad_requests_are_4xx_with_precise_messages() {
             json!({"model": "fusion", "messages": msgs, "priority": "high"}),
             "invalid_request",
             "priority",
+        ),
+        // Messages no model would take: refused before any call is paid for.
+        (
+            json!({"model": "fusion", "messages": [{"role": "tool", "content": "x"}]}),
+            "invalid_request",
+            "`messages[0].tool_call_id` is required",
+        ),
+        (
+            json!({"model": "fusion", "messages": [msgs[0], {"role": "assistant"}]}),
+            "invalid_request",
+            "`messages[1]` is an assistant message with neither `content` nor `tool_calls`",
+        ),
+        (
+            json!({"model": "fusion", "messages": [{"role": "assistant", "tool_calls": []}]}),
+            "invalid_request",
+            "neither `content` nor `tool_calls`",
+        ),
+        (
+            json!({"model": "fusion", "messages": [{"role": "user", "content": []}]}),
+            "invalid_request",
+            "`messages[0].content` is an empty array",
+        ),
+        (
+            json!({"model": "fusion", "messages": [{"role": "user", "content": [{"type": "text"}]}]}),
+            "invalid_request",
+            "`messages[0].content[0].text` must be a string",
+        ),
+        (
+            json!({"model": "fusion", "messages": [{"role": "user", "content": ["hi"]}]}),
+            "invalid_request",
+            "`messages[0].content[0]` must be an object with a string `type`",
+        ),
+        (
+            json!({"model": "fusion", "messages": msgs, "stream": "true"}),
+            "invalid_request",
+            "`stream` must be a boolean",
+        ),
+        (
+            json!({"model": "x".repeat(201), "messages": msgs,
+                   "plugins": [{"id": "fusion", "analysis_models": ["a", "b"]}]}),
+            "invalid_request",
+            "`model` must be a model name (1 to 200 characters)",
         ),
     ];
     for (body, code, needle) in cases {
