@@ -128,15 +128,21 @@ impl Upstream {
         let started = Instant::now();
         let answered = self.exchange(endpoint, body).await?;
         let status = answered.status;
-        let wire: WireResponse = answered.parse(provider)?;
+        let mut wire: WireResponse = answered.parse(provider)?;
         let latency_ms = i64::try_from(started.elapsed().as_millis()).unwrap_or(i64::MAX);
-        let choice = wire.choices.into_iter().next().ok_or_else(|| {
-            UpstreamError::new(
+        if wire.choices.is_empty() {
+            return Err(UpstreamError::new(
                 ErrorKind::Empty,
                 Some(status),
                 "upstream returned no choices",
-            )
-        })?;
+            ));
+        }
+        let first = &wire.choices[0];
+        let finish_reason = first.finish_reason.as_deref();
+        if let Some(error) = wire::reported_error(&wire.error, &first.error, finish_reason) {
+            return Err(mid_answer(status, &error, provider));
+        }
+        let choice = wire.choices.swap_remove(0);
         let content = choice.message.content.unwrap_or_default();
         if content.trim().is_empty() {
             return Err(UpstreamError::new(
@@ -232,6 +238,12 @@ impl Upstream {
                 "upstream body is JSON but not an object (a chat completion)",
             ));
         }
+        let choice = &value["choices"][0];
+        let finish_reason = choice["finish_reason"].as_str();
+        if let Some(error) = wire::reported_error(&value["error"], &choice["error"], finish_reason)
+        {
+            return Err(mid_answer(status, &error, self.route(model).0));
+        }
         let wire = value
             .get("usage")
             .filter(|u| !u.is_null())
@@ -257,6 +269,19 @@ impl Upstream {
         });
         Usage::of(u.prompt_tokens, u.completion_tokens, cost)
     }
+}
+
+/// A 200 whose model failed mid-answer (see `wire::reported_error`): retried like a garbled
+/// body, since whatever text came with it is cut short, and taken (or, empty, failed for good)
+/// it would be checkpointed as it is.
+fn mid_answer(status: u16, error: &str, provider: &Provider) -> UpstreamError {
+    let key = provider.api_key.as_ref().map(|k| k.0.as_str());
+    let error = answer::excerpt(error.as_bytes(), key);
+    UpstreamError::new(
+        ErrorKind::BadBody,
+        Some(status),
+        format!("upstream answered {status} with an error mid-answer: {error}"),
+    )
 }
 
 /// Header marking calls made by a fusion run, so that a fusion endpoint upstream refuses to

@@ -32,6 +32,16 @@ async fn on_both_clients(up: &Upstream) -> [Result<Usage, UpstreamError>; 2] {
     [lean, reqwest]
 }
 
+/// `on_both_clients` against a server answering every call `200` with the JSON `body`.
+async fn on_both_clients_answered(body: &str) -> [Result<Usage, UpstreamError>; 2] {
+    let answer = format!(
+        "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    let (base, _) = answering(answer, Then::Close).await;
+    on_both_clients(&upstream_at(&format!("{base}/v1"), None)).await
+}
+
 // A completion padded past the limit (an upstream streaming without end would be cut at
 // the same point) fails on either client, for good, with the limit in its message.
 #[tokio::test]
@@ -141,18 +151,49 @@ async fn a_completion_cut_off_is_retried_on_both_clients() {
     }
 }
 
+// A model that fails once it has started answers 200 (OpenRouter), its choice ending with
+// `finish_reason: "error"` and an `error`, or the error beside the choices: retried like a
+// garbled body, the error quoted. Before, text cut short was taken as the answer and
+// checkpointed, and an empty one failed for good as an empty completion.
+#[tokio::test]
+async fn an_error_reported_mid_answer_is_retried_on_both_clients() {
+    let bodies = [
+        r#"{"choices": [{"message": {"content": "The answer is"}, "finish_reason": "error", "error": {"code": 502, "message": "provider went away"}}]}"#,
+        r#"{"choices": [{"message": {"content": ""}, "finish_reason": "error", "error": {"code": 502, "message": "provider went away"}}]}"#,
+        r#"{"choices": [{"message": {"content": "The answer is"}, "finish_reason": "stop"}], "error": {"message": "provider went away"}}"#,
+        r#"{"choices": [{"message": {"content": "The answer is"}, "finish_reason": "error"}]}"#,
+    ];
+    for body in bodies {
+        for result in on_both_clients_answered(body).await {
+            let err = result.unwrap_err();
+            assert_eq!(err.kind, ErrorKind::BadBody, "{body}: {err:?}");
+            assert!(err.retryable(), "{err:?}");
+            let quoted = if body.contains("went away") {
+                "provider went away"
+            } else {
+                "finish_reason `error`"
+            };
+            assert!(
+                err.message
+                    .contains(&format!("with an error mid-answer: {quoted}")),
+                "{err:?}"
+            );
+        }
+    }
+    // A `null` error is none: the answer stands.
+    let body = r#"{"choices": [{"message": {"content": "hi"}, "finish_reason": "stop", "error": null}], "error": null}"#;
+    for result in on_both_clients_answered(body).await {
+        result.unwrap();
+    }
+}
+
 // A whole JSON object with more after it (two answers run together, bytes added on the way)
 // came from an API, so the URL is right: retried like a garbled body, and not told to check
 // the base URL as a web page is. A text that merely starts with a number is still not JSON.
 #[tokio::test]
 async fn a_completion_with_bytes_after_it_is_retried_on_both_clients() {
     let body = r#"{"choices": [{"message": {"content": "hi"}}]}{"choices": []}"#;
-    let answer = format!(
-        "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
-        body.len()
-    );
-    let (base, _) = answering(answer, Then::Close).await;
-    for result in on_both_clients(&upstream_at(&format!("{base}/v1"), None)).await {
+    for result in on_both_clients_answered(body).await {
         let err = result.unwrap_err();
         assert_eq!(err.kind, ErrorKind::BadBody, "{err:?}");
         assert!(err.retryable(), "{err:?}");

@@ -39,6 +39,10 @@ pub(super) struct WireResponse {
     pub(super) choices: Vec<WireChoice>,
     #[serde(default)]
     pub(super) usage: Option<WireUsage>,
+    /// An error reported beside the choices (OpenRouter answers a failure once the model has
+    /// started with a 200); `null` is none.
+    #[serde(default)]
+    pub(super) error: Value,
 }
 
 #[derive(Deserialize)]
@@ -48,6 +52,33 @@ pub(super) struct WireChoice {
     /// from some servers) is absent, not a reason to throw away a completion that was paid for.
     #[serde(default, deserialize_with = "lenient_string")]
     pub(super) finish_reason: Option<String>,
+    /// The error a choice ended with (OpenRouter: `finish_reason: "error"` and this object);
+    /// `null` is none.
+    #[serde(default)]
+    pub(super) error: Value,
+}
+
+/// The error an answer reports beside its text, if any: a choice's own `error` (OpenRouter ends
+/// a choice whose model failed once it had started with it and `finish_reason: "error"`), or
+/// one beside the choices (`top`); `null` is none. The model failed mid-answer, and what came
+/// back is cut short however it reads. Its words: the error's `message`, or the error as it
+/// came.
+pub(super) fn reported_error(
+    top: &Value,
+    choice: &Value,
+    finish_reason: Option<&str>,
+) -> Option<String> {
+    let error = [choice, top].into_iter().find(|e| !e.is_null());
+    if error.is_none() && finish_reason != Some("error") {
+        return None;
+    }
+    Some(match error {
+        Some(e) => match e.get("message").and_then(Value::as_str) {
+            Some(message) => message.to_string(),
+            None => e.to_string(),
+        },
+        None => "finish_reason `error`".to_string(),
+    })
 }
 
 #[derive(Deserialize)]
