@@ -358,7 +358,10 @@ impl Pipeline {
             }
             // The next answer; `None` once every call returned or the grace period is over.
             let next = async {
+                // `biased`: an answer that is in when the grace period ends is taken, not
+                // recorded as timed out on tokio's random pick after it was paid for.
                 tokio::select! {
+                    biased;
                     answer = pending.next() => answer,
                     _ = async {
                         match grace.as_mut() {

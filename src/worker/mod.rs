@@ -344,7 +344,11 @@ impl Worker {
         let wakeups = self.store.wakeups();
         let mut failures = 0u32;
         loop {
+            // `biased`: shutdown first. Left to tokio's random pick, a free slot won about half
+            // the time after the signal, and jobs claimed then were started only to be stopped
+            // at the grace period's end, their calls in flight paid again by the next attempt.
             let mut permits = tokio::select! {
+                biased;
                 _ = shutdown.cancelled() => return,
                 p = capacity.clone().acquire_owned() => p.expect("semaphore never closes"),
             };
@@ -355,6 +359,9 @@ impl Worker {
                 permits.merge(more);
             }
             let wanted = permits.num_permits() as u32;
+            if shutdown.is_cancelled() {
+                return;
+            }
             let claimed = self
                 .store
                 .claim(&self.owner, wanted, self.clock.now_ms(), self.config.lease)
@@ -384,6 +391,7 @@ impl Worker {
             };
             drop(permits);
             tokio::select! {
+                biased;
                 _ = shutdown.cancelled() => return,
                 // Something was queued: until the claim, jobs submitted here queue behind it.
                 _ = wakeups.notified() => self.queue_drained.store(false, Ordering::SeqCst),
@@ -521,15 +529,13 @@ impl Worker {
         if remaining.is_some_and(|r| r <= 0) {
             return deadline_passed();
         }
-        // Nothing checkpointed (the claim says so, e.g. a first claim): nothing to read back.
-        let done = if checkpointed {
-            let Some(done) = with_db_retries(stop, || self.store.get_steps(job.id)).await else {
-                return Outcome::Stopped;
-            };
-            done
-        } else {
-            Vec::new()
-        };
+        // The deadline stops the work as a cancel does, through a token of its own: the
+        // pipeline returns once the calls under way are dropped and the checkpoints of the
+        // answers already in have landed (written on `stop`, which the deadline leaves alone).
+        // Dropping the pipeline at the deadline, as before, dropped those writes with it, and a
+        // manual retry paid for those answers again. The clock runs from here, so the reading
+        // back of checkpoints (with its retries through a database outage) counts too.
+        let within = stop.child_token();
         let ckpt = LeaseCheckpoints {
             store: self.store.as_ref(),
             lease,
@@ -540,15 +546,43 @@ impl Worker {
                 margin_ms: crate::store::ms(self.config.lease / 3),
             },
         };
-        let run = self
-            .pipeline
-            .run(job, done, &ckpt, stop, self.config.retry_base);
-        match remaining {
-            Some(r) => tokio::time::timeout(Duration::from_millis(r as u64), run)
+        let work = async {
+            // Nothing checkpointed (the claim says so, e.g. a first claim): nothing to read back.
+            let done = if checkpointed {
+                let read = with_db_retries(&within, || self.store.get_steps(job.id)).await;
+                let Some(done) = read else {
+                    return Outcome::Stopped;
+                };
+                done
+            } else {
+                Vec::new()
+            };
+            let retry_base = self.config.retry_base;
+            self.pipeline
+                .run(job, done, &ckpt, &within, retry_base)
                 .await
-                .unwrap_or_else(|_| deadline_passed()),
-            None => run.await,
+        };
+        let outcome = match remaining {
+            Some(r) => {
+                let mut work = std::pin::pin!(work);
+                tokio::select! {
+                    biased;
+                    outcome = &mut work => outcome,
+                    _ = tokio::time::sleep(Duration::from_millis(r as u64)) => {
+                        within.cancel();
+                        work.await
+                    }
+                }
+            }
+            None => work.await,
+        };
+        // Stopped by the deadline, not by a cancel, a lost lease or shutdown (those cancel
+        // `stop`): the job failed. Any other outcome reached meanwhile (an answer in as the
+        // deadline came) stands.
+        if matches!(outcome, Outcome::Stopped) && within.is_cancelled() && !stop.is_cancelled() {
+            return deadline_passed();
         }
+        outcome
     }
 
     async fn heartbeat_loop(self: Arc<Self>, stop: CancellationToken) {
