@@ -159,7 +159,7 @@ pub fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, ApiError> 
         Ok(s) if !s.is_empty() && s.len() <= 255 => Ok(Some(s.to_string())),
         _ => Err(ApiError::bad_request(
             "invalid_idempotency_key",
-            "Idempotency-Key must be 1 to 255 visible ASCII characters",
+            "Idempotency-Key must be 1 to 255 characters of printable ASCII (spaces and tabs included)",
         )),
     }
 }

@@ -148,6 +148,11 @@ async fn rounds(
             // every round would run another fusion job.
             outer["tool_choice"] = json!("auto");
         }
+        if round == MAX_ROUNDS {
+            // Out of rounds: this reply is the answer, so it may call nothing (a fusion call
+            // could not be run any more, and the client cannot run one).
+            outer["tool_choice"] = json!("none");
+        }
         let (mut reply, outer_usage) = state
             .upstream
             .complete_json(model, outer.clone())
@@ -173,17 +178,26 @@ async fn rounds(
             .and_then(Value::as_array)
             .cloned()
             .unwrap_or_default();
-        let fusion_calls: Vec<&Value> = calls
-            .iter()
-            .filter(|c| c.pointer("/function/name").and_then(Value::as_str) == Some("fusion"))
-            .collect();
-        // No fusion call, calls of the client's own tools (theirs to run), or out of rounds:
-        // this reply is the answer.
-        if fusion_calls.is_empty() || fusion_calls.len() != calls.len() || round == MAX_ROUNDS {
+        let (fusion_calls, own): (Vec<Value>, Vec<Value>) = calls
+            .into_iter()
+            .partition(|c| c.pointer("/function/name").and_then(Value::as_str) == Some("fusion"));
+        // No fusion call (an answer, or calls of the client's own tools, theirs to run), or out
+        // of rounds: this reply is the answer, without any fusion call the model made anyway
+        // (the client did not declare that function and could not answer it).
+        if fusion_calls.is_empty() || round == MAX_ROUNDS {
+            if !fusion_calls.is_empty() {
+                only_calls(&mut reply, own);
+            }
             reply["usage"] = json!(usage);
             reply["fusion_job_ids"] = json!(job_ids);
             return Ok((reply, job_ids));
         }
+        // Calls of the client's own tools beside fusion calls are left out of the conversation:
+        // the model makes them again, if it still wants to, once it has the panel's answer.
+        // Handed to the client with the fusion calls in the same message, they could not be
+        // answered (the fusion calls would have no results on the client's next request).
+        let mut message = message;
+        message["tool_calls"] = json!(fusion_calls);
         let results = futures::future::join_all(
             fusion_calls
                 .iter()
@@ -193,7 +207,7 @@ async fn rounds(
         let messages = outer["messages"]
             .as_array_mut()
             .expect("checked at the start: an array");
-        messages.push(message.clone());
+        messages.push(message);
         let mut failed = None;
         for (call, result) in fusion_calls.iter().zip(results) {
             match result {
@@ -218,6 +232,28 @@ async fn rounds(
         }
     }
     unreachable!("the last round always returns")
+}
+
+/// `reply`'s message with only `calls` as its tool calls; with none, it is a plain answer
+/// (`finish_reason` `stop`, its content a string).
+fn only_calls(reply: &mut Value, calls: Vec<Value>) {
+    let Some(choice) = reply.pointer_mut("/choices/0") else {
+        return;
+    };
+    if calls.is_empty() {
+        if let Some(message) = choice.get_mut("message").and_then(Value::as_object_mut) {
+            message.remove("tool_calls");
+            // An answer's content is a string, if an empty one.
+            if message.get("content").is_none_or(Value::is_null) {
+                message.insert("content".into(), json!(""));
+            }
+        }
+        if choice["finish_reason"] == "tool_calls" {
+            choice["finish_reason"] = json!("stop");
+        }
+    } else {
+        choice["message"]["tool_calls"] = json!(calls);
+    }
 }
 
 /// The job a fusion call runs, but for its prompt. Its settings ride on the tool entry:

@@ -306,6 +306,71 @@ async fn a_streamed_fusion_tool_call_answers_at_once_and_indexes_its_tool_calls(
     );
 }
 
+/// The outer model's requests, in order.
+fn outer_bodies(app: &TestApp) -> Vec<Value> {
+    let bodies = app.fake.bodies().into_iter();
+    bodies.filter(|b| b["model"] == "outer").collect()
+}
+
+// The outer model calls the fusion tool and the client's own tool in one message: the fusion
+// call runs, and the conversation goes on with that message holding the fusion call alone and
+// its result; the client gets the model's next reply, which calls its tool again. Before, the
+// first reply went back to the client as it was: a call of `fusion`, a function the client
+// never declared and could not answer, and no job ran.
+#[tokio::test]
+async fn a_fusion_call_beside_the_clients_own_runs_and_is_not_handed_to_the_client() {
+    let app = spawn_app().await;
+    let fusion = ("fusion".to_string(), json!({"prompt": "Is the sky blue?"}));
+    let weather = ("weather".to_string(), json!({"city": "Paris"}));
+    let first = Reply::ToolCalls(vec![fusion, weather.clone()]);
+    let again = Reply::ToolCall(weather.0, weather.1);
+    app.fake.script("outer", Kind::Panel, vec![first, again]);
+    let mut body = body_with_tool(&["m1"], "judge");
+    let weather_tool = json!({"type": "function", "function": {"name": "weather"}});
+    body["tools"].as_array_mut().unwrap().push(weather_tool);
+    let resp = app.chat(&body).await;
+    assert_eq!(resp.status(), 200);
+    let reply: Value = resp.json().await.unwrap();
+    let calls = &reply["choices"][0]["message"]["tool_calls"];
+    assert_eq!(calls.as_array().map(Vec::len), Some(1), "{reply:#}");
+    assert_eq!(calls[0]["function"]["name"], "weather", "{reply:#}");
+    assert_eq!(reply["fusion_job_ids"].as_array().map(Vec::len), Some(1));
+    assert_eq!(app.fake.calls("judge", Kind::Final), 1);
+
+    let outer = outer_bodies(&app);
+    assert_eq!(outer.len(), 2);
+    let history = outer[1]["messages"].as_array().unwrap();
+    let asked = &history[history.len() - 2];
+    let asked_calls = asked["tool_calls"].as_array().unwrap();
+    assert_eq!(asked_calls.len(), 1, "{asked:#}");
+    assert_eq!(asked_calls[0]["function"]["name"], "fusion");
+    let result = &history[history.len() - 1];
+    assert_eq!(result["tool_call_id"], asked_calls[0]["id"]);
+    assert_eq!(result["content"], "the fused final answer");
+}
+
+// A model that calls the fusion tool in every round: after the last round's jobs, the next
+// reply is asked for with `tool_choice: "none"`, and a fusion call in it anyway is not handed
+// to the client. Before, the client got that call, of a function it never declared.
+#[tokio::test]
+async fn out_of_rounds_the_reply_calls_nothing_the_client_cannot_answer() {
+    let app = spawn_app().await;
+    let call = Reply::ToolCall("fusion".into(), json!({"prompt": "Again?"}));
+    app.fake.script("outer", Kind::Panel, vec![call; 5]);
+    let resp = app.chat(&body_with_tool(&["m1"], "judge")).await;
+    assert_eq!(resp.status(), 200);
+    let reply: Value = resp.json().await.unwrap();
+    let choice = &reply["choices"][0];
+    assert!(choice["message"].get("tool_calls").is_none(), "{reply:#}");
+    assert_eq!(choice["message"]["content"], "", "{reply:#}");
+    assert_eq!(choice["finish_reason"], "stop", "{reply:#}");
+    assert_eq!(reply["fusion_job_ids"].as_array().map(Vec::len), Some(4));
+    let outer = outer_bodies(&app);
+    assert_eq!(outer.len(), 5);
+    assert_eq!(outer[4]["tool_choice"], "none");
+    assert!(outer[..4].iter().all(|b| b["tool_choice"] != "none"));
+}
+
 #[tokio::test]
 async fn the_fusion_tool_checks_the_messages_before_any_call() {
     let app = spawn_app().await;

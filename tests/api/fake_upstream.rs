@@ -72,6 +72,8 @@ pub enum Reply {
     Truncated,
     /// A call of the named function tool with these JSON arguments.
     ToolCall(String, Value),
+    /// Calls of these function tools, in parallel (`call_1`, `call_2`, ...).
+    ToolCalls(Vec<(String, Value)>),
 }
 
 pub const VALID_ANALYSIS: &str = r#"{"consensus":["the sky is blue"],"contradictions":[{"topic":"why","stances":[{"model":"m1","stance":"scattering"},{"model":"m2","stance":"reflection"}]}],"partial_coverage":[{"models":["m1"],"point":"sunsets"}],"unique_insights":[{"model":"m1","insight":"Rayleigh"}],"blind_spots":["other planets"]}"#;
@@ -384,20 +386,29 @@ async fn respond(reply: Reply, model: &str, kind: Kind) -> Response {
             }
             Reply::Text(text) => return completion(model, &text, "stop"),
             Reply::Cut(text) => return completion(model, &text, "length"),
-            Reply::ToolCall(name, args) => {
-                let message = json!({"role": "assistant", "content": null, "tool_calls": [{
-                    "id": "call_1", "type": "function",
-                    "function": {"name": name, "arguments": args.to_string()},
-                }]});
-                return Json(json!({
-                    "id": "chatcmpl-fake", "object": "chat.completion", "created": 0, "model": model,
-                    "choices": [{"index": 0, "message": message, "finish_reason": "tool_calls"}],
-                    "usage": {"prompt_tokens": 10, "completion_tokens": 5, "total_tokens": 15, "cost": 0.001},
-                }))
-                .into_response();
-            }
+            Reply::ToolCall(name, args) => return tool_calls(model, vec![(name, args)]),
+            Reply::ToolCalls(calls) => return tool_calls(model, calls),
         }
     }
+}
+
+/// An assistant message calling these function tools.
+fn tool_calls(model: &str, calls: Vec<(String, Value)>) -> Response {
+    let calls: Vec<Value> = calls
+        .into_iter()
+        .enumerate()
+        .map(|(i, (name, args))| {
+            json!({"id": format!("call_{}", i + 1), "type": "function",
+                   "function": {"name": name, "arguments": args.to_string()}})
+        })
+        .collect();
+    let message = json!({"role": "assistant", "content": null, "tool_calls": calls});
+    Json(json!({
+        "id": "chatcmpl-fake", "object": "chat.completion", "created": 0, "model": model,
+        "choices": [{"index": 0, "message": message, "finish_reason": "tool_calls"}],
+        "usage": {"prompt_tokens": 10, "completion_tokens": 5, "total_tokens": 15, "cost": 0.001},
+    }))
+    .into_response()
 }
 
 fn completion(model: &str, content: &str, finish_reason: &str) -> Response {
