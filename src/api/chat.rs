@@ -186,7 +186,7 @@ pub fn job_error(job: &Job) -> ApiError {
 /// comes back unchanged.
 async fn passthrough(state: &AppState, model: &str, body: Value) -> Result<Response, ApiError> {
     let resp =
-        state.upstream.send(model, body).await.map_err(|e| {
+        state.upstream.relay(model, body).await.map_err(|e| {
             ApiError::new(StatusCode::BAD_GATEWAY, "upstream_unreachable", e.message)
         })?;
     let status = StatusCode::from_u16(resp.status().as_u16()).unwrap_or(StatusCode::BAD_GATEWAY);

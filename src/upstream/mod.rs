@@ -73,6 +73,8 @@ impl Upstream {
     pub fn new(config: UpstreamConfig) -> anyhow::Result<Upstream> {
         let http = reqwest::Client::builder()
             .timeout(config.timeout)
+            // Between two reads of an answer: what bounds a pass-through stream (see `relay`).
+            .read_timeout(config.timeout)
             .connect_timeout(Duration::from_secs(10).min(config.timeout))
             .pool_max_idle_per_host(config.max_idle_per_host)
             // A redirected POST would become a GET: a 3xx is reported as the error it is.
@@ -160,19 +162,33 @@ impl Upstream {
         })
     }
 
-    /// POST a chat-completions body to the provider serving `model` (its `model` field is set to
-    /// the provider's name for it). The answer is returned whatever its status: the gateway
-    /// passes it on as it is.
-    pub async fn send(
+    /// POST a chat-completions body to the provider serving `model`, for the gateway, which
+    /// relays the answer as it comes (a stream, say), whatever its status. The whole exchange
+    /// may take up to `RELAY_FOR`; the timeout (`timeout_seconds`) bounds each wait for more of
+    /// the answer instead. Bounded whole by the timeout, as a completion is, a long generation
+    /// streamed through was cut off mid-answer, without its end.
+    pub async fn relay(
+        &self,
+        model: &str,
+        body: Value,
+    ) -> Result<reqwest::Response, UpstreamError> {
+        self.send_within(model, body, RELAY_FOR).await
+    }
+
+    /// POST a chat-completions body to the provider serving `model` (its `model` field set to
+    /// the provider's name for it), the whole exchange bounded by `within`; the answer whatever
+    /// its status.
+    async fn send_within(
         &self,
         model: &str,
         mut body: Value,
+        within: Duration,
     ) -> Result<reqwest::Response, UpstreamError> {
         let (_, endpoint, upstream_model) = self.resolve(model);
         body["model"] = json!(upstream_model);
         let body = serde_json::to_vec(&body)
             .map_err(|e| UpstreamError::new(ErrorKind::Rejected, None, e.to_string()))?;
-        self.post(endpoint, body).await
+        self.post(endpoint, body, within).await
     }
 
     /// POST a completion request to `provider` and read the answer whole: the body of a 2xx,
@@ -184,7 +200,8 @@ impl Upstream {
         body: Vec<u8>,
     ) -> Result<Answered, UpstreamError> {
         let Some(target) = &endpoint.plain else {
-            return read_ok(self.post(endpoint, body).await?, self.now()).await;
+            let answer = self.post(endpoint, body, self.config.timeout).await?;
+            return read_ok(answer, self.now()).await;
         };
         let call = self.plain.post(target, &endpoint.headers, body.into());
         let answer = tokio::time::timeout(self.config.timeout, call)
@@ -211,10 +228,12 @@ impl Upstream {
         &self,
         endpoint: &Endpoint,
         body: Vec<u8>,
+        within: Duration,
     ) -> Result<reqwest::Response, UpstreamError> {
         self.http
             .post(&endpoint.url)
             .headers(endpoint.headers.clone())
+            .timeout(within)
             .body(body)
             .send()
             .await
@@ -227,7 +246,7 @@ impl Upstream {
         model: &str,
         body: Value,
     ) -> Result<(Value, Usage), UpstreamError> {
-        let resp = self.send(model, body).await?;
+        let resp = self.send_within(model, body, self.config.timeout).await?;
         let answered = read_ok(resp, self.now()).await?;
         let status = answered.status;
         let value: Value = answered.parse(self.route(model).0)?;
@@ -283,6 +302,9 @@ fn mid_answer(status: u16, error: &str, provider: &Provider) -> UpstreamError {
         format!("upstream answered {status} with an error mid-answer: {error}"),
     )
 }
+
+/// The longest a relayed answer may take whole (see `Upstream::relay`).
+const RELAY_FOR: Duration = Duration::from_secs(24 * 3600);
 
 /// Header marking calls made by a fusion run, so that a fusion endpoint upstream refuses to
 /// start another run (the recursion guard).

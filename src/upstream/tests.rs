@@ -42,6 +42,64 @@ async fn on_both_clients_answered(body: &str) -> [Result<Usage, UpstreamError>; 
     on_both_clients(&upstream_at(&format!("{base}/v1"), None)).await
 }
 
+/// A server answering each request with an event stream: a head, then `events` events `every`
+/// apart, then its end (or, with `Then::Hold`, nothing more, the connection left open).
+async fn trickling(events: usize, every: Duration, then: Then) -> String {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        while let Ok((mut socket, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut buf = [0u8; 4096];
+                let _ = socket.read(&mut buf).await;
+                let head = "HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n\
+                            transfer-encoding: chunked\r\n\r\n";
+                socket.write_all(head.as_bytes()).await.unwrap();
+                for i in 0..events {
+                    let event = format!("data: {i}\n\n");
+                    let chunk = format!("{:x}\r\n{event}\r\n", event.len());
+                    socket.write_all(chunk.as_bytes()).await.unwrap();
+                    tokio::time::sleep(every).await;
+                }
+                if then == Then::Close {
+                    let _ = socket.write_all(b"0\r\n\r\n").await;
+                } else {
+                    let _ = socket.read(&mut buf).await;
+                }
+            });
+        }
+    });
+    base
+}
+
+// The gateway relays an answer as it comes: one that keeps coming may take longer than the
+// timeout (2 s here; 5 events 0.6 s apart take 3 s), and arrives whole. One that stops coming
+// for longer than the timeout fails. Before, the timeout bounded the whole answer, and a long
+// generation streamed through was cut off mid-answer.
+#[tokio::test]
+async fn a_relayed_answer_is_bounded_between_reads_not_whole() {
+    let every = Duration::from_millis(600);
+    let body = json!({"messages": [{"role": "user", "content": "hi"}], "stream": true});
+    let up = upstream_at(
+        &format!("{}/v1", trickling(5, every, Then::Close).await),
+        None,
+    );
+    let answer = up.relay("m", body.clone()).await.unwrap();
+    let text = answer.text().await.expect("the whole stream");
+    assert_eq!(text.matches("data: ").count(), 5, "{text}");
+
+    let up = upstream_at(
+        &format!("{}/v1", trickling(1, every, Then::Hold).await),
+        None,
+    );
+    let answer = up.relay("m", body).await.unwrap();
+    let started = Instant::now();
+    let stalled = answer.text().await.unwrap_err();
+    assert!(stalled.is_timeout(), "{stalled:?}");
+    assert!(started.elapsed() < Duration::from_secs(10));
+}
+
 // A completion padded past the limit (an upstream streaming without end would be cut at
 // the same point) fails on either client, for good, with the limit in its message.
 #[tokio::test]
