@@ -153,6 +153,8 @@ impl Application {
         // client waiting on a job handed back to the queue would hold the server open forever.
         let watch = self.state.watch.clone();
         let stopped = shutdown.clone();
+        let handed_back = CancellationToken::new();
+        let done = handed_back.clone();
         let worker = tokio::spawn(async move {
             let ran = match worker {
                 Some(w) => Some(w.await),
@@ -162,16 +164,32 @@ impl Application {
                 }
             };
             watch.close();
+            done.cancel();
             ran
         });
         if let Some(listener) = self.listener {
             tracing::info!(addr = ?self.addr, "listening");
             let app = api::router(self.state);
             let stop = shutdown.clone();
-            axum::serve(listener, app)
-                .with_graceful_shutdown(async move { stop.cancelled().await })
-                .await
-                .context("HTTP server failed")?;
+            let serve = axum::serve(listener, app)
+                .with_graceful_shutdown(async move { stop.cancelled().await });
+            // Graceful shutdown waits for every open request, without end; the ones waiting on
+            // jobs are answered once the worker has handed its jobs back, but a relayed answer
+            // (a stream through the gateway: up to a day) or a fusion tool's outer call waits
+            // on an upstream. Those get `OPEN_REQUESTS_DRAIN` more, then are cut, or one
+            // client's stream held the process up long past SIGTERM.
+            let cut = async {
+                handed_back.cancelled().await;
+                tokio::time::sleep(OPEN_REQUESTS_DRAIN).await;
+            };
+            tokio::select! {
+                served = serve.into_future() => served.context("HTTP server failed")?,
+                () = cut => tracing::warn!(
+                    "requests still open {} s after shutdown's hand-back (relayed answers, \
+                     fusion tool calls) are cut",
+                    OPEN_REQUESTS_DRAIN.as_secs()
+                ),
+            }
         } else {
             shutdown.cancelled().await;
         }
@@ -181,6 +199,10 @@ impl Application {
         Ok(())
     }
 }
+
+/// How long requests still open once shutdown has handed the jobs back get to finish (see
+/// `Application::run`).
+const OPEN_REQUESTS_DRAIN: Duration = Duration::from_secs(5);
 
 /// How often a process re-reads the database's clock: the host's time since boot, which
 /// carries the database's time between readings, drifts from it by milliseconds a minute at

@@ -393,6 +393,44 @@ async fn sigterm_answers_a_client_waiting_on_a_job_it_hands_back() {
     assert!(body.trim_end().ends_with("data: [DONE]"), "{body}");
 }
 
+// SIGTERM while a client's request is relayed to a model that never answers (the gateway allows a
+// relayed answer up to a day): the process still exits soon after handing its jobs back, the
+// request cut. Before, graceful shutdown waited on that request without end.
+#[tokio::test]
+async fn sigterm_does_not_wait_on_a_relayed_answer_that_never_ends() {
+    let fake = FakeUpstream::start().await;
+    fake.script("plain", Kind::Panel, vec![Reply::Hang]);
+    let dir = tempfile::tempdir().unwrap();
+    let env = [("FUSION_SHUTDOWN_GRACE_SECONDS", "1")];
+    let server = Server::start_with(
+        &dir.path().join("fusion.db"),
+        &fake.base_url(),
+        free_port(),
+        &env,
+    )
+    .await;
+    let url = format!("{}/v1/chat/completions", server.address);
+    let body = json!({"model": "plain", "stream": true,
+                      "messages": [{"role": "user", "content": "hi"}]});
+    let relayed =
+        tokio::spawn(async move { reqwest::Client::new().post(url).json(&body).send().await });
+    while fake.calls("plain", Kind::Panel) < 1 {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let started = std::time::Instant::now();
+    let status = server.terminate().await;
+    assert!(status.success(), "fusion exited with {status}");
+    assert!(
+        started.elapsed() < Duration::from_secs(15),
+        "{:?}",
+        started.elapsed()
+    );
+    assert!(
+        relayed.await.unwrap().is_err(),
+        "the relayed request was cut"
+    );
+}
+
 /// 200 jobs on a slow upstream, the server SIGKILLed at random moments and restarted: every job
 /// succeeds, and no step is called again once its checkpoint was written.
 #[tokio::test]
