@@ -260,10 +260,17 @@ impl FileConfig {
             vars.iter()
                 .find_map(|var| Some((env(var).and_then(ApiKey::new)?, var.to_string())))
         };
-        let default_key = match &self.upstream.api_key_env {
-            Some(var) => key_from(&[var]),
-            None => key_from(&["FUSION_UPSTREAM_API_KEY", "OPENROUTER_API_KEY"]),
-        };
+        // `FUSION_UPSTREAM_API_KEY` wins over the file's choice of variable, as the environment
+        // wins over the file: before, once the file named a variable (the README's example
+        // names `OPENROUTER_API_KEY`), a key in `FUSION_UPSTREAM_API_KEY` was never read.
+        let file_var = self.upstream.api_key_env.as_deref();
+        let default_key = key_from(&[
+            "FUSION_UPSTREAM_API_KEY",
+            file_var.unwrap_or("OPENROUTER_API_KEY"),
+        ]);
+        if default_key.is_none() {
+            unset_key_var("[upstream]", file_var);
+        }
         let (base_url, url_setting) = match (env("FUSION_UPSTREAM_URL"), self.upstream.base_url) {
             (Some(url), _) => (url, "FUSION_UPSTREAM_URL"),
             (None, Some(url)) => (url, "[upstream] base_url"),
@@ -287,6 +294,9 @@ impl FileConfig {
             let parsed = check_url(&p.base_url)
                 .with_context(|| format!("Invalid base_url of provider {name}"))?;
             let api_key = p.api_key_env.as_deref().and_then(|var| key_from(&[var]));
+            if api_key.is_none() {
+                unset_key_var(&format!("[providers.{name}]"), p.api_key_env.as_deref());
+            }
             let url_setting = format!("[providers.{name}] base_url");
             one_authorization(&name, &api_key, &parsed, &p.base_url, &url_setting)?;
             let provider = with_wire_options(
@@ -428,6 +438,16 @@ fn one_authorization(
     Ok(())
 }
 
+/// A key variable that the file names (`api_key_env` under `section`) but that holds no key: the
+/// provider is called without one, which its every call may refuse (401), so it is said.
+fn unset_key_var(section: &str, var: Option<&str>) {
+    if let Some(var) = var {
+        tracing::warn!(
+            "{section} api_key_env names `{var}`, which holds no key: calls go without one"
+        );
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -468,6 +488,27 @@ mod tests {
         assert!(cfg.presets.contains_key("quality"));
         assert_eq!(cfg.default_preset, "budget");
         assert!(!format!("{cfg:?}").contains("sk-or"));
+    }
+
+    // The file names the variable holding the key (as the README's example does), but the key
+    // is in `FUSION_UPSTREAM_API_KEY`: the environment's own variable wins, as the environment
+    // wins over the file. Before, it was never read, and every call went without a key.
+    #[test]
+    fn the_environments_key_variable_wins_over_the_files_choice() {
+        let file = || -> FileConfig {
+            toml::from_str("[upstream]\napi_key_env = \"OPENROUTER_API_KEY\"").unwrap()
+        };
+        let cfg = file()
+            .resolve(&env(&[("FUSION_UPSTREAM_API_KEY", "sk-env")]))
+            .unwrap();
+        let key = |k: &str| ApiKey::new(k.into());
+        assert_eq!(cfg.upstream.default.api_key, key("sk-env"));
+        let cfg = file()
+            .resolve(&env(&[("OPENROUTER_API_KEY", "sk-or")]))
+            .unwrap();
+        assert_eq!(cfg.upstream.default.api_key, key("sk-or"));
+        let cfg = file().resolve(&env(&[])).unwrap();
+        assert!(cfg.upstream.default.api_key.is_none());
     }
 
     // A password in an upstream URL stays out of the start-up error that names a bad URL, and

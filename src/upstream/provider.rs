@@ -19,7 +19,7 @@ use super::{DEPTH_HEADER, Upstream};
 use crate::redact::redact_url;
 
 /// A provider key, kept out of `Debug` and logs.
-#[derive(Clone)]
+#[derive(Clone, PartialEq, Eq)]
 pub struct ApiKey(pub(super) String);
 
 impl ApiKey {
