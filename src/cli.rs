@@ -12,9 +12,11 @@ use crate::worker::WorkerConfig;
 #[command(name = "fusion", version, about = "Durable multi-model fusion service")]
 pub struct Cli {
     /// Database URL: sqlite://PATH (created if missing) or postgres://…
+    // `hide_env_values`: `--help` would print the variable's value, password and all.
     #[arg(
         long,
         env = "DATABASE_URL",
+        hide_env_values = true,
         default_value = "sqlite://fusion.db",
         global = true
     )]

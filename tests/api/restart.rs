@@ -431,6 +431,24 @@ async fn sigterm_does_not_wait_on_a_relayed_answer_that_never_ends() {
     );
 }
 
+// `--help` names the environment variables each flag falls back to, not their values: the
+// database URL's holds its password. Before, `fusion --help` printed it.
+#[test]
+fn help_shows_no_database_password() {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_fusion"))
+        .args(["serve", "--help"])
+        .env(
+            "DATABASE_URL",
+            "postgres://fusion:hunter2@db.example/fusion",
+        )
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let help = String::from_utf8_lossy(&out.stdout);
+    assert!(help.contains("DATABASE_URL"), "{help}");
+    assert!(!help.contains("hunter2"), "{help}");
+}
+
 /// 200 jobs on a slow upstream, the server SIGKILLed at random moments and restarted: every job
 /// succeeds, and no step is called again once its checkpoint was written.
 #[tokio::test]
