@@ -2205,6 +2205,37 @@ async fn postgres_pool_keeps_to_its_configured_size() {
     );
 }
 
+/// A server that takes no writes (a standby reached after a failover, until DNS or the pooler
+/// point at the new primary) is away for now, not a wrong call: a write fails as unavailable
+/// (the API's 503, the workers' retry). Before, it was a 500, and a failing batch was halved
+/// into ever smaller statements that all met the same refusal.
+#[tokio::test]
+async fn postgres_taking_no_writes_is_unavailable_for_now() {
+    let Some(db) = PgDb::create().await else {
+        return;
+    };
+    let admin = sqlx::PgPool::connect(&db._database.url)
+        .await
+        .expect("admin connection");
+    let name: String = sqlx::query_scalar("SELECT current_database()")
+        .fetch_one(&admin)
+        .await
+        .expect("the database's name");
+    sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+        "ALTER DATABASE \"{name}\" SET default_transaction_read_only = on"
+    )))
+    .execute(&admin)
+    .await
+    .expect("make the database read-only");
+    admin.close().await;
+    // New sessions take the setting: a store connected now.
+    let store = fusion::store::connect(&db._database.url)
+        .await
+        .expect("connect");
+    let refused = store.enqueue(new_job(), None).await.unwrap_err();
+    assert!(refused.is_unavailable(), "{refused:?}");
+}
+
 // Processes started together on one SQLite file (`serve` and `worker` after an upgrade) all
 // migrate it at start. sqlx takes no lock for SQLite's migrations, so two of them applied the
 // same migration at once, and the loser failed to start ("table jobs already exists", or the

@@ -186,10 +186,10 @@ async fn write_groups<S: BatchSql>(sql: &S, writes: &[Write], groups: Vec<Group>
 }
 
 /// The same error again, when it says the statement never reached the database or never came
-/// back (no connection in time, the pool closed, the connection broke), or gave up waiting for a
-/// lock held elsewhere (Postgres's statement timeout, SQLite's busy timeout): halving the batch
-/// would only meet it again, each half after the same wait, while every other write waits
-/// behind it. Such a failure goes to every group of the batch at once, and their callers retry.
+/// back (no connection in time, the pool closed, the connection broke), gave up waiting for a
+/// lock held elsewhere (Postgres's statement timeout, SQLite's busy timeout), or met a server
+/// that takes no writes (a standby after a failover): halving the batch would only meet it
+/// again, each half after the same wait, while every other write waits behind it. Such a failure goes to every group of the batch at once, and their callers retry.
 fn unreached(e: &sqlx::Error) -> Option<sqlx::Error> {
     let again = |kind, message: String| Some(sqlx::Error::Io(std::io::Error::new(kind, message)));
     match e {
@@ -198,6 +198,14 @@ fn unreached(e: &sqlx::Error) -> Option<sqlx::Error> {
         sqlx::Error::Io(io) => again(io.kind(), io.to_string()),
         sqlx::Error::Database(db) if gave_up_waiting(db.as_ref()) => {
             again(std::io::ErrorKind::TimedOut, db.to_string())
+        }
+        sqlx::Error::Database(db)
+            if matches!(
+                super::refusal(db.as_ref()),
+                Refusal::Postgres(super::READ_ONLY)
+            ) =>
+        {
+            again(std::io::ErrorKind::PermissionDenied, db.to_string())
         }
         _ => None,
     }

@@ -92,12 +92,17 @@ fn unavailable(e: &sqlx::Error) -> bool {
 
 /// Whether a Postgres SQLSTATE says the database cannot serve the call for now: connection
 /// trouble (08), resources (53), an operator or a timeout (57, but a dropped database, which
-/// does not come back), a serialization failure or deadlock (40001, 40P01), a lock not available.
+/// does not come back), a serialization failure or deadlock (40001, 40P01), a lock not available,
+/// or a server taking no writes (`READ_ONLY`: a standby reached after a failover, through a
+/// stale DNS name or pooler, until they point at the new primary).
 fn postgres_unavailable(code: &str) -> bool {
     let class = |c: &str| code.starts_with(c);
-    (class("08") || class("53") || class("57") || ["40001", "40P01", "55P03"].contains(&code))
-        && code != "57P04"
+    let codes = ["40001", "40P01", "55P03", READ_ONLY];
+    (class("08") || class("53") || class("57") || codes.contains(&code)) && code != "57P04"
 }
+
+/// `read_only_sql_transaction`.
+pub(crate) const READ_ONLY: &str = "25006";
 
 const SQLITE_BUSY: i32 = 5;
 const SQLITE_LOCKED: i32 = 6;
@@ -586,7 +591,7 @@ mod tests {
     // Codes no test can make a server send at will (`postgres.rs` makes the others for real).
     #[test]
     fn a_dropped_database_is_not_away_for_now() {
-        for code in ["57P01", "57P03", "53300", "08006", "40P01"] {
+        for code in ["57P01", "57P03", "53300", "08006", "40P01", "25006"] {
             assert!(postgres_unavailable(code), "{code}");
         }
         for code in ["57P04", "42601", "23505", "22P02"] {
