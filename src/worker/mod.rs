@@ -165,15 +165,26 @@ impl Slot {
             permit,
             start,
         } = self;
-        if worker.tracker.is_closed() {
+        // Counted by the tracker from here, so that shutdown waits for this job to be started
+        // or handed back: the lease check below may take a heartbeat's round trip, and a
+        // shutdown that found no task meanwhile was over before the job was started unwatched.
+        let _starting = worker.tracker.token();
+        let hand_back = || async {
             if let Some(lease) = job.lease() {
                 with_db_retries(&worker.last_writes, || worker.store.release(&lease)).await;
             }
+        };
+        if worker.tracker.is_closed() {
+            hand_back().await;
             return;
         }
         let Some(held_until) = worker.still_holds(&job, &start).await else {
             return;
         };
+        if worker.tracker.is_closed() {
+            hand_back().await;
+            return;
+        }
         let claimed = Claimed {
             job: Job {
                 lease_expires_at: Some(held_until),

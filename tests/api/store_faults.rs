@@ -66,6 +66,10 @@ pub(crate) struct Faulty {
     claims: AtomicUsize,
     /// Set: each claim waits for this token to be cancelled, then answers with no job.
     claims_wait_for: Mutex<Option<tokio_util::sync::CancellationToken>>,
+    /// Every heartbeat, counted.
+    heartbeats: AtomicUsize,
+    /// Set: each heartbeat waits for this token to be cancelled, then renews as asked.
+    heartbeats_wait_for: Mutex<Option<tokio_util::sync::CancellationToken>>,
 }
 
 impl Faulty {
@@ -88,6 +92,8 @@ impl Faulty {
             clock_reads_fail: AtomicUsize::new(0),
             claims: AtomicUsize::new(0),
             claims_wait_for: Mutex::new(None),
+            heartbeats: AtomicUsize::new(0),
+            heartbeats_wait_for: Mutex::new(None),
         }
     }
 
@@ -189,8 +195,13 @@ impl Store for Faulty {
         now: i64,
         lease: Duration,
     ) -> Result<Vec<Held>> {
+        self.heartbeats.fetch_add(1, Ordering::SeqCst);
         if self.heartbeats_fail.load(Ordering::SeqCst) {
             return Err(connection_reset());
+        }
+        let gate = self.heartbeats_wait_for.lock().unwrap().clone();
+        if let Some(gate) = gate {
+            gate.cancelled().await;
         }
         self.inner.heartbeat(owner, jobs, now, lease).await
     }
@@ -725,6 +736,65 @@ async fn a_worker_makes_no_claim_after_shutdown_even_with_a_wakeup_stored() {
             "a claim after shutdown"
         );
     }
+    assert_eq!(app.fake.total_calls(), 0);
+}
+
+// A job started at its submit whose insert was slow checks its lease with a heartbeat before it
+// starts; shutdown begins during that heartbeat. The job is handed back to the queue, and the
+// worker's shutdown waits for that. Before, a shutdown that found no task running was over
+// during the heartbeat, and the job was then started unwatched by a worker already stopped.
+#[tokio::test]
+async fn a_job_started_here_as_shutdown_begins_mid_lease_check_is_handed_back() {
+    let app = spawn_app_with(Options {
+        workers: false,
+        ..Options::default()
+    })
+    .await;
+    let store = Arc::new(Faulty::over(
+        app.store.clone(),
+        Faults::default(),
+        Duration::ZERO,
+    ));
+    let config = WorkerConfig {
+        concurrency: 1,
+        lease: Duration::from_secs(3),
+        poll_interval: Duration::from_millis(50),
+        shutdown_grace: Duration::from_secs(1),
+        ..WorkerConfig::default()
+    };
+    let pipeline = Arc::new(pipeline(&app.fake));
+    let worker = Worker::new(store.clone(), pipeline, Arc::new(SystemClock), config);
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let running = tokio::spawn(worker.clone().run(shutdown.clone()));
+    let slot = loop {
+        if let Some(slot) = worker.slot_for_new_job() {
+            break slot;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
+    let start = slot.lease().clone();
+    let Enqueued::Created(job) = store
+        .enqueue(crate::pipelining::new_job(), Some(start))
+        .await
+        .unwrap()
+    else {
+        panic!("a new job");
+    };
+    // A slow insert: over a third of the 3 s lease gone, the lease is checked by a heartbeat,
+    // which holds until shutdown has begun.
+    tokio::time::sleep(Duration::from_millis(1_100)).await;
+    *store.heartbeats_wait_for.lock().unwrap() = Some(shutdown.clone());
+    let before = store.heartbeats.load(Ordering::SeqCst);
+    let started = tokio::spawn(slot.run(job.clone()));
+    while store.heartbeats.load(Ordering::SeqCst) == before {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    shutdown.cancel();
+    running.await.unwrap();
+    // The worker's shutdown is over: the job is back in the queue, not running on its own.
+    let back = app.store.get_job(job.id).await.unwrap().unwrap();
+    assert_eq!((back.status, back.lease_owner), (JobStatus::Queued, None));
+    started.await.unwrap();
     assert_eq!(app.fake.total_calls(), 0);
 }
 
