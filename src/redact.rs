@@ -6,17 +6,46 @@
 /// database's URL and every upstream's. The scheme and host stay readable. It errs towards
 /// hiding: the last `@` is taken as the end of the userinfo, as in a URL that does not parse.
 pub fn redact_url(url: &str) -> String {
-    let (Some(start), Some(at)) = (url.find("://").map(|i| i + 3), url.rfind('@')) else {
-        return url.to_string();
+    let (shown, rest) = match userinfo(url) {
+        Some((start, at)) => {
+            let shown = match url[start..at].split_once(':') {
+                Some((user, _)) => format!("{user}:***"),
+                None => "***".to_string(),
+            };
+            (format!("{}{shown}", &url[..start]), &url[at..])
+        }
+        None => (String::new(), url),
     };
-    if at < start {
-        return url.to_string();
+    // The query, after the userinfo (a `?` inside a password is hidden with it).
+    match rest.split_once('?') {
+        Some((before, query)) => format!("{shown}{before}?{}", redact_query(query)),
+        None => format!("{shown}{rest}"),
     }
-    let shown = match url[start..at].split_once(':') {
-        Some((user, _)) => format!("{user}:***"),
-        None => "***".to_string(),
-    };
-    format!("{}{shown}{}", &url[..start], &url[at..])
+}
+
+/// Where a URL's userinfo starts and its `@` is, if it has one: the last `@`, as in a URL that
+/// does not parse.
+fn userinfo(url: &str) -> Option<(usize, usize)> {
+    let start = url.find("://")? + 3;
+    let at = url.rfind('@')?;
+    (at >= start).then_some((start, at))
+}
+
+/// A URL's query with the values of parameters that may hold a secret shown as `***`: sqlx
+/// takes a Postgres password as `?password=`, and some providers' keys ride in the query
+/// (`?key=`, `?api-key=`, `?token=`). By name, erring towards hiding.
+fn redact_query(query: &str) -> String {
+    const SECRET: [&str; 6] = ["pass", "pwd", "key", "token", "secret", "auth"];
+    query
+        .split('&')
+        .map(|pair| match pair.split_once('=') {
+            Some((name, _)) if SECRET.iter().any(|s| name.to_ascii_lowercase().contains(s)) => {
+                format!("{name}=***")
+            }
+            _ => pair.to_string(),
+        })
+        .collect::<Vec<_>>()
+        .join("&")
 }
 
 #[cfg(test)]
@@ -38,6 +67,20 @@ mod tests {
             ("http://h:8000/v1", "http://h:8000/v1"),
             ("sqlite://fusion.db", "sqlite://fusion.db"),
             ("not a url", "not a url"),
+            // Secrets in the query: sqlx's `password`, a provider's key.
+            (
+                "postgres://u@h/db?sslmode=require&password=secret",
+                "postgres://***@h/db?sslmode=require&password=***",
+            ),
+            (
+                "https://h/v1?api-version=1&API_KEY=secret&sslpassword=secret",
+                "https://h/v1?api-version=1&API_KEY=***&sslpassword=***",
+            ),
+            (
+                "postgres://u:secret@h/db?options=-c%20statement_timeout%3D5s",
+                "postgres://u:***@h/db?options=-c%20statement_timeout%3D5s",
+            ),
+            ("postgres://u:se?cret@h/db", "postgres://u:***@h/db"),
         ] {
             assert_eq!(redact_url(url), shown, "{url}");
         }
