@@ -189,7 +189,7 @@ impl FileConfig {
     pub fn load(path: &Path) -> anyhow::Result<FileConfig> {
         let text = std::fs::read_to_string(path)
             .with_context(|| format!("Failed to read config file {}", path.display()))?;
-        toml::from_str(&text).with_context(|| format!("Invalid config file {}", path.display()))
+        parse_file(&text).with_context(|| format!("Invalid config file {}", path.display()))
     }
 
     /// Values that parse but cannot work: refused at start-up, naming the key, rather than
@@ -249,6 +249,49 @@ impl FileConfig {
                 "[retry] jitter must be a fraction from 0 to 1, got {j}"
             );
         }
+        // Counts and sizes: below the range they cannot work (an analysis allowed 0 tokens
+        // fails every try, paid for), above it they hold a slot for days or ask for what no
+        // model gives. They used to be raised or lowered into range without a word.
+        let (a, j, up) = (&self.analysis, &self.jobs, &self.upstream);
+        let big = |v: Option<u64>| v.map(saturating_i64);
+        for (key, value, (min, max)) in [
+            (
+                "[jobs] max_attempts",
+                j.max_attempts.map(i64::from),
+                (1, 1_000),
+            ),
+            (
+                "[jobs] analysis_attempts",
+                j.analysis_attempts.map(i64::from),
+                (1, 100),
+            ),
+            (
+                "[retry] max_attempts",
+                r.max_attempts.map(i64::from),
+                (1, 100),
+            ),
+            ("[retry] base_ms", big(r.base_ms), (1, 600_000)),
+            ("[retry] cap_ms", big(r.cap_ms), (1, 3_600_000)),
+            ("[analysis] max_items", big(a.max_items), (1, 100)),
+            ("[analysis] max_text", big(a.max_text), (20, 20_000)),
+            (
+                "[analysis] max_tokens",
+                a.max_tokens.map(i64::from),
+                (1, 1_000_000),
+            ),
+            (
+                "[upstream] timeout_seconds",
+                big(up.timeout_seconds),
+                (1, 86_400),
+            ),
+        ] {
+            if let Some(v) = value {
+                anyhow::ensure!(
+                    (min..=max).contains(&v),
+                    "{key} must be {min} to {max}, got {v}"
+                );
+            }
+        }
         Ok(())
     }
 
@@ -285,9 +328,9 @@ impl FileConfig {
             None => self.upstream.timeout_seconds.unwrap_or(600),
         };
         anyhow::ensure!(
-            timeout_seconds >= 1,
+            (1..=86_400).contains(&timeout_seconds),
             "the upstream timeout (FUSION_UPSTREAM_TIMEOUT_SECONDS or [upstream] timeout_seconds) \
-             must be at least 1 second, got {timeout_seconds}"
+             must be 1 to 86400 seconds, got {timeout_seconds}"
         );
         let mut providers = HashMap::new();
         for (name, p) in self.providers {
@@ -330,11 +373,7 @@ impl FileConfig {
         );
         let defaults = RetryPolicy::default();
         let retry = RetryPolicy {
-            max_attempts: self
-                .retry
-                .max_attempts
-                .unwrap_or(defaults.max_attempts)
-                .max(1),
+            max_attempts: self.retry.max_attempts.unwrap_or(defaults.max_attempts),
             base: self
                 .retry
                 .base_ms
@@ -367,13 +406,13 @@ impl FileConfig {
             jobs: JobDefaults {
                 min_panel: self.jobs.min_panel.unwrap_or(1).max(1),
                 deadline_seconds: self.jobs.deadline_seconds,
-                max_attempts: self.jobs.max_attempts.unwrap_or(10).max(1),
-                analysis_attempts: self.jobs.analysis_attempts.unwrap_or(3).max(1),
+                max_attempts: self.jobs.max_attempts.unwrap_or(10),
+                analysis_attempts: self.jobs.analysis_attempts.unwrap_or(3),
             },
             retry,
             analysis: AnalysisLimits {
-                max_items: self.analysis.max_items.unwrap_or(12).clamp(1, 100),
-                max_text: self.analysis.max_text.unwrap_or(600).clamp(20, 20_000),
+                max_items: self.analysis.max_items.unwrap_or(12),
+                max_text: self.analysis.max_text.unwrap_or(600),
                 max_tokens: self.analysis.max_tokens,
             },
             keepalive: Duration::from_secs(self.server.keepalive_seconds.unwrap_or(15)),
@@ -410,7 +449,19 @@ fn check_url(url: &str) -> anyhow::Result<reqwest::Url> {
         matches!(parsed.scheme(), "http" | "https"),
         "`{shown}` must be http or https"
     );
+    // `/chat/completions` is appended to the base URL: after a query or a fragment it would
+    // not be part of the path, and every call would go to the wrong place.
+    anyhow::ensure!(
+        parsed.query().is_none() && parsed.fragment().is_none(),
+        "`{shown}` must be a base URL without a query or fragment (`/chat/completions` is \
+         appended to it)"
+    );
     Ok(parsed)
+}
+
+/// `v` as an `i64`, `i64::MAX` past it (out of every range checked).
+fn saturating_i64(v: u64) -> i64 {
+    i64::try_from(v).unwrap_or(i64::MAX)
 }
 
 /// A provider's key and credentials in its base URL would both be the `Authorization` header,
@@ -436,6 +487,21 @@ fn one_authorization(
         redact_url(url)
     );
     Ok(())
+}
+
+/// The file's settings, or what is wrong with them and where: toml's message and the line and
+/// column, never the line itself, which toml's own error quotes (an `api_key = "sk-…"` written
+/// under a section that takes no such key went to the terminal and the logs as it was).
+fn parse_file(text: &str) -> anyhow::Result<FileConfig> {
+    toml::from_str(text).map_err(|e| {
+        let at = e.span().map_or_else(String::new, |span| {
+            let before = &text[..span.start.min(text.len())];
+            let line = before.matches('\n').count() + 1;
+            let column = before.len() - before.rfind('\n').map_or(0, |i| i + 1) + 1;
+            format!(" (line {line}, column {column})")
+        });
+        anyhow::anyhow!("{}{at}", e.message().trim_end())
+    })
 }
 
 /// A key variable that the file names (`api_key_env` under `section`) but that holds no key: the
@@ -511,6 +577,21 @@ mod tests {
         assert!(cfg.upstream.default.api_key.is_none());
     }
 
+    // A key written where the file takes none (here beside the upstream's settings, refused as
+    // an unknown field) is not quoted back: the error says what and where, not the line.
+    // Before, toml's own message showed the line, key and all.
+    #[test]
+    fn a_bad_file_is_told_without_quoting_its_lines() {
+        let text = "[upstream]\nbase_url = \"http://h/v1\"\napi_key = \"sk-secret-123\"\n";
+        let err = parse_file(text).unwrap_err();
+        let shown = format!("{err:#}");
+        assert!(!shown.contains("sk-secret"), "{shown}");
+        assert!(
+            shown.contains("api_key") && shown.contains("line 3"),
+            "{shown}"
+        );
+    }
+
     // A password in an upstream URL stays out of the start-up error that names a bad URL, and
     // out of the configuration's `Debug`.
     #[test]
@@ -563,9 +644,47 @@ mod tests {
             ("[server]\nwait_outage_seconds = 0", "wait_outage_seconds"),
             ("[retry]\njitter = nan", "jitter"),
             ("[retry]\njitter = 2.0", "jitter"),
+            // Once raised or lowered into range without a word.
+            (
+                "[jobs]\nmax_attempts = 0",
+                "[jobs] max_attempts must be 1 to 1000, got 0",
+            ),
+            (
+                "[jobs]\nanalysis_attempts = 0",
+                "[jobs] analysis_attempts must be 1",
+            ),
+            (
+                "[retry]\nmax_attempts = 0",
+                "[retry] max_attempts must be 1",
+            ),
+            (
+                "[analysis]\nmax_tokens = 0",
+                "[analysis] max_tokens must be 1",
+            ),
+            (
+                "[analysis]\nmax_items = 1000",
+                "[analysis] max_items must be 1 to 100",
+            ),
+            ("[analysis]\nmax_text = 5", "[analysis] max_text must be 20"),
+            (
+                "[retry]\nbase_ms = 86400000\ncap_ms = 86400000",
+                "[retry] base_ms must be 1 to 600000",
+            ),
+            (
+                "[upstream]\ntimeout_seconds = 1000000",
+                "timeout_seconds must be 1 to 86400",
+            ),
+            (
+                "[upstream]\nbase_url = \"https://h/v1?api-version=2024\"",
+                "without a query",
+            ),
+            (
+                "[providers.p]\nbase_url = \"http://h/v1#x\"",
+                "without a query or fragment",
+            ),
         ] {
             let file: FileConfig = toml::from_str(toml).unwrap();
-            let err = file.resolve(&env(&[])).expect_err(toml).to_string();
+            let err = format!("{:#}", file.resolve(&env(&[])).expect_err(toml));
             assert!(err.contains(key), "{toml}: {err}");
         }
         let file: FileConfig = toml::from_str("").unwrap();
@@ -574,6 +693,10 @@ mod tests {
             .expect_err("a zero timeout")
             .to_string();
         assert!(err.contains("FUSION_UPSTREAM_TIMEOUT_SECONDS"), "{err}");
+        let file: FileConfig = toml::from_str("").unwrap();
+        let env_huge = env(&[("FUSION_UPSTREAM_TIMEOUT_SECONDS", "99999999")]);
+        let err = file.resolve(&env_huge).expect_err("a huge timeout");
+        assert!(err.to_string().contains("1 to 86400"), "{err}");
         // The edges that do work still resolve.
         let file: FileConfig = toml::from_str(
             "[jobs]\ndeadline_seconds = 604800\nmin_panel = 8\n[retry]\nbase_ms = 1\ncap_ms = 1\njitter = 0.0",
