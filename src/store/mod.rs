@@ -573,6 +573,126 @@ pub(crate) fn ms(d: Duration) -> i64 {
 mod tests {
     use super::*;
 
+    /// Every migration file as it was when it landed (SHA-256 of its bytes). sqlx records a
+    /// checksum of each migration it applies and refuses to start against a database where an
+    /// applied one has changed since, comments included: a migration, once landed, is never
+    /// edited (0010 was, before it landed, and a database migrated in between would not start).
+    /// A change goes into a new migration; a new one is added here.
+    const LANDED_MIGRATIONS: [(&str, &str); 20] = [
+        (
+            "postgres/0001_jobs.sql",
+            "f449d02dc02fe51a24aee9f04a05cdf9f649e8d4f5fe10ad6759259e1aab2e19",
+        ),
+        (
+            "postgres/0002_no_step_notify.sql",
+            "2ecee91987e1e9b30dc0f9cb64d308a7ba050fc14093ee3e46928f5d2d1c24c6",
+        ),
+        (
+            "postgres/0003_batched_writes.sql",
+            "0944badee59c4543a09d44413b0db3d06e1b0ee292a900511bdcacc3c478ca59",
+        ),
+        (
+            "postgres/0004_started_jobs_do_not_wake.sql",
+            "e133483a440db1c8f298c4a65bdbbb0fe0920259e34ee181c3e914b7b3d03e48",
+        ),
+        (
+            "postgres/0005_fewer_index_entries.sql",
+            "e485315b6c411420be12cd07f726e7f76393d51c5dc51476914cd856d0f758ee",
+        ),
+        (
+            "postgres/0006_claim_walks_its_index.sql",
+            "a9c83c4e852fe23e7f275e5914b5da924ff9a1c936ec11f5d6bf240895e7cfe7",
+        ),
+        (
+            "postgres/0007_steps_fence_not_foreign_key.sql",
+            "1d53d6eea0f287dd6fc2e09156d3cef1e85bf1d02478a9bd12c30b104fb04e62",
+        ),
+        (
+            "postgres/0008_deadline_from.sql",
+            "38f090c5d011dce46e7630b61c7687b6b9b249a0feb592649111efb8591f3689",
+        ),
+        (
+            "postgres/0009_later_requeues_do_not_wake.sql",
+            "255a1cd258bab949fbe55c46cdce51eb1eb8bf655dbc7869d9896bf51bd0db1c",
+        ),
+        (
+            "postgres/0010_claim_skips_delayed_jobs.sql",
+            "7ff82d28a64720078e6d9c82ffab6fa3b3c2d8952995b9965e14711c4adc694d",
+        ),
+        (
+            "sqlite/0001_jobs.sql",
+            "8e5b4d10777fa1ef9a2099fad6870f7db026241f7d47178130896196e1724df5",
+        ),
+        (
+            "sqlite/0002_no_step_notify.sql",
+            "54e7727a7aa183b3e109ba213422bf2f41bce4a328db172389d2b8bbd65086fb",
+        ),
+        (
+            "sqlite/0003_batched_writes.sql",
+            "37649d2c52b14c0af17a9de0b5900930aac57fd2429917039de1be93b317aacd",
+        ),
+        (
+            "sqlite/0004_started_jobs_do_not_wake.sql",
+            "140e2fcc5c8286df580ec8e640a0ba76a7a988f064caeb489f4ac614aa8c7688",
+        ),
+        (
+            "sqlite/0005_fewer_index_entries.sql",
+            "3d79a1bb487e30c563073a69e4c879b566b3b2c693683feacfb05c5b0d64def2",
+        ),
+        (
+            "sqlite/0006_claim_walks_its_index.sql",
+            "11272091fe8b60b7c4e78aa332fcc5be519a5768b1ddcc9ce9771613674cff73",
+        ),
+        (
+            "sqlite/0007_steps_fence_not_foreign_key.sql",
+            "3aebb72bde2b4394dd328400d971166d2b7ea65fb64c9e16b942ce6879ed6096",
+        ),
+        (
+            "sqlite/0008_deadline_from.sql",
+            "5982b53a818dda4de651985b4c93a7cd1c98f54f6ef5e786c0394ee8cffb601a",
+        ),
+        (
+            "sqlite/0009_later_requeues_do_not_wake.sql",
+            "38e7e92bb34c5f779f016114809ad02b4ef71860ad19b7ca4ce8afe4eb87a5d9",
+        ),
+        (
+            "sqlite/0010_claim_skips_delayed_jobs.sql",
+            "3c4edbe03d8810b87b2fca11b26c0cff934cefa5e6b97df10ec16f8489cccb9b",
+        ),
+    ];
+
+    #[test]
+    fn landed_migrations_are_never_edited() {
+        use sha2::{Digest, Sha256};
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("migrations");
+        let mut found = Vec::new();
+        for store in ["postgres", "sqlite"] {
+            for entry in std::fs::read_dir(root.join(store)).unwrap() {
+                let path = entry.unwrap().path();
+                let name = format!("{store}/{}", path.file_name().unwrap().to_string_lossy());
+                let digest = Sha256::digest(std::fs::read(&path).unwrap());
+                let hex: String = digest.iter().map(|b| format!("{b:02x}")).collect();
+                found.push((name, hex));
+            }
+        }
+        found.sort();
+        for (name, hex) in &found {
+            match LANDED_MIGRATIONS.iter().find(|(landed, _)| landed == name) {
+                Some((_, landed)) => assert_eq!(
+                    hex, landed,
+                    "{name} changed after it landed: databases that applied it would refuse to \
+                     start; put the change in a new migration"
+                ),
+                None => panic!("{name} is new: add (\"{name}\", \"{hex}\") to LANDED_MIGRATIONS"),
+            }
+        }
+        assert_eq!(
+            found.len(),
+            LANDED_MIGRATIONS.len(),
+            "a landed migration is gone"
+        );
+    }
+
     #[test]
     fn parses_trigger_payloads() {
         let id = Uuid::now_v7();
