@@ -350,6 +350,7 @@ contract_tests!(
     idempotency,
     claim_order_and_limit,
     many_priorities_are_claimed_in_order,
+    a_lost_claim_is_released_by_its_lease_end,
     claim_race,
     heartbeat_extends_only_owned_running_jobs,
     heartbeat_renews_only_the_jobs_named,
@@ -582,6 +583,36 @@ async fn many_priorities_are_claimed_in_order(store: Arc<dyn Store>) {
     assert_eq!(ids(claim(&store, "w", 30, NOW).await), due[..30]);
     assert_eq!(ids(claim(&store, "w", 200, NOW).await), due[30..]);
     assert_eq!(claim(&store, "w", 10, NOW).await, vec![]);
+}
+
+/// A claim whose answer was lost is handed back by its owner and exact lease end: the jobs it
+/// took are queued again with one more attempt allowed; the owner's jobs under another lease,
+/// and another owner's under the same one, run on.
+async fn a_lost_claim_is_released_by_its_lease_end(store: Arc<dyn Store>) {
+    let lost: Vec<Job> = vec![
+        enqueue(&store, new_job_at(0, NOW - 3_000)).await,
+        enqueue(&store, new_job_at(0, NOW - 2_000)).await,
+    ];
+    let later = enqueue(&store, new_job_at(0, NOW - 1_000)).await;
+    let other = enqueue(&store, new_job_at(0, NOW - 500)).await;
+    assert_eq!(claim(&store, "w", 2, NOW).await.len(), 2);
+    assert_eq!(claim(&store, "w", 1, NOW + 1).await.len(), 1);
+    assert_eq!(claim(&store, "v", 1, NOW).await.len(), 1);
+    let released = store.release_claim("w", NOW + LEASE_MS).await.unwrap();
+    assert_eq!(released, 2);
+    for job in &lost {
+        let back = get(&store, job.id).await;
+        assert_eq!(
+            (back.status, back.lease_owner, back.max_attempts),
+            (JobStatus::Queued, None, job.max_attempts + 1)
+        );
+    }
+    for (job, owner) in [(&later, "w"), (&other, "v")] {
+        let running = get(&store, job.id).await;
+        assert_eq!(running.status, JobStatus::Running);
+        assert_eq!(running.lease_owner.as_deref(), Some(owner));
+    }
+    assert_eq!(store.release_claim("w", NOW + LEASE_MS).await.unwrap(), 0);
 }
 
 /// 4. Eight claimers racing over 200 jobs: every job claimed exactly once.

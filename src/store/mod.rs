@@ -247,6 +247,11 @@ pub trait Store: Send + Sync + 'static {
     /// Back to queued now without spending the attempt (graceful shutdown): it allows one more
     /// (`max_attempts + 1`), while `attempt` stays, so that no two leases share a number.
     async fn release(&self, lease: &Lease) -> Result<bool>;
+    /// `release` every job still running under `owner`'s lease that runs out at exactly
+    /// `lease_expires_at`: what a claim took whose answer was lost (it committed, then the
+    /// connection broke or the wait ran out), so that its jobs go back to the queue at once
+    /// instead of waiting out a lease nobody holds, an attempt spent. How many went back.
+    async fn release_claim(&self, owner: &str, lease_expires_at: i64) -> Result<u64>;
 
     /// Woken whenever work may be available (an enqueue in this process, or — on Postgres — a
     /// NOTIFY from any process).

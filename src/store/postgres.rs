@@ -780,6 +780,23 @@ impl Store for PgStore {
         Ok(done.rows_affected() == 1)
     }
 
+    async fn release_claim(&self, owner: &str, lease_expires_at: i64) -> Result<u64> {
+        // Locked in id order, as every statement that changes several running jobs locks them
+        // (see `BATCH_SQL`).
+        let done = sqlx::query(
+            "WITH l AS (SELECT id FROM jobs WHERE status = 'running' AND lease_owner = $1 \
+                        AND lease_expires_at = $2 ORDER BY id FOR UPDATE) \
+             UPDATE jobs SET status = 'queued', max_attempts = max_attempts + 1, \
+             lease_owner = NULL, lease_expires_at = NULL \
+             WHERE id IN (SELECT id FROM l) AND status = 'running' AND lease_owner = $1 \
+               AND lease_expires_at = $2",
+        )
+        .bind(owner)
+        .bind(lease_expires_at);
+        let done = self.bounded(async |c| Ok(done.execute(c).await?)).await?;
+        Ok(done.rows_affected())
+    }
+
     fn wakeups(&self) -> Arc<Notify> {
         self.wakeups.clone()
     }

@@ -609,6 +609,22 @@ impl Store for SqliteStore {
         Ok(released)
     }
 
+    async fn release_claim(&self, owner: &str, lease_expires_at: i64) -> Result<u64> {
+        let done = sqlx::query(
+            "UPDATE jobs SET status = 'queued', max_attempts = max_attempts + 1, \
+             lease_owner = NULL, lease_expires_at = NULL \
+             WHERE status = 'running' AND lease_owner = ?1 AND lease_expires_at = ?2",
+        )
+        .bind(owner)
+        .bind(lease_expires_at)
+        .execute(&self.writer)
+        .await?;
+        if done.rows_affected() > 0 {
+            self.wakeups.notify_one();
+        }
+        Ok(done.rows_affected())
+    }
+
     fn wakeups(&self) -> Arc<Notify> {
         self.wakeups.clone()
     }

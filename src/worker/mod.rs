@@ -141,6 +141,9 @@ pub struct Worker {
     /// while they retry. Not a job's own stop token: an outcome is the end of work already paid
     /// for, and ending the grace period must not throw it away mid-retry.
     last_writes: CancellationToken,
+    /// The lease ends (`lease_expires_at`) of claims that failed and may have committed all the
+    /// same, whose jobs are still to be handed back (see `claim`).
+    unconfirmed_claims: Mutex<Vec<i64>>,
 }
 
 /// A free slot of this process's worker, taken for a job being submitted here: the job is
@@ -218,6 +221,7 @@ impl Worker {
             queue_drained: AtomicBool::new(false),
             releasing: AtomicBool::new(false),
             last_writes: CancellationToken::new(),
+            unconfirmed_claims: Mutex::new(Vec::new()),
             config,
         })
     }
@@ -298,13 +302,51 @@ impl Worker {
     /// Claim up to `limit` jobs and run them to the end. The building block of `run`, and a way
     /// for tests to drive the queue without sleeping.
     pub async fn run_once(self: &Arc<Self>, limit: u32) -> Result<usize, StoreError> {
-        let jobs = self
-            .store
-            .claim(&self.owner, limit, self.clock.now_ms(), self.config.lease)
-            .await?;
+        let jobs = self.claim(limit).await?;
         let n = jobs.len();
         futures::future::join_all(jobs.into_iter().map(|job| self.clone().execute(job))).await;
         Ok(n)
+    }
+
+    /// Claim up to `wanted` jobs under a new lease. A claim that failed may have committed all
+    /// the same (the connection broke, or the wait ran out, after the statement went out): its
+    /// jobs would then run under this process's lease with nobody on them until it ran out, an
+    /// attempt spent (a job on its last one failed without having run). So the jobs running
+    /// under exactly that lease are handed back at once; a hand-back that fails too is tried
+    /// again before each later claim, until the lease would have run out (then they are the
+    /// rescuer's).
+    async fn claim(&self, wanted: u32) -> Result<Vec<Claimed>, StoreError> {
+        self.hand_back_unconfirmed_claims().await;
+        let now = self.clock.now_ms();
+        let claimed = self
+            .store
+            .claim(&self.owner, wanted, now, self.config.lease)
+            .await;
+        if claimed.is_err() {
+            let until = now + crate::store::ms(self.config.lease);
+            self.unconfirmed_claims.lock().expect("claims").push(until);
+            self.hand_back_unconfirmed_claims().await;
+        }
+        claimed
+    }
+
+    async fn hand_back_unconfirmed_claims(&self) {
+        let pending = std::mem::take(&mut *self.unconfirmed_claims.lock().expect("claims"));
+        let mut left = Vec::new();
+        for until in pending {
+            if until <= self.clock.now_ms() {
+                continue;
+            }
+            match self.store.release_claim(&self.owner, until).await {
+                Ok(0) => {}
+                Ok(jobs) => tracing::warn!(
+                    jobs,
+                    "a claim whose answer was lost had taken jobs; handed them back to the queue"
+                ),
+                Err(_) => left.push(until),
+            }
+        }
+        self.unconfirmed_claims.lock().expect("claims").extend(left);
     }
 
     /// Run until `shutdown` fires, then drain within the grace period and release what is left:
@@ -373,10 +415,7 @@ impl Worker {
             if shutdown.is_cancelled() {
                 return;
             }
-            let claimed = self
-                .store
-                .claim(&self.owner, wanted, self.clock.now_ms(), self.config.lease)
-                .await;
+            let claimed = self.claim(wanted).await;
             let idle = match claimed {
                 Ok(jobs) => {
                     failures = 0;

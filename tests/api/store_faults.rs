@@ -47,6 +47,7 @@ pub(crate) struct Faulty {
     /// Every `get_job` call, failed or not.
     pub(crate) reads: AtomicUsize,
     enqueues_left: AtomicUsize,
+    claims_left: AtomicUsize,
     steps_left: AtomicUsize,
     finishes_left: AtomicUsize,
     requeues_left: AtomicUsize,
@@ -80,6 +81,7 @@ impl Faulty {
             step_reads_left: AtomicUsize::new(faults.step_reads),
             reads: AtomicUsize::new(0),
             enqueues_left: AtomicUsize::new(faults.enqueues),
+            claims_left: AtomicUsize::new(faults.claims),
             steps_left: AtomicUsize::new(faults.steps),
             finishes_left: AtomicUsize::new(faults.finishes),
             requeues_left: AtomicUsize::new(faults.requeues),
@@ -178,7 +180,8 @@ impl Store for Faulty {
             gate.cancelled().await;
             return Ok(Vec::new());
         }
-        let claimed = self.inner.claim(owner, limit, now, lease).await?;
+        let claimed = self.inner.claim(owner, limit, now, lease).await;
+        let claimed = Self::unconfirm(&self.claims_left, claimed)?;
         if self.cancel_after_claim {
             for c in &claimed {
                 self.inner.cancel(c.job.id, now).await?;
@@ -247,6 +250,9 @@ impl Store for Faulty {
         self.outcome_refused()?;
         self.inner.release(lease).await
     }
+    async fn release_claim(&self, owner: &str, lease_expires_at: i64) -> Result<u64> {
+        self.inner.release_claim(owner, lease_expires_at).await
+    }
     fn wakeups(&self) -> Arc<Notify> {
         self.inner.wakeups()
     }
@@ -290,14 +296,15 @@ fn capture_logs() -> (Lines, tracing::subscriber::DefaultGuard) {
     (lines, guard)
 }
 
-/// The faults a test's store deals: the first `enqueues`, `steps`, `finishes` and `requeues`
-/// writes left unconfirmed, a panic after each of the first `panics` checkpoints, the first `reads` reads
+/// The faults a test's store deals: the first `enqueues`, `claims`, `steps`, `finishes` and
+/// `requeues` writes left unconfirmed, a panic after each of the first `panics` checkpoints, the first `reads` reads
 /// of a job failed, the first `step_reads` reads of a job's steps failed, and the first
 /// `refused_outcomes` outcome writes and releases failed; with `cancel_after_claim`, every job
 /// claimed is cancelled before the claim answers; each checkpoint write `slow_steps` late.
 #[derive(Default)]
 pub(crate) struct Faults {
     pub(crate) enqueues: usize,
+    pub(crate) claims: usize,
     pub(crate) steps: usize,
     pub(crate) finishes: usize,
     pub(crate) requeues: usize,
@@ -416,6 +423,31 @@ async fn a_write_that_committed_unconfirmed_is_found_done_and_the_job_goes_on() 
         "{logs}"
     );
     assert!(!logs.contains("outcome not written"), "{logs}");
+}
+
+// A claim commits, then its answer is lost (the connection breaks): the job it took goes back
+// to the queue at once, its attempt not spent, and the next claim runs it. Before, it sat
+// running under a lease nobody held (300 s here) until the rescuer took it back, an attempt
+// spent: a job on its last attempt failed without having run.
+#[tokio::test]
+async fn a_claim_whose_answer_was_lost_hands_its_jobs_back() {
+    let (app, id, _store, worker, _) = one_job(Faults {
+        claims: 1,
+        ..Faults::default()
+    })
+    .await;
+    let before = app.store.get_job(id).await.unwrap().unwrap();
+    assert!(
+        worker.run_once(1).await.is_err(),
+        "the claim's answer is lost"
+    );
+    let back = app.store.get_job(id).await.unwrap().unwrap();
+    assert_eq!(
+        (back.status, back.lease_owner, back.max_attempts),
+        (JobStatus::Queued, None, before.max_attempts + 1)
+    );
+    assert_eq!(worker.run_once(1).await.unwrap(), 1);
+    assert_eq!(stored(&app, id).await, (JobStatus::Succeeded, 2));
 }
 
 #[tokio::test]
