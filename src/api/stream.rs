@@ -148,15 +148,20 @@ async fn finish(
     opts: StreamOptions,
 ) -> Result<(), Gone> {
     let choice = &completion["choices"][0];
-    let content = choice["message"]["content"].as_str().unwrap_or_default();
-    let mut delta = json!({"content": content});
+    // A string, or content parts (some servers answer so): their text, as a completion's is
+    // read. Before, parts streamed as an empty answer.
+    let content = crate::upstream::text_of(choice["message"]["content"].clone());
+    let mut delta = json!({"content": content.unwrap_or_default()});
     if let Some(calls) = choice["message"].get("tool_calls").filter(|c| !c.is_null()) {
         delta["tool_calls"] = indexed(calls);
     }
     let content_choice = json!([{"index": 0, "delta": delta, "finish_reason": null}]);
     data(tx, &chunk(id, created, model, content_choice)).await?;
+    // A reason that is not a string (`null` from some servers) is "stop": the stream's last
+    // chunk must say why it ended.
     let reason = choice
         .get("finish_reason")
+        .filter(|r| r.is_string())
         .cloned()
         .unwrap_or(json!("stop"));
     let end = json!([{"index": 0, "delta": {}, "finish_reason": reason}]);

@@ -17,6 +17,7 @@ pub use provider::{
     ApiKey, DEFAULT_MAX_IDLE_PER_HOST, Price, Provider, StructuredOutput, UpstreamConfig,
 };
 pub use retry::{CallError, Jitter, RetryPolicy};
+pub use wire::text_of;
 
 use std::borrow::Cow;
 use std::collections::HashMap;

@@ -106,7 +106,7 @@ fn content_text<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<String>
 /// image, a reasoning or `thinking` block, a citation) is left out: the answer is the text.
 /// Anything else, or parts with no text, is no content (the call then fails as an empty
 /// completion).
-fn text_of(content: Value) -> Option<String> {
+pub fn text_of(content: Value) -> Option<String> {
     match content {
         Value::String(s) => Some(s),
         Value::Array(parts) => {

@@ -371,6 +371,37 @@ async fn out_of_rounds_the_reply_calls_nothing_the_client_cannot_answer() {
     assert!(outer[..4].iter().all(|b| b["tool_choice"] != "none"));
 }
 
+// Streamed, a reply whose content comes as parts (as some servers answer) streams their text,
+// and a reply without a finish reason (`null`) ends with "stop". Before, the parts streamed as
+// an empty answer and no chunk said why the stream ended.
+#[tokio::test]
+async fn a_streamed_tool_reply_in_content_parts_streams_their_text() {
+    let app = spawn_app().await;
+    let reply = r#"{"id": "c", "object": "chat.completion", "created": 0, "model": "outer",
+        "choices": [{"index": 0, "finish_reason": null, "message": {"role": "assistant",
+        "content": [{"type": "text", "text": "Hello, "}, {"type": "text", "text": "world"}]}}],
+        "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}}"#;
+    app.fake
+        .script("outer", Kind::Panel, vec![Reply::RawOk(reply)]);
+    let mut body = body_with_tool(&["m1"], "judge");
+    body["stream"] = json!(true);
+    let resp = app.chat(&body).await;
+    assert_eq!(resp.status(), 200);
+    let text = resp.text().await.unwrap();
+    let (data, _) = parse_sse(&text);
+    let chunks: Vec<Value> = data[..data.len() - 1]
+        .iter()
+        .map(|d| serde_json::from_str(d).unwrap())
+        .collect();
+    let content: String = chunks
+        .iter()
+        .filter_map(|c| c["choices"][0]["delta"]["content"].as_str())
+        .collect();
+    assert_eq!(content, "Hello, world", "{text}");
+    let last = chunks.last().unwrap();
+    assert_eq!(last["choices"][0]["finish_reason"], "stop", "{text}");
+}
+
 #[tokio::test]
 async fn the_fusion_tool_checks_the_messages_before_any_call() {
     let app = spawn_app().await;
