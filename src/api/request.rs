@@ -294,8 +294,14 @@ pub fn parse_messages(v: Option<&Value>) -> Result<Vec<Value>, ApiError> {
             Some(Value::String(_)) => {}
             Some(Value::Array(parts)) => content_parts(parts, i)?,
             Some(Value::Null) | None if role == "assistant" => {
+                // What an assistant message may carry instead of content, as the OpenAI SDKs
+                // hand them back: tool calls, a refusal, an audio reply.
                 let calls = m.get("tool_calls").and_then(Value::as_array);
-                if calls.is_none_or(Vec::is_empty) && !m["function_call"].is_object() {
+                let instead = !calls.is_none_or(Vec::is_empty)
+                    || m["function_call"].is_object()
+                    || m["refusal"].is_string()
+                    || m["audio"].is_object();
+                if !instead {
                     return Err(bad(format!(
                         "`messages[{i}]` is an assistant message with neither `content` nor \
                          `tool_calls`"
@@ -382,7 +388,7 @@ fn parse_plugins(v: Option<&Value>) -> Result<Option<&Map<String, Value>>, ApiEr
 
 fn model_name(v: &Value, field: &str) -> Result<String, ApiError> {
     match v.as_str().map(str::trim) {
-        Some(m) if !m.is_empty() && m.len() <= 200 => {
+        Some(m) if !m.is_empty() && m.chars().count() <= 200 => {
             refuse_control_characters(m, field)?;
             Ok(m.to_string())
         }

@@ -142,15 +142,18 @@ async fn rounds(
 ) -> Result<(Value, Vec<uuid::Uuid>), ApiError> {
     let mut usage = Usage::default();
     let mut job_ids = Vec::new();
+    let offers_own_tools = tools(&outer)
+        .any(|t| t.pointer("/function/name").and_then(Value::as_str) != Some("fusion"));
     for round in 0..=MAX_ROUNDS {
         if round > 0 && forced {
             // Forcing applies to the first call only, or the model could never answer and
             // every round would run another fusion job.
             outer["tool_choice"] = json!("auto");
         }
-        if round == MAX_ROUNDS {
+        if round == MAX_ROUNDS && !offers_own_tools {
             // Out of rounds: this reply is the answer, so it may call nothing (a fusion call
-            // could not be run any more, and the client cannot run one).
+            // could not be run any more, and the client cannot run one). With tools of the
+            // client's own, its `tool_choice` stands, and a fusion call is dropped below.
             outer["tool_choice"] = json!("none");
         }
         let (mut reply, outer_usage) = state

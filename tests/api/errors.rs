@@ -107,6 +107,21 @@ async fn bad_requests_are_4xx_with_precise_messages() {
             "`model` must be a model name (1 to 200 characters)",
         ),
     ];
+    // An assistant message may stand without content when it carries what the OpenAI SDKs
+    // hand back in its place: a refusal, an audio reply.
+    for instead in [
+        json!({"refusal": "I can't help with that."}),
+        json!({"audio": {"id": "a1"}}),
+    ] {
+        let mut assistant = json!({"role": "assistant", "content": null});
+        assistant
+            .as_object_mut()
+            .unwrap()
+            .extend(instead.as_object().unwrap().clone());
+        let body = json!({"model": "fusion", "messages": [msgs[0], assistant, msgs[0]]});
+        let resp = app.submit(&body).await;
+        assert_eq!(resp.status(), 202, "{}", resp.text().await.unwrap());
+    }
     for (body, code, needle) in cases {
         let msg = expect_error(app.submit(&body).await, 400, code).await;
         assert!(msg.contains(needle), "`{msg}` should mention `{needle}`");
