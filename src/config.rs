@@ -252,7 +252,7 @@ impl FileConfig {
         // Counts and sizes: below the range they cannot work (an analysis allowed 0 tokens
         // fails every try, paid for), above it they hold a slot for days or ask for what no
         // model gives. They used to be raised or lowered into range without a word.
-        let (a, j, up) = (&self.analysis, &self.jobs, &self.upstream);
+        let (a, j) = (&self.analysis, &self.jobs);
         let big = |v: Option<u64>| v.map(saturating_i64);
         for (key, value, (min, max)) in [
             (
@@ -279,11 +279,6 @@ impl FileConfig {
                 a.max_tokens.map(i64::from),
                 (1, 1_000_000),
             ),
-            (
-                "[upstream] timeout_seconds",
-                big(up.timeout_seconds),
-                (1, 86_400),
-            ),
         ] {
             if let Some(v) = value {
                 anyhow::ensure!(
@@ -303,14 +298,15 @@ impl FileConfig {
             vars.iter()
                 .find_map(|var| Some((env(var).and_then(ApiKey::new)?, var.to_string())))
         };
-        // `FUSION_UPSTREAM_API_KEY` wins over the file's choice of variable, as the environment
-        // wins over the file: before, once the file named a variable (the README's example
-        // names `OPENROUTER_API_KEY`), a key in `FUSION_UPSTREAM_API_KEY` was never read.
+        // The variable the file names, else `FUSION_UPSTREAM_API_KEY`: before, once the file
+        // named a variable (the README's example names `OPENROUTER_API_KEY`), a key in
+        // `FUSION_UPSTREAM_API_KEY` was never read, and every call went without one. The file's
+        // own choice stays first: it may point `base_url` at a provider whose key that is.
         let file_var = self.upstream.api_key_env.as_deref();
-        let default_key = key_from(&[
-            "FUSION_UPSTREAM_API_KEY",
-            file_var.unwrap_or("OPENROUTER_API_KEY"),
-        ]);
+        let default_key = match file_var {
+            Some(var) => key_from(&[var, "FUSION_UPSTREAM_API_KEY"]),
+            None => key_from(&["FUSION_UPSTREAM_API_KEY", "OPENROUTER_API_KEY"]),
+        };
         if default_key.is_none() {
             unset_key_var("[upstream]", file_var);
         }
@@ -497,7 +493,8 @@ fn parse_file(text: &str) -> anyhow::Result<FileConfig> {
         let at = e.span().map_or_else(String::new, |span| {
             let before = &text[..span.start.min(text.len())];
             let line = before.matches('\n').count() + 1;
-            let column = before.len() - before.rfind('\n').map_or(0, |i| i + 1) + 1;
+            let line_start = before.rfind('\n').map_or(0, |i| i + 1);
+            let column = before[line_start..].chars().count() + 1;
             format!(" (line {line}, column {column})")
         });
         anyhow::anyhow!("{}{at}", e.message().trim_end())
@@ -557,10 +554,10 @@ mod tests {
     }
 
     // The file names the variable holding the key (as the README's example does), but the key
-    // is in `FUSION_UPSTREAM_API_KEY`: the environment's own variable wins, as the environment
-    // wins over the file. Before, it was never read, and every call went without a key.
+    // is in `FUSION_UPSTREAM_API_KEY`: that one is read when the named one holds none. Before,
+    // it was never read, and every call went without a key. The file's choice comes first.
     #[test]
-    fn the_environments_key_variable_wins_over_the_files_choice() {
+    fn the_environments_key_variable_backs_up_the_files_choice() {
         let file = || -> FileConfig {
             toml::from_str("[upstream]\napi_key_env = \"OPENROUTER_API_KEY\"").unwrap()
         };
@@ -573,6 +570,16 @@ mod tests {
             .resolve(&env(&[("OPENROUTER_API_KEY", "sk-or")]))
             .unwrap();
         assert_eq!(cfg.upstream.default.api_key, key("sk-or"));
+        let both = [
+            ("OPENROUTER_API_KEY", "sk-or"),
+            ("FUSION_UPSTREAM_API_KEY", "sk-env"),
+        ];
+        let cfg = file().resolve(&env(&both)).unwrap();
+        assert_eq!(
+            cfg.upstream.default.api_key,
+            key("sk-or"),
+            "the file's choice first"
+        );
         let cfg = file().resolve(&env(&[])).unwrap();
         assert!(cfg.upstream.default.api_key.is_none());
     }
@@ -672,7 +679,7 @@ mod tests {
             ),
             (
                 "[upstream]\ntimeout_seconds = 1000000",
-                "timeout_seconds must be 1 to 86400",
+                "must be 1 to 86400 seconds, got 1000000",
             ),
             (
                 "[upstream]\nbase_url = \"https://h/v1?api-version=2024\"",
@@ -697,6 +704,10 @@ mod tests {
         let env_huge = env(&[("FUSION_UPSTREAM_TIMEOUT_SECONDS", "99999999")]);
         let err = file.resolve(&env_huge).expect_err("a huge timeout");
         assert!(err.to_string().contains("1 to 86400"), "{err}");
+        // The environment's timeout wins over the file's, which is then not checked either.
+        let file: FileConfig = toml::from_str("[upstream]\ntimeout_seconds = 0").unwrap();
+        let env_ok = env(&[("FUSION_UPSTREAM_TIMEOUT_SECONDS", "600")]);
+        file.resolve(&env_ok).expect("the environment's timeout");
         // The edges that do work still resolve.
         let file: FileConfig = toml::from_str(
             "[jobs]\ndeadline_seconds = 604800\nmin_panel = 8\n[retry]\nbase_ms = 1\ncap_ms = 1\njitter = 0.0",

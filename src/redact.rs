@@ -33,9 +33,9 @@ fn userinfo(url: &str) -> Option<(usize, usize)> {
 
 /// A URL's query with the values of parameters that may hold a secret shown as `***`: sqlx
 /// takes a Postgres password as `?password=`, and some providers' keys ride in the query
-/// (`?key=`, `?api-key=`, `?token=`). By name, erring towards hiding.
+/// (`?key=`, `?api-key=`, `?token=`, an Azure SAS `?sig=`). By name, erring towards hiding.
 fn redact_query(query: &str) -> String {
-    const SECRET: [&str; 6] = ["pass", "pwd", "key", "token", "secret", "auth"];
+    const SECRET: [&str; 7] = ["pass", "pwd", "key", "token", "secret", "auth", "sig"];
     query
         .split('&')
         .map(|pair| match pair.split_once('=') {
