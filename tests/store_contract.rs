@@ -2238,7 +2238,7 @@ async fn postgres_pool_keeps_to_its_configured_size() {
 
 /// A server that takes no writes (a standby reached after a failover, until DNS or the pooler
 /// point at the new primary) is away for now, not a wrong call: a write fails as unavailable
-/// (the API's 503, the workers' retry). Before, it was a 500, and a failing batch was halved
+/// (the API's 503, the workers' retry), and once writes are taken again the store writes. Before, it was a 500, and a failing batch was halved
 /// into ever smaller statements that all met the same refusal.
 #[tokio::test]
 async fn postgres_taking_no_writes_is_unavailable_for_now() {
@@ -2265,6 +2265,24 @@ async fn postgres_taking_no_writes_is_unavailable_for_now() {
         .expect("connect");
     let refused = store.enqueue(new_job(), None).await.unwrap_err();
     assert!(refused.is_unavailable(), "{refused:?}");
+    // Writable again (the new primary): the store writes at once. The connection that met
+    // the refusal was closed, not pooled: it would have kept its session's read-only default.
+    let mut admin = <sqlx::PgConnection as sqlx::Connection>::connect(&db._database.url)
+        .await
+        .expect("admin connection");
+    for sql in [
+        "SET default_transaction_read_only = off".to_string(),
+        format!("ALTER DATABASE \"{name}\" RESET default_transaction_read_only"),
+    ] {
+        sqlx::raw_sql(sqlx::AssertSqlSafe(sql))
+            .execute(&mut admin)
+            .await
+            .expect("make the database writable");
+    }
+    sqlx::Connection::close(admin).await.expect("close");
+    for _ in 0..3 {
+        store.enqueue(new_job(), None).await.expect("a write");
+    }
 }
 
 // Processes started together on one SQLite file (`serve` and `worker` after an upgrade) all

@@ -10,7 +10,7 @@ use async_trait::async_trait;
 use tokio::sync::{mpsc, oneshot};
 use uuid::Uuid;
 
-use super::{Refusal, Result, StoreError};
+use super::{OnReadOnly, Refusal, Result, StoreError};
 use crate::job::{JobStatus, JsonText, Lease, NewJob, StartHere, Step, StepKey};
 
 /// The most queued groups (a write, or a job's last checkpoint and outcome) one batch takes;
@@ -199,12 +199,7 @@ fn unreached(e: &sqlx::Error) -> Option<sqlx::Error> {
         sqlx::Error::Database(db) if gave_up_waiting(db.as_ref()) => {
             again(std::io::ErrorKind::TimedOut, db.to_string())
         }
-        sqlx::Error::Database(db)
-            if matches!(
-                super::refusal(db.as_ref()),
-                Refusal::Postgres(super::READ_ONLY)
-            ) =>
-        {
+        sqlx::Error::Database(db) if e.read_only() => {
             again(std::io::ErrorKind::PermissionDenied, db.to_string())
         }
         _ => None,

@@ -104,6 +104,28 @@ fn postgres_unavailable(code: &str) -> bool {
 /// `read_only_sql_transaction`.
 pub(crate) const READ_ONLY: &str = "25006";
 
+/// An error that may say the server takes no writes (Postgres's `bounded`, the batches).
+pub(crate) trait OnReadOnly {
+    fn read_only(&self) -> bool;
+}
+
+impl OnReadOnly for sqlx::Error {
+    fn read_only(&self) -> bool {
+        match self {
+            sqlx::Error::Database(db) => {
+                matches!(refusal(db.as_ref()), Refusal::Postgres(READ_ONLY))
+            }
+            _ => false,
+        }
+    }
+}
+
+impl OnReadOnly for StoreError {
+    fn read_only(&self) -> bool {
+        matches!(self, StoreError::Database(e) if e.read_only())
+    }
+}
+
 const SQLITE_BUSY: i32 = 5;
 const SQLITE_LOCKED: i32 = 6;
 
@@ -201,8 +223,9 @@ pub trait Store: Send + Sync + 'static {
     /// deadline again, counted from `now`.
     async fn retry_failed(&self, id: Uuid, now: i64) -> Result<RetryOutcome>;
 
-    /// Atomically move up to `limit` runnable queued jobs to running under `owner`, highest
-    /// priority first. No job is ever handed to two claimers.
+    /// Move up to `limit` runnable queued jobs to running under `owner`, highest priority
+    /// first. No job is ever handed to two claimers. Postgres takes them in one statement;
+    /// SQLite in one statement per priority, each committed on its own.
     async fn claim(
         &self,
         owner: &str,

@@ -18,6 +18,7 @@ use sqlx::{Connection, Postgres, Row};
 use tokio::sync::{Notify, broadcast};
 use uuid::Uuid;
 
+use super::OnReadOnly;
 use super::batch::{Batcher, Finish, Write};
 use super::pg_writes::PgBatch;
 use super::{
@@ -101,7 +102,7 @@ const ANSWER_MARGIN: Duration = Duration::from_secs(5);
 /// connections that TCP does not report broken for many minutes once a statement is sent:
 /// without a bound, a claim, a heartbeat or a read would wait that long. When the caller gives
 /// up first, see `InFlight`.
-pub(super) async fn bounded<T, E: From<sqlx::Error>>(
+pub(super) async fn bounded<T, E: From<sqlx::Error> + OnReadOnly>(
     pool: &PgPool,
     within: Option<Duration>,
     work: impl AsyncFnOnce(&mut PgConnection) -> Result<T, E>,
@@ -117,6 +118,14 @@ pub(super) async fn bounded<T, E: From<sqlx::Error>>(
         Some(by) => tokio::time::timeout_at(by, work(conn.get())).await,
     };
     match answer {
+        // A server that takes no writes (a standby, after a failover): its connection is
+        // closed rather than pooled, so that the next one is opened through DNS or the pooler
+        // anew, to the new primary once they point there. Pooled, a busy connection stayed on
+        // the standby until its lifetime ran out (30 min).
+        Ok(Err(e)) if e.read_only() => {
+            conn.close();
+            Err(e)
+        }
         Ok(answer) => {
             conn.done();
             answer

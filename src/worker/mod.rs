@@ -239,7 +239,7 @@ impl Worker {
             permit,
             start: StartHere {
                 owner: self.owner.clone(),
-                lease_expires_at: self.clock.now_ms() + crate::store::ms(self.config.lease),
+                lease_expires_at: self.held_lease_end(self.clock.now_ms()),
             },
         })
     }
@@ -252,7 +252,7 @@ impl Worker {
     /// or not renewed: not run here (if it is still running under this lease, the rescuer
     /// requeues it when the lease runs out). Held: until when.
     async fn still_holds(&self, job: &Job, start: &StartHere) -> Option<i64> {
-        let now = self.clock.now_ms();
+        let now = self.held_now(self.clock.now_ms());
         let lease_ms = crate::store::ms(self.config.lease);
         if start.lease_expires_at - now > lease_ms * 2 / 3 {
             return Some(start.lease_expires_at);
@@ -317,17 +317,33 @@ impl Worker {
     /// rescuer's).
     async fn claim(&self, wanted: u32) -> Result<Vec<Claimed>, StoreError> {
         self.hand_back_unconfirmed_claims().await;
-        let now = self.clock.now_ms();
+        // A claim's lease ends at an odd millisecond, the leases this process renews or starts
+        // jobs with at an even one (`held_now`): handing back by owner and lease end then
+        // takes only what that claim took, never a job running here renewed in the same
+        // millisecond.
+        let now = claim_now(self.clock.now_ms(), crate::store::ms(self.config.lease));
         let claimed = self
             .store
             .claim(&self.owner, wanted, now, self.config.lease)
             .await;
-        if claimed.is_err() {
+        if let Err(e) = &claimed
+            && may_have_committed(e)
+        {
             let until = now + crate::store::ms(self.config.lease);
             self.unconfirmed_claims.lock().expect("claims").push(until);
             self.hand_back_unconfirmed_claims().await;
         }
         claimed
+    }
+
+    /// The time a lease renewed or started at `now` is counted from (see `held_now`).
+    fn held_now(&self, now: i64) -> i64 {
+        held_now(now, crate::store::ms(self.config.lease))
+    }
+
+    /// The even lease end of a lease renewed or started at `now` (see `claim`).
+    fn held_lease_end(&self, now: i64) -> i64 {
+        self.held_now(now) + crate::store::ms(self.config.lease)
     }
 
     async fn hand_back_unconfirmed_claims(&self) {
@@ -338,11 +354,17 @@ impl Worker {
                 continue;
             }
             match self.store.release_claim(&self.owner, until).await {
-                Ok(0) => {}
-                Ok(jobs) => tracing::warn!(
-                    jobs,
-                    "a claim whose answer was lost had taken jobs; handed them back to the queue"
-                ),
+                Ok(jobs) => {
+                    if jobs > 0 {
+                        tracing::warn!(
+                            jobs,
+                            "a claim whose answer was lost had taken jobs; handed them back"
+                        );
+                    }
+                    // Kept till its lease ends: a claim given up unanswered (Postgres) may
+                    // still commit after this.
+                    left.push(until);
+                }
                 Err(_) => left.push(until),
             }
         }
@@ -669,7 +691,7 @@ impl Worker {
         let mut ids: Vec<Uuid> = snapshot.iter().map(|(id, _)| *id).collect();
         ids.sort_unstable();
         ids.dedup();
-        let now = self.clock.now_ms();
+        let now = self.held_now(self.clock.now_ms());
         let held = match self
             .store
             .heartbeat(&self.owner, &ids, now, self.config.lease)
@@ -759,9 +781,47 @@ pub(crate) fn backoff(failures: u32) -> Duration {
     Duration::from_millis(100u64.saturating_mul(1 << failures.min(6))).min(Duration::from_secs(5))
 }
 
+/// `now`, or a millisecond before it, so that a lease of `lease_ms` renewed or started then
+/// ends at an even millisecond (see `Worker::claim`).
+fn held_now(now: i64, lease_ms: i64) -> i64 {
+    now - (now + lease_ms).rem_euclid(2)
+}
+
+/// `now`, or a millisecond after it, so that a claim's lease of `lease_ms` ends at an odd
+/// millisecond (see `Worker::claim`).
+fn claim_now(now: i64, lease_ms: i64) -> i64 {
+    now + 1 - (now + lease_ms).rem_euclid(2)
+}
+
+/// Whether a failed store call may have committed all the same: its connection broke or its
+/// answer was given up waiting for (both surface as I/O errors) after the statement went out.
+/// A pool out of connections, a busy SQLite file or a refusal never ran it.
+fn may_have_committed(e: &StoreError) -> bool {
+    matches!(
+        e,
+        StoreError::Database(sqlx::Error::Io(_) | sqlx::Error::WorkerCrashed)
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    // A claim's lease and a renewed or started one never end at the same millisecond: handing
+    // back a lost claim by its lease end cannot take a job this process runs.
+    #[test]
+    fn claims_and_renewals_end_their_leases_apart() {
+        for lease_ms in [30_000, 2_000, 1_001] {
+            for now in 1_750_000_000_000..1_750_000_000_004 {
+                let claimed = claim_now(now, lease_ms) + lease_ms;
+                let held = held_now(now, lease_ms) + lease_ms;
+                assert_eq!(claimed.rem_euclid(2), 1, "{now} {lease_ms}");
+                assert_eq!(held.rem_euclid(2), 0, "{now} {lease_ms}");
+                assert!((0..=1).contains(&(claim_now(now, lease_ms) - now)));
+                assert!((0..=1).contains(&(now - held_now(now, lease_ms))));
+            }
+        }
+    }
 
     #[test]
     fn cancels_are_forgotten_a_lease_after_they_were_heard_and_only_then() {
