@@ -302,8 +302,12 @@ impl FileConfig {
         // named a variable (the README's example names `OPENROUTER_API_KEY`), a key in
         // `FUSION_UPSTREAM_API_KEY` was never read, and every call went without one. The file's
         // own choice stays first: it may point `base_url` at a provider whose key that is.
+        // With the URL from the environment (`FUSION_UPSTREAM_URL`), its key is the
+        // environment's too: the file's variable may hold the key of the file's `base_url`.
         let file_var = self.upstream.api_key_env.as_deref();
+        let url_from_env = env("FUSION_UPSTREAM_URL").is_some();
         let default_key = match file_var {
+            Some(var) if url_from_env => key_from(&["FUSION_UPSTREAM_API_KEY", var]),
             Some(var) => key_from(&[var, "FUSION_UPSTREAM_API_KEY"]),
             None => key_from(&["FUSION_UPSTREAM_API_KEY", "OPENROUTER_API_KEY"]),
         };
@@ -579,6 +583,14 @@ mod tests {
             cfg.upstream.default.api_key,
             key("sk-or"),
             "the file's choice first"
+        );
+        // With the URL from the environment, the environment's key goes with it.
+        let url = ("FUSION_UPSTREAM_URL", "http://mine.example/v1");
+        let cfg = file().resolve(&env(&[both[0], both[1], url])).unwrap();
+        assert_eq!(
+            cfg.upstream.default.api_key,
+            key("sk-env"),
+            "the URL's own key"
         );
         let cfg = file().resolve(&env(&[])).unwrap();
         assert!(cfg.upstream.default.api_key.is_none());

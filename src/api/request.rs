@@ -304,7 +304,7 @@ pub fn parse_messages(v: Option<&Value>) -> Result<Vec<Value>, ApiError> {
                 if !instead {
                     return Err(bad(format!(
                         "`messages[{i}]` is an assistant message with neither `content` nor \
-                         `tool_calls`"
+                         `tool_calls` (nor a `refusal` or an `audio` reply)"
                     )));
                 }
             }

@@ -157,13 +157,14 @@ async fn finish(
     }
     let content_choice = json!([{"index": 0, "delta": delta, "finish_reason": null}]);
     data(tx, &chunk(id, created, model, content_choice)).await?;
-    // A reason that is not a string (`null` from some servers) is "stop": the stream's last
-    // chunk must say why it ended.
+    // A reason that is not a string (`null` from some servers) is "tool_calls" or "stop":
+    // the stream's last chunk must say why it ended.
+    let called = delta.get("tool_calls").is_some();
     let reason = choice
         .get("finish_reason")
         .filter(|r| r.is_string())
         .cloned()
-        .unwrap_or(json!("stop"));
+        .unwrap_or(json!(if called { "tool_calls" } else { "stop" }));
     let end = json!([{"index": 0, "delta": {}, "finish_reason": reason}]);
     let mut end = chunk(id, created, model, end);
     // The fusion tool's jobs, named as the non-streamed reply names them.

@@ -42,6 +42,17 @@ fn tools(body: &Value) -> impl Iterator<Item = &Value> {
         .flatten()
 }
 
+/// Whether `tool` is the fusion function offered in place of the fusion tool.
+fn is_fusion_function(tool: &Value) -> bool {
+    tool.pointer("/function/name").and_then(Value::as_str) == Some("fusion")
+}
+
+/// Whether `tool_choice` names the fusion function.
+fn forces_fusion_by_name(choice: Option<&Value>) -> bool {
+    let name = choice.and_then(|c| c.pointer("/function/name"));
+    name.and_then(Value::as_str) == Some("fusion")
+}
+
 /// Whether `tool_choice` can force a fusion call: `"required"` (a call of any tool) or
 /// `{"type": "function", "function": {"name": "fusion"}}`.
 fn forces_fusion(choice: Option<&Value>) -> bool {
@@ -142,19 +153,28 @@ async fn rounds(
 ) -> Result<(Value, Vec<uuid::Uuid>), ApiError> {
     let mut usage = Usage::default();
     let mut job_ids = Vec::new();
-    let offers_own_tools = tools(&outer)
-        .any(|t| t.pointer("/function/name").and_then(Value::as_str) != Some("fusion"));
+    let offers_own_tools = tools(&outer).any(|t| !is_fusion_function(t));
     for round in 0..=MAX_ROUNDS {
         if round > 0 && forced {
             // Forcing applies to the first call only, or the model could never answer and
             // every round would run another fusion job.
             outer["tool_choice"] = json!("auto");
         }
-        if round == MAX_ROUNDS && !offers_own_tools {
-            // Out of rounds: this reply is the answer, so it may call nothing (a fusion call
-            // could not be run any more, and the client cannot run one). With tools of the
-            // client's own, its `tool_choice` stands, and a fusion call is dropped below.
-            outer["tool_choice"] = json!("none");
+        if round == MAX_ROUNDS {
+            // Out of rounds: this reply is the answer, so it may not call fusion (a call could
+            // not be run any more, and the client cannot run one). With tools of the client's
+            // own, the fusion function is no longer offered and the client's `tool_choice`
+            // stands (one naming fusion becomes "auto"); with none, it may call nothing. A
+            // fusion call made anyway is dropped below.
+            if offers_own_tools {
+                let own = tools(&outer).filter(|t| !is_fusion_function(t)).cloned();
+                outer["tools"] = Value::Array(own.collect());
+                if forces_fusion_by_name(outer.get("tool_choice")) {
+                    outer["tool_choice"] = json!("auto");
+                }
+            } else {
+                outer["tool_choice"] = json!("none");
+            }
         }
         let (mut reply, outer_usage) = state
             .upstream
@@ -181,9 +201,8 @@ async fn rounds(
             .and_then(Value::as_array)
             .cloned()
             .unwrap_or_default();
-        let (fusion_calls, own): (Vec<Value>, Vec<Value>) = calls
-            .into_iter()
-            .partition(|c| c.pointer("/function/name").and_then(Value::as_str) == Some("fusion"));
+        let (fusion_calls, own): (Vec<Value>, Vec<Value>) =
+            calls.into_iter().partition(is_fusion_function);
         // No fusion call (an answer, or calls of the client's own tools, theirs to run), or out
         // of rounds: this reply is the answer, without any fusion call the model made anyway
         // (the client did not declare that function and could not answer it).

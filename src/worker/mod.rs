@@ -11,7 +11,7 @@ pub(crate) use checkpoint::{Patience, retry_db};
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::panic::AssertUnwindSafe;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -144,6 +144,8 @@ pub struct Worker {
     /// The lease ends (`lease_expires_at`) of claims that failed and may have committed all the
     /// same, whose jobs are still to be handed back (see `claim`).
     unconfirmed_claims: Mutex<Vec<i64>>,
+    /// The lease end of this worker's last claim: each claim's ends later (see `claim`).
+    last_claim_end: AtomicI64,
 }
 
 /// A free slot of this process's worker, taken for a job being submitted here: the job is
@@ -222,6 +224,7 @@ impl Worker {
             releasing: AtomicBool::new(false),
             last_writes: CancellationToken::new(),
             unconfirmed_claims: Mutex::new(Vec::new()),
+            last_claim_end: AtomicI64::new(i64::MIN),
             config,
         })
     }
@@ -318,10 +321,16 @@ impl Worker {
     async fn claim(&self, wanted: u32) -> Result<Vec<Claimed>, StoreError> {
         self.hand_back_unconfirmed_claims().await;
         // A claim's lease ends at an odd millisecond, the leases this process renews or starts
-        // jobs with at an even one (`held_now`): handing back by owner and lease end then
-        // takes only what that claim took, never a job running here renewed in the same
-        // millisecond.
-        let now = claim_now(self.clock.now_ms(), crate::store::ms(self.config.lease));
+        // jobs with at an even one (`held_now`), and each claim's later than the one before
+        // (two claims within a millisecond, a clock stepped back): handing back by owner and
+        // lease end then takes only what that claim took, never a job running here.
+        let lease_ms = crate::store::ms(self.config.lease);
+        let mut now = claim_now(self.clock.now_ms(), lease_ms);
+        let last = self.last_claim_end.load(Ordering::SeqCst);
+        if now + lease_ms <= last {
+            now = last + 2 - lease_ms;
+        }
+        self.last_claim_end.store(now + lease_ms, Ordering::SeqCst);
         let claimed = self
             .store
             .claim(&self.owner, wanted, now, self.config.lease)
@@ -350,7 +359,10 @@ impl Worker {
         let pending = std::mem::take(&mut *self.unconfirmed_claims.lock().expect("claims"));
         let mut left = Vec::new();
         for until in pending {
-            if until <= self.clock.now_ms() {
+            // Kept a lease past its end, and tried at least once: a claim given up unanswered
+            // (after the statement timeout, which may outlast the lease) may commit late, and
+            // the rescuer, once its lease ran out, clears its owner, so the match stays exact.
+            if until + crate::store::ms(self.config.lease) <= self.clock.now_ms() {
                 continue;
             }
             match self.store.release_claim(&self.owner, until).await {
@@ -361,8 +373,7 @@ impl Worker {
                             "a claim whose answer was lost had taken jobs; handed them back"
                         );
                     }
-                    // Kept till its lease ends: a claim given up unanswered (Postgres) may
-                    // still commit after this.
+                    // Kept (see above): a claim given up unanswered may still commit.
                     left.push(until);
                 }
                 Err(_) => left.push(until),

@@ -306,6 +306,17 @@ async fn a_streamed_fusion_tool_call_answers_at_once_and_indexes_its_tool_calls(
     );
 }
 
+/// The fusion tool's reply to a request offering it (panel `m1`, analyst `judge`) and the
+/// client's own `weather` function.
+async fn ask_offering_weather(app: &TestApp) -> Value {
+    let mut body = body_with_tool(&["m1"], "judge");
+    let weather_tool = json!({"type": "function", "function": {"name": "weather"}});
+    body["tools"].as_array_mut().unwrap().push(weather_tool);
+    let resp = app.chat(&body).await;
+    assert_eq!(resp.status(), 200);
+    resp.json().await.unwrap()
+}
+
 /// The outer model's requests, in order.
 fn outer_bodies(app: &TestApp) -> Vec<Value> {
     let bodies = app.fake.bodies().into_iter();
@@ -325,12 +336,7 @@ async fn a_fusion_call_beside_the_clients_own_runs_and_is_not_handed_to_the_clie
     let first = Reply::ToolCalls(vec![fusion, weather.clone()]);
     let again = Reply::ToolCall(weather.0, weather.1);
     app.fake.script("outer", Kind::Panel, vec![first, again]);
-    let mut body = body_with_tool(&["m1"], "judge");
-    let weather_tool = json!({"type": "function", "function": {"name": "weather"}});
-    body["tools"].as_array_mut().unwrap().push(weather_tool);
-    let resp = app.chat(&body).await;
-    assert_eq!(resp.status(), 200);
-    let reply: Value = resp.json().await.unwrap();
+    let reply = ask_offering_weather(&app).await;
     let calls = &reply["choices"][0]["message"]["tool_calls"];
     assert_eq!(calls.as_array().map(Vec::len), Some(1), "{reply:#}");
     assert_eq!(calls[0]["function"]["name"], "weather", "{reply:#}");
@@ -369,6 +375,32 @@ async fn out_of_rounds_the_reply_calls_nothing_the_client_cannot_answer() {
     assert_eq!(outer.len(), 5);
     assert_eq!(outer[4]["tool_choice"], "none");
     assert!(outer[..4].iter().all(|b| b["tool_choice"] != "none"));
+}
+
+// The same with a tool of the client's own offered: the last request no longer offers the
+// fusion function, and the client's tool stays callable.
+#[tokio::test]
+async fn out_of_rounds_the_clients_own_tools_stay_offered() {
+    let app = spawn_app().await;
+    let call = Reply::ToolCall("fusion".into(), json!({"prompt": "Again?"}));
+    let mut replies = vec![call; 4];
+    replies.push(Reply::ToolCall("weather".into(), json!({"city": "Paris"})));
+    app.fake.script("outer", Kind::Panel, replies);
+    let reply = ask_offering_weather(&app).await;
+    let calls = &reply["choices"][0]["message"]["tool_calls"];
+    assert_eq!(calls[0]["function"]["name"], "weather", "{reply:#}");
+    let outer = outer_bodies(&app);
+    assert_eq!(outer.len(), 5);
+    let offered = |b: &Value| -> Vec<String> {
+        let tools = b["tools"].as_array().unwrap();
+        tools
+            .iter()
+            .map(|t| t["function"]["name"].as_str().unwrap().to_string())
+            .collect()
+    };
+    assert_eq!(offered(&outer[3]), ["fusion", "weather"]);
+    assert_eq!(offered(&outer[4]), ["weather"]);
+    assert_ne!(outer[4]["tool_choice"], "none");
 }
 
 // Streamed, a reply whose content comes as parts (as some servers answer) streams their text,
