@@ -238,12 +238,27 @@ impl HangingAnalysis {
         assert_eq!(resp.status(), 202);
         let job: Value = resp.json().await.unwrap();
         let id = job["id"].as_str().unwrap().to_string();
-        // The analysis starts only once every panel answer is checkpointed.
         for i in 0.. {
             if fake.calls("judge", Kind::Analysis) == 1 {
                 break;
             }
             assert!(i < 500, "analysis never started");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        // The analysis call starts as soon as the panel has answered, not once its answers
+        // are on disk (their checkpoints go on meanwhile): wait for those too. Asserting them
+        // at once failed when a checkpoint batch was slower than the analysis call's start.
+        let url = format!("{}/v1/jobs/{id}", server.address);
+        for i in 0.. {
+            let job: Value = client.get(&url).send().await.unwrap().json().await.unwrap();
+            let panel = job["panel"].as_array().unwrap();
+            if panel.iter().all(|p| p["status"] == "succeeded") {
+                break;
+            }
+            assert!(
+                i < 500,
+                "the panel's answers were never all checkpointed: {job:#}"
+            );
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         HangingAnalysis {
