@@ -2,6 +2,7 @@
 //! bytes, written as they are (any head, any framing, garbage), and records each request's head.
 
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use bytes::Bytes;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -80,12 +81,61 @@ async fn read_request(socket: &mut tokio::net::TcpStream) -> Option<String> {
 pub fn chunked(body: &[u8], chunk: usize) -> Vec<u8> {
     let mut out = b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ntransfer-encoding: chunked\r\nconnection: close\r\n\r\n".to_vec();
     for part in body.chunks(chunk) {
-        out.extend_from_slice(format!("{:x}\r\n", part.len()).as_bytes());
-        out.extend_from_slice(part);
-        out.extend_from_slice(b"\r\n");
+        out.extend(one_chunk(part));
     }
-    out.extend_from_slice(b"0\r\n\r\n");
+    out.extend_from_slice(LAST_CHUNK);
     out
+}
+
+/// `part` framed as one chunk of a `transfer-encoding: chunked` body.
+fn one_chunk(part: &[u8]) -> Vec<u8> {
+    let mut out = format!("{:x}\r\n", part.len()).into_bytes();
+    out.extend_from_slice(part);
+    out.extend_from_slice(b"\r\n");
+    out
+}
+
+/// The chunk that ends a chunked body.
+const LAST_CHUNK: &[u8] = b"0\r\n\r\n";
+
+/// Listen on 127.0.0.1:0 and answer every request with an event stream: a `200 OK` head, then
+/// `events` events `every` apart, each its own chunk, then the body's end (or, with
+/// `Then::Hold`, nothing more, the connection left open); returns `http://ADDR`.
+pub async fn trickling(events: usize, every: Duration, then: Then) -> String {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move {
+        while let Ok((mut socket, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                if read_request(&mut socket).await.is_none() {
+                    return;
+                }
+                let head = "HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n\
+                            transfer-encoding: chunked\r\n\r\n";
+                if socket.write_all(head.as_bytes()).await.is_err() {
+                    return;
+                }
+                for i in 0..events {
+                    let event = format!("data: {i}\n\n");
+                    if socket
+                        .write_all(&one_chunk(event.as_bytes()))
+                        .await
+                        .is_err()
+                    {
+                        return;
+                    }
+                    tokio::time::sleep(every).await;
+                }
+                if then == Then::Close {
+                    let _ = socket.write_all(LAST_CHUNK).await;
+                } else {
+                    let mut rest = [0u8; 64];
+                    while socket.read(&mut rest).await.is_ok_and(|n| n > 0) {}
+                }
+            });
+        }
+    });
+    base
 }
 
 /// A whole answer with `status` (e.g. `200 OK`), `content-length` framing and `body`.

@@ -3,7 +3,7 @@
 //! odd `usage` fields, credentials in the base URL.
 
 use super::*;
-use test_server::{Then, answering, chunked};
+use test_server::{Then, answering, chunked, trickling};
 
 fn upstream_at(base_url: &str, key: Option<&str>) -> Upstream {
     Upstream::new(UpstreamConfig {
@@ -40,37 +40,6 @@ async fn on_both_clients_answered(body: &str) -> [Result<Usage, UpstreamError>; 
     );
     let (base, _) = answering(answer, Then::Close).await;
     on_both_clients(&upstream_at(&format!("{base}/v1"), None)).await
-}
-
-/// A server answering each request with an event stream: a head, then `events` events `every`
-/// apart, then its end (or, with `Then::Hold`, nothing more, the connection left open).
-async fn trickling(events: usize, every: Duration, then: Then) -> String {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let base = format!("http://{}", listener.local_addr().unwrap());
-    tokio::spawn(async move {
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        while let Ok((mut socket, _)) = listener.accept().await {
-            tokio::spawn(async move {
-                let mut buf = [0u8; 4096];
-                let _ = socket.read(&mut buf).await;
-                let head = "HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n\
-                            transfer-encoding: chunked\r\n\r\n";
-                socket.write_all(head.as_bytes()).await.unwrap();
-                for i in 0..events {
-                    let event = format!("data: {i}\n\n");
-                    let chunk = format!("{:x}\r\n{event}\r\n", event.len());
-                    socket.write_all(chunk.as_bytes()).await.unwrap();
-                    tokio::time::sleep(every).await;
-                }
-                if then == Then::Close {
-                    let _ = socket.write_all(b"0\r\n\r\n").await;
-                } else {
-                    let _ = socket.read(&mut buf).await;
-                }
-            });
-        }
-    });
-    base
 }
 
 // The gateway relays an answer as it comes: one that keeps coming may take longer than the

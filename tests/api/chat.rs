@@ -483,12 +483,7 @@ async fn the_fusion_tool_runs_a_job_and_hands_the_answer_back_to_the_outer_model
     assert_eq!(app.fake.calls("m1", Kind::Panel), 1);
     assert_eq!(app.fake.calls("judge", Kind::Final), 1);
 
-    let outer: Vec<Value> = app
-        .fake
-        .bodies()
-        .into_iter()
-        .filter(|b| b["model"] == "outer")
-        .collect();
+    let outer = outer_bodies(&app);
     assert_eq!(outer[0]["tools"][0]["function"]["name"], "fusion");
     assert_eq!(outer[0]["tool_choice"], "required");
     assert_eq!(
@@ -662,12 +657,7 @@ async fn a_tool_choice_naming_the_fusion_function_forces_only_the_first_round() 
         "outer model's reply"
     );
     assert_eq!(reply["fusion_job_ids"].as_array().unwrap().len(), 1);
-    let outer: Vec<Value> = app
-        .fake
-        .bodies()
-        .into_iter()
-        .filter(|b| b["model"] == "outer")
-        .collect();
+    let outer = outer_bodies(&app);
     assert_eq!(outer.len(), 2);
     assert_eq!(outer[0]["tool_choice"], forced);
     assert_eq!(

@@ -2,7 +2,7 @@
 
 use serde_json::{Value, json};
 
-use crate::helpers::{Options, spawn_app_with};
+use crate::helpers::spawn_api_only;
 
 async fn expect_error(resp: reqwest::Response, status: u16, code: &str) -> String {
     assert_eq!(resp.status(), status);
@@ -14,11 +14,7 @@ async fn expect_error(resp: reqwest::Response, status: u16, code: &str) -> Strin
 
 #[tokio::test]
 async fn bad_requests_are_4xx_with_precise_messages() {
-    let app = spawn_app_with(Options {
-        workers: false,
-        ..Options::default()
-    })
-    .await;
+    let app = spawn_api_only().await;
     let url = format!("{}/v1/jobs", app.address);
     let raw = |body: &'static str| {
         app.client
@@ -197,11 +193,7 @@ fn body_of_size(size: usize) -> String {
 
 #[tokio::test]
 async fn bodies_up_to_4_mib_are_taken_and_larger_ones_get_the_json_413() {
-    let app = spawn_app_with(Options {
-        workers: false,
-        ..Options::default()
-    })
-    .await;
+    let app = spawn_api_only().await;
     let url = format!("{}/v1/jobs", app.address);
     const LIMIT: usize = 4 * 1024 * 1024;
     let post = |body: reqwest::Body| {
@@ -237,11 +229,7 @@ async fn bodies_up_to_4_mib_are_taken_and_larger_ones_get_the_json_413() {
 
 #[tokio::test]
 async fn a_wrong_method_on_a_known_route_is_a_json_405() {
-    let app = spawn_app_with(Options {
-        workers: false,
-        ..Options::default()
-    })
-    .await;
+    let app = spawn_api_only().await;
     let resp = app
         .client
         .get(format!("{}/v1/chat/completions", app.address))

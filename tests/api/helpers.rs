@@ -78,6 +78,15 @@ cap_ms = 50
 max_attempts = 3
 "#;
 
+/// An app serving the API only: no workers, so submitted jobs stay queued.
+pub async fn spawn_api_only() -> TestApp {
+    spawn_app_with(Options {
+        workers: false,
+        ..Options::default()
+    })
+    .await
+}
+
 pub async fn spawn_app_with(opts: Options) -> TestApp {
     try_spawn_app_with(opts).await.unwrap()
 }

@@ -5,7 +5,7 @@ use std::time::Duration;
 use serde_json::{Value, json};
 
 use crate::fake_upstream::{Kind, Reply};
-use crate::helpers::{Options, body_with_panel, spawn_app, spawn_app_with};
+use crate::helpers::{Options, body_with_panel, spawn_api_only, spawn_app, spawn_app_with};
 
 #[tokio::test]
 async fn a_job_runs_panel_analysis_and_final_once_each() {
@@ -123,11 +123,7 @@ async fn presets_resolve_from_the_config() {
 
 #[tokio::test]
 async fn an_idempotency_key_returns_the_same_job() {
-    let app = spawn_app_with(Options {
-        workers: false,
-        ..Options::default()
-    })
-    .await;
+    let app = spawn_api_only().await;
     let body = body_with_panel(&["m1"], "judge");
     let post = |b: &Value, key: &str| {
         app.client
@@ -154,11 +150,7 @@ async fn an_idempotency_key_returns_the_same_job() {
 
 #[tokio::test]
 async fn jobs_are_listed_newest_first_with_a_status_filter_and_cursor() {
-    let app = spawn_app_with(Options {
-        workers: false,
-        ..Options::default()
-    })
-    .await;
+    let app = spawn_api_only().await;
     let mut ids = Vec::new();
     for i in 0..5 {
         let mut body = body_with_panel(&["m1"], "judge");

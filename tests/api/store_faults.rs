@@ -31,7 +31,7 @@ use tokio::sync::{Notify, broadcast};
 use uuid::Uuid;
 
 use crate::fake_upstream::{Kind, Reply};
-use crate::helpers::{Options, TestApp, body_with_panel, spawn_app_with};
+use crate::helpers::{Options, TestApp, body_with_panel, spawn_api_only, spawn_app_with};
 use crate::pipelining::pipeline;
 
 /// A store that lets the first `n` inserts, checkpoints, outcomes and requeues commit, then answers each
@@ -63,14 +63,53 @@ pub(crate) struct Faulty {
     pub(crate) heartbeats_fail: AtomicBool,
     /// How many of the next reads of the database's clock fail.
     pub(crate) clock_reads_fail: AtomicUsize,
-    /// Every claim, counted.
-    claims: AtomicUsize,
-    /// Set: each claim waits for this token to be cancelled, then answers with no job.
-    claims_wait_for: Mutex<Option<tokio_util::sync::CancellationToken>>,
-    /// Every heartbeat, counted.
-    heartbeats: AtomicUsize,
-    /// Set: each heartbeat waits for this token to be cancelled, then renews as asked.
-    heartbeats_wait_for: Mutex<Option<tokio_util::sync::CancellationToken>>,
+    /// Every claim; closed, each claim waits for it to open, then answers with no job.
+    claims: Gate,
+    /// Every heartbeat; closed, each waits for it to open, then renews as asked.
+    heartbeats: Gate,
+}
+
+/// Calls of one kind, counted, and held while the gate is closed (until its token is
+/// cancelled).
+#[derive(Default)]
+struct Gate {
+    calls: AtomicUsize,
+    closed_until: Mutex<Option<tokio_util::sync::CancellationToken>>,
+}
+
+impl Gate {
+    /// Hold calls until `open` is cancelled.
+    fn close_until(&self, open: &tokio_util::sync::CancellationToken) {
+        *self.closed_until.lock().unwrap() = Some(open.clone());
+    }
+
+    /// Count a call; true when it was held at the gate.
+    async fn pass(&self) -> bool {
+        self.calls.fetch_add(1, Ordering::SeqCst);
+        let gate = self.closed_until.lock().unwrap().clone();
+        match gate {
+            Some(open) => {
+                open.cancelled().await;
+                true
+            }
+            None => false,
+        }
+    }
+
+    fn calls(&self) -> usize {
+        self.calls.load(Ordering::SeqCst)
+    }
+
+    /// Wait (up to 5 s) until more than `seen` calls came.
+    async fn called_past(&self, seen: usize) {
+        for _ in 0..500 {
+            if self.calls() > seen {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        panic!("no call came");
+    }
 }
 
 impl Faulty {
@@ -92,10 +131,8 @@ impl Faulty {
             cancel_after_claim: faults.cancel_after_claim,
             heartbeats_fail: AtomicBool::new(false),
             clock_reads_fail: AtomicUsize::new(0),
-            claims: AtomicUsize::new(0),
-            claims_wait_for: Mutex::new(None),
-            heartbeats: AtomicUsize::new(0),
-            heartbeats_wait_for: Mutex::new(None),
+            claims: Gate::default(),
+            heartbeats: Gate::default(),
         }
     }
 
@@ -174,10 +211,7 @@ impl Store for Faulty {
         now: i64,
         lease: Duration,
     ) -> Result<Vec<Claimed>> {
-        self.claims.fetch_add(1, Ordering::SeqCst);
-        let gate = self.claims_wait_for.lock().unwrap().clone();
-        if let Some(gate) = gate {
-            gate.cancelled().await;
+        if self.claims.pass().await {
             return Ok(Vec::new());
         }
         let claimed = self.inner.claim(owner, limit, now, lease).await;
@@ -198,14 +232,11 @@ impl Store for Faulty {
         now: i64,
         lease: Duration,
     ) -> Result<Vec<Held>> {
-        self.heartbeats.fetch_add(1, Ordering::SeqCst);
         if self.heartbeats_fail.load(Ordering::SeqCst) {
+            self.heartbeats.calls.fetch_add(1, Ordering::SeqCst);
             return Err(connection_reset());
         }
-        let gate = self.heartbeats_wait_for.lock().unwrap().clone();
-        if let Some(gate) = gate {
-            gate.cancelled().await;
-        }
+        self.heartbeats.pass().await;
         self.inner.heartbeat(owner, jobs, now, lease).await
     }
     async fn rescue_expired(&self, now: i64) -> Result<u64> {
@@ -328,11 +359,7 @@ async fn one_job_with(
     faults: Faults,
     tune: impl FnOnce(&mut WorkerConfig),
 ) -> (TestApp, Uuid, Arc<Faulty>, Arc<Worker>, Arc<Shifted>) {
-    let app = spawn_app_with(Options {
-        workers: false,
-        ..Options::default()
-    })
-    .await;
+    let app = spawn_api_only().await;
     let id = app
         .submit_ok(&body_with_panel(&["m1", "m2"], "judge"))
         .await;
@@ -376,6 +403,15 @@ pub(crate) async fn app_on(faults: Faults, workers: bool, toml: &str) -> (TestAp
         .expect("the app was built on the wrapper")
         .clone();
     (app, faulty)
+}
+
+/// A worker with `config` on `app`'s store behind a `Faulty` dealing `faults` (on the system's
+/// clock), and that store.
+fn worker_on(app: &TestApp, faults: Faults, config: WorkerConfig) -> (Arc<Faulty>, Arc<Worker>) {
+    let store = Arc::new(Faulty::over(app.store.clone(), faults, Duration::ZERO));
+    let pipeline = Arc::new(pipeline(&app.fake));
+    let worker = Worker::new(store.clone(), pipeline, Arc::new(SystemClock), config);
+    (store, worker)
 }
 
 /// Lapse every lease the worker holds (its claims last 300 s): move `clock` an hour on and
@@ -736,37 +772,22 @@ async fn a_job_cancelled_as_it_is_claimed_makes_no_call() {
 async fn a_worker_makes_no_claim_after_shutdown_even_with_a_wakeup_stored() {
     let (app, _, _, _, _) = one_job(Faults::default()).await;
     for _ in 0..20 {
-        let store = Arc::new(Faulty::over(
-            app.store.clone(),
-            Faults::default(),
-            Duration::ZERO,
-        ));
         let shutdown = tokio_util::sync::CancellationToken::new();
-        *store.claims_wait_for.lock().unwrap() = Some(shutdown.clone());
         let config = WorkerConfig {
             concurrency: 2,
             poll_interval: Duration::from_millis(50),
             shutdown_grace: Duration::from_secs(1),
             ..WorkerConfig::default()
         };
-        let pipeline = Arc::new(pipeline(&app.fake));
-        let worker = Worker::new(store.clone(), pipeline, Arc::new(SystemClock), config);
+        let (store, worker) = worker_on(&app, Faults::default(), config);
+        store.claims.close_until(&shutdown);
         let running = tokio::spawn(worker.run(shutdown.clone()));
-        for _ in 0..500 {
-            if store.claims.load(Ordering::SeqCst) > 0 {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-        assert_eq!(store.claims.load(Ordering::SeqCst), 1, "the first claim");
+        store.claims.called_past(0).await;
+        assert_eq!(store.claims.calls(), 1, "the first claim");
         store.wakeups().notify_one();
         shutdown.cancel();
         running.await.unwrap();
-        assert_eq!(
-            store.claims.load(Ordering::SeqCst),
-            1,
-            "a claim after shutdown"
-        );
+        assert_eq!(store.claims.calls(), 1, "a claim after shutdown");
     }
     assert_eq!(app.fake.total_calls(), 0);
 }
@@ -777,16 +798,7 @@ async fn a_worker_makes_no_claim_after_shutdown_even_with_a_wakeup_stored() {
 // during the heartbeat, and the job was then started unwatched by a worker already stopped.
 #[tokio::test]
 async fn a_job_started_here_as_shutdown_begins_mid_lease_check_is_handed_back() {
-    let app = spawn_app_with(Options {
-        workers: false,
-        ..Options::default()
-    })
-    .await;
-    let store = Arc::new(Faulty::over(
-        app.store.clone(),
-        Faults::default(),
-        Duration::ZERO,
-    ));
+    let app = spawn_api_only().await;
     let config = WorkerConfig {
         concurrency: 1,
         lease: Duration::from_secs(3),
@@ -794,8 +806,7 @@ async fn a_job_started_here_as_shutdown_begins_mid_lease_check_is_handed_back() 
         shutdown_grace: Duration::from_secs(1),
         ..WorkerConfig::default()
     };
-    let pipeline = Arc::new(pipeline(&app.fake));
-    let worker = Worker::new(store.clone(), pipeline, Arc::new(SystemClock), config);
+    let (store, worker) = worker_on(&app, Faults::default(), config);
     let shutdown = tokio_util::sync::CancellationToken::new();
     let running = tokio::spawn(worker.clone().run(shutdown.clone()));
     let slot = loop {
@@ -815,12 +826,10 @@ async fn a_job_started_here_as_shutdown_begins_mid_lease_check_is_handed_back() 
     // A slow insert: over a third of the 3 s lease gone, the lease is checked by a heartbeat,
     // which holds until shutdown has begun.
     tokio::time::sleep(Duration::from_millis(1_100)).await;
-    *store.heartbeats_wait_for.lock().unwrap() = Some(shutdown.clone());
-    let before = store.heartbeats.load(Ordering::SeqCst);
+    store.heartbeats.close_until(&shutdown);
+    let before = store.heartbeats.calls();
     let started = tokio::spawn(slot.run(job.clone()));
-    while store.heartbeats.load(Ordering::SeqCst) == before {
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    store.heartbeats.called_past(before).await;
     shutdown.cancel();
     running.await.unwrap();
     // The worker's shutdown is over: the job is back in the queue, not running on its own.
@@ -836,11 +845,7 @@ async fn a_job_started_here_as_shutdown_begins_mid_lease_check_is_handed_back() 
 // Before, the deadline dropped the pipeline and the write with it.
 #[tokio::test]
 async fn a_deadline_keeps_the_checkpoints_of_the_answers_already_in() {
-    let app = spawn_app_with(Options {
-        workers: false,
-        ..Options::default()
-    })
-    .await;
+    let app = spawn_api_only().await;
     let mut body = body_with_panel(&["m1", "m2"], "judge");
     body["plugins"][0]["deadline_seconds"] = serde_json::json!(1);
     let id: Uuid = app.submit_ok(&body).await.parse().unwrap();
@@ -850,14 +855,12 @@ async fn a_deadline_keeps_the_checkpoints_of_the_answers_already_in() {
         slow_steps: Duration::from_millis(1_500),
         ..Faults::default()
     };
-    let store = Arc::new(Faulty::over(app.store.clone(), faults, Duration::ZERO));
     let config = WorkerConfig {
         concurrency: 1,
         lease: Duration::from_secs(300),
         ..WorkerConfig::default()
     };
-    let pipeline = Arc::new(pipeline(&app.fake));
-    let worker = Worker::new(store, pipeline, Arc::new(SystemClock), config);
+    let (_, worker) = worker_on(&app, faults, config);
     assert_eq!(worker.run_once(1).await.unwrap(), 1);
 
     let job = app.store.get_job(id).await.unwrap().unwrap();
