@@ -320,6 +320,25 @@ fn step_write(lease: &Lease, step: &Step) -> Write {
     }
 }
 
+/// The job list's statement with a term for each filter given: the status (`$1`), then the
+/// cursor, then the limit, numbered in that order. One statement with optional terms
+/// (`$1 IS NULL OR status = $1`) has a generic plan that filters the whole index rather than
+/// seeking: Postgres switches a prepared statement to it after five runs when it looks no
+/// dearer, and a page of queued jobs then read every finished one.
+fn list_sql(status: bool, cursor: bool) -> &'static str {
+    macro_rules! list {
+        ($($where:literal)?) => {
+            concat!("SELECT ", job_columns!(), " FROM jobs ", $($where,)? " ORDER BY id DESC LIMIT ")
+        };
+    }
+    match (status, cursor) {
+        (false, false) => concat!(list!(), "$1"),
+        (true, false) => concat!(list!("WHERE status = $1"), "$2"),
+        (false, true) => concat!(list!("WHERE id < $1"), "$2"),
+        (true, true) => concat!(list!("WHERE status = $1 AND id < $2"), "$3"),
+    }
+}
+
 /// Forward NOTIFYs to the in-process wake-up; reconnects on its own after connection loss.
 /// NOTIFYs sent while it was not listening are lost: once it listens again it says so
 /// (`JobEvent::Missed`, and a wake-up), so that workers re-check their leases (a cancel) and
@@ -551,15 +570,14 @@ impl Store for PgStore {
     }
 
     async fn list_jobs(&self, filter: &ListFilter) -> Result<Vec<Job>> {
-        let query = sqlx::query(concat!(
-            "SELECT ",
-            job_columns!(),
-            " FROM jobs WHERE ($1::text IS NULL OR status = $1) \
-             AND ($2::uuid IS NULL OR id < $2) ORDER BY id DESC LIMIT $3"
-        ))
-        .bind(filter.status.map(JobStatus::as_str))
-        .bind(filter.before)
-        .bind(i64::from(filter.limit));
+        let mut query = sqlx::query(list_sql(filter.status.is_some(), filter.before.is_some()));
+        if let Some(status) = filter.status {
+            query = query.bind(status.as_str());
+        }
+        if let Some(before) = filter.before {
+            query = query.bind(before);
+        }
+        let query = query.bind(i64::from(filter.limit));
         let rows = self
             .bounded(async |c| Ok(query.fetch_all(c).await?))
             .await?;
@@ -1272,6 +1290,14 @@ mod tests {
         per_loop * node["Actual Loops"].as_f64().unwrap()
     }
 
+    /// The pages a plan (`EXPLAIN (ANALYZE, BUFFERS)`) read, from the cache or not.
+    fn blocks_read(plan: &Value) -> f64 {
+        ["Shared Hit Blocks", "Shared Read Blocks"]
+            .iter()
+            .filter_map(|k| plan[k].as_f64())
+            .sum()
+    }
+
     /// Insert `count` queued jobs with SQL expressions of `g` (1 to `count`) for their priority
     /// and `run_at`, in one statement and with no statistics gathered.
     async fn queue_directly(conn: &mut PgConnection, count: u32, priority: &str, run_at: &str) {
@@ -1348,11 +1374,60 @@ mod tests {
         assert_eq!(plans[0]["Actual Rows"], 10, "the claim took the 10 due");
         let plan = &plans[1];
         assert_eq!(plan["Actual Rows"], 0, "nothing was left due: {plan:#}");
-        let blocks = ["Shared Hit Blocks", "Shared Read Blocks"]
-            .iter()
-            .filter_map(|k| plan[k].as_f64())
-            .sum::<f64>();
+        let blocks = blocks_read(plan);
         assert!(blocks < 50.0, "the claim read {blocks} blocks:\n{plan:#}");
+        drop((conn, store));
+    }
+
+    // Every page of the job list seeks its index, also under the generic plan Postgres may
+    // switch a prepared statement to: here pages of 20 among 50 queued jobs and 20,000 succeeded
+    // ones. With the filters as optional terms of one statement, the generic plan of a page of
+    // queued jobs walked the index filtering out the succeeded ones.
+    #[tokio::test]
+    async fn a_page_of_the_job_list_reads_the_page_not_the_table() {
+        let Some((_database, store, mut conn)) = migrated("fusion_list").await else {
+            return;
+        };
+        queue_directly(&mut conn, 50, "0", "g").await;
+        sqlx::raw_sql(
+            "INSERT INTO jobs (id, status, spec, metadata, priority, max_attempts, run_at, \
+                               created_at, finished_at) \
+             SELECT gen_random_uuid(), 'succeeded', '{}', '{}', 0, 3, g, g, g \
+             FROM generate_series(1, 20000) g; \
+             ANALYZE jobs; SET plan_cache_mode = force_generic_plan",
+        )
+        .execute(&mut conn)
+        .await
+        .unwrap();
+        let cursor: Uuid = sqlx::query_scalar(
+            "SELECT id FROM jobs WHERE status = 'queued' ORDER BY id DESC OFFSET 9 LIMIT 1",
+        )
+        .fetch_one(&mut conn)
+        .await
+        .unwrap();
+        let cases = [
+            (false, false, "20".to_owned(), 20),
+            (true, false, "'queued', 20".to_owned(), 20),
+            (false, true, format!("'{cursor}', 20"), 20),
+            (true, true, format!("'queued', '{cursor}', 20"), 20),
+        ];
+        for (i, (status, cursor, args, rows)) in cases.into_iter().enumerate() {
+            let sql = list_sql(status, cursor);
+            sqlx::raw_sql(sqlx::AssertSqlSafe(format!("PREPARE page{i} AS {sql}")))
+                .execute(&mut conn)
+                .await
+                .unwrap();
+            let plan: Value = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+                "EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON) EXECUTE page{i}({args})"
+            )))
+            .fetch_one(&mut conn)
+            .await
+            .unwrap();
+            let plan = &plan[0]["Plan"];
+            assert_eq!(plan["Actual Rows"], rows, "{sql}: {plan:#}");
+            let blocks = blocks_read(plan);
+            assert!(blocks < 50.0, "{sql} read {blocks} blocks:\n{plan:#}");
+        }
         drop((conn, store));
     }
 
