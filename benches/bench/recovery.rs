@@ -76,6 +76,9 @@ pub async fn measure(ctx: &Ctx, target: &Target) -> anyhow::Result<Results> {
     anyhow::ensure!(reached, "recovery: {kill_at} jobs never succeeded");
     let killed_at = now_ms();
     server.kill().await?;
+    // The checkpoints as the kill left them: a step called again after the restart writes its
+    // row again, and its `created_at` with it.
+    let at_kill = db.steps().await?;
     let orphans: HashMap<String, i32> = db
         .jobs()
         .await?
@@ -116,7 +119,7 @@ pub async fn measure(ctx: &Ctx, target: &Target) -> anyhow::Result<Results> {
     }
 
     let stats = fake.stats(true).await?;
-    let (repeated, in_flight_repeats, missing) = repeats(&db, &stats).await?;
+    let (repeated, in_flight_repeats, missing) = repeats(&db, &at_kill, &stats).await?;
     if missing > 0 {
         out.problems.push(format!(
             "recovery: {missing} checkpoints had no upstream call"
@@ -199,9 +202,18 @@ async fn watch(
     Ok(seen)
 }
 
-/// Upstream calls per checkpoint: (calls that began after the checkpoint was written, calls
-/// before it beyond the first — in flight at the kill —, checkpoints with no call at all).
-async fn repeats(db: &Db, stats: &Value) -> anyhow::Result<(usize, usize, usize)> {
+/// Upstream calls per checkpoint: (calls that began after the checkpoint was first written —
+/// by the kill's reading `at_kill` if it was there, else as it is now —, calls before it beyond
+/// the first — in flight at the kill —, checkpoints with no call at all).
+async fn repeats(
+    db: &Db,
+    at_kill: &[db::StepRow],
+    stats: &Value,
+) -> anyhow::Result<(usize, usize, usize)> {
+    let first: HashMap<(&str, &str), i64> = at_kill
+        .iter()
+        .map(|s| ((s.model.as_str(), s.step.as_str()), s.created_at))
+        .collect();
     let mut starts: HashMap<(String, String), Vec<i64>> = HashMap::new();
     for e in fake::entries(stats) {
         let key = (
@@ -226,7 +238,11 @@ async fn repeats(db: &Db, stats: &Value) -> anyhow::Result<(usize, usize, usize)
             .get(&(step.model.clone(), kind.to_string()))
             .cloned()
             .unwrap_or_default();
-        let after = calls.iter().filter(|&&s| s > step.created_at).count();
+        let written = first
+            .get(&(step.model.as_str(), step.step.as_str()))
+            .copied()
+            .unwrap_or(step.created_at);
+        let after = calls.iter().filter(|&&s| s > written).count();
         repeated += after;
         in_flight += (calls.len() - after).saturating_sub(1);
         missing += usize::from(calls.len() == after);

@@ -1,6 +1,7 @@
 //! Behaviour tests: the real server on port 0 against a scripted fake upstream.
 
 mod chat;
+mod checkpoints;
 mod errors;
 mod fake_upstream;
 mod fusion_tool;

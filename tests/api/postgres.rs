@@ -13,11 +13,10 @@ use fusion::job::JobStatus;
 use fusion::testing::ScratchDatabase;
 use serde_json::json;
 
+use crate::checkpoints::{Checked, check_no_step_repeated, record_step_writes};
 use crate::fake_upstream::{FakeUpstream, Kind, Reply};
 use crate::helpers::{Options, body_with_panel, spawn_app_with, try_spawn_app_with};
-use crate::restart::{
-    Checked, Server, check_no_step_repeated, free_port, submit_unique_jobs, wait_succeeded,
-};
+use crate::restart::{Server, free_port, submit_unique_jobs, wait_succeeded};
 use crate::store_faults::{Faults, Faulty};
 
 #[tokio::test]
@@ -28,6 +27,7 @@ async fn three_workers_share_the_queue_through_a_worker_crash() {
         return;
     };
     let url = db.url.clone();
+    record_step_writes(&url).await;
     let fake = FakeUpstream::start().await;
     fake.set_default(Reply::Delay(150, Box::new(Reply::Ok)));
     let upstream = fake.base_url();
@@ -49,7 +49,6 @@ async fn three_workers_share_the_queue_through_a_worker_crash() {
     let client = reqwest::Client::new();
     let ids = submit_unique_jobs(&client, &api, "w", JOBS).await;
     // Kill the first worker while it holds running jobs (its lease owner is `host:pid:uuid`).
-    let store = fusion::store::connect(&url).await.unwrap();
     let victim = format!("%:{}:%", workers[0].pid());
     let pool = sqlx::PgPool::connect(&url).await.unwrap();
     let started = std::time::Instant::now();
@@ -78,7 +77,7 @@ async fn three_workers_share_the_queue_through_a_worker_crash() {
     for id in &ids {
         wait_succeeded(&client, &api, id, 90).await;
     }
-    let Checked { resumed, repeated } = check_no_step_repeated(store.as_ref(), &ids, &fake).await;
+    let Checked { resumed, repeated } = check_no_step_repeated(&url, &ids, &fake).await;
     eprintln!(
         "{JOBS} jobs on 3 workers, one killed: {resumed} jobs resumed on another worker, \
          {repeated} in-flight calls repeated"
@@ -266,6 +265,7 @@ async fn a_postgres_outage_mid_run_loses_no_job() {
         eprintln!("skipped: cannot stop and start the local Postgres cluster here");
         return;
     };
+    record_step_writes(&url).await;
     let fake = FakeUpstream::start().await;
     fake.set_default(Reply::Delay(200, Box::new(Reply::Ok)));
     let env = [("FUSION_LEASE_SECONDS", "10"), ("FUSION_CONCURRENCY", "16")];
@@ -274,6 +274,11 @@ async fn a_postgres_outage_mid_run_loses_no_job() {
     let ids = submit_unique_jobs(&client, &server, "o", JOBS).await;
     tokio::time::sleep(Duration::from_millis(300)).await;
 
+    let called = fake.total_calls() as usize;
+    assert!(
+        called < JOBS * 5,
+        "every call was made before the outage ({called}): the test would prove nothing"
+    );
     let guard = RestartOnDrop(version.clone());
     assert!(pg_ctlcluster(&version, "stop").success());
     let ready = |c: reqwest::Client, a: String| async move {
@@ -300,8 +305,7 @@ async fn a_postgres_outage_mid_run_loses_no_job() {
         wait_succeeded(&client, &server, id, 90).await;
     }
     assert_eq!(ready(client.clone(), server.address.clone()).await, 200);
-    let store = fusion::store::connect(&url).await.unwrap();
-    let Checked { resumed, repeated } = check_no_step_repeated(store.as_ref(), &ids, &fake).await;
+    let Checked { resumed, repeated } = check_no_step_repeated(&url, &ids, &fake).await;
     eprintln!(
         "Postgres stopped for ~2 s mid-run: {resumed} jobs resumed, {repeated} calls repeated"
     );
