@@ -95,6 +95,7 @@ async fn a_real_local_model_runs_a_whole_fusion_job() {
     let id = app.submit_ok(&body).await;
     let job = app.wait_final(&id, 600).await;
     assert_eq!(job["status"], "succeeded", "{job:#}");
+    assert_eq!(job["panel"].as_array().unwrap().len(), 3, "{job:#}");
     for member in job["panel"].as_array().unwrap() {
         assert_eq!(member["status"], "succeeded", "{member:#}");
         assert!(!member["content"].as_str().unwrap().trim().is_empty());

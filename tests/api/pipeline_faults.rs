@@ -31,12 +31,10 @@ async fn a_failed_panel_member_is_recorded_and_the_job_goes_on() {
         .into_iter()
         .find(|b| b.get("response_format").is_some())
         .unwrap();
-    assert!(
-        !analysis["messages"][1]["content"]
-            .as_str()
-            .unwrap()
-            .contains("from gone")
-    );
+    // Only the member that answered is shown to the analyst.
+    let prompt = analysis["messages"][1]["content"].as_str().unwrap();
+    assert_eq!(prompt.matches("### Response").count(), 1, "{prompt}");
+    assert!(!prompt.contains("(model: gone)"), "{prompt}");
 }
 
 /// A redirected POST would turn into a GET (or replay a body somewhere unexpected): a 3xx is
@@ -556,7 +554,22 @@ async fn the_clients_response_format_shapes_the_final_answer_only() {
         let (_, panel) = call_of(&bodies, "m1", "panel");
         assert!(panel.get("response_format").is_none(), "{mode}: {panel}");
         let (_, analysis) = call_of(&bodies, "judge", "analysis");
-        assert_ne!(analysis.get("response_format"), Some(&format), "{mode}");
+        let own = analysis.get("response_format");
+        match mode {
+            "json_schema" => {
+                assert_eq!(
+                    own.unwrap()["json_schema"]["name"],
+                    "fusion_analysis",
+                    "{own:?}"
+                )
+            }
+            "json_object" => assert_eq!(own.unwrap()["type"], "json_object", "{own:?}"),
+            _ => assert!(own.is_none(), "{mode}: {own:?}"),
+        }
+        assert!(
+            !own.is_some_and(|f| f.to_string().contains("city")),
+            "{own:?}"
+        );
         let (system, last) = call_of(&bodies, "judge", "final");
         let sent = last.get("response_format");
         match mode {

@@ -63,6 +63,8 @@ pub(crate) struct Faulty {
     pub(crate) heartbeats_fail: AtomicBool,
     /// How many of the next reads of the database's clock fail.
     pub(crate) clock_reads_fail: AtomicUsize,
+    /// Counts the enqueues that came with a start here (a job inserted already running).
+    pub(crate) started_at_submit: Arc<AtomicUsize>,
     /// Every claim; closed, each claim waits for it to open, then answers with no job.
     claims: Gate,
     /// Every heartbeat; closed, each waits for it to open, then renews as asked.
@@ -131,6 +133,7 @@ impl Faulty {
             cancel_after_claim: faults.cancel_after_claim,
             heartbeats_fail: AtomicBool::new(false),
             clock_reads_fail: AtomicUsize::new(0),
+            started_at_submit: Arc::default(),
             claims: Gate::default(),
             heartbeats: Gate::default(),
         }
@@ -178,6 +181,9 @@ impl Store for Faulty {
         self.inner.database_now_ms().await
     }
     async fn enqueue(&self, job: NewJob, start: Option<StartHere>) -> Result<Enqueued> {
+        if start.is_some() {
+            self.started_at_submit.fetch_add(1, Ordering::SeqCst);
+        }
         let answer = self.inner.enqueue(job, start).await;
         tokio::time::sleep(self.slow_enqueue).await;
         Self::unconfirm(&self.enqueues_left, answer)
@@ -584,8 +590,8 @@ async fn a_job_claimed_again_while_its_old_attempt_runs_is_heartbeated_as_the_ne
     worker.heartbeat().await;
     let stopped = tokio::time::timeout(Duration::from_secs(3), first).await;
     assert!(
-        stopped.is_ok(),
-        "attempt 1 was not stopped by the heartbeat"
+        matches!(stopped, Ok(Ok(Ok(_)))),
+        "attempt 1 was not stopped by the heartbeat, or failed: {stopped:?}"
     );
     assert!(
         !second.is_finished(),
@@ -659,17 +665,19 @@ async fn a_checkpointed_final_failure_fails_the_next_attempt_without_calling_aga
 
 #[tokio::test]
 async fn a_job_started_at_its_submit_runs_even_when_the_client_left_before_the_answer() {
+    let started_at_submit = Arc::new(AtomicUsize::new(0));
+    let counter = started_at_submit.clone();
     let app = spawn_app_with(Options {
-        wrap_store: Some(Box::new(|inner| {
-            Arc::new(Faulty::over(
-                inner,
-                Faults::default(),
-                Duration::from_millis(500),
-            ))
+        wrap_store: Some(Box::new(move |inner| {
+            let mut faulty = Faulty::over(inner, Faults::default(), Duration::from_millis(500));
+            faulty.started_at_submit = counter;
+            Arc::new(faulty)
         })),
         ..Options::default()
     })
     .await;
+    // A slot is free once the dispatcher's first claim found the queue empty.
+    tokio::time::sleep(Duration::from_millis(1_000)).await;
     // The process has a free slot, so the job is inserted already running under its lease (5 s
     // here); the client gives up while the insert is still answering.
     let sent = app
@@ -680,6 +688,11 @@ async fn a_job_started_at_its_submit_runs_even_when_the_client_left_before_the_a
         .send()
         .await;
     assert!(sent.is_err(), "the client was meant to time out");
+    assert_eq!(
+        started_at_submit.load(Ordering::SeqCst),
+        1,
+        "the job was queued, not started at its submit: the test would prove nothing"
+    );
 
     // Started all the same: done well within its lease, not left to be rescued after it.
     let mut status = None;

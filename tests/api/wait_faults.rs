@@ -40,12 +40,13 @@ async fn a_streamed_completion_rides_out_failed_reads_while_it_waits() {
         reads: 3,
         ..Faults::default()
     };
-    let (app, _store) = app_on(faults, true, "").await;
+    let (app, store) = app_on(faults, true, "").await;
     let mut body = body_with_panel(&["m1", "m2"], "judge");
     body["stream"] = json!(true);
     let text = app.chat(&body).await.text().await.unwrap();
     assert!(text.contains("the fused final answer"), "{text}");
     assert!(text.trim_end().ends_with("data: [DONE]"), "{text}");
+    assert!(reads(&store) > 3, "the failed reads were retried");
 }
 
 #[tokio::test]
@@ -115,6 +116,10 @@ async fn an_abandoned_stream_stops_reading_its_job_and_the_job_goes_on() {
         .to_string();
     let first = resp.chunk().await.unwrap().unwrap();
     assert!(String::from_utf8_lossy(&first).contains("assistant"));
+    // While its client is there, the stream reads its job (else the check below proves nothing).
+    let before = reads(&store);
+    tokio::time::sleep(Duration::from_millis(2_500)).await;
+    assert!(reads(&store) > before, "the stream never re-read its job");
     drop(resp);
 
     // While it waits, the stream re-reads its job every second (no event comes from a panel
