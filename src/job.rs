@@ -83,6 +83,10 @@ pub struct JobSpec {
     /// final answer's only. Panel answers stay free-form, and the analysis has its own.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub response_format: Option<Value>,
+    /// The client's `stop` (a string or up to 4, checked at submit): the final answer's only,
+    /// as that is the text the client reads.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stop: Option<Value>,
 }
 
 impl JobSpec {
@@ -112,6 +116,7 @@ impl JobSpec {
                 .get("response_format")
                 .filter(|v| v.is_object())
                 .cloned(),
+            stop: value.get("stop").filter(|v| !v.is_null()).cloned(),
         }
     }
 }

@@ -125,6 +125,7 @@ fn spec(tag: &str) -> JobSpec {
         panel_timeout_ms: Some(15_000),
         response_format: Some(json!({"type": "json_schema",
             "json_schema": {"name": "answer", "schema": {"type": "object"}}})),
+        stop: Some(json!(["\n\nQ:", "END"])),
     }
 }
 
@@ -432,6 +433,7 @@ async fn enqueue_get_round_trip(store: Arc<dyn Store>) {
             max_completion_tokens: None,
             panel_timeout_ms: None,
             response_format: None,
+            stop: None,
             ..spec("plain")
         },
         ..new_job_at(3, NOW)

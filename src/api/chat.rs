@@ -92,6 +92,8 @@ pub async fn completions(
     let opts = StreamOptions::from_body(&body)?;
     if is_fusion_model(&model) || has_fusion_plugin(&body) {
         refuse_recursion(&headers)?;
+        // Checked before `tools` and `tool_choice` are dropped from the job's body.
+        request::refuse_unsupported(body.as_object().expect("checked above"))?;
         let mut job_body = body.clone();
         let obj = job_body.as_object_mut().expect("checked above");
         // `n` stays: a request for several choices is refused, as on /v1/jobs.

@@ -34,6 +34,52 @@ pub fn bad(message: impl Into<String>) -> ApiError {
     ApiError::bad_request("invalid_request", message)
 }
 
+/// `n` other than 1: a client asking for several choices would get one and not be told.
+pub fn refuse_several_choices(n: Option<&Value>) -> Result<(), ApiError> {
+    match n {
+        None | Some(Value::Null) => Ok(()),
+        Some(n) if n.as_u64() == Some(1) => Ok(()),
+        Some(n) => Err(bad(format!(
+            "`n` must be 1: a fusion run writes one answer, got {n}"
+        ))),
+    }
+}
+
+/// What a fusion run cannot give and a client would break without: token log probabilities
+/// (`choice.logprobs` would be null), and a forced tool call (a fusion model answers in text;
+/// `tools` with `tool_choice` `auto` or `none` are accepted and unused, as text is allowed).
+pub fn refuse_unsupported(obj: &Map<String, Value>) -> Result<(), ApiError> {
+    let set = |k: &str| !matches!(obj.get(k), None | Some(Value::Null | Value::Bool(false)));
+    for field in ["logprobs", "top_logprobs"] {
+        if set(field) {
+            return Err(unsupported(format!(
+                "`{field}` is not supported: a fusion answer is written from several models' \
+                 answers and has no token log probabilities"
+            )));
+        }
+    }
+    let offers_tools = obj
+        .get("tools")
+        .and_then(Value::as_array)
+        .is_some_and(|t| !t.is_empty());
+    let forces = match obj.get("tool_choice") {
+        None | Some(Value::Null) => false,
+        Some(Value::String(s)) => s == "required",
+        Some(_) => true,
+    };
+    if offers_tools && forces {
+        return Err(unsupported(
+            "`tool_choice` cannot force a tool call on a fusion model: it answers in text; \
+             use `auto` or `none`, or offer `{\"type\": \"fusion\"}` as a tool to another model",
+        ));
+    }
+    Ok(())
+}
+
+fn unsupported(message: impl Into<String>) -> ApiError {
+    ApiError::bad_request("unsupported_parameter", message)
+}
+
 /// Hash of the request, to tell a true repeat under an idempotency key from a reused key.
 pub fn request_hash(body: &Value) -> String {
     let digest = Sha256::digest(body.to_string().as_bytes());
@@ -70,16 +116,8 @@ pub fn parse_as(
         }
         Some(_) => return Err(bad("`stream` must be a boolean")),
     }
-    // A client asking for several choices would get one and not be told.
-    match obj.get("n") {
-        None | Some(Value::Null) => {}
-        Some(n) if n.as_u64() == Some(1) => {}
-        Some(n) => {
-            return Err(bad(format!(
-                "`n` must be 1: a fusion run writes one answer, got {n}"
-            )));
-        }
-    }
+    refuse_several_choices(obj.get("n"))?;
+    refuse_unsupported(obj)?;
     let plugin = parse_plugins(obj.get("plugins"))?;
 
     let (mut panel, mut analyst) = if model == "fusion" {
@@ -223,11 +261,27 @@ pub fn parse_as(
             min_panel,
             panel_timeout_ms,
             response_format: parse_response_format(obj.get("response_format"))?,
+            stop: parse_stop(obj.get("stop"))?,
         },
         metadata,
         priority,
         deadline_seconds,
     })
+}
+
+/// `stop`, OpenAI's shape: a non-empty string or an array of 1 to 4 of them; null is none.
+fn parse_stop(v: Option<&Value>) -> Result<Option<Value>, ApiError> {
+    let valid = |s: &Value| s.as_str().is_some_and(|s| !s.is_empty());
+    match v {
+        None | Some(Value::Null) => Ok(None),
+        Some(s) if valid(s) => Ok(Some(s.clone())),
+        Some(Value::Array(a)) if (1..=4).contains(&a.len()) && a.iter().all(valid) => {
+            Ok(Some(Value::Array(a.clone())))
+        }
+        Some(_) => Err(bad(
+            "`stop` must be a non-empty string or an array of 1 to 4 non-empty strings",
+        )),
+    }
 }
 
 /// The final answer's `response_format`, OpenAI's shape: `text` (the default, as no format),
@@ -620,6 +674,63 @@ mod tests {
                 .1
                 .contains("metadata")
         );
+    }
+
+    #[test]
+    fn stop_is_kept_for_the_final_answer_and_checked() {
+        let stop = |v: Value| {
+            let body = json!({"model": "fusion", "messages": msgs(), "stop": v});
+            parse(&body, &config()).map(|r| r.spec.stop)
+        };
+        assert_eq!(stop(json!("END")).unwrap(), Some(json!("END")));
+        assert_eq!(stop(json!(["a", "b"])).unwrap(), Some(json!(["a", "b"])));
+        assert_eq!(stop(Value::Null).unwrap(), None);
+        for wrong in [
+            json!(""),
+            json!([]),
+            json!(["a", "b", "c", "d", "e"]),
+            json!([1]),
+            json!(7),
+        ] {
+            let e = stop(wrong.clone()).unwrap_err();
+            assert!(
+                e.message.starts_with("`stop` must be"),
+                "{wrong}: {}",
+                e.message
+            );
+        }
+    }
+
+    // What a fusion run cannot give is refused, not dropped: the client would read
+    // `choice.logprobs` as null, or find no tool call where it forced one.
+    #[test]
+    fn refuses_log_probabilities_and_forced_tool_calls() {
+        let tools = json!([{"type": "function", "function": {"name": "f", "parameters": {}}}]);
+        for extra in [
+            json!({"logprobs": true}),
+            json!({"top_logprobs": 3}),
+            json!({"tools": tools, "tool_choice": "required"}),
+            json!({"tools": tools, "tool_choice": {"type": "function", "function": {"name": "f"}}}),
+        ] {
+            let mut body = json!({"model": "fusion", "messages": msgs()});
+            body.as_object_mut()
+                .unwrap()
+                .extend(extra.as_object().unwrap().clone());
+            let (code, message) = err(body);
+            assert_eq!(code, "unsupported_parameter", "{extra}: {message}");
+        }
+        for extra in [
+            json!({"logprobs": false, "top_logprobs": null}),
+            json!({"tools": tools, "tool_choice": "auto"}),
+            json!({"tools": tools, "tool_choice": "none"}),
+            json!({"tools": [], "tool_choice": "required"}),
+        ] {
+            let mut body = json!({"model": "fusion", "messages": msgs()});
+            body.as_object_mut()
+                .unwrap()
+                .extend(extra.as_object().unwrap().clone());
+            assert!(parse(&body, &config()).is_ok(), "{extra}");
+        }
     }
 
     #[test]

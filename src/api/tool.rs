@@ -106,6 +106,8 @@ pub async fn run(
     // The conversation and the job every fusion call runs are checked as a job's are, before
     // any paid call: the outer model's rounds extend the conversation.
     request::parse_messages(body.get("messages"))?;
+    // Only the first choice's calls would run, and the others would carry fusion calls.
+    request::refuse_several_choices(body.get("n"))?;
     let template = job_template(&body, &state.config)?;
     refuse_tool_type_choice(body.get("tool_choice"))?;
     let mut outer = body.clone();
@@ -188,8 +190,16 @@ async fn rounds(
                     .and_then(|s| StatusCode::from_u16(s).ok())
                     .filter(|s| s.is_client_error() || s.is_server_error())
                     .unwrap_or(StatusCode::BAD_GATEWAY);
+                // A refused key is this server's, not the client's: an SDK would raise an
+                // authentication error about a key that is fine.
+                let (status, code) = match status {
+                    StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN => {
+                        (StatusCode::BAD_GATEWAY, "upstream_auth")
+                    }
+                    _ => (status, "upstream_error"),
+                };
                 // Jobs run in earlier rounds are named: a retry would run them again.
-                ApiError::new(status, "upstream_error", e.message).after_jobs(&job_ids)
+                ApiError::new(status, code, e.message).after_jobs(&job_ids)
             })?;
         usage.add(&outer_usage);
         let message = reply

@@ -249,6 +249,7 @@ impl Pipeline {
                     temperature: Some(0.0),
                     max_completion_tokens: spec.max_completion_tokens,
                     response_format: format.as_ref(),
+                    stop: spec.stop.as_ref(),
                 };
                 let (key, analyst, sink) = (StepKey::Final, &spec.analyst, saves.sink());
                 let call = self.call_step(key, analyst, &req, job.attempt, sink, cancel);
@@ -336,6 +337,7 @@ impl Pipeline {
                 temperature: spec.temperature,
                 max_completion_tokens: spec.max_completion_tokens,
                 response_format: None,
+                stop: None,
             };
             // Boxed: the set then holds pointers, and its own bookkeeping stays small.
             pending.push(Box::pin(async move {
@@ -425,6 +427,7 @@ impl Pipeline {
             temperature: Some(0.0),
             max_completion_tokens: formats.limits.max_tokens,
             response_format: formats.response_format(mode),
+            stop: None,
         };
         let mut usage = Usage::default();
         let mut latency_ms = 0;

@@ -486,6 +486,7 @@ pub(crate) fn queued_job(created_at: i64) -> NewJob {
             min_panel: 1,
             panel_timeout_ms: None,
             response_format: None,
+            stop: None,
         },
         metadata: serde_json::json!({}),
         priority: 0,

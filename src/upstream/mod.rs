@@ -9,7 +9,7 @@ mod h1;
 mod provider;
 mod retry;
 #[cfg(test)]
-mod test_server;
+pub(crate) mod test_server;
 mod wire;
 
 pub use error::{ErrorKind, UpstreamError, parse_retry_after};
@@ -44,6 +44,8 @@ pub struct CompletionRequest<'a> {
     pub temperature: Option<f64>,
     pub max_completion_tokens: Option<u32>,
     pub response_format: Option<&'a JsonText>,
+    /// Stop sequences: a string or an array of them.
+    pub stop: Option<&'a Value>,
 }
 
 /// A successful completion.

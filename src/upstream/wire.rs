@@ -30,6 +30,9 @@ impl Serialize for WireRequest<'_> {
         if let Some(rf) = &self.req.response_format {
             map.serialize_entry("response_format", rf)?;
         }
+        if let Some(stop) = self.req.stop {
+            map.serialize_entry("stop", stop)?;
+        }
         map.end()
     }
 }

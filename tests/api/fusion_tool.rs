@@ -96,6 +96,44 @@ async fn a_tool_choice_of_type_fusion_is_refused_before_any_call() {
     assert_eq!(app.fake.total_calls(), 0);
 }
 
+// Only the first choice's calls would run and the others would hand the client fusion calls.
+#[tokio::test]
+async fn several_choices_are_refused_before_any_call() {
+    let app = spawn_app().await;
+    let mut body = offering(json!({}));
+    body["n"] = json!(2);
+    let resp = app.chat(&body).await;
+    assert_eq!(resp.status(), 400);
+    let error: Value = resp.json().await.unwrap();
+    assert!(
+        error["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("`n` must be 1"),
+        "{error}"
+    );
+    assert_eq!(app.fake.total_calls(), 0);
+}
+
+// The outer model refusing this server's key is the server's problem: a 401 passed on would
+// make the client's SDK raise an authentication error about its own key, which is fine.
+#[tokio::test]
+async fn the_upstream_refusing_the_servers_key_is_a_bad_gateway() {
+    let app = spawn_app().await;
+    for status in [401, 403] {
+        app.fake
+            .script("outer", Kind::Panel, vec![Reply::Status(status)]);
+        let resp = app.chat(&offering(json!({}))).await;
+        assert_eq!(resp.status(), 502, "{status}");
+        let error: Value = resp.json().await.unwrap();
+        assert_eq!(error["error"]["code"], "upstream_auth", "{error}");
+    }
+    app.fake
+        .script("outer", Kind::Panel, vec![Reply::Status(404)]);
+    let resp = app.chat(&offering(json!({}))).await;
+    assert_eq!(resp.status(), 404);
+}
+
 // OpenRouter's server tool is `{"type": "openrouter:fusion"}`: a request written for it runs the
 // fusion tool here too, rather than reaching the upstream as a tool type it does not know.
 #[tokio::test]

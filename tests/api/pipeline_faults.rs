@@ -531,6 +531,36 @@ fn call_of(bodies: &[Value], model: &str, kind: &str) -> (String, Value) {
     (system.to_string(), body)
 }
 
+// A client's `stop` is the final answer's, the text the client reads: the panel and the
+// analysis (whose JSON it could cut) are called without it. Through the chat endpoint, where a
+// forced tool call, which a fusion model cannot make, is refused before anything is paid for.
+#[tokio::test]
+async fn the_clients_stop_ends_the_final_answer_only() {
+    let app = spawn_app().await;
+    let tools = serde_json::json!([{"type": "function",
+                                     "function": {"name": "f", "parameters": {}}}]);
+    let mut body = body_with_panel(&["m1"], "judge");
+    body["tools"] = tools;
+    body["tool_choice"] = serde_json::json!("required");
+    let resp = app.chat(&body).await;
+    assert_eq!(resp.status(), 400);
+    let error: serde_json::Value = resp.json().await.unwrap();
+    assert_eq!(error["error"]["code"], "unsupported_parameter", "{error}");
+    assert_eq!(app.fake.total_calls(), 0);
+
+    body["tool_choice"] = serde_json::json!("auto");
+    body["stop"] = serde_json::json!(["\n\nQ:"]);
+    let resp = app.chat(&body).await;
+    assert_eq!(resp.status(), 200);
+    let bodies = app.fake.bodies();
+    let (_, panel) = call_of(&bodies, "m1", "panel");
+    let (_, analysis) = call_of(&bodies, "judge", "analysis");
+    let (_, last) = call_of(&bodies, "judge", "final");
+    assert!(panel.get("stop").is_none(), "{panel}");
+    assert!(analysis.get("stop").is_none(), "{analysis}");
+    assert_eq!(last["stop"], serde_json::json!(["\n\nQ:"]), "{last}");
+}
+
 // A client's `response_format` is the final answer's, asked for in the analyst's provider's own
 // way: the panel's answers stay free-form and the analysis keeps its own schema.
 #[tokio::test]

@@ -114,6 +114,7 @@ pub fn new_job() -> NewJob {
             min_panel: 1,
             panel_timeout_ms: None,
             response_format: None,
+            stop: None,
         },
         metadata: json!({}),
         priority: 0,
