@@ -11,6 +11,19 @@ use tokio::net::TcpListener;
 /// The heads of the requests a server received, in order, as text.
 pub type Heads = Arc<Mutex<Vec<String>>>;
 
+/// An upstream client whose default provider is at `base_url`, with a 2 s timeout.
+pub fn upstream_at(base_url: &str, key: Option<&str>) -> super::Upstream {
+    use super::{ApiKey, Provider, UpstreamConfig};
+    super::Upstream::new(UpstreamConfig {
+        default: Provider::new("default", base_url, key.and_then(|k| ApiKey::new(k.into()))),
+        providers: std::collections::HashMap::new(),
+        timeout: Duration::from_secs(2),
+        prices: std::collections::HashMap::new(),
+        max_idle_per_host: 8,
+    })
+    .unwrap()
+}
+
 /// How an answer ends once written.
 #[derive(Clone, Copy, PartialEq, Eq)]
 pub enum Then {

@@ -3,18 +3,7 @@
 //! odd `usage` fields, credentials in the base URL.
 
 use super::*;
-use test_server::{Then, answering, chunked, trickling};
-
-fn upstream_at(base_url: &str, key: Option<&str>) -> Upstream {
-    Upstream::new(UpstreamConfig {
-        default: Provider::new("default", base_url, key.and_then(|k| ApiKey::new(k.into()))),
-        providers: HashMap::new(),
-        timeout: Duration::from_secs(2),
-        prices: HashMap::new(),
-        max_idle_per_host: 8,
-    })
-    .unwrap()
-}
+use test_server::{Then, answering, chunked, trickling, upstream_at};
 
 fn ask() -> CompletionRequest<'static> {
     CompletionRequest {
