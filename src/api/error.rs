@@ -7,7 +7,7 @@ use std::borrow::Cow;
 
 use axum::Json;
 use axum::extract::rejection::{JsonRejection, QueryRejection};
-use axum::http::{HeaderValue, StatusCode};
+use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde_json::{Value, json};
 use uuid::Uuid;
@@ -121,10 +121,14 @@ impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         self.log();
         let mut resp = (self.status, Json(self.body())).into_response();
+        let headers = resp.headers_mut();
         if !self.jobs.is_empty() {
-            let headers = resp.headers_mut();
             headers.insert(JOB_HEADER, jobs_header(&self.jobs));
             headers.insert(SHOULD_RETRY_HEADER, HeaderValue::from_static("false"));
+        } else if self.status == StatusCode::SERVICE_UNAVAILABLE {
+            // Nothing was stored: a retry is safe, and the SDKs wait as long as this says
+            // rather than spending their retries within a second and a half.
+            headers.insert(header::RETRY_AFTER, HeaderValue::from_static("5"));
         }
         resp
     }

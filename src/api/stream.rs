@@ -9,6 +9,7 @@ use std::collections::HashSet;
 use std::convert::Infallible;
 use std::time::Duration;
 
+use axum::http::HeaderValue;
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use futures::Stream;
@@ -44,10 +45,22 @@ pub fn fusion_job(state: AppState, job: Job, opts: StreamOptions) -> Response {
             _ = tx.closed() => {}
         }
     });
+    let mut resp = sse(rx, keepalive);
+    resp.headers_mut().insert(JOB_HEADER, header);
+    resp
+}
+
+/// The event stream's response: keep-alive comments every `keepalive`, and a header telling
+/// nginx (whose proxy buffers answers by default) to pass each event on as it comes.
+fn sse(
+    rx: impl Stream<Item = Result<Event, Infallible>> + Send + 'static,
+    keepalive: Duration,
+) -> Response {
     let mut resp = Sse::new(rx)
         .keep_alive(KeepAlive::new().interval(keepalive).text("keep-alive"))
         .into_response();
-    resp.headers_mut().insert(JOB_HEADER, header);
+    resp.headers_mut()
+        .insert("x-accel-buffering", HeaderValue::from_static("no"));
     resp
 }
 
@@ -209,9 +222,7 @@ pub fn completion_later(
             _ = tx.closed() => {}
         }
     });
-    Sse::new(rx)
-        .keep_alive(KeepAlive::new().interval(keepalive).text("keep-alive"))
-        .into_response()
+    sse(rx, keepalive)
 }
 
 /// A comment event. Control characters are written escaped: a line break would end the

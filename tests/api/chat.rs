@@ -89,6 +89,8 @@ async fn a_streamed_fusion_completion_follows_the_openai_chunk_format() {
             .unwrap()
             .starts_with("text/event-stream")
     );
+    // nginx, in front, would otherwise buffer the events and the keep-alives.
+    assert_eq!(resp.headers()["x-accel-buffering"], "no");
     assert!(resp.headers().contains_key("x-fusion-job-id"));
     let text = resp.text().await.unwrap();
     let (data, comments) = parse_sse(&text);

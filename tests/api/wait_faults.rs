@@ -141,3 +141,26 @@ async fn an_abandoned_stream_stops_reading_its_job_and_the_job_goes_on() {
     let job = app.get_job(&id).await;
     assert_eq!(job["status"], "running", "{job:#}");
 }
+
+// A read failing with the database out of reach, where nothing was stored, is a 503 the client
+// may retry, and `Retry-After` spaces the SDKs' retries (they honour it; without it they spend
+// both retries within a second and a half).
+#[tokio::test]
+async fn a_read_with_the_database_away_is_answered_503_with_a_retry_after() {
+    let faults = Faults {
+        reads: 100,
+        ..Faults::default()
+    };
+    let (app, _store) = app_on(faults, false, "").await;
+    let resp = app
+        .client
+        .get(format!("{}/v1/jobs/{}", app.address, uuid::Uuid::now_v7()))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 503);
+    assert_eq!(resp.headers()["retry-after"], "5");
+    assert!(!resp.headers().contains_key("x-should-retry"));
+    let error: Value = resp.json().await.unwrap();
+    assert_eq!(error["error"]["code"], "database_unavailable", "{error}");
+}
