@@ -321,6 +321,20 @@ impl FileConfig {
         };
         let parsed = check_url(&base_url).context("Invalid upstream base URL")?;
         one_authorization("default", &default_key, &parsed, &base_url, url_setting)?;
+        // A hosted provider (OpenRouter by default) refuses every call without a key: the jobs
+        // would fail as `all_panels_failed` with nothing said at start. A local server over
+        // plain HTTP usually needs none.
+        if default_key.is_none()
+            && file_var.is_none()
+            && parsed.scheme() == "https"
+            && parsed.username().is_empty()
+        {
+            tracing::warn!(
+                "no upstream API key is set (FUSION_UPSTREAM_API_KEY or OPENROUTER_API_KEY): \
+                 calls to {} go without one, which a hosted provider refuses",
+                parsed.host_str().unwrap_or("the upstream")
+            );
+        }
         let timeout_seconds = match env("FUSION_UPSTREAM_TIMEOUT_SECONDS") {
             Some(v) => v
                 .parse()
@@ -525,6 +539,46 @@ mod tests {
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect();
         move |k| map.get(k).cloned()
+    }
+
+    /// Whether resolving the default file config with `pairs` as the environment warns that
+    /// no upstream key is set.
+    fn warns_of_no_key(pairs: &[(&str, &str)]) -> bool {
+        let lines = std::sync::Arc::new(std::sync::Mutex::new(Vec::<u8>::new()));
+        let writer = lines.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_writer(move || WriteTo(writer.clone()))
+            .with_ansi(false)
+            .finish();
+        tracing::subscriber::with_default(subscriber, || {
+            FileConfig::default().resolve(&env(pairs)).unwrap();
+        });
+        let text = String::from_utf8(lines.lock().unwrap().clone()).unwrap();
+        text.contains("no upstream API key is set")
+    }
+
+    struct WriteTo(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+
+    impl std::io::Write for WriteTo {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    // OpenRouter (the default) refuses every call without a key; a local server does not.
+    #[test]
+    fn a_hosted_upstream_without_a_key_is_warned_of_at_start() {
+        assert!(warns_of_no_key(&[]));
+        assert!(!warns_of_no_key(&[("OPENROUTER_API_KEY", "sk-or")]));
+        assert!(!warns_of_no_key(&[("FUSION_UPSTREAM_API_KEY", "sk")]));
+        assert!(!warns_of_no_key(&[(
+            "FUSION_UPSTREAM_URL",
+            "http://127.0.0.1:8080/v1"
+        )]));
     }
 
     #[test]
