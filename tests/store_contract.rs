@@ -375,7 +375,35 @@ contract_tests!(
     the_last_step_lands_with_the_outcome,
     a_job_can_start_at_its_enqueue,
     a_failed_write_leaves_its_batch_and_the_store_working,
+    a_request_finds_its_newest_job_since_a_time,
 );
+
+/// An SDK's retry finds the job its first try made: the newest with the request's hash at or
+/// after the time given, keyed or not; none for another hash, or none that recent.
+async fn a_request_finds_its_newest_job_since_a_time(store: Arc<dyn Store>) {
+    let with = |hash: &str, created_at: i64| NewJob {
+        request_hash: Some(hash.to_string()),
+        ..new_job_at(0, created_at)
+    };
+    enqueue(&store, with("h", NOW)).await;
+    let newer = enqueue(&store, with("h", NOW + 1_000)).await;
+    let keyed = NewJob {
+        idempotency_key: Some("k".into()),
+        ..with("g", NOW + 2_000)
+    };
+    let keyed = enqueue(&store, keyed).await;
+    enqueue(&store, new_job_at(0, NOW + 3_000)).await;
+
+    let found = |hash: &'static str, since: i64| {
+        let store = store.clone();
+        async move { store.find_by_request(hash, since).await.unwrap() }
+    };
+    assert_eq!(found("h", NOW - 1).await, Some(newer.clone()));
+    assert_eq!(found("h", NOW + 1_000).await, Some(newer));
+    assert_eq!(found("h", NOW + 1_001).await, None);
+    assert_eq!(found("g", 0).await, Some(keyed));
+    assert_eq!(found("x", 0).await, None);
+}
 
 /// Model output and user input may contain NUL, which Postgres text and JSONB reject: the write
 /// must still succeed (Postgres stores U+FFFD in its place), or the job would retry forever.

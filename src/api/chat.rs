@@ -103,7 +103,11 @@ pub async fn completions(
         }
         let parsed = request::parse(&job_body, &state.config)?;
         let key = idempotency_key(&headers)?;
-        let (job, _) = enqueue(&state, parsed, key, &job_body).await?;
+        let hash = request::request_hash(&job_body);
+        let job = match sdk_retry_of(&state, &headers, key.is_some(), &hash).await? {
+            Some(job) => job,
+            None => enqueue(&state, parsed, key, Some(hash)).await?.0,
+        };
         if opts.stream {
             return Ok(stream::fusion_job(state, job, opts));
         }
@@ -115,6 +119,51 @@ pub async fn completions(
         return tool::run(state, body, model, opts).await;
     }
     passthrough(&state, &model, body).await
+}
+
+/// The OpenAI SDKs send `x-stainless-retry-count` (0, then 1, 2 on their retries) and their
+/// timeout in seconds (`x-stainless-timeout` from Node, `x-stainless-read-timeout` from Python).
+const SDK_RETRY_HEADER: &str = "x-stainless-retry-count";
+const SDK_TIMEOUT_HEADERS: [&str; 2] = ["x-stainless-timeout", "x-stainless-read-timeout"];
+/// The SDKs' default timeout (600 s in Python, 10 min in Node), when none is sent.
+const SDK_DEFAULT_TIMEOUT_MS: i64 = 600_000;
+
+/// For an OpenAI SDK's automatic retry without an `Idempotency-Key`, the job its first try made:
+/// the newest with the same request since that try can have been sent, by the retry count and
+/// the SDK's timeout (each try waits at most the timeout, then a backoff of at most 8 s; a
+/// minute is allowed for each). An SDK retries a call whose answer it gave up waiting for (its
+/// timeout, a proxy's idle cut, a 502 from a proxy), and every retry was a new, paid job while
+/// the first ran on. `None` for a first try, a request with a key (which finds its job by the
+/// key), or a retry whose first try made no job (refused, or never arrived).
+async fn sdk_retry_of(
+    state: &AppState,
+    headers: &HeaderMap,
+    keyed: bool,
+    hash: &str,
+) -> Result<Option<Job>, ApiError> {
+    let number = |name: &str| {
+        headers
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.trim().parse::<f64>().ok())
+            .filter(|n| n.is_finite() && *n >= 0.0)
+    };
+    let retries = number(SDK_RETRY_HEADER).unwrap_or(0.0).min(100.0) as i64;
+    if keyed || retries == 0 {
+        return Ok(None);
+    }
+    let timeout_ms = SDK_TIMEOUT_HEADERS
+        .iter()
+        .find_map(|h| number(h))
+        .map_or(SDK_DEFAULT_TIMEOUT_MS, |s| {
+            (s.min(86_400.0) * 1000.0) as i64
+        });
+    let since = state.clock.now_ms() - retries * (timeout_ms + 60_000);
+    let job = state.store.find_by_request(hash, since).await?;
+    if let Some(job) = &job {
+        tracing::info!(job = %job.id, retries, "an SDK's retry waits on the job its first try made");
+    }
+    Ok(job)
 }
 
 /// The answer for a finished job: its `chat.completion`, or the error it ended with (which

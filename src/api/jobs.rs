@@ -24,7 +24,8 @@ pub async fn submit(
     refuse_recursion(&headers)?;
     let parsed = request::parse(&body, &state.config)?;
     let key = idempotency_key(&headers)?;
-    let (job, replayed) = enqueue(&state, parsed, key, &body).await?;
+    let hash = key.as_ref().map(|_| request::request_hash(&body));
+    let (job, replayed) = enqueue(&state, parsed, key, hash).await?;
     let steps = if replayed {
         state.store.get_steps(job.id).await?
     } else {
@@ -56,12 +57,14 @@ pub fn refuse_recursion(headers: &HeaderMap) -> Result<(), ApiError> {
 }
 
 /// Store a parsed request as a job (queued, or started in this process when it has a free slot);
-/// `true` when an idempotency key found an earlier one.
+/// `true` when an idempotency key found an earlier one. `request_hash` is the request's
+/// (`request::request_hash`), kept to tell a repeat under `key` from a reused key, and to find
+/// the job again (`Store::find_by_request`).
 pub async fn enqueue(
     state: &AppState,
     parsed: request::JobRequest,
     key: Option<String>,
-    body: &Value,
+    request_hash: Option<String>,
 ) -> Result<(Job, bool), ApiError> {
     let now = state.clock.now_ms();
     let new = NewJob {
@@ -71,7 +74,7 @@ pub async fn enqueue(
         priority: parsed.priority,
         max_attempts: state.config.jobs.max_attempts,
         deadline_at: parsed.deadline_seconds.map(|s| now + s as i64 * 1000),
-        request_hash: key.as_ref().map(|_| request::request_hash(body)),
+        request_hash,
         idempotency_key: key,
         created_at: now,
     };

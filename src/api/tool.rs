@@ -364,7 +364,7 @@ async fn run_call(
     let mut parsed = template.clone();
     parsed.spec.messages = vec![json!({"role": "user", "content": prompt})];
     // Without an idempotency key the request body is not kept (nor hashed).
-    let (job, _) = enqueue(state, parsed, None, &Value::Null).await?;
+    let (job, _) = enqueue(state, parsed, None, None).await?;
     let job = watch::wait_final(&state.watch, state.store.as_ref(), job.id).await?;
     if !job.status.is_final() {
         return Err(super::chat::handed_back(&job));

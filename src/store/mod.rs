@@ -214,6 +214,10 @@ pub trait Store: Send + Sync + 'static {
     /// as it is.
     async fn enqueue(&self, job: NewJob, start: Option<StartHere>) -> Result<Enqueued>;
     async fn get_job(&self, id: Uuid) -> Result<Option<Job>>;
+    /// The newest job made from a request with this hash (`NewJob::request_hash`) at or after
+    /// `since` (ms): an OpenAI SDK's automatic retry of a call it gave up waiting on finds the
+    /// job the first call made.
+    async fn find_by_request(&self, request_hash: &str, since: i64) -> Result<Option<Job>>;
     /// Every checkpoint of a job, in step order.
     async fn get_steps(&self, id: Uuid) -> Result<Vec<Step>>;
     async fn list_jobs(&self, filter: &ListFilter) -> Result<Vec<Job>>;
@@ -607,7 +611,7 @@ mod tests {
     /// applied one has changed since, comments included: a migration, once landed, is never
     /// edited (0010 was, before it landed, and a database migrated in between would not start).
     /// A change goes into a new migration; a new one is added here.
-    const LANDED_MIGRATIONS: [(&str, &str); 20] = [
+    const LANDED_MIGRATIONS: [(&str, &str); 22] = [
         (
             "postgres/0001_jobs.sql",
             "f449d02dc02fe51a24aee9f04a05cdf9f649e8d4f5fe10ad6759259e1aab2e19",
@@ -649,6 +653,10 @@ mod tests {
             "7ff82d28a64720078e6d9c82ffab6fa3b3c2d8952995b9965e14711c4adc694d",
         ),
         (
+            "postgres/0011_retries_find_their_request.sql",
+            "5f0f1c076287b1bc325af4e2e44156b7a642a41dc5d5d1314161c5b0a814666c",
+        ),
+        (
             "sqlite/0001_jobs.sql",
             "8e5b4d10777fa1ef9a2099fad6870f7db026241f7d47178130896196e1724df5",
         ),
@@ -687,6 +695,10 @@ mod tests {
         (
             "sqlite/0010_claim_skips_delayed_jobs.sql",
             "3c4edbe03d8810b87b2fca11b26c0cff934cefa5e6b97df10ec16f8489cccb9b",
+        ),
+        (
+            "sqlite/0011_retries_find_their_request.sql",
+            "64415ddb10541e838089b33bdd64aeb87aa0ee153dbbf7a14ab90e2f31d44080",
         ),
     ];
 

@@ -554,6 +554,21 @@ impl Store for PgStore {
         self.fetch_job(id).await
     }
 
+    async fn find_by_request(&self, request_hash: &str, since: i64) -> Result<Option<Job>> {
+        let query = sqlx::query(concat!(
+            "SELECT ",
+            job_columns!(),
+            " FROM jobs WHERE request_hash = $1 AND created_at >= $2 \
+             ORDER BY created_at DESC LIMIT 1"
+        ))
+        .bind(request_hash)
+        .bind(since);
+        let row = self
+            .bounded(async |c| Ok(query.fetch_optional(c).await?))
+            .await?;
+        row.map(|r| job_from_row(&r, SpecRead::ToShow)).transpose()
+    }
+
     async fn get_steps(&self, id: Uuid) -> Result<Vec<Step>> {
         let query = sqlx::query(
             "SELECT step, model, ok, content, data, prompt_tokens, completion_tokens, cost, \

@@ -122,6 +122,13 @@ const LIST_BY_STATUS_SQL: &str = concat!(
 /// Sorts after every id (a lowercase hyphenated UUID): the cursor of a first page.
 const ID_ABOVE_ALL: &str = "~";
 
+/// The newest job with a request hash since a time, by `jobs_request_hash` (migration 0011).
+const FIND_BY_REQUEST_SQL: &str = concat!(
+    "SELECT ",
+    job_columns!(),
+    " FROM jobs WHERE request_hash = ? AND created_at >= ? ORDER BY created_at DESC LIMIT 1"
+);
+
 pub struct SqliteStore {
     /// Readers: WAL lets them run beside the writer.
     pool: SqlitePool,
@@ -313,6 +320,15 @@ impl Store for SqliteStore {
             id,
         )
         .await
+    }
+
+    async fn find_by_request(&self, request_hash: &str, since: i64) -> Result<Option<Job>> {
+        let row = sqlx::query(FIND_BY_REQUEST_SQL)
+            .bind(request_hash)
+            .bind(since)
+            .fetch_optional(&self.pool)
+            .await?;
+        row.map(|r| job_from_row(&r, SpecRead::ToShow)).transpose()
     }
 
     async fn get_steps(&self, id: Uuid) -> Result<Vec<Step>> {

@@ -171,17 +171,22 @@ async fn several_choices_are_refused_as_on_the_jobs_api_and_one_is_fine() {
     assert_eq!(body["choices"].as_array().map(Vec::len), Some(1));
 }
 
-// The README's advice to a client that timed out before the answer (and so never saw the job
-// id): the same call with the same `Idempotency-Key` waits on the same job, paid for once.
-#[tokio::test]
-async fn a_timed_out_call_repeated_with_its_idempotency_key_waits_on_the_same_job() {
+/// An app whose panel member `slow` answers its first call after 1.5 s, and a body asking it.
+async fn slow_panel_app() -> (TestApp, Value) {
     let app = spawn_app().await;
     app.fake.script(
         "slow",
         Kind::Panel,
         vec![Reply::Delay(1_500, Box::new(Reply::Ok))],
     );
-    let body = body_with_panel(&["slow"], "judge");
+    (app, body_with_panel(&["slow"], "judge"))
+}
+
+// The README's advice to a client that timed out before the answer (and so never saw the job
+// id): the same call with the same `Idempotency-Key` waits on the same job, paid for once.
+#[tokio::test]
+async fn a_timed_out_call_repeated_with_its_idempotency_key_waits_on_the_same_job() {
+    let (app, body) = slow_panel_app().await;
     let call = |timeout: Duration| {
         app.client
             .post(format!("{}/v1/chat/completions", app.address))
@@ -746,4 +751,45 @@ async fn a_failed_job_answers_with_its_failure_reason_as_the_code() {
     assert_eq!(err["error"]["code"], "upstream_auth", "{err:#}");
     assert_eq!(err["error"]["type"], "api_error");
     assert!(err["error"]["message"].as_str().unwrap().contains("failed"));
+}
+
+// An OpenAI SDK that gave up waiting (its timeout, a proxy's idle cut) sends the call again with
+// `x-stainless-retry-count` and no idempotency key: the retry waits on the job the first try
+// made, rather than starting and paying for another while the first runs on. A first try, or a
+// client that is not retrying, starts a job of its own.
+#[tokio::test]
+async fn an_sdk_retry_waits_on_the_job_its_first_try_made() {
+    let (app, body) = slow_panel_app().await;
+    let call = |retry: Option<&'static str>, timeout: Duration| {
+        let mut req = app
+            .client
+            .post(format!("{}/v1/chat/completions", app.address))
+            .header("x-stainless-timeout", "1")
+            .json(&body)
+            .timeout(timeout);
+        if let Some(n) = retry {
+            req = req.header("x-stainless-retry-count", n);
+        }
+        req.send()
+    };
+    let first = call(Some("0"), Duration::from_millis(300)).await;
+    assert!(first.is_err(), "the first try was meant to time out");
+    let retried = call(Some("1"), Duration::from_secs(10)).await.unwrap();
+    assert_eq!(retried.status(), 200);
+    let job = retried.headers()["x-fusion-job-id"]
+        .to_str()
+        .unwrap()
+        .to_string();
+    let listed = app.list_jobs("").await;
+    assert_eq!(listed["data"].as_array().unwrap().len(), 1, "{listed:#}");
+    assert_eq!(listed["data"][0]["id"], job.as_str());
+    assert_eq!(app.fake.calls("slow", Kind::Panel), 1);
+
+    // Not a retry (no header, or a first try): a job of its own, the same body or not.
+    for retry in [None, Some("0")] {
+        let resp = call(retry, Duration::from_secs(10)).await.unwrap();
+        assert_eq!(resp.status(), 200);
+        assert_ne!(resp.headers()["x-fusion-job-id"], job.as_str());
+    }
+    assert_eq!(app.list_jobs("").await["data"].as_array().unwrap().len(), 3);
 }

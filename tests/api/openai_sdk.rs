@@ -1,7 +1,8 @@
 //! The official OpenAI Python SDK (`tests/openai_sdk/client.py`) against the real server: a
-//! plain call, plugins in `extra_body`, a stream, `models.list()`, and errors raising the SDK's
-//! exception types.
+//! plain call, plugins in `extra_body`, a call the SDK retries on its own after its timeout, a
+//! stream, `models.list()`, and errors raising the SDK's exception types.
 
+use crate::fake_upstream::{Kind, Reply};
 use crate::helpers::spawn_app;
 
 #[tokio::test]
@@ -19,6 +20,11 @@ async fn the_openai_python_sdk_works_unchanged() {
         return;
     }
     let app = spawn_app().await;
+    app.fake.script(
+        "slow-sdk",
+        Kind::Panel,
+        vec![Reply::Delay(1_500, Box::new(Reply::Ok))],
+    );
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/openai_sdk/client.py");
     let out = tokio::process::Command::new("python3")
         .arg(script)
@@ -33,4 +39,6 @@ async fn the_openai_python_sdk_works_unchanged() {
         "client.py failed:\n{stdout}\n{stderr}"
     );
     assert!(stdout.contains("passed, 0 failed"), "{stdout}");
+    // The SDK's retries of the call it gave up on waited on the first try's job.
+    assert_eq!(app.fake.calls("slow-sdk", Kind::Panel), 1);
 }

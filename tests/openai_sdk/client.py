@@ -31,6 +31,17 @@ check(resp.choices[0].message.content == FINAL, f"plain call content: {resp.choi
 check(resp.usage.total_tokens > 0, "plain call has usage")
 check(raw.headers.get("x-fusion-job-id"), "plain call names its job")
 
+# A call the SDK gives up waiting on (its timeout; a proxy's idle cut looks the same) is sent
+# again by the SDK itself, without an idempotency key: the retry waits on the job its first try
+# made. The fake holds `slow-sdk`'s answer 1.5 s; the Rust side checks it was asked once.
+patient = openai.OpenAI(base_url=base_url, api_key="unused", max_retries=2, timeout=1.0)
+resp = patient.chat.completions.create(
+    model="vendor/host",
+    messages=messages,
+    extra_body={"plugins": [{"id": "fusion", "model": "judge", "analysis_models": ["slow-sdk"]}]},
+)
+check(resp.choices[0].message.content == FINAL, "a call the SDK retried gets its answer")
+
 # Plugins ride in extra_body.
 resp = client.chat.completions.create(
     model="vendor/host",
