@@ -64,7 +64,7 @@ pub(crate) struct Faulty {
     /// How many of the next reads of the database's clock fail.
     pub(crate) clock_reads_fail: AtomicUsize,
     /// Counts the enqueues that came with a start here (a job inserted already running).
-    pub(crate) started_at_submit: Arc<AtomicUsize>,
+    started_at_submit: AtomicUsize,
     /// Every claim; closed, each claim waits for it to open, then answers with no job.
     claims: Gate,
     /// Every heartbeat; closed, each waits for it to open, then renews as asked.
@@ -133,7 +133,7 @@ impl Faulty {
             cancel_after_claim: faults.cancel_after_claim,
             heartbeats_fail: AtomicBool::new(false),
             clock_reads_fail: AtomicUsize::new(0),
-            started_at_submit: Arc::default(),
+            started_at_submit: AtomicUsize::new(0),
             claims: Gate::default(),
             heartbeats: Gate::default(),
         }
@@ -394,13 +394,23 @@ async fn one_job_with(
 
 /// An app on a store that deals `faults`, with this extra `fusion.toml` text, and that store.
 pub(crate) async fn app_on(faults: Faults, workers: bool, toml: &str) -> (TestApp, Arc<Faulty>) {
+    app_on_with(faults, workers, toml, Duration::ZERO).await
+}
+
+/// `app_on`, each enqueue answering `slow_enqueue` after its insert.
+async fn app_on_with(
+    faults: Faults,
+    workers: bool,
+    toml: &str,
+    slow_enqueue: Duration,
+) -> (TestApp, Arc<Faulty>) {
     let slot = Arc::new(OnceLock::new());
     let set = slot.clone();
     let app = spawn_app_with(Options {
         workers,
         toml: toml.into(),
         wrap_store: Some(Box::new(move |inner| {
-            let faulty = Arc::new(Faulty::over(inner, faults, Duration::ZERO));
+            let faulty = Arc::new(Faulty::over(inner, faults, slow_enqueue));
             set.set(faulty.clone()).ok();
             faulty
         })),
@@ -668,36 +678,24 @@ async fn a_checkpointed_final_failure_fails_the_next_attempt_without_calling_aga
 
 #[tokio::test]
 async fn a_job_started_at_its_submit_runs_even_when_the_client_left_before_the_answer() {
-    let started_at_submit = Arc::new(AtomicUsize::new(0));
-    let counter = started_at_submit.clone();
-    let app = spawn_app_with(Options {
-        wrap_store: Some(Box::new(move |inner| {
-            let mut faulty = Faulty::over(inner, Faults::default(), Duration::from_millis(500));
-            faulty.started_at_submit = counter;
-            Arc::new(faulty)
-        })),
-        ..Options::default()
-    })
-    .await;
+    let slow_enqueue = Duration::from_millis(2_000);
+    let (app, faulty) = app_on_with(Faults::default(), true, "", slow_enqueue).await;
     // A slot is free once the dispatcher's first claim found the queue empty.
-    tokio::time::sleep(Duration::from_millis(1_000)).await;
+    faulty.claims.called_past(0).await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
     // The process has a free slot, so the job is inserted already running under its lease (5 s
     // here); the client gives up while the insert is still answering.
     let sent = app
         .client
         .post(format!("{}/v1/jobs", app.address))
         .json(&body_with_panel(&["m1", "m2"], "judge"))
-        .timeout(Duration::from_millis(100))
+        .timeout(Duration::from_millis(1_000))
         .send()
         .await;
     assert!(sent.is_err(), "the client was meant to time out");
-    assert_eq!(
-        started_at_submit.load(Ordering::SeqCst),
-        1,
-        "the job was queued, not started at its submit: the test would prove nothing"
-    );
 
     // Started all the same: done well within its lease, not left to be rescued after it.
+    tokio::time::sleep(slow_enqueue).await;
     let mut status = None;
     for _ in 0..300 {
         let jobs = app
@@ -710,11 +708,16 @@ async fn a_job_started_at_its_submit_runs_even_when_the_client_left_before_the_a
             .unwrap();
         status = jobs.first().map(|j| (j.status, j.attempt));
         if status == Some((JobStatus::Succeeded, 1)) {
+            assert_eq!(
+                faulty.started_at_submit.load(Ordering::SeqCst),
+                1,
+                "the job was queued and claimed, not started at its submit"
+            );
             return;
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    panic!("the job did not finish within 3 s: {status:?}");
+    panic!("the job did not finish within 3 s of its insert's answer: {status:?}");
 }
 
 // The lease of a job started at its submit is counted from when the slot was taken; an insert
