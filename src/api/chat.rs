@@ -3,17 +3,15 @@
 //! is passed through to its upstream as a thin gateway, unless it is offered the fusion tool.
 
 use axum::Json;
-use axum::body::Body;
 use axum::extract::State;
-use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::http::{HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
-use futures::StreamExt;
 use serde_json::{Value, json};
 use uuid::Uuid;
 
 use super::error::ApiError;
 use super::jobs::{enqueue, idempotency_key, refuse_recursion};
-use super::{ApiJson, AppState, request, stream, tool, watch};
+use super::{ApiJson, AppState, relay, request, stream, tool, watch};
 use crate::job::{Job, JobStatus};
 
 /// Response header naming the job behind a completion, so a client that timed out can fetch the
@@ -118,7 +116,7 @@ pub async fn completions(
         refuse_recursion(&headers)?;
         return tool::run(state, body, model, opts).await;
     }
-    passthrough(&state, &model, body).await
+    relay::passthrough(&state, &model, body).await
 }
 
 /// The OpenAI SDKs send `x-stainless-retry-count` (0, then 1, 2 on their retries) and their
@@ -234,68 +232,6 @@ pub fn job_error(job: &Job) -> ApiError {
     ApiError::new(status, reason.to_string(), message).after_jobs(&[job.id])
 }
 
-/// A thin gateway: the body goes to the model's provider and its answer (status, body, stream)
-/// comes back unchanged.
-async fn passthrough(state: &AppState, model: &str, body: Value) -> Result<Response, ApiError> {
-    let resp =
-        state.upstream.relay(model, body).await.map_err(|e| {
-            ApiError::new(StatusCode::BAD_GATEWAY, "upstream_unreachable", e.message)
-        })?;
-    Ok(relayed(resp))
-}
-
-/// The upstream's answer as the client gets it: its status, body and the headers a client acts
-/// on (its content type, when to retry and whether to, its rate limits, its request id); not
-/// the rest (cookies, the upstream's own framing). An event stream cut part way (the upstream
-/// gone, or silent past the timeout) ends with an error event and `[DONE]`, as the SDKs read
-/// a failure mid-stream, rather than with the connection reset.
-fn relayed(resp: reqwest::Response) -> Response {
-    let status = StatusCode::from_u16(resp.status().as_u16()).unwrap_or(StatusCode::BAD_GATEWAY);
-    let mut headers = HeaderMap::new();
-    for (name, value) in resp.headers() {
-        let name_str = name.as_str();
-        if matches!(
-            name_str,
-            "content-type" | "retry-after" | "retry-after-ms" | "x-should-retry" | "x-request-id"
-        ) || name_str.starts_with("x-ratelimit-")
-        {
-            headers.append(name.clone(), value.clone());
-        }
-    }
-    if !headers.contains_key(header::CONTENT_TYPE) {
-        headers.insert(
-            header::CONTENT_TYPE,
-            HeaderValue::from_static("application/json"),
-        );
-    }
-    let events = headers[header::CONTENT_TYPE]
-        .to_str()
-        .is_ok_and(|t| t.starts_with("text/event-stream"));
-    let body = futures::stream::unfold(Some(resp.bytes_stream()), move |stream| async move {
-        let mut stream = stream?;
-        match stream.next().await? {
-            Ok(bytes) => Some((Ok(bytes), Some(stream))),
-            Err(e) if events => {
-                // The URL may carry the provider's credentials.
-                let e = e.without_url();
-                tracing::warn!(error = %e, "a relayed event stream was cut");
-                let error = json!({"error": {
-                    "code": "upstream_cut",
-                    "message": format!("the upstream's answer was cut: {e}"),
-                    "type": "server_error",
-                }});
-                let end = format!("data: {error}\n\ndata: [DONE]\n\n");
-                Some((Ok(bytes::Bytes::from(end)), None))
-            }
-            Err(e) => Some((Err(e), None)),
-        }
-    });
-    let mut out = Response::new(Body::from_stream(body));
-    *out.status_mut() = status;
-    *out.headers_mut() = headers;
-    out
-}
-
 pub async fn models(State(state): State<AppState>) -> Json<Value> {
     let mut names: Vec<&String> = state.config.presets.keys().collect();
     names.sort();
@@ -316,59 +252,4 @@ pub async fn models(State(state): State<AppState>) -> Json<Value> {
             .map(|n| entry(format!("fusion/{n}"), &state.config.presets[n])),
     );
     Json(json!({"object": "list", "data": data}))
-}
-
-#[cfg(test)]
-mod tests {
-    use std::time::Duration;
-
-    use super::*;
-    use crate::upstream::test_server::{Then, answering, trickling, upstream_at};
-
-    async fn relay_from(base: &str) -> (StatusCode, HeaderMap, String) {
-        let up = upstream_at(&format!("{base}/v1"), None);
-        let body = json!({"messages": [{"role": "user", "content": "hi"}], "stream": true});
-        let out = relayed(up.relay("m", body).await.unwrap());
-        let (status, headers) = (out.status(), out.headers().clone());
-        let bytes = axum::body::to_bytes(out.into_body(), usize::MAX)
-            .await
-            .unwrap();
-        (
-            status,
-            headers,
-            String::from_utf8_lossy(&bytes).into_owned(),
-        )
-    }
-
-    // What the SDKs act on passes on: a 429's `Retry-After` (else they retry at once, into the
-    // same limit), the rate-limit headers, the request id; the upstream's cookies do not.
-    #[tokio::test]
-    async fn a_relayed_answer_keeps_the_headers_a_client_acts_on() {
-        let answer = "HTTP/1.1 429 Too Many Requests\r\ncontent-type: application/json\r\n\
-                      retry-after: 7\r\nx-ratelimit-remaining-requests: 0\r\n\
-                      x-request-id: req_1\r\nset-cookie: session=secret\r\n\
-                      content-length: 2\r\n\r\n{}";
-        let (base, _) = answering(answer, Then::Close).await;
-        let (status, headers, text) = relay_from(&base).await;
-        assert_eq!(status, StatusCode::TOO_MANY_REQUESTS);
-        assert_eq!(headers["retry-after"], "7");
-        assert_eq!(headers["x-ratelimit-remaining-requests"], "0");
-        assert_eq!(headers["x-request-id"], "req_1");
-        assert_eq!(headers["content-type"], "application/json");
-        assert!(!headers.contains_key("set-cookie"), "{headers:?}");
-        assert_eq!(text, "{}");
-    }
-
-    // An event stream whose upstream goes silent past the timeout ends as the SDKs read a
-    // failure: an error event, then `[DONE]`, after the events that came.
-    #[tokio::test]
-    async fn a_relayed_stream_cut_part_way_ends_with_an_error_event() {
-        let base = trickling(1, Duration::from_millis(10), Then::Hold).await;
-        let (status, _, text) = relay_from(&base).await;
-        assert_eq!(status, StatusCode::OK);
-        assert!(text.starts_with("data: 0\n\n"), "{text}");
-        assert!(text.contains("\"code\":\"upstream_cut\""), "{text}");
-        assert!(text.ends_with("data: [DONE]\n\n"), "{text}");
-        assert!(!text.contains("127.0.0.1"), "the URL stays out: {text}");
-    }
 }

@@ -6,6 +6,7 @@
 mod chat;
 pub mod error;
 mod jobs;
+mod relay;
 pub mod request;
 mod stream;
 mod tool;

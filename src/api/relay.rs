@@ -1,0 +1,200 @@
+//! The thin gateway: a model that is not a fusion model goes to its provider, and the answer
+//! (status, the headers a client acts on, body as it arrives) comes back. An event stream is
+//! passed on an event at a time, so one cut part way still ends as the SDKs read a failure.
+
+use axum::body::Body;
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::Response;
+use bytes::Bytes;
+use futures::{Stream, StreamExt};
+use serde_json::{Value, json};
+
+use super::AppState;
+use super::error::ApiError;
+
+/// The body goes to the model's provider and its answer comes back (see [`relayed`]).
+pub async fn passthrough(state: &AppState, model: &str, body: Value) -> Result<Response, ApiError> {
+    let resp =
+        state.upstream.relay(model, body).await.map_err(|e| {
+            ApiError::new(StatusCode::BAD_GATEWAY, "upstream_unreachable", e.message)
+        })?;
+    Ok(relayed(resp))
+}
+
+/// Whether a relayed header is passed on: the content type, when to retry and whether to, the
+/// rate limits and the request id; not the rest (cookies, the upstream's own framing).
+fn passed_on(name: &str) -> bool {
+    matches!(
+        name,
+        "content-type" | "retry-after" | "retry-after-ms" | "x-should-retry" | "x-request-id"
+    ) || name.starts_with("x-ratelimit-")
+}
+
+/// The upstream's answer as the client gets it. An event stream goes out an event at a time
+/// (nginx asked not to buffer it, as ours are); cut part way (the upstream gone, or silent past
+/// the timeout), the unfinished event is dropped and an error event and `[DONE]` end it,
+/// rather than the connection reset (which the Python SDK raises as a raw transport error) or
+/// half an event running into the error (which it cannot parse). Any other body is passed on
+/// as it comes, and cut as it was cut.
+fn relayed(resp: reqwest::Response) -> Response {
+    let status = StatusCode::from_u16(resp.status().as_u16()).unwrap_or(StatusCode::BAD_GATEWAY);
+    let mut headers = HeaderMap::new();
+    for (name, value) in resp.headers() {
+        if passed_on(name.as_str()) {
+            headers.append(name.clone(), value.clone());
+        }
+    }
+    let events = headers.get(header::CONTENT_TYPE).is_some_and(|t| {
+        t.to_str().is_ok_and(|t| {
+            t.trim()
+                .to_ascii_lowercase()
+                .starts_with("text/event-stream")
+        })
+    });
+    if !headers.contains_key(header::CONTENT_TYPE) {
+        headers.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
+    }
+    let body = match events {
+        true => {
+            headers.insert("x-accel-buffering", HeaderValue::from_static("no"));
+            Body::from_stream(whole_events(resp.bytes_stream()))
+        }
+        false => Body::from_stream(resp.bytes_stream()),
+    };
+    let mut out = Response::new(body);
+    *out.status_mut() = status;
+    *out.headers_mut() = headers;
+    out
+}
+
+/// The end of the last whole event in `buf` (after its blank line), if any.
+fn events_end(buf: &[u8]) -> Option<usize> {
+    let lf = buf.windows(2).rposition(|w| w == b"\n\n").map(|i| i + 2);
+    let crlf = buf
+        .windows(4)
+        .rposition(|w| w == b"\r\n\r\n")
+        .map(|i| i + 4);
+    lf.max(crlf)
+}
+
+/// `upstream`'s bytes, an event at a time (a read that ends inside an event holds it back until
+/// the event is whole); a stream that ends cleanly passes on what is left as it is.
+fn whole_events(
+    upstream: impl Stream<Item = reqwest::Result<Bytes>> + Send + Unpin + 'static,
+) -> impl Stream<Item = Result<Bytes, std::convert::Infallible>> + Send + 'static {
+    futures::stream::unfold(Some((upstream, Vec::new())), |state| async move {
+        let (mut upstream, mut held) = state?;
+        loop {
+            match upstream.next().await {
+                Some(Ok(bytes)) => {
+                    held.extend_from_slice(&bytes);
+                    if let Some(end) = events_end(&held) {
+                        let rest = held.split_off(end);
+                        let whole = Bytes::from(std::mem::replace(&mut held, rest));
+                        return Some((Ok(whole), Some((upstream, held))));
+                    }
+                }
+                None if held.is_empty() => return None,
+                None => return Some((Ok(Bytes::from(held)), None)),
+                Some(Err(e)) => return Some((Ok(cut_off(e)), None)),
+            }
+        }
+    })
+}
+
+/// The events that end a stream cut part way: the error (the URL left out: it may carry the
+/// provider's credentials), then `[DONE]`.
+fn cut_off(e: reqwest::Error) -> Bytes {
+    let e = e.without_url();
+    tracing::warn!(error = %e, "a relayed event stream was cut");
+    let error = json!({"error": {
+        "code": "upstream_cut",
+        "message": format!("the upstream's answer was cut: {e}"),
+        "type": "server_error",
+    }});
+    Bytes::from(format!("data: {error}\n\ndata: [DONE]\n\n"))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+    use crate::upstream::test_server::{Then, answering, trickling, upstream_at};
+
+    async fn relay_from(base: &str) -> (StatusCode, HeaderMap, String) {
+        let up = upstream_at(&format!("{base}/v1"), None);
+        let body = json!({"messages": [{"role": "user", "content": "hi"}], "stream": true});
+        let out = relayed(up.relay("m", body).await.unwrap());
+        let (status, headers) = (out.status(), out.headers().clone());
+        let bytes = axum::body::to_bytes(out.into_body(), usize::MAX)
+            .await
+            .unwrap();
+        (
+            status,
+            headers,
+            String::from_utf8_lossy(&bytes).into_owned(),
+        )
+    }
+
+    // What the SDKs act on passes on: a 429's `Retry-After` (else they retry at once, into the
+    // same limit), the rate-limit headers, the request id; the upstream's cookies do not.
+    #[tokio::test]
+    async fn a_relayed_answer_keeps_the_headers_a_client_acts_on() {
+        let answer = "HTTP/1.1 429 Too Many Requests\r\ncontent-type: application/json\r\n\
+                      retry-after: 7\r\nx-ratelimit-remaining-requests: 0\r\n\
+                      x-request-id: req_1\r\nset-cookie: session=secret\r\n\
+                      content-length: 2\r\n\r\n{}";
+        let (base, _) = answering(answer, Then::Close).await;
+        let (status, headers, text) = relay_from(&base).await;
+        assert_eq!(status, StatusCode::TOO_MANY_REQUESTS);
+        assert_eq!(headers["retry-after"], "7");
+        assert_eq!(headers["x-ratelimit-remaining-requests"], "0");
+        assert_eq!(headers["x-request-id"], "req_1");
+        assert_eq!(headers["content-type"], "application/json");
+        assert!(!headers.contains_key("set-cookie"), "{headers:?}");
+        assert_eq!(text, "{}");
+    }
+
+    // An event stream whose upstream goes silent past the timeout ends as the SDKs read a
+    // failure: an error event, then `[DONE]`, after the events that came.
+    #[tokio::test]
+    async fn a_relayed_stream_cut_part_way_ends_with_an_error_event() {
+        let base = trickling(1, Duration::from_millis(10), Then::Hold).await;
+        let (status, _, text) = relay_from(&base).await;
+        assert_eq!(status, StatusCode::OK);
+        assert!(text.starts_with("data: 0\n\n"), "{text}");
+        assert!(text.contains("\"code\":\"upstream_cut\""), "{text}");
+        assert!(text.ends_with("data: [DONE]\n\n"), "{text}");
+        assert!(!text.contains("127.0.0.1"), "the URL stays out: {text}");
+    }
+
+    // Cut inside an event (the read ended half way through it): the half event is dropped, so
+    // the error event that ends the stream is one the SDKs can parse.
+    #[tokio::test]
+    async fn a_relayed_stream_cut_inside_an_event_drops_the_half_event() {
+        let answer = "HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n\
+                      transfer-encoding: chunked\r\n\r\n\
+                      1c\r\ndata: {\"a\": 1}\n\ndata: {\"choi\r\n";
+        let (base, _) = answering(answer, Then::Hold).await;
+        let (status, headers, text) = relay_from(&base).await;
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(headers["x-accel-buffering"], "no");
+        assert!(
+            text.starts_with("data: {\"a\": 1}\n\ndata: {\"error\""),
+            "{text}"
+        );
+        assert!(!text.contains("choi"), "{text}");
+        assert!(text.ends_with("data: [DONE]\n\n"), "{text}");
+    }
+
+    #[test]
+    fn the_last_whole_event_ends_after_its_blank_line() {
+        assert_eq!(events_end(b"data: 1\n\ndata: 2"), Some(9));
+        assert_eq!(events_end(b"data: 1\r\n\r\ndata: 2\n\n"), Some(20));
+        assert_eq!(events_end(b"data: 1\n"), None);
+    }
+}
