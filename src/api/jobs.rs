@@ -106,7 +106,24 @@ pub async fn enqueue(
         }
         None => insert(&*state.store, new, None).await,
     };
-    let (job, replayed) = match enqueued? {
+    let enqueued = enqueued.map_err(|e| match e {
+        Inserted::No(e) => ApiError::from(e),
+        Inserted::Unknown(e, id) => {
+            let answer = ApiError::from(e);
+            ApiError::new(
+                answer.status,
+                answer.code,
+                format!(
+                    "{}; fusion job {id} may have been stored (the insert's answer was lost and \
+                     it could not be read back): look for it at GET /v1/jobs/{id} before \
+                     retrying, or send an Idempotency-Key",
+                    answer.message
+                ),
+            )
+            .after_jobs(&[id])
+        }
+    })?;
+    let (job, replayed) = match enqueued {
         Enqueued::Created(job) => (job, false),
         Enqueued::Existing(job) => (job, true),
         Enqueued::KeyReused(job) => {
@@ -133,7 +150,7 @@ async fn insert(
     store: &dyn Store,
     new: NewJob,
     start: Option<StartHere>,
-) -> Result<Enqueued, StoreError> {
+) -> Result<Enqueued, Inserted> {
     let id = new.id;
     let error = match store.enqueue(new, start).await {
         Ok(enqueued) => return Ok(enqueued),
@@ -149,9 +166,20 @@ async fn insert(
             }
             Ok(Enqueued::Created(job))
         }
-        // Not there, or not readable either (the database away): the insert's own error.
-        _ => Err(error),
+        Ok(None) => Err(Inserted::No(error)),
+        // Not readable either (the database away): the insert's own error, and whether the job
+        // may be there all the same, so that the client is not told a retry is safe.
+        Err(_) if error.may_have_committed() => Err(Inserted::Unknown(error, id)),
+        Err(_) => Err(Inserted::No(error)),
     }
+}
+
+/// Why an insert did not answer with its job.
+enum Inserted {
+    /// Not stored: the insert's error.
+    No(StoreError),
+    /// Its answer was lost and the job could not be read back: it may be stored, under this id.
+    Unknown(StoreError, Uuid),
 }
 
 pub fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, ApiError> {

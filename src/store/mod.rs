@@ -75,6 +75,16 @@ impl StoreError {
             _ => false,
         }
     }
+
+    /// Whether a failed call may have committed all the same: its connection broke or its
+    /// answer was given up waiting for (both surface as I/O errors) after the statement went
+    /// out. A pool out of connections, a busy SQLite file or a refusal never ran it.
+    pub fn may_have_committed(&self) -> bool {
+        matches!(
+            self,
+            StoreError::Database(sqlx::Error::Io(_) | sqlx::Error::WorkerCrashed)
+        )
+    }
 }
 
 fn unavailable(e: &sqlx::Error) -> bool {

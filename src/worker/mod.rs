@@ -336,7 +336,7 @@ impl Worker {
             .claim(&self.owner, wanted, now, self.config.lease)
             .await;
         if let Err(e) = &claimed
-            && may_have_committed(e)
+            && e.may_have_committed()
         {
             let until = now + crate::store::ms(self.config.lease);
             self.unconfirmed_claims.lock().expect("claims").push(until);
@@ -802,16 +802,6 @@ fn held_now(now: i64, lease_ms: i64) -> i64 {
 /// millisecond (see `Worker::claim`).
 fn claim_now(now: i64, lease_ms: i64) -> i64 {
     now + 1 - (now + lease_ms).rem_euclid(2)
-}
-
-/// Whether a failed store call may have committed all the same: its connection broke or its
-/// answer was given up waiting for (both surface as I/O errors) after the statement went out.
-/// A pool out of connections, a busy SQLite file or a refusal never ran it.
-fn may_have_committed(e: &StoreError) -> bool {
-    matches!(
-        e,
-        StoreError::Database(sqlx::Error::Io(_) | sqlx::Error::WorkerCrashed)
-    )
 }
 
 #[cfg(test)]

@@ -1064,6 +1064,31 @@ async fn a_submission_that_committed_unconfirmed_is_answered_as_created() {
     }
 }
 
+// The same, with the read-back failing too: the job may well be stored, so the 503 names it and
+// tells the SDKs not to retry (their retry would make and pay for a second job); before, it was a
+// plain 503 with `Retry-After`, as if nothing had been stored.
+#[tokio::test]
+async fn a_submission_unconfirmed_and_unreadable_is_answered_naming_the_job() {
+    let faults = Faults {
+        enqueues: 1,
+        reads: 1,
+        ..Faults::default()
+    };
+    let (app, _store) = app_on(faults, false, "").await;
+    let resp = app.submit(&body_with_panel(&["m1"], "judge")).await;
+    assert_eq!(resp.status(), 503);
+    assert_eq!(resp.headers()["x-should-retry"], "false");
+    assert!(resp.headers().get("retry-after").is_none());
+    let id = resp.headers()["x-fusion-job-id"]
+        .to_str()
+        .unwrap()
+        .to_string();
+    let error: Value = resp.json().await.unwrap();
+    let message = error["error"]["message"].as_str().unwrap();
+    assert!(message.contains(&format!("GET /v1/jobs/{id}")), "{message}");
+    assert_eq!(app.get_job(&id).await["status"], "queued");
+}
+
 #[tokio::test]
 async fn a_retry_that_committed_is_answered_as_done_when_the_steps_cannot_be_read() {
     let (app, store) = app_on(Faults::default(), true, "").await;
