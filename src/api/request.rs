@@ -46,31 +46,42 @@ pub fn refuse_several_choices(n: Option<&Value>) -> Result<(), ApiError> {
 }
 
 /// What a fusion run cannot give and a client would break without: token log probabilities
-/// (`choice.logprobs` would be null), and a forced tool call (a fusion model answers in text;
-/// `tools` with `tool_choice` `auto` or `none` are accepted and unused, as text is allowed).
+/// (`choice.logprobs` would be null; `top_logprobs: 0` asks for none), and a forced tool or
+/// function call (a fusion model answers in text; `tools` with `tool_choice` `auto` or `none`,
+/// or `allowed_tools` in `auto` mode, are accepted and unused, as text is allowed).
 pub fn refuse_unsupported(obj: &Map<String, Value>) -> Result<(), ApiError> {
-    let set = |k: &str| !matches!(obj.get(k), None | Some(Value::Null | Value::Bool(false)));
-    for field in ["logprobs", "top_logprobs"] {
-        if set(field) {
-            return Err(unsupported(format!(
-                "`{field}` is not supported: a fusion answer is written from several models' \
-                 answers and has no token log probabilities"
-            )));
-        }
+    let logprobs = obj.get("logprobs").is_some_and(|v| v == &Value::Bool(true));
+    let top = !matches!(obj.get("top_logprobs"), None | Some(Value::Null))
+        && obj.get("top_logprobs").and_then(Value::as_u64) != Some(0);
+    if let Some(field) = [(logprobs, "logprobs"), (top, "top_logprobs")]
+        .into_iter()
+        .find_map(|(set, field)| set.then_some(field))
+    {
+        return Err(unsupported(format!(
+            "`{field}` is not supported: a fusion answer is written from several models' \
+             answers and has no token log probabilities"
+        )));
     }
-    let offers_tools = obj
-        .get("tools")
-        .and_then(Value::as_array)
-        .is_some_and(|t| !t.is_empty());
-    let forces = match obj.get("tool_choice") {
+    let offered = |k: &str| {
+        obj.get(k)
+            .and_then(Value::as_array)
+            .is_some_and(|t| !t.is_empty())
+    };
+    let forces_tool = match obj.get("tool_choice") {
         None | Some(Value::Null) => false,
         Some(Value::String(s)) => s == "required",
+        Some(choice) if choice["type"] == "allowed_tools" => {
+            choice["allowed_tools"]["mode"] == "required"
+        }
         Some(_) => true,
     };
-    if offers_tools && forces {
+    // The older `functions` and `function_call` (`{"name": ...}` forces one).
+    let forces_function = obj.get("function_call").is_some_and(Value::is_object);
+    if (offered("tools") && forces_tool) || (offered("functions") && forces_function) {
         return Err(unsupported(
-            "`tool_choice` cannot force a tool call on a fusion model: it answers in text; \
-             use `auto` or `none`, or offer `{\"type\": \"fusion\"}` as a tool to another model",
+            "`tool_choice` (or `function_call`) cannot force a call on a fusion model: it \
+             answers in text; use `auto` or `none`, or offer `{\"type\": \"fusion\"}` as a \
+             tool to another model",
         ));
     }
     Ok(())
@@ -269,11 +280,15 @@ pub fn parse_as(
     })
 }
 
-/// `stop`, OpenAI's shape: a non-empty string or an array of 1 to 4 of them; null is none.
+/// `stop`, OpenAI's shape: a non-empty string or an array of 1 to 4 of them; null, `""` and `[]`
+/// are none.
 fn parse_stop(v: Option<&Value>) -> Result<Option<Value>, ApiError> {
     let valid = |s: &Value| s.as_str().is_some_and(|s| !s.is_empty());
     match v {
+        // Some clients send an empty list (or string) for none, as OpenAI accepts.
         None | Some(Value::Null) => Ok(None),
+        Some(Value::String(s)) if s.is_empty() => Ok(None),
+        Some(Value::Array(a)) if a.is_empty() => Ok(None),
         Some(s) if valid(s) => Ok(Some(s.clone())),
         Some(Value::Array(a)) if (1..=4).contains(&a.len()) && a.iter().all(valid) => {
             Ok(Some(Value::Array(a.clone())))
@@ -684,10 +699,11 @@ mod tests {
         };
         assert_eq!(stop(json!("END")).unwrap(), Some(json!("END")));
         assert_eq!(stop(json!(["a", "b"])).unwrap(), Some(json!(["a", "b"])));
-        assert_eq!(stop(Value::Null).unwrap(), None);
+        for none in [Value::Null, json!(""), json!([])] {
+            assert_eq!(stop(none).unwrap(), None);
+        }
         for wrong in [
-            json!(""),
-            json!([]),
+            json!([""]),
             json!(["a", "b", "c", "d", "e"]),
             json!([1]),
             json!(7),
@@ -711,6 +727,9 @@ mod tests {
             json!({"top_logprobs": 3}),
             json!({"tools": tools, "tool_choice": "required"}),
             json!({"tools": tools, "tool_choice": {"type": "function", "function": {"name": "f"}}}),
+            json!({"tools": tools, "tool_choice": {"type": "allowed_tools",
+                   "allowed_tools": {"mode": "required", "tools": []}}}),
+            json!({"functions": [{"name": "f"}], "function_call": {"name": "f"}}),
         ] {
             let mut body = json!({"model": "fusion", "messages": msgs()});
             body.as_object_mut()
@@ -721,6 +740,10 @@ mod tests {
         }
         for extra in [
             json!({"logprobs": false, "top_logprobs": null}),
+            json!({"top_logprobs": 0}),
+            json!({"tools": tools, "tool_choice": {"type": "allowed_tools",
+                   "allowed_tools": {"mode": "auto", "tools": []}}}),
+            json!({"functions": [{"name": "f"}], "function_call": "auto"}),
             json!({"tools": tools, "tool_choice": "auto"}),
             json!({"tools": tools, "tool_choice": "none"}),
             json!({"tools": [], "tool_choice": "required"}),

@@ -108,6 +108,15 @@ pub async fn run(
     request::parse_messages(body.get("messages"))?;
     // Only the first choice's calls would run, and the others would carry fusion calls.
     request::refuse_several_choices(body.get("n"))?;
+    // A streamed reply is rebuilt from the outer model's text and calls: its log probabilities
+    // would come back null. (Not streamed, the last round's pass on.)
+    if opts.stream && body.get("logprobs") == Some(&Value::Bool(true)) {
+        return Err(ApiError::bad_request(
+            "unsupported_parameter",
+            "`logprobs` is not supported with the fusion tool and `stream: true`: ask without \
+             streaming",
+        ));
+    }
     let template = job_template(&body, &state.config)?;
     refuse_tool_type_choice(body.get("tool_choice"))?;
     let mut outer = body.clone();

@@ -96,22 +96,27 @@ async fn a_tool_choice_of_type_fusion_is_refused_before_any_call() {
     assert_eq!(app.fake.total_calls(), 0);
 }
 
-// Only the first choice's calls would run and the others would hand the client fusion calls.
+// Only the first choice's calls would run and the others would hand the client fusion calls;
+// a streamed reply, rebuilt from the outer model's text and calls, would drop its logprobs.
 #[tokio::test]
-async fn several_choices_are_refused_before_any_call() {
+async fn what_the_tools_reply_cannot_carry_is_refused_before_any_call() {
     let app = spawn_app().await;
-    let mut body = offering(json!({}));
-    body["n"] = json!(2);
-    let resp = app.chat(&body).await;
-    assert_eq!(resp.status(), 400);
-    let error: Value = resp.json().await.unwrap();
-    assert!(
-        error["error"]["message"]
-            .as_str()
+    for (extra, says) in [
+        (json!({"n": 2}), "`n` must be 1"),
+        (json!({"stream": true, "logprobs": true}), "`logprobs`"),
+    ] {
+        let mut body = offering(json!({}));
+        body.as_object_mut()
             .unwrap()
-            .contains("`n` must be 1"),
-        "{error}"
-    );
+            .extend(extra.as_object().unwrap().clone());
+        let resp = app.chat(&body).await;
+        assert_eq!(resp.status(), 400, "{extra}");
+        let error: Value = resp.json().await.unwrap();
+        assert!(
+            error["error"]["message"].as_str().unwrap().contains(says),
+            "{error}"
+        );
+    }
     assert_eq!(app.fake.total_calls(), 0);
 }
 
