@@ -274,11 +274,7 @@ async fn a_postgres_outage_mid_run_loses_no_job() {
     let ids = submit_unique_jobs(&client, &server, "o", JOBS).await;
     tokio::time::sleep(Duration::from_millis(300)).await;
 
-    let called = fake.total_calls() as usize;
-    assert!(
-        called < JOBS * 5,
-        "every call was made before the outage ({called}): the test would prove nothing"
-    );
+    let called = fake.total_calls();
     let guard = RestartOnDrop(version.clone());
     assert!(pg_ctlcluster(&version, "stop").success());
     let ready = |c: reqwest::Client, a: String| async move {
@@ -305,6 +301,10 @@ async fn a_postgres_outage_mid_run_loses_no_job() {
         wait_succeeded(&client, &server, id, 90).await;
     }
     assert_eq!(ready(client.clone(), server.address.clone()).await, 200);
+    assert!(
+        fake.total_calls() > called,
+        "every call was made before the outage ({called}): the test would prove nothing"
+    );
     let Checked { resumed, repeated } = check_no_step_repeated(&url, &ids, &fake).await;
     eprintln!(
         "Postgres stopped for ~2 s mid-run: {resumed} jobs resumed, {repeated} calls repeated"
