@@ -320,6 +320,13 @@ fn step_write(lease: &Lease, step: &Step) -> Write {
     }
 }
 
+/// The newest job with a request hash since a time, by `jobs_request_hash` (migration 0011).
+const FIND_BY_REQUEST_SQL: &str = concat!(
+    "SELECT ",
+    job_columns!(),
+    " FROM jobs WHERE request_hash = $1 AND created_at >= $2 ORDER BY created_at DESC LIMIT 1"
+);
+
 /// The job list's statement with a term for each filter given: the status (`$1`), then the
 /// cursor, then the limit, numbered in that order. One statement with optional terms
 /// (`$1 IS NULL OR status = $1`) has a generic plan that filters the whole index rather than
@@ -555,14 +562,9 @@ impl Store for PgStore {
     }
 
     async fn find_by_request(&self, request_hash: &str, since: i64) -> Result<Option<Job>> {
-        let query = sqlx::query(concat!(
-            "SELECT ",
-            job_columns!(),
-            " FROM jobs WHERE request_hash = $1 AND created_at >= $2 \
-             ORDER BY created_at DESC LIMIT 1"
-        ))
-        .bind(request_hash)
-        .bind(since);
+        let query = sqlx::query(FIND_BY_REQUEST_SQL)
+            .bind(request_hash)
+            .bind(since);
         let row = self
             .bounded(async |c| Ok(query.fetch_optional(c).await?))
             .await?;
@@ -1305,6 +1307,38 @@ mod tests {
         per_loop * node["Actual Loops"].as_f64().unwrap()
     }
 
+    /// Add 20,000 succeeded jobs (`g` from 1 for their times, `md5(g)` for their request hash
+    /// when `hashed`), gather statistics, and have every later plan of the session generic.
+    async fn finished_jobs_and_generic_plans(conn: &mut PgConnection, hashed: bool) {
+        let hash = if hashed { "md5(g::text)" } else { "NULL" };
+        sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+            "INSERT INTO jobs (id, status, spec, metadata, priority, max_attempts, run_at, \
+                               created_at, finished_at, request_hash) \
+             SELECT gen_random_uuid(), 'succeeded', '{{}}', '{{}}', 0, 3, g, g, g, {hash} \
+             FROM generate_series(1, 20000) g; \
+             ANALYZE jobs; SET plan_cache_mode = force_generic_plan"
+        )))
+        .execute(conn)
+        .await
+        .unwrap();
+    }
+
+    /// The top node of `EXPLAIN (ANALYZE, BUFFERS)` of `sql` prepared as `name` and run with
+    /// `args` (SQL literals).
+    async fn explain_prepared(conn: &mut PgConnection, name: &str, sql: &str, args: &str) -> Value {
+        sqlx::raw_sql(sqlx::AssertSqlSafe(format!("PREPARE {name} AS {sql}")))
+            .execute(&mut *conn)
+            .await
+            .unwrap();
+        let plan: Value = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+            "EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON) EXECUTE {name}({args})"
+        )))
+        .fetch_one(conn)
+        .await
+        .unwrap();
+        plan[0]["Plan"].clone()
+    }
+
     /// The pages a plan (`EXPLAIN (ANALYZE, BUFFERS)`) read, from the cache or not.
     fn blocks_read(plan: &Value) -> f64 {
         ["Shared Hit Blocks", "Shared Read Blocks"]
@@ -1404,16 +1438,7 @@ mod tests {
             return;
         };
         queue_directly(&mut conn, 50, "0", "g").await;
-        sqlx::raw_sql(
-            "INSERT INTO jobs (id, status, spec, metadata, priority, max_attempts, run_at, \
-                               created_at, finished_at) \
-             SELECT gen_random_uuid(), 'succeeded', '{}', '{}', 0, 3, g, g, g \
-             FROM generate_series(1, 20000) g; \
-             ANALYZE jobs; SET plan_cache_mode = force_generic_plan",
-        )
-        .execute(&mut conn)
-        .await
-        .unwrap();
+        finished_jobs_and_generic_plans(&mut conn, false).await;
         let cursor: Uuid = sqlx::query_scalar(
             "SELECT id FROM jobs WHERE status = 'queued' ORDER BY id DESC OFFSET 9 LIMIT 1",
         )
@@ -1428,21 +1453,29 @@ mod tests {
         ];
         for (i, (status, cursor, args, rows)) in cases.into_iter().enumerate() {
             let sql = list_sql(status, cursor);
-            sqlx::raw_sql(sqlx::AssertSqlSafe(format!("PREPARE page{i} AS {sql}")))
-                .execute(&mut conn)
-                .await
-                .unwrap();
-            let plan: Value = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
-                "EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON) EXECUTE page{i}({args})"
-            )))
-            .fetch_one(&mut conn)
-            .await
-            .unwrap();
-            let plan = &plan[0]["Plan"];
+            let plan = &explain_prepared(&mut conn, &format!("page{i}"), sql, &args).await;
             assert_eq!(plan["Actual Rows"], rows, "{sql}: {plan:#}");
             let blocks = blocks_read(plan);
             assert!(blocks < 50.0, "{sql} read {blocks} blocks:\n{plan:#}");
         }
+        drop((conn, store));
+    }
+
+    // An SDK's retry finds its first try's job by the partial index, generic plan or not: here
+    // among 20,000 chat jobs with hashes of their own.
+    #[tokio::test]
+    async fn a_request_is_found_by_its_index() {
+        let Some((_database, store, mut conn)) = migrated("fusion_find_request").await else {
+            return;
+        };
+        finished_jobs_and_generic_plans(&mut conn, true).await;
+        let plan = &explain_prepared(&mut conn, "find", FIND_BY_REQUEST_SQL, "md5('777'), 0").await;
+        assert_eq!(plan["Actual Rows"], 1, "{plan:#}");
+        let blocks = blocks_read(plan);
+        assert!(
+            blocks < 10.0,
+            "finding a request read {blocks} blocks:\n{plan:#}"
+        );
         drop((conn, store));
     }
 

@@ -1127,6 +1127,15 @@ mod tests {
         plan_uses(&store.pool, LIST_BY_STATUS_SQL, seek, why).await;
     }
 
+    // An SDK's retry finds its first try's job by the partial index, not by reading the table.
+    #[tokio::test]
+    async fn a_request_is_found_by_its_index() {
+        let (_dir, store) = migrated_store().await;
+        let seek = "jobs_request_hash (request_hash=? AND created_at>?)";
+        let why = "finding a request's job does not seek its index";
+        plan_uses(&store.pool, FIND_BY_REQUEST_SQL, seek, why).await;
+    }
+
     // An API answers 503 (try again shortly) for a database file busy with another process's
     // write, and 500 for a call that is wrong.
     #[tokio::test]
