@@ -80,10 +80,35 @@ impl StoreError {
     /// answer was given up waiting for (both surface as I/O errors) after the statement went
     /// out. A pool out of connections, a busy SQLite file or a refusal never ran it.
     pub fn may_have_committed(&self) -> bool {
-        matches!(
-            self,
-            StoreError::Database(sqlx::Error::Io(_) | sqlx::Error::WorkerCrashed)
-        )
+        match self {
+            StoreError::Database(sqlx::Error::Io(io)) => {
+                !io.get_ref().is_some_and(|e| e.is::<NotSent>())
+            }
+            StoreError::Database(sqlx::Error::WorkerCrashed) => true,
+            _ => false,
+        }
+    }
+}
+
+/// An I/O error met before any statement went out (opening a connection: an unreachable host, a
+/// reset handshake), so that nothing ran: still unavailable (503, retried), but known not to
+/// have committed.
+#[derive(Debug)]
+struct NotSent(std::io::Error);
+
+impl std::fmt::Display for NotSent {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+impl std::error::Error for NotSent {}
+
+/// `e`, marked as met before any statement went out when it is an I/O error.
+pub(crate) fn not_sent(e: sqlx::Error) -> sqlx::Error {
+    match e {
+        sqlx::Error::Io(io) => sqlx::Error::Io(std::io::Error::new(io.kind(), NotSent(io))),
+        other => other,
     }
 }
 

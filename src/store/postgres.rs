@@ -107,7 +107,8 @@ pub(super) async fn bounded<T, E: From<sqlx::Error> + OnReadOnly>(
     within: Option<Duration>,
     work: impl AsyncFnOnce(&mut PgConnection) -> Result<T, E>,
 ) -> Result<T, E> {
-    let conn = pool.acquire().await?;
+    // Failing to open a connection ran nothing: said so, for whether a write may have landed.
+    let conn = pool.acquire().await.map_err(super::not_sent)?;
     let answer_by = within.map(|w| tokio::time::Instant::now() + w);
     let mut conn = InFlight {
         conn: Some(conn),
@@ -1477,6 +1478,31 @@ mod tests {
             "finding a request read {blocks} blocks:\n{plan:#}"
         );
         drop((conn, store));
+    }
+
+    // A connection that could not even be opened (here a server that hangs up at once) ran
+    // nothing: unavailable, but not a write that may have landed, so that the API tells a
+    // client its retry is safe instead of naming a job that was never stored.
+    #[tokio::test]
+    async fn a_connection_that_never_opened_ran_nothing() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        tokio::spawn(async move {
+            while let Ok((socket, _)) = listener.accept().await {
+                drop(socket);
+            }
+        });
+        let pool = PgPoolOptions::new()
+            .acquire_timeout(Duration::from_secs(2))
+            .connect_lazy(&format!("postgres://postgres@127.0.0.1:{port}/test"))
+            .unwrap();
+        let failed = bounded(&pool, Some(Duration::from_secs(1)), async |_| {
+            Ok::<(), StoreError>(())
+        })
+        .await
+        .unwrap_err();
+        assert!(failed.is_unavailable(), "{failed:?}");
+        assert!(!failed.may_have_committed(), "{failed:?}");
     }
 
     // A lock held by another session (here a transaction in `psql`, say) fails the writes
