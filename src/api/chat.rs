@@ -125,14 +125,18 @@ const SDK_RETRY_HEADER: &str = "x-stainless-retry-count";
 const SDK_TIMEOUT_HEADERS: [&str; 2] = ["x-stainless-timeout", "x-stainless-read-timeout"];
 /// The SDKs' default timeout (600 s in Python, 10 min in Node), when none is sent.
 const SDK_DEFAULT_TIMEOUT_MS: i64 = 600_000;
+/// The longest an SDK waits between a try that gave up and its retry (8 s at most after a
+/// timeout or a broken connection), with room for a busy client.
+const SDK_MAX_BACKOFF_MS: i64 = 15_000;
 
 /// For an OpenAI SDK's automatic retry without an `Idempotency-Key`, the job its first try made:
 /// the newest with the same request since that try can have been sent, by the retry count and
 /// the SDK's timeout (each try waits at most the timeout, then a backoff of at most 8 s; a
 /// minute is allowed for each). An SDK retries a call whose answer it gave up waiting for (its
 /// timeout, a proxy's idle cut, a 502 from a proxy), and every retry was a new, paid job while
-/// the first ran on. `None` for a first try, a request with a key (which finds its job by the
-/// key), or a retry whose first try made no job (refused, or never arrived).
+/// the first ran on. The job must still be running, or have finished since the retry's last
+/// try can have given up. `None` for a first try, a request with a key (which finds its job by
+/// the key), or a retry whose first try made no job (refused, or never arrived).
 async fn sdk_retry_of(
     state: &AppState,
     headers: &HeaderMap,
@@ -156,8 +160,16 @@ async fn sdk_retry_of(
         .map_or(SDK_DEFAULT_TIMEOUT_MS, |s| {
             (s.min(86_400.0) * 1000.0) as i64
         });
-    let since = state.clock.now_ms() - retries * (timeout_ms + 60_000);
-    let job = state.store.find_by_request(hash, since).await?;
+    let now = state.clock.now_ms();
+    let since = now - retries * (timeout_ms + 60_000);
+    // A job that finished before this call's last try gave up would have answered that try,
+    // which then had no reason to retry: such a job is another call's (the same request asked
+    // again on purpose), not this one's.
+    let job = state
+        .store
+        .find_by_request(hash, since)
+        .await?
+        .filter(|j| !j.status.is_final() || j.finished_at >= Some(now - SDK_MAX_BACKOFF_MS));
     if let Some(job) = &job {
         tracing::info!(job = %job.id, retries, "an SDK's retry waits on the job its first try made");
     }

@@ -1,7 +1,10 @@
 //! The OpenAI-compatible surface: synchronous and streamed fusion completions, the gateway
 //! pass-through, the fusion tool, the recursion guard, models, and disconnecting clients.
 
+use std::sync::Arc;
 use std::time::Duration;
+
+use fusion::clock::{Shifted, SystemClock};
 
 use serde_json::{Value, json};
 
@@ -792,4 +795,40 @@ async fn an_sdk_retry_waits_on_the_job_its_first_try_made() {
         assert_ne!(resp.headers()["x-fusion-job-id"], job.as_str());
     }
     assert_eq!(app.list_jobs("").await["data"].as_array().unwrap().len(), 3);
+}
+
+// A retry joins only a job that was still running when its last try gave up: a job that had
+// finished before then would have answered that try. Here the same request was asked on
+// purpose 20 s before a retry arrives (a retry whose first try made no job: refused, or never
+// arrived), and that job is not joined; one finished within the SDKs' backoff is.
+#[tokio::test]
+async fn an_sdk_retry_does_not_join_a_job_that_finished_before_its_try_gave_up() {
+    let clock = Arc::new(Shifted::new(Arc::new(SystemClock), 0));
+    let app = spawn_app_with(Options {
+        host_clock: Some(clock.clone()),
+        ..Options::default()
+    })
+    .await;
+    let body = body_with_panel(&["m1"], "judge");
+    let retry = || {
+        app.client
+            .post(format!("{}/v1/chat/completions", app.address))
+            .header("x-stainless-retry-count", "1")
+            .json(&body)
+            .send()
+    };
+    let job_of = |resp: &reqwest::Response| {
+        assert_eq!(resp.status(), 200);
+        resp.headers()["x-fusion-job-id"]
+            .to_str()
+            .unwrap()
+            .to_string()
+    };
+    let earlier = job_of(&app.chat(&body).await);
+    clock.advance(20_000);
+    let retried = job_of(&retry().await.unwrap());
+    assert_ne!(retried, earlier, "joined a job finished 20 s before");
+    let again = job_of(&retry().await.unwrap());
+    assert_eq!(again, retried, "a job finished just now is the retry's own");
+    assert_eq!(app.fake.calls("m1", Kind::Panel), 2);
 }
