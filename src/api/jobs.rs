@@ -67,6 +67,8 @@ pub async fn enqueue(
     request_hash: Option<String>,
 ) -> Result<(Job, bool), ApiError> {
     let now = state.clock.now_ms();
+    // A retry under the same key finds the job, stored or not: always safe.
+    let keyed = key.is_some();
     let new = NewJob {
         id: Uuid::now_v7(),
         spec: parsed.spec,
@@ -107,6 +109,7 @@ pub async fn enqueue(
         None => insert(&*state.store, new, None).await,
     };
     let enqueued = enqueued.map_err(|e| match e {
+        Inserted::No(e) | Inserted::Unknown(e, _) if keyed => ApiError::from(e),
         Inserted::No(e) => ApiError::from(e),
         Inserted::Unknown(e, id) => {
             let answer = ApiError::from(e);

@@ -70,15 +70,36 @@ fn relayed(resp: reqwest::Response) -> Response {
     out
 }
 
-/// The end of the last whole event in `buf` (after its blank line), if any.
+/// The end of the last whole event in `buf` (after the blank line that ends it), if any. Lines
+/// end with CRLF, LF or CR, as the SSE format allows; a CR last in `buf` may be the start of a
+/// CRLF still to come, so it ends nothing yet.
 fn events_end(buf: &[u8]) -> Option<usize> {
-    let lf = buf.windows(2).rposition(|w| w == b"\n\n").map(|i| i + 2);
-    let crlf = buf
-        .windows(4)
-        .rposition(|w| w == b"\r\n\r\n")
-        .map(|i| i + 4);
-    lf.max(crlf)
+    let (mut end, mut after_line_end, mut i) = (None, false, 0);
+    while i < buf.len() {
+        let line_end = match buf[i] {
+            b'\n' => 1,
+            b'\r' if i + 1 == buf.len() => return end,
+            b'\r' if buf[i + 1] == b'\n' => 2,
+            b'\r' => 1,
+            _ => 0,
+        };
+        if line_end == 0 {
+            after_line_end = false;
+            i += 1;
+            continue;
+        }
+        i += line_end;
+        if after_line_end {
+            end = Some(i);
+        }
+        after_line_end = true;
+    }
+    end
 }
+
+/// The most held back waiting for an event's end: past it (an upstream that sends no blank
+/// lines), what is held goes out as it is.
+const MAX_HELD: usize = 1 << 20;
 
 /// `upstream`'s bytes, an event at a time (a read that ends inside an event holds it back until
 /// the event is whole); a stream that ends cleanly passes on what is left as it is.
@@ -91,7 +112,11 @@ fn whole_events(
             match upstream.next().await {
                 Some(Ok(bytes)) => {
                     held.extend_from_slice(&bytes);
-                    if let Some(end) = events_end(&held) {
+                    let end = match events_end(&held) {
+                        None if held.len() > MAX_HELD => Some(held.len()),
+                        end => end,
+                    };
+                    if let Some(end) = end {
                         let rest = held.split_off(end);
                         let whole = Bytes::from(std::mem::replace(&mut held, rest));
                         return Some((Ok(whole), Some((upstream, held))));
@@ -191,10 +216,38 @@ mod tests {
         assert!(text.ends_with("data: [DONE]\n\n"), "{text}");
     }
 
+    // An upstream that sends no blank line is not held back past `MAX_HELD`: what came goes out.
+    #[tokio::test]
+    async fn a_stream_without_event_ends_is_not_held_back_for_good() {
+        let line = format!("data: {}", "x".repeat(MAX_HELD + 100));
+        let head = format!(
+            "HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n\
+             transfer-encoding: chunked\r\n\r\n{:x}\r\n{line}\r\n",
+            line.len()
+        );
+        let (base, _) = answering(head, Then::Hold).await;
+        let (_, _, text) = relay_from(&base).await;
+        assert!(text.starts_with(&line), "{}", &text[..100]);
+        assert!(
+            text.ends_with("data: [DONE]\n\n"),
+            "{}",
+            &text[text.len() - 100..]
+        );
+    }
+
     #[test]
-    fn the_last_whole_event_ends_after_its_blank_line() {
+    fn the_last_whole_event_ends_after_its_blank_line_whatever_its_line_ends() {
         assert_eq!(events_end(b"data: 1\n\ndata: 2"), Some(9));
         assert_eq!(events_end(b"data: 1\r\n\r\ndata: 2\n\n"), Some(20));
+        assert_eq!(events_end(b"data: 1\r\rdata: 2"), Some(9));
+        assert_eq!(events_end(b"data: 1\n\r\ndata: 2"), Some(10));
+        assert_eq!(events_end(b"data: 1\r\n\ndata: 2"), Some(10));
         assert_eq!(events_end(b"data: 1\n"), None);
+        assert_eq!(
+            events_end(b"data: 1\r\n\r"),
+            None,
+            "a CR last may begin a CRLF"
+        );
+        assert_eq!(events_end(b"data: 1\r\n"), None);
     }
 }

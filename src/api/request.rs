@@ -50,9 +50,15 @@ pub fn refuse_several_choices(n: Option<&Value>) -> Result<(), ApiError> {
 /// function call (a fusion model answers in text; `tools` with `tool_choice` `auto` or `none`,
 /// or `allowed_tools` in `auto` mode, are accepted and unused, as text is allowed).
 pub fn refuse_unsupported(obj: &Map<String, Value>) -> Result<(), ApiError> {
-    let logprobs = obj.get("logprobs").is_some_and(|v| v == &Value::Bool(true));
-    let top = !matches!(obj.get("top_logprobs"), None | Some(Value::Null))
-        && obj.get("top_logprobs").and_then(Value::as_u64) != Some(0);
+    let none = |v: Option<&Value>| {
+        matches!(v, None | Some(Value::Null | Value::Bool(false)))
+            || v.and_then(Value::as_f64) == Some(0.0)
+    };
+    let logprobs = !matches!(
+        obj.get("logprobs"),
+        None | Some(Value::Null | Value::Bool(false))
+    );
+    let top = !none(obj.get("top_logprobs"));
     if let Some(field) = [(logprobs, "logprobs"), (top, "top_logprobs")]
         .into_iter()
         .find_map(|(set, field)| set.then_some(field))
@@ -724,6 +730,7 @@ mod tests {
         let tools = json!([{"type": "function", "function": {"name": "f", "parameters": {}}}]);
         for extra in [
             json!({"logprobs": true}),
+            json!({"logprobs": 1}),
             json!({"top_logprobs": 3}),
             json!({"tools": tools, "tool_choice": "required"}),
             json!({"tools": tools, "tool_choice": {"type": "function", "function": {"name": "f"}}}),
@@ -741,6 +748,7 @@ mod tests {
         for extra in [
             json!({"logprobs": false, "top_logprobs": null}),
             json!({"top_logprobs": 0}),
+            json!({"top_logprobs": 0.0, "logprobs": null}),
             json!({"tools": tools, "tool_choice": {"type": "allowed_tools",
                    "allowed_tools": {"mode": "auto", "tools": []}}}),
             json!({"functions": [{"name": "f"}], "function_call": "auto"}),

@@ -1066,7 +1066,7 @@ async fn a_submission_that_committed_unconfirmed_is_answered_as_created() {
 
 // The same, with the read-back failing too: the job may well be stored, so the 503 names it and
 // tells the SDKs not to retry (their retry would make and pay for a second job); before, it was a
-// plain 503 with `Retry-After`, as if nothing had been stored.
+// plain 503 with `Retry-After`, as if nothing had been stored. Unless the request has a key.
 #[tokio::test]
 async fn a_submission_unconfirmed_and_unreadable_is_answered_naming_the_job() {
     let faults = Faults {
@@ -1087,6 +1087,25 @@ async fn a_submission_unconfirmed_and_unreadable_is_answered_naming_the_job() {
     let message = error["error"]["message"].as_str().unwrap();
     assert!(message.contains(&format!("GET /v1/jobs/{id}")), "{message}");
     assert_eq!(app.get_job(&id).await["status"], "queued");
+
+    // Under an idempotency key a retry finds the job, stored or not: the plain 503.
+    let faults = Faults {
+        enqueues: 1,
+        reads: 1,
+        ..Faults::default()
+    };
+    let (app, _store) = app_on(faults, false, "").await;
+    let resp = app
+        .client
+        .post(format!("{}/v1/jobs", app.address))
+        .header("Idempotency-Key", "k1")
+        .json(&body_with_panel(&["m1"], "judge"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 503);
+    assert_eq!(resp.headers()["retry-after"], "5");
+    assert!(resp.headers().get("x-fusion-job-id").is_none());
 }
 
 #[tokio::test]
