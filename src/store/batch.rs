@@ -190,17 +190,26 @@ async fn write_groups<S: BatchSql>(sql: &S, writes: &[Write], groups: Vec<Group>
 /// lock held elsewhere (Postgres's statement timeout, SQLite's busy timeout), or met a server
 /// that takes no writes (a standby after a failover): halving the batch would only meet it
 /// again, each half after the same wait, while every other write waits behind it. Such a failure goes to every group of the batch at once, and their callers retry.
+/// The copy says whether the statement may have committed as the error does: an I/O error met
+/// before anything went out, a statement the database cancelled or refused, did not.
 fn unreached(e: &sqlx::Error) -> Option<sqlx::Error> {
     let again = |kind, message: String| Some(sqlx::Error::Io(std::io::Error::new(kind, message)));
+    let unsent = |kind, message: String| {
+        let io = std::io::Error::new(kind, message);
+        Some(super::not_sent(sqlx::Error::Io(io)))
+    };
     match e {
         sqlx::Error::PoolTimedOut => Some(sqlx::Error::PoolTimedOut),
         sqlx::Error::PoolClosed => Some(sqlx::Error::PoolClosed),
+        sqlx::Error::Io(io) if io.get_ref().is_some_and(|e| e.is::<super::NotSent>()) => {
+            unsent(io.kind(), io.to_string())
+        }
         sqlx::Error::Io(io) => again(io.kind(), io.to_string()),
         sqlx::Error::Database(db) if gave_up_waiting(db.as_ref()) => {
-            again(std::io::ErrorKind::TimedOut, db.to_string())
+            unsent(std::io::ErrorKind::TimedOut, db.to_string())
         }
         sqlx::Error::Database(db) if e.read_only() => {
-            again(std::io::ErrorKind::PermissionDenied, db.to_string())
+            unsent(std::io::ErrorKind::PermissionDenied, db.to_string())
         }
         _ => None,
     }
@@ -471,5 +480,46 @@ mod tests {
             ));
         }
         assert_eq!(batches.load(Ordering::SeqCst), 1);
+    }
+
+    /// Fails every batch with `error()`.
+    struct Failing(fn() -> sqlx::Error);
+
+    #[async_trait]
+    impl BatchSql for Failing {
+        async fn execute(&self, _: &[Write]) -> Result<Vec<bool>, sqlx::Error> {
+            Err((self.0)())
+        }
+    }
+
+    // Every write of a batch that failed at once is told whether it may have landed as the
+    // batch's error says, not only the first: a connection that never opened, a statement the
+    // database cancelled or refused, did not; a connection broken mid-statement may have.
+    #[tokio::test]
+    async fn every_write_of_a_failed_batch_is_told_whether_it_may_have_landed() {
+        let cases: [(fn() -> sqlx::Error, bool); 3] = [
+            (
+                || {
+                    super::super::not_sent(sqlx::Error::Io(std::io::Error::from(
+                        std::io::ErrorKind::ConnectionReset,
+                    )))
+                },
+                false,
+            ),
+            (
+                || sqlx::Error::Io(std::io::Error::from(std::io::ErrorKind::ConnectionReset)),
+                true,
+            ),
+            (|| sqlx::Error::PoolTimedOut, false),
+        ];
+        for (error, may) in cases {
+            let batcher = Batcher::start(Failing(error));
+            let writes = (0..4).map(|_| batcher.write(step("a")));
+            for result in futures::future::join_all(writes).await {
+                let e = result.unwrap_err();
+                assert!(e.is_unavailable(), "{e:?}");
+                assert_eq!(e.may_have_committed(), may, "{e:?}");
+            }
+        }
     }
 }
