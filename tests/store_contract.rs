@@ -379,13 +379,15 @@ contract_tests!(
 );
 
 /// An SDK's retry finds the job its first try made: the newest with the request's hash at or
-/// after the time given, keyed or not; none for another hash, or none that recent.
+/// after the time given, keyed or not, that is queued or running or finished since the second
+/// time given; none for another hash, or none that recent. A newer job finished too long ago
+/// does not hide an older one still queued.
 async fn a_request_finds_its_newest_job_since_a_time(store: Arc<dyn Store>) {
     let with = |hash: &str, created_at: i64| NewJob {
         request_hash: Some(hash.to_string()),
         ..new_job_at(0, created_at)
     };
-    enqueue(&store, with("h", NOW)).await;
+    let older = enqueue(&store, with("h", NOW)).await;
     let newer = enqueue(&store, with("h", NOW + 1_000)).await;
     let keyed = NewJob {
         idempotency_key: Some("k".into()),
@@ -394,15 +396,26 @@ async fn a_request_finds_its_newest_job_since_a_time(store: Arc<dyn Store>) {
     let keyed = enqueue(&store, keyed).await;
     enqueue(&store, new_job_at(0, NOW + 3_000)).await;
 
-    let found = |hash: &'static str, since: i64| {
+    let found = |hash: &'static str, since: i64, finished_since: i64| {
         let store = store.clone();
-        async move { store.find_by_request(hash, since).await.unwrap() }
+        async move {
+            let job = store.find_by_request(hash, since, finished_since).await;
+            job.unwrap().map(|j| j.id)
+        }
     };
-    assert_eq!(found("h", NOW - 1).await, Some(newer.clone()));
-    assert_eq!(found("h", NOW + 1_000).await, Some(newer));
-    assert_eq!(found("h", NOW + 1_001).await, None);
-    assert_eq!(found("g", 0).await, Some(keyed));
-    assert_eq!(found("x", 0).await, None);
+    assert_eq!(found("h", NOW - 1, NOW).await, Some(newer.id));
+    assert_eq!(found("h", NOW + 1_000, NOW).await, Some(newer.id));
+    assert_eq!(found("h", NOW + 1_001, NOW).await, None);
+    assert_eq!(found("g", 0, NOW).await, Some(keyed.id));
+    assert_eq!(found("x", 0, NOW).await, None);
+
+    let cancelled = store.cancel(newer.id, NOW + 5_000).await.unwrap();
+    assert!(
+        matches!(cancelled, CancelOutcome::Cancelled { .. }),
+        "{cancelled:?}"
+    );
+    assert_eq!(found("h", NOW - 1, NOW + 5_000).await, Some(newer.id));
+    assert_eq!(found("h", NOW - 1, NOW + 5_001).await, Some(older.id));
 }
 
 /// Model output and user input may contain NUL, which Postgres text and JSONB reject: the write

@@ -167,9 +167,8 @@ async fn sdk_retry_of(
     // again on purpose), not this one's.
     let job = state
         .store
-        .find_by_request(hash, since)
-        .await?
-        .filter(|j| !j.status.is_final() || j.finished_at >= Some(now - SDK_MAX_BACKOFF_MS));
+        .find_by_request(hash, since, now - SDK_MAX_BACKOFF_MS)
+        .await?;
     if let Some(job) = &job {
         tracing::info!(job = %job.id, retries, "an SDK's retry waits on the job its first try made");
     }

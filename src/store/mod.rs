@@ -250,9 +250,15 @@ pub trait Store: Send + Sync + 'static {
     async fn enqueue(&self, job: NewJob, start: Option<StartHere>) -> Result<Enqueued>;
     async fn get_job(&self, id: Uuid) -> Result<Option<Job>>;
     /// The newest job made from a request with this hash (`NewJob::request_hash`) at or after
-    /// `since` (ms): an OpenAI SDK's automatic retry of a call it gave up waiting on finds the
-    /// job the first call made.
-    async fn find_by_request(&self, request_hash: &str, since: i64) -> Result<Option<Job>>;
+    /// `since` (ms) that is queued, running, or finished at or after `finished_since`: an
+    /// OpenAI SDK's automatic retry of a call it gave up waiting on finds the job the first
+    /// call made.
+    async fn find_by_request(
+        &self,
+        request_hash: &str,
+        since: i64,
+        finished_since: i64,
+    ) -> Result<Option<Job>>;
     /// Every checkpoint of a job, in step order.
     async fn get_steps(&self, id: Uuid) -> Result<Vec<Step>>;
     async fn list_jobs(&self, filter: &ListFilter) -> Result<Vec<Job>>;

@@ -325,7 +325,9 @@ fn step_write(lease: &Lease, step: &Step) -> Write {
 const FIND_BY_REQUEST_SQL: &str = concat!(
     "SELECT ",
     job_columns!(),
-    " FROM jobs WHERE request_hash = $1 AND created_at >= $2 ORDER BY created_at DESC LIMIT 1"
+    " FROM jobs WHERE request_hash = $1 AND created_at >= $2 \
+     AND (status IN ('queued', 'running') OR finished_at >= $3) \
+     ORDER BY created_at DESC LIMIT 1"
 );
 
 /// The job list's statement with a term for each filter given: the status (`$1`), then the
@@ -562,10 +564,16 @@ impl Store for PgStore {
         self.fetch_job(id).await
     }
 
-    async fn find_by_request(&self, request_hash: &str, since: i64) -> Result<Option<Job>> {
+    async fn find_by_request(
+        &self,
+        request_hash: &str,
+        since: i64,
+        finished_since: i64,
+    ) -> Result<Option<Job>> {
         let query = sqlx::query(FIND_BY_REQUEST_SQL)
             .bind(request_hash)
-            .bind(since);
+            .bind(since)
+            .bind(finished_since);
         let row = self
             .bounded(async |c| Ok(query.fetch_optional(c).await?))
             .await?;
@@ -1470,7 +1478,8 @@ mod tests {
             return;
         };
         finished_jobs_and_generic_plans(&mut conn, true).await;
-        let plan = &explain_prepared(&mut conn, "find", FIND_BY_REQUEST_SQL, "md5('777'), 0").await;
+        let plan =
+            &explain_prepared(&mut conn, "find", FIND_BY_REQUEST_SQL, "md5('777'), 0, 0").await;
         assert_eq!(plan["Actual Rows"], 1, "{plan:#}");
         let blocks = blocks_read(plan);
         assert!(

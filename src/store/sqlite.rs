@@ -126,7 +126,9 @@ const ID_ABOVE_ALL: &str = "~";
 const FIND_BY_REQUEST_SQL: &str = concat!(
     "SELECT ",
     job_columns!(),
-    " FROM jobs WHERE request_hash = ? AND created_at >= ? ORDER BY created_at DESC LIMIT 1"
+    " FROM jobs WHERE request_hash = ? AND created_at >= ? \
+     AND (status IN ('queued', 'running') OR finished_at >= ?) \
+     ORDER BY created_at DESC LIMIT 1"
 );
 
 pub struct SqliteStore {
@@ -322,10 +324,16 @@ impl Store for SqliteStore {
         .await
     }
 
-    async fn find_by_request(&self, request_hash: &str, since: i64) -> Result<Option<Job>> {
+    async fn find_by_request(
+        &self,
+        request_hash: &str,
+        since: i64,
+        finished_since: i64,
+    ) -> Result<Option<Job>> {
         let row = sqlx::query(FIND_BY_REQUEST_SQL)
             .bind(request_hash)
             .bind(since)
+            .bind(finished_since)
             .fetch_optional(&self.pool)
             .await?;
         row.map(|r| job_from_row(&r, SpecRead::ToShow)).transpose()

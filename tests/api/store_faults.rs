@@ -195,8 +195,15 @@ impl Store for Faulty {
         }
         self.inner.get_job(id).await
     }
-    async fn find_by_request(&self, request_hash: &str, since: i64) -> Result<Option<Job>> {
-        self.inner.find_by_request(request_hash, since).await
+    async fn find_by_request(
+        &self,
+        request_hash: &str,
+        since: i64,
+        finished_since: i64,
+    ) -> Result<Option<Job>> {
+        self.inner
+            .find_by_request(request_hash, since, finished_since)
+            .await
     }
     async fn get_steps(&self, id: Uuid) -> Result<Vec<Step>> {
         if Self::take(&self.step_reads_left) {
