@@ -70,77 +70,97 @@ fn relayed(resp: reqwest::Response) -> Response {
     out
 }
 
-/// The end of the last whole event in `buf` (after the blank line that ends it), if any. Lines
-/// end with CRLF, LF or CR, as the SSE format allows; a CR last in `buf` may be the start of a
-/// CRLF still to come, so it ends nothing yet.
-fn events_end(buf: &[u8]) -> Option<usize> {
-    let (mut end, mut after_line_end, mut i) = (None, false, 0);
-    while i < buf.len() {
-        let line_end = match buf[i] {
-            b'\n' => 1,
-            b'\r' if i + 1 == buf.len() => return end,
-            b'\r' if buf[i + 1] == b'\n' => 2,
-            b'\r' => 1,
-            _ => 0,
-        };
-        if line_end == 0 {
-            after_line_end = false;
-            i += 1;
-            continue;
-        }
-        i += line_end;
-        if after_line_end {
-            end = Some(i);
-        }
-        after_line_end = true;
-    }
-    end
-}
-
 /// The most held back waiting for an event's end: past it (an upstream that sends no blank
 /// lines), what is held goes out as it is.
 const MAX_HELD: usize = 1 << 20;
 
-/// `upstream`'s bytes, an event at a time (a read that ends inside an event holds it back until
-/// the event is whole); a stream that ends cleanly passes on what is left as it is.
+/// An event stream's bytes held back until the event they belong to is whole. Lines end with
+/// CRLF, LF or CR, as the SSE format allows; a blank line ends an event. The bytes already
+/// scanned are not scanned again.
+#[derive(Default)]
+struct Events {
+    held: Vec<u8>,
+    /// How far `held` is scanned; a CR last is left unscanned (it may begin a CRLF).
+    scanned: usize,
+    /// Whether the last scanned byte ended a line (so that a line end next is a blank line).
+    after_line_end: bool,
+    /// Whether bytes of an unfinished event went out (past `MAX_HELD`).
+    mid_event: bool,
+}
+
+impl Events {
+    /// Take `bytes`; what can go out now: the events made whole, or everything held once past
+    /// `MAX_HELD`.
+    fn push(&mut self, bytes: &[u8]) -> Option<Bytes> {
+        self.held.extend_from_slice(bytes);
+        let mut end = None;
+        let buf = &self.held;
+        let mut i = self.scanned;
+        while i < buf.len() {
+            let line_end = match buf[i] {
+                b'\n' => 1,
+                b'\r' if i + 1 == buf.len() => break,
+                b'\r' if buf[i + 1] == b'\n' => 2,
+                b'\r' => 1,
+                _ => 0,
+            };
+            i += line_end.max(1);
+            if line_end > 0 && self.after_line_end {
+                end = Some(i);
+            }
+            self.after_line_end = line_end > 0;
+        }
+        self.scanned = i;
+        match end {
+            Some(_) => self.mid_event = false,
+            None if self.held.len() > MAX_HELD => self.mid_event = true,
+            None => return None,
+        }
+        let end = end.unwrap_or(self.held.len());
+        let rest = self.held.split_off(end);
+        self.scanned -= end;
+        Some(Bytes::from(std::mem::replace(&mut self.held, rest)))
+    }
+
+    /// The upstream ended cleanly: what is left, as it is.
+    fn end(self) -> Option<Bytes> {
+        (!self.held.is_empty()).then(|| Bytes::from(self.held))
+    }
+
+    /// The upstream was cut: the unfinished event is dropped, and the stream ends with the
+    /// error (the URL left out: it may carry the provider's credentials), then `[DONE]`, after
+    /// a blank line that ends an event already partly sent.
+    fn cut(self, e: reqwest::Error) -> Bytes {
+        let e = e.without_url();
+        tracing::warn!(error = %e, "a relayed event stream was cut");
+        let error = json!({"error": {
+            "code": "upstream_cut",
+            "message": format!("the upstream's answer was cut: {e}"),
+            "type": "server_error",
+        }});
+        let close = if self.mid_event { "\n\n" } else { "" };
+        Bytes::from(format!("{close}data: {error}\n\ndata: [DONE]\n\n"))
+    }
+}
+
+/// `upstream`'s bytes, an event at a time (see [`Events`]).
 fn whole_events(
     upstream: impl Stream<Item = reqwest::Result<Bytes>> + Send + Unpin + 'static,
 ) -> impl Stream<Item = Result<Bytes, std::convert::Infallible>> + Send + 'static {
-    futures::stream::unfold(Some((upstream, Vec::new())), |state| async move {
-        let (mut upstream, mut held) = state?;
+    futures::stream::unfold(Some((upstream, Events::default())), |state| async move {
+        let (mut upstream, mut events) = state?;
         loop {
             match upstream.next().await {
                 Some(Ok(bytes)) => {
-                    held.extend_from_slice(&bytes);
-                    let end = match events_end(&held) {
-                        None if held.len() > MAX_HELD => Some(held.len()),
-                        end => end,
-                    };
-                    if let Some(end) = end {
-                        let rest = held.split_off(end);
-                        let whole = Bytes::from(std::mem::replace(&mut held, rest));
-                        return Some((Ok(whole), Some((upstream, held))));
+                    if let Some(out) = events.push(&bytes) {
+                        return Some((Ok(out), Some((upstream, events))));
                     }
                 }
-                None if held.is_empty() => return None,
-                None => return Some((Ok(Bytes::from(held)), None)),
-                Some(Err(e)) => return Some((Ok(cut_off(e)), None)),
+                None => return events.end().map(|out| (Ok(out), None)),
+                Some(Err(e)) => return Some((Ok(events.cut(e)), None)),
             }
         }
     })
-}
-
-/// The events that end a stream cut part way: the error (the URL left out: it may carry the
-/// provider's credentials), then `[DONE]`.
-fn cut_off(e: reqwest::Error) -> Bytes {
-    let e = e.without_url();
-    tracing::warn!(error = %e, "a relayed event stream was cut");
-    let error = json!({"error": {
-        "code": "upstream_cut",
-        "message": format!("the upstream's answer was cut: {e}"),
-        "type": "server_error",
-    }});
-    Bytes::from(format!("data: {error}\n\ndata: [DONE]\n\n"))
 }
 
 #[cfg(test)]
@@ -228,26 +248,44 @@ mod tests {
         let (base, _) = answering(head, Then::Hold).await;
         let (_, _, text) = relay_from(&base).await;
         assert!(text.starts_with(&line), "{}", &text[..100]);
-        assert!(
-            text.ends_with("data: [DONE]\n\n"),
-            "{}",
-            &text[text.len() - 100..]
-        );
+        // The event partly sent is ended, so that the error is an event of its own.
+        let tail = &text[line.len()..];
+        assert!(tail.starts_with("\n\ndata: {\"error\""), "{tail}");
+        assert!(tail.ends_with("data: [DONE]\n\n"), "{tail}");
     }
 
     #[test]
-    fn the_last_whole_event_ends_after_its_blank_line_whatever_its_line_ends() {
-        assert_eq!(events_end(b"data: 1\n\ndata: 2"), Some(9));
-        assert_eq!(events_end(b"data: 1\r\n\r\ndata: 2\n\n"), Some(20));
-        assert_eq!(events_end(b"data: 1\r\rdata: 2"), Some(9));
-        assert_eq!(events_end(b"data: 1\n\r\ndata: 2"), Some(10));
-        assert_eq!(events_end(b"data: 1\r\n\ndata: 2"), Some(10));
-        assert_eq!(events_end(b"data: 1\n"), None);
-        assert_eq!(
-            events_end(b"data: 1\r\n\r"),
-            None,
-            "a CR last may begin a CRLF"
-        );
-        assert_eq!(events_end(b"data: 1\r\n"), None);
+    fn an_event_goes_out_after_its_blank_line_whatever_its_line_ends() {
+        // Each case: the reads, then what goes out after each.
+        type Case<'a> = (&'a [&'a [u8]], &'a [Option<&'a [u8]>]);
+        let cases: [Case; 7] = [
+            (&[b"data: 1\n\ndata: 2"], &[Some(b"data: 1\n\n")]),
+            (
+                &[b"data: 1\r\n\r\ndata: 2\n\n"],
+                &[Some(b"data: 1\r\n\r\ndata: 2\n\n")],
+            ),
+            (&[b"data: 1\r\rdata: 2"], &[Some(b"data: 1\r\r")]),
+            (&[b"data: 1\n\r\nx"], &[Some(b"data: 1\n\r\n")]),
+            (
+                &[b"data: 1\r\n", b"\ndata"],
+                &[None, Some(b"data: 1\r\n\n")],
+            ),
+            // A CR last may begin a CRLF: it ends nothing until the next read says.
+            (
+                &[b"data: 1\r\n\r", b"\nx"],
+                &[None, Some(b"data: 1\r\n\r\n")],
+            ),
+            (
+                &[b"data: 1\n", b"\n", b"data: 2\n"],
+                &[None, Some(b"data: 1\n\n"), None],
+            ),
+        ];
+        for (reads, outs) in cases {
+            let mut events = Events::default();
+            for (read, out) in reads.iter().zip(outs) {
+                let sent = events.push(read);
+                assert_eq!(sent.as_deref(), *out, "{reads:?}");
+            }
+        }
     }
 }
