@@ -45,6 +45,14 @@ pub fn refuse_several_choices(n: Option<&Value>) -> Result<(), ApiError> {
     }
 }
 
+/// Whether a request asks for token log probabilities: `logprobs` anything but false or null.
+pub fn asks_logprobs(obj: &Map<String, Value>) -> bool {
+    !matches!(
+        obj.get("logprobs"),
+        None | Some(Value::Null | Value::Bool(false))
+    )
+}
+
 /// What a fusion run cannot give and a client would break without: token log probabilities
 /// (`choice.logprobs` would be null; `top_logprobs: 0` asks for none), and a forced tool or
 /// function call (a fusion model answers in text; `tools` with `tool_choice` `auto` or `none`,
@@ -54,10 +62,7 @@ pub fn refuse_unsupported(obj: &Map<String, Value>) -> Result<(), ApiError> {
         matches!(v, None | Some(Value::Null | Value::Bool(false)))
             || v.and_then(Value::as_f64) == Some(0.0)
     };
-    let logprobs = !matches!(
-        obj.get("logprobs"),
-        None | Some(Value::Null | Value::Bool(false))
-    );
+    let logprobs = asks_logprobs(obj);
     let top = !none(obj.get("top_logprobs"));
     if let Some(field) = [(logprobs, "logprobs"), (top, "top_logprobs")]
         .into_iter()

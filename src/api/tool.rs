@@ -110,7 +110,7 @@ pub async fn run(
     request::refuse_several_choices(body.get("n"))?;
     // A streamed reply is rebuilt from the outer model's text and calls: its log probabilities
     // would come back null. (Not streamed, the last round's pass on.)
-    if opts.stream && body.get("logprobs") == Some(&Value::Bool(true)) {
+    if opts.stream && body.as_object().is_some_and(request::asks_logprobs) {
         return Err(ApiError::bad_request(
             "unsupported_parameter",
             "`logprobs` is not supported with the fusion tool and `stream: true`: ask without \

@@ -104,6 +104,7 @@ async fn what_the_tools_reply_cannot_carry_is_refused_before_any_call() {
     for (extra, says) in [
         (json!({"n": 2}), "`n` must be 1"),
         (json!({"stream": true, "logprobs": true}), "`logprobs`"),
+        (json!({"stream": true, "logprobs": 1}), "`logprobs`"),
     ] {
         let mut body = offering(json!({}));
         body.as_object_mut()
