@@ -533,21 +533,22 @@ impl Worker {
                     )
                 })
         };
-        let now = self.clock.now_ms();
         // In the job's span too: a retried outcome write logs which job it is for. Retried under
-        // `last_writes`, not `stop`: see there.
+        // `last_writes`, not `stop`: see there. A finished job's time is read at each try of its
+        // write, so that it says when the job finished for its readers (an SDK's retry joins a
+        // job that finished just now), not when the outcome was decided before a database blip.
         let written = async {
             match &outcome {
                 Outcome::Succeeded { result, last_step } => {
                     let store = self.store.as_ref();
                     fenced_write(
                         &self.last_writes,
-                        || store.complete(&lease, last_step.as_ref(), result, now),
+                        || store.complete(&lease, last_step.as_ref(), result, self.clock.now_ms()),
                         || finished_as(store, &lease, JobStatus::Succeeded, None),
                     )
                     .await
                 }
-                Outcome::Failed { reason, error } => self.fail(&lease, reason, error, now).await,
+                Outcome::Failed { reason, error } => self.fail(&lease, reason, error).await,
                 Outcome::Retry { reason, error, at } => {
                     let store = self.store.as_ref();
                     fenced_write(
@@ -586,11 +587,11 @@ impl Worker {
     }
 
     /// Fail the job `lease` holds (a terminal outcome, confirmed as `complete`'s is).
-    async fn fail(&self, lease: &Lease, reason: &str, error: &str, now: i64) -> Option<bool> {
+    async fn fail(&self, lease: &Lease, reason: &str, error: &str) -> Option<bool> {
         let store = self.store.as_ref();
         fenced_write(
             &self.last_writes,
-            || store.fail(lease, reason, error, now),
+            || store.fail(lease, reason, error, self.clock.now_ms()),
             || finished_as(store, lease, JobStatus::Failed, Some(reason)),
         )
         .await

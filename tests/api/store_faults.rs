@@ -947,6 +947,30 @@ async fn an_outcome_retrying_through_an_outage_when_the_grace_period_ends_is_sti
     assert_eq!(app.fake.calls("judge", Kind::Final), 1);
 }
 
+// A finished job's time is when its outcome was written, not when it was decided before an
+// outage of 1.4 s (three refusals): an SDK's retry arriving just after joins a job that finished
+// just now, and one that finished long ago must not look recent.
+#[tokio::test]
+async fn a_job_finishes_when_its_outcome_is_written_not_when_it_was_decided() {
+    let faults = Faults {
+        refused_outcomes: 3,
+        ..Faults::default()
+    };
+    let (app, id, store, worker, _) = one_job(faults).await;
+    assert_eq!(worker.run_once(1).await.unwrap(), 1);
+    assert_eq!(store.outcomes_refused.load(Ordering::SeqCst), 0);
+    let job = app.store.get_job(id).await.unwrap().unwrap();
+    assert_eq!(job.status, JobStatus::Succeeded);
+    let steps = app.store.get_steps(id).await.unwrap();
+    let answered = steps.iter().map(|s| s.created_at).max().unwrap();
+    let finished = job.finished_at.unwrap();
+    assert!(
+        finished - answered >= 1_000,
+        "finished at {finished}, {} ms after the final answer",
+        finished - answered
+    );
+}
+
 // An outage that outlasts the release window: shutdown gives up on the outcome when the window
 // ends (here 0.5 s after a 100 ms grace) rather than retrying for as long as the database is
 // away; the job is left running, to wait out its lease.
