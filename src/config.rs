@@ -305,16 +305,16 @@ impl FileConfig {
         // With the URL from the environment (`FUSION_UPSTREAM_URL`), its key is the
         // environment's too: the file's variable may hold the key of the file's `base_url`.
         let file_var = self.upstream.api_key_env.as_deref();
-        let url_from_env = env("FUSION_UPSTREAM_URL").is_some();
+        let env_url = env("FUSION_UPSTREAM_URL");
         let default_key = match file_var {
-            Some(var) if url_from_env => key_from(&["FUSION_UPSTREAM_API_KEY", var]),
+            Some(var) if env_url.is_some() => key_from(&["FUSION_UPSTREAM_API_KEY", var]),
             Some(var) => key_from(&[var, "FUSION_UPSTREAM_API_KEY"]),
             None => key_from(&["FUSION_UPSTREAM_API_KEY", "OPENROUTER_API_KEY"]),
         };
         if default_key.is_none() {
             unset_key_var("[upstream]", file_var);
         }
-        let (base_url, url_setting) = match (env("FUSION_UPSTREAM_URL"), self.upstream.base_url) {
+        let (base_url, url_setting) = match (env_url, self.upstream.base_url) {
             (Some(url), _) => (url, "FUSION_UPSTREAM_URL"),
             (None, Some(url)) => (url, "[upstream] base_url"),
             (None, None) => (DEFAULT_UPSTREAM_URL.to_string(), "the default base URL"),
@@ -544,29 +544,9 @@ mod tests {
     /// Whether resolving the default file config with `pairs` as the environment warns that
     /// no upstream key is set.
     fn warns_of_no_key(pairs: &[(&str, &str)]) -> bool {
-        let lines = std::sync::Arc::new(std::sync::Mutex::new(Vec::<u8>::new()));
-        let writer = lines.clone();
-        let subscriber = tracing_subscriber::fmt()
-            .with_writer(move || WriteTo(writer.clone()))
-            .with_ansi(false)
-            .finish();
-        tracing::subscriber::with_default(subscriber, || {
-            FileConfig::default().resolve(&env(pairs)).unwrap();
-        });
-        let text = String::from_utf8(lines.lock().unwrap().clone()).unwrap();
-        text.contains("no upstream API key is set")
-    }
-
-    struct WriteTo(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
-
-    impl std::io::Write for WriteTo {
-        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-            self.0.lock().unwrap().extend_from_slice(buf);
-            Ok(buf.len())
-        }
-        fn flush(&mut self) -> std::io::Result<()> {
-            Ok(())
-        }
+        let (lines, _logs) = crate::testing::capture_logs();
+        FileConfig::default().resolve(&env(pairs)).unwrap();
+        lines.text().contains("no upstream API key is set")
     }
 
     // OpenRouter (the default) refuses every call without a key; a local server does not.

@@ -1,8 +1,46 @@
 //! Test support shared by the crate's unit tests, the integration tests and the benchmark
 //! harness: a Postgres database of one's own on the server `TEST_DATABASE_URL` names, dropped
-//! afterwards. Not part of fusion's API.
+//! afterwards, and the log lines written while a test runs. Not part of fusion's API.
+
+use std::sync::{Arc, Mutex};
 
 use sqlx::{AssertSqlSafe, Connection, PgConnection};
+
+/// Log lines written on this thread (a `#[tokio::test]` runs every task on it) while the guard
+/// `capture_logs` returns lives.
+#[derive(Clone, Default)]
+pub struct Lines(Arc<Mutex<Vec<u8>>>);
+
+impl std::io::Write for Lines {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Lines {
+    /// What was logged so far.
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned()
+    }
+}
+
+/// Collect this thread's log lines (INFO and up, no colours) while the guard lives.
+pub fn capture_logs() -> (Lines, tracing::subscriber::DefaultGuard) {
+    let lines = Lines::default();
+    let writer = lines.clone();
+    let guard = tracing::subscriber::set_default(
+        tracing_subscriber::fmt()
+            .with_writer(move || writer.clone())
+            .with_ansi(false)
+            .with_max_level(tracing::Level::INFO)
+            .finish(),
+    );
+    (lines, guard)
+}
 
 /// A database made for one test or scenario, dropped (best effort, `WITH (FORCE)`, so that a
 /// killed server's sessions do not keep it) when this is dropped, a panic included.

@@ -423,20 +423,9 @@ async fn a_replaced_listener_takes_no_place_among_the_stores_connections() {
 // task tried again every few seconds for the life of the process, each time with a warning.
 #[tokio::test]
 async fn a_store_dropped_while_its_listener_reconnects_stops_trying() {
-    let logged = Arc::new(std::sync::Mutex::new(Vec::<u8>::new()));
-    let writer = logged.clone();
     // This test's thread (its runtime's only one, which runs the listener task too).
-    let _logs = tracing::subscriber::set_default(
-        tracing_subscriber::fmt()
-            .with_writer(move || Log(writer.clone()))
-            .with_ansi(false)
-            .finish(),
-    );
-    let warned = || {
-        String::from_utf8_lossy(&logged.lock().unwrap())
-            .matches("LISTEN failed")
-            .count()
-    };
+    let (logged, _logs) = crate::testing::capture_logs();
+    let warned = || logged.text().matches("LISTEN failed").count();
     let Some((_database, silencer, store)) = store_through("fusion_half_open_drop", None).await
     else {
         return;
@@ -464,17 +453,4 @@ async fn a_store_dropped_while_its_listener_reconnects_stops_trying() {
         "the dropped store's listener still tries"
     );
     assert_eq!(silencer.tried.load(Ordering::SeqCst), tries);
-}
-
-/// A log sink for `set_default`.
-struct Log(Arc<std::sync::Mutex<Vec<u8>>>);
-
-impl std::io::Write for Log {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
 }

@@ -14,7 +14,6 @@
 //! claim after it. (`wait_faults` uses the same
 //! wrapper between a waiting request and its store.)
 
-use std::io::Write;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
@@ -25,6 +24,7 @@ use fusion::job::{Job, JobStatus, JsonText, Lease, ListFilter, NewJob, StartHere
 use fusion::store::{
     CancelOutcome, Claimed, Enqueued, Held, JobEvent, Result, RetryOutcome, Store, StoreError,
 };
+use fusion::testing::capture_logs;
 use fusion::worker::{Worker, WorkerConfig};
 use serde_json::Value;
 use tokio::sync::{Notify, broadcast};
@@ -306,41 +306,6 @@ impl Store for Faulty {
     fn events(&self) -> broadcast::Receiver<JobEvent> {
         self.inner.events()
     }
-}
-
-/// Log lines written on this thread (a `#[tokio::test]` runs every task on it) while the guard
-/// lives.
-#[derive(Clone, Default)]
-struct Lines(Arc<Mutex<Vec<u8>>>);
-
-impl Write for Lines {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
-impl Lines {
-    fn text(&self) -> String {
-        String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned()
-    }
-}
-
-/// Collect this thread's log lines while the guard lives.
-fn capture_logs() -> (Lines, tracing::subscriber::DefaultGuard) {
-    let lines = Lines::default();
-    let writer = lines.clone();
-    let guard = tracing::subscriber::set_default(
-        tracing_subscriber::fmt()
-            .with_writer(move || writer.clone())
-            .with_ansi(false)
-            .with_max_level(tracing::Level::INFO)
-            .finish(),
-    );
-    (lines, guard)
 }
 
 /// The faults a test's store deals: the first `enqueues`, `claims`, `steps`, `finishes` and
