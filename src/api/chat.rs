@@ -91,15 +91,19 @@ pub async fn completions(
     let opts = StreamOptions::from_body(&body)?;
     if is_fusion_model(&model) || has_fusion_plugin(&body) {
         refuse_recursion(&headers)?;
-        // Checked before `tools` and `tool_choice` are dropped from the job's body.
-        request::refuse_unsupported(body.as_object().expect("checked above"))?;
         let mut job_body = body.clone();
         let obj = job_body.as_object_mut().expect("checked above");
         // `n` stays: a request for several choices is refused, as on /v1/jobs.
-        for field in ["stream", "stream_options", "tools", "tool_choice", "user"] {
+        for field in ["stream", "stream_options"] {
             obj.remove(field);
         }
+        // Parsed with `tools` and `tool_choice` (a forced call is refused there), which, with
+        // `user`, are then left out of the job's body and its hash.
         let parsed = request::parse(&job_body, &state.config)?;
+        let obj = job_body.as_object_mut().expect("checked above");
+        for field in ["tools", "tool_choice", "user"] {
+            obj.remove(field);
+        }
         let key = idempotency_key(&headers)?;
         let hash = request::request_hash(&job_body);
         let job = match sdk_retry_of(&state, &headers, key.is_some(), &hash).await? {

@@ -109,9 +109,8 @@ pub async fn enqueue(
         None => insert(&*state.store, new, None).await,
     };
     let enqueued = enqueued.map_err(|e| match e {
-        Inserted::No(e) | Inserted::Unknown(e, _) if keyed => ApiError::from(e),
-        Inserted::No(e) => ApiError::from(e),
-        Inserted::Unknown(e, id) => {
+        // Not keyed, and it may be stored: named, so that a retry does not make a second job.
+        Inserted::Unknown(e, id) if !keyed => {
             let answer = ApiError::from(e);
             ApiError::new(
                 answer.status,
@@ -125,6 +124,7 @@ pub async fn enqueue(
             )
             .after_jobs(&[id])
         }
+        Inserted::No(e) | Inserted::Unknown(e, _) => ApiError::from(e),
     })?;
     let (job, replayed) = match enqueued {
         Enqueued::Created(job) => (job, false),

@@ -59,7 +59,7 @@ fn relayed(resp: reqwest::Response) -> Response {
     }
     let body = match events {
         true => {
-            headers.insert("x-accel-buffering", HeaderValue::from_static("no"));
+            super::stream::unbuffered(&mut headers);
             Body::from_stream(whole_events(resp.bytes_stream()))
         }
         false => Body::from_stream(resp.bytes_stream()),

@@ -57,7 +57,7 @@ pub fn asks_logprobs(obj: &Map<String, Value>) -> bool {
 /// (`choice.logprobs` would be null; `top_logprobs: 0` asks for none), and a forced tool or
 /// function call (a fusion model answers in text; `tools` with `tool_choice` `auto` or `none`,
 /// or `allowed_tools` in `auto` mode, are accepted and unused, as text is allowed).
-pub fn refuse_unsupported(obj: &Map<String, Value>) -> Result<(), ApiError> {
+fn refuse_unsupported(obj: &Map<String, Value>) -> Result<(), ApiError> {
     let none = |v: Option<&Value>| {
         matches!(v, None | Some(Value::Null | Value::Bool(false)))
             || v.and_then(Value::as_f64) == Some(0.0)

@@ -9,7 +9,7 @@ use std::collections::HashSet;
 use std::convert::Infallible;
 use std::time::Duration;
 
-use axum::http::HeaderValue;
+use axum::http::{HeaderMap, HeaderValue};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use futures::Stream;
@@ -59,9 +59,13 @@ fn sse(
     let mut resp = Sse::new(rx)
         .keep_alive(KeepAlive::new().interval(keepalive).text("keep-alive"))
         .into_response();
-    resp.headers_mut()
-        .insert("x-accel-buffering", HeaderValue::from_static("no"));
+    unbuffered(resp.headers_mut());
     resp
+}
+
+/// Tell nginx (whose proxy buffers answers by default) to pass an event stream on as it comes.
+pub(super) fn unbuffered(headers: &mut HeaderMap) {
+    headers.insert("x-accel-buffering", HeaderValue::from_static("no"));
 }
 
 /// The chunk envelope.

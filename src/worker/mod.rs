@@ -142,7 +142,8 @@ pub struct Worker {
     /// for, and ending the grace period must not throw it away mid-retry.
     last_writes: CancellationToken,
     /// The lease ends (`lease_expires_at`) of claims that failed and may have committed all the
-    /// same, whose jobs are still to be handed back (see `claim`).
+    /// same: their jobs are handed back before each claim until a lease past that end (see
+    /// `hand_back_unconfirmed_claims`).
     unconfirmed_claims: Mutex<Vec<i64>>,
     /// The lease end of this worker's last claim: each claim's ends later (see `claim`).
     last_claim_end: AtomicI64,
@@ -315,9 +316,9 @@ impl Worker {
     /// the same (the connection broke, or the wait ran out, after the statement went out): its
     /// jobs would then run under this process's lease with nobody on them until it ran out, an
     /// attempt spent (a job on its last one failed without having run). So the jobs running
-    /// under exactly that lease are handed back at once; a hand-back that fails too is tried
-    /// again before each later claim, until the lease would have run out (then they are the
-    /// rescuer's).
+    /// under exactly that lease are handed back at once, and again before each later claim
+    /// until a lease past that lease's end: a claim given up unanswered may commit late (see
+    /// `hand_back_unconfirmed_claims`).
     async fn claim(&self, wanted: u32) -> Result<Vec<Claimed>, StoreError> {
         self.hand_back_unconfirmed_claims().await;
         // A claim's lease ends at an odd millisecond, the leases this process renews or starts
