@@ -274,7 +274,18 @@ pub async fn list(
             format!("`limit` must be from 1 to {MAX_PAGE}"),
         ));
     }
-    let before = q.after.as_deref().map(parse_id).transpose()?;
+    let before = q
+        .after
+        .as_deref()
+        .map(|raw| {
+            parse_id(raw).map_err(|_| {
+                ApiError::bad_request(
+                    "invalid_cursor",
+                    format!("`after` must be a page's `next_cursor` (a job id); got `{raw}`"),
+                )
+            })
+        })
+        .transpose()?;
     let mut jobs = state
         .store
         .list_jobs(&ListFilter {

@@ -98,6 +98,23 @@ fn refuse_unsupported(obj: &Map<String, Value>) -> Result<(), ApiError> {
     Ok(())
 }
 
+/// A fusion plugin field written at the top level, where it would be taken for an unused
+/// chat-completions field and the job run without it (no deadline, the default panel).
+fn refuse_misplaced_plugin_fields(obj: &Map<String, Value>) -> Result<(), ApiError> {
+    // `model` is a chat-completions field too (and names the analyst when a plugin is given).
+    let misplaced = PLUGIN_FIELDS
+        .into_iter()
+        .filter(|f| !["id", "model"].contains(f))
+        .find(|f| obj.contains_key(*f));
+    match misplaced {
+        None => Ok(()),
+        Some(f) => Err(bad(format!(
+            "`{f}` is a fusion plugin field: give it as `plugins: [{{\"id\": \"fusion\", \"{f}\": \
+             ...}}]`, not at the top level"
+        ))),
+    }
+}
+
 fn unsupported(message: impl Into<String>) -> ApiError {
     ApiError::bad_request("unsupported_parameter", message)
 }
@@ -140,6 +157,7 @@ pub fn parse_as(
     }
     refuse_several_choices(obj.get("n"))?;
     refuse_unsupported(obj)?;
+    refuse_misplaced_plugin_fields(obj)?;
     let plugin = parse_plugins(obj.get("plugins"))?;
 
     let (mut panel, mut analyst) = if model == "fusion" {
@@ -177,18 +195,21 @@ pub fn parse_as(
     let mut panel_timeout_ms = None;
     let mut deadline_seconds = config.jobs.deadline_seconds;
     if let Some(plugin) = plugin {
-        if let Some(v) = plugin.get("analysis_models") {
+        // A field given as null is left out, as the top-level fields are (an SDK's `extra_body`
+        // dict with `None` in it sends nulls).
+        let field = |name: &str| plugin.get(name).filter(|v| !v.is_null());
+        if let Some(v) = field("analysis_models") {
             panel = string_list(v, &format!("{plugin_field}.analysis_models"))?;
         }
-        if let Some(v) = plugin.get("model") {
+        if let Some(v) = field("model") {
             analyst = model_name(v, &format!("{plugin_field}.model"))?;
         }
-        if let Some(v) = plugin.get("min_panel") {
+        if let Some(v) = field("min_panel") {
             let field = format!("{plugin_field}.min_panel");
             min_panel = int_in(v, &field, 1, MAX_PANEL as i64)? as u32;
             min_panel_field = Some(field);
         }
-        if let Some(v) = plugin.get("panel_timeout_ms") {
+        if let Some(v) = field("panel_timeout_ms") {
             panel_timeout_ms = Some(int_in(
                 v,
                 &format!("{plugin_field}.panel_timeout_ms"),
@@ -196,7 +217,7 @@ pub fn parse_as(
                 86_400_000,
             )? as u64);
         }
-        if let Some(v) = plugin.get("deadline_seconds") {
+        if let Some(v) = field("deadline_seconds") {
             deadline_seconds = Some(int_in(
                 v,
                 &format!("{plugin_field}.deadline_seconds"),
@@ -251,11 +272,14 @@ pub fn parse_as(
         },
     };
     // OpenAI's current name first, then the older one; a null is no limit, as if left out.
-    let max_completion_tokens = ["max_completion_tokens", "max_tokens"]
-        .into_iter()
-        .find_map(|field| obj.get(field).filter(|v| !v.is_null()).map(|v| (field, v)))
-        .map(|(field, v)| int_in(v, field, 1, 1_000_000).map(|n| n as u32))
-        .transpose()?;
+    // Both are checked when both are given, so a wrong one is not passed over in silence.
+    let mut max_completion_tokens = None;
+    for field in ["max_completion_tokens", "max_tokens"] {
+        if let Some(v) = obj.get(field).filter(|v| !v.is_null()) {
+            let n = int_in(v, field, 1, 1_000_000)? as u32;
+            max_completion_tokens.get_or_insert(n);
+        }
+    }
     let metadata = match obj.get("metadata") {
         None | Some(Value::Null) => Value::Object(Map::new()),
         Some(v @ Value::Object(_)) => {
@@ -560,6 +584,16 @@ mod tests {
     // A panel smaller than `min_panel` is refused, and the message names where the number
     // came from: the request's plugin, or the server's default, which the client never sent.
     #[test]
+    fn a_null_plugin_field_is_left_out() {
+        let nulls = json!({"id": "fusion", "model": null, "analysis_models": null,
+                           "min_panel": null, "panel_timeout_ms": null, "deadline_seconds": null});
+        let body = json!({"model": "judge", "messages": msgs(), "plugins": [nulls]});
+        let given = parse(&body, &config()).unwrap();
+        let bare = json!({"model": "judge", "messages": msgs(), "plugins": [{"id": "fusion"}]});
+        assert_eq!(given, parse(&bare, &config()).unwrap());
+    }
+
+    #[test]
     fn a_panel_below_min_panel_names_where_min_panel_came_from() {
         let plugin = |min_panel: Option<u32>| {
             let mut p = json!({"id": "fusion", "analysis_models": ["a", "b"]});
@@ -656,6 +690,23 @@ mod tests {
         ] {
             let message = limit(json!({ field: 0 })).unwrap_err().message;
             assert!(message.starts_with(says), "{message}");
+        }
+        // The one not used is checked too.
+        let message = limit(json!({"max_completion_tokens": 50, "max_tokens": 0}))
+            .unwrap_err()
+            .message;
+        assert!(message.starts_with("`max_tokens` must be"), "{message}");
+        // A plugin field written at the top level would be an unused chat field: refused.
+        for field in [
+            "analysis_models",
+            "min_panel",
+            "panel_timeout_ms",
+            "deadline_seconds",
+        ] {
+            let (code, message) = err(json!({"model": "fusion", "messages": msgs(), field: 1}));
+            assert_eq!(code, "invalid_request");
+            let says = format!("`{field}` is a fusion plugin field");
+            assert!(message.starts_with(&says), "{message}");
         }
         for n in [json!(1), Value::Null] {
             let body = json!({"model": "fusion", "messages": msgs(), "n": n});

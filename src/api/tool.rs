@@ -18,6 +18,9 @@ use crate::job::{JobStatus, Usage};
 
 /// Outer-model rounds before the reply is taken as it is (OpenRouter's `max_tool_calls`).
 const MAX_ROUNDS: usize = 4;
+/// Fusion calls run per round; the outer model's further calls in that round are answered
+/// "not run". So one request runs at most `MAX_ROUNDS` × `MAX_CALLS_PER_ROUND` jobs.
+const MAX_CALLS_PER_ROUND: usize = 4;
 
 pub fn offers_fusion(body: &Value) -> bool {
     tools(body).any(is_fusion)
@@ -78,6 +81,23 @@ fn refuse_tool_type_choice(choice: Option<&Value>) -> Result<(), ApiError> {
     }
 }
 
+/// A second fusion tool (whose settings would be ignored), or a function of the client's own
+/// named `fusion` (whose calls would be taken for the fusion tool's).
+fn refuse_ambiguous_tools(body: &Value) -> Result<(), ApiError> {
+    let mut fusion_tools = tools(body).enumerate().filter(|(_, t)| is_fusion(t));
+    if let Some((i, _)) = fusion_tools.nth(1) {
+        return Err(bad(format!(
+            "`tools[{i}]` is a second fusion tool: offer it once, with its settings in `fusion`"
+        )));
+    }
+    match tools(body).position(is_fusion_function) {
+        Some(i) => Err(bad(format!(
+            "`tools[{i}]` is a function named `fusion`, the name the fusion tool is offered              under: rename it"
+        ))),
+        None => Ok(()),
+    }
+}
+
 /// The function the outer model is offered in place of `{"type": "fusion"}`.
 fn fusion_function() -> Value {
     json!({
@@ -119,6 +139,7 @@ pub async fn run(
     }
     let template = job_template(&body, &state.config)?;
     refuse_tool_type_choice(body.get("tool_choice"))?;
+    refuse_ambiguous_tools(&body)?;
     let mut outer = body.clone();
     let obj = outer.as_object_mut().expect("checked by the caller");
     let offered: Vec<Value> = tools(&body)
@@ -239,8 +260,9 @@ async fn rounds(
         // answered (the fusion calls would have no results on the client's next request).
         let mut message = message;
         message["tool_calls"] = json!(fusion_calls);
+        let run = fusion_calls.len().min(MAX_CALLS_PER_ROUND);
         let results = futures::future::join_all(
-            fusion_calls
+            fusion_calls[..run]
                 .iter()
                 .map(|call| run_call(state, call, template)),
         )
@@ -249,6 +271,17 @@ async fn rounds(
             .as_array_mut()
             .expect("checked at the start: an array");
         messages.push(message);
+        // Every call gets a result, in the calls' order; the model is told which did not run.
+        let not_run = || {
+            Ok((
+                format!(
+                    "error: not run: at most {MAX_CALLS_PER_ROUND} fusion calls run at a time; \
+                     call again for the rest"
+                ),
+                None,
+            ))
+        };
+        let results = results.into_iter().chain(std::iter::repeat_with(not_run));
         let mut failed = None;
         for (call, result) in fusion_calls.iter().zip(results) {
             match result {

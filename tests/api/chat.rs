@@ -387,6 +387,50 @@ async fn out_of_rounds_the_reply_calls_nothing_the_client_cannot_answer() {
     assert!(outer[..4].iter().all(|b| b["tool_choice"] != "none"));
 }
 
+// A model asking for many fusion calls at once runs at most four of them a round; the others
+// are answered "not run", in the calls' order, so every call has its result. Before, each call
+// was a paid job, as many as the model asked for.
+#[tokio::test]
+async fn at_most_four_fusion_calls_run_in_a_round() {
+    let app = spawn_app().await;
+    let calls: Vec<(String, Value)> = (0..6)
+        .map(|i| {
+            (
+                "fusion".to_string(),
+                json!({"prompt": format!("Topic {i}?")}),
+            )
+        })
+        .collect();
+    let replies = vec![Reply::ToolCalls(calls), Reply::Text("done".into())];
+    app.fake.script("outer", Kind::Panel, replies);
+    let resp = app.chat(&body_with_tool(&["m1"], "judge")).await;
+    assert_eq!(resp.status(), 200);
+    let reply: Value = resp.json().await.unwrap();
+    assert_eq!(
+        reply["choices"][0]["message"]["content"], "done",
+        "{reply:#}"
+    );
+    assert_eq!(reply["fusion_job_ids"].as_array().map(Vec::len), Some(4));
+    assert_eq!(app.fake.calls("judge", Kind::Final), 4);
+    let outer = outer_bodies(&app);
+    assert_eq!(outer.len(), 2);
+    let history = outer[1]["messages"].as_array().unwrap();
+    let asked = history[history.len() - 7]["tool_calls"].as_array().unwrap();
+    let results = &history[history.len() - 6..];
+    assert_eq!(asked.len(), 6);
+    for (i, (call, result)) in asked.iter().zip(results).enumerate() {
+        assert_eq!(result["tool_call_id"], call["id"], "{i}");
+        let content = result["content"].as_str().unwrap();
+        match i < 4 {
+            true => assert_eq!(content, "the fused final answer", "{i}"),
+            false => assert!(
+                content.starts_with("error: not run: at most 4"),
+                "{content}"
+            ),
+        }
+    }
+}
+
 // The same with a tool of the client's own offered: the last request no longer offers the
 // fusion function, and the client's tool stays callable.
 #[tokio::test]

@@ -168,6 +168,16 @@ async fn bad_requests_are_4xx_with_precise_messages() {
         "invalid_query",
     )
     .await;
+    let message = expect_error(
+        get("/v1/jobs?after=abc".into()).await.unwrap(),
+        400,
+        "invalid_cursor",
+    )
+    .await;
+    assert!(
+        message.starts_with("`after` must be a page's `next_cursor`"),
+        "{message}"
+    );
     expect_error(get("/v2/nothing".into()).await.unwrap(), 404, "not_found").await;
     expect_error(
         app.post(&format!("/v1/jobs/{unknown}/cancel")).await,

@@ -77,6 +77,36 @@ async fn the_fusion_tools_settings_are_checked_before_any_call() {
     assert_eq!(resp.status(), 200);
 }
 
+// Two fusion tools (the second's settings would be ignored), or a function of the client's own
+// named `fusion` (its calls would be run as fusion jobs): refused before any call.
+#[tokio::test]
+async fn an_ambiguous_fusion_tool_is_refused_before_any_call() {
+    let app = spawn_app().await;
+    app.fake.outer_calls_fusion_once();
+    let own = json!({"type": "function", "function": {"name": "fusion"}});
+    let cases = [
+        (
+            json!({"type": "fusion", "fusion": {"preset": "quality"}}),
+            "`tools[2]` is a second fusion tool",
+        ),
+        (
+            json!({"type": "openrouter:fusion"}),
+            "`tools[2]` is a second fusion tool",
+        ),
+        (own, "`tools[2]` is a function named `fusion`"),
+    ];
+    for (extra, says) in cases {
+        let mut body = offering(json!({"preset": "budget"}));
+        body["tools"].as_array_mut().unwrap().push(extra);
+        let resp = app.chat(&body).await;
+        assert_eq!(resp.status(), 400, "{body}");
+        let error: Value = resp.json().await.unwrap();
+        let message = error["error"]["message"].as_str().unwrap();
+        assert!(message.starts_with(says), "`{message}` should say {says}");
+    }
+    assert_eq!(app.fake.total_calls(), 0);
+}
+
 #[tokio::test]
 async fn a_tool_choice_of_type_fusion_is_refused_before_any_call() {
     let app = spawn_app().await;
