@@ -129,10 +129,26 @@ impl WorkerArgs {
             "--lease-seconds must be from 1 to {MAX_LEASE_SECONDS} (7 days), got {}",
             self.lease_seconds
         );
+        // Out of these ranges a value cannot work as meant: a poll under 10 ms spins, a requeue
+        // wait of 0 runs a failing job's attempts back to back (its upstream's 429s unheeded).
+        for (flag, value, (min, max)) in [
+            ("--poll-ms", self.poll_ms, (10, 3_600_000)),
+            ("--retry-base-ms", self.retry_base_ms, (1, 600_000)),
+            (
+                "--shutdown-grace-seconds",
+                self.shutdown_grace_seconds,
+                (0, 86_400),
+            ),
+        ] {
+            anyhow::ensure!(
+                (min..=max).contains(&value),
+                "{flag} must be from {min} to {max}, got {value}"
+            );
+        }
         Ok(WorkerConfig {
             concurrency: self.concurrency,
             lease: Duration::from_secs(self.lease_seconds),
-            poll_interval: Duration::from_millis(self.poll_ms.max(10)),
+            poll_interval: Duration::from_millis(self.poll_ms),
             shutdown_grace: Duration::from_secs(self.shutdown_grace_seconds),
             retry_base: Duration::from_millis(self.retry_base_ms),
             ..WorkerConfig::default()
@@ -163,6 +179,35 @@ mod tests {
                 "{err}"
             );
         }
+    }
+
+    #[test]
+    fn the_workers_timings_are_checked_naming_the_flag() {
+        let config = |flag: &str, value: &str| match Cli::try_parse_from([
+            "fusion", "worker", flag, value,
+        ]) {
+            Ok(Cli {
+                command: Some(Command::Worker(args)),
+                ..
+            }) => args.to_config().map_err(|e| e.to_string()),
+            other => panic!("{:?}", other.map(|_| ())),
+        };
+        for (flag, bad, range) in [
+            ("--poll-ms", "9", "10 to 3600000"),
+            ("--poll-ms", "3600001", "10 to 3600000"),
+            ("--retry-base-ms", "0", "1 to 600000"),
+            ("--retry-base-ms", "600001", "1 to 600000"),
+            ("--shutdown-grace-seconds", "86401", "0 to 86400"),
+        ] {
+            let err = config(flag, bad).unwrap_err();
+            assert_eq!(err, format!("{flag} must be from {range}, got {bad}"));
+        }
+        let ok = config("--poll-ms", "10").unwrap();
+        assert_eq!(ok.poll_interval, Duration::from_millis(10));
+        let ok = config("--retry-base-ms", "1").unwrap();
+        assert_eq!(ok.retry_base, Duration::from_millis(1));
+        let ok = config("--shutdown-grace-seconds", "0").unwrap();
+        assert_eq!(ok.shutdown_grace, Duration::ZERO);
     }
 
     #[test]

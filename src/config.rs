@@ -9,6 +9,7 @@ use std::time::Duration;
 use anyhow::Context;
 use serde::Deserialize;
 
+use crate::job::{MAX_MODEL_NAME_CHARS, is_fusion_model};
 use crate::redact::redact_url;
 use crate::upstream::{ApiKey, Price, Provider, RetryPolicy, StructuredOutput, UpstreamConfig};
 
@@ -290,9 +291,26 @@ impl FileConfig {
         Ok(())
     }
 
+    /// Prices are multiplied into every call's cost: one that is not a finite, non-negative
+    /// number would make costs NaN (which SQLite cannot store in a step, so every checkpoint of
+    /// that model would fail), infinite or negative.
+    fn check_prices(&self) -> anyhow::Result<()> {
+        for (model, price) in &self.prices {
+            for (part, value) in [("prompt", price.prompt), ("completion", price.completion)] {
+                anyhow::ensure!(
+                    value.is_finite() && value >= 0.0,
+                    "[prices.{model:?}] {part} must be a price per million tokens, 0 or more; \
+                     got {value}"
+                );
+            }
+        }
+        Ok(())
+    }
+
     /// Resolve against the environment (`env` is a lookup so tests need not touch the process's).
     pub fn resolve(self, env: &dyn Fn(&str) -> Option<String>) -> anyhow::Result<FusionConfig> {
         self.check_numbers()?;
+        self.check_prices()?;
         // The key in the first of `vars` that holds one, and that variable's name.
         let key_from = |vars: &[&str]| {
             vars.iter()
@@ -370,13 +388,8 @@ impl FileConfig {
                 "preset {name} must have 1 to {} panel models",
                 crate::MAX_PANEL
             );
-            if let Some(m) = preset
-                .panel
-                .iter()
-                .chain([&preset.analyst])
-                .find(|m| m.contains(char::is_control))
-            {
-                anyhow::bail!("preset {name}: model name {m:?} contains a control character");
+            for m in preset.panel.iter().chain([&preset.analyst]) {
+                check_preset_model(&name, m)?;
             }
             presets.insert(name, preset);
         }
@@ -527,6 +540,28 @@ fn unset_key_var(section: &str, var: Option<&str>) {
             "{section} api_key_env names `{var}`, which holds no key: calls go without one"
         );
     }
+}
+
+/// A preset's model is sent as written, so it must be what a request's model names are after
+/// trimming: 1 to 200 characters, no control character, not a fusion model. A bad one would
+/// fail every request for the preset, and the error would blame the client.
+fn check_preset_model(preset: &str, m: &str) -> anyhow::Result<()> {
+    let n = m.chars().count();
+    anyhow::ensure!(
+        (1..=MAX_MODEL_NAME_CHARS).contains(&n) && m.trim() == m,
+        "preset {preset}: model name {m:?} must be 1 to {MAX_MODEL_NAME_CHARS} characters, \
+         without spaces around it"
+    );
+    anyhow::ensure!(
+        !m.contains(char::is_control),
+        "preset {preset}: model name {m:?} contains a control character"
+    );
+    anyhow::ensure!(
+        !is_fusion_model(m),
+        "preset {preset}: `{m}` is a fusion model; a preset's panel and analyst are models a \
+         fusion run calls"
+    );
+    Ok(())
 }
 
 #[cfg(test)]
@@ -833,5 +868,45 @@ mod tests {
             let err = file.resolve(&env(&[])).unwrap_err().to_string();
             assert!(err.contains("control character"), "{err}");
         }
+        // A model name a request could not give fails at start-up, naming the preset, rather
+        // than every request for the preset with an error that blames the client.
+        let long = "m".repeat(201);
+        for (model, says) in [
+            ("fusion/budget", "`fusion/budget` is a fusion model"),
+            ("fusion", "`fusion` is a fusion model"),
+            ("", "must be 1 to 200 characters"),
+            (" m ", "without spaces around it"),
+            (long.as_str(), "must be 1 to 200 characters"),
+        ] {
+            for preset in [
+                format!("[presets.x]\npanel = [\"a\", {model:?}]\nanalyst = \"a\""),
+                format!("[presets.x]\npanel = [\"a\"]\nanalyst = {model:?}"),
+            ] {
+                let file: FileConfig = toml::from_str(&preset).unwrap();
+                let err = file.resolve(&env(&[])).unwrap_err().to_string();
+                assert!(err.starts_with("preset x: ") && err.contains(says), "{err}");
+            }
+        }
+    }
+
+    #[test]
+    fn a_price_must_be_a_finite_amount_of_zero_or_more() {
+        for (value, shown) in [("nan", "NaN"), ("inf", "inf"), ("-1.0", "-1")] {
+            for part in ["prompt", "completion"] {
+                let other = if part == "prompt" {
+                    "completion"
+                } else {
+                    "prompt"
+                };
+                let text = format!("[prices.\"m\"]\n{part} = {value}\n{other} = 1.0");
+                let file: FileConfig = toml::from_str(&text).unwrap();
+                let err = file.resolve(&env(&[])).unwrap_err().to_string();
+                let says = format!("[prices.\"m\"] {part} must be a price per million tokens");
+                assert!(err.starts_with(&says) && err.ends_with(shown), "{err}");
+            }
+        }
+        let file: FileConfig =
+            toml::from_str("[prices.\"m\"]\nprompt = 0.0\ncompletion = 2.5").unwrap();
+        assert!(file.resolve(&env(&[])).is_ok());
     }
 }

@@ -9,6 +9,15 @@ use serde_json::Value;
 use serde_json::value::RawValue;
 use uuid::Uuid;
 
+/// The longest model name a job may name, in characters.
+pub const MAX_MODEL_NAME_CHARS: usize = 200;
+
+/// Whether `model` names a fusion run (`fusion`, `fusion/<preset>`) rather than a model: it
+/// cannot be a panel member or the analyst.
+pub fn is_fusion_model(model: &str) -> bool {
+    model == "fusion" || model.starts_with("fusion/")
+}
+
 /// Where a job stands. Each variant says who moves a job in and who moves it out.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]

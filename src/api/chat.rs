@@ -12,15 +12,11 @@ use uuid::Uuid;
 use super::error::ApiError;
 use super::jobs::{enqueue, idempotency_key, refuse_recursion};
 use super::{ApiJson, AppState, relay, request, stream, tool, watch};
-use crate::job::{Job, JobStatus};
+use crate::job::{Job, JobStatus, is_fusion_model};
 
 /// Response header naming the job behind a completion, so a client that timed out can fetch the
 /// result later from `GET /v1/jobs/{id}`.
 pub const JOB_HEADER: &str = "x-fusion-job-id";
-
-pub fn is_fusion_model(model: &str) -> bool {
-    model == "fusion" || model.starts_with("fusion/")
-}
 
 fn has_fusion_plugin(body: &Value) -> bool {
     body.get("plugins")

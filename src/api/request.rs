@@ -7,7 +7,7 @@ use sha2::{Digest, Sha256};
 use super::error::ApiError;
 use crate::MAX_PANEL;
 use crate::config::{FusionConfig, MAX_DEADLINE_SECONDS};
-use crate::job::JobSpec;
+use crate::job::{JobSpec, MAX_MODEL_NAME_CHARS, is_fusion_model};
 
 /// A parsed job request.
 #[derive(Debug, Clone, PartialEq)]
@@ -226,11 +226,7 @@ pub fn parse_as(
             )? as u64);
         }
     }
-    if let Some(m) = panel
-        .iter()
-        .chain([&analyst])
-        .find(|m| m.as_str() == "fusion" || m.starts_with("fusion/"))
-    {
+    if let Some(m) = panel.iter().chain([&analyst]).find(|m| is_fusion_model(m)) {
         return Err(ApiError::bad_request(
             "fusion_recursion",
             format!(
@@ -492,12 +488,12 @@ fn parse_plugins(v: Option<&Value>) -> Result<Option<&Map<String, Value>>, ApiEr
 
 fn model_name(v: &Value, field: &str) -> Result<String, ApiError> {
     match v.as_str().map(str::trim) {
-        Some(m) if !m.is_empty() && m.chars().count() <= 200 => {
+        Some(m) if !m.is_empty() && m.chars().count() <= MAX_MODEL_NAME_CHARS => {
             refuse_control_characters(m, field)?;
             Ok(m.to_string())
         }
         _ => Err(bad(format!(
-            "`{field}` must be a model name (1 to 200 characters)"
+            "`{field}` must be a model name (1 to {MAX_MODEL_NAME_CHARS} characters)"
         ))),
     }
 }
