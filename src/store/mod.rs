@@ -76,6 +76,20 @@ impl StoreError {
         }
     }
 
+    /// Whether the rows asked for came back but do not read: a value this build cannot parse or
+    /// decode (written by a newer build, or edited by hand). Asking again reads the same.
+    pub fn is_unreadable(&self) -> bool {
+        matches!(
+            self,
+            StoreError::Corrupt(_)
+                | StoreError::Database(
+                    sqlx::Error::ColumnDecode { .. }
+                        | sqlx::Error::Decode(_)
+                        | sqlx::Error::ColumnNotFound(_)
+                )
+        )
+    }
+
     /// Whether a failed call may have committed all the same: its connection broke or its
     /// answer was given up waiting for (both surface as I/O errors) after the statement went
     /// out. A pool out of connections, a busy SQLite file or a refusal never ran it.
@@ -452,8 +466,8 @@ pub(crate) fn status_from_db(s: &str) -> Result<JobStatus> {
 
 /// The claim's rows (a job's columns and `checkpointed`) as claimed jobs, in the order they were
 /// picked (`RETURNING` does not keep it): highest priority, then longest runnable. A row that
-/// does not read as a job (a spec this build cannot parse: edited by hand, or written by a build
-/// with an incompatible format) is failed as `invalid_job` under the lease just taken, and the
+/// does not read as a job (a spec this build cannot parse, or a column of another type: edited by
+/// hand, or written by a build with an incompatible format) is failed as `invalid_job` under the lease just taken, and the
 /// rest are claimed: failing the claim instead left every job it took running with no worker
 /// until their leases ran out, and the next claim took the same unreadable job first again, so
 /// one such row stalled the queue.
@@ -475,9 +489,12 @@ where
         match job(row) {
             Ok(job) => claimed.push(Claimed {
                 job,
-                checkpointed: row.try_get("checkpointed")?,
+                // Unreadable, the checkpoints are read (as if there were some), not skipped.
+                checkpointed: row.try_get("checkpointed").unwrap_or(true),
             }),
-            Err(StoreError::Corrupt(why)) => {
+            // Any error here is this row's: a spec that does not parse, or a column that does
+            // not decode (a value of another type, edited by hand).
+            Err(why) => {
                 let (job_id, attempt) = match (id(row), row.try_get("attempt")) {
                     (Ok(job_id), Ok(attempt)) => (job_id, attempt),
                     (job_id, attempt) => {
@@ -506,7 +523,6 @@ where
                     tracing::warn!(job = %lease.job_id, error = %e, "failing an unreadable job failed");
                 }
             }
-            Err(e) => return Err(e),
         }
     }
     claimed.sort_by(|a, b| {

@@ -390,8 +390,12 @@ async fn listen(
                 continue;
             }
         };
+        // Not listening for a while, a first LISTEN that failed included: NOTIFYs were missed
+        // (the workers claim and run jobs meanwhile; a cancel from another process among them).
+        let missed = listened || failures > 0;
         failures = 0;
-        if std::mem::replace(&mut listened, true) {
+        listened = true;
+        if missed {
             tracing::info!("listening again; re-checking what was missed meanwhile");
             let _ = events.send(JobEvent::Missed);
             wakeups.notify_one();

@@ -940,6 +940,33 @@ mod tests {
         .await;
     }
 
+    // A claimed job with a column that does not decode (a time edited by hand into text) is
+    // failed as `invalid_job` as one with a bad spec is, and the rest of the claim runs. Before,
+    // only a bad spec was taken as one row's: this failed the claim after it had committed.
+    #[tokio::test]
+    async fn a_job_with_a_column_that_does_not_decode_fails_at_its_claim() {
+        let (_dir, store) = migrated_store().await;
+        let writer = &store.writer;
+        let (jobs, _) = claim_past_a_corrupt_job(&store, |id| async move {
+            sqlx::query("UPDATE jobs SET created_at = 'yesterday' WHERE id = ?")
+                .bind(id.to_string())
+                .execute(writer)
+                .await
+                .unwrap();
+        })
+        .await;
+        let (status, reason): (String, String) =
+            sqlx::query_as("SELECT status, failure_reason FROM jobs WHERE id = ?")
+                .bind(jobs[0].id.to_string())
+                .fetch_one(&store.writer)
+                .await
+                .unwrap();
+        assert_eq!(
+            (status.as_str(), reason.as_str()),
+            ("failed", "invalid_job")
+        );
+    }
+
     // A claimed job whose very id does not read (a row edited by hand) cannot be failed by its
     // lease: it is left running, to its lease and the rescuer, and the rest of the claim runs.
     // Before, the claim failed after its UPDATE had committed, leaving every job it took

@@ -18,7 +18,7 @@ use crate::job::{Job, JobStatus, Lease, Step};
 use crate::store::{Store, StoreError};
 
 /// How many times one write is tried before the job is left to lease expiry.
-const DB_ATTEMPTS: u32 = 12;
+pub(crate) const DB_ATTEMPTS: u32 = 12;
 
 pub(super) struct LeaseCheckpoints<'a> {
     pub store: &'a dyn Store,

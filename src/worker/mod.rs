@@ -27,7 +27,7 @@ use crate::fusion::{Outcome, Pipeline};
 use crate::job::{Job, JobStatus, Lease, StartHere};
 use crate::store::{Claimed, JobEvent, Store, StoreError};
 use checkpoint::{
-    HeldUntil, LeaseCheckpoints, fenced_write, finished_as, requeued, with_db_retries,
+    DB_ATTEMPTS, HeldUntil, LeaseCheckpoints, fenced_write, finished_as, requeued, with_db_retries,
 };
 
 #[derive(Debug, Clone)]
@@ -422,8 +422,27 @@ impl Worker {
                 let _ = tokio::time::timeout(Duration::from_secs(1), tracker.wait()).await;
             }
         }
+        // No job runs here any more. A heartbeat, rescue or cancel read under way would run to
+        // its own bound (the statement timeout; with none, until TCP gives up): dropped instead.
         background.cancel();
+        for task in [&heartbeat, &rescuer, &cancels] {
+            task.abort();
+        }
         let _ = tokio::join!(heartbeat, rescuer, cancels);
+        // A claim whose answer was lost may have taken jobs, and no later claim will hand them
+        // back: one more try now (which also finds a claim that committed late meanwhile).
+        if tokio::time::timeout(
+            self.config.release_window,
+            self.hand_back_unconfirmed_claims(),
+        )
+        .await
+        .is_err()
+        {
+            tracing::warn!(
+                "the hand-back of a claim whose answer was lost did not finish in the release \
+                 window; its jobs wait out their lease"
+            );
+        }
     }
 
     async fn dispatch_loop(self: &Arc<Self>, shutdown: &CancellationToken) {
@@ -634,11 +653,22 @@ impl Worker {
         let work = async {
             // Nothing checkpointed (the claim says so, e.g. a first claim): nothing to read back.
             let done = if checkpointed {
-                let read = with_db_retries(&within, || self.store.get_steps(job.id)).await;
-                let Some(done) = read else {
-                    return Outcome::Stopped;
-                };
-                done
+                let read = || self.store.get_steps(job.id);
+                match retry_db(&within, Patience::Tries(DB_ATTEMPTS), read).await {
+                    Ok(done) => done,
+                    // Every attempt would stop here the same way, each waiting out its lease,
+                    // and the job end as `lease_expired` after all of them.
+                    Err(e) if e.is_unreadable() => {
+                        return Outcome::Failed {
+                            reason: "invalid_job".into(),
+                            error: format!(
+                                "this job's checkpoints cannot be read by fusion {}: {e}",
+                                env!("CARGO_PKG_VERSION")
+                            ),
+                        };
+                    }
+                    Err(_) => return Outcome::Stopped,
+                }
             } else {
                 Vec::new()
             };

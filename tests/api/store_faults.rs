@@ -11,7 +11,8 @@
 //! another at the same attempt is not taken for the worker's own. A job cancelled as it is
 //! claimed makes no upstream call. A job whose lease was not renewed in time (heartbeats failing) starts
 //! no new call until a heartbeat renews it, then goes on. A worker shut down mid-claim makes no
-//! claim after it. (`wait_faults` uses the same
+//! claim after it; one stopping hands back a claim whose answer was lost, and does not wait for a
+//! heartbeat under way. (`wait_faults` uses the same
 //! wrapper between a waiting request and its store.)
 
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -44,10 +45,16 @@ pub(crate) struct Faulty {
     reads_left: AtomicUsize,
     /// How many of the next reads of a job's steps fail (a test may deal more as it goes).
     pub(crate) step_reads_left: AtomicUsize,
+    /// Set: a job's steps do not read (as a step key written by a newer build would not).
+    steps_unreadable: AtomicBool,
     /// Every `get_job` call, failed or not.
     pub(crate) reads: AtomicUsize,
     enqueues_left: AtomicUsize,
     claims_left: AtomicUsize,
+    /// Until this is cancelled, every hand-back of a claim fails, not reaching the database.
+    releases_fail_until: Mutex<Option<tokio_util::sync::CancellationToken>>,
+    /// Every hand-back of a claim, failed or not.
+    release_calls: AtomicUsize,
     steps_left: AtomicUsize,
     finishes_left: AtomicUsize,
     requeues_left: AtomicUsize,
@@ -120,9 +127,12 @@ impl Faulty {
             inner,
             reads_left: AtomicUsize::new(faults.reads),
             step_reads_left: AtomicUsize::new(faults.step_reads),
+            steps_unreadable: AtomicBool::new(false),
             reads: AtomicUsize::new(0),
             enqueues_left: AtomicUsize::new(faults.enqueues),
             claims_left: AtomicUsize::new(faults.claims),
+            releases_fail_until: Mutex::new(None),
+            release_calls: AtomicUsize::new(0),
             steps_left: AtomicUsize::new(faults.steps),
             finishes_left: AtomicUsize::new(faults.finishes),
             requeues_left: AtomicUsize::new(faults.requeues),
@@ -208,6 +218,9 @@ impl Store for Faulty {
     async fn get_steps(&self, id: Uuid) -> Result<Vec<Step>> {
         if Self::take(&self.step_reads_left) {
             return Err(connection_reset());
+        }
+        if self.steps_unreadable.load(Ordering::SeqCst) {
+            return Err(StoreError::Corrupt("unknown step key `critique`".into()));
         }
         self.inner.get_steps(id).await
     }
@@ -298,6 +311,11 @@ impl Store for Faulty {
         self.inner.release(lease).await
     }
     async fn release_claim(&self, owner: &str, lease_expires_at: i64) -> Result<u64> {
+        self.release_calls.fetch_add(1, Ordering::SeqCst);
+        let failing = self.releases_fail_until.lock().unwrap().clone();
+        if failing.is_some_and(|until| !until.is_cancelled()) {
+            return Err(connection_reset());
+        }
         self.inner.release_claim(owner, lease_expires_at).await
     }
     fn wakeups(&self) -> Arc<Notify> {
@@ -477,6 +495,43 @@ async fn a_claim_whose_answer_was_lost_hands_its_jobs_back() {
     assert_eq!(stored(&app, id).await, (JobStatus::Succeeded, 2));
 }
 
+// The same, with every hand-back failing until SIGTERM (the database still away): the worker
+// hands the job back as it stops. Before, nothing tried again, and the
+// job sat running under a lease nobody held until the rescuer took it back, an attempt spent.
+#[tokio::test]
+async fn a_lost_claim_is_handed_back_when_the_worker_stops() {
+    let (app, id, store, worker, _) = one_job(Faults {
+        claims: 1,
+        ..Faults::default()
+    })
+    .await;
+    let before = app.store.get_job(id).await.unwrap().unwrap();
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    // Every hand-back fails until the worker is told to stop: those tried before each later
+    // claim too.
+    *store.releases_fail_until.lock().unwrap() = Some(shutdown.clone());
+    let run = tokio::spawn(worker.clone().run(shutdown.clone()));
+    for _ in 0..500 {
+        if store.release_calls.load(Ordering::SeqCst) >= 2 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert!(store.release_calls.load(Ordering::SeqCst) >= 2);
+    let held = app.store.get_job(id).await.unwrap().unwrap();
+    assert_eq!(held.status, JobStatus::Running, "the claim committed");
+    shutdown.cancel();
+    tokio::time::timeout(Duration::from_secs(10), run)
+        .await
+        .unwrap()
+        .unwrap();
+    let back = app.store.get_job(id).await.unwrap().unwrap();
+    assert_eq!(
+        (back.status, back.lease_owner, back.max_attempts),
+        (JobStatus::Queued, None, before.max_attempts + 1)
+    );
+}
+
 #[tokio::test]
 async fn a_requeue_that_committed_unconfirmed_is_not_reported_lost() {
     let (lines, _logs) = capture_logs();
@@ -534,6 +589,37 @@ async fn a_panic_in_the_pipeline_requeues_the_job_instead_of_leaving_it_running(
     assert_eq!(stored(&app, id).await, (JobStatus::Succeeded, 2));
     // Members checkpointed before the panic were not called again; any other was.
     assert_eq!(panel_calls(), before + 2 - saved);
+}
+
+// A job whose checkpoints do not read (a step this build does not know, written by a newer
+// one) fails at once as `invalid_job`, with no call made. Before, each attempt stopped without a
+// word and waited out its lease, and the job ended as `lease_expired` once they were spent.
+#[tokio::test]
+async fn a_job_whose_checkpoints_do_not_read_fails_as_invalid_job() {
+    let (app, id, store, worker, _) = one_job(Faults {
+        panics: 1,
+        ..Faults::default()
+    })
+    .await;
+    // The first checkpoint lands, then a panic requeues the job, checkpointed.
+    assert_eq!(worker.run_once(1).await.unwrap(), 1);
+    assert_eq!(stored(&app, id).await, (JobStatus::Queued, 1));
+    store.steps_unreadable.store(true, Ordering::SeqCst);
+    let calls = app.fake.total_calls();
+    // After the backoff (10 ms here).
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert_eq!(worker.run_once(1).await.unwrap(), 1);
+    let job = app.store.get_job(id).await.unwrap().unwrap();
+    assert_eq!(
+        (job.status, job.failure_reason.as_deref()),
+        (JobStatus::Failed, Some("invalid_job"))
+    );
+    let error = job.error.unwrap_or_default();
+    assert!(
+        error.contains("checkpoints cannot be read") && error.contains("critique"),
+        "{error}"
+    );
+    assert_eq!(app.fake.total_calls(), calls);
 }
 
 #[tokio::test]
@@ -828,6 +914,30 @@ async fn a_job_started_here_as_shutdown_begins_mid_lease_check_is_handed_back() 
     assert_eq!((back.status, back.lease_owner), (JobStatus::Queued, None));
     started.await.unwrap();
     assert_eq!(app.fake.total_calls(), 0);
+}
+
+// A heartbeat under way when the worker stops (held here until the test ends, as one waiting on
+// a database gone away is until its statement timeout, or with none for as long as TCP takes)
+// does not hold up the worker's exit. Before, the worker waited for it.
+#[tokio::test]
+async fn a_heartbeat_under_way_does_not_hold_up_the_workers_exit() {
+    let (app, id, store, worker, _) =
+        one_job_with(Faults::default(), |c| c.lease = Duration::from_secs(3)).await;
+    let slow = Reply::Delay(60_000, Box::new(Reply::Ok));
+    app.fake.script("m1", Kind::Panel, vec![slow]);
+    let never = tokio_util::sync::CancellationToken::new();
+    store.heartbeats.close_until(&never);
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let run = tokio::spawn(worker.clone().run(shutdown.clone()));
+    // The first heartbeat, a third of the lease in, is held.
+    store.heartbeats.called_past(0).await;
+    shutdown.cancel();
+    // The grace period (1 s) ends, the job is handed back, and the worker is done.
+    let stopped = tokio::time::timeout(Duration::from_secs(10), run).await;
+    never.cancel();
+    stopped.expect("the worker stopped").unwrap();
+    let back = app.store.get_job(id).await.unwrap().unwrap();
+    assert_eq!((back.status, back.lease_owner), (JobStatus::Queued, None));
 }
 
 // The deadline (1 s) comes while the checkpoint of a panel answer already in is being written
