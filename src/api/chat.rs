@@ -87,36 +87,50 @@ pub async fn completions(
     let opts = StreamOptions::from_body(&body)?;
     if is_fusion_model(&model) || has_fusion_plugin(&body) {
         refuse_recursion(&headers)?;
-        let mut job_body = body.clone();
-        let obj = job_body.as_object_mut().expect("checked above");
-        // `n` stays: a request for several choices is refused, as on /v1/jobs.
-        for field in ["stream", "stream_options"] {
-            obj.remove(field);
-        }
-        // Parsed with `tools` and `tool_choice` (a forced call is refused there), which, with
-        // `user`, are then left out of the job's body and its hash.
-        let parsed = request::parse(&job_body, &state.config)?;
-        let obj = job_body.as_object_mut().expect("checked above");
-        for field in ["tools", "tool_choice", "user"] {
-            obj.remove(field);
-        }
-        let key = idempotency_key(&headers)?;
-        let hash = request::request_hash(&job_body);
-        let job = match sdk_retry_of(&state, &headers, key.is_some(), &hash).await? {
-            Some(job) => job,
-            None => enqueue(&state, parsed, key, Some(hash)).await?.0,
-        };
-        if opts.stream {
-            return Ok(stream::fusion_job(state, job, opts));
-        }
-        let job = watch::wait_final(&state.watch, state.store.as_ref(), job.id).await?;
-        return finished_completion(&job);
+        return fusion_completion(state, &headers, body, opts).await;
     }
     if tool::offers_fusion(&body) {
         refuse_recursion(&headers)?;
         return tool::run(state, body, model, opts).await;
     }
     relay::passthrough(&state, &model, body).await
+}
+
+/// A completion by a fusion model: its job, enqueued (or, for an SDK's retry, the one its first
+/// try made), streamed or waited for. The body is the job's; neither it nor the job is held
+/// while the answer is waited for, which may take many minutes (a copy per waiting request).
+async fn fusion_completion(
+    state: AppState,
+    headers: &HeaderMap,
+    mut body: Value,
+    opts: StreamOptions,
+) -> Result<Response, ApiError> {
+    let obj = body.as_object_mut().expect("checked by the caller");
+    // `n` stays: a request for several choices is refused, as on /v1/jobs.
+    for field in ["stream", "stream_options"] {
+        obj.remove(field);
+    }
+    // Parsed with `tools` and `tool_choice` (a forced call is refused there), which, with
+    // `user`, are then left out of the job's body and its hash.
+    let parsed = request::parse(&body, &state.config)?;
+    let obj = body.as_object_mut().expect("checked by the caller");
+    for field in ["tools", "tool_choice", "user"] {
+        obj.remove(field);
+    }
+    let key = idempotency_key(headers)?;
+    let hash = request::request_hash(&body);
+    drop(body);
+    let job = match sdk_retry_of(&state, headers, key.is_some(), &hash).await? {
+        Some(job) => job,
+        None => enqueue(&state, parsed, key, Some(hash)).await?.0,
+    };
+    if opts.stream {
+        return Ok(stream::fusion_job(state, job, opts));
+    }
+    let id = job.id;
+    drop(job);
+    let job = watch::wait_final(&state.watch, state.store.as_ref(), id).await?;
+    finished_completion(&job)
 }
 
 /// The OpenAI SDKs send `x-stainless-retry-count` (0, then 1, 2 on their retries) and their
