@@ -796,17 +796,62 @@ impl Worker {
 
     async fn rescue_loop(self: Arc<Self>, stop: CancellationToken) {
         let every = (self.config.lease / 2).min(Duration::from_secs(1));
+        let mut jumps = JumpWatch::new(self.clock.now_ms(), self.config.lease);
         loop {
             tokio::select! {
                 _ = stop.cancelled() => return,
                 _ = tokio::time::sleep(every) => {}
             }
-            match self.store.rescue_expired(self.clock.now_ms()).await {
+            let now = self.clock.now_ms();
+            if !jumps.may_rescue(now, std::time::Instant::now()) {
+                continue;
+            }
+            match self.store.rescue_expired(now).await {
                 Ok(0) => {}
                 Ok(n) => tracing::info!(jobs = n, "rescued jobs whose lease expired"),
                 Err(e) => tracing::warn!(error = %e, "rescue failed"),
             }
         }
+    }
+}
+
+/// Watches the clock leases are written on against the monotonic clock. A wall clock stepped
+/// forward (NTP correcting it, a host resumed from a suspend) makes every lease written before the
+/// step look older than it is, and the rescuer would take back jobs whose workers are alive and
+/// whose heartbeats would renew them on the new clock within a third of a lease: each job would
+/// pay its calls in flight again, and one on its last attempt fail as `lease_expired`. (SQLite
+/// has no clock of its own, so its leases are on this host's wall clock; on Postgres a step of
+/// the database's clock is seen at the next alignment.) After a forward jump of over a quarter
+/// of a lease, rescues wait half a lease: every process on the host saw the same step, and its
+/// heartbeats renew its leases meanwhile.
+struct JumpWatch {
+    last: (i64, std::time::Instant),
+    lease: Duration,
+    held_until: Option<std::time::Instant>,
+}
+
+impl JumpWatch {
+    fn new(now_ms: i64, lease: Duration) -> JumpWatch {
+        JumpWatch {
+            last: (now_ms, std::time::Instant::now()),
+            lease,
+            held_until: None,
+        }
+    }
+
+    /// Whether a rescue may run at `now_ms`, read at `at`.
+    fn may_rescue(&mut self, now_ms: i64, at: std::time::Instant) -> bool {
+        let (then_ms, then) = std::mem::replace(&mut self.last, (now_ms, at));
+        let jumped = (now_ms - then_ms) - crate::store::ms(at.saturating_duration_since(then));
+        if jumped > crate::store::ms(self.lease / 4) {
+            tracing::warn!(
+                jumped_ms = jumped,
+                "the clock jumped forward: no lease is taken back for half a lease, while the \
+                 heartbeats renew theirs on the new clock"
+            );
+            self.held_until = Some(at + self.lease / 2);
+        }
+        self.held_until.is_none_or(|until| at >= until)
     }
 }
 
@@ -839,6 +884,33 @@ fn claim_now(now: i64, lease_ms: i64) -> i64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    // Only a forward jump of over a quarter of a lease holds rescues, for half a lease from
+    // when it is seen; time passing, a late tick, or a step back do not.
+    #[test]
+    fn rescues_wait_half_a_lease_after_the_clock_jumps_forward() {
+        let lease = Duration::from_secs(8);
+        let t0 = std::time::Instant::now();
+        let at = |s: u64| t0 + Duration::from_secs(s);
+        let mut watch = JumpWatch {
+            last: (1_000_000, t0),
+            lease,
+            held_until: None,
+        };
+        assert!(watch.may_rescue(1_001_000, at(1)), "a second passed");
+        assert!(watch.may_rescue(1_004_000, at(4)), "a late tick");
+        assert!(watch.may_rescue(1_000_000, at(5)), "a step back");
+        assert!(
+            watch.may_rescue(1_003_000, at(6)),
+            "a 2 s jump: a quarter lease"
+        );
+        assert!(!watch.may_rescue(1_006_001, at(7)), "a 2.001 s jump");
+        assert!(!watch.may_rescue(1_008_001, at(9)), "held");
+        assert!(
+            watch.may_rescue(1_010_001, at(11)),
+            "half a lease since it was seen"
+        );
+    }
 
     // A claim's lease and a renewed or started one never end at the same millisecond: handing
     // back a lost claim by its lease end cannot take a job this process runs.

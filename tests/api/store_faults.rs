@@ -12,7 +12,7 @@
 //! claimed makes no upstream call. A job whose lease was not renewed in time (heartbeats failing) starts
 //! no new call until a heartbeat renews it, then goes on. A worker shut down mid-claim makes no
 //! claim after it; one stopping hands back a claim whose answer was lost, and does not wait for a
-//! heartbeat under way. (`wait_faults` uses the same
+//! heartbeat under way. A clock jumping forward does not get live jobs taken back. (`wait_faults` uses the same
 //! wrapper between a waiting request and its store.)
 
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -916,19 +916,61 @@ async fn a_job_started_here_as_shutdown_begins_mid_lease_check_is_handed_back() 
     assert_eq!(app.fake.total_calls(), 0);
 }
 
+/// `one_job` under a `lease`, its worker running until the token returned is cancelled, and the
+/// job called `m1`, which holds the call a minute.
+async fn a_slow_job_running(
+    lease: Duration,
+) -> (
+    TestApp,
+    Uuid,
+    Arc<Faulty>,
+    Arc<Shifted>,
+    tokio_util::sync::CancellationToken,
+    tokio::task::JoinHandle<()>,
+) {
+    let (app, id, store, worker, clock) =
+        one_job_with(Faults::default(), |c| c.lease = lease).await;
+    let slow = Reply::Delay(60_000, Box::new(Reply::Ok));
+    app.fake.script("m1", Kind::Panel, vec![slow]);
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let run = tokio::spawn(worker.run(shutdown.clone()));
+    for _ in 0..500 {
+        if app.fake.calls("m1", Kind::Panel) == 1 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(app.fake.calls("m1", Kind::Panel), 1);
+    (app, id, store, clock, shutdown, run)
+}
+
+// The clock jumps a minute forward (NTP stepping it, a host resumed) while a job runs under a
+// 6 s lease: its lease looks long expired, but its worker is alive. The rescuer (every second)
+// waits while the heartbeat (every 2 s) renews it on the new clock, and the job runs on at its
+// first attempt. Before, the rescuer took it back within a second of the jump, and the call in
+// flight was made again.
+#[tokio::test]
+async fn a_clock_jumping_forward_does_not_take_back_live_jobs() {
+    let (app, id, store, clock, shutdown, run) = a_slow_job_running(Duration::from_secs(6)).await;
+    // Just after a heartbeat: the next is 2 s off, a rescue at most 1 s.
+    let seen = store.heartbeats.calls();
+    store.heartbeats.called_past(seen).await;
+    clock.advance(60_000);
+    tokio::time::sleep(Duration::from_millis(4_500)).await;
+    assert_eq!(stored(&app, id).await, (JobStatus::Running, 1));
+    assert_eq!(app.fake.calls("m1", Kind::Panel), 1);
+    shutdown.cancel();
+    run.await.unwrap();
+}
+
 // A heartbeat under way when the worker stops (held here until the test ends, as one waiting on
 // a database gone away is until its statement timeout, or with none for as long as TCP takes)
 // does not hold up the worker's exit. Before, the worker waited for it.
 #[tokio::test]
 async fn a_heartbeat_under_way_does_not_hold_up_the_workers_exit() {
-    let (app, id, store, worker, _) =
-        one_job_with(Faults::default(), |c| c.lease = Duration::from_secs(3)).await;
-    let slow = Reply::Delay(60_000, Box::new(Reply::Ok));
-    app.fake.script("m1", Kind::Panel, vec![slow]);
+    let (app, id, store, _, shutdown, run) = a_slow_job_running(Duration::from_secs(3)).await;
     let never = tokio_util::sync::CancellationToken::new();
     store.heartbeats.close_until(&never);
-    let shutdown = tokio_util::sync::CancellationToken::new();
-    let run = tokio::spawn(worker.clone().run(shutdown.clone()));
     // The first heartbeat, a third of the lease in, is held.
     store.heartbeats.called_past(0).await;
     shutdown.cancel();
