@@ -105,7 +105,7 @@ fn refuse_misplaced_plugin_fields(obj: &Map<String, Value>) -> Result<(), ApiErr
     let misplaced = PLUGIN_FIELDS
         .into_iter()
         .filter(|f| !["id", "model"].contains(f))
-        .find(|f| obj.contains_key(*f));
+        .find(|f| obj.get(*f).is_some_and(|v| !v.is_null()));
     match misplaced {
         None => Ok(()),
         Some(f) => Err(bad(format!(
@@ -577,8 +577,8 @@ mod tests {
         assert_eq!(r.priority, 5);
     }
 
-    // A panel smaller than `min_panel` is refused, and the message names where the number
-    // came from: the request's plugin, or the server's default, which the client never sent.
+    // A null plugin field is as if left out, as the top-level fields are; a plugin field at the
+    // top level is refused only when it holds a value.
     #[test]
     fn a_null_plugin_field_is_left_out() {
         let nulls = json!({"id": "fusion", "model": null, "analysis_models": null,
@@ -587,8 +587,13 @@ mod tests {
         let given = parse(&body, &config()).unwrap();
         let bare = json!({"model": "judge", "messages": msgs(), "plugins": [{"id": "fusion"}]});
         assert_eq!(given, parse(&bare, &config()).unwrap());
+        let top = json!({"model": "judge", "messages": msgs(), "plugins": [{"id": "fusion"}],
+                         "deadline_seconds": null});
+        assert_eq!(given, parse(&top, &config()).unwrap());
     }
 
+    // A panel smaller than `min_panel` is refused, and the message names where the number
+    // came from: the request's plugin, or the server's default, which the client never sent.
     #[test]
     fn a_panel_below_min_panel_names_where_min_panel_came_from() {
         let plugin = |min_panel: Option<u32>| {

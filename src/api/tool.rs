@@ -92,7 +92,8 @@ fn refuse_ambiguous_tools(body: &Value) -> Result<(), ApiError> {
     }
     match tools(body).position(is_fusion_function) {
         Some(i) => Err(bad(format!(
-            "`tools[{i}]` is a function named `fusion`, the name the fusion tool is offered              under: rename it"
+            "`tools[{i}]` is a function named `fusion`, the name the fusion tool is offered \
+             under: rename it"
         ))),
         None => Ok(()),
     }

@@ -82,11 +82,7 @@ impl StoreError {
         matches!(
             self,
             StoreError::Corrupt(_)
-                | StoreError::Database(
-                    sqlx::Error::ColumnDecode { .. }
-                        | sqlx::Error::Decode(_)
-                        | sqlx::Error::ColumnNotFound(_)
-                )
+                | StoreError::Database(sqlx::Error::ColumnDecode { .. } | sqlx::Error::Decode(_))
         )
     }
 

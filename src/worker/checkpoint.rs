@@ -210,6 +210,8 @@ where
     loop {
         let error = match call().await {
             Ok(v) => return Ok(v),
+            // Rows that do not read read the same the next time.
+            Err(e) if e.is_unreadable() => return Err(e),
             Err(e @ StoreError::Database(_)) => e,
             Err(e) => return Err(e),
         };

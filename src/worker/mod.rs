@@ -656,16 +656,18 @@ impl Worker {
                 let read = || self.store.get_steps(job.id);
                 match retry_db(&within, Patience::Tries(DB_ATTEMPTS), read).await {
                     Ok(done) => done,
-                    // Every attempt would stop here the same way, each waiting out its lease,
-                    // and the job end as `lease_expired` after all of them.
+                    // Stopped here, each attempt waited out its lease and the job ended as
+                    // `lease_expired`. Requeued instead: in a rolling upgrade a newer worker
+                    // may claim it next and read them; failed on its last attempt.
                     Err(e) if e.is_unreadable() => {
-                        return Outcome::Failed {
-                            reason: "invalid_job".into(),
-                            error: format!(
+                        return Outcome::retry(
+                            job.next_try_at(self.clock.now_ms(), self.config.retry_base),
+                            "invalid_job".into(),
+                            format!(
                                 "this job's checkpoints cannot be read by fusion {}: {e}",
                                 env!("CARGO_PKG_VERSION")
                             ),
-                        };
+                        );
                     }
                     Err(_) => return Outcome::Stopped,
                 }
@@ -839,7 +841,8 @@ impl JumpWatch {
         }
     }
 
-    /// Whether a rescue may run at `now_ms`, read at `at`.
+    /// Whether a rescue may run at `now_ms`, read at `at`. (Ticks are compared one with the next:
+    /// several small steps in a row, each under a quarter of a lease, are not seen.)
     fn may_rescue(&mut self, now_ms: i64, at: std::time::Instant) -> bool {
         let (then_ms, then) = std::mem::replace(&mut self.last, (now_ms, at));
         let jumped = (now_ms - then_ms) - crate::store::ms(at.saturating_duration_since(then));
