@@ -166,11 +166,15 @@ fn extract_json(text: &str) -> Result<Value, AnalysisError> {
     if let Ok(v) = serde_json::from_str::<Value>(unfenced) {
         return Ok(v);
     }
-    if let (Some(start), Some(end)) = (unfenced.find('{'), unfenced.rfind('}'))
-        && start < end
-        && let Ok(v) = serde_json::from_str::<Value>(&unfenced[start..=end])
-    {
-        return Ok(v);
+    // The outermost braces inside the fence, then in the whole reply: a string of the JSON
+    // that quotes a code fence (likely on a coding question) ends the fence early.
+    for within in [unfenced, trimmed] {
+        if let (Some(start), Some(end)) = (within.find('{'), within.rfind('}'))
+            && start < end
+            && let Ok(v) = serde_json::from_str::<Value>(&within[start..=end])
+        {
+            return Ok(v);
+        }
     }
     Err(AnalysisError::NotJson(first_err))
 }
@@ -204,6 +208,13 @@ mod tests {
             parse(&format!("Here is the analysis:\n{GOOD}\nHope it helps")).unwrap(),
             want
         );
+        // A string quoting a code fence ends the fence early; the whole reply's braces hold it.
+        let quoting = GOOD.replace(
+            r#""consensus":["a"]"#,
+            r#""consensus":["use ```rust blocks"]"#,
+        );
+        let fenced = parse(&format!("```json\n{quoting}\n```")).unwrap();
+        assert_eq!(fenced.consensus, vec!["use ```rust blocks"]);
     }
 
     #[test]

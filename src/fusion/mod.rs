@@ -172,13 +172,18 @@ impl Pipeline {
             })
             .collect();
         let mut failed = quorum_failure(spec, &panel, answers.len());
+        // Members whose failure is final (a 404, a refused request) cannot answer next time.
+        let reachable = answers.len() + may_pass.len() >= spec.min_panel.max(1) as usize;
         if !may_pass.is_empty()
+            && reachable
             && let Some(Outcome::Failed { reason, error }) = failed
         {
             // Short because of failures that may pass (an outage, a rate limit): the job runs
             // again later, as for such a failure of the final step, and those members are
             // called again then; the answers it got are kept. With no try left (its last
-            // attempt, or a next one past its deadline) it fails now.
+            // attempt, or a next one past its deadline) it fails now. A quorum those members
+            // could not make up even if they answered fails now too: requeued, they would be
+            // called (and paid) again for nothing.
             failed = match Outcome::retry(next_try(), reason, error) {
                 retry @ Outcome::Retry { .. } => return retry,
                 failed => Some(failed),

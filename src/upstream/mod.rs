@@ -135,17 +135,20 @@ impl Upstream {
         let status = answered.status;
         let mut wire: WireResponse = answered.parse(provider)?;
         let latency_ms = i64::try_from(started.elapsed().as_millis()).unwrap_or(i64::MAX);
+        // An error reported beside no choices at all is that error (retried), not an empty
+        // answer (final).
+        let first = wire.choices.first();
+        let finish_reason = first.and_then(|c| c.finish_reason.as_deref());
+        let first_error = first.map_or(&Value::Null, |c| &c.error);
+        if let Some(error) = wire::reported_error(&wire.error, first_error, finish_reason) {
+            return Err(mid_answer(status, &error, provider));
+        }
         if wire.choices.is_empty() {
             return Err(UpstreamError::new(
                 ErrorKind::Empty,
                 Some(status),
                 "upstream returned no choices",
             ));
-        }
-        let first = &wire.choices[0];
-        let finish_reason = first.finish_reason.as_deref();
-        if let Some(error) = wire::reported_error(&wire.error, &first.error, finish_reason) {
-            return Err(mid_answer(status, &error, provider));
         }
         let choice = wire.choices.swap_remove(0);
         let content = choice.message.content.unwrap_or_default();

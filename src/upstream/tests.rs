@@ -178,6 +178,7 @@ async fn an_error_reported_mid_answer_is_retried_on_both_clients() {
         r#"{"choices": [{"message": {"content": ""}, "finish_reason": "error", "error": {"code": 502, "message": "provider went away"}}]}"#,
         r#"{"choices": [{"message": {"content": "The answer is"}, "finish_reason": "stop"}], "error": {"message": "provider went away"}}"#,
         r#"{"choices": [{"message": {"content": "The answer is"}, "finish_reason": "error"}]}"#,
+        r#"{"choices": [], "error": {"code": 502, "message": "provider went away"}}"#,
     ];
     for body in bodies {
         for result in on_both_clients_answered(body).await {

@@ -445,6 +445,26 @@ async fn an_upstream_outage_across_the_panel_requeues_the_job_keeping_the_answer
     assert_eq!(app.fake.calls("judge", Kind::Analysis), 1);
 }
 
+// A quorum that the members down for now could not make up even if they answered (another
+// member's failure is final) fails the job now, rather than requeuing it to call them again
+// for nothing.
+#[tokio::test]
+async fn a_quorum_out_of_reach_fails_now_though_some_failures_may_pass() {
+    let app = spawn_app().await;
+    app.fake
+        .script("down", Kind::Panel, vec![Reply::Status(503)]);
+    app.fake
+        .script("gone", Kind::Panel, vec![Reply::Status(404)]);
+    let mut body = body_with_panel(&["m1", "down", "gone"], "judge");
+    body["plugins"][0]["min_panel"] = 3.into();
+    let id = app.submit_ok(&body).await;
+    let job = app.wait_final(&id, 10).await;
+    assert_eq!(job["status"], "failed", "{job:#}");
+    assert_eq!(job["attempt"], 1, "{job:#}");
+    assert_eq!(job["failure_reason"], "insufficient_quorum", "{job:#}");
+    assert_eq!(app.fake.calls("down", Kind::Panel), 3);
+}
+
 // A failure that may pass does not hold up a job whose quorum is met: it is recorded as the
 // job's partial failure, as any other.
 #[tokio::test]
