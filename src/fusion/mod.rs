@@ -200,9 +200,16 @@ impl Pipeline {
         // written by a later attempt (a manual retry ran a failed member again, and it answered)
         // was not among them: the analysis is made again, so the final answer is not written
         // from one that never saw it. The earlier analysis was paid for: its usage is carried
-        // into the new one's step, which replaces its row.
+        // into the new one's step, which replaces its row. So is one an upstream failure stopped
+        // (an outage at the analyst's provider, which may be over by this attempt): kept, the
+        // final answer would be written without an analysis the analyst can now make. (One that
+        // failed on its replies, not valid JSON, say, is kept: asked again, it would be paid
+        // again for the same.)
         let (analysis_step, replaced_usage) = match analysis_step {
             Some(a) if panel.iter().any(|p| p.ok && p.attempt > a.attempt) => (None, a.usage),
+            Some(a) if !a.ok && a.error_code.as_deref() == Some("analysis_upstream_error") => {
+                (None, a.usage)
+            }
             kept => (kept, Usage::default()),
         };
 

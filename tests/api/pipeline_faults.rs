@@ -425,6 +425,26 @@ async fn an_upstream_outage_at_the_final_step_requeues_the_job_with_its_checkpoi
     );
 }
 
+// The analyst's provider is down through the first attempt too: the analysis failed then is
+// made again on the next one, so the final answer is written from an analysis. Before, the
+// failed analysis was reused, and the answer written without one.
+#[tokio::test]
+async fn an_analysis_stopped_by_an_outage_is_made_again_when_the_job_is_requeued() {
+    let app = spawn_app().await;
+    app.fake
+        .script("judge", Kind::Final, outage_for_one_attempt());
+    app.fake
+        .script("judge", Kind::Analysis, outage_for_one_attempt());
+    let id = app.submit_ok(&body_with_panel(&["m1"], "judge")).await;
+    let job = app.wait_final(&id, 10).await;
+    assert_eq!(job["status"], "succeeded", "{job:#}");
+    assert_eq!(job["attempt"], 2, "requeued once");
+    assert_eq!(job["analysis_error"], Value::Null, "{job:#}");
+    assert!(job["analysis"].is_object(), "{job:#}");
+    assert_eq!(app.fake.calls("judge", Kind::Analysis), 4);
+    assert_eq!(app.fake.calls("m1", Kind::Panel), 1, "checkpoint reused");
+}
+
 // The same outage on the panel: with too few answers because of failures that may pass, the
 // job is requeued like a failed final step, not failed for good; the answer it got is kept and
 // the failed member is called again.
