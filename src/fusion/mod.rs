@@ -200,16 +200,22 @@ impl Pipeline {
         // written by a later attempt (a manual retry ran a failed member again, and it answered)
         // was not among them: the analysis is made again, so the final answer is not written
         // from one that never saw it. The earlier analysis was paid for: its usage is carried
-        // into the new one's step, which replaces its row. So is one an upstream failure stopped
-        // (an outage at the analyst's provider, which may be over by this attempt): kept, the
-        // final answer would be written without an analysis the analyst can now make. (One that
-        // failed on its replies, not valid JSON, say, is kept: asked again, it would be paid
-        // again for the same.)
+        // into the new one's step, which replaces its row. So is one stopped by an upstream
+        // failure that may pass (an outage at the analyst's provider, which may be over by this
+        // attempt): kept, the final answer would be written without an analysis the analyst can
+        // now make. (One that failed on its replies, not valid JSON, say, or for good, a 401, is
+        // kept: asked again, it would be paid again for the same.) Neither is made again once
+        // the final step is checkpointed: that answer stands, and was written without it.
+        let remake = |a: &Step| {
+            panel.iter().any(|p| p.ok && p.attempt > a.attempt)
+                || (!a.ok
+                    && a.error_code.as_deref() == Some("analysis_upstream_error")
+                    && a.status_code.is_none_or(|s| {
+                        matches!(s, 200 | 408 | 409 | 429) || (500..600).contains(&s)
+                    }))
+        };
         let (analysis_step, replaced_usage) = match analysis_step {
-            Some(a) if panel.iter().any(|p| p.ok && p.attempt > a.attempt) => (None, a.usage),
-            Some(a) if !a.ok && a.error_code.as_deref() == Some("analysis_upstream_error") => {
-                (None, a.usage)
-            }
+            Some(a) if final_step.is_none() && remake(&a) => (None, a.usage),
             kept => (kept, Usage::default()),
         };
 
