@@ -23,6 +23,7 @@ use crate::config::FusionConfig;
 use crate::job::{Job, JobSpec, JsonText, NoNextTry, Step, StepKey, Usage};
 use crate::upstream::{
     CallError, Completion, CompletionRequest, ErrorKind, RetryPolicy, StructuredOutput, Upstream,
+    UpstreamError,
 };
 use analysis::Analysis;
 use prompts::PanelAnswer;
@@ -210,8 +211,10 @@ impl Pipeline {
             panel.iter().any(|p| p.ok && p.attempt > a.attempt)
                 || (!a.ok
                     && a.error_code.as_deref() == Some("analysis_upstream_error")
+                    // No status (a timeout, a broken connection), a 200 (an error reported
+                    // mid-answer), or one the call's own retries treat as passing.
                     && a.status_code.is_none_or(|s| {
-                        matches!(s, 200 | 408 | 409 | 429) || (500..600).contains(&s)
+                        s == 200 || u16::try_from(s).is_ok_and(UpstreamError::status_may_pass)
                     }))
         };
         let (analysis_step, replaced_usage) = match analysis_step {

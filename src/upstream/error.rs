@@ -81,16 +81,15 @@ impl UpstreamError {
         }
     }
 
+    /// Whether an error answered with `status` may pass if the call is made again later: the
+    /// statuses `from_status` classes as retryable.
+    pub fn status_may_pass(status: u16) -> bool {
+        UpstreamError::new(kind_of_status(status), Some(status), "").retryable()
+    }
+
     /// Classify an HTTP status.
     pub fn from_status(status: u16, body: &str, retry_after: Option<Duration>) -> Self {
-        let kind = match status {
-            429 => ErrorKind::RateLimited,
-            408 => ErrorKind::Timeout,
-            409 | 500..=599 => ErrorKind::Server,
-            401 | 403 => ErrorKind::Auth,
-            404 => ErrorKind::NotFound,
-            _ => ErrorKind::Rejected,
-        };
+        let kind = kind_of_status(status);
         let detail = upstream_message(body);
         UpstreamError {
             kind,
@@ -98,6 +97,17 @@ impl UpstreamError {
             retry_after,
             message: format!("upstream answered {status}: {detail}"),
         }
+    }
+}
+
+fn kind_of_status(status: u16) -> ErrorKind {
+    match status {
+        429 => ErrorKind::RateLimited,
+        408 => ErrorKind::Timeout,
+        409 | 500..=599 => ErrorKind::Server,
+        401 | 403 => ErrorKind::Auth,
+        404 => ErrorKind::NotFound,
+        _ => ErrorKind::Rejected,
     }
 }
 
