@@ -479,6 +479,7 @@ impl Pipeline {
                 }
                 Err(CallError::Cancelled) => return None,
                 Err(CallError::Upstream(e)) => {
+                    usage.add(&e.usage);
                     let code = if e.kind == ErrorKind::Empty {
                         "analysis_empty"
                     } else {
@@ -532,6 +533,8 @@ impl Pipeline {
                     error_code: Some(e.code().to_string()),
                     error: Some(e.message.clone()),
                     status_code: e.status.map(i32::from),
+                    // Billed for what came back unusable (see `UpstreamError::usage`).
+                    usage: e.usage,
                     ..self.failed_step(key, model, attempt)
                 },
                 e.retryable(),

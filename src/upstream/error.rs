@@ -7,6 +7,7 @@ use std::time::{Duration, SystemTime};
 use serde_json::Value;
 
 use super::answer;
+use crate::job::Usage;
 
 /// How a call failed; the one place that decides what may be retried.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -46,6 +47,10 @@ pub struct UpstreamError {
     pub status: Option<u16>,
     pub retry_after: Option<Duration>,
     pub message: String,
+    /// What the failed call(s) were billed for: a completion that came back but is not taken
+    /// (empty, or an error reported mid-answer) still used tokens. Summed over a step's tries
+    /// by `Upstream::complete_with_retries`; zero where nothing came back.
+    pub usage: Usage,
 }
 
 impl UpstreamError {
@@ -55,6 +60,7 @@ impl UpstreamError {
             status,
             retry_after: None,
             message: message.into(),
+            usage: Usage::default(),
         }
     }
 
@@ -81,6 +87,12 @@ impl UpstreamError {
         }
     }
 
+    /// The same error, billed for `usage` too.
+    pub(super) fn billed(mut self, usage: Usage) -> Self {
+        self.usage.add(&usage);
+        self
+    }
+
     /// Whether an error answered with `status` may pass if the call is made again later: the
     /// statuses `from_status` classes as retryable.
     pub fn status_may_pass(status: u16) -> bool {
@@ -96,6 +108,7 @@ impl UpstreamError {
             status: Some(status),
             retry_after,
             message: format!("upstream answered {status}: {detail}"),
+            usage: Usage::default(),
         }
     }
 }

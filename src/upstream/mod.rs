@@ -135,31 +135,25 @@ impl Upstream {
         let status = answered.status;
         let mut wire: WireResponse = answered.parse(provider)?;
         let latency_ms = i64::try_from(started.elapsed().as_millis()).unwrap_or(i64::MAX);
+        // Billed whether or not the completion is taken: an error below carries it.
+        let usage = self.usage(model, wire.usage.take());
         // An error reported beside no choices at all is that error (retried), not an empty
         // answer (final).
         let first = wire.choices.first();
         let finish_reason = first.and_then(|c| c.finish_reason.as_deref());
         let first_error = first.map_or(&Value::Null, |c| &c.error);
         if let Some(error) = wire::reported_error(&wire.error, first_error, finish_reason) {
-            return Err(mid_answer(status, &error, provider));
+            return Err(mid_answer(status, &error, provider).billed(usage));
         }
+        let empty = |what| UpstreamError::new(ErrorKind::Empty, Some(status), what).billed(usage);
         if wire.choices.is_empty() {
-            return Err(UpstreamError::new(
-                ErrorKind::Empty,
-                Some(status),
-                "upstream returned no choices",
-            ));
+            return Err(empty("upstream returned no choices"));
         }
         let choice = wire.choices.swap_remove(0);
         let content = choice.message.content.unwrap_or_default();
         if content.trim().is_empty() {
-            return Err(UpstreamError::new(
-                ErrorKind::Empty,
-                Some(status),
-                "upstream returned an empty completion",
-            ));
+            return Err(empty("upstream returned an empty completion"));
         }
-        let usage = self.usage(model, wire.usage);
         Ok(Completion {
             content,
             finish_reason: choice.finish_reason,
@@ -265,15 +259,15 @@ impl Upstream {
         }
         let choice = &value["choices"][0];
         let finish_reason = choice["finish_reason"].as_str();
-        if let Some(error) = wire::reported_error(&value["error"], &choice["error"], finish_reason)
-        {
-            return Err(mid_answer(status, &error, self.route(model).0));
-        }
         let wire = value
             .get("usage")
             .filter(|u| !u.is_null())
             .map(WireUsage::of);
         let usage = self.usage(model, wire);
+        if let Some(error) = wire::reported_error(&value["error"], &choice["error"], finish_reason)
+        {
+            return Err(mid_answer(status, &error, self.route(model).0).billed(usage));
+        }
         Ok((value, usage))
     }
 

@@ -1,12 +1,13 @@
 //! Step retries: exponential backoff with jitter and a cap, honouring `Retry-After`. The jitter
 //! source is injected and the sleeps are tokio's, so tests run on paused time.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
 use super::{Completion, CompletionRequest, Upstream, UpstreamError};
+use crate::job::Usage;
 
 /// The longest `Retry-After` we wait out within one step.
 const MAX_RETRY_AFTER: Duration = Duration::from_secs(300);
@@ -83,13 +84,35 @@ impl Upstream {
         cancel: &CancellationToken,
         ready: impl Fn() -> R,
     ) -> Result<Completion, CallError> {
-        with_retries(policy, cancel, || async {
+        // What the tries that failed were billed for, carried into the step's result: a
+        // completion that came back unusable (empty, an error mid-answer) was paid for even
+        // when a later try answers. A mutex, not a cell, since the job's future moves between
+        // threads; never contended.
+        let spent = Mutex::new(Usage::default());
+        let spent_so_far = || *spent.lock().unwrap_or_else(PoisonError::into_inner);
+        let result = with_retries(policy, cancel, || async {
             if !ready().await {
                 return Err(CallError::Cancelled);
             }
-            self.complete(model, req).await.map_err(CallError::Upstream)
+            self.complete(model, req).await.map_err(|e| {
+                let mut sum = spent.lock().unwrap_or_else(PoisonError::into_inner);
+                sum.add(&e.usage);
+                CallError::Upstream(e)
+            })
         })
-        .await
+        .await;
+        match result {
+            Ok(mut c) => {
+                c.usage.add(&spent_so_far());
+                Ok(c)
+            }
+            Err(CallError::Upstream(e)) => Err(CallError::Upstream(UpstreamError {
+                usage: spent_so_far(),
+                ..e
+            })),
+            // A cancelled job writes nothing more, its usage included.
+            Err(CallError::Cancelled) => Err(CallError::Cancelled),
+        }
     }
 }
 
@@ -149,6 +172,7 @@ mod tests {
             status: Some(500),
             retry_after,
             message: String::new(),
+            usage: Default::default(),
         }
     }
 

@@ -100,3 +100,54 @@ async fn member_answering_once(reply: Reply) -> Value {
     assert_eq!(app.fake.calls("member", Kind::Panel), 1, "{job:#}");
     job["panel"][1].clone()
 }
+
+// A completion that came back but is not taken was still billed: its tokens are counted on its
+// step and in the job's usage, whether a later try answers (an error mid-answer, retried) or
+// not (an empty completion, final: a reasoning model that spent its budget thinking), on the
+// panel and on the analysis.
+#[tokio::test]
+async fn tokens_of_completions_not_taken_are_counted() {
+    let app = spawn_app().await;
+    let cut = r#"{"choices": [{"message": {"content": "half an ans"}, "finish_reason": "error",
+        "error": {"message": "provider disconnected"}}],
+        "usage": {"prompt_tokens": 7, "completion_tokens": 3, "cost": 0.01}}"#;
+    app.fake
+        .script("retried", Kind::Panel, vec![Reply::RawOk(cut), Reply::Ok]);
+    let empty = r#"{"choices": [{"message": {"content": ""}, "finish_reason": "length"}],
+        "usage": {"prompt_tokens": 100, "completion_tokens": 400, "cost": 0.5}}"#;
+    app.fake
+        .script("thinker", Kind::Panel, vec![Reply::RawOk(empty)]);
+    app.fake
+        .script("judge", Kind::Analysis, vec![Reply::RawOk(empty)]);
+    let id = app
+        .submit_ok(&body_with_panel(&["ok1", "retried", "thinker"], "judge"))
+        .await;
+    let job = app.wait_final(&id, 10).await;
+    assert_eq!(job["status"], "succeeded", "{job:#}");
+    assert_eq!(app.fake.calls("retried", Kind::Panel), 2);
+    assert_eq!(app.fake.calls("thinker", Kind::Panel), 1);
+
+    let retried = &job["panel"][1];
+    assert_eq!(retried["status"], "succeeded", "{job:#}");
+    assert_eq!(retried["usage"]["prompt_tokens"], 17, "{job:#}");
+    assert_eq!(retried["usage"]["completion_tokens"], 8, "{job:#}");
+    let thinker = &job["panel"][2];
+    assert_eq!(thinker["error_code"], "empty_completion", "{job:#}");
+    assert_eq!(thinker["usage"]["prompt_tokens"], 100, "{job:#}");
+    assert_eq!(thinker["usage"]["completion_tokens"], 400, "{job:#}");
+    assert!((thinker["usage"]["cost"].as_f64().unwrap() - 0.5).abs() < 1e-9);
+
+    assert_eq!(job["analysis_error"], "analysis_empty", "{job:#}");
+
+    // ok1, both of `retried`'s tries, `thinker`'s empty one, the empty analysis, the final.
+    for usage in [&job["usage"], &job["result"]["usage"]] {
+        assert_eq!(usage["prompt_tokens"], 10 + 17 + 100 + 100 + 10, "{job:#}");
+        assert_eq!(usage["completion_tokens"], 5 + 8 + 400 + 400 + 5, "{job:#}");
+        assert_eq!(usage["total_tokens"], 237 + 818, "{job:#}");
+        let cost = usage["cost"].as_f64().unwrap();
+        assert!(
+            (cost - (3.0 * 0.001 + 0.01 + 0.5 + 0.5)).abs() < 1e-9,
+            "{cost}"
+        );
+    }
+}
