@@ -116,7 +116,8 @@ impl Events {
             None if self.held.len() > MAX_HELD => self.mid_event = true,
             None => return None,
         }
-        let end = end.unwrap_or(self.held.len());
+        // Past `MAX_HELD`, all that is scanned: a CR last stays, to be read with what follows.
+        let end = end.unwrap_or(self.scanned);
         let rest = self.held.split_off(end);
         self.scanned -= end;
         Some(Bytes::from(std::mem::replace(&mut self.held, rest)))
@@ -287,5 +288,20 @@ mod tests {
                 assert_eq!(sent.as_deref(), *out, "{reads:?}");
             }
         }
+    }
+
+    // A read that takes what is held past `MAX_HELD` and ends with a CR (the first half of a
+    // CRLF) sends all but that CR, which then ends the event with what follows.
+    #[test]
+    fn a_flush_past_the_limit_keeps_a_cr_that_may_begin_a_crlf() {
+        let mut events = Events::default();
+        let line = format!("data: {}\r", "x".repeat(MAX_HELD));
+        let sent = events.push(line.as_bytes()).expect("past the limit, sent");
+        assert_eq!(sent.len(), line.len() - 1);
+        assert_eq!(events.push(b"\n\r\n").as_deref(), Some(&b"\r\n\r\n"[..]));
+        assert_eq!(
+            events.push(b"data: 2\n\n").as_deref(),
+            Some(&b"data: 2\n\n"[..])
+        );
     }
 }
