@@ -56,16 +56,37 @@ fn forces_fusion_by_name(choice: Option<&Value>) -> bool {
     name.and_then(Value::as_str) == Some("fusion")
 }
 
-/// Whether `tool_choice` can force a fusion call: `"required"` (a call of any tool) or
-/// `{"type": "function", "function": {"name": "fusion"}}`.
+/// Whether `tool_choice` can force a fusion call: `"required"` (a call of any tool),
+/// `{"type": "function", "function": {"name": "fusion"}}`, or `allowed_tools` in `required`
+/// mode with the fusion tool among those allowed.
 fn forces_fusion(choice: Option<&Value>) -> bool {
     match choice {
         Some(Value::String(s)) => s == "required",
+        Some(v) if v.get("type").and_then(Value::as_str) == Some("allowed_tools") => {
+            v.pointer("/allowed_tools/mode").and_then(Value::as_str) == Some("required")
+                && v.pointer("/allowed_tools/tools")
+                    .and_then(Value::as_array)
+                    .is_some_and(|t| t.iter().any(|t| is_fusion(t) || is_fusion_function(t)))
+        }
         Some(v @ Value::Object(_)) => {
             v.pointer("/function/name").and_then(Value::as_str) == Some("fusion")
         }
         _ => false,
     }
+}
+
+/// The list of an `allowed_tools` choice (`{"type": "allowed_tools", "allowed_tools": {"mode":
+/// ..., "tools": [...]}}`), when `choice` is one.
+fn allowed_list(choice: &mut Value) -> Option<&mut Vec<Value>> {
+    if choice.get("type")?.as_str()? != "allowed_tools" {
+        return None;
+    }
+    choice.pointer_mut("/allowed_tools/tools")?.as_array_mut()
+}
+
+/// How the function offered in place of the fusion tool is named in an `allowed_tools` list.
+fn fusion_function_ref() -> Value {
+    json!({"type": "function", "function": {"name": "fusion"}})
 }
 
 /// `tool_choice: {"type": "fusion"}` names a tool type only this server knows: passed on, the
@@ -150,6 +171,12 @@ pub async fn run(
         })
         .collect();
     obj.insert("tools".into(), Value::Array(offered));
+    // An `allowed_tools` list names the fusion tool as the function the upstream is offered.
+    if let Some(list) = obj.get_mut("tool_choice").and_then(allowed_list) {
+        list.iter_mut()
+            .filter(|t| is_fusion(t))
+            .for_each(|t| *t = fusion_function_ref());
+    }
     obj.insert("stream".into(), json!(false));
     obj.remove("stream_options");
     let forced = forces_fusion(obj.get("tool_choice"));
@@ -190,8 +217,12 @@ async fn rounds(
     for round in 0..=MAX_ROUNDS {
         if round > 0 && forced {
             // Forcing applies to the first call only, or the model could never answer and
-            // every round would run another fusion job.
-            outer["tool_choice"] = json!("auto");
+            // every round would run another fusion job. An `allowed_tools` choice keeps its
+            // list, in `auto` mode.
+            match outer.get_mut("tool_choice").and_then(allowed_list) {
+                Some(_) => outer["tool_choice"]["allowed_tools"]["mode"] = json!("auto"),
+                None => outer["tool_choice"] = json!("auto"),
+            }
         }
         if round == MAX_ROUNDS {
             // Out of rounds: this reply is the answer, so it may not call fusion (a call could
@@ -204,6 +235,15 @@ async fn rounds(
                 outer["tools"] = Value::Array(own.collect());
                 if forces_fusion_by_name(outer.get("tool_choice")) {
                     outer["tool_choice"] = json!("auto");
+                }
+                // An `allowed_tools` list loses the fusion function too; with nothing left in
+                // it, no tool may be called.
+                let allowed = outer.get_mut("tool_choice").and_then(allowed_list);
+                if let Some(list) = allowed {
+                    list.retain(|t| !is_fusion_function(t));
+                    if list.is_empty() {
+                        outer["tool_choice"] = json!("none");
+                    }
                 }
             } else {
                 outer["tool_choice"] = json!("none");
@@ -412,11 +452,7 @@ async fn run_call(
     if !job.status.is_final() {
         return Err(super::chat::handed_back(&job));
     }
-    let steps = state
-        .store
-        .get_steps(job.id)
-        .await
-        .map_err(|e| ApiError::from(e).after_jobs(&[job.id]))?;
+    let steps = state.watch.read_steps(state.store.as_ref(), job.id).await?;
     let mut usage = Usage::default();
     steps.iter().for_each(|s| usage.add(&s.usage));
     let content = match job.status {

@@ -16,7 +16,7 @@ use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use super::ApiError;
-use crate::job::Job;
+use crate::job::{Job, Step};
 use crate::store::{JobEvent, Store, StoreError};
 use crate::worker::{Patience, retry_db};
 
@@ -88,6 +88,13 @@ impl JobWatch {
         self.closed.cancel();
     }
 
+    /// The checkpoints of job `id` (one that was waited on), riding out failed reads as a
+    /// wait does: the job ran, and was paid for, so a blip must not turn its answer into an
+    /// error.
+    pub async fn read_steps(&self, store: &dyn Store, id: Uuid) -> Result<Vec<Step>, ApiError> {
+        ride_out(&self.closed, self.outage, id, || store.get_steps(id)).await
+    }
+
     pub fn watch(&self, id: Uuid) -> Watcher {
         let (tx, rx) = mpsc::unbounded_channel();
         self.subscribers
@@ -131,10 +138,25 @@ impl Watcher {
                 .await?
                 .ok_or_else(|| StoreError::Corrupt(format!("job {} vanished", self.id)))
         };
-        retry_db(&self.closed, Patience::For(self.outage), read)
-            .await
-            .map_err(|error| unreadable(self.id, error))
+        ride_out(&self.closed, self.outage, self.id, read).await
     }
+}
+
+/// `read` of job `id`, a failure retried with backoff for up to `outage` (or until `closed`);
+/// then the answer names the job, to fetch it by later.
+async fn ride_out<T, F, Fut>(
+    closed: &CancellationToken,
+    outage: Duration,
+    id: Uuid,
+    read: F,
+) -> Result<T, ApiError>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T, StoreError>>,
+{
+    retry_db(closed, Patience::For(outage), read)
+        .await
+        .map_err(|error| unreadable(id, error))
 }
 
 /// The answer of a wait that could not read its job: the job is not lost, so the answer names it

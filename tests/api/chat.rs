@@ -876,3 +876,33 @@ async fn an_sdk_retry_does_not_join_a_job_that_finished_before_its_try_gave_up()
     assert_eq!(again, retried, "a job finished just now is the retry's own");
     assert_eq!(app.fake.calls("m1", Kind::Panel), 2);
 }
+
+// `allowed_tools` in `required` mode with the fusion tool allowed forces the first call only,
+// as `"required"` does: later rounds keep the list in `auto` mode (forced, each round would run
+// another paid job), the list names the fusion tool as the function the upstream is offered,
+// and out of rounds the fusion function leaves the list (here emptied: no tool may be called).
+#[tokio::test]
+async fn an_allowed_tools_choice_forces_the_fusion_tool_once() {
+    let app = spawn_app().await;
+    let call = Reply::ToolCall("fusion".into(), json!({"prompt": "Again?"}));
+    app.fake.script("outer", Kind::Panel, vec![call; 5]);
+    let mut body = body_with_tool(&["m1"], "judge");
+    let weather_tool = json!({"type": "function", "function": {"name": "weather"}});
+    body["tools"].as_array_mut().unwrap().push(weather_tool);
+    body["tool_choice"] = json!({"type": "allowed_tools",
+        "allowed_tools": {"mode": "required", "tools": [{"type": "fusion"}]}});
+    let resp = app.chat(&body).await;
+    assert_eq!(resp.status(), 200);
+    let outer = outer_bodies(&app);
+    assert_eq!(outer.len(), 5);
+    let fusion_ref = json!([{"type": "function", "function": {"name": "fusion"}}]);
+    let first = &outer[0]["tool_choice"]["allowed_tools"];
+    assert_eq!(first["mode"], "required", "{:#}", outer[0]);
+    assert_eq!(first["tools"], fusion_ref, "{:#}", outer[0]);
+    for later in &outer[1..4] {
+        let allowed = &later["tool_choice"]["allowed_tools"];
+        assert_eq!(allowed["mode"], "auto", "{later:#}");
+        assert_eq!(allowed["tools"], fusion_ref, "{later:#}");
+    }
+    assert_eq!(outer[4]["tool_choice"], "none", "{:#}", outer[4]);
+}

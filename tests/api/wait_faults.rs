@@ -164,3 +164,31 @@ async fn a_read_with_the_database_away_is_answered_503_with_a_retry_after() {
     let error: Value = resp.json().await.unwrap();
     assert_eq!(error["error"]["code"], "database_unavailable", "{error}");
 }
+
+// The fusion tool reads its job's checkpoints (for their usage) once the job is over: the job
+// ran and was paid for, so a failed read is retried as the wait's own reads are, not turned
+// into an error the client would retry with new, paid jobs.
+#[tokio::test]
+async fn the_fusion_tool_rides_out_a_failed_read_of_its_jobs_steps() {
+    let faults = Faults {
+        step_reads: 2,
+        ..Faults::default()
+    };
+    let (app, store) = app_on(faults, true, "").await;
+    app.fake.script(
+        "outer",
+        Kind::Panel,
+        vec![
+            Reply::ToolCall("fusion".into(), json!({"prompt": "Why?"})),
+            Reply::Text("Because of Rayleigh scattering.".into()),
+        ],
+    );
+    let resp = app.chat(&body_with_tool(&["m1", "m2"], "judge")).await;
+    assert_eq!(resp.status(), 200);
+    let body: Value = resp.json().await.unwrap();
+    assert_eq!(
+        body["choices"][0]["message"]["content"], "Because of Rayleigh scattering.",
+        "{body:#}"
+    );
+    assert_eq!(store.step_reads_left.load(Ordering::SeqCst), 0);
+}
