@@ -38,10 +38,18 @@ pub fn fusion_job(state: AppState, job: Job, opts: StreamOptions) -> Response {
     let (tx, rx) = channel(32);
     let header = job_header(&job);
     let keepalive = state.config.keepalive;
+    // The stream keeps what it shows of the job, not the job: its request (the messages) may
+    // be megabytes, and a stream may wait hours.
+    let shown = Shown {
+        id: job.id,
+        model: job.spec.model.clone(),
+        panel: job.spec.panel.len(),
+    };
+    drop(job);
     tokio::spawn(async move {
         // The client left: stop now, wherever the task waits; the job goes on regardless.
         tokio::select! {
-            _ = drive(state, job, opts, &tx) => {}
+            _ = drive(state, shown, opts, &tx) => {}
             _ = tx.closed() => {}
         }
     });
@@ -91,10 +99,18 @@ async fn done(tx: &Tx) -> Result<(), Gone> {
     send(tx, Event::default().data("[DONE]")).await
 }
 
-async fn drive(state: AppState, job: Job, opts: StreamOptions, tx: &Tx) -> Result<(), Gone> {
+/// What a stream shows of its job.
+struct Shown {
+    id: Uuid,
+    model: String,
+    /// How many panel members it has.
+    panel: usize,
+}
+
+async fn drive(state: AppState, job: Shown, opts: StreamOptions, tx: &Tx) -> Result<(), Gone> {
     let id = format!("fusion-{}", job.id);
     let created = state.clock.now_ms() / 1000;
-    let model = job.spec.model.clone();
+    let model = job.model;
     let role =
         json!([{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": null}]);
     data(tx, &chunk(&id, created, &model, role)).await?;
@@ -112,7 +128,7 @@ async fn drive(state: AppState, job: Job, opts: StreamOptions, tx: &Tx) -> Resul
         // Progress is best effort: a failed read of the steps is made up at the next event.
         if let Ok(steps) = state.store.get_steps(job.id).await {
             for step in steps.iter().filter(|s| reported.insert(s.key)) {
-                send(tx, comment(&progress(&current, step))).await?;
+                send(tx, comment(&progress(job.panel, step))).await?;
             }
         }
         if current.status.is_final() {
@@ -121,6 +137,8 @@ async fn drive(state: AppState, job: Job, opts: StreamOptions, tx: &Tx) -> Resul
         if watcher.closed() {
             return fail(tx, &handed_back(&current)).await;
         }
+        // Not kept while waiting (see `fusion_job`).
+        drop(current);
         watcher.next().await;
     };
 
@@ -249,15 +267,10 @@ fn comment(text: &str) -> Event {
 }
 
 /// One progress comment line.
-fn progress(job: &Job, step: &Step) -> String {
+fn progress(panel: usize, step: &Step) -> String {
     let outcome = if step.ok { "completed" } else { "failed" };
     match step.key {
-        StepKey::Panel(i) => format!(
-            "fusion panel {}/{} {} {outcome}",
-            i + 1,
-            job.spec.panel.len(),
-            step.model
-        ),
+        StepKey::Panel(i) => format!("fusion panel {}/{panel} {} {outcome}", i + 1, step.model),
         StepKey::Analysis => format!("fusion analysis {outcome}"),
         StepKey::Final => format!("fusion final {outcome}"),
     }
