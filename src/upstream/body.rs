@@ -1,6 +1,8 @@
 //! An answer's body read with a bound, chunk by chunk, by both clients: the whole of a 2xx up to
 //! `MAX_ANSWER_BYTES` (past it the call fails for good), only the start of anything else.
 
+use std::time::Duration;
+
 use bytes::{Bytes, BytesMut};
 
 use super::{ErrorKind, UpstreamError};
@@ -15,6 +17,15 @@ pub const MAX_ANSWER_BYTES: usize = 16 << 20;
 /// How much of an error's body is kept: its message is the start of it (`upstream_message`
 /// shows 300 characters of a body that is not an OpenAI-style error). The rest is not read.
 pub const ERROR_BODY_KEPT: usize = 8 << 10;
+
+/// The longest an error's body is waited for, once its head came (less when the call's own
+/// timeout is short: half of it).
+const ERROR_BODY_WAIT: Duration = Duration::from_secs(5);
+
+/// How long an error's body is waited for on a call bounded by `timeout`.
+pub(super) fn error_body_wait(timeout: Duration) -> Duration {
+    ERROR_BODY_WAIT.min(timeout / 2)
+}
 
 /// A body as it is read.
 pub(super) struct Body {
@@ -62,6 +73,30 @@ impl Body {
 
     pub fn into_bytes(self) -> Bytes {
         self.read.freeze()
+    }
+
+    /// Run `read`, which fills this body and says whether it read it whole. An error's body is
+    /// only its message, so a read of it that fails, or takes longer than `wait`, ends it with
+    /// what came (`Ok(false)`: the connection is not to be used again): the status says what
+    /// failed. A 401 whose body broke or stalled is then the 401 it is, final, rather than a
+    /// broken connection, retried until the attempts or the whole-call timeout ran out.
+    pub async fn read_with(
+        is_error: bool,
+        wait: Duration,
+        read: impl Future<Output = Result<bool, UpstreamError>>,
+    ) -> Result<bool, UpstreamError> {
+        if !is_error {
+            return read.await;
+        }
+        match tokio::time::timeout(wait, read).await {
+            Ok(Ok(whole)) => Ok(whole),
+            Ok(Err(_)) | Err(_) => Ok(false),
+        }
+    }
+
+    /// Whether the answer's status is not a 2xx: only the start of its body is read.
+    pub fn is_error(&self) -> bool {
+        !self.ok
     }
 }
 

@@ -75,15 +75,18 @@ pub(super) struct PlainClient {
     /// How long a connection is kept idle.
     idle_for: Duration,
     connect_timeout: Duration,
+    /// How long an error's body is waited for (see `Body::read_with`).
+    error_wait: Duration,
 }
 
 impl PlainClient {
-    pub fn new(connect_timeout: Duration, max_idle: usize) -> PlainClient {
+    pub fn new(connect_timeout: Duration, max_idle: usize, error_wait: Duration) -> PlainClient {
         PlainClient {
             idle: Mutex::new(HashMap::new()),
             max_idle,
             idle_for: IDLE_FOR,
             connect_timeout,
+            error_wait,
         }
     }
 
@@ -123,19 +126,22 @@ impl PlainClient {
         let (parts, mut incoming) = response.into_parts();
         let status = parts.status.as_u16();
         let mut body = Body::new(status, incoming.size_hint().exact())?;
+        let is_error = body.is_error();
         // Dropped with the rest of the body unread (an error's, or one past the limit), the
         // connection is closed, not pooled.
-        let mut whole = true;
-        while let Some(frame) = incoming.frame().await {
-            let frame =
-                frame.map_err(|e| failed(ErrorKind::BadBody, format!("reading the body: {e}")))?;
-            if let Ok(chunk) = frame.into_data()
-                && !body.take(&chunk)?
-            {
-                whole = false;
-                break;
+        let read = async {
+            while let Some(frame) = incoming.frame().await {
+                let frame = frame
+                    .map_err(|e| failed(ErrorKind::BadBody, format!("reading the body: {e}")))?;
+                if let Ok(chunk) = frame.into_data()
+                    && !body.take(&chunk)?
+                {
+                    return Ok(false);
+                }
             }
-        }
+            Ok(true)
+        };
+        let whole = Body::read_with(is_error, self.error_wait, read).await?;
         if whole {
             self.checkin(origin, sender);
         }
@@ -296,6 +302,11 @@ mod tests {
         (Target::new(&uri.parse().unwrap()).unwrap(), seen)
     }
 
+    /// A client connecting within 1 s, keeping `max_idle` connections per origin.
+    fn client(max_idle: usize) -> PlainClient {
+        PlainClient::new(Duration::from_secs(1), max_idle, Duration::from_secs(1))
+    }
+
     async fn call(client: &PlainClient, uri: &Target) -> Answer {
         let headers = HeaderMap::new();
         client
@@ -307,7 +318,7 @@ mod tests {
     #[tokio::test]
     async fn idle_connections_are_reused() {
         let (uri, seen) = server(false, Duration::ZERO).await;
-        let client = PlainClient::new(Duration::from_secs(1), 8);
+        let client = client(8);
         for _ in 0..3 {
             let answer = call(&client, &uri).await;
             assert_eq!((answer.status, &answer.body[..]), (200, &b"ok"[..]));
@@ -318,7 +329,7 @@ mod tests {
     #[tokio::test]
     async fn a_connection_the_server_closed_is_not_used_again() {
         let (uri, seen) = server(true, Duration::ZERO).await;
-        let client = PlainClient::new(Duration::from_secs(1), 8);
+        let client = client(8);
         for _ in 0..3 {
             let answer = call(&client, &uri).await;
             assert_eq!(answer.status, 200);
@@ -341,7 +352,7 @@ mod tests {
     async fn the_pool_keeps_as_many_idle_connections_as_it_has_room_for() {
         for (max_idle, accepted) in [(6, 6), (2, 10)] {
             let (uri, seen) = server(false, Duration::from_millis(50)).await;
-            let client = PlainClient::new(Duration::from_secs(1), max_idle);
+            let client = client(max_idle);
             calls_at_once(&client, &uri, 6).await;
             calls_at_once(&client, &uri, 6).await;
             assert_eq!(
@@ -359,7 +370,7 @@ mod tests {
         let (uri, seen) = server(false, Duration::from_millis(20)).await;
         let client = PlainClient {
             idle_for: Duration::from_secs(2),
-            ..PlainClient::new(Duration::from_secs(1), 8)
+            ..client(8)
         };
         calls_at_once(&client, &uri, 4).await;
         // The last one back is used again and stays fresh; the three under it age.
@@ -385,7 +396,7 @@ mod tests {
     async fn a_body_past_the_limit_is_a_final_error() {
         let body = vec![b'x'; 20 << 20];
         let (base, _) = answering(chunked(&body, 64 << 10), Then::Close).await;
-        let client = PlainClient::new(Duration::from_secs(1), 8);
+        let client = client(8);
         let headers = HeaderMap::new();
         let err = client
             .post(&completions_at(&base), &headers, Bytes::new())
@@ -404,7 +415,7 @@ mod tests {
             b"HTTP/1.1 500 Internal Server Error\r\ncontent-length: 104857600\r\n\r\n".to_vec();
         answer.extend_from_slice(&[b'e'; 64 << 10]);
         let (base, _) = answering(answer, Then::Hold).await;
-        let client = PlainClient::new(Duration::from_secs(1), 8);
+        let client = client(8);
         let headers = HeaderMap::new();
         let uri = completions_at(&base);
         let call = client.post(&uri, &headers, Bytes::new());
@@ -423,7 +434,7 @@ mod tests {
         let pad = "a".repeat(5000);
         let answer = format!("HTTP/1.1 200 OK\r\nx-pad: {pad}\r\ncontent-length: 2\r\n\r\nok");
         let (base, _) = answering(answer, Then::Close).await;
-        let client = PlainClient::new(Duration::from_secs(1), 8);
+        let client = client(8);
         let answer = call(&client, &completions_at(&base)).await;
         assert_eq!((answer.status, &answer.body[..]), (200, &b"ok"[..]));
         assert_eq!(answer.headers["x-pad"], pad.as_str());
@@ -435,7 +446,7 @@ mod tests {
     async fn userinfo_is_neither_the_host_nor_the_connect_target() {
         let (base, heads) = answering(test_server::answer("200 OK", "ok"), Then::Close).await;
         let with_user = base.replace("http://", "http://user:secret@");
-        let client = PlainClient::new(Duration::from_secs(1), 8);
+        let client = client(8);
         let answer = call(&client, &completions_at(&with_user)).await;
         assert_eq!(answer.status, 200);
         let head = heads.lock().unwrap()[0].clone();
@@ -464,7 +475,7 @@ mod tests {
             .unwrap();
         let uri = Target::new(&uri).unwrap();
         drop(listener);
-        let client = PlainClient::new(Duration::from_secs(1), 8);
+        let client = client(8);
         let headers = HeaderMap::new();
         let err = client
             .post(&uri, &headers, Bytes::new())

@@ -97,6 +97,7 @@ impl Upstream {
             plain: h1::PlainClient::new(
                 Duration::from_secs(10).min(config.timeout),
                 config.max_idle_per_host,
+                body::error_body_wait(config.timeout),
             ),
             default_endpoint: Endpoint::of(&config.default, &proxies)?,
             endpoints,
@@ -110,6 +111,11 @@ impl Upstream {
     pub fn with_clock(mut self, clock: SharedClock) -> Upstream {
         self.clock = clock;
         self
+    }
+
+    /// How long an error's body is waited for (see `body::Body::read_with`).
+    fn error_wait(&self) -> Duration {
+        body::error_body_wait(self.config.timeout)
     }
 
     fn now(&self) -> SystemTime {
@@ -201,7 +207,7 @@ impl Upstream {
     ) -> Result<Answered, UpstreamError> {
         let Some(target) = &endpoint.plain else {
             let answer = self.post(endpoint, body, self.config.timeout).await?;
-            return read_ok(answer, self.now()).await;
+            return read_ok(answer, self.now(), self.error_wait()).await;
         };
         let call = self.plain.post(target, &endpoint.headers, body.into());
         let answer = tokio::time::timeout(self.config.timeout, call)
@@ -247,7 +253,7 @@ impl Upstream {
         body: Value,
     ) -> Result<(Value, Usage), UpstreamError> {
         let resp = self.send_within(model, body, self.config.timeout).await?;
-        let answered = read_ok(resp, self.now()).await?;
+        let answered = read_ok(resp, self.now(), self.error_wait()).await?;
         let status = answered.status;
         let value: Value = answered.parse(self.route(model).0)?;
         if !value.is_object() {
@@ -311,18 +317,28 @@ const RELAY_FOR: Duration = Duration::from_secs(24 * 3600);
 pub const DEPTH_HEADER: &str = "x-fusion-depth";
 
 /// The body of a 2xx answer (up to `MAX_ANSWER_BYTES`), or the classified error of any other
-/// (a `Retry-After` date measured from the answer's `Date`, else from `now`).
-async fn read_ok(mut resp: reqwest::Response, now: SystemTime) -> Result<Answered, UpstreamError> {
+/// (a `Retry-After` date measured from the answer's `Date`, else from `now`; its body waited for
+/// at most `error_wait`).
+async fn read_ok(
+    mut resp: reqwest::Response,
+    now: SystemTime,
+    error_wait: Duration,
+) -> Result<Answered, UpstreamError> {
     let status = resp.status().as_u16();
     let now = date_of(resp.headers()).unwrap_or(now);
     let retry_after = resp.headers().get(reqwest::header::RETRY_AFTER).cloned();
     let content_type = resp.headers().get(CONTENT_TYPE).cloned();
     let mut body = body::Body::new(status, resp.content_length())?;
-    while let Some(chunk) = resp.chunk().await.map_err(transport_error)? {
-        if !body.take(&chunk)? {
-            break;
+    let is_error = body.is_error();
+    let read = async {
+        while let Some(chunk) = resp.chunk().await.map_err(transport_error)? {
+            if !body.take(&chunk)? {
+                return Ok(false);
+            }
         }
-    }
+        Ok(true)
+    };
+    body::Body::read_with(is_error, error_wait, read).await?;
     ok_or_error(
         status,
         retry_after.as_ref(),

@@ -95,6 +95,35 @@ async fn an_error_body_is_read_only_as_far_as_its_message() {
     }
 }
 
+// A 401 whose body stalls, or breaks, after its start is the 401 it is: final, with what came
+// of its message, on either client. Before, it was a timeout or a broken body, both retried:
+// the bad key was sent again and again until the attempts ran out.
+#[tokio::test]
+async fn an_error_whose_body_stalls_or_breaks_is_its_status() {
+    let answer = "HTTP/1.1 401 Unauthorized\r\ncontent-length: 1000\r\n\r\n{\"error\": \"bad key";
+    for then in [Then::Hold, Then::Close] {
+        let (base, _) = answering(answer, then).await;
+        let up = upstream_at(&format!("{base}/v1"), None);
+        let started = Instant::now();
+        for result in on_both_clients(&up).await {
+            let err = result.unwrap_err();
+            assert_eq!(
+                (err.kind, err.status),
+                (ErrorKind::Auth, Some(401)),
+                "{err:?}"
+            );
+            assert!(!err.retryable());
+            assert!(
+                err.message
+                    .starts_with("upstream answered 401: {\"error\": \"bad key"),
+                "{err:?}"
+            );
+        }
+        // Both calls waited at most half the 2 s timeout for the rest of the body.
+        assert!(started.elapsed() < Duration::from_millis(3500));
+    }
+}
+
 // Another protocol on the upstream's port answers nothing a retry would make HTTP; a long
 // head is HTTP all the same. On either client.
 #[tokio::test]
