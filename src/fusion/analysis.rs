@@ -46,6 +46,48 @@ pub struct UniqueInsight {
     pub insight: String,
 }
 
+impl Analysis {
+    /// The analysis within `limits`: every list cut to `max_items`, every string to `max_text`
+    /// characters. The schema asks for these bounds, but a provider asked for JSON in
+    /// `json_object` or `prompt` mode (and some in `json_schema` mode) does not enforce them,
+    /// and the analysis is written into the final prompt and kept with the job.
+    pub fn bounded(mut self, limits: &AnalysisLimits) -> Analysis {
+        let items = usize::try_from(limits.max_items).unwrap_or(usize::MAX);
+        let chars = usize::try_from(limits.max_text).unwrap_or(usize::MAX);
+        let text = |s: &mut String| {
+            if let Some((cut, _)) = s.char_indices().nth(chars) {
+                s.truncate(cut);
+            }
+        };
+        let texts = |list: &mut Vec<String>| {
+            list.truncate(items);
+            list.iter_mut().for_each(text);
+        };
+        texts(&mut self.consensus);
+        texts(&mut self.blind_spots);
+        self.contradictions.truncate(items);
+        for c in &mut self.contradictions {
+            text(&mut c.topic);
+            c.stances.truncate(items);
+            for s in &mut c.stances {
+                text(&mut s.model);
+                text(&mut s.stance);
+            }
+        }
+        self.partial_coverage.truncate(items);
+        for p in &mut self.partial_coverage {
+            texts(&mut p.models);
+            text(&mut p.point);
+        }
+        self.unique_insights.truncate(items);
+        for u in &mut self.unique_insights {
+            text(&mut u.model);
+            text(&mut u.insight);
+        }
+        self
+    }
+}
+
 /// Why an analyst reply was not accepted.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum AnalysisError {
@@ -196,6 +238,36 @@ fn strip_fence(text: &str) -> &str {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    // Past the limits (a provider that does not enforce the schema's bounds): every list and
+    // string is cut to them, multi-byte characters whole.
+    #[test]
+    fn an_analysis_past_the_limits_is_cut_to_them() {
+        let limits = AnalysisLimits {
+            max_items: 2,
+            max_text: 3,
+            max_tokens: None,
+        };
+        let long = r#"{"consensus":["éééé","b","c"],
+            "contradictions":[{"topic":"topic","stances":[{"model":"m1","stance":"yes!"},
+                {"model":"m2","stance":"no"},{"model":"m3","stance":"?"}]},
+                {"topic":"t2","stances":[]},{"topic":"t3","stances":[]}],
+            "partial_coverage":[{"models":["abcd","b","c"],"point":"point"}],
+            "unique_insights":[{"model":"model","insight":"insight"},{"model":"m","insight":"i"},
+                {"model":"m","insight":"i"}],
+            "blind_spots":["a","b","c"]}"#;
+        let cut = parse(long).unwrap().bounded(&limits);
+        let want = r#"{"consensus":["ééé","b"],
+            "contradictions":[{"topic":"top","stances":[{"model":"m1","stance":"yes"},
+                {"model":"m2","stance":"no"}]},{"topic":"t2","stances":[]}],
+            "partial_coverage":[{"models":["abc","b"],"point":"poi"}],
+            "unique_insights":[{"model":"mod","insight":"ins"},{"model":"m","insight":"i"}],
+            "blind_spots":["a","b"]}"#;
+        assert_eq!(cut, parse(want).unwrap());
+        // Within them: unchanged.
+        let within = parse(GOOD).unwrap();
+        assert_eq!(within.clone().bounded(&limits), within);
+    }
 
     const GOOD: &str = r#"{"consensus":["a"],"contradictions":[{"topic":"t","stances":[{"model":"m","stance":"s"}]}],"partial_coverage":[{"models":["m"],"point":"p"}],"unique_insights":[{"model":"m","insight":"i"}],"blind_spots":[]}"#;
 

@@ -460,6 +460,7 @@ impl Pipeline {
                     latency_ms += c.latency_ms;
                     match analysis::parse(&c.content) {
                         Ok(a) => {
+                            let a = a.bounded(&formats.limits);
                             let step = Step {
                                 ok: true,
                                 data: JsonText::of(&a).ok(),
