@@ -338,7 +338,13 @@ impl StepKey {
     }
 }
 
-/// The checkpoint of one finished step: written once, never run again.
+/// The `error_code` a manual retry gives the failed steps it sets to run again. They are kept
+/// rather than deleted, so that what they were billed for still counts in the job's usage; the
+/// step's next run replaces the row and carries that usage into its own.
+pub const SUPERSEDED: &str = "superseded_by_retry";
+
+/// The checkpoint of one finished step: written once, never run again (but a failed step a
+/// manual retry superseded, see `SUPERSEDED`).
 #[derive(Debug, Clone, PartialEq)]
 pub struct Step {
     pub key: StepKey,
@@ -359,6 +365,13 @@ pub struct Step {
     /// The job attempt that wrote it.
     pub attempt: i32,
     pub created_at: i64,
+}
+
+impl Step {
+    /// Whether a manual retry set this failed step to run again (see `SUPERSEDED`).
+    pub fn superseded(&self) -> bool {
+        !self.ok && self.error_code.as_deref() == Some(SUPERSEDED)
+    }
 }
 
 /// A JSON value kept as its text: serialized once where it is made, written to the store and

@@ -13,7 +13,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use fusion::job::{
-    Job, JobSpec, JobStatus, JsonText, Lease, ListFilter, NewJob, StartHere, Step, StepKey, Usage,
+    Job, JobSpec, JobStatus, JsonText, Lease, ListFilter, NewJob, SUPERSEDED, StartHere, Step,
+    StepKey, Usage,
 };
 use fusion::store::{CancelOutcome, Enqueued, Held, JobEvent, RetryOutcome, Store};
 use fusion::testing::ScratchDatabase;
@@ -1266,12 +1267,12 @@ async fn retry_failed_keeps_ok_steps(store: Arc<dyn Store>) {
     let lease = lease_of(&claimed);
     let kept = ok_step(StepKey::Panel(0), 1);
     assert!(store.save_step(&lease, &kept).await.unwrap());
-    assert!(
-        store
-            .save_step(&lease, &failed_step(StepKey::Panel(1), 1))
-            .await
-            .unwrap()
-    );
+    // A failed step that was billed (an empty completion, say).
+    let failed = Step {
+        usage: Usage::of(100, 400, 0.5),
+        ..failed_step(StepKey::Panel(1), 1)
+    };
+    assert!(store.save_step(&lease, &failed).await.unwrap());
     assert!(
         store
             .fail(&lease, "panel_quorum", "only 1 of 2 answers", NOW + 1_000)
@@ -1297,7 +1298,16 @@ async fn retry_failed_keeps_ok_steps(store: Arc<dyn Store>) {
         }
     );
     assert_eq!(get(&store, job.id).await, requeued);
-    assert_eq!(store.get_steps(job.id).await.unwrap(), vec![kept.clone()]);
+    // The failed step is kept, marked to run again, its usage and the rest of it as they were.
+    let superseded = Step {
+        error_code: Some(SUPERSEDED.to_string()),
+        ..failed.clone()
+    };
+    assert!(superseded.superseded());
+    assert_eq!(
+        store.get_steps(job.id).await.unwrap(),
+        vec![kept.clone(), superseded.clone()]
+    );
 
     // Not failed any more: a second retry is refused.
     match store.retry_failed(job.id, t).await.unwrap() {
@@ -1305,11 +1315,15 @@ async fn retry_failed_keeps_ok_steps(store: Arc<dyn Store>) {
         other => panic!("expected NotFailed, got {other:?}"),
     }
 
-    // It runs again, and the kept checkpoint is still there; the failed step can be redone.
+    // It runs again, and the kept checkpoint is still there; the failed step is redone, its
+    // row replaced.
     let again = claim_one(&store, "w2", t).await;
     assert_eq!((again.id, again.attempt), (job.id, 2));
     let lease2 = lease_of(&again);
-    assert_eq!(store.get_steps(job.id).await.unwrap(), vec![kept.clone()]);
+    assert_eq!(
+        store.get_steps(job.id).await.unwrap(),
+        vec![kept.clone(), superseded]
+    );
     let redone = ok_step(StepKey::Panel(1), 2);
     assert!(store.save_step(&lease2, &redone).await.unwrap());
     assert_eq!(store.get_steps(job.id).await.unwrap(), vec![kept, redone]);

@@ -127,7 +127,8 @@ async fn drive(state: AppState, job: Shown, opts: StreamOptions, tx: &Tx) -> Res
         };
         // Progress is best effort: a failed read of the steps is made up at the next event.
         if let Ok(steps) = state.store.get_steps(job.id).await {
-            for step in steps.iter().filter(|s| reported.insert(s.key)) {
+            let shown = steps.iter().filter(|s| !s.superseded());
+            for step in shown.filter(|s| reported.insert(s.key)) {
                 send(tx, comment(&progress(job.panel, step))).await?;
             }
         }

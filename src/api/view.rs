@@ -27,45 +27,45 @@ pub fn summary(job: &Job) -> Value {
     })
 }
 
-/// The full form: summary plus panel, analysis, result and usage.
+/// The full form: summary plus panel, analysis, result and usage. Steps a manual retry
+/// superseded are shown as not run yet; their usage counts.
 pub fn full(job: &Job, steps: &[Step]) -> Value {
     let mut usage = Usage::default();
     for s in steps {
         usage.add(&s.usage);
     }
+    let shown = |key| steps.iter().find(|s| s.key == key && !s.superseded());
     let panel: Vec<Value> = job
         .spec
         .panel
         .iter()
         .enumerate()
-        .map(
-            |(i, model)| match steps.iter().find(|s| s.key == StepKey::Panel(i as u32)) {
-                Some(s) => json!({
-                    "index": i,
-                    "model": model,
-                    "status": if s.ok { "succeeded" } else { "failed" },
-                    "content": s.content,
-                    "usage": s.usage,
-                    "latency_ms": s.latency_ms,
-                    "error": s.error,
-                    "error_code": s.error_code,
-                    "status_code": s.status_code,
-                }),
-                None => json!({
-                    "index": i,
-                    "model": model,
-                    "status": if job.status.is_final() { "not_run" } else { "pending" },
-                    "content": null,
-                    "usage": null,
-                    "latency_ms": null,
-                    "error": null,
-                    "error_code": null,
-                    "status_code": null,
-                }),
-            },
-        )
+        .map(|(i, model)| match shown(StepKey::Panel(i as u32)) {
+            Some(s) => json!({
+                "index": i,
+                "model": model,
+                "status": if s.ok { "succeeded" } else { "failed" },
+                "content": s.content,
+                "usage": s.usage,
+                "latency_ms": s.latency_ms,
+                "error": s.error,
+                "error_code": s.error_code,
+                "status_code": s.status_code,
+            }),
+            None => json!({
+                "index": i,
+                "model": model,
+                "status": if job.status.is_final() { "not_run" } else { "pending" },
+                "content": null,
+                "usage": null,
+                "latency_ms": null,
+                "error": null,
+                "error_code": null,
+                "status_code": null,
+            }),
+        })
         .collect();
-    let analysis = steps.iter().find(|s| s.key == StepKey::Analysis);
+    let analysis = shown(StepKey::Analysis);
     let mut view = summary(job);
     let obj = view.as_object_mut().expect("summary is an object");
     obj.insert("analyst".into(), json!(job.spec.analyst));

@@ -144,7 +144,13 @@ impl Pipeline {
         let mut panel: Vec<Option<Step>> = vec![None; spec.panel.len()];
         let mut analysis_step = None;
         let mut final_step = None;
+        let mut carried = Carried::default();
         for step in done {
+            // Failed steps a manual retry set to run again: run, their usage carried over.
+            if step.superseded() {
+                carried.0.push((step.key, step.usage));
+                continue;
+            }
             match step.key {
                 StepKey::Panel(i) if (i as usize) < panel.len() => panel[i as usize] = Some(step),
                 StepKey::Panel(_) => {}
@@ -156,7 +162,7 @@ impl Pipeline {
         let mut may_pass = Vec::new();
         if panel.iter().any(Option::is_none) {
             match self
-                .run_panel(spec, job.attempt, &mut panel, saves, cancel)
+                .run_panel(spec, job.attempt, &mut panel, saves, &carried, cancel)
                 .await
             {
                 Ok(failures) => may_pass = failures,
@@ -217,10 +223,11 @@ impl Pipeline {
                         s == 200 || u16::try_from(s).is_ok_and(UpstreamError::status_may_pass)
                     }))
         };
-        let (analysis_step, replaced_usage) = match analysis_step {
+        let (analysis_step, mut replaced_usage) = match analysis_step {
             Some(a) if final_step.is_none() && remake(&a) => (None, a.usage),
             kept => (kept, Usage::default()),
         };
+        replaced_usage.add(&carried.of(StepKey::Analysis));
 
         // The analysis step's usage, and the analysis the final prompt is written from.
         let (analysis_usage, analysis) = match analysis_step {
@@ -251,7 +258,7 @@ impl Pipeline {
         let (final_step, unsaved) = match final_step {
             // Checkpointed: an answer, or a final failure (a retryable one is never written),
             // which ends this attempt as it ended the one that wrote it, without paying again.
-            // A manual retry deletes failed steps first, so that one calls again.
+            // A manual retry supersedes failed steps first, so that one calls again.
             Some(s) => (s, false),
             _ => {
                 // The analyst's provider is looked up only for a job that asked for a format.
@@ -274,9 +281,10 @@ impl Pipeline {
                 };
                 let (key, analyst, sink) = (StepKey::Final, &spec.analyst, saves.sink());
                 let call = self.call_step(key, analyst, &req, job.attempt, sink, cancel);
-                let Ok(Some((s, retryable))) = saves.alongside(Box::pin(call)).await else {
+                let Ok(Some((mut s, retryable))) = saves.alongside(Box::pin(call)).await else {
                     return Outcome::Stopped;
                 };
+                s.usage.add(&carried.of(StepKey::Final));
                 if retryable {
                     // Not checkpointed: the next attempt of the job writes this step afresh.
                     let (reason, error) = final_failure(&s);
@@ -344,6 +352,7 @@ impl Pipeline {
         attempt: i32,
         panel: &mut [Option<Step>],
         saves: &mut Saves<'_>,
+        carried: &Carried,
         cancel: &CancellationToken,
     ) -> Result<Vec<Step>, Outcome> {
         let mut pending = FuturesUnordered::new();
@@ -398,7 +407,8 @@ impl Pipeline {
                 return Err(Outcome::Stopped);
             };
             match next {
-                Some((i, Ok((step, retryable)))) => {
+                Some((i, Ok((mut step, retryable)))) => {
+                    step.usage.add(&carried.of(step.key));
                     ok += u32::from(step.ok);
                     match retryable {
                         true => may_pass.push(step.clone()),
@@ -413,13 +423,15 @@ impl Pipeline {
         // Members still out when the grace period ended are recorded as timed out.
         for (i, slot) in panel.iter_mut().enumerate() {
             if slot.is_none() {
+                let key = StepKey::Panel(i as u32);
                 let step = Step {
                     error_code: Some("panel_timeout".into()),
                     error: Some(format!(
                         "no answer within panel_timeout_ms after {} panel answers",
                         spec.min_panel
                     )),
-                    ..self.failed_step(StepKey::Panel(i as u32), &spec.panel[i], attempt)
+                    usage: carried.of(key),
+                    ..self.failed_step(key, &spec.panel[i], attempt)
                 };
                 saves.start(step.clone());
                 *slot = Some(step);
@@ -575,6 +587,22 @@ impl Pipeline {
             attempt,
             created_at: self.clock.now_ms(),
         }
+    }
+}
+
+/// The usage of the steps a manual retry superseded (`job::SUPERSEDED`), by step: each is added
+/// to the step that replaces its row, so that what it was billed for is still counted.
+#[derive(Default)]
+struct Carried(Vec<(StepKey, Usage)>);
+
+impl Carried {
+    fn of(&self, key: StepKey) -> Usage {
+        let mut usage = Usage::default();
+        self.0
+            .iter()
+            .filter(|(k, _)| *k == key)
+            .for_each(|(_, u)| usage.add(u));
+        usage
     }
 }
 

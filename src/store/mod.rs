@@ -274,8 +274,8 @@ pub trait Store: Send + Sync + 'static {
     async fn list_jobs(&self, filter: &ListFilter) -> Result<Vec<Job>>;
     async fn cancel(&self, id: Uuid, now: i64) -> Result<CancelOutcome>;
     /// Put a failed job back in the queue; its successful checkpoints are kept and reused, its
-    /// failed steps are forgotten so they run again. A job with a deadline gets its whole
-    /// deadline again, counted from `now`.
+    /// failed steps are marked superseded (`job::SUPERSEDED`) so they run again, their usage
+    /// still counted. A job with a deadline gets its whole deadline again, counted from `now`.
     async fn retry_failed(&self, id: Uuid, now: i64) -> Result<RetryOutcome>;
 
     /// Move up to `limit` runnable queued jobs to running under `owner`, highest priority

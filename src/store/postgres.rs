@@ -26,7 +26,8 @@ use super::{
     SpecRead, Store, StoreError, StoreOptions, ms, spec_from_text, status_from_db,
 };
 use crate::job::{
-    Job, JobStatus, JsonText, Lease, ListFilter, NewJob, StartHere, Step, StepKey, Usage,
+    Job, JobStatus, JsonText, Lease, ListFilter, NewJob, SUPERSEDED, StartHere, Step, StepKey,
+    Usage,
 };
 
 /// Take the next `$4` runnable queued jobs, in priority then `run_at` order, under a lease.
@@ -672,8 +673,10 @@ impl Store for PgStore {
                 .await?;
                 let requeued = done.rows_affected() == 1;
                 if requeued {
-                    sqlx::query("DELETE FROM steps WHERE job_id = $1 AND NOT ok")
+                    // Kept, to be replaced when they run again (see `job::SUPERSEDED`).
+                    sqlx::query("UPDATE steps SET error_code = $2 WHERE job_id = $1 AND NOT ok")
                         .bind(id)
+                        .bind(SUPERSEDED)
                         .execute(&mut *tx)
                         .await?;
                 }

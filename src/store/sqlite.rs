@@ -24,7 +24,8 @@ use super::{
     SpecRead, Store, StoreError, ms, spec_from_text, status_from_db,
 };
 use crate::job::{
-    Job, JobStatus, JsonText, Lease, ListFilter, NewJob, StartHere, Step, StepKey, Usage,
+    Job, JobStatus, JsonText, Lease, ListFilter, NewJob, SUPERSEDED, StartHere, Step, StepKey,
+    Usage,
 };
 
 /// Rows buffered between SQLite's thread and the caller: more than the largest batch returns.
@@ -423,8 +424,10 @@ impl Store for SqliteStore {
         .execute(&mut *tx)
         .await?;
         if done.rows_affected() == 1 {
-            sqlx::query("DELETE FROM steps WHERE job_id = ? AND ok = 0")
+            // Kept, to be replaced when they run again (see `job::SUPERSEDED`).
+            sqlx::query("UPDATE steps SET error_code = ?2 WHERE job_id = ?1 AND ok = 0")
                 .bind(id.to_string())
+                .bind(SUPERSEDED)
                 .execute(&mut *tx)
                 .await?;
         }

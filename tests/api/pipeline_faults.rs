@@ -721,3 +721,42 @@ async fn each_provider_gets_the_analysis_schema_in_its_own_structured_output_mod
         5
     );
 }
+
+// A manual retry runs a failed step again, but what the failed try was billed for (an empty
+// completion, here) still counts: in the step that replaced it and in the job's usage. While
+// the job waits to run again, the member shows as pending, and its usage is counted already.
+// Before, the retry deleted the failed step, and its tokens with it.
+#[tokio::test]
+async fn a_retry_keeps_the_usage_of_the_failed_steps_it_runs_again() {
+    let app = spawn_app().await;
+    let empty = r#"{"choices": [{"message": {"content": ""}, "finish_reason": "length"}],
+        "usage": {"prompt_tokens": 100, "completion_tokens": 400, "cost": 0.5}}"#;
+    app.fake
+        .script("m2", Kind::Panel, vec![Reply::RawOk(empty), Reply::Ok]);
+    let mut body = body_with_panel(&["m1", "m2"], "judge");
+    body["plugins"][0]["min_panel"] = 2.into();
+    let id = app.submit_ok(&body).await;
+    let job = app.wait_final(&id, 10).await;
+    assert_eq!(job["failure_reason"], "insufficient_quorum", "{job:#}");
+    assert_eq!(job["usage"]["prompt_tokens"], 110, "{job:#}");
+
+    let resp = app.post(&format!("/v1/jobs/{id}/retry")).await;
+    assert_eq!(resp.status(), 202);
+    let requeued: Value = resp.json().await.unwrap();
+    assert_eq!(requeued["panel"][1]["status"], "pending", "{requeued:#}");
+    assert_eq!(requeued["usage"]["prompt_tokens"], 110, "{requeued:#}");
+
+    let job = app.wait_final(&id, 10).await;
+    assert_eq!(job["status"], "succeeded", "{job:#}");
+    assert_eq!(app.fake.calls("m2", Kind::Panel), 2);
+    assert_eq!(job["panel"][1]["usage"]["prompt_tokens"], 110, "{job:#}");
+    assert_eq!(
+        job["panel"][1]["usage"]["completion_tokens"], 405,
+        "{job:#}"
+    );
+    // m1, both of m2's calls, the analysis and the final.
+    for usage in [&job["usage"], &job["result"]["usage"]] {
+        assert_eq!(usage["prompt_tokens"], 10 + 110 + 10 + 10, "{job:#}");
+        assert_eq!(usage["completion_tokens"], 5 + 405 + 5 + 5, "{job:#}");
+    }
+}
