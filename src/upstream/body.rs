@@ -75,23 +75,16 @@ impl Body {
         self.read.freeze()
     }
 
-    /// Run `read`, which fills this body and says whether it read it whole. An error's body is
-    /// only its message, so a read of it that fails, or takes longer than `wait`, ends it with
-    /// what came (`Ok(false)`: the connection is not to be used again): the status says what
-    /// failed. A 401 whose body broke or stalled is then the 401 it is, final, rather than a
-    /// broken connection, retried until the attempts or the whole-call timeout ran out.
-    pub async fn read_with(
-        is_error: bool,
+    /// Run `read`, which fills an error's body and says whether it read it whole. An error's
+    /// body is only its message, so a read of it that fails, or takes longer than `wait`, ends
+    /// it with what came (`false`: the connection is not to be used again): the status says
+    /// what failed. A 401 whose body broke or stalled is then the 401 it is, final, rather than
+    /// a broken connection, retried until the attempts or the whole-call timeout ran out.
+    pub async fn read_error(
         wait: Duration,
         read: impl Future<Output = Result<bool, UpstreamError>>,
-    ) -> Result<bool, UpstreamError> {
-        if !is_error {
-            return read.await;
-        }
-        match tokio::time::timeout(wait, read).await {
-            Ok(Ok(whole)) => Ok(whole),
-            Ok(Err(_)) | Err(_) => Ok(false),
-        }
+    ) -> bool {
+        matches!(tokio::time::timeout(wait, read).await, Ok(Ok(true)))
     }
 
     /// Whether the answer's status is not a 2xx: only the start of its body is read.

@@ -75,25 +75,34 @@ pub(super) struct PlainClient {
     /// How long a connection is kept idle.
     idle_for: Duration,
     connect_timeout: Duration,
-    /// How long an error's body is waited for (see `Body::read_with`).
+    /// How long a call may take until its answer's head, and a 2xx's body, are in.
+    call_timeout: Duration,
+    /// How long an error's body is waited for once its head is in (see `Body::read_error`),
+    /// whatever is left of `call_timeout`: the status is known, and is the answer.
     error_wait: Duration,
 }
 
 impl PlainClient {
-    pub fn new(connect_timeout: Duration, max_idle: usize, error_wait: Duration) -> PlainClient {
+    pub fn new(
+        connect_timeout: Duration,
+        max_idle: usize,
+        call_timeout: Duration,
+        error_wait: Duration,
+    ) -> PlainClient {
         PlainClient {
             idle: Mutex::new(HashMap::new()),
             max_idle,
             idle_for: IDLE_FOR,
             connect_timeout,
+            call_timeout,
             error_wait,
         }
     }
 
     /// POST `body` to `target` with `headers`, and read the answer: a 2xx whole (up to
     /// `MAX_ANSWER_BYTES`, past which the call fails), the start of any other (see
-    /// `body::Body`). No timeout of its own beyond connecting: the caller bounds the whole
-    /// exchange.
+    /// `body::Body`). The head, and a 2xx's body, within the call timeout; an error's body
+    /// within its own wait.
     pub async fn post(
         &self,
         target: &Target,
@@ -109,20 +118,34 @@ impl PlainClient {
             req.headers_mut().extend(headers.clone());
             Ok(req)
         };
-        let (mut sender, reused) = match self.checkout(origin).await {
-            Some(sender) => (sender, true),
-            None => (self.connect(origin).await?, false),
+        let deadline = tokio::time::Instant::now() + self.call_timeout;
+        let late = || {
+            let within = self.call_timeout.as_secs_f64();
+            failed(
+                ErrorKind::Timeout,
+                format!("no whole answer within {within} s"),
+            )
         };
-        let response = match sender.send_request(request()?).await {
-            Ok(r) => r,
-            // The server closed the pooled connection before the request went out (it was
-            // never sent): once more, on a fresh connection.
-            Err(e) if reused && e.is_canceled() => {
-                sender = self.connect(origin).await?;
-                sender.send_request(request()?).await.map_err(call_error)?
-            }
-            Err(e) => return Err(call_error(e)),
+        let head = async {
+            let (mut sender, reused) = match self.checkout(origin).await {
+                Some(sender) => (sender, true),
+                None => (self.connect(origin).await?, false),
+            };
+            let response = match sender.send_request(request()?).await {
+                Ok(r) => r,
+                // The server closed the pooled connection before the request went out (it was
+                // never sent): once more, on a fresh connection.
+                Err(e) if reused && e.is_canceled() => {
+                    sender = self.connect(origin).await?;
+                    sender.send_request(request()?).await.map_err(call_error)?
+                }
+                Err(e) => return Err(call_error(e)),
+            };
+            Ok((sender, response))
         };
+        let (sender, response) = tokio::time::timeout_at(deadline, head)
+            .await
+            .map_err(|_| late())??;
         let (parts, mut incoming) = response.into_parts();
         let status = parts.status.as_u16();
         let mut body = Body::new(status, incoming.size_hint().exact())?;
@@ -141,7 +164,12 @@ impl PlainClient {
             }
             Ok(true)
         };
-        let whole = Body::read_with(is_error, self.error_wait, read).await?;
+        let whole = match is_error {
+            true => Body::read_error(self.error_wait, read).await,
+            false => tokio::time::timeout_at(deadline, read)
+                .await
+                .map_err(|_| late())??,
+        };
         if whole {
             self.checkin(origin, sender);
         }
@@ -302,9 +330,11 @@ mod tests {
         (Target::new(&uri.parse().unwrap()).unwrap(), seen)
     }
 
-    /// A client connecting within 1 s, keeping `max_idle` connections per origin.
+    /// A client connecting within 1 s, keeping `max_idle` connections per origin, with a 30 s
+    /// call timeout and a 1 s wait for an error's body.
     fn client(max_idle: usize) -> PlainClient {
-        PlainClient::new(Duration::from_secs(1), max_idle, Duration::from_secs(1))
+        let secs = Duration::from_secs;
+        PlainClient::new(secs(1), max_idle, secs(30), secs(1))
     }
 
     async fn call(client: &PlainClient, uri: &Target) -> Answer {

@@ -97,6 +97,7 @@ impl Upstream {
             plain: h1::PlainClient::new(
                 Duration::from_secs(10).min(config.timeout),
                 config.max_idle_per_host,
+                config.timeout,
                 body::error_body_wait(config.timeout),
             ),
             default_endpoint: Endpoint::of(&config.default, &proxies)?,
@@ -113,7 +114,7 @@ impl Upstream {
         self
     }
 
-    /// How long an error's body is waited for (see `body::Body::read_with`).
+    /// How long an error's body is waited for (see `body::Body::read_error`).
     fn error_wait(&self) -> Duration {
         body::error_body_wait(self.config.timeout)
     }
@@ -199,7 +200,7 @@ impl Upstream {
 
     /// POST a completion request to `provider` and read the answer whole: the body of a 2xx,
     /// or the classified error of anything else. Plain-HTTP upstreams go through the lean
-    /// client (bounded by the same whole-call timeout), the rest through reqwest.
+    /// client (which applies the same whole-call timeout), the rest through reqwest.
     async fn exchange(
         &self,
         endpoint: &Endpoint,
@@ -209,19 +210,10 @@ impl Upstream {
             let answer = self.post(endpoint, body, self.config.timeout).await?;
             return read_ok(answer, self.now(), self.error_wait()).await;
         };
-        let call = self.plain.post(target, &endpoint.headers, body.into());
-        let answer = tokio::time::timeout(self.config.timeout, call)
-            .await
-            .map_err(|_| {
-                UpstreamError::new(
-                    ErrorKind::Timeout,
-                    None,
-                    format!(
-                        "upstream call failed: no whole answer within {} s",
-                        self.config.timeout.as_secs_f64()
-                    ),
-                )
-            })??;
+        let answer = self
+            .plain
+            .post(target, &endpoint.headers, body.into())
+            .await?;
         let mut headers = answer.headers;
         let content_type = headers.remove(CONTENT_TYPE);
         let retry_after = headers.get(hyper::header::RETRY_AFTER);
@@ -338,7 +330,10 @@ async fn read_ok(
         }
         Ok(true)
     };
-    body::Body::read_with(is_error, error_wait, read).await?;
+    match is_error {
+        true => _ = body::Body::read_error(error_wait, read).await,
+        false => _ = read.await?,
+    }
     ok_or_error(
         status,
         retry_after.as_ref(),

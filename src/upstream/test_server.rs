@@ -35,6 +35,15 @@ pub enum Then {
 
 /// Listen on 127.0.0.1:0 and answer every request with `answer`; returns `http://ADDR`.
 pub async fn answering(answer: impl Into<Bytes>, then: Then) -> (String, Heads) {
+    answering_after(Duration::ZERO, answer, then).await
+}
+
+/// `answering`, each answer written `after` its request came.
+pub async fn answering_after(
+    after: Duration,
+    answer: impl Into<Bytes>,
+    then: Then,
+) -> (String, Heads) {
     let answer: Bytes = answer.into();
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let base = format!("http://{}", listener.local_addr().unwrap());
@@ -49,6 +58,7 @@ pub async fn answering(answer: impl Into<Bytes>, then: Then) -> (String, Heads) 
                     return;
                 };
                 seen.lock().unwrap().push(head);
+                tokio::time::sleep(after).await;
                 // The client may hang up part way (a capped body): that ends the answer.
                 if socket.write_all(&answer).await.is_err() {
                     return;

@@ -3,7 +3,7 @@
 //! odd `usage` fields, credentials in the base URL.
 
 use super::*;
-use test_server::{Then, answering, chunked, trickling, upstream_at};
+use test_server::{Then, answering, answering_after, chunked, trickling, upstream_at};
 
 fn ask() -> CompletionRequest<'static> {
     CompletionRequest {
@@ -121,6 +121,18 @@ async fn an_error_whose_body_stalls_or_breaks_is_its_status() {
         }
         // Both calls waited at most half the 2 s timeout for the rest of the body.
         assert!(started.elapsed() < Duration::from_millis(3500));
+    }
+    // Its head late in the call's 2 s, its body then stalled: still the 401, once its own wait
+    // is over, on either client (the lean one used to end it as the whole call's timeout).
+    let (base, _) = answering_after(Duration::from_millis(1500), answer, Then::Hold).await;
+    let up = upstream_at(&format!("{base}/v1"), None);
+    for result in on_both_clients(&up).await {
+        let err = result.unwrap_err();
+        assert_eq!(
+            (err.kind, err.status),
+            (ErrorKind::Auth, Some(401)),
+            "{err:?}"
+        );
     }
 }
 
