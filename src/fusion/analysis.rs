@@ -46,19 +46,28 @@ pub struct UniqueInsight {
     pub insight: String,
 }
 
+/// The longest a model label in the analysis is kept: a model name (at most
+/// `MAX_MODEL_NAME_CHARS`) and what `prompts` adds to tell samples apart, with room to spare.
+const MAX_LABEL_CHARS: usize = crate::job::MAX_MODEL_NAME_CHARS + 40;
+
 impl Analysis {
     /// The analysis within `limits`: every list cut to `max_items`, every string to `max_text`
     /// characters. The schema asks for these bounds, but a provider asked for JSON in
     /// `json_object` or `prompt` mode (and some in `json_schema` mode) does not enforce them,
     /// and the analysis is written into the final prompt and kept with the job.
+    /// Model labels are not texts: they are cut only past the longest a label can be (a model
+    /// name and its sample number, see `prompts`), or an analysis of long model names (longer
+    /// than a short `max_text`) could no longer say which model said what.
     pub fn bounded(mut self, limits: &AnalysisLimits) -> Analysis {
         let items = usize::try_from(limits.max_items).unwrap_or(usize::MAX);
         let chars = usize::try_from(limits.max_text).unwrap_or(usize::MAX);
-        let text = |s: &mut String| {
-            if let Some((cut, _)) = s.char_indices().nth(chars) {
-                s.truncate(cut);
+        let cut = |s: &mut String, chars: usize| {
+            if let Some((at, _)) = s.char_indices().nth(chars) {
+                s.truncate(at);
             }
         };
+        let text = |s: &mut String| cut(s, chars);
+        let label = |s: &mut String| cut(s, MAX_LABEL_CHARS);
         let texts = |list: &mut Vec<String>| {
             list.truncate(items);
             list.iter_mut().for_each(text);
@@ -70,18 +79,19 @@ impl Analysis {
             text(&mut c.topic);
             c.stances.truncate(items);
             for s in &mut c.stances {
-                text(&mut s.model);
+                label(&mut s.model);
                 text(&mut s.stance);
             }
         }
         self.partial_coverage.truncate(items);
         for p in &mut self.partial_coverage {
-            texts(&mut p.models);
+            p.models.truncate(items);
+            p.models.iter_mut().for_each(label);
             text(&mut p.point);
         }
         self.unique_insights.truncate(items);
         for u in &mut self.unique_insights {
-            text(&mut u.model);
+            label(&mut u.model);
             text(&mut u.insight);
         }
         self
@@ -257,13 +267,22 @@ mod tests {
                 {"model":"m","insight":"i"}],
             "blind_spots":["a","b","c"]}"#;
         let cut = parse(long).unwrap().bounded(&limits);
+        // Model labels are not cut to `max_text`: they name who said what.
         let want = r#"{"consensus":["ééé","b"],
             "contradictions":[{"topic":"top","stances":[{"model":"m1","stance":"yes"},
                 {"model":"m2","stance":"no"}]},{"topic":"t2","stances":[]}],
-            "partial_coverage":[{"models":["abc","b"],"point":"poi"}],
-            "unique_insights":[{"model":"mod","insight":"ins"},{"model":"m","insight":"i"}],
+            "partial_coverage":[{"models":["abcd","b"],"point":"poi"}],
+            "unique_insights":[{"model":"model","insight":"ins"},{"model":"m","insight":"i"}],
             "blind_spots":["a","b"]}"#;
         assert_eq!(cut, parse(want).unwrap());
+        // Only past the longest a label can be.
+        let name = "n".repeat(MAX_LABEL_CHARS + 5);
+        let long_label = format!(
+            r#"{{"consensus":[],"contradictions":[],"partial_coverage":[],
+                "unique_insights":[{{"model":"{name}","insight":"i"}}],"blind_spots":[]}}"#
+        );
+        let cut = parse(&long_label).unwrap().bounded(&limits);
+        assert_eq!(cut.unique_insights[0].model.len(), MAX_LABEL_CHARS);
         // Within them: unchanged.
         let within = parse(GOOD).unwrap();
         assert_eq!(within.clone().bounded(&limits), within);
