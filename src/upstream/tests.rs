@@ -21,6 +21,13 @@ async fn on_both_clients(up: &Upstream) -> [Result<Usage, UpstreamError>; 2] {
     [lean, reqwest]
 }
 
+/// The error of a call that must have failed as `kind` with `status`.
+fn failed_as(result: Result<Usage, UpstreamError>, kind: ErrorKind, status: u16) -> UpstreamError {
+    let err = result.expect_err("the call fails");
+    assert_eq!((err.kind, err.status), (kind, Some(status)), "{err:?}");
+    err
+}
+
 /// `on_both_clients` against a server answering every call `200` with the JSON `body`.
 async fn on_both_clients_answered(body: &str) -> [Result<Usage, UpstreamError>; 2] {
     let answer = format!(
@@ -82,12 +89,7 @@ async fn an_error_body_is_read_only_as_far_as_its_message() {
     let (base, _) = answering(answer, Then::Hold).await;
     let up = upstream_at(&format!("{base}/v1"), None);
     for result in on_both_clients(&up).await {
-        let err = result.unwrap_err();
-        assert_eq!(
-            (err.kind, err.status),
-            (ErrorKind::Server, Some(500)),
-            "{err:?}"
-        );
+        let err = failed_as(result, ErrorKind::Server, 500);
         assert!(
             err.message
                 .starts_with("upstream answered 500: {\"error\": \"overloaded...")
@@ -106,12 +108,7 @@ async fn an_error_whose_body_stalls_or_breaks_is_its_status() {
         let up = upstream_at(&format!("{base}/v1"), None);
         let started = Instant::now();
         for result in on_both_clients(&up).await {
-            let err = result.unwrap_err();
-            assert_eq!(
-                (err.kind, err.status),
-                (ErrorKind::Auth, Some(401)),
-                "{err:?}"
-            );
+            let err = failed_as(result, ErrorKind::Auth, 401);
             assert!(!err.retryable());
             assert!(
                 err.message
@@ -127,12 +124,7 @@ async fn an_error_whose_body_stalls_or_breaks_is_its_status() {
     let (base, _) = answering_after(Duration::from_millis(1500), answer, Then::Hold).await;
     let up = upstream_at(&format!("{base}/v1"), None);
     for result in on_both_clients(&up).await {
-        let err = result.unwrap_err();
-        assert_eq!(
-            (err.kind, err.status),
-            (ErrorKind::Auth, Some(401)),
-            "{err:?}"
-        );
+        failed_as(result, ErrorKind::Auth, 401);
     }
 }
 
