@@ -485,6 +485,11 @@ async fn enqueue_get_round_trip(store: Arc<dyn Store>) {
     assert_eq!(store.get_job(plain.id).await.unwrap(), Some(expected));
 
     assert_eq!(store.get_job(Uuid::now_v7()).await.unwrap(), None);
+    assert_eq!(
+        store.job_status(full.id).await.unwrap(),
+        Some(JobStatus::Queued)
+    );
+    assert_eq!(store.job_status(Uuid::now_v7()).await.unwrap(), None);
     assert_eq!(store.get_steps(full.id).await.unwrap(), Vec::<Step>::new());
     assert_eq!(
         store.get_steps(Uuid::now_v7()).await.unwrap(),
@@ -1280,6 +1285,8 @@ async fn retry_failed_keeps_ok_steps(store: Arc<dyn Store>) {
             .unwrap()
     );
 
+    let status = async |id| store.job_status(id).await.unwrap().unwrap();
+    assert_eq!(status(job.id).await, JobStatus::Failed);
     let t = NOW + 10_000;
     let requeued = match store.retry_failed(job.id, t).await.unwrap() {
         RetryOutcome::Requeued(job) => job,
@@ -1317,8 +1324,10 @@ async fn retry_failed_keeps_ok_steps(store: Arc<dyn Store>) {
 
     // It runs again, and the kept checkpoint is still there; the failed step is redone, its
     // row replaced.
+    assert_eq!(status(job.id).await, JobStatus::Queued);
     let again = claim_one(&store, "w2", t).await;
     assert_eq!((again.id, again.attempt), (job.id, 2));
+    assert_eq!(status(job.id).await, JobStatus::Running);
     let lease2 = lease_of(&again);
     assert_eq!(
         store.get_steps(job.id).await.unwrap(),
@@ -1340,6 +1349,7 @@ async fn retry_failed_keeps_ok_steps(store: Arc<dyn Store>) {
             .unwrap()
     );
     let succeeded = get(&store, job.id).await;
+    assert_eq!(status(job.id).await, JobStatus::Succeeded);
     match store.retry_failed(job.id, t + 2).await.unwrap() {
         RetryOutcome::NotFailed(j) => assert_eq!(j, succeeded),
         other => panic!("expected NotFailed, got {other:?}"),

@@ -118,28 +118,31 @@ async fn drive(state: AppState, job: Shown, opts: StreamOptions, tx: &Tx) -> Res
 
     let mut watcher = state.watch.watch(job.id);
     let mut reported = HashSet::new();
+    let store = state.store.as_ref();
     let finished = loop {
         // Failed reads are retried for a while; a database down for longer ends the stream
-        // with an error that names the job.
-        let current = match watcher.read(state.store.as_ref()).await {
-            Ok(current) => current,
+        // with an error that names the job. The status until it is final, the job once then.
+        let status = match watcher.read_status(store).await {
+            Ok(status) => status,
             Err(lost) => return fail(tx, &lost).await,
         };
         // Progress is best effort: a failed read of the steps is made up at the next event.
-        if let Ok(steps) = state.store.get_steps(job.id).await {
+        if let Ok(steps) = store.get_steps(job.id).await {
             let shown = steps.iter().filter(|s| !s.superseded());
             for step in shown.filter(|s| reported.insert(s.key)) {
                 send(tx, comment(&progress(job.panel, step))).await?;
             }
         }
-        if current.status.is_final() {
-            break current;
-        }
-        if watcher.closed() {
+        if status.is_final() || watcher.closed() {
+            let current = match watcher.read(store).await {
+                Ok(current) => current,
+                Err(lost) => return fail(tx, &lost).await,
+            };
+            if current.status.is_final() {
+                break current;
+            }
             return fail(tx, &handed_back(&current)).await;
         }
-        // Not kept while waiting (see `fusion_job`).
-        drop(current);
         watcher.next().await;
     };
 

@@ -16,7 +16,7 @@ use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use super::ApiError;
-use crate::job::{Job, Step};
+use crate::job::{Job, JobStatus, Step};
 use crate::store::{JobEvent, Store, StoreError};
 use crate::worker::{Patience, retry_db};
 
@@ -140,6 +140,18 @@ impl Watcher {
         };
         ride_out(&self.closed, self.outage, self.id, read).await
     }
+
+    /// The job's status as stored now, read as `read` reads the job (failures ridden out), but
+    /// without the rest of it: what a wait re-reads on every event and every fallback tick.
+    pub async fn read_status(&self, store: &dyn Store) -> Result<JobStatus, ApiError> {
+        let read = || async {
+            store
+                .job_status(self.id)
+                .await?
+                .ok_or_else(|| StoreError::Corrupt(format!("job {} vanished", self.id)))
+        };
+        ride_out(&self.closed, self.outage, self.id, read).await
+    }
 }
 
 /// `read` of job `id`, a failure retried with backoff for up to `outage` (or until `closed`);
@@ -194,9 +206,9 @@ impl Drop for Watcher {
 pub async fn wait_final(watch: &JobWatch, store: &dyn Store, id: Uuid) -> Result<Job, ApiError> {
     let mut watcher = watch.watch(id);
     loop {
-        let job = watcher.read(store).await?;
-        if job.status.is_final() || watcher.closed() {
-            return Ok(job);
+        // The status until it is final; the whole job once, at the end.
+        if watcher.read_status(store).await?.is_final() || watcher.closed() {
+            return watcher.read(store).await;
         }
         // Step events do not finish a job; skip them rather than re-reading on each.
         while let Some(event) = watcher.next().await {

@@ -259,6 +259,11 @@ pub trait Store: Send + Sync + 'static {
     /// as it is.
     async fn enqueue(&self, job: NewJob, start: Option<StartHere>) -> Result<Enqueued>;
     async fn get_job(&self, id: Uuid) -> Result<Option<Job>>;
+    /// A job's status alone, for a wait that re-reads it until it is final: no request (its
+    /// messages, possibly megabytes) read or parsed each time. `None` when there is no such job.
+    async fn job_status(&self, id: Uuid) -> Result<Option<JobStatus>> {
+        Ok(self.get_job(id).await?.map(|job| job.status))
+    }
     /// The newest job made from a request with this hash (`NewJob::request_hash`) at or after
     /// `since` (ms) that is queued, running, or finished at or after `finished_since`: an
     /// OpenAI SDK's automatic retry of a call it gave up waiting on finds the job the first

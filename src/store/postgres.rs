@@ -569,6 +569,14 @@ impl Store for PgStore {
         self.fetch_job(id).await
     }
 
+    async fn job_status(&self, id: Uuid) -> Result<Option<JobStatus>> {
+        let query = sqlx::query_scalar("SELECT status FROM jobs WHERE id = $1").bind(id);
+        let status: Option<String> = self
+            .bounded(async |c| Ok(query.fetch_optional(c).await?))
+            .await?;
+        status.as_deref().map(status_from_db).transpose()
+    }
+
     async fn find_by_request(
         &self,
         request_hash: &str,

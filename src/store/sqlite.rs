@@ -325,6 +325,14 @@ impl Store for SqliteStore {
         .await
     }
 
+    async fn job_status(&self, id: Uuid) -> Result<Option<JobStatus>> {
+        let status: Option<String> = sqlx::query_scalar("SELECT status FROM jobs WHERE id = ?")
+            .bind(id.to_string())
+            .fetch_optional(&self.pool)
+            .await?;
+        status.as_deref().map(status_from_db).transpose()
+    }
+
     async fn find_by_request(
         &self,
         request_hash: &str,

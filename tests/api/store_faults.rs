@@ -47,8 +47,10 @@ pub(crate) struct Faulty {
     pub(crate) step_reads_left: AtomicUsize,
     /// Set: a job's steps do not read (as a step key written by a newer build would not).
     steps_unreadable: AtomicBool,
-    /// Every `get_job` call, failed or not.
+    /// Every read of a job (`get_job`, `job_status`), failed or not.
     pub(crate) reads: AtomicUsize,
+    /// Every read of a whole job (`get_job`), failed or not.
+    pub(crate) whole_reads: AtomicUsize,
     enqueues_left: AtomicUsize,
     claims_left: AtomicUsize,
     /// Until this is cancelled, every hand-back of a claim fails, not reaching the database.
@@ -129,6 +131,7 @@ impl Faulty {
             step_reads_left: AtomicUsize::new(faults.step_reads),
             steps_unreadable: AtomicBool::new(false),
             reads: AtomicUsize::new(0),
+            whole_reads: AtomicUsize::new(0),
             enqueues_left: AtomicUsize::new(faults.enqueues),
             claims_left: AtomicUsize::new(faults.claims),
             releases_fail_until: Mutex::new(None),
@@ -146,6 +149,15 @@ impl Faulty {
             started_at_submit: AtomicUsize::new(0),
             claims: Gate::default(),
             heartbeats: Gate::default(),
+        }
+    }
+
+    /// A read of a job: counted, and failed while `reads` faults are left.
+    fn read_fault(&self) -> Result<()> {
+        self.reads.fetch_add(1, Ordering::SeqCst);
+        match Self::take(&self.reads_left) {
+            true => Err(connection_reset()),
+            false => Ok(()),
         }
     }
 
@@ -199,11 +211,13 @@ impl Store for Faulty {
         Self::unconfirm(&self.enqueues_left, answer)
     }
     async fn get_job(&self, id: Uuid) -> Result<Option<Job>> {
-        self.reads.fetch_add(1, Ordering::SeqCst);
-        if Self::take(&self.reads_left) {
-            return Err(connection_reset());
-        }
+        self.whole_reads.fetch_add(1, Ordering::SeqCst);
+        self.read_fault()?;
         self.inner.get_job(id).await
+    }
+    async fn job_status(&self, id: Uuid) -> Result<Option<JobStatus>> {
+        self.read_fault()?;
+        self.inner.job_status(id).await
     }
     async fn find_by_request(
         &self,

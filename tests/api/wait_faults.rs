@@ -192,3 +192,28 @@ async fn the_fusion_tool_rides_out_a_failed_read_of_its_jobs_steps() {
     );
     assert_eq!(store.step_reads_left.load(Ordering::SeqCst), 0);
 }
+
+// A wait re-reads its job's status on every event and every fallback tick (1 s), and the whole
+// job (its request, possibly megabytes, parsed again) only once it is final. Before, every
+// re-read was of the whole job, for as long as it ran.
+#[tokio::test]
+async fn a_wait_re_reads_the_status_and_the_whole_job_once() {
+    let (app, store) = app_on(Faults::default(), true, "").await;
+    app.fake.script(
+        "slow",
+        Kind::Panel,
+        vec![Reply::Delay(3200, Box::new(Reply::Ok))],
+    );
+    for stream in [false, true] {
+        let (before, whole) = (reads(&store), store.whole_reads.load(Ordering::SeqCst));
+        let mut body = body_with_panel(&["slow"], "judge");
+        body["stream"] = json!(stream);
+        let text = app.chat(&body).await.text().await.unwrap();
+        assert!(text.contains("the fused final answer"), "{text}");
+        // At least the first read and three fallback ticks; one whole read at the end.
+        let read = reads(&store) - before;
+        assert!(read >= 4, "{read} reads");
+        let whole = store.whole_reads.load(Ordering::SeqCst) - whole;
+        assert_eq!(whole, 1, "stream: {stream}");
+    }
+}
