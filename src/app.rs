@@ -1,6 +1,6 @@
 //! Wiring: build the store, upstream client, pipeline, worker and HTTP server from settings, and
-//! run them until a shutdown signal. `Application::build` binds the listener first so tests can
-//! ask for port 0 and read the real port back.
+//! run them until a shutdown signal. The listener is bound first: tests can ask for port 0 and
+//! read the real port back, and a port already taken stops the start before any migration.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -40,8 +40,10 @@ pub struct Application {
     aligned: Option<(Arc<AlignedClock>, SkewReport)>,
 }
 
-/// Open the store and apply migrations, retrying while the database is starting up or a
-/// migration cannot take its lock (`StoreError::MigrationBlocked`).
+/// Open the store and apply migrations, retrying while the database is starting up or out of
+/// reach for now, or a migration cannot take its lock (`StoreError::may_pass_at_start`). Any
+/// other failure (a refused password, a database that does not exist, a migration this build
+/// does not know) stops the start at once, saying why.
 pub async fn open_store(url: &str, options: StoreOptions) -> anyhow::Result<Arc<dyn Store>> {
     let mut failures = 0;
     loop {
@@ -52,8 +54,7 @@ pub async fn open_store(url: &str, options: StoreOptions) -> anyhow::Result<Arc<
         };
         match attempt.await {
             Ok(store) => return Ok(store),
-            Err(e @ store::StoreError::UnsupportedUrl(_)) => return Err(e.into()),
-            Err(e) if failures < 10 => {
+            Err(e) if failures < 10 && e.may_pass_at_start() => {
                 failures += 1;
                 tracing::warn!(error = %e, url = %redact_url(url), "could not open or migrate the database; retrying");
                 tokio::time::sleep(Duration::from_millis(500 * failures)).await;
@@ -67,9 +68,13 @@ pub async fn open_store(url: &str, options: StoreOptions) -> anyhow::Result<Arc<
 }
 
 impl Application {
+    /// Bind the listener, then open and migrate the store: a port already taken (an older
+    /// process still serving, say) stops the start before a migration the older process may
+    /// not run beside.
     pub async fn build(settings: Settings) -> anyhow::Result<Application> {
+        let listener = bind(settings.listen.as_deref()).await?;
         let store = open_store(&settings.database_url, settings.store).await?;
-        Application::build_on(settings, store, Arc::new(SystemClock)).await
+        Application::build_with(settings, store, Arc::new(SystemClock), listener).await
     }
 
     /// `build` on a store opened (and migrated) already, with this host's clock given:
@@ -81,6 +86,16 @@ impl Application {
         settings: Settings,
         store: Arc<dyn Store>,
         host_clock: SharedClock,
+    ) -> anyhow::Result<Application> {
+        let listener = bind(settings.listen.as_deref()).await?;
+        Application::build_with(settings, store, host_clock, listener).await
+    }
+
+    async fn build_with(
+        settings: Settings,
+        store: Arc<dyn Store>,
+        host_clock: SharedClock,
+        listener: Option<TcpListener>,
     ) -> anyhow::Result<Application> {
         let aligned = Arc::new(AlignedClock::new(host_clock));
         let clock: SharedClock = aligned.clone();
@@ -114,15 +129,7 @@ impl Application {
             upstream,
             worker.clone(),
         );
-        let (addr, listener) = match &settings.listen {
-            Some(listen) => {
-                let listener = TcpListener::bind(listen)
-                    .await
-                    .with_context(|| format!("Failed to listen on {listen}"))?;
-                (Some(listener.local_addr()?), Some(listener))
-            }
-            None => (None, None),
-        };
+        let addr = listener.as_ref().map(TcpListener::local_addr).transpose()?;
         Ok(Application {
             addr,
             listener,
@@ -298,26 +305,43 @@ impl SkewReport {
     }
 }
 
-/// Fires on SIGTERM or Ctrl-C.
+/// The listener on `listen`, when there is one to bind.
+async fn bind(listen: Option<&str>) -> anyhow::Result<Option<TcpListener>> {
+    let Some(listen) = listen else {
+        return Ok(None);
+    };
+    let listener = TcpListener::bind(listen)
+        .await
+        .with_context(|| format!("Failed to listen on {listen}"))?;
+    Ok(Some(listener))
+}
+
+/// Fires on SIGTERM or Ctrl-C. A second one exits the process at once (status 130), without
+/// waiting out the grace period: once tokio handles these signals their default (to end the
+/// process) is gone, and an operator's second Ctrl-C would otherwise do nothing. Jobs still
+/// running then wait out their leases, as after a crash.
 pub fn shutdown_signal() -> CancellationToken {
     let token = CancellationToken::new();
     let t = token.clone();
     tokio::spawn(async move {
-        let ctrl_c = tokio::signal::ctrl_c();
         #[cfg(unix)]
-        {
-            let mut term =
-                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-                    .expect("install SIGTERM handler");
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .expect("install SIGTERM handler");
+        let mut signal = async || {
+            #[cfg(unix)]
             tokio::select! {
-                _ = ctrl_c => {}
+                _ = tokio::signal::ctrl_c() => {}
                 _ = term.recv() => {}
             }
-        }
-        #[cfg(not(unix))]
-        let _ = ctrl_c.await;
-        tracing::info!("shutdown requested");
+            #[cfg(not(unix))]
+            let _ = tokio::signal::ctrl_c().await;
+        };
+        signal().await;
+        tracing::info!("shutdown requested; a second SIGTERM or Ctrl-C exits at once");
         t.cancel();
+        signal().await;
+        tracing::warn!("second shutdown signal: exiting now, without the grace period");
+        std::process::exit(130);
     });
     token
 }

@@ -76,6 +76,21 @@ impl StoreError {
         }
     }
 
+    /// Whether opening or migrating the store may succeed if tried again shortly: the database
+    /// out of reach for now (`is_unavailable`), in a migration's statements too, or a migration
+    /// that could not take its lock. Not a refused password, a database that does not exist, or
+    /// a migration history this build does not know.
+    pub fn may_pass_at_start(&self) -> bool {
+        use sqlx::migrate::MigrateError;
+        match self {
+            StoreError::MigrationBlocked { .. } => true,
+            StoreError::Migrate(
+                MigrateError::Execute(e) | MigrateError::ExecuteMigration(e, _),
+            ) => unavailable(e),
+            _ => self.is_unavailable(),
+        }
+    }
+
     /// Whether the rows asked for came back but do not read: a value this build cannot parse or
     /// decode (written by a newer build, or edited by hand). Asking again reads the same.
     pub fn is_unreadable(&self) -> bool {

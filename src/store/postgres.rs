@@ -209,6 +209,16 @@ const EVENTS_CHANNEL: &str = "fusion_events";
 impl PgStore {
     pub async fn connect(url: &str, options: StoreOptions) -> Result<PgStore> {
         let connect = connect_options(url, options.statement_timeout)?;
+        // One connection first, outside the pool: the pool tries a failed connection again
+        // quietly until its acquire timeout and then says only that it timed out, whether the
+        // server was starting up, out of connections, or refusing this password for good. This
+        // says why (and `open_store` waits only for what may pass).
+        match tokio::time::timeout(ACQUIRE_WITHIN, PgConnection::connect_with(&connect)).await {
+            Ok(Ok(probe)) => probe.close().await.unwrap_or(()),
+            Ok(Err(e)) => return Err(e.into()),
+            // No answer in time (packets dropped): the pool's timeout below says as much.
+            Err(_) => {}
+        }
         // One connection of `max_connections` is the listener's, outside this pool (see `listen`).
         let pooled = options.max_connections.max(StoreOptions::MIN_CONNECTIONS) - 1;
         let pool = PgPoolOptions::new()

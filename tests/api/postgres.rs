@@ -404,3 +404,27 @@ async fn a_process_that_cannot_read_the_database_clock_does_not_start_on_its_own
     };
     assert!(format!("{e:#}").contains("database's clock"), "{e:#}");
 }
+
+// A database that does not exist (a refused password likewise) is not waited for: the start
+// stops at once with Postgres's own reason. Before, the pool tried again quietly, the start
+// retried for half a minute, and it ended with "pool timed out", the reason never shown.
+#[tokio::test]
+async fn a_database_that_does_not_exist_stops_the_start_at_once_saying_so() {
+    let _shared = PG_SERVER.read().await;
+    let Some(db) = ScratchDatabase::from_env("fusion_exists").await else {
+        return;
+    };
+    let missing = format!("{}_missing", db.url);
+    let run = tokio::process::Command::new(env!("CARGO_BIN_EXE_fusion"))
+        .arg("migrate")
+        .env("DATABASE_URL", &missing)
+        .kill_on_drop(true)
+        .output();
+    let out = tokio::time::timeout(Duration::from_secs(20), run)
+        .await
+        .expect("fusion migrate gives up at once")
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("does not exist"), "{stderr}");
+}

@@ -72,16 +72,21 @@ impl Server {
 
     /// SIGTERM, then wait for the process to exit by itself.
     pub async fn terminate(mut self) -> std::process::ExitStatus {
-        let pid = self.child.id().unwrap().to_string();
+        self.send_term();
+        tokio::time::timeout(Duration::from_secs(20), self.child.wait())
+            .await
+            .expect("fusion did not exit after SIGTERM")
+            .unwrap()
+    }
+
+    /// Send SIGTERM, and go on.
+    pub fn send_term(&self) {
+        let pid = self.pid().to_string();
         let sent = std::process::Command::new("kill")
             .args(["-TERM", &pid])
             .status()
             .unwrap();
         assert!(sent.success());
-        tokio::time::timeout(Duration::from_secs(20), self.child.wait())
-            .await
-            .expect("fusion did not exit after SIGTERM")
-            .unwrap()
     }
 
     /// SIGKILL: no shutdown code runs, leases are left behind.
@@ -452,4 +457,63 @@ async fn repeated_sigkills_lose_no_job_and_repeat_no_finished_step() {
         resumed > 0,
         "the kills hit no running job: the test proved nothing"
     );
+}
+
+// A second SIGTERM (an operator's second Ctrl-C) exits at once, without waiting out the grace
+// period the first one started (10 minutes here, with a job that never finishes). Before, every
+// signal after the first was swallowed: only SIGKILL ended the wait.
+#[tokio::test]
+async fn a_second_sigterm_exits_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let fake = FakeUpstream::start().await;
+    fake.set_default(Reply::Hang);
+    let env = [("FUSION_SHUTDOWN_GRACE_SECONDS", "600")];
+    let mut server = Server::start_with(
+        &dir.path().join("f.db"),
+        &fake.base_url(),
+        free_port(),
+        &env,
+    )
+    .await;
+    let client = reqwest::Client::new();
+    submit_unique_jobs(&client, &server, "h", 1).await;
+    while fake.total_calls() == 0 {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    server.send_term();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(
+        server.child.try_wait().unwrap().is_none(),
+        "the first SIGTERM waits for the running job"
+    );
+    server.send_term();
+    let status = tokio::time::timeout(Duration::from_secs(10), server.child.wait())
+        .await
+        .expect("a second SIGTERM exits at once")
+        .unwrap();
+    assert_eq!(status.code(), Some(130));
+}
+
+// The listener is bound before the database is opened: a port already taken (an older process
+// still serving) stops the start before a migration, not after it.
+#[tokio::test]
+async fn a_port_in_use_stops_the_start_before_any_migration() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("f.db");
+    let run = Command::new(env!("CARGO_BIN_EXE_fusion"))
+        .arg("serve")
+        .env("DATABASE_URL", format!("sqlite://{}", db.display()))
+        .env("FUSION_LISTEN", taken.local_addr().unwrap().to_string())
+        .env("FUSION_UPSTREAM_URL", "http://127.0.0.1:9/v1")
+        .kill_on_drop(true)
+        .output();
+    let out = tokio::time::timeout(Duration::from_secs(30), run)
+        .await
+        .expect("fusion exits")
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("Failed to listen on"), "{stderr}");
+    assert!(!db.exists(), "the database was opened: {stderr}");
 }
