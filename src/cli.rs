@@ -124,6 +124,19 @@ const MAX_LEASE_SECONDS: u64 = 7 * 86_400;
 impl WorkerArgs {
     pub fn to_config(&self) -> anyhow::Result<WorkerConfig> {
         anyhow::ensure!(self.concurrency >= 1, "--concurrency must be at least 1");
+        self.check_flags()?;
+        Ok(WorkerConfig {
+            concurrency: self.concurrency,
+            lease: Duration::from_secs(self.lease_seconds),
+            poll_interval: Duration::from_millis(self.poll_ms),
+            shutdown_grace: Duration::from_secs(self.shutdown_grace_seconds),
+            retry_base: Duration::from_millis(self.retry_base_ms),
+            ..WorkerConfig::default()
+        })
+    }
+
+    /// Every flag but `--concurrency` in its range.
+    pub fn check_flags(&self) -> anyhow::Result<()> {
         anyhow::ensure!(
             (1..=MAX_LEASE_SECONDS).contains(&self.lease_seconds),
             "--lease-seconds must be from 1 to {MAX_LEASE_SECONDS} (7 days), got {}",
@@ -145,14 +158,7 @@ impl WorkerArgs {
                 "{flag} must be from {min} to {max}, got {value}"
             );
         }
-        Ok(WorkerConfig {
-            concurrency: self.concurrency,
-            lease: Duration::from_secs(self.lease_seconds),
-            poll_interval: Duration::from_millis(self.poll_ms),
-            shutdown_grace: Duration::from_secs(self.shutdown_grace_seconds),
-            retry_base: Duration::from_millis(self.retry_base_ms),
-            ..WorkerConfig::default()
-        })
+        Ok(())
     }
 }
 

@@ -307,10 +307,39 @@ impl FileConfig {
         Ok(())
     }
 
+    /// Each `api_key_env` must name an environment variable. A key written there by mistake
+    /// would otherwise be looked up as a variable's name, found unset, and logged in the
+    /// warning that says so; so the value is not shown here either.
+    fn check_key_vars(&self) -> anyhow::Result<()> {
+        let providers = self
+            .providers
+            .iter()
+            .map(|(name, p)| (format!("[providers.{name}]"), p.api_key_env.as_deref()));
+        let named = [(
+            "[upstream]".to_string(),
+            self.upstream.api_key_env.as_deref(),
+        )];
+        for (section, var) in named.into_iter().chain(providers) {
+            let Some(var) = var else { continue };
+            let mut chars = var.chars();
+            let name = chars
+                .next()
+                .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+                && chars.all(|c| c.is_ascii_alphanumeric() || c == '_');
+            anyhow::ensure!(
+                name,
+                "{section} api_key_env must be the name of the environment variable that holds                  the key (letters, digits and `_`, not starting with a digit), not the key                  itself; what is there ({} characters) is not shown",
+                var.chars().count()
+            );
+        }
+        Ok(())
+    }
+
     /// Resolve against the environment (`env` is a lookup so tests need not touch the process's).
     pub fn resolve(self, env: &dyn Fn(&str) -> Option<String>) -> anyhow::Result<FusionConfig> {
         self.check_numbers()?;
         self.check_prices()?;
+        self.check_key_vars()?;
         // The key in the first of `vars` that holds one, and that variable's name.
         let key_from = |vars: &[&str]| {
             vars.iter()
@@ -908,5 +937,36 @@ mod tests {
         let file: FileConfig =
             toml::from_str("[prices.\"m\"]\nprompt = 0.0\ncompletion = 2.5").unwrap();
         assert!(file.resolve(&env(&[])).is_ok());
+    }
+
+    // A key written where its variable's name goes is refused without being shown (looked up
+    // as a name, it was found unset and logged in the warning that said so).
+    #[test]
+    fn api_key_env_must_name_a_variable_and_a_key_there_is_not_shown() {
+        let key = "sk-or-v1-0123abcd";
+        for (toml, section) in [
+            (format!("[upstream]\napi_key_env = {key:?}"), "[upstream]"),
+            (
+                format!("[providers.x]\nbase_url = \"http://h/v1\"\napi_key_env = {key:?}"),
+                "[providers.x]",
+            ),
+            (
+                "[upstream]\napi_key_env = \"1KEY\"".to_string(),
+                "[upstream]",
+            ),
+        ] {
+            let file: FileConfig = toml::from_str(&toml).unwrap();
+            let err = file.resolve(&env(&[])).unwrap_err().to_string();
+            assert!(
+                err.starts_with(&format!("{section} api_key_env must be the name")),
+                "{err}"
+            );
+            assert!(!err.contains(key) && !err.contains("1KEY"), "{err}");
+        }
+        for name in ["OPENROUTER_API_KEY", "_k", "key2"] {
+            let toml = format!("[upstream]\napi_key_env = {name:?}");
+            let file: FileConfig = toml::from_str(&toml).unwrap();
+            assert!(file.resolve(&env(&[])).is_ok(), "{name}");
+        }
     }
 }

@@ -27,15 +27,20 @@ async fn main() -> std::process::ExitCode {
 }
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
-    let file = match &cli.config {
-        Some(path) => FileConfig::load(path)?,
-        None => FileConfig::default(),
-    };
-    let fusion = file.resolve(&|k| std::env::var(k).ok())?;
     let store = cli.store_options();
     let command = cli
         .command
         .unwrap_or_else(|| Command::Serve(ServeArgs::default()));
+    // The upstream, presets and prices are the jobs' settings: `migrate` neither needs nor
+    // checks them (a bad upstream URL does not stop a migration, nor does a missing key warn).
+    let fusion = || {
+        let file = match &cli.config {
+            Some(path) => FileConfig::load(path)?,
+            None => FileConfig::default(),
+        };
+        // A variable set to the empty string is not set (a compose file's `${VAR:-}`).
+        file.resolve(&|k| std::env::var(k).ok().filter(|v| !v.is_empty()))
+    };
     let settings = match command {
         Command::Migrate => {
             app::open_store(&cli.database_url, store).await?;
@@ -44,20 +49,22 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Serve(args) => Settings {
             store,
-            database_url: cli.database_url,
             listen: Some(args.listen),
-            fusion,
-            // `--concurrency 0`: the API alone, with the jobs left to `fusion worker` processes.
+            fusion: fusion()?,
+            database_url: cli.database_url,
+            // `--concurrency 0`: the API alone, with the jobs left to `fusion worker` processes
+            // (its other worker flags are checked all the same: a typo should not wait for the
+            // day the flag is used).
             worker: match args.worker.concurrency {
-                0 => None,
+                0 => args.worker.check_flags().map(|()| None)?,
                 _ => Some(args.worker.to_config()?),
             },
         },
         Command::Worker(args) => Settings {
             store,
-            database_url: cli.database_url,
             listen: None,
-            fusion,
+            fusion: fusion()?,
+            database_url: cli.database_url,
             worker: Some(args.to_config()?),
         },
     };
