@@ -16,7 +16,7 @@ use serde_json::json;
 use crate::checkpoints::{Checked, check_no_step_repeated, record_step_writes};
 use crate::fake_upstream::{FakeUpstream, Kind, Reply};
 use crate::helpers::{Options, body_with_panel, spawn_app_with, try_spawn_app_with};
-use crate::restart::{Server, free_port, submit_unique_jobs, wait_succeeded};
+use crate::restart::{Server, failed_start, free_port, submit_unique_jobs, wait_succeeded};
 use crate::store_faults::{Faults, Faulty};
 
 #[tokio::test]
@@ -415,16 +415,6 @@ async fn a_database_that_does_not_exist_stops_the_start_at_once_saying_so() {
         return;
     };
     let missing = format!("{}_missing", db.url);
-    let run = tokio::process::Command::new(env!("CARGO_BIN_EXE_fusion"))
-        .arg("migrate")
-        .env("DATABASE_URL", &missing)
-        .kill_on_drop(true)
-        .output();
-    let out = tokio::time::timeout(Duration::from_secs(20), run)
-        .await
-        .expect("fusion migrate gives up at once")
-        .unwrap();
-    assert!(!out.status.success());
-    let stderr = String::from_utf8_lossy(&out.stderr);
+    let stderr = failed_start("migrate", &[("DATABASE_URL", missing)]).await;
     assert!(stderr.contains("does not exist"), "{stderr}");
 }

@@ -501,19 +501,27 @@ async fn a_port_in_use_stops_the_start_before_any_migration() {
     let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let dir = tempfile::tempdir().unwrap();
     let db = dir.path().join("f.db");
-    let run = Command::new(env!("CARGO_BIN_EXE_fusion"))
-        .arg("serve")
-        .env("DATABASE_URL", format!("sqlite://{}", db.display()))
-        .env("FUSION_LISTEN", taken.local_addr().unwrap().to_string())
-        .env("FUSION_UPSTREAM_URL", "http://127.0.0.1:9/v1")
-        .kill_on_drop(true)
-        .output();
-    let out = tokio::time::timeout(Duration::from_secs(30), run)
-        .await
-        .expect("fusion exits")
-        .unwrap();
-    assert!(!out.status.success());
-    let stderr = String::from_utf8_lossy(&out.stderr);
+    let env = [
+        ("DATABASE_URL", format!("sqlite://{}", db.display())),
+        ("FUSION_LISTEN", taken.local_addr().unwrap().to_string()),
+        ("FUSION_UPSTREAM_URL", "http://127.0.0.1:9/v1".to_string()),
+    ];
+    let stderr = failed_start("serve", &env).await;
     assert!(stderr.contains("Failed to listen on"), "{stderr}");
     assert!(!db.exists(), "the database was opened: {stderr}");
+}
+
+/// Run `fusion <command>` with `env`, which must fail within 20 s: its standard error.
+pub async fn failed_start(command: &str, env: &[(&str, String)]) -> String {
+    let run = Command::new(env!("CARGO_BIN_EXE_fusion"))
+        .arg(command)
+        .envs(env.iter().map(|(k, v)| (k, v)))
+        .kill_on_drop(true)
+        .output();
+    let out = tokio::time::timeout(Duration::from_secs(20), run)
+        .await
+        .unwrap_or_else(|_| panic!("fusion {command} did not give up within 20 s"))
+        .unwrap();
+    assert!(!out.status.success());
+    String::from_utf8_lossy(&out.stderr).into_owned()
 }
