@@ -201,6 +201,9 @@ fn unreached(e: &sqlx::Error) -> Option<sqlx::Error> {
     match e {
         sqlx::Error::PoolTimedOut => Some(sqlx::Error::PoolTimedOut),
         sqlx::Error::PoolClosed => Some(sqlx::Error::PoolClosed),
+        // SQLite's worker thread died, maybe after the commit: halves written again would find
+        // their rows written and answer "fenced out" to writes that landed.
+        sqlx::Error::WorkerCrashed => Some(sqlx::Error::WorkerCrashed),
         sqlx::Error::Io(io) if io.get_ref().is_some_and(|e| e.is::<super::NotSent>()) => {
             unsent(io.kind(), io.to_string())
         }
@@ -489,6 +492,35 @@ mod tests {
     impl BatchSql for Failing {
         async fn execute(&self, _: &[Write]) -> Result<Vec<bool>, sqlx::Error> {
             Err((self.0)())
+        }
+    }
+
+    /// Commits every batch, but answers the first with `error()` (a failure after the commit);
+    /// later ones as a database whose rows are already written answers them: nothing took.
+    struct CommittedThenFailed(fn() -> sqlx::Error, std::sync::atomic::AtomicBool);
+
+    #[async_trait]
+    impl BatchSql for CommittedThenFailed {
+        async fn execute(&self, writes: &[Write]) -> Result<Vec<bool>, sqlx::Error> {
+            match self.1.swap(true, std::sync::atomic::Ordering::SeqCst) {
+                false => Err((self.0)()),
+                true => Ok(vec![false; writes.len()]),
+            }
+        }
+    }
+
+    // A batch that failed in a way that may have committed it (SQLite's worker thread died) is
+    // not halved and written again: the halves would find their rows written and answer
+    // "fenced out" to writes that landed, and the worker would give up a job it still held.
+    // Every write gets the error, which says it may have landed, so its caller reads it back.
+    #[tokio::test]
+    async fn a_batch_that_may_have_committed_is_not_written_again() {
+        let sql = CommittedThenFailed(|| sqlx::Error::WorkerCrashed, false.into());
+        let batcher = Batcher::start(sql);
+        let writes = (0..4).map(|_| batcher.write(step("a")));
+        for result in futures::future::join_all(writes).await {
+            let e = result.unwrap_err();
+            assert!(e.may_have_committed(), "{e:?}");
         }
     }
 

@@ -142,13 +142,27 @@ pub(super) fn bound<'a>(
     let mut e = Enqueues::default();
     let mut s = Steps::default();
     let mut f = Finishes::default();
+    let mut enqueues = Vec::new();
+    let mut steps = Vec::new();
     for write in writes {
         match write {
-            Write::Enqueue { job, start } => e.push(job, start.as_ref()),
-            Write::Step { lease, step } => s.push(lease, step),
+            Write::Enqueue { job, start } => enqueues.push((job, start.as_ref())),
+            Write::Step { lease, step } => steps.push((lease, step)),
             Write::Finish(finish) => f.push(finish),
         }
     }
+    // Rows another process's batch may insert too (an idempotency key, a step of a job taken
+    // over) go in in one order everywhere: a unique index makes the second insert of a key wait
+    // for the first one's transaction, so two batches holding the same two keys in opposite
+    // orders would deadlock. Which rows took is read back by key, not by place.
+    enqueues.sort_by(|a, b| a.0.idempotency_key.cmp(&b.0.idempotency_key));
+    steps.sort_by_key(|(lease, step)| (lease.job_id, step.key));
+    enqueues
+        .into_iter()
+        .for_each(|(job, start)| e.push(job, start));
+    steps
+        .into_iter()
+        .for_each(|(lease, step)| s.push(lease, step));
     query
         .bind(e.id)
         .bind(e.spec)
