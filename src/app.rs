@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpSocket};
 use tokio_util::sync::CancellationToken;
 
 use crate::api::{self, AppState};
@@ -72,9 +72,9 @@ impl Application {
     /// process still serving, say) stops the start before a migration the older process may
     /// not run beside.
     pub async fn build(settings: Settings) -> anyhow::Result<Application> {
-        let listener = bind(settings.listen.as_deref()).await?;
+        let port = reserve(settings.listen.as_deref()).await?;
         let store = open_store(&settings.database_url, settings.store).await?;
-        Application::build_with(settings, store, Arc::new(SystemClock), listener).await
+        Application::build_with(settings, store, Arc::new(SystemClock), port).await
     }
 
     /// `build` on a store opened (and migrated) already, with this host's clock given:
@@ -87,15 +87,16 @@ impl Application {
         store: Arc<dyn Store>,
         host_clock: SharedClock,
     ) -> anyhow::Result<Application> {
-        let listener = bind(settings.listen.as_deref()).await?;
-        Application::build_with(settings, store, host_clock, listener).await
+        let port = reserve(settings.listen.as_deref()).await?;
+        Application::build_with(settings, store, host_clock, port).await
     }
 
+    /// The application on `store`, listening on `port` (reserved) once everything is built.
     async fn build_with(
         settings: Settings,
         store: Arc<dyn Store>,
         host_clock: SharedClock,
-        listener: Option<TcpListener>,
+        port: Option<TcpSocket>,
     ) -> anyhow::Result<Application> {
         let aligned = Arc::new(AlignedClock::new(host_clock));
         let clock: SharedClock = aligned.clone();
@@ -129,6 +130,9 @@ impl Application {
             upstream,
             worker.clone(),
         );
+        // Connections are taken from here on: before, a client would wait in the backlog of a
+        // process still opening its database, rather than be refused.
+        let listener = port.map(|p| p.listen(LISTEN_BACKLOG)).transpose()?;
         let addr = listener.as_ref().map(TcpListener::local_addr).transpose()?;
         Ok(Application {
             addr,
@@ -305,21 +309,44 @@ impl SkewReport {
     }
 }
 
-/// The listener on `listen`, when there is one to bind.
-async fn bind(listen: Option<&str>) -> anyhow::Result<Option<TcpListener>> {
+/// Pending connections the listener holds (as tokio's `TcpListener::bind`).
+const LISTEN_BACKLOG: u32 = 1024;
+
+/// The port `listen` names, bound but not listening yet: a port another process listens on
+/// fails here, before anything else starts, while connections are refused (not left waiting)
+/// until the process can serve them (`build_with`).
+async fn reserve(listen: Option<&str>) -> anyhow::Result<Option<TcpSocket>> {
     let Some(listen) = listen else {
         return Ok(None);
     };
-    let listener = TcpListener::bind(listen)
-        .await
-        .with_context(|| format!("Failed to listen on {listen}"))?;
-    Ok(Some(listener))
+    let failed = || format!("Failed to listen on {listen}");
+    let mut last = None;
+    for addr in tokio::net::lookup_host(listen).await.with_context(failed)? {
+        let socket = match addr {
+            SocketAddr::V4(_) => TcpSocket::new_v4(),
+            SocketAddr::V6(_) => TcpSocket::new_v6(),
+        }
+        .with_context(failed)?;
+        // As the standard listener does on Unix: a restart need not wait out TIME_WAIT. A
+        // port some process listens on is still refused; one that starts listening there
+        // while this one opens its store makes `listen` fail later, after the migrations.
+        #[cfg(unix)]
+        socket.set_reuseaddr(true).with_context(failed)?;
+        match socket.bind(addr) {
+            Ok(()) => return Ok(Some(socket)),
+            Err(e) => last = Some(e),
+        }
+    }
+    let e = last.unwrap_or_else(|| std::io::Error::other("the name resolves to no address"));
+    Err(e).with_context(failed)
 }
 
-/// Fires on SIGTERM or Ctrl-C. A second one exits the process at once (status 130), without
-/// waiting out the grace period: once tokio handles these signals their default (to end the
-/// process) is gone, and an operator's second Ctrl-C would otherwise do nothing. Jobs still
-/// running then wait out their leases, as after a crash.
+/// Fires on SIGTERM or Ctrl-C. Another one, 2 s or more after the first, exits the process at
+/// once (status 128 + the signal's number), without waiting out the grace period: once tokio
+/// handles these signals their default (to end the process) is gone, and an operator's second
+/// Ctrl-C would otherwise do nothing. One within 2 s is taken for the same request (a supervisor
+/// passing a Ctrl-C on as SIGTERM). Jobs still running then wait out their leases, as after a
+/// crash.
 pub fn shutdown_signal() -> CancellationToken {
     let token = CancellationToken::new();
     let t = token.clone();
@@ -327,21 +354,32 @@ pub fn shutdown_signal() -> CancellationToken {
         #[cfg(unix)]
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
             .expect("install SIGTERM handler");
-        let mut signal = async || {
+        // The signal's number.
+        let mut signal = async || -> i32 {
             #[cfg(unix)]
-            tokio::select! {
-                _ = tokio::signal::ctrl_c() => {}
-                _ = term.recv() => {}
-            }
+            let number = tokio::select! {
+                _ = tokio::signal::ctrl_c() => 2,
+                _ = term.recv() => 15,
+            };
             #[cfg(not(unix))]
-            let _ = tokio::signal::ctrl_c().await;
+            let number = {
+                let _ = tokio::signal::ctrl_c().await;
+                2
+            };
+            number
         };
         signal().await;
-        tracing::info!("shutdown requested; a second SIGTERM or Ctrl-C exits at once");
+        let first = std::time::Instant::now();
+        tracing::info!("shutdown requested; another SIGTERM or Ctrl-C exits at once");
         t.cancel();
-        signal().await;
-        tracing::warn!("second shutdown signal: exiting now, without the grace period");
-        std::process::exit(130);
+        loop {
+            let number = signal().await;
+            if first.elapsed() >= Duration::from_secs(2) {
+                tracing::warn!("second shutdown signal: exiting now, without the grace period");
+                std::process::exit(128 + number);
+            }
+            tracing::info!("a signal within 2 s of the first is taken for the same request");
+        }
     });
     token
 }

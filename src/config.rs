@@ -328,7 +328,9 @@ impl FileConfig {
                 && chars.all(|c| c.is_ascii_alphanumeric() || c == '_');
             anyhow::ensure!(
                 name,
-                "{section} api_key_env must be the name of the environment variable that holds                  the key (letters, digits and `_`, not starting with a digit), not the key                  itself; what is there ({} characters) is not shown",
+                "{section} api_key_env must be the name of the environment variable that holds \
+                 the key (letters, digits and `_`, not starting with a digit), not the key \
+                 itself; what is there ({} characters) is not shown",
                 var.chars().count()
             );
         }
@@ -565,9 +567,25 @@ fn parse_file(text: &str) -> anyhow::Result<FileConfig> {
 /// provider is called without one, which its every call may refuse (401), so it is said.
 fn unset_key_var(section: &str, var: Option<&str>) {
     if let Some(var) = var {
+        let var = shown_var(var);
         tracing::warn!(
-            "{section} api_key_env names `{var}`, which holds no key: calls go without one"
+            "{section} api_key_env names {var}, which holds no key: calls go without one"
         );
+    }
+}
+
+/// A variable's name as a log line shows it: an upper-case name as it is, anything else (a key
+/// of letters and digits written there by mistake would pass for a name) by its length only.
+fn shown_var(var: &str) -> String {
+    let conventional = var
+        .chars()
+        .all(|c| c.is_ascii_uppercase() || c.is_ascii_digit() || c == '_');
+    match conventional {
+        true => format!("`{var}`"),
+        false => format!(
+            "a variable ({} characters, not shown: not an upper-case name, it may be a key)",
+            var.chars().count()
+        ),
     }
 }
 
@@ -967,6 +985,16 @@ mod tests {
             let toml = format!("[upstream]\napi_key_env = {name:?}");
             let file: FileConfig = toml::from_str(&toml).unwrap();
             assert!(file.resolve(&env(&[])).is_ok(), "{name}");
+        }
+        // A key of letters and digits passes for a name: the warning that it holds no key
+        // shows an upper-case name only.
+        assert_eq!(shown_var("OPENROUTER_API_KEY"), "`OPENROUTER_API_KEY`");
+        for key in ["gsk_abc123DEF", "0123abcdef"] {
+            let shown = shown_var(key);
+            assert!(
+                !shown.contains(key) && shown.contains("not shown"),
+                "{shown}"
+            );
         }
     }
 }

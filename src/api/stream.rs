@@ -141,7 +141,10 @@ async fn drive(state: AppState, job: Shown, opts: StreamOptions, tx: &Tx) -> Res
             if current.status.is_final() {
                 break current;
             }
-            return fail(tx, &handed_back(&current)).await;
+            if watcher.closed() {
+                return fail(tx, &handed_back(&current)).await;
+            }
+            // Requeued by a retry between the two reads: the stream goes on.
         }
         watcher.next().await;
     };

@@ -206,9 +206,14 @@ impl Drop for Watcher {
 pub async fn wait_final(watch: &JobWatch, store: &dyn Store, id: Uuid) -> Result<Job, ApiError> {
     let mut watcher = watch.watch(id);
     loop {
-        // The status until it is final; the whole job once, at the end.
+        // The status until it is final; the whole job once, at the end (not final there only
+        // when the watch closed, or a retry requeued the job between the two reads: then the
+        // wait goes on).
         if watcher.read_status(store).await?.is_final() || watcher.closed() {
-            return watcher.read(store).await;
+            let job = watcher.read(store).await?;
+            if job.status.is_final() || watcher.closed() {
+                return Ok(job);
+            }
         }
         // Step events do not finish a job; skip them rather than re-reading on each.
         while let Some(event) = watcher.next().await {

@@ -216,8 +216,18 @@ impl PgStore {
         match tokio::time::timeout(ACQUIRE_WITHIN, PgConnection::connect_with(&connect)).await {
             Ok(Ok(probe)) => probe.close().await.unwrap_or(()),
             Ok(Err(e)) => return Err(e.into()),
-            // No answer in time (packets dropped): the pool's timeout below says as much.
-            Err(_) => {}
+            // No answer in time (packets dropped): said as such, and tried again by the start
+            // like any connection trouble, without a second wait in the pool.
+            Err(_) => {
+                let e = std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    format!(
+                        "no answer from Postgres within {} s",
+                        ACQUIRE_WITHIN.as_secs()
+                    ),
+                );
+                return Err(sqlx::Error::Io(e).into());
+            }
         }
         // One connection of `max_connections` is the listener's, outside this pool (see `listen`).
         let pooled = options.max_connections.max(StoreOptions::MIN_CONNECTIONS) - 1;

@@ -280,13 +280,19 @@ impl Store for SqliteStore {
     async fn migrate(&self) -> Result<()> {
         loop {
             let before = self.migrations_applied().await?;
-            match MIGRATOR.run(&self.writer).await {
-                Ok(()) => return Ok(()),
-                Err(e) if self.migrations_applied().await.is_ok_and(|n| n > before) => {
+            let Err(e) = MIGRATOR.run(&self.writer).await else {
+                return Ok(());
+            };
+            match self.migrations_applied().await {
+                Ok(n) if n > before => {
                     tracing::info!(error = %e, "another process migrated this SQLite file \
                         meanwhile; migrating again from where it got");
                 }
-                Err(e) => return Err(e.into()),
+                // Whether another process got further cannot be told now: the file is busy,
+                // which passes (the start tries again), where the migration's own error
+                // ("table … already exists") would not.
+                Err(read) if read.is_unavailable() => return Err(read),
+                _ => return Err(e.into()),
             }
         }
     }
