@@ -121,9 +121,9 @@ async fn drive(state: AppState, job: Shown, opts: StreamOptions, tx: &Tx) -> Res
     let store = state.store.as_ref();
     let finished = loop {
         // Failed reads are retried for a while; a database down for longer ends the stream
-        // with an error that names the job. The status until it is final, the job once then.
-        let status = match watcher.read_status(store).await {
-            Ok(status) => status,
+        // with an error that names the job.
+        let settled = match watcher.settled(store).await {
+            Ok(settled) => settled,
             Err(lost) => return fail(tx, &lost).await,
         };
         // Progress is best effort: a failed read of the steps is made up at the next event.
@@ -133,18 +133,10 @@ async fn drive(state: AppState, job: Shown, opts: StreamOptions, tx: &Tx) -> Res
                 send(tx, comment(&progress(job.panel, step))).await?;
             }
         }
-        if status.is_final() || watcher.closed() {
-            let current = match watcher.read(store).await {
-                Ok(current) => current,
-                Err(lost) => return fail(tx, &lost).await,
-            };
-            if current.status.is_final() {
-                break current;
-            }
-            if watcher.closed() {
-                return fail(tx, &handed_back(&current)).await;
-            }
-            // Requeued by a retry between the two reads: the stream goes on.
+        match settled {
+            Some(current) if current.status.is_final() => break current,
+            Some(current) => return fail(tx, &handed_back(&current)).await,
+            None => {}
         }
         watcher.next().await;
     };

@@ -16,7 +16,7 @@ use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use super::ApiError;
-use crate::job::{Job, JobStatus, Step};
+use crate::job::{Job, Step};
 use crate::store::{JobEvent, Store, StoreError};
 use crate::worker::{Patience, retry_db};
 
@@ -128,25 +128,30 @@ impl Watcher {
         self.closed.is_cancelled()
     }
 
-    /// The job as stored now. A database error is retried with backoff until the watch's
-    /// outage bound has passed (or the watch closes); then the answer names the job, to fetch
-    /// it by later.
-    pub async fn read(&self, store: &dyn Store) -> Result<Job, ApiError> {
-        let read = || async {
-            store
-                .get_job(self.id)
-                .await?
-                .ok_or_else(|| StoreError::Corrupt(format!("job {} vanished", self.id)))
-        };
-        ride_out(&self.closed, self.outage, self.id, read).await
+    /// The job once it is settled: final, or the watch closed (`Some`, the job as stored then);
+    /// `None` while it runs or waits. Until then only its status is read (`Store::job_status`),
+    /// not its request (possibly megabytes), on every event and fallback tick; the whole job is
+    /// read once. Not final in that read although its status was (a retry requeued it between
+    /// the two): still `None`. A database error is retried with backoff until the watch's outage
+    /// bound has passed (or the watch closes); then the answer names the job, to fetch it by
+    /// later.
+    pub async fn settled(&self, store: &dyn Store) -> Result<Option<Job>, ApiError> {
+        let status = self.present(|| store.job_status(self.id)).await?;
+        if !status.is_final() && !self.closed() {
+            return Ok(None);
+        }
+        let job = self.present(|| store.get_job(self.id)).await?;
+        Ok((job.status.is_final() || self.closed()).then_some(job))
     }
 
-    /// The job's status as stored now, read as `read` reads the job (failures ridden out), but
-    /// without the rest of it: what a wait re-reads on every event and every fallback tick.
-    pub async fn read_status(&self, store: &dyn Store) -> Result<JobStatus, ApiError> {
+    /// `read` (of this watcher's job), ridden out; a job that is not there is an error.
+    async fn present<T, F, Fut>(&self, read: F) -> Result<T, ApiError>
+    where
+        F: Fn() -> Fut,
+        Fut: Future<Output = Result<Option<T>, StoreError>>,
+    {
         let read = || async {
-            store
-                .job_status(self.id)
+            read()
                 .await?
                 .ok_or_else(|| StoreError::Corrupt(format!("job {} vanished", self.id)))
         };
@@ -206,14 +211,8 @@ impl Drop for Watcher {
 pub async fn wait_final(watch: &JobWatch, store: &dyn Store, id: Uuid) -> Result<Job, ApiError> {
     let mut watcher = watch.watch(id);
     loop {
-        // The status until it is final; the whole job once, at the end (not final there only
-        // when the watch closed, or a retry requeued the job between the two reads: then the
-        // wait goes on).
-        if watcher.read_status(store).await?.is_final() || watcher.closed() {
-            let job = watcher.read(store).await?;
-            if job.status.is_final() || watcher.closed() {
-                return Ok(job);
-            }
+        if let Some(job) = watcher.settled(store).await? {
+            return Ok(job);
         }
         // Step events do not finish a job; skip them rather than re-reading on each.
         while let Some(event) = watcher.next().await {
