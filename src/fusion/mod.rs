@@ -223,11 +223,13 @@ impl Pipeline {
                         s == 200 || u16::try_from(s).is_ok_and(UpstreamError::status_may_pass)
                     }))
         };
-        let (analysis_step, mut replaced_usage) = match analysis_step {
-            Some(a) if final_step.is_none() && remake(&a) => (None, a.usage),
-            kept => (kept, Usage::default()),
+        let analysis_step = match analysis_step {
+            Some(a) if final_step.is_none() && remake(&a) => {
+                carried.0.push((a.key, a.usage));
+                None
+            }
+            kept => kept,
         };
-        replaced_usage.add(&carried.of(StepKey::Analysis));
 
         // The analysis step's usage, and the analysis the final prompt is written from.
         let (analysis_usage, analysis) = match analysis_step {
@@ -247,7 +249,7 @@ impl Pipeline {
                 let Ok(Some((mut s, analysis))) = saves.alongside(analysis).await else {
                     return Outcome::Stopped;
                 };
-                s.usage.add(&replaced_usage);
+                s.usage.add(&carried.of(StepKey::Analysis));
                 let usage = s.usage;
                 // Written once the answers it compares are; the final call goes on meanwhile.
                 saves.start_after_earlier(s);
@@ -590,8 +592,9 @@ impl Pipeline {
     }
 }
 
-/// The usage of the steps a manual retry superseded (`job::SUPERSEDED`), by step: each is added
-/// to the step that replaces its row, so that what it was billed for is still counted.
+/// The usage of the rows this run replaces, by step: those a manual retry superseded
+/// (`job::SUPERSEDED`), and an analysis made again. Each is added to the step that replaces its
+/// row, so that what it was billed for is still counted.
 #[derive(Default)]
 struct Carried(Vec<(StepKey, Usage)>);
 
