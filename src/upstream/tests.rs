@@ -106,7 +106,6 @@ async fn an_error_whose_body_stalls_or_breaks_is_its_status() {
     for then in [Then::Hold, Then::Close] {
         let (base, _) = answering(answer, then).await;
         let up = upstream_at(&format!("{base}/v1"), None);
-        let started = Instant::now();
         for result in on_both_clients(&up).await {
             let err = failed_as(result, ErrorKind::Auth, 401);
             assert!(!err.retryable());
@@ -116,8 +115,6 @@ async fn an_error_whose_body_stalls_or_breaks_is_its_status() {
                 "{err:?}"
             );
         }
-        // Both calls waited at most half the 2 s timeout for the rest of the body.
-        assert!(started.elapsed() < Duration::from_millis(3500));
     }
     // Its head late in the call's 2 s, its body then stalled: still the 401, once its own wait
     // is over, on either client (the lean one used to end it as the whole call's timeout).
