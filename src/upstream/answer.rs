@@ -7,6 +7,7 @@ use hyper::header::HeaderValue;
 use serde::de::DeserializeOwned;
 use serde_json::Value;
 
+use super::wire::WireUsage;
 use super::{ErrorKind, Provider, UpstreamError};
 use crate::redact::redact_url;
 
@@ -31,13 +32,17 @@ impl Answered {
             // Off the happy path only: what the body is, whatever `T` wants, read once.
             let mut values = serde_json::Deserializer::from_slice(&self.body).into_iter::<Value>();
             let message = match (values.next(), values.next()) {
-                // An error reported in a 2xx says what went wrong in its own words.
+                // An error reported in a 2xx says what went wrong in its own words, and may
+                // carry the status it stands for (a proxy's `{"error": {"code": 401}}`): that
+                // classes it, so a refused key is not sent again as a garbled answer would be.
                 (Some(Ok(whole)), None) if whole.get("error").is_some_and(|e| !e.is_null()) => {
-                    format!(
+                    let message = format!(
                         "upstream answered {} with an error: {}",
                         self.status,
                         super::error::upstream_message(&String::from_utf8_lossy(&self.body))
-                    )
+                    );
+                    let kind = error_kind(&whole["error"]);
+                    return UpstreamError::new(kind, Some(self.status), message);
                 }
                 // Text, or a value that is not an object, with more after it.
                 (Some(Err(text)), _) if !text.is_eof() => return self.not_json(provider),
@@ -45,7 +50,7 @@ impl Answered {
                 (Some(Ok(_)), Some(_)) => format!(
                     "upstream answered {} with a JSON object followed by other bytes: `{}`",
                     self.status,
-                    excerpt(&self.body, provider.api_key.as_ref().map(|k| k.0.as_str()))
+                    excerpt(&self.body, provider.key())
                 ),
                 // JSON of another shape; an empty body, or one cut off before its JSON ended.
                 _ => format!("upstream body is not a chat completion: {e}"),
@@ -54,9 +59,20 @@ impl Answered {
         })
     }
 
+    /// The `usage` of a body that is not the answer asked for, if it has one (a 2xx error
+    /// object, a choice in another shape): that call was billed all the same.
+    pub fn usage(&self) -> Option<WireUsage> {
+        #[derive(serde::Deserialize)]
+        struct Billed {
+            #[serde(default)]
+            usage: Option<WireUsage>,
+        }
+        serde_json::from_slice::<Billed>(&self.body).ok()?.usage
+    }
+
     /// A body that is not JSON at all: what came back, and where it came from.
     fn not_json(&self, provider: &Provider) -> UpstreamError {
-        let key = provider.api_key.as_ref().map(|k| k.0.as_str());
+        let key = provider.key();
         let content_type = self.content_type.as_ref().map_or_else(
             || "no content-type".to_string(),
             |v| format!("content-type {}", excerpt(v.as_bytes(), None)),
@@ -76,8 +92,32 @@ impl Answered {
     }
 }
 
+/// The kind of an error reported in a 2xx in place of an answer: that of the status it names
+/// (`status_in`), else a garbled answer's (retried).
+pub(super) fn error_kind(error: &Value) -> ErrorKind {
+    status_in(error).map_or(ErrorKind::BadBody, super::error::kind_of_status)
+}
+
+/// The HTTP status an error object in a 2xx stands for: its `code` or `status`, a number or
+/// a numeric string, from 400 to 599 (OpenRouter and LiteLLM write the status as `code`;
+/// OpenAI's string codes such as `invalid_api_key` are not statuses).
+fn status_in(error: &Value) -> Option<u16> {
+    ["code", "status"].into_iter().find_map(|field| {
+        let status = match error.get(field)? {
+            Value::Number(n) => u16::try_from(n.as_u64()?).ok()?,
+            Value::String(s) => s.trim().parse().ok()?,
+            _ => return None,
+        };
+        (400..=599).contains(&status).then_some(status)
+    })
+}
+
 /// How many characters of a body an error message shows.
 const EXCERPT_CHARS: usize = 200;
+
+/// How many characters of an upstream's own error message are kept: room for a provider's
+/// explanation (a context-length message names both counts), not for a body echoed whole.
+pub(super) const MESSAGE_CHARS: usize = 1000;
 
 /// The start of a body for an error message, on one line (control characters and runs of white
 /// space become one space), at most `EXCERPT_CHARS` characters (`...` marks a cut), with what
@@ -85,9 +125,14 @@ const EXCERPT_CHARS: usize = 200;
 /// (`redact_url`), and the word after `Bearer` or `Basic`. A page may echo the request's
 /// headers, and the message is stored with the job and shown to API clients.
 pub(super) fn excerpt(body: &[u8], key: Option<&str>) -> String {
+    one_line(body, key, EXCERPT_CHARS)
+}
+
+/// `excerpt`, at most `max_chars` characters.
+pub(super) fn one_line(body: &[u8], key: Option<&str>, max_chars: usize) -> String {
     // Far past what is shown, so that every word shown is redacted whole.
     let start = String::from_utf8_lossy(&body[..body.len().min(8 << 10)]);
-    let start = match key {
+    let start = match key.filter(|k| !k.is_empty()) {
         Some(key) => start.replace(key, "***"),
         None => start.into_owned(),
     };
@@ -105,7 +150,7 @@ pub(super) fn excerpt(body: &[u8], key: Option<&str>) -> String {
         after_scheme = word.eq_ignore_ascii_case("bearer") || word.eq_ignore_ascii_case("basic");
     }
     let line = words.join(" ");
-    match line.char_indices().nth(EXCERPT_CHARS) {
+    match line.char_indices().nth(max_chars) {
         Some((cut, _)) => format!("{}...", &line[..cut]),
         None => line,
     }

@@ -99,6 +99,18 @@ impl UpstreamError {
         UpstreamError::new(kind_of_status(status), Some(status), "").retryable()
     }
 
+    /// This error with `key` (the API key the call was made with) shown as `***` wherever its
+    /// message has it: an upstream may echo the key it was sent ("invalid key sk-..."), and
+    /// the message is stored with the job and shown to API clients.
+    pub fn hiding(mut self, key: Option<&str>) -> Self {
+        if let Some(key) = key.filter(|k| !k.is_empty())
+            && self.message.contains(key)
+        {
+            self.message = self.message.replace(key, "***");
+        }
+        self
+    }
+
     /// Classify an HTTP status.
     pub fn from_status(status: u16, body: &str, retry_after: Option<Duration>) -> Self {
         let kind = kind_of_status(status);
@@ -113,7 +125,7 @@ impl UpstreamError {
     }
 }
 
-fn kind_of_status(status: u16) -> ErrorKind {
+pub(super) fn kind_of_status(status: u16) -> ErrorKind {
     match status {
         429 => ErrorKind::RateLimited,
         408 => ErrorKind::Timeout,
@@ -124,14 +136,15 @@ fn kind_of_status(status: u16) -> ErrorKind {
     }
 }
 
-/// The upstream's own error message, or the start of its body (redacted, see `excerpt`).
+/// The upstream's own error message (on one line, redacted and cut as `answer::one_line` does:
+/// a proxy may echo the credentials it was sent), or the start of its body (`excerpt`).
 pub(super) fn upstream_message(body: &str) -> String {
     let parsed: Option<Value> = serde_json::from_str(body).ok();
     let msg = parsed
         .as_ref()
         .and_then(|v| v.pointer("/error/message").or_else(|| v.get("error")))
         .and_then(Value::as_str)
-        .map(str::to_string)
+        .map(|m| answer::one_line(m.as_bytes(), None, answer::MESSAGE_CHARS))
         .unwrap_or_else(|| answer::excerpt(body.as_bytes(), None));
     if msg.is_empty() {
         "(empty body)".into()

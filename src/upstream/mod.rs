@@ -123,8 +123,19 @@ impl Upstream {
         UNIX_EPOCH + Duration::from_millis(u64::try_from(self.clock.now_ms()).unwrap_or(0))
     }
 
-    /// One call, no retries.
+    /// One call, no retries. Its error never shows the provider's key (`UpstreamError::hiding`).
     pub async fn complete(
+        &self,
+        model: &str,
+        req: &CompletionRequest<'_>,
+    ) -> Result<Completion, UpstreamError> {
+        let provider = self.route(model).0;
+        self.complete_shown(model, req)
+            .await
+            .map_err(|e| e.hiding(provider.key()))
+    }
+
+    async fn complete_shown(
         &self,
         model: &str,
         req: &CompletionRequest<'_>,
@@ -140,24 +151,28 @@ impl Upstream {
         let started = Instant::now();
         let answered = self.exchange(endpoint, body).await?;
         let status = answered.status;
-        let mut wire: WireResponse = answered.parse(provider)?;
+        // A body of another shape may still say what it was billed for.
+        let mut wire: WireResponse = answered
+            .parse(provider)
+            .map_err(|e| e.billed(self.usage(model, answered.usage())))?;
         let latency_ms = i64::try_from(started.elapsed().as_millis()).unwrap_or(i64::MAX);
         // Billed whether or not the completion is taken: an error below carries it.
         let usage = self.usage(model, wire.usage.take());
-        // An error reported beside no choices at all is that error (retried), not an empty
-        // answer (final).
+        // An error reported beside no choices at all is that error, not an empty answer
+        // (final): classed by the status it names, else retried.
         let first = wire.choices.first();
         let finish_reason = first.and_then(|c| c.finish_reason.as_deref());
         let first_error = first.map_or(&Value::Null, |c| &c.error);
         if let Some(error) = wire::reported_error(&wire.error, first_error, finish_reason) {
-            return Err(mid_answer(status, &error, provider).billed(usage));
+            let alone = first.is_none().then_some(&wire.error);
+            return Err(mid_answer(status, &error, alone, provider).billed(usage));
         }
         let empty = |what| UpstreamError::new(ErrorKind::Empty, Some(status), what).billed(usage);
         if wire.choices.is_empty() {
             return Err(empty("upstream returned no choices"));
         }
         let choice = wire.choices.swap_remove(0);
-        let content = choice.message.content.unwrap_or_default();
+        let content = choice.message.and_then(|m| m.content).unwrap_or_default();
         if content.trim().is_empty() {
             return Err(empty("upstream returned an empty completion"));
         }
@@ -238,8 +253,20 @@ impl Upstream {
             .map_err(transport_error)
     }
 
-    /// A whole non-streamed completion as JSON, with its usage priced.
+    /// A whole non-streamed completion as JSON, with its usage priced. Its error never shows
+    /// the provider's key.
     pub async fn complete_json(
+        &self,
+        model: &str,
+        body: Value,
+    ) -> Result<(Value, Usage), UpstreamError> {
+        let provider = self.route(model).0;
+        self.complete_json_shown(model, body)
+            .await
+            .map_err(|e| e.hiding(provider.key()))
+    }
+
+    async fn complete_json_shown(
         &self,
         model: &str,
         body: Value,
@@ -264,7 +291,8 @@ impl Upstream {
         let usage = self.usage(model, wire);
         if let Some(error) = wire::reported_error(&value["error"], &choice["error"], finish_reason)
         {
-            return Err(mid_answer(status, &error, self.route(model).0).billed(usage));
+            let alone = choice.is_null().then_some(&value["error"]);
+            return Err(mid_answer(status, &error, alone, self.route(model).0).billed(usage));
         }
         Ok((value, usage))
     }
@@ -290,12 +318,18 @@ impl Upstream {
 
 /// A 200 whose model failed mid-answer (see `wire::reported_error`): retried like a garbled
 /// body, since whatever text came with it is cut short, and taken (or, empty, failed for good)
-/// it would be checkpointed as it is.
-fn mid_answer(status: u16, error: &str, provider: &Provider) -> UpstreamError {
-    let key = provider.api_key.as_ref().map(|k| k.0.as_str());
+/// it would be checkpointed as it is. An error `alone`, beside no choice at all, is classed by
+/// the status it names, if any (`answer::error_kind`).
+fn mid_answer(
+    status: u16,
+    error: &str,
+    alone: Option<&Value>,
+    provider: &Provider,
+) -> UpstreamError {
+    let key = provider.key();
     let error = answer::excerpt(error.as_bytes(), key);
     UpstreamError::new(
-        ErrorKind::BadBody,
+        alone.map_or(ErrorKind::BadBody, answer::error_kind),
         Some(status),
         format!("upstream answered {status} with an error mid-answer: {error}"),
     )

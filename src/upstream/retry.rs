@@ -50,18 +50,21 @@ impl Default for RetryPolicy {
 }
 
 impl RetryPolicy {
-    /// The wait before call number `failed + 1`, after `failed` failures (≥ 1).
+    /// The wait before call number `failed + 1`, after `failed` failures (≥ 1): the backoff,
+    /// or a `Retry-After` that asks for longer (honoured past our own cap, up to a sanity
+    /// limit). A shorter one does not cut the backoff: `Retry-After: 0` from every call of a
+    /// busy gateway would otherwise spend a step's attempts at once, all at the same instant.
     pub fn delay(&self, failed: u32, err: &UpstreamError) -> Duration {
-        if let Some(after) = err.retry_after {
-            // Honoured as asked, past our own cap, up to a sanity limit.
-            return after.min(MAX_RETRY_AFTER);
-        }
         let exp = self
             .base
             .saturating_mul(2u32.saturating_pow(failed.saturating_sub(1)));
         let capped = exp.min(self.cap);
         let spread = (self.jitter)() * 2.0 - 1.0;
-        capped.mul_f64((1.0 + self.jitter_fraction * spread).max(0.0))
+        let backoff = capped.mul_f64((1.0 + self.jitter_fraction * spread).max(0.0));
+        match err.retry_after {
+            Some(after) => after.min(MAX_RETRY_AFTER).max(backoff),
+            None => backoff,
+        }
     }
 }
 
@@ -195,13 +198,17 @@ mod tests {
         );
     }
 
+    // A longer Retry-After wins, past the cap up to the sanity limit; a shorter one (0, a date
+    // already past) does not cut the backoff.
     #[test]
-    fn retry_after_wins() {
+    fn retry_after_lengthens_the_backoff_but_never_cuts_it() {
         let p = policy(0.0);
-        assert_eq!(
-            p.delay(1, &err(Some(Duration::from_secs(7)))),
-            Duration::from_secs(7)
-        );
+        let after = |failed, secs| p.delay(failed, &err(Some(Duration::from_secs(secs))));
+        assert_eq!(after(1, 7), Duration::from_secs(7));
+        assert_eq!(after(1, 120), Duration::from_secs(120));
+        assert_eq!(after(1, 100_000), MAX_RETRY_AFTER);
+        assert_eq!(after(1, 0), Duration::from_millis(900));
+        assert_eq!(after(4, 2), Duration::from_millis(7200));
     }
 
     fn status(code: u16, retry_after: Option<u64>) -> UpstreamError {

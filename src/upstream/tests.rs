@@ -211,9 +211,14 @@ async fn an_error_reported_mid_answer_is_retried_on_both_clients() {
         r#"{"choices": [], "error": {"code": 502, "message": "provider went away"}}"#,
     ];
     for body in bodies {
+        // Beside no choice, the error stands for the call, classed by the status it names.
+        let kind = match body.contains(r#""choices": []"#) {
+            true => ErrorKind::Server,
+            false => ErrorKind::BadBody,
+        };
         for result in on_both_clients_answered(body).await {
             let err = result.unwrap_err();
-            assert_eq!(err.kind, ErrorKind::BadBody, "{body}: {err:?}");
+            assert_eq!(err.kind, kind, "{body}: {err:?}");
             assert!(err.retryable(), "{err:?}");
             let quoted = if body.contains("went away") {
                 "provider went away"
@@ -294,6 +299,16 @@ async fn odd_usage_fields_do_not_throw_away_a_completion() {
             },
         ),
         (r#""none""#, Usage::default()),
+        // A cost past any real price is absent: sums of such would be infinite.
+        (
+            r#"{"prompt_tokens": 1, "completion_tokens": 1, "cost": 1e308}"#,
+            Usage {
+                prompt_tokens: 1,
+                completion_tokens: 1,
+                total_tokens: 2,
+                cost: 0.0,
+            },
+        ),
     ];
     for (usage, expected) in cases {
         let body = test_server::completion("hi", usage);
@@ -302,6 +317,109 @@ async fn odd_usage_fields_do_not_throw_away_a_completion() {
         for result in on_both_clients(&up).await {
             assert_eq!(result.unwrap(), expected, "usage {usage}");
         }
+    }
+}
+
+// An upstream may echo the key it was sent in its error (a proxy's "invalid key sk-..."),
+// as an error status or as an error in a 2xx: the message the job keeps and clients see
+// shows it as `***`, on both clients, and a provider's message is cut to 1,000 characters.
+// Before, the message was kept as the upstream wrote it.
+#[tokio::test]
+async fn an_echoed_key_is_hidden_and_a_long_message_is_cut_on_both_clients() {
+    let key = "sk-live-0123456789abcdef";
+    for status in ["401 Unauthorized", "200 OK"] {
+        let echo = format!(
+            r#"{{"error": {{"message": "Incorrect API key provided: {key}. You can find your key at https://example.com."}}}}"#
+        );
+        let (base, _) = answering(test_server::answer(status, &echo), Then::Close).await;
+        for result in on_both_clients(&upstream_at(&format!("{base}/v1"), Some(key))).await {
+            let err = result.unwrap_err();
+            assert!(!err.message.contains(key), "{status}: {err:?}");
+            assert!(
+                err.message.contains("Incorrect API key provided: ***."),
+                "{status}: {err:?}"
+            );
+        }
+    }
+    let long = format!(r#"{{"error": {{"message": "{}"}}}}"#, "word ".repeat(2000));
+    let (base, _) = answering(test_server::answer("400 Bad Request", &long), Then::Close).await;
+    for result in on_both_clients(&upstream_at(&format!("{base}/v1"), None)).await {
+        let err = result.unwrap_err();
+        assert!(err.message.ends_with("..."), "{err:?}");
+        assert!(err.message.chars().count() < 1100, "{}", err.message.len());
+    }
+}
+
+// An error in a 2xx that names the status it stands for (`code` or `status`, as a number or
+// a numeric string) is classed by it: a refused key fails for good instead of being sent four
+// more times as a garbled answer would be. A code that is not a status (OpenAI's words) leaves
+// it a garbled answer, retried.
+#[tokio::test]
+async fn an_error_in_a_2xx_is_classed_by_the_status_it_names() {
+    let cases = [
+        (
+            r#"{"error": {"code": 401, "message": "invalid key"}}"#,
+            ErrorKind::Auth,
+        ),
+        (
+            r#"{"error": {"status": "429", "message": "slow down"}}"#,
+            ErrorKind::RateLimited,
+        ),
+        (
+            r#"{"error": {"code": 503, "message": "overloaded"}}"#,
+            ErrorKind::Server,
+        ),
+        (
+            r#"{"error": {"code": "invalid_api_key", "message": "no"}}"#,
+            ErrorKind::BadBody,
+        ),
+        (
+            r#"{"error": {"code": 200, "message": "odd"}}"#,
+            ErrorKind::BadBody,
+        ),
+        (r#"{"error": "plain words"}"#, ErrorKind::BadBody),
+    ];
+    for (body, kind) in cases {
+        for result in on_both_clients_answered(body).await {
+            let err = result.unwrap_err();
+            assert_eq!((err.kind, err.status), (kind, Some(200)), "{body}: {err:?}");
+        }
+    }
+}
+
+// A choice with no message (a content filter's `finish_reason` alone, or `"message": null`)
+// is an empty completion: final, and billed. A body of another shape that still has `usage`
+// (an error in a 2xx, choices that are not a list) is retried, and what it was billed for is
+// counted. Before, both failed to parse as a garbled answer whose usage was lost, and the
+// first was asked for again.
+#[tokio::test]
+async fn answers_of_another_shape_keep_their_usage() {
+    let usage = r#""usage": {"prompt_tokens": 9, "completion_tokens": 2}"#;
+    let billed = Usage::of(9, 2, 0.0);
+    for (body, kind) in [
+        (
+            format!(
+                r#"{{"choices": [{{"index": 0, "finish_reason": "content_filter"}}], {usage}}}"#
+            ),
+            ErrorKind::Empty,
+        ),
+        (
+            format!(
+                r#"{{"choices": [{{"message": null, "finish_reason": "content_filter"}}], {usage}}}"#
+            ),
+            ErrorKind::Empty,
+        ),
+        (
+            format!(r#"{{"error": {{"message": "boom"}}, {usage}}}"#),
+            ErrorKind::BadBody,
+        ),
+        (format!(r#"{{"choices": 3, {usage}}}"#), ErrorKind::BadBody),
+    ] {
+        let [lean, _] = on_both_clients_answered(&body).await;
+        let err = lean.unwrap_err();
+        assert_eq!(err.kind, kind, "{body}: {err:?}");
+        assert_eq!(err.retryable(), kind == ErrorKind::BadBody, "{body}");
+        assert_eq!(err.usage, billed, "{body}");
     }
 }
 

@@ -50,7 +50,10 @@ pub(super) struct WireResponse {
 
 #[derive(Deserialize)]
 pub(super) struct WireChoice {
-    pub(super) message: WireMessage,
+    /// Absent or `null` when a choice has no text (a content filter's `finish_reason` alone):
+    /// an empty completion, billed, not a garbled answer to ask for again.
+    #[serde(default)]
+    pub(super) message: Option<WireMessage>,
     /// Read leniently, like `usage`: a `finish_reason` that is not a string (a null, an object
     /// from some servers) is absent, not a reason to throw away a completion that was paid for.
     #[serde(default, deserialize_with = "lenient_string")]
@@ -127,8 +130,8 @@ pub fn text_of(content: Value) -> Option<String> {
 /// `usage`, read leniently: servers send nulls, floats and numbers as strings, and a completion
 /// that was paid for is not thrown away (and asked for again) over how its usage is written.
 /// A token count is a number or a numeric string, cut to 0..=`MAX_TOKENS`; anything else is 0.
-/// A cost is read the same way; one that is not a number at least 0 is absent (the price table
-/// prices the call).
+/// A cost is read the same way; one that is not a number from 0 to `MAX_COST` is absent (the
+/// price table prices the call).
 pub(super) struct WireUsage {
     pub(super) prompt_tokens: i64,
     pub(super) completion_tokens: i64,
@@ -139,6 +142,10 @@ pub(super) struct WireUsage {
 /// sums of many cannot overflow (the stores add the two counts up again as they read them).
 const MAX_TOKENS: i64 = u32::MAX as i64;
 
+/// The most one call is taken to cost, in dollars: past any real price, and small enough that
+/// sums of many stay finite (an infinite cost would be written as JSON `null`).
+const MAX_COST: f64 = 1e9;
+
 impl WireUsage {
     pub(super) fn of(usage: &Value) -> WireUsage {
         let tokens =
@@ -146,7 +153,7 @@ impl WireUsage {
         WireUsage {
             prompt_tokens: tokens("prompt_tokens"),
             completion_tokens: tokens("completion_tokens"),
-            cost: number(usage.get("cost")).filter(|c| *c >= 0.0),
+            cost: number(usage.get("cost")).filter(|c| (0.0..=MAX_COST).contains(c)),
         }
     }
 }
@@ -207,11 +214,22 @@ mod tests {
                 None,
             ),
             (r#"{"message": {}}"#, None, None),
+            (
+                r#"{"message": null, "finish_reason": "content_filter"}"#,
+                None,
+                Some("content_filter"),
+            ),
+            (
+                r#"{"index": 0, "finish_reason": "content_filter"}"#,
+                None,
+                Some("content_filter"),
+            ),
         ] {
             let wire: WireResponse =
                 serde_json::from_str(&format!(r#"{{"choices": [{choice}]}}"#)).expect(choice);
             let read = &wire.choices[0];
-            assert_eq!(read.message.content.as_deref(), content, "{choice}");
+            let text = read.message.as_ref().and_then(|m| m.content.as_deref());
+            assert_eq!(text, content, "{choice}");
             assert_eq!(read.finish_reason.as_deref(), finish_reason, "{choice}");
         }
     }
