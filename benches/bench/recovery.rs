@@ -87,6 +87,12 @@ pub async fn measure(ctx: &Ctx, target: &Target) -> anyhow::Result<Results> {
         .map(|j| (j.id, j.attempt))
         .collect();
     let done_at_kill = db::count(&db.counts().await?, "succeeded");
+    // Every job runs at once, for seconds: a kill that finds none running tested nothing, and
+    // "0 repeated calls" below would say nothing.
+    if orphans.is_empty() {
+        out.problems
+            .push("recovery: the SIGKILL found no job running".to_string());
+    }
 
     // Watch the orphans from now on, while the new server starts.
     let watch_db = target.open().await?;
