@@ -94,7 +94,7 @@ async fn three_workers_share_the_queue_through_a_worker_crash() {
 }
 
 #[tokio::test]
-async fn a_cancel_reaches_a_worker_in_another_process_within_a_second() {
+async fn a_cancel_reaches_a_worker_in_another_process_by_its_notify() {
     let _shared = PG_SERVER.read().await;
     let Some(db) = ScratchDatabase::from_env("fusion_workers").await else {
         return;
@@ -111,7 +111,7 @@ async fn a_cancel_reaches_a_worker_in_another_process_within_a_second() {
         &[("FUSION_CONCURRENCY", "0")],
     )
     .await;
-    // A long lease and poll: only the NOTIFY can stop the job within the second.
+    // A long lease and poll: only the NOTIFY can stop the job within seconds.
     let env = [("FUSION_LEASE_SECONDS", "60"), ("FUSION_POLL_MS", "5000")];
     let worker = Server::spawn("worker", &url, &upstream, 0, &env).await;
     let client = reqwest::Client::new();
@@ -122,9 +122,11 @@ async fn a_cancel_reaches_a_worker_in_another_process_within_a_second() {
         .await
         .unwrap();
     assert_eq!(resp.status(), 200);
+    // Within 4 s: well before the 5 s poll or the 20 s heartbeat could have told it, with
+    // room for a loaded machine.
     wait_aborted(
         &fake,
-        Duration::from_secs(1),
+        Duration::from_secs(4),
         "the worker kept calling upstream",
     )
     .await;

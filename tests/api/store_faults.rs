@@ -408,17 +408,29 @@ async fn app_on_with(
     toml: &str,
     slow_enqueue: Duration,
 ) -> (TestApp, Arc<Faulty>) {
+    let options = Options {
+        workers,
+        toml: toml.into(),
+        ..Options::default()
+    };
+    app_on_options(faults, slow_enqueue, options).await
+}
+
+/// `app_on_with`, the app built with `options` (its store wrapped in the `Faulty`).
+async fn app_on_options(
+    faults: Faults,
+    slow_enqueue: Duration,
+    options: Options,
+) -> (TestApp, Arc<Faulty>) {
     let slot = Arc::new(OnceLock::new());
     let set = slot.clone();
     let app = spawn_app_with(Options {
-        workers,
-        toml: toml.into(),
         wrap_store: Some(Box::new(move |inner| {
             let faulty = Arc::new(Faulty::over(inner, faults, slow_enqueue));
             set.set(faulty.clone()).ok();
             faulty
         })),
-        ..Options::default()
+        ..options
     })
     .await;
     let faulty = slot
@@ -762,10 +774,16 @@ async fn a_checkpointed_final_failure_fails_the_next_attempt_without_calling_aga
 #[tokio::test]
 async fn a_job_started_at_its_submit_runs_even_when_the_client_left_before_the_answer() {
     let slow_enqueue = Duration::from_millis(2_000);
-    let (app, faulty) = app_on_with(Faults::default(), true, "", slow_enqueue).await;
+    // No fallback polls: while a claim is out it holds the free slots, and a submit landing
+    // then is queued and claimed instead (it once was, on a loaded machine).
+    let options = Options {
+        poll_interval: Duration::from_secs(3600),
+        ..Options::default()
+    };
+    let (app, faulty) = app_on_options(Faults::default(), slow_enqueue, options).await;
     // A slot is free once the dispatcher's first claim found the queue empty.
     faulty.claims.called_past(0).await;
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
     // The process has a free slot, so the job is inserted already running under its lease (5 s
     // here); the client gives up while the insert is still answering.
     let sent = app
