@@ -338,9 +338,10 @@ impl StepKey {
     }
 }
 
-/// The `error_code` a manual retry gives the failed steps it sets to run again. They are kept
-/// rather than deleted, so that what they were billed for still counts in the job's usage; the
-/// step's next run replaces the row and carries that usage into its own.
+/// The `error_code` of a failed step set to run again: by a manual retry, or, when the step was
+/// billed, by the requeue of its job after a failure that may pass. It is kept rather than
+/// deleted (or never written), so that what it was billed for still counts in the job's usage;
+/// the step's next run replaces the row and carries that usage into its own.
 pub const SUPERSEDED: &str = "superseded_by_retry";
 
 /// The checkpoint of one finished step: written once, never run again (but a failed step a
@@ -368,9 +369,17 @@ pub struct Step {
 }
 
 impl Step {
-    /// Whether a manual retry set this failed step to run again (see `SUPERSEDED`).
+    /// Whether this failed step was set to run again (see `SUPERSEDED`).
     pub fn superseded(&self) -> bool {
         !self.ok && self.error_code.as_deref() == Some(SUPERSEDED)
+    }
+
+    /// This failed step, set to run again (see `SUPERSEDED`).
+    pub fn to_run_again(self) -> Step {
+        Step {
+            error_code: Some(SUPERSEDED.into()),
+            ..self
+        }
     }
 }
 

@@ -192,7 +192,14 @@ impl Pipeline {
             // could not make up even if they answered fails now too: requeued, they would be
             // called (and paid) again for nothing.
             failed = match Outcome::retry(next_try(), reason, error) {
-                retry @ Outcome::Retry { .. } => return retry,
+                retry @ Outcome::Retry { .. } => {
+                    // Those members are called again next time; what their tries were billed
+                    // for (an answer cut off, an error mid-answer) is kept till then.
+                    for step in may_pass.into_iter().filter(billed) {
+                        saves.start(step.to_run_again());
+                    }
+                    return retry;
+                }
                 failed => Some(failed),
             };
         }
@@ -288,9 +295,19 @@ impl Pipeline {
                 };
                 s.usage.add(&carried.of(StepKey::Final));
                 if retryable {
-                    // Not checkpointed: the next attempt of the job writes this step afresh.
+                    // The next attempt of the job makes this step afresh: checkpointed only for
+                    // what it was billed for, set to run again. Without a next attempt, it is
+                    // the job's failure, written as such.
                     let (reason, error) = final_failure(&s);
-                    return Outcome::retry(next_try(), reason, error);
+                    let outcome = Outcome::retry(next_try(), reason, error);
+                    match outcome {
+                        Outcome::Retry { .. } if billed(&s) => {
+                            saves.start_after_earlier(s.to_run_again())
+                        }
+                        Outcome::Retry { .. } => {}
+                        _ => saves.start_after_earlier(s),
+                    }
+                    return outcome;
                 }
                 // A failure is written after the analysis and before the outcome (which `run`
                 // awaits); an answer goes back with the outcome, to be written in its commit.
@@ -590,6 +607,11 @@ impl Pipeline {
             created_at: self.clock.now_ms(),
         }
     }
+}
+
+/// Whether `step`'s calls were billed for anything.
+fn billed(step: &Step) -> bool {
+    step.usage != Usage::default()
 }
 
 /// The usage of the rows this run replaces, by step: those a manual retry superseded

@@ -764,3 +764,47 @@ async fn a_retry_keeps_the_usage_of_the_failed_steps_it_runs_again() {
         assert_eq!(usage["completion_tokens"], 5 + 405 + 5 + 5, "{job:#}");
     }
 }
+
+// A step whose tries were all billed for answers that could not be taken (an error
+// mid-answer) and whose job is requeued to call it again: what those tries cost still counts,
+// for a panel member and for the final step, in the step that replaced them and in the job.
+// Before, a step that failed for now was not written, and its tries' usage was lost.
+#[tokio::test]
+async fn the_billed_tries_of_a_step_its_requeued_job_runs_again_are_counted() {
+    let app = spawn_app().await;
+    let cut = r#"{"choices": [{"message": {"content": "The answer is"}, "finish_reason": "error",
+        "error": {"code": 502, "message": "went away"}}],
+        "usage": {"prompt_tokens": 100, "completion_tokens": 1000}}"#;
+    // Three tries per step (the test config's retry policy), then the job is requeued.
+    let tries = || {
+        vec![
+            Reply::RawOk(cut),
+            Reply::RawOk(cut),
+            Reply::RawOk(cut),
+            Reply::Ok,
+        ]
+    };
+    app.fake.script("down", Kind::Panel, tries());
+    app.fake.script("judge", Kind::Final, tries());
+    let mut body = body_with_panel(&["m1", "down"], "judge");
+    body["plugins"][0]["min_panel"] = 2.into();
+    let id = app.submit_ok(&body).await;
+    let job = app.wait_final(&id, 15).await;
+    assert_eq!(job["status"], "succeeded", "{job:#}");
+    assert_eq!(
+        job["attempt"], 3,
+        "requeued for the panel, then for the final step"
+    );
+    assert_eq!(app.fake.calls("down", Kind::Panel), 4);
+    assert_eq!(app.fake.calls("judge", Kind::Final), 4);
+    assert_eq!(job["panel"][1]["usage"]["prompt_tokens"], 310, "{job:#}");
+    assert_eq!(
+        job["panel"][1]["usage"]["completion_tokens"], 3005,
+        "{job:#}"
+    );
+    // m1, down's four calls, the analysis, the final step's four calls.
+    for usage in [&job["usage"], &job["result"]["usage"]] {
+        assert_eq!(usage["prompt_tokens"], 10 + 310 + 10 + 310, "{job:#}");
+        assert_eq!(usage["completion_tokens"], 5 + 3005 + 5 + 3005, "{job:#}");
+    }
+}
