@@ -551,7 +551,7 @@ impl Store for SqliteStore {
     async fn rescue_expired(&self, now: i64) -> Result<u64> {
         let failed = sqlx::query(
             "UPDATE jobs SET status = 'failed', finished_at = ?1, failure_reason = 'lease_expired', \
-             error = 'the worker holding the job stopped renewing its lease on every attempt', \
+             error = 'the worker holding the job stopped renewing its lease on its last allowed attempt', \
              lease_owner = NULL, lease_expires_at = NULL \
              WHERE status = 'running' AND lease_expires_at < ?1 AND attempt >= max_attempts \
              RETURNING id",

@@ -867,7 +867,8 @@ fn panic_message(payload: &(dyn std::any::Any + Send)) -> &str {
         .unwrap_or("a panic with no message")
 }
 
-/// Exponential backoff for database failures: 100 ms doubling to 5 s.
+/// Exponential backoff for database failures: 100 ms × 2^`failures`, at most 5 s (the first
+/// wait, after one failure, is 200 ms).
 pub(crate) fn backoff(failures: u32) -> Duration {
     Duration::from_millis(100u64.saturating_mul(1 << failures.min(6))).min(Duration::from_secs(5))
 }

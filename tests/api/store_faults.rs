@@ -1192,7 +1192,7 @@ async fn a_failure_written_by_another_at_the_same_attempt_is_not_taken_for_the_w
         .unwrap()
         .lease()
         .unwrap();
-    let gone = "the worker holding the job stopped renewing its lease on every attempt";
+    let gone = "the worker holding the job stopped renewing its lease on its last allowed attempt";
     let failed = app
         .store
         .fail(&lease, "lease_expired", gone, clock.now_ms());
