@@ -2,6 +2,8 @@
 //! for says what came back, in one line the job keeps and API clients see: never a credential
 //! the body may echo, and never the body whole.
 
+use std::borrow::Cow;
+
 use bytes::Bytes;
 use hyper::header::HeaderValue;
 use serde::de::DeserializeOwned;
@@ -36,13 +38,14 @@ impl Answered {
                 // carry the status it stands for (a proxy's `{"error": {"code": 401}}`): that
                 // classes it, so a refused key is not sent again as a garbled answer would be.
                 (Some(Ok(whole)), None) if whole.get("error").is_some_and(|e| !e.is_null()) => {
+                    let text = key_hidden(String::from_utf8_lossy(&self.body), provider.key());
                     let message = format!(
                         "upstream answered {} with an error: {}",
                         self.status,
-                        super::error::upstream_message(&String::from_utf8_lossy(&self.body))
+                        super::error::upstream_message(&text)
                     );
-                    let kind = error_kind(&whole["error"]);
-                    return UpstreamError::new(kind, Some(self.status), message);
+                    let (kind, status) = named(&whole["error"], self.status);
+                    return UpstreamError::new(kind, Some(status), message);
                 }
                 // Text, or a value that is not an object, with more after it.
                 (Some(Err(text)), _) if !text.is_eof() => return self.not_json(provider),
@@ -92,10 +95,23 @@ impl Answered {
     }
 }
 
-/// The kind of an error reported in a 2xx in place of an answer: that of the status it names
-/// (`status_in`), else a garbled answer's (retried).
-pub(super) fn error_kind(error: &Value) -> ErrorKind {
-    status_in(error).map_or(ErrorKind::BadBody, super::error::kind_of_status)
+/// `text` with `key` shown as `***` wherever it appears whole: done before an error message is
+/// cut from the text, since a key cut in two would not be found whole afterwards.
+pub(super) fn key_hidden<'a>(text: Cow<'a, str>, key: Option<&str>) -> Cow<'a, str> {
+    match key.filter(|k| !k.is_empty()) {
+        Some(key) if text.contains(key) => Cow::Owned(text.replace(key, "***")),
+        _ => text,
+    }
+}
+
+/// The kind and status of an error reported in a 2xx (answered with `status`) in place of an
+/// answer: those of the status it names (`status_in`), so that it is recorded and answered as
+/// that status would be; else a garbled answer's (retried).
+pub(super) fn named(error: &Value, status: u16) -> (ErrorKind, u16) {
+    match status_in(error) {
+        Some(named) => (super::error::kind_of_status(named), named),
+        None => (ErrorKind::BadBody, status),
+    }
 }
 
 /// The HTTP status an error object in a 2xx stands for: its `code` or `status`, a number or
@@ -131,11 +147,10 @@ pub(super) fn excerpt(body: &[u8], key: Option<&str>) -> String {
 /// `excerpt`, at most `max_chars` characters.
 pub(super) fn one_line(body: &[u8], key: Option<&str>, max_chars: usize) -> String {
     // Far past what is shown, so that every word shown is redacted whole.
-    let start = String::from_utf8_lossy(&body[..body.len().min(8 << 10)]);
-    let start = match key.filter(|k| !k.is_empty()) {
-        Some(key) => start.replace(key, "***"),
-        None => start.into_owned(),
-    };
+    let start = key_hidden(
+        String::from_utf8_lossy(&body[..body.len().min(8 << 10)]),
+        key,
+    );
     let mut words = Vec::new();
     let mut after_scheme = false;
     for word in start.split(|c: char| c.is_whitespace() || c.is_control()) {

@@ -103,11 +103,7 @@ impl UpstreamError {
     /// message has it: an upstream may echo the key it was sent ("invalid key sk-..."), and
     /// the message is stored with the job and shown to API clients.
     pub fn hiding(mut self, key: Option<&str>) -> Self {
-        if let Some(key) = key.filter(|k| !k.is_empty())
-            && self.message.contains(key)
-        {
-            self.message = self.message.replace(key, "***");
-        }
+        self.message = answer::key_hidden(self.message.into(), key).into_owned();
         self
     }
 

@@ -394,19 +394,19 @@ mod tests {
     }
 
     // Connections under the one in use stay idle until they are too old, and are closed then.
-    // A late wake-up can only age the three more; the one in use has 1.2 s and 0.6 s to spare.
+    // A late wake-up can only age the three more; the one in use has 2.4 s and 1.2 s to spare.
     #[tokio::test]
     async fn connections_idle_too_long_are_closed() {
         let (uri, seen) = server(false, Duration::from_millis(20)).await;
         let client = PlainClient {
-            idle_for: Duration::from_secs(2),
+            idle_for: Duration::from_secs(4),
             ..client(8)
         };
         calls_at_once(&client, &uri, 4).await;
         // The last one back is used again and stays fresh; the three under it age.
-        tokio::time::sleep(Duration::from_millis(800)).await;
+        tokio::time::sleep(Duration::from_millis(1600)).await;
         call(&client, &uri).await;
-        tokio::time::sleep(Duration::from_millis(1400)).await;
+        tokio::time::sleep(Duration::from_millis(2800)).await;
         call(&client, &uri).await;
         let waited = Instant::now();
         while seen.open.load(Ordering::SeqCst) > 1 && waited.elapsed() < Duration::from_secs(5) {

@@ -115,7 +115,8 @@ impl Upstream {
     }
 
     /// How long an error's body is waited for (see `body::Body::read_error`).
-    fn error_wait(&self) -> Duration {
+    /// How long an error's body is waited for (see `body::error_body_wait`).
+    pub fn error_wait(&self) -> Duration {
         body::error_body_wait(self.config.timeout)
     }
 
@@ -149,7 +150,7 @@ impl Upstream {
         })
         .map_err(|e| UpstreamError::new(ErrorKind::Rejected, None, e.to_string()))?;
         let started = Instant::now();
-        let answered = self.exchange(endpoint, body).await?;
+        let answered = self.exchange(endpoint, provider.key(), body).await?;
         let status = answered.status;
         // A body of another shape may still say what it was billed for.
         let mut wire: WireResponse = answered
@@ -219,11 +220,12 @@ impl Upstream {
     async fn exchange(
         &self,
         endpoint: &Endpoint,
+        key: Option<&str>,
         body: Vec<u8>,
     ) -> Result<Answered, UpstreamError> {
         let Some(target) = &endpoint.plain else {
             let answer = self.post(endpoint, body, self.config.timeout).await?;
-            return read_ok(answer, self.now(), self.error_wait()).await;
+            return read_ok(answer, key, self.now(), self.error_wait()).await;
         };
         let answer = self
             .plain
@@ -233,7 +235,14 @@ impl Upstream {
         let content_type = headers.remove(CONTENT_TYPE);
         let retry_after = headers.get(hyper::header::RETRY_AFTER);
         let now = date_of(&headers).unwrap_or_else(|| self.now());
-        ok_or_error(answer.status, retry_after, content_type, answer.body, now)
+        ok_or_error(
+            answer.status,
+            retry_after,
+            content_type,
+            answer.body,
+            key,
+            now,
+        )
     }
 
     /// POST a JSON body to `endpoint` through reqwest.
@@ -272,7 +281,8 @@ impl Upstream {
         body: Value,
     ) -> Result<(Value, Usage), UpstreamError> {
         let resp = self.send_within(model, body, self.config.timeout).await?;
-        let answered = read_ok(resp, self.now(), self.error_wait()).await?;
+        let key = self.route(model).0.key();
+        let answered = read_ok(resp, key, self.now(), self.error_wait()).await?;
         let status = answered.status;
         let value: Value = answered.parse(self.route(model).0)?;
         if !value.is_object() {
@@ -319,7 +329,7 @@ impl Upstream {
 /// A 200 whose model failed mid-answer (see `wire::reported_error`): retried like a garbled
 /// body, since whatever text came with it is cut short, and taken (or, empty, failed for good)
 /// it would be checkpointed as it is. An error `alone`, beside no choice at all, is classed by
-/// the status it names, if any (`answer::error_kind`).
+/// the status it names, if any (`answer::named`).
 fn mid_answer(
     status: u16,
     error: &str,
@@ -328,9 +338,10 @@ fn mid_answer(
 ) -> UpstreamError {
     let key = provider.key();
     let error = answer::excerpt(error.as_bytes(), key);
+    let (kind, named) = alone.map_or((ErrorKind::BadBody, status), |e| answer::named(e, status));
     UpstreamError::new(
-        alone.map_or(ErrorKind::BadBody, answer::error_kind),
-        Some(status),
+        kind,
+        Some(named),
         format!("upstream answered {status} with an error mid-answer: {error}"),
     )
 }
@@ -347,6 +358,7 @@ pub const DEPTH_HEADER: &str = "x-fusion-depth";
 /// at most `error_wait`).
 async fn read_ok(
     mut resp: reqwest::Response,
+    key: Option<&str>,
     now: SystemTime,
     error_wait: Duration,
 ) -> Result<Answered, UpstreamError> {
@@ -373,6 +385,7 @@ async fn read_ok(
         retry_after.as_ref(),
         content_type,
         body.into_bytes(),
+        key,
         now,
     )
 }
@@ -384,19 +397,21 @@ fn date_of(headers: &hyper::HeaderMap) -> Option<SystemTime> {
     httpdate::parse_http_date(date).ok()
 }
 
-/// A 2xx answer, or the error any other status stands for.
+/// A 2xx answer, or the error any other status stands for (`key` hidden in its body before
+/// the message is cut from it: a key cut in two would not be found whole afterwards).
 fn ok_or_error(
     status: u16,
     retry_after: Option<&HeaderValue>,
     content_type: Option<HeaderValue>,
     body: Bytes,
+    key: Option<&str>,
     now: SystemTime,
 ) -> Result<Answered, UpstreamError> {
     if !(200..300).contains(&status) {
         let retry_after = retry_after
             .and_then(|v| v.to_str().ok())
             .and_then(|v| parse_retry_after(v, now));
-        let text = String::from_utf8_lossy(&body);
+        let text = answer::key_hidden(String::from_utf8_lossy(&body), key);
         return Err(UpstreamError::from_status(status, &text, retry_after));
     }
     Ok(Answered {

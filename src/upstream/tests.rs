@@ -341,6 +341,20 @@ async fn an_echoed_key_is_hidden_and_a_long_message_is_cut_on_both_clients() {
             );
         }
     }
+    // A key where the message is cut (a body with no `message`, shown as a 200-character
+    // excerpt, the key from its 191st): hidden whole before the cut, not left in part.
+    let detail = format!(
+        r#"{{"error": {{"code": 401, "detail": "{} {key} more"}}}}"#,
+        "x".repeat(154)
+    );
+    for status in ["401 Unauthorized", "200 OK"] {
+        let (base, _) = answering(test_server::answer(status, &detail), Then::Close).await;
+        for result in on_both_clients(&upstream_at(&format!("{base}/v1"), Some(key))).await {
+            let err = result.unwrap_err();
+            assert!(!err.message.contains("sk-live"), "{status}: {err:?}");
+            assert!(err.message.contains("***"), "{status}: {err:?}");
+        }
+    }
     let long = format!(r#"{{"error": {{"message": "{}"}}}}"#, "word ".repeat(2000));
     let (base, _) = answering(test_server::answer("400 Bad Request", &long), Then::Close).await;
     for result in on_both_clients(&upstream_at(&format!("{base}/v1"), None)).await {
@@ -382,7 +396,18 @@ async fn an_error_in_a_2xx_is_classed_by_the_status_it_names() {
     for (body, kind) in cases {
         for result in on_both_clients_answered(body).await {
             let err = result.unwrap_err();
-            assert_eq!((err.kind, err.status), (kind, Some(200)), "{body}: {err:?}");
+            // Recorded as the status it stands for (a refused key's 401), not as the 200.
+            let status = match kind {
+                ErrorKind::Auth => 401,
+                ErrorKind::RateLimited => 429,
+                ErrorKind::Server => 503,
+                _ => 200,
+            };
+            assert_eq!(
+                (err.kind, err.status),
+                (kind, Some(status)),
+                "{body}: {err:?}"
+            );
         }
     }
 }
