@@ -2,6 +2,8 @@
 //! (status, the headers a client acts on, body as it arrives) comes back. An event stream is
 //! passed on an event at a time, so one cut part way still ends as the SDKs read a failure.
 
+use std::time::Duration;
+
 use axum::body::Body;
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::Response;
@@ -18,7 +20,8 @@ pub async fn passthrough(state: &AppState, model: &str, body: Value) -> Result<R
         state.upstream.relay(model, body).await.map_err(|e| {
             ApiError::new(StatusCode::BAD_GATEWAY, "upstream_unreachable", e.message)
         })?;
-    Ok(relayed(resp))
+    let key = state.upstream.route(model).0.key().map(str::to_string);
+    Ok(relayed(resp, key, state.upstream.error_wait()))
 }
 
 /// Whether a relayed header is passed on: the content type, when to retry and whether to, the
@@ -35,8 +38,9 @@ fn passed_on(name: &str) -> bool {
 /// the timeout), the unfinished event is dropped and an error event and `[DONE]` end it,
 /// rather than the connection reset (which the Python SDK raises as a raw transport error) or
 /// half an event running into the error (which it cannot parse). Any other body is passed on
-/// as it comes, and cut as it was cut.
-fn relayed(resp: reqwest::Response) -> Response {
+/// as it comes, and cut as it was cut; but an error's (`hidden_error`), when the provider has
+/// a `key`: read whole first (waited for at most `error_wait`), the key hidden.
+fn relayed(resp: reqwest::Response, key: Option<String>, error_wait: Duration) -> Response {
     let status = StatusCode::from_u16(resp.status().as_u16()).unwrap_or(StatusCode::BAD_GATEWAY);
     let mut headers = HeaderMap::new();
     for (name, value) in resp.headers() {
@@ -62,11 +66,59 @@ fn relayed(resp: reqwest::Response) -> Response {
             super::stream::unbuffered(&mut headers);
             Body::from_stream(whole_events(resp.bytes_stream()))
         }
-        false => Body::from_stream(resp.bytes_stream()),
+        false => match key {
+            Some(key) if !status.is_success() => {
+                Body::from_stream(futures::stream::once(hidden_error(resp, key, error_wait)))
+            }
+            _ => Body::from_stream(resp.bytes_stream()),
+        },
     };
     let mut out = Response::new(body);
     *out.status_mut() = status;
     *out.headers_mut() = headers;
+    out
+}
+
+/// The most of an error's body the gateway passes on (see `hidden_error`): far past any
+/// provider's error, and room for a proxy's error page.
+const MAX_ERROR_BODY: usize = 256 << 10;
+
+/// An error's body as the gateway's client gets it: read whole (up to `MAX_ERROR_BODY`, for at
+/// most `wait`: what came by then), with the provider's `key` shown as `***`. An upstream may
+/// echo the key it was sent (a proxy's "invalid key sk-..."), and that key is the server's,
+/// not the client's.
+async fn hidden_error(
+    resp: reqwest::Response,
+    key: String,
+    wait: Duration,
+) -> Result<Bytes, std::convert::Infallible> {
+    let mut body = Vec::new();
+    let mut chunks = resp.bytes_stream();
+    let deadline = tokio::time::Instant::now() + wait;
+    while body.len() < MAX_ERROR_BODY {
+        match tokio::time::timeout_at(deadline, chunks.next()).await {
+            Ok(Some(Ok(chunk))) => body.extend_from_slice(&chunk),
+            // The end, a break, or the wait over: what came is passed on.
+            _ => break,
+        }
+    }
+    body.truncate(MAX_ERROR_BODY);
+    Ok(Bytes::from(replaced(&body, key.as_bytes(), b"***")))
+}
+
+/// `hay` with every `needle` in it replaced by `with` (bytes: an error body need not be UTF-8).
+fn replaced(hay: &[u8], needle: &[u8], with: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(hay.len());
+    let mut rest = hay;
+    while !rest.is_empty() {
+        if !needle.is_empty() && rest.starts_with(needle) {
+            out.extend_from_slice(with);
+            rest = &rest[needle.len()..];
+        } else {
+            out.push(rest[0]);
+            rest = &rest[1..];
+        }
+    }
     out
 }
 
@@ -172,9 +224,14 @@ mod tests {
     use crate::upstream::test_server::{Then, answering, trickling, upstream_at};
 
     async fn relay_from(base: &str) -> (StatusCode, HeaderMap, String) {
-        let up = upstream_at(&format!("{base}/v1"), None);
+        relay_with_key(base, None).await
+    }
+
+    async fn relay_with_key(base: &str, key: Option<&str>) -> (StatusCode, HeaderMap, String) {
+        let up = upstream_at(&format!("{base}/v1"), key);
         let body = json!({"messages": [{"role": "user", "content": "hi"}], "stream": true});
-        let out = relayed(up.relay("m", body).await.unwrap());
+        let key = key.map(str::to_string);
+        let out = relayed(up.relay("m", body).await.unwrap(), key, up.error_wait());
         let (status, headers) = (out.status(), out.headers().clone());
         let bytes = axum::body::to_bytes(out.into_body(), usize::MAX)
             .await
@@ -203,6 +260,29 @@ mod tests {
         assert_eq!(headers["content-type"], "application/json");
         assert!(!headers.contains_key("set-cookie"), "{headers:?}");
         assert_eq!(text, "{}");
+    }
+
+    // An upstream's error that echoes the key it was sent reaches the gateway's client with
+    // the key hidden: it is the server's key. Before, the body was passed on as it came.
+    #[tokio::test]
+    async fn a_relayed_error_never_shows_the_servers_key() {
+        let key = "sk-live-0123456789abcdef";
+        let body = format!(r#"{{"error": {{"message": "Incorrect API key provided: {key}."}}}}"#);
+        let answer = format!(
+            "HTTP/1.1 401 Unauthorized\r\ncontent-type: application/json\r\n\
+             content-length: {}\r\n\r\n{body}",
+            body.len()
+        );
+        let (base, _) = answering(answer, Then::Close).await;
+        let (status, headers, text) = relay_with_key(&base, Some(key)).await;
+        assert_eq!(status, StatusCode::UNAUTHORIZED);
+        assert_eq!(headers["content-type"], "application/json");
+        assert_eq!(
+            text,
+            r#"{"error": {"message": "Incorrect API key provided: ***."}}"#
+        );
+        assert_eq!(replaced(b"akbkk", b"k", b"**"), b"a**b****");
+        assert_eq!(replaced(b"abc", b"", b"*"), b"abc");
     }
 
     // An event stream whose upstream goes silent past the timeout ends as the SDKs read a
