@@ -265,7 +265,8 @@ impl Pipeline {
         };
 
         let (final_step, unsaved) = match final_step {
-            // Checkpointed: an answer, or a final failure (a retryable one is never written),
+            // Checkpointed: an answer, or a failure (final, or retryable with no try left:
+            // a retryable one with a next try is written set to run again, and skipped above),
             // which ends this attempt as it ended the one that wrote it, without paying again.
             // A manual retry supersedes failed steps first, so that one calls again.
             Some(s) => (s, false),
