@@ -348,8 +348,9 @@ async fn a_host_whose_clock_is_behind_keeps_its_leases() {
             let now = right.now_ms();
             let held = job.lease_expires_at.unwrap() - now;
             // Renewed every third of the lease: two thirds of it are left when a renewal is
-            // due, less however late it is. An unaligned host's were 15 s expired.
-            assert!(held > 2_000, "the lease holds {held} ms more");
+            // due, less however late it is (a loaded machine's may be seconds late). An
+            // unaligned host's were 15 s expired.
+            assert!(held > 500, "the lease holds {held} ms more");
             assert_eq!(app.store.rescue_expired(now).await.unwrap(), 0);
             assert!(
                 (job.created_at - now).abs() < 10_000,
