@@ -10,7 +10,7 @@ use serde_json::{Value, json};
 
 use crate::fake_upstream::{Kind, Reply};
 use crate::helpers::{
-    Options, TestApp, body_with_panel, body_with_tool, spawn_app, spawn_app_with,
+    Options, TestApp, body_with_panel, body_with_tool, spawn_app, spawn_app_with, until,
 };
 
 impl TestApp {
@@ -749,13 +749,14 @@ async fn a_failed_or_cancelled_job_tells_openai_sdks_not_to_retry() {
                 .unwrap()
         }
     });
-    let id = loop {
+    let mut id = None;
+    until("a running job", async || {
         let list = app.list_jobs("status=running").await;
-        if let Some(id) = list["data"][0]["id"].as_str() {
-            break id.to_string();
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
+        id = list["data"][0]["id"].as_str().map(str::to_string);
+        id.is_some()
+    })
+    .await;
+    let id = id.unwrap();
     assert_eq!(
         app.post(&format!("/v1/jobs/{id}/cancel")).await.status(),
         200

@@ -226,3 +226,16 @@ impl TestApp {
             .unwrap()
     }
 }
+
+/// Poll `done` every 20 ms until it holds; after 30 s, fail saying `what` was awaited: a test
+/// waiting on something that never comes fails rather than hangs the suite.
+pub async fn until(what: &str, mut done: impl AsyncFnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while !done().await {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "waited 30 s for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}

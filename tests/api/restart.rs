@@ -10,7 +10,7 @@ use tokio::process::{Child, Command};
 
 use crate::checkpoints::{Checked, check_no_step_repeated, record_step_writes};
 use crate::fake_upstream::{FakeUpstream, Kind, Reply};
-use crate::helpers::{body_with_panel, body_with_tool};
+use crate::helpers::{body_with_panel, body_with_tool, until};
 
 /// A `fusion serve` child process; killed with SIGKILL on drop.
 pub struct Server {
@@ -337,9 +337,10 @@ async fn sigterm_answers_a_client_waiting_on_a_job_it_hands_back() {
     let sync = waiting(body_with_panel(&["m1", "m2"], "judge"));
     let streamed = waiting(streamed);
     let tool = waiting(body_with_tool(&["m1", "m2"], "judge"));
-    while fake.calls("judge", Kind::Analysis) < 4 {
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    until("the four analysis calls", async || {
+        fake.calls("judge", Kind::Analysis) >= 4
+    })
+    .await;
 
     let status = server.terminate().await;
     assert!(status.success(), "fusion exited with {status}");
@@ -383,9 +384,10 @@ async fn sigterm_does_not_wait_on_a_relayed_answer_that_never_ends() {
                       "messages": [{"role": "user", "content": "hi"}]});
     let relayed =
         tokio::spawn(async move { reqwest::Client::new().post(url).json(&body).send().await });
-    while fake.calls("plain", Kind::Panel) < 1 {
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    until("the relayed call", async || {
+        fake.calls("plain", Kind::Panel) >= 1
+    })
+    .await;
     let started = std::time::Instant::now();
     let status = server.terminate().await;
     assert!(status.success(), "fusion exited with {status}");
@@ -478,9 +480,7 @@ async fn a_second_sigterm_exits_at_once() {
     .await;
     let client = reqwest::Client::new();
     submit_unique_jobs(&client, &server, "h", 1).await;
-    while fake.total_calls() == 0 {
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    until("the job's first call", async || fake.total_calls() > 0).await;
     let first = std::time::Instant::now();
     server.send_term();
     // One within 2 s of the first is the same request (a supervisor passing a Ctrl-C on).
