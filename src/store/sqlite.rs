@@ -1,7 +1,8 @@
 //! The embedded default store: SQLite in WAL mode. Writers serialise, so every write goes to one
 //! writer connection — enqueues, checkpoints and outcomes batched (`sqlite_writes.rs`), the claim
 //! an `UPDATE … RETURNING` per priority — and a busy timeout absorbs contention from other
-//! processes sharing the file. Wake-ups are in-process only; other processes fall back to polling.
+//! processes sharing the file. Wake-ups and job events are in-process; another process's commits
+//! are noticed within a second (`watch_other_processes`), as a missed event and a wake-up.
 
 use std::str::FromStr;
 use std::sync::Arc;
@@ -143,6 +144,52 @@ pub struct SqliteStore {
     writes: Batcher,
     wakeups: Arc<Notify>,
     events: broadcast::Sender<JobEvent>,
+    /// Ends `watch_other_processes` when the store is dropped.
+    _watch: tokio_util::sync::DropGuard,
+}
+
+/// How often the writer connection asks whether another process committed (see
+/// `watch_other_processes`).
+const OTHERS_EVERY: Duration = Duration::from_secs(1);
+
+/// Another process on the same file (a `fusion worker` beside `fusion serve`, say) commits where
+/// this one's events do not reach: a cancel made there would reach a job running here only at
+/// its next heartbeat (a third of a lease), and a job it enqueued only at the next poll. SQLite's
+/// `data_version`, read on the writer connection, changes when any other connection commits;
+/// this process's other connections only read, so on the writer it counts other processes'
+/// commits alone. Each second it is read (a pragma, microseconds on the writer's thread) and,
+/// when it changed, a missed event goes out (workers re-check their leases, which stops a job
+/// cancelled there; waits re-read their jobs) with a wake-up (workers claim).
+async fn watch_other_processes(
+    writer: SqlitePool,
+    events: broadcast::Sender<JobEvent>,
+    wakeups: Arc<Notify>,
+    stop: tokio_util::sync::CancellationToken,
+) {
+    // The first reading at once: a commit before it (another process's cancel of a job this
+    // one claims in its first second) would be taken for the starting point.
+    let mut seen: Option<i64> = None;
+    let mut wait = Duration::ZERO;
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(wait) => {}
+        }
+        wait = OTHERS_EVERY;
+        let version = match sqlx::query_scalar::<_, i64>("PRAGMA data_version")
+            .fetch_one(&writer)
+            .await
+        {
+            Ok(version) => version,
+            // The writer is busy or gone: the next second asks again.
+            Err(_) => continue,
+        };
+        if seen.is_some_and(|seen| seen != version) {
+            let _ = events.send(JobEvent::Missed);
+            wakeups.notify_one();
+        }
+        seen = Some(version);
+    }
 }
 
 impl SqliteStore {
@@ -178,12 +225,22 @@ impl SqliteStore {
             .test_before_acquire(false)
             .connect_with(options)
             .await?;
+        let wakeups = Arc::new(Notify::new());
+        let events = broadcast::channel(EVENT_BACKLOG).0;
+        let stop = tokio_util::sync::CancellationToken::new();
+        tokio::spawn(watch_other_processes(
+            writer.clone(),
+            events.clone(),
+            wakeups.clone(),
+            stop.clone(),
+        ));
         Ok(SqliteStore {
             pool,
             writes: Batcher::start(SqliteBatch(writer.clone())),
             writer,
-            wakeups: Arc::new(Notify::new()),
-            events: broadcast::channel(EVENT_BACKLOG).0,
+            wakeups,
+            events,
+            _watch: stop.drop_guard(),
         })
     }
 
@@ -773,6 +830,52 @@ mod tests {
         let store = SqliteStore::connect(&url).await.unwrap();
         store.migrate().await.unwrap();
         (dir, store)
+    }
+
+    /// Whether a missed event comes on `events` within `within` (other events skipped).
+    async fn missed_within(events: &mut broadcast::Receiver<JobEvent>, within: Duration) -> bool {
+        tokio::time::timeout(within, async {
+            loop {
+                match events.recv().await {
+                    Ok(JobEvent::Missed) => return true,
+                    Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => {}
+                    Err(broadcast::error::RecvError::Closed) => return false,
+                }
+            }
+        })
+        .await
+        .unwrap_or(false)
+    }
+
+    // Two processes on one file (two stores here): a cancel committed by one reaches the other
+    // within a second or two as a missed event, with a wake-up, and the workers there re-check
+    // their leases (which stops the cancelled job). A store's own commits raise neither. Before,
+    // a cancel made in `serve` reached a separate `worker` only at its next heartbeat.
+    #[tokio::test]
+    async fn another_process_commits_are_noticed_as_a_missed_event() {
+        let (dir, here) = migrated_store().await;
+        let url = format!("sqlite://{}", dir.path().join("q.db").display());
+        let there = SqliteStore::connect(&url).await.unwrap();
+        let mut events = here.events();
+        let wakeups = here.wakeups();
+        // The watcher's first reading, then this store's own writes: nothing is missed.
+        tokio::time::sleep(OTHERS_EVERY + Duration::from_millis(200)).await;
+        let job = running_job(&here, 1, 1, "w").await;
+        let _ = tokio::time::timeout(Duration::ZERO, wakeups.notified()).await;
+        assert!(
+            !missed_within(&mut events, OTHERS_EVERY * 2).await,
+            "this store's own commits raised a missed event"
+        );
+        let CancelOutcome::Cancelled { .. } = there.cancel(job.id, 2).await.unwrap() else {
+            panic!("the job was running");
+        };
+        assert!(
+            missed_within(&mut events, OTHERS_EVERY * 5).await,
+            "the other store's cancel was not noticed"
+        );
+        tokio::time::timeout(Duration::from_secs(1), wakeups.notified())
+            .await
+            .expect("and workers are woken");
     }
 
     /// A job (created at `created_at`) running at `attempt` under `owner`'s lease.

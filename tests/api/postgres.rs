@@ -184,7 +184,7 @@ async fn a_cancel_the_listener_missed_reaches_the_worker_once_it_listens_again()
 
 /// Submit a job to `server` whose one panel model (`hangs`) never answers, and wait until the
 /// fake has its call; the job's id.
-async fn hanging_job_called(
+pub(crate) async fn hanging_job_called(
     client: &reqwest::Client,
     server: &Server,
     fake: &FakeUpstream,
@@ -211,7 +211,7 @@ async fn hanging_job_called(
 }
 
 /// Wait until the hanging call is dropped by its worker, failing with `why` after `within`.
-async fn wait_aborted(fake: &FakeUpstream, within: Duration, why: &str) {
+pub(crate) async fn wait_aborted(fake: &FakeUpstream, within: Duration, why: &str) {
     let since = std::time::Instant::now();
     while fake.aborted("hangs", Kind::Panel) == 0 {
         assert!(since.elapsed() < within, "{why}");
