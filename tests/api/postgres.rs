@@ -99,39 +99,9 @@ async fn a_cancel_reaches_a_worker_in_another_process_by_its_notify() {
     let Some(db) = ScratchDatabase::from_env("fusion_workers").await else {
         return;
     };
-    let url = db.url.clone();
-    let fake = FakeUpstream::start().await;
-    fake.script("hangs", Kind::Panel, vec![Reply::Hang]);
-    let upstream = fake.base_url();
-    let api = Server::spawn(
-        "serve",
-        &url,
-        &upstream,
-        free_port(),
-        &[("FUSION_CONCURRENCY", "0")],
-    )
-    .await;
-    // A long lease and poll: only the NOTIFY can stop the job within seconds.
-    let env = [("FUSION_LEASE_SECONDS", "60"), ("FUSION_POLL_MS", "5000")];
-    let worker = Server::spawn("worker", &url, &upstream, 0, &env).await;
-    let client = reqwest::Client::new();
-    let id = hanging_job_called(&client, &api, &fake).await;
-    let resp = client
-        .post(format!("{}/v1/jobs/{id}/cancel", api.address))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(resp.status(), 200);
     // Within 4 s: well before the 5 s poll or the 20 s heartbeat could have told it, with
     // room for a loaded machine.
-    wait_aborted(
-        &fake,
-        Duration::from_secs(4),
-        "the worker kept calling upstream",
-    )
-    .await;
-    worker.kill().await;
-    api.kill().await;
+    a_cancel_in_serve_stops_the_worker(&db.url, Duration::from_secs(4)).await;
     drop(db);
 }
 
@@ -182,9 +152,33 @@ async fn a_cancel_the_listener_missed_reaches_the_worker_once_it_listens_again()
     drop(db);
 }
 
+/// `serve` with no workers and a `worker`, two processes on the database at `url`, with a long
+/// lease and poll (60 s, 5 s): a cancel made in `serve` must stop the job running in the worker
+/// (its hanging call dropped) `within`.
+pub(crate) async fn a_cancel_in_serve_stops_the_worker(url: &str, within: Duration) {
+    let fake = FakeUpstream::start().await;
+    fake.script("hangs", Kind::Panel, vec![Reply::Hang]);
+    let upstream = fake.base_url();
+    let api_env = [("FUSION_CONCURRENCY", "0")];
+    let api = Server::spawn("serve", url, &upstream, free_port(), &api_env).await;
+    let env = [("FUSION_LEASE_SECONDS", "60"), ("FUSION_POLL_MS", "5000")];
+    let worker = Server::spawn("worker", url, &upstream, 0, &env).await;
+    let client = reqwest::Client::new();
+    let id = hanging_job_called(&client, &api, &fake).await;
+    let resp = client
+        .post(format!("{}/v1/jobs/{id}/cancel", api.address))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    wait_aborted(&fake, within, "the worker kept calling upstream").await;
+    worker.kill().await;
+    api.kill().await;
+}
+
 /// Submit a job to `server` whose one panel model (`hangs`) never answers, and wait until the
 /// fake has its call; the job's id.
-pub(crate) async fn hanging_job_called(
+async fn hanging_job_called(
     client: &reqwest::Client,
     server: &Server,
     fake: &FakeUpstream,
@@ -211,7 +205,7 @@ pub(crate) async fn hanging_job_called(
 }
 
 /// Wait until the hanging call is dropped by its worker, failing with `why` after `within`.
-pub(crate) async fn wait_aborted(fake: &FakeUpstream, within: Duration, why: &str) {
+async fn wait_aborted(fake: &FakeUpstream, within: Duration, why: &str) {
     let since = std::time::Instant::now();
     while fake.aborted("hangs", Kind::Panel) == 0 {
         assert!(since.elapsed() < within, "{why}");

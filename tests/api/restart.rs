@@ -571,32 +571,8 @@ async fn the_port_refuses_connections_until_the_store_is_open() {
 // reached a worker in another process only through its heartbeat.
 #[tokio::test]
 async fn a_cancel_reaches_a_worker_in_another_process_on_sqlite() {
-    use crate::postgres::{hanging_job_called, wait_aborted};
     let dir = tempfile::tempdir().unwrap();
     let url = format!("sqlite://{}", dir.path().join("f.db").display());
-    let fake = FakeUpstream::start().await;
-    fake.script("hangs", Kind::Panel, vec![Reply::Hang]);
-    let upstream = fake.base_url();
-    let api_env = [("FUSION_CONCURRENCY", "0")];
-    let api = Server::spawn("serve", &url, &upstream, free_port(), &api_env).await;
-    // A long lease and poll: only noticing the other process's commit stops the job in time.
-    let env = [("FUSION_LEASE_SECONDS", "60"), ("FUSION_POLL_MS", "5000")];
-    let worker = Server::spawn("worker", &url, &upstream, 0, &env).await;
-    let client = reqwest::Client::new();
-    let id = hanging_job_called(&client, &api, &fake).await;
-    let resp = client
-        .post(format!("{}/v1/jobs/{id}/cancel", api.address))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(resp.status(), 200);
     // Within 5 s: well before the 20 s heartbeat, with room for a loaded machine.
-    wait_aborted(
-        &fake,
-        Duration::from_secs(5),
-        "the worker kept calling upstream",
-    )
-    .await;
-    worker.kill().await;
-    api.kill().await;
+    crate::postgres::a_cancel_in_serve_stops_the_worker(&url, Duration::from_secs(5)).await;
 }
