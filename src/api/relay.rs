@@ -2,7 +2,7 @@
 //! (status, the headers a client acts on, body as it arrives) comes back. An event stream is
 //! passed on an event at a time, so one cut part way still ends as the SDKs read a failure.
 
-use std::time::Duration;
+use std::pin::Pin;
 
 use axum::body::Body;
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
@@ -21,7 +21,7 @@ pub async fn passthrough(state: &AppState, model: &str, body: Value) -> Result<R
             ApiError::new(StatusCode::BAD_GATEWAY, "upstream_unreachable", e.message)
         })?;
     let key = state.upstream.route(model).0.key().map(str::to_string);
-    Ok(relayed(resp, key, state.upstream.error_wait()))
+    Ok(relayed(resp, key))
 }
 
 /// Whether a relayed header is passed on: the content type, when to retry and whether to, the
@@ -38,9 +38,9 @@ fn passed_on(name: &str) -> bool {
 /// the timeout), the unfinished event is dropped and an error event and `[DONE]` end it,
 /// rather than the connection reset (which the Python SDK raises as a raw transport error) or
 /// half an event running into the error (which it cannot parse). Any other body is passed on
-/// as it comes, and cut as it was cut; but an error's (`hidden_error`), when the provider has
-/// a `key`: read whole first (waited for at most `error_wait`), the key hidden.
-fn relayed(resp: reqwest::Response, key: Option<String>, error_wait: Duration) -> Response {
+/// as it comes, and cut as it was cut. Either way the provider's `key`, if it has one, is
+/// hidden (`key_hidden`).
+fn relayed(resp: reqwest::Response, key: Option<String>) -> Response {
     let status = StatusCode::from_u16(resp.status().as_u16()).unwrap_or(StatusCode::BAD_GATEWAY);
     let mut headers = HeaderMap::new();
     for (name, value) in resp.headers() {
@@ -61,17 +61,17 @@ fn relayed(resp: reqwest::Response, key: Option<String>, error_wait: Duration) -
             HeaderValue::from_static("application/json"),
         );
     }
+    let bytes = resp.bytes_stream();
+    let bytes: Pin<Box<dyn Stream<Item = reqwest::Result<Bytes>> + Send>> = match key {
+        Some(key) => Box::pin(key_hidden(bytes, key)),
+        None => Box::pin(bytes),
+    };
     let body = match events {
         true => {
             super::stream::unbuffered(&mut headers);
-            Body::from_stream(whole_events(resp.bytes_stream()))
+            Body::from_stream(whole_events(bytes))
         }
-        false => match key {
-            Some(key) if !status.is_success() => {
-                Body::from_stream(futures::stream::once(hidden_error(resp, key, error_wait)))
-            }
-            _ => Body::from_stream(resp.bytes_stream()),
-        },
+        false => Body::from_stream(bytes),
     };
     let mut out = Response::new(body);
     *out.status_mut() = status;
@@ -79,47 +79,50 @@ fn relayed(resp: reqwest::Response, key: Option<String>, error_wait: Duration) -
     out
 }
 
-/// The most of an error's body the gateway passes on (see `hidden_error`): far past any
-/// provider's error, and room for a proxy's error page.
-const MAX_ERROR_BODY: usize = 256 << 10;
-
-/// An error's body as the gateway's client gets it: read whole (up to `MAX_ERROR_BODY`, for at
-/// most `wait`: what came by then), with the provider's `key` shown as `***`. An upstream may
-/// echo the key it was sent (a proxy's "invalid key sk-..."), and that key is the server's,
-/// not the client's.
-async fn hidden_error(
-    resp: reqwest::Response,
+/// A relayed body with the provider's `key` shown as `***` wherever it appears, however the
+/// chunks cut it: each chunk goes out but for its last `key.len() - 1` bytes, which may begin
+/// the key and are held for the next. An upstream may echo the key it was sent (a proxy's
+/// "invalid key sk-...", as an error status, in a 2xx, or in an event), and that key is the
+/// server's, not the client's. A body that breaks ends with the break (what was held is lost
+/// with it, as the rest of the body is).
+fn key_hidden(
+    body: impl Stream<Item = reqwest::Result<Bytes>> + Send + Unpin + 'static,
     key: String,
-    wait: Duration,
-) -> Result<Bytes, std::convert::Infallible> {
-    let mut body = Vec::new();
-    let mut chunks = resp.bytes_stream();
-    let deadline = tokio::time::Instant::now() + wait;
-    while body.len() < MAX_ERROR_BODY {
-        match tokio::time::timeout_at(deadline, chunks.next()).await {
-            Ok(Some(Ok(chunk))) => body.extend_from_slice(&chunk),
-            // The end, a break, or the wait over: what came is passed on.
-            _ => break,
+) -> impl Stream<Item = reqwest::Result<Bytes>> + Send + 'static {
+    futures::stream::unfold(Some((body, Vec::new(), key)), |state| async move {
+        let (mut body, mut held, key) = state?;
+        match body.next().await {
+            Some(Ok(chunk)) => {
+                held.extend_from_slice(&chunk);
+                let (out, upto) = replaced(&held, key.as_bytes(), b"***");
+                let rest = held[upto..].to_vec();
+                Some((Ok(Bytes::from(out)), Some((body, rest, key))))
+            }
+            Some(Err(e)) => Some((Err(e), None)),
+            None => (!held.is_empty()).then(|| (Ok(Bytes::from(held)), None)),
         }
-    }
-    body.truncate(MAX_ERROR_BODY);
-    Ok(Bytes::from(replaced(&body, key.as_bytes(), b"***")))
+    })
 }
 
-/// `hay` with every `needle` in it replaced by `with` (bytes: an error body need not be UTF-8).
-fn replaced(hay: &[u8], needle: &[u8], with: &[u8]) -> Vec<u8> {
+/// `hay` up to where `needle` may still begin unseen (its last `needle.len() - 1` bytes), with
+/// every `needle` in it replaced by `with`; and where that part ends. Bytes: a body need not be
+/// UTF-8, nor a chunk end on a character's end.
+fn replaced(hay: &[u8], needle: &[u8], with: &[u8]) -> (Vec<u8>, usize) {
+    if needle.is_empty() {
+        return (hay.to_vec(), hay.len());
+    }
     let mut out = Vec::with_capacity(hay.len());
-    let mut rest = hay;
-    while !rest.is_empty() {
-        if !needle.is_empty() && rest.starts_with(needle) {
+    let mut at = 0;
+    while at + needle.len() <= hay.len() {
+        if hay[at..].starts_with(needle) {
             out.extend_from_slice(with);
-            rest = &rest[needle.len()..];
+            at += needle.len();
         } else {
-            out.push(rest[0]);
-            rest = &rest[1..];
+            out.push(hay[at]);
+            at += 1;
         }
     }
-    out
+    (out, at)
 }
 
 /// The most held back waiting for an event's end: past it (an upstream that sends no blank
@@ -231,7 +234,7 @@ mod tests {
         let up = upstream_at(&format!("{base}/v1"), key);
         let body = json!({"messages": [{"role": "user", "content": "hi"}], "stream": true});
         let key = key.map(str::to_string);
-        let out = relayed(up.relay("m", body).await.unwrap(), key, up.error_wait());
+        let out = relayed(up.relay("m", body).await.unwrap(), key);
         let (status, headers) = (out.status(), out.headers().clone());
         let bytes = axum::body::to_bytes(out.into_body(), usize::MAX)
             .await
@@ -281,8 +284,36 @@ mod tests {
             text,
             r#"{"error": {"message": "Incorrect API key provided: ***."}}"#
         );
-        assert_eq!(replaced(b"akbkk", b"k", b"**"), b"a**b****");
-        assert_eq!(replaced(b"abc", b"", b"*"), b"abc");
+    }
+
+    // The key is hidden however the chunks cut it (here one byte at a time, and across a chunk
+    // that ends the body), in an answer of any status; a key's prefix at the very end is not
+    // the key, and goes out as it came.
+    #[tokio::test]
+    async fn a_key_cut_across_chunks_is_hidden_whole() {
+        let key = "sk-live-0123";
+        let hidden = |chunks: Vec<&'static str>| async move {
+            let chunks = chunks.into_iter().map(|c| Ok(Bytes::from(c)));
+            let out: Vec<reqwest::Result<Bytes>> =
+                key_hidden(futures::stream::iter(chunks), key.to_string())
+                    .collect()
+                    .await;
+            let bytes: Vec<u8> = out.into_iter().flat_map(|c| c.unwrap()).collect();
+            String::from_utf8(bytes).unwrap()
+        };
+        let text = "data: {\"error\": \"bad key sk-live-0123\"}\n\nsk-live-0123";
+        let one_by_one = text.split_inclusive(|_| true).collect();
+        assert_eq!(
+            hidden(one_by_one).await,
+            "data: {\"error\": \"bad key ***\"}\n\n***"
+        );
+        assert_eq!(
+            hidden(vec!["a sk-live", "-0123 b sk-li"]).await,
+            "a *** b sk-li"
+        );
+        assert_eq!(replaced(b"akbkk", b"k", b"**"), (b"a**b****".to_vec(), 5));
+        assert_eq!(replaced(b"abkk", b"kk", b"*"), (b"ab*".to_vec(), 4));
+        assert_eq!(replaced(b"abck", b"kk", b"*"), (b"abc".to_vec(), 3));
     }
 
     // An event stream whose upstream goes silent past the timeout ends as the SDKs read a

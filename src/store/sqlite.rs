@@ -2,7 +2,7 @@
 //! writer connection — enqueues, checkpoints and outcomes batched (`sqlite_writes.rs`), the claim
 //! an `UPDATE … RETURNING` per priority — and a busy timeout absorbs contention from other
 //! processes sharing the file. Wake-ups and job events are in-process; another process's commits
-//! are noticed within a second (`watch_other_processes`), as a missed event and a wake-up.
+//! are noticed within a second (`watch_other_processes`): its cancels, and a wake-up.
 
 use std::str::FromStr;
 use std::sync::Arc;
@@ -152,16 +152,24 @@ pub struct SqliteStore {
 /// `watch_other_processes`).
 const OTHERS_EVERY: Duration = Duration::from_secs(1);
 
+/// How far back `watch_other_processes` looks for cancels made elsewhere: well past the second
+/// between its readings, for a reading that failed or came late.
+const CANCELS_WITHIN_MS: i64 = 30_000;
+
 /// Another process on the same file (a `fusion worker` beside `fusion serve`, say) commits where
 /// this one's events do not reach: a cancel made there would reach a job running here only at
 /// its next heartbeat (a third of a lease), and a job it enqueued only at the next poll. SQLite's
 /// `data_version`, read on the writer connection, changes when any other connection commits;
 /// this process's other connections only read, so on the writer it counts other processes'
 /// commits alone. Each second it is read (a pragma, microseconds on the writer's thread) and,
-/// when it changed, a missed event goes out (workers re-check their leases, which stops a job
-/// cancelled there; waits re-read their jobs) with a wake-up (workers claim).
+/// when it changed, the jobs cancelled in the last `CANCELS_WITHIN_MS` are read (on a reader)
+/// and announced as this process's own cancels are (`JobEvent::Finished`: a job running here
+/// stops; one announced twice, or not running here, changes nothing), and workers are woken
+/// (they claim). Both answers only read: a heartbeat here, a write, would change the other
+/// process's `data_version` in turn, and the two would renew every lease each second.
 async fn watch_other_processes(
     writer: SqlitePool,
+    readers: SqlitePool,
     events: broadcast::Sender<JobEvent>,
     wakeups: Arc<Notify>,
     stop: tokio_util::sync::CancellationToken,
@@ -184,11 +192,26 @@ async fn watch_other_processes(
             // The writer is busy or gone: the next second asks again.
             Err(_) => continue,
         };
-        if seen.is_some_and(|seen| seen != version) {
-            let _ = events.send(JobEvent::Missed);
-            wakeups.notify_one();
-        }
+        let changed = seen.is_some_and(|seen| seen != version);
         seen = Some(version);
+        if !changed {
+            continue;
+        }
+        wakeups.notify_one();
+        let since = crate::clock::Clock::now_ms(&crate::clock::SystemClock) - CANCELS_WITHIN_MS;
+        let cancelled = sqlx::query_scalar::<_, String>(
+            "SELECT id FROM jobs WHERE status = 'cancelled' AND finished_at >= ?",
+        )
+        .bind(since)
+        .fetch_all(&readers)
+        .await;
+        // Not read: the heartbeat finds them, as before.
+        for id in cancelled.unwrap_or_default() {
+            if let Ok(job_id) = Uuid::parse_str(&id) {
+                let status = JobStatus::Cancelled;
+                let _ = events.send(JobEvent::Finished { job_id, status });
+            }
+        }
     }
 }
 
@@ -214,8 +237,12 @@ impl SqliteStore {
         // The writer first: it creates the file and switches it to WAL.
         // Connections to a file in this process do not go stale the way a server's do: no ping
         // (a hop to SQLite's thread and back) before each is handed out.
+        // Kept for the store's life: a new connection would read `data_version` afresh (see
+        // `watch_other_processes`), and sqlx replaces one after 30 minutes by default.
         let writer = SqlitePoolOptions::new()
             .max_connections(1)
+            .max_lifetime(None)
+            .idle_timeout(None)
             .test_before_acquire(false)
             .acquire_timeout(Duration::from_secs(30))
             .connect_with(options.clone())
@@ -230,6 +257,7 @@ impl SqliteStore {
         let stop = tokio_util::sync::CancellationToken::new();
         tokio::spawn(watch_other_processes(
             writer.clone(),
+            pool.clone(),
             events.clone(),
             wakeups.clone(),
             stop.clone(),
@@ -832,12 +860,16 @@ mod tests {
         (dir, store)
     }
 
-    /// Whether a missed event comes on `events` within `within` (other events skipped).
-    async fn missed_within(events: &mut broadcast::Receiver<JobEvent>, within: Duration) -> bool {
+    /// Whether an event `wanted` comes on `events` within `within` (other events skipped).
+    async fn event_within(
+        events: &mut broadcast::Receiver<JobEvent>,
+        within: Duration,
+        wanted: impl Fn(&JobEvent) -> bool,
+    ) -> bool {
         tokio::time::timeout(within, async {
             loop {
                 match events.recv().await {
-                    Ok(JobEvent::Missed) => return true,
+                    Ok(event) if wanted(&event) => return true,
                     Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => {}
                     Err(broadcast::error::RecvError::Closed) => return false,
                 }
@@ -848,11 +880,11 @@ mod tests {
     }
 
     // Two processes on one file (two stores here): a cancel committed by one reaches the other
-    // within a second or two as a missed event, with a wake-up, and the workers there re-check
-    // their leases (which stops the cancelled job). A store's own commits raise neither. Before,
-    // a cancel made in `serve` reached a separate `worker` only at its next heartbeat.
+    // within a second or two as its own cancels do, with a wake-up, and a job running there
+    // stops. A store's own commits raise nothing. Before, a cancel made in `serve` reached a
+    // separate `worker` only at its next heartbeat.
     #[tokio::test]
-    async fn another_process_commits_are_noticed_as_a_missed_event() {
+    async fn another_process_cancels_are_announced_here() {
         let (dir, here) = migrated_store().await;
         let url = format!("sqlite://{}", dir.path().join("q.db").display());
         let there = SqliteStore::connect(&url).await.unwrap();
@@ -863,15 +895,20 @@ mod tests {
         let job = running_job(&here, 1, 1, "w").await;
         let _ = tokio::time::timeout(Duration::ZERO, wakeups.notified()).await;
         assert!(
-            !missed_within(&mut events, OTHERS_EVERY * 2).await,
-            "this store's own commits raised a missed event"
+            !event_within(&mut events, OTHERS_EVERY * 2, |_| true).await,
+            "this store's own commits raised an event"
         );
-        let CancelOutcome::Cancelled { .. } = there.cancel(job.id, 2).await.unwrap() else {
+        let now = crate::clock::Clock::now_ms(&crate::clock::SystemClock);
+        let CancelOutcome::Cancelled { .. } = there.cancel(job.id, now).await.unwrap() else {
             panic!("the job was running");
         };
+        let cancelled = JobEvent::Finished {
+            job_id: job.id,
+            status: JobStatus::Cancelled,
+        };
         assert!(
-            missed_within(&mut events, OTHERS_EVERY * 5).await,
-            "the other store's cancel was not noticed"
+            event_within(&mut events, OTHERS_EVERY * 5, |e| *e == cancelled).await,
+            "the other store's cancel was not announced"
         );
         tokio::time::timeout(Duration::from_secs(1), wakeups.notified())
             .await

@@ -115,8 +115,7 @@ impl Upstream {
     }
 
     /// How long an error's body is waited for (see `body::Body::read_error`).
-    /// How long an error's body is waited for (see `body::error_body_wait`).
-    pub fn error_wait(&self) -> Duration {
+    fn error_wait(&self) -> Duration {
         body::error_body_wait(self.config.timeout)
     }
 
