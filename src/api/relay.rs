@@ -80,33 +80,45 @@ fn relayed(resp: reqwest::Response, key: Option<String>) -> Response {
 }
 
 /// A relayed body with the provider's `key` shown as `***` wherever it appears, however the
-/// chunks cut it: each chunk goes out but for its last `key.len() - 1` bytes, which may begin
-/// the key and are held for the next. An upstream may echo the key it was sent (a proxy's
-/// "invalid key sk-...", as an error status, in a 2xx, or in an event), and that key is the
-/// server's, not the client's. A body that breaks ends with the break (what was held is lost
-/// with it, as the rest of the body is).
+/// chunks cut it: each chunk goes out but for a last few bytes that begin the key (at most
+/// `key.len() - 1`), which are held for the next; an event's closing blank line is never held.
+/// An upstream may echo the key it was sent (a proxy's "invalid key sk-...", as an error
+/// status, in a 2xx, or in an event), and that key is the server's, not the client's. A body
+/// that breaks ends with the break, after what was held.
 fn key_hidden(
     body: impl Stream<Item = reqwest::Result<Bytes>> + Send + Unpin + 'static,
     key: String,
 ) -> impl Stream<Item = reqwest::Result<Bytes>> + Send + 'static {
-    futures::stream::unfold(Some((body, Vec::new(), key)), |state| async move {
-        let (mut body, mut held, key) = state?;
+    /// The body, what is held of it, and a break to pass on once that went out.
+    type State<B> = (B, Vec<u8>, String, Option<reqwest::Error>);
+    let start: State<_> = (body, Vec::new(), key, None);
+    futures::stream::unfold(Some(start), |state| async move {
+        let (mut body, mut held, key, broke) = state?;
+        if let Some(e) = broke {
+            return Some((Err(e), None));
+        }
         match body.next().await {
             Some(Ok(chunk)) => {
                 held.extend_from_slice(&chunk);
                 let (out, upto) = replaced(&held, key.as_bytes(), b"***");
                 let rest = held[upto..].to_vec();
-                Some((Ok(Bytes::from(out)), Some((body, rest, key))))
+                Some((Ok(Bytes::from(out)), Some((body, rest, key, None))))
             }
+            // What was held goes out before the break: it only begins the key, and may end an
+            // event that `whole_events` would otherwise drop as unfinished.
+            Some(Err(e)) if !held.is_empty() => Some((
+                Ok(Bytes::from(held)),
+                Some((body, Vec::new(), key, Some(e))),
+            )),
             Some(Err(e)) => Some((Err(e), None)),
             None => (!held.is_empty()).then(|| (Ok(Bytes::from(held)), None)),
         }
     })
 }
 
-/// `hay` up to where `needle` may still begin unseen (its last `needle.len() - 1` bytes), with
-/// every `needle` in it replaced by `with`; and where that part ends. Bytes: a body need not be
-/// UTF-8, nor a chunk end on a character's end.
+/// `hay` with every `needle` in it replaced by `with`, up to its last bytes that begin
+/// `needle` (which the next bytes may complete); and where that part ends. Bytes: a body need
+/// not be UTF-8, nor a chunk end on a character's end.
 fn replaced(hay: &[u8], needle: &[u8], with: &[u8]) -> (Vec<u8>, usize) {
     if needle.is_empty() {
         return (hay.to_vec(), hay.len());
@@ -121,6 +133,11 @@ fn replaced(hay: &[u8], needle: &[u8], with: &[u8]) -> (Vec<u8>, usize) {
             out.push(hay[at]);
             at += 1;
         }
+    }
+    // Fewer bytes than the needle are left: those that cannot begin it go out too.
+    while at < hay.len() && !needle.starts_with(&hay[at..]) {
+        out.push(hay[at]);
+        at += 1;
     }
     (out, at)
 }
@@ -314,6 +331,14 @@ mod tests {
         assert_eq!(replaced(b"akbkk", b"k", b"**"), (b"a**b****".to_vec(), 5));
         assert_eq!(replaced(b"abkk", b"kk", b"*"), (b"ab*".to_vec(), 4));
         assert_eq!(replaced(b"abck", b"kk", b"*"), (b"abc".to_vec(), 3));
+        assert_eq!(replaced(b"aaa", b"aa", b"*"), (b"*".to_vec(), 2));
+        // Only a tail that begins the key is held: an event's end goes out at once.
+        let event = b"data: {}\n\n";
+        assert_eq!(
+            replaced(event, b"sk-live", b"*"),
+            (event.to_vec(), event.len())
+        );
+        assert_eq!(replaced(b"x sk-l", b"sk-live", b"*"), (b"x ".to_vec(), 2));
     }
 
     // An event stream whose upstream goes silent past the timeout ends as the SDKs read a

@@ -684,7 +684,7 @@ mod tests {
     /// applied one has changed since, comments included: a migration, once landed, is never
     /// edited (0010 was, before it landed, and a database migrated in between would not start).
     /// A change goes into a new migration; a new one is added here.
-    const LANDED_MIGRATIONS: [(&str, &str); 22] = [
+    const LANDED_MIGRATIONS: [(&str, &str); 24] = [
         (
             "postgres/0001_jobs.sql",
             "f449d02dc02fe51a24aee9f04a05cdf9f649e8d4f5fe10ad6759259e1aab2e19",
@@ -730,6 +730,10 @@ mod tests {
             "5f0f1c076287b1bc325af4e2e44156b7a642a41dc5d5d1314161c5b0a814666c",
         ),
         (
+            "postgres/0012_cancels_seen_by_other_processes.sql",
+            "6634b2e48192d5bcd7200d5f4a284179072ff8154ae325ec924f836350eb6df6",
+        ),
+        (
             "sqlite/0001_jobs.sql",
             "8e5b4d10777fa1ef9a2099fad6870f7db026241f7d47178130896196e1724df5",
         ),
@@ -772,6 +776,10 @@ mod tests {
         (
             "sqlite/0011_retries_find_their_request.sql",
             "64415ddb10541e838089b33bdd64aeb87aa0ee153dbbf7a14ab90e2f31d44080",
+        ),
+        (
+            "sqlite/0012_cancels_seen_by_other_processes.sql",
+            "435960074a19b69776831b9440375a6ac001619a4bf2587d99bd49bc35f63c3d",
         ),
     ];
 

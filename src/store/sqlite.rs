@@ -4,6 +4,7 @@
 //! processes sharing the file. Wake-ups and job events are in-process; another process's commits
 //! are noticed within a second (`watch_other_processes`): its cancels, and a wake-up.
 
+use std::collections::HashMap;
 use std::str::FromStr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -152,9 +153,10 @@ pub struct SqliteStore {
 /// `watch_other_processes`).
 const OTHERS_EVERY: Duration = Duration::from_secs(1);
 
-/// How far back `watch_other_processes` looks for cancels made elsewhere: well past the second
-/// between its readings, for a reading that failed or came late.
-const CANCELS_WITHIN_MS: i64 = 30_000;
+/// How far before the latest cancel it has seen `watch_other_processes` looks again: a cancel
+/// committed after a later one may carry an earlier time (each took its time before its write
+/// queued for the file's one writer).
+const CANCELS_OVERLAP_MS: i64 = 5_000;
 
 /// Another process on the same file (a `fusion worker` beside `fusion serve`, say) commits where
 /// this one's events do not reach: a cancel made there would reach a job running here only at
@@ -162,11 +164,11 @@ const CANCELS_WITHIN_MS: i64 = 30_000;
 /// `data_version`, read on the writer connection, changes when any other connection commits;
 /// this process's other connections only read, so on the writer it counts other processes'
 /// commits alone. Each second it is read (a pragma, microseconds on the writer's thread) and,
-/// when it changed, the jobs cancelled in the last `CANCELS_WITHIN_MS` are read (on a reader)
-/// and announced as this process's own cancels are (`JobEvent::Finished`: a job running here
-/// stops; one announced twice, or not running here, changes nothing), and workers are woken
-/// (they claim). Both answers only read: a heartbeat here, a write, would change the other
-/// process's `data_version` in turn, and the two would renew every lease each second.
+/// when it changed, workers are woken (they claim) and the jobs cancelled since the last
+/// reading (by `jobs_cancelled_at`, migration 0012, on a reader) are announced as this
+/// process's own cancels are (`JobEvent::Finished`: a job running here stops), each once. Both
+/// answers only read: a heartbeat here, a write, would change the other process's
+/// `data_version` in turn, and the two would renew every lease each second.
 async fn watch_other_processes(
     writer: SqlitePool,
     readers: SqlitePool,
@@ -178,6 +180,10 @@ async fn watch_other_processes(
     // one claims in its first second) would be taken for the starting point.
     let mut seen: Option<i64> = None;
     let mut wait = Duration::ZERO;
+    // Cancels from `since` on are read; those announced are kept until `since` passes them.
+    let now = crate::clock::Clock::now_ms(&crate::clock::SystemClock);
+    let mut since = now - CANCELS_OVERLAP_MS;
+    let mut announced: HashMap<String, i64> = HashMap::new();
     loop {
         tokio::select! {
             _ = stop.cancelled() => return,
@@ -192,26 +198,35 @@ async fn watch_other_processes(
             // The writer is busy or gone: the next second asks again.
             Err(_) => continue,
         };
-        let changed = seen.is_some_and(|seen| seen != version);
-        seen = Some(version);
-        if !changed {
+        let Some(before) = seen.replace(version) else {
+            continue;
+        };
+        if before == version {
             continue;
         }
         wakeups.notify_one();
-        let since = crate::clock::Clock::now_ms(&crate::clock::SystemClock) - CANCELS_WITHIN_MS;
-        let cancelled = sqlx::query_scalar::<_, String>(
-            "SELECT id FROM jobs WHERE status = 'cancelled' AND finished_at >= ?",
+        let cancelled = sqlx::query_as::<_, (String, i64)>(
+            "SELECT id, finished_at FROM jobs WHERE status = 'cancelled' AND finished_at >= ?",
         )
         .bind(since)
         .fetch_all(&readers)
         .await;
-        // Not read: the heartbeat finds them, as before.
-        for id in cancelled.unwrap_or_default() {
-            if let Ok(job_id) = Uuid::parse_str(&id) {
+        let Ok(cancelled) = cancelled else {
+            // Not read: the next second reads them (or the heartbeat finds them).
+            seen = Some(before);
+            continue;
+        };
+        let latest = cancelled.iter().map(|(_, at)| *at).max().unwrap_or(since);
+        for (id, at) in cancelled {
+            if announced.insert(id.clone(), at).is_none()
+                && let Ok(job_id) = Uuid::parse_str(&id)
+            {
                 let status = JobStatus::Cancelled;
                 let _ = events.send(JobEvent::Finished { job_id, status });
             }
         }
+        since = since.max(latest - CANCELS_OVERLAP_MS);
+        announced.retain(|_, at| *at >= since);
     }
 }
 
@@ -909,6 +924,12 @@ mod tests {
         assert!(
             event_within(&mut events, OTHERS_EVERY * 5, |e| *e == cancelled).await,
             "the other store's cancel was not announced"
+        );
+        // Once: the other store's next commit announces nothing again.
+        there.enqueue(queued_job(3), None).await.unwrap();
+        assert!(
+            !event_within(&mut events, OTHERS_EVERY * 3, |e| *e == cancelled).await,
+            "the cancel was announced again"
         );
         tokio::time::timeout(Duration::from_secs(1), wakeups.notified())
             .await
