@@ -66,7 +66,7 @@ fn forces_fusion(choice: Option<&Value>) -> bool {
             v.pointer("/allowed_tools/mode").and_then(Value::as_str) == Some("required")
                 && v.pointer("/allowed_tools/tools")
                     .and_then(Value::as_array)
-                    .is_some_and(|t| t.iter().any(|t| is_fusion(t) || is_fusion_function(t)))
+                    .is_some_and(|t| t.iter().any(is_fusion_function))
         }
         Some(v @ Value::Object(_)) => {
             v.pointer("/function/name").and_then(Value::as_str) == Some("fusion")

@@ -129,18 +129,19 @@ impl Upstream {
         model: &str,
         req: &CompletionRequest<'_>,
     ) -> Result<Completion, UpstreamError> {
-        let provider = self.route(model).0;
-        self.complete_shown(model, req)
+        let resolved = self.resolve(model);
+        let key = resolved.0.key();
+        self.complete_shown(model, resolved, req)
             .await
-            .map_err(|e| e.hiding(provider.key()))
+            .map_err(|e| e.hiding(key))
     }
 
     async fn complete_shown(
         &self,
         model: &str,
+        (provider, endpoint, upstream_model): (&Provider, &Endpoint, &str),
         req: &CompletionRequest<'_>,
     ) -> Result<Completion, UpstreamError> {
-        let (provider, endpoint, upstream_model) = self.resolve(model);
         // Serialized straight from the request: no JSON tree is built or kept per call.
         let body = serde_json::to_vec(&WireRequest {
             model: upstream_model,
@@ -280,10 +281,10 @@ impl Upstream {
         body: Value,
     ) -> Result<(Value, Usage), UpstreamError> {
         let resp = self.send_within(model, body, self.config.timeout).await?;
-        let key = self.route(model).0.key();
-        let answered = read_ok(resp, key, self.now(), self.error_wait()).await?;
+        let provider = self.route(model).0;
+        let answered = read_ok(resp, provider.key(), self.now(), self.error_wait()).await?;
         let status = answered.status;
-        let value: Value = answered.parse(self.route(model).0)?;
+        let value: Value = answered.parse(provider)?;
         if !value.is_object() {
             return Err(UpstreamError::new(
                 ErrorKind::BadBody,
@@ -301,7 +302,7 @@ impl Upstream {
         if let Some(error) = wire::reported_error(&value["error"], &choice["error"], finish_reason)
         {
             let alone = choice.is_null().then_some(&value["error"]);
-            return Err(mid_answer(status, &error, alone, self.route(model).0).billed(usage));
+            return Err(mid_answer(status, &error, alone, provider).billed(usage));
         }
         Ok((value, usage))
     }
