@@ -239,3 +239,13 @@ pub async fn until(what: &str, mut done: impl AsyncFnMut() -> bool) {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+/// A finished job's tokens, the same in its `usage` and in its result's (an OpenAI
+/// `chat.completion`'s): `prompt`, `completion`, and their sum.
+pub fn assert_tokens(job: &Value, prompt: i64, completion: i64) {
+    for usage in [&job["usage"], &job["result"]["usage"]] {
+        assert_eq!(usage["prompt_tokens"], prompt, "{job:#}");
+        assert_eq!(usage["completion_tokens"], completion, "{job:#}");
+        assert_eq!(usage["total_tokens"], prompt + completion, "{job:#}");
+    }
+}

@@ -6,7 +6,7 @@ use std::time::Duration;
 use serde_json::Value;
 
 use crate::fake_upstream::{Kind, Reply};
-use crate::helpers::{Options, body_with_panel, spawn_app, spawn_app_with};
+use crate::helpers::{Options, assert_tokens, body_with_panel, spawn_app, spawn_app_with};
 
 #[tokio::test]
 async fn a_failed_panel_member_is_recorded_and_the_job_goes_on() {
@@ -197,10 +197,7 @@ async fn a_retry_whose_failed_member_answers_makes_the_analysis_again() {
     assert_eq!(app.fake.calls("judge", Kind::Final), 2);
     // Five calls answered (m1, m2's second, both analyses, the second final), 10 + 5 tokens
     // each: the first analysis, whose row the second replaced, is still counted.
-    for usage in [&job["usage"], &job["result"]["usage"]] {
-        assert_eq!(usage["prompt_tokens"], 50, "{job:#}");
-        assert_eq!(usage["completion_tokens"], 25, "{job:#}");
-    }
+    assert_tokens(&job, 50, 25);
 }
 
 // A retried job whose member fails again keeps the analysis it had: nothing new to compare.
@@ -759,10 +756,7 @@ async fn a_retry_keeps_the_usage_of_the_failed_steps_it_runs_again() {
         "{job:#}"
     );
     // m1, both of m2's calls, the analysis and the final.
-    for usage in [&job["usage"], &job["result"]["usage"]] {
-        assert_eq!(usage["prompt_tokens"], 10 + 110 + 10 + 10, "{job:#}");
-        assert_eq!(usage["completion_tokens"], 5 + 405 + 5 + 5, "{job:#}");
-    }
+    assert_tokens(&job, 10 + 110 + 10 + 10, 5 + 405 + 5 + 5);
 }
 
 // A step whose tries were all billed for answers that could not be taken (an error
@@ -803,8 +797,5 @@ async fn the_billed_tries_of_a_step_its_requeued_job_runs_again_are_counted() {
         "{job:#}"
     );
     // m1, down's four calls, the analysis, the final step's four calls.
-    for usage in [&job["usage"], &job["result"]["usage"]] {
-        assert_eq!(usage["prompt_tokens"], 10 + 310 + 10 + 310, "{job:#}");
-        assert_eq!(usage["completion_tokens"], 5 + 3005 + 5 + 3005, "{job:#}");
-    }
+    assert_tokens(&job, 10 + 310 + 10 + 310, 5 + 3005 + 5 + 3005);
 }
