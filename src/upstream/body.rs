@@ -22,6 +22,11 @@ pub const ERROR_BODY_KEPT: usize = 8 << 10;
 /// timeout is short: half of it).
 const ERROR_BODY_WAIT: Duration = Duration::from_secs(5);
 
+/// The most room reserved for a body before any of it has come: an announced length is a
+/// promise, and an upstream that announces 16 MiB and then stalls would otherwise hold that
+/// much per call for the whole call's timeout. Past it the buffer grows as bytes arrive.
+const RESERVED_BEFORE_READ: usize = 64 << 10;
+
 /// How long an error's body is waited for on a call bounded by `timeout`.
 pub(super) fn error_body_wait(timeout: Duration) -> Duration {
     ERROR_BODY_WAIT.min(timeout / 2)
@@ -52,7 +57,7 @@ impl Body {
         Ok(Body {
             ok,
             status,
-            read: BytesMut::with_capacity(length.unwrap_or(0).min(limit)),
+            read: BytesMut::with_capacity(length.unwrap_or(0).min(limit).min(RESERVED_BEFORE_READ)),
         })
     }
 
@@ -120,5 +125,19 @@ mod tests {
         assert!(error.take(&[b'e'; 5000]).unwrap());
         assert!(!error.take(&[b'f'; 5000]).unwrap());
         assert_eq!(error.into_bytes().len(), ERROR_BODY_KEPT);
+    }
+
+    // What is reserved before a byte comes is bounded whatever the head announces; a body
+    // that does come in full still reads whole.
+    #[test]
+    fn an_announced_length_reserves_at_most_64_kib_until_the_bytes_come() {
+        let announced = MAX_ANSWER_BYTES as u64;
+        let mut big = Body::new(200, Some(announced)).unwrap();
+        assert_eq!(big.read.capacity(), RESERVED_BEFORE_READ);
+        for _ in 0..16 {
+            assert!(big.take(&vec![b'a'; 1 << 20]).unwrap());
+        }
+        assert_eq!(big.into_bytes().len(), MAX_ANSWER_BYTES);
+        assert_eq!(Body::new(200, Some(100)).unwrap().read.capacity(), 100);
     }
 }
