@@ -1437,12 +1437,25 @@ async fn list_jobs_order_filter_paging(store: Arc<dyn Store>) {
     };
     let idsof = |jobs: Vec<Job>| jobs.into_iter().map(|j| j.id).collect::<Vec<_>>();
 
+    // Rows as a list shows them: without the request's messages and the result (a page of
+    // whole jobs held every request's message tree at once), newest first.
+    let summary = |job: &Job| Job {
+        spec: JobSpec {
+            messages: vec![],
+            ..job.spec.clone()
+        },
+        result: None,
+        ..job.clone()
+    };
+    assert!(jobs.iter().all(|j| !j.spec.messages.is_empty()));
     let all = list(None, 100, None).await;
     assert_eq!(
         all,
-        jobs.iter().rev().cloned().collect::<Vec<_>>(),
-        "full rows, newest first"
+        jobs.iter().rev().map(summary).collect::<Vec<_>>(),
+        "rows without messages, newest first"
     );
+    let whole = store.get_job(ids[0]).await.unwrap().unwrap();
+    assert_eq!(whole, jobs[0], "a job read alone is whole");
     assert_eq!(idsof(list(None, 3, None).await), newest_first[..3]);
     assert_eq!(idsof(list(None, 0, None).await), Vec::<Uuid>::new());
 

@@ -1,8 +1,10 @@
-//! The HTTP API (axum): routes, shared state, the body limit, and the JSON extractor whose
-//! rejections use the same error body as everything else. Handlers turn requests into domain
-//! values and call the store; fusion steps are never run here (workers do that) — only the
-//! gateway pass-through and the fusion tool's outer model call upstream from a request.
+//! The HTTP API (axum): routes, shared state and the body limit. Every error answers in one
+//! shared body (`error.rs`), the JSON extractor's rejections too (`body.rs`). Handlers turn
+//! requests into domain values and call the store; fusion steps are never run here (workers do
+//! that) — only the gateway pass-through and the fusion tool's outer model call upstream from a
+//! request.
 
+mod body;
 mod chat;
 pub mod error;
 mod jobs;
@@ -16,7 +18,7 @@ mod watch;
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::extract::{DefaultBodyLimit, FromRequest, OriginalUri, Request, State};
+use axum::extract::{DefaultBodyLimit, OriginalUri, Request, State};
 use axum::http::{Method, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
@@ -30,6 +32,7 @@ use crate::config::FusionConfig;
 use crate::store::Store;
 use crate::upstream::Upstream;
 use crate::worker::Worker;
+pub use body::ApiJson;
 pub use error::ApiError;
 use watch::JobWatch;
 
@@ -64,11 +67,6 @@ impl AppState {
         }
     }
 }
-
-/// `Json` whose rejections are `ApiError`s.
-#[derive(FromRequest)]
-#[from_request(via(axum::Json), rejection(ApiError))]
-pub struct ApiJson<T>(pub T);
 
 /// Request bodies larger than this are refused with 413 (`ApiError::body_too_large`).
 pub const MAX_BODY_BYTES: usize = 4 * 1024 * 1024;

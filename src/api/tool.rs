@@ -444,6 +444,18 @@ async fn run_call(
             None,
         ));
     };
+    // The outer model writes the prompt (an answer of up to 16 MiB): held to what a client
+    // could submit as a whole job.
+    if prompt.len() > super::MAX_BODY_BYTES {
+        return Ok((
+            format!(
+                "error: the fusion tool's `prompt` is {} bytes, over the limit of {} MiB",
+                prompt.len(),
+                super::MAX_BODY_BYTES >> 20
+            ),
+            None,
+        ));
+    }
     let mut parsed = template.clone();
     parsed.spec.messages = vec![json!({"role": "user", "content": prompt})];
     // Without an idempotency key the request body is not kept (nor hashed).

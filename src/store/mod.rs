@@ -16,6 +16,25 @@ macro_rules! job_columns {
     };
 }
 
+/// `job_columns!` for a list of jobs, whose summaries show neither the request's messages nor
+/// the result: the spec without its messages (an empty list in their place; a spec that is not
+/// a JSON object as it is, for `JobSpec::salvage`), and no result. A page of 100 jobs parsed
+/// whole would hold 100 message trees, up to ~20 MiB each (`api::body`). `$spec` is the
+/// database's expression for that spec, `$null` its NULL of the result's type.
+macro_rules! summary_columns {
+    ($spec:literal, $null:literal) => {
+        concat!(
+            "id, status, ",
+            $spec,
+            " AS spec, metadata, priority, attempt, max_attempts, run_at, deadline_at, \
+             lease_owner, lease_expires_at, idempotency_key, request_hash, created_at, \
+             started_at, finished_at, failure_reason, error, ",
+            $null,
+            " AS result"
+        )
+    };
+}
+
 mod batch;
 #[cfg(test)]
 mod half_open;

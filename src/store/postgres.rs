@@ -359,7 +359,17 @@ const FIND_BY_REQUEST_SQL: &str = concat!(
 fn list_sql(status: bool, cursor: bool) -> &'static str {
     macro_rules! list {
         ($($where:literal)?) => {
-            concat!("SELECT ", job_columns!(), " FROM jobs ", $($where,)? " ORDER BY id DESC LIMIT ")
+            concat!(
+                "SELECT ",
+                summary_columns!(
+                    "CASE jsonb_typeof(spec) WHEN 'object' \
+                     THEN jsonb_set(spec, '{messages}', '[]') ELSE spec END",
+                    "NULL::jsonb"
+                ),
+                " FROM jobs ",
+                $($where,)?
+                " ORDER BY id DESC LIMIT "
+            )
         };
     }
     match (status, cursor) {

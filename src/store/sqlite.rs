@@ -111,17 +111,23 @@ fn stopped_partway(e: StoreError, claimed: usize) -> Result<()> {
 /// the cursor. The statement has no optional terms (`?1 IS NULL OR …`): SQLite plans before it
 /// sees the values, and an optional term turns a seek into a scan of every job, from the
 /// newest down to the cursor, filtered.
-const LIST_SQL: &str = concat!(
-    "SELECT ",
-    job_columns!(),
-    " FROM jobs WHERE id < ?1 ORDER BY id DESC LIMIT ?2"
-);
+macro_rules! list_sql {
+    ($where:literal) => {
+        concat!(
+            "SELECT ",
+            summary_columns!(
+                "CASE WHEN json_valid(spec) THEN CASE json_type(spec) WHEN 'object' \
+                 THEN json_set(spec, '$.messages', json('[]')) ELSE spec END ELSE spec END",
+                "NULL"
+            ),
+            " FROM jobs WHERE ",
+            $where
+        )
+    };
+}
+const LIST_SQL: &str = list_sql!("id < ?1 ORDER BY id DESC LIMIT ?2");
 /// The same in one status: a backward walk of `jobs_status_id` within that status.
-const LIST_BY_STATUS_SQL: &str = concat!(
-    "SELECT ",
-    job_columns!(),
-    " FROM jobs WHERE status = ?1 AND id < ?2 ORDER BY id DESC LIMIT ?3"
-);
+const LIST_BY_STATUS_SQL: &str = list_sql!("status = ?1 AND id < ?2 ORDER BY id DESC LIMIT ?3");
 /// Sorts after every id (a lowercase hyphenated UUID): the cursor of a first page.
 const ID_ABOVE_ALL: &str = "~";
 
@@ -1100,6 +1106,41 @@ mod tests {
         let stored = store.get_steps(jobs[3].id).await.unwrap();
         assert_eq!(stored.len(), 5);
         assert_eq!(stored[0].content.as_deref(), Some("answer \"Panel(0)\"\n"));
+    }
+
+    // A list leaves each spec's messages out in SQL (`summary_columns!`); a spec that is not a
+    // JSON object, or not JSON at all, is listed as far as it reads rather than failing the
+    // page (SQLite's JSON functions raise an error on text that is not JSON).
+    #[tokio::test]
+    async fn a_list_reads_specs_without_their_messages_and_any_spec_at_all() {
+        let (_dir, store) = migrated_store().await;
+        let mut ids = Vec::new();
+        for spec in [None, Some("not json"), Some("[1, 2]")] {
+            let job = queued_job(1_000);
+            ids.push(job.id);
+            store.enqueue(job.clone(), None).await.unwrap();
+            if let Some(spec) = spec {
+                sqlx::query("UPDATE jobs SET spec = ? WHERE id = ?")
+                    .bind(spec)
+                    .bind(job.id.to_string())
+                    .execute(&store.writer)
+                    .await
+                    .unwrap();
+            }
+        }
+        let all = ListFilter {
+            limit: 10,
+            ..ListFilter::default()
+        };
+        let listed = store.list_jobs(&all).await.unwrap();
+        assert_eq!(listed.len(), 3);
+        let readable = listed.iter().find(|j| j.id == ids[0]).unwrap();
+        assert!(readable.spec.messages.is_empty());
+        assert_eq!(readable.spec.panel, ["m1", "m2"]);
+        for id in &ids[1..] {
+            let salvaged = listed.iter().find(|j| j.id == *id).unwrap();
+            assert_eq!(salvaged.spec.panel, Vec::<String>::new());
+        }
     }
 
     #[tokio::test]

@@ -387,6 +387,28 @@ async fn out_of_rounds_the_reply_calls_nothing_the_client_cannot_answer() {
     assert!(outer[..4].iter().all(|b| b["tool_choice"] != "none"));
 }
 
+// The outer model's `prompt` is held to the size a client could submit (4 MiB): over it, the
+// call's result says so and no job runs. Before, any prompt the model wrote became a job.
+#[tokio::test]
+async fn a_fusion_call_with_a_prompt_over_the_body_limit_runs_no_job() {
+    let app = spawn_app().await;
+    let huge = "x".repeat((4 << 20) + 1);
+    let replies = vec![
+        Reply::ToolCall("fusion".into(), json!({ "prompt": huge })),
+        Reply::Text("done".into()),
+    ];
+    app.fake.script("outer", Kind::Panel, replies);
+    let resp = app.chat(&body_with_tool(&["m1"], "judge")).await;
+    assert_eq!(resp.status(), 200);
+    let reply: Value = resp.json().await.unwrap();
+    assert_eq!(reply["choices"][0]["message"]["content"], "done");
+    assert_eq!(app.fake.calls("m1", Kind::Panel), 0);
+    let outer = outer_bodies(&app);
+    let history = outer[1]["messages"].as_array().unwrap();
+    let result = history[history.len() - 1]["content"].as_str().unwrap();
+    assert!(result.contains("over the limit of 4 MiB"), "{result}");
+}
+
 // A model asking for many fusion calls at once runs at most four of them a round; the others
 // are answered "not run", in the calls' order, so every call has its result. Before, each call
 // was a paid job, as many as the model asked for.

@@ -12,6 +12,38 @@ async fn expect_error(resp: reqwest::Response, status: u16, code: &str) -> Strin
     body["error"]["message"].as_str().unwrap().to_string()
 }
 
+// A body whose JSON tree would weigh ~50 times its text (4 MiB of tiny objects, ~200 MiB parsed)
+// is refused before it is parsed, on every route that reads JSON, and so is a flat array of
+// numbers past the count of values; at the limit, a body is read.
+#[tokio::test]
+async fn a_body_of_too_many_json_objects_is_refused_unparsed() {
+    let app = spawn_api_only().await;
+    let parts = |n: usize| {
+        let parts: Vec<Value> = (0..n).map(|_| json!({"type": "a"})).collect();
+        json!({"model": "fusion", "messages": [{"role": "user", "content": parts}]})
+    };
+    for path in ["/v1/jobs", "/v1/chat/completions"] {
+        let resp = app
+            .client
+            .post(format!("{}{path}", app.address))
+            .json(&parts(300_000))
+            .send()
+            .await
+            .unwrap();
+        let message = expect_error(resp, 400, "body_too_complex").await;
+        assert!(message.contains("300002 JSON objects"), "{message}");
+    }
+    let numbers = json!({"model": "fusion", "messages": [], "n": vec![1; 200_000]});
+    let message = expect_error(app.submit(&numbers).await, 400, "body_too_complex").await;
+    assert!(
+        message.contains("at most 20000 objects and 200000 values"),
+        "{message}"
+    );
+    // 20,000 objects in all: read, and the job made.
+    let resp = app.submit(&parts(20_000 - 2)).await;
+    assert_eq!(resp.status(), 202);
+}
+
 #[tokio::test]
 async fn bad_requests_are_4xx_with_precise_messages() {
     let app = spawn_api_only().await;

@@ -134,6 +134,8 @@ impl FakeUpstream {
         let app = axum::Router::new()
             .route("/v1/chat/completions", post(completions))
             .route("/_fake/stats", get(stats))
+            // As a provider takes a long conversation (axum's default is 2 MiB).
+            .layer(axum::extract::DefaultBodyLimit::max(64 << 20))
             .with_state(state.clone());
         // A deep accept queue (the kernel caps it at somaxconn): a server starting hundreds of
         // jobs at once opens as many connections in a burst, and a dropped SYN is retried only
