@@ -312,9 +312,14 @@ async fn expire_and_reclaim(store: &Arc<dyn Store>) -> (Lease, Lease) {
     assert_eq!(store.rescue_expired(NOW + 10_000).await.unwrap(), 0);
     assert_eq!(get(store, job.id).await, claimed);
 
-    // Past the lease: requeued, keeping the attempt count and its checkpoints.
+    // Past the lease: requeued, keeping the attempt count and its checkpoints, and saying why
+    // it is being retried (an earlier attempt's reason would say something else).
     assert_eq!(store.rescue_expired(NOW + 31_000).await.unwrap(), 1);
     let requeued = get(store, job.id).await;
+    let why = (
+        Some("lease_expired".to_string()),
+        Some("the worker holding the job stopped renewing its lease; requeued".to_string()),
+    );
     assert_eq!(
         requeued,
         Job {
@@ -322,6 +327,8 @@ async fn expire_and_reclaim(store: &Arc<dyn Store>) -> (Lease, Lease) {
             lease_owner: None,
             lease_expires_at: None,
             run_at: NOW + 31_000,
+            failure_reason: why.0.clone(),
+            error: why.1.clone(),
             ..claimed.clone()
         }
     );
@@ -982,6 +989,9 @@ async fn stale_worker_is_fenced_out(store: Arc<dyn Store>) {
             lease_expires_at: None,
             finished_at: Some(t),
             result: Some(result),
+            // Why it was being retried, replaced as it finishes.
+            failure_reason: None,
+            error: None,
             ..job_before
         }
     );
@@ -1098,6 +1108,8 @@ async fn max_attempts_then_lease_expired(store: Arc<dyn Store>) {
             attempt: 1,
             run_at: t1,
             started_at: Some(NOW),
+            failure_reason: Some("lease_expired".to_string()),
+            error: requeued.error.clone(),
             ..twice.clone()
         }
     );
@@ -1218,6 +1230,20 @@ async fn cancel_outcomes(store: Arc<dyn Store>) {
     }
     assert_eq!(get(&store, failing.id).await, failed);
 
+    // A cancelled job can be retried as a failed one is; a succeeded one cannot.
+    match store.retry_failed(running_job.id, t + 2).await.unwrap() {
+        RetryOutcome::Requeued(job) => assert_eq!(
+            (job.status, job.failure_reason, job.finished_at, job.attempt),
+            (JobStatus::Queued, None, None, 1)
+        ),
+        other => panic!("expected Requeued, got {other:?}"),
+    }
+    assert_eq!(claim_one(&store, "w2", t + 2).await.attempt, 2);
+    assert!(matches!(
+        store.retry_failed(done.id, t + 2).await.unwrap(),
+        RetryOutcome::NotRetryable(_)
+    ));
+
     assert!(matches!(
         store.cancel(Uuid::now_v7(), t).await.unwrap(),
         CancelOutcome::NotFound
@@ -1318,8 +1344,8 @@ async fn retry_failed_keeps_ok_steps(store: Arc<dyn Store>) {
 
     // Not failed any more: a second retry is refused.
     match store.retry_failed(job.id, t).await.unwrap() {
-        RetryOutcome::NotFailed(j) => assert_eq!(j, requeued),
-        other => panic!("expected NotFailed, got {other:?}"),
+        RetryOutcome::NotRetryable(j) => assert_eq!(j, requeued),
+        other => panic!("expected NotRetryable, got {other:?}"),
     }
 
     // It runs again, and the kept checkpoint is still there; the failed step is redone, its
@@ -1339,8 +1365,8 @@ async fn retry_failed_keeps_ok_steps(store: Arc<dyn Store>) {
 
     // Running and succeeded jobs are not failed either.
     match store.retry_failed(job.id, t).await.unwrap() {
-        RetryOutcome::NotFailed(j) => assert_eq!(j, again),
-        other => panic!("expected NotFailed, got {other:?}"),
+        RetryOutcome::NotRetryable(j) => assert_eq!(j, again),
+        other => panic!("expected NotRetryable, got {other:?}"),
     }
     assert!(
         store
@@ -1351,8 +1377,8 @@ async fn retry_failed_keeps_ok_steps(store: Arc<dyn Store>) {
     let succeeded = get(&store, job.id).await;
     assert_eq!(status(job.id).await, JobStatus::Succeeded);
     match store.retry_failed(job.id, t + 2).await.unwrap() {
-        RetryOutcome::NotFailed(j) => assert_eq!(j, succeeded),
-        other => panic!("expected NotFailed, got {other:?}"),
+        RetryOutcome::NotRetryable(j) => assert_eq!(j, succeeded),
+        other => panic!("expected NotRetryable, got {other:?}"),
     }
     assert_eq!(get(&store, job.id).await, succeeded);
 
@@ -1407,6 +1433,16 @@ async fn release_does_not_spend_attempt(store: Arc<dyn Store>) {
     let redone = ok_step(StepKey::Panel(0), 2);
     assert!(store.save_step(&lease_of(&again), &redone).await.unwrap());
     assert_eq!(store.get_steps(job.id).await.unwrap(), vec![redone]);
+
+    // A release says nothing failed: the reason an earlier attempt left is cleared with it.
+    let later = lease_of(&again);
+    let requeued = store.retry_later(&later, NOW + 2, "rate_limited", "429");
+    assert!(requeued.await.unwrap());
+    let third = claim_one(&store, "w3", NOW + 2).await;
+    assert_eq!(third.failure_reason.as_deref(), Some("rate_limited"));
+    assert!(store.release(&lease_of(&third)).await.unwrap());
+    let released = get(&store, job.id).await;
+    assert_eq!((released.failure_reason, released.error), (None, None));
 }
 
 /// 13. Newest first, by status, limited, and paged with `before` without gaps or repeats.

@@ -125,6 +125,11 @@ impl IntoResponse for ApiError {
         if !self.jobs.is_empty() {
             headers.insert(JOB_HEADER, jobs_header(&self.jobs));
             headers.insert(SHOULD_RETRY_HEADER, HeaderValue::from_static("false"));
+        } else if self.status.is_client_error() && !matches!(self.status.as_u16(), 408 | 429) {
+            // The same request gets the same answer: the SDKs would resend a 409 (a retry of a
+            // job still running) up to twice, and a resend that lands once the job has failed
+            // again would requeue it, a paid run nobody asked for.
+            headers.insert(SHOULD_RETRY_HEADER, HeaderValue::from_static("false"));
         } else if self.status == StatusCode::SERVICE_UNAVAILABLE {
             // Nothing was stored: a retry is safe, and the SDKs wait as long as this says
             // rather than spending their retries within a second and a half.

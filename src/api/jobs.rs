@@ -237,12 +237,33 @@ pub async fn get(State(state): State<AppState>, JobId(id): JobId) -> Result<Json
     Ok(Json(view::full(&job, &steps)))
 }
 
+/// An unknown parameter (`cursor=`, Stripe's `starting_after=`) is refused rather than ignored:
+/// ignored, a pagination loop would get the first page again and again. An empty value is as
+/// if it were left out (`?after=` for a first page).
 #[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct ListQuery {
+    #[serde(default, deserialize_with = "empty_as_none")]
     status: Option<String>,
+    #[serde(default, deserialize_with = "empty_as_none")]
     limit: Option<u32>,
     /// Cursor: the `next_cursor` of the previous page.
+    #[serde(default, deserialize_with = "empty_as_none")]
     after: Option<String>,
+}
+
+/// A query parameter's value, `None` when it is empty.
+fn empty_as_none<'de, D, T>(de: D) -> Result<Option<T>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: std::str::FromStr,
+    T::Err: std::fmt::Display,
+{
+    let raw = String::deserialize(de)?;
+    if raw.is_empty() {
+        return Ok(None);
+    }
+    raw.parse().map(Some).map_err(serde::de::Error::custom)
 }
 
 const MAX_PAGE: u32 = 100;
@@ -316,6 +337,11 @@ pub async fn cancel(
     match state.store.cancel(id, state.clock.now_ms()).await? {
         // A running job's worker hears of it through the store's cancellation signal.
         CancelOutcome::Cancelled { job, .. } => Ok(Json(view_after_change(&state, &job).await)),
+        // Cancelled already (this client's own cancel, whose answer was lost, repeated): done,
+        // as asked. Only another final status is a conflict.
+        CancelOutcome::AlreadyFinal(job) if job.status == JobStatus::Cancelled => {
+            Ok(Json(view_after_change(&state, &job).await))
+        }
         CancelOutcome::AlreadyFinal(job) => Err(ApiError::conflict(
             "job_already_final",
             format!(
@@ -333,10 +359,10 @@ pub async fn retry(State(state): State<AppState>, JobId(id): JobId) -> Result<Re
             let view = view_after_change(&state, &job).await;
             Ok((StatusCode::ACCEPTED, Json(view)).into_response())
         }
-        RetryOutcome::NotFailed(job) => Err(ApiError::conflict(
+        RetryOutcome::NotRetryable(job) => Err(ApiError::conflict(
             "job_not_failed",
             format!(
-                "job {id} is {}; only failed jobs can be retried",
+                "job {id} is {}; only failed and cancelled jobs can be retried",
                 job.status.as_str()
             ),
         )),

@@ -3,7 +3,7 @@
 
 use serde_json::{Value, json};
 
-use crate::job::{Job, JsonText, Step, StepKey, Usage};
+use crate::job::{Job, JobStatus, JsonText, Step, StepKey, Usage};
 
 fn secs(ms: Option<i64>) -> Value {
     ms.map_or(Value::Null, |ms| json!(ms / 1000))
@@ -20,6 +20,10 @@ pub fn summary(job: &Job) -> Value {
         "started_at": secs(job.started_at),
         "finished_at": secs(job.finished_at),
         "attempt": job.attempt,
+        "max_attempts": job.max_attempts,
+        // A queued job is not claimed before this (a retry's backoff); else null.
+        "scheduled_at": if job.status == JobStatus::Queued { secs(Some(job.run_at)) } else { Value::Null },
+        "deadline_at": secs(job.deadline_at),
         "priority": job.priority,
         "failure_reason": job.failure_reason,
         "error": job.error,
@@ -27,14 +31,21 @@ pub fn summary(job: &Job) -> Value {
     })
 }
 
-/// The full form: summary plus panel, analysis, result and usage. Steps a manual retry
-/// superseded are shown as not run yet; their usage counts.
+/// The full form: summary plus panel, analysis, result and usage. A failed panel member set to
+/// run again (a manual retry, or a requeue after billed tries) is shown as not run yet while
+/// the job may still run it, and as the failure it was once the job is final (it never ran
+/// again); its usage counts either way.
 pub fn full(job: &Job, steps: &[Step]) -> Value {
     let mut usage = Usage::default();
     for s in steps {
         usage.add(&s.usage);
     }
-    let shown = |key| steps.iter().find(|s| s.key == key && !s.superseded());
+    let final_job = job.status.is_final();
+    let shown = |key| {
+        steps
+            .iter()
+            .find(|s| s.key == key && (final_job || !s.superseded()))
+    };
     let panel: Vec<Value> = job
         .spec
         .panel
@@ -49,13 +60,14 @@ pub fn full(job: &Job, steps: &[Step]) -> Value {
                 "usage": s.usage,
                 "latency_ms": s.latency_ms,
                 "error": s.error,
-                "error_code": s.error_code,
+                // The marker took the place of the failure's code.
+                "error_code": if s.superseded() { None } else { s.error_code.as_deref() },
                 "status_code": s.status_code,
             }),
             None => json!({
                 "index": i,
                 "model": model,
-                "status": if job.status.is_final() { "not_run" } else { "pending" },
+                "status": if final_job { "not_run" } else { "pending" },
                 "content": null,
                 "usage": null,
                 "latency_ms": null,
@@ -65,7 +77,10 @@ pub fn full(job: &Job, steps: &[Step]) -> Value {
             }),
         })
         .collect();
-    let analysis = shown(StepKey::Analysis);
+    // Shown only as it stands: a superseded analysis's code is the marker, its own is gone.
+    let analysis = steps
+        .iter()
+        .find(|s| s.key == StepKey::Analysis && !s.superseded());
     let mut view = summary(job);
     let obj = view.as_object_mut().expect("summary is an object");
     obj.insert("analyst".into(), json!(job.spec.analyst));

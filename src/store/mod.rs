@@ -256,8 +256,8 @@ pub enum CancelOutcome {
 #[derive(Debug, Clone)]
 pub enum RetryOutcome {
     Requeued(Job),
-    /// Only failed jobs can be retried.
-    NotFailed(Job),
+    /// Only failed and cancelled jobs can be retried.
+    NotRetryable(Job),
     NotFound,
 }
 
@@ -312,9 +312,9 @@ pub trait Store: Send + Sync + 'static {
     async fn get_steps(&self, id: Uuid) -> Result<Vec<Step>>;
     async fn list_jobs(&self, filter: &ListFilter) -> Result<Vec<Job>>;
     async fn cancel(&self, id: Uuid, now: i64) -> Result<CancelOutcome>;
-    /// Put a failed job back in the queue; its successful checkpoints are kept and reused, its
-    /// failed steps are marked superseded (`job::SUPERSEDED`) so they run again, their usage
-    /// still counted. A job with a deadline gets its whole deadline again, counted from `now`.
+    /// Put a failed or cancelled job back in the queue; its successful checkpoints are kept and
+    /// reused, its failed steps are marked superseded (`job::SUPERSEDED`) so they run again,
+    /// their usage still counted. A job with a deadline gets its whole deadline again, counted from `now`.
     async fn retry_failed(&self, id: Uuid, now: i64) -> Result<RetryOutcome>;
 
     /// Move up to `limit` runnable queued jobs to running under `owner`, highest priority

@@ -703,7 +703,7 @@ impl Store for PgStore {
                      max_attempts = greatest(max_attempts, attempt + 1), \
                      deadline_at = $2 + (deadline_at - coalesce(deadline_from, created_at)), \
                      deadline_from = $2 \
-                     WHERE id = $1 AND status = 'failed'",
+                     WHERE id = $1 AND status IN ('failed', 'cancelled')",
                 )
                 .bind(id)
                 .bind(now)
@@ -728,7 +728,7 @@ impl Store for PgStore {
         Ok(if requeued {
             RetryOutcome::Requeued(job)
         } else {
-            RetryOutcome::NotFailed(job)
+            RetryOutcome::NotRetryable(job)
         })
     }
 
@@ -802,7 +802,8 @@ impl Store for PgStore {
         let failed = self.bounded(async |c| Ok(failed.execute(c).await?)).await?;
         let requeued = sqlx::query(
             "UPDATE jobs SET status = 'queued', run_at = $1, lease_owner = NULL, \
-             lease_expires_at = NULL \
+             lease_expires_at = NULL, failure_reason = 'lease_expired', \
+             error = 'the worker holding the job stopped renewing its lease; requeued' \
              WHERE id IN (SELECT id FROM jobs WHERE status = 'running' AND lease_expires_at < $1 \
                           ORDER BY id FOR UPDATE)",
         )
@@ -868,7 +869,7 @@ impl Store for PgStore {
     async fn release(&self, lease: &Lease) -> Result<bool> {
         let done = sqlx::query(
             "UPDATE jobs SET status = 'queued', max_attempts = max_attempts + 1, \
-             lease_owner = NULL, lease_expires_at = NULL \
+             lease_owner = NULL, lease_expires_at = NULL, failure_reason = NULL, error = NULL \
              WHERE id = $1 AND attempt = $2 AND lease_owner = $3 AND status = 'running'",
         )
         .bind(lease.job_id)
@@ -885,7 +886,7 @@ impl Store for PgStore {
             "WITH l AS (SELECT id FROM jobs WHERE status = 'running' AND lease_owner = $1 \
                         AND lease_expires_at = $2 ORDER BY id FOR UPDATE) \
              UPDATE jobs SET status = 'queued', max_attempts = max_attempts + 1, \
-             lease_owner = NULL, lease_expires_at = NULL \
+             lease_owner = NULL, lease_expires_at = NULL, failure_reason = NULL, error = NULL \
              WHERE id IN (SELECT id FROM l) AND status = 'running' AND lease_owner = $1 \
                AND lease_expires_at = $2",
         )

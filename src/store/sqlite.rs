@@ -537,7 +537,7 @@ impl Store for SqliteStore {
              max_attempts = max(max_attempts, attempt + 1), \
              deadline_at = ?1 + (deadline_at - coalesce(deadline_from, created_at)), \
              deadline_from = ?1 \
-             WHERE id = ?2 AND status = 'failed'",
+             WHERE id = ?2 AND status IN ('failed', 'cancelled')",
         )
         .bind(now)
         .bind(id.to_string())
@@ -559,7 +559,7 @@ impl Store for SqliteStore {
             self.wakeups.notify_one();
             Ok(RetryOutcome::Requeued(job))
         } else {
-            Ok(RetryOutcome::NotFailed(job))
+            Ok(RetryOutcome::NotRetryable(job))
         }
     }
 
@@ -674,7 +674,9 @@ impl Store for SqliteStore {
         let failed = failed.len() as u64;
         let requeued = sqlx::query(
             "UPDATE jobs SET status = 'queued', run_at = ?1, lease_owner = NULL, \
-             lease_expires_at = NULL WHERE status = 'running' AND lease_expires_at < ?1",
+             lease_expires_at = NULL, failure_reason = 'lease_expired', \
+             error = 'the worker holding the job stopped renewing its lease; requeued' \
+             WHERE status = 'running' AND lease_expires_at < ?1",
         )
         .bind(now)
         .execute(&self.writer)
@@ -744,7 +746,7 @@ impl Store for SqliteStore {
         let released = self
             .fenced(
                 "UPDATE jobs SET status = 'queued', max_attempts = max_attempts + 1, \
-                 lease_owner = NULL, lease_expires_at = NULL \
+                 lease_owner = NULL, lease_expires_at = NULL, failure_reason = NULL, error = NULL \
                  WHERE id = ? AND attempt = ? AND lease_owner = ? AND status = 'running'",
                 lease,
                 &[],
@@ -759,7 +761,7 @@ impl Store for SqliteStore {
     async fn release_claim(&self, owner: &str, lease_expires_at: i64) -> Result<u64> {
         let done = sqlx::query(
             "UPDATE jobs SET status = 'queued', max_attempts = max_attempts + 1, \
-             lease_owner = NULL, lease_expires_at = NULL \
+             lease_owner = NULL, lease_expires_at = NULL, failure_reason = NULL, error = NULL \
              WHERE status = 'running' AND lease_owner = ?1 AND lease_expires_at = ?2",
         )
         .bind(owner)

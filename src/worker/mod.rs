@@ -72,31 +72,38 @@ struct Running {
     held_until: watch::Sender<i64>,
 }
 
-/// Cancels heard lately (see `Worker::cancels_heard`): their ids, and the same in the order
-/// heard, so that forgetting old ones costs only those (every process hears every cancel).
+/// Cancels heard lately (see `Worker::cancels_heard`): when each job's was last heard, and every
+/// hearing in the order heard, so that forgetting old ones costs only those (every process hears
+/// every cancel).
 #[derive(Default)]
 struct RecentCancels {
-    ids: HashSet<Uuid>,
+    last_heard: HashMap<Uuid, i64>,
     heard: VecDeque<(i64, Uuid)>,
 }
 
 impl RecentCancels {
-    /// Remember `id`, heard `now`; forget what was heard `kept_ms` or longer ago.
+    /// Remember that `id` was cancelled, heard `now`; forget what was heard `kept_ms` or longer
+    /// ago.
     fn hear(&mut self, id: Uuid, now: i64, kept_ms: i64) {
         while let Some(&(at, old)) = self.heard.front() {
             if now - at < kept_ms {
                 break;
             }
             self.heard.pop_front();
-            self.ids.remove(&old);
+            // Unless heard again since.
+            if self.last_heard.get(&old) == Some(&at) {
+                self.last_heard.remove(&old);
+            }
         }
-        if self.ids.insert(id) {
-            self.heard.push_back((now, id));
-        }
+        self.last_heard.insert(id, now);
+        self.heard.push_back((now, id));
     }
 
-    fn contains(&self, id: &Uuid) -> bool {
-        self.ids.contains(id)
+    /// Whether a cancel of `id` was heard at `since` or later: one that can be for an attempt
+    /// claimed at `since`. (One heard before it was for an earlier attempt, which a manual
+    /// retry put back in the queue since.)
+    fn heard_since(&self, id: &Uuid, since: i64) -> bool {
+        self.last_heard.get(id).is_some_and(|&at| at >= since)
     }
 }
 
@@ -126,7 +133,8 @@ pub struct Worker {
     /// Cancels heard lately, by job id, with when (the worker's clock). One that lands between
     /// a claim's commit and the job's place in `running` finds nothing to stop there: the job
     /// looks here as it takes its place. Kept for a lease's length; later, a heartbeat has
-    /// stopped any job it missed. A cancelled job never runs again, so nothing is stopped wrongly.
+    /// stopped any job it missed. Only a cancel heard since the claim was sent stops the job: a
+    /// cancelled job may be retried and claimed again within that time.
     cancels_heard: Mutex<RecentCancels>,
     /// One permit per job this process may run at once.
     capacity: Arc<Semaphore>,
@@ -532,8 +540,14 @@ impl Worker {
         };
         let span = tracing::info_span!("job", id = %job.id, attempt = job.attempt);
         // Cancelled as it was claimed: not a single call is made. (A cancel heard from now on
-        // finds the job in `running`.)
-        let cancelled = (self.cancels_heard.lock().expect("cancels heard")).contains(&job.id);
+        // finds the job in `running`.) The claim was sent at most a millisecond before the time
+        // its lease is counted from (`claim_now`); a cancel of this attempt committed after it.
+        // (A cancel heard late, within a millisecond or two of a retry's claim, stops the retried
+        // attempt too: the job then runs again once its lease has run out.)
+        let claimed_at =
+            job.lease_expires_at.unwrap_or(i64::MIN) - crate::store::ms(self.config.lease) - 1;
+        let cancelled =
+            (self.cancels_heard.lock().expect("cancels heard")).heard_since(&job.id, claimed_at);
         let outcome = if cancelled {
             Outcome::Stopped
         } else {
@@ -936,15 +950,29 @@ mod tests {
     fn cancels_are_forgotten_a_lease_after_they_were_heard_and_only_then() {
         let (a, b, c) = (Uuid::now_v7(), Uuid::now_v7(), Uuid::now_v7());
         let mut heard = RecentCancels::default();
+        let known = |heard: &RecentCancels, id| heard.heard_since(&id, i64::MIN);
         heard.hear(a, 0, 100);
         heard.hear(b, 50, 100);
-        heard.hear(a, 60, 100); // heard twice: kept from the first time
-        assert!(heard.contains(&a) && heard.contains(&b));
-        heard.hear(c, 100, 100);
-        assert!(!heard.contains(&a), "heard a lease ago");
-        assert!(heard.contains(&b) && heard.contains(&c));
-        heard.hear(c, 150, 100);
-        assert!(!heard.contains(&b));
-        assert_eq!((heard.ids.len(), heard.heard.len()), (1, 1));
+        heard.hear(c, 60, 100);
+        assert!(known(&heard, a) && known(&heard, b) && known(&heard, c));
+        heard.hear(c, 100, 100); // heard again (retried, claimed, cancelled): kept from then
+        assert!(!known(&heard, a), "heard a lease ago");
+        assert!(known(&heard, b) && known(&heard, c));
+        heard.hear(b, 159, 100);
+        assert!(known(&heard, c), "heard again 59 ms ago");
+        heard.hear(b, 200, 100);
+        assert!(!known(&heard, c));
+        assert_eq!((heard.last_heard.len(), heard.heard.len()), (1, 2));
+    }
+
+    // A cancel stops an attempt claimed before it was heard, not one claimed after: that one
+    // is a manual retry's, of the job the cancel was for.
+    #[test]
+    fn a_cancel_heard_before_a_claim_does_not_stop_it() {
+        let id = Uuid::now_v7();
+        let mut heard = RecentCancels::default();
+        heard.hear(id, 1_000, 30_000);
+        assert!(heard.heard_since(&id, 1_000) && heard.heard_since(&id, 999));
+        assert!(!heard.heard_since(&id, 1_001));
     }
 }

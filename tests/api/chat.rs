@@ -789,10 +789,12 @@ async fn a_failed_or_cancelled_job_tells_openai_sdks_not_to_retry() {
     let body: Value = resp.json().await.unwrap();
     assert_eq!(body["error"]["code"], "job_cancelled");
 
-    // An error before any job exists says nothing: the SDK's own rules apply.
+    // An error before any job exists names none; as every 4xx but 408 and 429, it is not to
+    // be resent as it is.
     let resp = app.chat(&json!({"model": "fusion", "messages": []})).await;
     assert_eq!(resp.status(), 400);
-    assert!(!resp.headers().contains_key("x-should-retry"));
+    assert!(!resp.headers().contains_key("x-fusion-job-id"));
+    assert_eq!(resp.headers()["x-should-retry"], "false");
 }
 
 #[tokio::test]

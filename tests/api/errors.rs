@@ -210,6 +210,17 @@ async fn bad_requests_are_4xx_with_precise_messages() {
         message.starts_with("`after` must be a page's `next_cursor`"),
         "{message}"
     );
+    // An unknown parameter is refused, not ignored (a loop paging with `cursor=` would get the
+    // first page for ever); empty ones are as if left out.
+    let message = expect_error(
+        get("/v1/jobs?cursor=abc".into()).await.unwrap(),
+        400,
+        "invalid_query",
+    )
+    .await;
+    assert!(message.contains("unknown field `cursor`"), "{message}");
+    let first_page = get("/v1/jobs?status=&limit=&after=".into()).await.unwrap();
+    assert_eq!(first_page.status(), 200);
     expect_error(get("/v2/nothing".into()).await.unwrap(), 404, "not_found").await;
     expect_error(
         app.post(&format!("/v1/jobs/{unknown}/cancel")).await,

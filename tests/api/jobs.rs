@@ -71,7 +71,13 @@ async fn a_job_runs_panel_analysis_and_final_once_each() {
         assert!((usage["cost"].as_f64().unwrap() - 0.005).abs() < 1e-9);
     }
     assert_eq!(job["attempt"], 1);
+    assert_eq!(job["max_attempts"], 10, "the default [jobs] max_attempts");
     assert!(job["started_at"].is_i64() && job["finished_at"].is_i64());
+    // Only a queued job has a time it is not claimed before; no deadline was asked for.
+    assert_eq!(
+        (&job["scheduled_at"], &job["deadline_at"]),
+        (&Value::Null, &Value::Null)
+    );
     assert_eq!(job["failure_reason"], Value::Null);
 }
 
@@ -190,7 +196,8 @@ async fn jobs_are_listed_newest_first_with_a_status_filter_and_cursor() {
 #[tokio::test]
 async fn cancelling_a_running_job_stops_its_upstream_calls() {
     let app = spawn_app().await;
-    app.fake.script("slow", Kind::Panel, vec![Reply::Hang]);
+    app.fake
+        .script("slow", Kind::Panel, vec![Reply::Hang, Reply::Ok]);
     let id = app
         .submit_ok(&body_with_panel(&["fast", "slow"], "judge"))
         .await;
@@ -228,10 +235,25 @@ async fn cancelling_a_running_job_stops_its_upstream_calls() {
     assert_eq!(app.fake.calls("judge", Kind::Analysis), 0);
     assert_eq!(app.fake.total_calls(), 2);
 
+    // A cancel repeated (its answer was lost) is done, as asked: the job, not a conflict.
     let again = app.post(&format!("/v1/jobs/{id}/cancel")).await;
+    assert_eq!(again.status(), 200);
+    let job: Value = again.json().await.unwrap();
+    assert_eq!(job["status"], "cancelled");
+    assert_eq!(job["panel"][0]["status"], "succeeded");
+
+    // Retried, the cancelled job goes on from its checkpoint: the fast member is not asked again.
+    let resp = app.post(&format!("/v1/jobs/{id}/retry")).await;
+    assert_eq!(resp.status(), 202);
+    // Retried already (running, or done by now): a conflict, and not for an SDK to resend.
+    let again = app.post(&format!("/v1/jobs/{id}/retry")).await;
     assert_eq!(again.status(), 409);
-    let err: Value = again.json().await.unwrap();
-    assert_eq!(err["error"]["code"], "job_already_final");
+    assert_eq!(again.headers()["x-should-retry"], "false");
+    let done = app.wait_final(&id, 10).await;
+    assert_eq!(done["status"], "succeeded", "{done:#}");
+    assert_eq!(done["failure_reason"], Value::Null, "{done:#}");
+    assert_eq!(app.fake.calls("fast", Kind::Panel), 1);
+    assert_eq!(app.fake.calls("slow", Kind::Panel), 2);
 }
 
 #[tokio::test]
@@ -289,6 +311,7 @@ async fn a_job_starts_at_its_submit_while_a_slot_is_free() {
     let resp = app.submit(&body_with_panel(&["m1"], "judge")).await;
     let queued: Value = resp.json().await.unwrap();
     assert_eq!(queued["status"], "queued", "{queued:#}");
+    assert_eq!(queued["scheduled_at"], queued["created_at"], "{queued:#}");
     let queued_id = queued["id"].as_str().unwrap();
     tokio::time::sleep(Duration::from_millis(200)).await;
     assert_eq!(app.get_job(queued_id).await["status"], "queued");

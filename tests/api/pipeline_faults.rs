@@ -6,7 +6,7 @@ use std::time::Duration;
 use serde_json::Value;
 
 use crate::fake_upstream::{Kind, Reply};
-use crate::helpers::{Options, assert_tokens, body_with_panel, spawn_app, spawn_app_with};
+use crate::helpers::{Options, assert_tokens, body_with_panel, spawn_app, spawn_app_with, until};
 
 #[tokio::test]
 async fn a_failed_panel_member_is_recorded_and_the_job_goes_on() {
@@ -757,6 +757,44 @@ async fn a_retry_keeps_the_usage_of_the_failed_steps_it_runs_again() {
     );
     // m1, both of m2's calls, the analysis and the final.
     assert_tokens(&job, 10 + 110 + 10 + 10, 5 + 405 + 5 + 5);
+}
+
+// A member set to run again that never does (its job cancelled meanwhile) is shown in the final
+// job as the failure it was, with its error and what it was billed for; while the job could
+// still run it, as pending. Before, the final job showed it `not_run`, without error or usage,
+// while the job's usage counted it.
+#[tokio::test]
+async fn a_member_set_to_run_again_shows_its_failure_once_the_job_is_final() {
+    let app = spawn_app().await;
+    let empty = r#"{"choices": [{"message": {"content": ""}, "finish_reason": "length"}],
+        "usage": {"prompt_tokens": 100, "completion_tokens": 400}}"#;
+    app.fake
+        .script("m2", Kind::Panel, vec![Reply::RawOk(empty), Reply::Hang]);
+    let mut body = body_with_panel(&["m1", "m2"], "judge");
+    body["plugins"][0]["min_panel"] = 2.into();
+    let id = app.submit_ok(&body).await;
+    let job = app.wait_final(&id, 10).await;
+    assert_eq!(job["failure_reason"], "insufficient_quorum", "{job:#}");
+    let resp = app.post(&format!("/v1/jobs/{id}/retry")).await;
+    assert_eq!(resp.status(), 202);
+    let requeued: Value = resp.json().await.unwrap();
+    assert_eq!(requeued["panel"][1]["status"], "pending", "{requeued:#}");
+    assert_eq!(requeued["panel"][1]["error"], Value::Null, "{requeued:#}");
+    until("m2's second call", async || {
+        app.fake.calls("m2", Kind::Panel) == 2
+    })
+    .await;
+
+    let resp = app.post(&format!("/v1/jobs/{id}/cancel")).await;
+    assert_eq!(resp.status(), 200);
+    let job: Value = resp.json().await.unwrap();
+    let member = &job["panel"][1];
+    assert_eq!(member["status"], "failed", "{job:#}");
+    assert_eq!(member["usage"]["prompt_tokens"], 100, "{job:#}");
+    assert_eq!(member["error_code"], Value::Null, "{job:#}");
+    let error = member["error"].as_str().unwrap_or_default();
+    assert!(error.contains("empty completion"), "{job:#}");
+    assert_eq!(job["usage"]["prompt_tokens"], 110, "{job:#}");
 }
 
 // A step whose tries were all billed for answers that could not be taken (an error
