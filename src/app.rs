@@ -182,8 +182,12 @@ impl Application {
             tracing::info!(addr = ?self.addr, "listening");
             let app = api::router(self.state);
             let stop = shutdown.clone();
-            let serve = axum::serve(listener, app)
-                .with_graceful_shutdown(async move { stop.cancelled().await });
+            let serve = crate::serve::serve(
+                listener,
+                app,
+                crate::serve::HEADER_READ_TIMEOUT,
+                async move { stop.cancelled().await },
+            );
             // Graceful shutdown waits for every open request, without end; the ones waiting on
             // jobs are answered once the worker has handed its jobs back, but a relayed answer
             // (a stream through the gateway: up to a day) or a fusion tool's outer call waits
@@ -194,7 +198,7 @@ impl Application {
                 tokio::time::sleep(OPEN_REQUESTS_DRAIN).await;
             };
             tokio::select! {
-                served = serve.into_future() => served.context("HTTP server failed")?,
+                () = serve => {}
                 () = cut => tracing::warn!(
                     "requests still open {} s after shutdown's hand-back (relayed answers, \
                      fusion tool calls) are cut",

@@ -10,6 +10,7 @@
 //! - `upstream/` — OpenAI-compatible calls, error classification, retries.
 //! - `job.rs` — the domain types every layer shares; `config.rs`, `clock.rs`, `app.rs` wiring.
 //! - `redact.rs` — URLs with their credentials hidden, for logs, errors and `Debug`.
+//! - `serve.rs` — the HTTP server loop, with hyper's time limits on reading a request's head.
 
 pub mod api;
 pub mod app;
@@ -19,6 +20,7 @@ pub mod config;
 pub mod fusion;
 pub mod job;
 pub mod redact;
+pub mod serve;
 pub mod store;
 #[doc(hidden)]
 pub mod testing;
