@@ -224,7 +224,8 @@ async fn watch_other_processes(
         };
         let latest = cancelled.iter().map(|(_, at)| *at).max().unwrap_or(since);
         for (id, at) in cancelled {
-            if announced.insert(id.clone(), at).is_none()
+            // Once per cancel: a job retried and cancelled again has a new finish time.
+            if announced.insert(id.clone(), at) != Some(at)
                 && let Ok(job_id) = Uuid::parse_str(&id)
             {
                 let status = JobStatus::Cancelled;
@@ -942,6 +943,23 @@ mod tests {
         tokio::time::timeout(Duration::from_secs(1), wakeups.notified())
             .await
             .expect("and workers are woken");
+        // Retried, claimed again and cancelled again there: announced again. Before, a job
+        // announced once was never announced again while no later cancel moved the cursor.
+        let RetryOutcome::Requeued(_) = there.retry_failed(job.id, now + 1).await.unwrap() else {
+            panic!("a cancelled job is retried");
+        };
+        let again = there
+            .claim("w2", 10, now + 2, Duration::from_secs(60))
+            .await;
+        let again = again.unwrap().into_iter().find(|c| c.job.id == job.id);
+        assert_eq!(again.map(|c| c.job.attempt), Some(2));
+        let CancelOutcome::Cancelled { .. } = there.cancel(job.id, now + 3).await.unwrap() else {
+            panic!("the job was running again");
+        };
+        assert!(
+            event_within(&mut events, OTHERS_EVERY * 5, |e| *e == cancelled).await,
+            "the second cancel was not announced"
+        );
     }
 
     /// A job (created at `created_at`) running at `attempt` under `owner`'s lease.
