@@ -429,33 +429,37 @@ async fn run_call(
     call: &Value,
     template: &JobRequest,
 ) -> Result<(String, Option<(uuid::Uuid, Usage)>), ApiError> {
-    let args: Value = call
+    /// The tool's arguments: only `prompt` is read (others are skipped, not parsed).
+    #[derive(serde::Deserialize)]
+    struct Arguments {
+        prompt: Option<String>,
+    }
+    let arguments = call
         .pointer("/function/arguments")
         .and_then(Value::as_str)
-        .and_then(|a| serde_json::from_str(a).ok())
-        .unwrap_or(Value::Null);
-    let Some(prompt) = args
-        .get("prompt")
-        .and_then(Value::as_str)
-        .filter(|p| !p.trim().is_empty())
-    else {
-        return Ok((
-            "error: the fusion tool needs a non-empty `prompt` argument".into(),
-            None,
-        ));
-    };
-    // The outer model writes the prompt (an answer of up to 16 MiB): held to what a client
-    // could submit as a whole job.
-    if prompt.len() > super::MAX_BODY_BYTES {
+        .unwrap_or_default();
+    // The outer model writes the arguments (an answer of up to 16 MiB): held to what a client
+    // could submit as a whole job, before they are parsed.
+    if arguments.len() > super::MAX_BODY_BYTES {
         return Ok((
             format!(
-                "error: the fusion tool's `prompt` is {} bytes, over the limit of {} MiB",
-                prompt.len(),
+                "error: the fusion tool's arguments are {} bytes, over the limit of {} MiB",
+                arguments.len(),
                 super::MAX_BODY_BYTES >> 20
             ),
             None,
         ));
     }
+    let prompt = serde_json::from_str::<Arguments>(arguments)
+        .ok()
+        .and_then(|a| a.prompt)
+        .filter(|p| !p.trim().is_empty());
+    let Some(prompt) = prompt else {
+        return Ok((
+            "error: the fusion tool needs a non-empty `prompt` argument".into(),
+            None,
+        ));
+    };
     let mut parsed = template.clone();
     parsed.spec.messages = vec![json!({"role": "user", "content": prompt})];
     // Without an idempotency key the request body is not kept (nor hashed).

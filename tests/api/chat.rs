@@ -387,8 +387,9 @@ async fn out_of_rounds_the_reply_calls_nothing_the_client_cannot_answer() {
     assert!(outer[..4].iter().all(|b| b["tool_choice"] != "none"));
 }
 
-// The outer model's `prompt` is held to the size a client could submit (4 MiB): over it, the
-// call's result says so and no job runs. Before, any prompt the model wrote became a job.
+// The outer model's arguments are held to the size a client could submit (4 MiB), before they
+// are parsed: over it, the call's result says so and no job runs. Before, any prompt the model
+// wrote became a job.
 #[tokio::test]
 async fn a_fusion_call_with_a_prompt_over_the_body_limit_runs_no_job() {
     let app = spawn_app().await;
@@ -406,7 +407,10 @@ async fn a_fusion_call_with_a_prompt_over_the_body_limit_runs_no_job() {
     let outer = outer_bodies(&app);
     let history = outer[1]["messages"].as_array().unwrap();
     let result = history[history.len() - 1]["content"].as_str().unwrap();
-    assert!(result.contains("over the limit of 4 MiB"), "{result}");
+    assert!(
+        result.contains("arguments are") && result.contains("over the limit of 4 MiB"),
+        "{result}"
+    );
 }
 
 // A model asking for many fusion calls at once runs at most four of them a round; the others
