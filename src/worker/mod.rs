@@ -542,10 +542,15 @@ impl Worker {
         // Cancelled as it was claimed: not a single call is made. (A cancel heard from now on
         // finds the job in `running`.) The claim was sent at most a millisecond before the time
         // its lease is counted from (`claim_now`); a cancel of this attempt committed after it.
-        // (A cancel heard late, within a millisecond or two of a retry's claim, stops the retried
-        // attempt too: the job then runs again once its lease has run out.)
-        let claimed_at =
-            job.lease_expires_at.unwrap_or(i64::MIN) - crate::store::ms(self.config.lease) - 1;
+        // (A cancel heard late, after a retry's claim — a NOTIFY that lagged — stops the retried
+        // attempt too, here or in `stop_local`, since events do not say which attempt they were
+        // for: the job runs again once its lease has run out, unless that attempt was its last,
+        // when the rescuer fails it as `lease_expired`.)
+        let claimed_at = job
+            .lease_expires_at
+            .unwrap_or(i64::MIN)
+            .saturating_sub(crate::store::ms(self.config.lease))
+            .saturating_sub(1);
         let cancelled =
             (self.cancels_heard.lock().expect("cancels heard")).heard_since(&job.id, claimed_at);
         let outcome = if cancelled {
