@@ -43,6 +43,11 @@ pub async fn serve(
             accepted = Listener::accept(&mut listener) => accepted,
             () = shutdown.as_mut() => break,
         };
+        // An event stream's chunks, and keep-alive comments, are small writes that Nagle's
+        // algorithm would hold back until the last one is acknowledged.
+        if let Err(e) = io.set_nodelay(true) {
+            tracing::trace!(error = %e, "could not set TCP_NODELAY");
+        }
         let service = TowerToHyperService::new(app.clone());
         let connection = builder.serve_connection(TokioIo::new(io), service);
         let connection = graceful.watch(connection);
