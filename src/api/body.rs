@@ -1,21 +1,20 @@
-//! The JSON body extractor: axum's `Json`, with its rejections as `ApiError`s, that refuses a
-//! body whose JSON tree would weigh far more than its text before building that tree, ends a
-//! body that pauses longer than `BODY_IDLE_TIMEOUT`, and parses at most `BODIES_IN_FLIGHT`
-//! bytes' worth of bodies at once.
+//! The JSON body extractor: axum's `Json`, with its rejections as `ApiError`s, that receives a
+//! body into one buffer within time limits (`BODY_IDLE_TIMEOUT`, `BODY_TIMEOUT`), and refuses
+//! one whose JSON tree would weigh far more than its text before building that tree.
 
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use axum::Json;
 use axum::body::{Body, Bytes};
 use axum::extract::{FromRequest, Request};
 use axum::http::{HeaderMap, StatusCode, header};
-use futures::{Stream, StreamExt};
+use bytes::BytesMut;
+use futures::StreamExt;
 use serde::de::DeserializeOwned;
 use serde_json::value::RawValue;
-use tokio::sync::Semaphore;
+use tokio::time::Instant;
 
+use super::MAX_BODY_BYTES;
 use super::error::ApiError;
 
 /// The most JSON objects, and values of any kind, a request body may hold. A parsed tree weighs
@@ -27,23 +26,13 @@ use super::error::ApiError;
 pub const MAX_BODY_OBJECTS: usize = 20_000;
 pub const MAX_BODY_VALUES: usize = 200_000;
 
-/// How long a request body may go without a byte arriving, once its handler asks for it: `408
-/// body_timeout` past it. A pause, not the whole body: a 4 MiB body on a slow link takes longer
-/// than any fixed bound on the whole, and a client that trickles a byte at a time is bounded by
-/// the server's other limits (`MAX_BODY_BYTES`, one body per request).
+/// How long a request body may go without a byte arriving, once its handler asks for it.
 pub const BODY_IDLE_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// How many bytes of request bodies are parsed at once, counted by each body's length and at
-/// least 64 KiB each: 16 bodies of 4 MiB, or 1,024 small ones. While a body is parsed the
-/// server holds its text twice and its tree (up to ~20 MiB); past the budget, a body waits for
-/// its turn. Counted once the body is in, so that a client sending slowly holds none of it.
-pub const BODIES_IN_FLIGHT: usize = 64 << 20;
-
-/// What a body counts against `BODIES_IN_FLIGHT` at least, and the unit it is counted in.
-const BODY_UNIT: usize = 64 << 10;
-
-/// The process's budget of `BODIES_IN_FLIGHT`, in `BODY_UNIT`s.
-static BUDGET: Semaphore = Semaphore::const_new(BODIES_IN_FLIGHT / BODY_UNIT);
+/// How long a whole request body may take to arrive: a 4 MiB body at ~35 KB/s. With the pause
+/// limit, a client sending a byte now and then holds its connection and buffer this long at
+/// most. Past either, `408 body_timeout`.
+pub const BODY_TIMEOUT: Duration = Duration::from_secs(120);
 
 /// A JSON body as `T`. Its text is checked as JSON first (into a `RawValue`, one copy of the
 /// text and no tree), then counted, then parsed.
@@ -52,21 +41,20 @@ pub struct ApiJson<T>(pub T);
 impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for ApiJson<T> {
     type Rejection = ApiError;
 
-    async fn from_request(req: Request, state: &S) -> Result<Self, ApiError> {
-        read(req, state, &BUDGET, BODY_IDLE_TIMEOUT)
+    async fn from_request(req: Request, _: &S) -> Result<Self, ApiError> {
+        read(req, BODY_IDLE_TIMEOUT, BODY_TIMEOUT)
             .await
             .map(ApiJson)
     }
 }
 
-/// Receive `req`'s JSON body, no pause longer than `idle`, then parse it within `budget` (in
-/// `BODY_UNIT`s). The checks and answers of axum's `Json`: the content type (415), the body
-/// limit (413), the syntax (400).
-async fn read<T: DeserializeOwned, S: Send + Sync>(
+/// Receive `req`'s JSON body (no pause longer than `idle`, all of it within `whole`), then
+/// parse it. The checks and answers of axum's `Json`: the content type (415), the body limit
+/// (413), the syntax (400).
+async fn read<T: DeserializeOwned>(
     req: Request,
-    state: &S,
-    budget: &Semaphore,
     idle: Duration,
+    whole: Duration,
 ) -> Result<T, ApiError> {
     if !json_content_type(req.headers()) {
         return Err(ApiError::new(
@@ -75,35 +63,7 @@ async fn read<T: DeserializeOwned, S: Send + Sync>(
             "Expected request with `Content-Type: application/json`",
         ));
     }
-    let paused = Arc::new(AtomicBool::new(false));
-    let (parts, body) = req.into_parts();
-    let body = Body::from_stream(pauses_bounded(body, idle, paused.clone()));
-    let bytes = Bytes::from_request(Request::from_parts(parts, body), state)
-        .await
-        .map_err(|r| {
-            if r.status() == StatusCode::PAYLOAD_TOO_LARGE {
-                ApiError::body_too_large()
-            } else if paused.load(Ordering::Relaxed) {
-                ApiError::new(
-                    StatusCode::REQUEST_TIMEOUT,
-                    "body_timeout",
-                    format!(
-                        "no more of the request body arrived for {} s",
-                        idle.as_secs_f64()
-                    ),
-                )
-            } else {
-                ApiError::bad_request("invalid_body", r.body_text())
-            }
-        })?;
-    let units = u32::try_from(bytes.len().div_ceil(BODY_UNIT).max(1)).unwrap_or(u32::MAX);
-    let _turn = budget.acquire_many(units).await.map_err(|_| {
-        ApiError::new(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            "internal_error",
-            "the body budget is closed",
-        )
-    })?;
+    let bytes = receive(req.into_body(), idle, whole).await?;
     let Json(raw) = Json::<Box<RawValue>>::from_bytes(&bytes)?;
     let (objects, values) = nodes(raw.get().as_bytes());
     if objects > MAX_BODY_OBJECTS || values > MAX_BODY_VALUES {
@@ -123,8 +83,46 @@ async fn read<T: DeserializeOwned, S: Send + Sync>(
     })
 }
 
+/// `body` whole, in one buffer (collected frame by frame, a body sent in many small chunks
+/// kept a handle per chunk), at most `MAX_BODY_BYTES` (413 past it), with no pause longer than
+/// `idle` and all of it within `whole` (408 past either).
+async fn receive(body: Body, idle: Duration, whole: Duration) -> Result<Bytes, ApiError> {
+    let deadline = Instant::now() + whole;
+    let mut chunks = body.into_data_stream();
+    let mut received = BytesMut::new();
+    loop {
+        let by = deadline.min(Instant::now() + idle);
+        let chunk = match tokio::time::timeout_at(by, chunks.next()).await {
+            Ok(Some(Ok(chunk))) => chunk,
+            Ok(None) => return Ok(received.freeze()),
+            Ok(Some(Err(e))) => {
+                return Err(ApiError::bad_request(
+                    "invalid_body",
+                    format!("the request body could not be read: {e}"),
+                ));
+            }
+            Err(_) => {
+                let (limit, what) = if Instant::now() >= deadline {
+                    (whole, "all of the request body did not arrive within")
+                } else {
+                    (idle, "no more of the request body arrived for")
+                };
+                return Err(ApiError::new(
+                    StatusCode::REQUEST_TIMEOUT,
+                    "body_timeout",
+                    format!("{what} {} s", limit.as_secs_f64()),
+                ));
+            }
+        };
+        if chunk.len() > MAX_BODY_BYTES - received.len() {
+            return Err(ApiError::body_too_large());
+        }
+        received.extend_from_slice(&chunk);
+    }
+}
+
 /// Whether `headers` declare a JSON body, as axum's `Json` reads them: `application/json` or
-/// `application/*+json`, parameters aside.
+/// `application/*+json`, parsed as a MIME type.
 fn json_content_type(headers: &HeaderMap) -> bool {
     let Some(value) = headers
         .get(header::CONTENT_TYPE)
@@ -132,36 +130,11 @@ fn json_content_type(headers: &HeaderMap) -> bool {
     else {
         return false;
     };
-    let essence = value.split(';').next().unwrap_or_default().trim();
-    let Some((kind, subtype)) = essence.split_once('/') else {
+    let Ok(mime) = value.parse::<mime::Mime>() else {
         return false;
     };
-    kind.eq_ignore_ascii_case("application")
-        && (subtype.eq_ignore_ascii_case("json") || subtype.to_ascii_lowercase().ends_with("+json"))
-}
-
-/// `body`'s bytes as they come, ending in an error (with `paused` set) when none came for
-/// `idle`.
-fn pauses_bounded(
-    body: Body,
-    idle: Duration,
-    paused: Arc<AtomicBool>,
-) -> impl Stream<Item = Result<Bytes, axum::Error>> {
-    futures::stream::unfold(Some(body.into_data_stream()), move |stream| {
-        let paused = paused.clone();
-        async move {
-            let mut stream = stream?;
-            match tokio::time::timeout(idle, stream.next()).await {
-                Ok(Some(chunk)) => Some((chunk, Some(stream))),
-                Ok(None) => None,
-                Err(_) => {
-                    paused.store(true, Ordering::Relaxed);
-                    let error = std::io::Error::new(std::io::ErrorKind::TimedOut, "body paused");
-                    Some((Err(axum::Error::new(error)), None))
-                }
-            }
-        }
-    })
+    mime.type_() == "application"
+        && (mime.subtype() == "json" || mime.suffix().is_some_and(|name| name == "json"))
 }
 
 /// How many objects, and about how many values, the JSON text `json` holds: its `{` and its
@@ -198,17 +171,13 @@ fn nodes(json: &[u8]) -> (usize, usize) {
 mod tests {
     use super::*;
     use serde_json::Value;
-    use tokio::sync::oneshot;
 
-    /// A POST of `chunks` as a JSON body, each sent `gap` after the one before, the first when
-    /// `go` fires.
-    fn body_of(chunks: &[&'static str], gap: Duration, go: oneshot::Receiver<()>) -> Request {
+    /// A POST of `chunks` as a JSON body, each sent `gap` after the one before.
+    fn body_of(chunks: &[&'static str], gap: Duration) -> Request {
         let chunks = chunks.to_vec();
-        let stream = futures::stream::once(go).flat_map(move |_| {
-            futures::stream::iter(chunks.clone()).then(move |chunk| async move {
-                tokio::time::sleep(gap).await;
-                Ok::<_, std::convert::Infallible>(Bytes::from_static(chunk.as_bytes()))
-            })
+        let stream = futures::stream::iter(chunks).then(move |chunk| async move {
+            tokio::time::sleep(gap).await;
+            Ok::<_, std::convert::Infallible>(Bytes::from_static(chunk.as_bytes()))
         });
         axum::http::Request::post("/")
             .header(header::CONTENT_TYPE, "application/json; charset=utf-8")
@@ -216,62 +185,42 @@ mod tests {
             .unwrap()
     }
 
-    fn sent_now(chunks: &[&'static str], gap: Duration) -> Request {
-        let (go, now) = oneshot::channel();
-        go.send(()).unwrap();
-        body_of(chunks, gap, now)
-    }
-
-    // A body that pauses longer than the limit is a 408; one that keeps coming, however long it
-    // takes in all, is read.
+    // A body that pauses longer than the pause limit is a 408, and so is one that keeps
+    // trickling past the limit on the whole; one that keeps coming within both is read, in as
+    // many chunks as it came.
     #[tokio::test]
-    async fn a_body_that_stops_arriving_is_a_408_and_a_slow_one_is_read() {
-        let budget = Semaphore::new(1);
-        let idle = Duration::from_millis(100);
-        let (_held, go) = oneshot::channel();
-        let stalled = read::<Value, ()>(body_of(&["{}"], idle, go), &(), &budget, idle);
+    async fn a_body_that_stops_or_trickles_is_a_408_and_a_slow_one_is_read() {
+        let (idle, whole) = (Duration::from_millis(100), Duration::from_millis(400));
+        let stalled = read::<Value>(body_of(&["{}"], Duration::from_secs(5)), idle, whole);
         let error = stalled.await.unwrap_err();
         assert_eq!((error.status.as_u16(), &*error.code), (408, "body_timeout"));
-        let slow = sent_now(&["{\"a\"", ":", "1}"], Duration::from_millis(60));
-        let value = read::<Value, ()>(slow, &(), &budget, idle).await.unwrap();
+        assert!(error.message.starts_with("no more"), "{}", error.message);
+
+        let trickle = body_of(
+            &["[", "1", ",", "2", ",", "3", ",", "4", "]"],
+            Duration::from_millis(60),
+        );
+        let error = read::<Value>(trickle, idle, whole).await.unwrap_err();
+        assert_eq!((error.status.as_u16(), &*error.code), (408, "body_timeout"));
+        assert!(error.message.starts_with("all of"), "{}", error.message);
+
+        let slow = body_of(&["{\"a\"", ":", "1}"], Duration::from_millis(60));
+        let value = read::<Value>(slow, idle, whole).await.unwrap();
         assert_eq!(value, serde_json::json!({"a": 1}));
     }
 
-    // Past the budget a body waits for its turn to be parsed; a body still arriving holds none
-    // of it (a client sending slowly cannot keep others waiting).
+    // Over the limit, however it comes (no length was declared): a 413.
     #[tokio::test]
-    async fn bodies_past_the_budget_wait_for_their_turn_and_arriving_ones_hold_none() {
-        let budget = Semaphore::new(1);
-        let idle = Duration::from_secs(5);
-        let (_held, go) = oneshot::channel();
-        let mut arriving = Box::pin(read::<Value, ()>(
-            body_of(&["{}"], idle, go),
-            &(),
-            &budget,
-            idle,
-        ));
-        let read_now = read::<Value, ()>(sent_now(&["{}"], Duration::ZERO), &(), &budget, idle);
-        tokio::select! {
-            biased;
-            _ = &mut arriving => panic!("that body has not come"),
-            value = tokio::time::timeout(Duration::from_secs(2), read_now) => {
-                let value = value.expect("a body that came waited behind one still arriving");
-                assert_eq!(value.unwrap(), serde_json::json!({}));
-            }
-        }
-        let taken = budget.acquire().await.unwrap();
-        let mut waiting = Box::pin(read::<Value, ()>(
-            sent_now(&["{}"], Duration::ZERO),
-            &(),
-            &budget,
-            idle,
-        ));
-        tokio::select! {
-            _ = &mut waiting => panic!("parsed past the budget"),
-            () = tokio::time::sleep(Duration::from_millis(100)) => {}
-        }
-        drop(taken);
-        assert_eq!(waiting.await.unwrap(), serde_json::json!({}));
+    async fn a_body_over_the_limit_is_a_413() {
+        let chunk: &'static str = Box::leak("x".repeat(1 << 20).into_boxed_str());
+        let big = body_of(&[chunk; 5], Duration::ZERO);
+        let error = read::<Value>(big, BODY_IDLE_TIMEOUT, BODY_TIMEOUT)
+            .await
+            .unwrap_err();
+        assert_eq!(
+            (error.status.as_u16(), &*error.code),
+            (413, "body_too_large")
+        );
     }
 
     #[test]
@@ -288,7 +237,13 @@ mod tests {
         ] {
             assert!(declared(yes), "{yes}");
         }
-        for no in ["text/plain", "application/jsonx", "json", "text/json"] {
+        for no in [
+            "text/plain",
+            "application/jsonx",
+            "json",
+            "text/json",
+            "application/json; charset",
+        ] {
             assert!(!declared(no), "{no}");
         }
         assert!(!json_content_type(&HeaderMap::new()));
