@@ -450,8 +450,10 @@ async fn run_call(
             None,
         ));
     }
-    let prompt = serde_json::from_str::<Arguments>(arguments)
-        .ok()
+    // An object only: serde would read a struct from an array as well (`["do X"]`).
+    let prompt = (arguments.trim_start().starts_with('{'))
+        .then(|| serde_json::from_str::<Arguments>(arguments).ok())
+        .flatten()
         .and_then(|a| a.prompt)
         .filter(|p| !p.trim().is_empty());
     let Some(prompt) = prompt else {

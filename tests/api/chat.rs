@@ -413,6 +413,25 @@ async fn a_fusion_call_with_a_prompt_over_the_body_limit_runs_no_job() {
     );
 }
 
+// Arguments that are not an object (an array holding the prompt) name no `prompt`: the call's
+// result says so and no job runs.
+#[tokio::test]
+async fn a_fusion_call_whose_arguments_are_not_an_object_runs_no_job() {
+    let app = spawn_app().await;
+    let replies = vec![
+        Reply::ToolCall("fusion".into(), json!(["Is the sky blue?"])),
+        Reply::Text("done".into()),
+    ];
+    app.fake.script("outer", Kind::Panel, replies);
+    let resp = app.chat(&body_with_tool(&["m1"], "judge")).await;
+    assert_eq!(resp.status(), 200);
+    assert_eq!(app.fake.calls("m1", Kind::Panel), 0);
+    let outer = outer_bodies(&app);
+    let history = outer[1]["messages"].as_array().unwrap();
+    let result = history[history.len() - 1]["content"].as_str().unwrap();
+    assert!(result.contains("needs a non-empty `prompt`"), "{result}");
+}
+
 // A model asking for many fusion calls at once runs at most four of them a round; the others
 // are answered "not run", in the calls' order, so every call has its result. Before, each call
 // was a paid job, as many as the model asked for.
