@@ -83,8 +83,9 @@ pub fn router(state: AppState) -> Router {
         .route("/readyz", get(readyz))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
-        // The extractors' own limit (axum's default is 2 MiB), which also catches a chunked
-        // body without a length; a declared length over the limit is refused before reading.
+        // axum's extractors' limit (its default is 2 MiB), for any that reads a body; `ApiJson`
+        // counts its own, chunked bodies included. A declared length over the limit is refused
+        // before reading (`refuse_long_bodies`).
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
         .layer(middleware::from_fn(refuse_long_bodies))
         .layer(TraceLayer::new_for_http())
