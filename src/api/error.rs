@@ -159,17 +159,10 @@ impl From<StoreError> for ApiError {
 }
 
 impl From<JsonRejection> for ApiError {
+    /// What `Json::from_bytes` refuses: text that is not JSON, or JSON of another shape. (The
+    /// body's type, size and arrival are `body.rs`'s to check, before.)
     fn from(r: JsonRejection) -> ApiError {
-        // Only the body limit makes a buffering rejection a 413.
-        if r.status() == StatusCode::PAYLOAD_TOO_LARGE {
-            return ApiError::body_too_large();
-        }
         let code = match r {
-            // 415, as axum itself answers: the body may be fine, its declared type is not.
-            JsonRejection::MissingJsonContentType(_) => {
-                let status = StatusCode::UNSUPPORTED_MEDIA_TYPE;
-                return ApiError::new(status, "invalid_content_type", r.body_text());
-            }
             JsonRejection::JsonSyntaxError(_) => "invalid_json",
             _ => "invalid_body",
         };

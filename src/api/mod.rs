@@ -18,7 +18,7 @@ mod watch;
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::extract::{DefaultBodyLimit, OriginalUri, Request, State};
+use axum::extract::{OriginalUri, Request, State};
 use axum::http::{Method, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
@@ -83,10 +83,8 @@ pub fn router(state: AppState) -> Router {
         .route("/readyz", get(readyz))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
-        // axum's extractors' limit (its default is 2 MiB), for any that reads a body; `ApiJson`
-        // counts its own, chunked bodies included. A declared length over the limit is refused
-        // before reading (`refuse_long_bodies`).
-        .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+        // Every body is read by `ApiJson`, which holds it to `MAX_BODY_BYTES` as it arrives;
+        // a declared length over that is refused before reading.
         .layer(middleware::from_fn(refuse_long_bodies))
         .layer(TraceLayer::new_for_http())
         .with_state(state)
