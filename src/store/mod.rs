@@ -6,30 +6,24 @@
 //! The store knows nothing of LLMs; times are unix milliseconds passed in by the caller, so lease
 //! logic is testable without sleeping.
 
-/// The columns of a job row, in the order each backend's `job_from_row` reads them (a macro so
-/// that queries stay `&'static str` via `concat!`).
+/// The columns of a job row, as each backend's `job_from_row` reads them (by name; a macro so
+/// that queries stay `&'static str` via `concat!`). `job_columns!(SPEC, RESULT)` reads the
+/// expressions `SPEC` and `RESULT` in place of the two stored columns: job lists, whose summaries
+/// show neither the request's messages nor the result, read the spec without its messages and
+/// no result (a page of 100 jobs read whole would hold 100 message trees, up to ~20 MiB each,
+/// `api::body`).
 macro_rules! job_columns {
     () => {
-        "id, status, spec, metadata, priority, attempt, max_attempts, run_at, deadline_at, \
-         lease_owner, lease_expires_at, idempotency_key, request_hash, created_at, started_at, \
-         finished_at, failure_reason, error, result"
+        job_columns!("spec", "result")
     };
-}
-
-/// `job_columns!` for a list of jobs, whose summaries show neither the request's messages nor
-/// the result: the spec without its messages (an empty list in their place; a spec that is not
-/// a JSON object as it is, for `JobSpec::salvage`), and no result. A page of 100 jobs parsed
-/// whole would hold 100 message trees, up to ~20 MiB each (`api::body`). `$spec` is the
-/// database's expression for that spec, `$null` its NULL of the result's type.
-macro_rules! summary_columns {
-    ($spec:literal, $null:literal) => {
+    ($spec:literal, $result:literal) => {
         concat!(
             "id, status, ",
             $spec,
             " AS spec, metadata, priority, attempt, max_attempts, run_at, deadline_at, \
              lease_owner, lease_expires_at, idempotency_key, request_hash, created_at, \
              started_at, finished_at, failure_reason, error, ",
-            $null,
+            $result,
             " AS result"
         )
     };

@@ -361,7 +361,7 @@ fn list_sql(status: bool, cursor: bool) -> &'static str {
         ($($where:literal)?) => {
             concat!(
                 "SELECT ",
-                summary_columns!(
+                job_columns!(
                     "CASE jsonb_typeof(spec) WHEN 'object' \
                      THEN jsonb_set(spec, '{messages}', '[]') ELSE spec END",
                     "NULL::jsonb"

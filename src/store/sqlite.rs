@@ -108,14 +108,15 @@ fn stopped_partway(e: StoreError, claimed: usize) -> Result<()> {
 }
 
 /// A page of jobs, newest first, older than a cursor: a backward walk of the primary key from
-/// the cursor. The statement has no optional terms (`?1 IS NULL OR …`): SQLite plans before it
+/// the cursor, each spec read without its messages (a spec that is not a JSON object, or not
+/// JSON, as it is, for `JobSpec::salvage`: SQLite's JSON functions raise an error on it). The statement has no optional terms (`?1 IS NULL OR …`): SQLite plans before it
 /// sees the values, and an optional term turns a seek into a scan of every job, from the
 /// newest down to the cursor, filtered.
 macro_rules! list_sql {
     ($where:literal) => {
         concat!(
             "SELECT ",
-            summary_columns!(
+            job_columns!(
                 "CASE WHEN json_valid(spec) THEN CASE json_type(spec) WHEN 'object' \
                  THEN json_set(spec, '$.messages', json('[]')) ELSE spec END ELSE spec END",
                 "NULL"
@@ -1128,9 +1129,9 @@ mod tests {
         assert_eq!(stored[0].content.as_deref(), Some("answer \"Panel(0)\"\n"));
     }
 
-    // A list leaves each spec's messages out in SQL (`summary_columns!`); a spec that is not a
-    // JSON object, or not JSON at all, is listed as far as it reads rather than failing the
-    // page (SQLite's JSON functions raise an error on text that is not JSON).
+    // A list leaves each spec's messages out in SQL (`list_sql!`); a spec that is not a JSON
+    // object, or not JSON at all, is listed as far as it reads rather than failing the page
+    // (SQLite's JSON functions raise an error on text that is not JSON).
     #[tokio::test]
     async fn a_list_reads_specs_without_their_messages_and_any_spec_at_all() {
         let (_dir, store) = migrated_store().await;
