@@ -244,8 +244,13 @@ pub async fn until(what: &str, mut done: impl AsyncFnMut() -> bool) {
 /// `chat.completion`'s): `prompt`, `completion`, and their sum.
 pub fn assert_tokens(job: &Value, prompt: i64, completion: i64) {
     for usage in [&job["usage"], &job["result"]["usage"]] {
-        assert_eq!(usage["prompt_tokens"], prompt, "{job:#}");
-        assert_eq!(usage["completion_tokens"], completion, "{job:#}");
-        assert_eq!(usage["total_tokens"], prompt + completion, "{job:#}");
+        assert_usage(usage, prompt, completion);
     }
+}
+
+/// A `usage` object (a job's, a step's): `prompt` and `completion` tokens, and their sum.
+pub fn assert_usage(usage: &Value, prompt: i64, completion: i64) {
+    assert_eq!(usage["prompt_tokens"], prompt, "{usage}");
+    assert_eq!(usage["completion_tokens"], completion, "{usage}");
+    assert_eq!(usage["total_tokens"], prompt + completion, "{usage}");
 }
