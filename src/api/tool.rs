@@ -451,9 +451,9 @@ async fn run_call(
         ));
     }
     // An object only: serde would read a struct from an array as well (`["do X"]`).
-    let prompt = (arguments.trim_start().starts_with('{'))
-        .then(|| serde_json::from_str::<Arguments>(arguments).ok())
-        .flatten()
+    let prompt = Some(arguments)
+        .filter(|a| a.trim_start().starts_with('{'))
+        .and_then(|a| serde_json::from_str::<Arguments>(a).ok())
         .and_then(|a| a.prompt)
         .filter(|p| !p.trim().is_empty());
     let Some(prompt) = prompt else {
