@@ -195,8 +195,8 @@ impl Pipeline {
                 retry @ Outcome::Retry { .. } => {
                     // Those members are called again next time; what their tries were billed
                     // for (an answer cut off, an error mid-answer) is kept till then.
-                    for step in may_pass.into_iter().filter(billed) {
-                        saves.start(step.to_run_again());
+                    for step in may_pass.into_iter().filter_map(to_run_again_if_billed) {
+                        saves.start(step);
                     }
                     return retry;
                 }
@@ -301,12 +301,12 @@ impl Pipeline {
                     // the job's failure, written as such.
                     let (reason, error) = final_failure(&s);
                     let outcome = Outcome::retry(next_try(), reason, error);
-                    match outcome {
-                        Outcome::Retry { .. } if billed(&s) => {
-                            saves.start_after_earlier(s.to_run_again())
-                        }
-                        Outcome::Retry { .. } => {}
-                        _ => saves.start_after_earlier(s),
+                    let kept = match outcome {
+                        Outcome::Retry { .. } => to_run_again_if_billed(s),
+                        _ => Some(s),
+                    };
+                    if let Some(s) = kept {
+                        saves.start_after_earlier(s);
                     }
                     return outcome;
                 }
@@ -610,9 +610,11 @@ impl Pipeline {
     }
 }
 
-/// Whether `step`'s calls were billed for anything.
-fn billed(step: &Step) -> bool {
-    step.usage != Usage::default()
+/// A step that failed for now, as it is checkpointed while its job waits to run it again: set to
+/// run again when its calls were billed for anything (so that the usage is still counted), not
+/// written otherwise.
+fn to_run_again_if_billed(step: Step) -> Option<Step> {
+    (step.usage != Usage::default()).then(|| step.to_run_again())
 }
 
 /// The usage of the rows this run replaces, by step: those a manual retry superseded

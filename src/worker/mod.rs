@@ -36,7 +36,8 @@ pub struct WorkerConfig {
     pub concurrency: u32,
     /// How long a claim holds a job without a heartbeat.
     pub lease: Duration,
-    /// Fallback poll when no wake-up arrives (other processes on SQLite, missed NOTIFYs).
+    /// Fallback poll when no wake-up arrives: a wake-up missed (a NOTIFY while the listener was
+    /// down), or one that comes late (SQLite's watch on other processes reads once a second).
     pub poll_interval: Duration,
     /// On shutdown, how long running jobs may go on before their leases are handed back.
     pub shutdown_grace: Duration,
