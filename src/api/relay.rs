@@ -16,12 +16,11 @@ use super::error::ApiError;
 
 /// The body goes to the model's provider and its answer comes back (see [`relayed`]).
 pub async fn passthrough(state: &AppState, model: &str, body: Value) -> Result<Response, ApiError> {
-    let resp =
+    let (resp, key) =
         state.upstream.relay(model, body).await.map_err(|e| {
             ApiError::new(StatusCode::BAD_GATEWAY, "upstream_unreachable", e.message)
         })?;
-    let key = state.upstream.route(model).0.key().map(str::to_string);
-    Ok(relayed(resp, key))
+    Ok(relayed(resp, key.map(str::to_string)))
 }
 
 /// Whether a relayed header is passed on: the content type, when to retry and whether to, the
@@ -250,8 +249,9 @@ mod tests {
     async fn relay_with_key(base: &str, key: Option<&str>) -> (StatusCode, HeaderMap, String) {
         let up = upstream_at(&format!("{base}/v1"), key);
         let body = json!({"messages": [{"role": "user", "content": "hi"}], "stream": true});
-        let key = key.map(str::to_string);
-        let out = relayed(up.relay("m", body).await.unwrap(), key);
+        // The key the provider was configured with, as `relay` gives it.
+        let (answer, key) = up.relay("m", body).await.unwrap();
+        let out = relayed(answer, key.map(str::to_string));
         let (status, headers) = (out.status(), out.headers().clone());
         let bytes = axum::body::to_bytes(out.into_body(), usize::MAX)
             .await

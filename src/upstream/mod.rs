@@ -190,24 +190,26 @@ impl Upstream {
     /// may take up to `RELAY_FOR`; the timeout (`timeout_seconds`) bounds each wait for more of
     /// the answer instead. Bounded whole by the timeout, as a completion is, a long generation
     /// streamed through was cut off mid-answer, without its end.
-    pub async fn relay(
-        &self,
-        model: &str,
+    /// Also the provider's key, which the relayed answer must not show.
+    pub async fn relay<'a>(
+        &'a self,
+        model: &'a str,
         body: Value,
-    ) -> Result<reqwest::Response, UpstreamError> {
-        self.send_within(model, body, RELAY_FOR).await
+    ) -> Result<(reqwest::Response, Option<&'a str>), UpstreamError> {
+        let resolved = self.resolve(model);
+        let answer = self.send_within(resolved, body, RELAY_FOR).await?;
+        Ok((answer, resolved.0.key()))
     }
 
-    /// POST a chat-completions body to the provider serving `model` (its `model` field set to
-    /// the provider's name for it), the whole exchange bounded by `within`; the answer whatever
-    /// its status.
+    /// POST a chat-completions body to a resolved provider (its `model` field set to the
+    /// provider's name for the model), the whole exchange bounded by `within`; the answer
+    /// whatever its status.
     async fn send_within(
         &self,
-        model: &str,
+        (_, endpoint, upstream_model): (&Provider, &Endpoint, &str),
         mut body: Value,
         within: Duration,
     ) -> Result<reqwest::Response, UpstreamError> {
-        let (_, endpoint, upstream_model) = self.resolve(model);
         body["model"] = json!(upstream_model);
         let body = serde_json::to_vec(&body)
             .map_err(|e| UpstreamError::new(ErrorKind::Rejected, None, e.to_string()))?;
@@ -269,19 +271,22 @@ impl Upstream {
         model: &str,
         body: Value,
     ) -> Result<(Value, Usage), UpstreamError> {
-        let provider = self.route(model).0;
-        self.complete_json_shown(model, body)
+        let resolved = self.resolve(model);
+        self.complete_json_shown(model, resolved, body)
             .await
-            .map_err(|e| e.hiding(provider.key()))
+            .map_err(|e| e.hiding(resolved.0.key()))
     }
 
     async fn complete_json_shown(
         &self,
         model: &str,
+        resolved: (&Provider, &Endpoint, &str),
         body: Value,
     ) -> Result<(Value, Usage), UpstreamError> {
-        let resp = self.send_within(model, body, self.config.timeout).await?;
-        let provider = self.route(model).0;
+        let resp = self
+            .send_within(resolved, body, self.config.timeout)
+            .await?;
+        let provider = resolved.0;
         let answered = read_ok(resp, provider.key(), self.now(), self.error_wait()).await?;
         let status = answered.status;
         let value: Value = answered.parse(provider)?;
