@@ -2,6 +2,7 @@
 //! (status, the headers a client acts on, body as it arrives) comes back. An event stream is
 //! passed on an event at a time, so one cut part way still ends as the SDKs read a failure.
 
+use std::borrow::Cow;
 use std::pin::Pin;
 
 use axum::body::Body;
@@ -97,11 +98,22 @@ fn key_hidden(
             return Some((Err(e), None));
         }
         match body.next().await {
+            // With nothing held and nothing to replace (nearly always), the chunk itself goes
+            // out, less a tail that begins the key.
+            Some(Ok(chunk)) if held.is_empty() => {
+                let (out, upto) = replaced(&chunk, key.as_bytes(), b"***");
+                let out = match out {
+                    Cow::Borrowed(_) => chunk.slice(..upto),
+                    Cow::Owned(out) => Bytes::from(out),
+                };
+                let rest = chunk[upto..].to_vec();
+                Some((Ok(out), Some((body, rest, key, None))))
+            }
             Some(Ok(chunk)) => {
                 held.extend_from_slice(&chunk);
                 let (out, upto) = replaced(&held, key.as_bytes(), b"***");
-                let rest = held[upto..].to_vec();
-                Some((Ok(Bytes::from(out)), Some((body, rest, key, None))))
+                let (out, rest) = (Bytes::from(out.into_owned()), held[upto..].to_vec());
+                Some((Ok(out), Some((body, rest, key, None))))
             }
             // What was held goes out before the break: it only begins the key, and may end an
             // event that `whole_events` would otherwise drop as unfinished.
@@ -116,29 +128,33 @@ fn key_hidden(
 }
 
 /// `hay` with every `needle` in it replaced by `with`, up to its last bytes that begin
-/// `needle` (which the next bytes may complete); and where that part ends. Bytes: a body need
-/// not be UTF-8, nor a chunk end on a character's end.
-fn replaced(hay: &[u8], needle: &[u8], with: &[u8]) -> (Vec<u8>, usize) {
+/// `needle` (which the next bytes may complete); and where that part ends. Borrowed when
+/// nothing was replaced. Bytes: a body need not be UTF-8, nor a chunk end on a character's end.
+fn replaced<'a>(hay: &'a [u8], needle: &[u8], with: &[u8]) -> (Cow<'a, [u8]>, usize) {
     if needle.is_empty() {
-        return (hay.to_vec(), hay.len());
+        return (Cow::Borrowed(hay), hay.len());
     }
-    let mut out = Vec::with_capacity(hay.len());
+    let mut out: Option<Vec<u8>> = None;
+    // Where the bytes not yet passed on start.
     let mut at = 0;
-    while at + needle.len() <= hay.len() {
-        if hay[at..].starts_with(needle) {
-            out.extend_from_slice(with);
-            at += needle.len();
-        } else {
-            out.push(hay[at]);
-            at += 1;
+    while let Some(found) = hay[at..].windows(needle.len()).position(|w| w == needle) {
+        let copy = out.get_or_insert_with(|| Vec::with_capacity(hay.len()));
+        copy.extend_from_slice(&hay[at..at + found]);
+        copy.extend_from_slice(with);
+        at += found + needle.len();
+    }
+    // Of the last bytes, fewer than the needle, those that begin it are held.
+    let mut upto = at.max(hay.len().saturating_sub(needle.len() - 1));
+    while upto < hay.len() && !needle.starts_with(&hay[upto..]) {
+        upto += 1;
+    }
+    match out {
+        None => (Cow::Borrowed(&hay[..upto]), upto),
+        Some(mut copy) => {
+            copy.extend_from_slice(&hay[at..upto]);
+            (Cow::Owned(copy), upto)
         }
     }
-    // Fewer bytes than the needle are left: those that cannot begin it go out too.
-    while at < hay.len() && !needle.starts_with(&hay[at..]) {
-        out.push(hay[at]);
-        at += 1;
-    }
-    (out, at)
 }
 
 /// The most held back waiting for an event's end: past it (an upstream that sends no blank
@@ -328,10 +344,15 @@ mod tests {
             hidden(vec!["a sk-live", "-0123 b sk-li"]).await,
             "a *** b sk-li"
         );
+        let replaced = |hay: &'static [u8], needle: &[u8], with: &[u8]| {
+            let (out, upto) = replaced(hay, needle, with);
+            (out.into_owned(), upto)
+        };
         assert_eq!(replaced(b"akbkk", b"k", b"**"), (b"a**b****".to_vec(), 5));
         assert_eq!(replaced(b"abkk", b"kk", b"*"), (b"ab*".to_vec(), 4));
         assert_eq!(replaced(b"abck", b"kk", b"*"), (b"abc".to_vec(), 3));
         assert_eq!(replaced(b"aaa", b"aa", b"*"), (b"*".to_vec(), 2));
+        assert_eq!(replaced(b"xk-k-kx", b"k-k", b"*"), (b"x*-kx".to_vec(), 7));
         // Only a tail that begins the key is held: an event's end goes out at once.
         let event = b"data: {}\n\n";
         assert_eq!(
