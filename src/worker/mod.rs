@@ -209,7 +209,7 @@ impl Slot {
         };
         worker
             .tracker
-            .spawn(worker.clone().execute_holding(claimed, permit));
+            .spawn(worker.clone().execute_holding(claimed, i64::MIN, permit));
     }
 }
 
@@ -315,9 +315,12 @@ impl Worker {
     /// Claim up to `limit` jobs and run them to the end. The building block of `run`, and a way
     /// for tests to drive the queue without sleeping.
     pub async fn run_once(self: &Arc<Self>, limit: u32) -> Result<usize, StoreError> {
-        let jobs = self.claim(limit).await?;
+        let (jobs, sent_at) = self.claim(limit).await?;
         let n = jobs.len();
-        futures::future::join_all(jobs.into_iter().map(|job| self.clone().execute(job))).await;
+        let runs = jobs
+            .into_iter()
+            .map(|job| self.clone().execute(job, sent_at));
+        futures::future::join_all(runs).await;
         Ok(n)
     }
 
@@ -328,14 +331,16 @@ impl Worker {
     /// under exactly that lease are handed back at once, and again before each later claim
     /// until a lease past that lease's end: a claim given up unanswered may commit late (see
     /// `hand_back_unconfirmed_claims`).
-    async fn claim(&self, wanted: u32) -> Result<Vec<Claimed>, StoreError> {
+    /// With the jobs, when the claim was sent by this process's clock (see `execute`).
+    async fn claim(&self, wanted: u32) -> Result<(Vec<Claimed>, i64), StoreError> {
         self.hand_back_unconfirmed_claims().await;
         // A claim's lease ends at an odd millisecond, the leases this process renews or starts
         // jobs with at an even one (`held_now`), and each claim's later than the one before
         // (two claims within a millisecond, a clock stepped back): handing back by owner and
         // lease end then takes only what that claim took, never a job running here.
         let lease_ms = crate::store::ms(self.config.lease);
-        let mut now = claim_now(self.clock.now_ms(), lease_ms);
+        let sent_at = self.clock.now_ms();
+        let mut now = claim_now(sent_at, lease_ms);
         let last = self.last_claim_end.load(Ordering::SeqCst);
         if now + lease_ms <= last {
             now = last + 2 - lease_ms;
@@ -352,7 +357,7 @@ impl Worker {
             self.unconfirmed_claims.lock().expect("claims").push(until);
             self.hand_back_unconfirmed_claims().await;
         }
-        claimed
+        claimed.map(|jobs| (jobs, sent_at))
     }
 
     /// The time a lease renewed or started at `now` is counted from (see `held_now`).
@@ -479,7 +484,7 @@ impl Worker {
             }
             let claimed = self.claim(wanted).await;
             let idle = match claimed {
-                Ok(jobs) => {
+                Ok((jobs, sent_at)) => {
                     failures = 0;
                     let got = jobs.len();
                     self.queue_drained
@@ -487,7 +492,7 @@ impl Worker {
                     for job in jobs {
                         let permit = permits.split(1).expect("one permit per claimed job");
                         self.tracker
-                            .spawn(self.clone().execute_holding(job, permit));
+                            .spawn(self.clone().execute_holding(job, sent_at, permit));
                     }
                     if got > 0 {
                         continue;
@@ -512,12 +517,19 @@ impl Worker {
         }
     }
 
-    async fn execute_holding(self: Arc<Self>, claimed: Claimed, _permit: OwnedSemaphorePermit) {
-        self.execute(claimed).await;
+    async fn execute_holding(
+        self: Arc<Self>,
+        claimed: Claimed,
+        claim_sent_at: i64,
+        _permit: OwnedSemaphorePermit,
+    ) {
+        self.execute(claimed, claim_sent_at).await;
     }
 
-    /// Run one claimed job and write its outcome, fenced on its lease.
-    async fn execute(self: Arc<Self>, claimed: Claimed) {
+    /// Run one claimed job and write its outcome, fenced on its lease. `claim_sent_at`: when
+    /// the claim that took it was sent, by this process's clock (`i64::MIN` for a job that
+    /// started at its insert: no cancel of its id can be older).
+    async fn execute(self: Arc<Self>, claimed: Claimed, claim_sent_at: i64) {
         let Claimed { job, checkpointed } = claimed;
         let Some(lease) = job.lease() else {
             tracing::error!(job = %job.id, "claimed job has no lease owner");
@@ -541,19 +553,14 @@ impl Worker {
         };
         let span = tracing::info_span!("job", id = %job.id, attempt = job.attempt);
         // Cancelled as it was claimed: not a single call is made. (A cancel heard from now on
-        // finds the job in `running`.) The claim was sent at most a millisecond before the time
-        // its lease is counted from (`claim_now`); a cancel of this attempt committed after it.
-        // (A cancel heard late, after a retry's claim — a NOTIFY that lagged — stops the retried
-        // attempt too, here or in `stop_local`, since events do not say which attempt they were
-        // for: the job runs again once its lease has run out, unless that attempt was its last,
-        // when the rescuer fails it as `lease_expired`.)
-        let claimed_at = job
-            .lease_expires_at
-            .unwrap_or(i64::MIN)
-            .saturating_sub(crate::store::ms(self.config.lease))
-            .saturating_sub(1);
+        // finds the job in `running`.) A cancel of this attempt committed after the claim, so it
+        // was heard after the claim was sent. (A cancel heard late, after a retry's claim — a
+        // NOTIFY that lagged — stops the retried attempt too, here or in `stop_local`, since
+        // events do not say which attempt they were for: the job runs again once its lease has
+        // run out, unless that attempt was its last, when the rescuer fails it as
+        // `lease_expired`.)
         let cancelled =
-            (self.cancels_heard.lock().expect("cancels heard")).heard_since(&job.id, claimed_at);
+            (self.cancels_heard.lock().expect("cancels heard")).heard_since(&job.id, claim_sent_at);
         let outcome = if cancelled {
             Outcome::Stopped
         } else {
