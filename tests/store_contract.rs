@@ -1932,7 +1932,8 @@ async fn a_failed_write_leaves_its_batch_and_the_store_working(store: Arc<dyn St
 }
 
 /// Waiters and the cancel listener learn of every job that becomes final, however it got there
-/// and however many finish in one statement.
+/// and however many finish in one statement, and of which attempt it was: a cancel heard late
+/// must not stop a later attempt of the same job.
 async fn every_finish_is_announced(store: Arc<dyn Store>) {
     let mut events = store.events();
     let mut ids = Vec::new();
@@ -1961,13 +1962,32 @@ async fn every_finish_is_announced(store: Arc<dyn Store>) {
             CancelOutcome::Cancelled { .. }
         ));
     }
-    let mut expected: BTreeMap<Uuid, JobStatus> = BTreeMap::from([
-        (leases[0].job_id, JobStatus::Succeeded),
-        (leases[1].job_id, JobStatus::Succeeded),
-        (leases[2].job_id, JobStatus::Failed),
-        (leases[3].job_id, JobStatus::Cancelled),
-        (*queued, JobStatus::Cancelled),
+    let mut expected: HashSet<(Uuid, JobStatus, i32)> = HashSet::from([
+        (leases[0].job_id, JobStatus::Succeeded, 1),
+        (leases[1].job_id, JobStatus::Succeeded, 1),
+        (leases[2].job_id, JobStatus::Failed, 1),
+        (leases[3].job_id, JobStatus::Cancelled, 1),
+        (*queued, JobStatus::Cancelled, 0),
     ]);
+    // The cancelled running job, retried, claimed again and cancelled again: its second attempt.
+    let again = leases[3].job_id;
+    assert!(matches!(
+        store.retry_failed(again, NOW).await.unwrap(),
+        RetryOutcome::Requeued(_)
+    ));
+    let reclaimed = claim(&store, "w", 1, NOW).await;
+    assert_eq!(
+        reclaimed
+            .iter()
+            .map(|j| (j.id, j.attempt))
+            .collect::<Vec<_>>(),
+        [(again, 2)]
+    );
+    assert!(matches!(
+        store.cancel(again, NOW).await.unwrap(),
+        CancelOutcome::Cancelled { .. }
+    ));
+    expected.insert((again, JobStatus::Cancelled, 2));
     // Three jobs on their last attempt whose leases run out: one statement fails them all.
     let mut last_tries = Vec::new();
     for _ in 0..3 {
@@ -1985,7 +2005,7 @@ async fn every_finish_is_announced(store: Arc<dyn Store>) {
     }
     assert_eq!(claim(&store, "w", 3, NOW).await.len(), 3);
     assert_eq!(store.rescue_expired(NOW + LEASE_MS + 1).await.unwrap(), 3);
-    expected.extend(last_tries.into_iter().map(|id| (id, JobStatus::Failed)));
+    expected.extend(last_tries.into_iter().map(|id| (id, JobStatus::Failed, 1)));
 
     let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
     while !expected.is_empty() {
@@ -1993,8 +2013,14 @@ async fn every_finish_is_announced(store: Arc<dyn Store>) {
             .await
             .unwrap_or_else(|_| panic!("no finish event for {expected:?}"))
             .expect("event stream");
-        if let JobEvent::Finished { job_id, status } = event {
-            assert_eq!(expected.remove(&job_id), Some(status), "{job_id}");
+        if let JobEvent::Finished {
+            job_id,
+            status,
+            attempt,
+        } = event
+        {
+            let heard = (job_id, status, attempt);
+            assert!(expected.remove(&heard), "not expected: {heard:?}");
         }
     }
 }
@@ -2119,8 +2145,12 @@ async fn the_last_step_lands_with_the_outcome(store: Arc<dyn Store>) {
             JobEvent::Step { job_id, step } if job_id == job.id => {
                 stepped |= step == StepKey::Final;
             }
-            JobEvent::Finished { job_id, status } if job_id == job.id => {
-                assert_eq!(status, JobStatus::Succeeded);
+            JobEvent::Finished {
+                job_id,
+                status,
+                attempt,
+            } if job_id == job.id => {
+                assert_eq!((status, attempt), (JobStatus::Succeeded, 1));
                 finished = true;
             }
             _ => {}

@@ -379,8 +379,13 @@ pub trait Store: Send + Sync + 'static {
 pub enum JobEvent {
     /// A step checkpoint was written.
     Step { job_id: Uuid, step: StepKey },
-    /// The job reached a final state.
-    Finished { job_id: Uuid, status: JobStatus },
+    /// The job reached a final state in its attempt `attempt` (a cancelled job retried later
+    /// runs as a later attempt, which a cancel heard late must not stop).
+    Finished {
+        job_id: Uuid,
+        status: JobStatus,
+        attempt: i32,
+    },
     /// Events of any job may have been lost (Postgres: the LISTEN connection was down, and
     /// listens again): whoever waits on one re-reads the store now.
     Missed,
@@ -395,15 +400,17 @@ impl JobEvent {
         }
     }
 
-    /// Parse the NOTIFY payload of the Postgres `fusion_notify_finished` trigger: `done ID STATUS`.
-    /// (Steps are not NOTIFYed since migration 0002.)
+    /// Parse the NOTIFY payload of the Postgres `fusion_notify_finished` trigger:
+    /// `done ID STATUS ATTEMPT` (since migration 0013; steps are not NOTIFYed since 0002).
     pub(crate) fn from_payload(payload: &str) -> Option<JobEvent> {
-        let mut parts = payload.splitn(3, ' ');
+        let mut parts = payload.split(' ');
         let (kind, id, status) = (parts.next()?, parts.next()?, parts.next()?);
-        (kind == "done").then_some(())?;
+        let attempt = parts.next()?.parse().ok()?;
+        (kind == "done" && parts.next().is_none()).then_some(())?;
         Some(JobEvent::Finished {
             job_id: Uuid::parse_str(id).ok()?,
             status: JobStatus::parse(status)?,
+            attempt,
         })
     }
 }
@@ -697,7 +704,7 @@ mod tests {
     /// applied one has changed since, comments included: a migration, once landed, is never
     /// edited (0010 was, before it landed, and a database migrated in between would not start).
     /// A change goes into a new migration; a new one is added here.
-    const LANDED_MIGRATIONS: [(&str, &str); 24] = [
+    const LANDED_MIGRATIONS: [(&str, &str); 26] = [
         (
             "postgres/0001_jobs.sql",
             "f449d02dc02fe51a24aee9f04a05cdf9f649e8d4f5fe10ad6759259e1aab2e19",
@@ -747,6 +754,10 @@ mod tests {
             "6634b2e48192d5bcd7200d5f4a284179072ff8154ae325ec924f836350eb6df6",
         ),
         (
+            "postgres/0013_finished_events_say_the_attempt.sql",
+            "db4331d728971ecae56a04ea34a005888889a24788007ae9a5f3381a91af0384",
+        ),
+        (
             "sqlite/0001_jobs.sql",
             "8e5b4d10777fa1ef9a2099fad6870f7db026241f7d47178130896196e1724df5",
         ),
@@ -794,6 +805,10 @@ mod tests {
             "sqlite/0012_cancels_seen_by_other_processes.sql",
             "435960074a19b69776831b9440375a6ac001619a4bf2587d99bd49bc35f63c3d",
         ),
+        (
+            "sqlite/0013_finished_events_say_the_attempt.sql",
+            "ff2ebfdc01b8c6637944eab87a3ff68f9083a76aebc8887f3cdf451d7f0144a5",
+        ),
     ];
 
     #[test]
@@ -833,14 +848,31 @@ mod tests {
         let id = Uuid::now_v7();
         assert_eq!(JobEvent::from_payload(&format!("step {id} panel:3")), None);
         assert_eq!(
-            JobEvent::from_payload(&format!("done {id} cancelled")),
+            JobEvent::from_payload(&format!("done {id} cancelled 3")),
             Some(JobEvent::Finished {
                 job_id: id,
-                status: JobStatus::Cancelled
+                status: JobStatus::Cancelled,
+                attempt: 3,
             })
         );
-        assert_eq!(JobEvent::from_payload("done nope cancelled"), None);
-        assert_eq!(JobEvent::from_payload(&format!("done {id} exploded")), None);
+        assert_eq!(JobEvent::from_payload("done nope cancelled 3"), None);
+        assert_eq!(
+            JobEvent::from_payload(&format!("done {id} exploded 3")),
+            None
+        );
+        // Before migration 0013: no attempt, so not an event this process can place.
+        assert_eq!(
+            JobEvent::from_payload(&format!("done {id} cancelled")),
+            None
+        );
+        assert_eq!(
+            JobEvent::from_payload(&format!("done {id} cancelled x")),
+            None
+        );
+        assert_eq!(
+            JobEvent::from_payload(&format!("done {id} cancelled 3 4")),
+            None
+        );
     }
 
     // Codes no test can make a server send at will (`postgres.rs` makes the others for real).

@@ -455,9 +455,10 @@ async fn listen(
             };
             match received {
                 Ok(Some(n)) if n.channel() == EVENTS_CHANNEL => {
-                    if let Some(event) = JobEvent::from_payload(n.payload()) {
-                        let _ = events.send(event);
-                    }
+                    // A payload this process cannot read (one written by another version's
+                    // trigger, during an upgrade) is still news of some job: all re-check.
+                    let event = JobEvent::from_payload(n.payload()).unwrap_or(JobEvent::Missed);
+                    let _ = events.send(event);
                 }
                 Ok(Some(_)) => wakeups.notify_one(),
                 // The connection dropped: listen again on a new one (which then says what may

@@ -212,8 +212,9 @@ async fn watch_other_processes(
             continue;
         }
         wakeups.notify_one();
-        let cancelled = sqlx::query_as::<_, (String, i64)>(
-            "SELECT id, finished_at FROM jobs WHERE status = 'cancelled' AND finished_at >= ?",
+        let cancelled = sqlx::query_as::<_, (String, i64, i32)>(
+            "SELECT id, finished_at, attempt FROM jobs \
+             WHERE status = 'cancelled' AND finished_at >= ?",
         )
         .bind(since)
         .fetch_all(&readers)
@@ -223,14 +224,22 @@ async fn watch_other_processes(
             seen = Some(before);
             continue;
         };
-        let latest = cancelled.iter().map(|(_, at)| *at).max().unwrap_or(since);
-        for (id, at) in cancelled {
+        let latest = cancelled
+            .iter()
+            .map(|(_, at, _)| *at)
+            .max()
+            .unwrap_or(since);
+        for (id, at, attempt) in cancelled {
             // Once per cancel: a job retried and cancelled again has a new finish time.
             if announced.insert(id.clone(), at) != Some(at)
                 && let Ok(job_id) = Uuid::parse_str(&id)
             {
                 let status = JobStatus::Cancelled;
-                let _ = events.send(JobEvent::Finished { job_id, status });
+                let _ = events.send(JobEvent::Finished {
+                    job_id,
+                    status,
+                    attempt,
+                });
             }
         }
         since = since.max(latest - CANCELS_OVERLAP_MS);
@@ -312,6 +321,7 @@ impl SqliteStore {
             self.emit(JobEvent::Finished {
                 job_id: lease.job_id,
                 status,
+                attempt: lease.attempt,
             });
         }
     }
@@ -522,6 +532,7 @@ impl Store for SqliteStore {
                 self.emit(JobEvent::Finished {
                     job_id: id,
                     status: JobStatus::Cancelled,
+                    attempt: before.attempt,
                 });
                 return Ok(CancelOutcome::Cancelled {
                     job: job_from_row(&row, SpecRead::ToShow)?,
@@ -662,7 +673,7 @@ impl Store for SqliteStore {
              error = 'the worker holding the job stopped renewing its lease on its last allowed attempt', \
              lease_owner = NULL, lease_expires_at = NULL \
              WHERE status = 'running' AND lease_expires_at < ?1 AND attempt >= max_attempts \
-             RETURNING id",
+             RETURNING id, attempt",
         )
         .bind(now)
         .fetch_all(&self.writer)
@@ -671,6 +682,7 @@ impl Store for SqliteStore {
             self.emit(JobEvent::Finished {
                 job_id: parse_id(&row.try_get::<String, _>("id")?)?,
                 status: JobStatus::Failed,
+                attempt: row.try_get("attempt")?,
             });
         }
         let failed = failed.len() as u64;
@@ -927,12 +939,13 @@ mod tests {
         let CancelOutcome::Cancelled { .. } = there.cancel(job.id, now).await.unwrap() else {
             panic!("the job was running");
         };
-        let cancelled = JobEvent::Finished {
+        let cancelled = |attempt| JobEvent::Finished {
             job_id: job.id,
             status: JobStatus::Cancelled,
+            attempt,
         };
         assert!(
-            event_within(&mut events, OTHERS_EVERY * 5, |e| *e == cancelled).await,
+            event_within(&mut events, OTHERS_EVERY * 5, |e| *e == cancelled(1)).await,
             "the other store's cancel was not announced"
         );
         // Once: the other store's next commit announces nothing again, and wakes the workers
@@ -940,7 +953,7 @@ mod tests {
         let _ = tokio::time::timeout(Duration::ZERO, wakeups.notified()).await;
         there.enqueue(queued_job(3), None).await.unwrap();
         assert!(
-            !event_within(&mut events, OTHERS_EVERY * 3, |e| *e == cancelled).await,
+            !event_within(&mut events, OTHERS_EVERY * 3, |e| *e == cancelled(1)).await,
             "the cancel was announced again"
         );
         tokio::time::timeout(Duration::from_secs(1), wakeups.notified())
@@ -960,8 +973,8 @@ mod tests {
             panic!("the job was running again");
         };
         assert!(
-            event_within(&mut events, OTHERS_EVERY * 5, |e| *e == cancelled).await,
-            "the second cancel was not announced"
+            event_within(&mut events, OTHERS_EVERY * 5, |e| *e == cancelled(2)).await,
+            "the second cancel was not announced, for the attempt it stopped"
         );
     }
 

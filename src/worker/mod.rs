@@ -73,38 +73,49 @@ struct Running {
     held_until: watch::Sender<i64>,
 }
 
-/// Cancels heard lately (see `Worker::cancels_heard`): when each job's was last heard, and every
-/// hearing in the order heard, so that forgetting old ones costs only those (every process hears
-/// every cancel).
+/// Cancels heard lately (see `Worker::cancels_heard`): for each job, the latest attempt heard
+/// cancelled and when that was last heard; and every hearing in the order heard, so that
+/// forgetting old ones costs only those (every process hears every cancel).
 #[derive(Default)]
 struct RecentCancels {
-    last_heard: HashMap<Uuid, i64>,
+    last_heard: HashMap<Uuid, Heard>,
     heard: VecDeque<(i64, Uuid)>,
 }
 
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct Heard {
+    at: i64,
+    attempt: i32,
+}
+
 impl RecentCancels {
-    /// Remember that `id` was cancelled, heard `now`; forget what was heard `kept_ms` or longer
-    /// ago.
-    fn hear(&mut self, id: Uuid, now: i64, kept_ms: i64) {
+    /// Remember that `id` was cancelled in its attempt `attempt`, heard `now`; forget what was
+    /// heard `kept_ms` or longer ago.
+    fn hear(&mut self, id: Uuid, attempt: i32, now: i64, kept_ms: i64) {
         while let Some(&(at, old)) = self.heard.front() {
             if now - at < kept_ms {
                 break;
             }
             self.heard.pop_front();
             // Unless heard again since.
-            if self.last_heard.get(&old) == Some(&at) {
+            if self.last_heard.get(&old).is_some_and(|h| h.at == at) {
                 self.last_heard.remove(&old);
             }
         }
-        self.last_heard.insert(id, now);
+        // A cancel of an earlier attempt heard after a later one's (a lagging NOTIFY) does not
+        // take back the later one.
+        let attempt = (self.last_heard.get(&id)).map_or(attempt, |h| h.attempt.max(attempt));
+        self.last_heard.insert(id, Heard { at: now, attempt });
         self.heard.push_back((now, id));
     }
 
-    /// Whether a cancel of `id` was heard at `since` or later: one that can be for an attempt
-    /// claimed at `since`. (One heard before it was for an earlier attempt, which a manual
-    /// retry put back in the queue since.)
-    fn heard_since(&self, id: &Uuid, since: i64) -> bool {
-        self.last_heard.get(id).is_some_and(|&at| at >= since)
+    /// Whether a cancel heard lately stops `id`'s attempt `attempt`: one of that attempt or a
+    /// later one. (A cancel of an earlier attempt was followed by a retry, which queued the job
+    /// again for this attempt to claim.)
+    fn stops(&self, id: &Uuid, attempt: i32) -> bool {
+        self.last_heard
+            .get(id)
+            .is_some_and(|h| attempt <= h.attempt)
     }
 }
 
@@ -131,11 +142,12 @@ pub struct Worker {
     /// Unique per process start: the `lease_owner` of every job it claims.
     owner: String,
     running: Mutex<RunningMap>,
-    /// Cancels heard lately, by job id, with when (the worker's clock). One that lands between
-    /// a claim's commit and the job's place in `running` finds nothing to stop there: the job
-    /// looks here as it takes its place. Kept for a lease's length; later, a heartbeat has
-    /// stopped any job it missed. Only a cancel heard since the claim was sent stops the job: a
-    /// cancelled job may be retried and claimed again within that time.
+    /// Cancels heard lately, by job id, with the attempt each stopped and when it was heard (the
+    /// worker's clock). One that lands between a claim's commit and the job's place in
+    /// `running` finds nothing to stop there: the job looks here as it takes its place. Kept
+    /// for a lease's length; later, a heartbeat has stopped any job it missed. Only a cancel of
+    /// the claimed attempt (or a later one) stops it: a cancelled job may be retried and claimed
+    /// again within that time, and the cancel's news may lag behind the claim.
     cancels_heard: Mutex<RecentCancels>,
     /// One permit per job this process may run at once.
     capacity: Arc<Semaphore>,
@@ -209,7 +221,7 @@ impl Slot {
         };
         worker
             .tracker
-            .spawn(worker.clone().execute_holding(claimed, i64::MIN, permit));
+            .spawn(worker.clone().execute_holding(claimed, permit));
     }
 }
 
@@ -299,15 +311,19 @@ impl Worker {
         &self.owner
     }
 
-    /// Stop a job if this process is running it (after a cancel): its in-flight upstream calls
-    /// are dropped at once. Remembered for a while, for a job claimed here as it was cancelled
-    /// that has not taken its place in `running` yet (see `cancels_heard`).
-    pub fn stop_local(&self, id: Uuid) {
+    /// Stop a job's attempt `attempt` (and any earlier one still winding down) if this process
+    /// is running it, after a cancel: its in-flight upstream calls are dropped at once.
+    /// Remembered for a while, for a job claimed here as it was cancelled that has not taken its
+    /// place in `running` yet (see `cancels_heard`). A later attempt runs on: a retry queued the
+    /// job again after this cancel.
+    fn stop_local(&self, id: Uuid, attempt: i32) {
         let now = self.clock.now_ms();
         let kept_ms = crate::store::ms(self.config.lease);
-        (self.cancels_heard.lock().expect("cancels heard")).hear(id, now, kept_ms);
+        (self.cancels_heard.lock().expect("cancels heard")).hear(id, attempt, now, kept_ms);
         let running = self.running.lock().expect("running map");
-        for ((_, _), run) in running.iter().filter(|((job, _), _)| *job == id) {
+        let stopped =
+            |((job, tried), _): &(&(Uuid, i32), &Running)| *job == id && *tried <= attempt;
+        for (_, run) in running.iter().filter(stopped) {
             run.stop.cancel();
         }
     }
@@ -315,11 +331,9 @@ impl Worker {
     /// Claim up to `limit` jobs and run them to the end. The building block of `run`, and a way
     /// for tests to drive the queue without sleeping.
     pub async fn run_once(self: &Arc<Self>, limit: u32) -> Result<usize, StoreError> {
-        let (jobs, sent_at) = self.claim(limit).await?;
+        let jobs = self.claim(limit).await?;
         let n = jobs.len();
-        let runs = jobs
-            .into_iter()
-            .map(|job| self.clone().execute(job, sent_at));
+        let runs = jobs.into_iter().map(|job| self.clone().execute(job));
         futures::future::join_all(runs).await;
         Ok(n)
     }
@@ -331,16 +345,14 @@ impl Worker {
     /// under exactly that lease are handed back at once, and again before each later claim
     /// until a lease past that lease's end: a claim given up unanswered may commit late (see
     /// `hand_back_unconfirmed_claims`).
-    /// With the jobs, when the claim was sent by this process's clock (see `execute`).
-    async fn claim(&self, wanted: u32) -> Result<(Vec<Claimed>, i64), StoreError> {
+    async fn claim(&self, wanted: u32) -> Result<Vec<Claimed>, StoreError> {
         self.hand_back_unconfirmed_claims().await;
         // A claim's lease ends at an odd millisecond, the leases this process renews or starts
         // jobs with at an even one (`held_now`), and each claim's later than the one before
         // (two claims within a millisecond, a clock stepped back): handing back by owner and
         // lease end then takes only what that claim took, never a job running here.
         let lease_ms = crate::store::ms(self.config.lease);
-        let sent_at = self.clock.now_ms();
-        let mut now = claim_now(sent_at, lease_ms);
+        let mut now = claim_now(self.clock.now_ms(), lease_ms);
         let last = self.last_claim_end.load(Ordering::SeqCst);
         if now + lease_ms <= last {
             now = last + 2 - lease_ms;
@@ -357,7 +369,7 @@ impl Worker {
             self.unconfirmed_claims.lock().expect("claims").push(until);
             self.hand_back_unconfirmed_claims().await;
         }
-        claimed.map(|jobs| (jobs, sent_at))
+        claimed
     }
 
     /// The time a lease renewed or started at `now` is counted from (see `held_now`).
@@ -484,7 +496,7 @@ impl Worker {
             }
             let claimed = self.claim(wanted).await;
             let idle = match claimed {
-                Ok((jobs, sent_at)) => {
+                Ok(jobs) => {
                     failures = 0;
                     let got = jobs.len();
                     self.queue_drained
@@ -492,7 +504,7 @@ impl Worker {
                     for job in jobs {
                         let permit = permits.split(1).expect("one permit per claimed job");
                         self.tracker
-                            .spawn(self.clone().execute_holding(job, sent_at, permit));
+                            .spawn(self.clone().execute_holding(job, permit));
                     }
                     if got > 0 {
                         continue;
@@ -517,19 +529,12 @@ impl Worker {
         }
     }
 
-    async fn execute_holding(
-        self: Arc<Self>,
-        claimed: Claimed,
-        claim_sent_at: i64,
-        _permit: OwnedSemaphorePermit,
-    ) {
-        self.execute(claimed, claim_sent_at).await;
+    async fn execute_holding(self: Arc<Self>, claimed: Claimed, _permit: OwnedSemaphorePermit) {
+        self.execute(claimed).await;
     }
 
-    /// Run one claimed job and write its outcome, fenced on its lease. `claim_sent_at`: when
-    /// the claim that took it was sent, by this process's clock (`i64::MIN` for a job that
-    /// started at its insert: no cancel of its id can be older).
-    async fn execute(self: Arc<Self>, claimed: Claimed, claim_sent_at: i64) {
+    /// Run one claimed job and write its outcome, fenced on its lease.
+    async fn execute(self: Arc<Self>, claimed: Claimed) {
         let Claimed { job, checkpointed } = claimed;
         let Some(lease) = job.lease() else {
             tracing::error!(job = %job.id, "claimed job has no lease owner");
@@ -553,14 +558,10 @@ impl Worker {
         };
         let span = tracing::info_span!("job", id = %job.id, attempt = job.attempt);
         // Cancelled as it was claimed: not a single call is made. (A cancel heard from now on
-        // finds the job in `running`.) A cancel of this attempt committed after the claim, so it
-        // was heard after the claim was sent. (A cancel heard late, after a retry's claim — a
-        // NOTIFY that lagged — stops the retried attempt too, here or in `stop_local`, since
-        // events do not say which attempt they were for: the job runs again once its lease has
-        // run out, unless that attempt was its last, when the rescuer fails it as
-        // `lease_expired`.)
+        // finds the job in `running`.) One of an earlier attempt, heard late, was for the job
+        // before a retry queued it again for this attempt.
         let cancelled =
-            (self.cancels_heard.lock().expect("cancels heard")).heard_since(&job.id, claim_sent_at);
+            (self.cancels_heard.lock().expect("cancels heard")).stops(&job.id, job.attempt);
         let outcome = if cancelled {
             Outcome::Stopped
         } else {
@@ -808,8 +809,8 @@ impl Worker {
             tokio::select! {
                 _ = stop.cancelled() => return,
                 event = events.recv() => match event {
-                    Ok(JobEvent::Finished { job_id, status: JobStatus::Cancelled }) => {
-                        self.stop_local(job_id)
+                    Ok(JobEvent::Finished { job_id, status: JobStatus::Cancelled, attempt }) => {
+                        self.stop_local(job_id, attempt)
                     }
                     Ok(JobEvent::Missed) => self.heartbeat().await,
                     Ok(_) => {}
@@ -963,29 +964,41 @@ mod tests {
     fn cancels_are_forgotten_a_lease_after_they_were_heard_and_only_then() {
         let (a, b, c) = (Uuid::now_v7(), Uuid::now_v7(), Uuid::now_v7());
         let mut heard = RecentCancels::default();
-        let known = |heard: &RecentCancels, id| heard.heard_since(&id, i64::MIN);
-        heard.hear(a, 0, 100);
-        heard.hear(b, 50, 100);
-        heard.hear(c, 60, 100);
+        let known = |heard: &RecentCancels, id| heard.stops(&id, 1);
+        heard.hear(a, 1, 0, 100);
+        heard.hear(b, 1, 50, 100);
+        heard.hear(c, 1, 60, 100);
         assert!(known(&heard, a) && known(&heard, b) && known(&heard, c));
-        heard.hear(c, 100, 100); // heard again (retried, claimed, cancelled): kept from then
+        heard.hear(c, 2, 100, 100); // heard again (retried, claimed, cancelled): kept from then
         assert!(!known(&heard, a), "heard a lease ago");
         assert!(known(&heard, b) && known(&heard, c));
-        heard.hear(b, 159, 100);
+        heard.hear(b, 1, 159, 100);
         assert!(known(&heard, c), "heard again 59 ms ago");
-        heard.hear(b, 200, 100);
+        heard.hear(b, 1, 200, 100);
         assert!(!known(&heard, c));
         assert_eq!((heard.last_heard.len(), heard.heard.len()), (1, 2));
     }
 
-    // A cancel stops an attempt claimed before it was heard, not one claimed after: that one
-    // is a manual retry's, of the job the cancel was for.
+    // A cancel stops the attempt it was for, and one still winding down from before, not a
+    // later one: that is a retry's, of the job the cancel was for, however late the cancel's
+    // news arrives.
     #[test]
-    fn a_cancel_heard_before_a_claim_does_not_stop_it() {
+    fn a_cancel_stops_its_attempt_and_earlier_ones_only() {
         let id = Uuid::now_v7();
         let mut heard = RecentCancels::default();
-        heard.hear(id, 1_000, 30_000);
-        assert!(heard.heard_since(&id, 1_000) && heard.heard_since(&id, 999));
-        assert!(!heard.heard_since(&id, 1_001));
+        heard.hear(id, 2, 1_000, 30_000);
+        assert!(heard.stops(&id, 2) && heard.stops(&id, 1));
+        assert!(!heard.stops(&id, 3));
+        assert!(!heard.stops(&Uuid::now_v7(), 1));
+        // The first attempt's cancel, heard late, does not take back the second's.
+        heard.hear(id, 1, 1_500, 30_000);
+        assert!(heard.stops(&id, 2));
+        assert_eq!(
+            heard.last_heard[&id],
+            Heard {
+                at: 1_500,
+                attempt: 2
+            }
+        );
     }
 }

@@ -78,6 +78,8 @@ pub(crate) struct Faulty {
     claims: Gate,
     /// Every heartbeat; closed, each waits for it to open, then renews as asked.
     heartbeats: Gate,
+    /// Set by `forward_events`: what `events()` hears from then on.
+    events: Mutex<Option<broadcast::Sender<JobEvent>>>,
 }
 
 /// Calls of one kind, counted, and held while the gate is closed (until its token is
@@ -149,7 +151,33 @@ impl Faulty {
             started_at_submit: AtomicUsize::new(0),
             claims: Gate::default(),
             heartbeats: Gate::default(),
+            events: Mutex::new(None),
         }
+    }
+
+    /// From now on, `events()` hears the inner store's events, forwarded, and whatever the test
+    /// `announce`s (news that lagged, say).
+    pub(crate) fn forward_events(&self) {
+        let (sender, _) = broadcast::channel(1024);
+        let mut inner = self.inner.events();
+        let out = sender.clone();
+        tokio::spawn(async move {
+            loop {
+                let event = match inner.recv().await {
+                    Ok(event) => event,
+                    Err(broadcast::error::RecvError::Lagged(_)) => JobEvent::Missed,
+                    Err(broadcast::error::RecvError::Closed) => return,
+                };
+                let _ = out.send(event);
+            }
+        });
+        *self.events.lock().unwrap() = Some(sender);
+    }
+
+    /// Tell `events()`' receivers of `event` (after `forward_events`).
+    pub(crate) fn announce(&self, event: JobEvent) {
+        let events = self.events.lock().unwrap();
+        let _ = events.as_ref().expect("forward_events first").send(event);
     }
 
     /// A read of a job: counted, and failed while `reads` faults are left.
@@ -336,7 +364,10 @@ impl Store for Faulty {
         self.inner.wakeups()
     }
     fn events(&self) -> broadcast::Receiver<JobEvent> {
-        self.inner.events()
+        match &*self.events.lock().unwrap() {
+            Some(forwarded) => forwarded.subscribe(),
+            None => self.inner.events(),
+        }
     }
 }
 
@@ -883,6 +914,75 @@ async fn a_job_cancelled_as_it_is_claimed_makes_no_call() {
     tokio::time::sleep(Duration::from_millis(600)).await;
     assert_eq!(stored(&app, id).await, (JobStatus::Cancelled, 1));
     assert_eq!(app.fake.total_calls(), 0, "a cancelled job called upstream");
+    shutdown.cancel();
+    running.await.unwrap();
+}
+
+// A cancel's news that arrives after the job was retried and claimed again (a NOTIFY that
+// lagged) stops only the attempt it was for, not the retried one. Before, events did not say
+// which attempt they were for, and the retried attempt was stopped and sat until its lease ran
+// out (here, far longer than the test).
+#[tokio::test]
+async fn a_cancel_heard_late_does_not_stop_the_retried_attempt() {
+    let (app, id, store, worker, _) = one_job(Faults::default()).await;
+    store.forward_events();
+    app.fake.script(
+        "m1",
+        Kind::Panel,
+        vec![Reply::Delay(600, Box::new(Reply::Ok))],
+    );
+    let cancel = app.post(&format!("/v1/jobs/{id}/cancel")).await;
+    assert_eq!(cancel.status(), 200);
+    assert_eq!(
+        app.post(&format!("/v1/jobs/{id}/retry")).await.status(),
+        202
+    );
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let running = tokio::spawn(worker.clone().run(shutdown.clone()));
+    wait_for(&app, id, (JobStatus::Running, 1)).await;
+    // The queued job's cancel (attempt 0), heard only now, while attempt 1 calls its panel.
+    store.announce(JobEvent::Finished {
+        job_id: id,
+        status: JobStatus::Cancelled,
+        attempt: 0,
+    });
+    let done = app.wait_final(&id.to_string(), 10).await;
+    assert_eq!(
+        (&done["status"], &done["attempt"]),
+        (&serde_json::json!("succeeded"), &serde_json::json!(1)),
+        "{done:#}"
+    );
+    assert_eq!(app.fake.aborted("m1", Kind::Panel), 0);
+    // The same news for the attempt that is running stops it (the announcement does reach the
+    // worker): its panel call is dropped at once.
+    app.fake.script("m1", Kind::Panel, vec![Reply::Hang]);
+    let other: Uuid = app
+        .submit_ok(&body_with_panel(&["m1", "m2"], "judge"))
+        .await
+        .parse()
+        .unwrap();
+    wait_for(&app, other, (JobStatus::Running, 1)).await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while app.fake.calls("m1", Kind::Panel) < 2 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the panel was not called"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    store.announce(JobEvent::Finished {
+        job_id: other,
+        status: JobStatus::Cancelled,
+        attempt: 1,
+    });
+    let announced = tokio::time::Instant::now();
+    while app.fake.aborted("m1", Kind::Panel) == 0 {
+        assert!(
+            announced.elapsed() < Duration::from_secs(2),
+            "the running attempt's cancel did not stop it"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
     shutdown.cancel();
     running.await.unwrap();
 }
