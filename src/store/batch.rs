@@ -17,6 +17,14 @@ use crate::job::{JobStatus, JsonText, Lease, NewJob, StartHere, Step, StepKey};
 /// more wait for the next.
 const MAX_BATCH: usize = 512;
 
+/// About the most bytes of text (messages, answers, results) one batch statement carries; the
+/// groups past it go in a statement of their own, after it. A batch's texts go out as one array
+/// (Postgres) or one JSON text (SQLite) per kind of write, and Postgres refuses a message over
+/// 1 GiB as SQLite does a value over 1 GB: 512 submissions of 4 MiB bodies, or a few dozen jobs
+/// finishing with the longest answers an upstream may send, would have failed together. A
+/// single group over it still goes, alone.
+const MAX_BATCH_BYTES: usize = 64 << 20;
+
 /// One write, its values ready to bind.
 pub(super) enum Write {
     /// Insert a queued job (or, with `start`, one already running under that lease) unless its
@@ -40,6 +48,39 @@ pub(super) struct Finish {
     pub reason: Option<String>,
     pub error: Option<String>,
     pub now: i64,
+}
+
+impl Write {
+    /// About how many bytes of text the write binds (what `MAX_BATCH_BYTES` counts).
+    fn text_bytes(&self) -> usize {
+        let len = |s: &Option<String>| s.as_ref().map_or(0, String::len);
+        let json = |j: &Option<JsonText>| j.as_ref().map_or(0, |j| j.as_str().len());
+        match self {
+            Write::Enqueue { job, .. } => {
+                let messages: usize = job.spec.messages.iter().map(json_bytes).sum();
+                messages + json_bytes(&job.metadata) + 256
+            }
+            Write::Step { step, .. } => {
+                len(&step.content) + json(&step.data) + len(&step.error) + step.model.len()
+            }
+            Write::Finish(f) => json(&f.result) + len(&f.reason) + len(&f.error),
+        }
+    }
+}
+
+/// About the length of `value` as JSON text, without writing it: strings and keys count their
+/// bytes, and everything else a few. (Parsed JSON is nested at most 128 deep.)
+fn json_bytes(value: &serde_json::Value) -> usize {
+    use serde_json::Value;
+    match value {
+        Value::String(s) => s.len() + 2,
+        Value::Array(items) => items.iter().map(json_bytes).sum::<usize>() + 2,
+        Value::Object(fields) => {
+            let each = fields.iter().map(|(k, v)| k.len() + 4 + json_bytes(v));
+            each.sum::<usize>() + 2
+        }
+        _ => 8,
+    }
 }
 
 impl Finish {
@@ -89,8 +130,13 @@ impl Batcher {
     /// `MAX_BATCH` groups per commit. On Postgres, four committers writing side by side made
     /// smaller batches and cost it 1.4–1.7× the CPU per job (BENCHMARKS.md).
     pub(super) fn start(sql: impl BatchSql) -> Batcher {
+        Self::start_bounded(sql, MAX_BATCH_BYTES)
+    }
+
+    /// `start`, with batch statements cut at about `max_bytes` of text.
+    fn start_bounded(sql: impl BatchSql, max_bytes: usize) -> Batcher {
         let (queue, rx) = mpsc::channel(4 * MAX_BATCH);
-        tokio::spawn(run(sql, rx));
+        tokio::spawn(run(sql, rx, max_bytes));
         Batcher { queue }
     }
 
@@ -128,13 +174,22 @@ impl Batcher {
     }
 }
 
-async fn run<S: BatchSql>(sql: S, mut rx: mpsc::Receiver<Queued>) {
+async fn run<S: BatchSql>(sql: S, mut rx: mpsc::Receiver<Queued>, max_bytes: usize) {
     let mut batch = Vec::with_capacity(MAX_BATCH);
-    // Whatever queued while the last batch was being written is the next batch.
+    // Whatever queued while the last batch was being written is the next batch: one statement,
+    // or, past `max_bytes` of text, several, in the order queued.
     while rx.recv_many(&mut batch, MAX_BATCH).await > 0 {
         let mut writes = Vec::with_capacity(batch.len());
         let mut groups = Vec::with_capacity(batch.len());
+        let mut bytes = 0;
         for q in batch.drain(..) {
+            let weight: usize = q.writes.iter().map(Write::text_bytes).sum();
+            if !groups.is_empty() && bytes + weight > max_bytes {
+                write_groups(&sql, &writes, std::mem::take(&mut groups)).await;
+                writes.clear();
+                bytes = 0;
+            }
+            bytes += weight;
             groups.push((q.writes.len(), q.reply));
             writes.extend(q.writes);
         }
@@ -413,6 +468,69 @@ mod tests {
             assert_eq!(result.is_err(), i == 41, "write {i}: {result:?}");
         }
         assert_eq!(batches.load(Ordering::SeqCst), 13);
+    }
+
+    /// Records each batch it was handed: its writes' models, in order.
+    #[derive(Clone, Default)]
+    struct Recording(Arc<std::sync::Mutex<Vec<Vec<String>>>>);
+
+    #[async_trait]
+    impl BatchSql for Recording {
+        async fn execute(&self, writes: &[Write]) -> Result<Vec<bool>, sqlx::Error> {
+            let models = writes.iter().map(|w| match w {
+                Write::Step { step, .. } => step.model.clone(),
+                _ => "?".into(),
+            });
+            self.0.lock().unwrap().push(models.collect());
+            Ok(writes.iter().map(|_| true).collect())
+        }
+    }
+
+    // What queued together is cut into statements of at most `max_bytes` of text, in the order
+    // queued, a group never split; a group over the bound goes alone. (Current-thread runtime:
+    // all is queued before the committer runs.) Before, one statement took all 512 groups,
+    // whatever their size.
+    #[tokio::test]
+    async fn a_batch_is_cut_by_its_text_as_well_as_its_count() {
+        let recording = Recording::default();
+        let batcher = Batcher::start_bounded(recording.clone(), 100);
+        let sized = |model: &str, bytes: usize| {
+            let Write::Step { lease, mut step } = step(model) else {
+                unreachable!()
+            };
+            step.content = Some("x".repeat(bytes - 1));
+            Write::Step { lease, step }
+        };
+        let (a, b, cd, e, f) = tokio::join!(
+            batcher.write(sized("a", 46)),
+            batcher.write(sized("b", 46)),
+            batcher.write_together(vec![sized("c", 46), sized("d", 46)]),
+            batcher.write(sized("e", 201)),
+            batcher.write(sized("f", 11)),
+        );
+        assert!(a.unwrap() && b.unwrap() && e.unwrap() && f.unwrap());
+        assert_eq!(cd.unwrap(), [true, true]);
+        let batches = recording.0.lock().unwrap().clone();
+        assert_eq!(
+            batches,
+            [vec!["a", "b"], vec!["c", "d"], vec!["e"], vec!["f"]]
+        );
+    }
+
+    #[test]
+    fn json_text_is_sized_without_writing_it() {
+        for value in [
+            serde_json::json!({"role": "user", "content": "hello"}),
+            serde_json::json!([{"type": "text", "text": "a longer part"}, null, 1.5, true]),
+            serde_json::json!("é".repeat(1000)),
+        ] {
+            let written = serde_json::to_string(&value).unwrap().len();
+            let sized = json_bytes(&value);
+            assert!(
+                written <= sized && sized <= 2 * written,
+                "{written} {sized}: {value}"
+            );
+        }
     }
 
     /// Records how many batches it was handed at once, and how many in all.
