@@ -17,12 +17,13 @@ use crate::job::{JobStatus, JsonText, Lease, NewJob, StartHere, Step, StepKey};
 /// more wait for the next.
 const MAX_BATCH: usize = 512;
 
-/// About the most bytes of text (messages, answers, results) one batch statement carries; the
-/// groups past it go in a statement of their own, after it. A batch's texts go out as one array
-/// (Postgres) or one JSON text (SQLite) per kind of write, and Postgres refuses a message over
-/// 1 GiB as SQLite does a value over 1 GB: 512 submissions of 4 MiB bodies, or a few dozen jobs
-/// finishing with the longest answers an upstream may send, would have failed together. A
-/// single group over it still goes, alone.
+/// About the most bytes of text (requests, answers, results) one batch statement carries; the
+/// groups past it go in a statement of their own, after it. On Postgres a batch's texts go out
+/// as one array per kind of write, in one message, and Postgres refuses a message over 1 GiB:
+/// 512 submissions of 4 MiB bodies, or a few dozen jobs finishing with the longest answers an
+/// upstream may send, would have failed together (SQLite binds each row's values on their own
+/// and has no such bound; there, the cut only adds commits). A single group over it still goes,
+/// alone.
 const MAX_BATCH_BYTES: usize = 64 << 20;
 
 /// One write, its values ready to bind.
@@ -57,8 +58,18 @@ impl Write {
         let json = |j: &Option<JsonText>| j.as_ref().map_or(0, |j| j.as_str().len());
         match self {
             Write::Enqueue { job, .. } => {
-                let messages: usize = job.spec.messages.iter().map(json_bytes).sum();
-                messages + json_bytes(&job.metadata) + 256
+                let spec = &job.spec;
+                let texts = spec
+                    .messages
+                    .iter()
+                    .chain(&spec.response_format)
+                    .chain(&spec.stop);
+                let names = spec.panel.iter().map(String::len).sum::<usize>() + spec.analyst.len();
+                texts.map(json_bytes).sum::<usize>()
+                    + names
+                    + json_bytes(&job.metadata)
+                    + len(&job.idempotency_key)
+                    + 256
             }
             Write::Step { step, .. } => {
                 len(&step.content) + json(&step.data) + len(&step.error) + step.model.len()
@@ -68,18 +79,28 @@ impl Write {
     }
 }
 
-/// About the length of `value` as JSON text, without writing it: strings and keys count their
-/// bytes, and everything else a few. (Parsed JSON is nested at most 128 deep.)
+/// About the length of `value` as JSON text, without writing it, and never less: strings and
+/// keys count their bytes as escaped at worst (a control character as `\u00XX`), numbers 24,
+/// the rest their words. (Parsed JSON is nested at most 128 deep.)
 fn json_bytes(value: &serde_json::Value) -> usize {
     use serde_json::Value;
+    let text = |s: &str| {
+        let escaped = s.bytes().map(|b| match b {
+            0..0x20 => 5,
+            b'"' | b'\\' => 1,
+            _ => 0,
+        });
+        s.len() + 2 + escaped.sum::<usize>()
+    };
     match value {
-        Value::String(s) => s.len() + 2,
-        Value::Array(items) => items.iter().map(json_bytes).sum::<usize>() + 2,
+        Value::String(s) => text(s),
+        Value::Array(items) => items.iter().map(|v| json_bytes(v) + 1).sum::<usize>() + 2,
         Value::Object(fields) => {
-            let each = fields.iter().map(|(k, v)| k.len() + 4 + json_bytes(v));
+            let each = fields.iter().map(|(k, v)| text(k) + 2 + json_bytes(v));
             each.sum::<usize>() + 2
         }
-        _ => 8,
+        Value::Number(_) => 24,
+        Value::Bool(_) | Value::Null => 5,
     }
 }
 
@@ -182,19 +203,34 @@ async fn run<S: BatchSql>(sql: S, mut rx: mpsc::Receiver<Queued>, max_bytes: usi
         let mut writes = Vec::with_capacity(batch.len());
         let mut groups = Vec::with_capacity(batch.len());
         let mut bytes = 0;
+        // Once a statement did not reach the database, the rest of the batch is not tried (it
+        // would meet the same wait, one statement after another): it fails as that one did.
+        let mut unreached = None;
         for q in batch.drain(..) {
             let weight: usize = q.writes.iter().map(Write::text_bytes).sum();
             if !groups.is_empty() && bytes + weight > max_bytes {
-                write_groups(&sql, &writes, std::mem::take(&mut groups)).await;
+                unreached = write_groups(&sql, &writes, std::mem::take(&mut groups)).await;
                 writes.clear();
                 bytes = 0;
+            }
+            if let Some(e) = &unreached {
+                let _ = q.reply.send(Err(again(e).into()));
+                continue;
             }
             bytes += weight;
             groups.push((q.writes.len(), q.reply));
             writes.extend(q.writes);
         }
-        write_groups(&sql, &writes, groups).await;
+        if !groups.is_empty() {
+            write_groups(&sql, &writes, groups).await;
+        }
     }
+}
+
+/// `e` again, for one more caller: an error that `unreached` said did not reach the database
+/// (its copies say so too; `PoolClosed` is never reached).
+fn again(e: &sqlx::Error) -> sqlx::Error {
+    unreached(e).unwrap_or(sqlx::Error::PoolClosed)
 }
 
 /// A group's size in writes, and where its result goes.
@@ -204,8 +240,12 @@ type Group = (usize, oneshot::Sender<Result<Vec<bool>>>);
 /// statement, its groups are halved and each half written on its own, down to single groups,
 /// which then fail alone with their own error: one bad group among `n` costs about `2 log2 n`
 /// more statements, where trying every group alone cost `n` (and no other batch is written
-/// meanwhile).
-async fn write_groups<S: BatchSql>(sql: &S, writes: &[Write], groups: Vec<Group>) {
+/// meanwhile). The error, when a statement did not reach the database (see `unreached`).
+async fn write_groups<S: BatchSql>(
+    sql: &S,
+    writes: &[Write],
+    groups: Vec<Group>,
+) -> Option<sqlx::Error> {
     let mut pending = vec![(0, groups)];
     while let Some((start, mut groups)) = pending.pop() {
         let len = groups.iter().map(|g| g.0).sum::<usize>();
@@ -232,12 +272,23 @@ async fn write_groups<S: BatchSql>(sql: &S, writes: &[Write], groups: Vec<Group>
                         let _ = other.send(Err(again.into()));
                     }
                 }
+                let not_reached = unreached(&e);
                 if let Some((_, first)) = first {
                     let _ = first.send(Err(e.into()));
+                }
+                if let Some(e) = not_reached {
+                    // What is left of a halved batch fails the same way, untried.
+                    for (_, groups) in pending.drain(..) {
+                        for (_, other) in groups {
+                            let _ = other.send(Err(again(&e).into()));
+                        }
+                    }
+                    return Some(e);
                 }
             }
         }
     }
+    None
 }
 
 /// The same error again, when it says the statement never reached the database or never came
@@ -523,6 +574,14 @@ mod tests {
             serde_json::json!({"role": "user", "content": "hello"}),
             serde_json::json!([{"type": "text", "text": "a longer part"}, null, 1.5, true]),
             serde_json::json!("é".repeat(1000)),
+            serde_json::json!({"q\"uo\\te": "line\nbreaks\ttabs\u{1}\"quotes\"\\"}),
+            serde_json::json!([
+                "\u{0}".repeat(100),
+                -1.2345678901234567e-300,
+                u64::MAX,
+                i64::MIN
+            ]),
+            serde_json::json!([[], {}, [[[]]], false]),
         ] {
             let written = serde_json::to_string(&value).unwrap().len();
             let sized = json_bytes(&value);
@@ -531,6 +590,76 @@ mod tests {
                 "{written} {sized}: {value}"
             );
         }
+    }
+
+    // A submission is sized by all of its request, not its messages alone: a 4 MiB
+    // `response_format` schema with a one-word prompt weighs 4 MiB.
+    #[test]
+    fn a_submission_weighs_its_whole_request() {
+        let schema = serde_json::json!({"type": "json_schema", "json_schema": {
+            "name": "big", "schema": {"description": "x".repeat(4 << 20)}}});
+        let job = NewJob {
+            id: uuid::Uuid::now_v7(),
+            spec: crate::job::JobSpec {
+                model: "fusion".into(),
+                messages: vec![serde_json::json!({"role": "user", "content": "hi"})],
+                panel: vec!["a".into()],
+                analyst: "a".into(),
+                temperature: None,
+                max_completion_tokens: None,
+                min_panel: 1,
+                panel_timeout_ms: None,
+                response_format: Some(schema),
+                stop: Some(serde_json::json!(["y".repeat(1000)])),
+            },
+            metadata: serde_json::json!({}),
+            priority: 0,
+            max_attempts: 1,
+            deadline_at: None,
+            idempotency_key: None,
+            request_hash: None,
+            created_at: 0,
+        };
+        let written = serde_json::to_string(&job.spec).unwrap().len();
+        let sized = Write::Enqueue { job, start: None }.text_bytes();
+        assert!(
+            written <= sized && sized < written + 1024,
+            "{written} {sized}"
+        );
+    }
+
+    /// Fails every batch as a pool that cannot connect does, recording each batch's models.
+    #[derive(Clone, Default)]
+    struct DownRecording(Recording);
+
+    #[async_trait]
+    impl BatchSql for DownRecording {
+        async fn execute(&self, writes: &[Write]) -> Result<Vec<bool>, sqlx::Error> {
+            self.0.execute(writes).await?;
+            Err(sqlx::Error::PoolTimedOut)
+        }
+    }
+
+    // A batch cut in parts whose first part did not reach the database: the other parts fail
+    // with it, untried (each would have waited out the pool's timeout in turn).
+    #[tokio::test]
+    async fn when_a_cut_batch_does_not_reach_the_database_its_other_parts_are_not_tried() {
+        let down = DownRecording::default();
+        let batcher = Batcher::start_bounded(down.clone(), 10);
+        let writes = ["a", "b", "c"].map(|m| {
+            let Write::Step { lease, mut step } = step(m) else {
+                unreachable!()
+            };
+            step.content = Some("x".repeat(9));
+            batcher.write(Write::Step { lease, step })
+        });
+        for result in futures::future::join_all(writes).await {
+            assert!(matches!(
+                result,
+                Err(StoreError::Database(sqlx::Error::PoolTimedOut))
+            ));
+        }
+        assert_eq!(*down.0.0.lock().unwrap(), [vec!["a"]]);
     }
 
     /// Records how many batches it was handed at once, and how many in all.
