@@ -16,7 +16,7 @@ use fusion::job::{
     Job, JobSpec, JobStatus, JsonText, Lease, ListFilter, NewJob, SUPERSEDED, StartHere, Step,
     StepKey, Usage,
 };
-use fusion::store::{CancelOutcome, Enqueued, Held, JobEvent, RetryOutcome, Store};
+use fusion::store::{CancelOutcome, Enqueued, Held, JobEvent, Progress, RetryOutcome, Store};
 use fusion::testing::ScratchDatabase;
 use serde_json::json;
 use tempfile::TempDir;
@@ -384,7 +384,45 @@ contract_tests!(
     a_job_can_start_at_its_enqueue,
     a_failed_write_leaves_its_batch_and_the_store_working,
     a_request_finds_its_newest_job_since_a_time,
+    progress_of_many_jobs_in_one_read,
 );
+
+/// Where each of many jobs stands, in one read: status, attempt, how many checkpoints and when
+/// the latest was written; a job that does not exist is left out.
+async fn progress_of_many_jobs_in_one_read(store: Arc<dyn Store>) {
+    enqueue(&store, new_job()).await;
+    let running = claim_one(&store, "w", NOW).await;
+    let queued = enqueue(&store, new_job()).await;
+    let lease = lease_of(&running);
+    for key in [StepKey::Panel(1), StepKey::Panel(0)] {
+        assert!(store.save_step(&lease, &ok_step(key, 1)).await.unwrap());
+    }
+    let missing = Uuid::now_v7();
+    let mut read = store
+        .progress(&[queued.id, running.id, missing])
+        .await
+        .unwrap();
+    read.sort_by_key(|p| p.id);
+    let mut expected = vec![
+        Progress {
+            id: queued.id,
+            status: JobStatus::Queued,
+            attempt: 0,
+            steps: 0,
+            last_step_at: None,
+        },
+        Progress {
+            id: running.id,
+            status: JobStatus::Running,
+            attempt: 1,
+            steps: 2,
+            last_step_at: Some(ok_step(StepKey::Panel(1), 1).created_at),
+        },
+    ];
+    expected.sort_by_key(|p| p.id);
+    assert_eq!(read, expected);
+    assert_eq!(store.progress(&[]).await.unwrap(), vec![]);
+}
 
 /// An SDK's retry finds the job its first try made: the newest with the request's hash at or
 /// after the time given, keyed or not, that is queued or running or finished since the second

@@ -56,7 +56,7 @@ impl AppState {
         upstream: Arc<Upstream>,
         worker: Option<Arc<Worker>>,
     ) -> AppState {
-        let watch = JobWatch::start(store.as_ref(), config.wait_outage);
+        let watch = JobWatch::start(store.clone(), config.wait_outage);
         AppState {
             store,
             config,

@@ -1,13 +1,15 @@
-//! Waiting on jobs without polling: one task reads the store's event stream and hands each event
-//! to the requests watching that job (a synchronous chat completion, an SSE stream). A slow
-//! fallback re-read covers missed events (a lagging receiver, SQLite shared across processes).
-//! Closed when the process stops working (shutdown): waiting requests then answer with the job
+//! Waiting on jobs without polling each: one task reads the store's event stream and hands each
+//! event to the requests watching that job (a synchronous chat completion, an SSE stream), and
+//! once a second one read of every watched job's progress (`Store::progress`) tells the
+//! watchers of a job that changed what no event said (a job finished or stepped in another
+//! process, a lagging receiver). Closed when the process stops working (shutdown): waiting requests then answer with the job
 //! as it is, so that the HTTP server's graceful shutdown is not held open by jobs handed back
 //! to the queue. A read of the job that fails is retried with backoff, for up to `[server]
 //! wait_outage_seconds`: a wait that ended on a blip would be answered with an error, and a
 //! client that retried it would pay for a new job.
 
 use std::collections::HashMap;
+use std::collections::hash_map::Entry;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -17,10 +19,10 @@ use uuid::Uuid;
 
 use super::ApiError;
 use crate::job::{Job, Step};
-use crate::store::{JobEvent, Store, StoreError};
+use crate::store::{JobEvent, Progress, Store, StoreError};
 use crate::worker::{Patience, retry_db};
 
-/// How often a watcher re-reads the job when no event arrives.
+/// How often the watched jobs' progress is read, for what no event said.
 const FALLBACK_POLL: Duration = Duration::from_secs(1);
 
 type Subscribers = Arc<Mutex<HashMap<Uuid, Vec<mpsc::UnboundedSender<JobEvent>>>>>;
@@ -42,9 +44,11 @@ pub struct Watcher {
 }
 
 impl JobWatch {
-    /// Start dispatching the store's events; waits ride out failed reads for up to `outage`.
-    pub fn start(store: &dyn Store, outage: Duration) -> Arc<JobWatch> {
+    /// Start dispatching the store's events, and reading the watched jobs' progress each second;
+    /// waits ride out failed reads for up to `outage`.
+    pub fn start(store: Arc<dyn Store>, outage: Duration) -> Arc<JobWatch> {
         let subscribers: Subscribers = Arc::default();
+        let closed = CancellationToken::new();
         let mut events = store.events();
         let subs = subscribers.clone();
         tokio::spawn(async move {
@@ -67,16 +71,17 @@ impl JobWatch {
                     Err(broadcast::error::RecvError::Lagged(n)) => {
                         tracing::debug!(
                             missed = n,
-                            "job events lagged; watchers fall back to polling"
+                            "job events lagged; the progress read finds what they said"
                         );
                     }
                     Err(broadcast::error::RecvError::Closed) => return,
                 }
             }
         });
+        tokio::spawn(poll_progress(store, subscribers.clone(), closed.clone()));
         Arc::new(JobWatch {
             subscribers,
-            closed: CancellationToken::new(),
+            closed,
             outage,
         })
     }
@@ -114,12 +119,12 @@ impl JobWatch {
 }
 
 impl Watcher {
-    /// The next event of this job, or `None` after the fallback interval passed without one
-    /// (at once once the watch is closed).
+    /// The next event of this job (`Missed`: it changed, or may have, in a way no event said;
+    /// re-read it), or `None` once the watch is closed.
     pub async fn next(&mut self) -> Option<JobEvent> {
         tokio::select! {
             _ = self.closed.cancelled() => None,
-            event = tokio::time::timeout(FALLBACK_POLL, self.rx.recv()) => event.ok().flatten(),
+            event = self.rx.recv() => event,
         }
     }
 
@@ -130,8 +135,7 @@ impl Watcher {
 
     /// The job once it is settled: final, or the watch closed (`Some`, the job as stored then);
     /// `None` while it runs or waits. Until then only its status is read (`Store::job_status`),
-    /// not its request (possibly megabytes), on every event and fallback tick; the whole job is
-    /// read once. Not final in that read although its status was (a retry requeued it between
+    /// not its request (possibly megabytes), on every event; the whole job is read once. Not final in that read although its status was (a retry requeued it between
     /// the two): still `None`. A database error is retried with backoff until the watch's outage
     /// bound has passed (or the watch closes); then the answer names the job, to fetch it by
     /// later.
@@ -156,6 +160,66 @@ impl Watcher {
                 .ok_or_else(|| StoreError::Corrupt(format!("job {} vanished", self.id)))
         };
         ride_out(&self.closed, self.outage, self.id, read).await
+    }
+}
+
+/// Once a second, where every watched job stands, in one read; each watcher of a job whose
+/// standing changed since the last read is told (`JobEvent::Missed`: re-read it), as is each
+/// watcher of a job seen for the first time (it may have changed between the watcher's own
+/// read and this one). A read that fails tells every watcher, whose own re-read then rides out
+/// the outage as any read of a wait does, and ends the wait with an answer naming the job when
+/// the database stays away. Before, each watcher re-read its job every second: one read per
+/// waiting request per second, however many waited.
+async fn poll_progress(store: Arc<dyn Store>, subscribers: Subscribers, closed: CancellationToken) {
+    let mut seen: HashMap<Uuid, Progress> = HashMap::new();
+    loop {
+        tokio::select! {
+            _ = closed.cancelled() => return,
+            _ = tokio::time::sleep(FALLBACK_POLL) => {}
+        }
+        let ids: Vec<Uuid> = {
+            let map = subscribers.lock().expect("subscribers");
+            seen.retain(|id, _| map.contains_key(id));
+            map.keys().copied().collect()
+        };
+        if ids.is_empty() {
+            continue;
+        }
+        let changed: Vec<Uuid> = match store.progress(&ids).await {
+            Ok(now) => {
+                let mut found = 0;
+                let mut changed = Vec::new();
+                for p in now {
+                    found += 1;
+                    match seen.entry(p.id) {
+                        Entry::Occupied(e) if *e.get() == p => {}
+                        Entry::Occupied(mut e) => {
+                            e.insert(p);
+                            changed.push(p.id);
+                        }
+                        Entry::Vacant(e) => {
+                            e.insert(p);
+                            changed.push(p.id);
+                        }
+                    }
+                }
+                // A job gone from the store: its watchers' own read says so.
+                if found < ids.len() {
+                    changed.extend(ids.iter().filter(|id| !seen.contains_key(id)));
+                }
+                changed
+            }
+            Err(e) => {
+                tracing::debug!(error = %e, "reading the watched jobs failed; each re-reads its own");
+                ids
+            }
+        };
+        let mut map = subscribers.lock().expect("subscribers");
+        for id in changed {
+            if let Some(list) = map.get_mut(&id) {
+                list.retain(|tx| tx.send(JobEvent::Missed).is_ok());
+            }
+        }
     }
 }
 

@@ -232,6 +232,19 @@ pub enum Enqueued {
     KeyReused(Job),
 }
 
+/// Where a job stands, as a waiting request follows it (`Store::progress`): any change in
+/// these is news for its waits and streams.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Progress {
+    pub id: Uuid,
+    pub status: JobStatus,
+    pub attempt: i32,
+    /// How many checkpoints it has, and when the latest was written (a step run again after a
+    /// retry is written anew).
+    pub steps: i64,
+    pub last_step_at: Option<i64>,
+}
+
 /// What `cancel` did.
 #[derive(Debug, Clone)]
 pub enum CancelOutcome {
@@ -304,6 +317,10 @@ pub trait Store: Send + Sync + 'static {
     ) -> Result<Option<Job>>;
     /// Every checkpoint of a job, in step order.
     async fn get_steps(&self, id: Uuid) -> Result<Vec<Step>>;
+    /// Where each job of `ids` that exists stands (`Progress`), in one read: what the waiting
+    /// requests of a process re-read each second together, for what no event told them (a
+    /// job finished, or a step written, in another process).
+    async fn progress(&self, ids: &[Uuid]) -> Result<Vec<Progress>>;
     async fn list_jobs(&self, filter: &ListFilter) -> Result<Vec<Job>>;
     async fn cancel(&self, id: Uuid, now: i64) -> Result<CancelOutcome>;
     /// Put a failed or cancelled job back in the queue; its successful checkpoints are kept and

@@ -22,8 +22,8 @@ use super::OnReadOnly;
 use super::batch::{Batcher, Finish, Write};
 use super::pg_writes::PgBatch;
 use super::{
-    CancelOutcome, Claimed, EVENT_BACKLOG, Enqueued, Held, JobEvent, Result, RetryOutcome,
-    SpecRead, Store, StoreError, StoreOptions, ms, spec_from_text, status_from_db,
+    CancelOutcome, Claimed, EVENT_BACKLOG, Enqueued, Held, JobEvent, Progress, Result,
+    RetryOutcome, SpecRead, Store, StoreError, StoreOptions, ms, spec_from_text, status_from_db,
 };
 use crate::job::{
     Job, JobStatus, JsonText, Lease, ListFilter, NewJob, SUPERSEDED, StartHere, Step, StepKey,
@@ -606,6 +606,29 @@ impl Store for PgStore {
             .bounded(async |c| Ok(query.fetch_optional(c).await?))
             .await?;
         status.as_deref().map(status_from_db).transpose()
+    }
+
+    async fn progress(&self, ids: &[Uuid]) -> Result<Vec<Progress>> {
+        let query = sqlx::query(
+            "SELECT j.id, j.status, j.attempt, s.steps, s.last_step_at FROM jobs j \
+             CROSS JOIN LATERAL (SELECT count(*) AS steps, max(created_at) AS last_step_at \
+                                 FROM steps WHERE job_id = j.id) s \
+             WHERE j.id = ANY($1)",
+        )
+        .bind(ids);
+        let rows = self
+            .bounded(async |c| Ok(query.fetch_all(c).await?))
+            .await?;
+        let progress = |r: &PgRow| -> Result<Progress> {
+            Ok(Progress {
+                id: r.try_get("id")?,
+                status: status_from_db(r.try_get("status")?)?,
+                attempt: r.try_get("attempt")?,
+                steps: r.try_get("steps")?,
+                last_step_at: r.try_get("last_step_at")?,
+            })
+        };
+        rows.iter().map(progress).collect()
     }
 
     async fn find_by_request(

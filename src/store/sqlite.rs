@@ -22,8 +22,8 @@ use uuid::Uuid;
 use super::batch::{Batcher, Finish, Write};
 use super::sqlite_writes::SqliteBatch;
 use super::{
-    CancelOutcome, Claimed, EVENT_BACKLOG, Enqueued, Held, JobEvent, Result, RetryOutcome,
-    SpecRead, Store, StoreError, ms, spec_from_text, status_from_db,
+    CancelOutcome, Claimed, EVENT_BACKLOG, Enqueued, Held, JobEvent, Progress, Result,
+    RetryOutcome, SpecRead, Store, StoreError, ms, spec_from_text, status_from_db,
 };
 use crate::job::{
     Job, JobStatus, JsonText, Lease, ListFilter, NewJob, SUPERSEDED, StartHere, Step, StepKey,
@@ -131,6 +131,13 @@ const LIST_SQL: &str = list_sql!("id < ?1 ORDER BY id DESC LIMIT ?2");
 const LIST_BY_STATUS_SQL: &str = list_sql!("status = ?1 AND id < ?2 ORDER BY id DESC LIMIT ?3");
 /// Sorts after every id (a lowercase hyphenated UUID): the cursor of a first page.
 const ID_ABOVE_ALL: &str = "~";
+
+/// Where each job of a JSON array of ids stands (`Store::progress`): by the primary keys of
+/// `jobs` and `steps`.
+const PROGRESS_SQL: &str = "SELECT j.id, j.status, j.attempt, \
+     (SELECT count(*) FROM steps s WHERE s.job_id = j.id) AS steps, \
+     (SELECT max(s.created_at) FROM steps s WHERE s.job_id = j.id) AS last_step_at \
+     FROM jobs j WHERE j.id IN (SELECT value FROM json_each(?))";
 
 /// The newest job with a request hash since a time, by `jobs_request_hash` (migration 0011).
 const FIND_BY_REQUEST_SQL: &str = concat!(
@@ -455,6 +462,24 @@ impl Store for SqliteStore {
             .fetch_optional(&self.pool)
             .await?;
         status.as_deref().map(status_from_db).transpose()
+    }
+
+    async fn progress(&self, ids: &[Uuid]) -> Result<Vec<Progress>> {
+        let ids = serde_json::to_string(ids).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+        let rows = sqlx::query(PROGRESS_SQL)
+            .bind(ids)
+            .fetch_all(&self.pool)
+            .await?;
+        let progress = |r: &SqliteRow| -> Result<Progress> {
+            Ok(Progress {
+                id: parse_id(&r.try_get::<String, _>("id")?)?,
+                status: status_from_db(&r.try_get::<String, _>("status")?)?,
+                attempt: r.try_get("attempt")?,
+                steps: r.try_get("steps")?,
+                last_step_at: r.try_get("last_step_at")?,
+            })
+        };
+        rows.iter().map(progress).collect()
     }
 
     async fn find_by_request(

@@ -23,7 +23,8 @@ use async_trait::async_trait;
 use fusion::clock::{Clock, Shifted, SystemClock};
 use fusion::job::{Job, JobStatus, JsonText, Lease, ListFilter, NewJob, StartHere, Step, StepKey};
 use fusion::store::{
-    CancelOutcome, Claimed, Enqueued, Held, JobEvent, Result, RetryOutcome, Store, StoreError,
+    CancelOutcome, Claimed, Enqueued, Held, JobEvent, Progress, Result, RetryOutcome, Store,
+    StoreError,
 };
 use fusion::testing::capture_logs;
 use fusion::worker::{Worker, WorkerConfig};
@@ -51,6 +52,11 @@ pub(crate) struct Faulty {
     pub(crate) reads: AtomicUsize,
     /// Every read of a whole job (`get_job`), failed or not.
     pub(crate) whole_reads: AtomicUsize,
+    /// Every read of the watched jobs' progress (`progress`), failed or not (also counted in
+    /// `reads`, and failed as they are).
+    pub(crate) progress_reads: AtomicUsize,
+    /// The most jobs one `progress` read asked for.
+    pub(crate) progress_most: AtomicUsize,
     enqueues_left: AtomicUsize,
     claims_left: AtomicUsize,
     /// Until this is cancelled, every hand-back of a claim fails, not reaching the database.
@@ -134,6 +140,8 @@ impl Faulty {
             steps_unreadable: AtomicBool::new(false),
             reads: AtomicUsize::new(0),
             whole_reads: AtomicUsize::new(0),
+            progress_reads: AtomicUsize::new(0),
+            progress_most: AtomicUsize::new(0),
             enqueues_left: AtomicUsize::new(faults.enqueues),
             claims_left: AtomicUsize::new(faults.claims),
             releases_fail_until: Mutex::new(None),
@@ -271,6 +279,12 @@ impl Store for Faulty {
     }
     async fn cancel(&self, id: Uuid, now: i64) -> Result<CancelOutcome> {
         self.inner.cancel(id, now).await
+    }
+    async fn progress(&self, ids: &[Uuid]) -> Result<Vec<Progress>> {
+        self.progress_reads.fetch_add(1, Ordering::SeqCst);
+        self.progress_most.fetch_max(ids.len(), Ordering::SeqCst);
+        self.read_fault()?;
+        self.inner.progress(ids).await
     }
     async fn retry_failed(&self, id: Uuid, now: i64) -> Result<RetryOutcome> {
         self.inner.retry_failed(id, now).await
