@@ -10,7 +10,7 @@
 
 use std::collections::HashMap;
 use std::collections::hash_map::Entry;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
 use tokio::sync::{broadcast, mpsc};
@@ -78,6 +78,7 @@ impl JobWatch {
                 }
             }
         });
+        let store = Arc::downgrade(&store);
         tokio::spawn(poll_progress(store, subscribers.clone(), closed.clone()));
         Arc::new(JobWatch {
             subscribers,
@@ -119,13 +120,29 @@ impl JobWatch {
 }
 
 impl Watcher {
-    /// The next event of this job (`Missed`: it changed, or may have, in a way no event said;
-    /// re-read it), or `None` once the watch is closed.
+    /// The news of this job since the last call, as one event (`Missed`: it changed, or may
+    /// have, in a way no event said; re-read it), or `None` once the watch is closed. What
+    /// queued while the watcher was busy comes as the one that says most (a finish, else a
+    /// `Missed`, else the last step): one re-read answers for all of it. (A wait riding out an
+    /// outage is told each second the progress read fails; once the database is back, one
+    /// re-read, not one per second it was away.)
     pub async fn next(&mut self) -> Option<JobEvent> {
-        tokio::select! {
-            _ = self.closed.cancelled() => None,
-            event = self.rx.recv() => event,
+        let first = tokio::select! {
+            _ = self.closed.cancelled() => return None,
+            event = self.rx.recv() => event?,
+        };
+        let mut news = first;
+        while let Ok(more) = self.rx.try_recv() {
+            let rank = |e: &JobEvent| match e {
+                JobEvent::Finished { .. } => 2,
+                JobEvent::Missed => 1,
+                JobEvent::Step { .. } => 0,
+            };
+            if rank(&more) >= rank(&news) {
+                news = more;
+            }
         }
+        Some(news)
     }
 
     /// Whether waiting should stop (see `JobWatch::close`).
@@ -170,13 +187,22 @@ impl Watcher {
 /// the outage as any read of a wait does, and ends the wait with an answer naming the job when
 /// the database stays away. Before, each watcher re-read its job every second: one read per
 /// waiting request per second, however many waited.
-async fn poll_progress(store: Arc<dyn Store>, subscribers: Subscribers, closed: CancellationToken) {
+/// Ends with the store (held weakly, so that a server dropped unstarted lets it go) or the
+/// watch.
+async fn poll_progress(
+    store: Weak<dyn Store>,
+    subscribers: Subscribers,
+    closed: CancellationToken,
+) {
     let mut seen: HashMap<Uuid, Progress> = HashMap::new();
     loop {
         tokio::select! {
             _ = closed.cancelled() => return,
             _ = tokio::time::sleep(FALLBACK_POLL) => {}
         }
+        let Some(store) = store.upgrade() else {
+            return;
+        };
         let ids: Vec<Uuid> = {
             let map = subscribers.lock().expect("subscribers");
             seen.retain(|id, _| map.contains_key(id));
@@ -284,5 +310,61 @@ pub async fn wait_final(watch: &JobWatch, store: &dyn Store, id: Uuid) -> Result
                 break;
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::job::{JobStatus, StepKey};
+
+    /// A watcher on a channel of its own, and that channel's sender.
+    fn watcher() -> (Watcher, mpsc::UnboundedSender<JobEvent>) {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let watcher = Watcher {
+            id: Uuid::now_v7(),
+            rx,
+            subscribers: Arc::default(),
+            closed: CancellationToken::new(),
+            outage: Duration::from_secs(1),
+        };
+        (watcher, tx)
+    }
+
+    // What queued while a wait was busy (a minute of an outage's tellings, steps, a finish)
+    // comes as one event, the one that says most: one re-read, not one per telling.
+    #[tokio::test]
+    async fn news_that_queued_comes_as_one_event_that_says_most() {
+        let (mut watcher, tx) = watcher();
+        let job_id = watcher.id;
+        let step = JobEvent::Step {
+            job_id,
+            step: StepKey::Panel(0),
+        };
+        let finished = JobEvent::Finished {
+            job_id,
+            status: JobStatus::Succeeded,
+            attempt: 1,
+        };
+        for event in [
+            JobEvent::Missed,
+            step.clone(),
+            finished.clone(),
+            JobEvent::Missed,
+        ] {
+            tx.send(event).unwrap();
+        }
+        assert_eq!(watcher.next().await, Some(finished));
+        for _ in 0..60 {
+            tx.send(JobEvent::Missed).unwrap();
+        }
+        tx.send(step.clone()).unwrap();
+        assert_eq!(watcher.next().await, Some(JobEvent::Missed));
+        tx.send(step.clone()).unwrap();
+        assert_eq!(watcher.next().await, Some(step));
+        let nothing = tokio::time::timeout(Duration::from_millis(50), watcher.next()).await;
+        assert!(nothing.is_err(), "{nothing:?}");
+        watcher.closed.cancel();
+        assert_eq!(watcher.next().await, None);
     }
 }

@@ -433,7 +433,8 @@ impl JobEvent {
 }
 
 /// Room for events not yet read by a slow receiver; a lagging one re-reads the store (waiters
-/// poll as a fallback, and the heartbeat notices every cancelled job anyway).
+/// learn of what they missed from their process's read of every watched job's progress, and
+/// the heartbeat notices every cancelled job anyway).
 pub(crate) const EVENT_BACKLOG: usize = 4096;
 
 /// How a store connects, beyond its URL.

@@ -52,9 +52,11 @@ pub(crate) struct Faulty {
     pub(crate) reads: AtomicUsize,
     /// Every read of a whole job (`get_job`), failed or not.
     pub(crate) whole_reads: AtomicUsize,
-    /// Every read of the watched jobs' progress (`progress`), failed or not (also counted in
-    /// `reads`, and failed as they are).
+    /// Every read of the watched jobs' progress (`progress`), failed or not (not counted in
+    /// `reads`, nor failed by its faults).
     pub(crate) progress_reads: AtomicUsize,
+    /// How many of the next progress reads fail.
+    pub(crate) progress_fails: AtomicUsize,
     /// The most jobs one `progress` read asked for.
     pub(crate) progress_most: AtomicUsize,
     enqueues_left: AtomicUsize,
@@ -141,6 +143,7 @@ impl Faulty {
             reads: AtomicUsize::new(0),
             whole_reads: AtomicUsize::new(0),
             progress_reads: AtomicUsize::new(0),
+            progress_fails: AtomicUsize::new(0),
             progress_most: AtomicUsize::new(0),
             enqueues_left: AtomicUsize::new(faults.enqueues),
             claims_left: AtomicUsize::new(faults.claims),
@@ -283,7 +286,9 @@ impl Store for Faulty {
     async fn progress(&self, ids: &[Uuid]) -> Result<Vec<Progress>> {
         self.progress_reads.fetch_add(1, Ordering::SeqCst);
         self.progress_most.fetch_max(ids.len(), Ordering::SeqCst);
-        self.read_fault()?;
+        if Self::take(&self.progress_fails) {
+            return Err(connection_reset());
+        }
         self.inner.progress(ids).await
     }
     async fn retry_failed(&self, id: Uuid, now: i64) -> Result<RetryOutcome> {
