@@ -3,7 +3,7 @@
 //! is passed through to its upstream as a thin gateway, unless it is offered the fusion tool.
 
 use axum::Json;
-use axum::extract::State;
+use axum::extract::{Path, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use serde_json::{Value, json};
@@ -40,10 +40,10 @@ impl StreamOptions {
             None | Some(Value::Null) => false,
             Some(Value::Bool(b)) => *b,
             Some(_) => {
-                return Err(ApiError::bad_request(
-                    "invalid_request",
-                    "`stream` must be a boolean",
-                ));
+                return Err(
+                    ApiError::bad_request("invalid_request", "`stream` must be a boolean")
+                        .param("stream"),
+                );
             }
         };
         let include_usage = body
@@ -54,6 +54,28 @@ impl StreamOptions {
             stream,
             include_usage,
         })
+    }
+
+    /// `stream_options` as OpenAI takes it: only with `stream: true`, and `include_usage` a
+    /// boolean (read as false otherwise, a client asking for usage would get none). Checked
+    /// for the completions this server answers itself; a relayed one is the upstream's to judge.
+    fn refuse_stray(&self, body: &Value) -> Result<(), ApiError> {
+        let Some(options) = body.get("stream_options").filter(|o| !o.is_null()) else {
+            return Ok(());
+        };
+        let wrong = |message| {
+            Err(ApiError::bad_request("invalid_request", message).param("stream_options"))
+        };
+        if !self.stream {
+            return wrong("`stream_options` is only allowed with `stream: true`");
+        }
+        let Some(options) = options.as_object() else {
+            return wrong("`stream_options` must be an object");
+        };
+        match options.get("include_usage") {
+            None | Some(Value::Null | Value::Bool(_)) => Ok(()),
+            Some(_) => wrong("`stream_options.include_usage` must be a boolean"),
+        }
     }
 }
 
@@ -87,10 +109,12 @@ pub async fn completions(
     let opts = StreamOptions::from_body(&body)?;
     if is_fusion_model(&model) || has_fusion_plugin(&body) {
         refuse_recursion(&headers)?;
+        opts.refuse_stray(&body)?;
         return fusion_completion(state, &headers, body, opts).await;
     }
     if tool::offers_fusion(&body) {
         refuse_recursion(&headers)?;
+        opts.refuse_stray(&body)?;
         return tool::run(state, body, model, opts).await;
     }
     relay::passthrough(&state, &model, body).await
@@ -257,24 +281,57 @@ pub fn job_error(job: &Job) -> ApiError {
     ApiError::new(status, reason.to_string(), message).after_jobs(&[job.id])
 }
 
-pub async fn models(State(state): State<AppState>) -> Json<Value> {
-    let mut names: Vec<&String> = state.config.presets.keys().collect();
+/// The fusion models this server answers as itself: `fusion` (the default preset) and
+/// `fusion/NAME` for each preset, in that order, as OpenAI's model objects.
+fn model_entries(config: &crate::config::FusionConfig) -> Vec<(String, Value)> {
+    let mut names: Vec<&String> = config.presets.keys().collect();
     names.sort();
-    let default = &state.config.presets[&state.config.default_preset];
     let entry = |id: String, preset: &crate::config::Preset| {
-        json!({
+        let object = json!({
             "id": id,
             "object": "model",
             "created": 0,
             "owned_by": "fusion",
             "fusion": {"panel": preset.panel, "analyst": preset.analyst},
-        })
+        });
+        (id, object)
     };
-    let mut data = vec![entry("fusion".into(), default)];
-    data.extend(
+    let mut entries = vec![entry(
+        "fusion".into(),
+        &config.presets[&config.default_preset],
+    )];
+    entries.extend(
         names
             .into_iter()
-            .map(|n| entry(format!("fusion/{n}"), &state.config.presets[n])),
+            .map(|n| entry(format!("fusion/{n}"), &config.presets[n])),
     );
+    entries
+}
+
+pub async fn models(State(state): State<AppState>) -> Json<Value> {
+    let data: Vec<Value> = model_entries(&state.config)
+        .into_iter()
+        .map(|(_, object)| object)
+        .collect();
     Json(json!({"object": "list", "data": data}))
+}
+
+/// One model by id (`client.models.retrieve("fusion")`): one of the list's, or 404
+/// `model_not_found`. (A model id may hold a slash: `fusion/budget`.)
+pub async fn model(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    model_entries(&state.config)
+        .into_iter()
+        .find(|(name, _)| *name == id)
+        .map(|(_, object)| Json(object))
+        .ok_or_else(|| {
+            let message = format!(
+                "the model `{id}` does not exist here: GET /v1/models lists the fusion models \
+                 this server answers (other models are relayed to their provider by \
+                 /v1/chat/completions)"
+            );
+            ApiError::new(StatusCode::NOT_FOUND, "model_not_found", message)
+        })
 }

@@ -1,9 +1,10 @@
 //! One error type for every endpoint, mapped to HTTP in one place. Bodies follow the OpenAI shape
-//! `{"error": {"code", "message", "type"}}` so SDKs raise their usual exceptions. Internal errors
+//! `{"error": {"code", "message", "param", "type"}}` so SDKs raise their usual exceptions. Internal errors
 //! are logged here once and answered with a generic message. An error answered after the request
 //! enqueued a job names the job and tells SDKs not to retry: a retry would be a new, paid job.
 
 use std::borrow::Cow;
+use std::time::Duration;
 
 use axum::Json;
 use axum::extract::rejection::{JsonRejection, QueryRejection};
@@ -28,6 +29,10 @@ pub struct ApiError {
     /// The jobs the request enqueued before this error: named in the answer (and its
     /// `x-fusion-job-id`), which also carries `x-should-retry: false`.
     pub jobs: Vec<Uuid>,
+    /// The request field at fault, when one is (`error.param`; `null` otherwise).
+    pub param: Option<&'static str>,
+    /// How long an upstream asked to be left alone (its `Retry-After`), passed on as ours.
+    pub retry_after: Option<Duration>,
 }
 
 impl ApiError {
@@ -41,7 +46,21 @@ impl ApiError {
             code: code.into(),
             message: message.into(),
             jobs: Vec::new(),
+            param: None,
+            retry_after: None,
         }
+    }
+
+    /// This error, about the request field `param`.
+    pub fn param(mut self, param: &'static str) -> ApiError {
+        self.param = Some(param);
+        self
+    }
+
+    /// This error, answered with `Retry-After` (whole seconds, rounded up) when `after` is set.
+    pub fn retry_after(mut self, after: Option<Duration>) -> ApiError {
+        self.retry_after = after;
+        self
     }
 
     /// This error, answered after the request enqueued `jobs`: the message names each job not
@@ -99,7 +118,8 @@ impl ApiError {
         }
     }
 
-    /// The `{"error": {"code", "message", "type"}}` body, also sent as a stream's last event.
+    /// The `{"error": {"code", "message", "param", "type"}}` body, also sent as a stream's last
+    /// event.
     /// Log a server-side failure (a 5xx), once, however it reaches the client: as a response,
     /// or as an error event in a stream that had started.
     pub fn log(&self) {
@@ -112,6 +132,7 @@ impl ApiError {
         json!({"error": {
             "code": self.code,
             "message": self.message,
+            "param": self.param,
             "type": self.kind(),
         }})
     }
@@ -130,6 +151,11 @@ impl IntoResponse for ApiError {
             // job still running) up to twice, and a resend that lands once the job has failed
             // again would requeue it, a paid run nobody asked for.
             headers.insert(SHOULD_RETRY_HEADER, HeaderValue::from_static("false"));
+        } else if let Some(after) = self.retry_after {
+            // An upstream's own wait, passed on: the SDKs wait as long as it says rather than
+            // going straight back into the provider's limit.
+            let seconds = after.as_secs() + u64::from(after.subsec_nanos() > 0);
+            headers.insert(header::RETRY_AFTER, HeaderValue::from(seconds));
         } else if self.status == StatusCode::SERVICE_UNAVAILABLE {
             // Nothing was stored: a retry is safe, and the SDKs wait as long as this says
             // rather than spending their retries within a second and a half.

@@ -79,6 +79,7 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/jobs/{id}/retry", post(jobs::retry))
         .route("/v1/chat/completions", post(chat::completions))
         .route("/v1/models", get(chat::models))
+        .route("/v1/models/{*id}", get(chat::model))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .fallback(not_found)
@@ -87,6 +88,7 @@ pub fn router(state: AppState) -> Router {
         // a declared length over that is refused before reading.
         .layer(middleware::from_fn(refuse_long_bodies))
         .layer(TraceLayer::new_for_http())
+        .layer(middleware::from_fn(request_id))
         .with_state(state)
 }
 
@@ -125,6 +127,22 @@ async fn method_not_allowed(method: Method, OriginalUri(uri): OriginalUri) -> Ap
             uri.path()
         ),
     )
+}
+
+/// The header the OpenAI SDKs read a request's id from (`_request_id`, and on their errors).
+const REQUEST_ID: &str = "x-request-id";
+
+/// Every answer carries an `x-request-id`, `req_` and a UUID, also recorded on the request's
+/// log lines (its span); a relayed answer keeps the upstream's own, which its provider knows.
+async fn request_id(request: Request, next: Next) -> Response {
+    let id = format!("req_{}", uuid::Uuid::now_v7().simple());
+    let span = tracing::info_span!("request", id = %id);
+    let mut resp = tracing::Instrument::instrument(next.run(request), span).await;
+    if !resp.headers().contains_key(REQUEST_ID) {
+        let value = header::HeaderValue::from_str(&id).expect("letters and digits");
+        resp.headers_mut().insert(REQUEST_ID, value);
+    }
+    resp
 }
 
 /// Refuse a body whose `Content-Length` is over the limit without reading it. (tower-http's

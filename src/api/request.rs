@@ -54,9 +54,10 @@ pub fn asks_logprobs(obj: &Map<String, Value>) -> bool {
 }
 
 /// What a fusion run cannot give and a client would break without: token log probabilities
-/// (`choice.logprobs` would be null; `top_logprobs: 0` asks for none), and a forced tool or
-/// function call (a fusion model answers in text; `tools` with `tool_choice` `auto` or `none`,
-/// or `allowed_tools` in `auto` mode, are accepted and unused, as text is allowed).
+/// (`choice.logprobs` would be null; `top_logprobs: 0` asks for none), an audio answer
+/// (`message.audio` would be null), and a forced tool or function call (a fusion model answers
+/// in text; `tools` with `tool_choice` `auto` or `none`, or `allowed_tools` in `auto` mode, are
+/// accepted and unused, as text is allowed).
 fn refuse_unsupported(obj: &Map<String, Value>) -> Result<(), ApiError> {
     let none = |v: Option<&Value>| {
         matches!(v, None | Some(Value::Null | Value::Bool(false)))
@@ -68,10 +69,28 @@ fn refuse_unsupported(obj: &Map<String, Value>) -> Result<(), ApiError> {
         .into_iter()
         .find_map(|(set, field)| set.then_some(field))
     {
-        return Err(unsupported(format!(
-            "`{field}` is not supported: a fusion answer is written from several models' \
-             answers and has no token log probabilities"
-        )));
+        return Err(unsupported(
+            field,
+            format!(
+                "`{field}` is not supported: a fusion answer is written from several models' \
+                 answers and has no token log probabilities"
+            ),
+        ));
+    }
+    let audio_out = obj
+        .get("modalities")
+        .and_then(Value::as_array)
+        .is_some_and(|m| m.iter().any(|m| m == "audio"));
+    let audio = !matches!(obj.get("audio"), None | Some(Value::Null));
+    if let Some(field) = [(audio_out, "modalities"), (audio, "audio")]
+        .into_iter()
+        .find_map(|(set, field)| set.then_some(field))
+    {
+        return Err(unsupported(
+            field,
+            "an audio answer is not supported: a fusion answer is text written from several \
+             models' answers; ask for `modalities: [\"text\"]`",
+        ));
     }
     let offered = |k: &str| {
         obj.get(k)
@@ -89,7 +108,12 @@ fn refuse_unsupported(obj: &Map<String, Value>) -> Result<(), ApiError> {
     // The older `functions` and `function_call` (`{"name": ...}` forces one).
     let forces_function = obj.get("function_call").is_some_and(Value::is_object);
     if (offered("tools") && forces_tool) || (offered("functions") && forces_function) {
+        let field = match offered("tools") && forces_tool {
+            true => "tool_choice",
+            false => "function_call",
+        };
         return Err(unsupported(
+            field,
             "`tool_choice` (or `function_call`) cannot force a call on a fusion model: it \
              answers in text; use `auto` or `none`, or offer `{\"type\": \"fusion\"}` as a \
              tool to another model",
@@ -115,8 +139,8 @@ fn refuse_misplaced_plugin_fields(obj: &Map<String, Value>) -> Result<(), ApiErr
     }
 }
 
-fn unsupported(message: impl Into<String>) -> ApiError {
-    ApiError::bad_request("unsupported_parameter", message)
+fn unsupported(param: &'static str, message: impl Into<String>) -> ApiError {
+    ApiError::bad_request("unsupported_parameter", message).param(param)
 }
 
 /// Hash of the request, to tell a true repeat under an idempotency key from a reused key.
@@ -781,26 +805,55 @@ mod tests {
     }
 
     // What a fusion run cannot give is refused, not dropped: the client would read
-    // `choice.logprobs` as null, or find no tool call where it forced one.
+    // `choice.logprobs` or `message.audio` as null, or find no tool call where it forced one.
+    // The error names the field (`error.param`).
     #[test]
-    fn refuses_log_probabilities_and_forced_tool_calls() {
+    fn refuses_log_probabilities_audio_and_forced_tool_calls() {
         let tools = json!([{"type": "function", "function": {"name": "f", "parameters": {}}}]);
-        for extra in [
-            json!({"logprobs": true}),
-            json!({"logprobs": 1}),
-            json!({"top_logprobs": 3}),
-            json!({"tools": tools, "tool_choice": "required"}),
-            json!({"tools": tools, "tool_choice": {"type": "function", "function": {"name": "f"}}}),
-            json!({"tools": tools, "tool_choice": {"type": "allowed_tools",
-                   "allowed_tools": {"mode": "required", "tools": []}}}),
-            json!({"functions": [{"name": "f"}], "function_call": {"name": "f"}}),
+        for (extra, param) in [
+            (json!({"logprobs": true}), "logprobs"),
+            (json!({"logprobs": 1}), "logprobs"),
+            (json!({"top_logprobs": 3}), "top_logprobs"),
+            (json!({"modalities": ["text", "audio"]}), "modalities"),
+            (
+                json!({"audio": {"voice": "alloy", "format": "wav"}}),
+                "audio",
+            ),
+            (
+                json!({"tools": tools, "tool_choice": "required"}),
+                "tool_choice",
+            ),
+            (
+                json!({"tools": tools, "tool_choice": {"type": "function", "function": {"name": "f"}}}),
+                "tool_choice",
+            ),
+            (
+                json!({"tools": tools, "tool_choice": {"type": "allowed_tools",
+                       "allowed_tools": {"mode": "required", "tools": []}}}),
+                "tool_choice",
+            ),
+            (
+                json!({"functions": [{"name": "f"}], "function_call": {"name": "f"}}),
+                "function_call",
+            ),
         ] {
             let mut body = json!({"model": "fusion", "messages": msgs()});
             body.as_object_mut()
                 .unwrap()
                 .extend(extra.as_object().unwrap().clone());
-            let (code, message) = err(body);
-            assert_eq!(code, "unsupported_parameter", "{extra}: {message}");
+            let e = parse(&body, &config()).unwrap_err();
+            assert_eq!(e.code, "unsupported_parameter", "{extra}: {}", e.message);
+            assert_eq!(e.param, Some(param), "{extra}");
+        }
+        for extra in [
+            json!({"modalities": ["text"], "audio": null}),
+            json!({"modalities": null}),
+        ] {
+            let mut body = json!({"model": "fusion", "messages": msgs()});
+            body.as_object_mut()
+                .unwrap()
+                .extend(extra.as_object().unwrap().clone());
+            assert!(parse(&body, &config()).is_ok(), "{extra}");
         }
         for extra in [
             json!({"logprobs": false, "top_logprobs": null}),

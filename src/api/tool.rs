@@ -269,8 +269,11 @@ async fn rounds(
                     }
                     _ => (status, "upstream_error"),
                 };
-                // Jobs run in earlier rounds are named: a retry would run them again.
-                ApiError::new(status, code, e.message).after_jobs(&job_ids)
+                // Jobs run in earlier rounds are named: a retry would run them again. With
+                // none, the upstream's wait (its `Retry-After`) is passed on.
+                ApiError::new(status, code, e.message)
+                    .retry_after(e.retry_after)
+                    .after_jobs(&job_ids)
             })?;
         usage.add(&outer_usage);
         let message = reply
@@ -291,7 +294,16 @@ async fn rounds(
             if !fusion_calls.is_empty() {
                 only_calls(&mut reply, own);
             }
-            reply["usage"] = json!(usage);
+            // The sum of every round's calls and every job's. With this one call alone, its
+            // own usage object with those counts set, so that its details (cached and
+            // reasoning tokens) are kept; after more, they would count one call of many.
+            let summed = json!(usage);
+            match reply.get_mut("usage").and_then(Value::as_object_mut) {
+                Some(own) if round == 0 => {
+                    own.extend(summed.as_object().cloned().unwrap_or_default())
+                }
+                _ => reply["usage"] = summed,
+            }
             reply["fusion_job_ids"] = json!(job_ids);
             return Ok((reply, job_ids));
         }

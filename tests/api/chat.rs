@@ -632,12 +632,7 @@ async fn a_fusion_call_inside_a_fusion_run_is_refused() {
 #[tokio::test]
 async fn the_models_list_names_every_fusion_preset() {
     let app = spawn_app().await;
-    let resp = app
-        .client
-        .get(format!("{}/v1/models", app.address))
-        .send()
-        .await
-        .unwrap();
+    let resp = app.get("/v1/models").await;
     let body: Value = resp.json().await.unwrap();
     assert_eq!(body["object"], "list");
     let ids: Vec<&str> = body["data"]
@@ -953,4 +948,118 @@ async fn an_allowed_tools_choice_forces_the_fusion_tool_once() {
         assert_eq!(allowed["tools"], fusion_ref, "{later:#}");
     }
     assert_eq!(outer[4]["tool_choice"], "none", "{:#}", outer[4]);
+}
+
+/// A completion with usage details, as OpenAI's reasoning models answer.
+const DETAILED_USAGE: &str = r#"{"id": "chatcmpl-1", "object": "chat.completion", "created": 1,
+ "model": "outer", "choices": [{"index": 0, "finish_reason": "stop",
+ "message": {"role": "assistant", "content": "answered alone"}}],
+ "usage": {"prompt_tokens": 5, "completion_tokens": 7, "total_tokens": 12,
+           "prompt_tokens_details": {"cached_tokens": 3},
+           "completion_tokens_details": {"reasoning_tokens": 4}}}"#;
+
+// What the OpenAI SDKs read besides the body: every answer's `x-request-id` (`_request_id`,
+// and on errors), ours or, relayed, the upstream's; `error.param`, null when no field is at
+// fault; and `client.models.retrieve`. Before, none of these was there.
+#[tokio::test]
+async fn answers_carry_what_the_openai_sdks_read() {
+    let app = spawn_app().await;
+    let ok = app.chat(&body_with_panel(&["m1"], "judge")).await;
+    assert_eq!(ok.status(), 200);
+    let ours = ok.headers()["x-request-id"].to_str().unwrap().to_string();
+    assert!(ours.starts_with("req_") && ours.len() == 36, "{ours}");
+    let missing = app.get("/v1/nowhere").await;
+    assert_eq!(missing.status(), 404);
+    let other = missing.headers()["x-request-id"]
+        .to_str()
+        .unwrap()
+        .to_string();
+    assert!(other.starts_with("req_") && other != ours, "{other}");
+    let body: Value = missing.json().await.unwrap();
+    assert!(
+        body["error"].as_object().unwrap().contains_key("param"),
+        "{body}"
+    );
+    assert_eq!(body["error"]["param"], Value::Null);
+
+    app.fake.script(
+        "vendor/raw",
+        Kind::Panel,
+        vec![Reply::RawOk(DETAILED_USAGE)],
+    );
+    let relayed = app
+        .chat(&json!({"model": "vendor/raw", "messages": [{"role": "user", "content": "hi"}]}))
+        .await;
+    assert_eq!(relayed.status(), 200);
+    assert_eq!(relayed.headers()["x-request-id"], "req_fake_raw");
+
+    let retrieve = async |id: &str| {
+        let resp = app.get(&format!("/v1/models/{id}")).await;
+        (resp.status().as_u16(), resp.json::<Value>().await.unwrap())
+    };
+    for id in ["fusion", "fusion/budget"] {
+        let (status, model) = retrieve(id).await;
+        assert_eq!(
+            (status, &model["id"], &model["object"]),
+            (200, &json!(id), &json!("model"))
+        );
+    }
+    let (status, error) = retrieve("gpt-4o").await;
+    assert_eq!(
+        (status, &error["error"]["code"]),
+        (404, &json!("model_not_found"))
+    );
+}
+
+// `stream_options` only with `stream: true`, and `include_usage` a boolean, as OpenAI answers;
+// before, both were taken and usage quietly left out.
+#[tokio::test]
+async fn stray_stream_options_are_refused_naming_the_field() {
+    let app = spawn_app().await;
+    let mut unstreamed = body_with_panel(&["m1"], "judge");
+    unstreamed["stream_options"] = json!({"include_usage": true});
+    let mut not_boolean = body_with_panel(&["m1"], "judge");
+    not_boolean["stream"] = json!(true);
+    not_boolean["stream_options"] = json!({"include_usage": "yes"});
+    let mut tool = body_with_tool(&["m1"], "judge");
+    tool["stream_options"] = json!({"include_usage": true});
+    for body in [unstreamed, not_boolean, tool] {
+        let resp = app.chat(&body).await;
+        assert_eq!(resp.status(), 400, "{body}");
+        let error: Value = resp.json().await.unwrap();
+        assert_eq!(error["error"]["param"], "stream_options", "{error}");
+    }
+    assert_eq!(app.fake.total_calls(), 0);
+    let mut fine = body_with_panel(&["m1"], "judge");
+    fine["stream"] = json!(true);
+    fine["stream_options"] = json!({"include_usage": false});
+    assert_eq!(app.chat(&fine).await.status(), 200);
+}
+
+// The fusion tool's outer model answering at once (no job): its own usage comes back whole,
+// cached and reasoning token details too (before, a sum of four counts replaced it). Rate
+// limited, its `Retry-After` is passed on, for the SDK to wait as long (before, none was).
+#[tokio::test]
+async fn the_fusion_tools_outer_model_keeps_its_usage_details_and_its_retry_after() {
+    let app = spawn_app().await;
+    app.fake.script(
+        "outer",
+        Kind::Panel,
+        vec![Reply::RawOk(DETAILED_USAGE), Reply::RateLimited(7)],
+    );
+    let resp = app.chat(&body_with_tool(&["m1"], "judge")).await;
+    assert_eq!(resp.status(), 200);
+    let reply: Value = resp.json().await.unwrap();
+    assert_eq!(reply["choices"][0]["message"]["content"], "answered alone");
+    assert_eq!(reply["usage"]["total_tokens"], 12, "{reply:#}");
+    assert_eq!(reply["usage"]["prompt_tokens_details"]["cached_tokens"], 3);
+    assert_eq!(
+        reply["usage"]["completion_tokens_details"]["reasoning_tokens"],
+        4
+    );
+    assert_eq!(reply["fusion_job_ids"], json!([]));
+
+    let limited = app.chat(&body_with_tool(&["m1"], "judge")).await;
+    assert_eq!(limited.status(), 429);
+    assert_eq!(limited.headers()["retry-after"], "7");
 }

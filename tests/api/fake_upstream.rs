@@ -58,7 +58,7 @@ pub enum Reply {
     Delay(u64, Box<Reply>),
     /// An HTTP error status with an OpenAI-style body.
     Status(u16),
-    /// `200 OK` with exactly this body (JSON or not).
+    /// `200 OK` with exactly this body (JSON or not), and an `x-request-id` of `req_fake_raw`.
     RawOk(&'static str),
     /// `200 OK` with this body as `text/html`: a web page where an API was expected.
     Page(&'static str),
@@ -359,6 +359,8 @@ async fn respond(reply: Reply, model: &str, kind: Kind) -> Response {
             Reply::RawOk(body) => {
                 let mut headers = HeaderMap::new();
                 headers.insert("content-type", HeaderValue::from_static("application/json"));
+                // As OpenAI's answers do: a relay passes it on.
+                headers.insert("x-request-id", HeaderValue::from_static("req_fake_raw"));
                 return (StatusCode::OK, headers, body).into_response();
             }
             Reply::Page(body) => {

@@ -177,24 +177,14 @@ impl TestApp {
     }
 
     pub async fn get_job(&self, id: &str) -> Value {
-        let resp = self
-            .client
-            .get(format!("{}/v1/jobs/{id}", self.address))
-            .send()
-            .await
-            .unwrap();
+        let resp = self.get(&format!("/v1/jobs/{id}")).await;
         assert_eq!(resp.status(), 200);
         resp.json().await.unwrap()
     }
 
     /// `GET /v1/jobs?{query}`: a page of the job list.
     pub async fn list_jobs(&self, query: &str) -> Value {
-        let resp = self
-            .client
-            .get(format!("{}/v1/jobs?{query}", self.address))
-            .send()
-            .await
-            .unwrap();
+        let resp = self.get(&format!("/v1/jobs?{query}")).await;
         assert_eq!(resp.status(), 200);
         resp.json().await.unwrap()
     }
@@ -219,11 +209,18 @@ impl TestApp {
     }
 
     pub async fn post(&self, path: &str) -> reqwest::Response {
-        self.client
-            .post(format!("{}{path}", self.address))
-            .send()
-            .await
-            .unwrap()
+        self.bare(reqwest::Method::POST, path).await
+    }
+
+    /// `GET {path}`, whatever it answers.
+    pub async fn get(&self, path: &str) -> reqwest::Response {
+        self.bare(reqwest::Method::GET, path).await
+    }
+
+    /// `{method} {path}` with no body.
+    async fn bare(&self, method: reqwest::Method, path: &str) -> reqwest::Response {
+        let url = format!("{}{path}", self.address);
+        self.client.request(method, url).send().await.unwrap()
     }
 }
 
