@@ -3,6 +3,7 @@
 //! is passed through to its upstream as a thin gateway, unless it is offered the fusion tool.
 
 use axum::Json;
+use axum::extract::rejection::PathRejection;
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -320,8 +321,12 @@ pub async fn models(State(state): State<AppState>) -> Json<Value> {
 /// `model_not_found`. (A model id may hold a slash: `fusion/budget`.)
 pub async fn model(
     State(state): State<AppState>,
-    Path(id): Path<String>,
+    id: Result<Path<String>, PathRejection>,
 ) -> Result<Json<Value>, ApiError> {
+    let Ok(Path(id)) = id else {
+        let message = "the path's model id is not UTF-8 once decoded, so not a model id";
+        return Err(ApiError::bad_request("invalid_model", message));
+    };
     model_entries(&state.config)
         .into_iter()
         .find(|(name, _)| *name == id)

@@ -152,8 +152,9 @@ impl IntoResponse for ApiError {
             // again would requeue it, a paid run nobody asked for.
             headers.insert(SHOULD_RETRY_HEADER, HeaderValue::from_static("false"));
         } else if let Some(after) = self.retry_after {
-            // An upstream's own wait, passed on: the SDKs wait as long as it says rather than
-            // going straight back into the provider's limit.
+            // An upstream's own wait, passed on (at most what a step waits out): the SDKs wait
+            // as long as it says rather than going straight back into the provider's limit.
+            let after = after.min(crate::upstream::MAX_RETRY_AFTER);
             let seconds = after.as_secs() + u64::from(after.subsec_nanos() > 0);
             headers.insert(header::RETRY_AFTER, HeaderValue::from(seconds));
         } else if self.status == StatusCode::SERVICE_UNAVAILABLE {

@@ -77,15 +77,7 @@ fn refuse_unsupported(obj: &Map<String, Value>) -> Result<(), ApiError> {
             ),
         ));
     }
-    let audio_out = obj
-        .get("modalities")
-        .and_then(Value::as_array)
-        .is_some_and(|m| m.iter().any(|m| m == "audio"));
-    let audio = !matches!(obj.get("audio"), None | Some(Value::Null));
-    if let Some(field) = [(audio_out, "modalities"), (audio, "audio")]
-        .into_iter()
-        .find_map(|(set, field)| set.then_some(field))
-    {
+    if let Some(field) = asks_audio_of(obj) {
         return Err(unsupported(
             field,
             "an audio answer is not supported: a fusion answer is text written from several \
@@ -137,6 +129,23 @@ fn refuse_misplaced_plugin_fields(obj: &Map<String, Value>) -> Result<(), ApiErr
              ...}}]`, not at the top level"
         ))),
     }
+}
+
+/// The field of `body` that asks for an audio answer (`modalities` with `"audio"`, or `audio`),
+/// if one does.
+pub fn asks_audio(body: &Value) -> Option<&'static str> {
+    body.as_object().and_then(asks_audio_of)
+}
+
+fn asks_audio_of(obj: &Map<String, Value>) -> Option<&'static str> {
+    let audio_out = obj
+        .get("modalities")
+        .and_then(Value::as_array)
+        .is_some_and(|m| m.iter().any(|m| m == "audio"));
+    let audio = !matches!(obj.get("audio"), None | Some(Value::Null));
+    [(audio_out, "modalities"), (audio, "audio")]
+        .into_iter()
+        .find_map(|(set, field)| set.then_some(field))
 }
 
 fn unsupported(param: &'static str, message: impl Into<String>) -> ApiError {

@@ -46,13 +46,15 @@ pub fn fusion_job(state: AppState, job: Job, opts: StreamOptions) -> Response {
         panel: job.spec.panel.len(),
     };
     drop(job);
-    tokio::spawn(async move {
+    // In the request's span: its log lines carry the request's id.
+    let streamed = async move {
         // The client left: stop now, wherever the task waits; the job goes on regardless.
         tokio::select! {
             _ = drive(state, shown, opts, &tx) => {}
             _ = tx.closed() => {}
         }
-    });
+    };
+    tokio::spawn(tracing::Instrument::in_current_span(streamed));
     let mut resp = sse(rx, keepalive);
     resp.headers_mut().insert(JOB_HEADER, header);
     resp
@@ -228,7 +230,7 @@ pub fn completion_later(
 ) -> Response {
     let (tx, rx) = channel(8);
     let model = model.to_string();
-    tokio::spawn(async move {
+    let streamed = async move {
         let id = format!("chatcmpl-fusion-{}", Uuid::now_v7());
         let streamed = async {
             let role = json!([{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": null}]);
@@ -242,7 +244,9 @@ pub fn completion_later(
             _ = streamed => {}
             _ = tx.closed() => {}
         }
-    });
+    };
+    // In the request's span: its log lines carry the request's id.
+    tokio::spawn(tracing::Instrument::in_current_span(streamed));
     sse(rx, keepalive)
 }
 

@@ -157,7 +157,17 @@ pub async fn run(
             "unsupported_parameter",
             "`logprobs` is not supported with the fusion tool and `stream: true`: ask without \
              streaming",
-        ));
+        )
+        .param("logprobs"));
+    }
+    // Nor an audio answer: the streamed reply is its text and calls.
+    if let Some(field) = opts.stream.then(|| request::asks_audio(&body)).flatten() {
+        return Err(ApiError::bad_request(
+            "unsupported_parameter",
+            "an audio answer is not supported with the fusion tool and `stream: true`: ask \
+             without streaming",
+        )
+        .param(field));
     }
     let template = job_template(&body, &state.config)?;
     refuse_tool_type_choice(body.get("tool_choice"))?;

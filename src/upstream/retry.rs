@@ -9,8 +9,8 @@ use tokio_util::sync::CancellationToken;
 use super::{Completion, CompletionRequest, Upstream, UpstreamError};
 use crate::job::Usage;
 
-/// The longest `Retry-After` we wait out within one step.
-const MAX_RETRY_AFTER: Duration = Duration::from_secs(300);
+/// The longest `Retry-After` we wait out within one step, and pass on to a client.
+pub const MAX_RETRY_AFTER: Duration = Duration::from_secs(300);
 
 /// A source of uniform randomness in [0, 1).
 pub type Jitter = Arc<dyn Fn() -> f64 + Send + Sync>;

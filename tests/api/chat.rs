@@ -1009,6 +1009,11 @@ async fn answers_carry_what_the_openai_sdks_read() {
         (status, &error["error"]["code"]),
         (404, &json!("model_not_found"))
     );
+    let (status, error) = retrieve("%FF").await;
+    assert_eq!(
+        (status, &error["error"]["code"]),
+        (400, &json!("invalid_model"))
+    );
 }
 
 // `stream_options` only with `stream: true`, and `include_usage` a boolean, as OpenAI answers;
@@ -1045,7 +1050,11 @@ async fn the_fusion_tools_outer_model_keeps_its_usage_details_and_its_retry_afte
     app.fake.script(
         "outer",
         Kind::Panel,
-        vec![Reply::RawOk(DETAILED_USAGE), Reply::RateLimited(7)],
+        vec![
+            Reply::RawOk(DETAILED_USAGE),
+            Reply::RateLimited(7),
+            Reply::RateLimited(u64::MAX),
+        ],
     );
     let resp = app.chat(&body_with_tool(&["m1"], "judge")).await;
     assert_eq!(resp.status(), 200);
@@ -1062,4 +1071,23 @@ async fn the_fusion_tools_outer_model_keeps_its_usage_details_and_its_retry_afte
     let limited = app.chat(&body_with_tool(&["m1"], "judge")).await;
     assert_eq!(limited.status(), 429);
     assert_eq!(limited.headers()["retry-after"], "7");
+    // At most the 300 s a step would wait out (before, this one overflowed).
+    let limited = app.chat(&body_with_tool(&["m1"], "judge")).await;
+    assert_eq!(limited.status(), 429);
+    assert_eq!(limited.headers()["retry-after"], "300");
+
+    // Streamed, the reply is rebuilt from its text and calls: what it would drop is refused,
+    // naming the field.
+    for (field, value) in [
+        ("logprobs", json!(true)),
+        ("modalities", json!(["text", "audio"])),
+    ] {
+        let mut body = body_with_tool(&["m1"], "judge");
+        body["stream"] = json!(true);
+        body[field] = value;
+        let resp = app.chat(&body).await;
+        assert_eq!(resp.status(), 400, "{field}");
+        let error: Value = resp.json().await.unwrap();
+        assert_eq!(error["error"]["param"], field, "{error}");
+    }
 }
