@@ -59,6 +59,13 @@ pub struct AnalysisSection {
     pub max_tokens: Option<u32>,
 }
 
+/// `[server] max_body_mib` by default: room for a long conversation or a few images in base64.
+pub const DEFAULT_MAX_BODY_MIB: u64 = 4;
+/// The most `[server] max_body_mib` may be: a body is held whole, parsed once (its JSON tree
+/// bounded by its count of objects and values, not its size), and stored in the job; Postgres
+/// takes at most 1 GiB in one message, and a batch of writes is cut at ~64 MiB of text.
+pub const MAX_BODY_MIB: u64 = 64;
+
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ServerSection {
@@ -66,6 +73,8 @@ pub struct ServerSection {
     pub keepalive_seconds: Option<u64>,
     /// Seconds a request waiting on its job keeps retrying failed reads of it.
     pub wait_outage_seconds: Option<u64>,
+    /// The largest request body taken, in MiB.
+    pub max_body_mib: Option<u64>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -133,6 +142,8 @@ pub struct FusionConfig {
     /// How long a request waiting on its job rides out a database that fails its reads before
     /// it answers with the job's id to fetch it by later.
     pub wait_outage: Duration,
+    /// The largest request body taken, in bytes (`413 body_too_large` past it).
+    pub max_body_bytes: usize,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -236,6 +247,7 @@ impl FileConfig {
                 self.server.wait_outage_seconds,
                 86_400,
             ),
+            ("max_body_mib", self.server.max_body_mib, MAX_BODY_MIB),
         ] {
             if let Some(v) = value {
                 anyhow::ensure!(
@@ -475,6 +487,8 @@ impl FileConfig {
             },
             keepalive: Duration::from_secs(self.server.keepalive_seconds.unwrap_or(15)),
             wait_outage: Duration::from_secs(self.server.wait_outage_seconds.unwrap_or(60)),
+            max_body_bytes: (self.server.max_body_mib.unwrap_or(DEFAULT_MAX_BODY_MIB) << 20)
+                as usize,
         })
     }
 }
@@ -777,6 +791,14 @@ mod tests {
                 "keepalive_seconds",
             ),
             ("[server]\nwait_outage_seconds = 0", "wait_outage_seconds"),
+            (
+                "[server]\nmax_body_mib = 0",
+                "max_body_mib must be 1 to 64, got 0",
+            ),
+            (
+                "[server]\nmax_body_mib = 65",
+                "max_body_mib must be 1 to 64, got 65",
+            ),
             ("[retry]\njitter = nan", "jitter"),
             ("[retry]\njitter = 2.0", "jitter"),
             // Once raised or lowered into range without a word.

@@ -13,8 +13,9 @@ use futures::StreamExt;
 use serde::de::DeserializeOwned;
 use tokio::time::Instant;
 
-use super::MAX_BODY_BYTES;
+use super::BodyLimit;
 use super::error::ApiError;
+use crate::config::DEFAULT_MAX_BODY_MIB;
 
 /// The most JSON objects, and values of any kind, a request body may hold. A parsed tree weighs
 /// far more than its text (an object's map starts with room for 11 entries): measured with
@@ -29,9 +30,10 @@ pub const MAX_BODY_VALUES: usize = 200_000;
 /// How long a request body may go without a byte arriving, once its handler asks for it.
 pub const BODY_IDLE_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// How long a whole request body may take to arrive: a 4 MiB body at ~35 KB/s. With the pause
-/// limit, a client sending a byte now and then holds its connection and buffer this long at
-/// most. Past either, `408 body_timeout`.
+/// How long a whole request body may take to arrive: a 4 MiB body (the default limit) at
+/// ~35 KB/s, a 64 MiB one (the most it may be set to) at ~560 KB/s. With the pause limit, a
+/// client sending a byte now and then holds its connection and buffer this long at most. Past
+/// either, `408 body_timeout`.
 pub const BODY_TIMEOUT: Duration = Duration::from_secs(120);
 
 /// A JSON body as `T`: received, counted on its text, then parsed once.
@@ -41,17 +43,24 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for ApiJson<T> {
     type Rejection = ApiError;
 
     async fn from_request(req: Request, _: &S) -> Result<Self, ApiError> {
-        read(req, BODY_IDLE_TIMEOUT, BODY_TIMEOUT)
+        // Set on every request by the router; the default where it is not (a handler called
+        // on its own).
+        let limit = req
+            .extensions()
+            .get::<BodyLimit>()
+            .map_or((DEFAULT_MAX_BODY_MIB << 20) as usize, |l| l.0);
+        read(req, limit, BODY_IDLE_TIMEOUT, BODY_TIMEOUT)
             .await
             .map(ApiJson)
     }
 }
 
-/// Receive `req`'s JSON body (no pause longer than `idle`, all of it within `whole`), then
-/// parse it. The checks and answers of axum's `Json`: the content type (415), the body limit
-/// (413), the syntax (400).
+/// Receive `req`'s JSON body (at most `limit` bytes, no pause longer than `idle`, all of it
+/// within `whole`), then parse it. The checks and answers of axum's `Json`: the content type
+/// (415), the body limit (413), the syntax (400).
 async fn read<T: DeserializeOwned>(
     req: Request,
+    limit: usize,
     idle: Duration,
     whole: Duration,
 ) -> Result<T, ApiError> {
@@ -62,7 +71,7 @@ async fn read<T: DeserializeOwned>(
             "Expected request with `Content-Type: application/json`",
         ));
     }
-    let bytes = receive(req.into_body(), idle, whole).await?;
+    let bytes = receive(req.into_body(), limit, idle, whole).await?;
     // Counted on the text, before any tree is built (on text that is not JSON the count means
     // little, and the parse below says what is wrong with it).
     let (objects, values) = nodes(&bytes);
@@ -81,9 +90,14 @@ async fn read<T: DeserializeOwned>(
 }
 
 /// `body` whole, in one buffer (collected frame by frame, a body sent in many small chunks
-/// kept a handle per chunk), at most `MAX_BODY_BYTES` (413 past it), with no pause longer than
+/// kept a handle per chunk), at most `limit` bytes (413 past it), with no pause longer than
 /// `idle` and all of it within `whole` (408 past either).
-async fn receive(body: Body, idle: Duration, whole: Duration) -> Result<Bytes, ApiError> {
+async fn receive(
+    body: Body,
+    limit: usize,
+    idle: Duration,
+    whole: Duration,
+) -> Result<Bytes, ApiError> {
     let deadline = Instant::now() + whole;
     let mut chunks = body.into_data_stream();
     let mut received = BytesMut::new();
@@ -111,8 +125,8 @@ async fn receive(body: Body, idle: Duration, whole: Duration) -> Result<Bytes, A
                 ));
             }
         };
-        if chunk.len() > MAX_BODY_BYTES - received.len() {
-            return Err(ApiError::body_too_large());
+        if chunk.len() > limit - received.len() {
+            return Err(ApiError::body_too_large(limit));
         }
         received.extend_from_slice(&chunk);
     }
@@ -188,7 +202,8 @@ mod tests {
     #[tokio::test]
     async fn a_body_that_stops_or_trickles_is_a_408_and_a_slow_one_is_read() {
         let (idle, whole) = (Duration::from_millis(100), Duration::from_millis(400));
-        let stalled = read::<Value>(body_of(&["{}"], Duration::from_secs(5)), idle, whole);
+        let stalled = body_of(&["{}"], Duration::from_secs(5));
+        let stalled = read::<Value>(stalled, 1 << 20, idle, whole);
         let error = stalled.await.unwrap_err();
         assert_eq!((error.status.as_u16(), &*error.code), (408, "body_timeout"));
         assert!(error.message.starts_with("no more"), "{}", error.message);
@@ -197,27 +212,30 @@ mod tests {
             &["[", "1", ",", "2", ",", "3", ",", "4", "]"],
             Duration::from_millis(60),
         );
-        let error = read::<Value>(trickle, idle, whole).await.unwrap_err();
+        let error = read::<Value>(trickle, 1 << 20, idle, whole)
+            .await
+            .unwrap_err();
         assert_eq!((error.status.as_u16(), &*error.code), (408, "body_timeout"));
         assert!(error.message.starts_with("all of"), "{}", error.message);
 
         let slow = body_of(&["{\"a\"", ":", "1}"], Duration::from_millis(60));
-        let value = read::<Value>(slow, idle, whole).await.unwrap();
+        let value = read::<Value>(slow, 1 << 20, idle, whole).await.unwrap();
         assert_eq!(value, serde_json::json!({"a": 1}));
     }
 
-    // Over the limit, however it comes (no length was declared): a 413.
+    // Over the limit, however it comes (no length was declared): a 413 that names it.
     #[tokio::test]
     async fn a_body_over_the_limit_is_a_413() {
         let chunk: &'static str = Box::leak("x".repeat(1 << 20).into_boxed_str());
         let big = body_of(&[chunk; 5], Duration::ZERO);
-        let error = read::<Value>(big, BODY_IDLE_TIMEOUT, BODY_TIMEOUT)
+        let error = read::<Value>(big, 4 << 20, BODY_IDLE_TIMEOUT, BODY_TIMEOUT)
             .await
             .unwrap_err();
         assert_eq!(
             (error.status.as_u16(), &*error.code),
             (413, "body_too_large")
         );
+        assert!(error.message.contains("4 MiB"), "{}", error.message);
     }
 
     #[test]

@@ -13,7 +13,6 @@ use axum::response::{IntoResponse, Response};
 use serde_json::{Value, json};
 use uuid::Uuid;
 
-use super::MAX_BODY_BYTES;
 use super::chat::{JOB_HEADER, jobs_header};
 use crate::store::StoreError;
 
@@ -93,14 +92,16 @@ impl ApiError {
         ApiError::new(StatusCode::CONFLICT, code, message)
     }
 
-    /// A request body over `MAX_BODY_BYTES`, whether its length was declared or not.
-    pub fn body_too_large() -> ApiError {
+    /// A request body over `limit` bytes (`[server] max_body_mib`), whether its length was
+    /// declared or not.
+    pub fn body_too_large(limit: usize) -> ApiError {
         ApiError::new(
             StatusCode::PAYLOAD_TOO_LARGE,
             "body_too_large",
             format!(
-                "the request body is over the limit of {} MiB ({MAX_BODY_BYTES} bytes)",
-                MAX_BODY_BYTES >> 20
+                "the request body is over the limit of {} MiB ({limit} bytes; the server's \
+                 `[server] max_body_mib`)",
+                limit >> 20
             ),
         )
     }

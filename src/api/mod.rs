@@ -68,8 +68,10 @@ impl AppState {
     }
 }
 
-/// Request bodies larger than this are refused with 413 (`ApiError::body_too_large`).
-pub const MAX_BODY_BYTES: usize = 4 * 1024 * 1024;
+/// The body limit of the request at hand (`[server] max_body_mib`), for `ApiJson`: set by
+/// `refuse_long_bodies` on every request.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct BodyLimit(pub usize);
 
 pub fn router(state: AppState) -> Router {
     Router::new()
@@ -84,9 +86,12 @@ pub fn router(state: AppState) -> Router {
         .route("/readyz", get(readyz))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
-        // Every body is read by `ApiJson`, which holds it to `MAX_BODY_BYTES` as it arrives;
-        // a declared length over that is refused before reading.
-        .layer(middleware::from_fn(refuse_long_bodies))
+        // Every body is read by `ApiJson`, which holds it to `[server] max_body_mib` as it
+        // arrives; a declared length over that is refused before reading.
+        .layer(middleware::from_fn_with_state(
+            state.config.max_body_bytes,
+            refuse_long_bodies,
+        ))
         .layer(TraceLayer::new_for_http())
         .layer(middleware::from_fn(request_id))
         .with_state(state)
@@ -147,13 +152,18 @@ async fn request_id(request: Request, next: Next) -> Response {
 
 /// Refuse a body whose `Content-Length` is over the limit without reading it. (tower-http's
 /// `RequestBodyLimitLayer` would answer this in text/plain, not in the shared error body.)
-async fn refuse_long_bodies(request: Request, next: Next) -> Response {
+async fn refuse_long_bodies(
+    State(limit): State<usize>,
+    mut request: Request,
+    next: Next,
+) -> Response {
     let declared = request
         .headers()
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
-    if declared.is_some_and(|n| n > MAX_BODY_BYTES as u64) {
-        return ApiError::body_too_large().into_response();
+    if declared.is_some_and(|n| n > limit as u64) {
+        return ApiError::body_too_large(limit).into_response();
     }
+    request.extensions_mut().insert(BodyLimit(limit));
     next.run(request).await
 }

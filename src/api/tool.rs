@@ -462,12 +462,13 @@ async fn run_call(
         .unwrap_or_default();
     // The outer model writes the arguments (an answer of up to 16 MiB): held to what a client
     // could submit as a whole job, before they are parsed.
-    if arguments.len() > super::MAX_BODY_BYTES {
+    let limit = state.config.max_body_bytes;
+    if arguments.len() > limit {
         return Ok((
             format!(
                 "error: the fusion tool's arguments are {} bytes, over the limit of {} MiB",
                 arguments.len(),
-                super::MAX_BODY_BYTES >> 20
+                limit >> 20
             ),
             None,
         ));

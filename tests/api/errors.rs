@@ -2,7 +2,7 @@
 
 use serde_json::{Value, json};
 
-use crate::helpers::spawn_api_only;
+use crate::helpers::{Options, spawn_api_only, spawn_app_with};
 
 async fn expect_error(resp: reqwest::Response, status: u16, code: &str) -> String {
     assert_eq!(resp.status(), status);
@@ -278,6 +278,38 @@ async fn bodies_up_to_4_mib_are_taken_and_larger_ones_get_the_json_413() {
         .collect();
     let chunked = reqwest::Body::wrap_stream(futures::stream::iter(chunks));
     expect_error(post(chunked).await.unwrap(), 413, "body_too_large").await;
+}
+
+// `[server] max_body_mib` moves the limit: with 5, a 4.5 MiB body (an image or two in base64,
+// over the default) is taken, and one over 5 MiB gets the 413 naming 5 MiB, declared or not.
+#[tokio::test]
+async fn the_body_limit_is_the_servers_max_body_mib() {
+    let app = spawn_app_with(Options {
+        workers: false,
+        toml: "[server]\nmax_body_mib = 5\n".into(),
+        ..Options::default()
+    })
+    .await;
+    let post = |body: String, chunked: bool| {
+        let body = match chunked {
+            false => reqwest::Body::from(body),
+            true => {
+                reqwest::Body::wrap_stream(futures::stream::iter([Ok::<_, std::io::Error>(body)]))
+            }
+        };
+        app.client
+            .post(format!("{}/v1/jobs", app.address))
+            .header("content-type", "application/json")
+            .body(body)
+            .send()
+    };
+    let resp = post(body_of_size(9 << 19), false).await.unwrap();
+    assert_eq!(resp.status(), 202, "{}", resp.text().await.unwrap());
+    for chunked in [false, true] {
+        let resp = post(body_of_size((5 << 20) + 1), chunked).await.unwrap();
+        let msg = expect_error(resp, 413, "body_too_large").await;
+        assert!(msg.contains("5 MiB"), "`{msg}` should name the limit");
+    }
 }
 
 #[tokio::test]
