@@ -38,8 +38,9 @@ fn passed_on(name: &str) -> bool {
 /// the timeout), the unfinished event is dropped and an error event and `[DONE]` end it,
 /// rather than the connection reset (which the Python SDK raises as a raw transport error) or
 /// half an event running into the error (which it cannot parse). Any other body is passed on
-/// as it comes, and cut as it was cut. Either way the provider's `key`, if it has one, is
-/// hidden (`key_hidden`).
+/// as it comes, and cut as it was cut. Either way the credential the call sent (`key`: the
+/// provider's key, or the base64 of its URL's userinfo), if it sent one, is hidden
+/// (`key_hidden`).
 fn relayed(resp: reqwest::Response, key: Option<String>) -> Response {
     let status = StatusCode::from_u16(resp.status().as_u16()).unwrap_or(StatusCode::BAD_GATEWAY);
     let mut headers = HeaderMap::new();
@@ -316,6 +317,28 @@ mod tests {
         assert_eq!(
             text,
             r#"{"error": {"message": "Incorrect API key provided: ***."}}"#
+        );
+    }
+
+    // A provider whose base URL carries `user:password@` sends them as Basic auth: an upstream
+    // echoing that header shows them hidden too. Before, only a key was.
+    #[tokio::test]
+    async fn a_relayed_answer_never_shows_the_servers_basic_credentials() {
+        // `user:s@cret`, as sent.
+        let token = "dXNlcjpzQGNyZXQ=";
+        let body = format!(r#"{{"error": {{"message": "denied: Authorization: Basic {token}"}}}}"#);
+        let answer = format!(
+            "HTTP/1.1 403 Forbidden\r\ncontent-type: application/json\r\n\
+             content-length: {}\r\n\r\n{body}",
+            body.len()
+        );
+        let (base, _) = answering(answer, Then::Close).await;
+        let base = base.replacen("http://", "http://user:s%40cret@", 1);
+        let (status, _, text) = relay_from(&base).await;
+        assert_eq!(status, StatusCode::FORBIDDEN);
+        assert_eq!(
+            text,
+            r#"{"error": {"message": "denied: Authorization: Basic ***"}}"#
         );
     }
 

@@ -190,7 +190,8 @@ impl Upstream {
     /// may take up to `RELAY_FOR`; the timeout (`timeout_seconds`) bounds each wait for more of
     /// the answer instead. Bounded whole by the timeout, as a completion is, a long generation
     /// streamed through was cut off mid-answer, without its end.
-    /// Also the provider's key, which the relayed answer must not show.
+    /// Also the credential the call sent (the provider's key, or the base64 of its URL's
+    /// userinfo), which the relayed answer must not show.
     pub async fn relay<'a>(
         &'a self,
         model: &'a str,
@@ -198,7 +199,7 @@ impl Upstream {
     ) -> Result<(reqwest::Response, Option<&'a str>), UpstreamError> {
         let resolved = self.resolve(model);
         let answer = self.send_within(resolved, body, RELAY_FOR).await?;
-        Ok((answer, resolved.0.key()))
+        Ok((answer, resolved.1.credential.as_ref().map(|c| c.0.as_str())))
     }
 
     /// POST a chat-completions body to a resolved provider (its `model` field set to the

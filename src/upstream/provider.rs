@@ -182,6 +182,10 @@ pub(super) struct Endpoint {
     /// `Some` when completions take the lean client: an `http://` URL that the proxy variables
     /// (`HTTP_PROXY`, `ALL_PROXY`, less `NO_PROXY`, read as reqwest reads them) leave alone.
     pub(super) plain: Option<Target>,
+    /// The credential every call sends, as it goes out: the provider's key, or the base64 of
+    /// the base URL's userinfo. What an upstream echoing its request would show (kept out of
+    /// `Debug`, as a key is).
+    pub(super) credential: Option<ApiKey>,
 }
 
 impl Endpoint {
@@ -192,6 +196,7 @@ impl Endpoint {
         headers.insert(DEPTH_HEADER, HeaderValue::from_static("1"));
         headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
         headers.insert(ACCEPT, HeaderValue::from_static("*/*"));
+        let mut credential = None;
         if let Some(key) = &provider.api_key {
             let mut value = HeaderValue::from_str(&format!("Bearer {}", key.0)).map_err(|_| {
                 anyhow::anyhow!(
@@ -201,7 +206,10 @@ impl Endpoint {
             })?;
             value.set_sensitive(true);
             headers.insert(AUTHORIZATION, value);
+            credential = Some(key.clone());
         } else if let Some(value) = basic_auth {
+            let token = value.to_str().ok().and_then(|v| v.strip_prefix("Basic "));
+            credential = token.map(|t| ApiKey(t.to_string()));
             headers.insert(AUTHORIZATION, value);
         }
         let plain = url
@@ -213,6 +221,7 @@ impl Endpoint {
             url,
             headers,
             plain,
+            credential,
         })
     }
 }
