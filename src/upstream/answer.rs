@@ -29,7 +29,12 @@ impl Answered {
     /// close ended it early) and JSON of another shape may be an error reported in a 2xx
     /// (OpenRouter does so for a model that fails mid-answer): both are retried. So is a JSON
     /// object followed by other bytes: an API did answer (the URL is right), but garbled.
-    pub fn parse<T: DeserializeOwned>(&self, provider: &Provider) -> Result<T, UpstreamError> {
+    /// `key`: the credential the call sent (see `Endpoint::credential`), hidden wherever shown.
+    pub fn parse<T: DeserializeOwned>(
+        &self,
+        provider: &Provider,
+        key: Option<&str>,
+    ) -> Result<T, UpstreamError> {
         serde_json::from_slice(&self.body).map_err(|e| {
             // Off the happy path only: what the body is, whatever `T` wants, read once.
             let mut values = serde_json::Deserializer::from_slice(&self.body).into_iter::<Value>();
@@ -38,7 +43,7 @@ impl Answered {
                 // carry the status it stands for (a proxy's `{"error": {"code": 401}}`): that
                 // classes it, so a refused key is not sent again as a garbled answer would be.
                 (Some(Ok(whole)), None) if whole.get("error").is_some_and(|e| !e.is_null()) => {
-                    let text = key_hidden(String::from_utf8_lossy(&self.body), provider.key());
+                    let text = key_hidden(String::from_utf8_lossy(&self.body), key);
                     let message = format!(
                         "upstream answered {} with an error: {}",
                         self.status,
@@ -48,12 +53,14 @@ impl Answered {
                     return UpstreamError::new(kind, Some(status), message);
                 }
                 // Text, or a value that is not an object, with more after it.
-                (Some(Err(text)), _) if !text.is_eof() => return self.not_json(provider),
-                (Some(Ok(first)), Some(_)) if !first.is_object() => return self.not_json(provider),
+                (Some(Err(text)), _) if !text.is_eof() => return self.not_json(provider, key),
+                (Some(Ok(first)), Some(_)) if !first.is_object() => {
+                    return self.not_json(provider, key);
+                }
                 (Some(Ok(_)), Some(_)) => format!(
                     "upstream answered {} with a JSON object followed by other bytes: `{}`",
                     self.status,
-                    excerpt(&self.body, provider.key())
+                    excerpt(&self.body, key)
                 ),
                 // JSON of another shape; an empty body, or one cut off before its JSON ended.
                 _ => format!("upstream body is not a chat completion: {e}"),
@@ -74,8 +81,7 @@ impl Answered {
     }
 
     /// A body that is not JSON at all: what came back, and where it came from.
-    fn not_json(&self, provider: &Provider) -> UpstreamError {
-        let key = provider.key();
+    fn not_json(&self, provider: &Provider, key: Option<&str>) -> UpstreamError {
         let content_type = self.content_type.as_ref().map_or_else(
             || "no content-type".to_string(),
             |v| format!("content-type {}", excerpt(v.as_bytes(), None)),

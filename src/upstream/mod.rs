@@ -123,14 +123,15 @@ impl Upstream {
         UNIX_EPOCH + Duration::from_millis(u64::try_from(self.clock.now_ms()).unwrap_or(0))
     }
 
-    /// One call, no retries. Its error never shows the provider's key (`UpstreamError::hiding`).
+    /// One call, no retries. Its error never shows the credential it sent, the provider's key or
+    /// its URL's userinfo (`UpstreamError::hiding`).
     pub async fn complete(
         &self,
         model: &str,
         req: &CompletionRequest<'_>,
     ) -> Result<Completion, UpstreamError> {
         let resolved = self.resolve(model);
-        let key = resolved.0.key();
+        let key = resolved.1.credential();
         self.complete_shown(model, resolved, req)
             .await
             .map_err(|e| e.hiding(key))
@@ -150,11 +151,11 @@ impl Upstream {
         })
         .map_err(|e| UpstreamError::new(ErrorKind::Rejected, None, e.to_string()))?;
         let started = Instant::now();
-        let answered = self.exchange(endpoint, provider.key(), body).await?;
+        let answered = self.exchange(endpoint, body).await?;
         let status = answered.status;
         // A body of another shape may still say what it was billed for.
         let mut wire: WireResponse = answered
-            .parse(provider)
+            .parse(provider, endpoint.credential())
             .map_err(|e| e.billed(self.usage(model, answered.usage())))?;
         let latency_ms = i64::try_from(started.elapsed().as_millis()).unwrap_or(i64::MAX);
         // Billed whether or not the completion is taken: an error below carries it.
@@ -166,7 +167,7 @@ impl Upstream {
         let first_error = first.map_or(&Value::Null, |c| &c.error);
         if let Some(error) = wire::reported_error(&wire.error, first_error, finish_reason) {
             let alone = first.is_none().then_some(&wire.error);
-            return Err(mid_answer(status, &error, alone, provider).billed(usage));
+            return Err(mid_answer(status, &error, alone, endpoint.credential()).billed(usage));
         }
         let empty = |what| UpstreamError::new(ErrorKind::Empty, Some(status), what).billed(usage);
         if wire.choices.is_empty() {
@@ -199,7 +200,7 @@ impl Upstream {
     ) -> Result<(reqwest::Response, Option<&'a str>), UpstreamError> {
         let resolved = self.resolve(model);
         let answer = self.send_within(resolved, body, RELAY_FOR).await?;
-        Ok((answer, resolved.1.credential.as_ref().map(|c| c.0.as_str())))
+        Ok((answer, resolved.1.credential()))
     }
 
     /// POST a chat-completions body to a resolved provider (its `model` field set to the
@@ -223,9 +224,9 @@ impl Upstream {
     async fn exchange(
         &self,
         endpoint: &Endpoint,
-        key: Option<&str>,
         body: Vec<u8>,
     ) -> Result<Answered, UpstreamError> {
+        let key = endpoint.credential();
         let Some(target) = &endpoint.plain else {
             let answer = self.post(endpoint, body, self.config.timeout).await?;
             return read_ok(answer, key, self.now(), self.error_wait()).await;
@@ -275,7 +276,7 @@ impl Upstream {
         let resolved = self.resolve(model);
         self.complete_json_shown(model, resolved, body)
             .await
-            .map_err(|e| e.hiding(resolved.0.key()))
+            .map_err(|e| e.hiding(resolved.1.credential()))
     }
 
     async fn complete_json_shown(
@@ -287,10 +288,11 @@ impl Upstream {
         let resp = self
             .send_within(resolved, body, self.config.timeout)
             .await?;
-        let provider = resolved.0;
-        let answered = read_ok(resp, provider.key(), self.now(), self.error_wait()).await?;
+        let (provider, endpoint, _) = resolved;
+        let key = endpoint.credential();
+        let answered = read_ok(resp, key, self.now(), self.error_wait()).await?;
         let status = answered.status;
-        let value: Value = answered.parse(provider)?;
+        let value: Value = answered.parse(provider, key)?;
         if !value.is_object() {
             return Err(UpstreamError::new(
                 ErrorKind::BadBody,
@@ -308,7 +310,7 @@ impl Upstream {
         if let Some(error) = wire::reported_error(&value["error"], &choice["error"], finish_reason)
         {
             let alone = choice.is_null().then_some(&value["error"]);
-            return Err(mid_answer(status, &error, alone, provider).billed(usage));
+            return Err(mid_answer(status, &error, alone, key).billed(usage));
         }
         Ok((value, usage))
     }
@@ -335,14 +337,8 @@ impl Upstream {
 /// A 200 whose model failed mid-answer (see `wire::reported_error`): retried like a garbled
 /// body, since whatever text came with it is cut short, and taken (or, empty, failed for good)
 /// it would be checkpointed as it is. An error `alone`, beside no choice at all, is classed by
-/// the status it names, if any (`answer::named`).
-fn mid_answer(
-    status: u16,
-    error: &str,
-    alone: Option<&Value>,
-    provider: &Provider,
-) -> UpstreamError {
-    let key = provider.key();
+/// the status it names, if any (`answer::named`). `key`: the credential the call sent.
+fn mid_answer(status: u16, error: &str, alone: Option<&Value>, key: Option<&str>) -> UpstreamError {
     let error = answer::excerpt(error.as_bytes(), key);
     let (kind, named) = alone.map_or((ErrorKind::BadBody, status), |e| answer::named(e, status));
     UpstreamError::new(

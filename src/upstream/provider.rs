@@ -189,6 +189,12 @@ pub(super) struct Endpoint {
 }
 
 impl Endpoint {
+    /// The credential every call sends, as it goes out (see `credential`): what an error
+    /// message or a relayed body must not show.
+    pub(super) fn credential(&self) -> Option<&str> {
+        self.credential.as_ref().map(|c| c.0.as_str())
+    }
+
     pub(super) fn of(provider: &Provider, proxies: &Matcher) -> anyhow::Result<Endpoint> {
         let (base_url, basic_auth) = without_userinfo(&provider.base_url);
         let url = format!("{}/chat/completions", base_url.trim_end_matches('/'));

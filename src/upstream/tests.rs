@@ -448,6 +448,30 @@ async fn answers_of_another_shape_keep_their_usage() {
     }
 }
 
+// An upstream that echoes the Basic credentials of a base URL's userinfo, in a way the
+// "word after `Basic`" rule does not catch (quoted, glued to what comes before): the error
+// message, stored with the job and shown to API clients, has them hidden on both clients.
+// Before, only a provider's key was hidden there.
+#[tokio::test]
+async fn echoed_url_credentials_never_reach_an_error_message() {
+    let page = r#"<p>{"authorization":"Basic dXNlcjpzQGNyZXQ="}</p>"#;
+    let answer = format!(
+        "HTTP/1.1 200 OK\r\ncontent-type: text/html\r\ncontent-length: {}\r\n\r\n{page}",
+        page.len()
+    );
+    let (base, _) = answering(answer, Then::Close).await;
+    let up = upstream_at(
+        &(base.replace("http://", "http://user:s%40cret@") + "/v1"),
+        None,
+    );
+    for result in on_both_clients(&up).await {
+        let err = result.expect_err("a web page is not a completion");
+        assert_eq!(err.kind, ErrorKind::NotJson, "{err:?}");
+        assert!(!err.message.contains("dXNlcjpzQGNyZXQ"), "{}", err.message);
+        assert!(err.message.contains(r#"Basic ***"#), "{}", err.message);
+    }
+}
+
 // `http://user:password@host/v1`: as reqwest does, both clients send the userinfo
 // (percent-decoded) as Basic auth unless a key is set (the key's `Bearer` wins: the
 // configuration refuses both, but a `Provider` built in code may have them), and
