@@ -191,6 +191,14 @@ async fn finish(
     if let Some(calls) = choice["message"].get("tool_calls").filter(|c| !c.is_null()) {
         delta["tool_calls"] = indexed(calls);
     }
+    // What else the message says, as a streamed one would carry it: a refusal (the outer
+    // model's, in the fusion tool's flow) and its annotations (url citations). Before, a
+    // streamed reply dropped both, which the same reply unstreamed kept.
+    for field in ["refusal", "annotations"] {
+        if let Some(value) = choice["message"].get(field).filter(|v| !v.is_null()) {
+            delta[field] = value.clone();
+        }
+    }
     let content_choice = json!([{"index": 0, "delta": delta, "finish_reason": null}]);
     data(tx, &chunk(id, created, model, content_choice)).await?;
     // A reason that is not a string (`null` from some servers) is "tool_calls" or "stop":

@@ -533,6 +533,37 @@ async fn a_streamed_tool_reply_in_content_parts_streams_their_text() {
     assert_eq!(last["choices"][0]["finish_reason"], "stop", "{text}");
 }
 
+// The outer model's refusal and its message's annotations reach a streamed client as they
+// reach an unstreamed one.
+#[tokio::test]
+async fn a_streamed_tool_reply_keeps_its_refusal_and_annotations() {
+    let app = spawn_app().await;
+    let reply = r#"{"id": "c", "object": "chat.completion", "created": 0, "model": "outer",
+        "choices": [{"index": 0, "finish_reason": "stop", "message": {"role": "assistant",
+        "content": null, "refusal": "I cannot help with that.",
+        "annotations": [{"type": "url_citation", "url_citation": {"url": "https://a.example",
+        "title": "A", "start_index": 0, "end_index": 1}}]}}],
+        "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}}"#;
+    app.fake
+        .script("outer", Kind::Panel, vec![Reply::RawOk(reply)]);
+    let mut body = body_with_tool(&["m1"], "judge");
+    body["stream"] = json!(true);
+    let text = app.chat(&body).await.text().await.unwrap();
+    let (data, _) = parse_sse(&text);
+    let deltas: Vec<Value> = data[..data.len() - 1]
+        .iter()
+        .map(|d| serde_json::from_str::<Value>(d).unwrap()["choices"][0]["delta"].clone())
+        .collect();
+    let said = |field: &str| deltas.iter().find_map(|d| d.get(field).cloned());
+    assert_eq!(
+        said("refusal"),
+        Some(json!("I cannot help with that.")),
+        "{text}"
+    );
+    let annotations = said("annotations").expect("annotations");
+    assert_eq!(annotations[0]["url_citation"]["url"], "https://a.example");
+}
+
 #[tokio::test]
 async fn the_fusion_tool_checks_the_messages_before_any_call() {
     let app = spawn_app().await;
