@@ -83,7 +83,6 @@ mod tests {
     // A connection that sends part of a request's head, or nothing, is closed once the timeout
     // has passed; a whole request is answered, and its kept-alive connection closed when idle
     // that long. Served as `axum::serve` serves (no timer), the first stayed open for ever.
-    // At shutdown, an idle connection is closed at once and the server returns.
     #[tokio::test]
     async fn a_request_head_not_sent_in_time_closes_its_connection() {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -118,6 +117,31 @@ mod tests {
         let answered = answered.expect("an idle kept-alive connection is closed too");
         assert!(answered.starts_with("HTTP/1.1 200 OK"), "{answered}");
         assert!(answered.ends_with("ok"), "{answered}");
+        stop.cancel();
+        server.await.unwrap();
+    }
+
+    // At shutdown, a request under way is answered before the server returns, and an idle
+    // kept-alive connection is closed at once (the header timeout, 10 s here, is not what
+    // closes it). Before, the test checked only that the server returned, which it would as
+    // well had connections not been watched at all.
+    #[tokio::test]
+    async fn at_shutdown_a_request_under_way_is_answered_and_idle_connections_close() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let slow = || async {
+            tokio::time::sleep(Duration::from_millis(400)).await;
+            "slow"
+        };
+        let app = Router::new()
+            .route("/", get(|| async { "ok" }))
+            .route("/slow", get(slow));
+        let stop = CancellationToken::new();
+        let stopped = stop.clone();
+        let timeout = Duration::from_secs(10);
+        let mut server = tokio::spawn(serve(listener, app, timeout, async move {
+            stopped.cancelled().await
+        }));
 
         let mut idle = TcpStream::connect(addr).await.unwrap();
         idle.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
@@ -125,10 +149,30 @@ mod tests {
             .unwrap();
         let mut head = [0u8; 12];
         idle.read_exact(&mut head).await.unwrap();
+        let mut busy = TcpStream::connect(addr).await.unwrap();
+        busy.write_all(b"GET /slow HTTP/1.1\r\nHost: x\r\n\r\n")
+            .await
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(100)).await;
         stop.cancel();
+
+        let closed = until_closed(&mut idle, Duration::from_millis(200)).await;
+        assert!(
+            closed.is_some(),
+            "the idle connection stayed open at shutdown"
+        );
+        let early = tokio::time::timeout(Duration::from_millis(100), &mut server).await;
+        assert!(
+            early.is_err(),
+            "the server returned with a request under way"
+        );
+        let answered = until_closed(&mut busy, Duration::from_secs(2)).await;
+        let answered = answered.expect("the request under way is answered, then closed");
+        assert!(answered.starts_with("HTTP/1.1 200 OK"), "{answered}");
+        assert!(answered.ends_with("slow"), "{answered}");
         tokio::time::timeout(Duration::from_millis(250), server)
             .await
-            .expect("the server returns at shutdown, closing idle connections")
+            .expect("the server returns once that request is answered")
             .unwrap();
     }
 }
