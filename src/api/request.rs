@@ -45,43 +45,48 @@ pub fn refuse_several_choices(n: Option<&Value>) -> Result<(), ApiError> {
     }
 }
 
-/// Whether a request asks for token log probabilities: `logprobs` anything but false or null.
-pub fn asks_logprobs(obj: &Map<String, Value>) -> bool {
-    !matches!(
-        obj.get("logprobs"),
-        None | Some(Value::Null | Value::Bool(false))
-    )
+/// What a request asks for that an answer written as text cannot carry: token log
+/// probabilities (`logprobs` anything but false or null; `top_logprobs` other than 0, which
+/// asks for none), or an audio answer (`modalities` with `"audio"`, or `audio`). The field that
+/// asks, and what the answer would lack.
+pub fn beyond_text(obj: &Map<String, Value>) -> Option<(&'static str, &'static str)> {
+    let unset = |v: Option<&Value>| matches!(v, None | Some(Value::Null | Value::Bool(false)));
+    let top = obj.get("top_logprobs");
+    let audio_out = obj
+        .get("modalities")
+        .and_then(Value::as_array)
+        .is_some_and(|m| m.iter().any(|m| m == "audio"));
+    let probabilities = "token log probabilities";
+    [
+        (!unset(obj.get("logprobs")), "logprobs", probabilities),
+        (
+            !unset(top) && top.and_then(Value::as_f64) != Some(0.0),
+            "top_logprobs",
+            probabilities,
+        ),
+        (audio_out, "modalities", "audio"),
+        (
+            !matches!(obj.get("audio"), None | Some(Value::Null)),
+            "audio",
+            "audio",
+        ),
+    ]
+    .into_iter()
+    .find_map(|(set, field, what)| set.then_some((field, what)))
 }
 
-/// What a fusion run cannot give and a client would break without: token log probabilities
-/// (`choice.logprobs` would be null; `top_logprobs: 0` asks for none), an audio answer
-/// (`message.audio` would be null), and a forced tool or function call (a fusion model answers
-/// in text; `tools` with `tool_choice` `auto` or `none`, or `allowed_tools` in `auto` mode, are
-/// accepted and unused, as text is allowed).
+/// What a fusion run cannot give and a client would break without: what `beyond_text` finds
+/// (`choice.logprobs` or `message.audio` would be null), and a forced tool or function call (a
+/// fusion model answers in text; `tools` with `tool_choice` `auto` or `none`, or
+/// `allowed_tools` in `auto` mode, are accepted and unused, as text is allowed).
 fn refuse_unsupported(obj: &Map<String, Value>) -> Result<(), ApiError> {
-    let none = |v: Option<&Value>| {
-        matches!(v, None | Some(Value::Null | Value::Bool(false)))
-            || v.and_then(Value::as_f64) == Some(0.0)
-    };
-    let logprobs = asks_logprobs(obj);
-    let top = !none(obj.get("top_logprobs"));
-    if let Some(field) = [(logprobs, "logprobs"), (top, "top_logprobs")]
-        .into_iter()
-        .find_map(|(set, field)| set.then_some(field))
-    {
+    if let Some((field, what)) = beyond_text(obj) {
         return Err(unsupported(
             field,
             format!(
-                "`{field}` is not supported: a fusion answer is written from several models' \
-                 answers and has no token log probabilities"
+                "`{field}` is not supported: a fusion answer is text written from several \
+                 models' answers, and has no {what}"
             ),
-        ));
-    }
-    if let Some(field) = asks_audio_of(obj) {
-        return Err(unsupported(
-            field,
-            "an audio answer is not supported: a fusion answer is text written from several \
-             models' answers; ask for `modalities: [\"text\"]`",
         ));
     }
     let offered = |k: &str| {
@@ -129,23 +134,6 @@ fn refuse_misplaced_plugin_fields(obj: &Map<String, Value>) -> Result<(), ApiErr
              ...}}]`, not at the top level"
         ))),
     }
-}
-
-/// The field of `body` that asks for an audio answer (`modalities` with `"audio"`, or `audio`),
-/// if one does.
-pub fn asks_audio(body: &Value) -> Option<&'static str> {
-    body.as_object().and_then(asks_audio_of)
-}
-
-fn asks_audio_of(obj: &Map<String, Value>) -> Option<&'static str> {
-    let audio_out = obj
-        .get("modalities")
-        .and_then(Value::as_array)
-        .is_some_and(|m| m.iter().any(|m| m == "audio"));
-    let audio = !matches!(obj.get("audio"), None | Some(Value::Null));
-    [(audio_out, "modalities"), (audio, "audio")]
-        .into_iter()
-        .find_map(|(set, field)| set.then_some(field))
 }
 
 fn unsupported(param: &'static str, message: impl Into<String>) -> ApiError {

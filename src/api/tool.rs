@@ -151,23 +151,15 @@ pub async fn run(
     // Only the first choice's calls would run, and the others would carry fusion calls.
     request::refuse_several_choices(body.get("n"))?;
     // A streamed reply is rebuilt from the outer model's text and calls: its log probabilities
-    // would come back null. (Not streamed, the last round's pass on.)
-    if opts.stream && body.as_object().is_some_and(request::asks_logprobs) {
-        return Err(ApiError::bad_request(
-            "unsupported_parameter",
-            "`logprobs` is not supported with the fusion tool and `stream: true`: ask without \
-             streaming",
-        )
-        .param("logprobs"));
-    }
-    // Nor an audio answer: the streamed reply is its text and calls.
-    if let Some(field) = opts.stream.then(|| request::asks_audio(&body)).flatten() {
-        return Err(ApiError::bad_request(
-            "unsupported_parameter",
-            "an audio answer is not supported with the fusion tool and `stream: true`: ask \
-             without streaming",
-        )
-        .param(field));
+    // or audio would come back null. (Not streamed, the last round's pass on.)
+    let beyond = body.as_object().and_then(request::beyond_text);
+    if let Some((field, what)) = beyond.filter(|_| opts.stream) {
+        let message = format!(
+            "`{field}` is not supported with the fusion tool and `stream: true`: the streamed \
+             reply is rebuilt from the outer model's text and calls, without its {what}; ask \
+             without streaming"
+        );
+        return Err(ApiError::bad_request("unsupported_parameter", message).param(field));
     }
     let template = job_template(&body, &state.config)?;
     refuse_tool_type_choice(body.get("tool_choice"))?;
