@@ -99,21 +99,22 @@ fn key_hidden(
             return Some((Err(e), None));
         }
         match body.next().await {
-            // With nothing held and nothing to replace (nearly always), the chunk itself goes
-            // out, less a tail that begins the key.
-            Some(Ok(chunk)) if held.is_empty() => {
-                let (out, upto) = replaced(&chunk, key.as_bytes(), b"***");
+            // The chunk, after what was held: it goes out less a tail that begins the key, as
+            // it came (no copy) when nothing in it was replaced, as nearly always.
+            Some(Ok(chunk)) => {
+                let hay = match held.is_empty() {
+                    true => chunk,
+                    false => {
+                        held.extend_from_slice(&chunk);
+                        Bytes::from(held)
+                    }
+                };
+                let (out, upto) = replaced(&hay, key.as_bytes(), b"***");
                 let out = match out {
-                    Cow::Borrowed(_) => chunk.slice(..upto),
+                    Cow::Borrowed(_) => hay.slice(..upto),
                     Cow::Owned(out) => Bytes::from(out),
                 };
-                let rest = chunk[upto..].to_vec();
-                Some((Ok(out), Some((body, rest, key, None))))
-            }
-            Some(Ok(chunk)) => {
-                held.extend_from_slice(&chunk);
-                let (out, upto) = replaced(&held, key.as_bytes(), b"***");
-                let (out, rest) = (Bytes::from(out.into_owned()), held[upto..].to_vec());
+                let rest = hay[upto..].to_vec();
                 Some((Ok(out), Some((body, rest, key, None))))
             }
             // What was held goes out before the break: it only begins the key, and may end an
