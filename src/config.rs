@@ -61,6 +61,8 @@ pub struct AnalysisSection {
 
 /// `[server] max_body_mib` by default: room for a long conversation or a few images in base64.
 pub const DEFAULT_MAX_BODY_MIB: u64 = 4;
+/// The same, in bytes.
+pub const DEFAULT_MAX_BODY_BYTES: usize = (DEFAULT_MAX_BODY_MIB << 20) as usize;
 /// The most `[server] max_body_mib` may be: a body is held whole, parsed once (its JSON tree
 /// bounded by its count of objects and values, not its size), and stored in the job; Postgres
 /// takes at most 1 GiB in one message, and a batch of writes is cut at ~64 MiB of text.
@@ -487,8 +489,8 @@ impl FileConfig {
             },
             keepalive: Duration::from_secs(self.server.keepalive_seconds.unwrap_or(15)),
             wait_outage: Duration::from_secs(self.server.wait_outage_seconds.unwrap_or(60)),
-            max_body_bytes: (self.server.max_body_mib.unwrap_or(DEFAULT_MAX_BODY_MIB) << 20)
-                as usize,
+            max_body_bytes: (self.server.max_body_mib)
+                .map_or(DEFAULT_MAX_BODY_BYTES, |mib| (mib << 20) as usize),
         })
     }
 }

@@ -15,7 +15,7 @@ use tokio::time::Instant;
 
 use super::BodyLimit;
 use super::error::ApiError;
-use crate::config::DEFAULT_MAX_BODY_MIB;
+use crate::config::DEFAULT_MAX_BODY_BYTES;
 
 /// The most JSON objects, and values of any kind, a request body may hold. A parsed tree weighs
 /// far more than its text (an object's map starts with room for 11 entries): measured with
@@ -48,7 +48,7 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for ApiJson<T> {
         let limit = req
             .extensions()
             .get::<BodyLimit>()
-            .map_or((DEFAULT_MAX_BODY_MIB << 20) as usize, |l| l.0);
+            .map_or(DEFAULT_MAX_BODY_BYTES, |l| l.0);
         read(req, limit, BODY_IDLE_TIMEOUT, BODY_TIMEOUT)
             .await
             .map(ApiJson)
