@@ -226,12 +226,17 @@ impl TestApp {
 
 /// Poll `done` every 20 ms until it holds; after 30 s, fail saying `what` was awaited: a test
 /// waiting on something that never comes fails rather than hangs the suite.
-pub async fn until(what: &str, mut done: impl AsyncFnMut() -> bool) {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+pub async fn until(what: &str, done: impl AsyncFnMut() -> bool) {
+    until_within(what, Duration::from_secs(30), done).await
+}
+
+/// `until`, failing once `within` has passed: for what must come that soon.
+pub async fn until_within(what: &str, within: Duration, mut done: impl AsyncFnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + within;
     while !done().await {
         assert!(
             tokio::time::Instant::now() < deadline,
-            "waited 30 s for {what}"
+            "waited {within:?} for {what}"
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }

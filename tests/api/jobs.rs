@@ -5,7 +5,9 @@ use std::time::Duration;
 use serde_json::{Value, json};
 
 use crate::fake_upstream::{Kind, Reply};
-use crate::helpers::{Options, body_with_panel, spawn_api_only, spawn_app, spawn_app_with};
+use crate::helpers::{
+    Options, body_with_panel, spawn_api_only, spawn_app, spawn_app_with, until_within,
+};
 
 #[tokio::test]
 async fn a_job_runs_panel_analysis_and_final_once_each() {
@@ -218,14 +220,13 @@ async fn cancelling_a_running_job_stops_its_upstream_calls() {
     assert_eq!(job["status"], "cancelled");
     assert_eq!(job["failure_reason"], "cancelled");
     // The hanging call is abandoned within a second of the cancel.
-    let cancelled_at = tokio::time::Instant::now();
-    while app.fake.aborted("slow", Kind::Panel) == 0 {
-        assert!(
-            cancelled_at.elapsed() < Duration::from_secs(1),
-            "the in-flight call was not aborted"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    let aborted = async || app.fake.aborted("slow", Kind::Panel) > 0;
+    until_within(
+        "the in-flight call aborted",
+        Duration::from_secs(1),
+        aborted,
+    )
+    .await;
     let job = app.get_job(&id).await;
     assert_eq!(job["status"], "cancelled");
     assert_eq!(

@@ -33,7 +33,9 @@ use tokio::sync::{Notify, broadcast};
 use uuid::Uuid;
 
 use crate::fake_upstream::{Kind, Reply};
-use crate::helpers::{Options, TestApp, body_with_panel, spawn_api_only, spawn_app_with};
+use crate::helpers::{
+    Options, TestApp, body_with_panel, spawn_api_only, spawn_app_with, until_within,
+};
 use crate::pipelining::pipeline;
 
 /// A store that lets the first `n` inserts, checkpoints, outcomes and requeues commit, then answers each
@@ -772,13 +774,11 @@ async fn a_job_claimed_again_while_its_old_attempt_runs_is_heartbeated_as_the_ne
 
 /// Wait (up to 10 s) until the job is stored with this status and attempt.
 async fn wait_for(app: &TestApp, id: Uuid, want: (JobStatus, i32)) {
-    for _ in 0..1000 {
-        if stored(app, id).await == want {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    panic!("job never reached {want:?}: {:?}", stored(app, id).await);
+    let what = format!("the job to reach {want:?}");
+    until_within(&what, Duration::from_secs(10), async || {
+        stored(app, id).await == want
+    })
+    .await;
 }
 
 async fn lease_expires_at(app: &TestApp, id: Uuid) -> i64 {
@@ -981,27 +981,16 @@ async fn a_cancel_heard_late_does_not_stop_the_retried_attempt() {
         .parse()
         .unwrap();
     wait_for(&app, other, (JobStatus::Running, 1)).await;
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
-    while app.fake.calls("m1", Kind::Panel) < 2 {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the panel was not called"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    let called = async || app.fake.calls("m1", Kind::Panel) >= 2;
+    until_within("the panel call", Duration::from_secs(5), called).await;
     store.announce(JobEvent::Finished {
         job_id: other,
         status: JobStatus::Cancelled,
         attempt: 1,
     });
-    let announced = tokio::time::Instant::now();
-    while app.fake.aborted("m1", Kind::Panel) == 0 {
-        assert!(
-            announced.elapsed() < Duration::from_secs(2),
-            "the running attempt's cancel did not stop it"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    let aborted = async || app.fake.aborted("m1", Kind::Panel) > 0;
+    let what = "the running attempt's cancel to stop it";
+    until_within(what, Duration::from_secs(2), aborted).await;
     shutdown.cancel();
     running.await.unwrap();
 }
