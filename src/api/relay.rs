@@ -258,7 +258,7 @@ mod tests {
     use std::time::Duration;
 
     use super::*;
-    use crate::upstream::test_server::{Then, answering, trickling, upstream_at};
+    use crate::upstream::test_server::{self, Then, answering, trickling, upstream_at};
 
     async fn relay_from(base: &str) -> (StatusCode, HeaderMap, String) {
         relay_with_key(base, None).await
@@ -319,6 +319,19 @@ mod tests {
             text,
             r#"{"error": {"message": "Incorrect API key provided: ***."}}"#
         );
+    }
+
+    // A placeholder key (`x`, `EMPTY`: what a local server that takes any key is given) is not
+    // hidden: the answer passes as it came. Before, every `x` of it became `***`.
+    #[tokio::test]
+    async fn a_placeholder_key_leaves_a_relayed_answer_whole() {
+        let body = test_server::completion("extra text: x EMPTY", "{}");
+        for key in ["x", "EMPTY", "sk-xxxx"] {
+            let (base, _) = answering(test_server::answer("200 OK", &body), Then::Close).await;
+            let (status, _, text) = relay_with_key(&base, Some(key)).await;
+            assert_eq!(status, StatusCode::OK);
+            assert_eq!(text, body, "{key}");
+        }
     }
 
     // A provider whose base URL carries `user:password@` sends them as Basic auth: an upstream

@@ -188,11 +188,19 @@ pub(super) struct Endpoint {
     pub(super) credential: Option<ApiKey>,
 }
 
+/// The shortest credential hidden in relayed bodies and error messages (see
+/// `Endpoint::credential`): shorter ones are placeholders, not secrets.
+pub(super) const MIN_HIDDEN_CREDENTIAL: usize = 8;
+
 impl Endpoint {
     /// The credential every call sends, as it goes out (see `credential`): what an error
-    /// message or a relayed body must not show.
+    /// message or a relayed body must not show. `None` for one shorter than
+    /// `MIN_HIDDEN_CREDENTIAL` characters: a local server (llama.cpp, vLLM, Ollama) takes any
+    /// key and is given `x` or `EMPTY`, which guards nothing, and hiding every `x` of every
+    /// answer would garble it.
     pub(super) fn credential(&self) -> Option<&str> {
-        self.credential.as_ref().map(|c| c.0.as_str())
+        let credential = self.credential.as_ref().map(|c| c.0.as_str());
+        credential.filter(|c| c.chars().count() >= MIN_HIDDEN_CREDENTIAL)
     }
 
     pub(super) fn of(provider: &Provider, proxies: &Matcher) -> anyhow::Result<Endpoint> {

@@ -448,6 +448,24 @@ async fn answers_of_another_shape_keep_their_usage() {
     }
 }
 
+// A placeholder key (shorter than 8 characters: `x`, `EMPTY`) is not hidden in an error
+// message, which would garble it; a real key of 8 or more is. Before, every `x` was `***`.
+#[tokio::test]
+async fn a_placeholder_key_leaves_an_error_message_whole() {
+    let echo = r#"{"error": {"message": "extra text: x EMPTY sk-xxxx sk-xxxxx"}}"#;
+    for (key, shown) in [
+        ("x", "extra text: x EMPTY sk-xxxx sk-xxxxx"),
+        ("sk-xxxx", "extra text: x EMPTY sk-xxxx sk-xxxxx"),
+        ("sk-xxxxx", "extra text: x EMPTY sk-xxxx ***"),
+    ] {
+        let (base, _) = answering(test_server::answer("400 Bad Request", echo), Then::Close).await;
+        for result in on_both_clients(&upstream_at(&format!("{base}/v1"), Some(key))).await {
+            let err = result.unwrap_err();
+            assert!(err.message.ends_with(shown), "{key}: {err:?}");
+        }
+    }
+}
+
 // An upstream that echoes the Basic credentials of a base URL's userinfo, in a way the
 // "word after `Basic`" rule does not catch (quoted, glued to what comes before): the error
 // message, stored with the job and shown to API clients, has them hidden on both clients.
