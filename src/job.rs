@@ -374,6 +374,16 @@ impl Step {
         !self.ok && self.error_code.as_deref() == Some(SUPERSEDED)
     }
 
+    /// This step without its texts (`content`, `data`, `error`), as `Store::step_heads` reads it.
+    pub fn head(self) -> Step {
+        Step {
+            content: None,
+            data: None,
+            error: None,
+            ..self
+        }
+    }
+
     /// This failed step, set to run again (see `SUPERSEDED`).
     pub fn to_run_again(self) -> Step {
         Step {

@@ -1077,6 +1077,13 @@ async fn save_step_round_trip_order_and_no_overwrite(store: Arc<dyn Store>) {
         ]
     );
     assert_eq!(store.get_steps(job.id).await.unwrap(), expected);
+    // Their heads: the same steps in the same order, every field but the texts read.
+    let heads: Vec<Step> = expected.iter().cloned().map(Step::head).collect();
+    assert_eq!(store.step_heads(job.id).await.unwrap(), heads);
+    assert!(
+        heads.iter().any(|s| s.error_code.is_some()),
+        "a failed step keeps its code"
+    );
 
     // A second write of a saved step is refused and changes nothing.
     let overwrite = Step {
@@ -1093,6 +1100,7 @@ async fn save_step_round_trip_order_and_no_overwrite(store: Arc<dyn Store>) {
 
     // Steps belong to their job.
     assert_eq!(store.get_steps(other.id).await.unwrap(), vec![]);
+    assert_eq!(store.step_heads(other.id).await.unwrap(), vec![]);
     // Saving steps does not touch the job row.
     assert_eq!(
         &get(&store, job.id).await,

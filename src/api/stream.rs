@@ -129,7 +129,8 @@ async fn drive(state: AppState, job: Shown, opts: StreamOptions, tx: &Tx) -> Res
             Err(lost) => return fail(tx, &lost).await,
         };
         // Progress is best effort: a failed read of the steps is made up at the next event.
-        if let Ok(steps) = store.get_steps(job.id).await {
+        // Their heads only: a progress line names the step, not its answer.
+        if let Ok(steps) = store.step_heads(job.id).await {
             let shown = steps.iter().filter(|s| !s.superseded());
             for step in shown.filter(|s| reported.insert(s.key)) {
                 send(tx, comment(&progress(job.panel, step))).await?;

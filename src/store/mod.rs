@@ -29,6 +29,36 @@ macro_rules! job_columns {
     };
 }
 
+/// The query of a job's checkpoints, as each backend's `step_from_row` reads them, `$job` being
+/// its placeholder for the job's id: `steps_sql!(whole, ..)` for `Store::get_steps`,
+/// `steps_sql!(heads, ..)` for `Store::step_heads` (the texts read as NULL, so the same row
+/// reader serves both).
+macro_rules! steps_sql {
+    (whole, $job:literal) => {
+        steps_sql!("content", "data", "error", $job)
+    };
+    (heads, $job:literal) => {
+        steps_sql!(
+            "CAST(NULL AS TEXT)",
+            "CAST(NULL AS JSONB)",
+            "CAST(NULL AS TEXT)",
+            $job
+        )
+    };
+    ($content:literal, $data:literal, $error:literal, $job:literal) => {
+        concat!(
+            "SELECT step, model, ok, ",
+            $content,
+            " AS content, ",
+            $data,
+            " AS data, prompt_tokens, completion_tokens, cost, latency_ms, error_code, ",
+            $error,
+            " AS error, status_code, attempt, created_at FROM steps WHERE job_id = ",
+            $job
+        )
+    };
+}
+
 mod batch;
 #[cfg(test)]
 mod half_open;
@@ -317,6 +347,14 @@ pub trait Store: Send + Sync + 'static {
     ) -> Result<Option<Job>>;
     /// Every checkpoint of a job, in step order.
     async fn get_steps(&self, id: Uuid) -> Result<Vec<Step>>;
+    /// Every checkpoint of a job, in step order, without its texts: `content`, `data` and
+    /// `error` are `None`. What a stream's progress lines need (which step, which model,
+    /// whether it answered), read on each event of the job without its answers, which may be
+    /// long. By default `get_steps` with the texts dropped.
+    async fn step_heads(&self, id: Uuid) -> Result<Vec<Step>> {
+        let steps = self.get_steps(id).await?;
+        Ok(steps.into_iter().map(Step::head).collect())
+    }
     /// Where each job of `ids` that exists stands (`Progress`), in one read: what the waiting
     /// requests of a process re-read each second together, for what no event told them (a
     /// job finished, or a step written, in another process).

@@ -324,6 +324,17 @@ impl PgStore {
             .await?;
         row.map(|r| job_from_row(&r, SpecRead::ToShow)).transpose()
     }
+
+    /// A job's checkpoints in step order, by `STEPS_SQL` or `STEP_HEADS_SQL`.
+    async fn read_steps(&self, id: Uuid, sql: &'static str) -> Result<Vec<Step>> {
+        let query = sqlx::query(sql).bind(id);
+        let rows = self
+            .bounded(async |c| Ok(query.fetch_all(c).await?))
+            .await?;
+        let mut steps = rows.iter().map(step_from_row).collect::<Result<Vec<_>>>()?;
+        steps.sort_by_key(|s| s.key);
+        Ok(steps)
+    }
 }
 
 /// The write of a checkpoint (one copy of the step), its text made storable (Postgres text
@@ -341,6 +352,11 @@ fn step_write(lease: &Lease, step: &Step) -> Write {
         step: clean,
     }
 }
+
+/// A job's checkpoints (`Store::get_steps`), and the same without their texts
+/// (`Store::step_heads`), by the primary key of `steps`.
+const STEPS_SQL: &str = steps_sql!(whole, "$1");
+const STEP_HEADS_SQL: &str = steps_sql!(heads, "$1");
 
 /// The newest job with a request hash since a time, by `jobs_request_hash` (migration 0011).
 const FIND_BY_REQUEST_SQL: &str = concat!(
@@ -648,18 +664,11 @@ impl Store for PgStore {
     }
 
     async fn get_steps(&self, id: Uuid) -> Result<Vec<Step>> {
-        let query = sqlx::query(
-            "SELECT step, model, ok, content, data, prompt_tokens, completion_tokens, cost, \
-             latency_ms, error_code, error, status_code, attempt, created_at \
-             FROM steps WHERE job_id = $1",
-        )
-        .bind(id);
-        let rows = self
-            .bounded(async |c| Ok(query.fetch_all(c).await?))
-            .await?;
-        let mut steps = rows.iter().map(step_from_row).collect::<Result<Vec<_>>>()?;
-        steps.sort_by_key(|s| s.key);
-        Ok(steps)
+        self.read_steps(id, STEPS_SQL).await
+    }
+
+    async fn step_heads(&self, id: Uuid) -> Result<Vec<Step>> {
+        self.read_steps(id, STEP_HEADS_SQL).await
     }
 
     async fn list_jobs(&self, filter: &ListFilter) -> Result<Vec<Job>> {

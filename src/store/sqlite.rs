@@ -139,6 +139,11 @@ const PROGRESS_SQL: &str = "SELECT j.id, j.status, j.attempt, \
      (SELECT max(s.created_at) FROM steps s WHERE s.job_id = j.id) AS last_step_at \
      FROM jobs j WHERE j.id IN (SELECT value FROM json_each(?))";
 
+/// A job's checkpoints (`Store::get_steps`), and the same without their texts
+/// (`Store::step_heads`), by the primary key of `steps`.
+const STEPS_SQL: &str = steps_sql!(whole, "?");
+const STEP_HEADS_SQL: &str = steps_sql!(heads, "?");
+
 /// The newest job with a request hash since a time, by `jobs_request_hash` (migration 0011).
 const FIND_BY_REQUEST_SQL: &str = concat!(
     "SELECT ",
@@ -369,6 +374,17 @@ impl SqliteStore {
 }
 
 impl SqliteStore {
+    /// A job's checkpoints in step order, by `STEPS_SQL` or `STEP_HEADS_SQL`.
+    async fn read_steps(&self, id: Uuid, sql: &'static str) -> Result<Vec<Step>> {
+        let rows = sqlx::query(sql)
+            .bind(id.to_string())
+            .fetch_all(&self.pool)
+            .await?;
+        let mut steps = rows.iter().map(step_from_row).collect::<Result<Vec<_>>>()?;
+        steps.sort_by_key(|s| s.key);
+        Ok(steps)
+    }
+
     /// How many migrations the file records as applied (none before its first migration).
     async fn migrations_applied(&self) -> Result<i64> {
         let exists: bool = sqlx::query_scalar(
@@ -498,17 +514,11 @@ impl Store for SqliteStore {
     }
 
     async fn get_steps(&self, id: Uuid) -> Result<Vec<Step>> {
-        let rows = sqlx::query(
-            "SELECT step, model, ok, content, data, prompt_tokens, completion_tokens, cost, \
-             latency_ms, error_code, error, status_code, attempt, created_at \
-             FROM steps WHERE job_id = ?",
-        )
-        .bind(id.to_string())
-        .fetch_all(&self.pool)
-        .await?;
-        let mut steps = rows.iter().map(step_from_row).collect::<Result<Vec<_>>>()?;
-        steps.sort_by_key(|s| s.key);
-        Ok(steps)
+        self.read_steps(id, STEPS_SQL).await
+    }
+
+    async fn step_heads(&self, id: Uuid) -> Result<Vec<Step>> {
+        self.read_steps(id, STEP_HEADS_SQL).await
     }
 
     async fn list_jobs(&self, filter: &ListFilter) -> Result<Vec<Job>> {
