@@ -727,23 +727,25 @@ impl Store for PgStore {
     }
 
     async fn retry_failed(&self, id: Uuid, now: i64) -> Result<RetryOutcome> {
+        // The requeued job is read by the update itself: once the change has committed, no
+        // later read may fail and have it answered as an error (which a client would retry).
         let requeued = self
             .bounded(async |c| {
                 let mut tx = c.begin().await?;
-                let done = sqlx::query(
+                let row = sqlx::query(concat!(
                     "UPDATE jobs SET status = 'queued', run_at = $2, finished_at = NULL, \
                      failure_reason = NULL, error = NULL, result = NULL, \
                      max_attempts = greatest(max_attempts, attempt + 1), \
                      deadline_at = $2 + (deadline_at - coalesce(deadline_from, created_at)), \
                      deadline_from = $2 \
-                     WHERE id = $1 AND status IN ('failed', 'cancelled')",
-                )
+                     WHERE id = $1 AND status IN ('failed', 'cancelled') RETURNING ",
+                    job_columns!()
+                ))
                 .bind(id)
                 .bind(now)
-                .execute(&mut *tx)
+                .fetch_optional(&mut *tx)
                 .await?;
-                let requeued = done.rows_affected() == 1;
-                if requeued {
+                if row.is_some() {
                     // Kept, to be replaced when they run again (see `job::SUPERSEDED`).
                     sqlx::query("UPDATE steps SET error_code = $2 WHERE job_id = $1 AND NOT ok")
                         .bind(id)
@@ -752,16 +754,19 @@ impl Store for PgStore {
                         .await?;
                 }
                 tx.commit().await?;
-                Ok(requeued)
+                Ok(row)
             })
             .await?;
-        let Some(job) = self.fetch_job(id).await? else {
-            return Ok(RetryOutcome::NotFound);
-        };
-        Ok(if requeued {
-            RetryOutcome::Requeued(job)
-        } else {
-            RetryOutcome::NotRetryable(job)
+        if let Some(row) = requeued {
+            return Ok(RetryOutcome::Requeued(job_from_row(
+                &row,
+                SpecRead::ToShow,
+            )?));
+        }
+        // Nothing changed: a failed read here is an error to retry like any other.
+        Ok(match self.fetch_job(id).await? {
+            Some(job) => RetryOutcome::NotRetryable(job),
+            None => RetryOutcome::NotFound,
         })
     }
 

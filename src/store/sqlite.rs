@@ -578,20 +578,23 @@ impl Store for SqliteStore {
     }
 
     async fn retry_failed(&self, id: Uuid, now: i64) -> Result<RetryOutcome> {
+        // The requeued job is read by the update itself: once the change has committed, no
+        // later read may fail and have it answered as an error (which a client would retry).
         let mut tx = self.writer.begin().await?;
-        let done = sqlx::query(
+        let row = sqlx::query(concat!(
             "UPDATE jobs SET status = 'queued', run_at = ?1, finished_at = NULL, \
              failure_reason = NULL, error = NULL, result = NULL, \
              max_attempts = max(max_attempts, attempt + 1), \
              deadline_at = ?1 + (deadline_at - coalesce(deadline_from, created_at)), \
              deadline_from = ?1 \
-             WHERE id = ?2 AND status IN ('failed', 'cancelled')",
-        )
+             WHERE id = ?2 AND status IN ('failed', 'cancelled') RETURNING ",
+            job_columns!()
+        ))
         .bind(now)
         .bind(id.to_string())
-        .execute(&mut *tx)
+        .fetch_optional(&mut *tx)
         .await?;
-        if done.rows_affected() == 1 {
+        if row.is_some() {
             // Kept, to be replaced when they run again (see `job::SUPERSEDED`).
             sqlx::query("UPDATE steps SET error_code = ?2 WHERE job_id = ?1 AND ok = 0")
                 .bind(id.to_string())
@@ -600,15 +603,18 @@ impl Store for SqliteStore {
                 .await?;
         }
         tx.commit().await?;
-        let Some(job) = self.get_job(id).await? else {
-            return Ok(RetryOutcome::NotFound);
-        };
-        if done.rows_affected() == 1 {
+        if let Some(row) = row {
             self.wakeups.notify_one();
-            Ok(RetryOutcome::Requeued(job))
-        } else {
-            Ok(RetryOutcome::NotRetryable(job))
+            return Ok(RetryOutcome::Requeued(job_from_row(
+                &row,
+                SpecRead::ToShow,
+            )?));
         }
+        // Nothing changed: a failed read here is an error to retry like any other.
+        Ok(match self.get_job(id).await? {
+            Some(job) => RetryOutcome::NotRetryable(job),
+            None => RetryOutcome::NotFound,
+        })
     }
 
     async fn claim(
@@ -1438,6 +1444,47 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(left, ["j2"]);
+    }
+
+    // A retry that commits is answered from its own update: with the readers unable to answer
+    // (the pool closed here; a busy file or a timeout in service), the failed job is requeued
+    // and told so, and the steps' marks changed with it. Before, the job was read back after
+    // the commit, and that read's error answered a change that had taken place as a failure.
+    #[tokio::test]
+    async fn a_retry_that_commits_is_answered_without_another_read() {
+        let (_dir, store) = migrated_store().await;
+        sqlx::raw_sql(
+            "INSERT INTO jobs (id, status, spec, metadata, attempt, max_attempts, run_at, \
+                               created_at, finished_at, failure_reason) \
+             VALUES ('01a2504c-0000-7000-8000-000000000001', 'failed', \
+                     '{\"model\": \"fusion\", \"panel\": [\"m1\"], \"analyst\": \"m1\", \
+                       \"messages\": [{\"role\": \"user\", \"content\": \"hi\"}]}', \
+                     '{}', 1, 1, 0, 0, 5, 'rate_limited'); \
+             INSERT INTO steps (job_id, step, model, ok, prompt_tokens, completion_tokens, cost, \
+                                latency_ms, error_code, attempt, created_at) \
+             VALUES ('01a2504c-0000-7000-8000-000000000001', 'final', 'm1', 0, 0, 0, 0, 0, \
+                     'rate_limited', 1, 0)",
+        )
+        .execute(&store.writer)
+        .await
+        .unwrap();
+        let id: Uuid = "01a2504c-0000-7000-8000-000000000001".parse().unwrap();
+        store.pool.close().await;
+        let RetryOutcome::Requeued(job) = store.retry_failed(id, 10).await.unwrap() else {
+            panic!("not requeued");
+        };
+        assert_eq!(
+            (job.id, job.status, job.max_attempts),
+            (id, JobStatus::Queued, 2)
+        );
+        assert_eq!(job.failure_reason, None);
+        let code: String = sqlx::query_scalar("SELECT error_code FROM steps")
+            .fetch_one(&store.writer)
+            .await
+            .unwrap();
+        assert_eq!(code, SUPERSEDED);
+        // Nothing to change: the answer needs a read, and a failed one is an error.
+        assert!(store.retry_failed(id, 11).await.is_err());
     }
 
     // A page of the job list seeks to its cursor, in a status or not, rather than scanning every
