@@ -91,8 +91,13 @@ pub async fn enqueue(
             let start = slot.lease().clone();
             tokio::spawn(async move {
                 let enqueued = insert(&*store, new, Some(start)).await;
-                if let Ok(Enqueued::Created(job)) = &enqueued {
-                    slot.run(job.clone()).await;
+                match &enqueued {
+                    Ok(Enqueued::Created(job)) => slot.run(job.clone()).await,
+                    // Not waited for: the answer says the job may be stored either way.
+                    Err(Inserted::Unknown(_, id)) => {
+                        tokio::spawn(slot.hand_back_unconfirmed(*id));
+                    }
+                    _ => {}
                 }
                 enqueued
             })

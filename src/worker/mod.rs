@@ -184,6 +184,26 @@ impl Slot {
         &self.start
     }
 
+    /// Hand back job `id`, whose insert under this slot's lease went unconfirmed and could not
+    /// be read back: if it landed, it is running under this lease with nobody on it, and would
+    /// sit so until the lease ran out, an attempt spent (a job on its last one failed without
+    /// having run). The release is fenced on this lease's first attempt, so it requeues that
+    /// job only, and does nothing if the insert did not land.
+    pub async fn hand_back_unconfirmed(self, id: Uuid) {
+        let Slot { worker, start, .. } = self;
+        let _handing_back = worker.tracker.token();
+        let lease = Lease {
+            job_id: id,
+            attempt: 1,
+            owner: start.owner,
+        };
+        let released = with_db_retries(&worker.last_writes, || worker.store.release(&lease));
+        if released.await == Some(true) {
+            tracing::warn!(job = %id, "a job inserted unconfirmed had landed; handed back to \
+                the queue");
+        }
+    }
+
     /// Run `job`, just inserted under this slot's lease; if shutdown began meanwhile, hand it
     /// back to the queue at once instead (the attempt is not spent).
     pub async fn run(self, job: Job) {
@@ -273,9 +293,9 @@ impl Worker {
     /// was counted from when the slot was taken, and the insert may have taken long (a slow
     /// commit, a lock wait): once a heartbeat's interval has gone by, the lease is renewed
     /// first; a job whose lease ran out meanwhile may have been rescued and claimed again (by
-    /// this process too), and running it here as well would pay every call twice. Not held,
-    /// or not renewed: not run here (if it is still running under this lease, the rescuer
-    /// requeues it when the lease runs out). Held: until when.
+    /// this process too), and running it here as well would pay every call twice. Not held:
+    /// not run here. Held: until when. Not known (the renewal failed): the lease's end as
+    /// inserted, so that no new call starts until a heartbeat renews it.
     async fn still_holds(&self, job: &Job, start: &StartHere) -> Option<i64> {
         let now = self.held_now(self.clock.now_ms());
         let lease_ms = crate::store::ms(self.config.lease);
@@ -299,10 +319,13 @@ impl Worker {
                     not running it here");
                 None
             }
+            // The lease may hold all the same: the job runs as a claimed one whose renewal
+            // failed does, making no new upstream call until a heartbeat renews its lease (or
+            // finds it lost and stops it). Left to the rescuer, it would lose an attempt.
             Err(e) => {
                 tracing::warn!(job = %job.id, error = %e, "could not renew the lease of a job \
-                    that was slow to insert; leaving it to the rescuer");
-                None
+                    that was slow to insert; running it once a heartbeat renews it");
+                Some(start.lease_expires_at)
             }
         }
     }

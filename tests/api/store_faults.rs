@@ -821,6 +821,35 @@ async fn a_checkpointed_final_failure_fails_the_next_attempt_without_calling_aga
     assert_eq!(app.fake.calls("judge", Kind::Final), 0);
 }
 
+// A job started at its submit whose insert took over a third of its lease has that lease
+// renewed before it runs; when the renewal fails (a blip), the lease may hold all the same, so
+// the job runs, holding new calls back until a heartbeat renews it, as a claimed job whose
+// renewal failed does. Before, it was left to the rescuer: run only after its lease ran out,
+// an attempt spent, and with one attempt, failed as `lease_expired` without having run.
+#[tokio::test]
+async fn a_job_slow_to_insert_whose_lease_renewal_fails_runs_all_the_same() {
+    let slow_enqueue = Duration::from_millis(2_000);
+    let options = Options {
+        poll_interval: Duration::from_secs(3600),
+        toml: "[jobs]\nmax_attempts = 1\n".into(),
+        ..Options::default()
+    };
+    let (app, faulty) = app_on_options(Faults::default(), slow_enqueue, options).await;
+    faulty.claims.called_past(0).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    faulty.heartbeats_fail.store(true, Ordering::SeqCst);
+    // Started at its submit under a 5 s lease, 2 s of it spent on the insert: renewed first.
+    let id = app.submit_ok(&body_with_panel(&["m1"], "judge")).await;
+    assert_eq!(faulty.started_at_submit.load(Ordering::SeqCst), 1);
+    assert!(faulty.heartbeats.calls.load(Ordering::SeqCst) >= 1);
+    // Renewals work again: on a machine slow enough to have held its calls back, the next
+    // heartbeat lets them go (a job not started here has none).
+    faulty.heartbeats_fail.store(false, Ordering::SeqCst);
+    let job = app.wait_final(&id, 2).await;
+    assert_eq!(job["status"], "succeeded", "{job:#}");
+    assert_eq!(job["attempt"], 1);
+}
+
 #[tokio::test]
 async fn a_job_started_at_its_submit_runs_even_when_the_client_left_before_the_answer() {
     let slow_enqueue = Duration::from_millis(2_000);
@@ -1411,6 +1440,44 @@ async fn a_submission_unconfirmed_and_unreadable_is_answered_naming_the_job() {
     assert_eq!(resp.status(), 503);
     assert_eq!(resp.headers()["retry-after"], "5");
     assert!(resp.headers().get("x-fusion-job-id").is_none());
+}
+
+// The same for a job started at its submit: if its insert landed, it is running under this
+// process's lease with nobody on it, so it is handed back to the queue (its attempt not spent)
+// and runs at once. Before, it sat running until its lease ran out (5 s here) and was rescued
+// with an attempt spent; a job on its last attempt failed without having run.
+#[tokio::test]
+async fn a_job_started_at_its_submit_unconfirmed_and_unreadable_is_handed_back() {
+    let faults = Faults {
+        enqueues: 1,
+        reads: 1,
+        ..Faults::default()
+    };
+    // No fallback polls: the job runs because its hand-back woke the worker. One attempt: a
+    // job left to its lease's end would fail as `lease_expired` without having run.
+    let options = Options {
+        poll_interval: Duration::from_secs(3600),
+        toml: "[jobs]\nmax_attempts = 1\n".into(),
+        ..Options::default()
+    };
+    let (app, faulty) = app_on_options(faults, Duration::ZERO, options).await;
+    // A slot is free once the dispatcher's first claim found the queue empty.
+    faulty.claims.called_past(0).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let resp = app.submit(&body_with_panel(&["m1"], "judge")).await;
+    assert_eq!(resp.status(), 503);
+    assert_eq!(faulty.started_at_submit.load(Ordering::SeqCst), 1);
+    let id = resp.headers()["x-fusion-job-id"]
+        .to_str()
+        .unwrap()
+        .to_string();
+    let job = app.wait_final(&id, 3).await;
+    assert_eq!(job["status"], "succeeded", "{job:#}");
+    // Handed back (one more attempt allowed, as a release gives), then claimed: attempt 2.
+    assert_eq!(
+        (job["attempt"].as_i64(), job["max_attempts"].as_i64()),
+        (Some(2), Some(2))
+    );
 }
 
 #[tokio::test]
