@@ -19,6 +19,7 @@ use futures::FutureExt;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, broadcast, watch};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
+use tokio_util::task::task_tracker::TaskTrackerToken;
 use tracing::Instrument;
 use uuid::Uuid;
 
@@ -162,10 +163,10 @@ pub struct Worker {
     /// while they retry. Not a job's own stop token: an outcome is the end of work already paid
     /// for, and ending the grace period must not throw it away mid-retry.
     last_writes: CancellationToken,
-    /// The lease ends (`lease_expires_at`) of claims that failed and may have committed all the
-    /// same: their jobs are handed back before each claim until a lease past that end (see
-    /// `hand_back_unconfirmed_claims`).
-    unconfirmed_claims: Mutex<Vec<i64>>,
+    /// Claims and inserts that failed and may have committed all the same, leaving jobs
+    /// running under this process's lease with nobody on them: handed back before each claim
+    /// until a lease past that lease's end (see `hand_back_unconfirmed`).
+    unconfirmed: Mutex<Vec<Unconfirmed>>,
     /// The lease end of this worker's last claim: each claim's ends later (see `claim`).
     last_claim_end: AtomicI64,
 }
@@ -177,6 +178,20 @@ pub struct Slot {
     worker: Arc<Worker>,
     permit: OwnedSemaphorePermit,
     start: StartHere,
+    /// Counted by the tracker from the slot's taking, so that shutdown waits for its job to be
+    /// started or handed back: the insert, the lease check and the hand-back each take a
+    /// round trip, and a shutdown that found no task meanwhile was over before the job was
+    /// started unwatched.
+    _tracked: TaskTrackerToken,
+}
+
+/// A write whose answer was lost, which may have committed all the same (see `Worker::unconfirmed`).
+#[derive(Debug)]
+enum Unconfirmed {
+    /// A claim, by its lease's end: the jobs running under exactly that lease.
+    Claim(i64),
+    /// A job inserted started here (at its first attempt, under this lease), and its lease's end.
+    Insert(Lease, i64),
 }
 
 impl Slot {
@@ -187,21 +202,23 @@ impl Slot {
     /// Hand back job `id`, whose insert under this slot's lease went unconfirmed and could not
     /// be read back: if it landed, it is running under this lease with nobody on it, and would
     /// sit so until the lease ran out, an attempt spent (a job on its last one failed without
-    /// having run). The release is fenced on this lease's first attempt, so it requeues that
-    /// job only, and does nothing if the insert did not land.
+    /// having run). The release is fenced on the job's first attempt under this lease, so it
+    /// requeues that job only, and does nothing if the insert did not land; tried now, then
+    /// before each claim until a lease past this one's end, as a lost claim's jobs are: an
+    /// insert given up unanswered may commit late.
     pub async fn hand_back_unconfirmed(self, id: Uuid) {
-        let Slot { worker, start, .. } = self;
-        let _handing_back = worker.tracker.token();
         let lease = Lease {
             job_id: id,
             attempt: 1,
-            owner: start.owner,
+            owner: self.start.owner.clone(),
         };
-        let released = with_db_retries(&worker.last_writes, || worker.store.release(&lease));
-        if released.await == Some(true) {
-            tracing::warn!(job = %id, "a job inserted unconfirmed had landed; handed back to \
-                the queue");
-        }
+        let insert = Unconfirmed::Insert(lease, self.start.lease_expires_at);
+        self.worker
+            .unconfirmed
+            .lock()
+            .expect("unconfirmed")
+            .push(insert);
+        self.worker.hand_back_unconfirmed().await;
     }
 
     /// Run `job`, just inserted under this slot's lease; if shutdown began meanwhile, hand it
@@ -211,11 +228,8 @@ impl Slot {
             worker,
             permit,
             start,
+            _tracked,
         } = self;
-        // Counted by the tracker from here, so that shutdown waits for this job to be started
-        // or handed back: the lease check below may take a heartbeat's round trip, and a
-        // shutdown that found no task meanwhile was over before the job was started unwatched.
-        let _starting = worker.tracker.token();
         let hand_back = || async {
             if let Some(lease) = job.lease() {
                 with_db_retries(&worker.last_writes, || worker.store.release(&lease)).await;
@@ -265,7 +279,7 @@ impl Worker {
             queue_drained: AtomicBool::new(false),
             releasing: AtomicBool::new(false),
             last_writes: CancellationToken::new(),
-            unconfirmed_claims: Mutex::new(Vec::new()),
+            unconfirmed: Mutex::new(Vec::new()),
             last_claim_end: AtomicI64::new(i64::MIN),
             config,
         })
@@ -286,6 +300,7 @@ impl Worker {
                 owner: self.owner.clone(),
                 lease_expires_at: self.held_lease_end(self.clock.now_ms()),
             },
+            _tracked: self.tracker.token(),
         })
     }
 
@@ -295,7 +310,8 @@ impl Worker {
     /// first; a job whose lease ran out meanwhile may have been rescued and claimed again (by
     /// this process too), and running it here as well would pay every call twice. Not held:
     /// not run here. Held: until when. Not known (the renewal failed): the lease's end as
-    /// inserted, so that no new call starts until a heartbeat renews it.
+    /// inserted, so that no new call starts in the lease's last third until a heartbeat renews
+    /// it (`HeldUntil`).
     async fn still_holds(&self, job: &Job, start: &StartHere) -> Option<i64> {
         let now = self.held_now(self.clock.now_ms());
         let lease_ms = crate::store::ms(self.config.lease);
@@ -320,8 +336,9 @@ impl Worker {
                 None
             }
             // The lease may hold all the same: the job runs as a claimed one whose renewal
-            // failed does, making no new upstream call until a heartbeat renews its lease (or
-            // finds it lost and stops it). Left to the rescuer, it would lose an attempt.
+            // failed does, making no new upstream call in its lease's last third until a
+            // heartbeat renews it (or finds it lost and stops it). Left to the rescuer, it
+            // would lose an attempt.
             Err(e) => {
                 tracing::warn!(job = %job.id, error = %e, "could not renew the lease of a job \
                     that was slow to insert; running it once a heartbeat renews it");
@@ -367,9 +384,9 @@ impl Worker {
     /// attempt spent (a job on its last one failed without having run). So the jobs running
     /// under exactly that lease are handed back at once, and again before each later claim
     /// until a lease past that lease's end: a claim given up unanswered may commit late (see
-    /// `hand_back_unconfirmed_claims`).
+    /// `hand_back_unconfirmed`).
     async fn claim(&self, wanted: u32) -> Result<Vec<Claimed>, StoreError> {
-        self.hand_back_unconfirmed_claims().await;
+        self.hand_back_unconfirmed().await;
         // A claim's lease ends at an odd millisecond, the leases this process renews or starts
         // jobs with at an even one (`held_now`), and each claim's later than the one before
         // (two claims within a millisecond, a clock stepped back): handing back by owner and
@@ -389,8 +406,9 @@ impl Worker {
             && e.may_have_committed()
         {
             let until = now + crate::store::ms(self.config.lease);
-            self.unconfirmed_claims.lock().expect("claims").push(until);
-            self.hand_back_unconfirmed_claims().await;
+            let claim = Unconfirmed::Claim(until);
+            self.unconfirmed.lock().expect("unconfirmed").push(claim);
+            self.hand_back_unconfirmed().await;
         }
         claimed
     }
@@ -405,31 +423,43 @@ impl Worker {
         self.held_now(now) + crate::store::ms(self.config.lease)
     }
 
-    async fn hand_back_unconfirmed_claims(&self) {
-        let pending = std::mem::take(&mut *self.unconfirmed_claims.lock().expect("claims"));
+    async fn hand_back_unconfirmed(&self) {
+        let pending = std::mem::take(&mut *self.unconfirmed.lock().expect("unconfirmed"));
         let mut left = Vec::new();
-        for until in pending {
-            // Kept a lease past its end, and tried at least once: a claim given up unanswered
+        for write in pending {
+            let until = match &write {
+                Unconfirmed::Claim(until) | Unconfirmed::Insert(_, until) => *until,
+            };
+            // Kept a lease past its end, and tried at least once: a write given up unanswered
             // (after the statement timeout, which may outlast the lease) may commit late, and
             // the rescuer, once its lease ran out, clears its owner, so the match stays exact.
             if until + crate::store::ms(self.config.lease) <= self.clock.now_ms() {
                 continue;
             }
-            match self.store.release_claim(&self.owner, until).await {
-                Ok(jobs) => {
-                    if jobs > 0 {
-                        tracing::warn!(
+            match &write {
+                Unconfirmed::Claim(until) => {
+                    match self.store.release_claim(&self.owner, *until).await {
+                        Ok(jobs) if jobs > 0 => tracing::warn!(
                             jobs,
                             "a claim whose answer was lost had taken jobs; handed them back"
-                        );
+                        ),
+                        _ => {}
                     }
-                    // Kept (see above): a claim given up unanswered may still commit.
-                    left.push(until);
                 }
-                Err(_) => left.push(until),
+                Unconfirmed::Insert(lease, _) => {
+                    // Landed, and handed back: that job has nothing more to come.
+                    if let Ok(true) = self.store.release(lease).await {
+                        tracing::warn!(job = %lease.job_id,
+                            "a job inserted started here whose answer was lost had landed; \
+                             handed it back");
+                        continue;
+                    }
+                }
             }
+            // Kept (see above): a write given up unanswered may still commit.
+            left.push(write);
         }
-        self.unconfirmed_claims.lock().expect("claims").extend(left);
+        self.unconfirmed.lock().expect("unconfirmed").extend(left);
     }
 
     /// Run until `shutdown` fires, then drain within the grace period and release what is left:
@@ -480,12 +510,9 @@ impl Worker {
         let _ = tokio::join!(heartbeat, rescuer, cancels);
         // A claim whose answer was lost may have taken jobs, and no later claim will hand them
         // back: one more try now (which also finds a claim that committed late meanwhile).
-        if tokio::time::timeout(
-            self.config.release_window,
-            self.hand_back_unconfirmed_claims(),
-        )
-        .await
-        .is_err()
+        if tokio::time::timeout(self.config.release_window, self.hand_back_unconfirmed())
+            .await
+            .is_err()
         {
             tracing::warn!(
                 "the hand-back of a claim whose answer was lost did not finish in the release \

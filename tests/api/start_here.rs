@@ -52,11 +52,20 @@ async fn a_job_started_at_its_submit_as_shutdown_begins_goes_back_to_the_queue()
     };
     assert_eq!((job.status, job.attempt), (JobStatus::Running, 1));
 
-    // Shutdown begins between the insert and the start.
+    // Shutdown begins between the insert and the start: no slot is given out any more, and
+    // the worker's shutdown waits for the one it gave out.
     shutdown.cancel();
-    running.await.unwrap();
-    assert!(worker.slot_for_new_job().is_none());
+    while worker.slot_for_new_job().is_some() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "slots after shutdown"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(!running.is_finished(), "shutdown did not wait for the slot");
     slot.run(job.clone()).await;
+    running.await.unwrap();
     let back = store.get_job(job.id).await.unwrap().unwrap();
     // Handed back without spending its attempt: one more is allowed (its number stays).
     assert_eq!(

@@ -27,7 +27,7 @@ use fusion::store::{
     StoreError,
 };
 use fusion::testing::capture_logs;
-use fusion::worker::{Worker, WorkerConfig};
+use fusion::worker::{Slot, Worker, WorkerConfig};
 use serde_json::Value;
 use tokio::sync::{Notify, broadcast};
 use uuid::Uuid;
@@ -823,9 +823,10 @@ async fn a_checkpointed_final_failure_fails_the_next_attempt_without_calling_aga
 
 // A job started at its submit whose insert took over a third of its lease has that lease
 // renewed before it runs; when the renewal fails (a blip), the lease may hold all the same, so
-// the job runs, holding new calls back until a heartbeat renews it, as a claimed job whose
-// renewal failed does. Before, it was left to the rescuer: run only after its lease ran out,
-// an attempt spent, and with one attempt, failed as `lease_expired` without having run.
+// the job runs as a claimed job whose renewal failed does (here with ~3 s of its 5 s lease
+// left, its calls start at once; in the last third they would wait for a heartbeat). Before,
+// it was left to the rescuer: run only after its lease ran out, an attempt spent, and with one
+// attempt, failed as `lease_expired` without having run.
 #[tokio::test]
 async fn a_job_slow_to_insert_whose_lease_renewal_fails_runs_all_the_same() {
     let slow_enqueue = Duration::from_millis(2_000);
@@ -878,14 +879,7 @@ async fn a_job_started_at_its_submit_runs_even_when_the_client_left_before_the_a
     tokio::time::sleep(slow_enqueue).await;
     let mut status = None;
     for _ in 0..300 {
-        let jobs = app
-            .store
-            .list_jobs(&ListFilter {
-                limit: 10,
-                ..ListFilter::default()
-            })
-            .await
-            .unwrap();
+        let jobs = newest_jobs(&app).await;
         status = jobs.first().map(|j| (j.status, j.attempt));
         if status == Some((JobStatus::Succeeded, 1)) {
             assert_eq!(
@@ -1052,12 +1046,24 @@ async fn a_worker_makes_no_claim_after_shutdown_even_with_a_wakeup_stored() {
     assert_eq!(app.fake.total_calls(), 0);
 }
 
-// A job started at its submit whose insert was slow checks its lease with a heartbeat before it
-// starts; shutdown begins during that heartbeat. The job is handed back to the queue, and the
-// worker's shutdown waits for that. Before, a shutdown that found no task running was over
-// during the heartbeat, and the job was then started unwatched by a worker already stopped.
-#[tokio::test]
-async fn a_job_started_here_as_shutdown_begins_mid_lease_check_is_handed_back() {
+/// The app's ten newest jobs, read from its store.
+async fn newest_jobs(app: &TestApp) -> Vec<Job> {
+    let filter = ListFilter {
+        limit: 10,
+        ..ListFilter::default()
+    };
+    app.store.list_jobs(&filter).await.unwrap()
+}
+
+/// A worker for one job at a time under a 3 s lease, running until the token is cancelled (its
+/// task), and the slot it gave out for a job submitted here.
+async fn a_worker_with_a_slot() -> (
+    TestApp,
+    Arc<Faulty>,
+    tokio_util::sync::CancellationToken,
+    tokio::task::JoinHandle<()>,
+    Slot,
+) {
     let app = spawn_api_only().await;
     let config = WorkerConfig {
         concurrency: 1,
@@ -1075,6 +1081,16 @@ async fn a_job_started_here_as_shutdown_begins_mid_lease_check_is_handed_back() 
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
     };
+    (app, store, shutdown, running, slot)
+}
+
+// A job started at its submit whose insert was slow checks its lease with a heartbeat before it
+// starts; shutdown begins during that heartbeat. The job is handed back to the queue, and the
+// worker's shutdown waits for that. Before, a shutdown that found no task running was over
+// during the heartbeat, and the job was then started unwatched by a worker already stopped.
+#[tokio::test]
+async fn a_job_started_here_as_shutdown_begins_mid_lease_check_is_handed_back() {
+    let (app, store, shutdown, running, slot) = a_worker_with_a_slot().await;
     let start = slot.lease().clone();
     let Enqueued::Created(job) = store
         .enqueue(crate::pipelining::new_job(), Some(start))
@@ -1096,6 +1112,39 @@ async fn a_job_started_here_as_shutdown_begins_mid_lease_check_is_handed_back() 
     let back = app.store.get_job(job.id).await.unwrap().unwrap();
     assert_eq!((back.status, back.lease_owner), (JobStatus::Queued, None));
     started.await.unwrap();
+    assert_eq!(app.fake.total_calls(), 0);
+}
+
+// The same, with shutdown beginning while the job is still being inserted: the worker's
+// shutdown waits for the slot it gave out, and the job, once inserted, is handed back. Before,
+// the slot was counted only from its job's start, so a shutdown during the insert was over at
+// once and the job landed running under a worker already stopped.
+#[tokio::test]
+async fn a_job_started_here_as_shutdown_begins_mid_insert_is_handed_back() {
+    let (app, store, shutdown, running, slot) = a_worker_with_a_slot().await;
+    shutdown.cancel();
+    // The insert answers after shutdown has begun.
+    let inserted = tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let start = slot.lease().clone();
+        let Ok(Enqueued::Created(job)) = store
+            .enqueue(crate::pipelining::new_job(), Some(start))
+            .await
+        else {
+            panic!("a new job");
+        };
+        slot.run(job.clone()).await;
+        job.id
+    });
+    running.await.unwrap();
+    // The worker's shutdown is over: the job is in the queue, not running on its own.
+    let back: Vec<_> = newest_jobs(&app)
+        .await
+        .iter()
+        .map(|j| (j.status, j.lease_owner.clone()))
+        .collect();
+    assert_eq!(back, [(JobStatus::Queued, None)]);
+    inserted.await.unwrap();
     assert_eq!(app.fake.total_calls(), 0);
 }
 
