@@ -325,7 +325,7 @@ mod tests {
     // hidden: the answer passes as it came. Before, every `x` of it became `***`.
     #[tokio::test]
     async fn a_placeholder_key_leaves_a_relayed_answer_whole() {
-        let body = test_server::completion("extra text: x EMPTY", "{}");
+        let body = test_server::completion("extra text: x EMPTY sk-xxxx", "{}");
         for key in ["x", "EMPTY", "sk-xxxx"] {
             let (base, _) = answering(test_server::answer("200 OK", &body), Then::Close).await;
             let (status, _, text) = relay_with_key(&base, Some(key)).await;

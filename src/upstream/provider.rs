@@ -62,11 +62,6 @@ impl Provider {
             max_tokens_field: "max_completion_tokens".to_string(),
         }
     }
-
-    /// The API key, as sent: what an error message must never show.
-    pub fn key(&self) -> Option<&str> {
-        self.api_key.as_ref().map(|k| k.0.as_str())
-    }
 }
 
 impl fmt::Debug for Provider {
