@@ -119,6 +119,10 @@ impl AnalysisError {
 /// The JSON schema of the analysis, its arrays and strings bounded by `limits`.
 pub fn schema(limits: &AnalysisLimits) -> Value {
     let text = json!({"type": "string", "maxLength": limits.max_text});
+    // Model labels are bounded as `bounded` bounds them, not by `max_text`: a provider that
+    // enforces the schema while it writes (llama.cpp's grammars) would cut a long model name
+    // short, and two samples of one model could no longer be told apart.
+    let label = json!({"type": "string", "maxLength": MAX_LABEL_CHARS});
     let list =
         |items: Value| json!({"type": "array", "items": items, "maxItems": limits.max_items});
     let object = |props: Value, required: &[&str]| {
@@ -130,12 +134,12 @@ pub fn schema(limits: &AnalysisLimits) -> Value {
             "consensus": list(text.clone()),
             "contradictions": list(object(
                 json!({"topic": text.clone(), "stances": list(object(
-                    json!({"model": text.clone(), "stance": text.clone()}), &["model", "stance"]))}),
+                    json!({"model": label.clone(), "stance": text.clone()}), &["model", "stance"]))}),
                 &["topic", "stances"])),
             "partial_coverage": list(object(
-                json!({"models": list(text.clone()), "point": text.clone()}), &["models", "point"])),
+                json!({"models": list(label.clone()), "point": text.clone()}), &["models", "point"])),
             "unique_insights": list(object(
-                json!({"model": text.clone(), "insight": text.clone()}), &["model", "insight"])),
+                json!({"model": label, "insight": text.clone()}), &["model", "insight"])),
             "blind_spots": list(text.clone()),
         }),
         &[
@@ -342,7 +346,18 @@ mod tests {
         assert_eq!(s["properties"]["consensus"]["maxItems"], 4);
         assert_eq!(s["properties"]["consensus"]["items"]["maxLength"], 200);
         let stance = &s["properties"]["contradictions"]["items"]["properties"]["stances"];
-        assert_eq!(stance["items"]["properties"]["model"]["maxLength"], 200);
+        assert_eq!(stance["items"]["properties"]["stance"]["maxLength"], 200);
+        // Model labels are bounded as labels, not texts: a short `max_text` must not cut them
+        // (it did, in the schema, after `bounded` had stopped cutting them).
+        assert_eq!(
+            stance["items"]["properties"]["model"]["maxLength"],
+            MAX_LABEL_CHARS
+        );
+        let coverage = &s["properties"]["partial_coverage"]["items"]["properties"];
+        assert_eq!(coverage["models"]["items"]["maxLength"], MAX_LABEL_CHARS);
+        assert_eq!(coverage["point"]["maxLength"], 200);
+        let insight = &s["properties"]["unique_insights"]["items"]["properties"];
+        assert_eq!(insight["model"]["maxLength"], MAX_LABEL_CHARS);
     }
 
     #[test]
