@@ -35,7 +35,7 @@ async fn a_failed_panel_member_is_recorded_and_the_job_goes_on() {
         .unwrap();
     // Only the member that answered is shown to the analyst.
     let prompt = analysis["messages"][1]["content"].as_str().unwrap();
-    assert_eq!(prompt.matches("<response ").count(), 1, "{prompt}");
+    assert_eq!(prompt.matches("<response-").count(), 1, "{prompt}");
     assert!(prompt.contains("model=\"ok1\""), "{prompt}");
     assert!(!prompt.contains("model=\"gone\""), "{prompt}");
 }
