@@ -169,14 +169,26 @@ impl Upstream {
             let alone = first.is_none().then_some(&wire.error);
             return Err(mid_answer(status, &error, alone, endpoint.credential()).billed(usage));
         }
-        let empty = |what| UpstreamError::new(ErrorKind::Empty, Some(status), what).billed(usage);
+        let empty =
+            |what: String| UpstreamError::new(ErrorKind::Empty, Some(status), what).billed(usage);
         if wire.choices.is_empty() {
-            return Err(empty("upstream returned no choices"));
+            return Err(empty("upstream returned no choices".into()));
         }
         let choice = wire.choices.swap_remove(0);
-        let content = choice.message.and_then(|m| m.content).unwrap_or_default();
+        let (content, refusal) = choice
+            .message
+            .map_or((None, None), |m| (m.content, m.refusal));
+        let content = content.unwrap_or_default();
         if content.trim().is_empty() {
-            return Err(empty("upstream returned an empty completion"));
+            // A refusal in place of the content (OpenAI's, under a structured output) is said,
+            // not taken for an empty answer with no reason.
+            let said = refusal.map(|r| {
+                answer::one_line(r.as_bytes(), endpoint.credential(), answer::MESSAGE_CHARS)
+            });
+            return Err(empty(match said.filter(|r| !r.is_empty()) {
+                Some(refusal) => format!("upstream refused to answer: {refusal}"),
+                None => "upstream returned an empty completion".into(),
+            }));
         }
         Ok(Completion {
             content,

@@ -417,6 +417,27 @@ async fn an_error_in_a_2xx_is_classed_by_the_status_it_names() {
 // (an error in a 2xx, choices that are not a list) is retried, and what it was billed for is
 // counted. Before, both failed to parse as a garbled answer whose usage was lost, and the
 // first was asked for again.
+// A refusal in place of the content (OpenAI's structured outputs: `content` null, `refusal`
+// set) fails the completion as an empty one (final) that says what the model said, on one
+// line. Before, it was "upstream returned an empty completion", the reason thrown away.
+#[tokio::test]
+async fn a_refusal_is_said_in_the_error() {
+    let body = r#"{"choices": [{"index": 0, "finish_reason": "stop", "message": {"role": "assistant", "content": null, "refusal": "I'm sorry,\nI cannot help with that."}}]}"#;
+    let [completion, _] = on_both_clients_answered(body).await;
+    let err = completion.unwrap_err();
+    assert_eq!(err.kind, ErrorKind::Empty, "{err:?}");
+    assert!(!err.retryable());
+    assert_eq!(
+        err.message,
+        "upstream refused to answer: I'm sorry, I cannot help with that."
+    );
+    // An empty refusal says nothing.
+    let body = r#"{"choices": [{"message": {"content": null, "refusal": " "}}]}"#;
+    let [completion, _] = on_both_clients_answered(body).await;
+    let err = completion.unwrap_err();
+    assert_eq!(err.message, "upstream returned an empty completion");
+}
+
 #[tokio::test]
 async fn answers_of_another_shape_keep_their_usage() {
     let usage = r#""usage": {"prompt_tokens": 9, "completion_tokens": 2}"#;

@@ -93,6 +93,9 @@ pub(super) struct WireMessage {
     /// OpenAI-compatible servers answer): see `text_of`.
     #[serde(default, deserialize_with = "content_text")]
     pub(super) content: Option<String>,
+    /// Why the model declined, in place of `content` (OpenAI's structured outputs).
+    #[serde(default, deserialize_with = "lenient_string")]
+    pub(super) refusal: Option<String>,
 }
 
 fn lenient_string<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
