@@ -164,8 +164,9 @@ pub fn analysis_correction(reply: &str, problem: &str) -> [Value; 2] {
     ]
 }
 
-/// Messages asking for the final answer: a system message carrying the panel answers and the
-/// analysis, then the caller's conversation unchanged.
+/// Messages asking for the final answer: one system message carrying the panel answers, the
+/// analysis and the conversation's own leading system (or developer) instructions, then the
+/// rest of the caller's conversation unchanged.
 pub fn final_messages(
     messages: &[Value],
     answers: &[PanelAnswer<'_>],
@@ -197,13 +198,25 @@ pub fn final_messages_with(
         numbered(answers),
         analysis_text
     );
+    // The conversation's own leading instructions join this one system message: many chat
+    // templates (Gemma's, Mistral's, in llama.cpp and vLLM) refuse a second system message, and
+    // the final call would fail after the panel and the analysis were paid for.
+    let leading = messages
+        .iter()
+        .take_while(|m| matches!(m["role"].as_str(), Some("system" | "developer")))
+        .count();
+    let own: Vec<String> = messages[..leading].iter().map(message_text).collect();
+    if own.iter().any(|text| !text.trim().is_empty()) {
+        system.push_str("\n\n## The conversation's instructions\n");
+        system.push_str(own.join("\n\n").trim());
+    }
     if let Some(format) = format {
         system.push_str("\n\n## Format\n");
         system.push_str(format);
     }
-    let mut out = Vec::with_capacity(messages.len() + 1);
+    let mut out = Vec::with_capacity(messages.len() + 1 - leading);
     out.push(json!({"role": "system", "content": system}));
-    out.extend(messages.iter().cloned());
+    out.extend(messages[leading..].iter().cloned());
     out
 }
 
@@ -268,6 +281,39 @@ mod tests {
         let odd = numbered(&[answer("a\"b", "x"), answer("a&quot;b", "y")]);
         assert!(odd.contains("model=\"a&quot;b\""), "{odd}");
         assert!(odd.contains("model=\"a&amp;quot;b\""), "{odd}");
+    }
+
+    // The conversation's leading system and developer messages join the final call's one
+    // system message, after the answers and the analysis; the rest follows unchanged. Before,
+    // fusion's system message went in front of the client's, and templates that allow one
+    // system message (Gemma's, Mistral's) refused the final call after all else was paid.
+    #[test]
+    fn the_final_call_has_one_system_message() {
+        let conversation = [
+            json!({"role": "system", "content": "Answer like a pirate."}),
+            json!({"role": "developer", "content": [{"type": "text", "text": "Be brief."}]}),
+            json!({"role": "user", "content": "hi"}),
+            json!({"role": "system", "content": "a later note"}),
+        ];
+        let answers = [answer("m1", "ahoy")];
+        let out = final_messages_with(&conversation, &answers, None, Some("JSON only."));
+        assert_eq!(out.len(), 3);
+        assert_eq!(out[0]["role"], "system");
+        let system = out[0]["content"].as_str().unwrap();
+        assert!(
+            system.ends_with(
+                "## The conversation's instructions\nAnswer like a pirate.\n\nBe brief.\n\n\
+                 ## Format\nJSON only."
+            ),
+            "{system}"
+        );
+        assert!(system.contains("ahoy"), "{system}");
+        assert_eq!(out[1..], conversation[2..]);
+        // Without them, the conversation follows whole.
+        let out = final_messages(&conversation[2..], &answers, None);
+        let system = out[0]["content"].as_str().unwrap();
+        assert!(!system.contains("## The conversation's"), "{system}");
+        assert_eq!(out[1..], conversation[2..]);
     }
 
     // A model whose name is another's sample label (`x #2` beside two answers of `x`) does not
