@@ -190,8 +190,15 @@ pub struct Slot {
 enum Unconfirmed {
     /// A claim, by its lease's end: the jobs running under exactly that lease.
     Claim(i64),
-    /// A job inserted started here (at its first attempt, under this lease), and its lease's end.
-    Insert(Lease, i64),
+    /// A job inserted started here (at its first attempt, under `lease`), its lease's end, and
+    /// when to try its hand-back again: at most once a heartbeat's interval, for an entry stays
+    /// two leases, and most such inserts never landed (a burst of them in a database blip
+    /// must not add a round trip each to every claim).
+    Insert {
+        lease: Lease,
+        until: i64,
+        next_try: i64,
+    },
 }
 
 impl Slot {
@@ -212,7 +219,11 @@ impl Slot {
             attempt: 1,
             owner: self.start.owner.clone(),
         };
-        let insert = Unconfirmed::Insert(lease, self.start.lease_expires_at);
+        let insert = Unconfirmed::Insert {
+            lease,
+            until: self.start.lease_expires_at,
+            next_try: i64::MIN,
+        };
         self.worker
             .unconfirmed
             .lock()
@@ -424,40 +435,58 @@ impl Worker {
     }
 
     async fn hand_back_unconfirmed(&self) {
-        let pending = std::mem::take(&mut *self.unconfirmed.lock().expect("unconfirmed"));
+        let mut pending =
+            std::mem::take(&mut *self.unconfirmed.lock().expect("unconfirmed")).into_iter();
+        let lease_ms = crate::store::ms(self.config.lease);
+        let now = self.clock.now_ms();
         let mut left = Vec::new();
-        for write in pending {
+        while let Some(mut write) = pending.next() {
             let until = match &write {
-                Unconfirmed::Claim(until) | Unconfirmed::Insert(_, until) => *until,
+                Unconfirmed::Claim(until) | Unconfirmed::Insert { until, .. } => *until,
             };
             // Kept a lease past its end, and tried at least once: a write given up unanswered
             // (after the statement timeout, which may outlast the lease) may commit late, and
             // the rescuer, once its lease ran out, clears its owner, so the match stays exact.
-            if until + crate::store::ms(self.config.lease) <= self.clock.now_ms() {
+            if until + lease_ms <= now {
                 continue;
             }
-            match &write {
+            // Whether it is done with: an insert that landed, and is handed back.
+            let done = match &mut write {
                 Unconfirmed::Claim(until) => {
-                    match self.store.release_claim(&self.owner, *until).await {
-                        Ok(jobs) if jobs > 0 => tracing::warn!(
+                    let released = self.store.release_claim(&self.owner, *until).await;
+                    if let Ok(jobs @ 1..) = released {
+                        tracing::warn!(
                             jobs,
                             "a claim whose answer was lost had taken jobs; handed them back"
-                        ),
-                        _ => {}
+                        );
                     }
+                    released.map(|_| false)
                 }
-                Unconfirmed::Insert(lease, _) => {
-                    // Landed, and handed back: that job has nothing more to come.
-                    if let Ok(true) = self.store.release(lease).await {
+                Unconfirmed::Insert { next_try, .. } if *next_try > now => Ok(false),
+                Unconfirmed::Insert {
+                    lease, next_try, ..
+                } => {
+                    *next_try = now + lease_ms / 3;
+                    self.store.release(lease).await
+                }
+            };
+            match done {
+                Ok(true) => {
+                    if let Unconfirmed::Insert { lease, .. } = &write {
                         tracing::warn!(job = %lease.job_id,
                             "a job inserted started here whose answer was lost had landed; \
                              handed it back");
-                        continue;
                     }
                 }
+                // Kept (see above): a write given up unanswered may still commit.
+                Ok(false) => left.push(write),
+                // The database is away: the rest wait for the next sweep, untried.
+                Err(_) => {
+                    left.push(write);
+                    left.extend(pending);
+                    break;
+                }
             }
-            // Kept (see above): a write given up unanswered may still commit.
-            left.push(write);
         }
         self.unconfirmed.lock().expect("unconfirmed").extend(left);
     }
