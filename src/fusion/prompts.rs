@@ -103,14 +103,17 @@ fn tag_suffix(answers: &[PanelAnswer<'_>]) -> String {
     })
 }
 
-/// The first of `candidate(0)`, `candidate(1)`, ... that no answer contains after `response-`.
+/// The first of `candidate(0)`, `candidate(1)`, ... that no answer contains after `response-`
+/// (in any case; the answers are searched as they are, not copied).
 fn free_suffix(answers: &[PanelAnswer<'_>], candidate: impl Fn(u32) -> String) -> String {
-    let texts: Vec<String> = answers.iter().map(|a| a.content.to_lowercase()).collect();
     let mut salt = 0;
     loop {
         let suffix = candidate(salt);
         let tag = format!("response-{suffix}");
-        if !texts.iter().any(|text| text.contains(&tag)) {
+        let held = |text: &str| {
+            (text.as_bytes().windows(tag.len())).any(|w| w.eq_ignore_ascii_case(tag.as_bytes()))
+        };
+        if !answers.iter().any(|a| held(a.content)) {
             return suffix;
         }
         salt += 1;
@@ -206,9 +209,14 @@ pub fn final_messages_with(
         .take_while(|m| matches!(m["role"].as_str(), Some("system" | "developer")))
         .count();
     let own: Vec<String> = messages[..leading].iter().map(message_text).collect();
-    if own.iter().any(|text| !text.trim().is_empty()) {
+    let own = own.join("\n\n");
+    let own = own.trim();
+    // A conversation of instructions alone is the query: it stays a message of its own, a
+    // user's, as a template that takes one system message allows.
+    let alone = leading == messages.len();
+    if !alone && !own.is_empty() {
         system.push_str("\n\n## The conversation's instructions\n");
-        system.push_str(own.join("\n\n").trim());
+        system.push_str(own);
     }
     if let Some(format) = format {
         system.push_str("\n\n## Format\n");
@@ -216,6 +224,9 @@ pub fn final_messages_with(
     }
     let mut out = Vec::with_capacity(messages.len() + 1 - leading);
     out.push(json!({"role": "system", "content": system}));
+    if alone && !own.is_empty() {
+        out.push(json!({"role": "user", "content": own}));
+    }
     out.extend(messages[leading..].iter().cloned());
     out
 }
@@ -309,6 +320,13 @@ mod tests {
         );
         assert!(system.contains("ahoy"), "{system}");
         assert_eq!(out[1..], conversation[2..]);
+        // A conversation of instructions alone: they are the query, a user's message.
+        let out = final_messages(&conversation[..2], &answers, None);
+        assert_eq!(out.len(), 2);
+        assert_eq!(
+            out[1],
+            json!({"role": "user", "content": "Answer like a pirate.\n\nBe brief."})
+        );
         // Without them, the conversation follows whole.
         let out = final_messages(&conversation[2..], &answers, None);
         let system = out[0]["content"].as_str().unwrap();

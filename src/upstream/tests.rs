@@ -412,11 +412,6 @@ async fn an_error_in_a_2xx_is_classed_by_the_status_it_names() {
     }
 }
 
-// A choice with no message (a content filter's `finish_reason` alone, or `"message": null`)
-// is an empty completion: final, and billed. A body of another shape that still has `usage`
-// (an error in a 2xx, choices that are not a list) is retried, and what it was billed for is
-// counted. Before, both failed to parse as a garbled answer whose usage was lost, and the
-// first was asked for again.
 // A refusal in place of the content (OpenAI's structured outputs: `content` null, `refusal`
 // set) fails the completion as an empty one (final) that says what the model said, on one
 // line. Before, it was "upstream returned an empty completion", the reason thrown away.
@@ -438,6 +433,11 @@ async fn a_refusal_is_said_in_the_error() {
     assert_eq!(err.message, "upstream returned an empty completion");
 }
 
+// A choice with no message (a content filter's `finish_reason` alone, or `"message": null`)
+// is an empty completion: final, and billed. A body of another shape that still has `usage`
+// (an error in a 2xx, choices that are not a list) is retried, and what it was billed for is
+// counted. Before, both failed to parse as a garbled answer whose usage was lost, and the
+// first was asked for again.
 #[tokio::test]
 async fn answers_of_another_shape_keep_their_usage() {
     let usage = r#""usage": {"prompt_tokens": 9, "completion_tokens": 2}"#;
