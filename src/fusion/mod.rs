@@ -8,7 +8,6 @@ pub mod analysis;
 pub mod prompts;
 mod saves;
 
-use std::borrow::Cow;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -383,7 +382,7 @@ impl Pipeline {
             }
             let model = &spec.panel[i];
             let req = CompletionRequest {
-                messages: Cow::Borrowed(&spec.messages),
+                messages: prompts::plain_conversation(&spec.messages),
                 temperature: spec.temperature,
                 max_completion_tokens: spec.max_completion_tokens,
                 response_format: None,

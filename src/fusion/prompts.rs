@@ -14,9 +14,76 @@ pub struct PanelAnswer<'a> {
     pub content: &'a str,
 }
 
+/// The conversation as the panel and the final call are sent it: as given, unless it holds a
+/// tool exchange (an assistant's `tool_calls` or legacy `function_call`, the `tool` messages
+/// answering them), which is written out as the assistant's text: the call, then what it
+/// returned, in one assistant message with the assistant's reply that follows. These calls
+/// offer no tools, and providers refuse tool messages without them (Anthropic: "requests which
+/// include tool_use or tool_result blocks must define tools"), after the rest was paid for.
+pub fn plain_conversation(messages: &[Value]) -> std::borrow::Cow<'_, [Value]> {
+    let exchange = |m: &Value| {
+        m["role"] == "tool" || m.get("tool_calls").is_some() || m.get("function_call").is_some()
+    };
+    if !messages.iter().any(exchange) {
+        return messages.into();
+    }
+    let mut names = std::collections::HashMap::new();
+    let mut out: Vec<Value> = Vec::with_capacity(messages.len());
+    // Whether the last message out is an assistant's that a tool exchange was written into: what
+    // follows of the exchange, and the assistant's reply after it, join it.
+    let mut open = false;
+    for m in messages {
+        let role = m["role"].as_str().unwrap_or_default();
+        let text = message_text(m);
+        let written = match role {
+            "assistant" if exchange(m) => {
+                let mut lines: Vec<String> = vec![text];
+                let calls = m["tool_calls"].as_array().into_iter().flatten();
+                for call in calls.chain(m.get("function_call")) {
+                    let f = call.get("function").unwrap_or(call);
+                    let name = f["name"].as_str().unwrap_or("a tool");
+                    if let Some(id) = call["id"].as_str() {
+                        names.insert(id.to_string(), name.to_string());
+                    }
+                    let args = match &f["arguments"] {
+                        Value::String(args) => args.clone(),
+                        Value::Null => "{}".to_string(),
+                        args => args.to_string(),
+                    };
+                    lines.push(format!("[called the tool `{name}` with {args}]"));
+                }
+                Some(lines.join("\n").trim().to_string())
+            }
+            "tool" => {
+                let id = m["tool_call_id"].as_str().unwrap_or_default();
+                let name = names.get(id).map_or("a tool", String::as_str);
+                Some(format!("[the tool `{name}` returned:]\n{text}"))
+            }
+            "assistant" if open => Some(text),
+            _ => None,
+        };
+        match written {
+            Some(text) if open && let Some(last) = out.last_mut() => {
+                let joined = format!("{}\n\n{text}", last["content"].as_str().unwrap_or_default());
+                last["content"] = Value::String(joined.trim().to_string());
+                open = role != "assistant" || exchange(m);
+            }
+            Some(text) => {
+                out.push(json!({"role": "assistant", "content": text}));
+                open = true;
+            }
+            None => {
+                out.push(m.clone());
+                open = false;
+            }
+        }
+    }
+    out.into()
+}
+
 /// The conversation as plain text, for the analyst's eyes.
 fn transcript(messages: &[Value]) -> String {
-    messages
+    plain_conversation(messages)
         .iter()
         .map(|m| {
             let role = m.get("role").and_then(Value::as_str).unwrap_or("user");
@@ -201,6 +268,7 @@ pub fn final_messages_with(
         numbered(answers),
         analysis_text
     );
+    let messages = &*plain_conversation(messages);
     // The conversation's own leading instructions join this one system message: many chat
     // templates (Gemma's, Mistral's, in llama.cpp and vLLM) refuse a second system message, and
     // the final call would fail after the panel and the analysis were paid for.
@@ -332,6 +400,52 @@ mod tests {
         let system = out[0]["content"].as_str().unwrap();
         assert!(!system.contains("## The conversation's"), "{system}");
         assert_eq!(out[1..], conversation[2..]);
+    }
+
+    // A tool exchange is written out as the assistant's text for the panel and the final call,
+    // which offer no tools: the call and what it returned join the assistant's reply after it,
+    // so roles still alternate. A conversation without one goes as it is, not copied.
+    #[test]
+    fn a_tool_exchange_is_written_out_as_the_assistants_text() {
+        let conversation = [
+            json!({"role": "user", "content": "weather in Paris?"}),
+            json!({"role": "assistant", "content": null, "tool_calls": [
+                {"id": "c1", "type": "function",
+                 "function": {"name": "weather", "arguments": "{\"city\": \"Paris\"}"}},
+                {"id": "c2", "type": "function",
+                 "function": {"name": "clock", "arguments": {"tz": "CET"}}}]}),
+            json!({"role": "tool", "tool_call_id": "c1", "content": "18°C"}),
+            json!({"role": "tool", "tool_call_id": "c2", "content": [{"type": "text", "text": "9:00"}]}),
+            json!({"role": "assistant", "content": "18°C at 9:00."}),
+            json!({"role": "user", "content": "and tomorrow?"}),
+        ];
+        let plain = plain_conversation(&conversation);
+        assert_eq!(
+            *plain,
+            [
+                conversation[0].clone(),
+                json!({"role": "assistant", "content":
+                    "[called the tool `weather` with {\"city\": \"Paris\"}]\n\
+                     [called the tool `clock` with {\"tz\":\"CET\"}]\n\n\
+                     [the tool `weather` returned:]\n18°C\n\n\
+                     [the tool `clock` returned:]\n9:00\n\n18°C at 9:00."}),
+                conversation[5].clone(),
+            ]
+        );
+        // The final call is sent the same; the analyst's transcript shows the calls too.
+        let answers = [answer("m1", "rain")];
+        let out = final_messages(&conversation, &answers, None);
+        assert_eq!(out[1..], plain[..]);
+        let transcript = &analysis_messages(&conversation, &answers, None)[1]["content"];
+        assert!(
+            transcript
+                .as_str()
+                .unwrap()
+                .contains("[called the tool `weather`")
+        );
+        // Without an exchange: the conversation itself.
+        let plain = plain_conversation(&conversation[..1]);
+        assert!(matches!(plain, std::borrow::Cow::Borrowed(_)));
     }
 
     // A model whose name is another's sample label (`x #2` beside two answers of `x`) does not

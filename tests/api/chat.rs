@@ -69,6 +69,47 @@ async fn a_fusion_model_answers_a_standard_chat_completion() {
     );
 }
 
+// A conversation holding a tool exchange (an agent's earlier call and its result) reaches the
+// panel and the final call written out as the assistant's text: they offer no tools, and
+// providers refuse `tool` messages and `tool_calls` without them. The job keeps the
+// conversation as it was sent. Before, both went upstream as they came.
+#[tokio::test]
+async fn a_tool_exchange_goes_upstream_as_text() {
+    let app = spawn_app().await;
+    let mut body = body_with_panel(&["m1", "m2"], "judge");
+    body["messages"] = json!([
+        {"role": "user", "content": "weather in Paris?"},
+        {"role": "assistant", "content": null, "tool_calls": [{"id": "c1", "type": "function",
+            "function": {"name": "weather", "arguments": "{}"}}]},
+        {"role": "tool", "tool_call_id": "c1", "content": "18°C"},
+        {"role": "user", "content": "so?"}
+    ]);
+    let resp = app.chat(&body).await;
+    assert_eq!(resp.status(), 200);
+    let bodies = app.fake.bodies();
+    assert_eq!(bodies.len(), 4);
+    for sent in &bodies {
+        let messages = sent["messages"].as_array().unwrap();
+        for m in messages {
+            assert_ne!(m["role"], "tool", "{sent:#}");
+            assert!(m.get("tool_calls").is_none(), "{sent:#}");
+        }
+    }
+    let panel = bodies.iter().find(|b| b["model"] == "m1").unwrap();
+    assert_eq!(
+        panel["messages"][1],
+        json!({"role": "assistant", "content":
+            "[called the tool `weather` with {}]\n\n[the tool `weather` returned:]\n18°C"})
+    );
+    let job_id = resp.headers()["x-fusion-job-id"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    let job = app.store.get_job(job_id).await.unwrap().unwrap();
+    assert_eq!(json!(job.spec.messages), body["messages"]);
+}
+
 #[tokio::test]
 async fn a_streamed_fusion_completion_follows_the_openai_chunk_format() {
     let app = spawn_app_with(Options {
