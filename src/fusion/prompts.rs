@@ -16,30 +16,32 @@ pub struct PanelAnswer<'a> {
 
 /// The conversation as the panel and the final call are sent it: as given, unless it holds a
 /// tool exchange (an assistant's `tool_calls` or legacy `function_call`, the `tool` messages
-/// answering them), which is written out as the assistant's text: the call, then what it
-/// returned, in one assistant message with the assistant's reply that follows. These calls
-/// offer no tools, and providers refuse tool messages without them (Anthropic: "requests which
-/// include tool_use or tool_result blocks must define tools"), after the rest was paid for.
+/// answering them), which is written out as text: the calls as the assistant's message, what
+/// they returned as the user's (the turn an agent's model answers), next to a message of the
+/// same role joined with it, so that roles still alternate. These calls offer no tools, and
+/// providers refuse tool messages without them (Anthropic: "requests which include tool_use or
+/// tool_result blocks must define tools"), after the rest was paid for.
 pub fn plain_conversation(messages: &[Value]) -> std::borrow::Cow<'_, [Value]> {
-    let exchange = |m: &Value| {
-        m["role"] == "tool" || m.get("tool_calls").is_some() || m.get("function_call").is_some()
+    // As the request check reads them: a call list that is not empty, a legacy call object
+    // (`null` fields, as SDKs write back a plain reply, are none).
+    let calls = |m: &Value| {
+        m["tool_calls"].as_array().is_some_and(|c| !c.is_empty()) || m["function_call"].is_object()
     };
-    if !messages.iter().any(exchange) {
+    if !messages.iter().any(|m| m["role"] == "tool" || calls(m)) {
         return messages.into();
     }
     let mut names = std::collections::HashMap::new();
     let mut out: Vec<Value> = Vec::with_capacity(messages.len());
-    // Whether the last message out is an assistant's that a tool exchange was written into: what
-    // follows of the exchange, and the assistant's reply after it, join it.
-    let mut open = false;
+    // The role of the last message out when it was written out here: a message of that role
+    // next joins it.
+    let mut open: Option<&'static str> = None;
     for m in messages {
-        let role = m["role"].as_str().unwrap_or_default();
-        let text = message_text(m);
-        let written = match role {
-            "assistant" if exchange(m) => {
-                let mut lines: Vec<String> = vec![text];
-                let calls = m["tool_calls"].as_array().into_iter().flatten();
-                for call in calls.chain(m.get("function_call")) {
+        let (role, text) = match m["role"].as_str() {
+            Some("assistant") if calls(m) => {
+                let mut lines = vec![message_text(m)];
+                let listed = m["tool_calls"].as_array().into_iter().flatten();
+                let legacy = Some(&m["function_call"]).filter(|f| f.is_object());
+                for call in listed.chain(legacy) {
                     let f = call.get("function").unwrap_or(call);
                     let name = f["name"].as_str().unwrap_or("a tool");
                     if let Some(id) = call["id"].as_str() {
@@ -52,31 +54,35 @@ pub fn plain_conversation(messages: &[Value]) -> std::borrow::Cow<'_, [Value]> {
                     };
                     lines.push(format!("[called the tool `{name}` with {args}]"));
                 }
-                Some(lines.join("\n").trim().to_string())
+                ("assistant", lines.join("\n").trim().to_string())
             }
-            "tool" => {
+            Some("tool") => {
                 let id = m["tool_call_id"].as_str().unwrap_or_default();
                 let name = names.get(id).map_or("a tool", String::as_str);
-                Some(format!("[the tool `{name}` returned:]\n{text}"))
+                (
+                    "user",
+                    format!("[the tool `{name}` returned:]\n{}", message_text(m)),
+                )
             }
-            "assistant" if open => Some(text),
-            _ => None,
+            Some(role @ ("user" | "assistant")) if open == Some(role) => (
+                if role == "user" { "user" } else { "assistant" },
+                message_text(m),
+            ),
+            _ => {
+                out.push(m.clone());
+                open = None;
+                continue;
+            }
         };
-        match written {
-            Some(text) if open && let Some(last) = out.last_mut() => {
+        let last = out.last_mut().filter(|_| open == Some(role));
+        match last {
+            Some(last) => {
                 let joined = format!("{}\n\n{text}", last["content"].as_str().unwrap_or_default());
                 last["content"] = Value::String(joined.trim().to_string());
-                open = role != "assistant" || exchange(m);
             }
-            Some(text) => {
-                out.push(json!({"role": "assistant", "content": text}));
-                open = true;
-            }
-            None => {
-                out.push(m.clone());
-                open = false;
-            }
+            None => out.push(json!({"role": role, "content": text})),
         }
+        open = Some(role);
     }
     out.into()
 }
@@ -402,11 +408,11 @@ mod tests {
         assert_eq!(out[1..], conversation[2..]);
     }
 
-    // A tool exchange is written out as the assistant's text for the panel and the final call,
-    // which offer no tools: the call and what it returned join the assistant's reply after it,
-    // so roles still alternate. A conversation without one goes as it is, not copied.
+    // A tool exchange is written out as text for the panel and the final call, which offer no
+    // tools: the calls as the assistant's message, what they returned as the user's, so roles
+    // still alternate. A conversation without one goes as it is, not copied.
     #[test]
-    fn a_tool_exchange_is_written_out_as_the_assistants_text() {
+    fn a_tool_exchange_is_written_out_as_text() {
         let conversation = [
             json!({"role": "user", "content": "weather in Paris?"}),
             json!({"role": "assistant", "content": null, "tool_calls": [
@@ -426,12 +432,37 @@ mod tests {
                 conversation[0].clone(),
                 json!({"role": "assistant", "content":
                     "[called the tool `weather` with {\"city\": \"Paris\"}]\n\
-                     [called the tool `clock` with {\"tz\":\"CET\"}]\n\n\
-                     [the tool `weather` returned:]\n18°C\n\n\
-                     [the tool `clock` returned:]\n9:00\n\n18°C at 9:00."}),
+                     [called the tool `clock` with {\"tz\":\"CET\"}]"}),
+                json!({"role": "user", "content":
+                    "[the tool `weather` returned:]\n18°C\n\n\
+                     [the tool `clock` returned:]\n9:00"}),
+                conversation[4].clone(),
                 conversation[5].clone(),
             ]
         );
+        // Ending on the tools' results, it ends on the user's turn, with what the user said
+        // after them joined; `null` call fields (an SDK's plain reply) are no exchange.
+        let agent = [
+            conversation[0].clone(),
+            conversation[1].clone(),
+            conversation[2].clone(),
+            json!({"role": "user", "content": "thanks"}),
+        ];
+        let ended = plain_conversation(&agent);
+        assert_eq!(ended.len(), 3);
+        assert_eq!(
+            ended[2],
+            json!({"role": "user", "content": "[the tool `weather` returned:]\n18°C\n\nthanks"})
+        );
+        let reply = [
+            json!({"role": "user", "content": "hi"}),
+            json!({"role": "assistant", "content": "hello", "tool_calls": null,
+                   "function_call": null}),
+        ];
+        assert!(matches!(
+            plain_conversation(&reply),
+            std::borrow::Cow::Borrowed(_)
+        ));
         // The final call is sent the same; the analyst's transcript shows the calls too.
         let answers = [answer("m1", "rain")];
         let out = final_messages(&conversation, &answers, None);

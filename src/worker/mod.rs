@@ -466,8 +466,13 @@ impl Worker {
                 Unconfirmed::Insert {
                     lease, next_try, ..
                 } => {
-                    *next_try = now + lease_ms / 3;
-                    self.store.release(lease).await
+                    let released = self.store.release(lease).await;
+                    // Not there (yet): tried again a heartbeat's interval on. A failed try is
+                    // made again at the next sweep, which it stops.
+                    if let Ok(false) = released {
+                        *next_try = now + lease_ms / 3;
+                    }
+                    released
                 }
             };
             match done {

@@ -70,7 +70,8 @@ async fn a_fusion_model_answers_a_standard_chat_completion() {
 }
 
 // A conversation holding a tool exchange (an agent's earlier call and its result) reaches the
-// panel and the final call written out as the assistant's text: they offer no tools, and
+// panel and the final call written out as text (the call the assistant's, the result the
+// user's, joined with what the user said after it): they offer no tools, and
 // providers refuse `tool` messages and `tool_calls` without them. The job keeps the
 // conversation as it was sent. Before, both went upstream as they came.
 #[tokio::test]
@@ -97,9 +98,12 @@ async fn a_tool_exchange_goes_upstream_as_text() {
     }
     let panel = bodies.iter().find(|b| b["model"] == "m1").unwrap();
     assert_eq!(
-        panel["messages"][1],
-        json!({"role": "assistant", "content":
-            "[called the tool `weather` with {}]\n\n[the tool `weather` returned:]\n18°C"})
+        panel["messages"],
+        json!([
+            {"role": "user", "content": "weather in Paris?"},
+            {"role": "assistant", "content": "[called the tool `weather` with {}]"},
+            {"role": "user", "content": "[the tool `weather` returned:]\n18°C\n\nso?"}
+        ])
     );
     let job_id = resp.headers()["x-fusion-job-id"]
         .to_str()
