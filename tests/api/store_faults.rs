@@ -859,6 +859,31 @@ async fn an_unconfirmed_insert_that_never_landed_is_not_handed_back_at_every_cla
     assert!(newest_jobs(&app).await.is_empty());
 }
 
+// An insert's hand-back that meets a store error is tried again at the next sweep (the next
+// claim, every 50 ms here), not a heartbeat's interval later (1.7 s under the 5 s lease): the
+// job, landed and running with nobody on it, goes back to the queue and runs at once.
+#[tokio::test]
+async fn a_failed_hand_back_of_an_unconfirmed_insert_is_tried_again_at_once() {
+    let faults = Faults {
+        enqueues: 1,
+        reads: 1,
+        refused_outcomes: 1,
+        ..Faults::default()
+    };
+    let options = Options {
+        poll_interval: Duration::from_millis(50),
+        ..Options::default()
+    };
+    let (app, faulty, id) = submitted_here_unconfirmed(faults, options).await;
+    until_within(
+        "a second try of the hand-back",
+        Duration::from_millis(1_200),
+        async || faulty.job_releases.load(Ordering::SeqCst) >= 2,
+    )
+    .await;
+    assert_eq!(app.wait_final(&id, 3).await["status"], "succeeded");
+}
+
 // A job started at its submit whose insert took over a third of its lease has that lease
 // renewed before it runs; when the renewal fails (a blip), the lease may hold all the same, so
 // the job runs as a claimed job whose renewal failed does (here with ~3 s of its 5 s lease
@@ -1091,6 +1116,27 @@ async fn newest_jobs(app: &TestApp) -> Vec<Job> {
         ..ListFilter::default()
     };
     app.store.list_jobs(&filter).await.unwrap()
+}
+
+/// An app on a store dealing `faults`, and a job submitted to it once its worker has a free
+/// slot (so it is started at its submit), whose insert was answered `503` naming the job (it
+/// went unconfirmed and could not be read back): the app, its store and the job's id.
+async fn submitted_here_unconfirmed(
+    faults: Faults,
+    options: Options,
+) -> (TestApp, Arc<Faulty>, String) {
+    let (app, faulty) = app_on_options(faults, Duration::ZERO, options).await;
+    // A slot is free once the dispatcher's first claim found the queue empty.
+    faulty.claims.called_past(0).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let resp = app.submit(&body_with_panel(&["m1"], "judge")).await;
+    assert_eq!(resp.status(), 503);
+    assert_eq!(faulty.started_at_submit.load(Ordering::SeqCst), 1);
+    let id = resp.headers()["x-fusion-job-id"]
+        .to_str()
+        .unwrap()
+        .to_string();
+    (app, faulty, id)
 }
 
 /// A worker for one job at a time under a 3 s lease, running until the token is cancelled (its
@@ -1547,17 +1593,7 @@ async fn a_job_started_at_its_submit_unconfirmed_and_unreadable_is_handed_back()
         toml: "[jobs]\nmax_attempts = 1\n".into(),
         ..Options::default()
     };
-    let (app, faulty) = app_on_options(faults, Duration::ZERO, options).await;
-    // A slot is free once the dispatcher's first claim found the queue empty.
-    faulty.claims.called_past(0).await;
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    let resp = app.submit(&body_with_panel(&["m1"], "judge")).await;
-    assert_eq!(resp.status(), 503);
-    assert_eq!(faulty.started_at_submit.load(Ordering::SeqCst), 1);
-    let id = resp.headers()["x-fusion-job-id"]
-        .to_str()
-        .unwrap()
-        .to_string();
+    let (app, _faulty, id) = submitted_here_unconfirmed(faults, options).await;
     let job = app.wait_final(&id, 3).await;
     assert_eq!(job["status"], "succeeded", "{job:#}");
     // Handed back (one more attempt allowed, as a release gives), then claimed: attempt 2.
