@@ -8,6 +8,7 @@ pub mod analysis;
 pub mod prompts;
 mod saves;
 
+use std::borrow::Cow;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -374,6 +375,8 @@ impl Pipeline {
         carried: &Carried,
         cancel: &CancellationToken,
     ) -> Result<Vec<Step>, Outcome> {
+        // Written out once for every member (a copy only when it holds a tool exchange).
+        let messages = prompts::plain_conversation(&spec.messages);
         let mut pending = FuturesUnordered::new();
         let sink = saves.sink();
         for (i, slot) in panel.iter().enumerate() {
@@ -382,7 +385,7 @@ impl Pipeline {
             }
             let model = &spec.panel[i];
             let req = CompletionRequest {
-                messages: prompts::plain_conversation(&spec.messages),
+                messages: Cow::Borrowed(&messages),
                 temperature: spec.temperature,
                 max_completion_tokens: spec.max_completion_tokens,
                 response_format: None,
