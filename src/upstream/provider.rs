@@ -179,23 +179,21 @@ pub(super) struct Endpoint {
     pub(super) plain: Option<Target>,
     /// The credential every call sends, as it goes out: the provider's key, or the base64 of
     /// the base URL's userinfo. What an upstream echoing its request would show (kept out of
-    /// `Debug`, as a key is).
+    /// `Debug`, as a key is). `None` for one shorter than `MIN_HIDDEN_CREDENTIAL` characters: a
+    /// local server (llama.cpp, vLLM, Ollama) takes any key and is given `x` or `EMPTY`, which
+    /// guards nothing, and hiding every `x` of every answer would garble it.
     pub(super) credential: Option<ApiKey>,
 }
 
 /// The shortest credential hidden in relayed bodies and error messages (see
 /// `Endpoint::credential`): shorter ones are placeholders, not secrets.
-pub(super) const MIN_HIDDEN_CREDENTIAL: usize = 8;
+const MIN_HIDDEN_CREDENTIAL: usize = 8;
 
 impl Endpoint {
     /// The credential every call sends, as it goes out (see `credential`): what an error
-    /// message or a relayed body must not show. `None` for one shorter than
-    /// `MIN_HIDDEN_CREDENTIAL` characters: a local server (llama.cpp, vLLM, Ollama) takes any
-    /// key and is given `x` or `EMPTY`, which guards nothing, and hiding every `x` of every
-    /// answer would garble it.
+    /// message or a relayed body must not show.
     pub(super) fn credential(&self) -> Option<&str> {
-        let credential = self.credential.as_ref().map(|c| c.0.as_str());
-        credential.filter(|c| c.chars().count() >= MIN_HIDDEN_CREDENTIAL)
+        self.credential.as_ref().map(|c| c.0.as_str())
     }
 
     pub(super) fn of(provider: &Provider, proxies: &Matcher) -> anyhow::Result<Endpoint> {
@@ -230,7 +228,7 @@ impl Endpoint {
             url,
             headers,
             plain,
-            credential,
+            credential: credential.filter(|c| c.0.chars().count() >= MIN_HIDDEN_CREDENTIAL),
         })
     }
 }
