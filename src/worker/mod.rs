@@ -185,6 +185,13 @@ pub struct Slot {
     _tracked: TaskTrackerToken,
 }
 
+/// Whether a sweep of `Worker::unconfirmed` keeps to each insert's `next_try`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Pace {
+    Paced,
+    Now,
+}
+
 /// A write whose answer was lost, which may have committed all the same (see `Worker::unconfirmed`).
 #[derive(Debug)]
 enum Unconfirmed {
@@ -229,7 +236,7 @@ impl Slot {
             .lock()
             .expect("unconfirmed")
             .push(insert);
-        self.worker.hand_back_unconfirmed().await;
+        self.worker.hand_back_unconfirmed(Pace::Paced).await;
     }
 
     /// Run `job`, just inserted under this slot's lease; if shutdown began meanwhile, hand it
@@ -397,7 +404,7 @@ impl Worker {
     /// until a lease past that lease's end: a claim given up unanswered may commit late (see
     /// `hand_back_unconfirmed`).
     async fn claim(&self, wanted: u32) -> Result<Vec<Claimed>, StoreError> {
-        self.hand_back_unconfirmed().await;
+        self.hand_back_unconfirmed(Pace::Paced).await;
         // A claim's lease ends at an odd millisecond, the leases this process renews or starts
         // jobs with at an even one (`held_now`), and each claim's later than the one before
         // (two claims within a millisecond, a clock stepped back): handing back by owner and
@@ -419,7 +426,7 @@ impl Worker {
             let until = now + crate::store::ms(self.config.lease);
             let claim = Unconfirmed::Claim(until);
             self.unconfirmed.lock().expect("unconfirmed").push(claim);
-            self.hand_back_unconfirmed().await;
+            self.hand_back_unconfirmed(Pace::Paced).await;
         }
         claimed
     }
@@ -434,7 +441,9 @@ impl Worker {
         self.held_now(now) + crate::store::ms(self.config.lease)
     }
 
-    async fn hand_back_unconfirmed(&self) {
+    /// Hand back what `unconfirmed` holds (see there). `Pace::Now` tries every entry, as the
+    /// worker's last sweep at shutdown must: no later claim will.
+    async fn hand_back_unconfirmed(&self, pace: Pace) {
         let mut pending =
             std::mem::take(&mut *self.unconfirmed.lock().expect("unconfirmed")).into_iter();
         let lease_ms = crate::store::ms(self.config.lease);
@@ -462,7 +471,9 @@ impl Worker {
                     }
                     released.map(|_| false)
                 }
-                Unconfirmed::Insert { next_try, .. } if *next_try > now => Ok(false),
+                Unconfirmed::Insert { next_try, .. } if pace == Pace::Paced && *next_try > now => {
+                    Ok(false)
+                }
                 Unconfirmed::Insert {
                     lease, next_try, ..
                 } => {
@@ -542,9 +553,11 @@ impl Worker {
             task.abort();
         }
         let _ = tokio::join!(heartbeat, rescuer, cancels);
-        // A claim whose answer was lost may have taken jobs, and no later claim will hand them
-        // back: one more try now (which also finds a claim that committed late meanwhile).
-        if tokio::time::timeout(self.config.release_window, self.hand_back_unconfirmed())
+        // A claim or an insert whose answer was lost may have left jobs running here, and no
+        // later claim will hand them back: one more try now, of every one, paced or not (which
+        // also finds one that committed late meanwhile).
+        let last_sweep = self.hand_back_unconfirmed(Pace::Now);
+        if tokio::time::timeout(self.config.release_window, last_sweep)
             .await
             .is_err()
         {

@@ -1232,6 +1232,20 @@ async fn a_job_started_here_as_shutdown_begins_mid_insert_is_handed_back() {
     assert_eq!(app.fake.total_calls(), 0);
 }
 
+// The worker's last sweep at shutdown tries every unconfirmed insert's hand-back, paced or not:
+// no later claim will. Here the insert never landed: one try at once, one at shutdown, well
+// within the pacing interval (1 s under the 3 s lease). Before, the last sweep kept the pacing
+// and a late-committed insert was left running under a stopped worker.
+#[tokio::test]
+async fn the_last_sweep_at_shutdown_tries_every_unconfirmed_insert() {
+    let (_app, store, shutdown, running, slot) = a_worker_with_a_slot().await;
+    slot.hand_back_unconfirmed(Uuid::now_v7()).await;
+    assert_eq!(store.job_releases.load(Ordering::SeqCst), 1);
+    shutdown.cancel();
+    running.await.unwrap();
+    assert_eq!(store.job_releases.load(Ordering::SeqCst), 2);
+}
+
 /// `one_job` under a `lease`, its worker running until the token returned is cancelled, and the
 /// job called `m1`, which holds the call a minute.
 async fn a_slow_job_running(
