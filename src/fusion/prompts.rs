@@ -64,10 +64,8 @@ pub fn plain_conversation(messages: &[Value]) -> std::borrow::Cow<'_, [Value]> {
                     format!("[the tool `{name}` returned:]\n{}", message_text(m)),
                 )
             }
-            Some(role @ ("user" | "assistant")) if open == Some(role) => (
-                if role == "user" { "user" } else { "assistant" },
-                message_text(m),
-            ),
+            Some("user") if open == Some("user") => ("user", message_text(m)),
+            Some("assistant") if open == Some("assistant") => ("assistant", message_text(m)),
             _ => {
                 out.push(m.clone());
                 open = None;
@@ -276,7 +274,7 @@ pub fn final_messages_with(
     );
     let messages = &*plain_conversation(messages);
     // The conversation's own leading instructions join this one system message: many chat
-    // templates (Gemma's, Mistral's, in llama.cpp and vLLM) refuse a second system message, and
+    // templates (Gemma 3's under vLLM, reported) refuse a second system message, and
     // the final call would fail after the panel and the analysis were paid for.
     let leading = messages
         .iter()
@@ -371,7 +369,7 @@ mod tests {
     // The conversation's leading system and developer messages join the final call's one
     // system message, after the answers and the analysis; the rest follows unchanged. Before,
     // fusion's system message went in front of the client's, and templates that allow one
-    // system message (Gemma's, Mistral's) refused the final call after all else was paid.
+    // system message (Gemma 3's) refused the final call after all else was paid.
     #[test]
     fn the_final_call_has_one_system_message() {
         let conversation = [
