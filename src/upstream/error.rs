@@ -18,11 +18,11 @@ pub enum ErrorKind {
     Timeout,
     /// Could not connect, or the connection was reset.
     Connect,
-    /// 409 or 5xx.
+    /// 409, 425, or a 5xx but 501, 505 and 511.
     Server,
     /// The body was cut off or was not a chat completion.
     BadBody,
-    /// 401 / 403.
+    /// 401 / 403, or 511 (a proxy's login).
     Auth,
     /// 404: the model (or endpoint) does not exist.
     NotFound,
@@ -125,8 +125,13 @@ pub(super) fn kind_of_status(status: u16) -> ErrorKind {
     match status {
         429 => ErrorKind::RateLimited,
         408 => ErrorKind::Timeout,
-        409 | 500..=599 => ErrorKind::Server,
-        401 | 403 => ErrorKind::Auth,
+        // Not Implemented (llama.cpp's answer to a feature it was not started with) and HTTP
+        // Version Not Supported: the same request gets the same answer.
+        501 | 505 => ErrorKind::Rejected,
+        // A proxy's login (511 Network Authentication Required) is an auth failure too.
+        401 | 403 | 511 => ErrorKind::Auth,
+        // Too Early (RFC 8470: the client may send it again), and the server-side failures.
+        409 | 425 | 500..=599 => ErrorKind::Server,
         404 => ErrorKind::NotFound,
         _ => ErrorKind::Rejected,
     }
@@ -232,6 +237,11 @@ mod tests {
             (409, true, "upstream_error"),
             (500, true, "upstream_error"),
             (503, true, "upstream_error"),
+            (425, true, "upstream_error"),
+            // What no retry changes: a feature the server lacks, a protocol, a proxy's login.
+            (501, false, "upstream_error"),
+            (505, false, "upstream_error"),
+            (511, false, "upstream_auth"),
             (400, false, "upstream_error"),
             (401, false, "upstream_auth"),
             (403, false, "upstream_auth"),

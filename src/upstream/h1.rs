@@ -134,8 +134,10 @@ impl PlainClient {
             let response = match sender.send_request(request()?).await {
                 Ok(r) => r,
                 // The server closed the pooled connection before the request went out (it was
-                // never sent): once more, on a fresh connection.
-                Err(e) if reused && e.is_canceled() => {
+                // never sent), or before a word of an answer (its keep-alive ran out as the
+                // request came): once more, on a fresh connection. A server that hangs up on
+                // this request itself hangs up on the fresh one too, and that is the error.
+                Err(e) if reused && (e.is_canceled() || e.is_incomplete_message()) => {
                     sender = self.connect(origin).await?;
                     sender.send_request(request()?).await.map_err(call_error)?
                 }
@@ -286,6 +288,12 @@ mod tests {
     /// A bare HTTP/1.1 server answering every request with `ok` after `delay`; with `close`, it
     /// says `connection: close` and hangs up after each answer.
     async fn server(close: bool, delay: Duration) -> (Target, Arc<Seen>) {
+        server_with(close, delay, false).await
+    }
+
+    /// `server`; with `drop_second`, its first connection reads a second request and hangs up
+    /// without an answer (as a server whose keep-alive ran out as the request came does).
+    async fn server_with(close: bool, delay: Duration, drop_second: bool) -> (Target, Arc<Seen>) {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let uri = format!(
             "http://{}/v1/chat/completions",
@@ -296,7 +304,8 @@ mod tests {
         tokio::spawn(async move {
             loop {
                 let (mut socket, _) = listener.accept().await.unwrap();
-                counts.accepted.fetch_add(1, Ordering::SeqCst);
+                let first = counts.accepted.fetch_add(1, Ordering::SeqCst) == 0;
+                let mut answered = 0;
                 counts.open.fetch_add(1, Ordering::SeqCst);
                 let counts = counts.clone();
                 tokio::spawn(async move {
@@ -313,6 +322,10 @@ mod tests {
                             continue;
                         }
                         seen.clear();
+                        if drop_second && first && answered == 1 {
+                            break;
+                        }
+                        answered += 1;
                         tokio::time::sleep(delay).await;
                         let connection = if close { "close" } else { "keep-alive" };
                         let answer = format!(
@@ -354,6 +367,21 @@ mod tests {
             assert_eq!((answer.status, &answer.body[..]), (200, &b"ok"[..]));
         }
         assert_eq!(seen.accepted.load(Ordering::SeqCst), 1);
+    }
+
+    // A kept connection the server hangs up on once the request is out (its keep-alive ran
+    // out as the request came; uvicorn's default is 5 s) costs no attempt: the call
+    // is made once more at once, on a fresh connection. Before, it failed as a reset, and
+    // waited out the backoff on an attempt of its step.
+    #[tokio::test]
+    async fn a_kept_connection_hung_up_on_is_tried_again_on_a_fresh_one() {
+        let (uri, seen) = server_with(false, Duration::ZERO, true).await;
+        let client = client(8);
+        for _ in 0..3 {
+            let answer = call(&client, &uri).await;
+            assert_eq!((answer.status, &answer.body[..]), (200, &b"ok"[..]));
+        }
+        assert_eq!(seen.accepted.load(Ordering::SeqCst), 2);
     }
 
     #[tokio::test]

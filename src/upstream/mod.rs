@@ -185,9 +185,24 @@ impl Upstream {
             let said = refusal.map(|r| {
                 answer::one_line(r.as_bytes(), endpoint.credential(), answer::MESSAGE_CHARS)
             });
-            return Err(empty(match said.filter(|r| !r.is_empty()) {
-                Some(refusal) => format!("upstream refused to answer: {refusal}"),
-                None => "upstream returned an empty completion".into(),
+            // So is why it stopped, when that was not the end of an answer: the token limit
+            // spent before any (a reasoning model's, on its reasoning), or a content filter.
+            let why = choice
+                .finish_reason
+                .as_deref()
+                .map(|r| answer::one_line(r.as_bytes(), endpoint.credential(), 64))
+                .filter(|r| !r.is_empty() && r != "stop");
+            return Err(empty(match (said.filter(|r| !r.is_empty()), why) {
+                (Some(refusal), _) => format!("upstream refused to answer: {refusal}"),
+                (None, Some(why)) => format!(
+                    "upstream returned an empty completion (finish_reason `{why}`{})",
+                    match why.as_str() {
+                        "length" => ": the token limit was reached before any answer",
+                        "content_filter" => ": the provider's content filter withheld it",
+                        _ => "",
+                    }
+                ),
+                (None, None) => "upstream returned an empty completion".into(),
             }));
         }
         Ok(Completion {

@@ -433,6 +433,39 @@ async fn a_refusal_is_said_in_the_error() {
     assert_eq!(err.message, "upstream returned an empty completion");
 }
 
+// An empty completion says why it stopped when that was not the end of an answer: a reasoning
+// model that spent its token limit thinking (`length`), a content filter, or another reason
+// the provider gave. Before, every one was "upstream returned an empty completion", and the
+// client could not tell that raising `max_tokens` would help.
+#[tokio::test]
+async fn an_empty_completion_says_why_it_stopped() {
+    for (reason, said) in [
+        (
+            "length",
+            " (finish_reason `length`: the token limit was reached before any answer)",
+        ),
+        (
+            "content_filter",
+            " (finish_reason `content_filter`: the provider's content filter withheld it)",
+        ),
+        ("recitation", " (finish_reason `recitation`)"),
+        ("stop", ""),
+    ] {
+        let body = format!(
+            r#"{{"choices": [{{"finish_reason": "{reason}", "message": {{"content": "",
+                "reasoning_content": "Let me think..."}}}}]}}"#
+        );
+        // The lean client's call (`complete_json`, the other, reads JSON answers whole).
+        let [completion, _] = on_both_clients_answered(&body).await;
+        let err = completion.unwrap_err();
+        assert_eq!(err.kind, ErrorKind::Empty, "{err:?}");
+        assert_eq!(
+            err.message,
+            format!("upstream returned an empty completion{said}")
+        );
+    }
+}
+
 // A choice with no message (a content filter's `finish_reason` alone, or `"message": null`)
 // is an empty completion: final, and billed. A body of another shape that still has `usage`
 // (an error in a 2xx, choices that are not a list) is retried, and what it was billed for is
