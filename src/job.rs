@@ -89,8 +89,13 @@ pub struct JobSpec {
     /// After `min_panel` answers, how long to wait for the rest.
     pub panel_timeout_ms: Option<u64>,
     /// The client's `response_format` (`json_object` or `json_schema`, checked at submit): the
-    /// final answer's only. Panel answers stay free-form, and the analysis has its own.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    /// final answer's only. Panel answers stay free-form, and the analysis has its own. Stored
+    /// as JSON text (see [`json_as_text`]), so the schema's properties keep their order.
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        with = "json_as_text"
+    )]
     pub response_format: Option<Value>,
     /// The client's `stop` (a string or up to 4, checked at submit): the final answer's only,
     /// as that is the text the client reads.
@@ -121,11 +126,40 @@ impl JobSpec {
             max_completion_tokens: count("max_completion_tokens"),
             min_panel: count("min_panel").unwrap_or(0),
             panel_timeout_ms: value["panel_timeout_ms"].as_u64(),
-            response_format: value
-                .get("response_format")
-                .filter(|v| v.is_object())
-                .cloned(),
+            response_format: json_as_text::read(value.get("response_format").cloned())
+                .ok()
+                .flatten()
+                .filter(Value::is_object),
             stop: value.get("stop").filter(|v| !v.is_null()).cloned(),
+        }
+    }
+}
+
+/// A JSON value kept in the stored spec as its text: Postgres's JSONB orders an object's keys
+/// its own way (shortest first), and a provider that writes a structured output in its schema's
+/// property order (OpenAI's strict mode does) would then write `answer` before `reasoning`.
+/// Specs stored before held the object itself, which still reads.
+mod json_as_text {
+    use serde::{Deserialize, Deserializer, Serializer};
+    use serde_json::Value;
+
+    pub fn serialize<S: Serializer>(value: &Option<Value>, s: S) -> Result<S::Ok, S::Error> {
+        match value {
+            Some(v) => s.serialize_str(&v.to_string()),
+            None => s.serialize_none(),
+        }
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Value>, D::Error> {
+        read(Option::<Value>::deserialize(d)?).map_err(serde::de::Error::custom)
+    }
+
+    /// The value a stored field holds: the JSON its text spells, or (stored before) itself.
+    pub fn read(stored: Option<Value>) -> Result<Option<Value>, serde_json::Error> {
+        match stored {
+            Some(Value::String(text)) => serde_json::from_str(&text).map(Some),
+            Some(Value::Null) | None => Ok(None),
+            Some(v) => Ok(Some(v)),
         }
     }
 }
@@ -401,9 +435,10 @@ impl Step {
 /// ```
 /// use fusion::job::JsonText;
 /// let a = JsonText::of(&serde_json::json!({"b": 1, "a": [true]})).unwrap();
-/// assert_eq!(a.as_str(), r#"{"a":[true],"b":1}"#);
-/// // Equal when the values are, whatever the spacing (Postgres's `jsonb` re-renders text).
-/// assert_eq!(a, JsonText::parse(r#"{ "b": 1, "a": [ true ] }"#.into()).unwrap());
+/// assert_eq!(a.as_str(), r#"{"b":1,"a":[true]}"#);
+/// // Equal when the values are, whatever the spacing and the order of keys (Postgres's
+/// // `jsonb` re-renders text, its keys in an order of its own).
+/// assert_eq!(a, JsonText::parse(r#"{ "a": [ true ], "b": 1 }"#.into()).unwrap());
 /// assert!(JsonText::parse("{not json".into()).is_err());
 /// ```
 #[derive(Debug, Clone, Serialize)]
@@ -466,6 +501,46 @@ pub struct ListFilter {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    // A schema's properties keep their order through the store: the spec holds the format as
+    // text. A spec stored before (the format as an object) still reads.
+    #[test]
+    fn the_response_format_is_stored_as_text_and_read_either_way() {
+        let format = serde_json::json!({"type": "json_schema", "json_schema": {"name": "a",
+            "schema": {"properties": {"reasoning": {}, "answer": {}}}}});
+        let spec = JobSpec {
+            response_format: Some(format.clone()),
+            ..JobSpec::salvage(&Value::Null)
+        };
+        let stored = serde_json::to_value(&spec).unwrap();
+        assert!(stored["response_format"].is_string(), "{stored}");
+        let read: JobSpec = serde_json::from_value(stored.clone()).unwrap();
+        let keys = |f: &Value| {
+            let props = &f["json_schema"]["schema"]["properties"];
+            props
+                .as_object()
+                .unwrap()
+                .keys()
+                .cloned()
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(
+            keys(read.response_format.as_ref().unwrap()),
+            ["reasoning", "answer"]
+        );
+        assert_eq!(
+            JobSpec::salvage(&stored).response_format,
+            Some(format.clone())
+        );
+        let mut before = stored;
+        before["response_format"] = format.clone();
+        let read: JobSpec = serde_json::from_value(before.clone()).unwrap();
+        assert_eq!(read.response_format, Some(format.clone()));
+        assert_eq!(JobSpec::salvage(&before).response_format, Some(format));
+        before.as_object_mut().unwrap().remove("response_format");
+        let read: JobSpec = serde_json::from_value(before).unwrap();
+        assert_eq!(read.response_format, None);
+    }
 
     // Sums over a job's steps (and the tool loop's jobs) stop at the largest count, never wrap
     // or panic, whatever an upstream reported.

@@ -14,12 +14,20 @@ use serde_json::{Value, json};
 
 use super::AppState;
 use super::error::ApiError;
+use crate::upstream::ErrorKind;
 
 /// The body goes to the model's provider and its answer comes back (see [`relayed`]).
 pub async fn passthrough(state: &AppState, model: &str, body: Value) -> Result<Response, ApiError> {
-    let (resp, key) =
-        state.upstream.relay(model, body).await.map_err(|e| {
-            ApiError::new(StatusCode::BAD_GATEWAY, "upstream_unreachable", e.message)
+    let (resp, key) = state
+        .upstream
+        .relay(model, body)
+        .await
+        .map_err(|e| match e.kind {
+            // Reached, but silent past the timeout: a gateway's timeout, as a proxy answers it.
+            ErrorKind::Timeout => {
+                ApiError::new(StatusCode::GATEWAY_TIMEOUT, "upstream_timeout", e.message)
+            }
+            _ => ApiError::new(StatusCode::BAD_GATEWAY, "upstream_unreachable", e.message),
         })?;
     Ok(relayed(resp, key.map(str::to_string)))
 }

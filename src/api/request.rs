@@ -140,10 +140,52 @@ fn unsupported(param: &'static str, message: impl Into<String>) -> ApiError {
     ApiError::bad_request("unsupported_parameter", message).param(param)
 }
 
-/// Hash of the request, to tell a true repeat under an idempotency key from a reused key.
+/// Hash of the request, to tell a true repeat under an idempotency key from a reused key. Taken
+/// over the body with every object's keys in sorted order: the same request sent with its keys
+/// in another order (a client whose maps have none) is the same request, and the hashes stored
+/// before bodies kept their order (they were read into sorted maps) still match.
 pub fn request_hash(body: &Value) -> String {
-    let digest = Sha256::digest(body.to_string().as_bytes());
+    let mut canonical = Vec::new();
+    sorted_json(body, &mut canonical);
+    let digest = Sha256::digest(&canonical);
     digest.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// `value` as compact JSON with its objects' keys sorted (as `str`s sort).
+fn sorted_json(value: &Value, out: &mut Vec<u8>) {
+    match value {
+        Value::Object(map) => {
+            let mut entries: Vec<_> = map.iter().collect();
+            entries.sort_unstable_by(|a, b| a.0.cmp(b.0));
+            out.push(b'{');
+            for (i, (k, v)) in entries.into_iter().enumerate() {
+                if i > 0 {
+                    out.push(b',');
+                }
+                push_json(k, out);
+                out.push(b':');
+                sorted_json(v, out);
+            }
+            out.push(b'}');
+        }
+        Value::Array(items) => {
+            out.push(b'[');
+            for (i, v) in items.iter().enumerate() {
+                if i > 0 {
+                    out.push(b',');
+                }
+                sorted_json(v, out);
+            }
+            out.push(b']');
+        }
+        scalar => push_json(scalar, out),
+    }
+}
+
+/// A key or a scalar, written to memory: serde_json fails only with a failing writer or a map
+/// whose keys are not strings, neither of which this is.
+fn push_json(value: &impl serde::Serialize, out: &mut Vec<u8>) {
+    let _ = serde_json::to_writer(out, value);
 }
 
 pub fn parse(body: &Value, config: &FusionConfig) -> Result<JobRequest, ApiError> {
@@ -276,8 +318,8 @@ pub fn parse_as(
             Some(field) => format!("`{field}` is {min_panel} but the panel has only {n} models"),
             None => format!(
                 "the panel has only {n} models but this server asks at least {min_panel} to \
-                 answer (its `[jobs] min_panel`): set `min_panel` in the fusion plugin, or send \
-                 a larger panel"
+                 answer (its `[jobs] min_panel`): set `{plugin_field}.min_panel`, or send a \
+                 larger panel"
             ),
         }));
     }
@@ -635,7 +677,16 @@ mod tests {
         let message = parse(&plugin(None), &strict).unwrap_err().message;
         assert!(
             message.starts_with("the panel has only 2 models but this server asks at least 3")
-                && message.contains("[jobs] min_panel"),
+                && message.contains("[jobs] min_panel")
+                && message.contains("set `plugins[fusion].min_panel`"),
+            "{message}"
+        );
+        // The fusion tool's settings are named where its client wrote them.
+        let message = parse_as(&plugin(None), &strict, "tools[0].fusion")
+            .unwrap_err()
+            .message;
+        assert!(
+            message.contains("set `tools[0].fusion.min_panel`"),
             "{message}"
         );
         // The plugin's own number overrides the server's.
@@ -906,6 +957,14 @@ mod tests {
         assert_ne!(
             request_hash(&a),
             request_hash(&json!({"model": "fusion/budget"}))
+        );
+        // The hash of the body written compact with sorted keys, as hashes stored before bodies
+        // kept their order were taken (Python's `json.dumps(sort_keys=True)` gives the same).
+        let c = json!({"z": null, "model": "fusion", "a": 1.5,
+                       "messages": [{"role": "user", "content": "hi \"there\" é"}]});
+        assert_eq!(
+            request_hash(&c),
+            "09aa77dfd31316c9ed3943c703cd98e5111e2d95e7e9782bfa506df1a5202da1"
         );
     }
 }

@@ -180,7 +180,7 @@ pub async fn run(
             .for_each(|t| *t = fusion_function_ref());
     }
     obj.insert("stream".into(), json!(false));
-    obj.remove("stream_options");
+    obj.shift_remove("stream_options");
     let forced = forces_fusion(obj.get("tool_choice"));
     if opts.stream {
         let model_name = model.clone();

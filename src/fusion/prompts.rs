@@ -64,6 +64,20 @@ pub fn plain_conversation(messages: &[Value]) -> std::borrow::Cow<'_, [Value]> {
                     format!("[the tool `{name}` returned:]\n{}", message_text(m)),
                 )
             }
+            // A user's turn with more than text (an image, audio, a file) joins the one before
+            // as parts, all of them kept.
+            Some("user") if open == Some("user") && !text_only(m) => {
+                if let Some(last) = out.last_mut() {
+                    let mut parts = match last["content"].take() {
+                        Value::Array(parts) => parts,
+                        Value::String(text) => vec![json!({"type": "text", "text": text})],
+                        _ => Vec::new(),
+                    };
+                    parts.extend(m["content"].as_array().into_iter().flatten().cloned());
+                    last["content"] = Value::Array(parts);
+                }
+                continue;
+            }
             Some("user") if open == Some("user") => ("user", message_text(m)),
             Some("assistant") if open == Some("assistant") => ("assistant", message_text(m)),
             _ => {
@@ -73,16 +87,25 @@ pub fn plain_conversation(messages: &[Value]) -> std::borrow::Cow<'_, [Value]> {
             }
         };
         let last = out.last_mut().filter(|_| open == Some(role));
-        match last {
-            Some(last) => {
-                let joined = format!("{}\n\n{text}", last["content"].as_str().unwrap_or_default());
-                last["content"] = Value::String(joined.trim().to_string());
+        match last.map(|last| &mut last["content"]) {
+            Some(Value::Array(parts)) => parts.push(json!({"type": "text", "text": text})),
+            Some(content) => {
+                let joined = format!("{}\n\n{text}", content.as_str().unwrap_or_default());
+                *content = Value::String(joined.trim().to_string());
             }
             None => out.push(json!({"role": role, "content": text})),
         }
         open = Some(role);
     }
     out.into()
+}
+
+/// Whether a message's content is text alone (a string, or text parts only).
+fn text_only(m: &Value) -> bool {
+    match &m["content"] {
+        Value::Array(parts) => parts.iter().all(|p| p["type"] == "text"),
+        _ => true,
+    }
 }
 
 /// The conversation as plain text, for the analyst's eyes.
@@ -161,17 +184,38 @@ fn numbered(answers: &[PanelAnswer<'_>]) -> String {
 
 /// Eight hex digits that no answer contains after `response-` (in any case): taken from a hash
 /// of the answers, so that the same answers make the same prompt (a provider's prompt cache, an
-/// analysis made again on a retry), and an answer cannot know them in advance.
+/// analysis made again on a retry, by this build or the next), and an answer cannot know them in
+/// advance. The hash is FNV-1a, written out here: std's `DefaultHasher` may change between Rust
+/// releases, which would change every prompt after an upgrade.
 fn tag_suffix(answers: &[PanelAnswer<'_>]) -> String {
-    use std::hash::{Hash, Hasher};
     free_suffix(answers, |salt| {
-        let mut hasher = std::hash::DefaultHasher::new();
-        salt.hash(&mut hasher);
+        let mut hash = Fnv1a::default();
+        hash.write(&salt.to_le_bytes());
         for a in answers {
-            (a.model, a.content).hash(&mut hasher);
+            for part in [a.model, a.content] {
+                hash.write(&(part.len() as u64).to_le_bytes());
+                hash.write(part.as_bytes());
+            }
         }
-        format!("{:08x}", hasher.finish() as u32)
+        format!("{:08x}", hash.0 as u32)
     })
+}
+
+/// 64-bit FNV-1a: stable across builds and platforms, which is all `tag_suffix` asks of it.
+struct Fnv1a(u64);
+
+impl Default for Fnv1a {
+    fn default() -> Self {
+        Self(0xcbf2_9ce4_8422_2325)
+    }
+}
+
+impl Fnv1a {
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = (self.0 ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3);
+        }
+    }
 }
 
 /// The first of `candidate(0)`, `candidate(1)`, ... that no answer contains after `response-`
@@ -333,6 +377,17 @@ mod tests {
         assert!(text.contains(&format!("<{tag} id=\"4\" model=\"gpt #3\">\nd\n</{tag}>")));
     }
 
+    // The suffix is the same in every build: a prompt made again after an upgrade (a retried
+    // analysis, a provider's prompt cache) is the same prompt. The value is FNV-1a's, computed
+    // apart from this code (Python, same bytes: salt, then each length and text).
+    #[test]
+    fn the_tag_suffix_does_not_depend_on_the_build() {
+        assert_eq!(
+            tag_suffix(&[answer("m1", "a"), answer("m2", "b")]),
+            "7cc02137"
+        );
+    }
+
     // An answer cannot close its own tag and write what would read as the prompt's next
     // section, nor open a tag passed off as another model's: the prompt's tags carry a suffix
     // that no answer contains, and the answers go in as written (code such as
@@ -451,6 +506,24 @@ mod tests {
         assert_eq!(
             ended[2],
             json!({"role": "user", "content": "[the tool `weather` returned:]\n18°C\n\nthanks"})
+        );
+        // A turn with an image joins as parts, the image kept, and text after it joins as a
+        // part. Before, the image was dropped: only the parts' text was joined.
+        let image = json!({"type": "image_url", "image_url": {"url": "data:image/png;base64,AA"}});
+        let mut shown = agent.to_vec();
+        shown[3] = json!({"role": "user", "content": [{"type": "text", "text": "this one"},
+                                                      image.clone()]});
+        shown.push(json!({"role": "tool", "tool_call_id": "c1", "content": "19°C"}));
+        let joined = plain_conversation(&shown);
+        assert_eq!(joined.len(), 3, "{joined:?}");
+        assert_eq!(
+            joined[2]["content"],
+            json!([
+                {"type": "text", "text": "[the tool `weather` returned:]\n18°C"},
+                {"type": "text", "text": "this one"},
+                image,
+                {"type": "text", "text": "[the tool `weather` returned:]\n19°C"},
+            ])
         );
         let reply = [
             json!({"role": "user", "content": "hi"}),

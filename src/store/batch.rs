@@ -31,7 +31,7 @@ pub(super) enum Write {
     /// Insert a queued job (or, with `start`, one already running under that lease) unless its
     /// idempotency key exists: true when inserted.
     Enqueue {
-        job: NewJob,
+        job: Box<NewJob>,
         start: Option<StartHere>,
     },
     /// Insert a checkpoint if the lease still holds and the step is new: true when inserted.
@@ -621,7 +621,11 @@ mod tests {
             created_at: 0,
         };
         let written = serde_json::to_string(&job.spec).unwrap().len();
-        let sized = Write::Enqueue { job, start: None }.text_bytes();
+        let sized = Write::Enqueue {
+            job: Box::new(job),
+            start: None,
+        }
+        .text_bytes();
         assert!(
             written <= sized && sized < written + 1024,
             "{written} {sized}"

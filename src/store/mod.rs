@@ -730,7 +730,7 @@ where
     Fut: Future<Output = Result<Job>>,
 {
     let write = batch::Write::Enqueue {
-        job: job.clone(),
+        job: Box::new(job.clone()),
         start: start.clone(),
     };
     if writes.write(write).await? {

@@ -1157,7 +1157,7 @@ mod tests {
                     new.idempotency_key = Some(taken_key.into());
                 }
                 writes.push(Write::Enqueue {
-                    job: new,
+                    job: Box::new(new),
                     start: None,
                 });
                 expected.push(i != 40);

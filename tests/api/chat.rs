@@ -1167,3 +1167,66 @@ async fn the_fusion_tools_outer_model_keeps_its_usage_details_and_its_retry_afte
         assert_eq!(error["error"]["param"], field, "{error}");
     }
 }
+
+// The gateway forwards a body's keys in the order the client wrote them: a strict schema's
+// properties (written by the provider in that order) and the request's own fields. Before, the
+// body was read into a sorted map, so `answer` went before `reasoning`.
+#[tokio::test]
+async fn the_gateway_keeps_the_order_of_a_bodys_keys() {
+    let app = spawn_app().await;
+    let schema = json!({"type": "object", "properties": {"reasoning": {"type": "string"},
+                                                         "answer": {"type": "string"}}});
+    let body = json!({"model": "vendor/raw", "messages": [{"role": "user", "content": "hi"}],
+                      "response_format": {"type": "json_schema",
+                                          "json_schema": {"name": "r", "schema": schema}},
+                      "max_tokens": 5});
+    let relayed = app.chat(&body).await;
+    assert_eq!(relayed.status(), 200);
+    let bodies = app.fake.bodies();
+    let sent = bodies.iter().find(|b| b["model"] == "vendor/raw").unwrap();
+    let keys = |v: &Value| v.as_object().unwrap().keys().cloned().collect::<Vec<_>>();
+    assert_eq!(
+        keys(sent),
+        ["model", "messages", "response_format", "max_tokens"],
+        "{sent}"
+    );
+    let properties = &sent["response_format"]["json_schema"]["schema"]["properties"];
+    assert_eq!(keys(properties), ["reasoning", "answer"], "{sent}");
+}
+
+// A relayed call whose upstream says nothing within the upstream timeout is a gateway's
+// timeout, `504 upstream_timeout`, not `502 upstream_unreachable`: it was reached, and a
+// client may well try again. One that cannot be reached stays 502.
+#[tokio::test]
+async fn a_relayed_call_past_the_timeout_is_a_gateway_timeout() {
+    let app = spawn_app_with(Options {
+        toml: "[upstream]\ntimeout_seconds = 1\n".into(),
+        ..Options::default()
+    })
+    .await;
+    app.fake.script(
+        "vendor/slow",
+        Kind::Panel,
+        vec![Reply::Delay(3_000, Box::new(Reply::Ok))],
+    );
+    let hi = json!([{"role": "user", "content": "hi"}]);
+    let resp = app
+        .chat(&json!({"model": "vendor/slow", "messages": hi}))
+        .await;
+    assert_eq!(resp.status(), 504);
+    let body: Value = resp.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "upstream_timeout", "{body}");
+
+    let closed = crate::restart::free_port();
+    let app = spawn_app_with(Options {
+        upstream_url: Some(format!("http://127.0.0.1:{closed}/v1")),
+        ..Options::default()
+    })
+    .await;
+    let resp = app
+        .chat(&json!({"model": "vendor/slow", "messages": hi}))
+        .await;
+    assert_eq!(resp.status(), 502);
+    let body: Value = resp.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "upstream_unreachable", "{body}");
+}

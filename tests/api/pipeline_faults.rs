@@ -571,7 +571,7 @@ async fn a_job_whose_upstream_never_recovers_fails_after_its_attempts() {
 }
 
 /// The system prompt of the call `model` got for `kind`'s step, and the call's body.
-fn call_of(bodies: &[Value], model: &str, kind: &str) -> (String, Value) {
+pub fn call_of(bodies: &[Value], model: &str, kind: &str) -> (String, Value) {
     let body = bodies
         .iter()
         .find(|b| {

@@ -16,6 +16,7 @@ use serde_json::json;
 use crate::checkpoints::{Checked, check_no_step_repeated, record_step_writes};
 use crate::fake_upstream::{FakeUpstream, Kind, Reply};
 use crate::helpers::{Options, body_with_panel, spawn_app_with, try_spawn_app_with};
+use crate::pipeline_faults::call_of;
 use crate::restart::{Server, failed_start, free_port, submit_unique_jobs, wait_succeeded};
 use crate::store_faults::{Faults, Faulty};
 
@@ -414,4 +415,36 @@ async fn a_database_that_does_not_exist_stops_the_start_at_once_saying_so() {
     let missing = format!("{}_missing", db.url);
     let stderr = failed_start("migrate", &[("DATABASE_URL", missing)]).await;
     assert!(stderr.contains("does not exist"), "{stderr}");
+}
+
+/// A schema's properties reach the final call in the order the client wrote them, on either
+/// store (a provider in strict mode writes them in that order: `reasoning` before `answer`).
+/// Before, bodies were read into sorted maps, and Postgres's JSONB sorts keys its own way.
+#[tokio::test]
+async fn a_schemas_property_order_reaches_the_final_call() {
+    let _shared = PG_SERVER.read().await;
+    let db = ScratchDatabase::from_env("fusion_order").await;
+    let schema = json!({"type": "object", "required": ["reasoning", "answer"],
+                        "properties": {"reasoning": {"type": "string"},
+                                       "answer": {"type": "string"}}});
+    let mut body = body_with_panel(&["m1"], "judge");
+    body["response_format"] = json!({"type": "json_schema",
+                                     "json_schema": {"name": "reasoned", "schema": schema}});
+    let mut stores = vec![("sqlite", None)];
+    stores.extend(db.as_ref().map(|db| ("postgres", Some(db.url.clone()))));
+    for (store, database_url) in stores {
+        let app = spawn_app_with(Options {
+            database_url,
+            ..Options::default()
+        })
+        .await;
+        let id = app.submit_ok(&body).await;
+        let job = app.wait_final(&id, 10).await;
+        assert_eq!(job["status"], "succeeded", "{store}: {job:#}");
+        let (_, last) = call_of(&app.fake.bodies(), "judge", "final");
+        let sent = &last["response_format"]["json_schema"]["schema"];
+        let keys: Vec<&String> = sent["properties"].as_object().unwrap().keys().collect();
+        assert_eq!(keys, ["reasoning", "answer"], "{store}: {last}");
+        assert_eq!(sent, &schema, "{store}");
+    }
 }
