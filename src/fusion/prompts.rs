@@ -20,8 +20,20 @@ pub struct PanelAnswer<'a> {
 /// they returned as the user's (the turn an agent's model answers), next to a message of the
 /// same role joined with it, so that roles still alternate. These calls offer no tools, and
 /// providers refuse tool messages without them (Anthropic: "requests which include tool_use or
-/// tool_result blocks must define tools"), after the rest was paid for.
+/// tool_result blocks must define tools"), after the rest was paid for. A conversation of
+/// instructions alone (system or developer messages, no turn of the user's) is the query: it
+/// goes as one user message, since providers that take instructions apart from the turns
+/// (Anthropic's API, as langchain-ai/langchain#30764 reports) refuse a conversation with no
+/// turn in it.
 pub fn plain_conversation(messages: &[Value]) -> std::borrow::Cow<'_, [Value]> {
+    if !messages.is_empty()
+        && messages
+            .iter()
+            .all(|m| matches!(m["role"].as_str(), Some("system" | "developer")))
+    {
+        let text: Vec<String> = messages.iter().map(message_text).collect();
+        return vec![json!({"role": "user", "content": text.join("\n\n").trim()})].into();
+    }
     // As the request check reads them: a call list that is not empty, a legacy call object
     // (`null` fields, as SDKs write back a plain reply, are none).
     let calls = |m: &Value| {
@@ -327,10 +339,8 @@ pub fn final_messages_with(
     let own: Vec<String> = messages[..leading].iter().map(message_text).collect();
     let own = own.join("\n\n");
     let own = own.trim();
-    // A conversation of instructions alone is the query: it stays a message of its own, a
-    // user's, as a template that takes one system message allows.
-    let alone = leading == messages.len();
-    if !alone && !own.is_empty() {
+    // (A conversation of instructions alone is a user's turn by now: see `plain_conversation`.)
+    if !own.is_empty() {
         system.push_str("\n\n## The conversation's instructions\n");
         system.push_str(own);
     }
@@ -340,9 +350,6 @@ pub fn final_messages_with(
     }
     let mut out = Vec::with_capacity(messages.len() + 1 - leading);
     out.push(json!({"role": "system", "content": system}));
-    if alone && !own.is_empty() {
-        out.push(json!({"role": "user", "content": own}));
-    }
     out.extend(messages[leading..].iter().cloned());
     out
 }
@@ -447,13 +454,13 @@ mod tests {
         );
         assert!(system.contains("ahoy"), "{system}");
         assert_eq!(out[1..], conversation[2..]);
-        // A conversation of instructions alone: they are the query, a user's message.
+        // A conversation of instructions alone: they are the query, a user's message, in the
+        // final call and (before, they went as they were) in the panel's.
+        let alone = json!({"role": "user", "content": "Answer like a pirate.\n\nBe brief."});
         let out = final_messages(&conversation[..2], &answers, None);
         assert_eq!(out.len(), 2);
-        assert_eq!(
-            out[1],
-            json!({"role": "user", "content": "Answer like a pirate.\n\nBe brief."})
-        );
+        assert_eq!(out[1], alone);
+        assert_eq!(*plain_conversation(&conversation[..2]), [alone]);
         // Without them, the conversation follows whole.
         let out = final_messages(&conversation[2..], &answers, None);
         let system = out[0]["content"].as_str().unwrap();
