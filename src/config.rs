@@ -428,6 +428,15 @@ impl FileConfig {
         }
         let mut presets = builtin_presets();
         for (name, preset) in self.presets {
+            // Asked for as `fusion/<name>`, which must be a model name a request may carry.
+            let longest = MAX_MODEL_NAME_CHARS - "fusion/".len();
+            anyhow::ensure!(
+                (1..=longest).contains(&name.chars().count())
+                    && name.trim() == name
+                    && !name.contains(char::is_control),
+                "preset name {name:?} must be 1 to {longest} characters (it is asked for as \
+                 `fusion/{name}`), without control characters or spaces around it"
+            );
             anyhow::ensure!(
                 (1..=crate::MAX_PANEL).contains(&preset.panel.len()),
                 "preset {name} must have 1 to {} panel models",
@@ -958,6 +967,25 @@ mod tests {
                 assert!(err.starts_with("preset x: ") && err.contains(says), "{err}");
             }
         }
+        // A preset name is asked for as `fusion/<name>`: one no request could carry (too long
+        // for a model name, a control character) fails at start-up, not as an unknown model
+        // that `/v1/models` lists all the same.
+        let long = format!(
+            "[presets.{}]\npanel = [\"a\"]\nanalyst = \"a\"",
+            "p".repeat(194)
+        );
+        let tab = "[presets.\"a\\tb\"]\npanel = [\"a\"]\nanalyst = \"a\"".to_string();
+        for preset in [long, tab] {
+            let file: FileConfig = toml::from_str(&preset).unwrap();
+            let err = file.resolve(&env(&[])).unwrap_err().to_string();
+            assert!(err.contains("must be 1 to 193 characters"), "{err}");
+        }
+        let fits = format!(
+            "[presets.{}]\npanel = [\"a\"]\nanalyst = \"a\"",
+            "p".repeat(193)
+        );
+        let file: FileConfig = toml::from_str(&fits).unwrap();
+        assert!(file.resolve(&env(&[])).is_ok());
     }
 
     #[test]

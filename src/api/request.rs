@@ -488,7 +488,8 @@ pub fn parse_messages(v: Option<&Value>) -> Result<Vec<Value>, ApiError> {
 }
 
 /// A message's content parts, as every model is sent them: at least one, each an object with a
-/// string `type`, a `text` part with its string `text` (the other kinds go through as they are).
+/// string `type`, a `text` part with its string `text`, OpenAI's `image_url`, `input_audio` and
+/// `file` parts in OpenAI's shape (other kinds, a provider's own, go through as they are).
 /// Refused here, a malformed part came back as a 502 (every panel model refusing it) after the
 /// calls were paid.
 fn content_parts(parts: &[Value], i: usize) -> Result<(), ApiError> {
@@ -503,6 +504,26 @@ fn content_parts(parts: &[Value], i: usize) -> Result<(), ApiError> {
                 return Err(bad(format!(
                     "`messages[{i}].content[{j}].text` must be a string"
                 )));
+            }
+            // OpenAI's other kinds, in OpenAI's shape: an object under the kind's name with
+            // the fields every provider reads (an image's `url`, audio's `data` and `format`).
+            Some(kind @ ("image_url" | "input_audio" | "file")) => {
+                let needs: &[&str] = match kind {
+                    "image_url" => &["url"],
+                    "input_audio" => &["data", "format"],
+                    _ => &[],
+                };
+                let inner = &part[kind];
+                if !inner.is_object() || needs.iter().any(|f| !inner[*f].is_string()) {
+                    let fields = needs.iter().map(|f| format!("`{f}`")).collect::<Vec<_>>();
+                    return Err(bad(format!(
+                        "`messages[{i}].content[{j}].{kind}` must be an object{}",
+                        match fields.len() {
+                            0 => String::new(),
+                            _ => format!(" with a string {}", fields.join(" and ")),
+                        }
+                    )));
+                }
             }
             Some(_) => {}
             None => {

@@ -524,8 +524,11 @@ impl Worker {
             .await
             .is_err()
         {
+            // `tasks` counts the submits whose insert is still under way too (started here
+            // once it lands), which `jobs` does not yet hold.
             tracing::warn!(
                 jobs = self.running.lock().expect("running map").len(),
+                tasks = tracker.len(),
                 "grace period over: releasing the jobs still running"
             );
             self.releasing.store(true, Ordering::SeqCst);
@@ -538,6 +541,7 @@ impl Worker {
             {
                 tracing::warn!(
                     jobs = self.running.lock().expect("running map").len(),
+                    tasks = tracker.len(),
                     "release window over: the database has not taken these jobs' outcomes or \
                      releases; they wait out their leases"
                 );

@@ -123,6 +123,27 @@ async fn bad_requests_are_4xx_with_precise_messages() {
             "invalid_request",
             "`messages[0].content[0]` must be an object with a string `type`",
         ),
+        // OpenAI's own part kinds in OpenAI's shape: refused at submit, not as a 502 after
+        // every panel model refused them.
+        (
+            json!({"model": "fusion", "messages": [{"role": "user", "content": [
+                {"type": "text", "text": "what is this?"},
+                {"type": "image_url", "image_url": "https://example.com/a.png"}]}]}),
+            "invalid_request",
+            "`messages[0].content[1].image_url` must be an object with a string `url`",
+        ),
+        (
+            json!({"model": "fusion", "messages": [{"role": "user", "content": [
+                {"type": "input_audio", "input_audio": {"data": "AAAA"}}]}]}),
+            "invalid_request",
+            "`messages[0].content[0].input_audio` must be an object with a string `data` and `format`",
+        ),
+        (
+            json!({"model": "fusion", "messages": [{"role": "user", "content": [
+                {"type": "file", "file": "f.pdf"}]}]}),
+            "invalid_request",
+            "`messages[0].content[0].file` must be an object",
+        ),
         (
             json!({"model": "fusion", "messages": msgs, "stream": "true"}),
             "invalid_request",
