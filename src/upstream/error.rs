@@ -174,10 +174,12 @@ pub(super) fn transport_error(e: reqwest::Error) -> UpstreamError {
             format!("upstream call failed: {}", not_http(&e)),
         );
     }
-    let kind = if e.is_timeout() {
-        ErrorKind::Timeout
-    } else if e.is_connect() {
+    // A connect that timed out is both: it is a host not reached (as the lean client classes
+    // it), not one that was reached and went silent.
+    let kind = if e.is_connect() {
         ErrorKind::Connect
+    } else if e.is_timeout() {
+        ErrorKind::Timeout
     } else if e.is_body() || e.is_decode() {
         ErrorKind::BadBody
     } else {

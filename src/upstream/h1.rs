@@ -24,6 +24,11 @@ use super::{ErrorKind, UpstreamError};
 /// How long an idle connection is kept (as reqwest's pool keeps them).
 const IDLE_FOR: Duration = Duration::from_secs(90);
 
+/// How long a pooled connection must have sat idle for a hang-up before any answer to be taken
+/// for the server's keep-alive running out as the request came (servers keep idle connections
+/// for seconds: uvicorn's default is 5 s), and the call made again at once on a fresh one.
+const KEEP_ALIVE_RACE: Duration = Duration::from_secs(1);
+
 type Sender = SendRequest<Full<Bytes>>;
 
 /// A response: a 2xx read whole, the start of any other.
@@ -127,17 +132,21 @@ impl PlainClient {
             )
         };
         let head = async {
-            let (mut sender, reused) = match self.checkout(origin).await {
-                Some(sender) => (sender, true),
-                None => (self.connect(origin).await?, false),
+            // A pooled connection, and whether it sat idle long enough for the server's
+            // keep-alive to run out meanwhile.
+            let (mut sender, reused, stale) = match self.checkout(origin).await {
+                Some((sender, idle)) => (sender, true, idle >= KEEP_ALIVE_RACE),
+                None => (self.connect(origin).await?, false, false),
             };
             let response = match sender.send_request(request()?).await {
                 Ok(r) => r,
                 // The server closed the pooled connection before the request went out (it was
-                // never sent), or before a word of an answer (its keep-alive ran out as the
-                // request came): once more, on a fresh connection. A server that hangs up on
-                // this request itself hangs up on the fresh one too, and that is the error.
-                Err(e) if reused && (e.is_canceled() || e.is_incomplete_message()) => {
+                // never sent), or, on one idle a while, before a word of an answer (its
+                // keep-alive ran out as the request came): once more, on a fresh connection.
+                // A hang-up on a connection in use moments ago is not retried here: the server
+                // may have taken the request and died on it (which the step's retries handle,
+                // with their backoff), and sending it again at once could pay for it twice.
+                Err(e) if reused && (e.is_canceled() || (stale && e.is_incomplete_message())) => {
                     sender = self.connect(origin).await?;
                     sender.send_request(request()?).await.map_err(call_error)?
                 }
@@ -184,7 +193,7 @@ impl PlainClient {
 
     /// An idle connection to `origin` that can take a request now, if there is one: the one
     /// used last (the likeliest to be open still).
-    async fn checkout(&self, origin: &str) -> Option<Sender> {
+    async fn checkout(&self, origin: &str) -> Option<(Sender, Duration)> {
         loop {
             let (mut sender, since) = self
                 .idle
@@ -197,7 +206,7 @@ impl PlainClient {
             }
             // Ready at once unless the connection is still finishing its last answer.
             if sender.ready().await.is_ok() {
-                return Some(sender);
+                return Some((sender, since.elapsed()));
             }
         }
     }
@@ -369,19 +378,28 @@ mod tests {
         assert_eq!(seen.accepted.load(Ordering::SeqCst), 1);
     }
 
-    // A kept connection the server hangs up on once the request is out (its keep-alive ran
-    // out as the request came; uvicorn's default is 5 s) costs no attempt: the call
-    // is made once more at once, on a fresh connection. Before, it failed as a reset, and
+    // A kept connection, idle a second or more, that the server hangs up on once the request
+    // is out (its keep-alive ran out as the request came; uvicorn's default is 5 s) costs no
+    // attempt: the call is made once more at once, on a fresh connection. Before, it failed as a reset, and
     // waited out the backoff on an attempt of its step.
     #[tokio::test]
     async fn a_kept_connection_hung_up_on_is_tried_again_on_a_fresh_one() {
         let (uri, seen) = server_with(false, Duration::ZERO, true).await;
-        let client = client(8);
+        let pooled = client(8);
         for _ in 0..3 {
-            let answer = call(&client, &uri).await;
+            let answer = call(&pooled, &uri).await;
             assert_eq!((answer.status, &answer.body[..]), (200, &b"ok"[..]));
+            tokio::time::sleep(KEEP_ALIVE_RACE).await;
         }
         assert_eq!(seen.accepted.load(Ordering::SeqCst), 2);
+        // On a connection in use moments ago, such a hang-up is the call's error: the server
+        // may have taken the request, and sending it again at once could pay for it twice.
+        let (uri, _) = server_with(false, Duration::ZERO, true).await;
+        let busy = client(8);
+        call(&busy, &uri).await;
+        let headers = HeaderMap::new();
+        let second = busy.post(&uri, &headers, Bytes::from_static(b"{}")).await;
+        assert!(second.is_err(), "the second call was answered");
     }
 
     #[tokio::test]
