@@ -69,8 +69,10 @@ impl JobStatus {
 }
 
 /// A validated fusion request: everything a worker needs to run the job, resolved at submit time
-/// (presets expanded) so that a later config change cannot alter a queued job.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+/// (presets expanded) so that a later config change cannot alter a queued job. Stored as JSON
+/// by the `Serialize` below and read through [`StoredSpec`].
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(from = "StoredSpec")]
 pub struct JobSpec {
     /// The model name the caller asked for (`fusion`, `fusion/budget`, or a plugin's host model);
     /// echoed back in the result.
@@ -90,17 +92,84 @@ pub struct JobSpec {
     pub panel_timeout_ms: Option<u64>,
     /// The client's `response_format` (`json_object` or `json_schema`, checked at submit): the
     /// final answer's only. Panel answers stay free-form, and the analysis has its own. Stored
-    /// as JSON text (see [`json_as_text`]), so the schema's properties keep their order.
-    #[serde(
-        default,
-        skip_serializing_if = "Option::is_none",
-        with = "json_as_text"
-    )]
+    /// twice, as the object and as its text (see [`StoredSpec`]), so the schema's properties
+    /// keep their order.
     pub response_format: Option<Value>,
     /// The client's `stop` (a string or up to 4, checked at submit): the final answer's only,
     /// as that is the text the client reads.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub stop: Option<Value>,
+}
+
+impl Serialize for JobSpec {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeStruct;
+        let mut out = s.serialize_struct("JobSpec", 11)?;
+        out.serialize_field("model", &self.model)?;
+        out.serialize_field("messages", &self.messages)?;
+        out.serialize_field("panel", &self.panel)?;
+        out.serialize_field("analyst", &self.analyst)?;
+        out.serialize_field("temperature", &self.temperature)?;
+        out.serialize_field("max_completion_tokens", &self.max_completion_tokens)?;
+        out.serialize_field("min_panel", &self.min_panel)?;
+        out.serialize_field("panel_timeout_ms", &self.panel_timeout_ms)?;
+        if let Some(format) = &self.response_format {
+            out.serialize_field("response_format", format)?;
+            out.serialize_field("response_format_text", &format.to_string())?;
+        }
+        if let Some(stop) = &self.stop {
+            out.serialize_field("stop", stop)?;
+        }
+        out.end()
+    }
+}
+
+/// A spec as stored. `response_format` is there twice: as the object, which every build reads
+/// (one from before this field, in a rolling upgrade or after a rollback, runs the job as it
+/// would have), and as `response_format_text`, its text, which Postgres's JSONB keeps as it is
+/// while it orders an object's keys its own way (shortest first). A provider that writes a
+/// structured output in its schema's property order (OpenAI's strict mode) would otherwise
+/// write `answer` before `reasoning`. The text is read first; a spec without it (stored
+/// before), or with text that does not read, has the object.
+#[derive(Deserialize)]
+struct StoredSpec {
+    model: String,
+    messages: Vec<Value>,
+    panel: Vec<String>,
+    analyst: String,
+    temperature: Option<f64>,
+    max_completion_tokens: Option<u32>,
+    min_panel: u32,
+    panel_timeout_ms: Option<u64>,
+    #[serde(default)]
+    response_format: Option<Value>,
+    #[serde(default)]
+    response_format_text: Option<String>,
+    #[serde(default)]
+    stop: Option<Value>,
+}
+
+impl From<StoredSpec> for JobSpec {
+    fn from(s: StoredSpec) -> JobSpec {
+        JobSpec {
+            model: s.model,
+            messages: s.messages,
+            panel: s.panel,
+            analyst: s.analyst,
+            temperature: s.temperature,
+            max_completion_tokens: s.max_completion_tokens,
+            min_panel: s.min_panel,
+            panel_timeout_ms: s.panel_timeout_ms,
+            response_format: stored_format(s.response_format, s.response_format_text.as_deref()),
+            stop: s.stop.filter(|v| !v.is_null()),
+        }
+    }
+}
+
+/// The format a stored spec holds: its text's if that reads as an object, else the object.
+fn stored_format(object: Option<Value>, text: Option<&str>) -> Option<Value> {
+    text.and_then(|t| serde_json::from_str::<Value>(t).ok())
+        .filter(Value::is_object)
+        .or(object.filter(Value::is_object))
 }
 
 impl JobSpec {
@@ -126,40 +195,11 @@ impl JobSpec {
             max_completion_tokens: count("max_completion_tokens"),
             min_panel: count("min_panel").unwrap_or(0),
             panel_timeout_ms: value["panel_timeout_ms"].as_u64(),
-            response_format: json_as_text::read(value.get("response_format").cloned())
-                .ok()
-                .flatten()
-                .filter(Value::is_object),
+            response_format: stored_format(
+                value.get("response_format").cloned(),
+                value["response_format_text"].as_str(),
+            ),
             stop: value.get("stop").filter(|v| !v.is_null()).cloned(),
-        }
-    }
-}
-
-/// A JSON value kept in the stored spec as its text: Postgres's JSONB orders an object's keys
-/// its own way (shortest first), and a provider that writes a structured output in its schema's
-/// property order (OpenAI's strict mode does) would then write `answer` before `reasoning`.
-/// Specs stored before held the object itself, which still reads.
-mod json_as_text {
-    use serde::{Deserialize, Deserializer, Serializer};
-    use serde_json::Value;
-
-    pub fn serialize<S: Serializer>(value: &Option<Value>, s: S) -> Result<S::Ok, S::Error> {
-        match value {
-            Some(v) => s.serialize_str(&v.to_string()),
-            None => s.serialize_none(),
-        }
-    }
-
-    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Value>, D::Error> {
-        read(Option::<Value>::deserialize(d)?).map_err(serde::de::Error::custom)
-    }
-
-    /// The value a stored field holds: the JSON its text spells, or (stored before) itself.
-    pub fn read(stored: Option<Value>) -> Result<Option<Value>, serde_json::Error> {
-        match stored {
-            Some(Value::String(text)) => serde_json::from_str(&text).map(Some),
-            Some(Value::Null) | None => Ok(None),
-            Some(v) => Ok(Some(v)),
         }
     }
 }
@@ -502,19 +542,25 @@ pub struct ListFilter {
 mod tests {
     use super::*;
 
-    // A schema's properties keep their order through the store: the spec holds the format as
-    // text. A spec stored before (the format as an object) still reads.
+    // A schema's properties keep their order through the store, whose JSONB (Postgres) orders
+    // an object's keys its own way: the spec holds the format's text beside the object, and the
+    // text is read first. The object is still there for a build from before the text, which
+    // reads it as it did; and a spec stored before (the object alone) still reads.
     #[test]
-    fn the_response_format_is_stored_as_text_and_read_either_way() {
+    fn the_response_format_is_stored_with_its_text_and_read_either_way() {
         let format = serde_json::json!({"type": "json_schema", "json_schema": {"name": "a",
             "schema": {"properties": {"reasoning": {}, "answer": {}}}}});
         let spec = JobSpec {
             response_format: Some(format.clone()),
             ..JobSpec::salvage(&Value::Null)
         };
-        let stored = serde_json::to_value(&spec).unwrap();
-        assert!(stored["response_format"].is_string(), "{stored}");
-        let read: JobSpec = serde_json::from_value(stored.clone()).unwrap();
+        let mut stored = serde_json::to_value(&spec).unwrap();
+        assert_eq!(stored["response_format"], format);
+        assert_eq!(stored["response_format_text"], format.to_string());
+        // As JSONB gives it back: the object's keys in another order.
+        let reordered = serde_json::json!({"json_schema": {"name": "a", "schema": {"properties":
+            {"answer": {}, "reasoning": {}}}}, "type": "json_schema"});
+        stored["response_format"] = reordered.clone();
         let keys = |f: &Value| {
             let props = &f["json_schema"]["schema"]["properties"];
             props
@@ -524,22 +570,32 @@ mod tests {
                 .cloned()
                 .collect::<Vec<_>>()
         };
+        let read: JobSpec = serde_json::from_value(stored.clone()).unwrap();
         assert_eq!(
             keys(read.response_format.as_ref().unwrap()),
             ["reasoning", "answer"]
         );
-        assert_eq!(
-            JobSpec::salvage(&stored).response_format,
-            Some(format.clone())
-        );
+        let salvaged = JobSpec::salvage(&stored).response_format.unwrap();
+        assert_eq!(keys(&salvaged), ["reasoning", "answer"]);
+        // Stored before: the object alone.
         let mut before = stored;
-        before["response_format"] = format.clone();
+        before
+            .as_object_mut()
+            .unwrap()
+            .remove("response_format_text");
         let read: JobSpec = serde_json::from_value(before.clone()).unwrap();
+        assert_eq!(
+            keys(read.response_format.as_ref().unwrap()),
+            ["answer", "reasoning"]
+        );
         assert_eq!(read.response_format, Some(format.clone()));
         assert_eq!(JobSpec::salvage(&before).response_format, Some(format));
+        // Without a format, neither field is written, and none is read.
         before.as_object_mut().unwrap().remove("response_format");
         let read: JobSpec = serde_json::from_value(before).unwrap();
         assert_eq!(read.response_format, None);
+        let written = serde_json::to_value(&read).unwrap();
+        assert!(written.get("response_format_text").is_none(), "{written}");
     }
 
     // Sums over a job's steps (and the tool loop's jobs) stop at the largest count, never wrap

@@ -371,7 +371,7 @@ fn only_calls(reply: &mut Value, calls: Vec<Value>) {
     };
     if calls.is_empty() {
         if let Some(message) = choice.get_mut("message").and_then(Value::as_object_mut) {
-            message.remove("tool_calls");
+            message.shift_remove("tool_calls");
             // An answer's content is a string, if an empty one.
             if message.get("content").is_none_or(Value::is_null) {
                 message.insert("content".into(), json!(""));

@@ -59,13 +59,14 @@ impl Write {
         match self {
             Write::Enqueue { job, .. } => {
                 let spec = &job.spec;
-                let texts = spec
-                    .messages
-                    .iter()
-                    .chain(&spec.response_format)
-                    .chain(&spec.stop);
+                let texts = spec.messages.iter().chain(&spec.stop);
                 let names = spec.panel.iter().map(String::len).sum::<usize>() + spec.analyst.len();
+                // The format is stored twice: as the object, and as its text (escaped again).
+                let format = spec.response_format.as_ref().map_or(0, |f| {
+                    json_bytes(f) + json_bytes(&serde_json::Value::String(f.to_string()))
+                });
                 texts.map(json_bytes).sum::<usize>()
+                    + format
                     + names
                     + json_bytes(&job.metadata)
                     + len(&job.idempotency_key)
@@ -596,8 +597,9 @@ mod tests {
     // `response_format` schema with a one-word prompt weighs 4 MiB.
     #[test]
     fn a_submission_weighs_its_whole_request() {
+        // Quotes and backslashes, which the format's stored text escapes once more.
         let schema = serde_json::json!({"type": "json_schema", "json_schema": {
-            "name": "big", "schema": {"description": "x".repeat(4 << 20)}}});
+            "name": "big", "schema": {"description": "x\"\\".repeat(1 << 20)}}});
         let job = NewJob {
             id: uuid::Uuid::now_v7(),
             spec: crate::job::JobSpec {
