@@ -505,6 +505,9 @@ fn content_parts(parts: &[Value], i: usize) -> Result<(), ApiError> {
                     "`messages[{i}].content[{j}].text` must be a string"
                 )));
             }
+            // An image as a bare URL string: OpenAI refuses it, but Ollama's and LiteLLM's
+            // OpenAI-compatible servers take it, and a panel of those works with it.
+            Some("image_url") if part["image_url"].is_string() => {}
             // OpenAI's other kinds, in OpenAI's shape: an object under the kind's name with
             // the fields every provider reads (an image's `url`, audio's `data` and `format`).
             Some(kind @ ("image_url" | "input_audio" | "file")) => {
@@ -980,7 +983,8 @@ mod tests {
             request_hash(&json!({"model": "fusion/budget"}))
         );
         // The hash of the body written compact with sorted keys, as hashes stored before bodies
-        // kept their order were taken (Python's `json.dumps(sort_keys=True)` gives the same).
+        // kept their order were taken (Python's `json.dumps` gives the same text with
+        // `sort_keys=True, separators=(",", ":"), ensure_ascii=False`).
         let c = json!({"z": null, "model": "fusion", "a": 1.5,
                        "messages": [{"role": "user", "content": "hi \"there\" é"}]});
         assert_eq!(
