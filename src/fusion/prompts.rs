@@ -26,13 +26,17 @@ pub struct PanelAnswer<'a> {
 /// (Anthropic's API, as langchain-ai/langchain#30764 reports) refuse a conversation with no
 /// turn in it.
 pub fn plain_conversation(messages: &[Value]) -> std::borrow::Cow<'_, [Value]> {
-    if !messages.is_empty()
-        && messages
-            .iter()
-            .all(|m| matches!(m["role"].as_str(), Some("system" | "developer")))
+    if messages
+        .iter()
+        .all(|m| matches!(m["role"].as_str(), Some("system" | "developer")))
     {
         let text: Vec<String> = messages.iter().map(message_text).collect();
-        return vec![json!({"role": "user", "content": text.join("\n\n").trim()})].into();
+        let text = text.join("\n\n");
+        // With nothing in them, there is no query to send as one.
+        if text.trim().is_empty() {
+            return messages.into();
+        }
+        return vec![json!({"role": "user", "content": text.trim()})].into();
     }
     // As the request check reads them: a call list that is not empty, a legacy call object
     // (`null` fields, as SDKs write back a plain reply, are none).
@@ -100,6 +104,9 @@ pub fn plain_conversation(messages: &[Value]) -> std::borrow::Cow<'_, [Value]> {
         };
         let last = out.last_mut().filter(|_| open == Some(role));
         match last.map(|last| &mut last["content"]) {
+            // (Empty text is left out, as the joined strings are trimmed: providers refuse an
+            // empty text part.)
+            Some(Value::Array(_)) if text.trim().is_empty() => {}
             Some(Value::Array(parts)) => parts.push(json!({"type": "text", "text": text})),
             Some(content) => {
                 let joined = format!("{}\n\n{text}", content.as_str().unwrap_or_default());
@@ -461,6 +468,12 @@ mod tests {
         assert_eq!(out.len(), 2);
         assert_eq!(out[1], alone);
         assert_eq!(*plain_conversation(&conversation[..2]), [alone]);
+        // Instructions with nothing in them are no query: left as they are.
+        let empty = [json!({"role": "system", "content": ""})];
+        assert!(matches!(
+            plain_conversation(&empty),
+            std::borrow::Cow::Borrowed(_)
+        ));
         // Without them, the conversation follows whole.
         let out = final_messages(&conversation[2..], &answers, None);
         let system = out[0]["content"].as_str().unwrap();
@@ -521,6 +534,8 @@ mod tests {
         shown[3] = json!({"role": "user", "content": [{"type": "text", "text": "this one"},
                                                       image.clone()]});
         shown.push(json!({"role": "tool", "tool_call_id": "c1", "content": "19°C"}));
+        // Nothing of an empty turn joins (providers refuse an empty text part).
+        shown.push(json!({"role": "user", "content": " "}));
         let joined = plain_conversation(&shown);
         assert_eq!(joined.len(), 3, "{joined:?}");
         assert_eq!(
