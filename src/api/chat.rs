@@ -225,7 +225,11 @@ pub fn finished_completion(job: &Job) -> Result<Response, ApiError> {
         });
     };
     let mut result = result.clone();
-    result["fusion_job_id"] = json!(job.id);
+    // The pipeline writes an object; a row edited by hand may hold anything, and indexing
+    // into anything else would panic.
+    if let Some(fields) = result.as_object_mut() {
+        fields.insert("fusion_job_id".into(), json!(job.id));
+    }
     let mut resp = Json(result).into_response();
     resp.headers_mut().insert(JOB_HEADER, job_header(job));
     Ok(resp)
