@@ -165,11 +165,19 @@ impl From<StoredSpec> for JobSpec {
     }
 }
 
-/// The format a stored spec holds: its text's if that reads as an object, else the object.
+/// The format a stored spec holds: its text's if that reads as an object, else the object. (A
+/// few builds stored the text alone, under `response_format`: it reads as the text.)
 fn stored_format(object: Option<Value>, text: Option<&str>) -> Option<Value> {
-    text.and_then(|t| serde_json::from_str::<Value>(t).ok())
-        .filter(Value::is_object)
-        .or(object.filter(Value::is_object))
+    let parse = |t: &str| {
+        serde_json::from_str::<Value>(t)
+            .ok()
+            .filter(Value::is_object)
+    };
+    match (text.and_then(parse), object) {
+        (Some(format), _) => Some(format),
+        (None, Some(Value::String(text))) => parse(&text),
+        (None, object) => object.filter(Value::is_object),
+    }
 }
 
 impl JobSpec {
@@ -578,6 +586,7 @@ mod tests {
         let salvaged = JobSpec::salvage(&stored).response_format.unwrap();
         assert_eq!(keys(&salvaged), ["reasoning", "answer"]);
         // Stored before: the object alone.
+        let text = stored["response_format_text"].as_str().unwrap().to_string();
         let mut before = stored;
         before
             .as_object_mut()
@@ -590,6 +599,14 @@ mod tests {
         );
         assert_eq!(read.response_format, Some(format.clone()));
         assert_eq!(JobSpec::salvage(&before).response_format, Some(format));
+        // Stored by the builds that kept the text alone, under `response_format`.
+        let mut text_alone = before.clone();
+        text_alone["response_format"] = Value::String(text);
+        let read: JobSpec = serde_json::from_value(text_alone).unwrap();
+        assert_eq!(
+            keys(read.response_format.as_ref().unwrap()),
+            ["reasoning", "answer"]
+        );
         // Without a format, neither field is written, and none is read.
         before.as_object_mut().unwrap().remove("response_format");
         let read: JobSpec = serde_json::from_value(before).unwrap();

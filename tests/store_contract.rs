@@ -469,6 +469,8 @@ async fn a_request_finds_its_newest_job_since_a_time(store: Arc<dyn Store>) {
 async fn nul_characters_never_break_a_write(store: Arc<dyn Store>) {
     let mut new = new_job();
     new.spec.messages = vec![json!({"role": "user", "content": "a\u{0}b"})];
+    new.spec.response_format = Some(json!({"type": "json_schema", "json_schema":
+        {"name": "n", "schema": {"description": "d\u{0}"}}}));
     new.metadata = json!({"k\u{0}": "v\u{0}"});
     let job = enqueue(&store, new).await;
     let lease = lease_of(&claim(&store, "w", 1, NOW).await[0]);
@@ -495,6 +497,11 @@ async fn nul_characters_never_break_a_write(store: Arc<dyn Store>) {
     assert_eq!(done.status, JobStatus::Succeeded);
     let text = done.spec.messages[0]["content"].as_str().unwrap();
     assert!(text == "a\u{0}b" || text == "a\u{FFFD}b", "{text:?}");
+    let format = done.spec.response_format.unwrap();
+    let said = format["json_schema"]["schema"]["description"]
+        .as_str()
+        .unwrap();
+    assert!(said == "d\u{0}" || said == "d\u{FFFD}", "{said:?}");
 }
 
 /// 1. What goes in comes out, field for field.

@@ -589,12 +589,26 @@ impl Store for PgStore {
     }
 
     async fn enqueue(&self, mut job: NewJob, start: Option<StartHere>) -> Result<Enqueued> {
-        let spec =
-            serde_json::to_value(&job.spec).map_err(|e| StoreError::Corrupt(e.to_string()))?;
-        if has_nul(&spec) {
-            // Store and answer with what the database keeps.
-            job.spec = serde_json::from_value(no_nul_json(spec))
-                .map_err(|e| StoreError::Corrupt(e.to_string()))?;
+        // Store and answer with what the database keeps. The spec's JSON values are scrubbed
+        // where they are (its names cannot hold a control character): the format is stored as
+        // its text too, written from the scrubbed value.
+        let spec = &mut job.spec;
+        let values = spec.messages.iter_mut();
+        for v in values
+            .chain(spec.response_format.as_mut())
+            .chain(spec.stop.as_mut())
+        {
+            if has_nul(v) {
+                *v = no_nul_json(std::mem::take(v));
+            }
+        }
+        for name in [&mut spec.model, &mut spec.analyst]
+            .into_iter()
+            .chain(spec.panel.iter_mut())
+        {
+            if let Cow::Owned(scrubbed) = no_nul(name) {
+                *name = scrubbed;
+            }
         }
         job.metadata = no_nul_json(std::mem::take(&mut job.metadata));
         super::enqueue_with(&self.writes, &self.wakeups, job, start, |key| async move {
