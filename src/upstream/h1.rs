@@ -29,6 +29,10 @@ const IDLE_FOR: Duration = Duration::from_secs(90);
 /// for seconds: uvicorn's default is 5 s), and the call made again at once on a fresh one.
 const KEEP_ALIVE_RACE: Duration = Duration::from_secs(1);
 
+/// How soon after the request a hang-up must come to be such a race: the server had closed the
+/// connection before the request reached it. One later may follow work the server did on it.
+const KEEP_ALIVE_HANG_UP: Duration = Duration::from_millis(250);
+
 type Sender = SendRequest<Full<Bytes>>;
 
 /// A response: a 2xx read whole, the start of any other.
@@ -138,15 +142,22 @@ impl PlainClient {
                 Some((sender, idle)) => (sender, true, idle >= KEEP_ALIVE_RACE),
                 None => (self.connect(origin).await?, false, false),
             };
+            let sent = tokio::time::Instant::now();
             let response = match sender.send_request(request()?).await {
                 Ok(r) => r,
                 // The server closed the pooled connection before the request went out (it was
-                // never sent), or, on one idle a while, before a word of an answer (its
-                // keep-alive ran out as the request came): once more, on a fresh connection.
-                // A hang-up on a connection in use moments ago is not retried here: the server
-                // may have taken the request and died on it (which the step's retries handle,
-                // with their backoff), and sending it again at once could pay for it twice.
-                Err(e) if reused && (e.is_canceled() || (stale && e.is_incomplete_message())) => {
+                // never sent), or, on one idle a while, at once and before a word of an answer
+                // (its keep-alive ran out as the request came): once more, on a fresh
+                // connection. Any other hang-up is not retried here: the server may have taken
+                // the request and died on it (which the step's retries handle, with their
+                // backoff), and sending it again at once could pay for it twice.
+                Err(e)
+                    if reused
+                        && (e.is_canceled()
+                            || (stale
+                                && e.is_incomplete_message()
+                                && sent.elapsed() < KEEP_ALIVE_HANG_UP)) =>
+                {
                     sender = self.connect(origin).await?;
                     sender.send_request(request()?).await.map_err(call_error)?
                 }
@@ -301,7 +312,8 @@ mod tests {
     }
 
     /// `server`; with `drop_second`, its first connection reads a second request and hangs up
-    /// without an answer (as a server whose keep-alive ran out as the request came does).
+    /// without an answer after `delay` (at once: as a server whose keep-alive ran out as the
+    /// request came does).
     async fn server_with(close: bool, delay: Duration, drop_second: bool) -> (Target, Arc<Seen>) {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let uri = format!(
@@ -332,6 +344,7 @@ mod tests {
                         }
                         seen.clear();
                         if drop_second && first && answered == 1 {
+                            tokio::time::sleep(delay).await;
                             break;
                         }
                         answered += 1;
@@ -386,10 +399,12 @@ mod tests {
     async fn a_kept_connection_hung_up_on_is_tried_again_on_a_fresh_one() {
         let (uri, seen) = server_with(false, Duration::ZERO, true).await;
         let pooled = client(8);
-        for _ in 0..3 {
+        for i in 0..3 {
+            if i > 0 {
+                tokio::time::sleep(KEEP_ALIVE_RACE).await;
+            }
             let answer = call(&pooled, &uri).await;
             assert_eq!((answer.status, &answer.body[..]), (200, &b"ok"[..]));
-            tokio::time::sleep(KEEP_ALIVE_RACE).await;
         }
         assert_eq!(seen.accepted.load(Ordering::SeqCst), 2);
         // On a connection in use moments ago, such a hang-up is the call's error: the server
@@ -399,6 +414,13 @@ mod tests {
         call(&busy, &uri).await;
         let headers = HeaderMap::new();
         let second = busy.post(&uri, &headers, Bytes::from_static(b"{}")).await;
+        assert!(second.is_err(), "the second call was answered");
+        // Nor on an idle one that hangs up a while after the request: the server had it.
+        let (uri, _) = server_with(false, Duration::from_millis(400), true).await;
+        let idle = client(8);
+        call(&idle, &uri).await;
+        tokio::time::sleep(KEEP_ALIVE_RACE).await;
+        let second = idle.post(&uri, &headers, Bytes::from_static(b"{}")).await;
         assert!(second.is_err(), "the second call was answered");
     }
 
