@@ -18,7 +18,16 @@ pub struct JobRequest {
     pub deadline_seconds: Option<u64>,
 }
 
-const ROLES: [&str; 5] = ["system", "developer", "user", "assistant", "tool"];
+/// OpenAI's roles; `function` is the deprecated one that answers an assistant's legacy
+/// `function_call` (still sent by code written for it, and by SDKs' older helpers).
+const ROLES: [&str; 6] = [
+    "system",
+    "developer",
+    "user",
+    "assistant",
+    "tool",
+    "function",
+];
 const MAX_METADATA_BYTES: usize = 16 * 1024;
 /// The fusion plugin's fields (the fusion tool's settings take them too).
 pub const PLUGIN_FIELDS: [&str; 6] = [
@@ -476,6 +485,12 @@ pub fn parse_messages(v: Option<&Value>) -> Result<Vec<Value>, ApiError> {
                     "`messages[{i}].content` must be a string or an array of content parts"
                 )));
             }
+        }
+        if role == "function" && !m["name"].is_string() {
+            return Err(bad(format!(
+                "`messages[{i}].name` is required: a function message answers the call of the \
+                 function of that name"
+            )));
         }
         if role == "tool" && !m["tool_call_id"].is_string() {
             return Err(bad(format!(

@@ -15,8 +15,8 @@ pub struct PanelAnswer<'a> {
 }
 
 /// The conversation as the panel and the final call are sent it: as given, unless it holds a
-/// tool exchange (an assistant's `tool_calls` or legacy `function_call`, the `tool` messages
-/// answering them), which is written out as text: the calls as the assistant's message, what
+/// tool exchange (an assistant's `tool_calls` or legacy `function_call`, the `tool` or legacy
+/// `function` messages answering them), which is written out as text: the calls as the assistant's message, what
 /// they returned as the user's (the turn an agent's model answers), next to a message of the
 /// same role joined with it, so that roles still alternate. These calls offer no tools, and
 /// providers refuse tool messages without them (Anthropic: "requests which include tool_use or
@@ -43,7 +43,8 @@ pub fn plain_conversation(messages: &[Value]) -> std::borrow::Cow<'_, [Value]> {
     let calls = |m: &Value| {
         m["tool_calls"].as_array().is_some_and(|c| !c.is_empty()) || m["function_call"].is_object()
     };
-    if !messages.iter().any(|m| m["role"] == "tool" || calls(m)) {
+    let answers = |m: &Value| matches!(m["role"].as_str(), Some("tool" | "function"));
+    if !messages.iter().any(|m| answers(m) || calls(m)) {
         return messages.into();
     }
     let mut names = std::collections::HashMap::new();
@@ -72,9 +73,15 @@ pub fn plain_conversation(messages: &[Value]) -> std::borrow::Cow<'_, [Value]> {
                 }
                 ("assistant", lines.join("\n").trim().to_string())
             }
-            Some("tool") => {
-                let id = m["tool_call_id"].as_str().unwrap_or_default();
-                let name = names.get(id).map_or("a tool", String::as_str);
+            Some(role @ ("tool" | "function")) => {
+                // A tool result names its call's id; a legacy function result, the function.
+                let name = match role {
+                    "tool" => {
+                        let id = m["tool_call_id"].as_str().unwrap_or_default();
+                        names.get(id).map_or("a tool", String::as_str)
+                    }
+                    _ => m["name"].as_str().unwrap_or("a tool"),
+                };
                 (
                     "user",
                     format!("[the tool `{name}` returned:]\n{}", message_text(m)),
@@ -546,6 +553,22 @@ mod tests {
                 image,
                 {"type": "text", "text": "[the tool `weather` returned:]\n19°C"},
             ])
+        );
+        // The legacy shape: an assistant's `function_call`, answered by a `function` message
+        // that names the function.
+        let legacy = [
+            conversation[0].clone(),
+            json!({"role": "assistant", "content": null,
+                   "function_call": {"name": "weather", "arguments": "{}"}}),
+            json!({"role": "function", "name": "weather", "content": "18°C"}),
+        ];
+        assert_eq!(
+            *plain_conversation(&legacy),
+            [
+                conversation[0].clone(),
+                json!({"role": "assistant", "content": "[called the tool `weather` with {}]"}),
+                json!({"role": "user", "content": "[the tool `weather` returned:]\n18°C"}),
+            ]
         );
         let reply = [
             json!({"role": "user", "content": "hi"}),

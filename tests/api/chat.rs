@@ -96,15 +96,13 @@ async fn a_tool_exchange_goes_upstream_as_text() {
             assert!(m.get("tool_calls").is_none(), "{sent:#}");
         }
     }
+    let written_out = json!([
+        {"role": "user", "content": "weather in Paris?"},
+        {"role": "assistant", "content": "[called the tool `weather` with {}]"},
+        {"role": "user", "content": "[the tool `weather` returned:]\n18°C\n\nso?"}
+    ]);
     let panel = bodies.iter().find(|b| b["model"] == "m1").unwrap();
-    assert_eq!(
-        panel["messages"],
-        json!([
-            {"role": "user", "content": "weather in Paris?"},
-            {"role": "assistant", "content": "[called the tool `weather` with {}]"},
-            {"role": "user", "content": "[the tool `weather` returned:]\n18°C\n\nso?"}
-        ])
-    );
+    assert_eq!(panel["messages"], written_out);
     let job_id = resp.headers()["x-fusion-job-id"]
         .to_str()
         .unwrap()
@@ -112,6 +110,25 @@ async fn a_tool_exchange_goes_upstream_as_text() {
         .unwrap();
     let job = app.store.get_job(job_id).await.unwrap().unwrap();
     assert_eq!(json!(job.spec.messages), body["messages"]);
+
+    // The legacy shape (an assistant's `function_call` answered by a `function` message) is
+    // taken and written out the same way. Before, the `function` role was refused with a 400.
+    let legacy = app.fake.bodies().len();
+    body["messages"] = json!([
+        {"role": "user", "content": "weather in Paris?"},
+        {"role": "assistant", "content": null,
+         "function_call": {"name": "weather", "arguments": "{}"}},
+        {"role": "function", "name": "weather", "content": "18°C"},
+        {"role": "user", "content": "so?"}
+    ]);
+    let resp = app.chat(&body).await;
+    assert_eq!(resp.status(), 200, "{}", resp.text().await.unwrap());
+    let bodies = app.fake.bodies();
+    let panel = bodies[legacy..]
+        .iter()
+        .find(|b| b["model"] == "m1")
+        .unwrap();
+    assert_eq!(panel["messages"], written_out);
 }
 
 #[tokio::test]

@@ -99,6 +99,16 @@ async fn bad_requests_are_4xx_with_precise_messages() {
             "`messages[0].tool_call_id` is required",
         ),
         (
+            json!({"model": "fusion", "messages": [{"role": "function", "content": "x"}]}),
+            "invalid_request",
+            "`messages[0].name` is required",
+        ),
+        (
+            json!({"model": "fusion", "messages": [{"role": "critic", "content": "x"}]}),
+            "invalid_request",
+            "expected one of system, developer, user, assistant, tool, function",
+        ),
+        (
             json!({"model": "fusion", "messages": [msgs[0], {"role": "assistant"}]}),
             "invalid_request",
             "`messages[1]` is an assistant message with neither `content` nor `tool_calls`",
