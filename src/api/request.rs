@@ -465,6 +465,8 @@ pub fn parse_messages(v: Option<&Value>) -> Result<Vec<Value>, ApiError> {
         match m.get("content") {
             Some(Value::String(_)) => {}
             Some(Value::Array(parts)) => content_parts(parts, i)?,
+            // A function that returned nothing (OpenAI's SDK types allow a null content).
+            Some(Value::Null) | None if role == "function" => {}
             Some(Value::Null) | None if role == "assistant" => {
                 // What an assistant message may carry instead of content, as the OpenAI SDKs
                 // hand them back: tool calls, a refusal, an audio reply.

@@ -146,7 +146,7 @@ impl PlainClient {
             let response = match sender.send_request(request()?).await {
                 Ok(r) => r,
                 // The server closed the pooled connection before the request went out (it was
-                // never sent), or, on one idle a while, at once and before a word of an answer
+                // never sent), or, on one idle a while, at once and before an answer's whole head
                 // (its keep-alive ran out as the request came): once more, on a fresh
                 // connection. Any other hang-up is not retried here: the server may have taken
                 // the request and died on it (which the step's retries handle, with their

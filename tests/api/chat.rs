@@ -113,7 +113,6 @@ async fn a_tool_exchange_goes_upstream_as_text() {
 
     // The legacy shape (an assistant's `function_call` answered by a `function` message) is
     // taken and written out the same way. Before, the `function` role was refused with a 400.
-    let legacy = app.fake.bodies().len();
     body["messages"] = json!([
         {"role": "user", "content": "weather in Paris?"},
         {"role": "assistant", "content": null,
@@ -121,6 +120,12 @@ async fn a_tool_exchange_goes_upstream_as_text() {
         {"role": "function", "name": "weather", "content": "18°C"},
         {"role": "user", "content": "so?"}
     ]);
+    // (A function that returned nothing may say so with a null content.)
+    let mut nothing = body.clone();
+    nothing["messages"][2]["content"] = Value::Null;
+    let id = app.submit_ok(&nothing).await;
+    assert_eq!(app.wait_final(&id, 10).await["status"], "succeeded");
+    let legacy = app.fake.bodies().len();
     let resp = app.chat(&body).await;
     assert_eq!(resp.status(), 200, "{}", resp.text().await.unwrap());
     let bodies = app.fake.bodies();
