@@ -884,6 +884,39 @@ async fn a_failed_hand_back_of_an_unconfirmed_insert_is_tried_again_at_once() {
     assert_eq!(app.wait_final(&id, 3).await["status"], "succeeded");
 }
 
+// A sweep of unconfirmed inserts that meets a store error stops there and keeps the entries
+// after it, untried, for the next sweep. Two inserts lose their answers; the second's sweep
+// finds the first's hand-back failing again, and the next claim's sweep (within 500 ms) hands
+// both back, so both run at once. Were the rest dropped on the error, the second job would sit
+// running with nobody on it until its 5 s lease ran out.
+#[tokio::test]
+async fn a_sweep_stopped_by_a_store_error_keeps_the_entries_after_it() {
+    let faults = Faults {
+        enqueues: 2,
+        reads: 2,
+        refused_outcomes: 2,
+        ..Faults::default()
+    };
+    let options = Options {
+        poll_interval: Duration::from_millis(500),
+        ..Options::default()
+    };
+    let (app, faulty) = app_on_options(faults, Duration::ZERO, options).await;
+    faulty.claims.called_past(0).await;
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    let mut ids = Vec::new();
+    for _ in 0..2 {
+        let resp = app.submit(&body_with_panel(&["m1"], "judge")).await;
+        assert_eq!(resp.status(), 503);
+        let id = resp.headers()["x-fusion-job-id"].to_str().unwrap();
+        ids.push(id.to_string());
+    }
+    assert_eq!(faulty.started_at_submit.load(Ordering::SeqCst), 2);
+    for id in &ids {
+        assert_eq!(app.wait_final(id, 3).await["status"], "succeeded");
+    }
+}
+
 // A job started at its submit whose insert took over a third of its lease has that lease
 // renewed before it runs; when the renewal fails (a blip), the lease may hold all the same, so
 // the job runs as a claimed job whose renewal failed does (here with ~3 s of its 5 s lease
