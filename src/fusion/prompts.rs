@@ -209,39 +209,26 @@ fn numbered(answers: &[PanelAnswer<'_>]) -> String {
 }
 
 /// Eight hex digits that no answer contains after `response-` (in any case): taken from a hash
-/// of the answers, so that the same answers make the same prompt (a provider's prompt cache, an
-/// analysis made again on a retry, by this build or the next), and an answer cannot know them in
-/// advance. The hash is FNV-1a, written out here: std's `DefaultHasher` may change between Rust
-/// releases, which would change every prompt after an upgrade.
+/// of the answers (SHA-256, as the request hash is: stable across builds, where std's
+/// `DefaultHasher` may change between Rust releases), so that the same answers make the same
+/// prompt (a provider's prompt cache, an analysis made again on a retry, by this build or the
+/// next), and an answer cannot know them in advance.
 fn tag_suffix(answers: &[PanelAnswer<'_>]) -> String {
+    use sha2::{Digest, Sha256};
     free_suffix(answers, |salt| {
-        let mut hash = Fnv1a::default();
-        hash.write(&salt.to_le_bytes());
+        let mut hash = Sha256::new();
+        hash.update(salt.to_le_bytes());
         for a in answers {
             for part in [a.model, a.content] {
-                hash.write(&(part.len() as u64).to_le_bytes());
-                hash.write(part.as_bytes());
+                hash.update((part.len() as u64).to_le_bytes());
+                hash.update(part.as_bytes());
             }
         }
-        format!("{:08x}", hash.0 as u32)
+        hash.finalize()[..4]
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect()
     })
-}
-
-/// 64-bit FNV-1a: stable across builds and platforms, which is all `tag_suffix` asks of it.
-struct Fnv1a(u64);
-
-impl Default for Fnv1a {
-    fn default() -> Self {
-        Self(0xcbf2_9ce4_8422_2325)
-    }
-}
-
-impl Fnv1a {
-    fn write(&mut self, bytes: &[u8]) {
-        for &b in bytes {
-            self.0 = (self.0 ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3);
-        }
-    }
 }
 
 /// The first of `candidate(0)`, `candidate(1)`, ... that no answer contains after `response-`
@@ -399,13 +386,13 @@ mod tests {
     }
 
     // The suffix is the same in every build: a prompt made again after an upgrade (a retried
-    // analysis, a provider's prompt cache) is the same prompt. The value is FNV-1a's, computed
-    // apart from this code (Python, same bytes: salt, then each length and text).
+    // analysis, a provider's prompt cache) is the same prompt. The value is SHA-256's, computed
+    // apart from this code (Python's hashlib, same bytes: salt, then each length and text).
     #[test]
     fn the_tag_suffix_does_not_depend_on_the_build() {
         assert_eq!(
             tag_suffix(&[answer("m1", "a"), answer("m2", "b")]),
-            "7cc02137"
+            "fc08c1cb"
         );
     }
 
