@@ -522,9 +522,6 @@ fn content_parts(parts: &[Value], i: usize) -> Result<(), ApiError> {
                     "`messages[{i}].content[{j}].text` must be a string"
                 )));
             }
-            // An image as a bare URL string: OpenAI refuses it, but Ollama's and LiteLLM's
-            // OpenAI-compatible servers take it, and a panel of those works with it.
-            Some("image_url") if part["image_url"].is_string() => {}
             // OpenAI's other kinds, in OpenAI's shape: an object under the kind's name with
             // the fields every provider reads (an image's `url`, audio's `data` and `format`).
             Some(kind @ ("image_url" | "input_audio" | "file")) => {

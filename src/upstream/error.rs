@@ -125,8 +125,7 @@ pub(super) fn kind_of_status(status: u16) -> ErrorKind {
     match status {
         429 => ErrorKind::RateLimited,
         408 => ErrorKind::Timeout,
-        // Not Implemented (llama.cpp's answer to a feature it was not started with) and HTTP
-        // Version Not Supported: the same request gets the same answer.
+        // Not Implemented and HTTP Version Not Supported: the same request gets the same answer.
         501 | 505 => ErrorKind::Rejected,
         // A proxy's login (511 Network Authentication Required) is an auth failure too.
         401 | 403 | 511 => ErrorKind::Auth,

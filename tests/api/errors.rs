@@ -138,7 +138,7 @@ async fn bad_requests_are_4xx_with_precise_messages() {
         (
             json!({"model": "fusion", "messages": [{"role": "user", "content": [
                 {"type": "text", "text": "what is this?"},
-                {"type": "image_url", "image_url": {"link": "https://example.com/a.png"}}]}]}),
+                {"type": "image_url", "image_url": "https://example.com/a.png"}]}]}),
             "invalid_request",
             "`messages[0].content[1].image_url` must be an object with a string `url`",
         ),
@@ -181,11 +181,10 @@ async fn bad_requests_are_4xx_with_precise_messages() {
         let resp = app.submit(&body).await;
         assert_eq!(resp.status(), 202, "{}", resp.text().await.unwrap());
     }
-    // Media parts in the shapes servers take: an image as a bare URL (Ollama, LiteLLM), with
-    // OpenAI's `detail`, a file by its id, a provider's own kind of part.
+    // Media parts in OpenAI's shapes: an image with its `detail`, a file by its id, audio; and
+    // a provider's own kind of part, which goes as sent.
     let parts = json!([
         {"type": "text", "text": "compare"},
-        {"type": "image_url", "image_url": "https://example.com/a.png"},
         {"type": "image_url", "image_url": {"url": "https://example.com/b.png", "detail": "low"}},
         {"type": "file", "file": {"file_id": "file-abc"}},
         {"type": "input_audio", "input_audio": {"data": "AAAA", "format": "wav"}},
