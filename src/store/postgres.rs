@@ -589,9 +589,9 @@ impl Store for PgStore {
     }
 
     async fn enqueue(&self, mut job: NewJob, start: Option<StartHere>) -> Result<Enqueued> {
-        // Store and answer with what the database keeps. The spec's JSON values are scrubbed
-        // where they are (its names cannot hold a control character): the format is stored as
-        // its text too, written from the scrubbed value.
+        // Store and answer with what the database keeps. The spec's JSON values and names are
+        // scrubbed where they are (the API refuses control characters in names, but the store
+        // does not rely on it), so the format's stored text is written from the scrubbed value.
         let spec = &mut job.spec;
         let values = spec.messages.iter_mut();
         for v in values

@@ -26,7 +26,8 @@ const IDLE_FOR: Duration = Duration::from_secs(90);
 
 /// How long a pooled connection must have sat idle for a hang-up before any answer to be taken
 /// for the server's keep-alive running out as the request came (servers keep idle connections
-/// for seconds: uvicorn's default is 5 s), and the call made again at once on a fresh one.
+/// for seconds: Node's HTTP server closes them after 5 s by default), and the call made again
+/// at once on a fresh one.
 const KEEP_ALIVE_RACE: Duration = Duration::from_secs(1);
 
 /// How soon after the request a hang-up must come to be such a race: the server had closed the
@@ -136,12 +137,13 @@ impl PlainClient {
             )
         };
         let head = async {
-            // A pooled connection, and whether it sat idle long enough for the server's
-            // keep-alive to run out meanwhile.
-            let (mut sender, reused, stale) = match self.checkout(origin).await {
-                Some((sender, idle)) => (sender, true, idle >= KEEP_ALIVE_RACE),
-                None => (self.connect(origin).await?, false, false),
+            // A pooled connection and how long it sat idle, or a fresh one.
+            let (mut sender, idle) = match self.checkout(origin).await {
+                Some((sender, idle)) => (sender, Some(idle)),
+                None => (self.connect(origin).await?, None),
             };
+            // Idle long enough for the server's keep-alive to run out meanwhile.
+            let stale = idle.is_some_and(|idle| idle >= KEEP_ALIVE_RACE);
             let sent = tokio::time::Instant::now();
             let response = match sender.send_request(request()?).await {
                 Ok(r) => r,
@@ -152,7 +154,7 @@ impl PlainClient {
                 // the request and died on it (which the step's retries handle, with their
                 // backoff), and sending it again at once could pay for it twice.
                 Err(e)
-                    if reused
+                    if idle.is_some()
                         && (e.is_canceled()
                             || (stale
                                 && e.is_incomplete_message()
@@ -392,9 +394,9 @@ mod tests {
     }
 
     // A kept connection, idle a second or more, that the server hangs up on once the request
-    // is out (its keep-alive ran out as the request came; uvicorn's default is 5 s) costs no
-    // attempt: the call is made once more at once, on a fresh connection. Before, it failed as a reset, and
-    // waited out the backoff on an attempt of its step.
+    // is out (its keep-alive ran out as the request came) costs no attempt: the call is made
+    // once more at once, on a fresh connection. Before, it failed as a reset, and waited out
+    // the backoff on an attempt of its step.
     #[tokio::test]
     async fn a_kept_connection_hung_up_on_is_tried_again_on_a_fresh_one() {
         let (uri, seen) = server_with(false, Duration::ZERO, true).await;
