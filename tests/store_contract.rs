@@ -385,6 +385,7 @@ contract_tests!(
     a_failed_write_leaves_its_batch_and_the_store_working,
     a_request_finds_its_newest_job_since_a_time,
     progress_of_many_jobs_in_one_read,
+    a_cancel_given_up_midway_is_still_announced,
 );
 
 /// Where each of many jobs stands, in one read: status, attempt, how many checkpoints and when
@@ -2503,5 +2504,68 @@ async fn processes_migrating_one_sqlite_file_at_once_all_start() {
         }
         let job = enqueue(&stores[0], new_job()).await;
         assert!(stores[2].get_job(job.id).await.unwrap().is_some());
+    }
+}
+
+/// A cancel whose caller goes away while it is under way (its client hung up) is announced if
+/// its update lands: the job's worker, in this process, hears of cancels only so. Each cancel
+/// is polled for a little longer than the one before, then dropped.
+async fn a_cancel_given_up_midway_is_still_announced(store: Arc<dyn Store>) {
+    use std::task::{Context, Poll};
+    let mut events = store.events();
+    for _ in 0..60 {
+        enqueue(&store, new_job()).await;
+    }
+    let ids: Vec<Uuid> = claim(&store, "w", 60, NOW)
+        .await
+        .iter()
+        .map(|j| j.id)
+        .collect();
+    assert_eq!(ids.len(), 60);
+    let waker = futures::task::noop_waker();
+    let mut cx = Context::from_waker(&waker);
+    let mut dropped = Vec::new();
+    for (i, id) in ids.iter().enumerate() {
+        let mut cancel = store.cancel(*id, NOW + 1_000);
+        let give_up = std::time::Instant::now() + Duration::from_micros(25 * i as u64);
+        loop {
+            if let Poll::Ready(done) = cancel.as_mut().poll(&mut cx) {
+                done.unwrap();
+                break;
+            }
+            if std::time::Instant::now() >= give_up {
+                dropped.push(*id);
+                break;
+            }
+            std::hint::spin_loop();
+        }
+    }
+    // Whatever is cancelled by now (and whatever lands still) must be heard of.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let mut cancelled = HashSet::new();
+    for id in &ids {
+        if get(&store, *id).await.status == JobStatus::Cancelled {
+            cancelled.insert(*id);
+        }
+    }
+    assert!(
+        dropped.iter().any(|id| cancelled.contains(id)),
+        "no cancel was dropped after its update was under way: the test saw nothing"
+    );
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    let mut unheard = cancelled.clone();
+    while !unheard.is_empty() {
+        let event = tokio::time::timeout_at(deadline, events.recv())
+            .await
+            .unwrap_or_else(|_| panic!("{} cancels never announced", unheard.len()))
+            .expect("event stream");
+        if let JobEvent::Finished {
+            job_id,
+            status: JobStatus::Cancelled,
+            ..
+        } = event
+        {
+            unheard.remove(&job_id);
+        }
     }
 }

@@ -79,7 +79,7 @@ macro_rules! claim_where {
 /// writes can land between them (this process's batches, another process's) or between the two
 /// statements of one: a priority is then visited twice, or left to the next claim while this
 /// one takes lower priorities' due jobs; no job is taken twice, and a failure partway keeps what
-/// was taken (`stopped_partway`).
+/// was taken, unless it may have taken more (`stopped_partway`).
 const CLAIM_LEVEL_SQL: &str = concat!(
     "SELECT ",
     level_below!(),
@@ -100,7 +100,10 @@ const LEVELS_ONE_BY_ONE: usize = 16;
 /// them, to be run, rather than leave them running under a lease nobody holds (until it ran
 /// out, their attempt spent, a job on its last attempt failed without having run).
 fn stopped_partway(e: StoreError, claimed: usize) -> Result<()> {
-    if claimed == 0 {
+    // A command that may have taken jobs after all (its answer lost): the claim fails, so that
+    // the worker hands back every job under its lease, those taken before included, instead of
+    // running some while the others wait out the lease.
+    if claimed == 0 || e.may_have_committed() {
         return Err(e);
     }
     tracing::warn!(error = %e, claimed, "a claim failed partway; running the jobs it took");
@@ -550,25 +553,42 @@ impl Store for SqliteStore {
             if before.status.is_final() {
                 return Ok(CancelOutcome::AlreadyFinal(before));
             }
-            let row = sqlx::query(concat!(
-                "UPDATE jobs SET status = 'cancelled', finished_at = ?, \
-                 failure_reason = 'cancelled', error = 'cancelled by request', \
-                 lease_owner = NULL, lease_expires_at = NULL \
-                 WHERE id = ? AND status = ? AND attempt = ? RETURNING ",
-                job_columns!()
-            ))
-            .bind(now)
-            .bind(id.to_string())
-            .bind(before.status.as_str())
-            .bind(before.attempt)
-            .fetch_optional(&self.writer)
-            .await?;
+            // The update and its event in a task of their own: once the statement is on the
+            // writer's thread it commits even if this request is dropped (its client gone), and
+            // the event, this process's only news of it (the job's worker stops its calls on
+            // it), must then go out too. Postgres's trigger sends its own.
+            let writer = self.writer.clone();
+            let events = self.events.clone();
+            let status = before.status;
+            let attempt = before.attempt;
+            let row = tokio::spawn(async move {
+                let row = sqlx::query(concat!(
+                    "UPDATE jobs SET status = 'cancelled', finished_at = ?, \
+                     failure_reason = 'cancelled', error = 'cancelled by request', \
+                     lease_owner = NULL, lease_expires_at = NULL \
+                     WHERE id = ? AND status = ? AND attempt = ? RETURNING ",
+                    job_columns!()
+                ))
+                .bind(now)
+                .bind(id.to_string())
+                .bind(status.as_str())
+                .bind(attempt)
+                .fetch_optional(&writer)
+                .await?;
+                if row.is_some() {
+                    let _ = events.send(JobEvent::Finished {
+                        job_id: id,
+                        status: JobStatus::Cancelled,
+                        attempt,
+                    });
+                }
+                Ok::<_, sqlx::Error>(row)
+            })
+            .await
+            // The task panicked (its panic is logged) or the runtime is going away: whether
+            // the update ran is unknown, as when sqlx's own thread dies.
+            .map_err(|_| sqlx::Error::WorkerCrashed)??;
             if let Some(row) = row {
-                self.emit(JobEvent::Finished {
-                    job_id: id,
-                    status: JobStatus::Cancelled,
-                    attempt: before.attempt,
-                });
                 return Ok(CancelOutcome::Cancelled {
                     job: job_from_row(&row, SpecRead::ToShow)?,
                     was_running: before.status == JobStatus::Running,
@@ -1422,6 +1442,19 @@ mod tests {
         // With nothing taken before it, the failure is the claim's.
         let failed = store.claim("w", 10, now, lease).await;
         assert!(failed.is_err(), "{failed:?}");
+    }
+
+    // A command whose answer was lost may have taken jobs too: then the claim fails, so that the
+    // worker hands back all it took (by its lease), not just the jobs it could not see.
+    #[test]
+    fn a_claim_stopped_by_a_command_that_may_have_committed_fails() {
+        let lost = || StoreError::Database(sqlx::Error::WorkerCrashed);
+        assert!(lost().may_have_committed());
+        assert!(stopped_partway(lost(), 3).is_err());
+        assert!(stopped_partway(lost(), 0).is_err());
+        let refused = || StoreError::Corrupt("injected".into());
+        assert!(stopped_partway(refused(), 3).is_ok());
+        assert!(stopped_partway(refused(), 0).is_err());
     }
 
     #[tokio::test]
