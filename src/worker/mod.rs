@@ -410,20 +410,14 @@ impl Worker {
         // (two claims within a millisecond, a clock stepped back): handing back by owner and
         // lease end then takes only what that claim took, never a job running here.
         let lease_ms = crate::store::ms(self.config.lease);
-        let mut now = claim_now(self.clock.now_ms(), lease_ms);
         let last = self.last_claim_end.load(Ordering::SeqCst);
-        if now + lease_ms <= last {
-            now = last + 2 - lease_ms;
-        }
-        self.last_claim_end.store(now + lease_ms, Ordering::SeqCst);
-        let claimed = self
-            .store
-            .claim(&self.owner, wanted, now, self.config.lease)
-            .await;
+        let (now, until) = claim_times(self.clock.now_ms(), lease_ms, last);
+        self.last_claim_end.store(until, Ordering::SeqCst);
+        let lease = Duration::from_millis(u64::try_from(until - now).unwrap_or(0));
+        let claimed = self.store.claim(&self.owner, wanted, now, lease).await;
         if let Err(e) = &claimed
             && e.may_have_committed()
         {
-            let until = now + crate::store::ms(self.config.lease);
             let claim = Unconfirmed::Claim(until);
             self.unconfirmed.lock().expect("unconfirmed").push(claim);
             self.hand_back_unconfirmed(Pace::Paced).await;
@@ -1014,6 +1008,15 @@ fn claim_now(now: i64, lease_ms: i64) -> i64 {
     now + 1 - (now + lease_ms).rem_euclid(2)
 }
 
+/// A claim's time and its lease's end, given the clock's `now` and the end of the last claim's
+/// lease: the end odd and later than `last`. The time stays the clock's (a millisecond on at
+/// most): after the clock stepped back, only the lease is longer, so that jobs waiting out a
+/// backoff are not taken early, nor stamped as started in the future.
+fn claim_times(now: i64, lease_ms: i64, last: i64) -> (i64, i64) {
+    let now = claim_now(now, lease_ms);
+    (now, (now + lease_ms).max(last.saturating_add(2)))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1059,6 +1062,29 @@ mod tests {
                 assert!((0..=1).contains(&(now - held_now(now, lease_ms))));
             }
         }
+    }
+
+    // Claims' leases end later each time, odd, even after the clock stepped back; the claim's
+    // own time, which says which jobs are due and when they started, stays the clock's.
+    #[test]
+    fn a_clock_stepped_back_lengthens_the_claims_lease_not_its_time() {
+        let lease_ms = 30_000;
+        let before = 1_750_000_300_000;
+        let (time, first) = claim_times(before, lease_ms, i64::MIN);
+        assert_eq!((time, first), (before + 1, before + 1 + lease_ms));
+        // Five minutes back.
+        let now = before - 300_000;
+        let (time, end) = claim_times(now, lease_ms, first);
+        assert_eq!(time, now + 1, "the claim's time is the clock's");
+        assert_eq!(end, first + 2, "its lease ends after the last claim's");
+        // Within the same millisecond.
+        assert_eq!(claim_times(now, lease_ms, end), (now + 1, end + 2));
+        // The clock caught up: the plain lease again.
+        let later = before + 60_000;
+        assert_eq!(
+            claim_times(later, lease_ms, end),
+            (later + 1, later + 1 + lease_ms)
+        );
     }
 
     #[test]
