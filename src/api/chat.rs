@@ -107,14 +107,17 @@ pub async fn completions(
         }
     };
     request::refuse_control_characters(&model, "model")?;
-    let opts = StreamOptions::from_body(&body)?;
+    // `stream` and `stream_options` are read for the completions answered here; a relayed
+    // body's are the upstream's to judge, as the rest of it is.
     if is_fusion_model(&model) || has_fusion_plugin(&body) {
         refuse_recursion(&headers)?;
+        let opts = StreamOptions::from_body(&body)?;
         opts.refuse_stray(&body)?;
         return fusion_completion(state, &headers, body, opts).await;
     }
     if tool::offers_fusion(&body) {
         refuse_recursion(&headers)?;
+        let opts = StreamOptions::from_body(&body)?;
         opts.refuse_stray(&body)?;
         return tool::run(state, body, model, opts).await;
     }

@@ -1216,6 +1216,19 @@ async fn the_gateway_keeps_the_order_of_a_bodys_keys() {
     assert_eq!(keys(properties), ["reasoning", "answer"], "{sent}");
 }
 
+// A relayed body's `stream` is the upstream's to judge, as the rest of it is: before, one that
+// was not a boolean got our 400 and never reached it.
+#[tokio::test]
+async fn the_gateway_leaves_a_bodys_stream_field_to_the_upstream() {
+    let app = spawn_app().await;
+    let body = json!({"model": "vendor/raw", "messages": [{"role": "user", "content": "hi"}],
+                      "stream": "true"});
+    assert_eq!(app.chat(&body).await.status(), 200);
+    let bodies = app.fake.bodies();
+    let sent = bodies.iter().find(|b| b["model"] == "vendor/raw").unwrap();
+    assert_eq!(sent["stream"], "true", "{sent}");
+}
+
 // A relayed call whose upstream says nothing within the upstream timeout is a gateway's
 // timeout, `504 upstream_timeout`, not `502 upstream_unreachable`: it was reached, and a
 // client may well try again. One that cannot be reached stays 502.
