@@ -411,6 +411,16 @@ impl FileConfig {
         );
         let mut providers = HashMap::new();
         for (name, p) in self.providers {
+            // Addressed as `NAME:model`, split at the first colon: a name with one, or none, would
+            // never be routed to, and its models would go to the default provider instead.
+            anyhow::ensure!(
+                !name.is_empty()
+                    && !name.contains(':')
+                    && name.trim() == name
+                    && !name.contains(char::is_control),
+                "provider name {name:?} must be non-empty, without a colon (its models are \
+                 addressed as `{name}:model`), control characters or spaces around it"
+            );
             let parsed = check_url(&p.base_url)
                 .with_context(|| format!("Invalid base_url of provider {name}"))?;
             let api_key = p.api_key_env.as_deref().and_then(|var| key_from(&[var]));
@@ -986,6 +996,30 @@ mod tests {
         );
         let file: FileConfig = toml::from_str(&fits).unwrap();
         assert!(file.resolve(&env(&[])).is_ok());
+    }
+
+    // A provider is addressed as `NAME:model`, split at the first colon: a name that no model
+    // could address fails at start-up, rather than its models going to the default provider.
+    #[test]
+    fn a_provider_name_must_be_addressable() {
+        for name in ["my:llm", "", " x", "a\tb"] {
+            let text = format!("[providers.{name:?}]\nbase_url = \"http://h/v1\"");
+            let file: FileConfig = toml::from_str(&text).unwrap();
+            let err = file.resolve(&env(&[])).unwrap_err().to_string();
+            assert!(err.starts_with("provider name"), "{name:?}: {err}");
+        }
+        let file: FileConfig =
+            toml::from_str("[providers.\"my-llm.2\"]\nbase_url = \"http://h/v1\"").unwrap();
+        assert!(file.resolve(&env(&[])).is_ok());
+    }
+
+    // A price takes `prompt` and `completion` only: another key (a cached-prompt price, say)
+    // is refused, not ignored.
+    #[test]
+    fn a_price_with_an_unknown_key_is_refused() {
+        let text = "[prices.\"m\"]\nprompt = 3.0\ncompletion = 15.0\ncached_prompt = 0.3";
+        let err = parse_file(text).unwrap_err().to_string();
+        assert!(err.contains("unknown field `cached_prompt`"), "{err}");
     }
 
     #[test]

@@ -112,6 +112,7 @@ impl StructuredOutput {
 
 /// Price per million tokens, used when the upstream does not report `usage.cost`.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct Price {
     pub prompt: f64,
     pub completion: f64,
