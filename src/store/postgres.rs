@@ -213,22 +213,8 @@ impl PgStore {
         // quietly until its acquire timeout and then says only that it timed out, whether the
         // server was starting up, out of connections, or refusing this password for good. This
         // says why (and `open_store` waits only for what may pass).
-        match tokio::time::timeout(ACQUIRE_WITHIN, PgConnection::connect_with(&connect)).await {
-            Ok(Ok(probe)) => probe.close().await.unwrap_or(()),
-            Ok(Err(e)) => return Err(e.into()),
-            // No answer in time (packets dropped): said as such, and tried again by the start
-            // like any connection trouble, without a second wait in the pool.
-            Err(_) => {
-                let e = std::io::Error::new(
-                    std::io::ErrorKind::TimedOut,
-                    format!(
-                        "no answer from Postgres within {} s",
-                        ACQUIRE_WITHIN.as_secs()
-                    ),
-                );
-                return Err(sqlx::Error::Io(e).into());
-            }
-        }
+        let probe = connect_within(&connect).await?;
+        probe.close().await.unwrap_or(());
         // One connection of `max_connections` is the listener's, outside this pool (see `listen`).
         let pooled = options.max_connections.max(StoreOptions::MIN_CONNECTIONS) - 1;
         let pool = PgPoolOptions::new()
@@ -266,11 +252,12 @@ impl PgStore {
             .await?;
         let wakeups = Arc::new(Notify::new());
         let events = broadcast::channel(EVENT_BACKLOG).0;
-        // A later `-c` wins over an earlier one, the URL's own included.
-        let migrate_with = connect.clone().options([
-            ("statement_timeout", "0"),
-            ("idle_in_transaction_session_timeout", "0"),
-        ]);
+        // A later `-c` wins over an earlier one, the URL's own included. The server's end of a
+        // session idle inside a transaction (`IDLE_IN_TRANSACTION`) stays: the migrator sends its
+        // statements back to back, and a long one (a table rewrite) is not idle; a migrator
+        // gone between a migration and its `COMMIT` would otherwise hold its table locks, and
+        // stall every claim and write, until TCP gave its socket up (hours).
+        let migrate_with = connect.clone().options([("statement_timeout", "0")]);
         let listening = listen(pool.clone(), connect, wakeups.clone(), events.clone());
         tokio::spawn(listening);
         let answer_within = options.statement_timeout.map(|t| t + ANSWER_MARGIN);
@@ -509,6 +496,24 @@ fn connect_options(url: &str, timeout: Option<Duration>) -> Result<PgConnectOpti
     Ok(options)
 }
 
+/// A connection of its own, or an error once `ACQUIRE_WITHIN` passed without one (a server that
+/// drops the packets): said as such, and tried again by the start like any connection trouble.
+async fn connect_within(options: &PgConnectOptions) -> Result<PgConnection> {
+    match tokio::time::timeout(ACQUIRE_WITHIN, PgConnection::connect_with(options)).await {
+        Ok(connected) => Ok(connected?),
+        Err(_) => {
+            let e = std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                format!(
+                    "no answer from Postgres within {} s",
+                    ACQUIRE_WITHIN.as_secs()
+                ),
+            );
+            Err(sqlx::Error::Io(e).into())
+        }
+    }
+}
+
 /// How long the server keeps a session of this process idle inside a transaction before it ends
 /// it (`idle_in_transaction_session_timeout`; 2 s in unit tests). The store's transactions send
 /// their statements back to back, so a session idle that long inside one lost its client (a
@@ -538,7 +543,7 @@ impl Store for PgStore {
         // On a connection of its own without the statement timeout: a migration may rewrite a
         // big table, or wait for another process's migration (an advisory lock) for long.
         // Set as it connects: a `SET` would itself run under the timeout.
-        let mut conn = PgConnection::connect_with(&self.migrate_with).await?;
+        let mut conn = connect_within(&self.migrate_with).await?;
         let migrated = async {
             // A migration marked `-- no-transaction` (there is none) would run under this
             // timeout too, and one that gave up half-way (`CREATE INDEX CONCURRENTLY`) leaves
@@ -1718,6 +1723,55 @@ mod tests {
             .unwrap();
         store.migrate().await.unwrap();
         drop(store);
+    }
+
+    // The migrator's own connection keeps the server's end of a session idle inside a
+    // transaction (so a migrator gone before its `COMMIT` does not hold its locks for hours),
+    // and a server that never answers it is given up on in `ACQUIRE_WITHIN`, not waited on
+    // for as long as TCP takes.
+    #[tokio::test]
+    async fn the_migrators_connection_is_bounded_as_the_pools_are() {
+        let Some((_database, mut store, _conn)) = migrated("fusion_migrator_bounds").await else {
+            return;
+        };
+        let mut migrator = connect_within(&store.migrate_with).await.unwrap();
+        for (setting, expected) in [
+            ("idle_in_transaction_session_timeout", "2s"),
+            ("statement_timeout", "0"),
+        ] {
+            let shown: String = sqlx::query_scalar("SELECT current_setting($1)")
+                .bind(setting)
+                .fetch_one(&mut migrator)
+                .await
+                .unwrap();
+            assert_eq!(shown, expected, "{setting}");
+        }
+        // A server that takes the connection and says nothing.
+        let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = silent.local_addr().unwrap().port();
+        let held = tokio::spawn(async move {
+            let mut sockets = Vec::new();
+            while let Ok((socket, _)) = silent.accept().await {
+                sockets.push(socket);
+            }
+        });
+        store.migrate_with = store.migrate_with.clone().host("127.0.0.1").port(port);
+        let started = std::time::Instant::now();
+        let given_up = tokio::time::timeout(ACQUIRE_WITHIN * 2, store.migrate())
+            .await
+            .expect("the migration gave up on a silent server");
+        assert!(
+            given_up
+                .as_ref()
+                .is_err_and(|e| e.to_string().contains("no answer from Postgres")),
+            "{given_up:?}"
+        );
+        assert!(
+            started.elapsed() >= ACQUIRE_WITHIN,
+            "{:?}",
+            started.elapsed()
+        );
+        held.abort();
     }
 
     // Every statement that changes several running jobs locks them in id order, whatever
