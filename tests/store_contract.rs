@@ -806,7 +806,11 @@ async fn heartbeat_extends_only_owned_running_jobs(store: Arc<dyn Store>) {
 
     let beat_at = NOW + 20_000;
     let lease = Duration::from_secs(60);
-    let named: Vec<Uuid> = mine.iter().map(|j| j.id).chain([theirs.id]).collect();
+    let named: Vec<(Uuid, i32)> = mine
+        .iter()
+        .chain([&theirs])
+        .map(|j| (j.id, j.attempt))
+        .collect();
     let held = store.heartbeat("me", &named, beat_at, lease).await.unwrap();
     assert_eq!(
         held,
@@ -836,7 +840,7 @@ async fn heartbeat_extends_only_owned_running_jobs(store: Arc<dyn Store>) {
     let more = enqueue(&store, new_job()).await;
     assert_eq!(claim_one(&store, "me", NOW + 31_000).await.id, more.id);
     let mut held = store
-        .heartbeat("me", &[mine[2].id, more.id], NOW + 32_000, lease)
+        .heartbeat("me", &[(mine[2].id, 1), (more.id, 1)], NOW + 32_000, lease)
         .await
         .unwrap();
     held.sort_by_key(|h| h.id);
@@ -870,7 +874,7 @@ async fn heartbeat_extends_only_owned_running_jobs(store: Arc<dyn Store>) {
     assert_eq!(reclaimed.id, theirs.id);
     assert_eq!(
         store
-            .heartbeat("them", &[theirs.id], NOW + 33_000, LEASE)
+            .heartbeat("them", &[(theirs.id, 2)], NOW + 33_000, LEASE)
             .await
             .unwrap(),
         vec![Held {
@@ -890,7 +894,7 @@ async fn heartbeat_renews_only_the_jobs_named(store: Arc<dyn Store>) {
     assert_eq!(held.len(), 2);
     let (named, left) = (&held[0], &held[1]);
     let renewed = store
-        .heartbeat("me", &[named.id], NOW + 20_000, LEASE)
+        .heartbeat("me", &[(named.id, named.attempt)], NOW + 20_000, LEASE)
         .await
         .unwrap();
     assert_eq!(
@@ -910,6 +914,30 @@ async fn heartbeat_renews_only_the_jobs_named(store: Arc<dyn Store>) {
     assert_eq!(store.rescue_expired(NOW + LEASE_MS + 1).await.unwrap(), 1);
     assert_eq!(get(&store, left.id).await.status, JobStatus::Queued);
     assert_eq!(get(&store, named.id).await.status, JobStatus::Running);
+    // Claimed again by the same owner (whose process may still wind its first attempt down,
+    // the claim's answer lost): a heartbeat naming the first attempt does not renew the
+    // second, whose claim's lease end is what hands it back.
+    let again = claim_one(&store, "me", NOW + LEASE_MS + 2).await;
+    assert_eq!((again.id, again.attempt), (left.id, 2));
+    let later = NOW + LEASE_MS + 5_000;
+    assert_eq!(
+        store
+            .heartbeat("me", &[(left.id, 1)], later, LEASE)
+            .await
+            .unwrap(),
+        vec![]
+    );
+    assert_eq!(get(&store, left.id).await, again);
+    assert_eq!(
+        store
+            .heartbeat("me", &[(left.id, 2)], later, LEASE)
+            .await
+            .unwrap(),
+        vec![Held {
+            id: left.id,
+            attempt: 2
+        }]
+    );
 }
 
 /// 6. An expired lease is requeued by the rescuer; the next claim is attempt 2.
@@ -925,7 +953,12 @@ async fn lease_expiry_requeues(store: Arc<dyn Store>) {
     );
     assert_eq!(
         store
-            .heartbeat("new-worker", &[new.job_id], NOW + 40_000, LEASE)
+            .heartbeat(
+                "new-worker",
+                &[(new.job_id, new.attempt)],
+                NOW + 40_000,
+                LEASE
+            )
             .await
             .unwrap(),
         vec![Held {
@@ -966,7 +999,7 @@ async fn stale_worker_is_fenced_out(store: Arc<dyn Store>) {
     assert!(!store.release(&old).await.unwrap());
     assert_eq!(
         store
-            .heartbeat("old-worker", &[id], t, LEASE)
+            .heartbeat("old-worker", &[(id, old.attempt)], t, LEASE)
             .await
             .unwrap(),
         vec![]
@@ -1247,7 +1280,7 @@ async fn cancel_outcomes(store: Arc<dyn Store>) {
     assert!(!store.release(&lease).await.unwrap());
     assert_eq!(
         store
-            .heartbeat("w", &[running_job.id], t, LEASE)
+            .heartbeat("w", &[(running_job.id, running_job.attempt)], t, LEASE)
             .await
             .unwrap(),
         vec![]
@@ -1466,7 +1499,10 @@ async fn release_does_not_spend_attempt(store: Arc<dyn Store>) {
     // Released once: the lease is gone.
     assert!(!store.release(&lease).await.unwrap());
     assert_eq!(
-        store.heartbeat("w", &[job.id], NOW, LEASE).await.unwrap(),
+        store
+            .heartbeat("w", &[(job.id, 1)], NOW, LEASE)
+            .await
+            .unwrap(),
         vec![]
     );
     assert_eq!(store.get_steps(job.id).await.unwrap(), vec![step.clone()]);
@@ -1733,7 +1769,7 @@ async fn complete_fail_and_retry_later_outcomes(store: Arc<dyn Store>) {
     );
     assert_eq!(
         store
-            .heartbeat("w", &[running.id], failed_at, LEASE)
+            .heartbeat("w", &[(running.id, running.attempt)], failed_at, LEASE)
             .await
             .unwrap(),
         vec![]
@@ -2133,7 +2169,7 @@ async fn a_job_can_start_at_its_enqueue(store: Arc<dyn Store>) {
     // The lease is a lease: heartbeats renew it, checkpoints are fenced on it...
     assert_eq!(
         store
-            .heartbeat("here", &[job.id], NOW + 1_000, LEASE)
+            .heartbeat("here", &[(job.id, job.attempt)], NOW + 1_000, LEASE)
             .await
             .unwrap(),
         vec![Held {

@@ -214,7 +214,9 @@ async fn reads_claims_and_heartbeats_the_server_never_answers_fail_in_time() {
             .map_err(|e| e.to_string())
     }));
     let beat = timed(Box::pin(async move {
-        let held = s3.heartbeat("w", &[id], 3, Duration::from_secs(6)).await;
+        let held = s3
+            .heartbeat("w", &[(id, 1)], 3, Duration::from_secs(6))
+            .await;
         held.map(|h| format!("{} held", h.len()))
             .map_err(|e| e.to_string())
     }));

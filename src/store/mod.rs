@@ -376,13 +376,15 @@ pub trait Store: Send + Sync + 'static {
         now: i64,
         lease: Duration,
     ) -> Result<Vec<Claimed>>;
-    /// Extend the lease of each of `jobs` that `owner` still holds; returns those. Only the
-    /// jobs named: a job left `running` under this owner that the process no longer runs (its
-    /// outcome never written) must see its lease run out, and be rescued.
+    /// Extend the lease of each of `jobs` (id and attempt) that `owner` still holds; returns
+    /// those. Only the attempts named: a job left `running` under this owner that the process
+    /// no longer runs (its outcome never written) must see its lease run out, and be rescued;
+    /// and a later attempt of a job the process still winds down an earlier one of (taken by a
+    /// claim whose answer was lost) must keep its claim's lease end, by which it is handed back.
     async fn heartbeat(
         &self,
         owner: &str,
-        jobs: &[Uuid],
+        jobs: &[(Uuid, i32)],
         now: i64,
         lease: Duration,
     ) -> Result<Vec<Held>>;

@@ -818,22 +818,26 @@ impl Store for PgStore {
     async fn heartbeat(
         &self,
         owner: &str,
-        jobs: &[Uuid],
+        jobs: &[(Uuid, i32)],
         now: i64,
         lease: Duration,
     ) -> Result<Vec<Held>> {
         // Locked in id order, as every statement that changes several running jobs locks them
         // (see `BATCH_SQL`).
+        let (ids, attempts): (Vec<Uuid>, Vec<i32>) = jobs.iter().copied().unzip();
         let query = sqlx::query(
             "UPDATE jobs SET lease_expires_at = $1 \
-             WHERE id IN (SELECT id FROM jobs \
-                          WHERE id = ANY($3) AND status = 'running' AND lease_owner = $2 \
-                          ORDER BY id FOR UPDATE) \
+             WHERE id IN (SELECT j.id FROM jobs j \
+                          JOIN unnest($3::uuid[], $4::int4[]) AS named(id, attempt) \
+                            ON j.id = named.id AND j.attempt = named.attempt \
+                          WHERE j.status = 'running' AND j.lease_owner = $2 \
+                          ORDER BY j.id FOR UPDATE OF j) \
              RETURNING id, attempt",
         )
         .bind(now + ms(lease))
         .bind(owner)
-        .bind(jobs);
+        .bind(ids)
+        .bind(attempts);
         let rows = self
             .bounded(async |c| Ok(query.fetch_all(c).await?))
             .await?;
@@ -1839,7 +1843,7 @@ mod tests {
             let run = async {
                 match statement {
                     "heartbeat" => store
-                        .heartbeat("w1", &[high, low], 0, Duration::from_secs(30))
+                        .heartbeat("w1", &[(high, 1), (low, 1)], 0, Duration::from_secs(30))
                         .await
                         .map(|held| held.len()),
                     "outcomes" => batch

@@ -338,7 +338,12 @@ impl Worker {
         }
         match self
             .store
-            .heartbeat(&self.owner, &[job.id], now, self.config.lease)
+            .heartbeat(
+                &self.owner,
+                &[(job.id, job.attempt)],
+                now,
+                self.config.lease,
+            )
             .await
         {
             Ok(held)
@@ -854,15 +859,13 @@ impl Worker {
         if snapshot.is_empty() {
             return;
         }
-        // Only the jobs this process runs: one it stopped running without writing an outcome
-        // must not be kept alive by its owner's heartbeat.
-        let mut ids: Vec<Uuid> = snapshot.iter().map(|(id, _)| *id).collect();
-        ids.sort_unstable();
-        ids.dedup();
+        // Only the attempts this process runs: a job it stopped running without writing an
+        // outcome must not be kept alive by its owner's heartbeat, nor a later attempt of it
+        // that a claim whose answer was lost took (see `Store::heartbeat`).
         let now = self.held_now(self.clock.now_ms());
         let held = match self
             .store
-            .heartbeat(&self.owner, &ids, now, self.config.lease)
+            .heartbeat(&self.owner, &snapshot, now, self.config.lease)
             .await
         {
             Ok(held) => held,

@@ -329,7 +329,7 @@ impl Store for Faulty {
     async fn heartbeat(
         &self,
         owner: &str,
-        jobs: &[Uuid],
+        jobs: &[(Uuid, i32)],
         now: i64,
         lease: Duration,
     ) -> Result<Vec<Held>> {
