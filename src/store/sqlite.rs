@@ -592,9 +592,13 @@ impl Store for SqliteStore {
                 Ok::<_, sqlx::Error>(row)
             })
             .await
-            // The task panicked (its panic is logged) or the runtime is going away: whether
-            // the update ran is unknown, as when sqlx's own thread dies.
-            .map_err(|_| sqlx::Error::WorkerCrashed)??;
+            // A panic in the task is this request's, as it would be inline; the task cancelled
+            // (the runtime going away): whether the update ran is unknown, as when sqlx's own
+            // thread dies.
+            .map_err(|e| match e.try_into_panic() {
+                Ok(panic) => std::panic::resume_unwind(panic),
+                Err(_) => sqlx::Error::WorkerCrashed,
+            })??;
             if let Some(row) = row {
                 return Ok(CancelOutcome::Cancelled {
                     job: job_from_row(&row, SpecRead::ToShow)?,
@@ -1522,8 +1526,6 @@ mod tests {
         assert!(store.retry_failed(id, 11).await.is_err());
     }
 
-    // A page of the job list seeks to its cursor, in a status or not, rather than scanning every
-    // job newer than the cursor (or all of them, for a rare status).
     // A heartbeat names thousands of jobs when thousands run: each is looked up by its id (the
     // plan is checked, since a join on `json_each` planned the other way round read every
     // running job once per job named).
@@ -1534,6 +1536,8 @@ mod tests {
         plan_uses(&store.writer, HEARTBEAT_SQL, "(status=? AND id=?)", why).await;
     }
 
+    // A page of the job list seeks to its cursor, in a status or not, rather than scanning every
+    // job newer than the cursor (or all of them, for a rare status).
     #[tokio::test]
     async fn a_page_of_the_job_list_seeks_to_its_cursor() {
         let (_dir, store) = migrated_store().await;
