@@ -861,12 +861,15 @@ impl Store for PgStore {
         )
         .bind(now);
         let failed = self.bounded(async |c| Ok(failed.execute(c).await?)).await?;
+        // Only jobs with attempts left, whatever committed between the two statements (an
+        // insert that landed late with its lease already run out): one on its last attempt is
+        // failed by the statement above, at the next tick if not at this one.
         let requeued = sqlx::query(
             "UPDATE jobs SET status = 'queued', run_at = $1, lease_owner = NULL, \
              lease_expires_at = NULL, failure_reason = 'lease_expired', \
              error = 'the worker holding the job stopped renewing its lease; requeued' \
              WHERE id IN (SELECT id FROM jobs WHERE status = 'running' AND lease_expires_at < $1 \
-                          ORDER BY id FOR UPDATE)",
+                          AND attempt < max_attempts ORDER BY id FOR UPDATE)",
         )
         .bind(now);
         let requeued = self

@@ -753,11 +753,14 @@ impl Store for SqliteStore {
             });
         }
         let failed = failed.len() as u64;
+        // Only jobs with attempts left, whatever committed between the two statements (another
+        // process's insert that landed with its lease already run out): one on its last
+        // attempt is failed by the statement above, at the next tick if not at this one.
         let requeued = sqlx::query(
             "UPDATE jobs SET status = 'queued', run_at = ?1, lease_owner = NULL, \
              lease_expires_at = NULL, failure_reason = 'lease_expired', \
              error = 'the worker holding the job stopped renewing its lease; requeued' \
-             WHERE status = 'running' AND lease_expires_at < ?1",
+             WHERE status = 'running' AND lease_expires_at < ?1 AND attempt < max_attempts",
         )
         .bind(now)
         .execute(&self.writer)
