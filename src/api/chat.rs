@@ -139,12 +139,8 @@ async fn fusion_completion(
         obj.remove(field);
     }
     // Parsed with `tools` and `tool_choice` (a forced call is refused there), which, with
-    // `user`, are then left out of the job's body and its hash.
+    // `user`, the hash leaves out (see `request::request_hash`).
     let parsed = request::parse(&body, &state.config)?;
-    let obj = body.as_object_mut().expect("checked by the caller");
-    for field in ["tools", "tool_choice", "user"] {
-        obj.remove(field);
-    }
     let key = idempotency_key(headers)?;
     let hash = request::request_hash(&body);
     drop(body);

@@ -153,18 +153,28 @@ fn unsupported(param: &'static str, message: impl Into<String>) -> ApiError {
 /// over the body with every object's keys in sorted order: the same request sent with its keys
 /// in another order (a client whose maps have none) is the same request, and the hashes stored
 /// before bodies kept their order (they were read into sorted maps) still match.
+/// The body's fields that are not the job's (how it is answered, who asks, tools its panel is
+/// not given) are left out, so that one key and one job's body match on `/v1/jobs` and on
+/// `/v1/chat/completions` alike (the chat path takes them out of the body itself).
 pub fn request_hash(body: &Value) -> String {
     let mut canonical = Vec::new();
-    sorted_json(body, &mut canonical);
+    sorted_json(body, &NOT_THE_JOBS, &mut canonical);
     let digest = Sha256::digest(&canonical);
     digest.iter().map(|b| format!("{b:02x}")).collect()
 }
 
-/// `value` as compact JSON with its objects' keys sorted (as `str`s sort).
-fn sorted_json(value: &Value, out: &mut Vec<u8>) {
+/// A request's top-level fields that are not part of its job (see `request_hash`).
+const NOT_THE_JOBS: [&str; 5] = ["stream", "stream_options", "tools", "tool_choice", "user"];
+
+/// `value` as compact JSON with its objects' keys sorted (as `str`s sort), without the keys
+/// `skip` of the top level.
+fn sorted_json(value: &Value, skip: &[&str], out: &mut Vec<u8>) {
     match value {
         Value::Object(map) => {
-            let mut entries: Vec<_> = map.iter().collect();
+            let mut entries: Vec<_> = map
+                .iter()
+                .filter(|(k, _)| !skip.contains(&k.as_str()))
+                .collect();
             entries.sort_unstable_by(|a, b| a.0.cmp(b.0));
             out.push(b'{');
             for (i, (k, v)) in entries.into_iter().enumerate() {
@@ -173,7 +183,7 @@ fn sorted_json(value: &Value, out: &mut Vec<u8>) {
                 }
                 push_json(k, out);
                 out.push(b':');
-                sorted_json(v, out);
+                sorted_json(v, &[], out);
             }
             out.push(b'}');
         }
@@ -183,7 +193,7 @@ fn sorted_json(value: &Value, out: &mut Vec<u8>) {
                 if i > 0 {
                     out.push(b',');
                 }
-                sorted_json(v, out);
+                sorted_json(v, &[], out);
             }
             out.push(b']');
         }
@@ -1005,5 +1015,14 @@ mod tests {
             request_hash(&c),
             "09aa77dfd31316c9ed3943c703cd98e5111e2d95e7e9782bfa506df1a5202da1"
         );
+        // What is not the job's is left out (at the top level only).
+        let mut d = c.clone();
+        d["stream"] = json!(false);
+        d["user"] = json!("u1");
+        d["tools"] = json!([]);
+        assert_eq!(request_hash(&d), request_hash(&c));
+        let mut e = c.clone();
+        e["messages"][0]["user"] = json!("u1");
+        assert_ne!(request_hash(&e), request_hash(&c));
     }
 }

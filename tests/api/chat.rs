@@ -284,6 +284,46 @@ async fn a_timed_out_call_repeated_with_its_idempotency_key_waits_on_the_same_jo
     assert_eq!(jobs["data"].as_array().unwrap().len(), 1, "{jobs:#}");
 }
 
+// One key and one body name one job on either endpoint, a `user` field or `stream: false`
+// included (before, the chat path left them out of its hash and /v1/jobs did not: 422).
+#[tokio::test]
+async fn one_idempotency_key_and_body_are_one_job_on_either_endpoint() {
+    let app = spawn_app().await;
+    let mut body = body_with_panel(&["m1"], "judge");
+    body["user"] = json!("u1");
+    body["stream"] = json!(false);
+    let chat = app
+        .client
+        .post(format!("{}/v1/chat/completions", app.address))
+        .header("Idempotency-Key", "both-ways")
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(chat.status(), 200);
+    let id = chat.headers()["x-fusion-job-id"]
+        .to_str()
+        .unwrap()
+        .to_string();
+    let job = app
+        .client
+        .post(format!("{}/v1/jobs", app.address))
+        .header("Idempotency-Key", "both-ways")
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(job.status(), 202);
+    assert_eq!(job.headers()["idempotent-replayed"], "true");
+    let job: Value = job.json().await.unwrap();
+    assert_eq!(job["id"], id.as_str());
+    assert_eq!(
+        app.fake.calls("m1", Kind::Panel),
+        1,
+        "one job, paid for once"
+    );
+}
+
 #[tokio::test]
 async fn other_models_pass_through_to_the_upstream() {
     let app = spawn_app().await;
