@@ -175,12 +175,14 @@ fn cpu_ticks(stat_path: &Path) -> Option<(String, u64)> {
     Some((comm, utime + stime))
 }
 
-/// CPU time (clock ticks) of the processes that share the machine during a run.
-#[derive(Debug, Clone, Copy, Default)]
+/// CPU time (clock ticks) of the processes that share the machine during a run; Postgres's per
+/// process, so that a backend that started between two samples counts from its start and one
+/// that ended takes nothing away (what it spent before it ended is not seen).
+#[derive(Debug, Clone, Default)]
 pub struct Cpu {
     pub server: u64,
     pub fake: u64,
-    pub postgres: u64,
+    pub postgres: HashMap<u32, u64>,
     pub harness: u64,
 }
 
@@ -191,11 +193,12 @@ impl Cpu {
             .into_iter()
             .flatten()
             .flatten()
-            .filter(|e| e.file_name().to_string_lossy().parse::<u32>().is_ok())
-            .filter_map(|e| cpu_ticks(&e.path().join("stat")))
-            .filter(|(comm, _)| comm == "postgres" || comm.starts_with("postgres:"))
-            .map(|(_, t)| t)
-            .sum();
+            .filter_map(|e| {
+                let pid = e.file_name().to_string_lossy().parse::<u32>().ok()?;
+                let (comm, ticks) = cpu_ticks(&e.path().join("stat"))?;
+                (comm == "postgres" || comm.starts_with("postgres:")).then_some((pid, ticks))
+            })
+            .collect();
         Cpu {
             server: of(server).unwrap_or(0),
             fake: of(fake).unwrap_or(0),
@@ -212,7 +215,13 @@ impl Cpu {
         [
             d(self.server, later.server),
             d(self.fake, later.fake),
-            d(self.postgres, later.postgres),
+            later
+                .postgres
+                .iter()
+                .map(|(pid, t)| t.saturating_sub(self.postgres.get(pid).copied().unwrap_or(0)))
+                .sum::<u64>() as f64
+                * tick_ms
+                / units.max(1.0),
             d(self.harness, later.harness),
         ]
     }

@@ -22,6 +22,12 @@ impl Bound {
         }
     }
 
+    fn value(self) -> f64 {
+        match self {
+            Bound::AtMost(b) | Bound::AtLeast(b) => b,
+        }
+    }
+
     fn show(self, decimals: usize) -> String {
         match self {
             Bound::AtMost(b) => format!("≤ {}", fmt(b, decimals)),
@@ -162,7 +168,13 @@ impl Report {
                     (Some(v), None) => fmt(*v, *decimals),
                     (Some(v), Some(b)) => {
                         let mark = if b.met(*v) { "✓" } else { "✗" };
-                        format!("{} {mark}", fmt(*v, *decimals))
+                        // A miss that would be shown as the target itself (0.495 as 0.50)
+                        // gets the decimals that tell them apart.
+                        let mut shown = *decimals;
+                        while !b.met(*v) && fmt(*v, shown) == fmt(b.value(), shown) && shown < 6 {
+                            shown += 1;
+                        }
+                        format!("{} {mark}", fmt(*v, shown))
                     }
                 };
                 out += &format!(" {cell} |");

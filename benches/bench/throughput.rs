@@ -200,6 +200,8 @@ pub async fn measure(ctx: &Ctx, target: &Target) -> anyhow::Result<Results> {
         out.notes.push(format!("drain, per job: {line}"));
     }
     let rate = sizes.steady_rate;
+    // The window is the producer's own, from its start (the summary's read above is not in it).
+    let started = load::now_ms();
     let produced = load::produce(
         &client,
         &server.address,
@@ -209,7 +211,7 @@ pub async fn measure(ctx: &Ctx, target: &Target) -> anyhow::Result<Results> {
         512,
     )
     .await;
-    let window_end = since + (produced.secs * 1000.0) as i64;
+    let window_end = started + (produced.secs * 1000.0) as i64;
     let expected = total + produced.accepted as i64;
     let (_, counts) = db::wait_counts(
         &db,
@@ -227,7 +229,7 @@ pub async fn measure(ctx: &Ctx, target: &Target) -> anyhow::Result<Results> {
     }
     let (done, _) = db.timings(since).await?;
     // Steady state: completions after the first fifth of the window (the ramp) until it ends.
-    let window_start = since + (produced.secs * 200.0) as i64;
+    let window_start = started + (produced.secs * 200.0) as i64;
     let in_window = done
         .iter()
         .filter(|t| (window_start..=window_end).contains(&t[2]))
@@ -279,7 +281,9 @@ async fn capacity(ctx: &Ctx, fake: &Fake, when: &str, out: &mut Results) -> f64 
     let capacity = calls as f64 / secs;
     out.push(figure(
         T,
-        format!("fake upstream alone {when}: calls/s ÷ 5 (upstream-bound jobs/s)"),
+        format!(
+            "fake upstream and a bare client alone {when}: calls/s ÷ 5 (upstream-bound jobs/s)"
+        ),
         capacity / 5.0,
         0,
     ));
