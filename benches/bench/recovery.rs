@@ -111,6 +111,9 @@ pub async fn measure(ctx: &Ctx, target: &Target) -> anyhow::Result<Results> {
         watch_db.close().await;
         r
     });
+    // The killed server's calls all began before this (some after `killed_at`, which is taken
+    // before the signal is sent), the new one's after it.
+    let restarted_at = now_ms();
     let server = Server::start(ctx, &target.url, &fake.base_url(), &opts).await?;
     let resumed = watcher.await??;
     let (all_done, counts) = db::wait_counts(
@@ -149,7 +152,7 @@ pub async fn measure(ctx: &Ctx, target: &Target) -> anyhow::Result<Results> {
     }
     let stats = fake.stats(true).await?;
     let (repeated, in_flight_repeats, unexplained, missing) =
-        repeats(&db, &at_kill, &stats, killed_at).await?;
+        repeats(&db, &at_kill, &stats, restarted_at).await?;
     if unexplained > 0 {
         out.problems.push(format!(
             "recovery: {unexplained} upstream calls were made again for a step that had no \
@@ -244,14 +247,15 @@ async fn watch(
 
 /// Upstream calls per checkpoint: (calls that began after the checkpoint was first written —
 /// by the kill's reading `at_kill` if it was there, else as it is now —; calls before it beyond
-/// the first that are explained by the kill: one begun before it, in flight, and one after;
-/// any others before it, unexplained; checkpoints with no call at all). The fake fails no call
-/// here, so a step has no other reason to be called twice.
+/// the first that are explained by the kill: one begun by the killed server, in flight, and
+/// one by the new one, started at `restarted_at`; any others before it, unexplained;
+/// checkpoints with no call at all). The fake fails no call here, so a step has no other reason
+/// to be called twice.
 async fn repeats(
     db: &Db,
     at_kill: &[db::StepRow],
     stats: &Value,
-    killed_at: i64,
+    restarted_at: i64,
 ) -> anyhow::Result<(usize, usize, usize, usize)> {
     let first: HashMap<(&str, &str), i64> = at_kill
         .iter()
@@ -289,7 +293,7 @@ async fn repeats(
         repeated += after;
         let before: Vec<i64> = calls.iter().copied().filter(|&s| s <= written).collect();
         match before.as_slice() {
-            [a, b] if a.min(b) < &killed_at && a.max(b) > &killed_at => in_flight += 1,
+            [a, b] if a.min(b) < &restarted_at && a.max(b) >= &restarted_at => in_flight += 1,
             _ => unexplained += before.len().saturating_sub(1),
         }
         missing += usize::from(before.is_empty());
