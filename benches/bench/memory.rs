@@ -108,8 +108,8 @@ pub async fn measure(ctx: &Ctx, target: &Target) -> anyhow::Result<Results> {
     out.push(
         figure(
             S,
-            "errors: submits refused + jobs not succeeded + WARN/ERROR log lines",
-            ((jobs - accepted) as i64 + failed + warnings.len() as i64) as f64,
+            "errors: submits failed + jobs not succeeded + WARN/ERROR log lines",
+            ((jobs - accepted) as i64 + failed.max(0) + warnings.len() as i64) as f64,
             0,
         )
         .at_most(0.0),

@@ -155,7 +155,7 @@ fn unsupported(param: &'static str, message: impl Into<String>) -> ApiError {
 /// before bodies kept their order (they were read into sorted maps) still match.
 /// The body's fields that are not the job's (how it is answered, who asks, tools its panel is
 /// not given) are left out, so that one key and one job's body match on `/v1/jobs` and on
-/// `/v1/chat/completions` alike (the chat path takes them out of the body itself).
+/// `/v1/chat/completions` alike.
 pub fn request_hash(body: &Value) -> String {
     let mut canonical = Vec::new();
     sorted_json(body, &NOT_THE_JOBS, &mut canonical);
