@@ -413,13 +413,11 @@ impl FileConfig {
         for (name, p) in self.providers {
             // Addressed as `NAME:model`, split at the first colon: a name with one, or none, would
             // never be routed to, and its models would go to the default provider instead.
+            let longest = MAX_MODEL_NAME_CHARS - ":m".len();
             anyhow::ensure!(
-                !name.is_empty()
-                    && !name.contains(':')
-                    && name.trim() == name
-                    && !name.contains(char::is_control),
-                "provider name {name:?} must be non-empty, without a colon (its models are \
-                 addressed as `{name}:model`), control characters or spaces around it"
+                plain_name(&name, longest) && !name.contains(':'),
+                "provider name {name:?} must be 1 to {longest} characters, without a colon (its \
+                 models are addressed as `{name}:model`), control characters or spaces around it"
             );
             let parsed = check_url(&p.base_url)
                 .with_context(|| format!("Invalid base_url of provider {name}"))?;
@@ -441,9 +439,7 @@ impl FileConfig {
             // Asked for as `fusion/<name>`, which must be a model name a request may carry.
             let longest = MAX_MODEL_NAME_CHARS - "fusion/".len();
             anyhow::ensure!(
-                (1..=longest).contains(&name.chars().count())
-                    && name.trim() == name
-                    && !name.contains(char::is_control),
+                plain_name(&name, longest),
                 "preset name {name:?} must be 1 to {longest} characters (it is asked for as \
                  `fusion/{name}`), without control characters or spaces around it"
             );
@@ -624,19 +620,22 @@ fn shown_var(var: &str) -> String {
     }
 }
 
+/// A name as a request could carry it (a model's name is trimmed, and one with a control
+/// character refused): 1 to `longest` characters, no control character, no spaces around it.
+fn plain_name(name: &str, longest: usize) -> bool {
+    (1..=longest).contains(&name.chars().count())
+        && name.trim() == name
+        && !name.contains(char::is_control)
+}
+
 /// A preset's model is sent as written, so it must be what a request's model names are after
 /// trimming: 1 to 200 characters, no control character, not a fusion model. A bad one would
 /// fail every request for the preset, and the error would blame the client.
 fn check_preset_model(preset: &str, m: &str) -> anyhow::Result<()> {
-    let n = m.chars().count();
     anyhow::ensure!(
-        (1..=MAX_MODEL_NAME_CHARS).contains(&n) && m.trim() == m,
+        plain_name(m, MAX_MODEL_NAME_CHARS),
         "preset {preset}: model name {m:?} must be 1 to {MAX_MODEL_NAME_CHARS} characters, \
-         without spaces around it"
-    );
-    anyhow::ensure!(
-        !m.contains(char::is_control),
-        "preset {preset}: model name {m:?} contains a control character"
+         without control characters or spaces around it"
     );
     anyhow::ensure!(
         !is_fusion_model(m),
@@ -965,7 +964,7 @@ mod tests {
             ("fusion/budget", "`fusion/budget` is a fusion model"),
             ("fusion", "`fusion` is a fusion model"),
             ("", "must be 1 to 200 characters"),
-            (" m ", "without spaces around it"),
+            (" m ", "or spaces around it"),
             (long.as_str(), "must be 1 to 200 characters"),
         ] {
             for preset in [
