@@ -29,3 +29,8 @@ pub mod worker;
 
 /// The largest panel a job may ask for.
 pub const MAX_PANEL: usize = 8;
+
+/// `bytes` in lowercase hex (a digest as it is shown and stored).
+pub fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}

@@ -153,6 +153,7 @@ fn unsupported(param: &'static str, message: impl Into<String>) -> ApiError {
 /// over the body with every object's keys in sorted order: the same request sent with its keys
 /// in another order (a client whose maps have none) is the same request, and the hashes stored
 /// before bodies kept their order (they were read into sorted maps) still match.
+///
 /// The body's fields that are not the job's (how it is answered, who asks, tools its panel is
 /// not given) are left out, so that one key and one job's body match on `/v1/jobs` and on
 /// `/v1/chat/completions` alike.
@@ -160,7 +161,7 @@ pub fn request_hash(body: &Value) -> String {
     let mut canonical = Vec::new();
     sorted_json(body, &NOT_THE_JOBS, &mut canonical);
     let digest = Sha256::digest(&canonical);
-    digest.iter().map(|b| format!("{b:02x}")).collect()
+    crate::hex(&digest)
 }
 
 /// A request's top-level fields that are not part of its job (see `request_hash`).

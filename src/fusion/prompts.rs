@@ -224,10 +224,7 @@ fn tag_suffix(answers: &[PanelAnswer<'_>]) -> String {
                 hash.update(part.as_bytes());
             }
         }
-        hash.finalize()[..4]
-            .iter()
-            .map(|b| format!("{b:02x}"))
-            .collect()
+        crate::hex(&hash.finalize()[..4])
     })
 }
 

@@ -879,8 +879,7 @@ mod tests {
                 let path = entry.unwrap().path();
                 let name = format!("{store}/{}", path.file_name().unwrap().to_string_lossy());
                 let digest = Sha256::digest(std::fs::read(&path).unwrap());
-                let hex: String = digest.iter().map(|b| format!("{b:02x}")).collect();
-                found.push((name, hex));
+                found.push((name, crate::hex(&digest)));
             }
         }
         found.sort();
