@@ -292,27 +292,20 @@ async fn one_idempotency_key_and_body_are_one_job_on_either_endpoint() {
     let mut body = body_with_panel(&["m1"], "judge");
     body["user"] = json!("u1");
     body["stream"] = json!(false);
-    let chat = app
-        .client
-        .post(format!("{}/v1/chat/completions", app.address))
-        .header("Idempotency-Key", "both-ways")
-        .json(&body)
-        .send()
-        .await
-        .unwrap();
+    let post = |path: &str| {
+        app.client
+            .post(format!("{}{path}", app.address))
+            .header("Idempotency-Key", "both-ways")
+            .json(&body)
+            .send()
+    };
+    let chat = post("/v1/chat/completions").await.unwrap();
     assert_eq!(chat.status(), 200);
     let id = chat.headers()["x-fusion-job-id"]
         .to_str()
         .unwrap()
         .to_string();
-    let job = app
-        .client
-        .post(format!("{}/v1/jobs", app.address))
-        .header("Idempotency-Key", "both-ways")
-        .json(&body)
-        .send()
-        .await
-        .unwrap();
+    let job = post("/v1/jobs").await.unwrap();
     assert_eq!(job.status(), 202);
     assert_eq!(job.headers()["idempotent-replayed"], "true");
     let job: Value = job.json().await.unwrap();
