@@ -253,13 +253,26 @@ impl Job {
     /// When this job, requeued at `now` after a failure that may pass, would run again: after
     /// `base` doubled per attempt so far, at most 10 minutes. None left: an error saying why.
     pub fn next_try_at(&self, now: i64, base: Duration) -> Result<i64, NoNextTry> {
+        self.next_try_after(now, base, Duration::ZERO)
+    }
+
+    /// `next_try_at`, not sooner than `asked` (an upstream's `Retry-After`, at most
+    /// `MAX_REQUEUE_WAIT`): a rate limit that lifts in an hour is waited out in the queue, not
+    /// spent on tries it would refuse. Past the job's deadline, that is why there is no next try.
+    pub fn next_try_after(
+        &self,
+        now: i64,
+        base: Duration,
+        asked: Duration,
+    ) -> Result<i64, NoNextTry> {
         if self.attempt >= self.max_attempts {
             return Err(NoNextTry::Attempts);
         }
         let doublings = self.attempt.clamp(1, 16) as u32 - 1;
         let wait = base
             .saturating_mul(1 << doublings)
-            .min(Duration::from_secs(600));
+            .min(Duration::from_secs(600))
+            .max(asked.min(MAX_REQUEUE_WAIT));
         let at = now.saturating_add(wait.as_millis() as i64);
         match self.deadline_at {
             Some(deadline) if at >= deadline => Err(NoNextTry::Deadline),
@@ -267,6 +280,10 @@ impl Job {
         }
     }
 }
+
+/// The longest an upstream's `Retry-After` keeps a requeued job waiting: a day, which outlasts
+/// a daily quota; a job is not left in the queue longer on the word of one answer.
+pub const MAX_REQUEUE_WAIT: Duration = Duration::from_secs(86_400);
 
 /// Why a job that failed for now will not run again.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -668,6 +685,30 @@ mod tests {
         assert_eq!(
             job(1, Some(2_000)).next_try_at(1_000, base),
             Err(NoNextTry::Deadline)
+        );
+        // An upstream's Retry-After, when it asks for longer, up to a day; past the deadline,
+        // no next try.
+        let hour = Duration::from_secs(3_600);
+        assert_eq!(
+            job(1, None).next_try_after(1_000, base, hour),
+            Ok(3_601_000)
+        );
+        assert_eq!(job(4, None).next_try_after(0, long, hour), Ok(3_600_000));
+        assert_eq!(
+            job(1, None).next_try_after(0, base, Duration::MAX),
+            Ok(86_400_000)
+        );
+        assert_eq!(
+            job(1, None).next_try_after(1_000, base, Duration::from_millis(10)),
+            Ok(2_000)
+        );
+        assert_eq!(
+            job(1, Some(3_600_000)).next_try_after(0, base, hour),
+            Err(NoNextTry::Deadline)
+        );
+        assert_eq!(
+            job(5, None).next_try_after(0, base, hour),
+            Err(NoNextTry::Attempts)
         );
         assert_eq!(NoNextTry::Attempts.explain("e".into()), "e");
         assert!(NoNextTry::Deadline.explain("e".into()).contains("deadline"));

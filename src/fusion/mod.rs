@@ -122,7 +122,7 @@ impl Pipeline {
         retry_base: Duration,
     ) -> Outcome {
         let mut saves = Saves::new(ckpt);
-        let next_try = || job.next_try_at(self.clock.now_ms(), retry_base);
+        let next_try = |asked| job.next_try_after(self.clock.now_ms(), retry_base, asked);
         let outcome = self
             .run_steps(job, done, &mut saves, cancel, &next_try)
             .await;
@@ -138,7 +138,7 @@ impl Pipeline {
         done: Vec<Step>,
         saves: &mut Saves<'_>,
         cancel: &CancellationToken,
-        next_try: &(dyn Fn() -> Result<i64, NoNextTry> + Sync),
+        next_try: &(dyn Fn(Duration) -> Result<i64, NoNextTry> + Sync),
     ) -> Outcome {
         let spec = &job.spec;
         let mut panel: Vec<Option<Step>> = vec![None; spec.panel.len()];
@@ -159,13 +159,14 @@ impl Pipeline {
             }
         }
 
-        let mut may_pass = Vec::new();
+        // Failures that may pass, and the longest wait their upstreams asked for.
+        let (mut may_pass, mut asked) = (Vec::new(), Duration::ZERO);
         if panel.iter().any(Option::is_none) {
             match self
                 .run_panel(spec, job.attempt, &mut panel, saves, &carried, cancel)
                 .await
             {
-                Ok(failures) => may_pass = failures,
+                Ok(failures) => (may_pass, asked) = failures,
                 Err(stop) => return stop,
             }
         }
@@ -191,7 +192,7 @@ impl Pipeline {
             // attempt, or a next one past its deadline) it fails now. A quorum those members
             // could not make up even if they answered fails now too: requeued, they would be
             // called (and paid) again for nothing.
-            failed = match Outcome::retry(next_try(), reason, error) {
+            failed = match Outcome::retry(next_try(asked), reason, error) {
                 retry @ Outcome::Retry { .. } => {
                     // Those members are called again next time; what their tries were billed
                     // for (an answer cut off, an error mid-answer) is kept till then.
@@ -291,16 +292,16 @@ impl Pipeline {
                 };
                 let (key, analyst, sink) = (StepKey::Final, &spec.analyst, saves.sink());
                 let call = self.call_step(key, analyst, &req, job.attempt, sink, cancel);
-                let Ok(Some((mut s, retryable))) = saves.alongside(Box::pin(call)).await else {
+                let Ok(Some((mut s, may_pass))) = saves.alongside(Box::pin(call)).await else {
                     return Outcome::Stopped;
                 };
                 s.usage.add(&carried.of(StepKey::Final));
-                if retryable {
+                if let Some(asked) = may_pass {
                     // The next attempt of the job makes this step afresh: checkpointed only for
                     // what it was billed for, set to run again. Without a next attempt, it is
                     // the job's failure, written as such.
                     let (reason, error) = final_failure(&s);
-                    let outcome = Outcome::retry(next_try(), reason, error);
+                    let outcome = Outcome::retry(next_try(asked), reason, error);
                     let kept = match outcome {
                         Outcome::Retry { .. } => to_run_again_if_billed(s),
                         _ => Some(s),
@@ -363,9 +364,9 @@ impl Pipeline {
 
     /// Call every missing panel member in parallel, starting each one's checkpoint as it lands
     /// (the writes of answers that land together share a batch). A failure that may pass if
-    /// tried again later is not written yet: it is returned, for the caller to write once the
-    /// quorum is known to be met. `Err(Stopped)` when the run must stop (cancelled, or the
-    /// lease is gone).
+    /// tried again later is not written yet: it is returned, with the longest wait their
+    /// upstreams asked for, for the caller to write once the quorum is known to be met.
+    /// `Err(Stopped)` when the run must stop (cancelled, or the lease is gone).
     async fn run_panel(
         &self,
         spec: &JobSpec,
@@ -374,7 +375,7 @@ impl Pipeline {
         saves: &mut Saves<'_>,
         carried: &Carried,
         cancel: &CancellationToken,
-    ) -> Result<Vec<Step>, Outcome> {
+    ) -> Result<(Vec<Step>, Duration), Outcome> {
         // Written out once for every member (a copy only when it holds a tool exchange).
         let messages = prompts::plain_conversation(&spec.messages);
         let mut pending = FuturesUnordered::new();
@@ -401,7 +402,7 @@ impl Pipeline {
             }));
         }
         let mut ok = panel.iter().flatten().filter(|s| s.ok).count() as u32;
-        let mut may_pass = Vec::new();
+        let (mut may_pass, mut asked) = (Vec::new(), Duration::ZERO);
         let mut grace: Option<std::pin::Pin<Box<tokio::time::Sleep>>> = None;
         loop {
             if grace.is_none()
@@ -429,12 +430,15 @@ impl Pipeline {
                 return Err(Outcome::Stopped);
             };
             match next {
-                Some((i, Ok((mut step, retryable)))) => {
+                Some((i, Ok((mut step, later)))) => {
                     step.usage.add(&carried.of(step.key));
                     ok += u32::from(step.ok);
-                    match retryable {
-                        true => may_pass.push(step.clone()),
-                        false => saves.start(step.clone()),
+                    match later {
+                        Some(wait) => {
+                            may_pass.push(step.clone());
+                            asked = asked.max(wait);
+                        }
+                        None => saves.start(step.clone()),
                     }
                     panel[i] = Some(step);
                 }
@@ -459,7 +463,7 @@ impl Pipeline {
                 *slot = Some(step);
             }
         }
-        Ok(may_pass)
+        Ok((may_pass, asked))
     }
 
     /// Ask for the analysis, feeding back why a reply was rejected, a bounded number of times:
@@ -537,8 +541,9 @@ impl Pipeline {
         Some((step, None))
     }
 
-    /// One step that is a single (retried) call, and whether its failure (if any) may pass if
-    /// tried again later; `None` means cancelled (or the job is no longer this run's).
+    /// One step that is a single (retried) call, and, for a failure that may pass if tried
+    /// again later, how long its upstream asked to be left alone (its `Retry-After`, zero when
+    /// it named none); `None` means cancelled (or the job is no longer this run's).
     async fn call_step(
         &self,
         key: StepKey,
@@ -547,7 +552,7 @@ impl Pipeline {
         attempt: i32,
         sink: &dyn Checkpoints,
         cancel: &CancellationToken,
-    ) -> Option<(Step, bool)> {
+    ) -> Option<(Step, Option<Duration>)> {
         match self.call(model, req, sink, cancel).await {
             Ok(c) => Some((
                 Step {
@@ -560,7 +565,7 @@ impl Pipeline {
                     latency_ms: c.latency_ms,
                     ..self.failed_step(key, model, attempt)
                 },
-                false,
+                None,
             )),
             Err(CallError::Cancelled) => None,
             Err(CallError::Upstream(e)) => Some((
@@ -572,7 +577,7 @@ impl Pipeline {
                     usage: e.usage,
                     ..self.failed_step(key, model, attempt)
                 },
-                e.retryable(),
+                e.retryable().then(|| e.retry_after.unwrap_or_default()),
             )),
         }
     }

@@ -9,7 +9,9 @@ use tokio_util::sync::CancellationToken;
 use super::{Completion, CompletionRequest, Upstream, UpstreamError};
 use crate::job::Usage;
 
-/// The longest `Retry-After` we wait out within one step, and pass on to a client.
+/// The longest `Retry-After` we wait out within one step, and pass on to a client. A step asked
+/// to wait longer (a quota that resets in an hour) ends at once with that error, and its job
+/// waits in the queue instead (`Job::next_try_at`), holding no worker slot meanwhile.
 pub const MAX_RETRY_AFTER: Duration = Duration::from_secs(300);
 
 /// A source of uniform randomness in [0, 1).
@@ -51,8 +53,8 @@ impl Default for RetryPolicy {
 
 impl RetryPolicy {
     /// The wait before call number `failed + 1`, after `failed` failures (≥ 1): the backoff,
-    /// or a `Retry-After` that asks for longer (honoured past our own cap, up to a sanity
-    /// limit). A shorter one does not cut the backoff: `Retry-After: 0` from every call of a
+    /// or a `Retry-After` that asks for longer (honoured past our own cap, up to
+    /// `MAX_RETRY_AFTER`, past which `with_retries` does not wait at all). A shorter one does not cut the backoff: `Retry-After: 0` from every call of a
     /// busy gateway would otherwise spend a step's attempts at once, all at the same instant.
     pub fn delay(&self, failed: u32, err: &UpstreamError) -> Duration {
         let exp = self
@@ -120,8 +122,9 @@ impl Upstream {
 }
 
 /// The retry loop itself, over any call: retryable errors wait out `policy.delay` (tokio's
-/// sleep, so paused time drives it in tests), fatal ones and the last attempt's return at once;
-/// a call that says `Cancelled` ends the loop as a cancel does.
+/// sleep, so paused time drives it in tests), fatal ones, the last attempt's and one whose
+/// `Retry-After` is over `MAX_RETRY_AFTER` return at once; a call that says `Cancelled` ends
+/// the loop as a cancel does.
 pub async fn with_retries<T, F, Fut>(
     policy: &RetryPolicy,
     cancel: &CancellationToken,
@@ -143,7 +146,8 @@ where
             Err(CallError::Upstream(e)) => e,
         };
         failed += 1;
-        if !e.retryable() || failed >= policy.max_attempts {
+        let too_long = e.retry_after.is_some_and(|after| after > MAX_RETRY_AFTER);
+        if !e.retryable() || failed >= policy.max_attempts || too_long {
             return Err(CallError::Upstream(e));
         }
         let wait = policy.delay(failed, &e);
@@ -249,6 +253,28 @@ mod tests {
         assert_eq!(calls.load(Ordering::SeqCst), 4);
         // 1 s after the first failure, Retry-After's 7 s after the second, 4 s after the third.
         assert_eq!(start.elapsed(), Duration::from_secs(12));
+    }
+
+    // Asked to wait longer than a step waits, the loop does not wait a shortened time and ask
+    // again (to be refused again): it ends, and the job waits in the queue (`Job::next_try_at`).
+    #[tokio::test(start_paused = true)]
+    async fn a_retry_after_past_the_steps_limit_ends_the_step_at_once() {
+        let (calls, call) = scripted(vec![
+            Err(status(429, Some(MAX_RETRY_AFTER.as_secs()))),
+            Err(status(429, Some(MAX_RETRY_AFTER.as_secs() + 1))),
+        ]);
+        let start = tokio::time::Instant::now();
+        let got = with_retries(&policy(0.5), &CancellationToken::new(), call).await;
+        let Err(CallError::Upstream(e)) = got else {
+            panic!("expected the upstream's error, got {got:?}");
+        };
+        assert_eq!(
+            e.retry_after,
+            Some(MAX_RETRY_AFTER + Duration::from_secs(1))
+        );
+        assert_eq!(calls.load(Ordering::SeqCst), 2);
+        // The first Retry-After, at the limit, was waited out; the second was not.
+        assert_eq!(start.elapsed(), MAX_RETRY_AFTER);
     }
 
     #[tokio::test(start_paused = true)]

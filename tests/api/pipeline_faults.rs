@@ -308,6 +308,62 @@ async fn a_429_waits_out_its_retry_after() {
     assert!(starts[1] - starts[0] >= 1000, "{starts:?}");
 }
 
+/// Seconds since the epoch, as the API gives times.
+fn now_secs() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64
+}
+
+// Asked to come back in an hour (a quota), a step does not wait five minutes and ask again to
+// be refused again, holding its worker slot: it ends at once, and its job waits in the queue
+// for the hour. Before, the final step waited out 300 s per try and the job was requeued after
+// its own backoff (50 ms in the test config), to be refused again.
+#[tokio::test]
+async fn a_retry_after_longer_than_a_step_waits_requeues_the_job_for_then() {
+    let app = spawn_app().await;
+    app.fake
+        .script("judge", Kind::Final, vec![Reply::RateLimited(3_600)]);
+    let id = app.submit_ok(&body_with_panel(&["m1"], "judge")).await;
+    let before = now_secs();
+    let mut job = Value::Null;
+    until("the job requeued", async || {
+        job = app.get_job(&id).await;
+        job["status"] == "queued" && job["attempt"] == 1
+    })
+    .await;
+    assert_eq!(app.fake.calls("judge", Kind::Final), 1, "{job:#}");
+    let at = job["scheduled_at"].as_i64().unwrap();
+    assert!(
+        (before + 3_590..=now_secs() + 3_601).contains(&at),
+        "scheduled {} s from now: {job:#}",
+        at - now_secs()
+    );
+    assert_eq!(job["failure_reason"], "rate_limited", "{job:#}");
+}
+
+// The same with a deadline the wait would run past: the job fails at once, saying why, instead
+// of sleeping in the step until its deadline ends it.
+#[tokio::test]
+async fn a_retry_after_past_the_deadline_fails_the_job_at_once() {
+    let app = spawn_app().await;
+    app.fake
+        .script("busy", Kind::Panel, vec![Reply::RateLimited(3_600)]);
+    let mut body = body_with_panel(&["m1", "busy"], "judge");
+    body["plugins"][0]["min_panel"] = 2.into();
+    body["plugins"][0]["deadline_seconds"] = 600.into();
+    let id = app.submit_ok(&body).await;
+    let job = app.wait_final(&id, 10).await;
+    assert_eq!(job["status"], "failed", "{job:#}");
+    assert_eq!(job["attempt"], 1, "{job:#}");
+    assert_eq!(job["failure_reason"], "insufficient_quorum", "{job:#}");
+    let error = job["error"].as_str().unwrap();
+    assert!(error.contains("deadline"), "{error}");
+    assert_eq!(job["panel"][1]["status_code"], 429, "{job:#}");
+    assert_eq!(app.fake.calls("busy", Kind::Panel), 1);
+}
+
 #[tokio::test]
 async fn after_min_panel_answers_late_members_are_cut_off_by_the_panel_timeout() {
     let app = spawn_app().await;
