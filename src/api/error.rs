@@ -15,6 +15,7 @@ use uuid::Uuid;
 
 use super::chat::{JOB_HEADER, jobs_header};
 use crate::store::StoreError;
+use crate::upstream::{ErrorKind, UpstreamError};
 
 /// The OpenAI SDKs retry 408, 409, 429 and 5xx answers unless this header says `false`.
 const SHOULD_RETRY_HEADER: &str = "x-should-retry";
@@ -104,6 +105,30 @@ impl ApiError {
                 limit >> 20
             ),
         )
+    }
+
+    /// An upstream call's failure, as this server answers it: the upstream's own error status
+    /// passes on (an answer with a success or redirect status that could not be used is a bad
+    /// gateway), but for a refusal of this server's credentials (401, 403, a proxy's 407 or 511:
+    /// an SDK would raise an authentication error about the client's key, which is fine),
+    /// `502 upstream_auth`, and for our own timeout, `504 upstream_timeout`, as a proxy answers
+    /// it. The upstream's `Retry-After` passes on.
+    pub fn upstream(e: UpstreamError) -> ApiError {
+        let (status, code) = match e.kind {
+            ErrorKind::Auth => (StatusCode::BAD_GATEWAY, "upstream_auth"),
+            ErrorKind::Timeout if e.status.is_none() => {
+                (StatusCode::GATEWAY_TIMEOUT, "upstream_timeout")
+            }
+            _ => {
+                let status = e
+                    .status
+                    .and_then(|s| StatusCode::from_u16(s).ok())
+                    .filter(|s| s.is_client_error() || s.is_server_error())
+                    .unwrap_or(StatusCode::BAD_GATEWAY);
+                (status, "upstream_error")
+            }
+        };
+        ApiError::new(status, code, e.message).retry_after(e.retry_after)
     }
 
     fn kind(&self) -> &'static str {

@@ -14,7 +14,7 @@ use serde_json::{Value, json};
 
 use super::AppState;
 use super::error::ApiError;
-use crate::upstream::ErrorKind;
+use crate::upstream::{ErrorKind, UpstreamError};
 
 /// The body goes to the model's provider and its answer comes back (see [`relayed`]).
 pub async fn passthrough(state: &AppState, model: &str, body: Value) -> Result<Response, ApiError> {
@@ -29,6 +29,13 @@ pub async fn passthrough(state: &AppState, model: &str, body: Value) -> Result<R
             }
             _ => ApiError::new(StatusCode::BAD_GATEWAY, "upstream_unreachable", e.message),
         })?;
+    // A refusal of this server's credentials is answered as ours (see `ApiError::upstream`),
+    // not passed on: the client's SDK would raise an authentication error about its own key.
+    if UpstreamError::status_refuses_our_credentials(resp.status().as_u16()) {
+        return Err(ApiError::upstream(
+            state.upstream.relayed_error(resp, key).await,
+        ));
+    }
     Ok(relayed(resp, key.map(str::to_string)))
 }
 
@@ -315,13 +322,13 @@ mod tests {
         let key = "sk-live-0123456789abcdef";
         let body = format!(r#"{{"error": {{"message": "Incorrect API key provided: {key}."}}}}"#);
         let answer = format!(
-            "HTTP/1.1 401 Unauthorized\r\ncontent-type: application/json\r\n\
+            "HTTP/1.1 400 Bad Request\r\ncontent-type: application/json\r\n\
              content-length: {}\r\n\r\n{body}",
             body.len()
         );
         let (base, _) = answering(answer, Then::Close).await;
         let (status, headers, text) = relay_with_key(&base, Some(key)).await;
-        assert_eq!(status, StatusCode::UNAUTHORIZED);
+        assert_eq!(status, StatusCode::BAD_REQUEST);
         assert_eq!(headers["content-type"], "application/json");
         assert_eq!(
             text,
@@ -342,6 +349,34 @@ mod tests {
         }
     }
 
+    // A refusal of the server's credentials is answered as ours (see `passthrough`), and the
+    // key an upstream echoed in it stays hidden there too.
+    #[tokio::test]
+    async fn a_refusal_answered_as_ours_never_shows_the_servers_key() {
+        let key = "sk-live-0123456789abcdef";
+        let body = format!(r#"{{"error": {{"message": "Incorrect API key provided: {key}."}}}}"#);
+        let answer = format!(
+            "HTTP/1.1 401 Unauthorized\r\ncontent-type: application/json\r\n\
+             content-length: {}\r\n\r\n{body}",
+            body.len()
+        );
+        let (base, _) = answering(answer, Then::Close).await;
+        let up = upstream_at(&format!("{base}/v1"), Some(key));
+        let (answer, sent) = up.relay("m", json!({"messages": []})).await.unwrap();
+        assert!(UpstreamError::status_refuses_our_credentials(
+            answer.status().as_u16()
+        ));
+        let e = ApiError::upstream(up.relayed_error(answer, sent).await);
+        assert_eq!(e.status, StatusCode::BAD_GATEWAY);
+        assert_eq!(e.code, "upstream_auth");
+        assert!(
+            e.message.contains("Incorrect API key provided: ***"),
+            "{}",
+            e.message
+        );
+        assert!(!e.message.contains(key), "{}", e.message);
+    }
+
     // A provider whose base URL carries `user:password@` sends them as Basic auth: an upstream
     // echoing that header shows them hidden too. Before, only a key was.
     #[tokio::test]
@@ -350,14 +385,14 @@ mod tests {
         let token = "dXNlcjpzQGNyZXQ=";
         let body = format!(r#"{{"error": {{"message": "denied: Authorization: Basic {token}"}}}}"#);
         let answer = format!(
-            "HTTP/1.1 403 Forbidden\r\ncontent-type: application/json\r\n\
+            "HTTP/1.1 400 Bad Request\r\ncontent-type: application/json\r\n\
              content-length: {}\r\n\r\n{body}",
             body.len()
         );
         let (base, _) = answering(answer, Then::Close).await;
         let base = base.replacen("http://", "http://user:s%40cret@", 1);
         let (status, _, text) = relay_from(&base).await;
-        assert_eq!(status, StatusCode::FORBIDDEN);
+        assert_eq!(status, StatusCode::BAD_REQUEST);
         assert_eq!(
             text,
             r#"{"error": {"message": "denied: Authorization: Basic ***"}}"#

@@ -4,7 +4,6 @@
 //! writes the reply. Usage is summed over the outer calls and every job.
 
 use axum::Json;
-use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use serde_json::{Map, Value, json};
 
@@ -182,6 +181,9 @@ pub async fn run(
     obj.insert("stream".into(), json!(false));
     obj.shift_remove("stream_options");
     let forced = forces_fusion(obj.get("tool_choice"));
+    // Not held while the rounds run, which may take many minutes (as `fusion_completion` drops
+    // its body): `outer` is the conversation from here on.
+    drop(body);
     if opts.stream {
         let model_name = model.clone();
         // Answered at once, with keep-alives while the rounds and their jobs run (a client or
@@ -255,28 +257,9 @@ async fn rounds(
             .upstream
             .complete_json(model, outer.clone())
             .await
-            .map_err(|e| {
-                // The upstream's own error status passes on; an answer that came with a
-                // success or redirect status but could not be used is a bad gateway.
-                let status = e
-                    .status
-                    .and_then(|s| StatusCode::from_u16(s).ok())
-                    .filter(|s| s.is_client_error() || s.is_server_error())
-                    .unwrap_or(StatusCode::BAD_GATEWAY);
-                // A refused key is this server's, not the client's: an SDK would raise an
-                // authentication error about a key that is fine.
-                let (status, code) = match status {
-                    StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN => {
-                        (StatusCode::BAD_GATEWAY, "upstream_auth")
-                    }
-                    _ => (status, "upstream_error"),
-                };
-                // Jobs run in earlier rounds are named: a retry would run them again. With
-                // none, the upstream's wait (its `Retry-After`) is passed on.
-                ApiError::new(status, code, e.message)
-                    .retry_after(e.retry_after)
-                    .after_jobs(&job_ids)
-            })?;
+            // Jobs run in earlier rounds are named: a retry would run them again. With none,
+            // the upstream's wait (its `Retry-After`) is passed on.
+            .map_err(|e| ApiError::upstream(e).after_jobs(&job_ids))?;
         usage.add(&outer_usage);
         let message = reply
             .pointer("/choices/0/message")

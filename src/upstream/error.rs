@@ -22,7 +22,7 @@ pub enum ErrorKind {
     Server,
     /// The body was cut off or was not a chat completion.
     BadBody,
-    /// 401 / 403, or 511 (a proxy's login).
+    /// 401 / 403, or a proxy's login (407, 511): this server's credentials, refused.
     Auth,
     /// 404: the model (or endpoint) does not exist.
     NotFound,
@@ -99,6 +99,13 @@ impl UpstreamError {
         UpstreamError::new(kind_of_status(status), Some(status), "").retryable()
     }
 
+    /// Whether an answer with `status` refuses this server's own credentials (its key for the
+    /// provider, or its proxy's login): never the client's, whose request this server makes
+    /// with them.
+    pub fn status_refuses_our_credentials(status: u16) -> bool {
+        kind_of_status(status) == ErrorKind::Auth
+    }
+
     /// This error with `key` (the API key the call was made with) shown as `***` wherever its
     /// message has it: an upstream may echo the key it was sent ("invalid key sk-..."), and
     /// the message is stored with the job and shown to API clients.
@@ -127,8 +134,9 @@ pub(super) fn kind_of_status(status: u16) -> ErrorKind {
         408 => ErrorKind::Timeout,
         // Not Implemented and HTTP Version Not Supported: the same request gets the same answer.
         501 | 505 => ErrorKind::Rejected,
-        // A proxy's login (511 Network Authentication Required) is an auth failure too.
-        401 | 403 | 511 => ErrorKind::Auth,
+        // A proxy's login (407 Proxy Authentication Required on the way out, 511 Network
+        // Authentication Required) is an auth failure too.
+        401 | 403 | 407 | 511 => ErrorKind::Auth,
         // Too Early (RFC 8470: the client may send it again), and the server-side failures.
         409 | 425 | 500..=599 => ErrorKind::Server,
         404 => ErrorKind::NotFound,

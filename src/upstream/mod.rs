@@ -230,6 +230,25 @@ impl Upstream {
         Ok((answer, resolved.1.credential()))
     }
 
+    /// A relayed answer that is not a 2xx (see `relay`), read as the error it stands for: its
+    /// body waited for as any error's is, and the credential the call sent (`key`) hidden in
+    /// its message.
+    pub async fn relayed_error(
+        &self,
+        answer: reqwest::Response,
+        key: Option<&str>,
+    ) -> UpstreamError {
+        let status = answer.status().as_u16();
+        match read_ok(answer, key, self.now(), self.error_wait()).await {
+            Err(e) => e,
+            Ok(_) => UpstreamError::new(
+                ErrorKind::BadBody,
+                Some(status),
+                format!("upstream answered {status}, not an error"),
+            ),
+        }
+    }
+
     /// POST a chat-completions body to a resolved provider (its `model` field set to the
     /// provider's name for the model), the whole exchange bounded by `within`; the answer
     /// whatever its status.

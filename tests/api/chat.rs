@@ -1262,6 +1262,37 @@ async fn the_gateway_leaves_a_bodys_stream_field_to_the_upstream() {
     assert_eq!(sent["stream"], "true", "{sent}");
 }
 
+// A provider refusing this server's credentials (its key, or a proxy's login on the way) is
+// this server's problem, as on the fusion tool's path: relayed as it came, a 401 made the
+// client's SDK raise an authentication error about its own key, which is fine. Its message
+// passes on; other errors still pass on as they came.
+#[tokio::test]
+async fn a_relayed_refusal_of_the_servers_credentials_is_a_bad_gateway() {
+    let app = spawn_app().await;
+    let hi = json!([{"role": "user", "content": "hi"}]);
+    for status in [401, 403, 407] {
+        app.fake
+            .script("vendor/locked", Kind::Panel, vec![Reply::Status(status)]);
+        let resp = app
+            .chat(&json!({"model": "vendor/locked", "messages": hi}))
+            .await;
+        assert_eq!(resp.status(), 502, "{status}");
+        let body: Value = resp.json().await.unwrap();
+        assert_eq!(body["error"]["code"], "upstream_auth", "{status}: {body}");
+        let message = body["error"]["message"].as_str().unwrap();
+        assert!(
+            message.starts_with(&format!("upstream answered {status}: ")),
+            "{message}"
+        );
+    }
+    app.fake
+        .script("vendor/locked", Kind::Panel, vec![Reply::Status(400)]);
+    let resp = app
+        .chat(&json!({"model": "vendor/locked", "messages": hi}))
+        .await;
+    assert_eq!(resp.status(), 400);
+}
+
 // A relayed call whose upstream says nothing within the upstream timeout is a gateway's
 // timeout, `504 upstream_timeout`, not `502 upstream_unreachable`: it was reached, and a
 // client may well try again. One that cannot be reached stays 502.

@@ -5,7 +5,7 @@
 use serde_json::{Value, json};
 
 use crate::fake_upstream::{Kind, Reply};
-use crate::helpers::spawn_app;
+use crate::helpers::{Options, spawn_app, spawn_app_with};
 
 /// A request offering a function of the client's own and then the fusion tool with `settings`.
 fn offering(settings: Value) -> Value {
@@ -152,11 +152,12 @@ async fn what_the_tools_reply_cannot_carry_is_refused_before_any_call() {
 }
 
 // The outer model refusing this server's key is the server's problem: a 401 passed on would
-// make the client's SDK raise an authentication error about its own key, which is fine.
+// make the client's SDK raise an authentication error about its own key, which is fine. So is a
+// proxy's login on the way out (407, which passed on as the client's before).
 #[tokio::test]
 async fn the_upstream_refusing_the_servers_key_is_a_bad_gateway() {
     let app = spawn_app().await;
-    for status in [401, 403] {
+    for status in [401, 403, 407] {
         app.fake
             .script("outer", Kind::Panel, vec![Reply::Status(status)]);
         let resp = app.chat(&offering(json!({}))).await;
@@ -168,6 +169,22 @@ async fn the_upstream_refusing_the_servers_key_is_a_bad_gateway() {
         .script("outer", Kind::Panel, vec![Reply::Status(404)]);
     let resp = app.chat(&offering(json!({}))).await;
     assert_eq!(resp.status(), 404);
+}
+
+// An outer model silent past the upstream timeout is a gateway's timeout, as on the gateway's
+// own path: `504 upstream_timeout`. Before, it was `502 upstream_error`.
+#[tokio::test]
+async fn an_outer_model_past_the_timeout_is_a_gateway_timeout() {
+    let app = spawn_app_with(Options {
+        toml: "[upstream]\ntimeout_seconds = 1\n".into(),
+        ..Options::default()
+    })
+    .await;
+    app.fake.script("outer", Kind::Panel, vec![Reply::Hang]);
+    let resp = app.chat(&offering(json!({}))).await;
+    assert_eq!(resp.status(), 504);
+    let error: Value = resp.json().await.unwrap();
+    assert_eq!(error["error"]["code"], "upstream_timeout", "{error}");
 }
 
 // OpenRouter's server tool is `{"type": "openrouter:fusion"}`: a request written for it runs the
