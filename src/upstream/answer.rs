@@ -70,14 +70,16 @@ impl Answered {
     }
 
     /// The `usage` of a body that is not the answer asked for, if it has one (a 2xx error
-    /// object, a choice in another shape): that call was billed all the same.
+    /// object, a choice in another shape, a whole answer with bytes after it): that call was
+    /// billed all the same. Read from the body's first JSON value, whatever follows it.
     pub fn usage(&self) -> Option<WireUsage> {
         #[derive(serde::Deserialize)]
         struct Billed {
             #[serde(default)]
             usage: Option<WireUsage>,
         }
-        serde_json::from_slice::<Billed>(&self.body).ok()?.usage
+        let mut values = serde_json::Deserializer::from_slice(&self.body).into_iter::<Billed>();
+        values.next()?.ok()?.usage
     }
 
     /// A body that is not JSON at all: what came back, and where it came from.

@@ -468,8 +468,8 @@ async fn an_empty_completion_says_why_it_stopped() {
 
 // A choice with no message (a content filter's `finish_reason` alone, or `"message": null`)
 // is an empty completion: final, and billed. A body of another shape that still has `usage`
-// (an error in a 2xx, choices that are not a list) is retried, and what it was billed for is
-// counted. Before, both failed to parse as a garbled answer whose usage was lost, and the
+// (an error in a 2xx, choices that are not a list, a whole answer with bytes after it) is
+// retried, and what it was billed for is counted. Before, both failed to parse as a garbled answer whose usage was lost, and the
 // first was asked for again.
 #[tokio::test]
 async fn answers_of_another_shape_keep_their_usage() {
@@ -493,6 +493,11 @@ async fn answers_of_another_shape_keep_their_usage() {
             ErrorKind::BadBody,
         ),
         (format!(r#"{{"choices": 3, {usage}}}"#), ErrorKind::BadBody),
+        // A whole answer with more after it: retried, and the first was paid for.
+        (
+            format!(r#"{{"choices": [{{"message": {{"content": "hi"}}}}], {usage}}}{{"x": 1}}"#),
+            ErrorKind::BadBody,
+        ),
     ] {
         let [lean, _] = on_both_clients_answered(&body).await;
         let err = lean.unwrap_err();
