@@ -225,11 +225,7 @@ impl Pipeline {
             panel.iter().any(|p| p.ok && p.attempt > a.attempt)
                 || (!a.ok
                     && a.error_code.as_deref() == Some("analysis_upstream_error")
-                    // No status (a timeout, a broken connection), a 200 (an error reported
-                    // mid-answer), or one the call's own retries treat as passing.
-                    && a.status_code.is_none_or(|s| {
-                        s == 200 || u16::try_from(s).is_ok_and(UpstreamError::status_may_pass)
-                    }))
+                    && AnalysisFailure::may_pass(a))
         };
         let analysis_step = match analysis_step {
             Some(a) if final_step.is_none() && remake(&a) => {
@@ -512,7 +508,7 @@ impl Pipeline {
                             req.messages
                                 .to_mut()
                                 .extend(prompts::analysis_correction(&c.content, &e.to_string()));
-                            last_problem = Some((e.code().to_string(), e.to_string(), None));
+                            last_problem = Some((e.code().to_string(), e.to_string(), None, false));
                         }
                     }
                 }
@@ -524,15 +520,17 @@ impl Pipeline {
                     } else {
                         "analysis_upstream_error"
                     };
-                    last_problem = Some((code.to_string(), e.message.clone(), e.status));
+                    let may_pass = e.retryable();
+                    last_problem = Some((code.to_string(), e.message.clone(), e.status, may_pass));
                     break;
                 }
             }
         }
-        let (code, error, status) = last_problem.unwrap_or_default();
+        let (code, error, status, may_pass) = last_problem.unwrap_or_default();
         let step = Step {
             usage,
             latency_ms,
+            data: JsonText::of(&AnalysisFailure { may_pass }).ok(),
             error_code: Some(code),
             error: Some(error),
             status_code: status.map(i32::from),
@@ -638,6 +636,28 @@ impl Carried {
             .filter(|(k, _)| *k == key)
             .for_each(|(_, u)| usage.add(u));
         usage
+    }
+}
+
+/// The data of an analysis that failed: whether that failure may pass if it is asked for again
+/// later (an outage, a rate limit), as the call's own retries judged it.
+#[derive(Serialize, Deserialize)]
+struct AnalysisFailure {
+    may_pass: bool,
+}
+
+impl AnalysisFailure {
+    fn may_pass(step: &Step) -> bool {
+        match step.data.as_ref().map(|d| d.read::<AnalysisFailure>()) {
+            Some(Ok(failure)) => failure.may_pass,
+            // Written before failed analyses said so: judged by its status.
+            // No status (a timeout, a broken connection), a 200 (an error reported mid-answer,
+            // or a web page, which cannot be told apart here), or one the call's own retries
+            // treat as passing.
+            _ => step.status_code.is_none_or(|s| {
+                s == 200 || u16::try_from(s).is_ok_and(UpstreamError::status_may_pass)
+            }),
+        }
     }
 }
 

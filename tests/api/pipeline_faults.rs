@@ -502,21 +502,25 @@ async fn an_analysis_stopped_by_an_outage_is_made_again_when_the_job_is_requeued
     assert_eq!(app.fake.calls("m1", Kind::Panel), 1, "checkpoint reused");
 }
 
-// An analysis refused for good (a 401) is kept on the next attempt: asked again, it would fail
-// the same way.
+// An analysis refused for good (a 401; a web page answered with a 200, which the same URL
+// answers again) is kept on the next attempt: asked again, it would be paid for and fail the
+// same way. Before, the page's 200 was taken for an error mid-answer, which may pass, and the
+// analysis was asked for again.
 #[tokio::test]
 async fn an_analysis_refused_for_good_is_not_asked_again_when_the_job_is_requeued() {
-    let app = spawn_app().await;
-    app.fake
-        .script("judge", Kind::Final, outage_for_one_attempt());
-    app.fake
-        .script("judge", Kind::Analysis, vec![Reply::Status(401), Reply::Ok]);
-    let id = app.submit_ok(&body_with_panel(&["m1"], "judge")).await;
-    let job = app.wait_final(&id, 10).await;
-    assert_eq!(job["status"], "succeeded", "{job:#}");
-    assert_eq!(job["attempt"], 2, "requeued once");
-    assert_eq!(job["analysis_error"], "analysis_upstream_error", "{job:#}");
-    assert_eq!(app.fake.calls("judge", Kind::Analysis), 1);
+    for refusal in [Reply::Status(401), Reply::Page("<html>sign in</html>")] {
+        let app = spawn_app().await;
+        app.fake
+            .script("judge", Kind::Final, outage_for_one_attempt());
+        app.fake
+            .script("judge", Kind::Analysis, vec![refusal, Reply::Ok]);
+        let id = app.submit_ok(&body_with_panel(&["m1"], "judge")).await;
+        let job = app.wait_final(&id, 10).await;
+        assert_eq!(job["status"], "succeeded", "{job:#}");
+        assert_eq!(job["attempt"], 2, "requeued once");
+        assert_eq!(job["analysis_error"], "analysis_upstream_error", "{job:#}");
+        assert_eq!(app.fake.calls("judge", Kind::Analysis), 1, "{job:#}");
+    }
 }
 
 // The same outage on the panel: with too few answers because of failures that may pass, the
