@@ -11,7 +11,7 @@ use serde_json::{Value, json};
 use uuid::Uuid;
 
 use super::error::ApiError;
-use super::jobs::{enqueue, idempotency_key, refuse_recursion};
+use super::jobs::{REPLAYED_HEADER, enqueue, idempotency_key, refuse_recursion};
 use super::{ApiJson, AppState, relay, request, stream, tool, watch};
 use crate::job::{Job, JobStatus, is_fusion_model};
 
@@ -144,17 +144,30 @@ async fn fusion_completion(
     let key = idempotency_key(headers)?;
     let hash = request::request_hash(&body);
     drop(body);
-    let job = match sdk_retry_of(&state, headers, key.is_some(), &hash).await? {
-        Some(job) => job,
-        None => enqueue(&state, parsed, key, Some(hash)).await?.0,
+    let (job, replayed) = match sdk_retry_of(&state, headers, key.is_some(), &hash).await? {
+        Some(job) => (job, false),
+        None => enqueue(&state, parsed, key, Some(hash)).await?,
     };
-    if opts.stream {
-        return Ok(stream::fusion_job(state, job, opts));
+    let answer = if opts.stream {
+        Ok(stream::fusion_job(state, job, opts))
+    } else {
+        let id = job.id;
+        drop(job);
+        match watch::wait_final(&state.watch, state.store.as_ref(), id).await {
+            Ok(job) => finished_completion(&job),
+            Err(e) => Err(e),
+        }
+    };
+    if !replayed {
+        return answer;
     }
-    let id = job.id;
-    drop(job);
-    let job = watch::wait_final(&state.watch, state.store.as_ref(), id).await?;
-    finished_completion(&job)
+    // A repeat under an earlier request's key, as `/v1/jobs` marks it: this answer is that
+    // request's job's, whatever it is.
+    let mut answer = answer.unwrap_or_else(IntoResponse::into_response);
+    answer
+        .headers_mut()
+        .insert(REPLAYED_HEADER, HeaderValue::from_static("true"));
+    Ok(answer)
 }
 
 /// The OpenAI SDKs send `x-stainless-retry-count` (0, then 1, 2 on their retries) and their

@@ -16,6 +16,9 @@ use crate::store::{CancelOutcome, Enqueued, RetryOutcome, Store, StoreError};
 
 const IDEMPOTENCY_HEADER: &str = "idempotency-key";
 
+/// Set on an answer to a repeat under an earlier request's `Idempotency-Key`.
+pub const REPLAYED_HEADER: &str = "idempotent-replayed";
+
 pub async fn submit(
     State(state): State<AppState>,
     headers: HeaderMap,
@@ -36,7 +39,7 @@ pub async fn submit(
     resp.headers_mut().insert(header::LOCATION, location);
     if replayed {
         resp.headers_mut()
-            .insert("idempotent-replayed", HeaderValue::from_static("true"));
+            .insert(REPLAYED_HEADER, HeaderValue::from_static("true"));
     }
     Ok(resp)
 }

@@ -301,6 +301,7 @@ async fn one_idempotency_key_and_body_are_one_job_on_either_endpoint() {
     };
     let chat = post("/v1/chat/completions").await.unwrap();
     assert_eq!(chat.status(), 200);
+    assert!(!chat.headers().contains_key("idempotent-replayed"));
     let id = chat.headers()["x-fusion-job-id"]
         .to_str()
         .unwrap()
@@ -310,6 +311,11 @@ async fn one_idempotency_key_and_body_are_one_job_on_either_endpoint() {
     assert_eq!(job.headers()["idempotent-replayed"], "true");
     let job: Value = job.json().await.unwrap();
     assert_eq!(job["id"], id.as_str());
+    // The chat path marks a repeat as /v1/jobs does (before, it did not say).
+    let again = post("/v1/chat/completions").await.unwrap();
+    assert_eq!(again.status(), 200);
+    assert_eq!(again.headers()["idempotent-replayed"], "true");
+    assert_eq!(again.headers()["x-fusion-job-id"], id.as_str());
     assert_eq!(
         app.fake.calls("m1", Kind::Panel),
         1,
