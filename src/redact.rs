@@ -6,29 +6,36 @@
 /// database's URL and every upstream's. The scheme and host stay readable. It errs towards
 /// hiding: the last `@` is taken as the end of the userinfo, as in a URL that does not parse.
 pub fn redact_url(url: &str) -> String {
-    let (shown, rest) = match userinfo(url) {
+    let (shown, rest, past_query) = match userinfo(url) {
         Some((start, at)) => {
             let shown = match url[start..at].split_once(':') {
                 Some((user, _)) => format!("{user}:***"),
                 None => "***".to_string(),
             };
-            (format!("{}{shown}", &url[..start]), &url[at..])
+            let past_query = url[start..at].contains('?');
+            (format!("{}{shown}", &url[..start]), &url[at..], past_query)
         }
-        None => (String::new(), url),
+        None => (String::new(), url, false),
     };
-    // The query, after the userinfo (a `?` inside a password is hidden with it).
+    // The query, after the userinfo (a `?` inside a password is hidden with it). When what was
+    // hidden as the userinfo ran into the query (an `@` in a parameter's value: `?user=a@b`),
+    // the rest is still the query's.
     match rest.split_once('?') {
         Some((before, query)) => format!("{shown}{before}?{}", redact_query(query)),
+        None if past_query => format!("{shown}{}", redact_query(rest)),
         None => format!("{shown}{rest}"),
     }
 }
 
 /// Where a URL's userinfo starts and its `@` is, if it has one: the last `@`, as in a URL that
-/// does not parse.
+/// does not parse. Without a scheme (a URL mistyped: `user:password@host/db`), an `@` after a
+/// `:` (a text's `name@example.com` has no password to hide).
 fn userinfo(url: &str) -> Option<(usize, usize)> {
-    let start = url.find("://")? + 3;
     let at = url.rfind('@')?;
-    (at >= start).then_some((start, at))
+    match url.find("://") {
+        Some(scheme) => (at >= scheme + 3).then_some((scheme + 3, at)),
+        None => url[..at].contains(':').then_some((0, at)),
+    }
 }
 
 /// A URL's query with the values of parameters that may hold a secret shown as `***`: sqlx
@@ -81,6 +88,17 @@ mod tests {
                 "postgres://u:***@h/db?options=-c%20statement_timeout%3D5s",
             ),
             ("postgres://u:se?cret@h/db", "postgres://u:***@h/db"),
+            // An `@` in the query: what follows it is still the query's, its secrets hidden.
+            // Before, the password after it was shown.
+            (
+                "postgres://h/db?user=admin@srv&password=secret",
+                "postgres://***@srv&password=***",
+            ),
+            // No scheme (a URL mistyped): a password before an `@` is hidden all the same;
+            // an address with none is a text's, and stays as it is.
+            ("admin:secret@db:5432/app", "admin:***@db:5432/app"),
+            ("postgres:/u:pw@h/db", "postgres:***@h/db"),
+            ("support@example.com", "support@example.com"),
         ] {
             assert_eq!(redact_url(url), shown, "{url}");
         }
