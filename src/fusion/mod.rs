@@ -163,7 +163,7 @@ impl Pipeline {
         let (mut may_pass, mut asked) = (Vec::new(), Duration::ZERO);
         if panel.iter().any(Option::is_none) {
             match self
-                .run_panel(spec, job.attempt, &mut panel, saves, &carried, cancel)
+                .run_panel(job, &mut panel, saves, &carried, cancel)
                 .await
             {
                 Ok(failures) => (may_pass, asked) = failures,
@@ -287,7 +287,7 @@ impl Pipeline {
                     stop: spec.stop.as_ref(),
                 };
                 let (key, analyst, sink) = (StepKey::Final, &spec.analyst, saves.sink());
-                let call = self.call_step(key, analyst, &req, job.attempt, sink, cancel);
+                let call = self.call_step(key, analyst, &req, job, sink, cancel);
                 let Ok(Some((mut s, may_pass))) = saves.alongside(Box::pin(call)).await else {
                     return Outcome::Stopped;
                 };
@@ -365,13 +365,13 @@ impl Pipeline {
     /// `Err(Stopped)` when the run must stop (cancelled, or the lease is gone).
     async fn run_panel(
         &self,
-        spec: &JobSpec,
-        attempt: i32,
+        job: &Job,
         panel: &mut [Option<Step>],
         saves: &mut Saves<'_>,
         carried: &Carried,
         cancel: &CancellationToken,
     ) -> Result<(Vec<Step>, Duration), Outcome> {
+        let (spec, attempt) = (&job.spec, job.attempt);
         // Written out once for every member (a copy only when it holds a tool exchange).
         let messages = prompts::plain_conversation(&spec.messages);
         let mut pending = FuturesUnordered::new();
@@ -391,9 +391,7 @@ impl Pipeline {
             // Boxed: the set then holds pointers, and its own bookkeeping stays small.
             pending.push(Box::pin(async move {
                 let key = StepKey::Panel(i as u32);
-                let step = self
-                    .call_step(key, model, &req, attempt, sink, cancel)
-                    .await;
+                let step = self.call_step(key, model, &req, job, sink, cancel).await;
                 (i, step.ok_or(Outcome::Stopped))
             }));
         }
@@ -488,7 +486,8 @@ impl Pipeline {
         let mut latency_ms = 0;
         let mut last_problem = None;
         for _ in 0..self.analysis_attempts.max(1) {
-            match self.call(&spec.analyst, &req, sink, cancel).await {
+            // Not requeued for a long `Retry-After`: the job goes on without an analysis.
+            match self.call(&spec.analyst, &req, sink, cancel, false).await {
                 Ok(c) => {
                     usage.add(&c.usage);
                     latency_ms += c.latency_ms;
@@ -547,11 +546,14 @@ impl Pipeline {
         key: StepKey,
         model: &str,
         req: &CompletionRequest<'_>,
-        attempt: i32,
+        job: &Job,
         sink: &dyn Checkpoints,
         cancel: &CancellationToken,
     ) -> Option<(Step, Option<Duration>)> {
-        match self.call(model, req, sink, cancel).await {
+        let attempt = job.attempt;
+        // A job with an attempt left is requeued for a long `Retry-After` (`Outcome::retry`).
+        let requeues = job.attempt < job.max_attempts;
+        match self.call(model, req, sink, cancel, requeues).await {
             Ok(c) => Some((
                 Step {
                     ok: true,
@@ -589,10 +591,11 @@ impl Pipeline {
         req: &CompletionRequest<'_>,
         sink: &dyn Checkpoints,
         cancel: &CancellationToken,
+        requeues: bool,
     ) -> Result<Completion, CallError> {
         let may_call = || sink.before_call().map(|may| may.is_ok());
         self.upstream
-            .complete_with_retries(model, req, &self.retry, cancel, may_call)
+            .complete_with_retries(model, req, &self.retry, cancel, requeues, may_call)
             .await
     }
 

@@ -10,8 +10,9 @@ use super::{Completion, CompletionRequest, Upstream, UpstreamError};
 use crate::job::Usage;
 
 /// The longest `Retry-After` we wait out within one step, and pass on to a client. A step asked
-/// to wait longer (a quota that resets in an hour) ends at once with that error, and its job
-/// waits in the queue instead (`Job::next_try_at`), holding no worker slot meanwhile.
+/// to wait longer (a quota that resets in an hour) whose job can be requeued for it ends at once
+/// with that error, and its job waits in the queue instead (`Job::next_try_after`), holding no
+/// worker slot meanwhile; any other waits this long and asks again.
 pub const MAX_RETRY_AFTER: Duration = Duration::from_secs(300);
 
 /// A source of uniform randomness in [0, 1).
@@ -80,13 +81,14 @@ pub enum CallError {
 impl Upstream {
     /// Call until success, a fatal error, the attempts are used up, or `cancel` fires (which
     /// aborts the in-flight request at once). Each try waits for `ready` first, which may end
-    /// the call instead (`false`: as cancelled).
+    /// the call instead (`false`: as cancelled). `requeues`: see `with_retries`.
     pub async fn complete_with_retries<R: Future<Output = bool>>(
         &self,
         model: &str,
         req: &CompletionRequest<'_>,
         policy: &RetryPolicy,
         cancel: &CancellationToken,
+        requeues: bool,
         ready: impl Fn() -> R,
     ) -> Result<Completion, CallError> {
         // What the tries that failed were billed for, carried into the step's result: a
@@ -95,7 +97,7 @@ impl Upstream {
         // threads; never contended.
         let spent = Mutex::new(Usage::default());
         let spent_so_far = || *spent.lock().unwrap_or_else(PoisonError::into_inner);
-        let result = with_retries(policy, cancel, || async {
+        let result = with_retries(policy, cancel, requeues, || async {
             if !ready().await {
                 return Err(CallError::Cancelled);
             }
@@ -122,12 +124,15 @@ impl Upstream {
 }
 
 /// The retry loop itself, over any call: retryable errors wait out `policy.delay` (tokio's
-/// sleep, so paused time drives it in tests), fatal ones, the last attempt's and one whose
-/// `Retry-After` is over `MAX_RETRY_AFTER` return at once; a call that says `Cancelled` ends
-/// the loop as a cancel does.
+/// sleep, so paused time drives it in tests), fatal ones and the last attempt's return at
+/// once, and so does one whose `Retry-After` is over `MAX_RETRY_AFTER` when the caller
+/// `requeues` its job for such a wait (a panel or final step with a next attempt left; an
+/// analysis, or a job's last attempt, waits `MAX_RETRY_AFTER` and asks again); a call that
+/// says `Cancelled` ends the loop as a cancel does.
 pub async fn with_retries<T, F, Fut>(
     policy: &RetryPolicy,
     cancel: &CancellationToken,
+    requeues: bool,
     mut call: F,
 ) -> Result<T, CallError>
 where
@@ -146,7 +151,7 @@ where
             Err(CallError::Upstream(e)) => e,
         };
         failed += 1;
-        let too_long = e.retry_after.is_some_and(|after| after > MAX_RETRY_AFTER);
+        let too_long = requeues && e.retry_after.is_some_and(|after| after > MAX_RETRY_AFTER);
         if !e.retryable() || failed >= policy.max_attempts || too_long {
             return Err(CallError::Upstream(e));
         }
@@ -248,7 +253,7 @@ mod tests {
             Ok("answer"),
         ]);
         let start = tokio::time::Instant::now();
-        let got = with_retries(&policy(0.5), &CancellationToken::new(), call).await;
+        let got = with_retries(&policy(0.5), &CancellationToken::new(), false, call).await;
         assert_eq!(got.unwrap(), "answer");
         assert_eq!(calls.load(Ordering::SeqCst), 4);
         // 1 s after the first failure, Retry-After's 7 s after the second, 4 s after the third.
@@ -256,7 +261,7 @@ mod tests {
     }
 
     // Asked to wait longer than a step waits, the loop does not wait a shortened time and ask
-    // again (to be refused again): it ends, and the job waits in the queue (`Job::next_try_at`).
+    // again (to be refused again): it ends, and the job waits in the queue (`Job::next_try_after`).
     #[tokio::test(start_paused = true)]
     async fn a_retry_after_past_the_steps_limit_ends_the_step_at_once() {
         let (calls, call) = scripted(vec![
@@ -264,7 +269,7 @@ mod tests {
             Err(status(429, Some(MAX_RETRY_AFTER.as_secs() + 1))),
         ]);
         let start = tokio::time::Instant::now();
-        let got = with_retries(&policy(0.5), &CancellationToken::new(), call).await;
+        let got = with_retries(&policy(0.5), &CancellationToken::new(), true, call).await;
         let Err(CallError::Upstream(e)) = got else {
             panic!("expected the upstream's error, got {got:?}");
         };
@@ -275,13 +280,23 @@ mod tests {
         assert_eq!(calls.load(Ordering::SeqCst), 2);
         // The first Retry-After, at the limit, was waited out; the second was not.
         assert_eq!(start.elapsed(), MAX_RETRY_AFTER);
+
+        // A caller that cannot requeue (an analysis, a job's last attempt) waits the limit and
+        // asks again, as before.
+        let long = Err(status(429, Some(3_600)));
+        let (calls, call) = scripted(vec![long, Ok("answer")]);
+        let start = tokio::time::Instant::now();
+        let got = with_retries(&policy(0.5), &CancellationToken::new(), false, call).await;
+        assert_eq!(got.unwrap(), "answer");
+        assert_eq!(calls.load(Ordering::SeqCst), 2);
+        assert_eq!(start.elapsed(), MAX_RETRY_AFTER);
     }
 
     #[tokio::test(start_paused = true)]
     async fn fatal_errors_and_the_last_attempt_return_at_once() {
         let (calls, call) = scripted(vec![Err(status(500, None)), Err(status(404, None))]);
         let start = tokio::time::Instant::now();
-        let got = with_retries(&policy(0.5), &CancellationToken::new(), call).await;
+        let got = with_retries(&policy(0.5), &CancellationToken::new(), false, call).await;
         assert!(matches!(got, Err(CallError::Upstream(e)) if e.kind == ErrorKind::NotFound));
         assert_eq!(calls.load(Ordering::SeqCst), 2);
         assert_eq!(start.elapsed(), Duration::from_secs(1));
@@ -289,7 +304,7 @@ mod tests {
         let five = (0..5).map(|_| Err(status(502, None))).collect();
         let (calls, call) = scripted(five);
         let start = tokio::time::Instant::now();
-        let got = with_retries(&policy(0.5), &CancellationToken::new(), call).await;
+        let got = with_retries(&policy(0.5), &CancellationToken::new(), false, call).await;
         assert!(matches!(got, Err(CallError::Upstream(_))));
         assert_eq!(
             calls.load(Ordering::SeqCst),
@@ -307,7 +322,7 @@ mod tests {
             calls.fetch_add(1, Ordering::SeqCst);
             std::future::ready(Err::<(), _>(CallError::Cancelled))
         };
-        let got = with_retries(&policy(0.5), &CancellationToken::new(), call).await;
+        let got = with_retries(&policy(0.5), &CancellationToken::new(), false, call).await;
         assert!(matches!(got, Err(CallError::Cancelled)));
         assert_eq!(calls.load(Ordering::SeqCst), 1);
     }
@@ -322,7 +337,7 @@ mod tests {
             trigger.cancel();
         });
         let start = tokio::time::Instant::now();
-        let got = with_retries(&policy(0.5), &cancel, call).await;
+        let got = with_retries(&policy(0.5), &cancel, false, call).await;
         assert!(matches!(got, Err(CallError::Cancelled)));
         assert_eq!(start.elapsed(), Duration::from_millis(300));
     }
