@@ -12,17 +12,22 @@ pub fn redact_url(url: &str) -> String {
                 Some((user, _)) => format!("{user}:***"),
                 None => "***".to_string(),
             };
-            let past_query = url[start..at].contains('?');
+            // A `?` then a `=`: a query's parameter (a `?` alone may be a password's).
+            let past_query = (url[start..at].split_once('?')).is_some_and(|(_, q)| q.contains('='));
             (format!("{}{shown}", &url[..start]), &url[at..], past_query)
         }
         None => (String::new(), url, false),
     };
     // The query, after the userinfo (a `?` inside a password is hidden with it). When what was
     // hidden as the userinfo ran into the query (an `@` in a parameter's value: `?user=a@b`),
-    // the rest is still the query's.
+    // the rest is still the query's: that value's end hidden too (it may be a password's),
+    // and the parameters after it as any query's.
     match rest.split_once('?') {
         Some((before, query)) => format!("{shown}{before}?{}", redact_query(query)),
-        None if past_query => format!("{shown}{}", redact_query(rest)),
+        None if past_query => match rest.split_once('&') {
+            Some((_, after)) => format!("{shown}@***&{}", redact_query(after)),
+            None => format!("{shown}@***"),
+        },
         None => format!("{shown}{rest}"),
     }
 }
@@ -32,7 +37,8 @@ pub fn redact_url(url: &str) -> String {
 /// `:` (a text's `name@example.com` has no password to hide).
 fn userinfo(url: &str) -> Option<(usize, usize)> {
     let at = url.rfind('@')?;
-    match url.find("://") {
+    // A scheme before the `@` (one after it is another URL's, in a query or a text).
+    match url[..at].find("://") {
         Some(scheme) => (at >= scheme + 3).then_some((scheme + 3, at)),
         None => url[..at].contains(':').then_some((0, at)),
     }
@@ -92,12 +98,15 @@ mod tests {
             // Before, the password after it was shown.
             (
                 "postgres://h/db?user=admin@srv&password=secret",
-                "postgres://***@srv&password=***",
+                "postgres://***@***&password=***",
             ),
+            ("postgres://h/db?password=se@cret", "postgres://***@***"),
+            ("postgres://u:pw@h/db?password=p@ss", "postgres://u:***@***"),
             // No scheme (a URL mistyped): a password before an `@` is hidden all the same;
             // an address with none is a text's, and stays as it is.
             ("admin:secret@db:5432/app", "admin:***@db:5432/app"),
             ("postgres:/u:pw@h/db", "postgres:***@h/db"),
+            ("u:pw@h?next=https://x", "u:***@h?next=https://x"),
             ("support@example.com", "support@example.com"),
         ] {
             assert_eq!(redact_url(url), shown, "{url}");
