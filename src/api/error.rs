@@ -172,10 +172,13 @@ impl IntoResponse for ApiError {
         if !self.jobs.is_empty() {
             headers.insert(JOB_HEADER, jobs_header(&self.jobs));
             headers.insert(SHOULD_RETRY_HEADER, HeaderValue::from_static("false"));
-        } else if self.status.is_client_error() && !matches!(self.status.as_u16(), 408 | 429) {
+        } else if (self.status.is_client_error() && !matches!(self.status.as_u16(), 408 | 429))
+            || self.code == "upstream_auth"
+        {
             // The same request gets the same answer: the SDKs would resend a 409 (a retry of a
             // job still running) up to twice, and a resend that lands once the job has failed
-            // again would requeue it, a paid run nobody asked for.
+            // again would requeue it, a paid run nobody asked for. So is a refusal of this
+            // server's credentials (a 502), until an operator mends them.
             headers.insert(SHOULD_RETRY_HEADER, HeaderValue::from_static("false"));
         } else if let Some(after) = self.retry_after {
             // An upstream's own wait, passed on (at most what a step waits out): the SDKs wait

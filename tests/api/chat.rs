@@ -1283,6 +1283,8 @@ async fn a_relayed_refusal_of_the_servers_credentials_is_a_bad_gateway() {
             .chat(&json!({"model": "vendor/locked", "messages": hi}))
             .await;
         assert_eq!(resp.status(), 502, "{status}");
+        // Not resent by the SDKs: the same refusal would come back, each try a call.
+        assert_eq!(resp.headers()["x-should-retry"], "false", "{status}");
         let body: Value = resp.json().await.unwrap();
         assert_eq!(body["error"]["code"], "upstream_auth", "{status}: {body}");
         let message = body["error"]["message"].as_str().unwrap();
