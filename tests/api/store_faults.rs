@@ -870,8 +870,10 @@ async fn an_unconfirmed_insert_that_never_landed_is_not_handed_back_at_every_cla
 }
 
 // An insert's hand-back that meets a store error is tried again at the next sweep (the next
-// claim, every 50 ms here), not a heartbeat's interval later (1.7 s under the 5 s lease): the
-// job, landed and running with nobody on it, goes back to the queue and runs at once.
+// claim, within 500 ms here), not a heartbeat's interval later (1.7 s under the 5 s lease): the
+// job, landed and running with nobody on it, goes back to the queue and runs at once. (Claims
+// every 50 ms, as this test once had, hold every free slot now and then on a loaded
+// machine, and a submit meeting one is queued, not started here: seen failing so.)
 #[tokio::test]
 async fn a_failed_hand_back_of_an_unconfirmed_insert_is_tried_again_at_once() {
     let faults = Faults {
@@ -881,7 +883,7 @@ async fn a_failed_hand_back_of_an_unconfirmed_insert_is_tried_again_at_once() {
         ..Faults::default()
     };
     let options = Options {
-        poll_interval: Duration::from_millis(50),
+        poll_interval: Duration::from_millis(500),
         ..Options::default()
     };
     let (app, faulty, id) = submitted_here_unconfirmed(faults, options).await;
