@@ -256,6 +256,11 @@ impl Job {
         self.next_try_after(now, base, Duration::ZERO)
     }
 
+    /// Whether a failure that may pass can requeue this job (its last attempt has not run).
+    pub fn has_attempt_left(&self) -> bool {
+        self.attempt < self.max_attempts
+    }
+
     /// `next_try_at`, not sooner than `asked` (an upstream's `Retry-After`, at most
     /// `MAX_REQUEUE_WAIT`): a rate limit that lifts in an hour is waited out in the queue, not
     /// spent on tries it would refuse. Past the job's deadline, that is why there is no next try.
@@ -265,7 +270,7 @@ impl Job {
         base: Duration,
         asked: Duration,
     ) -> Result<i64, NoNextTry> {
-        if self.attempt >= self.max_attempts {
+        if !self.has_attempt_left() {
             return Err(NoNextTry::Attempts);
         }
         let doublings = self.attempt.clamp(1, 16) as u32 - 1;

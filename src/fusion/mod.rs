@@ -552,7 +552,7 @@ impl Pipeline {
     ) -> Option<(Step, Option<Duration>)> {
         let attempt = job.attempt;
         // A job with an attempt left is requeued for a long `Retry-After` (`Outcome::retry`).
-        let requeues = job.attempt < job.max_attempts;
+        let requeues = job.has_attempt_left();
         match self.call(model, req, sink, cancel, requeues).await {
             Ok(c) => Some((
                 Step {
