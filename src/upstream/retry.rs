@@ -55,8 +55,10 @@ impl Default for RetryPolicy {
 impl RetryPolicy {
     /// The wait before call number `failed + 1`, after `failed` failures (≥ 1): the backoff,
     /// or a `Retry-After` that asks for longer (honoured past our own cap, up to
-    /// `MAX_RETRY_AFTER`, past which `with_retries` does not wait at all). A shorter one does not cut the backoff: `Retry-After: 0` from every call of a
-    /// busy gateway would otherwise spend a step's attempts at once, all at the same instant.
+    /// `MAX_RETRY_AFTER`; a longer one ends the step instead when its job is requeued for it,
+    /// see `with_retries`). A shorter one does not cut the backoff: `Retry-After: 0` from every
+    /// call of a busy gateway would otherwise spend a step's attempts at once, all at the same
+    /// instant.
     pub fn delay(&self, failed: u32, err: &UpstreamError) -> Duration {
         let exp = self
             .base
