@@ -111,13 +111,19 @@ impl ApiError {
     /// passes on (an answer with a success or redirect status that could not be used is a bad
     /// gateway), but for a refusal of this server's credentials (401, 403, a proxy's 407 or 511:
     /// an SDK would raise an authentication error about the client's key, which is fine),
-    /// `502 upstream_auth`, and for our own timeout, `504 upstream_timeout`, as a proxy answers
-    /// it. The upstream's `Retry-After` passes on.
+    /// `502 upstream_auth`; for our own timeout, `504 upstream_timeout`, as a proxy answers it;
+    /// for an upstream not reached, `502 upstream_unreachable`. The upstream's `Retry-After`
+    /// passes on.
     pub fn upstream(e: UpstreamError) -> ApiError {
         let (status, code) = match e.kind {
             ErrorKind::Auth => (StatusCode::BAD_GATEWAY, "upstream_auth"),
             ErrorKind::Timeout if e.status.is_none() => {
                 (StatusCode::GATEWAY_TIMEOUT, "upstream_timeout")
+            }
+            // Not reached at all (refused, reset, a name that does not resolve): nothing came
+            // back to pass on.
+            ErrorKind::Connect if e.status.is_none() => {
+                (StatusCode::BAD_GATEWAY, "upstream_unreachable")
             }
             _ => {
                 let status = e

@@ -14,7 +14,7 @@ use serde_json::{Value, json};
 
 use super::AppState;
 use super::error::ApiError;
-use crate::upstream::{ErrorKind, UpstreamError};
+use crate::upstream::UpstreamError;
 
 /// The body goes to the model's provider and its answer comes back (see [`relayed`]).
 pub async fn passthrough(state: &AppState, model: &str, body: Value) -> Result<Response, ApiError> {
@@ -22,13 +22,7 @@ pub async fn passthrough(state: &AppState, model: &str, body: Value) -> Result<R
         .upstream
         .relay(model, body)
         .await
-        .map_err(|e| match e.kind {
-            // Reached, but silent past the timeout: a gateway's timeout, as a proxy answers it.
-            ErrorKind::Timeout => {
-                ApiError::new(StatusCode::GATEWAY_TIMEOUT, "upstream_timeout", e.message)
-            }
-            _ => ApiError::new(StatusCode::BAD_GATEWAY, "upstream_unreachable", e.message),
-        })?;
+        .map_err(ApiError::upstream)?;
     // A refusal of this server's credentials is answered as ours (see `ApiError::upstream`),
     // not passed on: the client's SDK would raise an authentication error about its own key.
     if UpstreamError::status_refuses_our_credentials(resp.status().as_u16()) {

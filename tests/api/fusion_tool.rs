@@ -210,3 +210,19 @@ async fn openrouters_tool_type_offers_the_fusion_tool() {
     let tools = first.unwrap()["tools"].clone();
     assert_eq!(tools[1]["function"]["name"], "fusion", "{tools}");
 }
+
+// An outer model that cannot be reached is `502 upstream_unreachable`, as on the gateway's own
+// path, not the `upstream_error` a status passed on gets: nothing came back.
+#[tokio::test]
+async fn an_outer_model_not_reached_is_upstream_unreachable() {
+    let closed = crate::restart::free_port();
+    let app = spawn_app_with(Options {
+        upstream_url: Some(format!("http://127.0.0.1:{closed}/v1")),
+        ..Options::default()
+    })
+    .await;
+    let resp = app.chat(&offering(json!({}))).await;
+    assert_eq!(resp.status(), 502);
+    let error: Value = resp.json().await.unwrap();
+    assert_eq!(error["error"]["code"], "upstream_unreachable", "{error}");
+}
