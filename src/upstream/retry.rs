@@ -58,16 +58,20 @@ impl RetryPolicy {
     /// `MAX_RETRY_AFTER`; a longer one ends the step instead when its job is requeued for it,
     /// see `with_retries`). A shorter one does not cut the backoff: `Retry-After: 0` from every
     /// call of a busy gateway would otherwise spend a step's attempts at once, all at the same
-    /// instant.
+    /// instant. A `Retry-After` is stretched by up to `jitter_fraction`, never shortened: the
+    /// calls one rate limit turned away, told the same wait, do not all come back at once.
     pub fn delay(&self, failed: u32, err: &UpstreamError) -> Duration {
         let exp = self
             .base
             .saturating_mul(2u32.saturating_pow(failed.saturating_sub(1)));
         let capped = exp.min(self.cap);
-        let spread = (self.jitter)() * 2.0 - 1.0;
-        let backoff = capped.mul_f64((1.0 + self.jitter_fraction * spread).max(0.0));
+        let draw = (self.jitter)();
+        let backoff = capped.mul_f64((1.0 + self.jitter_fraction * (draw * 2.0 - 1.0)).max(0.0));
         match err.retry_after {
-            Some(after) => after.min(MAX_RETRY_AFTER).max(backoff),
+            Some(after) => after
+                .min(MAX_RETRY_AFTER)
+                .mul_f64(1.0 + self.jitter_fraction * draw)
+                .max(backoff),
             None => backoff,
         }
     }
@@ -222,6 +226,16 @@ mod tests {
         assert_eq!(after(4, 2), Duration::from_millis(7200));
     }
 
+    // Calls a rate limit turned away with the same Retry-After come back spread over the tenth
+    // after it, never before it.
+    #[test]
+    fn retry_after_is_stretched_by_the_jitter_never_shortened() {
+        let after = |j, secs| policy(j).delay(1, &err(Some(Duration::from_secs(secs))));
+        assert_eq!(after(0.5, 20), Duration::from_secs(21));
+        assert_eq!(after(0.999, 20), Duration::from_secs_f64(20.0 * 1.0999));
+        assert_eq!(after(0.5, 100_000), MAX_RETRY_AFTER.mul_f64(1.05));
+    }
+
     fn status(code: u16, retry_after: Option<u64>) -> UpstreamError {
         UpstreamError::from_status(code, "", retry_after.map(Duration::from_secs))
     }
@@ -258,8 +272,9 @@ mod tests {
         let got = with_retries(&policy(0.5), &CancellationToken::new(), false, call).await;
         assert_eq!(got.unwrap(), "answer");
         assert_eq!(calls.load(Ordering::SeqCst), 4);
-        // 1 s after the first failure, Retry-After's 7 s after the second, 4 s after the third.
-        assert_eq!(start.elapsed(), Duration::from_secs(12));
+        // 1 s after the first failure, Retry-After's 7 s (and 5 % of jitter) after the second,
+        // 4 s after the third.
+        assert_eq!(start.elapsed(), Duration::from_millis(12_350));
     }
 
     // Asked to wait longer than a step waits, the loop does not wait a shortened time and ask
@@ -280,8 +295,9 @@ mod tests {
             Some(MAX_RETRY_AFTER + Duration::from_secs(1))
         );
         assert_eq!(calls.load(Ordering::SeqCst), 2);
-        // The first Retry-After, at the limit, was waited out; the second was not.
-        assert_eq!(start.elapsed(), MAX_RETRY_AFTER);
+        // The first Retry-After, at the limit, was waited out (stretched by the jitter, 5 % at
+        // the midpoint); the second was not.
+        assert_eq!(start.elapsed(), MAX_RETRY_AFTER.mul_f64(1.05));
 
         // A caller that cannot requeue (an analysis, a job's last attempt) waits the limit and
         // asks again, as before.
@@ -291,7 +307,7 @@ mod tests {
         let got = with_retries(&policy(0.5), &CancellationToken::new(), false, call).await;
         assert_eq!(got.unwrap(), "answer");
         assert_eq!(calls.load(Ordering::SeqCst), 2);
-        assert_eq!(start.elapsed(), MAX_RETRY_AFTER);
+        assert_eq!(start.elapsed(), MAX_RETRY_AFTER.mul_f64(1.05));
     }
 
     #[tokio::test(start_paused = true)]
