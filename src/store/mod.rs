@@ -186,11 +186,28 @@ fn unavailable(e: &sqlx::Error) -> bool {
         sqlx::Error::Tls(_) | sqlx::Error::WorkerCrashed => true,
         sqlx::Error::Database(db) => match refusal(db.as_ref()) {
             Refusal::Postgres(code) => postgres_unavailable(code),
-            Refusal::Sqlite(primary) => primary == SQLITE_BUSY || primary == SQLITE_LOCKED,
+            Refusal::Sqlite(primary) => sqlite_unavailable(primary),
             Refusal::Other => false,
         },
         _ => false,
     }
+}
+
+/// Whether a SQLite primary result code says the file cannot serve the call for now: busy or
+/// locked by another writer, a locking protocol failure (`SQLITE_PROTOCOL`), or out of a
+/// resource, as Postgres's class 53 says it: a full disk (`SQLITE_FULL`), memory
+/// (`SQLITE_NOMEM`), or a file descriptor to open the file with (`SQLITE_CANTOPEN`, when
+/// connections are opened as the pool grows). The statement did not take effect.
+fn sqlite_unavailable(primary: i32) -> bool {
+    matches!(
+        primary,
+        SQLITE_BUSY
+            | SQLITE_LOCKED
+            | SQLITE_NOMEM
+            | SQLITE_FULL
+            | SQLITE_CANTOPEN
+            | SQLITE_PROTOCOL
+    )
 }
 
 /// Whether a Postgres SQLSTATE says the database cannot serve the call for now: connection
@@ -231,6 +248,10 @@ impl OnReadOnly for StoreError {
 
 const SQLITE_BUSY: i32 = 5;
 const SQLITE_LOCKED: i32 = 6;
+const SQLITE_NOMEM: i32 = 7;
+const SQLITE_FULL: i32 = 13;
+const SQLITE_CANTOPEN: i32 = 14;
+const SQLITE_PROTOCOL: i32 = 15;
 
 /// Which database refused a statement, and its code for why.
 pub(crate) enum Refusal<'a> {

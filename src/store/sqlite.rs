@@ -1583,4 +1583,26 @@ mod tests {
             .unwrap_err();
         assert!(!StoreError::from(syntax).is_unavailable());
     }
+
+    // A full disk is the database unavailable for now (503, retried), as Postgres's
+    // `disk_full` is, not a fault of the server's own (500). Here the file may not grow past
+    // the pages it has (`max_page_count`), as a full disk stops it.
+    #[tokio::test]
+    async fn a_full_disk_is_unavailable_for_now() {
+        let (dir, _store) = migrated_store().await;
+        let url = format!("sqlite://{}", dir.path().join("q.db").display());
+        let mut conn = sqlx::SqliteConnection::connect(&url).await.unwrap();
+        // A limit under the pages the file has is raised to them: it may not grow at all.
+        sqlx::raw_sql("CREATE TABLE filler (b BLOB); PRAGMA max_page_count = 1")
+            .execute(&mut conn)
+            .await
+            .unwrap();
+        let full = sqlx::query("INSERT INTO filler VALUES (zeroblob(1000000))")
+            .execute(&mut conn)
+            .await
+            .unwrap_err();
+        let code = full.as_database_error().and_then(|db| db.code());
+        assert_eq!(code.as_deref(), Some("13"), "SQLITE_FULL: {full}");
+        assert!(StoreError::from(full).is_unavailable());
+    }
 }
