@@ -248,10 +248,16 @@ impl Slot {
             start,
             _tracked,
         } = self;
+        // The lease the job was inserted under, not the one it was read back with: an insert
+        // whose answer was slow may be read back after its lease ran out and another worker
+        // claimed the job, whose run a hand-back under that lease would stop.
+        let ours = Lease {
+            job_id: job.id,
+            attempt: 1,
+            owner: start.owner.clone(),
+        };
         let hand_back = || async {
-            if let Some(lease) = job.lease() {
-                with_db_retries(&worker.last_writes, || worker.store.release(&lease)).await;
-            }
+            with_db_retries(&worker.last_writes, || worker.store.release(&ours)).await;
         };
         if worker.tracker.is_closed() {
             hand_back().await;

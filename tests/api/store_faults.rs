@@ -1213,6 +1213,18 @@ async fn a_worker_with_a_slot() -> (
     (app, store, shutdown, running, slot)
 }
 
+/// A new job, inserted under `slot`'s lease (as a submit started here inserts it).
+async fn inserted_under(store: &Faulty, slot: &Slot) -> Job {
+    let start = slot.lease().clone();
+    match store
+        .enqueue(crate::pipelining::new_job(), Some(start))
+        .await
+    {
+        Ok(Enqueued::Created(job)) => job,
+        other => panic!("a new job, not {other:?}"),
+    }
+}
+
 // A job started at its submit whose insert was slow checks its lease with a heartbeat before it
 // starts; shutdown begins during that heartbeat. The job is handed back to the queue, and the
 // worker's shutdown waits for that. Before, a shutdown that found no task running was over
@@ -1220,14 +1232,7 @@ async fn a_worker_with_a_slot() -> (
 #[tokio::test]
 async fn a_job_started_here_as_shutdown_begins_mid_lease_check_is_handed_back() {
     let (app, store, shutdown, running, slot) = a_worker_with_a_slot().await;
-    let start = slot.lease().clone();
-    let Enqueued::Created(job) = store
-        .enqueue(crate::pipelining::new_job(), Some(start))
-        .await
-        .unwrap()
-    else {
-        panic!("a new job");
-    };
+    let job = inserted_under(&store, &slot).await;
     // A slow insert: over a third of the 3 s lease gone, the lease is checked by a heartbeat,
     // which holds until shutdown has begun.
     tokio::time::sleep(Duration::from_millis(1_100)).await;
@@ -1255,13 +1260,7 @@ async fn a_job_started_here_as_shutdown_begins_mid_insert_is_handed_back() {
     // The insert answers after shutdown has begun.
     let inserted = tokio::spawn(async move {
         tokio::time::sleep(Duration::from_millis(300)).await;
-        let start = slot.lease().clone();
-        let Ok(Enqueued::Created(job)) = store
-            .enqueue(crate::pipelining::new_job(), Some(start))
-            .await
-        else {
-            panic!("a new job");
-        };
+        let job = inserted_under(&store, &slot).await;
         slot.run(job.clone()).await;
         job.id
     });
@@ -1275,6 +1274,39 @@ async fn a_job_started_here_as_shutdown_begins_mid_insert_is_handed_back() {
     assert_eq!(back, [(JobStatus::Queued, None)]);
     inserted.await.unwrap();
     assert_eq!(app.fake.total_calls(), 0);
+}
+
+// A job inserted under a slot's lease but read back only after that lease ran out may be
+// another worker's by then (rescued and claimed again). Shutdown beginning meanwhile, the slot
+// hands back the lease it inserted the job under, which no longer holds, and leaves the other
+// worker's run alone. Before, it released the lease the job was read back with, the other
+// worker's, and that run went back to the queue, its calls to be paid for again.
+#[tokio::test]
+async fn a_job_read_back_under_another_workers_lease_is_not_handed_back() {
+    let (app, store, shutdown, running, slot) = a_worker_with_a_slot().await;
+    let job = inserted_under(&store, &slot).await;
+    // Its lease ran out, and another worker claimed it: attempt 2, under "other".
+    assert!(app.store.release(&job.lease().unwrap()).await.unwrap());
+    let now = SystemClock.now_ms();
+    let claimed = app
+        .store
+        .claim("other", 1, now, Duration::from_secs(60))
+        .await
+        .unwrap();
+    let theirs = claimed.into_iter().next().expect("claimed").job;
+    assert_eq!(
+        (theirs.attempt, theirs.lease_owner.as_deref()),
+        (2, Some("other"))
+    );
+    shutdown.cancel();
+    running.await.unwrap();
+    // The insert's answer, read back now, shows the other worker's lease.
+    slot.run(theirs).await;
+    let back = app.store.get_job(job.id).await.unwrap().unwrap();
+    assert_eq!(
+        (back.status, back.attempt, back.lease_owner.as_deref()),
+        (JobStatus::Running, 2, Some("other"))
+    );
 }
 
 // The worker's last sweep at shutdown tries every unconfirmed insert's hand-back, paced or not:
