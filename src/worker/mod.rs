@@ -727,8 +727,9 @@ impl Worker {
             (Outcome::Failed { reason, .. }, Some(true)) => {
                 tracing::info!(job = %job.id, reason, "job failed")
             }
-            (Outcome::Retry { reason, .. }, Some(true)) => {
-                tracing::info!(job = %job.id, reason, "job requeued to retry later")
+            (Outcome::Retry { reason, at, .. }, Some(true)) => {
+                tracing::info!(job = %job.id, reason, "job requeued to retry later");
+                self.wake_when_due(*at);
             }
             (Outcome::Stopped, _) => tracing::info!(job = %job.id, "job stopped"),
             (_, Some(false)) => {
@@ -738,6 +739,20 @@ impl Worker {
             (_, None) => tracing::warn!(job = %job.id,
                 "outcome not written: the database did not take it; the job waits out its lease"),
         }
+    }
+
+    /// Wake the dispatcher once a job requeued here is due (`at`, on the aligned clock), so that
+    /// it runs again then, not at the next poll: nothing else says it is due (Postgres's
+    /// NOTIFY of a requeue comes at its commit, before then). Another process's requeue is
+    /// found by its own timer, or by the poll.
+    fn wake_when_due(&self, at: i64) {
+        // A millisecond past `at`, so that the claim it wakes finds the job due.
+        let wait = u64::try_from(at.saturating_sub(self.clock.now_ms())).unwrap_or(0) + 1;
+        let wakeups = self.store.wakeups();
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(wait)).await;
+            wakeups.notify_one();
+        });
     }
 
     /// Fail the job `lease` holds (a terminal outcome, confirmed as `complete`'s is).

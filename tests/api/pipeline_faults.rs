@@ -891,3 +891,35 @@ async fn the_billed_tries_of_a_step_its_requeued_job_runs_again_are_counted() {
     // m1, down's four calls, the analysis, the final step's four calls.
     assert_tokens(&job, 10 + 310 + 10 + 310, 5 + 3005 + 5 + 3005);
 }
+
+// A job requeued to try again later runs again when it is due, not at the workers' next poll:
+// the poll is a fallback for a wake-up missed, and nothing else says a requeued job is due.
+// Here the poll is 30 s and the job is due 300 ms after its first attempt failed. Before, it ran
+// again only at the poll, and a job due just before its deadline was claimed past it and failed
+// `deadline_exceeded` untried.
+#[tokio::test]
+async fn a_requeued_job_runs_again_when_due_not_at_the_next_poll() {
+    let app = spawn_app_with(Options {
+        poll_interval: Duration::from_secs(30),
+        retry_base: Duration::from_millis(300),
+        ..Options::default()
+    })
+    .await;
+    // Every try of the first attempt's final call fails (3 per step here); the next answers.
+    let busy = Reply::Status(503);
+    app.fake.script(
+        "judge",
+        Kind::Final,
+        vec![busy.clone(), busy.clone(), busy, Reply::Ok],
+    );
+    let id = app.submit_ok(&body_with_panel(&["m1"], "judge")).await;
+    let job = app.wait_final(&id, 10).await;
+    assert_eq!(job["status"], "succeeded", "{job:#}");
+    assert_eq!(job["attempt"], 2, "{job:#}");
+    let finals = app.fake.starts("judge", Kind::Final);
+    let waited = finals[3] - finals[2];
+    assert!(
+        (300..5_000).contains(&waited),
+        "ran again {waited} ms later"
+    );
+}
