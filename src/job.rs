@@ -309,6 +309,26 @@ impl NoNextTry {
     }
 }
 
+/// New job ids: UUIDv7s whose time is the one given, the aligned clock's (the database's on
+/// Postgres), not the host's own, so that jobs listed newest first (by id) are in the order of
+/// their `created_at` whichever host took them. Ids made here never go back (those of one
+/// millisecond rise in the order they were made, and a clock stepped back continues from the
+/// latest time), so one per process.
+#[derive(Debug, Default)]
+pub struct JobIds(std::sync::Mutex<uuid::ContextV7>);
+
+impl JobIds {
+    pub fn next(&self, now_ms: i64) -> Uuid {
+        let ms = u64::try_from(now_ms).unwrap_or(0);
+        let context = self
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let at = uuid::Timestamp::from_unix(&*context, ms / 1000, (ms % 1000) as u32 * 1_000_000);
+        Uuid::new_v7(at)
+    }
+}
+
 /// What `enqueue` is given.
 #[derive(Debug, Clone)]
 pub struct NewJob {
@@ -571,6 +591,18 @@ pub struct ListFilter {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    // Job ids carry the time given, and those made in one millisecond (a burst of submits) still
+    // rise in the order they were made: the list's order by id is theirs.
+    #[test]
+    fn job_ids_carry_the_time_given_and_rise_within_a_millisecond() {
+        let at = 1_800_000_000_123;
+        let job_ids = JobIds::default();
+        let ids: Vec<Uuid> = (0..1_000).map(|_| job_ids.next(at)).collect();
+        assert!(ids.windows(2).all(|w| w[0] < w[1]));
+        let (secs, nanos) = ids[0].get_timestamp().expect("a UUIDv7").to_unix();
+        assert_eq!((secs, nanos / 1_000_000), (1_800_000_000, 123));
+    }
 
     // A schema's properties keep their order through the store, whose JSONB (Postgres) orders
     // an object's keys its own way: the spec holds the format's text beside the object, and the

@@ -73,7 +73,7 @@ pub async fn enqueue(
     // A retry under the same key finds the job, stored or not: always safe.
     let keyed = key.is_some();
     let new = NewJob {
-        id: Uuid::now_v7(),
+        id: state.job_ids.next(now),
         spec: parsed.spec,
         metadata: parsed.metadata,
         priority: parsed.priority,

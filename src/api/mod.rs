@@ -29,6 +29,7 @@ use tower_http::trace::TraceLayer;
 
 use crate::clock::SharedClock;
 use crate::config::FusionConfig;
+use crate::job::JobIds;
 use crate::store::Store;
 use crate::upstream::Upstream;
 use crate::worker::Worker;
@@ -46,6 +47,8 @@ pub struct AppState {
     pub watch: Arc<JobWatch>,
     /// This process's worker, if it runs one: a job submitted here may start here at once.
     pub worker: Option<Arc<Worker>>,
+    /// Where new jobs' ids come from.
+    pub job_ids: Arc<JobIds>,
 }
 
 impl AppState {
@@ -64,6 +67,7 @@ impl AppState {
             upstream,
             watch,
             worker,
+            job_ids: Arc::default(),
         }
     }
 }

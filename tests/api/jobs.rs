@@ -2,6 +2,7 @@
 
 use std::time::Duration;
 
+use fusion::clock::{Shifted, SystemClock};
 use serde_json::{Value, json};
 
 use crate::fake_upstream::{Kind, Reply};
@@ -335,4 +336,35 @@ async fn a_job_starts_at_its_submit_while_a_slot_is_free() {
             200
         );
     }
+}
+
+/// A job's id carries the time it was made (jobs are listed newest first by id): the process's
+/// aligned clock, as its `created_at` does, which on Postgres is the database's time. Before, it
+/// was the system's own clock, whatever the alignment: on a host 20 s behind the database, its
+/// jobs were listed 20 s apart from those another host took at the same moment. Here the app's
+/// clock (on SQLite, its host's) is the one 20 s off, and the id must follow it.
+#[tokio::test]
+async fn a_jobs_id_carries_the_time_of_its_created_at() {
+    let app = spawn_app_with(Options {
+        host_clock: Some(std::sync::Arc::new(Shifted::new(
+            std::sync::Arc::new(SystemClock),
+            -20_000,
+        ))),
+        workers: false,
+        ..Options::default()
+    })
+    .await;
+    let id: uuid::Uuid = app
+        .submit_ok(&body_with_panel(&["a"], "x"))
+        .await
+        .parse()
+        .unwrap();
+    let job = app.store.get_job(id).await.unwrap().unwrap();
+    let (secs, nanos) = id.get_timestamp().expect("a UUIDv7").to_unix();
+    let id_ms = secs as i64 * 1000 + i64::from(nanos / 1_000_000);
+    assert!(
+        (id_ms - job.created_at).abs() < 1_000,
+        "the id says {} ms from its created_at",
+        id_ms - job.created_at
+    );
 }
