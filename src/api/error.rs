@@ -51,6 +51,19 @@ impl ApiError {
         }
     }
 
+    /// This error, answered after a change to job `id` whose commit was not confirmed (it may
+    /// have taken effect): the job is named, and SDKs are told not to send the change again,
+    /// since a resend would be a change of its own (a retry requeued twice is a run nobody
+    /// asked for, paid for).
+    pub fn may_have_changed(mut self, id: Uuid, change: &str) -> ApiError {
+        self.jobs.push(id);
+        self.message += &format!(
+            "; the {change} of job {id} may have taken effect: fetch it from GET /v1/jobs/{id} \
+             rather than sending it again"
+        );
+        self
+    }
+
     /// This error, about the request field `param`.
     pub fn param(mut self, param: &'static str) -> ApiError {
         self.param = Some(param);

@@ -362,7 +362,14 @@ pub async fn cancel(
 }
 
 pub async fn retry(State(state): State<AppState>, JobId(id): JobId) -> Result<Response, ApiError> {
-    match state.store.retry_failed(id, state.clock.now_ms()).await? {
+    let retried = state.store.retry_failed(id, state.clock.now_ms()).await;
+    // Its answer lost after the statement went out: the job may be requeued already, and a
+    // resend, finding it failed again by then, would requeue it once more.
+    let retried = retried.map_err(|e| match e.may_have_committed() {
+        true => ApiError::from(e).may_have_changed(id, "retry"),
+        false => ApiError::from(e),
+    });
+    match retried? {
         RetryOutcome::Requeued(job) => {
             let view = view_after_change(&state, &job).await;
             Ok((StatusCode::ACCEPTED, Json(view)).into_response())

@@ -28,7 +28,7 @@ use fusion::store::{
 };
 use fusion::testing::capture_logs;
 use fusion::worker::{Slot, Worker, WorkerConfig};
-use serde_json::Value;
+use serde_json::{Value, json};
 use tokio::sync::{Notify, broadcast};
 use uuid::Uuid;
 
@@ -64,6 +64,8 @@ pub(crate) struct Faulty {
     enqueues_left: AtomicUsize,
     /// How many of the next enqueues fail as unconfirmed without having landed.
     pub(crate) lost_enqueues: AtomicUsize,
+    /// How many of the next manual retries land and are answered as a connection that broke.
+    pub(crate) unconfirmed_retries: AtomicUsize,
     /// Every hand-back of one job (`release`), failed or not.
     pub(crate) job_releases: AtomicUsize,
     claims_left: AtomicUsize,
@@ -153,6 +155,7 @@ impl Faulty {
             progress_most: AtomicUsize::new(0),
             enqueues_left: AtomicUsize::new(faults.enqueues),
             lost_enqueues: AtomicUsize::new(0),
+            unconfirmed_retries: AtomicUsize::new(0),
             job_releases: AtomicUsize::new(0),
             claims_left: AtomicUsize::new(faults.claims),
             releases_fail_until: Mutex::new(None),
@@ -303,7 +306,8 @@ impl Store for Faulty {
         self.inner.progress(ids).await
     }
     async fn retry_failed(&self, id: Uuid, now: i64) -> Result<RetryOutcome> {
-        self.inner.retry_failed(id, now).await
+        let answer = self.inner.retry_failed(id, now).await;
+        Self::unconfirm(&self.unconfirmed_retries, answer)
     }
     async fn claim(
         &self,
@@ -1818,4 +1822,32 @@ async fn renewed_to_the_end(
     assert_eq!(stored(app, id).await, (JobStatus::Succeeded, 1));
     shutdown.cancel();
     running.await.unwrap();
+}
+
+// A manual retry whose answer was lost after it went out (the connection broke) may have
+// requeued the job: the 503 names the job and tells the SDKs not to send it again. Before, it was
+// a plain 503 with `Retry-After`, "nothing was stored": the SDK's resend got `409` for a retry
+// that had happened, or, the job having failed again meanwhile, requeued it a second time.
+#[tokio::test]
+async fn a_retry_unconfirmed_is_answered_naming_the_job() {
+    let (app, store) = app_on(Faults::default(), true, "").await;
+    app.fake
+        .script("judge", Kind::Final, vec![Reply::Status(400), Reply::Ok]);
+    let id = app.submit_ok(&body_with_panel(&["m1"], "judge")).await;
+    assert_eq!(app.wait_final(&id, 10).await["status"], "failed");
+    store.unconfirmed_retries.store(1, Ordering::SeqCst);
+    let resp = app.post(&format!("/v1/jobs/{id}/retry")).await;
+    assert_eq!(resp.status(), 503);
+    assert_eq!(resp.headers()["x-should-retry"], "false");
+    assert!(resp.headers().get("retry-after").is_none());
+    assert_eq!(resp.headers()["x-fusion-job-id"], id.as_str());
+    let error: Value = resp.json().await.unwrap();
+    let message = error["error"]["message"].as_str().unwrap();
+    assert!(message.contains(&format!("GET /v1/jobs/{id}")), "{message}");
+    // It did take effect: the job ran again.
+    let job = app.wait_final(&id, 10).await;
+    assert_eq!(
+        (&job["status"], &job["attempt"]),
+        (&json!("succeeded"), &json!(2))
+    );
 }
