@@ -864,6 +864,9 @@ impl Worker {
                 _ = ticks.tick() => {}
             }
             self.heartbeat().await;
+            // Also here, not only before claims: a worker whose slots are all busy claims
+            // nothing, and a hand-back due meanwhile would wait for a slot to free.
+            self.hand_back_unconfirmed(Pace::Paced).await;
         }
     }
 

@@ -1327,6 +1327,52 @@ async fn the_last_sweep_at_shutdown_tries_every_unconfirmed_insert() {
     assert_eq!(store.job_releases.load(Ordering::SeqCst), 2);
 }
 
+// An unconfirmed insert's hand-back is tried again a heartbeat's interval later even while
+// every slot of the worker is busy, so that it claims nothing. Here the first try found nothing
+// (the insert had not landed), and both slots then took jobs that run a minute. Before, the
+// hand-back was tried again only before a claim, and an insert landing late stayed running
+// with nobody on it until its lease ran out, its first attempt spent.
+#[tokio::test]
+async fn an_unconfirmed_insert_is_handed_back_again_while_every_slot_is_busy() {
+    let app = spawn_api_only().await;
+    app.fake
+        .set_default(Reply::Delay(60_000, Box::new(Reply::Ok)));
+    let config = WorkerConfig {
+        concurrency: 2,
+        lease: Duration::from_secs(3),
+        poll_interval: Duration::from_millis(50),
+        shutdown_grace: Duration::from_millis(100),
+        ..WorkerConfig::default()
+    };
+    let (store, worker) = worker_on(&app, Faults::default(), config);
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let running = tokio::spawn(worker.clone().run(shutdown.clone()));
+    let slot = loop {
+        if let Some(slot) = worker.slot_for_new_job() {
+            break slot;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
+    slot.hand_back_unconfirmed(Uuid::now_v7()).await;
+    assert_eq!(store.job_releases.load(Ordering::SeqCst), 1);
+    for _ in 0..2 {
+        app.submit_ok(&body_with_panel(&["m1"], "judge")).await;
+    }
+    until_within("both slots busy", Duration::from_secs(5), async || {
+        app.fake.calls("m1", Kind::Panel) == 2
+    })
+    .await;
+    // Tried again at a heartbeat (every second under the 3 s lease) past its pace (a second).
+    until_within(
+        "the hand-back tried again",
+        Duration::from_secs(4),
+        async || store.job_releases.load(Ordering::SeqCst) >= 2,
+    )
+    .await;
+    shutdown.cancel();
+    running.await.unwrap();
+}
+
 /// `one_job` under a `lease`, its worker running until the token returned is cancelled, and the
 /// job called `m1`, which holds the call a minute.
 async fn a_slow_job_running(
