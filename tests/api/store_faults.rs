@@ -1197,9 +1197,22 @@ async fn a_worker_with_a_slot() -> (
     tokio::task::JoinHandle<()>,
     Slot,
 ) {
+    a_worker_of(1).await
+}
+
+/// `a_worker_with_a_slot`, running up to `concurrency` jobs at a time.
+async fn a_worker_of(
+    concurrency: u32,
+) -> (
+    TestApp,
+    Arc<Faulty>,
+    tokio_util::sync::CancellationToken,
+    tokio::task::JoinHandle<()>,
+    Slot,
+) {
     let app = spawn_api_only().await;
     let config = WorkerConfig {
-        concurrency: 1,
+        concurrency,
         lease: Duration::from_secs(3),
         poll_interval: Duration::from_millis(50),
         shutdown_grace: Duration::from_secs(1),
@@ -1334,25 +1347,9 @@ async fn the_last_sweep_at_shutdown_tries_every_unconfirmed_insert() {
 // with nobody on it until its lease ran out, its first attempt spent.
 #[tokio::test]
 async fn an_unconfirmed_insert_is_handed_back_again_while_every_slot_is_busy() {
-    let app = spawn_api_only().await;
+    let (app, store, shutdown, running, slot) = a_worker_of(2).await;
     app.fake
         .set_default(Reply::Delay(60_000, Box::new(Reply::Ok)));
-    let config = WorkerConfig {
-        concurrency: 2,
-        lease: Duration::from_secs(3),
-        poll_interval: Duration::from_millis(50),
-        shutdown_grace: Duration::from_millis(100),
-        ..WorkerConfig::default()
-    };
-    let (store, worker) = worker_on(&app, Faults::default(), config);
-    let shutdown = tokio_util::sync::CancellationToken::new();
-    let running = tokio::spawn(worker.clone().run(shutdown.clone()));
-    let slot = loop {
-        if let Some(slot) = worker.slot_for_new_job() {
-            break slot;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    };
     slot.hand_back_unconfirmed(Uuid::now_v7()).await;
     assert_eq!(store.job_releases.load(Ordering::SeqCst), 1);
     for _ in 0..2 {
