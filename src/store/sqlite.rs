@@ -183,9 +183,10 @@ pub struct SqliteStore {
 const OTHERS_EVERY: Duration = Duration::from_secs(1);
 
 /// How far before the latest cancel it has seen `watch_other_processes` looks again: a cancel
-/// committed after a later one may carry an earlier time (each took its time before its write
-/// queued for the file's one writer).
-const CANCELS_OVERLAP_MS: i64 = 5_000;
+/// committed after a later one may carry an earlier time. Each took its time before its write
+/// queued for the file's one writer, which may take the writer pool's acquire timeout (30 s)
+/// and the busy timeout (10 s), and a compare-and-set tried again keeps that time.
+const CANCELS_OVERLAP_MS: i64 = 60_000;
 
 /// Another process on the same file (a `fusion worker` beside `fusion serve`, say) commits where
 /// this one's events do not reach: a cancel made there would reach a job running here only at
@@ -1045,6 +1046,36 @@ mod tests {
         assert!(
             event_within(&mut events, OTHERS_EVERY * 5, |e| *e == cancelled(2)).await,
             "the second cancel was not announced, for the attempt it stopped"
+        );
+    }
+
+    // A cancel whose write waited long for the file's one writer commits after a later one,
+    // carrying the earlier time it was made at: it is announced all the same. Before, the watcher
+    // looked only 5 s before the latest cancel it had seen, and one that waited 20 s (behind a
+    // busy writer: the pool's 30 s and the busy timeout's 10 s allow it) was never announced.
+    #[tokio::test]
+    async fn a_cancel_committed_late_with_an_early_time_is_announced() {
+        let (dir, here) = migrated_store().await;
+        let url = format!("sqlite://{}", dir.path().join("q.db").display());
+        let there = SqliteStore::connect(&url).await.unwrap();
+        let mut events = here.events();
+        tokio::time::sleep(OTHERS_EVERY + Duration::from_millis(200)).await;
+        let (late, early) = (
+            running_job(&here, 1, 1, "w").await,
+            running_job(&here, 2, 1, "w").await,
+        );
+        let now = crate::clock::Clock::now_ms(&crate::clock::SystemClock);
+        let cancelled = |job_id| JobEvent::Finished {
+            job_id,
+            status: JobStatus::Cancelled,
+            attempt: 1,
+        };
+        there.cancel(early.id, now).await.unwrap();
+        assert!(event_within(&mut events, OTHERS_EVERY * 5, |e| *e == cancelled(early.id)).await);
+        there.cancel(late.id, now - 20_000).await.unwrap();
+        assert!(
+            event_within(&mut events, OTHERS_EVERY * 5, |e| *e == cancelled(late.id)).await,
+            "the cancel made 20 s before it committed was not announced"
         );
     }
 
