@@ -9,7 +9,7 @@ pub mod prompts;
 mod saves;
 
 use std::borrow::Cow;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -22,8 +22,8 @@ use crate::clock::SharedClock;
 use crate::config::FusionConfig;
 use crate::job::{Job, JobSpec, JsonText, NoNextTry, Step, StepKey, Usage};
 use crate::upstream::{
-    CallError, Completion, CompletionRequest, ErrorKind, RetryPolicy, StructuredOutput, Upstream,
-    UpstreamError,
+    CallError, Completion, CompletionRequest, ErrorKind, RetryPolicy, StructuredOutput, Tries,
+    Upstream, UpstreamError,
 };
 use analysis::Analysis;
 use prompts::PanelAnswer;
@@ -287,7 +287,8 @@ impl Pipeline {
                     stop: spec.stop.as_ref(),
                 };
                 let (key, analyst, sink) = (StepKey::Final, &spec.analyst, saves.sink());
-                let call = self.call_step(key, analyst, &req, job, sink, cancel);
+                let spent = Mutex::default();
+                let call = self.call_step((key, analyst), &req, job, sink, cancel, &spent);
                 let Ok(Some((mut s, may_pass))) = saves.alongside(Box::pin(call)).await else {
                     return Outcome::Stopped;
                 };
@@ -374,6 +375,9 @@ impl Pipeline {
         let (spec, attempt) = (&job.spec, job.attempt);
         // Written out once for every member (a copy only when it holds a tool exchange).
         let messages = prompts::plain_conversation(&spec.messages);
+        // What each member's failed tries were billed for, as they fail: a member cut off by
+        // the grace period below still counts them.
+        let spent: Vec<Mutex<Usage>> = panel.iter().map(|_| Mutex::default()).collect();
         let mut pending = FuturesUnordered::new();
         let sink = saves.sink();
         for (i, slot) in panel.iter().enumerate() {
@@ -389,9 +393,12 @@ impl Pipeline {
                 stop: None,
             };
             // Boxed: the set then holds pointers, and its own bookkeeping stays small.
+            let spent = &spent[i];
             pending.push(Box::pin(async move {
                 let key = StepKey::Panel(i as u32);
-                let step = self.call_step(key, model, &req, job, sink, cancel).await;
+                let step = self
+                    .call_step((key, model), &req, job, sink, cancel, spent)
+                    .await;
                 (i, step.ok_or(Outcome::Stopped))
             }));
         }
@@ -440,17 +447,21 @@ impl Pipeline {
                 None => break,
             }
         }
-        // Members still out when the grace period ended are recorded as timed out.
+        // Members still out when the grace period ended are recorded as timed out, with what
+        // their tries that failed before were billed for.
+        drop(pending);
         for (i, slot) in panel.iter_mut().enumerate() {
             if slot.is_none() {
                 let key = StepKey::Panel(i as u32);
+                let mut usage = carried.of(key);
+                usage.add(&spent[i].lock().unwrap_or_else(PoisonError::into_inner));
                 let step = Step {
                     error_code: Some("panel_timeout".into()),
                     error: Some(format!(
                         "no answer within panel_timeout_ms after {} panel answers",
                         spec.min_panel
                     )),
-                    usage: carried.of(key),
+                    usage,
                     ..self.failed_step(key, &spec.panel[i], attempt)
                 };
                 saves.start(step.clone());
@@ -487,7 +498,11 @@ impl Pipeline {
         let mut last_problem = None;
         for _ in 0..self.analysis_attempts.max(1) {
             // Not requeued for a long `Retry-After`: the job goes on without an analysis.
-            match self.call(&spec.analyst, &req, sink, cancel, false).await {
+            let spent = Mutex::default();
+            match self
+                .call(&spec.analyst, &req, sink, cancel, false, &spent)
+                .await
+            {
                 Ok(c) => {
                     usage.add(&c.usage);
                     latency_ms += c.latency_ms;
@@ -541,19 +556,21 @@ impl Pipeline {
     /// One step that is a single (retried) call, and, for a failure that may pass if tried
     /// again later, how long its upstream asked to be left alone (its `Retry-After`, zero when
     /// it named none); `None` means cancelled (or the job is no longer this run's).
+    /// What its tries that failed were billed for is summed in `spent` as they fail (see
+    /// `Upstream::complete_with_retries`).
     async fn call_step(
         &self,
-        key: StepKey,
-        model: &str,
+        (key, model): (StepKey, &str),
         req: &CompletionRequest<'_>,
         job: &Job,
         sink: &dyn Checkpoints,
         cancel: &CancellationToken,
+        spent: &Mutex<Usage>,
     ) -> Option<(Step, Option<Duration>)> {
         let attempt = job.attempt;
         // A job with an attempt left is requeued for a long `Retry-After` (`Outcome::retry`).
         let requeues = job.has_attempt_left();
-        match self.call(model, req, sink, cancel, requeues).await {
+        match self.call(model, req, sink, cancel, requeues, spent).await {
             Ok(c) => Some((
                 Step {
                     ok: true,
@@ -592,10 +609,16 @@ impl Pipeline {
         sink: &dyn Checkpoints,
         cancel: &CancellationToken,
         requeues: bool,
+        spent: &Mutex<Usage>,
     ) -> Result<Completion, CallError> {
         let may_call = || sink.before_call().map(|may| may.is_ok());
+        let tries = Tries {
+            policy: &self.retry,
+            requeues,
+            spent,
+        };
         self.upstream
-            .complete_with_retries(model, req, &self.retry, cancel, requeues, may_call)
+            .complete_with_retries(model, req, tries, cancel, may_call)
             .await
     }
 

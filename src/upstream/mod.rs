@@ -16,7 +16,7 @@ pub use error::{ErrorKind, UpstreamError, parse_retry_after};
 pub use provider::{
     ApiKey, DEFAULT_MAX_IDLE_PER_HOST, Price, Provider, StructuredOutput, UpstreamConfig,
 };
-pub use retry::{CallError, Jitter, MAX_RETRY_AFTER, RetryPolicy};
+pub use retry::{CallError, Jitter, MAX_RETRY_AFTER, RetryPolicy, Tries};
 pub use wire::text_of;
 
 use std::borrow::Cow;

@@ -77,6 +77,15 @@ impl RetryPolicy {
     }
 }
 
+/// How a step's call is tried (`Upstream::complete_with_retries`).
+pub struct Tries<'a> {
+    pub policy: &'a RetryPolicy,
+    /// Whether its job is requeued for a long `Retry-After` (see `with_retries`).
+    pub requeues: bool,
+    /// Where what its failed tries were billed for is summed, as they fail.
+    pub spent: &'a Mutex<Usage>,
+}
+
 /// Why a retried call ended without a completion.
 #[derive(Debug)]
 pub enum CallError {
@@ -88,20 +97,25 @@ impl Upstream {
     /// Call until success, a fatal error, the attempts are used up, or `cancel` fires (which
     /// aborts the in-flight request at once). Each try waits for `ready` first, which may end
     /// the call instead (`false`: as cancelled). `requeues`: see `with_retries`.
+    ///
+    /// What the tries that failed were billed for is carried into the result: a completion
+    /// that came back unusable (an error mid-answer, bytes after it) was paid for even when a
+    /// later try answers. It is summed in `tries.spent` as they fail, so that a caller that drops
+    /// this call before it ends (a panel member cut off by the panel's timeout) still knows
+    /// it. A mutex, not a cell, since the job's future moves between threads; never contended.
     pub async fn complete_with_retries<R: Future<Output = bool>>(
         &self,
         model: &str,
         req: &CompletionRequest<'_>,
-        policy: &RetryPolicy,
+        tries: Tries<'_>,
         cancel: &CancellationToken,
-        requeues: bool,
         ready: impl Fn() -> R,
     ) -> Result<Completion, CallError> {
-        // What the tries that failed were billed for, carried into the step's result: a
-        // completion that came back unusable (empty, an error mid-answer) was paid for even
-        // when a later try answers. A mutex, not a cell, since the job's future moves between
-        // threads; never contended.
-        let spent = Mutex::new(Usage::default());
+        let Tries {
+            policy,
+            requeues,
+            spent,
+        } = tries;
         let spent_so_far = || *spent.lock().unwrap_or_else(PoisonError::into_inner);
         let result = with_retries(policy, cancel, requeues, || async {
             if !ready().await {

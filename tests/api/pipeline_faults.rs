@@ -383,6 +383,29 @@ async fn after_min_panel_answers_late_members_are_cut_off_by_the_panel_timeout()
     assert_eq!(job["panel"][1]["error_code"], "panel_timeout");
 }
 
+// A member cut off by the panel's timeout while trying again still counts what its earlier try
+// was billed for (a whole answer with bytes after it: retried, and paid for), in its step and
+// in the job's usage. Before, that usage went with the dropped call.
+#[tokio::test]
+async fn a_member_cut_off_by_the_panel_timeout_keeps_the_usage_of_its_billed_tries() {
+    let app = spawn_app().await;
+    let garbled = r#"{"choices": [{"message": {"content": "hi"}}],
+        "usage": {"prompt_tokens": 100, "completion_tokens": 400}}{"x": 1}"#;
+    app.fake
+        .script("late", Kind::Panel, vec![Reply::RawOk(garbled), Reply::Hang]);
+    let mut body = body_with_panel(&["quick", "late"], "judge");
+    body["plugins"][0]["min_panel"] = 1.into();
+    body["plugins"][0]["panel_timeout_ms"] = 500.into();
+    let id = app.submit_ok(&body).await;
+    let job = app.wait_final(&id, 10).await;
+    assert_eq!(job["status"], "succeeded", "{job:#}");
+    assert_eq!(app.fake.calls("late", Kind::Panel), 2, "tried again, then cut off");
+    assert_eq!(job["panel"][1]["error_code"], "panel_timeout", "{job:#}");
+    assert_usage(&job["panel"][1]["usage"], 100, 400);
+    // quick, late's billed try, the analysis and the final.
+    assert_tokens(&job, 10 + 100 + 10 + 10, 5 + 400 + 5 + 5);
+}
+
 #[tokio::test]
 async fn a_body_cut_off_mid_stream_is_retried() {
     let app = spawn_app().await;
