@@ -263,6 +263,18 @@ impl Slot {
             hand_back().await;
             return;
         }
+        // Read back after an insert whose answer was lost, the job may be another lease's by
+        // now (rescued, then requeued or claimed again, by this process too): only what this
+        // slot's insert started runs here, or the same attempt would run twice.
+        let inserted_here = job.status == JobStatus::Running
+            && job.attempt == ours.attempt
+            && job.lease_owner.as_deref() == Some(ours.owner.as_str());
+        if !inserted_here {
+            tracing::info!(job = %job.id, attempt = job.attempt,
+                "the job was another lease's by the time its insert was read back; not \
+                 running it here");
+            return;
+        }
         let Some(held_until) = worker.still_holds(&job, &start).await else {
             return;
         };

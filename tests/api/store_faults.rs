@@ -1326,6 +1326,36 @@ async fn a_job_read_back_under_another_workers_lease_is_not_handed_back() {
     );
 }
 
+// The same job read back after its lease ran out and this very process claimed it again
+// (attempt 2, under the same owner): the slot does not run it too. Before, it renewed the lease
+// of the attempt it read back, which held, and ran that attempt a second time beside the
+// dispatcher's run, every call paid twice.
+#[tokio::test]
+async fn a_job_read_back_under_a_later_attempt_of_this_worker_is_not_run_twice() {
+    let (app, store, shutdown, running, slot) = a_worker_with_a_slot().await;
+    let job = inserted_under(&store, &slot).await;
+    assert!(app.store.release(&job.lease().unwrap()).await.unwrap());
+    let owner = slot.lease().owner.clone();
+    let now = SystemClock.now_ms();
+    let claimed = app
+        .store
+        .claim(&owner, 1, now, Duration::from_secs(60))
+        .await
+        .unwrap();
+    let again = claimed.into_iter().next().expect("claimed").job;
+    assert_eq!(again.attempt, 2);
+    // The insert's answer, read back now (no shutdown under way).
+    slot.run(again).await;
+    tokio::time::sleep(Duration::from_millis(1_000)).await;
+    assert_eq!(
+        app.fake.total_calls(),
+        0,
+        "the slot ran the job's attempt 2"
+    );
+    shutdown.cancel();
+    running.await.unwrap();
+}
+
 // The worker's last sweep at shutdown tries every unconfirmed insert's hand-back, paced or not:
 // no later claim will. Here the insert never landed: one try at once, one at shutdown, well
 // within the pacing interval (1 s under the 3 s lease). Before, the last sweep kept the pacing
