@@ -12,7 +12,7 @@ pub(crate) use checkpoint::{Patience, retry_db};
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use futures::FutureExt;
@@ -165,7 +165,7 @@ pub struct Worker {
     last_writes: CancellationToken,
     /// Claims and inserts that failed and may have committed all the same, leaving jobs
     /// running under this process's lease with nobody on them: handed back before each claim
-    /// until a lease past that lease's end (see `hand_back_unconfirmed`).
+    /// and at each heartbeat until a lease past that lease's end (see `hand_back_unconfirmed`).
     unconfirmed: Mutex<Vec<Unconfirmed>>,
     /// The lease end of this worker's last claim: each claim's ends later (see `claim`).
     last_claim_end: AtomicI64,
@@ -183,6 +183,22 @@ pub struct Slot {
     /// round trip, and a shutdown that found no task meanwhile was over before the job was
     /// started unwatched.
     _tracked: TaskTrackerToken,
+}
+
+/// The entries a sweep of `Worker::unconfirmed` took out: those it keeps and those it has not
+/// reached go back when it ends, however it ends.
+struct Taken<'a> {
+    rest: std::vec::IntoIter<Unconfirmed>,
+    kept: Vec<Unconfirmed>,
+    into: &'a Mutex<Vec<Unconfirmed>>,
+}
+
+impl Drop for Taken<'_> {
+    fn drop(&mut self) {
+        let mut into = self.into.lock().unwrap_or_else(PoisonError::into_inner);
+        into.append(&mut self.kept);
+        into.extend(self.rest.by_ref());
+    }
 }
 
 /// Whether a sweep of `Worker::unconfirmed` keeps to each insert's `next_try`.
@@ -218,8 +234,8 @@ impl Slot {
     /// sit so until the lease ran out, an attempt spent (a job on its last one failed without
     /// having run). The release is fenced on the job's first attempt under this lease, so it
     /// requeues that job only, and does nothing if the insert did not land; tried now, then
-    /// before each claim until a lease past this one's end, as a lost claim's jobs are: an
-    /// insert given up unanswered may commit late.
+    /// once a heartbeat's interval (before a claim, or at a heartbeat) until a lease past this
+    /// one's end, as a lost claim's jobs are: an insert given up unanswered may commit late.
     pub async fn hand_back_unconfirmed(self, id: Uuid) {
         let lease = Lease {
             job_id: id,
@@ -423,9 +439,9 @@ impl Worker {
     /// the same (the connection broke, or the wait ran out, after the statement went out): its
     /// jobs would then run under this process's lease with nobody on them until it ran out, an
     /// attempt spent (a job on its last one failed without having run). So the jobs running
-    /// under exactly that lease are handed back at once, and again before each later claim
-    /// until a lease past that lease's end: a claim given up unanswered may commit late (see
-    /// `hand_back_unconfirmed`).
+    /// under exactly that lease are handed back at once, and again before each later claim and
+    /// at each heartbeat until a lease past that lease's end: a claim given up unanswered may
+    /// commit late (see `hand_back_unconfirmed`).
     async fn claim(&self, wanted: u32) -> Result<Vec<Claimed>, StoreError> {
         self.hand_back_unconfirmed(Pace::Paced).await;
         // A claim's lease ends at an odd millisecond, the leases this process renews or starts
@@ -459,14 +475,17 @@ impl Worker {
     }
 
     /// Hand back what `unconfirmed` holds (see there). `Pace::Now` tries every entry, as the
-    /// worker's last sweep at shutdown must: no later claim will.
+    /// worker's last sweep at shutdown must: no later claim will. A sweep dropped part way (the
+    /// heartbeat's, aborted at shutdown) loses no entry: each is put back (`Taken`).
     async fn hand_back_unconfirmed(&self, pace: Pace) {
-        let mut pending =
-            std::mem::take(&mut *self.unconfirmed.lock().expect("unconfirmed")).into_iter();
+        let mut taken = Taken {
+            rest: std::mem::take(&mut *self.unconfirmed.lock().expect("unconfirmed")).into_iter(),
+            kept: Vec::new(),
+            into: &self.unconfirmed,
+        };
         let lease_ms = crate::store::ms(self.config.lease);
         let now = self.clock.now_ms();
-        let mut left = Vec::new();
-        while let Some(mut write) = pending.next() {
+        for write in taken.rest.by_ref() {
             let until = match &write {
                 Unconfirmed::Claim(until) | Unconfirmed::Insert { until, .. } => *until,
             };
@@ -476,8 +495,11 @@ impl Worker {
             if until + lease_ms <= now {
                 continue;
             }
+            // Kept while it is tried: put back if the sweep is dropped meanwhile.
+            taken.kept.push(write);
+            let write = taken.kept.last_mut().expect("just kept");
             // Whether it is done with: an insert that landed, and is handed back.
-            let done = match &mut write {
+            let done = match write {
                 Unconfirmed::Claim(until) => {
                     let released = self.store.release_claim(&self.owner, *until).await;
                     if let Ok(jobs @ 1..) = released {
@@ -505,23 +527,18 @@ impl Worker {
             };
             match done {
                 Ok(true) => {
-                    if let Unconfirmed::Insert { lease, .. } = &write {
+                    if let Some(Unconfirmed::Insert { lease, .. }) = taken.kept.pop() {
                         tracing::warn!(job = %lease.job_id,
                             "a job inserted started here whose answer was lost had landed; \
                              handed it back");
                     }
                 }
                 // Kept (see above): a write given up unanswered may still commit.
-                Ok(false) => left.push(write),
+                Ok(false) => {}
                 // The database is away: the rest wait for the next sweep, untried.
-                Err(_) => {
-                    left.push(write);
-                    left.extend(pending);
-                    break;
-                }
+                Err(_) => break,
             }
         }
-        self.unconfirmed.lock().expect("unconfirmed").extend(left);
     }
 
     /// Run until `shutdown` fires, then drain within the grace period and release what is left:
@@ -875,10 +892,10 @@ impl Worker {
                 _ = stop.cancelled() => return,
                 _ = ticks.tick() => {}
             }
-            self.heartbeat().await;
-            // Also here, not only before claims: a worker whose slots are all busy claims
-            // nothing, and a hand-back due meanwhile would wait for a slot to free.
-            self.hand_back_unconfirmed(Pace::Paced).await;
+            // The hand-backs too, not only before claims: a worker whose slots are all busy
+            // claims nothing, and one due meanwhile would wait for a slot to free. Beside the
+            // renewal, not after it: a slow one does not hold the next renewal back.
+            tokio::join!(self.heartbeat(), self.hand_back_unconfirmed(Pace::Paced));
         }
     }
 

@@ -66,6 +66,10 @@ pub(crate) struct Faulty {
     pub(crate) lost_enqueues: AtomicUsize,
     /// How many of the next manual retries land and are answered as a connection that broke.
     pub(crate) unconfirmed_retries: AtomicUsize,
+    /// The job whose hand-backs (`release`) are held, until the token is cancelled.
+    held_release: Mutex<Option<(Uuid, tokio_util::sync::CancellationToken)>>,
+    /// The hand-backs of that job that came since.
+    held_releases: AtomicUsize,
     /// Every hand-back of one job (`release`), failed or not.
     pub(crate) job_releases: AtomicUsize,
     claims_left: AtomicUsize,
@@ -156,6 +160,8 @@ impl Faulty {
             enqueues_left: AtomicUsize::new(faults.enqueues),
             lost_enqueues: AtomicUsize::new(0),
             unconfirmed_retries: AtomicUsize::new(0),
+            held_release: Mutex::new(None),
+            held_releases: AtomicUsize::new(0),
             job_releases: AtomicUsize::new(0),
             claims_left: AtomicUsize::new(faults.claims),
             releases_fail_until: Mutex::new(None),
@@ -385,6 +391,13 @@ impl Store for Faulty {
     async fn release(&self, lease: &Lease) -> Result<bool> {
         self.job_releases.fetch_add(1, Ordering::SeqCst);
         self.outcome_refused()?;
+        let held = self.held_release.lock().unwrap().clone();
+        if let Some((id, open)) = held
+            && id == lease.job_id
+        {
+            self.held_releases.fetch_add(1, Ordering::SeqCst);
+            open.cancelled().await;
+        }
         self.inner.release(lease).await
     }
     async fn release_claim(&self, owner: &str, lease_expires_at: i64) -> Result<u64> {
@@ -1397,6 +1410,40 @@ async fn an_unconfirmed_insert_is_handed_back_again_while_every_slot_is_busy() {
     )
     .await;
     shutdown.cancel();
+    running.await.unwrap();
+}
+
+// A heartbeat's sweep of unconfirmed inserts that is under way when shutdown aborts the
+// heartbeat loses none of them: the worker's last sweep tries the insert it held. Here the
+// heartbeat's try of the hand-back waits on the database when shutdown comes. Before, the entry
+// was out of the list while it was tried, and went with the aborted sweep.
+#[tokio::test]
+async fn a_heartbeats_sweep_aborted_at_shutdown_loses_no_unconfirmed_insert() {
+    let (app, store, shutdown, running, slot) = a_worker_of(2).await;
+    app.fake
+        .set_default(Reply::Delay(60_000, Box::new(Reply::Ok)));
+    let id = Uuid::now_v7();
+    slot.hand_back_unconfirmed(id).await;
+    for _ in 0..2 {
+        app.submit_ok(&body_with_panel(&["m1"], "judge")).await;
+    }
+    until_within("both slots busy", Duration::from_secs(5), async || {
+        app.fake.calls("m1", Kind::Panel) == 2
+    })
+    .await;
+    let open = tokio_util::sync::CancellationToken::new();
+    *store.held_release.lock().unwrap() = Some((id, open.clone()));
+    let tries = || store.held_releases.load(Ordering::SeqCst);
+    until_within("the heartbeat's try", Duration::from_secs(4), async || {
+        tries() == 1
+    })
+    .await;
+    shutdown.cancel();
+    until_within("the last sweep's try", Duration::from_secs(8), async || {
+        tries() == 2
+    })
+    .await;
+    open.cancel();
     running.await.unwrap();
 }
 
