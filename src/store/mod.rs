@@ -111,7 +111,8 @@ impl StoreError {
     /// later may well succeed (an API answers 503, not 500): no connection in time, a broken or
     /// refused connection, a database shutting down or out of resources (Postgres classes 08,
     /// 53 and 57 but a dropped database, the statement timeout among them), a serialization
-    /// failure or deadlock, a lock not available, a busy or locked SQLite file.
+    /// failure or deadlock, a lock not available, a busy or locked SQLite file, or one that is
+    /// out of disk or memory (see `sqlite_unavailable`).
     pub fn is_unavailable(&self) -> bool {
         match self {
             StoreError::Database(e) => unavailable(e),
@@ -195,18 +196,14 @@ fn unavailable(e: &sqlx::Error) -> bool {
 
 /// Whether a SQLite primary result code says the file cannot serve the call for now: busy or
 /// locked by another writer, a locking protocol failure (`SQLITE_PROTOCOL`), or out of a
-/// resource, as Postgres's class 53 says it: a full disk (`SQLITE_FULL`), memory
-/// (`SQLITE_NOMEM`), or a file descriptor to open the file with (`SQLITE_CANTOPEN`, when
-/// connections are opened as the pool grows). The statement did not take effect.
+/// resource, as Postgres's class 53 says it: a full disk (`SQLITE_FULL`) or memory
+/// (`SQLITE_NOMEM`). The statement did not take effect. Not `SQLITE_CANTOPEN`: a wrong path,
+/// or a directory without permission, says it too, for good, and the start waits only for
+/// what may pass.
 fn sqlite_unavailable(primary: i32) -> bool {
     matches!(
         primary,
-        SQLITE_BUSY
-            | SQLITE_LOCKED
-            | SQLITE_NOMEM
-            | SQLITE_FULL
-            | SQLITE_CANTOPEN
-            | SQLITE_PROTOCOL
+        SQLITE_BUSY | SQLITE_LOCKED | SQLITE_NOMEM | SQLITE_FULL | SQLITE_PROTOCOL
     )
 }
 
@@ -250,7 +247,6 @@ const SQLITE_BUSY: i32 = 5;
 const SQLITE_LOCKED: i32 = 6;
 const SQLITE_NOMEM: i32 = 7;
 const SQLITE_FULL: i32 = 13;
-const SQLITE_CANTOPEN: i32 = 14;
 const SQLITE_PROTOCOL: i32 = 15;
 
 /// Which database refused a statement, and its code for why.

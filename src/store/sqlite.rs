@@ -1615,6 +1615,20 @@ mod tests {
         assert!(!StoreError::from(syntax).is_unavailable());
     }
 
+    // A file that cannot be opened (its directory does not exist: a wrong path) is not the
+    // database away for now: the start fails at once, naming it, rather than trying again for
+    // half a minute.
+    #[tokio::test]
+    async fn a_file_that_cannot_be_opened_does_not_pass_at_start() {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite://{}", dir.path().join("no/such/dir/q.db").display());
+        let Err(e) = SqliteStore::connect(&url).await else {
+            panic!("opened a file in a directory that does not exist");
+        };
+        assert!(!e.may_pass_at_start(), "{e}");
+        assert!(!e.is_unavailable(), "{e}");
+    }
+
     // A full disk is the database unavailable for now (503, retried), as Postgres's
     // `disk_full` is, not a fault of the server's own (500). Here the file may not grow past
     // the pages it has (`max_page_count`), as a full disk stops it.
