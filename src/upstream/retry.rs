@@ -58,8 +58,9 @@ impl RetryPolicy {
     /// `MAX_RETRY_AFTER`; a longer one ends the step instead when its job is requeued for it,
     /// see `with_retries`). A shorter one does not cut the backoff: `Retry-After: 0` from every
     /// call of a busy gateway would otherwise spend a step's attempts at once, all at the same
-    /// instant. A `Retry-After` is stretched by up to `jitter_fraction`, never shortened: the
-    /// calls one rate limit turned away, told the same wait, do not all come back at once.
+    /// instant. A `Retry-After` is stretched by up to `jitter_fraction` (never shortened, nor
+    /// stretched past `MAX_RETRY_AFTER`): the calls one rate limit turned away, told the same
+    /// wait, do not all come back at once.
     pub fn delay(&self, failed: u32, err: &UpstreamError) -> Duration {
         let exp = self
             .base
@@ -71,6 +72,7 @@ impl RetryPolicy {
             Some(after) => after
                 .min(MAX_RETRY_AFTER)
                 .mul_f64(1.0 + self.jitter_fraction * draw)
+                .min(MAX_RETRY_AFTER)
                 .max(backoff),
             None => backoff,
         }
@@ -247,7 +249,9 @@ mod tests {
         let after = |j, secs| policy(j).delay(1, &err(Some(Duration::from_secs(secs))));
         assert_eq!(after(0.5, 20), Duration::from_secs(21));
         assert_eq!(after(0.999, 20), Duration::from_secs_f64(20.0 * 1.0999));
-        assert_eq!(after(0.5, 100_000), MAX_RETRY_AFTER.mul_f64(1.05));
+        // Not past the longest a step waits.
+        assert_eq!(after(0.5, 100_000), MAX_RETRY_AFTER);
+        assert_eq!(after(0.999, 290), MAX_RETRY_AFTER);
     }
 
     fn status(code: u16, retry_after: Option<u64>) -> UpstreamError {
@@ -309,9 +313,8 @@ mod tests {
             Some(MAX_RETRY_AFTER + Duration::from_secs(1))
         );
         assert_eq!(calls.load(Ordering::SeqCst), 2);
-        // The first Retry-After, at the limit, was waited out (stretched by the jitter, 5 % at
-        // the midpoint); the second was not.
-        assert_eq!(start.elapsed(), MAX_RETRY_AFTER.mul_f64(1.05));
+        // The first Retry-After, at the limit, was waited out; the second was not.
+        assert_eq!(start.elapsed(), MAX_RETRY_AFTER);
 
         // A caller that cannot requeue (an analysis, a job's last attempt) waits the limit and
         // asks again, as before.
@@ -321,7 +324,7 @@ mod tests {
         let got = with_retries(&policy(0.5), &CancellationToken::new(), false, call).await;
         assert_eq!(got.unwrap(), "answer");
         assert_eq!(calls.load(Ordering::SeqCst), 2);
-        assert_eq!(start.elapsed(), MAX_RETRY_AFTER.mul_f64(1.05));
+        assert_eq!(start.elapsed(), MAX_RETRY_AFTER);
     }
 
     #[tokio::test(start_paused = true)]
