@@ -183,10 +183,12 @@ pub struct SqliteStore {
 const OTHERS_EVERY: Duration = Duration::from_secs(1);
 
 /// How far before the latest cancel it has seen `watch_other_processes` looks again: a cancel
-/// committed after a later one may carry an earlier time. Each took its time before its write
-/// queued for the file's one writer, which may take the writer pool's acquire timeout (30 s)
-/// and the busy timeout (10 s), and a compare-and-set tried again keeps that time.
-const CANCELS_OVERLAP_MS: i64 = 60_000;
+/// committed after a later one may carry an earlier time. Each took its time before it read the
+/// job (the reader pool's 30 s to acquire) and its write queued for the file's one writer (the
+/// writer pool's 30 s, then the busy timeout's 10 s); a compare-and-set tried again because a
+/// claim landed in between keeps that time. Two minutes outlast those; each look again reads
+/// the cancels of that window (by a partial index), and only when another process committed.
+const CANCELS_OVERLAP_MS: i64 = 120_000;
 
 /// Another process on the same file (a `fusion worker` beside `fusion serve`, say) commits where
 /// this one's events do not reach: a cancel made there would reach a job running here only at
