@@ -57,9 +57,9 @@ impl ApiError {
     /// asked for, paid for).
     pub fn may_have_changed(mut self, id: Uuid, change: &str) -> ApiError {
         self.jobs.push(id);
-        self.message += &format!(
-            "; the {change} of job {id} may have taken effect: fetch it from GET /v1/jobs/{id} \
-             rather than sending it again"
+        self.message = format!(
+            "the database did not confirm the {change} of job {id}, which may have taken \
+             effect: fetch it from GET /v1/jobs/{id} rather than sending it again"
         );
         self
     }

@@ -391,15 +391,22 @@ async fn a_member_cut_off_by_the_panel_timeout_keeps_the_usage_of_its_billed_tri
     let app = spawn_app().await;
     let garbled = r#"{"choices": [{"message": {"content": "hi"}}],
         "usage": {"prompt_tokens": 100, "completion_tokens": 400}}{"x": 1}"#;
-    app.fake
-        .script("late", Kind::Panel, vec![Reply::RawOk(garbled), Reply::Hang]);
+    app.fake.script(
+        "late",
+        Kind::Panel,
+        vec![Reply::RawOk(garbled), Reply::Hang],
+    );
     let mut body = body_with_panel(&["quick", "late"], "judge");
     body["plugins"][0]["min_panel"] = 1.into();
     body["plugins"][0]["panel_timeout_ms"] = 500.into();
     let id = app.submit_ok(&body).await;
     let job = app.wait_final(&id, 10).await;
     assert_eq!(job["status"], "succeeded", "{job:#}");
-    assert_eq!(app.fake.calls("late", Kind::Panel), 2, "tried again, then cut off");
+    assert_eq!(
+        app.fake.calls("late", Kind::Panel),
+        2,
+        "tried again, then cut off"
+    );
     assert_eq!(job["panel"][1]["error_code"], "panel_timeout", "{job:#}");
     assert_usage(&job["panel"][1]["usage"], 100, 400);
     // quick, late's billed try, the analysis and the final.
