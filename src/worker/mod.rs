@@ -165,7 +165,8 @@ pub struct Worker {
     last_writes: CancellationToken,
     /// Claims and inserts that failed and may have committed all the same, leaving jobs
     /// running under this process's lease with nobody on them: handed back before each claim
-    /// and at each heartbeat until a lease past that lease's end (see `hand_back_unconfirmed`).
+    /// and a heartbeat's interval apart until a lease past that lease's end (see
+    /// `hand_back_unconfirmed`, `hand_back_loop`).
     unconfirmed: Mutex<Vec<Unconfirmed>>,
     /// The lease end of this worker's last claim: each claim's ends later (see `claim`).
     last_claim_end: AtomicI64,
@@ -234,8 +235,8 @@ impl Slot {
     /// sit so until the lease ran out, an attempt spent (a job on its last one failed without
     /// having run). The release is fenced on the job's first attempt under this lease, so it
     /// requeues that job only, and does nothing if the insert did not land; tried now, then
-    /// once a heartbeat's interval (before a claim, or at a heartbeat) until a lease past this
-    /// one's end, as a lost claim's jobs are: an insert given up unanswered may commit late.
+    /// once a heartbeat's interval (before a claim, or by `hand_back_loop`) until a lease past
+    /// this one's end, as a lost claim's jobs are: an insert given up unanswered may commit late.
     pub async fn hand_back_unconfirmed(self, id: Uuid) {
         let lease = Lease {
             job_id: id,
@@ -439,9 +440,9 @@ impl Worker {
     /// the same (the connection broke, or the wait ran out, after the statement went out): its
     /// jobs would then run under this process's lease with nobody on them until it ran out, an
     /// attempt spent (a job on its last one failed without having run). So the jobs running
-    /// under exactly that lease are handed back at once, and again before each later claim and
-    /// at each heartbeat until a lease past that lease's end: a claim given up unanswered may
-    /// commit late (see `hand_back_unconfirmed`).
+    /// under exactly that lease are handed back at once, and again before each later claim
+    /// and a heartbeat's interval apart until a lease past that lease's end: a claim given up
+    /// unanswered may commit late (see `hand_back_unconfirmed`).
     async fn claim(&self, wanted: u32) -> Result<Vec<Claimed>, StoreError> {
         self.hand_back_unconfirmed(Pace::Paced).await;
         // A claim's lease ends at an odd millisecond, the leases this process renews or starts
@@ -550,6 +551,7 @@ impl Worker {
         let heartbeat = tokio::spawn(self.clone().heartbeat_loop(background.clone()));
         let rescuer = tokio::spawn(self.clone().rescue_loop(background.clone()));
         let cancels = tokio::spawn(self.clone().cancel_loop(background.clone()));
+        let hand_backs = tokio::spawn(self.clone().hand_back_loop(background.clone()));
 
         self.dispatch_loop(&shutdown).await;
 
@@ -584,13 +586,13 @@ impl Worker {
                 let _ = tokio::time::timeout(Duration::from_secs(1), tracker.wait()).await;
             }
         }
-        // No job runs here any more. A heartbeat, rescue or cancel read under way would run to
-        // its own bound (the statement timeout; with none, until TCP gives up): dropped instead.
+        // No job runs here any more. A heartbeat, rescue, cancel read or hand-back under way
+        // would run to its own bound (the statement timeout; with none, until TCP gives up): dropped instead.
         background.cancel();
-        for task in [&heartbeat, &rescuer, &cancels] {
+        for task in [&heartbeat, &rescuer, &cancels, &hand_backs] {
             task.abort();
         }
-        let _ = tokio::join!(heartbeat, rescuer, cancels);
+        let _ = tokio::join!(heartbeat, rescuer, cancels, hand_backs);
         // A claim or an insert whose answer was lost may have left jobs running here, and no
         // later claim will hand them back: one more try now, of every one, paced or not (which
         // also finds one that committed late meanwhile).
@@ -892,10 +894,23 @@ impl Worker {
                 _ = stop.cancelled() => return,
                 _ = ticks.tick() => {}
             }
-            // The hand-backs too, not only before claims: a worker whose slots are all busy
-            // claims nothing, and one due meanwhile would wait for a slot to free. Beside the
-            // renewal, not after it: a slow one does not hold the next renewal back.
-            tokio::join!(self.heartbeat(), self.hand_back_unconfirmed(Pace::Paced));
+            self.heartbeat().await;
+        }
+    }
+
+    /// Hand back, at a heartbeat's interval, the claims and inserts whose answer was lost, as
+    /// each claim does first: a worker whose slots are all busy claims nothing, and one due
+    /// meanwhile would wait for a slot to free. In a task of its own, so that a slow hand-back
+    /// (a row locked elsewhere) never holds a renewal back; aborted at shutdown part way, it
+    /// loses no entry (`Taken`).
+    async fn hand_back_loop(self: Arc<Self>, stop: CancellationToken) {
+        let every = self.config.lease / 3;
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = tokio::time::sleep(every) => {}
+            }
+            self.hand_back_unconfirmed(Pace::Paced).await;
         }
     }
 

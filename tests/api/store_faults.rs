@@ -1210,12 +1210,13 @@ async fn a_worker_with_a_slot() -> (
     tokio::task::JoinHandle<()>,
     Slot,
 ) {
-    a_worker_of(1).await
+    a_worker_of(1, Duration::from_secs(3)).await
 }
 
-/// `a_worker_with_a_slot`, running up to `concurrency` jobs at a time.
+/// `a_worker_with_a_slot`, running up to `concurrency` jobs at a time under `lease`.
 async fn a_worker_of(
     concurrency: u32,
+    lease: Duration,
 ) -> (
     TestApp,
     Arc<Faulty>,
@@ -1226,7 +1227,7 @@ async fn a_worker_of(
     let app = spawn_api_only().await;
     let config = WorkerConfig {
         concurrency,
-        lease: Duration::from_secs(3),
+        lease,
         poll_interval: Duration::from_millis(50),
         shutdown_grace: Duration::from_secs(1),
         ..WorkerConfig::default()
@@ -1384,13 +1385,13 @@ async fn the_last_sweep_at_shutdown_tries_every_unconfirmed_insert() {
 }
 
 // An unconfirmed insert's hand-back is tried again a heartbeat's interval later even while
-// every slot of the worker is busy, so that it claims nothing. Here the first try found nothing
+// every slot of the worker is busy, so that it claims nothing (`hand_back_loop`). Here the first try found nothing
 // (the insert had not landed), and both slots then took jobs that run a minute. Before, the
 // hand-back was tried again only before a claim, and an insert landing late stayed running
 // with nobody on it until its lease ran out, its first attempt spent.
 #[tokio::test]
 async fn an_unconfirmed_insert_is_handed_back_again_while_every_slot_is_busy() {
-    let (app, store, shutdown, running, slot) = a_worker_of(2).await;
+    let (app, store, shutdown, running, slot) = a_worker_of(2, Duration::from_secs(6)).await;
     app.fake
         .set_default(Reply::Delay(60_000, Box::new(Reply::Ok)));
     slot.hand_back_unconfirmed(Uuid::now_v7()).await;
@@ -1402,10 +1403,10 @@ async fn an_unconfirmed_insert_is_handed_back_again_while_every_slot_is_busy() {
         app.fake.calls("m1", Kind::Panel) == 2
     })
     .await;
-    // Tried again at a heartbeat (every second under the 3 s lease) past its pace (a second).
+    // Tried again by the hand-back loop (every 2 s under the 6 s lease) past its pace (2 s).
     until_within(
         "the hand-back tried again",
-        Duration::from_secs(4),
+        Duration::from_secs(6),
         async || store.job_releases.load(Ordering::SeqCst) >= 2,
     )
     .await;
@@ -1413,13 +1414,14 @@ async fn an_unconfirmed_insert_is_handed_back_again_while_every_slot_is_busy() {
     running.await.unwrap();
 }
 
-// A heartbeat's sweep of unconfirmed inserts that is under way when shutdown aborts the
-// heartbeat loses none of them: the worker's last sweep tries the insert it held. Here the
-// heartbeat's try of the hand-back waits on the database when shutdown comes. Before, the entry
-// was out of the list while it was tried, and went with the aborted sweep.
+// A sweep of unconfirmed inserts that is under way when shutdown aborts the hand-back loop loses
+// none of them: the worker's last sweep tries the insert it held. Here the loop's try of the
+// hand-back waits on the database when shutdown comes. Before, the entry was out of the list
+// while it was tried, and went with the aborted sweep. (The entry is kept a lease past its own:
+// 12 s from the slot, well past the last sweep.)
 #[tokio::test]
-async fn a_heartbeats_sweep_aborted_at_shutdown_loses_no_unconfirmed_insert() {
-    let (app, store, shutdown, running, slot) = a_worker_of(2).await;
+async fn a_sweep_aborted_at_shutdown_loses_no_unconfirmed_insert() {
+    let (app, store, shutdown, running, slot) = a_worker_of(2, Duration::from_secs(6)).await;
     app.fake
         .set_default(Reply::Delay(60_000, Box::new(Reply::Ok)));
     let id = Uuid::now_v7();
@@ -1434,9 +1436,11 @@ async fn a_heartbeats_sweep_aborted_at_shutdown_loses_no_unconfirmed_insert() {
     let open = tokio_util::sync::CancellationToken::new();
     *store.held_release.lock().unwrap() = Some((id, open.clone()));
     let tries = || store.held_releases.load(Ordering::SeqCst);
-    until_within("the heartbeat's try", Duration::from_secs(4), async || {
-        tries() == 1
-    })
+    until_within(
+        "the hand-back loop's try",
+        Duration::from_secs(6),
+        async || tries() == 1,
+    )
     .await;
     shutdown.cancel();
     until_within("the last sweep's try", Duration::from_secs(8), async || {
