@@ -12,7 +12,7 @@ use crate::job::Usage;
 /// The longest `Retry-After` we wait out within one step, and pass on to a client. A step asked
 /// to wait longer (a quota that resets in an hour) whose job can be requeued for it ends at once
 /// with that error, and its job waits in the queue instead (`Job::next_try_after`), holding no
-/// worker slot meanwhile; any other waits this long and asks again.
+/// worker slot meanwhile; any other waits about this long (`RetryPolicy::delay`) and asks again.
 pub const MAX_RETRY_AFTER: Duration = Duration::from_secs(300);
 
 /// A source of uniform randomness in [0, 1).
@@ -59,8 +59,9 @@ impl RetryPolicy {
     /// see `with_retries`). A shorter one does not cut the backoff: `Retry-After: 0` from every
     /// call of a busy gateway would otherwise spend a step's attempts at once, all at the same
     /// instant. A `Retry-After` is stretched by up to `jitter_fraction` (never shortened, nor
-    /// stretched past `MAX_RETRY_AFTER`): the calls one rate limit turned away, told the same
-    /// wait, do not all come back at once.
+    /// stretched past `MAX_RETRY_AFTER`), and one of `MAX_RETRY_AFTER` or more, which is not
+    /// waited out whole anyway, is spread as far under it: the calls one rate limit turned
+    /// away, told the same wait, do not all come back at once.
     pub fn delay(&self, failed: u32, err: &UpstreamError) -> Duration {
         let exp = self
             .base
@@ -69,8 +70,10 @@ impl RetryPolicy {
         let draw = (self.jitter)();
         let backoff = capped.mul_f64((1.0 + self.jitter_fraction * (draw * 2.0 - 1.0)).max(0.0));
         match err.retry_after {
+            Some(after) if after >= MAX_RETRY_AFTER => MAX_RETRY_AFTER
+                .mul_f64(1.0 - self.jitter_fraction * draw)
+                .max(backoff),
             Some(after) => after
-                .min(MAX_RETRY_AFTER)
                 .mul_f64(1.0 + self.jitter_fraction * draw)
                 .min(MAX_RETRY_AFTER)
                 .max(backoff),
@@ -149,7 +152,8 @@ impl Upstream {
 /// sleep, so paused time drives it in tests), fatal ones and the last attempt's return at
 /// once, and so does one whose `Retry-After` is over `MAX_RETRY_AFTER` when the caller
 /// `requeues` its job for such a wait (a panel or final step with a next attempt left; an
-/// analysis, or a job's last attempt, waits `MAX_RETRY_AFTER` and asks again); a call that
+/// analysis, or a job's last attempt, waits about `MAX_RETRY_AFTER`, see `RetryPolicy::delay`,
+/// and asks again); a call that
 /// says `Cancelled` ends the loop as a cancel does.
 pub async fn with_retries<T, F, Fut>(
     policy: &RetryPolicy,
@@ -238,6 +242,7 @@ mod tests {
         assert_eq!(after(1, 7), Duration::from_secs(7));
         assert_eq!(after(1, 120), Duration::from_secs(120));
         assert_eq!(after(1, 100_000), MAX_RETRY_AFTER);
+        assert_eq!(after(1, 300), MAX_RETRY_AFTER);
         assert_eq!(after(1, 0), Duration::from_millis(900));
         assert_eq!(after(4, 2), Duration::from_millis(7200));
     }
@@ -249,9 +254,11 @@ mod tests {
         let after = |j, secs| policy(j).delay(1, &err(Some(Duration::from_secs(secs))));
         assert_eq!(after(0.5, 20), Duration::from_secs(21));
         assert_eq!(after(0.999, 20), Duration::from_secs_f64(20.0 * 1.0999));
-        // Not past the longest a step waits.
-        assert_eq!(after(0.5, 100_000), MAX_RETRY_AFTER);
+        // Not past the longest a step waits; one asking for that or more (not waited out
+        // whole) is spread as far under it.
         assert_eq!(after(0.999, 290), MAX_RETRY_AFTER);
+        assert_eq!(after(0.5, 100_000), MAX_RETRY_AFTER.mul_f64(0.95));
+        assert_eq!(after(0.5, 300), MAX_RETRY_AFTER.mul_f64(0.95));
     }
 
     fn status(code: u16, retry_after: Option<u64>) -> UpstreamError {
@@ -313,8 +320,9 @@ mod tests {
             Some(MAX_RETRY_AFTER + Duration::from_secs(1))
         );
         assert_eq!(calls.load(Ordering::SeqCst), 2);
-        // The first Retry-After, at the limit, was waited out; the second was not.
-        assert_eq!(start.elapsed(), MAX_RETRY_AFTER);
+        // The first Retry-After, at the limit, was waited out (less the jitter's 5 % at the
+        // midpoint, as the calls it turned away are spread under the limit); the second was not.
+        assert_eq!(start.elapsed(), MAX_RETRY_AFTER.mul_f64(0.95));
 
         // A caller that cannot requeue (an analysis, a job's last attempt) waits the limit and
         // asks again, as before.
@@ -324,7 +332,7 @@ mod tests {
         let got = with_retries(&policy(0.5), &CancellationToken::new(), false, call).await;
         assert_eq!(got.unwrap(), "answer");
         assert_eq!(calls.load(Ordering::SeqCst), 2);
-        assert_eq!(start.elapsed(), MAX_RETRY_AFTER);
+        assert_eq!(start.elapsed(), MAX_RETRY_AFTER.mul_f64(0.95));
     }
 
     #[tokio::test(start_paused = true)]
