@@ -186,8 +186,10 @@ const OTHERS_EVERY: Duration = Duration::from_secs(1);
 /// committed after a later one may carry an earlier time. Each took its time before it read the
 /// job (the reader pool's 30 s to acquire) and its write queued for the file's one writer (the
 /// writer pool's 30 s, then the busy timeout's 10 s); a compare-and-set tried again because a
-/// claim landed in between keeps that time. Two minutes outlast those; each look again reads
-/// the cancels of that window (by a partial index), and only when another process committed.
+/// claim landed in between keeps that time. Two minutes outlast one pass of those waits (a
+/// second pass, which takes a claim landing in between, may not be covered); each look again
+/// reads the cancels of that window (by a partial index), and only when another process
+/// committed.
 const CANCELS_OVERLAP_MS: i64 = 120_000;
 
 /// Another process on the same file (a `fusion worker` beside `fusion serve`, say) commits where
