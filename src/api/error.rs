@@ -33,6 +33,10 @@ pub struct ApiError {
     pub param: Option<&'static str>,
     /// How long an upstream asked to be left alone (its `Retry-After`), passed on as ours.
     pub retry_after: Option<Duration>,
+    /// The same request would fail the same way whatever its status (answered with
+    /// `x-should-retry: false`): a refusal of this server's credentials, until an operator
+    /// mends them.
+    pub same_again: bool,
 }
 
 impl ApiError {
@@ -48,6 +52,7 @@ impl ApiError {
             jobs: Vec::new(),
             param: None,
             retry_after: None,
+            same_again: false,
         }
     }
 
@@ -147,7 +152,10 @@ impl ApiError {
                 (status, "upstream_error")
             }
         };
-        ApiError::new(status, code, e.message).retry_after(e.retry_after)
+        ApiError {
+            same_again: e.kind == ErrorKind::Auth,
+            ..ApiError::new(status, code, e.message).retry_after(e.retry_after)
+        }
     }
 
     fn kind(&self) -> &'static str {
@@ -192,7 +200,7 @@ impl IntoResponse for ApiError {
             headers.insert(JOB_HEADER, jobs_header(&self.jobs));
             headers.insert(SHOULD_RETRY_HEADER, HeaderValue::from_static("false"));
         } else if (self.status.is_client_error() && !matches!(self.status.as_u16(), 408 | 429))
-            || self.code == "upstream_auth"
+            || self.same_again
         {
             // The same request gets the same answer: the SDKs would resend a 409 (a retry of a
             // job still running) up to twice, and a resend that lands once the job has failed
