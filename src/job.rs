@@ -352,6 +352,17 @@ pub struct StartHere {
     pub lease_expires_at: i64,
 }
 
+impl StartHere {
+    /// The lease job `job_id` is inserted under: its first attempt, this owner's.
+    pub fn lease_of(&self, job_id: Uuid) -> Lease {
+        Lease {
+            job_id,
+            attempt: 1,
+            owner: self.owner.clone(),
+        }
+    }
+}
+
 impl NewJob {
     /// The job as `enqueue` stores it: queued, runnable from its creation, never claimed.
     pub fn into_queued(self) -> Job {

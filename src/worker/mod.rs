@@ -238,13 +238,8 @@ impl Slot {
     /// once a heartbeat's interval (before a claim, or by `hand_back_loop`) until a lease past
     /// this one's end, as a lost claim's jobs are: an insert given up unanswered may commit late.
     pub async fn hand_back_unconfirmed(self, id: Uuid) {
-        let lease = Lease {
-            job_id: id,
-            attempt: 1,
-            owner: self.start.owner.clone(),
-        };
         let insert = Unconfirmed::Insert {
-            lease,
+            lease: self.start.lease_of(id),
             until: self.start.lease_expires_at,
             next_try: i64::MIN,
         };
@@ -268,11 +263,7 @@ impl Slot {
         // The lease the job was inserted under, not the one it was read back with: an insert
         // whose answer was slow may be read back after its lease ran out and another worker
         // claimed the job, whose run a hand-back under that lease would stop.
-        let ours = Lease {
-            job_id: job.id,
-            attempt: 1,
-            owner: start.owner.clone(),
-        };
+        let ours = start.lease_of(job.id);
         let hand_back = || async {
             with_db_retries(&worker.last_writes, || worker.store.release(&ours)).await;
         };
@@ -283,10 +274,7 @@ impl Slot {
         // Read back after an insert whose answer was lost, the job may be another lease's by
         // now (rescued, then requeued or claimed again, by this process too): only what this
         // slot's insert started runs here, or the same attempt would run twice.
-        let inserted_here = job.status == JobStatus::Running
-            && job.attempt == ours.attempt
-            && job.lease_owner.as_deref() == Some(ours.owner.as_str());
-        if !inserted_here {
+        if job.status != JobStatus::Running || job.lease().as_ref() != Some(&ours) {
             tracing::info!(job = %job.id, attempt = job.attempt,
                 "the job was another lease's by the time its insert was read back; not \
                  running it here");
@@ -587,7 +575,8 @@ impl Worker {
             }
         }
         // No job runs here any more. A heartbeat, rescue, cancel read or hand-back under way
-        // would run to its own bound (the statement timeout; with none, until TCP gives up): dropped instead.
+        // would run to its own bound (the statement timeout; with none, until TCP gives up):
+        // dropped instead.
         background.cancel();
         for task in [&heartbeat, &rescuer, &cancels, &hand_backs] {
             task.abort();
