@@ -1822,13 +1822,20 @@ async fn a_job_started_at_its_submit_unconfirmed_and_unreadable_is_handed_back()
     );
 }
 
-#[tokio::test]
-async fn a_retry_that_committed_is_answered_as_done_when_the_steps_cannot_be_read() {
-    let (app, store) = app_on(Faults::default(), true, "").await;
+/// A job whose final call was refused (`401`, final), failed, whose next final call answers:
+/// its id.
+async fn failed_once(app: &TestApp) -> String {
     app.fake
         .script("judge", Kind::Final, vec![Reply::Status(401), Reply::Ok]);
     let id = app.submit_ok(&body_with_panel(&["m1"], "judge")).await;
     assert_eq!(app.wait_final(&id, 10).await["status"], "failed");
+    id
+}
+
+#[tokio::test]
+async fn a_retry_that_committed_is_answered_as_done_when_the_steps_cannot_be_read() {
+    let (app, store) = app_on(Faults::default(), true, "").await;
+    let id = failed_once(&app).await;
     store.step_reads_left.store(1, Ordering::SeqCst);
     let resp = app.post(&format!("/v1/jobs/{id}/retry")).await;
     assert_eq!(resp.status(), 202);
@@ -1955,10 +1962,7 @@ async fn renewed_to_the_end(
 #[tokio::test]
 async fn a_retry_unconfirmed_is_answered_naming_the_job() {
     let (app, store) = app_on(Faults::default(), true, "").await;
-    app.fake
-        .script("judge", Kind::Final, vec![Reply::Status(400), Reply::Ok]);
-    let id = app.submit_ok(&body_with_panel(&["m1"], "judge")).await;
-    assert_eq!(app.wait_final(&id, 10).await["status"], "failed");
+    let id = failed_once(&app).await;
     store.unconfirmed_retries.store(1, Ordering::SeqCst);
     let resp = app.post(&format!("/v1/jobs/{id}/retry")).await;
     assert_eq!(resp.status(), 503);
