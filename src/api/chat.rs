@@ -153,10 +153,9 @@ async fn fusion_completion(
     } else {
         let id = job.id;
         drop(job);
-        match watch::wait_final(&state.watch, state.store.as_ref(), id).await {
-            Ok(job) => finished_completion(&job),
-            Err(e) => Err(e),
-        }
+        watch::wait_final(&state.watch, state.store.as_ref(), id)
+            .await
+            .and_then(|job| finished_completion(&job))
     };
     if !replayed {
         return answer;

@@ -153,8 +153,7 @@ impl Upstream {
 /// once, and so does one whose `Retry-After` is over `MAX_RETRY_AFTER` when the caller
 /// `requeues` its job for such a wait (a panel or final step with a next attempt left; an
 /// analysis, or a job's last attempt, waits about `MAX_RETRY_AFTER`, see `RetryPolicy::delay`,
-/// and asks again); a call that
-/// says `Cancelled` ends the loop as a cancel does.
+/// and asks again); a call that says `Cancelled` ends the loop as a cancel does.
 pub async fn with_retries<T, F, Fut>(
     policy: &RetryPolicy,
     cancel: &CancellationToken,
@@ -248,9 +247,10 @@ mod tests {
     }
 
     // Calls a rate limit turned away with the same Retry-After come back spread over the tenth
-    // after it, never before it.
+    // after it, never before it, and within the longest a step waits; those told to wait that
+    // long or more, over the tenth under it.
     #[test]
-    fn retry_after_is_stretched_by_the_jitter_never_shortened() {
+    fn retry_after_is_spread_by_the_jitter() {
         let after = |j, secs| policy(j).delay(1, &err(Some(Duration::from_secs(secs))));
         assert_eq!(after(0.5, 20), Duration::from_secs(21));
         assert_eq!(after(0.999, 20), Duration::from_secs_f64(20.0 * 1.0999));

@@ -469,8 +469,8 @@ async fn an_empty_completion_says_why_it_stopped() {
 // A choice with no message (a content filter's `finish_reason` alone, or `"message": null`)
 // is an empty completion: final, and billed. A body of another shape that still has `usage`
 // (an error in a 2xx, choices that are not a list, a whole answer with bytes after it) is
-// retried, and what it was billed for is counted. Before, both failed to parse as a garbled answer whose usage was lost, and the
-// first was asked for again.
+// retried, and what it was billed for is counted. Before, both failed to parse as a garbled
+// answer whose usage was lost, and the first was asked for again.
 #[tokio::test]
 async fn answers_of_another_shape_keep_their_usage() {
     let usage = r#""usage": {"prompt_tokens": 9, "completion_tokens": 2}"#;
