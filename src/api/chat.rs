@@ -11,7 +11,7 @@ use serde_json::{Value, json};
 use uuid::Uuid;
 
 use super::error::ApiError;
-use super::jobs::{REPLAYED_HEADER, enqueue, idempotency_key, refuse_recursion};
+use super::jobs::{self, REPLAYED_HEADER, enqueue, idempotency_key, refuse_recursion};
 use super::{ApiJson, AppState, relay, request, stream, tool, watch};
 use crate::job::{Job, JobStatus, is_fusion_model};
 
@@ -121,7 +121,8 @@ pub async fn completions(
         opts.refuse_stray(&body)?;
         return tool::run(state, body, model, opts).await;
     }
-    relay::passthrough(&state, &model, body).await
+    let depth = jobs::relay_depth(&headers)?;
+    relay::passthrough(&state, &model, body, depth).await
 }
 
 /// A completion by a fusion model: its job, enqueued (or, for an SDK's retry, the one its first

@@ -47,6 +47,45 @@ pub async fn submit(
 /// Requests made by a fusion run itself carry this header; they may not start another run.
 pub const DEPTH_HEADER: &str = "x-fusion-depth";
 
+/// The most fusion servers one relayed request may pass through: enough for a gateway in front
+/// of another (a team's in front of a provider's), not for a loop (a server whose upstream URL
+/// is its own, or two pointed at each other), which would go round until every connection and
+/// file descriptor of the host was spent.
+pub const MAX_RELAY_DEPTH: u32 = 8;
+
+/// How many fusion servers a relayed request has passed through (its `x-fusion-depth`; 0
+/// without one), refused with `508 relay_loop` at `MAX_RELAY_DEPTH`.
+pub fn relay_depth(headers: &HeaderMap) -> Result<u32, ApiError> {
+    let Some(value) = headers.get(DEPTH_HEADER) else {
+        return Ok(0);
+    };
+    let depth = value
+        .to_str()
+        .ok()
+        .and_then(|v| v.trim().parse::<u32>().ok())
+        .ok_or_else(|| {
+            ApiError::bad_request(
+                "invalid_header",
+                format!("`{DEPTH_HEADER}` must be a whole number of hops"),
+            )
+        })?;
+    if depth >= MAX_RELAY_DEPTH {
+        return Err(ApiError {
+            same_again: true,
+            ..ApiError::new(
+                StatusCode::LOOP_DETECTED,
+                "relay_loop",
+                format!(
+                    "this request was relayed through {depth} fusion servers: an upstream base \
+                     URL (FUSION_UPSTREAM_URL or a provider's base_url) leads back to a fusion \
+                     server"
+                ),
+            )
+        });
+    }
+    Ok(depth)
+}
+
 /// Refuse a fusion run asked for from inside a fusion run (a panel model that is itself a
 /// fusion endpoint), which would otherwise recurse without end.
 pub fn refuse_recursion(headers: &HeaderMap) -> Result<(), ApiError> {

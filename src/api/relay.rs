@@ -17,10 +17,15 @@ use super::error::ApiError;
 use crate::upstream::UpstreamError;
 
 /// The body goes to the model's provider and its answer comes back (see [`relayed`]).
-pub async fn passthrough(state: &AppState, model: &str, body: Value) -> Result<Response, ApiError> {
+pub async fn passthrough(
+    state: &AppState,
+    model: &str,
+    body: Value,
+    depth: u32,
+) -> Result<Response, ApiError> {
     let (resp, key) = state
         .upstream
-        .relay(model, body)
+        .relay(model, body, depth + 1)
         .await
         .map_err(ApiError::upstream)?;
     // A refusal of this server's credentials is answered as ours (see `ApiError::upstream`),
@@ -277,7 +282,7 @@ mod tests {
         let up = upstream_at(&format!("{base}/v1"), key);
         let body = json!({"messages": [{"role": "user", "content": "hi"}], "stream": true});
         // The key the provider was configured with, as `relay` gives it.
-        let (answer, key) = up.relay("m", body).await.unwrap();
+        let (answer, key) = up.relay("m", body, 1).await.unwrap();
         let out = relayed(answer, key.map(str::to_string));
         let (status, headers) = (out.status(), out.headers().clone());
         let bytes = axum::body::to_bytes(out.into_body(), usize::MAX)
@@ -356,7 +361,7 @@ mod tests {
         );
         let (base, _) = answering(answer, Then::Close).await;
         let up = upstream_at(&format!("{base}/v1"), Some(key));
-        let (answer, sent) = up.relay("m", json!({"messages": []})).await.unwrap();
+        let (answer, sent) = up.relay("m", json!({"messages": []}), 1).await.unwrap();
         assert!(UpstreamError::status_refuses_our_credentials(
             answer.status().as_u16()
         ));

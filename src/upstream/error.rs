@@ -18,7 +18,7 @@ pub enum ErrorKind {
     Timeout,
     /// Could not connect, or the connection was reset.
     Connect,
-    /// 409, 425, or a 5xx but 501, 505 and 511.
+    /// 409, 425, or a 5xx but 501, 505, 508 and 511.
     Server,
     /// The body was cut off or was not a chat completion.
     BadBody,
@@ -132,8 +132,9 @@ pub(super) fn kind_of_status(status: u16) -> ErrorKind {
     match status {
         429 => ErrorKind::RateLimited,
         408 => ErrorKind::Timeout,
-        // Not Implemented and HTTP Version Not Supported: the same request gets the same answer.
-        501 | 505 => ErrorKind::Rejected,
+        // Not Implemented, HTTP Version Not Supported and Loop Detected (a fusion server's
+        // relay that leads back to itself): the same request gets the same answer.
+        501 | 505 | 508 => ErrorKind::Rejected,
         // A proxy's login (407 Proxy Authentication Required on the way out, 511 Network
         // Authentication Required) is an auth failure too.
         401 | 403 | 407 | 511 => ErrorKind::Auth,

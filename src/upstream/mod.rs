@@ -219,14 +219,16 @@ impl Upstream {
     /// the answer instead. Bounded whole by the timeout, as a completion is, a long generation
     /// streamed through was cut off mid-answer, without its end.
     /// Also the credential the call sent (the provider's key, or the base64 of its URL's
-    /// userinfo), which the relayed answer must not show.
+    /// userinfo), which the relayed answer must not show. `depth`: the fusion servers the
+    /// request will have passed through (`DEPTH_HEADER`), counted so that a loop ends.
     pub async fn relay<'a>(
         &'a self,
         model: &'a str,
         body: Value,
+        depth: u32,
     ) -> Result<(reqwest::Response, Option<&'a str>), UpstreamError> {
         let resolved = self.resolve(model);
-        let answer = self.send_within(resolved, body, RELAY_FOR).await?;
+        let answer = self.send_within(resolved, body, RELAY_FOR, depth).await?;
         Ok((answer, resolved.1.credential()))
     }
 
@@ -250,18 +252,21 @@ impl Upstream {
     }
 
     /// POST a chat-completions body to a resolved provider (its `model` field set to the
-    /// provider's name for the model), the whole exchange bounded by `within`; the answer
-    /// whatever its status.
+    /// provider's name for the model, its `DEPTH_HEADER` `depth`), the whole exchange bounded
+    /// by `within`; the answer whatever its status.
     async fn send_within(
         &self,
         (_, endpoint, upstream_model): (&Provider, &Endpoint, &str),
         mut body: Value,
         within: Duration,
+        depth: u32,
     ) -> Result<reqwest::Response, UpstreamError> {
         body["model"] = json!(upstream_model);
         let body = serde_json::to_vec(&body)
             .map_err(|e| UpstreamError::new(ErrorKind::Rejected, None, e.to_string()))?;
-        self.post(endpoint, body, within).await
+        let mut headers = endpoint.headers.clone();
+        headers.insert(DEPTH_HEADER, HeaderValue::from(depth));
+        self.post(&endpoint.url, headers, body, within).await
     }
 
     /// POST a completion request to `provider` and read the answer whole: the body of a 2xx,
@@ -274,7 +279,10 @@ impl Upstream {
     ) -> Result<Answered, UpstreamError> {
         let key = endpoint.credential();
         let Some(target) = &endpoint.plain else {
-            let answer = self.post(endpoint, body, self.config.timeout).await?;
+            let headers = endpoint.headers.clone();
+            let answer = self
+                .post(&endpoint.url, headers, body, self.config.timeout)
+                .await?;
             return read_ok(answer, key, self.now(), self.error_wait()).await;
         };
         let answer = self
@@ -295,16 +303,17 @@ impl Upstream {
         )
     }
 
-    /// POST a JSON body to `endpoint` through reqwest.
+    /// POST a JSON body to `url` through reqwest.
     async fn post(
         &self,
-        endpoint: &Endpoint,
+        url: &str,
+        headers: hyper::HeaderMap,
         body: Vec<u8>,
         within: Duration,
     ) -> Result<reqwest::Response, UpstreamError> {
         self.http
-            .post(&endpoint.url)
-            .headers(endpoint.headers.clone())
+            .post(url)
+            .headers(headers)
             .timeout(within)
             .body(body)
             .send()
@@ -332,7 +341,7 @@ impl Upstream {
         body: Value,
     ) -> Result<(Value, Usage), UpstreamError> {
         let resp = self
-            .send_within(resolved, body, self.config.timeout)
+            .send_within(resolved, body, self.config.timeout, 1)
             .await?;
         let (provider, endpoint, _) = resolved;
         let key = endpoint.credential();

@@ -50,7 +50,7 @@ async fn a_relayed_answer_is_bounded_between_reads_not_whole() {
         &format!("{}/v1", trickling(5, every, Then::Close).await),
         None,
     );
-    let (answer, _) = up.relay("m", body.clone()).await.unwrap();
+    let (answer, _) = up.relay("m", body.clone(), 1).await.unwrap();
     let text = answer.text().await.expect("the whole stream");
     assert_eq!(text.matches("data: ").count(), 5, "{text}");
 
@@ -58,7 +58,7 @@ async fn a_relayed_answer_is_bounded_between_reads_not_whole() {
         &format!("{}/v1", trickling(1, every, Then::Hold).await),
         None,
     );
-    let (answer, _) = up.relay("m", body).await.unwrap();
+    let (answer, _) = up.relay("m", body, 1).await.unwrap();
     let started = Instant::now();
     let stalled = answer.text().await.unwrap_err();
     assert!(stalled.is_timeout(), "{stalled:?}");

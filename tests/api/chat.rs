@@ -1337,3 +1337,82 @@ async fn a_relayed_call_past_the_timeout_is_a_gateway_timeout() {
     let body: Value = resp.json().await.unwrap();
     assert_eq!(body["error"]["code"], "upstream_unreachable", "{body}");
 }
+
+// A server whose upstream leads back to itself (a base URL mistyped as its own address, two
+// servers pointed at each other) relays a plain model's request round and round. Each server
+// now counts itself in `x-fusion-depth`, and the eighth refuses with `508 relay_loop`, which
+// passes back out and is not resent; a job's panel call going round the same loop fails for
+// good, not tried again. Before, the request went round until some hop failed (here, after
+// ~4 s, a `502` reached the client).
+#[tokio::test]
+async fn a_relay_that_leads_back_to_its_own_server_ends_as_a_loop() {
+    use crate::restart::{Server, free_port, get_job};
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let itself = format!("http://127.0.0.1:{port}/v1");
+    let server = Server::start(&dir.path().join("fusion.db"), &itself, port).await;
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_secs(20))
+        .build()
+        .unwrap();
+    let hi = json!([{"role": "user", "content": "hi"}]);
+    let resp = client
+        .post(format!("{}/v1/chat/completions", server.address))
+        .json(&json!({"model": "vendor/x", "messages": hi}))
+        .send()
+        .await
+        .expect("an answer, not a request going round for good");
+    assert_eq!(resp.status(), 508);
+    assert_eq!(resp.headers()["x-should-retry"], "false");
+    let body: Value = resp.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "relay_loop", "{body}");
+    let message = body["error"]["message"].as_str().unwrap();
+    assert!(
+        message.contains("relayed through 8 fusion servers"),
+        "{message}"
+    );
+
+    let resp = client
+        .post(format!("{}/v1/jobs", server.address))
+        .json(&body_with_panel(&["vendor/x"], "vendor/judge"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 202);
+    let id = resp.json::<Value>().await.unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    let job = loop {
+        let job = get_job(&client, &server, &id).await;
+        if job["status"] == "failed" {
+            break job;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{job:#}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(job["attempt"], 1, "{job:#}");
+    let error = job["panel"][0]["error"].as_str().unwrap_or_default();
+    assert!(error.contains("upstream answered 508"), "{job:#}");
+}
+
+// The hop count a client sends is read as a number of hops: garbled, it is refused as a bad
+// header rather than taken as none.
+#[tokio::test]
+async fn a_garbled_hop_count_is_a_bad_request() {
+    let app = spawn_app().await;
+    let hi = json!([{"role": "user", "content": "hi"}]);
+    let resp = app
+        .client
+        .post(format!("{}/v1/chat/completions", app.address))
+        .header("x-fusion-depth", "many")
+        .json(&json!({"model": "vendor/x", "messages": hi}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 400);
+    let body: Value = resp.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "invalid_header", "{body}");
+    assert_eq!(app.fake.total_calls(), 0);
+}
