@@ -114,7 +114,17 @@ impl UpstreamError {
         self
     }
 
-    /// Classify an HTTP status.
+    /// A request refused for its `temperature` (a `400` or `422` whose message names it: a
+    /// model that takes only its own, as OpenAI's reasoning models and Anthropic's with
+    /// extended thinking do).
+    pub(super) fn names_temperature(&self) -> bool {
+        self.kind == ErrorKind::Rejected
+            && matches!(self.status, Some(400 | 422))
+            && self.message.to_ascii_lowercase().contains("temperature")
+    }
+
+    /// Classify an HTTP status, and the error its body names where that says more (a 429 that
+    /// is an account out of credit, not a rate limit).
     pub fn from_status(status: u16, body: &str, retry_after: Option<Duration>) -> Self {
         let kind = kind_of_status(status);
         let detail = upstream_message(body);

@@ -20,7 +20,7 @@ pub use retry::{CallError, Jitter, MAX_RETRY_AFTER, RetryPolicy, Tries};
 pub use wire::text_of;
 
 use std::borrow::Cow;
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -48,6 +48,17 @@ pub struct CompletionRequest<'a> {
     pub stop: Option<&'a Value>,
 }
 
+impl CompletionRequest<'_> {
+    /// The same request with no `temperature`, its messages borrowed.
+    fn without_temperature(&self) -> CompletionRequest<'_> {
+        CompletionRequest {
+            messages: Cow::Borrowed(&self.messages),
+            temperature: None,
+            ..*self
+        }
+    }
+}
+
 /// A successful completion.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Completion {
@@ -70,6 +81,8 @@ pub struct Upstream {
     config: UpstreamConfig,
     /// What a `Retry-After` date is measured from when the answer has no `Date` of its own.
     clock: SharedClock,
+    /// The models that refused a `temperature` (see `complete`).
+    no_temperature: std::sync::Mutex<HashSet<String>>,
 }
 
 impl Upstream {
@@ -104,6 +117,7 @@ impl Upstream {
             endpoints,
             config,
             clock: Arc::new(SystemClock),
+            no_temperature: Default::default(),
         })
     }
 
@@ -125,6 +139,11 @@ impl Upstream {
 
     /// One call, no retries. Its error never shows the credential it sent, the provider's key or
     /// its URL's userinfo (`UpstreamError::hiding`).
+    ///
+    /// A model that refuses any `temperature` but its own (OpenAI's reasoning models answer
+    /// `400` to the analyst's 0) is asked again at once without one, and is sent none from then
+    /// on: the temperature is a preference, and the step would otherwise fail for good after
+    /// the panel was paid for.
     pub async fn complete(
         &self,
         model: &str,
@@ -132,9 +151,34 @@ impl Upstream {
     ) -> Result<Completion, UpstreamError> {
         let resolved = self.resolve(model);
         let key = resolved.1.credential();
-        self.complete_shown(model, resolved, req)
-            .await
-            .map_err(|e| e.hiding(key))
+        let known = req.temperature.is_some() && self.refuse_temperature(model);
+        let answered = match known {
+            true => {
+                self.complete_shown(model, resolved, &req.without_temperature())
+                    .await
+            }
+            false => self.complete_shown(model, resolved, req).await,
+        };
+        let answered = match answered {
+            Err(refused) if req.temperature.is_some() && !known && refused.names_temperature() => {
+                tracing::info!(model, error = %refused.hiding(key),
+                    "the model refuses the temperature asked; sending it none from now on");
+                self.no_temperature
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .insert(model.to_string());
+                self.complete_shown(model, resolved, &req.without_temperature())
+                    .await
+            }
+            answered => answered,
+        };
+        answered.map_err(|e| e.hiding(key))
+    }
+
+    /// Whether `model` is known to refuse a `temperature` (see `complete`).
+    fn refuse_temperature(&self, model: &str) -> bool {
+        let refusing = self.no_temperature.lock();
+        refusing.unwrap_or_else(|e| e.into_inner()).contains(model)
     }
 
     async fn complete_shown(

@@ -74,6 +74,9 @@ pub enum Reply {
     ToolCall(String, Value),
     /// Calls of these function tools, in parallel (`call_1`, `call_2`, ...).
     ToolCalls(Vec<(String, Value)>),
+    /// As OpenAI's reasoning models answer: `400` naming `temperature` to a call that sets
+    /// one, the default answer to one that does not.
+    RefusesTemperature,
 }
 
 pub const VALID_ANALYSIS: &str = r#"{"consensus":["the sky is blue"],"contradictions":[{"topic":"why","stances":[{"model":"m1","stance":"scattering"},{"model":"m2","stance":"reflection"}]}],"partial_coverage":[{"models":["m1"],"point":"sunsets"}],"unique_insights":[{"model":"m1","insight":"Rayleigh"}],"blind_spots":["other planets"]}"#;
@@ -323,6 +326,18 @@ async fn completions(
         state: state.clone(),
         key: Some((model.clone(), kind)),
     };
+    let reply = match reply {
+        Reply::RefusesTemperature if body.get("temperature").is_some() => {
+            let error = json!({"error": {
+                "message": "Unsupported value: 'temperature' does not support 0.0 with this \
+                    model. Only the default (1) value is supported.",
+                "type": "invalid_request_error", "param": "temperature",
+                "code": "unsupported_value"}});
+            return (StatusCode::BAD_REQUEST, Json(error)).into_response();
+        }
+        Reply::RefusesTemperature => Reply::Ok,
+        reply => reply,
+    };
     let resp = respond(reply, &model, kind).await;
     guard.key = None;
     if resp.status() == StatusCode::OK {
@@ -392,6 +407,8 @@ async fn respond(reply: Reply, model: &str, kind: Kind) -> Response {
             Reply::Cut(text) => return completion(model, &text, "length"),
             Reply::ToolCall(name, args) => return tool_calls(model, vec![(name, args)]),
             Reply::ToolCalls(calls) => return tool_calls(model, calls),
+            // Told apart from `Ok` by the request, in `completions`.
+            Reply::RefusesTemperature => reply = Reply::Ok,
         }
     }
 }

@@ -151,3 +151,36 @@ async fn tokens_of_completions_not_taken_are_counted() {
         );
     }
 }
+
+// An analyst that takes no temperature but its own (OpenAI's reasoning models answer `400` to
+// the analyst's 0) is asked again at once without one, and sent none from then on; the panel
+// member that refuses the job's temperature too. Before, the analysis went without and the
+// final answer failed for good, after the panel had been paid for.
+#[tokio::test]
+async fn a_model_that_refuses_a_temperature_is_asked_again_without_one() {
+    let app = spawn_app().await;
+    for kind in [Kind::Panel, Kind::Analysis, Kind::Final] {
+        app.fake
+            .script("reasoner", kind, vec![Reply::RefusesTemperature]);
+    }
+    let mut body = body_with_panel(&["reasoner", "m2"], "reasoner");
+    body["temperature"] = serde_json::json!(0.7);
+    let id = app.submit_ok(&body).await;
+    let job = app.wait_final(&id, 20).await;
+    assert_eq!(job["status"], "succeeded", "{job:#}");
+    assert!(job["analysis"].is_object(), "{job:#}");
+    // One refusal (the first call the job made to it), then every call without.
+    let calls = [Kind::Panel, Kind::Analysis, Kind::Final].map(|k| app.fake.calls("reasoner", k));
+    assert_eq!(calls.iter().sum::<u32>(), 4, "{calls:?}");
+    let sent: Vec<bool> = app
+        .fake
+        .bodies()
+        .iter()
+        .filter(|b| b["model"] == "reasoner")
+        .map(|b| b.get("temperature").is_some())
+        .collect();
+    assert_eq!(sent.iter().filter(|t| **t).count(), 1, "{sent:?}");
+    // The other member keeps the job's temperature.
+    let m2 = app.fake.bodies().into_iter().find(|b| b["model"] == "m2");
+    assert_eq!(m2.unwrap()["temperature"], 0.7);
+}
