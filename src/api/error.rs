@@ -34,8 +34,9 @@ pub struct ApiError {
     /// How long an upstream asked to be left alone (its `Retry-After`), passed on as ours.
     pub retry_after: Option<Duration>,
     /// The same request would fail the same way whatever its status (answered with
-    /// `x-should-retry: false`): a refusal of this server's credentials, until an operator
-    /// mends them.
+    /// `x-should-retry: false`): a refusal of this server's credentials, or its provider
+    /// account out of credit, until an operator mends them; an upstream's own
+    /// `x-should-retry: false`; a relay loop.
     pub same_again: bool,
 }
 
@@ -129,12 +130,15 @@ impl ApiError {
     /// passes on (an answer with a success or redirect status that could not be used is a bad
     /// gateway), but for a refusal of this server's credentials (401, 403, a proxy's 407 or 511:
     /// an SDK would raise an authentication error about the client's key, which is fine),
-    /// `502 upstream_auth`; for our own timeout, `504 upstream_timeout`, as a proxy answers it;
+    /// `502 upstream_auth`; for its account out of credit, `502 upstream_quota` (the client's
+    /// SDK would take a 429 for its own rate limit); for our own timeout, `504
+    /// upstream_timeout`, as a proxy answers it;
     /// for an upstream not reached, `502 upstream_unreachable`. The upstream's `Retry-After`
     /// passes on.
     pub fn upstream(e: UpstreamError) -> ApiError {
         let (status, code) = match e.kind {
             ErrorKind::Auth => (StatusCode::BAD_GATEWAY, "upstream_auth"),
+            ErrorKind::Quota => (StatusCode::BAD_GATEWAY, "upstream_quota"),
             ErrorKind::Timeout if e.status.is_none() => {
                 (StatusCode::GATEWAY_TIMEOUT, "upstream_timeout")
             }
@@ -153,7 +157,7 @@ impl ApiError {
             }
         };
         ApiError {
-            same_again: e.kind == ErrorKind::Auth,
+            same_again: matches!(e.kind, ErrorKind::Auth | ErrorKind::Quota) || e.not_again,
             ..ApiError::new(status, code, e.message).retry_after(e.retry_after)
         }
     }

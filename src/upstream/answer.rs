@@ -47,13 +47,17 @@ impl Answered {
                     let message = format!(
                         "upstream answered {} with an error: {}",
                         self.status,
-                        super::error::upstream_message(&text)
+                        super::error::upstream_message(&serde_json::from_str(&text).ok(), &text)
                     );
                     let (kind, status) = named(&whole["error"], self.status);
                     return UpstreamError::new(kind, Some(status), message);
                 }
-                // Text, or a value that is not an object, with more after it.
-                (Some(Err(text)), _) if !text.is_eof() => return self.not_json(provider, key),
+                // Text, or a value that is not an object, with more after it. A body that
+                // starts as an object or array and breaks part way (a byte that is not UTF-8,
+                // a stray comma) is a garbled answer, retried as one, not a page.
+                (Some(Err(text)), _) if !text.is_eof() && !self.starts_as_json() => {
+                    return self.not_json(provider, key);
+                }
                 (Some(Ok(first)), Some(_)) if !first.is_object() => {
                     return self.not_json(provider, key);
                 }
@@ -80,6 +84,12 @@ impl Answered {
         }
         let mut values = serde_json::Deserializer::from_slice(&self.body).into_iter::<Billed>();
         values.next()?.ok()?.usage
+    }
+
+    /// Whether the body starts as a JSON object or array would (past any whitespace).
+    fn starts_as_json(&self) -> bool {
+        let first = self.body.iter().find(|b| !b.is_ascii_whitespace());
+        matches!(first, Some(b'{' | b'['))
     }
 
     /// A body that is not JSON at all: what came back, and where it came from.

@@ -4,6 +4,7 @@
 
 use std::time::{Duration, SystemTime};
 
+use hyper::header::HeaderValue;
 use serde_json::Value;
 
 use super::answer;
@@ -24,6 +25,9 @@ pub enum ErrorKind {
     BadBody,
     /// 401 / 403, or a proxy's login (407, 511): this server's credentials, refused.
     Auth,
+    /// 402, or a 429 whose error is `insufficient_quota`: the account behind this server's
+    /// key is out of credit, which no retry mends until an operator tops it up.
+    Quota,
     /// 404: the model (or endpoint) does not exist.
     NotFound,
     /// 400 / 422 and any other 4xx: the request itself is wrong.
@@ -38,6 +42,11 @@ pub enum ErrorKind {
     /// An answer that is not HTTP/1.1 hyper can read (its head does not parse, or is past
     /// hyper's limits): another protocol on that port, which no retry changes.
     NotHttp,
+    /// A TLS handshake that failed on what the server presented or said: a certificate that
+    /// is expired, self-signed or for another name, no protocol in common, or no TLS at all
+    /// on that port (an `https://` base URL for a plain-HTTP server). The same server answers
+    /// the same again until an operator mends it.
+    Tls,
 }
 
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
@@ -51,6 +60,9 @@ pub struct UpstreamError {
     /// (empty, or an error reported mid-answer) still used tokens. Summed over a step's tries
     /// by `Upstream::complete_with_retries`; zero where nothing came back.
     pub usage: Usage,
+    /// The upstream said not to send the request again (`x-should-retry: false`, which the
+    /// OpenAI SDKs obey too), whatever its status.
+    pub not_again: bool,
 }
 
 impl UpstreamError {
@@ -61,18 +73,20 @@ impl UpstreamError {
             retry_after: None,
             message: message.into(),
             usage: Usage::default(),
+            not_again: false,
         }
     }
 
     pub fn retryable(&self) -> bool {
-        matches!(
-            self.kind,
-            ErrorKind::RateLimited
-                | ErrorKind::Timeout
-                | ErrorKind::Connect
-                | ErrorKind::Server
-                | ErrorKind::BadBody
-        )
+        !self.not_again
+            && matches!(
+                self.kind,
+                ErrorKind::RateLimited
+                    | ErrorKind::Timeout
+                    | ErrorKind::Connect
+                    | ErrorKind::Server
+                    | ErrorKind::BadBody
+            )
     }
 
     /// The typed failure code recorded on a step and used as a job's `failure_reason`.
@@ -82,6 +96,7 @@ impl UpstreamError {
             ErrorKind::NotFound => "invalid_model",
             ErrorKind::Timeout => "upstream_timeout",
             ErrorKind::Auth => "upstream_auth",
+            ErrorKind::Quota => "upstream_quota",
             ErrorKind::Empty => "empty_completion",
             _ => "upstream_error",
         }
@@ -126,15 +141,35 @@ impl UpstreamError {
     /// Classify an HTTP status, and the error its body names where that says more (a 429 that
     /// is an account out of credit, not a rate limit).
     pub fn from_status(status: u16, body: &str, retry_after: Option<Duration>) -> Self {
-        let kind = kind_of_status(status);
-        let detail = upstream_message(body);
+        let parsed: Option<Value> = serde_json::from_str(body).ok();
+        let named = |field| {
+            let error = parsed.as_ref()?.get("error")?;
+            error.get(field)?.as_str()
+        };
+        let out_of_credit = [named("code"), named("type")].contains(&Some("insufficient_quota"));
+        let kind = match kind_of_status(status) {
+            ErrorKind::RateLimited if out_of_credit => ErrorKind::Quota,
+            kind => kind,
+        };
         UpstreamError {
             kind,
             status: Some(status),
             retry_after,
-            message: format!("upstream answered {status}: {detail}"),
+            message: format!(
+                "upstream answered {status}: {}",
+                upstream_message(&parsed, body)
+            ),
             usage: Usage::default(),
+            not_again: false,
         }
+    }
+
+    /// This error, not to be retried if the answer's `x-should-retry` says `false`.
+    pub(super) fn unless_told_not_to(mut self, should_retry: Option<&HeaderValue>) -> Self {
+        self.not_again = should_retry
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.trim().eq_ignore_ascii_case("false"));
+        self
     }
 }
 
@@ -148,6 +183,8 @@ pub(super) fn kind_of_status(status: u16) -> ErrorKind {
         // A proxy's login (407 Proxy Authentication Required on the way out, 511 Network
         // Authentication Required) is an auth failure too.
         401 | 403 | 407 | 511 => ErrorKind::Auth,
+        // Payment Required: OpenRouter's answer to an account out of credit.
+        402 => ErrorKind::Quota,
         // Too Early (RFC 8470: the client may send it again), and the server-side failures.
         409 | 425 | 500..=599 => ErrorKind::Server,
         404 => ErrorKind::NotFound,
@@ -157,8 +194,7 @@ pub(super) fn kind_of_status(status: u16) -> ErrorKind {
 
 /// The upstream's own error message (on one line, redacted and cut as `answer::one_line` does:
 /// a proxy may echo the credentials it was sent), or the start of its body (`excerpt`).
-pub(super) fn upstream_message(body: &str) -> String {
-    let parsed: Option<Value> = serde_json::from_str(body).ok();
+pub(super) fn upstream_message(parsed: &Option<Value>, body: &str) -> String {
     let msg = parsed
         .as_ref()
         .and_then(|v| v.pointer("/error/message").or_else(|| v.get("error")))
@@ -192,6 +228,13 @@ pub(super) fn transport_error(e: reqwest::Error) -> UpstreamError {
             format!("upstream call failed: {}", not_http(&e)),
         );
     }
+    if is_tls_error(&e) {
+        return UpstreamError::new(
+            ErrorKind::Tls,
+            None,
+            format!("upstream call failed: TLS: {}", with_sources(&e)),
+        );
+    }
     // A connect that timed out is both: it is a host not reached (as the lean client classes
     // it), not one that was reached and went silent.
     let kind = if e.is_connect() {
@@ -221,6 +264,31 @@ fn is_parse_error(e: &(dyn std::error::Error + 'static)) -> bool {
             return true;
         }
         source = e.source();
+    }
+    false
+}
+
+/// Whether TLS refused what the server presented or said, somewhere in `e`'s sources (an I/O
+/// error's own inner error included, which its `source` skips). A connection reset or closed
+/// during the handshake is an I/O error of its own, not this, and may pass, as may a server's
+/// `internal_error` alert.
+fn is_tls_error(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut source = Some(e);
+    while let Some(e) = source {
+        if let Some(tls) = e.downcast_ref::<rustls::Error>() {
+            // But the server's own failure, which it says as an alert, may pass.
+            let internal = rustls::AlertDescription::InternalError;
+            return !matches!(tls, rustls::Error::AlertReceived(a) if *a == internal);
+        }
+        // An I/O error wrapping another (tokio-rustls's, inside the connector's) goes on to
+        // the one it wraps: its `source` is that one's source, past it.
+        let wrapped = e
+            .downcast_ref::<std::io::Error>()
+            .and_then(|io| io.get_ref());
+        source = match wrapped {
+            Some(inner) => Some(inner as &(dyn std::error::Error + 'static)),
+            None => e.source(),
+        };
     }
     false
 }
@@ -267,6 +335,9 @@ mod tests {
             (403, false, "upstream_auth"),
             (404, false, "invalid_model"),
             (422, false, "upstream_error"),
+            // A relay loop between fusion servers; an account out of credit (OpenRouter's).
+            (508, false, "upstream_error"),
+            (402, false, "upstream_quota"),
         ] {
             let e = UpstreamError::from_status(status, "", None);
             assert_eq!(e.retryable(), retryable, "status {status}");

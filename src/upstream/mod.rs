@@ -286,7 +286,9 @@ impl Upstream {
     ) -> UpstreamError {
         let status = answer.status().as_u16();
         match read_ok(answer, key, self.now(), self.error_wait()).await {
-            Err(e) => e,
+            // Hidden again once the message is read out of its JSON: escaped there (`\/`,
+            // `\u002B`), the key in the body did not read as the key.
+            Err(e) => e.hiding(key),
             Ok(_) => UpstreamError::new(
                 ErrorKind::BadBody,
                 Some(status),
@@ -339,7 +341,7 @@ impl Upstream {
         let now = date_of(&headers).unwrap_or_else(|| self.now());
         ok_or_error(
             answer.status,
-            retry_after,
+            (retry_after, headers.get(SHOULD_RETRY)),
             content_type,
             answer.body,
             key,
@@ -411,7 +413,23 @@ impl Upstream {
             let alone = choice.is_null().then_some(&value["error"]);
             return Err(mid_answer(status, &error, alone, key).billed(usage));
         }
-        Ok((value, usage))
+        // As `complete` reads them: no `choices` is not a completion (retried), an empty list
+        // is one with no answer (final); neither goes to the client as if it were an answer.
+        match value["choices"].as_array() {
+            None => Err(UpstreamError::new(
+                ErrorKind::BadBody,
+                Some(status),
+                "upstream body is not a chat completion: it has no `choices`",
+            )
+            .billed(usage)),
+            Some(choices) if choices.is_empty() => Err(UpstreamError::new(
+                ErrorKind::Empty,
+                Some(status),
+                "upstream returned no choices",
+            )
+            .billed(usage)),
+            Some(_) => Ok((value, usage)),
+        }
     }
 
     /// How the provider serving `model` is asked for structured output.
@@ -450,6 +468,10 @@ fn mid_answer(status: u16, error: &str, alone: Option<&Value>, key: Option<&str>
 /// The longest a relayed answer may take whole (see `Upstream::relay`).
 const RELAY_FOR: Duration = Duration::from_secs(24 * 3600);
 
+/// Answer header by which a server says whether a request may be sent again (the OpenAI SDKs
+/// obey it).
+const SHOULD_RETRY: &str = "x-should-retry";
+
 /// Header marking calls made by a fusion run, so that a fusion endpoint upstream refuses to
 /// start another run (the recursion guard).
 pub const DEPTH_HEADER: &str = "x-fusion-depth";
@@ -466,6 +488,7 @@ async fn read_ok(
     let status = resp.status().as_u16();
     let now = date_of(resp.headers()).unwrap_or(now);
     let retry_after = resp.headers().get(reqwest::header::RETRY_AFTER).cloned();
+    let should_retry = resp.headers().get(SHOULD_RETRY).cloned();
     let content_type = resp.headers().get(CONTENT_TYPE).cloned();
     let mut body = body::Body::new(status, resp.content_length())?;
     let is_error = body.is_error();
@@ -483,7 +506,7 @@ async fn read_ok(
     }
     ok_or_error(
         status,
-        retry_after.as_ref(),
+        (retry_after.as_ref(), should_retry.as_ref()),
         content_type,
         body.into_bytes(),
         key,
@@ -499,10 +522,11 @@ fn date_of(headers: &hyper::HeaderMap) -> Option<SystemTime> {
 }
 
 /// A 2xx answer, or the error any other status stands for (`key` hidden in its body before
-/// the message is cut from it: a key cut in two would not be found whole afterwards).
+/// the message is cut from it: a key cut in two would not be found whole afterwards), retried
+/// as its `Retry-After` and `x-should-retry` say.
 fn ok_or_error(
     status: u16,
-    retry_after: Option<&HeaderValue>,
+    (retry_after, should_retry): (Option<&HeaderValue>, Option<&HeaderValue>),
     content_type: Option<HeaderValue>,
     body: Bytes,
     key: Option<&str>,
@@ -513,7 +537,8 @@ fn ok_or_error(
             .and_then(|v| v.to_str().ok())
             .and_then(|v| parse_retry_after(v, now));
         let text = answer::key_hidden(String::from_utf8_lossy(&body), key);
-        return Err(UpstreamError::from_status(status, &text, retry_after));
+        let error = UpstreamError::from_status(status, &text, retry_after);
+        return Err(error.unless_told_not_to(should_retry));
     }
     Ok(Answered {
         status,

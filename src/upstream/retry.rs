@@ -210,6 +210,7 @@ mod tests {
             retry_after,
             message: String::new(),
             usage: Default::default(),
+            not_again: false,
         }
     }
 

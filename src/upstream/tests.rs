@@ -641,3 +641,162 @@ async fn a_retry_after_date_is_measured_from_the_answers_date() {
         );
     }
 }
+
+// What no retry mends, as the upstream says it: a 429 that is an account out of credit
+// (OpenAI's `insufficient_quota`, by its code or its type) is final, `upstream_quota`; any
+// answer with `x-should-retry: false` is final and keeps its code. A plain 429 is still
+// retried. On both clients. Before, every 429 was retried, for an hour of a job's attempts.
+#[tokio::test]
+async fn what_the_upstream_says_no_retry_mends_is_final_on_both_clients() {
+    let answer = |status: &str, extra: &str, body: &str| {
+        format!(
+            "HTTP/1.1 {status}\r\ncontent-type: application/json\r\n{extra}\
+             content-length: {}\r\nconnection: close\r\n\r\n{body}",
+            body.len()
+        )
+    };
+    let quota = r#"{"error": {"message": "You exceeded your current quota", "type":
+        "insufficient_quota", "param": null, "code": "insufficient_quota"}}"#;
+    let by_type = r#"{"error": {"message": "out of credit", "type": "insufficient_quota"}}"#;
+    let slow = r#"{"error": {"message": "slow down", "code": "rate_limit_exceeded"}}"#;
+    for (answer, kind, retryable, code) in [
+        (
+            answer("429 Too Many Requests", "", quota),
+            ErrorKind::Quota,
+            false,
+            "upstream_quota",
+        ),
+        (
+            answer("429 Too Many Requests", "", by_type),
+            ErrorKind::Quota,
+            false,
+            "upstream_quota",
+        ),
+        (
+            answer("429 Too Many Requests", "x-should-retry: false\r\n", slow),
+            ErrorKind::RateLimited,
+            false,
+            "rate_limited",
+        ),
+        (
+            answer("503 Service Unavailable", "x-should-retry: False\r\n", slow),
+            ErrorKind::Server,
+            false,
+            "upstream_error",
+        ),
+        (
+            answer("429 Too Many Requests", "", slow),
+            ErrorKind::RateLimited,
+            true,
+            "rate_limited",
+        ),
+        (
+            answer("429 Too Many Requests", "x-should-retry: true\r\n", slow),
+            ErrorKind::RateLimited,
+            true,
+            "rate_limited",
+        ),
+    ] {
+        let (base, _) = answering(answer.clone(), Then::Close).await;
+        for result in on_both_clients(&upstream_at(&base, None)).await {
+            let err = result.expect_err("an error");
+            assert_eq!(
+                (err.kind, err.retryable(), err.code()),
+                (kind, retryable, code),
+                "{answer}"
+            );
+        }
+    }
+}
+
+// A 2xx body that starts as JSON and breaks part way (a byte that is not UTF-8, a lone
+// surrogate escape, a stray comma) is a garbled answer, retried as one cut off is; only a body
+// that is not JSON from its first byte is final, as a web page. On both clients. Before, all
+// of these failed for good as "not JSON", pointing at the base URL.
+#[tokio::test]
+async fn a_completion_garbled_part_way_is_retried_on_both_clients() {
+    let bodies: [&[u8]; 3] = [
+        b"{\"choices\": [{\"message\": {\"content\": \"caf\xff\"}}]}",
+        br#"{"choices": [{"message": {"content": "\ud83d"}}]}"#,
+        br#"{"choices": [{"message": {"content": "hi"},}]}"#,
+    ];
+    for body in bodies {
+        let head = format!(
+            "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n",
+            body.len()
+        );
+        let answer = [head.as_bytes(), body].concat();
+        let (base, _) = answering(answer, Then::Close).await;
+        for result in on_both_clients(&upstream_at(&format!("{base}/v1"), None)).await {
+            let err = result.expect_err("not a completion");
+            assert_eq!(
+                (err.kind, err.retryable()),
+                (ErrorKind::BadBody, true),
+                "{}: {err:?}",
+                String::from_utf8_lossy(body)
+            );
+        }
+    }
+}
+
+// An `https://` base URL for a server that speaks no TLS (a plain-HTTP port) fails the
+// handshake the same way every time: final, saying it was TLS, where before it was retried as
+// a connection that may pass (5 calls a step, then the job requeued until `max_attempts`).
+#[tokio::test]
+async fn a_failed_tls_handshake_is_final() {
+    // Answers as a plain-HTTP server does to bytes it cannot read, at once.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let at = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut socket, _)) = listener.accept().await {
+            use tokio::io::AsyncWriteExt;
+            let answer = "HTTP/1.1 400 Bad Request\r\ncontent-length: 0\r\n\r\n";
+            let _ = socket.write_all(answer.as_bytes()).await;
+            tokio::time::sleep(Duration::from_secs(5)).await;
+        }
+    });
+    let up = upstream_at(&format!("https://{at}"), None);
+    let err = up.complete("m", &ask()).await.expect_err("no TLS there");
+    assert_eq!(
+        (err.kind, err.retryable()),
+        (ErrorKind::Tls, false),
+        "{err:?}"
+    );
+    assert!(
+        err.message.starts_with("upstream call failed: TLS: "),
+        "{err:?}"
+    );
+}
+
+// A relayed refusal that echoes the key JSON-escaped (`\/`, as PHP's encoder writes a slash)
+// does not show it: hidden again once the message is read out of its JSON, as `complete`'s
+// errors are. Before, only the raw body was searched, where the escaped key did not match.
+#[tokio::test]
+async fn a_relayed_error_hides_a_key_echoed_escaped() {
+    let body = r#"{"error": {"message": "invalid key sk-ab\/cd\/efgh1234"}}"#;
+    let answer = format!(
+        "HTTP/1.1 401 Unauthorized\r\ncontent-type: application/json\r\n\
+         content-length: {}\r\nconnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    let (base, _) = answering(answer, Then::Close).await;
+    let up = upstream_at(&base, Some("sk-ab/cd/efgh1234"));
+    let (answer, key) = up.relay("m", json!({"messages": []}), 1).await.unwrap();
+    let err = up.relayed_error(answer, key).await;
+    assert_eq!(err.message, "upstream answered 401: invalid key ***");
+}
+
+// A 2xx body with no `choices` and no error is not an answer to hand on (the fusion tool's
+// outer call): retried as a garbled one; an empty list is a completion with none, final. As
+// `complete` reads them. Before, both went to the client as if they were answers.
+#[tokio::test]
+async fn a_json_completion_without_choices_is_not_taken() {
+    for (body, kind) in [
+        (r#"{"id": "x"}"#, ErrorKind::BadBody),
+        (r#"{"id": "x", "choices": []}"#, ErrorKind::Empty),
+    ] {
+        let [lean, reqwest] = on_both_clients_answered(body).await;
+        assert_eq!(reqwest.expect_err(body).kind, kind, "{body}");
+        assert_eq!(lean.expect_err(body).kind, kind, "{body}");
+    }
+}
