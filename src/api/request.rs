@@ -433,6 +433,16 @@ fn parse_response_format(v: Option<&Value>) -> Result<Option<Value>, ApiError> {
                      {\"type\": \"json_schema\", \"json_schema\": {\"name\", \"schema\"}})",
                 ));
             }
+            // OpenAI's rule for the name; a name it refuses would fail the final call, after
+            // the panel and the analysis were paid for.
+            let name = inner.and_then(|s| s.get("name")).and_then(Value::as_str);
+            let allowed = |c: char| c.is_ascii_alphanumeric() || c == '_' || c == '-';
+            if name.is_some_and(|n| n.is_empty() || n.len() > 64 || !n.chars().all(allowed)) {
+                return Err(bad(
+                    "`response_format.json_schema.name` must be 1 to 64 letters, digits, `_` \
+                     or `-` (OpenAI's rule; a name it refuses would fail the final answer)",
+                ));
+            }
             if inner
                 .and_then(|s| s.get("schema"))
                 .is_some_and(|s| !s.is_object())
@@ -774,6 +784,18 @@ mod tests {
                 json!({"type": "json_schema", "json_schema": {"name": "a", "schema": []}}),
                 "`response_format.json_schema.schema`",
             ),
+            (
+                json!({"type": "json_schema", "json_schema": {"name": "my schema"}}),
+                "`response_format.json_schema.name` must be 1 to 64",
+            ),
+            (
+                json!({"type": "json_schema", "json_schema": {"name": ""}}),
+                "`response_format.json_schema.name` must be 1 to 64",
+            ),
+            (
+                json!({"type": "json_schema", "json_schema": {"name": "a".repeat(65)}}),
+                "`response_format.json_schema.name` must be 1 to 64",
+            ),
         ] {
             let body = json!({"model": "fusion", "messages": msgs(), "response_format": format});
             let (code, message) = err(body);
@@ -789,6 +811,8 @@ mod tests {
         let schema = json!({"type": "json_schema",
                             "json_schema": {"name": "a", "schema": {"type": "object"}}});
         assert_eq!(kept(schema.clone()), Some(schema));
+        let named = json!({"type": "json_schema", "json_schema": {"name": "Math_answer-2"}});
+        assert_eq!(kept(named.clone()), Some(named));
         // Whichever of the two token limits is given (not null) is read, and named if wrong.
         let limit = |extra: Value| {
             let mut body = json!({"model": "fusion", "messages": msgs()});
