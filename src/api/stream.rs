@@ -78,15 +78,20 @@ pub(super) fn unbuffered(headers: &mut HeaderMap) {
     headers.insert("x-accel-buffering", HeaderValue::from_static("no"));
 }
 
-/// The chunk envelope.
-fn chunk(id: &str, created: i64, model: &str, choices: Value) -> Value {
-    json!({
+/// The chunk envelope. With `include_usage`, every chunk says `"usage": null` but the last,
+/// which carries it, as OpenAI's do (a typed client may expect the field on each).
+fn chunk(id: &str, created: i64, model: &str, choices: Value, opts: StreamOptions) -> Value {
+    let mut chunk = json!({
         "id": id,
         "object": "chat.completion.chunk",
         "created": created,
         "model": model,
         "choices": choices,
-    })
+    });
+    if opts.include_usage {
+        chunk["usage"] = Value::Null;
+    }
+    chunk
 }
 
 async fn send(tx: &Tx, event: Event) -> Result<(), Gone> {
@@ -115,7 +120,7 @@ async fn drive(state: AppState, job: Shown, opts: StreamOptions, tx: &Tx) -> Res
     let model = job.model;
     let role =
         json!([{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": null}]);
-    data(tx, &chunk(&id, created, &model, role)).await?;
+    data(tx, &chunk(&id, created, &model, role, opts)).await?;
     send(tx, comment(&format!("fusion job {} queued", job.id))).await?;
 
     let mut watcher = state.watch.watch(job.id);
@@ -201,7 +206,7 @@ async fn finish(
         }
     }
     let content_choice = json!([{"index": 0, "delta": delta, "finish_reason": null}]);
-    data(tx, &chunk(id, created, model, content_choice)).await?;
+    data(tx, &chunk(id, created, model, content_choice, opts)).await?;
     // A reason that is not a string (`null` from some servers) is "tool_calls" or "stop":
     // the stream's last chunk must say why it ended.
     let called = delta.get("tool_calls").is_some();
@@ -211,14 +216,14 @@ async fn finish(
         .cloned()
         .unwrap_or(json!(if called { "tool_calls" } else { "stop" }));
     let end = json!([{"index": 0, "delta": {}, "finish_reason": reason}]);
-    let mut end = chunk(id, created, model, end);
+    let mut end = chunk(id, created, model, end, opts);
     // The fusion tool's jobs, named as the non-streamed reply names them.
     if let Some(ids) = completion.get("fusion_job_ids") {
         end["fusion_job_ids"] = ids.clone();
     }
     data(tx, &end).await?;
     if opts.include_usage {
-        let mut last = chunk(id, created, model, json!([]));
+        let mut last = chunk(id, created, model, json!([]), opts);
         last["usage"] = completion["usage"].clone();
         data(tx, &last).await?;
     }
@@ -243,7 +248,7 @@ pub fn completion_later(
         let id = format!("chatcmpl-fusion-{}", Uuid::now_v7());
         let streamed = async {
             let role = json!([{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": null}]);
-            data(&tx, &chunk(&id, created, &model, role)).await?;
+            data(&tx, &chunk(&id, created, &model, role, opts)).await?;
             match reply.await {
                 Ok(completion) => finish(&tx, &id, created, &model, &completion, opts).await,
                 Err(e) => fail(&tx, &e).await,

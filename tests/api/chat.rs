@@ -187,6 +187,10 @@ async fn a_streamed_fusion_completion_follows_the_openai_chunk_format() {
     let last = chunks.last().unwrap();
     assert_eq!(last["choices"], json!([]));
     assert_eq!(last["usage"]["total_tokens"], 60);
+    // Usage asked for: every other chunk says `"usage": null`, as OpenAI's do.
+    for chunk in &chunks[..chunks.len() - 1] {
+        assert_eq!(chunk.get("usage"), Some(&Value::Null), "{chunk}");
+    }
     // Progress and keep-alives are comments, which standard clients ignore.
     assert!(
         comments
