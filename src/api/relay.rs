@@ -30,6 +30,8 @@ pub async fn passthrough(
         .map_err(ApiError::upstream)?;
     // A refusal of this server's credentials is answered as ours (see `ApiError::upstream`),
     // not passed on: the client's SDK would raise an authentication error about its own key.
+    // A 403 that its body shows to be the input's refusal (a moderation's) goes out as the
+    // provider's status, with its message.
     if UpstreamError::status_refuses_our_credentials(resp.status().as_u16()) {
         return Err(ApiError::upstream(
             state.upstream.relayed_error(resp, key).await,

@@ -147,8 +147,15 @@ impl UpstreamError {
             error.get(field)?.as_str()
         };
         let out_of_credit = [named("code"), named("type")].contains(&Some("insufficient_quota"));
+        // OpenRouter's moderation refuses the input with a 403 whose metadata says why: the
+        // request's fault, not a refusal of this server's key.
+        let flagged = parsed
+            .as_ref()
+            .and_then(|v| v.pointer("/error/metadata"))
+            .is_some_and(|m| m.get("flagged_input").is_some() || m.get("reasons").is_some());
         let kind = match kind_of_status(status) {
             ErrorKind::RateLimited if out_of_credit => ErrorKind::Quota,
+            ErrorKind::Auth if status == 403 && flagged => ErrorKind::Rejected,
             kind => kind,
         };
         UpstreamError {

@@ -1420,3 +1420,32 @@ async fn a_garbled_hop_count_is_a_bad_request() {
     assert_eq!(body["error"]["code"], "invalid_header", "{body}");
     assert_eq!(app.fake.total_calls(), 0);
 }
+
+// A 403 that is the provider's moderation refusing the input (OpenRouter's, its reasons in the
+// metadata) is the request's fault, not a refusal of this server's key: relayed as a 403 with
+// its message, and a job's panel member refused so fails as `upstream_error`, not
+// `upstream_auth`. Before, both said this server's credentials were refused.
+#[tokio::test]
+async fn a_moderation_refusal_is_not_taken_for_a_refused_key() {
+    let app = spawn_app().await;
+    app.fake
+        .script("vendor/strict", Kind::Panel, vec![Reply::Flagged]);
+    let hi = json!([{"role": "user", "content": "hi"}]);
+    let resp = app
+        .chat(&json!({"model": "vendor/strict", "messages": hi}))
+        .await;
+    assert_eq!(resp.status(), 403);
+    let body: Value = resp.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "upstream_error", "{body}");
+    let message = body["error"]["message"].as_str().unwrap();
+    assert!(message.contains("Input flagged by moderation"), "{message}");
+
+    let id = app
+        .submit_ok(&body_with_panel(&["vendor/strict", "m2"], "judge"))
+        .await;
+    let job = app.wait_final(&id, 20).await;
+    assert_eq!(job["status"], "succeeded", "{job:#}");
+    let refused = &job["panel"][0];
+    assert_eq!(refused["error_code"], "upstream_error", "{job:#}");
+    assert_eq!(app.fake.calls("vendor/strict", Kind::Panel), 2);
+}

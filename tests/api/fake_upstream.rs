@@ -77,6 +77,8 @@ pub enum Reply {
     /// As OpenAI's reasoning models answer: `400` naming `temperature` to a call that sets
     /// one, the default answer to one that does not.
     RefusesTemperature,
+    /// As OpenRouter's moderation refuses an input: `403` with the reasons in the metadata.
+    Flagged,
 }
 
 pub const VALID_ANALYSIS: &str = r#"{"consensus":["the sky is blue"],"contradictions":[{"topic":"why","stances":[{"model":"m1","stance":"scattering"},{"model":"m2","stance":"reflection"}]}],"partial_coverage":[{"models":["m1"],"point":"sunsets"}],"unique_insights":[{"model":"m1","insight":"Rayleigh"}],"blind_spots":["other planets"]}"#;
@@ -365,6 +367,13 @@ async fn respond(reply: Reply, model: &str, kind: Kind) -> Response {
                     .header("content-type", "application/json")
                     .body(body)
                     .unwrap();
+            }
+            Reply::Flagged => {
+                let body = json!({"error": {"code": 403,
+                    "message": "Input flagged by moderation: violence",
+                    "metadata": {"reasons": ["violence"], "flagged_input": "how to ...",
+                                 "provider_name": "fake", "model_slug": model}}});
+                return (StatusCode::FORBIDDEN, Json(body)).into_response();
             }
             Reply::Status(code) => {
                 let status = StatusCode::from_u16(code).unwrap();
