@@ -92,13 +92,15 @@ pub fn full(job: &Job, steps: &[Step]) -> Value {
             .and_then(|s| s.data.as_ref().map(JsonText::to_value))
             .unwrap_or(Value::Null),
     );
+    let failed = analysis.filter(|s| !s.ok);
     obj.insert(
         "analysis_error".into(),
-        json!(
-            analysis
-                .filter(|s| !s.ok)
-                .and_then(|s| s.error_code.clone())
-        ),
+        json!(failed.and_then(|s| s.error_code.clone())),
+    );
+    // What went wrong, in words: a context too long for the analyst, a cut-off reply.
+    obj.insert(
+        "analysis_error_message".into(),
+        json!(failed.and_then(|s| s.error.clone())),
     );
     obj.insert("result".into(), job.result.clone().unwrap_or(Value::Null));
     obj.insert("usage".into(), json!(usage));

@@ -8,39 +8,54 @@ use crate::config::AnalysisLimits;
 use crate::job::JsonText;
 use crate::upstream::StructuredOutput;
 
+/// Read leniently, as models write it where the provider does not enforce the schema: fields
+/// it does not have are ignored (a `summary`, a stance's `confidence`) and a list given as
+/// `null` is empty; each of the five lists must still be there, or any JSON object at all (an
+/// answer to the question in JSON, say) would read as an empty analysis.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct Analysis {
+    #[serde(deserialize_with = "list")]
     pub consensus: Vec<String>,
+    #[serde(deserialize_with = "list")]
     pub contradictions: Vec<Contradiction>,
+    #[serde(deserialize_with = "list")]
     pub partial_coverage: Vec<PartialCoverage>,
+    #[serde(deserialize_with = "list")]
     pub unique_insights: Vec<UniqueInsight>,
+    #[serde(deserialize_with = "list")]
     pub blind_spots: Vec<String>,
 }
 
+/// A list, `null` read as an empty one.
+fn list<'de, D, T>(d: D) -> Result<Vec<T>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: Deserialize<'de>,
+{
+    Ok(Option::<Vec<T>>::deserialize(d)?.unwrap_or_default())
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct Contradiction {
     pub topic: String,
+    #[serde(deserialize_with = "list")]
     pub stances: Vec<Stance>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct Stance {
     pub model: String,
     pub stance: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct PartialCoverage {
+    #[serde(deserialize_with = "list")]
     pub models: Vec<String>,
     pub point: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct UniqueInsight {
     pub model: String,
     pub insight: String,
@@ -203,7 +218,11 @@ pub fn parse(text: &str) -> Result<Analysis, AnalysisError> {
     if let Ok(analysis) = serde_json::from_str::<Analysis>(text.trim()) {
         return Ok(analysis);
     }
-    let value = extract_json(text)?;
+    let value = match extract_json(text)? {
+        // The object alone in a list, as some models wrap it.
+        Value::Array(mut one) if one.len() == 1 && one[0].is_object() => one.remove(0),
+        value => value,
+    };
     if !value.is_object() {
         return Err(AnalysisError::SchemaMismatch(
             "expected a JSON object with the five analysis fields".into(),
@@ -331,6 +350,31 @@ mod tests {
             parse(&wrong_type).unwrap_err().code(),
             "analysis_schema_mismatch"
         );
+        // Another JSON object altogether (an answer to the question) is not an empty analysis.
+        assert_eq!(
+            parse(r#"{"answer": "42"}"#).unwrap_err().code(),
+            "analysis_schema_mismatch"
+        );
+    }
+
+    // What models write where the provider does not enforce the schema, read as what it says:
+    // fields of their own (a summary, a stance's confidence) ignored, a list given as `null`
+    // empty, the object wrapped in a list unwrapped. Before, each was a schema mismatch, asked
+    // again (each try paid) and, three times over, the analysis was dropped.
+    #[test]
+    fn reads_what_lax_providers_write() {
+        let want = parse(GOOD).unwrap();
+        let extra = GOOD
+            .replace(r#""consensus""#, r#""summary":"s","consensus""#)
+            .replace(r#""stance":"s""#, r#""stance":"s","confidence":0.9"#);
+        assert_eq!(parse(&extra).unwrap(), want);
+        assert_eq!(parse(&format!("[{GOOD}]")).unwrap(), want);
+        assert_eq!(parse(&format!("```json\n[{GOOD}]\n```")).unwrap(), want);
+        let nulls = GOOD.replace(r#""blind_spots":[]"#, r#""blind_spots":null"#);
+        assert_eq!(parse(&nulls).unwrap(), want);
+        let no_stances = r#"{"consensus":null,"contradictions":[{"topic":"t","stances":null}],
+            "partial_coverage":[],"unique_insights":[],"blind_spots":[]}"#;
+        assert_eq!(parse(no_stances).unwrap().contradictions[0].stances, vec![]);
     }
 
     const LIMITS: AnalysisLimits = AnalysisLimits {

@@ -518,6 +518,15 @@ impl Pipeline {
                             };
                             return Some((step, Some(a)));
                         }
+                        // Cut off at its token limit: asked for less, as the same request
+                        // would stop at the same place.
+                        Err(e) if c.finish_reason.as_deref() == Some("length") => {
+                            req.messages
+                                .to_mut()
+                                .extend(prompts::analysis_cut_correction());
+                            let error = format!("cut off at the token limit: {e}");
+                            last_problem = Some((e.code().to_string(), error, None, false));
+                        }
                         Err(e) => {
                             req.messages
                                 .to_mut()

@@ -281,6 +281,18 @@ pub fn analysis_messages(
     ]
 }
 
+/// The follow-up sent when a reply stopped at its token limit before its JSON ended: the next
+/// try is asked for less, since the same request would stop at the same place. The cut reply
+/// is not sent back (it may be most of the limit again, as input): a line stands for it.
+pub fn analysis_cut_correction() -> [Value; 2] {
+    [
+        json!({"role": "assistant", "content": "(a reply cut off at the token limit)"}),
+        json!({"role": "user", "content": "That reply was cut off at your token limit before its \
+            JSON ended. Reply again with only the JSON object, with all five fields, much \
+            shorter: at most three items in each list, each one short sentence."}),
+    ]
+}
+
 /// The follow-up sent when a reply was not a valid analysis, so the next try can fix it.
 pub fn analysis_correction(reply: &str, problem: &str) -> [Value; 2] {
     [

@@ -953,3 +953,48 @@ async fn a_requeued_job_runs_again_when_due_not_at_the_next_poll() {
         "ran again {waited} ms later"
     );
 }
+
+// An analysis cut off at its token limit before its JSON ended is asked for again, shorter,
+// without the cut reply sent back (the same request would stop at the same place, and the
+// reply may be most of the limit); one cut every time leaves the job without an analysis, its
+// view saying why. Before, the cut reply was sent back with "not valid JSON" and asked for
+// again under the same limit.
+#[tokio::test]
+async fn an_analysis_cut_off_at_its_token_limit_is_asked_for_shorter() {
+    let app = spawn_app().await;
+    let cut = Reply::Cut(r#"{"consensus": ["the sky is blue", "it sca"#.into());
+    app.fake
+        .script("judge", Kind::Analysis, vec![cut.clone(), Reply::Ok]);
+    let id = app.submit_ok(&body_with_panel(&["m1"], "judge")).await;
+    let job = app.wait_final(&id, 10).await;
+    assert_eq!(job["status"], "succeeded", "{job:#}");
+    assert_eq!(
+        job["analysis"]["blind_spots"][0], "other planets",
+        "{job:#}"
+    );
+    let second = app
+        .fake
+        .bodies()
+        .into_iter()
+        .filter(|b| b.get("response_format").is_some())
+        .nth(1)
+        .expect("a second analysis call");
+    let messages = second["messages"].as_array().unwrap();
+    let asked = messages.last().unwrap()["content"].as_str().unwrap();
+    assert!(asked.contains("cut off at your token limit"), "{asked}");
+    assert!(
+        !second["messages"].to_string().contains("it sca"),
+        "{second}"
+    );
+
+    app.fake.script("judge2", Kind::Analysis, vec![cut]);
+    let id = app.submit_ok(&body_with_panel(&["m1"], "judge2")).await;
+    let job = app.wait_final(&id, 10).await;
+    assert_eq!(job["status"], "succeeded", "{job:#}");
+    assert_eq!(job["analysis_error"], "analysis_not_valid_json");
+    let message = job["analysis_error_message"].as_str().unwrap();
+    assert!(
+        message.starts_with("cut off at the token limit: "),
+        "{message}"
+    );
+}
