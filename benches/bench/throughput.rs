@@ -344,7 +344,11 @@ fn job_calls() -> Vec<(&'static str, bytes::Bytes)> {
     let answers: Vec<PanelAnswer<'_>> = panel
         .iter()
         .zip(&contents)
-        .map(|(model, content)| PanelAnswer { model, content })
+        .map(|(model, content)| PanelAnswer {
+            model,
+            content,
+            cut: false,
+        })
         .collect();
     // The bench's servers run with no configuration file: the defaults.
     let defaults: fusion::config::FileConfig = toml::from_str("").expect("empty configuration");

@@ -177,6 +177,11 @@ impl Pipeline {
             .map(|s| PanelAnswer {
                 model: &s.model,
                 content: s.content.as_deref().unwrap_or_default(),
+                cut: s
+                    .data
+                    .as_ref()
+                    .and_then(|d| d.read::<Finished>().ok())
+                    .is_some_and(|f| f.finish_reason == "length"),
             })
             .collect();
         let mut failed = quorum_failure(spec, &panel, answers.len());

@@ -184,3 +184,32 @@ async fn a_model_that_refuses_a_temperature_is_asked_again_without_one() {
     let m2 = app.fake.bodies().into_iter().find(|b| b["model"] == "m2");
     assert_eq!(m2.unwrap()["temperature"], 0.7);
 }
+
+// A panel answer that stopped at its token limit is marked so in the analyst's and the final
+// call's prompts (its checkpoint's finish reason), not shown as if whole.
+#[tokio::test]
+async fn a_panel_answer_cut_at_its_token_limit_is_marked_in_the_prompts() {
+    let app = spawn_app().await;
+    app.fake
+        .script("long", Kind::Panel, vec![Reply::Cut("half an ans".into())]);
+    let id = app
+        .submit_ok(&body_with_panel(&["long", "m2"], "judge"))
+        .await;
+    let job = app.wait_final(&id, 20).await;
+    assert_eq!(job["status"], "succeeded", "{job:#}");
+    let prompts: Vec<String> = app
+        .fake
+        .bodies()
+        .iter()
+        .filter(|b| b["model"] == "judge")
+        .map(|b| b["messages"].to_string())
+        .collect();
+    assert_eq!(prompts.len(), 2, "the analysis and the final call");
+    for prompt in &prompts {
+        assert!(
+            prompt.contains(r#"model=\"long\" cut-off=\"token limit\">\nhalf an ans"#),
+            "{prompt}"
+        );
+        assert!(!prompt.contains(r#"model=\"m2\" cut-off"#), "{prompt}");
+    }
+}
