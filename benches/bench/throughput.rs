@@ -348,6 +348,7 @@ fn job_calls() -> Vec<(&'static str, bytes::Bytes)> {
             model,
             content,
             cut: false,
+            omitted: 0,
         })
         .collect();
     // The bench's servers run with no configuration file: the defaults.

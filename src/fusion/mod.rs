@@ -182,6 +182,7 @@ impl Pipeline {
                     .as_ref()
                     .and_then(|d| d.read::<Finished>().ok())
                     .is_some_and(|f| f.finish_reason == "length"),
+                omitted: 0,
             })
             .collect();
         let mut failed = quorum_failure(spec, &panel, answers.len());
@@ -278,25 +279,42 @@ impl Pipeline {
                     Some(f) => final_format(f, self.upstream.structured_output(&spec.analyst)),
                     None => (None, None),
                 };
-                let messages = prompts::final_messages_with(
-                    &spec.messages,
-                    &answers,
-                    analysis.as_ref(),
-                    note.as_deref(),
-                );
-                let req = CompletionRequest {
-                    messages: messages.into(),
-                    temperature: Some(0.0),
-                    max_completion_tokens: spec.max_completion_tokens,
-                    response_format: format.as_ref(),
-                    stop: spec.stop.as_ref(),
+                // A prompt too long for the analyst's context is sent again with the answers
+                // shortened (see `prompts::shortened`), rather than the job failing after the
+                // panel was paid for.
+                let mut refused = Usage::default();
+                let mut level = 0;
+                let (mut s, may_pass) = loop {
+                    let shown = prompts::shortened(&answers, level);
+                    let messages = prompts::final_messages_with(
+                        &spec.messages,
+                        &shown,
+                        analysis.as_ref(),
+                        note.as_deref(),
+                    );
+                    let req = CompletionRequest {
+                        messages: messages.into(),
+                        temperature: Some(0.0),
+                        max_completion_tokens: spec.max_completion_tokens,
+                        response_format: format.as_ref(),
+                        stop: spec.stop.as_ref(),
+                    };
+                    let (key, analyst, sink) = (StepKey::Final, &spec.analyst, saves.sink());
+                    let spent = Mutex::default();
+                    let call = self.call_step((key, analyst), &req, job, sink, cancel, &spent);
+                    let Ok(Some((s, may_pass))) = saves.alongside(Box::pin(call)).await else {
+                        return Outcome::Stopped;
+                    };
+                    let overflowed = !s.ok && may_pass.is_none() && overflows(&s);
+                    if !overflowed || level == SHORTEN_LEVELS {
+                        break (s, may_pass);
+                    }
+                    tracing::info!(job = %job.id, level = level + 1,
+                        "the final prompt is too long for the analyst; shortening the answers");
+                    refused.add(&s.usage);
+                    level += 1;
                 };
-                let (key, analyst, sink) = (StepKey::Final, &spec.analyst, saves.sink());
-                let spent = Mutex::default();
-                let call = self.call_step((key, analyst), &req, job, sink, cancel, &spent);
-                let Ok(Some((mut s, may_pass))) = saves.alongside(Box::pin(call)).await else {
-                    return Outcome::Stopped;
-                };
+                s.usage.add(&refused);
                 s.usage.add(&carried.of(StepKey::Final));
                 if let Some(asked) = may_pass {
                     // The next attempt of the job makes this step afresh: checkpointed only for
@@ -501,7 +519,9 @@ impl Pipeline {
         let mut usage = Usage::default();
         let mut latency_ms = 0;
         let mut last_problem = None;
-        for _ in 0..self.analysis_attempts.max(1) {
+        let (mut tries, mut level) = (0, 0);
+        while tries < self.analysis_attempts.max(1) {
+            tries += 1;
             // Not requeued for a long `Retry-After`: the job goes on without an analysis.
             let spent = Mutex::default();
             match self
@@ -541,6 +561,23 @@ impl Pipeline {
                     }
                 }
                 Err(CallError::Cancelled) => return None,
+                // Too long for the analyst's context: asked again with the answers shortened
+                // (a try of its own, not one of the tries to get valid JSON).
+                Err(CallError::Upstream(e))
+                    if level < SHORTEN_LEVELS && e.overflows_the_context() =>
+                {
+                    usage.add(&e.usage);
+                    level += 1;
+                    tries -= 1;
+                    let shown = prompts::shortened(answers, level);
+                    let messages =
+                        prompts::analysis_messages(&spec.messages, &shown, schema_in_prompt);
+                    req.messages = messages.into();
+                    tracing::info!(
+                        level,
+                        "the analysis prompt is too long for the analyst; shortening the answers"
+                    );
+                }
                 Err(CallError::Upstream(e)) => {
                     usage.add(&e.usage);
                     let code = if e.kind == ErrorKind::Empty {
@@ -699,6 +736,16 @@ impl AnalysisFailure {
             }),
         }
     }
+}
+
+/// How many times a prompt too long for the analyst's context is sent again with the panel's
+/// answers halved together (to a half, a quarter, an eighth of their length).
+const SHORTEN_LEVELS: u32 = 3;
+
+/// Whether a failed step's call was refused for a prompt too long for the model's context.
+fn overflows(step: &Step) -> bool {
+    let status = step.status_code.and_then(|s| u16::try_from(s).ok());
+    UpstreamError::overflow_in(status, step.error.as_deref().unwrap_or_default())
 }
 
 /// The data of a step whose call answered: why the model stopped.

@@ -138,6 +138,30 @@ impl UpstreamError {
             && self.message.to_ascii_lowercase().contains("temperature")
     }
 
+    /// A request refused for a prompt too long for the model's context (OpenAI's
+    /// `context_length_exceeded`, and how vLLM, llama.cpp, Anthropic and Gemini say it).
+    pub fn overflows_the_context(&self) -> bool {
+        self.kind == ErrorKind::Rejected && UpstreamError::overflow_in(self.status, &self.message)
+    }
+
+    /// Whether an answer of `status` saying `message` refuses a prompt too long for the
+    /// model's context (see `overflows_the_context`).
+    pub fn overflow_in(status: Option<u16>, message: &str) -> bool {
+        const SAID: [&str; 9] = [
+            "context length",
+            "context_length",
+            "context window",
+            "context size",
+            "maximum context",
+            "prompt is too long",
+            "input is too long",
+            "too many tokens",
+            "maximum number of tokens",
+        ];
+        let message = message.to_ascii_lowercase();
+        matches!(status, Some(400 | 413 | 422)) && SAID.iter().any(|s| message.contains(s))
+    }
+
     /// Classify an HTTP status, and the error its body names where that says more (a 429 that
     /// is an account out of credit, not a rate limit).
     pub fn from_status(status: u16, body: &str, retry_after: Option<Duration>) -> Self {
@@ -323,6 +347,46 @@ pub(super) fn with_sources(e: &dyn std::error::Error) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::json;
+
+    // How providers refuse a prompt too long for the model's context, told from other
+    // refusals (one of the temperature's, say) and from a server error that mentions it.
+    #[test]
+    fn tells_a_prompt_too_long_for_the_context() {
+        for (status, message, overflows) in [
+            (
+                400,
+                "This model's maximum context length is 8192 tokens.",
+                true,
+            ),
+            (
+                400,
+                "the request exceeds the available context size, try increasing it",
+                true,
+            ),
+            (
+                400,
+                "prompt is too long: 210000 tokens > 200000 maximum",
+                true,
+            ),
+            (
+                400,
+                "The input token count exceeds the maximum number of tokens allowed",
+                true,
+            ),
+            (413, "context_length_exceeded", true),
+            (
+                400,
+                "Unsupported value: 'temperature' does not support 0.0",
+                false,
+            ),
+            (500, "maximum context length", false),
+        ] {
+            let body = json!({"error": {"message": message}}).to_string();
+            let e = UpstreamError::from_status(status, &body, None);
+            assert_eq!(e.overflows_the_context(), overflows, "{status} {message}");
+        }
+    }
 
     #[test]
     fn classifies_statuses_once() {

@@ -79,6 +79,10 @@ pub enum Reply {
     RefusesTemperature,
     /// As OpenRouter's moderation refuses an input: `403` with the reasons in the metadata.
     Flagged,
+    /// As a model with a context of this many characters answers: OpenAI's `400
+    /// context_length_exceeded` to a call whose messages are longer, the default answer to
+    /// one that fits.
+    ContextOf(usize),
 }
 
 pub const VALID_ANALYSIS: &str = r#"{"consensus":["the sky is blue"],"contradictions":[{"topic":"why","stances":[{"model":"m1","stance":"scattering"},{"model":"m2","stance":"reflection"}]}],"partial_coverage":[{"models":["m1"],"point":"sunsets"}],"unique_insights":[{"model":"m1","insight":"Rayleigh"}],"blind_spots":["other planets"]}"#;
@@ -338,6 +342,16 @@ async fn completions(
             return (StatusCode::BAD_REQUEST, Json(error)).into_response();
         }
         Reply::RefusesTemperature => Reply::Ok,
+        Reply::ContextOf(limit) if body["messages"].to_string().len() > limit => {
+            let error = json!({"error": {
+                "message": format!("This model's maximum context length is {limit} tokens. \
+                    However, your messages resulted in {} tokens. Please reduce the length \
+                    of the messages.", body["messages"].to_string().len()),
+                "type": "invalid_request_error", "param": "messages",
+                "code": "context_length_exceeded"}});
+            return (StatusCode::BAD_REQUEST, Json(error)).into_response();
+        }
+        Reply::ContextOf(_) => Reply::Ok,
         reply => reply,
     };
     let resp = respond(reply, &model, kind).await;
@@ -417,7 +431,7 @@ async fn respond(reply: Reply, model: &str, kind: Kind) -> Response {
             Reply::ToolCall(name, args) => return tool_calls(model, vec![(name, args)]),
             Reply::ToolCalls(calls) => return tool_calls(model, calls),
             // Told apart from `Ok` by the request, in `completions`.
-            Reply::RefusesTemperature => reply = Reply::Ok,
+            Reply::RefusesTemperature | Reply::ContextOf(_) => reply = Reply::Ok,
         }
     }
 }

@@ -213,3 +213,48 @@ async fn a_panel_answer_cut_at_its_token_limit_is_marked_in_the_prompts() {
         assert!(!prompt.contains(r#"model=\"m2\" cut-off"#), "{prompt}");
     }
 }
+
+// Panel answers too long together for the analyst's context (a 400 `context_length_exceeded`)
+// are sent again shortened, the longest cut first and each cut one marked, to the analysis and
+// to the final call: the job succeeds with its analysis. Before, the analysis failed, the final
+// call failed the same way, and the job failed after the panel had been paid for.
+#[tokio::test]
+async fn answers_too_long_for_the_analysts_context_are_shortened_to_fit() {
+    let app = spawn_app().await;
+    let long = "All about copper. ".repeat(2_000); // 36,000 characters
+    app.fake
+        .script("verbose", Kind::Panel, vec![Reply::Text(long.clone())]);
+    for kind in [Kind::Analysis, Kind::Final] {
+        app.fake
+            .script("judge", kind, vec![Reply::ContextOf(25_000)]);
+    }
+    let id = app
+        .submit_ok(&body_with_panel(&["verbose", "m2"], "judge"))
+        .await;
+    let job = app.wait_final(&id, 20).await;
+    assert_eq!(job["status"], "succeeded", "{job:#}");
+    assert!(job["analysis"].is_object(), "{job:#}");
+    // The panel's answer itself is kept whole.
+    assert_eq!(
+        job["panel"][0]["content"].as_str().unwrap().len(),
+        long.len()
+    );
+    // Each of the two calls refused once, then taken at half the answers' length.
+    assert_eq!(app.fake.calls("judge", Kind::Analysis), 2);
+    assert_eq!(app.fake.calls("judge", Kind::Final), 2);
+    let prompts: Vec<String> = app
+        .fake
+        .bodies()
+        .iter()
+        .filter(|b| b["model"] == "judge")
+        .map(|b| b["messages"].to_string())
+        .collect();
+    for taken in [&prompts[1], &prompts[3]] {
+        assert!(taken.len() <= 25_000, "{}", taken.len());
+        assert!(
+            taken.contains(r#"model=\"verbose\" shortened=\""#),
+            "{taken}"
+        );
+        assert!(!taken.contains(r#"model=\"m2\" shortened"#));
+    }
+}
