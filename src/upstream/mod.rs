@@ -161,14 +161,20 @@ impl Upstream {
         };
         let answered = match answered {
             Err(refused) if req.temperature.is_some() && !known && refused.names_temperature() => {
-                tracing::info!(model, error = %refused.hiding(key),
-                    "the model refuses the temperature asked; sending it none from now on");
-                self.no_temperature
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .insert(model.to_string());
-                self.complete_shown(model, resolved, &req.without_temperature())
-                    .await
+                let again = self
+                    .complete_shown(model, resolved, &req.without_temperature())
+                    .await;
+                // Remembered only when the temperature was what it refused: a refusal that
+                // only quoted it (a validation error echoing the request) comes back the same.
+                if !again.as_ref().is_err_and(UpstreamError::names_temperature) {
+                    tracing::info!(model, error = %refused.hiding(key),
+                        "the model refuses the temperature asked; sending it none from now on");
+                    self.no_temperature
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .insert(model.to_string());
+                }
+                again
             }
             answered => answered,
         };

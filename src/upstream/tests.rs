@@ -800,3 +800,28 @@ async fn a_json_completion_without_choices_is_not_taken() {
         assert_eq!(lean.expect_err(body).kind, kind, "{body}");
     }
 }
+
+// A refusal that only quotes the temperature (a validation error echoing the request, about
+// something else) comes back the same without one: the model is not taken to refuse a
+// temperature, and later calls still send theirs (each resent once without it). Before, it
+// was remembered at the first such refusal, for the process's life.
+#[tokio::test]
+async fn a_refusal_that_only_quotes_the_temperature_is_not_remembered() {
+    let body = r#"{"error": {"message": "invalid request {'temperature': 0.0, 'response_format': 'xml'}: response_format must be json"}}"#;
+    let answer = format!(
+        "HTTP/1.1 400 Bad Request\r\ncontent-type: application/json\r\n\
+         content-length: {}\r\nconnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    let (base, heads) = answering(answer, Then::Close).await;
+    let up = upstream_at(&base, None);
+    let warm = CompletionRequest {
+        temperature: Some(0.0),
+        ..ask()
+    };
+    for round in 1..=2 {
+        let err = up.complete("m", &warm).await.expect_err("refused");
+        assert!(err.names_temperature(), "{err:?}");
+        assert_eq!(heads.lock().unwrap().len(), 2 * round, "round {round}");
+    }
+}
