@@ -127,7 +127,7 @@ pub(super) fn key_hidden<'a>(text: Cow<'a, str>, key: Option<&str>) -> Cow<'a, s
 /// that status would be; else a garbled answer's (retried).
 pub(super) fn named(error: &Value, status: u16) -> (ErrorKind, u16) {
     match status_in(error) {
-        Some(named) => (super::error::kind_of_status(named), named),
+        Some(named) => (super::error::kind_of_error(named, Some(error)), named),
         None => (ErrorKind::BadBody, status),
     }
 }

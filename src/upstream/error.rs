@@ -166,22 +166,7 @@ impl UpstreamError {
     /// is an account out of credit, not a rate limit).
     pub fn from_status(status: u16, body: &str, retry_after: Option<Duration>) -> Self {
         let parsed: Option<Value> = serde_json::from_str(body).ok();
-        let named = |field| {
-            let error = parsed.as_ref()?.get("error")?;
-            error.get(field)?.as_str()
-        };
-        let out_of_credit = [named("code"), named("type")].contains(&Some("insufficient_quota"));
-        // OpenRouter's moderation refuses the input with a 403 whose metadata says why: the
-        // request's fault, not a refusal of this server's key.
-        let flagged = parsed
-            .as_ref()
-            .and_then(|v| v.pointer("/error/metadata"))
-            .is_some_and(|m| m.get("flagged_input").is_some() || m.get("reasons").is_some());
-        let kind = match kind_of_status(status) {
-            ErrorKind::RateLimited if out_of_credit => ErrorKind::Quota,
-            ErrorKind::Auth if status == 403 && flagged => ErrorKind::Rejected,
-            kind => kind,
-        };
+        let kind = kind_of_error(status, parsed.as_ref().and_then(|v| v.get("error")));
         UpstreamError {
             kind,
             status: Some(status),
@@ -201,6 +186,22 @@ impl UpstreamError {
             .and_then(|v| v.to_str().ok())
             .is_some_and(|v| v.trim().eq_ignore_ascii_case("false"));
         self
+    }
+}
+
+/// The kind of an error answered with `status` (or named in a 2xx body), its `error` object
+/// saying more where it can: a 429 that is an account out of credit (`insufficient_quota`, by
+/// its code or type), not a rate limit; a 403 that is OpenRouter's moderation refusing the
+/// input (its metadata says why), the request's fault, not a refusal of this server's key.
+pub(super) fn kind_of_error(status: u16, error: Option<&Value>) -> ErrorKind {
+    let said = |field| error.and_then(|e| e.get(field)?.as_str());
+    let out_of_credit = [said("code"), said("type")].contains(&Some("insufficient_quota"));
+    let flagged = (error.and_then(|e| e.get("metadata")))
+        .is_some_and(|m| m.get("flagged_input").is_some() || m.get("reasons").is_some());
+    match kind_of_status(status) {
+        ErrorKind::RateLimited if out_of_credit => ErrorKind::Quota,
+        ErrorKind::Auth if status == 403 && flagged => ErrorKind::Rejected,
+        kind => kind,
     }
 }
 

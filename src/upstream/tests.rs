@@ -392,6 +392,16 @@ async fn an_error_in_a_2xx_is_classed_by_the_status_it_names() {
             ErrorKind::BadBody,
         ),
         (r#"{"error": "plain words"}"#, ErrorKind::BadBody),
+        // What the error's body says beyond its status, as for an error answered with one: an
+        // account out of credit, a moderation's refusal of the input.
+        (
+            r#"{"error": {"code": 429, "type": "insufficient_quota", "message": "no credit"}}"#,
+            ErrorKind::Quota,
+        ),
+        (
+            r#"{"error": {"code": 403, "message": "flagged", "metadata": {"reasons": ["x"]}}}"#,
+            ErrorKind::Rejected,
+        ),
     ];
     for (body, kind) in cases {
         for result in on_both_clients_answered(body).await {
@@ -399,8 +409,9 @@ async fn an_error_in_a_2xx_is_classed_by_the_status_it_names() {
             // Recorded as the status it stands for (a refused key's 401), not as the 200.
             let status = match kind {
                 ErrorKind::Auth => 401,
-                ErrorKind::RateLimited => 429,
+                ErrorKind::RateLimited | ErrorKind::Quota => 429,
                 ErrorKind::Server => 503,
+                ErrorKind::Rejected => 403,
                 _ => 200,
             };
             assert_eq!(
