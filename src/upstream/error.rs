@@ -252,19 +252,26 @@ pub fn parse_retry_after(value: &str, now: SystemTime) -> Option<Duration> {
     Some(at.duration_since(now).unwrap_or(Duration::ZERO))
 }
 
+/// A failure to send a request and read its answer's head: a TLS handshake refused on what the
+/// server presented is final (`ErrorKind::Tls`); anything else is `transport_error`'s. (A TLS
+/// error while the body is read, past the handshake, is a transport error like any other.)
+pub(super) fn send_error(e: reqwest::Error) -> UpstreamError {
+    if is_tls_error(&e) {
+        return UpstreamError::new(
+            ErrorKind::Tls,
+            None,
+            format!("upstream call failed: TLS: {}", with_sources(&e)),
+        );
+    }
+    transport_error(e)
+}
+
 pub(super) fn transport_error(e: reqwest::Error) -> UpstreamError {
     if is_parse_error(&e) {
         return UpstreamError::new(
             ErrorKind::NotHttp,
             None,
             format!("upstream call failed: {}", not_http(&e)),
-        );
-    }
-    if is_tls_error(&e) {
-        return UpstreamError::new(
-            ErrorKind::Tls,
-            None,
-            format!("upstream call failed: TLS: {}", with_sources(&e)),
         );
     }
     // A connect that timed out is both: it is a host not reached (as the lean client classes

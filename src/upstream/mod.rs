@@ -370,7 +370,7 @@ impl Upstream {
             .body(body)
             .send()
             .await
-            .map_err(transport_error)
+            .map_err(error::send_error)
     }
 
     /// A whole non-streamed completion as JSON, with its usage priced. Its error never shows
