@@ -193,11 +193,14 @@ fn transcript(messages: &[Value]) -> String {
                 Value::Array(parts) => parts
                     .iter()
                     .map(|p| match (p["type"].as_str(), p["text"].as_str()) {
-                        (Some("text"), Some(text)) => text.to_string(),
+                        // Any part with text (`text`, a provider's `input_text`) shows it.
+                        (_, Some(text)) => text.to_string(),
                         (Some("image_url" | "image"), _) => "[an image, not shown here]".into(),
                         (Some("input_audio" | "audio"), _) => "[audio, not shown here]".into(),
                         (Some("file"), _) => "[a file, not shown here]".into(),
-                        (kind, _) => format!("[a {} part, not shown here]", kind.unwrap_or("")),
+                        (kind, _) => {
+                            format!("[a part of type `{}`, not shown here]", kind.unwrap_or("?"))
+                        }
                     })
                     .collect::<Vec<_>>()
                     .join("\n"),
@@ -571,13 +574,15 @@ mod tests {
             {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}},
             {"type": "input_audio", "input_audio": {"data": "AAAA", "format": "wav"}},
             {"type": "file", "file": {"file_id": "f1"}},
-            {"type": "video_url", "video_url": {"url": "https://v.example/x.mp4"}}
+            {"type": "video_url", "video_url": {"url": "https://v.example/x.mp4"}},
+            {"type": "input_text", "text": "Be brief."}
         ]})];
         let sent = analysis_messages(&messages, &[answer("m1", "a cat")], None);
         let user = sent[1]["content"].as_str().unwrap();
         let want = "[user]\nWhat is in these?\n[an image, not shown here]\n\
                     [audio, not shown here]\n[a file, not shown here]\n\
-                    [a video_url part, not shown here]\n</conversation-";
+                    [a part of type `video_url`, not shown here]\nBe brief.\n\
+                    </conversation-";
         assert!(user.contains(want), "{user}");
     }
 
