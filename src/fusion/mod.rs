@@ -242,28 +242,30 @@ impl Pipeline {
         };
 
         // The analysis step's usage, and the analysis the final prompt is written from.
-        let (analysis_usage, analysis) = match analysis_step {
+        // How far the answers had to be shortened for the analyst's context (see
+        // `prompts::shortened`): the final prompt, longer still, starts there.
+        let (analysis_usage, analysis, fitted) = match analysis_step {
             // Checkpointed by an earlier attempt: read back from its data.
             Some(s) => {
                 let analysis = s
                     .data
                     .filter(|_| s.ok)
                     .and_then(|d| d.read::<Analysis>().ok());
-                (s.usage, analysis)
+                (s.usage, analysis, 0)
             }
             None => {
                 // Boxed, like the final call below: a job waiting on its panel does not carry
                 // room for the later steps' futures (it matters with thousands in flight).
                 let analysis = self.run_analysis(spec, job.attempt, &answers, saves.sink(), cancel);
                 let analysis = Box::pin(analysis);
-                let Ok(Some((mut s, analysis))) = saves.alongside(analysis).await else {
+                let Ok(Some((mut s, analysis, fitted))) = saves.alongside(analysis).await else {
                     return Outcome::Stopped;
                 };
                 s.usage.add(&carried.of(StepKey::Analysis));
                 let usage = s.usage;
                 // Written once the answers it compares are; the final call goes on meanwhile.
                 saves.start_after_earlier(s);
-                (usage, analysis)
+                (usage, analysis, fitted)
             }
         };
 
@@ -283,7 +285,7 @@ impl Pipeline {
                 // shortened (see `prompts::shortened`), rather than the job failing after the
                 // panel was paid for.
                 let mut refused = Usage::default();
-                let mut level = 0;
+                let mut level = fitted;
                 let (mut s, may_pass) = loop {
                     let shown = prompts::shortened(&answers, level);
                     let messages = prompts::final_messages_with(
@@ -495,8 +497,9 @@ impl Pipeline {
     }
 
     /// Ask for the analysis, feeding back why a reply was rejected, a bounded number of times:
-    /// its step, and the analysis itself when there is one. `None` means cancelled (or the job
-    /// is no longer this run's).
+    /// its step, the analysis itself when there is one, and how far the answers were shortened
+    /// to fit the analyst's context (`prompts::shortened`'s level). `None` means cancelled (or
+    /// the job is no longer this run's).
     async fn run_analysis(
         &self,
         spec: &JobSpec,
@@ -504,7 +507,7 @@ impl Pipeline {
         answers: &[PanelAnswer<'_>],
         sink: &dyn Checkpoints,
         cancel: &CancellationToken,
-    ) -> Option<(Step, Option<Analysis>)> {
+    ) -> Option<(Step, Option<Analysis>, u32)> {
         let mode = self.upstream.structured_output(&spec.analyst);
         let formats = &self.analysis;
         // Providers that do not enforce the schema at least read it.
@@ -541,7 +544,7 @@ impl Pipeline {
                                 latency_ms,
                                 ..self.failed_step(StepKey::Analysis, &spec.analyst, attempt)
                             };
-                            return Some((step, Some(a)));
+                            return Some((step, Some(a), level));
                         }
                         // Cut off at its token limit: asked for less, as the same request
                         // would stop at the same place.
@@ -601,7 +604,7 @@ impl Pipeline {
             status_code: status.map(i32::from),
             ..self.failed_step(StepKey::Analysis, &spec.analyst, attempt)
         };
-        Some((step, None))
+        Some((step, None, level))
     }
 
     /// One step that is a single (retried) call, and, for a failure that may pass if tried

@@ -239,9 +239,10 @@ async fn answers_too_long_for_the_analysts_context_are_shortened_to_fit() {
         job["panel"][0]["content"].as_str().unwrap().len(),
         long.len()
     );
-    // Each of the two calls refused once, then taken at half the answers' length.
+    // The analysis refused once, then taken at half the answers' length; the final call
+    // starts at that length, not from the whole answers again (refused once more, before).
     assert_eq!(app.fake.calls("judge", Kind::Analysis), 2);
-    assert_eq!(app.fake.calls("judge", Kind::Final), 2);
+    assert_eq!(app.fake.calls("judge", Kind::Final), 1);
     let prompts: Vec<String> = app
         .fake
         .bodies()
@@ -249,7 +250,8 @@ async fn answers_too_long_for_the_analysts_context_are_shortened_to_fit() {
         .filter(|b| b["model"] == "judge")
         .map(|b| b["messages"].to_string())
         .collect();
-    for taken in [&prompts[1], &prompts[3]] {
+    assert_eq!(prompts.len(), 3);
+    for taken in [&prompts[1], &prompts[2]] {
         assert!(taken.len() <= 25_000, "{}", taken.len());
         assert!(
             taken.contains(r#"model=\"verbose\" shortened=\""#),
@@ -257,4 +259,19 @@ async fn answers_too_long_for_the_analysts_context_are_shortened_to_fit() {
         );
         assert!(!taken.contains(r#"model=\"m2\" shortened"#));
     }
+
+    // An analyst whose analysis fits whole but whose final prompt does not: the final call
+    // alone is shortened.
+    app.fake
+        .script("judge2", Kind::Analysis, vec![Reply::ContextOf(80_000)]);
+    app.fake
+        .script("judge2", Kind::Final, vec![Reply::ContextOf(25_000)]);
+    let id = app
+        .submit_ok(&body_with_panel(&["verbose", "m2"], "judge2"))
+        .await;
+    let job = app.wait_final(&id, 20).await;
+    assert_eq!(job["status"], "succeeded", "{job:#}");
+    assert!(job["analysis"].is_object(), "{job:#}");
+    assert_eq!(app.fake.calls("judge2", Kind::Analysis), 1);
+    assert_eq!(app.fake.calls("judge2", Kind::Final), 2);
 }
