@@ -243,7 +243,10 @@ impl Pipeline {
 
         // The analysis step's usage, and the analysis the final prompt is written from.
         // How far the answers had to be shortened for the analyst's context (see
-        // `prompts::shortened`): the final prompt, longer still, starts there.
+        // `prompts::shortened`): the final prompt, longer still as a rule, starts there. (An
+        // analysis prompt carrying the schema, for a provider that does not enforce it, may
+        // need more than the final one would: the final answer is then written from answers
+        // cut shorter than it needed, which fails nothing.)
         let (analysis_usage, analysis, fitted) = match analysis_step {
             // Checkpointed by an earlier attempt: read back from its data.
             Some(s) => {

@@ -253,10 +253,12 @@ pub fn parse_retry_after(value: &str, now: SystemTime) -> Option<Duration> {
 }
 
 /// A failure to send a request and read its answer's head: a TLS handshake refused on what the
-/// server presented is final (`ErrorKind::Tls`); anything else is `transport_error`'s. (A TLS
-/// error while the body is read, past the handshake, is a transport error like any other.)
+/// server presented is final (`ErrorKind::Tls`); anything else is `transport_error`'s. The
+/// handshake is the connector's (a connect error); a TLS error on a connection already made
+/// (a record garbled on the way, on a reused or shared connection, or while the body is read)
+/// is a transport error like any other.
 pub(super) fn send_error(e: reqwest::Error) -> UpstreamError {
-    if is_tls_error(&e) {
+    if e.is_connect() && is_tls_error(&e) {
         return UpstreamError::new(
             ErrorKind::Tls,
             None,

@@ -141,9 +141,9 @@ impl Upstream {
     /// its URL's userinfo (`UpstreamError::hiding`).
     ///
     /// A model that refuses any `temperature` but its own (OpenAI's reasoning models answer
-    /// `400` to the analyst's 0) is asked again at once without one, and is sent none from then
-    /// on: the temperature is a preference, and the step would otherwise fail for good after
-    /// the panel was paid for.
+    /// `400` to the analyst's 0) is asked again at once without one, and, once that is taken,
+    /// sent none from then on: the temperature is a preference, and the step would otherwise
+    /// fail for good after the panel was paid for.
     pub async fn complete(
         &self,
         model: &str,
@@ -164,9 +164,10 @@ impl Upstream {
                 let again = self
                     .complete_shown(model, resolved, &req.without_temperature())
                     .await;
-                // Remembered only when the temperature was what it refused: a refusal that
-                // only quoted it (a validation error echoing the request) comes back the same.
-                if !again.as_ref().is_err_and(UpstreamError::names_temperature) {
+                // Remembered only when the resend was taken, which shows the temperature was
+                // what it refused: a refusal that only quoted it (a validation error echoing
+                // the request) is refused again, and a resend that failed shows nothing.
+                if again.is_ok() {
                     tracing::info!(model, error = %refused.hiding(key),
                         "the model refuses the temperature asked; sending it none from now on");
                     self.no_temperature
