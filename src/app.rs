@@ -20,7 +20,7 @@ use crate::upstream::Upstream;
 use crate::worker::{Worker, WorkerConfig};
 
 /// What to run in this process.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct Settings {
     pub database_url: String,
     pub store: StoreOptions,
@@ -29,6 +29,20 @@ pub struct Settings {
     pub fusion: FusionConfig,
     /// `None`: no workers (API only).
     pub worker: Option<WorkerConfig>,
+}
+
+/// The database URL's password hidden (`redact_url`): settings logged or shown in a panic
+/// message must not carry it.
+impl std::fmt::Debug for Settings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Settings")
+            .field("database_url", &redact_url(&self.database_url))
+            .field("store", &self.store)
+            .field("listen", &self.listen)
+            .field("fusion", &self.fusion)
+            .field("worker", &self.worker)
+            .finish()
+    }
 }
 
 pub struct Application {

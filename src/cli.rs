@@ -8,7 +8,7 @@ use clap::{Args, Parser, Subcommand};
 use crate::store::StoreOptions;
 use crate::worker::WorkerConfig;
 
-#[derive(Debug, Parser)]
+#[derive(Parser)]
 #[command(name = "fusion", version, about = "Durable multi-model fusion service")]
 pub struct Cli {
     /// Database URL: sqlite://PATH (created if missing) or postgres://…
@@ -48,6 +48,25 @@ pub struct Cli {
     pub config: Option<PathBuf>,
     #[command(subcommand)]
     pub command: Option<Command>,
+}
+
+/// The database URL's password hidden (`redact_url`), as `Settings` shows it.
+impl std::fmt::Debug for Cli {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Cli")
+            .field(
+                "database_url",
+                &crate::redact::redact_url(&self.database_url),
+            )
+            .field("db_max_connections", &self.db_max_connections)
+            .field(
+                "db_statement_timeout_seconds",
+                &self.db_statement_timeout_seconds,
+            )
+            .field("config", &self.config)
+            .field("command", &self.command)
+            .finish()
+    }
 }
 
 impl Cli {
@@ -165,6 +184,35 @@ impl WorkerArgs {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    // The database URL's password is not shown by `Debug` (a log line or a panic message that
+    // prints the command line's settings); the user and host are. Before, it was shown whole.
+    #[test]
+    fn debug_hides_the_database_password() {
+        let url = "postgres://fusion:s3cret@db.example/fusion";
+        let cli = Cli::try_parse_from(["fusion", "--database-url", url, "migrate"]).unwrap();
+        let shown = format!("{cli:?}");
+        assert!(!shown.contains("s3cret"), "{shown}");
+        assert!(
+            shown.contains("postgres://fusion:***@db.example/fusion"),
+            "{shown}"
+        );
+        let settings = crate::app::Settings {
+            database_url: url.into(),
+            store: StoreOptions::default(),
+            listen: None,
+            fusion: crate::config::FileConfig::default()
+                .resolve(&|_| None)
+                .unwrap(),
+            worker: None,
+        };
+        let shown = format!("{settings:?}");
+        assert!(!shown.contains("s3cret"), "{shown}");
+        assert!(
+            shown.contains("postgres://fusion:***@db.example/fusion"),
+            "{shown}"
+        );
+    }
 
     #[test]
     fn a_lease_must_fit_the_clock() {
