@@ -292,7 +292,9 @@ pub fn job_error(job: &Job) -> ApiError {
     let status = match reason {
         "deadline_exceeded" => StatusCode::GATEWAY_TIMEOUT,
         "rate_limited" => StatusCode::TOO_MANY_REQUESTS,
-        "invalid_model" => StatusCode::BAD_REQUEST,
+        // The conversation and its answers cannot fit the analyst, however shortened: the
+        // request's to change, as OpenAI answers a prompt past a model's context.
+        "invalid_model" | crate::upstream::TOO_LONG => StatusCode::BAD_REQUEST,
         _ => StatusCode::BAD_GATEWAY,
     };
     ApiError::new(status, reason.to_string(), message).after_jobs(&[job.id])

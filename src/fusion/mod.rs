@@ -570,7 +570,7 @@ impl Pipeline {
                 // Too long for the analyst's context: asked again with the answers shortened
                 // (a try of its own, not one of the tries to get valid JSON).
                 Err(CallError::Upstream(e))
-                    if level < SHORTEN_LEVELS && e.overflows_the_context() =>
+                    if level < SHORTEN_LEVELS && e.kind == ErrorKind::TooLong =>
                 {
                     usage.add(&e.usage);
                     level += 1;
@@ -750,8 +750,7 @@ const SHORTEN_LEVELS: u32 = 3;
 
 /// Whether a failed step's call was refused for a prompt too long for the model's context.
 fn overflows(step: &Step) -> bool {
-    let status = step.status_code.and_then(|s| u16::try_from(s).ok());
-    UpstreamError::overflow_in(status, step.error.as_deref().unwrap_or_default())
+    step.error_code.as_deref() == Some(crate::upstream::TOO_LONG)
 }
 
 /// The data of a step whose call answered: why the model stopped.

@@ -127,7 +127,16 @@ pub(super) fn key_hidden<'a>(text: Cow<'a, str>, key: Option<&str>) -> Cow<'a, s
 /// that status would be; else a garbled answer's (retried).
 pub(super) fn named(error: &Value, status: u16) -> (ErrorKind, u16) {
     match status_in(error) {
-        Some(named) => (super::error::kind_of_error(named, Some(error)), named),
+        Some(named) => {
+            let message = error
+                .get("message")
+                .and_then(Value::as_str)
+                .unwrap_or_default();
+            (
+                super::error::kind_of_error(named, Some(error), message),
+                named,
+            )
+        }
         None => (ErrorKind::BadBody, status),
     }
 }

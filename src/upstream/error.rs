@@ -42,6 +42,9 @@ pub enum ErrorKind {
     /// An answer that is not HTTP/1.1 hyper can read (its head does not parse, or is past
     /// hyper's limits): another protocol on that port, which no retry changes.
     NotHttp,
+    /// A 400, 413 or 422 refusing a prompt too long for the model's context: the same prompt
+    /// is refused again (a shorter one may pass: see `prompts::shortened`).
+    TooLong,
     /// A TLS handshake that failed on what the server presented or said: a certificate that
     /// is expired, self-signed or for another name, no protocol in common, or no TLS at all
     /// on that port (an `https://` base URL for a plain-HTTP server). The same server answers
@@ -97,6 +100,7 @@ impl UpstreamError {
             ErrorKind::Timeout => "upstream_timeout",
             ErrorKind::Auth => "upstream_auth",
             ErrorKind::Quota => "upstream_quota",
+            ErrorKind::TooLong => TOO_LONG,
             ErrorKind::Empty => "empty_completion",
             _ => "upstream_error",
         }
@@ -138,43 +142,17 @@ impl UpstreamError {
             && self.message.to_ascii_lowercase().contains("temperature")
     }
 
-    /// A request refused for a prompt too long for the model's context (OpenAI's
-    /// `context_length_exceeded`, and how vLLM, llama.cpp, Anthropic and Gemini say it).
-    pub fn overflows_the_context(&self) -> bool {
-        self.kind == ErrorKind::Rejected && UpstreamError::overflow_in(self.status, &self.message)
-    }
-
-    /// Whether an answer of `status` saying `message` refuses a prompt too long for the
-    /// model's context (see `overflows_the_context`).
-    pub fn overflow_in(status: Option<u16>, message: &str) -> bool {
-        const SAID: [&str; 9] = [
-            "context length",
-            "context_length",
-            "context window",
-            "context size",
-            "maximum context",
-            "prompt is too long",
-            "input is too long",
-            "too many tokens",
-            "maximum number of tokens",
-        ];
-        let message = message.to_ascii_lowercase();
-        matches!(status, Some(400 | 413 | 422)) && SAID.iter().any(|s| message.contains(s))
-    }
-
     /// Classify an HTTP status, and the error its body names where that says more (a 429 that
     /// is an account out of credit, not a rate limit).
     pub fn from_status(status: u16, body: &str, retry_after: Option<Duration>) -> Self {
         let parsed: Option<Value> = serde_json::from_str(body).ok();
-        let kind = kind_of_error(status, parsed.as_ref().and_then(|v| v.get("error")));
+        let said = upstream_message(&parsed, body);
+        let kind = kind_of_error(status, parsed.as_ref().and_then(|v| v.get("error")), &said);
         UpstreamError {
             kind,
             status: Some(status),
             retry_after,
-            message: format!(
-                "upstream answered {status}: {}",
-                upstream_message(&parsed, body)
-            ),
+            message: format!("upstream answered {status}: {said}"),
             usage: Usage::default(),
             not_again: false,
         }
@@ -189,20 +167,46 @@ impl UpstreamError {
     }
 }
 
-/// The kind of an error answered with `status` (or named in a 2xx body), its `error` object
-/// saying more where it can: a 429 that is an account out of credit (`insufficient_quota`, by
-/// its code or type), not a rate limit; a 403 that is OpenRouter's moderation refusing the
-/// input (its metadata says why), the request's fault, not a refusal of this server's key.
-pub(super) fn kind_of_error(status: u16, error: Option<&Value>) -> ErrorKind {
-    let said = |field| error.and_then(|e| e.get(field)?.as_str());
-    let out_of_credit = [said("code"), said("type")].contains(&Some("insufficient_quota"));
+/// The code of a step refused for a prompt too long for its model's context (OpenAI's).
+pub const TOO_LONG: &str = "context_length_exceeded";
+
+/// The kind of an error answered with `status` (or named in a 2xx body), its `error` object and
+/// its `message` saying more where they can: a 429 that is an account out of credit
+/// (`insufficient_quota`, by its code or type), not a rate limit; a 403 that is OpenRouter's
+/// moderation refusing the input (its metadata says why), the request's fault, not a refusal
+/// of this server's key; a refusal of a prompt too long for the model's context.
+pub(super) fn kind_of_error(status: u16, error: Option<&Value>, message: &str) -> ErrorKind {
+    let field = |name| error.and_then(|e| e.get(name)?.as_str());
+    let out_of_credit = [field("code"), field("type")].contains(&Some("insufficient_quota"));
     let flagged = (error.and_then(|e| e.get("metadata")))
         .is_some_and(|m| m.get("flagged_input").is_some() || m.get("reasons").is_some());
     match kind_of_status(status) {
         ErrorKind::RateLimited if out_of_credit => ErrorKind::Quota,
         ErrorKind::Auth if status == 403 && flagged => ErrorKind::Rejected,
+        ErrorKind::Rejected if matches!(status, 400 | 413 | 422) && too_long(message) => {
+            ErrorKind::TooLong
+        }
         kind => kind,
     }
+}
+
+/// Whether an error's message says the prompt was too long for the model's context: OpenAI's
+/// code and words, llama.cpp's (`request (N tokens) exceeds the available context size`, seen
+/// from a local llama-server), and how vLLM, Anthropic and Gemini are reported to say it.
+fn too_long(message: &str) -> bool {
+    const SAID: [&str; 9] = [
+        "context length",
+        "context_length",
+        "context window",
+        "context size",
+        "maximum context",
+        "prompt is too long",
+        "input is too long",
+        "too many tokens",
+        "maximum number of tokens",
+    ];
+    let message = message.to_ascii_lowercase();
+    SAID.iter().any(|s| message.contains(s))
 }
 
 pub(super) fn kind_of_status(status: u16) -> ErrorKind {
@@ -394,7 +398,12 @@ mod tests {
         ] {
             let body = json!({"error": {"message": message}}).to_string();
             let e = UpstreamError::from_status(status, &body, None);
-            assert_eq!(e.overflows_the_context(), overflows, "{status} {message}");
+            assert_eq!(
+                e.kind == ErrorKind::TooLong,
+                overflows,
+                "{status} {message}"
+            );
+            assert_eq!(e.code() == TOO_LONG, overflows, "{status} {message}");
         }
     }
 

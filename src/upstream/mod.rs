@@ -12,7 +12,7 @@ mod retry;
 pub(crate) mod test_server;
 mod wire;
 
-pub use error::{ErrorKind, UpstreamError, parse_retry_after};
+pub use error::{ErrorKind, TOO_LONG, UpstreamError, parse_retry_after};
 pub use provider::{
     ApiKey, DEFAULT_MAX_IDLE_PER_HOST, Price, Provider, StructuredOutput, UpstreamConfig,
 };

@@ -274,4 +274,30 @@ async fn answers_too_long_for_the_analysts_context_are_shortened_to_fit() {
     assert!(job["analysis"].is_object(), "{job:#}");
     assert_eq!(app.fake.calls("judge2", Kind::Analysis), 1);
     assert_eq!(app.fake.calls("judge2", Kind::Final), 2);
+
+    // An analyst too small for even an eighth of the answers: the analysis gives up after the
+    // last level, the final call is refused at that level too, and the job fails saying why
+    // (`context_length_exceeded`, a 400 on the chat path), not as an upstream error.
+    for kind in [Kind::Analysis, Kind::Final] {
+        app.fake.script("tiny", kind, vec![Reply::ContextOf(100)]);
+    }
+    let id = app
+        .submit_ok(&body_with_panel(&["verbose", "m2"], "tiny"))
+        .await;
+    let job = app.wait_final(&id, 20).await;
+    assert_eq!(job["status"], "failed", "{job:#}");
+    assert_eq!(job["failure_reason"], "context_length_exceeded", "{job:#}");
+    assert_eq!(job["analysis_error"], "analysis_upstream_error", "{job:#}");
+    assert_eq!(app.fake.calls("tiny", Kind::Analysis), 4);
+    assert_eq!(app.fake.calls("tiny", Kind::Final), 1);
+    let resp = app
+        .client
+        .post(format!("{}/v1/chat/completions", app.address))
+        .json(&body_with_panel(&["verbose", "m2"], "tiny"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 400);
+    let body: Value = resp.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "context_length_exceeded", "{body}");
 }
