@@ -15,10 +15,8 @@ use uuid::Uuid;
 
 use super::chat::{JOB_HEADER, jobs_header};
 use crate::store::StoreError;
-use crate::upstream::{ErrorKind, UpstreamError};
-
-/// The OpenAI SDKs retry 408, 409, 429 and 5xx answers unless this header says `false`.
-const SHOULD_RETRY_HEADER: &str = "x-should-retry";
+// The OpenAI SDKs retry 408, 409, 429 and 5xx answers unless this header says `false`.
+use crate::upstream::{ErrorKind, SHOULD_RETRY as SHOULD_RETRY_HEADER, UpstreamError};
 
 #[derive(Debug)]
 pub struct ApiError {

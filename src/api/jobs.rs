@@ -13,6 +13,8 @@ use super::error::ApiError;
 use super::{ApiJson, AppState, request, view};
 use crate::job::{Job, JobStatus, ListFilter, NewJob, StartHere};
 use crate::store::{CancelOutcome, Enqueued, RetryOutcome, Store, StoreError};
+// Requests made by a fusion run itself carry it; they may not start another run.
+use crate::upstream::DEPTH_HEADER;
 
 const IDEMPOTENCY_HEADER: &str = "idempotency-key";
 
@@ -43,9 +45,6 @@ pub async fn submit(
     }
     Ok(resp)
 }
-
-/// Requests made by a fusion run itself carry this header; they may not start another run.
-pub const DEPTH_HEADER: &str = "x-fusion-depth";
 
 /// The most fusion servers one relayed request may pass through: enough for a gateway in front
 /// of another (a team's in front of a provider's), not for a loop (a server whose upstream URL

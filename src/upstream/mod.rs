@@ -477,7 +477,7 @@ const RELAY_FOR: Duration = Duration::from_secs(24 * 3600);
 
 /// Answer header by which a server says whether a request may be sent again (the OpenAI SDKs
 /// obey it).
-const SHOULD_RETRY: &str = "x-should-retry";
+pub const SHOULD_RETRY: &str = "x-should-retry";
 
 /// Header marking calls made by a fusion run, so that a fusion endpoint upstream refuses to
 /// start another run (the recursion guard).
