@@ -252,12 +252,11 @@ fn labels(answers: &[PanelAnswer<'_>]) -> Vec<String> {
 }
 
 /// The answers, each as written between `<response-SUFFIX>` tags carrying its number and label,
-/// the suffix being `tag_suffix`'s: an answer can neither end its own section nor open one
-/// passed off as another model's, since it would have to contain that suffix. Before, tags
-/// inside answers were broken with a `\`, which garbled code (`Promise<\Response>`) that the
-/// final answer is written from.
-fn numbered(answers: &[PanelAnswer<'_>]) -> String {
-    let suffix = tag_suffix(answers);
+/// the suffix being `tag_suffix`'s (computed once by the caller, which may tag more with it):
+/// an answer can neither end its own section nor open one passed off as another model's, since
+/// it would have to contain that suffix. Before, tags inside answers were broken with a `\`,
+/// which garbled code (`Promise<\Response>`) that the final answer is written from.
+fn numbered(answers: &[PanelAnswer<'_>], suffix: &str) -> String {
     answers
         .iter()
         .zip(labels(answers))
@@ -368,14 +367,14 @@ pub fn analysis_messages(
         ),
         None => format!("{ANALYSIS_SYSTEM} {tags}"),
     };
+    let suffix = tag_suffix(answers);
     vec![
         json!({"role": "system", "content": system}),
         json!({"role": "user", "content": format!(
             "## Conversation\n<conversation-{suffix}>\n{}\n</conversation-{suffix}>\n\n\
              ## Responses\n{}",
             transcript(messages),
-            numbered(answers),
-            suffix = tag_suffix(answers),
+            numbered(answers, &suffix),
         )}),
     ]
 }
@@ -435,7 +434,7 @@ pub fn final_messages_with(
          answered, and answer in the user's language and format. {}\n\n## Responses\n{}\n\n\
          ## Analysis\n{}",
         tags(answers),
-        numbered(answers),
+        numbered(answers, &tag_suffix(answers)),
         analysis_text
     );
     let messages = &*plain_conversation(messages);
@@ -488,7 +487,7 @@ mod tests {
             answer("gpt", "d"),
         ];
         assert_eq!(labels(&answers), ["gpt #1", "claude", "gpt #2", "gpt #3"]);
-        let text = numbered(&answers);
+        let text = numbered(&answers, &tag_suffix(&answers));
         let tag = format!("response-{}", tag_suffix(&answers));
         assert!(
             text.starts_with(&format!(
@@ -511,7 +510,7 @@ mod tests {
                 ..answer("m2", "half an ans")
             },
         ];
-        let text = numbered(&answers);
+        let text = numbered(&answers, &tag_suffix(&answers));
         let tag = format!("response-{}", tag_suffix(&answers));
         assert!(text.contains(&format!("<{tag} id=\"1\" model=\"m1\">\nwhole")));
         assert!(text.contains(&format!(
@@ -555,7 +554,8 @@ mod tests {
         assert_eq!(shown(2), [(10, 0), (100, 0), (167, 833)]);
         assert_eq!(shown(4), [(10, 0), (29, 71), (29, 971)]);
         // Shown with what was left out, in the tag.
-        let text = numbered(&shortened(&answers, 1));
+        let cut = shortened(&answers, 1);
+        let text = numbered(&cut, &tag_suffix(&cut));
         assert!(text.contains("model=\"c\" shortened=\"555 characters left out of its end\">"));
         assert!(!text.contains("model=\"a\" shortened"));
         // And what the mark means is said, only then.
@@ -636,7 +636,7 @@ mod tests {
         let answers = [answer("m1", forged), answer("m2", "ok")];
         let suffix = tag_suffix(&answers);
         assert_eq!(suffix.len(), 8);
-        let text = numbered(&answers);
+        let text = numbered(&answers, &tag_suffix(&answers));
         let tag = format!("response-{suffix}");
         assert_eq!(text.matches(&format!("</{tag}>")).count(), 2, "{text}");
         assert_eq!(text.matches(&format!("<{tag} ")).count(), 2, "{text}");
@@ -652,7 +652,8 @@ mod tests {
         let candidates = |salt: u32| format!("{:08x}", salt + 10);
         assert_eq!(free_suffix(&knowing, candidates), "0000000c");
         // A quote or an ampersand in a model's name does not end or blur its label.
-        let odd = numbered(&[answer("a\"b", "x"), answer("a&quot;b", "y")]);
+        let odd = [answer("a\"b", "x"), answer("a&quot;b", "y")];
+        let odd = numbered(&odd, &tag_suffix(&odd));
         assert!(odd.contains("model=\"a&quot;b\""), "{odd}");
         assert!(odd.contains("model=\"a&amp;quot;b\""), "{odd}");
     }
