@@ -439,8 +439,7 @@ async fn ask_offering_weather(app: &TestApp) -> Value {
 
 /// The outer model's requests, in order.
 fn outer_bodies(app: &TestApp) -> Vec<Value> {
-    let bodies = app.fake.bodies().into_iter();
-    bodies.filter(|b| b["model"] == "outer").collect()
+    app.fake.bodies_to("outer")
 }
 
 // The outer model calls the fusion tool and the client's own tool in one message: the fusion

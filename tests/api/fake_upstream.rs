@@ -232,6 +232,16 @@ impl FakeUpstream {
         self.state.lock().unwrap().bodies.clone()
     }
 
+    /// The bodies of the requests to `model`, in order.
+    pub fn bodies_to(&self, model: &str) -> Vec<Value> {
+        let s = self.state.lock().unwrap();
+        s.bodies
+            .iter()
+            .filter(|b| b["model"] == model)
+            .cloned()
+            .collect()
+    }
+
     /// Stop (or resume) keeping request bodies; `bodies()` then returns only those kept.
     #[allow(dead_code)] // used by the benchmark harness (benches/bench/)
     pub fn record_bodies(&self, on: bool) {

@@ -172,17 +172,19 @@ async fn a_model_that_refuses_a_temperature_is_asked_again_without_one() {
     // One refusal (the first call the job made to it), then every call without.
     let calls = [Kind::Panel, Kind::Analysis, Kind::Final].map(|k| app.fake.calls("reasoner", k));
     assert_eq!(calls.iter().sum::<u32>(), 4, "{calls:?}");
-    let sent: Vec<bool> = app
-        .fake
-        .bodies()
-        .iter()
-        .filter(|b| b["model"] == "reasoner")
+    let sent: Vec<bool> = (app.fake.bodies_to("reasoner").iter())
         .map(|b| b.get("temperature").is_some())
         .collect();
     assert_eq!(sent.iter().filter(|t| **t).count(), 1, "{sent:?}");
     // The other member keeps the job's temperature.
     let m2 = app.fake.bodies().into_iter().find(|b| b["model"] == "m2");
     assert_eq!(m2.unwrap()["temperature"], 0.7);
+}
+
+/// The messages of each request to `model`, as JSON text, in order.
+fn prompts_to(app: &crate::helpers::TestApp, model: &str) -> Vec<String> {
+    let bodies = app.fake.bodies_to(model);
+    bodies.iter().map(|b| b["messages"].to_string()).collect()
 }
 
 // A panel answer that stopped at its token limit is marked so in the analyst's and the final
@@ -197,13 +199,7 @@ async fn a_panel_answer_cut_at_its_token_limit_is_marked_in_the_prompts() {
         .await;
     let job = app.wait_final(&id, 20).await;
     assert_eq!(job["status"], "succeeded", "{job:#}");
-    let prompts: Vec<String> = app
-        .fake
-        .bodies()
-        .iter()
-        .filter(|b| b["model"] == "judge")
-        .map(|b| b["messages"].to_string())
-        .collect();
+    let prompts = prompts_to(&app, "judge");
     assert_eq!(prompts.len(), 2, "the analysis and the final call");
     for prompt in &prompts {
         assert!(
@@ -243,13 +239,7 @@ async fn answers_too_long_for_the_analysts_context_are_shortened_to_fit() {
     // starts at that length, not from the whole answers again (refused once more, before).
     assert_eq!(app.fake.calls("judge", Kind::Analysis), 2);
     assert_eq!(app.fake.calls("judge", Kind::Final), 1);
-    let prompts: Vec<String> = app
-        .fake
-        .bodies()
-        .iter()
-        .filter(|b| b["model"] == "judge")
-        .map(|b| b["messages"].to_string())
-        .collect();
+    let prompts = prompts_to(&app, "judge");
     assert_eq!(prompts.len(), 3);
     for taken in [&prompts[1], &prompts[2]] {
         assert!(taken.len() <= 25_000, "{}", taken.len());
