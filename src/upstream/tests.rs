@@ -670,52 +670,37 @@ async fn what_the_upstream_says_no_retry_mends_is_final_on_both_clients() {
         "insufficient_quota", "param": null, "code": "insufficient_quota"}}"#;
     let by_type = r#"{"error": {"message": "out of credit", "type": "insufficient_quota"}}"#;
     let slow = r#"{"error": {"message": "slow down", "code": "rate_limit_exceeded"}}"#;
-    for (answer, kind, retryable, code) in [
+    let (too_many, unavailable) = ("429 Too Many Requests", "503 Service Unavailable");
+    let no = "x-should-retry: false\r\n";
+    // (status line, extra headers, body, kind, retried); the code is the kind's.
+    for (status, extra, body, kind, retryable) in [
+        (too_many, "", quota, ErrorKind::Quota, false),
+        (too_many, "", by_type, ErrorKind::Quota, false),
+        (too_many, no, slow, ErrorKind::RateLimited, false),
         (
-            answer("429 Too Many Requests", "", quota),
-            ErrorKind::Quota,
-            false,
-            "upstream_quota",
-        ),
-        (
-            answer("429 Too Many Requests", "", by_type),
-            ErrorKind::Quota,
-            false,
-            "upstream_quota",
-        ),
-        (
-            answer("429 Too Many Requests", "x-should-retry: false\r\n", slow),
-            ErrorKind::RateLimited,
-            false,
-            "rate_limited",
-        ),
-        (
-            answer("503 Service Unavailable", "x-should-retry: False\r\n", slow),
+            unavailable,
+            "x-should-retry: False\r\n",
+            slow,
             ErrorKind::Server,
             false,
-            "upstream_error",
         ),
+        (too_many, "", slow, ErrorKind::RateLimited, true),
         (
-            answer("429 Too Many Requests", "", slow),
+            too_many,
+            "x-should-retry: true\r\n",
+            slow,
             ErrorKind::RateLimited,
             true,
-            "rate_limited",
-        ),
-        (
-            answer("429 Too Many Requests", "x-should-retry: true\r\n", slow),
-            ErrorKind::RateLimited,
-            true,
-            "rate_limited",
         ),
     ] {
+        let answer = answer(status, extra, body);
         let (base, _) = answering(answer.clone(), Then::Close).await;
         for result in on_both_clients(&upstream_at(&base, None)).await {
             let err = result.expect_err("an error");
-            assert_eq!(
-                (err.kind, err.retryable(), err.code()),
-                (kind, retryable, code),
-                "{answer}"
-            );
+            assert_eq!((err.kind, err.retryable()), (kind, retryable), "{answer}");
+            if kind == ErrorKind::Quota {
+                assert_eq!(err.code(), "upstream_quota");
+            }
         }
     }
 }
